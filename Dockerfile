@@ -1,0 +1,23 @@
+# syntax=docker/dockerfile:1
+# Pequod operator image: a release build of the binary plus a native cue.
+
+ARG RUST_VERSION=1.95
+ARG CUE_VERSION=0.14.2
+
+FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked && cp target/release/pequod /pequod
+
+FROM docker.io/cuelang/cue:${CUE_VERSION} AS cue
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /pequod /usr/local/bin/pequod
+COPY --from=cue /usr/bin/cue /usr/local/bin/cue
+ENV PEQUOD_CUE_BINARY=/usr/local/bin/cue \
+    PEQUOD_CACHE_DIR=/tmp/pequod-cache
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/pequod"]

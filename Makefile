@@ -1,0 +1,65 @@
+# Pequod developer tasks. `make help` lists them.
+
+IMG ?= pequod:latest
+CARGO ?= cargo
+BIN := $(CURDIR)/bin
+KUBECTL ?= $(BIN)/kubectl
+CUE ?= $(BIN)/cue
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: tools
+tools: ## Install the pinned cue (WebAssembly) and kubectl 1.31 into bin/.
+	hack/install-tools.sh
+
+.PHONY: control-plane
+control-plane: ## Provide etcd and kube-apiserver for tests (KUBEBUILDER_ASSETS, cache, or build once).
+	@if [ -z "$$PEQUOD_TEST_KUBECONFIG" ]; then hack/control-plane.sh >/dev/null; fi
+
+.PHONY: build
+build: ## Build the operator binary (target/release/pequod).
+	$(CARGO) build --release --locked
+
+.PHONY: manifests
+manifests: ## Write the CRDs generated from the Rust types to config/crd/bases.
+	$(CARGO) run --quiet --locked -- crd --output-dir config/crd/bases
+
+.PHONY: lint
+lint: ## rustfmt check and clippy with warnings as errors.
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+.PHONY: test
+test: tools control-plane ## Unit and end-to-end tests against a local control plane.
+	$(CARGO) test --locked
+
+.PHONY: demo
+demo: tools control-plane ## Run the operator on a local control plane with the samples (Ctrl-C stops).
+	$(CARGO) test --locked --test e2e demo -- --ignored --nocapture
+
+.PHONY: install
+install: tools ## Install the CRDs into the cluster of the current kubeconfig.
+	$(KUBECTL) apply --server-side -k config/crd
+
+.PHONY: uninstall
+uninstall: tools ## Remove the CRDs (and with them every Transform and ResourceGraph).
+	$(KUBECTL) delete --ignore-not-found -k config/crd
+
+.PHONY: run
+run: tools ## Run the operator locally against the current kubeconfig.
+	$(CARGO) run --locked -- --zap-encoder=console --cue-binary=$(CUE) --metrics-bind-address=127.0.0.1:8443 --health-probe-bind-address=127.0.0.1:8081
+
+.PHONY: deploy
+deploy: tools ## Deploy the operator with image IMG (default pequod:latest).
+	KUBECTL=$(KUBECTL) hack/render-deploy.sh $(IMG) | $(KUBECTL) apply --server-side -f -
+
+.PHONY: undeploy
+undeploy: tools ## Remove the operator and its CRDs.
+	$(KUBECTL) delete --ignore-not-found -k config/default
+
+.PHONY: docker-build
+docker-build: ## Build the container image IMG.
+	docker build -t $(IMG) .

@@ -1,0 +1,286 @@
+//! `ResourceGraph`: a rendered graph of Kubernetes objects with dependencies and readiness gates.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Condition, any_value_schema, embedded_object_schema};
+
+/// Most nodes one ResourceGraph may hold. Bounded so that a graph and its status stay far
+/// below the apiserver's object size limit.
+pub const MAX_NODES: usize = 100;
+/// Default time a readiness gate may take before the node fails.
+pub const DEFAULT_READY_TIMEOUT_SECONDS: i64 = 300;
+/// Field manager used when a node does not name one.
+pub const DEFAULT_FIELD_MANAGER: &str = "pequod";
+
+/// A graph of Kubernetes objects that Pequod applies in dependency order.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "platform.platform.example.com",
+    version = "v1alpha1",
+    kind = "ResourceGraph",
+    namespaced,
+    status = "ResourceGraphStatus",
+    shortname = "rg",
+    category = "pequod",
+    doc = "ResourceGraph is a graph of Kubernetes objects applied in dependency order with readiness gates.",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.readyNodes"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.sourceRef.name"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceGraphSpec {
+    /// The object this graph was rendered from; empty for hand-written graphs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ref: Option<SourceRef>,
+    /// Name and version of the rendered graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<GraphMetadata>,
+    /// The objects to apply.
+    #[schemars(length(min = 1, max = 100))]
+    pub nodes: Vec<Node>,
+    /// Policy findings reported when the graph was rendered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200))]
+    pub violations: Vec<Violation>,
+    /// Hash over the module digest and the input this graph was rendered from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub render_hash: Option<String>,
+    /// When the graph was rendered; changes only when renderHash does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendered_at: Option<Time>,
+}
+
+/// Reference to the object a graph was rendered from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceRef {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+/// Descriptive metadata of a rendered graph.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GraphMetadata {
+    pub name: String,
+    #[serde(default = "default_graph_version")]
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_ref: Option<String>,
+}
+
+fn default_graph_version() -> String {
+    "v1alpha1".to_string()
+}
+
+/// One object of the graph.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    /// Unique id within the graph; also the value of the `pequod.io/node` label.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    )]
+    pub id: String,
+    /// The Kubernetes object to apply.
+    #[schemars(schema_with = "embedded_object_schema")]
+    pub object: serde_json::Value,
+    /// How the object is applied.
+    #[serde(default)]
+    pub apply_policy: ApplyPolicy,
+    /// Ids of nodes that must be Ready before this one is applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub depends_on: Vec<String>,
+    /// Gates that must all pass before the node is Ready. Without gates a node is Ready once applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub ready_when: Vec<ReadyGate>,
+}
+
+/// How a node's object is written.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyPolicy {
+    #[serde(default)]
+    pub mode: ApplyMode,
+    #[serde(default)]
+    pub conflict_policy: ConflictPolicy,
+    /// Server-side apply field manager; `pequod` when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub field_manager: Option<String>,
+}
+
+/// Apply: server-side apply on every reconcile. Create: create when absent, never update.
+/// Adopt: take ownership of an existing object with a forced apply.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ApplyMode {
+    #[default]
+    Apply,
+    Create,
+    Adopt,
+}
+
+/// What to do when another field manager owns a field: Error stops, Force takes it over.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ConflictPolicy {
+    #[default]
+    Error,
+    Force,
+}
+
+/// A condition on the applied object that must hold before the node is Ready.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadyGate {
+    #[serde(rename = "type")]
+    pub type_: ReadyGateType,
+    /// ConditionMatch: the condition type to look for in `status.conditions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition_type: Option<String>,
+    /// ConditionMatch: the status it must have (default `True`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition_status: Option<String>,
+    /// FieldMatch: dotted path into the object, for example `status.phase`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// FieldMatch: the value the field must equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_value_schema")]
+    pub value: Option<serde_json::Value>,
+    /// Seconds the gate may take after the object is applied (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub timeout: Option<i64>,
+}
+
+/// Kinds of readiness gate.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ReadyGateType {
+    Exists,
+    ConditionMatch,
+    DeploymentAvailable,
+    StatefulSetReady,
+    JobComplete,
+    FieldMatch,
+}
+
+/// A policy finding.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Violation {
+    pub path: String,
+    pub message: String,
+    pub severity: Severity,
+}
+
+/// Error blocks applying; Warning and Info are reported only.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum Severity {
+    Error,
+    Warning,
+    Info,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "Error",
+            Self::Warning => "Warning",
+            Self::Info => "Info",
+        }
+    }
+}
+
+/// Observed state of a ResourceGraph.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceGraphStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<GraphPhase>,
+    /// Ready nodes out of all nodes, for example `2/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_nodes: Option<String>,
+    /// State of each node by id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_states: BTreeMap<String, NodeState>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+}
+
+/// Overall phase of a graph.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum GraphPhase {
+    Pending,
+    Executing,
+    Completed,
+    Failed,
+}
+
+/// State of one node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    pub phase: NodePhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<Time>,
+    /// Whether the object existed and was adopted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<bool>,
+    /// Field managers of the object before it was adopted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_managers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_ref: Option<ResourceRef>,
+}
+
+/// Lifecycle phase of a node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NodePhase {
+    Pending,
+    Applying,
+    WaitingReady,
+    Ready,
+    Error,
+    Adopted,
+}
+
+/// Identity of an applied object.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRef {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}

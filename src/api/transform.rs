@@ -1,0 +1,204 @@
+//! `Transform`: a platform engineer's definition of a platform API backed by a CUE module.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::Condition;
+
+/// Default API group of generated CRDs.
+pub const DEFAULT_GENERATED_GROUP: &str = "pequod.io";
+/// Default API version of generated CRDs.
+pub const DEFAULT_GENERATED_VERSION: &str = "v1alpha1";
+
+/// Turns a CUE platform module into a new Kubernetes API (a generated CRD) and serves it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "platform.platform.example.com",
+    version = "v1alpha1",
+    kind = "Transform",
+    namespaced,
+    status = "TransformStatus",
+    shortname = "tf",
+    category = "pequod",
+    doc = "Transform turns a CUE platform module into a generated CRD and serves its instances.",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Kind","type":"string","jsonPath":".status.generatedCRD.kind"}"#,
+    printcolumn = r#"{"name":"CRD","type":"string","priority":1,"jsonPath":".status.generatedCRD.name"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TransformSpec {
+    /// Where the CUE platform module comes from.
+    pub cue_ref: CueRef,
+    /// API group of the generated CRD.
+    #[serde(default = "default_group")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$")
+    )]
+    pub group: String,
+    /// API version of the generated CRD.
+    #[serde(default = "default_version")]
+    #[schemars(regex(pattern = r"^v[1-9][0-9]*((alpha|beta)[1-9][0-9]*)?$"))]
+    pub version: String,
+    /// Short names of the generated kind, added to those the module declares.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10), inner(regex(pattern = r"^[a-z][a-z0-9]{0,62}$")))]
+    pub short_names: Vec<String>,
+    /// Categories of the generated kind (`kubectl get <category>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10), inner(regex(pattern = r"^[a-z][a-z0-9]{0,62}$")))]
+    pub categories: Vec<String>,
+    /// Kinds the module's resources are made of; RBAC for them is generated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub managed_resources: Vec<ManagedResource>,
+    /// Whether generated RBAC is a ClusterRole (Cluster) or a Role in the Transform's namespace (Namespace).
+    #[serde(default)]
+    pub rbac_scope: RbacScope,
+}
+
+fn default_group() -> String {
+    DEFAULT_GENERATED_GROUP.to_string()
+}
+
+fn default_version() -> String {
+    DEFAULT_GENERATED_VERSION.to_string()
+}
+
+/// Reference to a CUE platform module.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CueRef {
+    /// Kind of source: embedded, inline, configmap, git or oci.
+    #[serde(rename = "type")]
+    pub type_: CueRefType,
+    /// embedded: module name; inline: CUE source; configmap: ConfigMap name;
+    /// git: repository URL with `?ref=`; oci: `registry/repository:tag` or `@sha256:` digest.
+    #[serde(rename = "ref")]
+    #[schemars(length(min = 1, max = 262144))]
+    pub ref_: String,
+    /// Folder inside the source that holds the module (git and oci).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Secret in the Transform's namespace with credentials for git or oci sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_secret_ref: Option<SecretReference>,
+}
+
+/// Kind of CUE module source.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CueRefType {
+    Embedded,
+    Inline,
+    Configmap,
+    Git,
+    Oci,
+}
+
+impl CueRefType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Inline => "inline",
+            Self::Configmap => "configmap",
+            Self::Git => "git",
+            Self::Oci => "oci",
+        }
+    }
+}
+
+/// Name of a Secret in the referring object's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretReference {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A set of resources of one API group the module's objects are made of.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedResource {
+    /// API group; empty or absent for the core group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_group: Option<String>,
+    /// Resource names (plural), for example `deployments`.
+    #[schemars(length(min = 1, max = 64))]
+    pub resources: Vec<String>,
+}
+
+/// Scope of the RBAC generated from `managedResources`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RbacScope {
+    #[default]
+    Cluster,
+    Namespace,
+}
+
+/// Observed state of a Transform.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransformStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TransformPhase>,
+    /// The CRD generated from the module.
+    #[serde(default, rename = "generatedCRD", skip_serializing_if = "Option::is_none")]
+    pub generated_crd: Option<GeneratedCrd>,
+    /// The RBAC generated from managedResources.
+    #[serde(default, rename = "generatedRBAC", skip_serializing_if = "Option::is_none")]
+    pub generated_rbac: Option<GeneratedRbac>,
+    /// The module content last loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_cue_ref: Option<ResolvedCueRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Lifecycle phase of a Transform.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TransformPhase {
+    Pending,
+    Fetching,
+    Generating,
+    Ready,
+    Failed,
+}
+
+/// Identity of a generated CRD.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GeneratedCrd {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    pub plural: String,
+}
+
+/// Names of the generated RBAC objects.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GeneratedRbac {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_role_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_binding_name: Option<String>,
+    pub rule_count: i32,
+}
+
+/// The module content a Transform was last reconciled with.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedCueRef {
+    /// Content digest (`sha256:...`) of the module; changes exactly when its content does.
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_at: Option<Time>,
+}

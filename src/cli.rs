@@ -1,0 +1,167 @@
+//! Command line: run mode (the operator) and the offline subcommands.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Pequod turns CUE modules into self-service Kubernetes APIs.
+///
+/// Without a subcommand it runs the operator.
+#[derive(Parser, Debug)]
+#[command(name = "pequod", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions of Pequod's own kinds as YAML.
+    Crd {
+        /// Write one file per CRD (`<group>_<plural>.yaml`) into this folder instead of printing.
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+    },
+}
+
+/// Flags of the operator. Every flag can also be set through the environment variable shown.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Address of the metrics endpoint (`:8443`, `127.0.0.1:8443`, or `0` to disable).
+    #[arg(long, env = "PEQUOD_METRICS_BIND_ADDRESS", default_value = ":8443")]
+    pub metrics_bind_address: BindAddress,
+
+    /// Address of the /healthz and /readyz endpoints (`0` to disable).
+    #[arg(long, env = "PEQUOD_HEALTH_PROBE_BIND_ADDRESS", default_value = ":8081")]
+    pub health_probe_bind_address: BindAddress,
+
+    /// Elect a leader through a Lease so that only one replica reconciles.
+    #[arg(long, env = "PEQUOD_LEADER_ELECT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub leader_elect: bool,
+
+    /// Log level.
+    #[arg(long, env = "PEQUOD_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub zap_log_level: LogLevel,
+
+    /// Log format.
+    #[arg(long, env = "PEQUOD_LOG_ENCODER", value_enum, default_value_t = LogEncoder::Json)]
+    pub zap_encoder: LogEncoder,
+
+    /// The cue binary used to load and render modules.
+    #[arg(long, env = "PEQUOD_CUE_BINARY", default_value = "cue")]
+    pub cue_binary: PathBuf,
+
+    /// Most objects each controller reconciles at the same time.
+    #[arg(long, env = "PEQUOD_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub max_concurrent_reconciles: u16,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogEncoder {
+    Json,
+    Console,
+}
+
+/// A listen address in the form Go operators use: `:8443` means every interface,
+/// `0` disables the listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindAddress(pub Option<SocketAddr>);
+
+impl FromStr for BindAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Self(None));
+        }
+        let full = match s.strip_prefix(':') {
+            Some(port) => format!("0.0.0.0:{port}"),
+            None => s.to_string(),
+        };
+        full.parse::<SocketAddr>()
+            .map(|addr| Self(Some(addr)))
+            .map_err(|e| format!("invalid bind address {s:?} (want host:port, :port or 0): {e}"))
+    }
+}
+
+impl std::fmt::Display for BindAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("0"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_operations_guide() {
+        let cli = Cli::try_parse_from(["pequod"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.metrics_bind_address.to_string(), "0.0.0.0:8443");
+        assert_eq!(cli.run.health_probe_bind_address.to_string(), "0.0.0.0:8081");
+        assert!(!cli.run.leader_elect);
+        assert_eq!(cli.run.zap_log_level, LogLevel::Info);
+        assert_eq!(cli.run.zap_encoder, LogEncoder::Json);
+    }
+
+    #[test]
+    fn go_style_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "pequod",
+            "--leader-elect",
+            "--metrics-bind-address=127.0.0.1:9000",
+            "--health-probe-bind-address=0",
+            "--zap-log-level=debug",
+            "--zap-encoder=console",
+        ])
+        .unwrap();
+        assert!(cli.run.leader_elect);
+        assert_eq!(cli.run.metrics_bind_address.to_string(), "127.0.0.1:9000");
+        assert_eq!(cli.run.health_probe_bind_address, BindAddress(None));
+        assert_eq!(cli.run.zap_log_level, LogLevel::Debug);
+        assert_eq!(cli.run.zap_encoder, LogEncoder::Console);
+        let explicit = Cli::try_parse_from(["pequod", "--leader-elect=false"]).unwrap();
+        assert!(!explicit.run.leader_elect);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!("nonsense".parse::<BindAddress>().is_err());
+        assert!(Cli::try_parse_from(["pequod", "--zap-log-level=loud"]).is_err());
+        assert!(Cli::try_parse_from(["pequod", "--max-concurrent-reconciles=0"]).is_err());
+    }
+}

@@ -1,0 +1,206 @@
+//! Running the `cue` command-line tool: bounded time, bounded output, bounded concurrency.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+use tokio::sync::Semaphore;
+
+use super::CueError;
+use crate::metrics::Metrics;
+
+/// Most bytes of stdout kept from one invocation; larger output is an error.
+pub const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
+/// Most bytes of stderr kept from one invocation; the rest is dropped.
+pub const MAX_STDERR_BYTES: usize = 64 * 1024;
+
+/// Handle on the cue binary shared by everything that evaluates CUE.
+#[derive(Clone)]
+pub struct CueCli {
+    binary: PathBuf,
+    timeout: Duration,
+    permits: Arc<Semaphore>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl CueCli {
+    pub fn new(binary: impl Into<PathBuf>, timeout: Duration, max_processes: usize) -> Self {
+        Self {
+            binary: binary.into(),
+            timeout,
+            permits: Arc::new(Semaphore::new(max_processes.max(1))),
+            metrics: None,
+        }
+    }
+
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// Runs `cue version`; used by /readyz to tell whether rendering can work at all.
+    pub async fn version(&self) -> Result<String, CueError> {
+        let out = self.run(&["version"], None).await?;
+        Ok(out.lines().next().unwrap_or_default().trim().to_string())
+    }
+
+    /// Runs cue with `args` in `dir` and returns its stdout. A non-zero exit becomes
+    /// [`CueError::Failed`] carrying cue's own message.
+    pub async fn run(&self, args: &[&str], dir: Option<&Path>) -> Result<String, CueError> {
+        let command = args.first().copied().unwrap_or("");
+        let result = self.run_inner(args, dir).await;
+        if let Some(metrics) = &self.metrics {
+            let outcome = if result.is_ok() { "success" } else { "error" };
+            metrics
+                .cue_invocations_total
+                .with_label_values(&[command, outcome])
+                .inc();
+        }
+        result
+    }
+
+    async fn run_inner(&self, args: &[&str], dir: Option<&Path>) -> Result<String, CueError> {
+        let _permit = self.permits.acquire().await.map_err(|_| CueError::Shutdown)?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(dir) = dir {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd.spawn().map_err(|source| CueError::Spawn {
+            binary: self.binary.display().to_string(),
+            source,
+        })?;
+        let mut stdout = child.stdout.take().ok_or(CueError::Shutdown)?;
+        let mut stderr = child.stderr.take().ok_or(CueError::Shutdown)?;
+
+        let work = async {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let read_out = read_capped(&mut stdout, &mut out, MAX_STDOUT_BYTES);
+            let read_err = read_capped(&mut stderr, &mut err, MAX_STDERR_BYTES);
+            let (out_res, _, status) = tokio::join!(read_out, read_err, child.wait());
+            (out_res, out, err, status)
+        };
+        let (out_res, out, err, status) = match tokio::time::timeout(self.timeout, work).await {
+            Ok(done) => done,
+            Err(_) => {
+                // kill_on_drop ends the process when `child` goes out of scope.
+                return Err(CueError::Timeout {
+                    seconds: self.timeout.as_secs(),
+                });
+            }
+        };
+        let status = status.map_err(|source| CueError::Spawn {
+            binary: self.binary.display().to_string(),
+            source,
+        })?;
+        if out_res.is_err() {
+            return Err(CueError::OutputTooLarge {
+                limit: MAX_STDOUT_BYTES,
+            });
+        }
+        if !status.success() {
+            let message = String::from_utf8_lossy(&err).trim().to_string();
+            return Err(CueError::Failed {
+                code: status.code(),
+                message: if message.is_empty() {
+                    "cue exited without a message".to_string()
+                } else {
+                    message
+                },
+            });
+        }
+        String::from_utf8(out).map_err(|_| CueError::Failed {
+            code: None,
+            message: "cue wrote invalid UTF-8".into(),
+        })
+    }
+}
+
+/// Reads everything from `r`; keeps at most `limit` bytes. Returns Err(()) when output was
+/// cut, after draining the rest so the child is not blocked on a full pipe.
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, limit: usize) -> Result<(), ()> {
+    let mut chunk = [0u8; 16 * 1024];
+    let mut cut = false;
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = limit.saturating_sub(buf.len());
+                if n > room {
+                    cut = true;
+                }
+                buf.extend_from_slice(&chunk[..n.min(room)]);
+            }
+        }
+    }
+    if cut { Err(()) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(dir: &Path, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("fake-cue");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn missing_binary_is_a_spawn_error_naming_it() {
+        let cli = CueCli::new("/nonexistent/cue", Duration::from_secs(5), 1);
+        let err = cli.version().await.unwrap_err();
+        assert!(matches!(err, CueError::Spawn { .. }), "{err:?}");
+        assert!(err.to_string().contains("/nonexistent/cue"));
+    }
+
+    #[tokio::test]
+    async fn hanging_process_is_killed_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let cli = CueCli::new(script(dir.path(), "sleep 30"), Duration::from_millis(300), 1);
+        let started = std::time::Instant::now();
+        let err = cli.run(&["export"], None).await.unwrap_err();
+        assert!(matches!(err, CueError::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn failure_carries_stderr_and_huge_output_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cli = CueCli::new(
+            script(dir.path(), "echo 'a: conflicting values' >&2; exit 1"),
+            Duration::from_secs(5),
+            1,
+        );
+        match cli.run(&["export"], None).await.unwrap_err() {
+            CueError::Failed { code, message } => {
+                assert_eq!(code, Some(1));
+                assert_eq!(message, "a: conflicting values");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let big = CueCli::new(
+            script(dir.path(), &format!("head -c {} /dev/zero", MAX_STDOUT_BYTES + 10)),
+            Duration::from_secs(20),
+            1,
+        );
+        assert!(matches!(
+            big.run(&["export"], None).await.unwrap_err(),
+            CueError::OutputTooLarge { .. }
+        ));
+    }
+}

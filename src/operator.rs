@@ -1,0 +1,129 @@
+//! Run mode: wires the servers, health checks and controllers together until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use tokio::task::JoinSet;
+
+use crate::api::{ResourceGraph, Transform};
+use crate::cli::RunArgs;
+use crate::cue::CueCli;
+use crate::error::StartupError;
+use crate::health::{Health, Probe};
+use crate::metrics::Metrics;
+use crate::server;
+use crate::shutdown::Shutdown;
+
+/// How often the cue binary is re-checked for /readyz.
+const CUE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// Time limit of one `cue version` check.
+const CUE_CHECK_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub async fn run(args: RunArgs) -> Result<(), StartupError> {
+    if args.leader_elect {
+        return Err(StartupError::Unsupported(
+            "--leader-elect: leader election is not available in this version; run a single replica",
+        ));
+    }
+    let metrics = Arc::new(Metrics::new()?);
+    let health = Arc::new(Health::new());
+    health.register(Probe::Readiness, "cue", "not checked yet");
+    health.register(Probe::Readiness, "caches", "not synced yet");
+
+    let shutdown = Shutdown::new();
+    shutdown.trigger_on_signals();
+    let mut tasks: JoinSet<Result<(), StartupError>> = JoinSet::new();
+
+    if let Some(addr) = args.metrics_bind_address.0 {
+        let serve = server::bind(addr, server::metrics_router(metrics.clone()), shutdown.clone())
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        tracing::info!(%addr, "serving /metrics");
+        tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
+    }
+    if let Some(addr) = args.health_probe_bind_address.0 {
+        let serve = server::bind(addr, server::probes_router(health.clone()), shutdown.clone())
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        tracing::info!(%addr, "serving /healthz and /readyz");
+        tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
+    }
+
+    let cue = CueCli::new(&args.cue_binary, CUE_CHECK_TIMEOUT, 4).with_metrics(metrics.clone());
+    tasks.spawn(check_cue_binary(cue, health.clone(), shutdown.clone()));
+
+    let client = Client::try_default().await.map_err(StartupError::Kubeconfig)?;
+    tasks.spawn(sync_caches(client, health.clone(), shutdown.clone()));
+
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "pequod started");
+    shutdown.wait().await;
+    tracing::info!("shutting down");
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok(Err(e)) = joined {
+            tracing::error!(error = %e, "task failed during shutdown");
+            result = Err(e);
+        }
+    }
+    result
+}
+
+/// Keeps the `cue` readiness check current: rendering is impossible without a working cue.
+async fn check_cue_binary(cue: CueCli, health: Arc<Health>, shutdown: Shutdown) -> Result<(), StartupError> {
+    loop {
+        let state = match cue.version().await {
+            Ok(version) => {
+                tracing::debug!(%version, "cue binary works");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, binary = %cue.binary().display(), "cue binary does not work");
+                Err(e.to_string())
+            }
+        };
+        health.set(Probe::Readiness, "cue", state);
+        tokio::select! {
+            _ = shutdown.wait() => return Ok(()),
+            _ = tokio::time::sleep(CUE_CHECK_INTERVAL) => {}
+        }
+    }
+}
+
+/// Watches Pequod's own kinds and marks the `caches` check ready once both have listed.
+async fn sync_caches(client: Client, health: Arc<Health>, shutdown: Shutdown) -> Result<(), StartupError> {
+    let (transforms, transforms_writer) = reflector::store::<Transform>();
+    let (graphs, graphs_writer) = reflector::store::<ResourceGraph>();
+    let transform_watch = watcher(Api::<Transform>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(transforms_writer)
+        .for_each(|event| async move {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "watching Transforms failed; are the CRDs installed?");
+            }
+        });
+    let graph_watch = watcher(Api::<ResourceGraph>::all(client), watcher::Config::default())
+        .default_backoff()
+        .reflect(graphs_writer)
+        .for_each(|event| async move {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "watching ResourceGraphs failed; are the CRDs installed?");
+            }
+        });
+    let ready = async {
+        if transforms.wait_until_ready().await.is_ok() && graphs.wait_until_ready().await.is_ok() {
+            health.set(Probe::Readiness, "caches", Ok(()));
+            tracing::info!("caches synced");
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = shutdown.wait() => {}
+        _ = transform_watch => {}
+        _ = graph_watch => {}
+        _ = ready => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests against a real kube-apiserver (see support/control_plane.rs).
+
+mod demo;
+mod operator_process;
+mod smoke;
+mod support;

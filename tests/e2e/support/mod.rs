@@ -1,0 +1,234 @@
+//! Support for end-to-end tests against a real apiserver: the shared control plane, a fresh
+//! namespace per test, and helpers to apply YAML, wait for conditions and patch status.
+
+#![allow(dead_code)]
+
+pub mod control_plane;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::GroupVersionKind;
+use kube::discovery::{ApiCapabilities, ApiResource, Scope};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Config, ResourceExt};
+
+pub const TEST_MANAGER: &str = "pequod-test";
+
+pub async fn client_for(kubeconfig: &Path) -> Result<Client, String> {
+    let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// A test's view of the cluster: a client and a namespace of its own.
+pub struct TestEnv {
+    pub client: Client,
+    pub namespace: String,
+    pub kubeconfig: PathBuf,
+    pub external: bool,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Starts (or reuses) the control plane and creates a fresh namespace named after the test.
+pub async fn env(test: &str) -> TestEnv {
+    let cp = control_plane::shared();
+    let client = client_for(&cp.kubeconfig)
+        .await
+        .expect("client for the test control plane");
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let slug: String = test
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let namespace = format!(
+        "t-{}-{}-{n}",
+        &slug[..slug.len().min(40)].trim_end_matches('-'),
+        std::process::id()
+    );
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": namespace, "labels": {"pequod.io/test": "true"}},
+    }))
+    .expect("namespace object");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create test namespace");
+    TestEnv {
+        client,
+        namespace,
+        kubeconfig: cp.kubeconfig.clone(),
+        external: cp.external,
+    }
+}
+
+impl TestEnv {
+    /// Deletes the namespace; on a throwaway control plane this is optional.
+    pub async fn cleanup(self) {
+        let _ = Api::<Namespace>::all(self.client)
+            .delete(&self.namespace, &Default::default())
+            .await;
+    }
+}
+
+/// Polls `probe` until it returns Some, or panics after `timeout` naming what was awaited and
+/// the last thing observed.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    loop {
+        let last = match probe().await {
+            Ok(value) => return value,
+            Err(observed) => observed,
+        };
+        if started.elapsed() > timeout {
+            control_plane::shared().assert_alive();
+            panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resolves a kind through discovery (fresh every call, so kinds registered a moment ago work).
+pub async fn resolve(client: &Client, api_version: &str, kind: &str) -> (ApiResource, ApiCapabilities) {
+    let (group, version) = match api_version.split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", api_version),
+    };
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .unwrap_or_else(|e| panic!("discover {api_version} {kind}: {e}"))
+}
+
+pub async fn dynamic_api(client: &Client, api_version: &str, kind: &str, namespace: &str) -> Api<DynamicObject> {
+    let (ar, caps) = resolve(client, api_version, kind).await;
+    match caps.scope {
+        Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, &ar),
+        Scope::Cluster => Api::all_with(client.clone(), &ar),
+    }
+}
+
+/// Server-side applies every document of `yaml`; namespaced objects without a namespace land
+/// in `namespace`.
+pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Vec<DynamicObject> {
+    let mut applied = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc).expect("valid YAML");
+        if value.is_null() {
+            continue;
+        }
+        let obj: DynamicObject = serde_json::from_value(value.clone()).expect("a Kubernetes object");
+        let types = obj.types.clone().expect("apiVersion and kind");
+        let api = dynamic_api(
+            client,
+            &types.api_version,
+            &types.kind,
+            obj.namespace().as_deref().unwrap_or(namespace),
+        )
+        .await;
+        let name = obj.name_any();
+        let result = api
+            .patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&value))
+            .await
+            .unwrap_or_else(|e| panic!("apply {} {name}: {e}", types.kind));
+        applied.push(result);
+    }
+    applied
+}
+
+/// Installs Pequod's CRDs from `pequod crd` and waits until they are Established.
+pub async fn install_crds(client: &Client) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+        .arg("crd")
+        .output()
+        .expect("run pequod crd");
+    assert!(
+        out.status.success(),
+        "pequod crd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).expect("utf-8");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for doc in serde_yaml::Deserializer::from_str(&yaml) {
+        let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc).expect("a CRD");
+        let name = crd.name_any();
+        crds.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("CRD {name} not Established within 30s"))
+        .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
+    }
+}
+
+/// Merge-patches the status subresource, as the missing kubelet or controllers would.
+pub async fn patch_status(api: &Api<DynamicObject>, name: &str, status: serde_json::Value) {
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("patch status of {name}: {e}"));
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A plain HTTP/1.0 GET against a local endpoint: (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.map_err(|e| e.to_string())?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("malformed response: {response:.200}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Path of a client tool installed by `make tools`, overridable through an environment variable.
+pub fn tool(name: &str, env: &str) -> PathBuf {
+    std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("bin").join(name))
+}
