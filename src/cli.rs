@@ -19,6 +19,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Print the CustomResourceDefinitions of Pequod's own kinds as YAML.
     Crd {
@@ -26,6 +27,65 @@ pub enum Command {
         #[arg(long)]
         output_dir: Option<PathBuf>,
     },
+    /// Render an instance through a module and print the ResourceGraph (no cluster needed).
+    /// Exits 3 when a policy violation of severity Error blocks the graph.
+    Render {
+        /// A folder of .cue files, or the name of an embedded module (webservice, worker).
+        #[arg(long)]
+        module: String,
+        /// YAML file with the instance (apiVersion, kind, metadata, spec).
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Yaml)]
+        output: OutputFormat,
+        #[command(flatten)]
+        cue: CueArgs,
+    },
+    /// Print the CRD a Transform would generate from a module (no cluster needed).
+    Schema {
+        /// A folder of .cue files, or the name of an embedded module (webservice, worker).
+        #[arg(long)]
+        module: String,
+        /// Name of the Transform; the kind comes from it when the module has no #Metadata.kind.
+        #[arg(long)]
+        name: Option<String>,
+        /// API group of the generated CRD.
+        #[arg(long, default_value = "pequod.io")]
+        group: String,
+        /// API version of the generated CRD.
+        #[arg(long, default_value = "v1alpha1")]
+        version: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Yaml)]
+        output: OutputFormat,
+        #[command(flatten)]
+        cue: CueArgs,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    Yaml,
+    Json,
+}
+
+/// How cue is run.
+#[derive(Args, Debug, Clone)]
+pub struct CueArgs {
+    /// The cue binary used to load and render modules.
+    #[arg(long, env = "PEQUOD_CUE_BINARY", default_value = "cue")]
+    pub cue_binary: PathBuf,
+
+    /// Seconds one cue invocation may take before it is killed.
+    #[arg(long, env = "PEQUOD_CUE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub cue_timeout: u64,
+
+    /// Most cue processes running at once.
+    #[arg(long, env = "PEQUOD_CUE_MAX_PROCESSES", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub cue_max_processes: u16,
+
+    /// Folder for loaded modules and cue's scratch files.
+    #[arg(long, env = "PEQUOD_CACHE_DIR", default_value = "/tmp/pequod-cache")]
+    pub cache_dir: PathBuf,
 }
 
 /// Flags of the operator. Every flag can also be set through the environment variable shown.
@@ -51,9 +111,8 @@ pub struct RunArgs {
     #[arg(long, env = "PEQUOD_LOG_ENCODER", value_enum, default_value_t = LogEncoder::Json)]
     pub zap_encoder: LogEncoder,
 
-    /// The cue binary used to load and render modules.
-    #[arg(long, env = "PEQUOD_CUE_BINARY", default_value = "cue")]
-    pub cue_binary: PathBuf,
+    #[command(flatten)]
+    pub cue: CueArgs,
 
     /// Most objects each controller reconciles at the same time.
     #[arg(long, env = "PEQUOD_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]

@@ -2,9 +2,13 @@
 
 pub mod api;
 pub mod cli;
+pub mod commands;
+pub mod crd;
 pub mod cue;
 pub mod error;
+pub mod graph;
 pub mod health;
+pub mod instance;
 pub mod metrics;
 pub mod operator;
 pub mod server;

@@ -52,7 +52,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
     }
 
-    let cue = CueCli::new(&args.cue_binary, CUE_CHECK_TIMEOUT, 4).with_metrics(metrics.clone());
+    let cue = CueCli::new(&args.cue.cue_binary, CUE_CHECK_TIMEOUT, 1).with_metrics(metrics.clone());
     tasks.spawn(check_cue_binary(cue, health.clone(), shutdown.clone()));
 
     let client = Client::try_default().await.map_err(StartupError::Kubeconfig)?;

@@ -1,10 +1,14 @@
 //! Custom resource types served by Pequod (`platform.platform.example.com/v1alpha1`).
 
 mod conditions;
+mod instance;
 mod resourcegraph;
 mod transform;
 
 pub use conditions::{Condition, ConditionStatus, set_condition};
+pub use instance::{
+    InstancePhase, InstanceStatus, MAX_NODE_SUMMARIES, MAX_STATUS_VIOLATIONS, NodeSummary, instance_status_schema,
+};
 pub use resourcegraph::*;
 pub use transform::*;
 
@@ -66,6 +70,24 @@ pub fn crds_yaml() -> Result<Vec<(String, String)>, serde_yaml::Error> {
             serde_yaml::to_string(&crd).map(|yaml| (file, yaml))
         })
         .collect()
+}
+
+/// [`strip_null_enum_values`] for a schema held as JSON.
+pub(crate) fn strip_null_enum_values_json(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
+                values.retain(|v| !v.is_null());
+            }
+            for (key, child) in map.iter_mut() {
+                if key != "enum" && key != "default" {
+                    strip_null_enum_values_json(child);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_null_enum_values_json),
+        _ => {}
+    }
 }
 
 /// Schema of an arbitrary embedded Kubernetes object: apiVersion, kind and metadata are

@@ -1,10 +1,24 @@
 //! CUE: running the cue CLI, loading platform modules, extracting schemas and rendering.
 
 mod cli;
+mod embedded;
+pub mod module;
+pub mod render;
+mod renderer;
+pub mod schema;
 
 pub use cli::{CueCli, MAX_STDERR_BYTES, MAX_STDOUT_BYTES};
+pub use module::{Module, ModuleError, ModuleFiles, ModuleStore};
+pub use render::{RenderError, RenderOutput, input_hash, render_input};
+pub use renderer::{ModuleMetadata, ModuleSchema, Renderer, RendererConfig};
+pub use schema::{SchemaError, crd_schema_from_openapi};
 
-/// Errors from evaluating CUE.
+/// Names of the modules compiled into the binary.
+pub fn embedded_modules() -> impl Iterator<Item = &'static str> {
+    embedded::names()
+}
+
+/// Errors from running cue.
 #[derive(Debug, thiserror::Error)]
 pub enum CueError {
     #[error("cannot run cue binary {binary}: {source}")]
@@ -33,5 +47,10 @@ impl CueError {
             Self::Failed { .. } => "CueEvaluationFailed",
             Self::Shutdown => "ShuttingDown",
         }
+    }
+
+    /// Whether the same call could succeed later (so its result must not be cached).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Failed { .. } | Self::OutputTooLarge { .. })
     }
 }

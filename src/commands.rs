@@ -1,0 +1,178 @@
+//! The offline subcommands: `crd`, `render` and `schema`. None needs a cluster.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde_json::Value;
+
+use crate::api::Severity;
+use crate::cli::{CueArgs, OutputFormat};
+use crate::crd::{CrdParams, build_crd, kind_names};
+use crate::cue::{CueCli, ModuleFiles, Renderer, RendererConfig, input_hash, render_input};
+use crate::instance::{InstanceRef, render_hash, resource_graph};
+use crate::metrics::Metrics;
+
+/// A command's failure: the message for stderr and the exit code.
+#[derive(Debug)]
+pub struct CommandError {
+    pub message: String,
+    pub code: u8,
+}
+
+impl CommandError {
+    fn new(message: impl std::fmt::Display) -> Self {
+        Self {
+            message: message.to_string(),
+            code: 1,
+        }
+    }
+}
+
+/// Exit code when rendering worked but an Error-severity policy violation blocks the result.
+pub const EXIT_POLICY_VIOLATION: u8 = 3;
+
+pub fn crd(output_dir: Option<&Path>) -> Result<(), CommandError> {
+    let docs = crate::api::crds_yaml().map_err(|e| CommandError::new(format!("rendering CRDs: {e}")))?;
+    for (file, yaml) in docs {
+        match output_dir {
+            Some(dir) => {
+                let path = dir.join(&file);
+                std::fs::write(&path, yaml)
+                    .map_err(|e| CommandError::new(format!("writing {}: {e}", path.display())))?;
+            }
+            None => print!("---\n{yaml}"),
+        }
+    }
+    Ok(())
+}
+
+/// `--module`: a folder of .cue files, or the name of an embedded module.
+fn load_module_files(module: &str) -> Result<(ModuleFiles, String), CommandError> {
+    let path = PathBuf::from(module);
+    if path.is_dir() {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| module.to_string());
+        return ModuleFiles::from_dir(&path)
+            .map(|f| (f, name))
+            .map_err(CommandError::new);
+    }
+    ModuleFiles::embedded(module)
+        .map(|f| (f, module.to_string()))
+        .map_err(|e| CommandError::new(format!("{module} is neither a folder nor an embedded module: {e}")))
+}
+
+fn renderer(cue: &CueArgs) -> Result<Renderer, CommandError> {
+    let metrics = Arc::new(Metrics::new().map_err(CommandError::new)?);
+    let cli = CueCli::new(
+        &cue.cue_binary,
+        Duration::from_secs(cue.cue_timeout),
+        cue.cue_max_processes.into(),
+    );
+    Ok(Renderer::new(cli, RendererConfig::new(&cue.cache_dir), metrics))
+}
+
+fn print(value: &impl serde::Serialize, format: OutputFormat) -> Result<(), CommandError> {
+    let text = match format {
+        OutputFormat::Yaml => serde_yaml::to_string(value).map_err(CommandError::new)?,
+        OutputFormat::Json => serde_json::to_string_pretty(value).map_err(CommandError::new)? + "\n",
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// Prints the ResourceGraph `module` renders for the instance in `input`.
+pub async fn render(module: &str, input: &Path, format: OutputFormat, cue: &CueArgs) -> Result<(), CommandError> {
+    let (files, platform) = load_module_files(module)?;
+    let text =
+        std::fs::read_to_string(input).map_err(|e| CommandError::new(format!("reading {}: {e}", input.display())))?;
+    let instance: Value =
+        serde_yaml::from_str(&text).map_err(|e| CommandError::new(format!("{} is not YAML: {e}", input.display())))?;
+    let meta: ObjectMeta = serde_json::from_value(instance.get("metadata").cloned().unwrap_or_default())
+        .map_err(|e| CommandError::new(format!("{}: metadata: {e}", input.display())))?;
+    if meta.name.as_deref().unwrap_or_default().is_empty() {
+        return Err(CommandError::new(format!(
+            "{}: metadata.name is required",
+            input.display()
+        )));
+    }
+    let spec = instance
+        .get("spec")
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Default::default()));
+
+    let renderer = renderer(cue)?;
+    let module = renderer.load(files, &platform).await.map_err(CommandError::new)?;
+    let schema = renderer.schema(&module).await.map_err(CommandError::new)?;
+    let render_input = render_input(&meta, &spec);
+    let hash = render_hash(&module.digest, &input_hash(&render_input));
+    let output = renderer
+        .render(&module, render_input)
+        .await
+        .map_err(CommandError::new)?;
+
+    let str_field = |key: &str| instance.get(key).and_then(Value::as_str).map(str::to_string);
+    let kind = str_field("kind")
+        .or_else(|| schema.metadata.kind.clone())
+        .unwrap_or_else(|| crate::crd::kind_from_name(&platform));
+    let instance_ref = InstanceRef {
+        api_version: str_field("apiVersion").unwrap_or_else(|| {
+            format!(
+                "{}/{}",
+                crate::api::DEFAULT_GENERATED_GROUP,
+                crate::api::DEFAULT_GENERATED_VERSION
+            )
+        }),
+        kind,
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        uid: meta.uid.clone(),
+    };
+    let graph = resource_graph(&instance_ref, &platform, &hash, &output, Time(jiff::Timestamp::now()));
+    print(&graph, format)?;
+
+    let mut blocked = false;
+    for v in &output.violations {
+        eprintln!("{}: {}: {}", v.severity.as_str(), v.path, v.message);
+        blocked |= v.severity == Severity::Error;
+    }
+    if blocked {
+        return Err(CommandError {
+            message: "policy violations of severity Error block this graph".into(),
+            code: EXIT_POLICY_VIOLATION,
+        });
+    }
+    Ok(())
+}
+
+/// Prints the CRD a Transform named `name` would generate from `module`.
+pub async fn schema(
+    module: &str,
+    name: Option<&str>,
+    group: &str,
+    version: &str,
+    format: OutputFormat,
+    cue: &CueArgs,
+) -> Result<(), CommandError> {
+    let (files, platform) = load_module_files(module)?;
+    let renderer = renderer(cue)?;
+    let module = renderer.load(files, &platform).await.map_err(CommandError::new)?;
+    let schema = renderer.schema(&module).await.map_err(CommandError::new)?;
+    let transform_name = name.unwrap_or(&platform);
+    let names = kind_names(transform_name, &schema, &[]).map_err(CommandError::new)?;
+    let crd = build_crd(
+        &names,
+        &schema,
+        &CrdParams {
+            group,
+            version,
+            categories: &[],
+            transform_name,
+            transform_namespace: "default",
+        },
+    );
+    print(&crd, format)
+}

@@ -1,0 +1,327 @@
+//! CRDs of platform kinds, built from a module's schema and a Transform's settings.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceColumnDefinition, CustomResourceDefinition, CustomResourceDefinitionNames,
+    CustomResourceDefinitionSpec, CustomResourceDefinitionVersion, CustomResourceSubresourceStatus,
+    CustomResourceSubresources, CustomResourceValidation, JSONSchemaProps,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::json;
+
+use crate::api::instance_status_schema;
+use crate::cue::ModuleSchema;
+
+/// Label set on everything Pequod creates.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "pequod";
+/// Labels naming the Transform a generated CRD belongs to.
+pub const TRANSFORM_LABEL: &str = "pequod.io/transform";
+pub const TRANSFORM_NAMESPACE_LABEL: &str = "pequod.io/transform-namespace";
+
+/// Names of a generated kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindNames {
+    pub kind: String,
+    pub plural: String,
+    pub singular: String,
+    pub short_names: Vec<String>,
+}
+
+/// A kind that cannot be generated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CrdError {
+    #[error("kind {0:?} is not a valid Kubernetes kind (want an upper-case letter, then letters and digits)")]
+    InvalidKind(String),
+    #[error("plural {0:?} is not a valid resource name (want lower-case letters and digits, at most 63)")]
+    InvalidPlural(String),
+    #[error("short name {0:?} is not valid (want lower-case letters and digits)")]
+    InvalidShortName(String),
+}
+
+/// `web-service` → `WebService`: words split at `-`, `_` and `.`, each capitalized.
+pub fn kind_from_name(name: &str) -> String {
+    name.split(['-', '_', '.'])
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let mut chars = w.chars();
+            chars
+                .next()
+                .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// English plural of a kind, lower-cased: `WebService` → `webservices`, `Policy` → `policies`.
+pub fn plural_of(kind: &str) -> String {
+    let lower = kind.to_ascii_lowercase();
+    if lower.ends_with('y')
+        && !lower.ends_with("ay")
+        && !lower.ends_with("ey")
+        && !lower.ends_with("oy")
+        && !lower.ends_with("uy")
+    {
+        format!("{}ies", &lower[..lower.len() - 1])
+    } else if ["s", "x", "z", "ch", "sh"].iter().any(|e| lower.ends_with(e)) {
+        format!("{lower}es")
+    } else {
+        format!("{lower}s")
+    }
+}
+
+/// The kind's names: `#Metadata` first, else derived from the Transform's name; short names
+/// from both.
+pub fn kind_names(
+    transform_name: &str,
+    schema: &ModuleSchema,
+    extra_short_names: &[String],
+) -> Result<KindNames, CrdError> {
+    let kind = schema
+        .metadata
+        .kind
+        .clone()
+        .unwrap_or_else(|| kind_from_name(transform_name));
+    let valid_kind = kind.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+        && kind.chars().all(|c| c.is_ascii_alphanumeric())
+        && kind.len() <= 63;
+    if !valid_kind {
+        return Err(CrdError::InvalidKind(kind));
+    }
+    let plural = schema.metadata.plural.clone().unwrap_or_else(|| plural_of(&kind));
+    let valid_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    };
+    if !valid_name(&plural) {
+        return Err(CrdError::InvalidPlural(plural));
+    }
+    let mut short_names: Vec<String> = Vec::new();
+    for s in schema.metadata.short_names.iter().chain(extra_short_names) {
+        if !valid_name(s) {
+            return Err(CrdError::InvalidShortName(s.clone()));
+        }
+        if !short_names.contains(s) {
+            short_names.push(s.clone());
+        }
+    }
+    Ok(KindNames {
+        singular: kind.to_ascii_lowercase(),
+        kind,
+        plural,
+        short_names,
+    })
+}
+
+/// What a Transform contributes to its CRD.
+#[derive(Debug, Clone)]
+pub struct CrdParams<'a> {
+    pub group: &'a str,
+    pub version: &'a str,
+    pub categories: &'a [String],
+    pub transform_name: &'a str,
+    pub transform_namespace: &'a str,
+}
+
+/// The CRD of a platform kind: namespaced, one version, status subresource, printer columns.
+pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_>) -> CustomResourceDefinition {
+    let mut spec = schema.spec.clone();
+    if let (Some(description), Some(obj)) = (&schema.metadata.description, spec.as_object_mut()) {
+        obj.entry("description").or_insert_with(|| json!(description));
+    }
+    let mut root = json!({
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": instance_status_schema(),
+        },
+    });
+    if let Some(description) = &schema.metadata.description {
+        root["description"] = json!(description);
+    }
+    let root: JSONSchemaProps = serde_json::from_value(root).unwrap_or_default();
+    let column = |name: &str, type_: &str, path: &str, priority: Option<i32>| CustomResourceColumnDefinition {
+        name: name.to_string(),
+        type_: type_.to_string(),
+        json_path: path.to_string(),
+        priority,
+        ..Default::default()
+    };
+    let labels = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+        (TRANSFORM_LABEL.to_string(), params.transform_name.to_string()),
+        (
+            TRANSFORM_NAMESPACE_LABEL.to_string(),
+            params.transform_namespace.to_string(),
+        ),
+    ]);
+    CustomResourceDefinition {
+        metadata: ObjectMeta {
+            name: Some(format!("{}.{}", names.plural, params.group)),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: CustomResourceDefinitionSpec {
+            group: params.group.to_string(),
+            names: CustomResourceDefinitionNames {
+                kind: names.kind.clone(),
+                list_kind: Some(format!("{}List", names.kind)),
+                plural: names.plural.clone(),
+                singular: Some(names.singular.clone()),
+                short_names: (!names.short_names.is_empty()).then(|| names.short_names.clone()),
+                categories: (!params.categories.is_empty()).then(|| params.categories.to_vec()),
+            },
+            scope: "Namespaced".to_string(),
+            versions: vec![CustomResourceDefinitionVersion {
+                name: params.version.to_string(),
+                served: true,
+                storage: true,
+                schema: Some(CustomResourceValidation {
+                    open_api_v3_schema: Some(root),
+                }),
+                subresources: Some(CustomResourceSubresources {
+                    status: Some(CustomResourceSubresourceStatus(json!({}))),
+                    scale: None,
+                }),
+                additional_printer_columns: Some(vec![
+                    column(
+                        "Ready",
+                        "string",
+                        ".status.conditions[?(@.type==\"Ready\")].status",
+                        None,
+                    ),
+                    column("Phase", "string", ".status.phase", None),
+                    column("Graph", "string", ".status.resourceGraph", Some(1)),
+                    column("Age", "date", ".metadata.creationTimestamp", None),
+                ]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cue::ModuleMetadata;
+
+    fn schema(metadata: ModuleMetadata) -> ModuleSchema {
+        ModuleSchema {
+            metadata,
+            spec: json!({"type": "object", "required": ["image"], "properties": {"image": {"type": "string"}}}),
+        }
+    }
+
+    #[test]
+    fn kind_and_plural_derivation() {
+        assert_eq!(kind_from_name("web-service"), "WebService");
+        assert_eq!(kind_from_name("message_queue.v2"), "MessageQueueV2");
+        assert_eq!(kind_from_name("webservice"), "Webservice");
+        assert_eq!(plural_of("WebService"), "webservices");
+        assert_eq!(plural_of("Policy"), "policies");
+        assert_eq!(plural_of("Gateway"), "gateways");
+        assert_eq!(plural_of("Ingress"), "ingresses");
+        assert_eq!(plural_of("Box"), "boxes");
+    }
+
+    #[test]
+    fn module_metadata_wins_and_short_names_merge() {
+        let names = kind_names(
+            "web",
+            &schema(ModuleMetadata {
+                kind: Some("WebService".into()),
+                short_names: vec!["ws".into()],
+                ..Default::default()
+            }),
+            &["ws".into(), "web".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            names,
+            KindNames {
+                kind: "WebService".into(),
+                plural: "webservices".into(),
+                singular: "webservice".into(),
+                short_names: vec!["ws".into(), "web".into()]
+            }
+        );
+        let derived = kind_names("my-db", &schema(ModuleMetadata::default()), &[]).unwrap();
+        assert_eq!((derived.kind.as_str(), derived.plural.as_str()), ("MyDb", "mydbs"));
+    }
+
+    #[test]
+    fn invalid_names_are_refused() {
+        let bad_kind = schema(ModuleMetadata {
+            kind: Some("web service".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            kind_names("x", &bad_kind, &[]),
+            Err(CrdError::InvalidKind("web service".into()))
+        );
+        let bad_plural = schema(ModuleMetadata {
+            plural: Some("Web-Services".into()),
+            ..Default::default()
+        });
+        assert!(matches!(
+            kind_names("x", &bad_plural, &[]),
+            Err(CrdError::InvalidPlural(_))
+        ));
+        assert!(matches!(
+            kind_names("x", &schema(ModuleMetadata::default()), &["No".into()]),
+            Err(CrdError::InvalidShortName(_))
+        ));
+    }
+
+    #[test]
+    fn crd_has_names_schema_status_and_columns() {
+        let s = schema(ModuleMetadata {
+            kind: Some("WebService".into()),
+            description: Some("A web service.".into()),
+            ..Default::default()
+        });
+        let names = kind_names("webservice", &s, &[]).unwrap();
+        let categories = vec!["platform".to_string()];
+        let crd = build_crd(
+            &names,
+            &s,
+            &CrdParams {
+                group: "apps.example.com",
+                version: "v1alpha1",
+                categories: &categories,
+                transform_name: "webservice",
+                transform_namespace: "default",
+            },
+        );
+        assert_eq!(crd.metadata.name.as_deref(), Some("webservices.apps.example.com"));
+        assert_eq!(crd.metadata.labels.as_ref().unwrap()[MANAGED_BY_LABEL], "pequod");
+        let version = &crd.spec.versions[0];
+        let root = serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        assert_eq!(root["properties"]["spec"]["required"], json!(["image"]));
+        assert_eq!(root["properties"]["spec"]["description"], "A web service.");
+        assert_eq!(
+            root["properties"]["status"]["properties"]["phase"]["enum"][0],
+            "Pending"
+        );
+        assert!(!root.to_string().contains("null]"), "no null enum values");
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["Ready", "Phase", "Graph", "Age"]);
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+        assert_eq!(crd.spec.names.categories, Some(categories));
+    }
+}

@@ -1,0 +1,372 @@
+//! Platform modules: their files, content digest, and the folder cue evaluates them in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use super::embedded;
+
+/// Import path of the generated CUE module that wraps a platform package.
+pub const MODULE_PATH: &str = "pequod.local/module";
+/// Most bytes all files of one module may hold together.
+pub const MAX_MODULE_BYTES: usize = 1024 * 1024;
+
+/// A module that cannot be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModuleError {
+    #[error("no embedded module named {name:?} (available: {available})")]
+    UnknownEmbedded { name: String, available: String },
+    #[error("the module has no .cue files")]
+    NoFiles,
+    #[error("invalid file name {name:?}: a module is a flat set of .cue files")]
+    InvalidFileName { name: String },
+    #[error("the module is {bytes} bytes; at most {limit} are allowed")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("files declare different packages: {packages}")]
+    MixedPackages { packages: String },
+    #[error("reading module: {message}")]
+    Io { message: String },
+}
+
+/// The `.cue` files of a module, by file name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleFiles {
+    files: BTreeMap<String, String>,
+}
+
+impl ModuleFiles {
+    pub fn new(files: BTreeMap<String, String>) -> Result<Self, ModuleError> {
+        if files.is_empty() {
+            return Err(ModuleError::NoFiles);
+        }
+        for name in files.keys() {
+            let valid = name.ends_with(".cue")
+                && name.len() > 4
+                && !name.starts_with('.')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !valid {
+                return Err(ModuleError::InvalidFileName { name: name.clone() });
+            }
+        }
+        let bytes: usize = files.values().map(String::len).sum();
+        if bytes > MAX_MODULE_BYTES {
+            return Err(ModuleError::TooLarge {
+                bytes,
+                limit: MAX_MODULE_BYTES,
+            });
+        }
+        Ok(Self { files })
+    }
+
+    /// A module written inline, as one file.
+    pub fn inline(source: &str) -> Result<Self, ModuleError> {
+        Self::new(BTreeMap::from([("module.cue".to_string(), source.to_string())]))
+    }
+
+    pub fn embedded(name: &str) -> Result<Self, ModuleError> {
+        let files = embedded::files(name).ok_or_else(|| ModuleError::UnknownEmbedded {
+            name: name.to_string(),
+            available: embedded::names().collect::<Vec<_>>().join(", "),
+        })?;
+        Self::new(files.map(|(f, c)| (f.to_string(), c.to_string())).collect())
+    }
+
+    /// The top-level `.cue` files of a folder.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModuleError> {
+        let io = |e: std::io::Error| ModuleError::Io {
+            message: format!("{}: {e}", dir.display()),
+        };
+        let mut files = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.extension().is_some_and(|e| e == "cue") && path.is_file() {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                files.insert(name, std::fs::read_to_string(&path).map_err(io)?);
+            }
+        }
+        Self::new(files)
+    }
+
+    /// The `.cue` entries of a ConfigMap's data.
+    pub fn from_config_map_data(data: &BTreeMap<String, String>) -> Result<Self, ModuleError> {
+        Self::new(
+            data.iter()
+                .filter(|(k, _)| k.ends_with(".cue"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
+    /// `sha256:<hex>` over file names and contents; changes exactly when the content does.
+    pub fn digest(&self) -> String {
+        let mut hasher = Sha256::new();
+        for (name, content) in &self.files {
+            hasher.update((name.len() as u64).to_be_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update((content.len() as u64).to_be_bytes());
+            hasher.update(content.as_bytes());
+        }
+        format!("sha256:{}", hex::encode(hasher.finalize()))
+    }
+
+    /// The package the files declare; files without a package clause join it, and a module
+    /// without any clause is package `platform`.
+    pub fn package(&self) -> Result<String, ModuleError> {
+        let mut packages: Vec<String> = self.files.values().filter_map(|c| package_clause(c)).collect();
+        packages.sort();
+        packages.dedup();
+        match packages.as_slice() {
+            [] => Ok("platform".to_string()),
+            [one] => Ok(one.clone()),
+            many => Err(ModuleError::MixedPackages {
+                packages: many.join(", "),
+            }),
+        }
+    }
+
+    /// Whether any file defines `name` (for example `#Metadata`) at the top level.
+    pub fn defines(&self, name: &str) -> bool {
+        self.files.values().any(|c| {
+            c.lines().any(|l| {
+                let l = l.trim_start();
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
+                    && !l.starts_with("//")
+            })
+        })
+    }
+
+    pub fn files(&self) -> &BTreeMap<String, String> {
+        &self.files
+    }
+}
+
+/// The name in a file's `package` clause, if it has one.
+fn package_clause(source: &str) -> Option<String> {
+    for line in source.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with("//") || line.starts_with('@') {
+            continue;
+        }
+        let rest = line.strip_prefix("package")?;
+        if !rest.starts_with(char::is_whitespace) {
+            return None;
+        }
+        let name: String = rest
+            .trim()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        return (!name.is_empty()).then_some(name);
+    }
+    None
+}
+
+/// A module written to disk, ready for cue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    pub digest: String,
+    pub package: String,
+    /// Label for metrics and messages: the embedded name, ConfigMap name or Transform name.
+    pub platform: String,
+    pub dir: PathBuf,
+    pub has_metadata: bool,
+}
+
+impl Module {
+    /// Import statement that brings the platform package in as `p`.
+    pub fn import_line(&self) -> String {
+        format!("import p \"{MODULE_PATH}/platform:{}\"", self.package)
+    }
+}
+
+/// Where modules are written: `<root>/modules/<digest>/`, once per digest.
+#[derive(Debug, Clone)]
+pub struct ModuleStore {
+    root: PathBuf,
+}
+
+static SCRATCH: AtomicU64 = AtomicU64::new(0);
+
+impl ModuleStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Writes `files` (unless this digest is already on disk) and returns the module.
+    pub fn materialize(&self, files: &ModuleFiles, platform: &str) -> Result<Module, ModuleError> {
+        let digest = files.digest();
+        let package = files.package()?;
+        let has_metadata = files.defines("#Metadata");
+        let dir = self.root.join("modules").join(digest.replace(':', "-"));
+        let module = Module {
+            digest,
+            package,
+            platform: platform.to_string(),
+            dir: dir.clone(),
+            has_metadata,
+        };
+        if dir.join(".complete").exists() {
+            return Ok(module);
+        }
+        let io = |e: std::io::Error| ModuleError::Io {
+            message: format!("writing {}: {e}", dir.display()),
+        };
+        let staging = self.root.join("modules").join(format!(
+            ".staging-{}-{}",
+            std::process::id(),
+            SCRATCH.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(staging.join("cue.mod")).map_err(io)?;
+        std::fs::create_dir_all(staging.join("platform")).map_err(io)?;
+        std::fs::create_dir_all(staging.join("schema")).map_err(io)?;
+        std::fs::write(
+            staging.join("cue.mod/module.cue"),
+            format!("module: \"{MODULE_PATH}\"\n"),
+        )
+        .map_err(io)?;
+        for (name, content) in files.files() {
+            let content = match package_clause(content) {
+                Some(_) => content.clone(),
+                None => format!("package {}\n\n{content}", module.package),
+            };
+            std::fs::write(staging.join("platform").join(name), content).map_err(io)?;
+        }
+        // cue's OpenAPI encoder fails on packages holding #Render; a package that only
+        // re-exports #Input is encodable.
+        std::fs::write(
+            staging.join("schema/schema.cue"),
+            format!("package schema\n\n{}\n\n#Input: p.#Input\n", module.import_line()),
+        )
+        .map_err(io)?;
+        if has_metadata {
+            std::fs::create_dir_all(staging.join("meta")).map_err(io)?;
+            std::fs::write(
+                staging.join("meta/meta.cue"),
+                format!("package meta\n\n{}\n\nmetadata: p.#Metadata\n", module.import_line()),
+            )
+            .map_err(io)?;
+        }
+        std::fs::write(staging.join(".complete"), &module.digest).map_err(io)?;
+        match std::fs::rename(&staging, &dir) {
+            Ok(()) => Ok(module),
+            // Another writer finished first; its content is the same by construction.
+            Err(_) if dir.join(".complete").exists() => {
+                let _ = std::fs::remove_dir_all(&staging);
+                Ok(module)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                Err(io(e))
+            }
+        }
+    }
+
+    /// A fresh scratch folder inside `module`'s folder, for one batch file.
+    pub fn scratch_dir(&self, module: &Module) -> Result<PathBuf, ModuleError> {
+        let dir = module.dir.join(format!(
+            "batch-{}-{}",
+            std::process::id(),
+            SCRATCH.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| ModuleError::Io {
+            message: format!("{}: {e}", dir.display()),
+        })?;
+        Ok(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(pairs: &[(&str, &str)]) -> ModuleFiles {
+        ModuleFiles::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap()
+    }
+
+    #[test]
+    fn digest_changes_exactly_when_content_does() {
+        let a = files(&[("a.cue", "package x\na: 1\n"), ("b.cue", "package x\n")]);
+        let same = files(&[("b.cue", "package x\n"), ("a.cue", "package x\na: 1\n")]);
+        let edited = files(&[("a.cue", "package x\na: 2\n"), ("b.cue", "package x\n")]);
+        let renamed = files(&[("c.cue", "package x\na: 1\n"), ("b.cue", "package x\n")]);
+        assert_eq!(a.digest(), same.digest());
+        assert_ne!(a.digest(), edited.digest());
+        assert_ne!(a.digest(), renamed.digest());
+        assert!(a.digest().starts_with("sha256:") && a.digest().len() == 7 + 64);
+    }
+
+    #[test]
+    fn package_clause_is_found_after_comments() {
+        assert_eq!(
+            files(&[("a.cue", "// doc\n\npackage web_service\n")])
+                .package()
+                .unwrap(),
+            "web_service"
+        );
+        assert_eq!(files(&[("a.cue", "a: 1\n")]).package().unwrap(), "platform");
+        assert!(matches!(
+            files(&[("a.cue", "package a\n"), ("b.cue", "package b\n")]).package(),
+            Err(ModuleError::MixedPackages { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_module_contents_are_refused() {
+        assert_eq!(ModuleFiles::new(BTreeMap::new()), Err(ModuleError::NoFiles));
+        assert!(matches!(
+            ModuleFiles::new(BTreeMap::from([("../x.cue".into(), String::new())])),
+            Err(ModuleError::InvalidFileName { .. })
+        ));
+        assert!(matches!(
+            ModuleFiles::new(BTreeMap::from([("a.cue".into(), "x".repeat(MAX_MODULE_BYTES + 1))])),
+            Err(ModuleError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            ModuleFiles::embedded("nope"),
+            Err(ModuleError::UnknownEmbedded { .. })
+        ));
+        let data = BTreeMap::from([
+            ("a.cue".to_string(), "package a".to_string()),
+            ("README".to_string(), "x".into()),
+        ]);
+        assert_eq!(ModuleFiles::from_config_map_data(&data).unwrap().files().len(), 1);
+    }
+
+    #[test]
+    fn materialize_writes_once_and_wraps_the_package() {
+        let root = tempfile::tempdir().unwrap();
+        let store = ModuleStore::new(root.path());
+        let module_files = files(&[("a.cue", "#Input: {x: int}\n#Metadata: {kind: \"X\"}\n")]);
+        let module = store.materialize(&module_files, "test").unwrap();
+        assert!(module.has_metadata);
+        assert_eq!(module.package, "platform");
+        let written = std::fs::read_to_string(module.dir.join("platform/a.cue")).unwrap();
+        assert!(written.starts_with("package platform\n"));
+        let schema = std::fs::read_to_string(module.dir.join("schema/schema.cue")).unwrap();
+        assert!(schema.contains("import p \"pequod.local/module/platform:platform\""));
+        // A second materialization reuses the folder.
+        std::fs::write(module.dir.join("marker"), "").unwrap();
+        assert_eq!(store.materialize(&module_files, "test").unwrap(), module);
+        assert!(module.dir.join("marker").exists());
+    }
+
+    #[test]
+    fn embedded_modules_load() {
+        for name in embedded::names() {
+            let files = ModuleFiles::embedded(name).unwrap();
+            assert_eq!(files.package().unwrap(), name);
+            assert!(files.defines("#Input") && files.defines("#Render") && files.defines("#Metadata"));
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The renderer service: loads modules, extracts their schema, and renders inputs through
+//! cue with caching and batching, so that cue runs as rarely as possible.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::{OnceCell, mpsc, oneshot};
+
+use super::module::{Module, ModuleFiles, ModuleStore};
+use super::render::{self, RenderError, RenderOutput};
+use super::{CueCli, CueError, crd_schema_from_openapi};
+use crate::metrics::Metrics;
+
+/// Tuning of the renderer.
+#[derive(Debug, Clone)]
+pub struct RendererConfig {
+    /// Folder for materialized modules (`PEQUOD_CACHE_DIR`).
+    pub cache_dir: PathBuf,
+    /// Most render results kept in memory.
+    pub max_cached_renders: usize,
+    /// How long a batch waits for more renders of the same module before cue runs.
+    pub batch_window: Duration,
+    /// Most inputs evaluated in one cue call.
+    pub max_batch: usize,
+}
+
+impl RendererConfig {
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            max_cached_renders: 10_000,
+            batch_window: Duration::from_millis(25),
+            max_batch: 200,
+        }
+    }
+}
+
+/// What a module declares about the kind it defines (`#Metadata`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModuleMetadata {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub plural: Option<String>,
+    #[serde(default)]
+    pub short_names: Vec<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// The schema of a module's `#Input`, ready to become a CRD's `spec`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleSchema {
+    pub metadata: ModuleMetadata,
+    pub spec: Value,
+}
+
+type RenderResult = Result<Arc<RenderOutput>, RenderError>;
+type SchemaCell = Arc<OnceCell<Result<Arc<ModuleSchema>, RenderError>>>;
+
+struct Job {
+    key: String,
+    input: Value,
+    reply: oneshot::Sender<RenderResult>,
+}
+
+/// Renders platform modules through the cue CLI. Cheap to clone.
+#[derive(Clone)]
+pub struct Renderer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cli: CueCli,
+    store: ModuleStore,
+    metrics: Arc<Metrics>,
+    config: RendererConfig,
+    schemas: Mutex<HashMap<String, SchemaCell>>,
+    renders: Mutex<RenderCache>,
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+}
+
+impl Renderer {
+    pub fn new(cli: CueCli, config: RendererConfig, metrics: Arc<Metrics>) -> Self {
+        let store = ModuleStore::new(&config.cache_dir);
+        let renders = RenderCache::new(config.max_cached_renders);
+        Self {
+            inner: Arc::new(Inner {
+                cli,
+                store,
+                metrics,
+                config,
+                schemas: Mutex::default(),
+                renders: Mutex::new(renders),
+                queues: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Writes the module to the cache folder (once per digest).
+    pub async fn load(&self, files: ModuleFiles, platform: &str) -> Result<Module, RenderError> {
+        let store = self.inner.store.clone();
+        let platform = platform.to_string();
+        tokio::task::spawn_blocking(move || store.materialize(&files, &platform))
+            .await
+            .map_err(|e| RenderError::InvalidModule {
+                message: format!("loading module: {e}"),
+            })?
+            .map_err(RenderError::from)
+    }
+
+    /// The CRD schema of the module's `#Input` and its `#Metadata`, computed once per digest.
+    pub async fn schema(&self, module: &Module) -> Result<Arc<ModuleSchema>, RenderError> {
+        let cell = {
+            let mut schemas = lock(&self.inner.schemas);
+            schemas.entry(module.digest.clone()).or_default().clone()
+        };
+        let result = cell
+            .get_or_try_init(|| async {
+                match self.extract_schema(module).await {
+                    Ok(schema) => Ok(Ok(Arc::new(schema))),
+                    // Transient failures leave the cell empty so the next call tries again.
+                    Err(e) if e.is_transient() => Err(e),
+                    Err(e) => Ok(Err(e)),
+                }
+            })
+            .await?;
+        result.clone()
+    }
+
+    async fn extract_schema(&self, module: &Module) -> Result<ModuleSchema, RenderError> {
+        let cli = &self.inner.cli;
+        let openapi = cli.run(&["def", "./schema", "--out", "openapi"], Some(&module.dir));
+        let metadata = async {
+            if !module.has_metadata {
+                return Ok(None);
+            }
+            cli.run(&["export", "./meta", "--out", "json"], Some(&module.dir))
+                .await
+                .map(Some)
+        };
+        let (openapi, metadata) = tokio::join!(openapi, metadata);
+        let openapi: Value =
+            serde_json::from_str(&openapi.map_err(schema_error)?).map_err(|e| RenderError::InvalidOutput {
+                message: format!("cue printed invalid OpenAPI: {e}"),
+            })?;
+        let spec = crd_schema_from_openapi(&openapi, "Input")?;
+        let metadata = match metadata.map_err(schema_error)? {
+            None => ModuleMetadata::default(),
+            Some(text) => {
+                let value: Value = serde_json::from_str(&text).map_err(|e| RenderError::InvalidOutput {
+                    message: format!("cue printed invalid JSON: {e}"),
+                })?;
+                serde_json::from_value(value.get("metadata").cloned().unwrap_or(Value::Null)).map_err(|e| {
+                    RenderError::InvalidModule {
+                        message: format!("#Metadata: {e}"),
+                    }
+                })?
+            }
+        };
+        Ok(ModuleSchema { metadata, spec })
+    }
+
+    /// Renders `input` (see [`render::render_input`]) through `module`. Results, failures
+    /// included, are cached by (module digest, input hash); renders of the same module that
+    /// wait at the same time share one cue call.
+    pub async fn render(&self, module: &Module, input: Value) -> RenderResult {
+        let key = cache_key(&module.digest, &input);
+        if let Some(hit) = self.cached(&key) {
+            return hit;
+        }
+        let (reply, response) = oneshot::channel();
+        let mut job = Job { key, input, reply };
+        loop {
+            let sender = self.queue(module);
+            match sender.send(job) {
+                Ok(()) => break,
+                // The module's worker just retired; start a new one.
+                Err(mpsc::error::SendError(returned)) => {
+                    lock(&self.inner.queues).remove(&module.digest);
+                    job = returned;
+                }
+            }
+        }
+        response.await.unwrap_or_else(|_| {
+            Err(RenderError::CueUnavailable {
+                message: "renderer stopped".into(),
+            })
+        })
+    }
+
+    fn cached(&self, key: &str) -> Option<RenderResult> {
+        let hit = lock(&self.inner.renders).get(key);
+        let metrics = &self.inner.metrics;
+        match hit {
+            Some(result) => {
+                metrics.cue_cache_hits_total.inc();
+                Some(result)
+            }
+            None => {
+                metrics.cue_cache_misses_total.inc();
+                None
+            }
+        }
+    }
+
+    fn queue(&self, module: &Module) -> mpsc::UnboundedSender<Job> {
+        let mut queues = lock(&self.inner.queues);
+        if let Some(sender) = queues.get(&module.digest) {
+            return sender.clone();
+        }
+        let (sender, receiver) = mpsc::unbounded_channel();
+        queues.insert(module.digest.clone(), sender.clone());
+        tokio::spawn(run_worker(self.inner.clone(), module.clone(), receiver));
+        sender
+    }
+}
+
+fn schema_error(e: CueError) -> RenderError {
+    match e {
+        CueError::Failed { message, .. } => RenderError::InvalidModule {
+            message: render::clean_message(&message),
+        },
+        other => other.into(),
+    }
+}
+
+fn cache_key(digest: &str, input: &Value) -> String {
+    format!("{digest}/{}", render::input_hash(input))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// How long a module's worker waits for work before it retires.
+const WORKER_IDLE: Duration = Duration::from_secs(60);
+
+async fn run_worker(inner: Arc<Inner>, module: Module, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    loop {
+        let first = match tokio::time::timeout(WORKER_IDLE, jobs.recv()).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(_) => {
+                let mut queues = lock(&inner.queues);
+                if jobs.is_empty() {
+                    queues.remove(&module.digest);
+                    return;
+                }
+                continue;
+            }
+        };
+        tokio::time::sleep(inner.config.batch_window).await;
+        let mut batch = vec![first];
+        while batch.len() < inner.config.max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // One evaluation per distinct input; a result already cached answers at once.
+        let mut waiting: BTreeMap<String, (Value, Vec<oneshot::Sender<RenderResult>>)> = BTreeMap::new();
+        for job in batch {
+            if let Some(hit) = lock(&inner.renders).get(&job.key) {
+                let _ = job.reply.send(hit);
+                continue;
+            }
+            waiting
+                .entry(job.key)
+                .or_insert_with(|| (job.input, Vec::new()))
+                .1
+                .push(job.reply);
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+        let inputs: Vec<&Value> = waiting.values().map(|(input, _)| input).collect();
+        let results = render_batch(&inner, &module, &inputs).await;
+        for ((key, (_, replies)), result) in waiting.into_iter().zip(results) {
+            let result = record(&inner, &module, result);
+            if result.as_ref().err().is_none_or(|e| !e.is_transient()) {
+                let size = result.as_ref().map(|o| estimate_size(o)).unwrap_or(256);
+                lock(&inner.renders).insert(key, result.clone(), size, &inner.metrics);
+            }
+            for reply in replies {
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+}
+
+fn record(inner: &Inner, module: &Module, result: Result<RenderOutput, RenderError>) -> RenderResult {
+    let metrics = &inner.metrics;
+    match &result {
+        Ok(output) => {
+            for v in &output.violations {
+                metrics
+                    .policy_violations_total
+                    .with_label_values(&[v.severity.as_str()])
+                    .inc();
+            }
+        }
+        Err(e) => {
+            metrics
+                .cue_render_errors_total
+                .with_label_values(&[&module.platform, e.reason()])
+                .inc();
+        }
+    }
+    result.map(Arc::new)
+}
+
+fn estimate_size(output: &RenderOutput) -> usize {
+    serde_json::to_string(output).map(|s| s.len()).unwrap_or(0)
+}
+
+/// Renders `inputs` in as few cue calls as possible: one for the whole batch; when cue
+/// fails, the inputs its errors point at get those errors and the rest run again.
+async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<Result<RenderOutput, RenderError>> {
+    let mut results: Vec<Option<Result<RenderOutput, RenderError>>> = vec![None; inputs.len()];
+    let mut pending: Vec<usize> = (0..inputs.len()).collect();
+    while !pending.is_empty() {
+        let batch: Vec<&Value> = pending.iter().map(|i| inputs[*i]).collect();
+        let started = Instant::now();
+        let outcome = run_cue_batch(inner, module, &batch).await;
+        inner
+            .metrics
+            .cue_render_duration_seconds
+            .with_label_values(&[&module.platform])
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(outputs)) => {
+                for (k, output) in outputs.into_iter().enumerate() {
+                    results[pending[k]] = Some(output);
+                }
+                pending.clear();
+            }
+            Ok(Err(e)) => {
+                for i in pending.drain(..) {
+                    results[i] = Some(Err(e.clone()));
+                }
+            }
+            Err(CueError::Failed { message, .. }) => {
+                let (per_input, _) = render::attribute_errors(&message, pending.len());
+                if per_input.is_empty() {
+                    // Nothing points at an input: the module itself is broken.
+                    let error = RenderError::Evaluation {
+                        message: render::clean_message(&message),
+                    };
+                    for i in pending.drain(..) {
+                        results[i] = Some(Err(error.clone()));
+                    }
+                } else {
+                    let failed: Vec<usize> = per_input.keys().map(|k| pending[*k]).collect();
+                    for (k, messages) in per_input {
+                        results[pending[k]] = Some(Err(RenderError::Evaluation {
+                            message: messages.join("\n"),
+                        }));
+                    }
+                    pending.retain(|i| !failed.contains(i));
+                }
+            }
+            Err(CueError::OutputTooLarge { .. }) if pending.len() > 1 => {
+                // Halve the batch until each part's output fits.
+                let second = pending.split_off(pending.len() / 2);
+                let first_inputs: Vec<&Value> = pending.iter().map(|i| inputs[*i]).collect();
+                let second_inputs: Vec<&Value> = second.iter().map(|i| inputs[*i]).collect();
+                let first_results = Box::pin(render_batch(inner, module, &first_inputs)).await;
+                let second_results = Box::pin(render_batch(inner, module, &second_inputs)).await;
+                for (i, r) in pending
+                    .iter()
+                    .zip(first_results)
+                    .chain(second.iter().zip(second_results))
+                {
+                    results[*i] = Some(r);
+                }
+                pending.clear();
+            }
+            Err(other) => {
+                let error = RenderError::from(other);
+                for i in pending.drain(..) {
+                    results[i] = Some(Err(error.clone()));
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(RenderError::InvalidOutput {
+                    message: "no result".into(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// One cue call: writes the batch file, exports it, parses the results. The outer error is
+/// cue's; the inner one is a problem with cue's output as a whole.
+async fn run_cue_batch(
+    inner: &Inner,
+    module: &Module,
+    inputs: &[&Value],
+) -> Result<Result<Vec<Result<RenderOutput, RenderError>>, RenderError>, CueError> {
+    let dir = match inner.store.scratch_dir(module) {
+        Ok(dir) => dir,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    let source = render::batch_source(module, inputs);
+    if let Err(e) = tokio::fs::write(dir.join(render::BATCH_FILE), source).await {
+        return Ok(Err(RenderError::InvalidModule {
+            message: format!("writing batch file: {e}"),
+        }));
+    }
+    let relative = format!("./{}", dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+    let outcome = inner
+        .cli
+        .run(&["export", &relative, "--out", "json"], Some(&module.dir))
+        .await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    Ok(render::parse_batch(&outcome?, inputs.len()))
+}
+
+/// Least-recently-used cache of render results.
+struct RenderCache {
+    capacity: usize,
+    tick: u64,
+    entries: HashMap<String, CacheEntry>,
+    by_age: BTreeMap<u64, String>,
+    bytes: usize,
+}
+
+struct CacheEntry {
+    result: RenderResult,
+    size: usize,
+    tick: u64,
+}
+
+impl RenderCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            tick: 0,
+            entries: HashMap::new(),
+            by_age: BTreeMap::new(),
+            bytes: 0,
+        }
+    }
+
+    fn get(&mut self, key: &str) -> Option<RenderResult> {
+        self.tick += 1;
+        let entry = self.entries.get_mut(key)?;
+        self.by_age.remove(&entry.tick);
+        entry.tick = self.tick;
+        self.by_age.insert(self.tick, key.to_string());
+        Some(entry.result.clone())
+    }
+
+    fn insert(&mut self, key: String, result: RenderResult, size: usize, metrics: &Metrics) {
+        self.tick += 1;
+        if let Some(old) = self.entries.remove(&key) {
+            self.by_age.remove(&old.tick);
+            self.bytes -= old.size;
+        }
+        self.by_age.insert(self.tick, key.clone());
+        self.entries.insert(
+            key,
+            CacheEntry {
+                result,
+                size,
+                tick: self.tick,
+            },
+        );
+        self.bytes += size;
+        while self.entries.len() > self.capacity {
+            let Some((_, oldest)) = self.by_age.pop_first() else {
+                break;
+            };
+            if let Some(old) = self.entries.remove(&oldest) {
+                self.bytes -= old.size;
+                metrics.cue_cache_evictions_total.inc();
+            }
+        }
+        metrics.cue_cache_entries.set(self.entries.len() as i64);
+        metrics.cue_cache_size_bytes.set(self.bytes as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(id: &str) -> RenderResult {
+        Ok(Arc::new(RenderOutput {
+            metadata: None,
+            nodes: Vec::new(),
+            violations: vec![crate::api::Violation {
+                path: id.into(),
+                message: String::new(),
+                severity: crate::api::Severity::Info,
+            }],
+        }))
+    }
+
+    #[test]
+    fn cache_evicts_the_least_recently_used_and_reports_it() {
+        let metrics = Metrics::new().unwrap();
+        let mut cache = RenderCache::new(2);
+        cache.insert("a".into(), output("a"), 10, &metrics);
+        cache.insert("b".into(), output("b"), 20, &metrics);
+        assert!(cache.get("a").is_some()); // a is now newer than b
+        cache.insert("c".into(), output("c"), 30, &metrics);
+        assert!(cache.get("b").is_none());
+        assert!(cache.get("a").is_some() && cache.get("c").is_some());
+        assert_eq!(metrics.cue_cache_evictions_total.get(), 1);
+        assert_eq!(metrics.cue_cache_entries.get(), 2);
+        assert_eq!(metrics.cue_cache_size_bytes.get(), 40);
+        cache.insert("c".into(), output("c2"), 5, &metrics);
+        assert_eq!(metrics.cue_cache_size_bytes.get(), 15);
+    }
+}

@@ -1,0 +1,424 @@
+//! Converts the OpenAPI that `cue def --out openapi` produces for `#Input` into a structural
+//! CRD schema, or refuses with an error naming the field it cannot express.
+
+use serde_json::{Map, Value, json};
+
+/// A CUE construct the CRD schema cannot express.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct SchemaError {
+    /// Dotted path of the field inside `spec`, or `spec` itself.
+    pub path: String,
+    pub message: String,
+}
+
+impl SchemaError {
+    fn new(path: &str, message: impl Into<String>) -> Self {
+        Self {
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Keywords copied as they are.
+const PASSTHROUGH: &[&str] = &[
+    "type",
+    "description",
+    "default",
+    "enum",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "nullable",
+    "title",
+];
+
+/// Converts `components.schemas.<name>` of an OpenAPI document into a CRD schema.
+pub fn crd_schema_from_openapi(openapi: &Value, name: &str) -> Result<Value, SchemaError> {
+    let components = openapi
+        .pointer("/components/schemas")
+        .and_then(Value::as_object)
+        .ok_or_else(|| SchemaError::new("spec", "cue produced no OpenAPI components"))?;
+    let root = components
+        .get(name)
+        .ok_or_else(|| SchemaError::new("spec", format!("the module defines no #{name}")))?;
+    let mut stack = vec![name.to_string()];
+    let schema = convert(root, components, "spec", &mut stack)?;
+    if schema.get("type").and_then(Value::as_str) != Some("object") {
+        return Err(SchemaError::new(
+            "spec",
+            format!("#{name} must be a struct, got {}", describe(&schema)),
+        ));
+    }
+    Ok(schema)
+}
+
+fn describe(schema: &Value) -> String {
+    match schema.get("type").and_then(Value::as_str) {
+        Some(t) => format!("type {t}"),
+        None => "a value of any type".to_string(),
+    }
+}
+
+fn convert(
+    schema: &Value,
+    components: &Map<String, Value>,
+    path: &str,
+    stack: &mut Vec<String>,
+) -> Result<Value, SchemaError> {
+    let obj = schema
+        .as_object()
+        .ok_or_else(|| SchemaError::new(path, "schema is not an object"))?;
+
+    if let Some(reference) = obj.get("$ref").and_then(Value::as_str) {
+        let name = reference
+            .strip_prefix("#/components/schemas/")
+            .ok_or_else(|| SchemaError::new(path, format!("unsupported reference {reference}")))?;
+        if stack.iter().any(|s| s == name) {
+            return Err(SchemaError::new(
+                path,
+                format!("recursive definition #{name} cannot be expressed in a CRD schema"),
+            ));
+        }
+        let target = components
+            .get(name)
+            .ok_or_else(|| SchemaError::new(path, format!("reference to unknown definition #{name}")))?;
+        stack.push(name.to_string());
+        let mut inlined = convert(target, components, path, stack)?;
+        stack.pop();
+        // Keywords beside $ref (a description, say) apply on top of the definition.
+        if let Some(out) = inlined.as_object_mut() {
+            for (k, v) in obj {
+                if k != "$ref" && PASSTHROUGH.contains(&k.as_str()) {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        return Ok(inlined);
+    }
+
+    for keyword in ["oneOf", "anyOf"] {
+        if let Some(branches) = obj.get(keyword).and_then(Value::as_array) {
+            return disjunction(obj, branches, path);
+        }
+    }
+    if let Some(all) = obj.get("allOf").and_then(Value::as_array) {
+        return match all.as_slice() {
+            [single] => convert(single, components, path, stack),
+            _ => Err(SchemaError::new(
+                path,
+                "a conjunction of several schemas cannot be expressed in a CRD schema",
+            )),
+        };
+    }
+
+    let mut out = Map::new();
+    for (key, value) in obj {
+        match key.as_str() {
+            "properties" | "additionalProperties" | "items" | "required" => {}
+            "format" => {
+                // CUE bytes are base64 in JSON: Kubernetes calls that format "byte".
+                let format = if value == "binary" {
+                    json!("byte")
+                } else {
+                    value.clone()
+                };
+                out.insert(key.clone(), format);
+            }
+            "uniqueItems" => {
+                if value == &Value::Bool(true) {
+                    return Err(SchemaError::new(
+                        path,
+                        "unique list items (list.UniqueItems) cannot be expressed in a CRD schema",
+                    ));
+                }
+            }
+            k if PASSTHROUGH.contains(&k) => {
+                out.insert(key.clone(), value.clone());
+            }
+            other => {
+                return Err(SchemaError::new(
+                    path,
+                    format!("OpenAPI keyword {other:?} cannot be expressed in a CRD schema"),
+                ));
+            }
+        }
+    }
+
+    match obj.get("type").and_then(Value::as_str) {
+        None => {
+            // `_`: any value.
+            out.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
+        }
+        Some("object") => object(obj, &mut out, components, path, stack)?,
+        Some("array") => {
+            let items = match obj.get("items") {
+                Some(items) => convert(items, components, &format!("{path}[]"), stack)?,
+                None => json!({"x-kubernetes-preserve-unknown-fields": true}),
+            };
+            out.insert("items".into(), items);
+        }
+        Some(_) => {}
+    }
+    Ok(Value::Object(out))
+}
+
+fn object(
+    obj: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+    components: &Map<String, Value>,
+    path: &str,
+    stack: &mut Vec<String>,
+) -> Result<(), SchemaError> {
+    let mut properties = Map::new();
+    if let Some(props) = obj.get("properties").and_then(Value::as_object) {
+        for (name, prop) in props {
+            properties.insert(
+                name.clone(),
+                convert(prop, components, &format!("{path}.{name}"), stack)?,
+            );
+        }
+    }
+    let additional = match obj.get("additionalProperties") {
+        Some(Value::Object(schema)) => Some(convert(
+            &Value::Object(schema.clone()),
+            components,
+            &format!("{path}.*"),
+            stack,
+        )?),
+        _ => None,
+    };
+    if properties.is_empty() && additional.is_none() {
+        // An open struct (`{...}`): keep whatever the user writes.
+        out.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
+        return Ok(());
+    }
+    if !properties.is_empty() && additional.is_some() {
+        return Err(SchemaError::new(
+            path,
+            "a struct with both fixed fields and a pattern constraint cannot be expressed in a CRD schema",
+        ));
+    }
+    // CUE lists every regular field as required; the apiserver must only insist on those a
+    // user has to write: no default, and not satisfied by an empty struct or list.
+    let required: Vec<Value> = obj
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|name| properties.get(*name).is_some_and(must_be_written))
+        .map(|name| Value::String(name.to_string()))
+        .collect();
+    if !properties.is_empty() {
+        out.insert("properties".into(), Value::Object(properties));
+    }
+    if let Some(additional) = additional {
+        out.insert("additionalProperties".into(), additional);
+    }
+    if !required.is_empty() {
+        out.insert("required".into(), Value::Array(required));
+    }
+    Ok(())
+}
+
+/// Whether a required field needs a value from the user: false for fields with a default and
+/// for structs and lists that CUE completes to empty values by itself.
+fn must_be_written(schema: &Value) -> bool {
+    if schema.get("default").is_some() {
+        return false;
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => schema.get("required").is_some(),
+        Some("array") => schema.get("minItems").and_then(Value::as_u64).unwrap_or(0) > 0,
+        _ => true,
+    }
+}
+
+fn disjunction(obj: &Map<String, Value>, branches: &[Value], path: &str) -> Result<Value, SchemaError> {
+    let mut types: Vec<&str> = branches
+        .iter()
+        .map(|b| b.get("type").and_then(Value::as_str).unwrap_or("any"))
+        .collect();
+    types.sort_unstable();
+    let plain = branches.iter().all(|b| b.as_object().is_some_and(|o| o.len() == 1));
+    if types == ["integer", "string"] && plain {
+        let mut out = Map::new();
+        out.insert("x-kubernetes-int-or-string".into(), Value::Bool(true));
+        for key in ["description", "default"] {
+            if let Some(v) = obj.get(key) {
+                out.insert(key.into(), v.clone());
+            }
+        }
+        return Ok(Value::Object(out));
+    }
+    Err(SchemaError::new(
+        path,
+        format!(
+            "a disjunction of {} cannot be expressed in a CRD schema; use one type (an enum of values is fine) or int | string",
+            types.join(" | ")
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(input: Value) -> Value {
+        json!({"components": {"schemas": {"Input": input}}})
+    }
+
+    fn convert_field(field: Value) -> Result<Value, SchemaError> {
+        crd_schema_from_openapi(&doc(json!({"type": "object", "properties": {"v": field}})), "Input")
+            .map(|s| s["properties"]["v"].clone())
+    }
+
+    #[test]
+    fn scalars_bounds_enums_defaults_and_descriptions_are_kept() {
+        let cases = [
+            (
+                json!({"type": "integer", "minimum": 1, "maximum": 65535, "default": 80, "description": "Port."}),
+                json!({"type": "integer", "minimum": 1, "maximum": 65535, "default": 80, "description": "Port."}),
+            ),
+            (
+                json!({"type": "number", "minimum": 0.5, "exclusiveMinimum": true}),
+                json!({"type": "number", "minimum": 0.5, "exclusiveMinimum": true}),
+            ),
+            (
+                json!({"type": "string", "minLength": 1, "maxLength": 10, "pattern": "^[a-z]"}),
+                json!({"type": "string", "minLength": 1, "maxLength": 10, "pattern": "^[a-z]"}),
+            ),
+            (
+                json!({"type": "string", "enum": ["a", "b"], "default": "a"}),
+                json!({"type": "string", "enum": ["a", "b"], "default": "a"}),
+            ),
+            (
+                json!({"type": "integer", "format": "int32"}),
+                json!({"type": "integer", "format": "int32"}),
+            ),
+            (
+                json!({"type": "string", "format": "binary"}),
+                json!({"type": "string", "format": "byte"}),
+            ),
+            (
+                json!({"type": "string", "nullable": true}),
+                json!({"type": "string", "nullable": true}),
+            ),
+            (
+                json!({"type": "boolean", "default": false}),
+                json!({"type": "boolean", "default": false}),
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(convert_field(input.clone()).unwrap(), want, "for {input}");
+        }
+    }
+
+    #[test]
+    fn open_values_preserve_unknown_fields() {
+        assert_eq!(
+            convert_field(json!({})).unwrap(),
+            json!({"x-kubernetes-preserve-unknown-fields": true})
+        );
+        assert_eq!(
+            convert_field(json!({"type": "object"})).unwrap(),
+            json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+        );
+        assert_eq!(
+            convert_field(json!({"type": "array", "items": {}})).unwrap(),
+            json!({"type": "array", "items": {"x-kubernetes-preserve-unknown-fields": true}})
+        );
+    }
+
+    #[test]
+    fn maps_and_lists_keep_their_element_schema() {
+        assert_eq!(
+            convert_field(json!({"type": "object", "additionalProperties": {"type": "string"}})).unwrap(),
+            json!({"type": "object", "additionalProperties": {"type": "string"}})
+        );
+        assert_eq!(
+            convert_field(json!({"type": "array", "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}})).unwrap(),
+            json!({"type": "array", "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}})
+        );
+    }
+
+    #[test]
+    fn only_fields_a_user_must_write_are_required() {
+        let schema = crd_schema_from_openapi(
+            &doc(json!({
+                "type": "object",
+                "required": ["image", "port", "env", "tags", "nested", "atLeastOne"],
+                "properties": {
+                    "image": {"type": "string"},
+                    "port": {"type": "integer", "default": 80},
+                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                    "nested": {"type": "object", "required": ["x"], "properties": {"x": {"type": "integer"}}},
+                    "atLeastOne": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                }
+            })),
+            "Input",
+        )
+        .unwrap();
+        assert_eq!(schema["required"], json!(["image", "nested", "atLeastOne"]));
+    }
+
+    #[test]
+    fn references_are_inlined_and_recursion_refused() {
+        let openapi = json!({"components": {"schemas": {
+            "Input": {"type": "object", "properties": {"res": {"$ref": "#/components/schemas/Res", "description": "Resources."}}},
+            "Res": {"type": "object", "required": ["cpu"], "properties": {"cpu": {"type": "string", "default": "100m"}}},
+        }}});
+        let schema = crd_schema_from_openapi(&openapi, "Input").unwrap();
+        assert_eq!(
+            schema["properties"]["res"],
+            json!({"type": "object", "description": "Resources.", "properties": {"cpu": {"type": "string", "default": "100m"}}})
+        );
+
+        let recursive = json!({"components": {"schemas": {
+            "Input": {"type": "object", "properties": {"tree": {"$ref": "#/components/schemas/Rec"}}},
+            "Rec": {"type": "object", "properties": {"next": {"$ref": "#/components/schemas/Rec"}}},
+        }}});
+        let err = crd_schema_from_openapi(&recursive, "Input").unwrap_err();
+        assert_eq!(err.path, "spec.tree.next");
+        assert!(err.message.contains("recursive definition #Rec"), "{err}");
+    }
+
+    #[test]
+    fn int_or_string_is_supported_other_disjunctions_are_named_errors() {
+        assert_eq!(
+            convert_field(json!({"oneOf": [{"type": "integer"}, {"type": "string"}]})).unwrap(),
+            json!({"x-kubernetes-int-or-string": true})
+        );
+        let err =
+            convert_field(json!({"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}]})).unwrap_err();
+        assert_eq!(err.path, "spec.v");
+        assert!(err.message.contains("disjunction"), "{err}");
+        let err = convert_field(json!({"oneOf": [{"type": "boolean"}, {"type": "string"}]})).unwrap_err();
+        assert!(err.message.contains("boolean | string"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_keywords_and_non_struct_inputs_are_refused() {
+        let err =
+            convert_field(json!({"type": "array", "uniqueItems": true, "items": {"type": "string"}})).unwrap_err();
+        assert!(err.message.contains("UniqueItems"), "{err}");
+        let err = convert_field(json!({"not": {"type": "string"}})).unwrap_err();
+        assert!(err.message.contains("\"not\""), "{err}");
+        let err = crd_schema_from_openapi(&doc(json!({"type": "string"})), "Input").unwrap_err();
+        assert_eq!(err.to_string(), "spec: #Input must be a struct, got type string");
+        let err = crd_schema_from_openapi(&json!({"components": {"schemas": {}}}), "Input").unwrap_err();
+        assert_eq!(err.message, "the module defines no #Input");
+    }
+}

@@ -1,0 +1,291 @@
+//! The resource graph: validation and dependency order, shared by the renderer (which
+//! refuses to produce an invalid graph) and the executor (which refuses to run one).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::api::{MAX_NODES, Node};
+
+/// Why a graph cannot be executed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GraphError {
+    #[error("the graph has no nodes")]
+    Empty,
+    #[error("the graph has {count} nodes; at most {max} are allowed")]
+    TooManyNodes { count: usize, max: usize },
+    #[error("node {index} has an empty id")]
+    EmptyId { index: usize },
+    #[error("node id {id:?} is used more than once")]
+    DuplicateId { id: String },
+    #[error("node {node:?} depends on unknown node {dependency:?}")]
+    UnknownDependency { node: String, dependency: String },
+    #[error("dependency cycle: {}", cycle.join(" -> "))]
+    Cycle { cycle: Vec<String> },
+    #[error("node {node:?}: object {problem}")]
+    MalformedObject { node: String, problem: String },
+}
+
+impl GraphError {
+    /// Stable reason string for conditions, events and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Empty | Self::TooManyNodes { .. } | Self::EmptyId { .. } | Self::MalformedObject { .. } => {
+                "InvalidGraph"
+            }
+            Self::DuplicateId { .. } => "DuplicateNodeId",
+            Self::UnknownDependency { .. } => "UnknownDependency",
+            Self::Cycle { .. } => "DependencyCycle",
+        }
+    }
+}
+
+/// A validated graph: node ids in dependency order, grouped into waves whose members only
+/// depend on earlier waves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dag {
+    /// Every node id, dependencies before dependants (ties keep spec order).
+    pub order: Vec<String>,
+    /// `waves[0]` has no dependencies; `waves[n]` depends only on waves before it.
+    pub waves: Vec<Vec<String>>,
+    /// Direct dependencies of each node.
+    pub dependencies: BTreeMap<String, BTreeSet<String>>,
+    /// Direct dependants of each node.
+    pub dependants: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Dag {
+    /// Deletion order: each wave of the reversed graph must be gone before the next starts.
+    pub fn reverse_waves(&self) -> Vec<Vec<String>> {
+        self.waves.iter().rev().cloned().collect()
+    }
+}
+
+/// Checks ids, dependencies, cycles and object identity, and computes the execution order.
+pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
+    if nodes.is_empty() {
+        return Err(GraphError::Empty);
+    }
+    if nodes.len() > MAX_NODES {
+        return Err(GraphError::TooManyNodes {
+            count: nodes.len(),
+            max: MAX_NODES,
+        });
+    }
+    let mut graph: DiGraph<&str, ()> = DiGraph::new();
+    let mut index: BTreeMap<&str, NodeIndex> = BTreeMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if node.id.is_empty() {
+            return Err(GraphError::EmptyId { index: i });
+        }
+        if index.insert(&node.id, graph.add_node(&node.id)).is_some() {
+            return Err(GraphError::DuplicateId { id: node.id.clone() });
+        }
+        check_object(node)?;
+    }
+    let mut dependencies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut dependants: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for node in nodes {
+        dependencies.entry(node.id.clone()).or_default();
+        dependants.entry(node.id.clone()).or_default();
+    }
+    for node in nodes {
+        for dep in &node.depends_on {
+            let Some(&from) = index.get(dep.as_str()) else {
+                return Err(GraphError::UnknownDependency {
+                    node: node.id.clone(),
+                    dependency: dep.clone(),
+                });
+            };
+            graph.update_edge(from, index[node.id.as_str()], ());
+            dependencies.entry(node.id.clone()).or_default().insert(dep.clone());
+            dependants.entry(dep.clone()).or_default().insert(node.id.clone());
+        }
+    }
+    let sorted = toposort(&graph, None).map_err(|_| GraphError::Cycle {
+        cycle: find_cycle(&graph),
+    })?;
+
+    // Waves by longest path from a root; within a wave, spec order.
+    let mut depth: BTreeMap<&str, usize> = BTreeMap::new();
+    for idx in &sorted {
+        let id = graph[*idx];
+        let d = dependencies[id]
+            .iter()
+            .map(|dep| depth[dep.as_str()] + 1)
+            .max()
+            .unwrap_or(0);
+        depth.insert(id, d);
+    }
+    let mut waves: Vec<Vec<String>> = vec![Vec::new(); depth.values().max().map_or(0, |m| m + 1)];
+    for node in nodes {
+        waves[depth[node.id.as_str()]].push(node.id.clone());
+    }
+    let order = waves.iter().flatten().cloned().collect();
+    Ok(Dag {
+        order,
+        waves,
+        dependencies,
+        dependants,
+    })
+}
+
+/// Names one cycle of a graph known to have one, as `a -> b -> a`.
+fn find_cycle(graph: &DiGraph<&str, ()>) -> Vec<String> {
+    for scc in tarjan_scc(graph) {
+        let self_loop = scc.len() == 1 && graph.find_edge(scc[0], scc[0]).is_some();
+        if scc.len() < 2 && !self_loop {
+            continue;
+        }
+        let members: BTreeSet<NodeIndex> = scc.iter().copied().collect();
+        // Walk inside the component from its lowest-named member until a node repeats.
+        let start = *scc.iter().min_by_key(|i| graph[**i]).unwrap_or(&scc[0]);
+        let mut path = vec![start];
+        let mut current = start;
+        loop {
+            let next = graph
+                .neighbors(current)
+                .filter(|n| members.contains(n))
+                .min_by_key(|n| graph[*n])
+                .unwrap_or(start);
+            if let Some(pos) = path.iter().position(|p| *p == next) {
+                let mut cycle: Vec<String> = path[pos..].iter().map(|i| graph[*i].to_string()).collect();
+                cycle.push(graph[next].to_string());
+                return cycle;
+            }
+            path.push(next);
+            current = next;
+        }
+    }
+    Vec::new()
+}
+
+fn check_object(node: &Node) -> Result<(), GraphError> {
+    let bad = |problem: &str| GraphError::MalformedObject {
+        node: node.id.clone(),
+        problem: problem.to_string(),
+    };
+    let obj = node.object.as_object().ok_or_else(|| bad("is not a JSON object"))?;
+    let non_empty = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).is_some_and(|s| !s.is_empty());
+    if !non_empty(obj.get("apiVersion")) {
+        return Err(bad("has no apiVersion"));
+    }
+    if !non_empty(obj.get("kind")) {
+        return Err(bad("has no kind"));
+    }
+    let metadata = obj
+        .get("metadata")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("has no metadata"))?;
+    if !non_empty(metadata.get("name")) {
+        return Err(bad("has no metadata.name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(id: &str, deps: &[&str]) -> Node {
+        serde_json::from_value(json!({
+            "id": id,
+            "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": id}},
+            "dependsOn": deps,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn diamond_has_three_waves_with_both_middles_together() {
+        let dag = validate(&[
+            node("top", &[]),
+            node("left", &["top"]),
+            node("right", &["top"]),
+            node("bottom", &["left", "right"]),
+        ])
+        .unwrap();
+        assert_eq!(dag.waves, vec![vec!["top"], vec!["left", "right"], vec!["bottom"]]);
+        assert_eq!(dag.order, ["top", "left", "right", "bottom"]);
+        assert_eq!(dag.reverse_waves()[0], vec!["bottom"]);
+        assert_eq!(
+            dag.dependants["top"],
+            BTreeSet::from(["left".to_string(), "right".to_string()])
+        );
+    }
+
+    #[test]
+    fn waves_use_the_longest_path_and_keep_spec_order() {
+        // c depends on a directly and, through b, indirectly: it must wait for b.
+        let dag = validate(&[
+            node("c", &["a", "b"]),
+            node("b", &["a"]),
+            node("a", &[]),
+            node("z", &[]),
+        ])
+        .unwrap();
+        assert_eq!(dag.waves, vec![vec!["a", "z"], vec!["b"], vec!["c"]]);
+    }
+
+    #[test]
+    fn cycle_is_named() {
+        let err = validate(&[node("a", &["c"]), node("b", &["a"]), node("c", &["b"]), node("d", &[])]).unwrap_err();
+        assert_eq!(
+            err,
+            GraphError::Cycle {
+                cycle: vec!["a".into(), "b".into(), "c".into(), "a".into()]
+            }
+        );
+        assert_eq!(err.to_string(), "dependency cycle: a -> b -> c -> a");
+        assert_eq!(err.reason(), "DependencyCycle");
+        let self_loop = validate(&[node("a", &["a"])]).unwrap_err();
+        assert_eq!(self_loop.to_string(), "dependency cycle: a -> a");
+    }
+
+    #[test]
+    fn ids_and_dependencies_are_checked() {
+        assert_eq!(validate(&[]).unwrap_err(), GraphError::Empty);
+        assert_eq!(
+            validate(&[node("a", &[]), node("a", &[])]).unwrap_err(),
+            GraphError::DuplicateId { id: "a".into() }
+        );
+        assert_eq!(
+            validate(&[node("a", &["ghost"])]).unwrap_err(),
+            GraphError::UnknownDependency {
+                node: "a".into(),
+                dependency: "ghost".into()
+            }
+        );
+        let many: Vec<Node> = (0..=MAX_NODES).map(|i| node(&format!("n{i}"), &[])).collect();
+        assert!(matches!(validate(&many).unwrap_err(), GraphError::TooManyNodes { .. }));
+    }
+
+    #[test]
+    fn objects_need_api_version_kind_and_name() {
+        for (object, problem) in [
+            (json!("text"), "is not a JSON object"),
+            (
+                json!({"kind": "ConfigMap", "metadata": {"name": "x"}}),
+                "has no apiVersion",
+            ),
+            (json!({"apiVersion": "v1", "metadata": {"name": "x"}}), "has no kind"),
+            (json!({"apiVersion": "v1", "kind": "ConfigMap"}), "has no metadata"),
+            (
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": ""}}),
+                "has no metadata.name",
+            ),
+        ] {
+            let mut n = node("x", &[]);
+            n.object = object;
+            assert_eq!(
+                validate(&[n]).unwrap_err(),
+                GraphError::MalformedObject {
+                    node: "x".into(),
+                    problem: problem.into()
+                }
+            );
+        }
+    }
+}
