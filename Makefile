@@ -36,6 +36,10 @@ lint: ## rustfmt check and clippy with warnings as errors.
 test: tools control-plane ## Unit and end-to-end tests against a local control plane.
 	$(CARGO) test --locked
 
+.PHONY: bench-render
+bench-render: tools ## Benchmark rendering: 1 against 100 instances, and a cached resync.
+	$(CARGO) bench --locked --bench render
+
 .PHONY: demo
 demo: tools control-plane ## Run the operator on a local control plane with the samples (Ctrl-C stops).
 	$(CARGO) test --locked --test e2e demo -- --ignored --nocapture

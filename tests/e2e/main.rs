@@ -3,4 +3,5 @@
 mod demo;
 mod operator_process;
 mod smoke;
+mod sources;
 mod support;

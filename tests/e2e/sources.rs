@@ -1,0 +1,101 @@
+//! Module sources that live in the cluster.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use pequod::api::{CueRef, CueRefType};
+use pequod::cue::source::{self, SourceError};
+use serde_json::json;
+
+use crate::support::{self, TEST_MANAGER};
+
+fn configmap_ref(name: &str) -> CueRef {
+    CueRef {
+        type_: CueRefType::Configmap,
+        ref_: name.into(),
+        path: None,
+        pull_secret_ref: None,
+    }
+}
+
+async fn put(api: &Api<ConfigMap>, name: &str, labelled: bool, data: serde_json::Value) {
+    let labels = if labelled {
+        json!({"pequod.io/cue-module": "true"})
+    } else {
+        json!({})
+    };
+    let cm =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": labels}, "data": data});
+    api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(cm))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn configmap_modules_are_read_and_their_digest_follows_edits() {
+    let env = support::env("configmap-source").await;
+    let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    put(&api, "module", true, json!({"input.cue": "package m\n#Input: {a: int}\n", "render.cue": "package m\n#Render: {input: _, output: nodes: []}\n", "README.md": "not cue"})).await;
+
+    let fetched = source::fetch(&env.client, &configmap_ref("module"), &env.namespace, "t")
+        .await
+        .unwrap();
+    assert_eq!(fetched.platform, "module");
+    assert_eq!(
+        fetched.files.files().keys().collect::<Vec<_>>(),
+        ["input.cue", "render.cue"]
+    );
+    let first = fetched.files.digest();
+
+    put(&api, "module", true, json!({"input.cue": "package m\n#Input: {a: int, b?: string}\n", "render.cue": "package m\n#Render: {input: _, output: nodes: []}\n"})).await;
+    let edited = source::fetch(&env.client, &configmap_ref("module"), &env.namespace, "t")
+        .await
+        .unwrap();
+    assert_ne!(edited.files.digest(), first);
+
+    // Unchanged content (a label edit, say) keeps the digest.
+    let again = source::fetch(&env.client, &configmap_ref("module"), &env.namespace, "t")
+        .await
+        .unwrap();
+    assert_eq!(again.files.digest(), edited.files.digest());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn configmap_problems_are_named() {
+    let env = support::env("configmap-errors").await;
+    let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+
+    let err = source::fetch(&env.client, &configmap_ref("absent"), &env.namespace, "t")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::ConfigMapNotFound { .. }), "{err}");
+    assert_eq!(err.reason(), "CueFetchFailed");
+    assert!(err.to_string().contains(&format!("{}/absent", env.namespace)));
+
+    put(&api, "unlabelled", false, json!({"a.cue": "package a"})).await;
+    let err = source::fetch(&env.client, &configmap_ref("unlabelled"), &env.namespace, "t")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is not labelled pequod.io/cue-module=\"true\""),
+        "{err}"
+    );
+
+    put(&api, "empty", true, json!({"notes.txt": "no cue here"})).await;
+    let err = source::fetch(&env.client, &configmap_ref("empty"), &env.namespace, "t")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no .cue files"), "{err}");
+
+    let git = CueRef {
+        type_: CueRefType::Git,
+        ref_: "https://example.com/x.git".into(),
+        path: None,
+        pull_secret_ref: None,
+    };
+    let err = source::fetch(&env.client, &git, &env.namespace, "t").await.unwrap_err();
+    assert_eq!(err.reason(), "UnsupportedSource");
+    env.cleanup().await;
+}

@@ -1,0 +1,490 @@
+//! The renderer against the real cue CLI (`make tools` installs it; `PEQUOD_TEST_CUE`
+//! overrides). No cluster is needed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pequod::cue::{CueCli, ModuleFiles, RenderError, Renderer, RendererConfig, render_input};
+use pequod::metrics::Metrics;
+use serde_json::{Value, json};
+
+fn cue_binary() -> PathBuf {
+    std::env::var_os("PEQUOD_TEST_CUE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bin/cue"))
+}
+
+struct Harness {
+    renderer: Renderer,
+    metrics: Arc<Metrics>,
+    _cache: tempfile::TempDir,
+}
+
+fn harness_with(timeout: Duration, binary: PathBuf) -> Harness {
+    let cache = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let cli = CueCli::new(binary, timeout, 2).with_metrics(metrics.clone());
+    let renderer = Renderer::new(cli, RendererConfig::new(cache.path()), metrics.clone());
+    Harness {
+        renderer,
+        metrics,
+        _cache: cache,
+    }
+}
+
+fn harness() -> Harness {
+    harness_with(Duration::from_secs(60), cue_binary())
+}
+
+impl Harness {
+    fn invocations(&self, command: &str) -> u64 {
+        ["success", "error"]
+            .iter()
+            .map(|r| {
+                self.metrics
+                    .cue_invocations_total
+                    .with_label_values(&[command, r])
+                    .get()
+            })
+            .sum()
+    }
+}
+
+fn module(source: &str) -> ModuleFiles {
+    ModuleFiles::new(BTreeMap::from([("module.cue".to_string(), source.to_string())])).unwrap()
+}
+
+fn input(name: &str, spec: Value) -> Value {
+    let meta = serde_json::from_value(json!({"name": name, "namespace": "team"})).unwrap();
+    render_input(&meta, &spec)
+}
+
+/// A minimal module rendering one ConfigMap per input, with `#Input` given by the caller.
+fn configmap_module(input_schema: &str) -> ModuleFiles {
+    module(&format!(
+        r#"package test
+#Input: {input_schema}
+#Render: {{
+	input: {{metadata: {{name: string, namespace: string, ...}}, spec: #Input}}
+	output: nodes: [{{id: "cm", object: {{apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: value: "\(input.spec.value)"}}}}]
+}}
+"#
+    ))
+}
+
+#[tokio::test]
+async fn schema_table_cue_construct_in_crd_schema_out() {
+    let h = harness();
+    let source = r#"package table
+import "strings"
+// The input.
+#Input: {
+	// A port.
+	port: int & >=1 & <=65535 | *80
+	name: string & strings.MinRunes(1) & strings.MaxRunes(63) & =~"^[a-z]"
+	ratio?: number & >0 & <=1
+	mode: "fast" | "safe" | *"safe"
+	env: [string]: string
+	tags: [...string]
+	open?: {...}
+	anything?: _
+	target?: int | string
+	res?: #Res
+	replicas?: uint
+}
+#Res: {cpu: string | *"100m", memory?: string}
+#Render: {input: _, output: nodes: []}
+"#;
+    let m = h.renderer.load(module(source), "table").await.unwrap();
+    let schema = h.renderer.schema(&m).await.unwrap();
+    let p = &schema.spec["properties"];
+    let cases: &[(&str, Value)] = &[
+        (
+            "port",
+            json!({"type": "integer", "minimum": 1, "maximum": 65535, "default": 80, "description": "A port."}),
+        ),
+        (
+            "name",
+            json!({"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[a-z]"}),
+        ),
+        (
+            "ratio",
+            json!({"type": "number", "minimum": 0, "exclusiveMinimum": true, "maximum": 1}),
+        ),
+        // cue lists the default first.
+        (
+            "mode",
+            json!({"type": "string", "enum": ["safe", "fast"], "default": "safe"}),
+        ),
+        (
+            "env",
+            json!({"type": "object", "additionalProperties": {"type": "string"}}),
+        ),
+        ("tags", json!({"type": "array", "items": {"type": "string"}})),
+        (
+            "open",
+            json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        ),
+        ("anything", json!({"x-kubernetes-preserve-unknown-fields": true})),
+        ("target", json!({"x-kubernetes-int-or-string": true})),
+        (
+            "res",
+            json!({"type": "object", "properties": {"cpu": {"type": "string", "default": "100m"}, "memory": {"type": "string"}}}),
+        ),
+        ("replicas", json!({"type": "integer", "minimum": 0})),
+    ];
+    for (field, want) in cases {
+        assert_eq!(&p[field], want, "schema of {field}");
+    }
+    assert_eq!(schema.spec["required"], json!(["name"]));
+    assert_eq!(schema.spec["description"], "The input.");
+    assert_eq!(schema.metadata, Default::default());
+    // Cached by digest: asking again runs cue no more.
+    let before = h.invocations("def");
+    h.renderer.schema(&m).await.unwrap();
+    assert_eq!(h.invocations("def"), before);
+}
+
+#[tokio::test]
+async fn embedded_webservice_schema_and_metadata() {
+    let h = harness();
+    let m = h
+        .renderer
+        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
+        .await
+        .unwrap();
+    let schema = h.renderer.schema(&m).await.unwrap();
+    assert_eq!(schema.metadata.kind.as_deref(), Some("WebService"));
+    assert_eq!(schema.metadata.short_names, ["ws"]);
+    assert_eq!(schema.spec["required"], json!(["image"]));
+    assert_eq!(schema.spec["properties"]["replicas"]["maximum"], 50);
+    assert_eq!(schema.spec["properties"]["serviceType"]["default"], "ClusterIP");
+}
+
+#[tokio::test]
+async fn schema_errors_name_the_problem() {
+    let h = harness();
+    let cases = [
+        ("package x\n#Input: {a: int\n", "InvalidModule", "expected '}'"),
+        ("package x\n#Other: {a: int}\n", "InvalidModule", "#Input"),
+        (
+            "package x\n#Input: string\n",
+            "SchemaUnsupported",
+            "#Input must be a struct",
+        ),
+        (
+            "package x\n#Input: {a: bool | {b: int}}\n",
+            "SchemaUnsupported",
+            "spec.a",
+        ),
+        (
+            "package x\n#Input: {a: string & !=\"\"}\n",
+            "InvalidModule",
+            "unsupported op",
+        ),
+    ];
+    for (source, reason, text) in cases {
+        let m = h.renderer.load(module(source), "bad").await.unwrap();
+        let err = h.renderer.schema(&m).await.unwrap_err();
+        assert_eq!(err.reason(), reason, "{source}: {err}");
+        assert!(err.to_string().contains(text), "{source}: {err} should mention {text}");
+    }
+}
+
+#[tokio::test]
+async fn webservice_renders_the_readme_example_and_enforces_policy() {
+    let h = harness();
+    let m = h
+        .renderer
+        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
+        .await
+        .unwrap();
+    let ok = input("my-app", json!({"image": "nginx:latest", "port": 80, "replicas": 3}));
+    let bad = input(
+        "untrusted",
+        json!({"image": "registry.example.net/app:1", "replicas": 12}),
+    );
+    let (ok, bad) = tokio::join!(h.renderer.render(&m, ok), h.renderer.render(&m, bad));
+    let ok = ok.unwrap();
+    assert!(ok.violations.is_empty(), "{:?}", ok.violations);
+    let ids: Vec<&str> = ok.nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(ids, ["deployment", "service"]);
+    assert_eq!(ok.nodes[0].object["spec"]["replicas"], 3);
+    assert_eq!(ok.nodes[0].object["metadata"]["namespace"], "team");
+    assert_eq!(ok.nodes[1].depends_on, ["deployment"]);
+    let bad = bad.unwrap();
+    let found: Vec<(String, &str)> = bad
+        .violations
+        .iter()
+        .map(|v| (v.path.clone(), v.severity.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("spec.image".to_string(), "Error"),
+            ("spec.replicas".to_string(), "Warning")
+        ]
+    );
+    assert_eq!(h.metrics.policy_violations_total.with_label_values(&["Error"]).get(), 1);
+    assert_eq!(
+        h.metrics.policy_violations_total.with_label_values(&["Warning"]).get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn batching_and_caching_minimise_cue_calls() {
+    let h = harness();
+    let m = h
+        .renderer
+        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
+        .await
+        .unwrap();
+    let inputs: Vec<Value> = (0..20)
+        .map(|i| input(&format!("app-{i}"), json!({"image": "nginx:1.27", "replicas": i % 5})))
+        .collect();
+    let renders = inputs.iter().map(|i| h.renderer.render(&m, i.clone()));
+    let results = futures::future::join_all(renders).await;
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(
+        h.invocations("export"),
+        1,
+        "20 renders pending together share one cue call"
+    );
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(
+            r.as_ref().unwrap().nodes[0].object["metadata"]["name"],
+            format!("app-{i}")
+        );
+    }
+    // Unchanged inputs: zero cue calls, all cache hits.
+    let hits_before = h.metrics.cue_cache_hits_total.get();
+    for i in &inputs {
+        h.renderer.render(&m, i.clone()).await.unwrap();
+    }
+    assert_eq!(h.invocations("export"), 1);
+    assert_eq!(h.metrics.cue_cache_hits_total.get() - hits_before, 20);
+    assert_eq!(h.metrics.cue_cache_entries.get(), 20);
+    assert!(h.metrics.cue_cache_size_bytes.get() > 0);
+}
+
+#[tokio::test]
+async fn a_failing_input_does_not_fail_its_batch() {
+    let h = harness();
+    let m = h
+        .renderer
+        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
+        .await
+        .unwrap();
+    let good = input("good", json!({"image": "nginx"}));
+    let out_of_bounds = input("too-many", json!({"image": "nginx", "replicas": 500}));
+    let unknown_field = input("extra", json!({"image": "nginx", "colour": "blue"}));
+    let missing = input("missing", json!({}));
+    let (a, b, c, d) = tokio::join!(
+        h.renderer.render(&m, good),
+        h.renderer.render(&m, out_of_bounds),
+        h.renderer.render(&m, unknown_field),
+        h.renderer.render(&m, missing)
+    );
+    assert!(a.is_ok(), "{a:?}");
+    let b = b.unwrap_err();
+    assert_eq!(b.reason(), "CueRenderFailed");
+    assert!(
+        b.to_string().contains("replicas") && b.to_string().contains("500"),
+        "{b}"
+    );
+    assert!(
+        b.to_string().contains("schema.cue:"),
+        "names the module file and line: {b}"
+    );
+    assert!(
+        !b.to_string().contains("batch.cue"),
+        "no generated file in messages: {b}"
+    );
+    assert!(c.unwrap_err().to_string().contains("colour"));
+    let d = d.unwrap_err();
+    assert!(
+        d.to_string().contains("incomplete") || d.to_string().contains("image"),
+        "{d}"
+    );
+    assert!(
+        h.invocations("export") <= 4,
+        "errors are attributed, not bisected: {}",
+        h.invocations("export")
+    );
+    // Failures are cached as well: asking again runs no cue.
+    let calls = h.invocations("export");
+    assert!(
+        h.renderer
+            .render(&m, input("too-many", json!({"image": "nginx", "replicas": 500})))
+            .await
+            .is_err()
+    );
+    assert_eq!(h.invocations("export"), calls);
+}
+
+#[tokio::test]
+async fn bad_modules_and_outputs_get_clear_errors() {
+    let h = harness();
+    let spec = json!({"value": "v"});
+    let cases: Vec<(ModuleFiles, &str, &str)> = vec![
+        (
+            module("package t\n#Input: {value: string}\n#Render: {input: _, output: nodes: [\n"),
+            "CueRenderFailed",
+            "expected",
+        ),
+        (
+            module("package t\n#Input: {value: string}\n"),
+            "CueRenderFailed",
+            "no #Render",
+        ),
+        (
+            module("package t\n#Input: {value: string}\n#Render: {input: _, output: {violations: []}}\n"),
+            "InvalidRenderOutput",
+            "no nodes",
+        ),
+        (
+            module(
+                "package t\n#Input: _\n#Render: {input: _, output: nodes: [{id: \"a\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"a\"}}, {id: \"a\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"b\"}}]}\n",
+            ),
+            "DuplicateNodeId",
+            "\"a\" is used more than once",
+        ),
+        (
+            module(
+                "package t\n#Input: _\n#Render: {input: _, output: nodes: [{id: \"a\", dependsOn: [\"ghost\"], object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"a\"}}]}\n",
+            ),
+            "UnknownDependency",
+            "unknown node \"ghost\"",
+        ),
+        (
+            module(
+                "package t\n#Input: _\n_o: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"x\"}\n#Render: {input: _, output: nodes: [{id: \"a\", dependsOn: [\"b\"], object: _o}, {id: \"b\", dependsOn: [\"a\"], object: _o}]}\n",
+            ),
+            "DependencyCycle",
+            "a -> b -> a",
+        ),
+        (
+            module(
+                "package t\n#Input: _\n#Render: {input: _, output: nodes: [{id: \"a\", object: {kind: \"ConfigMap\", metadata: name: \"x\"}}]}\n",
+            ),
+            "InvalidGraph",
+            "has no apiVersion",
+        ),
+        (
+            module(
+                "package t\n#Input: {value: string, count: int}\n#Render: {input: {metadata: _, spec: #Input}, output: nodes: [{id: \"a\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"x\", data: n: \"\\(input.spec.count)\"}}]}\n",
+            ),
+            "CueRenderFailed",
+            "non-concrete value int",
+        ),
+        (
+            module(
+                "package t\nimport \"strings\"\n#Input: _\n#Render: {input: _, output: nodes: [{id: \"a\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"x\", data: big: strings.Repeat(\"x\", 600000)}}]}\n",
+            ),
+            "RenderOutputTooLarge",
+            "at most",
+        ),
+    ];
+    for (files, reason, text) in cases {
+        let m = h.renderer.load(files, "bad").await.unwrap();
+        let err = h.renderer.render(&m, input("x", spec.clone())).await.unwrap_err();
+        assert_eq!(err.reason(), reason, "{err}");
+        assert!(err.to_string().contains(text), "{err} should mention {text}");
+    }
+}
+
+#[tokio::test]
+async fn endless_evaluation_times_out_and_is_retried_later() {
+    let h = harness_with(Duration::from_secs(4), cue_binary());
+    let endless = module(
+        "package t\nimport \"list\"\n#Input: _\n#Render: {input: _, output: nodes: [ for i in list.Range(0, 100000000, 1) {id: \"n\\(i)\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"n\\(i)\"}}]}\n",
+    );
+    let m = h.renderer.load(endless, "endless").await.unwrap();
+    let err = h.renderer.render(&m, input("x", json!({}))).await.unwrap_err();
+    assert!(matches!(err, RenderError::Timeout { seconds: 4 }), "{err}");
+    assert!(err.is_transient());
+    // Timeouts are not cached: the next render runs cue again.
+    let before = h.invocations("export");
+    let _ = h.renderer.render(&m, input("x", json!({}))).await;
+    assert_eq!(h.invocations("export"), before + 1);
+}
+
+#[tokio::test]
+async fn missing_cue_binary_is_reported_and_not_cached() {
+    let h = harness_with(Duration::from_secs(5), PathBuf::from("/nonexistent/cue"));
+    let m = h.renderer.load(configmap_module("{value: string}"), "t").await.unwrap();
+    let err = h
+        .renderer
+        .render(&m, input("x", json!({"value": "v"})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "CueBinaryUnavailable");
+    assert!(err.to_string().contains("/nonexistent/cue"));
+    let err = h.renderer.schema(&m).await.unwrap_err();
+    assert_eq!(err.reason(), "CueBinaryUnavailable");
+}
+
+#[test]
+fn pequod_render_reproduces_the_readme_example() {
+    let cache = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+        .args(["render", "--module", "webservice", "--input"])
+        .arg(root.join("cue/platform/webservice/examples/my-app.yaml"))
+        .arg("--cue-binary")
+        .arg(cue_binary())
+        .env("PEQUOD_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let graph: Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    assert_eq!(graph["kind"], "ResourceGraph");
+    assert_eq!(graph["metadata"]["name"], "webservice-my-app");
+    assert_eq!(graph["spec"]["nodes"][0]["object"]["kind"], "Deployment");
+    assert_eq!(graph["spec"]["nodes"][0]["object"]["spec"]["replicas"], 3);
+    assert_eq!(
+        graph["spec"]["nodes"][0]["object"]["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:latest"
+    );
+    assert_eq!(graph["spec"]["nodes"][1]["object"]["kind"], "Service");
+    assert_eq!(graph["spec"]["nodes"][1]["object"]["spec"]["ports"][0]["port"], 80);
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+        .args(["render", "--module", "webservice", "--input"])
+        .arg(root.join("cue/platform/webservice/examples/disallowed-registry.yaml"))
+        .arg("--cue-binary")
+        .arg(cue_binary())
+        .env("PEQUOD_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Error: spec.image"));
+
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+        .args(["render", "--module", "nope", "--input", "/nonexistent.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("neither a folder nor an embedded module"));
+}
+
+#[test]
+fn pequod_schema_prints_the_generated_crd() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+        .args(["schema", "--module", "worker", "--group", "apps.example.com"])
+        .arg("--cue-binary")
+        .arg(cue_binary())
+        .env("PEQUOD_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let crd: Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    assert_eq!(crd["metadata"]["name"], "workers.apps.example.com");
+    assert_eq!(crd["spec"]["names"]["kind"], "Worker");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert_eq!(spec["properties"]["startupTimeout"]["minimum"].as_f64(), Some(30.0));
+}
