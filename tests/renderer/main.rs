@@ -427,60 +427,67 @@ async fn missing_cue_binary_is_reported_and_not_cached() {
     assert_eq!(err.reason(), "CueBinaryUnavailable");
 }
 
-#[test]
-fn pequod_render_reproduces_the_readme_example() {
+/// Runs the pequod binary with the test cue and a cache folder of its own.
+fn pequod(args: &[&str]) -> std::process::Output {
     let cache = tempfile::tempdir().unwrap();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
-        .args(["render", "--module", "webservice", "--input"])
-        .arg(root.join("cue/platform/webservice/examples/my-app.yaml"))
+    std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+        .args(args)
         .arg("--cue-binary")
         .arg(cue_binary())
         .env("PEQUOD_CACHE_DIR", cache.path())
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn example(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("cue/platform")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn pequod_render_reproduces_the_readme_example() {
+    let out = pequod(&[
+        "render",
+        "--module",
+        "webservice",
+        "--input",
+        &example("webservice/examples/my-app.yaml"),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let graph: Value = serde_yaml::from_slice(&out.stdout).unwrap();
     assert_eq!(graph["kind"], "ResourceGraph");
     assert_eq!(graph["metadata"]["name"], "webservice-my-app");
-    assert_eq!(graph["spec"]["nodes"][0]["object"]["kind"], "Deployment");
-    assert_eq!(graph["spec"]["nodes"][0]["object"]["spec"]["replicas"], 3);
+    let deployment = &graph["spec"]["nodes"][0]["object"];
+    assert_eq!(deployment["kind"], "Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 3);
     assert_eq!(
-        graph["spec"]["nodes"][0]["object"]["spec"]["template"]["spec"]["containers"][0]["image"],
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
         "nginx:latest"
     );
     assert_eq!(graph["spec"]["nodes"][1]["object"]["kind"], "Service");
     assert_eq!(graph["spec"]["nodes"][1]["object"]["spec"]["ports"][0]["port"], 80);
 
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
-        .args(["render", "--module", "webservice", "--input"])
-        .arg(root.join("cue/platform/webservice/examples/disallowed-registry.yaml"))
-        .arg("--cue-binary")
-        .arg(cue_binary())
-        .env("PEQUOD_CACHE_DIR", cache.path())
-        .output()
-        .unwrap();
+    let refused = pequod(&[
+        "render",
+        "--module",
+        "webservice",
+        "--input",
+        &example("webservice/examples/disallowed-registry.yaml"),
+    ]);
     assert_eq!(refused.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("Error: spec.image"));
 
-    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
-        .args(["render", "--module", "nope", "--input", "/nonexistent.yaml"])
-        .output()
-        .unwrap();
+    let missing = pequod(&["render", "--module", "nope", "--input", "/nonexistent.yaml"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("neither a folder nor an embedded module"));
 }
 
 #[test]
 fn pequod_schema_prints_the_generated_crd() {
-    let cache = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
-        .args(["schema", "--module", "worker", "--group", "apps.example.com"])
-        .arg("--cue-binary")
-        .arg(cue_binary())
-        .env("PEQUOD_CACHE_DIR", cache.path())
-        .output()
-        .unwrap();
+    let out = pequod(&["schema", "--module", "worker", "--group", "apps.example.com"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let crd: Value = serde_yaml::from_slice(&out.stdout).unwrap();
     assert_eq!(crd["metadata"]["name"], "workers.apps.example.com");
