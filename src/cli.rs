@@ -117,6 +117,10 @@ pub struct RunArgs {
     /// Most objects each controller reconciles at the same time.
     #[arg(long, env = "PEQUOD_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub max_concurrent_reconciles: u16,
+
+    /// Most nodes of one ResourceGraph applied at the same time.
+    #[arg(long, env = "PEQUOD_APPLY_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub apply_concurrency: u16,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

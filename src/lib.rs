@@ -1,8 +1,10 @@
 //! Pequod: a Kubernetes operator that turns CUE modules into self-service platform APIs.
 
 pub mod api;
+pub mod apply;
 pub mod cli;
 pub mod commands;
+pub mod controller;
 pub mod crd;
 pub mod cue;
 pub mod error;
@@ -11,6 +13,7 @@ pub mod health;
 pub mod instance;
 pub mod metrics;
 pub mod operator;
+pub mod readiness;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

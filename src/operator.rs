@@ -8,8 +8,11 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::task::JoinSet;
 
-use crate::api::{ResourceGraph, Transform};
+use crate::api::Transform;
+use crate::apply::Applier;
 use crate::cli::RunArgs;
+use crate::controller::resourcegraph;
+use crate::controller::watches::ObjectWatches;
 use crate::cue::CueCli;
 use crate::error::StartupError;
 use crate::health::{Health, Probe};
@@ -31,7 +34,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let metrics = Arc::new(Metrics::new()?);
     let health = Arc::new(Health::new());
     health.register(Probe::Readiness, "cue", "not checked yet");
-    health.register(Probe::Readiness, "caches", "not synced yet");
+    health.register(Probe::Readiness, "transform-cache", "not synced yet");
 
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
@@ -56,7 +59,28 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     tasks.spawn(check_cue_binary(cue, health.clone(), shutdown.clone()));
 
     let client = Client::try_default().await.map_err(StartupError::Kubeconfig)?;
-    tasks.spawn(sync_caches(client, health.clone(), shutdown.clone()));
+    tasks.spawn(sync_transforms(client.clone(), health.clone(), shutdown.clone()));
+
+    let (watches, triggers) = ObjectWatches::new(client.clone(), shutdown.clone());
+    let reporter = kube::runtime::events::Reporter {
+        controller: "pequod".into(),
+        instance: std::env::var("POD_NAME")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok()),
+    };
+    let ctx = Arc::new(resourcegraph::Context::new(
+        client.clone(),
+        Applier::new(client.clone(), metrics.clone()),
+        watches,
+        kube::runtime::events::Recorder::new(client.clone(), reporter),
+        metrics.clone(),
+        args.apply_concurrency.into(),
+    ));
+    let (h, s, n) = (health.clone(), shutdown.clone(), args.max_concurrent_reconciles);
+    tasks.spawn(async move {
+        resourcegraph::run(ctx, triggers, n, h, s).await;
+        Ok(())
+    });
 
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "pequod started");
     shutdown.wait().await;
@@ -92,37 +116,27 @@ async fn check_cue_binary(cue: CueCli, health: Arc<Health>, shutdown: Shutdown) 
     }
 }
 
-/// Watches Pequod's own kinds and marks the `caches` check ready once both have listed.
-async fn sync_caches(client: Client, health: Arc<Health>, shutdown: Shutdown) -> Result<(), StartupError> {
-    let (transforms, transforms_writer) = reflector::store::<Transform>();
-    let (graphs, graphs_writer) = reflector::store::<ResourceGraph>();
-    let transform_watch = watcher(Api::<Transform>::all(client.clone()), watcher::Config::default())
+/// Watches Transforms and marks the `transform-cache` check ready once they have listed.
+async fn sync_transforms(client: Client, health: Arc<Health>, shutdown: Shutdown) -> Result<(), StartupError> {
+    let (transforms, writer) = reflector::store::<Transform>();
+    let watch = watcher(Api::<Transform>::all(client), watcher::Config::default())
         .default_backoff()
-        .reflect(transforms_writer)
+        .reflect(writer)
         .for_each(|event| async move {
             if let Err(e) = event {
                 tracing::warn!(error = %e, "watching Transforms failed; are the CRDs installed?");
             }
         });
-    let graph_watch = watcher(Api::<ResourceGraph>::all(client), watcher::Config::default())
-        .default_backoff()
-        .reflect(graphs_writer)
-        .for_each(|event| async move {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "watching ResourceGraphs failed; are the CRDs installed?");
-            }
-        });
     let ready = async {
-        if transforms.wait_until_ready().await.is_ok() && graphs.wait_until_ready().await.is_ok() {
-            health.set(Probe::Readiness, "caches", Ok(()));
-            tracing::info!("caches synced");
+        if transforms.wait_until_ready().await.is_ok() {
+            health.set(Probe::Readiness, "transform-cache", Ok(()));
+            tracing::info!("Transform cache synced");
         }
         std::future::pending::<()>().await
     };
     tokio::select! {
         _ = shutdown.wait() => {}
-        _ = transform_watch => {}
-        _ = graph_watch => {}
+        _ = watch => {}
         _ = ready => {}
     }
     Ok(())

@@ -38,6 +38,17 @@ impl Shutdown {
         let _ = rx.wait_for(|stop| *stop).await;
     }
 
+    /// An owned future that resolves on shutdown, for APIs that need `Send + Sync + 'static`.
+    pub fn wait_owned(self) -> futures::future::Shared<futures::future::BoxFuture<'static, ()>> {
+        use futures::FutureExt;
+        let mut rx = self.rx;
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+        .boxed()
+        .shared()
+    }
+
     /// Triggers shutdown on SIGTERM or SIGINT.
     pub fn trigger_on_signals(&self) {
         let this = self.clone();

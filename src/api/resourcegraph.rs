@@ -225,6 +225,25 @@ pub struct ResourceGraphStatus {
     pub started_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<Time>,
+    /// Objects this graph has applied: what pruning and deletion work from, so that they
+    /// survive operator restarts and spec changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200))]
+    pub inventory: Vec<InventoryEntry>,
+}
+
+/// An object a graph applied.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryEntry {
+    pub node_id: String,
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    /// Dependency wave of the node when it was applied; deletion goes from the highest down.
+    pub wave: u32,
 }
 
 /// Overall phase of a graph.

@@ -1,6 +1,7 @@
 //! End-to-end tests against a real kube-apiserver (see support/control_plane.rs).
 
 mod demo;
+mod executor;
 mod operator_process;
 mod smoke;
 mod sources;

@@ -54,7 +54,11 @@ async fn readyz_reports_a_broken_cue_binary_and_passes_when_everything_works() {
         Duration::from_secs(30),
         || async {
             match readyz(&broken).await {
-                Ok((503, body)) if body.contains("[+] caches ok") && body.contains("[-] cue failed") => Ok(body),
+                Ok((503, body))
+                    if body.contains("[+] resourcegraph-controller ok") && body.contains("[-] cue failed") =>
+                {
+                    Ok(body)
+                }
                 other => Err(format!("{other:?}")),
             }
         },

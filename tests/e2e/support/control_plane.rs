@@ -257,10 +257,11 @@ extern "C" fn stop_at_exit() {
 }
 
 fn register_exit_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
     // SAFETY: registers a plain extern "C" function; it runs once, at process exit.
-    unsafe {
+    ONCE.call_once(|| unsafe {
         libc::atexit(stop_at_exit);
-    }
+    });
 }
 
 /// Panics with the log tail of any process that has exited.
@@ -277,6 +278,53 @@ fn check_alive(processes: &mut [Process]) {
 }
 
 impl ControlPlane {
+    /// Starts a helper process (the operator, say) that is stopped with the control plane,
+    /// before it. Returns the path of its log.
+    pub fn spawn_process(&self, name: &'static str, program: &Path, args: &[String], env: &[(&str, &Path)]) -> PathBuf {
+        let dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("pequod-test-{}", std::process::id())));
+        let _ = fs::create_dir_all(&dir);
+        let (tx, rx) = mpsc::channel();
+        let (program, args) = (program.to_path_buf(), args.to_vec());
+        let env: Vec<(String, PathBuf)> = env.iter().map(|(k, v)| (k.to_string(), v.to_path_buf())).collect();
+        // Spawned from the keeper-style thread so PR_SET_PDEATHSIG follows the process, not a test thread.
+        std::thread::spawn(move || {
+            let log = dir.join(format!("{name}.log"));
+            let file = fs::File::create(&log).expect("create log file");
+            let mut cmd = Command::new(&program);
+            cmd.args(&args)
+                .stdin(Stdio::null())
+                .stdout(file.try_clone().expect("log fd"))
+                .stderr(file);
+            for (k, v) in &env {
+                cmd.env(k, v);
+            }
+            // SAFETY: see spawn().
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+            let child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+            let _ = tx.send(Process { name, child, log });
+            loop {
+                std::thread::park();
+            }
+        });
+        let process = rx.recv().expect("helper process");
+        let log = process.log.clone();
+        if self.external {
+            register_exit_hook();
+        }
+        self.processes.lock().unwrap_or_else(|e| e.into_inner()).push(process);
+        log
+    }
+
     /// Panics with a log tail when a control-plane process has crashed; called by helpers
     /// whose wait ran out, so that a dead apiserver is reported as such.
     pub fn assert_alive(&self) {

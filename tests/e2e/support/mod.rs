@@ -21,6 +21,52 @@ use kube::{Api, Client, Config, ResourceExt};
 
 pub const TEST_MANAGER: &str = "pequod-test";
 
+/// Address of the shared operator's probes and metrics.
+pub struct OperatorEndpoints {
+    pub metrics: String,
+    pub probes: String,
+    pub log: PathBuf,
+}
+
+static OPERATOR: tokio::sync::OnceCell<OperatorEndpoints> = tokio::sync::OnceCell::const_new();
+
+/// The operator shared by the tests of this binary, started once (with the CRDs installed) and
+/// ready when this returns. It serves every test namespace.
+pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
+    OPERATOR
+        .get_or_init(|| async {
+            install_crds(client).await;
+            let cp = control_plane::shared();
+            let metrics = format!("127.0.0.1:{}", free_port());
+            let probes = format!("127.0.0.1:{}", free_port());
+            let cue = tool("cue", "PEQUOD_TEST_CUE");
+            let cache = std::env::temp_dir().join(format!("pequod-test-cache-{}", std::process::id()));
+            let args = vec![
+                format!("--metrics-bind-address={metrics}"),
+                format!("--health-probe-bind-address={probes}"),
+                "--zap-log-level=debug".to_string(),
+                format!("--cue-binary={}", cue.display()),
+                format!("--cache-dir={}", cache.display()),
+            ];
+            let log = cp.spawn_process(
+                "pequod",
+                Path::new(env!("CARGO_BIN_EXE_pequod")),
+                &args,
+                &[("KUBECONFIG", &cp.kubeconfig)],
+            );
+            let endpoints = OperatorEndpoints { metrics, probes, log };
+            wait_for("the operator to be ready", Duration::from_secs(60), || async {
+                match http_get(&endpoints.probes, "/readyz").await {
+                    Ok((200, body)) => Ok(body),
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .await;
+            endpoints
+        })
+        .await
+}
+
 pub async fn client_for(kubeconfig: &Path) -> Result<Client, String> {
     let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())

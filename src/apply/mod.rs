@@ -1,0 +1,383 @@
+//! Writing graph objects to the cluster with server-side apply, and resolving their kinds.
+
+mod object;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::{ApiResource, Scope};
+use kube::{Api, Client};
+use serde_json::Value;
+
+pub use object::{
+    ADOPTED_FROM_ANNOTATION, DELETION_POLICY_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GraphIdentity, NODE_LABEL,
+    contains, desired_object, gvk_label, is_orphan, other_managers, set_annotation,
+};
+
+use crate::api::{ApplyMode, ConflictPolicy, DEFAULT_FIELD_MANAGER, Node};
+use crate::metrics::Metrics;
+
+/// A kind resolved through discovery.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub resource: ApiResource,
+    pub namespaced: bool,
+}
+
+impl Resolved {
+    pub fn api(&self, client: &Client, namespace: Option<&str>) -> Api<DynamicObject> {
+        match (self.namespaced, namespace) {
+            (true, Some(ns)) => Api::namespaced_with(client.clone(), ns, &self.resource),
+            _ => Api::all_with(client.clone(), &self.resource),
+        }
+    }
+
+    /// Cache key of the kind: `group/version/Kind`.
+    pub fn key(&self) -> String {
+        gvk_label(&self.resource.api_version, &self.resource.kind)
+    }
+}
+
+/// Why an object could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("kind {kind} of {api_version} is not served by the cluster: {message}")]
+    UnknownKind {
+        api_version: String,
+        kind: String,
+        message: String,
+    },
+    #[error("{message}")]
+    Conflict { message: String },
+    #[error("forbidden: {message}")]
+    Forbidden { message: String },
+    #[error("rejected by the apiserver: {message}")]
+    Invalid { message: String },
+    #[error("adopting failed: {message}")]
+    AdoptionFailed { message: String },
+    #[error("the apiserver answered {code}: {message}")]
+    Server { code: u16, message: String },
+    #[error("Kubernetes API: {0}")]
+    Api(#[source] kube::Error),
+}
+
+impl ApplyError {
+    /// Stable reason string for conditions, events and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownKind { .. } => "UnknownKind",
+            Self::Conflict { .. } => "ApplyConflict",
+            Self::Forbidden { .. } => "Forbidden",
+            Self::Invalid { .. } => "Invalid",
+            Self::AdoptionFailed { .. } => "AdoptionFailed",
+            Self::Server { .. } | Self::Api(_) => "ApiError",
+        }
+    }
+
+    /// Whether retrying without any change could succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Api(_) | Self::Server { .. } | Self::UnknownKind { .. })
+    }
+
+    fn from_kube(e: kube::Error) -> Self {
+        match &e {
+            kube::Error::Api(s) if s.code == 409 => Self::Conflict {
+                message: s.message.clone(),
+            },
+            kube::Error::Api(s) if s.code == 403 => Self::Forbidden {
+                message: s.message.clone(),
+            },
+            kube::Error::Api(s) if s.code == 422 || s.code == 400 => Self::Invalid {
+                message: s.message.clone(),
+            },
+            _ => Self::Api(e),
+        }
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub object: DynamicObject,
+    /// Whether a write request was sent.
+    pub wrote: bool,
+    /// Field managers before an adoption, when the object existed and was adopted.
+    pub previous_managers: Option<Vec<String>>,
+}
+
+/// Resolves kinds and applies objects. Cheap to clone.
+#[derive(Clone)]
+pub struct Applier {
+    client: Client,
+    metrics: Arc<Metrics>,
+    kinds: Arc<Mutex<HashMap<(String, String), Resolved>>>,
+}
+
+impl Applier {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            metrics,
+            kinds: Arc::default(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Resolves `apiVersion`/`kind` through discovery. Results are cached; a miss asks the
+    /// apiserver again, so kinds registered a moment ago (generated CRDs) resolve.
+    pub async fn resolve(&self, api_version: &str, kind: &str) -> Result<Resolved, ApplyError> {
+        let key = (api_version.to_string(), kind.to_string());
+        if let Some(hit) = self.kinds.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(hit.clone());
+        }
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let (resource, caps) =
+            kube::discovery::pinned_kind(&self.client, &gvk)
+                .await
+                .map_err(|e| ApplyError::UnknownKind {
+                    api_version: api_version.into(),
+                    kind: kind.into(),
+                    message: e.to_string(),
+                })?;
+        let resolved = Resolved {
+            resource,
+            namespaced: caps.scope == Scope::Namespaced,
+        };
+        self.kinds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, resolved.clone());
+        Ok(resolved)
+    }
+
+    /// Forgets a kind, after the apiserver said it no longer serves it.
+    pub fn forget(&self, api_version: &str, kind: &str) {
+        self.kinds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(api_version.to_string(), kind.to_string()));
+    }
+
+    /// Writes `desired` for `node` according to its apply policy. `live` is the object as last
+    /// seen (None when absent); `reclaim` forces the apply because the fields were Pequod's
+    /// before someone else changed them (drift), whatever the conflict policy says.
+    pub async fn apply(
+        &self,
+        node: &Node,
+        resolved: &Resolved,
+        desired: &Value,
+        live: Option<&DynamicObject>,
+        reclaim: bool,
+    ) -> Result<Applied, ApplyError> {
+        let policy = &node.apply_policy;
+        let manager = policy.field_manager.as_deref().unwrap_or(DEFAULT_FIELD_MANAGER);
+        let mode = match policy.mode {
+            ApplyMode::Apply => "Apply",
+            ApplyMode::Create => "Create",
+            ApplyMode::Adopt => "Adopt",
+        };
+        let gvk = resolved.key();
+        let started = Instant::now();
+        let result = match policy.mode {
+            ApplyMode::Create => self.create(resolved, desired, live).await,
+            ApplyMode::Apply => {
+                let force = policy.conflict_policy == ConflictPolicy::Force || reclaim;
+                self.server_side_apply(resolved, desired, manager, force)
+                    .await
+                    .map(|object| Applied {
+                        object,
+                        wrote: true,
+                        previous_managers: None,
+                    })
+            }
+            ApplyMode::Adopt => self.adopt(resolved, desired, manager, live).await,
+        };
+        self.metrics
+            .apply_duration_seconds
+            .with_label_values(&[mode, &gvk])
+            .observe(started.elapsed().as_secs_f64());
+        if result.as_ref().map(|a| a.wrote).unwrap_or(true) {
+            let outcome = if result.is_ok() { "success" } else { "failure" };
+            self.metrics.apply_total.with_label_values(&[outcome, mode, &gvk]).inc();
+        }
+        if let Err(ApplyError::UnknownKind { .. }) = &result {
+            self.forget(&resolved.resource.api_version, &resolved.resource.kind);
+        }
+        result
+    }
+
+    async fn server_side_apply(
+        &self,
+        resolved: &Resolved,
+        desired: &Value,
+        manager: &str,
+        force: bool,
+    ) -> Result<DynamicObject, ApplyError> {
+        let (namespace, name) = identity(desired);
+        let api = resolved.api(&self.client, namespace.as_deref());
+        let mut params = PatchParams::apply(manager);
+        if force {
+            params = params.force();
+        }
+        api.patch(&name, &params, &Patch::Apply(desired))
+            .await
+            .map_err(|e| self.classify(resolved, e))
+    }
+
+    async fn create(
+        &self,
+        resolved: &Resolved,
+        desired: &Value,
+        live: Option<&DynamicObject>,
+    ) -> Result<Applied, ApplyError> {
+        if let Some(existing) = live {
+            return Ok(Applied {
+                object: existing.clone(),
+                wrote: false,
+                previous_managers: None,
+            });
+        }
+        let (namespace, name) = identity(desired);
+        let api = resolved.api(&self.client, namespace.as_deref());
+        let object: DynamicObject = serde_json::from_value(desired.clone()).map_err(|e| ApplyError::Invalid {
+            message: format!("object: {e}"),
+        })?;
+        match api.create(&PostParams::default(), &object).await {
+            Ok(created) => Ok(Applied {
+                object: created,
+                wrote: true,
+                previous_managers: None,
+            }),
+            // Created meanwhile by someone else: Create mode never updates.
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                let existing = api.get(&name).await.map_err(|e| self.classify(resolved, e))?;
+                Ok(Applied {
+                    object: existing,
+                    wrote: false,
+                    previous_managers: None,
+                })
+            }
+            Err(e) => Err(self.classify(resolved, e)),
+        }
+    }
+
+    async fn adopt(
+        &self,
+        resolved: &Resolved,
+        desired: &Value,
+        manager: &str,
+        live: Option<&DynamicObject>,
+    ) -> Result<Applied, ApplyError> {
+        let previous: Option<Vec<String>> = live.map(|o| other_managers(o, manager));
+        let started = Instant::now();
+        let result = self.server_side_apply(resolved, desired, manager, true).await;
+        if let Some(previous) = previous.as_ref().filter(|p| !p.is_empty()) {
+            let outcome = if result.is_ok() { "success" } else { "error" };
+            self.metrics.adoption_total.with_label_values(&[outcome]).inc();
+            self.metrics
+                .adoption_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+            return match result {
+                Ok(object) => Ok(Applied {
+                    object,
+                    wrote: true,
+                    previous_managers: Some(previous.clone()),
+                }),
+                Err(e) => Err(ApplyError::AdoptionFailed { message: e.to_string() }),
+            };
+        }
+        result.map(|object| Applied {
+            object,
+            wrote: true,
+            previous_managers: None,
+        })
+    }
+
+    fn classify(&self, resolved: &Resolved, e: kube::Error) -> ApplyError {
+        match &e {
+            // The kind vanished (its CRD was deleted): resolve again next time.
+            kube::Error::Api(s)
+                if s.code == 404
+                    && s.reason == "NotFound"
+                    && s.message.contains("the server could not find the requested resource") =>
+            {
+                ApplyError::UnknownKind {
+                    api_version: resolved.resource.api_version.clone(),
+                    kind: resolved.resource.kind.clone(),
+                    message: s.message.clone(),
+                }
+            }
+            _ => ApplyError::from_kube(e),
+        }
+    }
+
+    /// Reads an object directly from the apiserver.
+    pub async fn get(
+        &self,
+        resolved: &Resolved,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<DynamicObject>, ApplyError> {
+        resolved
+            .api(&self.client, namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| self.classify(resolved, e))
+    }
+
+    /// Deletes an object (background propagation); absent objects are fine.
+    pub async fn delete(&self, resolved: &Resolved, namespace: Option<&str>, name: &str) -> Result<(), ApplyError> {
+        match resolved
+            .api(&self.client, namespace)
+            .delete(name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(self.classify(resolved, e)),
+        }
+    }
+
+    /// Lets go of an object: removes Pequod's labels and its owner reference, leaving the
+    /// object running.
+    pub async fn release(&self, resolved: &Resolved, live: &DynamicObject, graph_uid: &str) -> Result<(), ApplyError> {
+        let namespace = live.metadata.namespace.clone();
+        let name = live.metadata.name.clone().unwrap_or_default();
+        let owners: Vec<_> = live
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|o| o.uid != graph_uid)
+            .collect();
+        let patch = serde_json::json!({
+            "metadata": {
+                "labels": {GRAPH_LABEL: null, GRAPH_NAMESPACE_LABEL: null, NODE_LABEL: null, crate::crd::MANAGED_BY_LABEL: null},
+                "ownerReferences": owners,
+            }
+        });
+        resolved
+            .api(&self.client, namespace.as_deref())
+            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map(|_| ())
+            .or_else(|e| match e {
+                kube::Error::Api(s) if s.code == 404 => Ok(()),
+                other => Err(self.classify(resolved, other)),
+            })
+    }
+}
+
+/// Namespace and name of an object.
+pub fn identity(object: &Value) -> (Option<String>, String) {
+    let meta = object.get("metadata");
+    let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).map(str::to_string);
+    (field("namespace"), field("name").unwrap_or_default())
+}

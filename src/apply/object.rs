@@ -1,0 +1,201 @@
+//! Pure preparation and comparison of the objects a graph applies.
+
+use serde_json::{Value, json};
+
+use crate::api::Node;
+use crate::crd::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+
+/// Label naming the ResourceGraph an object belongs to.
+pub const GRAPH_LABEL: &str = "pequod.io/resourcegraph";
+/// Label naming the namespace of that ResourceGraph (objects may live elsewhere).
+pub const GRAPH_NAMESPACE_LABEL: &str = "pequod.io/resourcegraph-namespace";
+/// Label naming the node an object was applied for.
+pub const NODE_LABEL: &str = "pequod.io/node";
+/// Annotation on an object: `Orphan` leaves it running when its node or graph goes away.
+pub const DELETION_POLICY_ANNOTATION: &str = "pequod.io/deletion-policy";
+
+/// Annotation Pequod keeps on an adopted object: the field managers it had before.
+pub const ADOPTED_FROM_ANNOTATION: &str = "pequod.io/adopted-from";
+
+/// The managers of `object` other than `manager`, sorted.
+pub fn other_managers(object: &kube::api::DynamicObject, manager: &str) -> Vec<String> {
+    let mut managers: Vec<String> = object
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .filter(|m| m != manager)
+        .collect();
+    managers.sort();
+    managers.dedup();
+    managers
+}
+
+/// Sets an annotation on an object about to be applied.
+pub fn set_annotation(object: &mut Value, key: &str, value: &str) {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+        if let Some(a) = annotations.as_object_mut() {
+            a.insert(key.into(), json!(value));
+        }
+    }
+}
+
+/// The graph an object is applied for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphIdentity {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+}
+
+/// The object to apply for `node`: namespace defaulted (or removed for cluster-scoped kinds),
+/// Pequod's labels added, and an owner reference to the graph where Kubernetes allows one
+/// (same namespace only: owners cannot cross namespaces or scopes).
+pub fn desired_object(node: &Node, graph: &GraphIdentity, namespaced: bool) -> Value {
+    let mut object = node.object.clone();
+    let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return object;
+    };
+    for server_owned in [
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "managedFields",
+        "generation",
+        "selfLink",
+    ] {
+        meta.remove(server_owned);
+    }
+    if namespaced {
+        if meta.get("namespace").and_then(Value::as_str).is_none_or(str::is_empty) {
+            meta.insert("namespace".into(), json!(graph.namespace));
+        }
+    } else {
+        meta.remove("namespace");
+    }
+    let labels = meta.entry("labels").or_insert_with(|| json!({}));
+    if let Some(labels) = labels.as_object_mut() {
+        labels.insert(MANAGED_BY_LABEL.into(), json!(MANAGED_BY_VALUE));
+        labels.insert(GRAPH_LABEL.into(), json!(graph.name));
+        labels.insert(GRAPH_NAMESPACE_LABEL.into(), json!(graph.namespace));
+        labels.insert(NODE_LABEL.into(), json!(node.id));
+    }
+    let same_namespace = namespaced && meta.get("namespace").and_then(Value::as_str) == Some(graph.namespace.as_str());
+    if same_namespace {
+        meta.insert(
+            "ownerReferences".into(),
+            json!([{
+                "apiVersion": crate::api::API_VERSION,
+                "kind": "ResourceGraph",
+                "name": graph.name,
+                "uid": graph.uid,
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }]),
+        );
+    }
+    object
+}
+
+/// Whether `live` already holds every field of `desired` with the same value: then applying
+/// would change nothing and is skipped. Lists must match element by element.
+pub fn contains(live: &Value, desired: &Value) -> bool {
+    match (live, desired) {
+        (Value::Object(l), Value::Object(d)) => d.iter().all(|(k, dv)| l.get(k).is_some_and(|lv| contains(lv, dv))),
+        (Value::Array(l), Value::Array(d)) => l.len() == d.len() && l.iter().zip(d).all(|(lv, dv)| contains(lv, dv)),
+        (Value::Number(l), Value::Number(d)) => l.as_f64() == d.as_f64(),
+        (l, d) => l == d,
+    }
+}
+
+/// Whether an object asks to be left running when Pequod lets go of it.
+pub fn is_orphan(object: &Value) -> bool {
+    object
+        .pointer(&format!(
+            "/metadata/annotations/{}",
+            DELETION_POLICY_ANNOTATION.replace('/', "~1")
+        ))
+        .and_then(Value::as_str)
+        .is_some_and(|v| v.eq_ignore_ascii_case("orphan"))
+}
+
+/// `group/version/Kind` (`v1/Service` for the core group): the `gvk` metric label.
+pub fn gvk_label(api_version: &str, kind: &str) -> String {
+    format!("{api_version}/{kind}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph() -> GraphIdentity {
+        GraphIdentity {
+            name: "g".into(),
+            namespace: "team".into(),
+            uid: "uid-1".into(),
+        }
+    }
+
+    fn node(object: Value) -> Node {
+        serde_json::from_value(json!({"id": "svc", "object": object})).unwrap()
+    }
+
+    #[test]
+    fn namespaced_objects_get_namespace_labels_and_owner() {
+        let n = node(
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "labels": {"app": "x"}, "resourceVersion": "5"}}),
+        );
+        let o = desired_object(&n, &graph(), true);
+        assert_eq!(o["metadata"]["namespace"], "team");
+        assert_eq!(o["metadata"]["labels"]["app"], "x");
+        assert_eq!(o["metadata"]["labels"][GRAPH_LABEL], "g");
+        assert_eq!(o["metadata"]["labels"][NODE_LABEL], "svc");
+        assert_eq!(o["metadata"]["labels"][MANAGED_BY_LABEL], "pequod");
+        assert_eq!(o["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        assert!(o["metadata"].get("resourceVersion").is_none());
+    }
+
+    #[test]
+    fn cluster_scoped_and_foreign_namespace_objects_get_labels_only() {
+        let n = node(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n", "namespace": "x"}}));
+        let o = desired_object(&n, &graph(), false);
+        assert!(o["metadata"].get("namespace").is_none());
+        assert!(o["metadata"].get("ownerReferences").is_none());
+        assert_eq!(o["metadata"]["labels"][GRAPH_NAMESPACE_LABEL], "team");
+        let elsewhere =
+            node(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "other"}}));
+        let o = desired_object(&elsewhere, &graph(), true);
+        assert_eq!(o["metadata"]["namespace"], "other");
+        assert!(o["metadata"].get("ownerReferences").is_none());
+    }
+
+    #[test]
+    fn contains_ignores_server_added_fields_but_not_changed_ones() {
+        let desired = json!({"spec": {"replicas": 3, "ports": [{"port": 80}]}});
+        let live =
+            json!({"spec": {"replicas": 3, "ports": [{"port": 80, "protocol": "TCP"}], "strategy": {}}, "status": {}});
+        assert!(contains(&live, &desired));
+        assert!(!contains(
+            &json!({"spec": {"replicas": 5, "ports": [{"port": 80}]}}),
+            &desired
+        ));
+        assert!(!contains(&json!({"spec": {"replicas": 3, "ports": []}}), &desired));
+        assert!(contains(&json!({"a": 1.0}), &json!({"a": 1})));
+    }
+
+    #[test]
+    fn orphan_annotation_is_read_case_insensitively() {
+        assert!(is_orphan(
+            &json!({"metadata": {"annotations": {"pequod.io/deletion-policy": "Orphan"}}})
+        ));
+        assert!(is_orphan(
+            &json!({"metadata": {"annotations": {"pequod.io/deletion-policy": "orphan"}}})
+        ));
+        assert!(!is_orphan(
+            &json!({"metadata": {"annotations": {"pequod.io/deletion-policy": "Delete"}}})
+        ));
+        assert!(!is_orphan(&json!({"metadata": {}})));
+    }
+}

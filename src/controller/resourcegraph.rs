@@ -1,0 +1,1038 @@
+//! The ResourceGraph controller: applies a graph's nodes in dependency order, waits on their
+//! readiness gates, corrects drift, prunes removed nodes and tears the graph down in reverse
+//! order when it is deleted.
+//!
+//! Reconciles never wait inside the worker: each applies what can be applied now, records it,
+//! and returns; watch events of the applied objects (see [`super::watches`]) and readiness
+//! deadlines bring the graph back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tracing::{Instrument, info_span};
+
+use super::watches::{Lookup, ObjectWatches};
+use super::{Error, ReconcileMeasure, now, reconcile_id};
+use crate::api::{
+    Condition, ConditionStatus, DEFAULT_FIELD_MANAGER, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node,
+    NodePhase, NodeState, ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, set_condition,
+};
+use crate::apply::{
+    ADOPTED_FROM_ANNOTATION, Applied, Applier, ApplyError, GraphIdentity, Resolved, contains, desired_object,
+    gvk_label, is_orphan, other_managers, set_annotation,
+};
+use crate::graph::{self, Dag};
+use crate::health::{Health, Probe};
+use crate::metrics::Metrics;
+use crate::readiness::{GateState, Registry};
+use crate::shutdown::Shutdown;
+
+pub const FINALIZER: &str = "pequod.io/resourcegraph-finalizer";
+const CONTROLLER: &str = "resourcegraph";
+/// Field manager of the status Pequod writes.
+const STATUS_MANAGER: &str = "pequod-resourcegraph";
+/// Safety resync of a settled graph; drift is normally noticed through watches.
+const RESYNC: Duration = Duration::from_secs(600);
+/// Retry delay after an error that may pass by itself.
+const RETRY: Duration = Duration::from_secs(15);
+
+/// Everything a reconcile needs. Shared by all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub applier: Applier,
+    pub watches: Arc<ObjectWatches>,
+    pub readiness: Registry,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Most nodes of one graph applied at the same time.
+    pub apply_concurrency: usize,
+    /// (graph uid, node id) → (hash of the object last applied, resourceVersion it produced):
+    /// lets a reconcile skip objects nobody touched since.
+    applied: Mutex<HashMap<(String, String), (String, String)>>,
+    /// Inventory entries counted into `pequod_resources_managed`, per graph uid.
+    counted: Mutex<HashMap<String, BTreeSet<InventoryEntry>>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        applier: Applier,
+        watches: Arc<ObjectWatches>,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        apply_concurrency: usize,
+    ) -> Self {
+        Self {
+            client,
+            applier,
+            watches,
+            readiness: Registry::default(),
+            recorder,
+            metrics,
+            apply_concurrency: apply_concurrency.max(1),
+            applied: Mutex::default(),
+            counted: Mutex::default(),
+        }
+    }
+}
+
+/// Runs the controller until shutdown. `triggers` names graphs whose objects changed.
+pub async fn run(
+    ctx: Arc<Context>,
+    triggers: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<ResourceGraph>>,
+    concurrency: u16,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+) {
+    let api: Api<ResourceGraph> = Api::all(ctx.client.clone());
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(ControllerConfig::default().concurrency(concurrency))
+        .reconcile_on(futures::stream::unfold(triggers, |mut rx| async move {
+            rx.recv().await.map(|r| (r, rx))
+        }))
+        .graceful_shutdown_on(shutdown.clone().wait_owned());
+    let store = controller.store();
+    health.register(Probe::Readiness, "resourcegraph-controller", "cache not synced yet");
+    let ready = {
+        let health = health.clone();
+        async move {
+            // The store wakes only one of several waiters when it becomes ready (the
+            // controller itself is another), so ask again until it answers.
+            loop {
+                match tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await {
+                    Ok(Ok(())) => {
+                        health.set(Probe::Readiness, "resourcegraph-controller", Ok(()));
+                        return;
+                    }
+                    Ok(Err(_)) => return,
+                    Err(_) => {}
+                }
+            }
+        }
+    };
+    tokio::spawn(ready);
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+    health.set(Probe::Readiness, "resourcegraph-controller", Err("stopped".into()));
+}
+
+fn error_policy(_: Arc<ResourceGraph>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "reconcile failed");
+    Action::requeue(RETRY)
+}
+
+async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!(
+        "reconcile",
+        controller = CONTROLLER,
+        namespace = rg.namespace().unwrap_or_default(),
+        name = rg.name_any(),
+        reconcile_id = reconcile_id()
+    );
+    async move {
+        let measure = ReconcileMeasure::start(&ctx.metrics, CONTROLLER);
+        let result = if rg.metadata.deletion_timestamp.is_some() {
+            cleanup(&rg, &ctx).await
+        } else if !rg.finalizers().iter().any(|f| f == FINALIZER) {
+            add_finalizer(&rg, &ctx).await
+        } else {
+            apply_graph(&rg, &ctx).await
+        };
+        measure.finish(&result);
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+fn api(rg: &ResourceGraph, ctx: &Context) -> Api<ResourceGraph> {
+    Api::namespaced(ctx.client.clone(), &rg.namespace().unwrap_or_default())
+}
+
+async fn add_finalizer(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
+    let patch = json!({"metadata": {"finalizers": rg.finalizers().iter().cloned().chain([FINALIZER.to_string()]).collect::<Vec<_>>(), "resourceVersion": rg.resource_version()}});
+    api(rg, ctx)
+        .patch(&rg.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    // The update is itself an event that brings the graph back.
+    Ok(Action::await_change())
+}
+
+fn identity(rg: &ResourceGraph) -> Result<GraphIdentity, Error> {
+    Ok(GraphIdentity {
+        name: rg.name_any(),
+        namespace: rg.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
+        uid: rg.uid().ok_or(Error::MissingField("metadata.uid"))?,
+    })
+}
+
+fn metric_name(g: &GraphIdentity) -> String {
+    format!("{}/{}", g.namespace, g.name)
+}
+
+/// One node's result in a pass.
+struct NodeOutcome {
+    id: String,
+    state: NodeState,
+    inventory: Option<InventoryEntry>,
+    /// When the node must be looked at again without any event (a readiness deadline).
+    requeue: Option<Duration>,
+    /// Whether a retry may succeed without a change (an API error, say).
+    transient: bool,
+    event: Option<Event>,
+}
+
+async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
+    let graph = identity(rg)?;
+    let old = rg.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    let generation = rg.metadata.generation;
+    let time = now();
+    status.observed_generation = generation;
+    ctx.metrics
+        .dag_nodes_total
+        .with_label_values(&[&metric_name(&graph)])
+        .set(rg.spec.nodes.len() as i64);
+
+    let dag = match graph::validate(&rg.spec.nodes) {
+        Ok(dag) => dag,
+        Err(e) => {
+            set_condition(
+                &mut status.conditions,
+                Condition::new("Valid", false, e.reason(), e.to_string()),
+                &time,
+                generation,
+            );
+            set_condition(
+                &mut status.conditions,
+                Condition::new("Ready", false, e.reason(), "the graph is invalid; nothing was applied"),
+                &time,
+                generation,
+            );
+            set_condition(
+                &mut status.conditions,
+                Condition::new("Progressing", false, e.reason(), "the graph is invalid"),
+                &time,
+                generation,
+            );
+            set_condition(
+                &mut status.conditions,
+                Condition::new("Degraded", true, e.reason(), e.to_string()),
+                &time,
+                generation,
+            );
+            status.phase = Some(GraphPhase::Failed);
+            if old.phase != Some(GraphPhase::Failed) || !has_condition(&old, "Valid", ConditionStatus::False) {
+                publish(ctx, rg, EventType::Warning, "InvalidGraph", &e.to_string()).await;
+            }
+            write_status(rg, ctx, &old, status).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    set_condition(
+        &mut status.conditions,
+        Condition::new("Valid", true, "Valid", "the graph is valid"),
+        &time,
+        generation,
+    );
+
+    let nodes: BTreeMap<&str, &Node> = rg.spec.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let wave_of: BTreeMap<&str, u32> = dag
+        .waves
+        .iter()
+        .enumerate()
+        .flat_map(|(w, ids)| ids.iter().map(move |id| (id.as_str(), w as u32)))
+        .collect();
+    let mut ready: HashSet<String> = HashSet::new();
+    let mut outcomes: BTreeMap<String, NodeOutcome> = BTreeMap::new();
+    for wave in &dag.waves {
+        let mut eligible = Vec::new();
+        for id in wave {
+            let deps = &dag.dependencies[id];
+            let waiting: Vec<&str> = deps
+                .iter()
+                .filter(|d| !ready.contains(*d))
+                .map(String::as_str)
+                .collect();
+            if waiting.is_empty() {
+                eligible.push(id.clone());
+            } else {
+                let message = format!(
+                    "waiting for {}",
+                    waiting
+                        .iter()
+                        .map(|d| describe_wait(d, &outcomes))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                let previous = old.node_states.get(id);
+                outcomes.insert(
+                    id.clone(),
+                    NodeOutcome {
+                        id: id.clone(),
+                        state: transition(previous, NodePhase::Pending, Some(message), None, &time),
+                        inventory: old.inventory.iter().find(|e| &e.node_id == id).cloned(),
+                        requeue: None,
+                        transient: false,
+                        event: None,
+                    },
+                );
+            }
+        }
+        let results: Vec<NodeOutcome> = futures::stream::iter(eligible)
+            .map(|id| {
+                let node = nodes[id.as_str()];
+                process_node(ctx, &graph, node, wave_of[id.as_str()], old.node_states.get(&id), &time)
+            })
+            .buffer_unordered(ctx.apply_concurrency)
+            .collect()
+            .await;
+        for outcome in results {
+            if matches!(outcome.state.phase, NodePhase::Ready | NodePhase::Adopted) {
+                ready.insert(outcome.id.clone());
+            }
+            outcomes.insert(outcome.id.clone(), outcome);
+        }
+    }
+
+    for outcome in outcomes.values_mut() {
+        if let Some(event) = outcome.event.take() {
+            publish_event(ctx, rg, event).await;
+        }
+    }
+    for (id, outcome) in &outcomes {
+        let previous = old.node_states.get(id);
+        let now_terminal = matches!(
+            outcome.state.phase,
+            NodePhase::Ready | NodePhase::Adopted | NodePhase::Error
+        );
+        let was_terminal =
+            previous.is_some_and(|p| matches!(p.phase, NodePhase::Ready | NodePhase::Adopted | NodePhase::Error));
+        if now_terminal && !was_terminal {
+            let result = if outcome.state.phase == NodePhase::Error {
+                "failure"
+            } else {
+                "success"
+            };
+            let since = previous
+                .and_then(|p| p.applied_at.clone())
+                .or_else(|| outcome.state.applied_at.clone());
+            if let Some(since) = since {
+                let seconds = (time.0.as_second() - since.0.as_second()).max(0) as f64;
+                ctx.metrics
+                    .dag_node_execution_duration_seconds
+                    .with_label_values(&[id, result])
+                    .observe(seconds);
+            }
+        }
+    }
+
+    // Inventory: what this spec applied, plus pruned objects not yet gone.
+    let current: BTreeSet<InventoryEntry> = outcomes.values().filter_map(|o| o.inventory.clone()).collect();
+    let (pruning, prune_waiting) = prune(rg, ctx, &graph, &old.inventory, &current).await;
+    status.inventory = current.iter().cloned().chain(pruning.iter().cloned()).collect();
+    count_managed(ctx, &graph.uid, status.inventory.iter().cloned().collect());
+
+    status.node_states = outcomes.iter().map(|(id, o)| (id.clone(), o.state.clone())).collect();
+    let total = rg.spec.nodes.len();
+    let ready_count = ready.len();
+    let errors: Vec<&NodeOutcome> = outcomes
+        .values()
+        .filter(|o| o.state.phase == NodePhase::Error)
+        .collect();
+    status.ready_nodes = Some(format!("{ready_count}/{total}"));
+    let complete = ready_count == total && prune_waiting.is_empty();
+    let phase = if !errors.is_empty() {
+        GraphPhase::Failed
+    } else if complete {
+        GraphPhase::Completed
+    } else {
+        GraphPhase::Executing
+    };
+    if status.phase != Some(phase) {
+        if phase == GraphPhase::Executing && old.phase != Some(GraphPhase::Executing) {
+            status.started_at = Some(time.clone());
+            status.completed_at = None;
+        }
+        if matches!(phase, GraphPhase::Completed | GraphPhase::Failed) {
+            status.completed_at = Some(time.clone());
+            let result = if phase == GraphPhase::Completed {
+                "success"
+            } else {
+                "failure"
+            };
+            if let Some(started) = &status.started_at {
+                let seconds = (time.0.as_second() - started.0.as_second()).max(0) as f64;
+                ctx.metrics
+                    .dag_execution_duration_seconds
+                    .with_label_values(&[&metric_name(&graph), result])
+                    .observe(seconds);
+            }
+        }
+    }
+    status.phase = Some(phase);
+
+    let error_summary = errors
+        .iter()
+        .map(|o| format!("{}: {}", o.id, o.state.last_error.as_deref().unwrap_or("error")))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let (ready_condition, progressing, degraded) = if complete {
+        (
+            Condition::new("Ready", true, "AllNodesReady", format!("all {total} nodes are ready")),
+            Condition::new("Progressing", false, "Completed", "nothing left to apply"),
+            Condition::new("Degraded", false, "AllNodesReady", "no node failed"),
+        )
+    } else if !errors.is_empty() {
+        (
+            Condition::new(
+                "Ready",
+                false,
+                "NodeFailed",
+                format!("{ready_count}/{total} nodes ready; failed: {error_summary}"),
+            ),
+            Condition::new("Progressing", false, "NodeFailed", "blocked by failed nodes"),
+            Condition::new("Degraded", true, "NodeFailed", error_summary.clone()),
+        )
+    } else {
+        let waiting: Vec<String> = outcomes
+            .values()
+            .filter(|o| !matches!(o.state.phase, NodePhase::Ready | NodePhase::Adopted))
+            .map(|o| format!("{}: {}", o.id, o.state.message.as_deref().unwrap_or("pending")))
+            .chain(prune_waiting.iter().map(|e| format!("pruning {} {}", e.kind, e.name)))
+            .collect();
+        (
+            Condition::new(
+                "Ready",
+                false,
+                "Progressing",
+                format!("{ready_count}/{total} nodes ready"),
+            ),
+            Condition::new("Progressing", true, "Applying", waiting.join("; ")),
+            Condition::new("Degraded", false, "Progressing", "no node failed"),
+        )
+    };
+    let became_ready = complete && !has_condition(&old, "Ready", ConditionStatus::True);
+    for c in [ready_condition, progressing, degraded] {
+        set_condition(&mut status.conditions, c, &time, generation);
+    }
+    if became_ready {
+        publish(
+            ctx,
+            rg,
+            EventType::Normal,
+            "Ready",
+            &format!("all {total} nodes are ready"),
+        )
+        .await;
+    }
+    write_status(rg, ctx, &old, status).await?;
+
+    let transient = outcomes.values().any(|o| o.transient);
+    let deadline = outcomes.values().filter_map(|o| o.requeue).min();
+    Ok(match (transient, deadline, complete || !errors.is_empty()) {
+        (true, _, _) => Action::requeue(RETRY),
+        (_, Some(d), _) => Action::requeue(d),
+        _ if !prune_waiting.is_empty() => Action::requeue(RETRY),
+        (_, None, true) => Action::requeue(RESYNC),
+        (_, None, false) => Action::requeue(RESYNC),
+    })
+}
+
+fn has_condition(status: &ResourceGraphStatus, type_: &str, want: ConditionStatus) -> bool {
+    status.conditions.iter().any(|c| c.type_ == type_ && c.status == want)
+}
+
+fn describe_wait(dep: &str, outcomes: &BTreeMap<String, NodeOutcome>) -> String {
+    match outcomes.get(dep) {
+        Some(o) => format!(
+            "{dep} ({:?}{})",
+            o.state.phase,
+            o.state.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
+        ),
+        None => dep.to_string(),
+    }
+}
+
+/// A node's new state: the previous one when nothing changed, so timestamps stay put.
+fn transition(
+    previous: Option<&NodeState>,
+    phase: NodePhase,
+    message: Option<String>,
+    last_error: Option<String>,
+    time: &Time,
+) -> NodeState {
+    let mut state = previous.cloned().unwrap_or(NodeState {
+        phase,
+        message: None,
+        last_error: None,
+        last_transition_time: None,
+        applied_at: None,
+        ready_at: None,
+        adopted: None,
+        previous_managers: Vec::new(),
+        resource_ref: None,
+    });
+    if state.phase != phase || state.last_transition_time.is_none() {
+        state.last_transition_time = Some(time.clone());
+        if matches!(phase, NodePhase::Ready | NodePhase::Adopted) {
+            state.ready_at = Some(time.clone());
+        }
+    }
+    state.phase = phase;
+    state.message = message;
+    if last_error.is_some() || !matches!(phase, NodePhase::Error) {
+        state.last_error = last_error;
+    }
+    state
+}
+
+fn hash(value: &Value) -> String {
+    hex::encode(Sha256::digest(value.to_string().as_bytes()))
+}
+
+async fn process_node(
+    ctx: &Context,
+    graph: &GraphIdentity,
+    node: &Node,
+    wave: u32,
+    previous: Option<&NodeState>,
+    time: &Time,
+) -> NodeOutcome {
+    let fail = |error: String, transient: bool, event: Option<Event>| NodeOutcome {
+        id: node.id.clone(),
+        state: transition(
+            previous,
+            NodePhase::Error,
+            Some(error.clone()),
+            Some(error.clone()),
+            time,
+        ),
+        inventory: None,
+        requeue: None,
+        transient,
+        event: event.filter(|_| {
+            previous.is_none_or(|p| p.phase != NodePhase::Error || p.last_error.as_deref() != Some(error.as_str()))
+        }),
+    };
+    let api_version = node
+        .object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let kind = node.object.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let resolved = match ctx.applier.resolve(api_version, kind).await {
+        Ok(r) => r,
+        Err(e) => {
+            let message = e.to_string();
+            return fail(
+                message.clone(),
+                true,
+                Some(warning("ApplyFailed", format!("node {}: {message}", node.id))),
+            );
+        }
+    };
+    let mut desired = desired_object(node, graph, resolved.namespaced);
+    let (namespace, name) = crate::apply::identity(&desired);
+    let resource_ref = ResourceRef {
+        api_version: api_version.into(),
+        kind: kind.into(),
+        namespace: namespace.clone(),
+        name: name.clone(),
+        uid: None,
+    };
+    let inventory = InventoryEntry {
+        node_id: node.id.clone(),
+        api_version: api_version.into(),
+        kind: kind.into(),
+        namespace: namespace.clone(),
+        name: name.clone(),
+        wave,
+    };
+
+    // The cache holds only objects that already carry Pequod's labels: when it has none,
+    // ask the apiserver (an object to adopt, or one created by someone else).
+    let cached = match ctx.watches.lookup(&resolved, namespace.as_deref(), &name) {
+        Lookup::Known(Some(o)) => Some((*o).clone()),
+        Lookup::Known(None) | Lookup::Unknown => None,
+    };
+    let live = match cached {
+        Some(o) => Some(o),
+        None => match ctx.applier.get(&resolved, namespace.as_deref(), &name).await {
+            Ok(o) => o,
+            Err(e) => return fail(e.to_string(), e.is_transient(), None),
+        },
+    };
+
+    // Adoption is recorded on the object itself, so that no stale read of this graph's
+    // status can lose it.
+    let manager = node
+        .apply_policy
+        .field_manager
+        .as_deref()
+        .unwrap_or(DEFAULT_FIELD_MANAGER);
+    let adopted_from: Option<String> = if node.apply_policy.mode == crate::api::ApplyMode::Adopt {
+        let recorded = live
+            .as_ref()
+            .and_then(|l| l.annotations().get(ADOPTED_FROM_ANNOTATION).cloned());
+        recorded.or_else(|| {
+            live.as_ref()
+                .filter(|l| !owned_by_pequod(Some(l), node))
+                .map(|l| other_managers(l, manager).join(","))
+                .filter(|m| !m.is_empty())
+        })
+    } else {
+        None
+    };
+    if let Some(from) = &adopted_from {
+        set_annotation(&mut desired, ADOPTED_FROM_ANNOTATION, from);
+    }
+    let desired_hash = hash(&desired);
+    let memory_key = (graph.uid.clone(), node.id.clone());
+    let unchanged_since_apply = live.as_ref().is_some_and(|l| {
+        ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&memory_key)
+            == Some(&(desired_hash.clone(), l.resource_version().unwrap_or_default()))
+    });
+    let needs_write = match (&live, node.apply_policy.mode) {
+        (None, _) => true,
+        (Some(_), crate::api::ApplyMode::Create) => false,
+        (Some(l), _) => !unchanged_since_apply && !contains(&serde_json::to_value(l).unwrap_or_default(), &desired),
+    };
+    let state_adopted = (node.apply_policy.mode == crate::api::ApplyMode::Adopt).then_some(adopted_from.is_some());
+    let previous_managers: Vec<String> = adopted_from
+        .iter()
+        .flat_map(|m| m.split(','))
+        .map(str::to_string)
+        .collect();
+
+    let mut applied_at = previous.and_then(|p| p.applied_at.clone());
+    let object = if needs_write {
+        // Fields Pequod applied before and someone else changed are drift: take them back.
+        let reclaim = owned_by_pequod(live.as_ref(), node);
+        match ctx
+            .applier
+            .apply(node, &resolved, &desired, live.as_ref(), reclaim)
+            .await
+        {
+            Ok(Applied { object, wrote, .. }) => {
+                if wrote {
+                    applied_at = Some(time.clone());
+                    ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                        memory_key,
+                        (desired_hash, object.resource_version().unwrap_or_default()),
+                    );
+                }
+                object
+            }
+            Err(e) => {
+                let reason = if matches!(e, ApplyError::AdoptionFailed { .. }) {
+                    "AdoptionFailed"
+                } else {
+                    "ApplyFailed"
+                };
+                let message = e.to_string();
+                let transient = e.is_transient();
+                return fail(
+                    message.clone(),
+                    transient,
+                    Some(warning(reason, format!("node {}: {message}", node.id))),
+                );
+            }
+        }
+    } else {
+        match live {
+            Some(l) => l,
+            None => return fail("the object vanished".into(), true, None),
+        }
+    };
+
+    let value = serde_json::to_value(&object).unwrap_or_default();
+    let mut outcome_ref = resource_ref;
+    outcome_ref.uid = object.uid();
+    let (phase, message, requeue, error) = readiness(ctx, node, &value, previous, time);
+    let event = error
+        .as_ref()
+        .filter(|_| previous.is_none_or(|p| p.phase != NodePhase::Error))
+        .map(|e| {
+            let reason = if e.starts_with("readiness timed out") {
+                "ReadinessTimeout"
+            } else {
+                "ReadinessFailed"
+            };
+            warning(reason, format!("node {}: {e}", node.id))
+        });
+    let phase = if phase == NodePhase::Ready && state_adopted == Some(true) {
+        NodePhase::Adopted
+    } else {
+        phase
+    };
+    let mut state = transition(previous, phase, message, error, time);
+    state.applied_at = applied_at;
+    state.adopted = state_adopted;
+    state.previous_managers = previous_managers;
+    state.resource_ref = Some(outcome_ref);
+    NodeOutcome {
+        id: node.id.clone(),
+        state,
+        inventory: Some(inventory),
+        requeue,
+        transient: false,
+        event,
+    }
+}
+
+/// Whether Pequod's field manager for this node already applies to the object.
+fn owned_by_pequod(live: Option<&DynamicObject>, node: &Node) -> bool {
+    let manager = node
+        .apply_policy
+        .field_manager
+        .as_deref()
+        .unwrap_or(DEFAULT_FIELD_MANAGER);
+    live.is_some_and(|l| {
+        l.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .any(|m| m.manager.as_deref() == Some(manager) && m.operation.as_deref() == Some("Apply"))
+    })
+}
+
+/// Phase, message, requeue deadline and error of a node whose object is applied.
+fn readiness(
+    ctx: &Context,
+    node: &Node,
+    object: &Value,
+    previous: Option<&NodeState>,
+    time: &Time,
+) -> (NodePhase, Option<String>, Option<Duration>, Option<String>) {
+    match ctx.readiness.evaluate(&node.ready_when, Some(object)) {
+        GateState::Ready => (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None),
+        GateState::Failed(reason) => (
+            NodePhase::Error,
+            Some(reason.clone()),
+            None,
+            Some(format!("readiness failed: {reason}")),
+        ),
+        GateState::Waiting(reason) => {
+            let timeout = gate_timeout(&node.ready_when, object, ctx);
+            let since = previous
+                .filter(|p| matches!(p.phase, NodePhase::WaitingReady | NodePhase::Error))
+                .and_then(|p| p.last_transition_time.clone())
+                .unwrap_or_else(|| time.clone());
+            let elapsed = (time.0.as_second() - since.0.as_second()).max(0) as u64;
+            if previous.is_some_and(|p| p.phase == NodePhase::Error) || elapsed >= timeout {
+                let error = format!("readiness timed out after {timeout}s: {reason}");
+                (NodePhase::Error, Some(reason), None, Some(error))
+            } else {
+                (
+                    NodePhase::WaitingReady,
+                    Some(reason),
+                    Some(Duration::from_secs(timeout - elapsed + 1)),
+                    None,
+                )
+            }
+        }
+    }
+}
+
+/// The timeout of the first gate that is not ready.
+fn gate_timeout(gates: &[ReadyGate], object: &Value, ctx: &Context) -> u64 {
+    gates
+        .iter()
+        .find(|g| ctx.readiness.evaluate(std::slice::from_ref(g), Some(object)) != GateState::Ready)
+        .and_then(|g| g.timeout)
+        .unwrap_or(DEFAULT_READY_TIMEOUT_SECONDS)
+        .max(1) as u64
+}
+
+fn ready_message(gates: &[ReadyGate]) -> String {
+    if gates.is_empty() {
+        "applied".into()
+    } else {
+        let names: Vec<String> = gates.iter().map(|g| format!("{:?}", g.type_)).collect();
+        format!("ready ({})", names.join(", "))
+    }
+}
+
+fn warning(reason: &str, note: String) -> Event {
+    Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(truncate(note)),
+        action: "Apply".into(),
+        secondary: None,
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > 1000 {
+        let mut cut = 1000;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+async fn publish(ctx: &Context, rg: &ResourceGraph, type_: EventType, reason: &str, note: &str) {
+    publish_event(
+        ctx,
+        rg,
+        Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(note.into())),
+            action: "Reconcile".into(),
+            secondary: None,
+        },
+    )
+    .await;
+}
+
+async fn publish_event(ctx: &Context, rg: &ResourceGraph, event: Event) {
+    if let Err(e) = ctx.recorder.publish(&event, &rg.object_ref(&())).await {
+        tracing::warn!(error = %e, reason = %event.reason, "publishing event failed");
+    }
+}
+
+async fn write_status(
+    rg: &ResourceGraph,
+    ctx: &Context,
+    old: &ResourceGraphStatus,
+    status: ResourceGraphStatus,
+) -> Result<(), Error> {
+    if &status == old {
+        return Ok(());
+    }
+    let body = json!({"apiVersion": crate::api::API_VERSION, "kind": "ResourceGraph", "status": status});
+    api(rg, ctx)
+        .patch_status(
+            &rg.name_any(),
+            &PatchParams::apply(STATUS_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Updates `pequod_resources_managed` from the inventory's changes.
+fn count_managed(ctx: &Context, graph_uid: &str, inventory: BTreeSet<InventoryEntry>) {
+    let mut counted = ctx.counted.lock().unwrap_or_else(|p| p.into_inner());
+    let before = counted.remove(graph_uid).unwrap_or_default();
+    let gauge = |e: &InventoryEntry| {
+        ctx.metrics.resources_managed.with_label_values(&[
+            &gvk_label(&e.api_version, &e.kind),
+            e.namespace.as_deref().unwrap_or(""),
+        ])
+    };
+    for gone in before.difference(&inventory) {
+        gauge(gone).dec();
+    }
+    for new in inventory.difference(&before) {
+        gauge(new).inc();
+    }
+    if !inventory.is_empty() {
+        counted.insert(graph_uid.to_string(), inventory);
+    }
+}
+
+/// Whether an inventory entry's object still exists, looked up through the caches.
+async fn existing(ctx: &Context, entry: &InventoryEntry) -> Result<Option<(Resolved, DynamicObject)>, ApplyError> {
+    let resolved = ctx.applier.resolve(&entry.api_version, &entry.kind).await?;
+    let object = match ctx.watches.lookup(&resolved, entry.namespace.as_deref(), &entry.name) {
+        Lookup::Known(o) => o.map(|o| (*o).clone()),
+        Lookup::Unknown => {
+            ctx.applier
+                .get(&resolved, entry.namespace.as_deref(), &entry.name)
+                .await?
+        }
+    };
+    Ok(object.map(|o| (resolved, o)))
+}
+
+/// Deletes (or releases, for orphans) the objects of `entries` in reverse wave order: only the
+/// highest wave that still has objects is acted on; lower waves wait until it is gone.
+/// Returns the entries still present.
+async fn teardown(ctx: &Context, graph: &GraphIdentity, entries: &[InventoryEntry]) -> Vec<InventoryEntry> {
+    let mut present: Vec<(InventoryEntry, Resolved, DynamicObject)> = Vec::new();
+    let mut unknown: Vec<InventoryEntry> = Vec::new();
+    for entry in entries {
+        match existing(ctx, entry).await {
+            Ok(Some((resolved, object))) => present.push((entry.clone(), resolved, object)),
+            Ok(None) => {}
+            // A kind no longer served has no objects left to delete.
+            Err(ApplyError::UnknownKind { .. }) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, kind = %entry.kind, name = %entry.name, "looking up object to delete failed");
+                unknown.push(entry.clone());
+            }
+        }
+    }
+    let Some(top) = present.iter().map(|(e, _, _)| e.wave).max() else {
+        return unknown;
+    };
+    let mut remaining = unknown;
+    for (entry, resolved, object) in &present {
+        let value = serde_json::to_value(object).unwrap_or_default();
+        if is_orphan(&value) {
+            if let Err(e) = ctx.applier.release(resolved, object, &graph.uid).await {
+                tracing::warn!(error = %e, name = %entry.name, "releasing orphaned object failed");
+                remaining.push(entry.clone());
+            }
+            continue;
+        }
+        let deletable = entry.wave == top && object.metadata.deletion_timestamp.is_none();
+        if deletable
+            && let Err(e) = ctx
+                .applier
+                .delete(resolved, entry.namespace.as_deref(), &entry.name)
+                .await
+        {
+            tracing::warn!(error = %e, name = %entry.name, "deleting object failed");
+        }
+        remaining.push(entry.clone());
+    }
+    remaining
+}
+
+/// Removes objects of nodes no longer in the spec (or whose object changed identity).
+/// Returns (entries still present, entries the graph waits on).
+async fn prune(
+    rg: &ResourceGraph,
+    ctx: &Context,
+    graph: &GraphIdentity,
+    inventory: &[InventoryEntry],
+    current: &BTreeSet<InventoryEntry>,
+) -> (Vec<InventoryEntry>, Vec<InventoryEntry>) {
+    let same_object = |a: &InventoryEntry, b: &InventoryEntry| {
+        a.api_version == b.api_version && a.kind == b.kind && a.namespace == b.namespace && a.name == b.name
+    };
+    let in_spec: HashSet<&str> = rg.spec.nodes.iter().map(|n| n.id.as_str()).collect();
+    let stale: Vec<InventoryEntry> = inventory
+        .iter()
+        .filter(|e| !current.iter().any(|c| same_object(c, e)))
+        .filter(|e| !in_spec.contains(e.node_id.as_str()) || current.iter().any(|c| c.node_id == e.node_id))
+        .cloned()
+        .collect();
+    if stale.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let remaining = teardown(ctx, graph, &stale).await;
+    (remaining.clone(), remaining)
+}
+
+async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
+    if !rg.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let graph = identity(rg)?;
+    let old = rg.status.clone().unwrap_or_default();
+    // The inventory, plus the spec's objects in case the operator stopped between applying
+    // an object and recording it.
+    let mut entries: Vec<InventoryEntry> = old.inventory.clone();
+    if let Ok(dag) = graph::validate(&rg.spec.nodes) {
+        for entry in spec_entries(rg, ctx, &graph, &dag).await {
+            if !entries.iter().any(|e| {
+                e.kind == entry.kind
+                    && e.name == entry.name
+                    && e.namespace == entry.namespace
+                    && e.api_version == entry.api_version
+            }) {
+                entries.push(entry);
+            }
+        }
+    }
+    let remaining = teardown(ctx, &graph, &entries).await;
+    count_managed(ctx, &graph.uid, remaining.iter().cloned().collect());
+    if !remaining.is_empty() {
+        let top = remaining.iter().map(|e| e.wave).max().unwrap_or(0);
+        let waiting: Vec<String> = remaining
+            .iter()
+            .filter(|e| e.wave == top)
+            .map(|e| format!("{} {}", e.kind, e.name))
+            .collect();
+        let mut status = old.clone();
+        let time = now();
+        set_condition(
+            &mut status.conditions,
+            Condition::new(
+                "Ready",
+                false,
+                "Deleting",
+                format!(
+                    "deleting in reverse dependency order; waiting for {}",
+                    waiting.join(", ")
+                ),
+            ),
+            &time,
+            rg.metadata.generation,
+        );
+        status.inventory = remaining;
+        write_status(rg, ctx, &old, status).await?;
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let finalizers: Vec<String> = rg.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": rg.resource_version()}});
+    api(rg, ctx)
+        .patch(&rg.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    let name = metric_name(&graph);
+    let _ = ctx.metrics.dag_nodes_total.remove_label_values(&[&name]);
+    for result in ["success", "failure"] {
+        let _ = ctx
+            .metrics
+            .dag_execution_duration_seconds
+            .remove_label_values(&[&name, result]);
+    }
+    ctx.applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(uid, _), _| uid != &graph.uid);
+    Ok(Action::await_change())
+}
+
+/// Inventory entries for the spec's nodes, as they would be applied.
+async fn spec_entries(rg: &ResourceGraph, ctx: &Context, graph: &GraphIdentity, dag: &Dag) -> Vec<InventoryEntry> {
+    let mut entries = Vec::new();
+    for (wave, ids) in dag.waves.iter().enumerate() {
+        for id in ids {
+            let Some(node) = rg.spec.nodes.iter().find(|n| &n.id == id) else {
+                continue;
+            };
+            let api_version = node
+                .object
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let kind = node.object.get("kind").and_then(Value::as_str).unwrap_or_default();
+            let Ok(resolved) = ctx.applier.resolve(api_version, kind).await else {
+                continue;
+            };
+            let desired = desired_object(node, graph, resolved.namespaced);
+            let (namespace, name) = crate::apply::identity(&desired);
+            entries.push(InventoryEntry {
+                node_id: id.clone(),
+                api_version: api_version.into(),
+                kind: kind.into(),
+                namespace,
+                name,
+                wave: wave as u32,
+            });
+        }
+    }
+    entries
+}

@@ -1,0 +1,353 @@
+//! Readiness gates: pure checks of a live object against a node's `readyWhen` entries.
+//!
+//! Each gate type is a [`Check`] in a [`Registry`]; a new kind of gate is a new entry, and the
+//! executor does not change.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::api::{ReadyGate, ReadyGateType};
+
+/// Outcome of one gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateState {
+    Ready,
+    /// Not yet; the text says what is missing.
+    Waiting(String),
+    /// Will not become ready without a change (a failed Job, say).
+    Failed(String),
+}
+
+/// One kind of readiness gate.
+pub trait Check: Send + Sync {
+    /// `object` is the live object, or None when it does not exist.
+    fn check(&self, gate: &ReadyGate, object: Option<&Value>) -> GateState;
+}
+
+/// The gate types Pequod knows, by type.
+pub struct Registry {
+    checks: HashMap<ReadyGateType, Box<dyn Check>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        let mut registry = Self { checks: HashMap::new() };
+        registry.register(ReadyGateType::Exists, Exists);
+        registry.register(ReadyGateType::ConditionMatch, ConditionMatch);
+        registry.register(ReadyGateType::DeploymentAvailable, DeploymentAvailable);
+        registry.register(ReadyGateType::StatefulSetReady, StatefulSetReady);
+        registry.register(ReadyGateType::JobComplete, JobComplete);
+        registry.register(ReadyGateType::FieldMatch, FieldMatch);
+        registry
+    }
+}
+
+impl Registry {
+    pub fn register(&mut self, type_: ReadyGateType, check: impl Check + 'static) {
+        self.checks.insert(type_, Box::new(check));
+    }
+
+    /// All gates of a node: Ready when every one is; otherwise the first that is not.
+    pub fn evaluate(&self, gates: &[ReadyGate], object: Option<&Value>) -> GateState {
+        if gates.is_empty() {
+            return match object {
+                Some(_) => GateState::Ready,
+                None => GateState::Waiting("the object does not exist".into()),
+            };
+        }
+        for gate in gates {
+            let state = match self.checks.get(&gate.type_) {
+                Some(check) => check.check(gate, object),
+                None => GateState::Failed(format!("no readiness check registered for {:?}", gate.type_)),
+            };
+            if state != GateState::Ready {
+                return state;
+            }
+        }
+        GateState::Ready
+    }
+}
+
+fn exists(object: Option<&Value>) -> Result<&Value, GateState> {
+    object.ok_or_else(|| GateState::Waiting("the object does not exist".into()))
+}
+
+/// The status of condition `type_` in `status.conditions`.
+fn condition<'a>(object: &'a Value, type_: &str) -> Option<&'a Value> {
+    object
+        .pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(type_))
+}
+
+fn int(object: &Value, pointer: &str) -> i64 {
+    object.pointer(pointer).and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// Whether the object's controller has seen its latest spec.
+fn observed_latest(object: &Value) -> bool {
+    int(object, "/status/observedGeneration") >= int(object, "/metadata/generation")
+}
+
+struct Exists;
+impl Check for Exists {
+    fn check(&self, _: &ReadyGate, object: Option<&Value>) -> GateState {
+        match exists(object) {
+            Ok(_) => GateState::Ready,
+            Err(w) => w,
+        }
+    }
+}
+
+struct ConditionMatch;
+impl Check for ConditionMatch {
+    fn check(&self, gate: &ReadyGate, object: Option<&Value>) -> GateState {
+        let object = match exists(object) {
+            Ok(o) => o,
+            Err(w) => return w,
+        };
+        let Some(type_) = gate.condition_type.as_deref() else {
+            return GateState::Failed("ConditionMatch needs conditionType".into());
+        };
+        let want = gate.condition_status.as_deref().unwrap_or("True");
+        match condition(object, type_)
+            .and_then(|c| c.get("status"))
+            .and_then(Value::as_str)
+        {
+            Some(status) if status == want => GateState::Ready,
+            Some(status) => GateState::Waiting(format!("condition {type_} is {status}, want {want}")),
+            None => GateState::Waiting(format!("condition {type_} is not reported yet")),
+        }
+    }
+}
+
+struct DeploymentAvailable;
+impl Check for DeploymentAvailable {
+    fn check(&self, _: &ReadyGate, object: Option<&Value>) -> GateState {
+        let object = match exists(object) {
+            Ok(o) => o,
+            Err(w) => return w,
+        };
+        if !observed_latest(object) {
+            return GateState::Waiting("the deployment controller has not observed the latest spec".into());
+        }
+        let available = condition(object, "Available")
+            .and_then(|c| c.get("status"))
+            .and_then(Value::as_str);
+        if available != Some("True") {
+            return GateState::Waiting("condition Available is not True".into());
+        }
+        let want = object.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
+        let updated = int(object, "/status/updatedReplicas");
+        if updated < want {
+            return GateState::Waiting(format!("{updated} of {want} replicas updated"));
+        }
+        GateState::Ready
+    }
+}
+
+struct StatefulSetReady;
+impl Check for StatefulSetReady {
+    fn check(&self, _: &ReadyGate, object: Option<&Value>) -> GateState {
+        let object = match exists(object) {
+            Ok(o) => o,
+            Err(w) => return w,
+        };
+        if !observed_latest(object) {
+            return GateState::Waiting("the statefulset controller has not observed the latest spec".into());
+        }
+        let want = object.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
+        let ready = int(object, "/status/readyReplicas");
+        let updated = int(object, "/status/updatedReplicas");
+        if ready < want || updated < want {
+            return GateState::Waiting(format!("{ready} of {want} replicas ready, {updated} updated"));
+        }
+        GateState::Ready
+    }
+}
+
+struct JobComplete;
+impl Check for JobComplete {
+    fn check(&self, _: &ReadyGate, object: Option<&Value>) -> GateState {
+        let object = match exists(object) {
+            Ok(o) => o,
+            Err(w) => return w,
+        };
+        let status = |t| {
+            condition(object, t)
+                .and_then(|c| c.get("status"))
+                .and_then(Value::as_str)
+                == Some("True")
+        };
+        if status("Complete") {
+            GateState::Ready
+        } else if status("Failed") {
+            let reason = condition(object, "Failed")
+                .and_then(|c| c.get("message"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            GateState::Failed(
+                format!("the job failed: {reason}")
+                    .trim_end_matches([':', ' '])
+                    .to_string(),
+            )
+        } else {
+            GateState::Waiting("the job has not completed".into())
+        }
+    }
+}
+
+struct FieldMatch;
+impl Check for FieldMatch {
+    fn check(&self, gate: &ReadyGate, object: Option<&Value>) -> GateState {
+        let object = match exists(object) {
+            Ok(o) => o,
+            Err(w) => return w,
+        };
+        let (Some(path), Some(want)) = (gate.path.as_deref(), gate.value.as_ref()) else {
+            return GateState::Failed("FieldMatch needs path and value".into());
+        };
+        let pointer: String = path
+            .trim_start_matches('.')
+            .split('.')
+            .map(|p| format!("/{p}"))
+            .collect();
+        match object.pointer(&pointer) {
+            Some(got) if got == want => GateState::Ready,
+            Some(got) => GateState::Waiting(format!("{path} is {got}, want {want}")),
+            None => GateState::Waiting(format!("{path} is not set, want {want}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn gate(v: Value) -> ReadyGate {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn deployment(generation: i64, observed: i64, available: &str, replicas: i64, updated: i64) -> Value {
+        json!({
+            "metadata": {"generation": generation},
+            "spec": {"replicas": replicas},
+            "status": {"observedGeneration": observed, "updatedReplicas": updated,
+                "conditions": [{"type": "Available", "status": available}]},
+        })
+    }
+
+    #[test]
+    fn no_gates_means_ready_once_the_object_exists() {
+        let r = Registry::default();
+        assert_eq!(r.evaluate(&[], Some(&json!({}))), GateState::Ready);
+        assert!(matches!(r.evaluate(&[], None), GateState::Waiting(_)));
+    }
+
+    #[test]
+    fn deployment_available_needs_the_latest_generation_and_all_replicas() {
+        let r = Registry::default();
+        let g = [gate(json!({"type": "DeploymentAvailable"}))];
+        assert_eq!(r.evaluate(&g, Some(&deployment(2, 2, "True", 3, 3))), GateState::Ready);
+        assert!(
+            matches!(r.evaluate(&g, Some(&deployment(3, 2, "True", 3, 3))), GateState::Waiting(m) if m.contains("latest spec"))
+        );
+        assert!(
+            matches!(r.evaluate(&g, Some(&deployment(2, 2, "False", 3, 3))), GateState::Waiting(m) if m.contains("Available"))
+        );
+        assert!(
+            matches!(r.evaluate(&g, Some(&deployment(2, 2, "True", 3, 1))), GateState::Waiting(m) if m == "1 of 3 replicas updated")
+        );
+        assert!(matches!(r.evaluate(&g, None), GateState::Waiting(_)));
+    }
+
+    #[test]
+    fn condition_match_defaults_to_true() {
+        let r = Registry::default();
+        let obj = json!({"status": {"conditions": [{"type": "Synced", "status": "True"}, {"type": "Ready", "status": "False"}]}});
+        assert_eq!(
+            r.evaluate(
+                &[gate(json!({"type": "ConditionMatch", "conditionType": "Synced"}))],
+                Some(&obj)
+            ),
+            GateState::Ready
+        );
+        assert_eq!(
+            r.evaluate(
+                &[gate(json!({"type": "ConditionMatch", "conditionType": "Ready"}))],
+                Some(&obj)
+            ),
+            GateState::Waiting("condition Ready is False, want True".into())
+        );
+        assert_eq!(
+            r.evaluate(
+                &[gate(
+                    json!({"type": "ConditionMatch", "conditionType": "Ready", "conditionStatus": "False"})
+                )],
+                Some(&obj)
+            ),
+            GateState::Ready
+        );
+        assert!(matches!(
+            r.evaluate(&[gate(json!({"type": "ConditionMatch"}))], Some(&obj)),
+            GateState::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn statefulset_job_and_field_gates() {
+        let r = Registry::default();
+        let sts = json!({"metadata": {"generation": 1}, "spec": {"replicas": 2}, "status": {"observedGeneration": 1, "readyReplicas": 2, "updatedReplicas": 2}});
+        assert_eq!(
+            r.evaluate(&[gate(json!({"type": "StatefulSetReady"}))], Some(&sts)),
+            GateState::Ready
+        );
+        let job_done = json!({"status": {"conditions": [{"type": "Complete", "status": "True"}]}});
+        let job_failed = json!({"status": {"conditions": [{"type": "Failed", "status": "True", "message": "BackoffLimitExceeded"}]}});
+        assert_eq!(
+            r.evaluate(&[gate(json!({"type": "JobComplete"}))], Some(&job_done)),
+            GateState::Ready
+        );
+        assert_eq!(
+            r.evaluate(&[gate(json!({"type": "JobComplete"}))], Some(&job_failed)),
+            GateState::Failed("the job failed: BackoffLimitExceeded".into())
+        );
+        let pvc = json!({"status": {"phase": "Bound", "capacity": {"storage": 10}}});
+        let field = |path: &str, value: Value| gate(json!({"type": "FieldMatch", "path": path, "value": value}));
+        assert_eq!(
+            r.evaluate(&[field("status.phase", json!("Bound"))], Some(&pvc)),
+            GateState::Ready
+        );
+        assert_eq!(
+            r.evaluate(&[field(".status.capacity.storage", json!(10))], Some(&pvc)),
+            GateState::Ready
+        );
+        assert_eq!(
+            r.evaluate(&[field("status.phase", json!("Lost"))], Some(&pvc)),
+            GateState::Waiting("status.phase is \"Bound\", want \"Lost\"".into())
+        );
+    }
+
+    #[test]
+    fn every_gate_must_pass_and_new_checks_can_be_registered() {
+        struct Never;
+        impl Check for Never {
+            fn check(&self, _: &ReadyGate, _: Option<&Value>) -> GateState {
+                GateState::Waiting("never".into())
+            }
+        }
+        let mut r = Registry::default();
+        r.register(ReadyGateType::FieldMatch, Never);
+        let gates = [
+            gate(json!({"type": "Exists"})),
+            gate(json!({"type": "FieldMatch", "path": "a", "value": 1})),
+        ];
+        assert_eq!(
+            r.evaluate(&gates, Some(&json!({"a": 1}))),
+            GateState::Waiting("never".into())
+        );
+    }
+}

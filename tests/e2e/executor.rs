@@ -1,0 +1,476 @@
+//! The ResourceGraph executor against the real apiserver, driven by the operator process.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
+use serde_json::{Value, json};
+
+use crate::support::{self, TEST_MANAGER, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(45);
+
+async fn setup(test: &str) -> (TestEnv, Api<ResourceGraph>) {
+    let env = support::env(test).await;
+    support::operator(&env.client).await;
+    let graphs = Api::namespaced(env.client.clone(), &env.namespace);
+    (env, graphs)
+}
+
+async fn apply_graph(graphs: &Api<ResourceGraph>, name: &str, nodes: Value) {
+    let rg = json!({
+        "apiVersion": "platform.platform.example.com/v1alpha1",
+        "kind": "ResourceGraph",
+        "metadata": {"name": name},
+        "spec": {"nodes": nodes},
+    });
+    graphs
+        .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(rg))
+        .await
+        .unwrap();
+}
+
+fn configmap(id: &str, deps: &[&str]) -> Value {
+    json!({"id": id, "dependsOn": deps, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": id}, "data": {"node": id}}, "readyWhen": [{"type": "Exists"}]})
+}
+
+fn deployment_node(name: &str, replicas: i64) -> Value {
+    json!({
+        "id": "deployment",
+        "object": {
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "app", "image": "nginx:1.27"}]}},
+            },
+        },
+        "readyWhen": [{"type": "DeploymentAvailable"}],
+    })
+}
+
+fn service_node(name: &str) -> Value {
+    json!({
+        "id": "service",
+        "dependsOn": ["deployment"],
+        "object": {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": {"selector": {"app": name}, "ports": [{"port": 80, "protocol": "TCP"}]}},
+        "readyWhen": [{"type": "Exists"}],
+    })
+}
+
+/// Waits until `check` accepts the graph, showing its status on timeout.
+async fn wait_graph(
+    graphs: &Api<ResourceGraph>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&ResourceGraph) -> bool,
+) -> ResourceGraph {
+    support::wait_for(what, WAIT, || async {
+        let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
+        if check(&rg) {
+            Ok(rg)
+        } else {
+            Err(format!("{:?}", rg.status))
+        }
+    })
+    .await
+}
+
+fn phase_is(phase: GraphPhase) -> impl Fn(&ResourceGraph) -> bool {
+    move |rg| rg.status.as_ref().and_then(|s| s.phase) == Some(phase)
+}
+
+fn node_phase(rg: &ResourceGraph, id: &str) -> Option<NodePhase> {
+    rg.status.as_ref()?.node_states.get(id).map(|s| s.phase)
+}
+
+/// Plays the deployment controller: reports every replica available.
+async fn make_available(client: &Client, namespace: &str, name: &str) {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let d = api.get(name).await.unwrap();
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = json!({"status": {
+        "observedGeneration": d.metadata.generation, "replicas": replicas, "updatedReplicas": replicas,
+        "readyReplicas": replicas, "availableReplicas": replicas,
+        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "simulated",
+            "lastUpdateTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .unwrap();
+}
+
+async fn event_reasons(client: &Client, namespace: &str, object: &str) -> Vec<String> {
+    let events: Api<CoreEvent> = Api::namespaced(client.clone(), namespace);
+    let list = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={object}")))
+        .await
+        .unwrap();
+    list.items.into_iter().filter_map(|e| e.reason).collect()
+}
+
+#[tokio::test]
+async fn chain_waits_for_deployment_availability_then_applies_the_service() {
+    let (env, graphs) = setup("chain").await;
+    apply_graph(&graphs, "web", json!([deployment_node("web", 2), service_node("web")])).await;
+
+    let rg = wait_graph(&graphs, "web", "the deployment applied and waiting", |rg| {
+        node_phase(rg, "deployment") == Some(NodePhase::WaitingReady)
+    })
+    .await;
+    let service_state = &rg.status.as_ref().unwrap().node_states["service"];
+    assert_eq!(service_state.phase, NodePhase::Pending);
+    assert!(
+        service_state
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("waiting for deployment"),
+        "{service_state:?}"
+    );
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(
+        services.get_opt("web").await.unwrap().is_none(),
+        "the service must wait for the deployment"
+    );
+
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let d = deployments.get("web").await.unwrap();
+    let labels = d.labels();
+    assert_eq!(labels["pequod.io/resourcegraph"], "web");
+    assert_eq!(labels["pequod.io/node"], "deployment");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "pequod");
+    assert_eq!(d.owner_references()[0].name, "web");
+    assert!(
+        d.managed_fields()
+            .iter()
+            .any(|m| m.manager.as_deref() == Some("pequod"))
+    );
+
+    make_available(&env.client, &env.namespace, "web").await;
+    let rg = wait_graph(&graphs, "web", "the graph completed", phase_is(GraphPhase::Completed)).await;
+    let status = rg.status.unwrap();
+    assert_eq!(status.ready_nodes.as_deref(), Some("2/2"));
+    assert!(status.conditions.iter().any(|c| c.type_ == "Ready" && c.is_true()));
+    assert_eq!(status.inventory.len(), 2);
+    assert!(services.get_opt("web").await.unwrap().is_some());
+    assert!(
+        event_reasons(&env.client, &env.namespace, "web")
+            .await
+            .contains(&"Ready".to_string())
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn diamond_applies_both_middle_nodes_in_one_wave() {
+    let (env, graphs) = setup("diamond").await;
+    apply_graph(
+        &graphs,
+        "diamond",
+        json!([
+            configmap("top", &[]),
+            configmap("left", &["top"]),
+            configmap("right", &["top"]),
+            configmap("bottom", &["left", "right"])
+        ]),
+    )
+    .await;
+    let rg = wait_graph(
+        &graphs,
+        "diamond",
+        "the diamond completed",
+        phase_is(GraphPhase::Completed),
+    )
+    .await;
+    let status = rg.status.unwrap();
+    let wave = |id: &str| status.inventory.iter().find(|e| e.node_id == id).unwrap().wave;
+    assert_eq!((wave("top"), wave("left"), wave("right"), wave("bottom")), (0, 1, 1, 2));
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    for id in ["top", "left", "right", "bottom"] {
+        assert!(cms.get_opt(id).await.unwrap().is_some(), "{id} applied");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_cycle_is_refused_and_nothing_is_applied() {
+    let (env, graphs) = setup("cycle").await;
+    apply_graph(&graphs, "loop", json!([configmap("a", &["b"]), configmap("b", &["a"])])).await;
+    let rg = wait_graph(&graphs, "loop", "the graph failed", phase_is(GraphPhase::Failed)).await;
+    let valid = rg
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Valid")
+        .unwrap();
+    assert!(!valid.is_true());
+    assert_eq!(valid.reason, "DependencyCycle");
+    assert!(valid.message.contains("a -> b -> a"), "{}", valid.message);
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(cms.get_opt("a").await.unwrap().is_none() && cms.get_opt("b").await.unwrap().is_none());
+    assert!(
+        event_reasons(&env.client, &env.namespace, "loop")
+            .await
+            .contains(&"InvalidGraph".to_string())
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn conflict_policy_error_reports_the_other_manager_force_takes_over() {
+    let (env, graphs) = setup("conflict").await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let theirs =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"owner": "them"}});
+    cms.patch("shared", &PatchParams::apply("someone-else"), &Patch::Apply(theirs))
+        .await
+        .unwrap();
+
+    let ours = |policy: &str| json!([{"id": "cm", "applyPolicy": {"conflictPolicy": policy}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"owner": "pequod"}}}]);
+    apply_graph(&graphs, "g", ours("Error")).await;
+    let rg = wait_graph(
+        &graphs,
+        "g",
+        "the node failed with a conflict",
+        phase_is(GraphPhase::Failed),
+    )
+    .await;
+    let error = rg.status.as_ref().unwrap().node_states["cm"]
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(
+        error.contains("someone-else") && error.contains(".data.owner"),
+        "{error}"
+    );
+    assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["owner"], "them");
+    assert!(
+        event_reasons(&env.client, &env.namespace, "g")
+            .await
+            .contains(&"ApplyFailed".to_string())
+    );
+
+    apply_graph(&graphs, "g", ours("Force")).await;
+    wait_graph(
+        &graphs,
+        "g",
+        "the forced graph completed",
+        phase_is(GraphPhase::Completed),
+    )
+    .await;
+    assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["owner"], "pequod");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn create_mode_never_updates_and_adopt_records_previous_managers() {
+    let (env, graphs) = setup("modes").await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let existing =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "legacy"}, "data": {"k": "old"}});
+    cms.patch("legacy", &PatchParams::apply("legacy-tool"), &Patch::Apply(existing))
+        .await
+        .unwrap();
+
+    apply_graph(&graphs, "g", json!([
+        {"id": "once", "applyPolicy": {"mode": "Create"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "once"}, "data": {"k": "initial"}}},
+        {"id": "legacy", "applyPolicy": {"mode": "Adopt"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "legacy"}, "data": {"k": "new"}}},
+    ]))
+    .await;
+    let rg = wait_graph(&graphs, "g", "the graph completed", phase_is(GraphPhase::Completed)).await;
+    let legacy = &rg.status.as_ref().unwrap().node_states["legacy"];
+    assert_eq!(legacy.phase, NodePhase::Adopted);
+    assert_eq!(legacy.adopted, Some(true));
+    assert_eq!(legacy.previous_managers, ["legacy-tool"]);
+    let adopted = cms.get("legacy").await.unwrap();
+    assert_eq!(adopted.annotations()["pequod.io/adopted-from"], "legacy-tool");
+    assert_eq!(adopted.data.unwrap()["k"], "new");
+
+    // Someone edits the Create-mode object: Pequod leaves it alone, even when reconciled again.
+    let edit = json!({"data": {"k": "edited"}});
+    cms.patch("once", &PatchParams::default(), &Patch::Merge(edit))
+        .await
+        .unwrap();
+    graphs
+        .patch(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"touch": "1"}}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cms.get("once").await.unwrap().data.unwrap()["k"], "edited");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn drift_is_corrected() {
+    let (env, graphs) = setup("drift").await;
+    apply_graph(&graphs, "web", json!([deployment_node("web", 2), service_node("web")])).await;
+    wait_graph(&graphs, "web", "deployment applied", |rg| {
+        node_phase(rg, "deployment").is_some()
+    })
+    .await;
+    make_available(&env.client, &env.namespace, "web").await;
+    wait_graph(&graphs, "web", "completed", phase_is(GraphPhase::Completed)).await;
+
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.namespace);
+    let old_uid = services.get("web").await.unwrap().uid();
+    services.delete("web", &DeleteParams::default()).await.unwrap();
+    support::wait_for("the deleted service to be recreated", WAIT, || async {
+        match services.get_opt("web").await.map_err(|e| e.to_string())? {
+            Some(s) if s.uid() != old_uid => Ok(()),
+            other => Err(format!("{:?}", other.map(|s| s.uid()))),
+        }
+    })
+    .await;
+
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let scale =
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": {"replicas": 7}});
+    deployments
+        .patch("web", &PatchParams::apply("intruder").force(), &Patch::Apply(scale))
+        .await
+        .unwrap();
+    support::wait_for("replicas restored to 2", WAIT, || async {
+        let d = deployments.get("web").await.map_err(|e| e.to_string())?;
+        match d.spec.and_then(|s| s.replicas) {
+            Some(2) => Ok(()),
+            other => Err(format!("replicas {other:?}")),
+        }
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn removed_nodes_are_pruned_and_orphans_released() {
+    let (env, graphs) = setup("prune").await;
+    let orphan = json!({"id": "keep", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "keep", "annotations": {"pequod.io/deletion-policy": "Orphan"}}}});
+    apply_graph(
+        &graphs,
+        "g",
+        json!([configmap("a", &[]), configmap("b", &["a"]), orphan]),
+    )
+    .await;
+    wait_graph(&graphs, "g", "completed", phase_is(GraphPhase::Completed)).await;
+
+    apply_graph(&graphs, "g", json!([configmap("a", &[])])).await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    support::wait_for("b pruned and keep released", WAIT, || async {
+        let b = cms.get_opt("b").await.map_err(|e| e.to_string())?;
+        let keep = cms.get("keep").await.map_err(|e| e.to_string())?;
+        let released = !keep.labels().contains_key("pequod.io/resourcegraph") && keep.owner_references().is_empty();
+        if b.is_none() && released {
+            Ok(())
+        } else {
+            Err(format!("b present: {}, keep labels: {:?}", b.is_some(), keep.labels()))
+        }
+    })
+    .await;
+    let rg = wait_graph(&graphs, "g", "inventory shrunk", |rg| {
+        rg.status.as_ref().is_some_and(|s| s.inventory.len() == 1)
+    })
+    .await;
+    assert_eq!(rg.status.unwrap().phase, Some(GraphPhase::Completed));
+    assert!(cms.get_opt("a").await.unwrap().is_some());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn deletion_goes_in_reverse_order_and_waits_for_each_wave() {
+    let (env, graphs) = setup("teardown").await;
+    // The leaf carries a finalizer of someone else's, so its wave cannot finish until released.
+    let leaf = json!({"id": "leaf", "dependsOn": ["root"], "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "leaf", "finalizers": ["example.com/hold"]}}});
+    apply_graph(&graphs, "g", json!([configmap("root", &[]), leaf])).await;
+    wait_graph(&graphs, "g", "completed", phase_is(GraphPhase::Completed)).await;
+
+    graphs.delete("g", &DeleteParams::default()).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    support::wait_for("the leaf to be deleting", WAIT, || async {
+        let leaf = cms.get("leaf").await.map_err(|e| e.to_string())?;
+        if leaf.metadata.deletion_timestamp.is_some() {
+            Ok(())
+        } else {
+            Err("not deleting yet".into())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        cms.get_opt("root").await.unwrap().is_some(),
+        "root must wait until the leaf is gone"
+    );
+    let rg = graphs.get("g").await.unwrap();
+    let ready = rg
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(
+        ready.message.contains("waiting for ConfigMap leaf"),
+        "{}",
+        ready.message
+    );
+
+    cms.patch(
+        "leaf",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    support::wait_for("root deleted and the graph gone", WAIT, || async {
+        let root = cms.get_opt("root").await.map_err(|e| e.to_string())?;
+        let graph = graphs.get_opt("g").await.map_err(|e| e.to_string())?;
+        if root.is_none() && graph.is_none() {
+            Ok(())
+        } else {
+            Err(format!("root: {}, graph: {}", root.is_some(), graph.is_some()))
+        }
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn readiness_timeout_fails_the_node_and_keeps_dependants_pending() {
+    let (env, graphs) = setup("timeout").await;
+    let slow = json!({"id": "slow", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "slow"}},
+        "readyWhen": [{"type": "FieldMatch", "path": "data.ready", "value": "yes", "timeout": 2}]});
+    apply_graph(&graphs, "g", json!([slow, configmap("after", &["slow"])])).await;
+    let rg = wait_graph(&graphs, "g", "the gate timed out", phase_is(GraphPhase::Failed)).await;
+    let status = rg.status.unwrap();
+    let slow = &status.node_states["slow"];
+    assert_eq!(slow.phase, NodePhase::Error);
+    assert!(
+        slow.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("readiness timed out after 2s"),
+        "{slow:?}"
+    );
+    assert_eq!(status.node_states["after"].phase, NodePhase::Pending);
+    assert!(
+        status.node_states["after"]
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("waiting for slow")
+    );
+    assert!(
+        event_reasons(&env.client, &env.namespace, "g")
+            .await
+            .contains(&"ReadinessTimeout".to_string())
+    );
+    env.cleanup().await;
+}
