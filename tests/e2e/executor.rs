@@ -104,6 +104,19 @@ async fn make_available(client: &Client, namespace: &str, name: &str) {
         .unwrap();
 }
 
+/// The value of one series on the operator's /metrics (0 when absent).
+async fn metric(env: &TestEnv, series: &str) -> f64 {
+    let endpoints = support::operator(&env.client).await;
+    let (_, text) = support::http_get(&endpoints.metrics, "/metrics").await.unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
 async fn event_reasons(client: &Client, namespace: &str, object: &str) -> Vec<String> {
     let events: Api<CoreEvent> = Api::namespaced(client.clone(), namespace);
     let list = events
@@ -353,6 +366,10 @@ async fn drift_is_corrected() {
 #[tokio::test]
 async fn removed_nodes_are_pruned_and_orphans_released() {
     let (env, graphs) = setup("prune").await;
+    let managed = format!(
+        "pequod_resources_managed{{gvk=\"v1/ConfigMap\",namespace=\"{}\"}}",
+        env.namespace
+    );
     let orphan = json!({"id": "keep", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "keep", "annotations": {"pequod.io/deletion-policy": "Orphan"}}}});
     apply_graph(
         &graphs,
@@ -361,6 +378,7 @@ async fn removed_nodes_are_pruned_and_orphans_released() {
     )
     .await;
     wait_graph(&graphs, "g", "completed", phase_is(GraphPhase::Completed)).await;
+    assert_eq!(metric(&env, &managed).await, 3.0);
 
     apply_graph(&graphs, "g", json!([configmap("a", &[])])).await;
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -381,6 +399,25 @@ async fn removed_nodes_are_pruned_and_orphans_released() {
     .await;
     assert_eq!(rg.status.unwrap().phase, Some(GraphPhase::Completed));
     assert!(cms.get_opt("a").await.unwrap().is_some());
+    assert_eq!(
+        metric(&env, &managed).await,
+        1.0,
+        "pruning lowers pequod_resources_managed"
+    );
+    graphs.delete("g", &DeleteParams::default()).await.unwrap();
+    support::wait_for("the graph deleted", WAIT, || async {
+        if graphs.get_opt("g").await.map_err(|e| e.to_string())?.is_none() {
+            Ok(())
+        } else {
+            Err("present".into())
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(&env, &managed).await,
+        0.0,
+        "deletion lowers pequod_resources_managed"
+    );
     env.cleanup().await;
 }
 
