@@ -40,6 +40,10 @@ test: tools control-plane ## Unit and end-to-end tests against a local control p
 bench-render: tools ## Benchmark rendering: 1 against 100 instances, and a cached resync.
 	$(CARGO) bench --locked --bench render
 
+.PHONY: bench-executor
+bench-executor: tools control-plane ## Benchmark the executor against direct applies; resync writes; memory.
+	$(CARGO) bench --locked --bench executor
+
 .PHONY: demo
 demo: tools control-plane ## Run the operator on a local control plane with the samples (Ctrl-C stops).
 	$(CARGO) test --locked --test e2e demo -- --ignored --nocapture

@@ -62,6 +62,10 @@ pub struct Context {
     applied: Mutex<HashMap<(String, String), (String, String)>>,
     /// Inventory entries counted into `pequod_resources_managed`, per graph uid.
     counted: Mutex<HashMap<String, BTreeSet<InventoryEntry>>>,
+    /// Per graph uid: (resourceVersion the status was computed from, status written). A
+    /// reconcile that still sees that resourceVersion works from the written status instead of
+    /// the stale cached one, so it neither repeats writes nor re-announces transitions.
+    written: Mutex<HashMap<String, (String, ResourceGraphStatus)>>,
 }
 
 impl Context {
@@ -83,6 +87,7 @@ impl Context {
             apply_concurrency: apply_concurrency.max(1),
             applied: Mutex::default(),
             counted: Mutex::default(),
+            written: Mutex::default(),
         }
     }
 }
@@ -147,7 +152,10 @@ async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, 
         let result = if rg.metadata.deletion_timestamp.is_some() {
             cleanup(&rg, &ctx).await
         } else if !rg.finalizers().iter().any(|f| f == FINALIZER) {
-            add_finalizer(&rg, &ctx).await
+            match add_finalizer(&rg, &ctx).await {
+                Ok(updated) => apply_graph(&updated, &ctx).await,
+                Err(e) => Err(e),
+            }
         } else {
             apply_graph(&rg, &ctx).await
         };
@@ -162,13 +170,13 @@ fn api(rg: &ResourceGraph, ctx: &Context) -> Api<ResourceGraph> {
     Api::namespaced(ctx.client.clone(), &rg.namespace().unwrap_or_default())
 }
 
-async fn add_finalizer(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
-    let patch = json!({"metadata": {"finalizers": rg.finalizers().iter().cloned().chain([FINALIZER.to_string()]).collect::<Vec<_>>(), "resourceVersion": rg.resource_version()}});
-    api(rg, ctx)
+async fn add_finalizer(rg: &ResourceGraph, ctx: &Context) -> Result<ResourceGraph, Error> {
+    let finalizers: Vec<String> = rg.finalizers().iter().cloned().chain([FINALIZER.to_string()]).collect();
+    // The resourceVersion makes the patch fail rather than race another writer of the list.
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": rg.resource_version()}});
+    Ok(api(rg, ctx)
         .patch(&rg.name_any(), &PatchParams::default(), &Patch::Merge(patch))
-        .await?;
-    // The update is itself an event that brings the graph back.
-    Ok(Action::await_change())
+        .await?)
 }
 
 fn identity(rg: &ResourceGraph) -> Result<GraphIdentity, Error> {
@@ -197,7 +205,7 @@ struct NodeOutcome {
 
 async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
     let graph = identity(rg)?;
-    let old = rg.status.clone().unwrap_or_default();
+    let old = last_status(rg, ctx, &graph.uid);
     let mut status = old.clone();
     let generation = rg.metadata.generation;
     let time = now();
@@ -569,8 +577,11 @@ async fn process_node(
         Lookup::Known(Some(o)) => Some((*o).clone()),
         Lookup::Known(None) | Lookup::Unknown => None,
     };
+    let needs_lookup = node.apply_policy.mode != crate::api::ApplyMode::Apply;
     let live = match cached {
         Some(o) => Some(o),
+        // Server-side apply creates or updates alike; only Create and Adopt must know first.
+        None if !needs_lookup => None,
         None => match ctx.applier.get(&resolved, namespace.as_deref(), &name).await {
             Ok(o) => o,
             Err(e) => return fail(e.to_string(), e.is_transient(), None),
@@ -803,9 +814,24 @@ async fn publish(ctx: &Context, rg: &ResourceGraph, type_: EventType, reason: &s
     .await;
 }
 
+/// Publishes in the background: an event must not hold up the reconcile.
 async fn publish_event(ctx: &Context, rg: &ResourceGraph, event: Event) {
-    if let Err(e) = ctx.recorder.publish(&event, &rg.object_ref(&())).await {
-        tracing::warn!(error = %e, reason = %event.reason, "publishing event failed");
+    let recorder = ctx.recorder.clone();
+    let reference = rg.object_ref(&());
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason = %event.reason, "publishing event failed");
+        }
+    });
+}
+
+/// The graph's status as last known: the one this process wrote, when the cached graph
+/// predates that write.
+fn last_status(rg: &ResourceGraph, ctx: &Context, uid: &str) -> ResourceGraphStatus {
+    let written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
+    match written.get(uid) {
+        Some((version, status)) if Some(version) == rg.metadata.resource_version.as_ref() => status.clone(),
+        _ => rg.status.clone().unwrap_or_default(),
     }
 }
 
@@ -826,6 +852,12 @@ async fn write_status(
             &Patch::Apply(body),
         )
         .await?;
+    if let (Some(uid), Some(version)) = (rg.uid(), rg.resource_version()) {
+        ctx.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid, (version, status));
+    }
     Ok(())
 }
 
@@ -1002,6 +1034,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .retain(|(uid, _), _| uid != &graph.uid);
+    ctx.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&graph.uid);
     Ok(Action::await_change())
 }
 

@@ -1,0 +1,214 @@
+//! Executor benchmark against the local control plane, measured side by side in one run:
+//! - 200 graphs of 3 nodes (Exists gates) converging, against the same 600 server-side
+//!   applies issued directly with the same concurrency;
+//! - the write requests a resync of the 200 completed graphs sends (target: none);
+//! - the operator's resident memory with 1,000 graphs.
+//!
+//! `make bench-executor` runs it.
+
+#[path = "../e2e/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use pequod::api::{GraphPhase, ResourceGraph};
+use serde_json::json;
+
+const GRAPHS: usize = 200;
+const MANY_GRAPHS: usize = if option_env!("PEQUOD_BENCH_QUICK").is_some() {
+    200
+} else {
+    1000
+};
+const RECONCILES: u16 = 16;
+const APPLY_CONCURRENCY: u16 = 3;
+
+struct Operator(Child);
+
+impl Operator {
+    fn start(kubeconfig: &std::path::Path) -> Self {
+        let metrics = format!("127.0.0.1:{}", support::free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_pequod"))
+            .env("KUBECONFIG", kubeconfig)
+            .arg(format!("--metrics-bind-address={metrics}"))
+            .arg(format!(
+                "--health-probe-bind-address=127.0.0.1:{}",
+                support::free_port()
+            ))
+            .arg(format!("--max-concurrent-reconciles={RECONCILES}"))
+            .arg(format!("--apply-concurrency={APPLY_CONCURRENCY}"))
+            .arg("--zap-log-level=warn")
+            .arg("--cue-binary")
+            .arg(support::tool("cue", "PEQUOD_TEST_CUE"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pequod");
+        Self(child)
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn graph(i: usize) -> ResourceGraph {
+    let nodes: Vec<_> = (0..3)
+        .map(|n| json!({"id": format!("cm{n}"), "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("g{i}-cm{n}")}, "data": {"n": n.to_string()}}, "readyWhen": [{"type": "Exists"}]}))
+        .collect();
+    serde_json::from_value(json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": format!("g{i}")}, "spec": {"nodes": nodes}})).unwrap()
+}
+
+async fn create_graphs(graphs: &Api<ResourceGraph>, range: std::ops::Range<usize>) {
+    futures::stream::iter(range)
+        .for_each_concurrent(32, |i| async move {
+            graphs.create(&PostParams::default(), &graph(i)).await.unwrap();
+        })
+        .await;
+}
+
+async fn wait_completed(graphs: &Api<ResourceGraph>, count: usize, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let list = graphs.list(&Default::default()).await.unwrap();
+        let done = list
+            .items
+            .iter()
+            .filter(|g| g.status.as_ref().and_then(|s| s.phase) == Some(GraphPhase::Completed))
+            .count();
+        if done >= count {
+            return;
+        }
+        assert!(started.elapsed() < timeout, "only {done} of {count} graphs completed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Requests the apiserver has served, by verb and resource (diagnostics).
+async fn requests(client: &Client) -> std::collections::BTreeMap<String, f64> {
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for l in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let field = |k: &str| {
+            l.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let v: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        *out.entry(format!("{} {}", field("verb"), field("resource")))
+            .or_insert(0.0) += v;
+    }
+    out
+}
+
+/// Write requests the apiserver has served for ConfigMaps and ResourceGraphs.
+async fn writes(client: &Client) -> u64 {
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| l.contains("resource=\"configmaps\"") || l.contains("resource=\"resourcegraphs\""))
+        .filter(|l| {
+            ["POST", "PATCH", "PUT", "DELETE"]
+                .iter()
+                .any(|v| l.contains(&format!("verb=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::main]
+async fn main() {
+    let baseline_env = support::env("bench-direct").await;
+    support::install_crds(&baseline_env.client).await;
+
+    // Direct: 600 server-side applies, the concurrency the operator gets below.
+    let cms: Api<ConfigMap> = Api::namespaced(baseline_env.client.clone(), &baseline_env.namespace);
+    let started = Instant::now();
+    futures::stream::iter(0..GRAPHS * 3)
+        .for_each_concurrent(usize::from(RECONCILES * APPLY_CONCURRENCY), |i| {
+            let cms = cms.clone();
+            async move {
+                let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("direct-{i}")}, "data": {"n": "x"}});
+                cms.patch(&format!("direct-{i}"), &PatchParams::apply("bench"), &Patch::Apply(cm)).await.unwrap();
+            }
+        })
+        .await;
+    let direct = started.elapsed();
+
+    // Executor: the graphs exist before the operator starts; the clock runs from its start.
+    let env = support::env("bench-executor").await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    create_graphs(&graphs, 0..GRAPHS).await;
+    let requests_before = requests(&env.client).await;
+    let started = Instant::now();
+    let operator = Operator::start(&env.kubeconfig);
+    wait_completed(&graphs, GRAPHS, Duration::from_secs(300)).await;
+    let executor = started.elapsed();
+    if std::env::var_os("PEQUOD_BENCH_REQUESTS").is_some() {
+        for (k, v) in requests(&env.client).await {
+            let d = v - requests_before.get(&k).copied().unwrap_or(0.0);
+            if d > 0.0 {
+                println!("  requests during convergence: {k:<40} {d}");
+            }
+        }
+    }
+    drop(operator);
+
+    // Resync: a restarted operator reconciles every graph; nothing changed, so nothing is written.
+    let before = writes(&env.client).await;
+    let operator = Operator::start(&env.kubeconfig);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let resync_writes = writes(&env.client).await - before;
+    let rss_200 = operator.rss_mib();
+
+    // Memory with 1,000 graphs (3,000 objects).
+    create_graphs(&graphs, GRAPHS..MANY_GRAPHS).await;
+    wait_completed(&graphs, MANY_GRAPHS, Duration::from_secs(900)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_1000 = operator.rss_mib();
+
+    println!(
+        "executor benchmark (Kubernetes 1.20 local control plane, {RECONCILES} reconciles x {APPLY_CONCURRENCY} applies)"
+    );
+    println!("  {} direct server-side applies       {:>9.2?}", GRAPHS * 3, direct);
+    println!("  {GRAPHS} graphs x 3 nodes converged      {:>9.2?}", executor);
+    println!(
+        "  ratio executor / direct             {:>9.2}x  (target <= 1.5x)",
+        executor.as_secs_f64() / direct.as_secs_f64()
+    );
+    println!(
+        "  writes during a resync of {GRAPHS}      {:>9}    (target 0)",
+        resync_writes
+    );
+    println!("  operator RSS, {GRAPHS} graphs            {:>8.1} MiB", rss_200);
+    println!(
+        "  operator RSS, {MANY_GRAPHS} graphs           {:>8.1} MiB  (target < 128 MiB)",
+        rss_1000
+    );
+}
