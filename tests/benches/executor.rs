@@ -28,7 +28,7 @@ const MANY_GRAPHS: usize = if option_env!("PEQUOD_BENCH_QUICK").is_some() {
 const RECONCILES: u16 = 16;
 const APPLY_CONCURRENCY: u16 = 3;
 
-struct Operator(Child);
+struct Operator(Child, String);
 
 impl Operator {
     fn start(kubeconfig: &std::path::Path) -> Self {
@@ -49,7 +49,7 @@ impl Operator {
             .stderr(Stdio::null())
             .spawn()
             .expect("start pequod");
-        Self(child)
+        Self(child, metrics)
     }
 
     fn rss_mib(&self) -> f64 {
@@ -170,6 +170,15 @@ async fn main() {
     let operator = Operator::start(&env.kubeconfig);
     wait_completed(&graphs, GRAPHS, Duration::from_secs(300)).await;
     let executor = started.elapsed();
+    let (_, text) = support::http_get(&operator.1, "/metrics").await.unwrap_or_default();
+    let series = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let reconciles = series("pequod_reconcile_duration_seconds_count");
+    let reconcile_mean_ms = 1000.0 * series("pequod_reconcile_duration_seconds_sum") / reconciles.max(1.0);
     if std::env::var_os("PEQUOD_BENCH_REQUESTS").is_some() {
         for (k, v) in requests(&env.client).await {
             let d = v - requests_before.get(&k).copied().unwrap_or(0.0);
@@ -198,6 +207,10 @@ async fn main() {
     );
     println!("  {} direct server-side applies       {:>9.2?}", GRAPHS * 3, direct);
     println!("  {GRAPHS} graphs x 3 nodes converged      {:>9.2?}", executor);
+    println!(
+        "  reconciles during convergence       {:>9}    mean {:.1} ms",
+        reconciles, reconcile_mean_ms
+    );
     println!(
         "  ratio executor / direct             {:>9.2}x  (target <= 1.5x)",
         executor.as_secs_f64() / direct.as_secs_f64()

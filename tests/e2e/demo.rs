@@ -55,8 +55,13 @@ async fn demo() {
     println!("operator running: metrics on http://{metrics}/metrics, probes on http://{probes}/readyz");
 
     let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/samples");
-    let sample = std::fs::read_to_string(samples.join("platform_v1alpha1_transform.yaml")).expect("sample Transform");
-    support::apply_yaml(&env.client, &env.namespace, &sample).await;
+    for file in [
+        "platform_v1alpha1_transform.yaml",
+        "platform_v1alpha1_resourcegraph.yaml",
+    ] {
+        let sample = std::fs::read_to_string(samples.join(file)).expect("sample");
+        support::apply_yaml(&env.client, &env.namespace, &sample).await;
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     kubectl(
@@ -65,6 +70,21 @@ async fn demo() {
     );
     kubectl(&env.kubeconfig, &["get", "transforms", "-A", "-o", "wide"]);
     kubectl(&env.kubeconfig, &["get", "resourcegraphs", "-A"]);
+    kubectl(
+        &env.kubeconfig,
+        &[
+            "get",
+            "configmaps,services",
+            "-n",
+            "default",
+            "-l",
+            "pequod.io/resourcegraph=sample-graph",
+        ],
+    );
+    kubectl(
+        &env.kubeconfig,
+        &["describe", "resourcegraph", "sample-graph", "-n", "default"],
+    );
     println!(
         "\nThe demo keeps running. In another terminal:\n  export KUBECONFIG={}\n  kubectl get transforms -A\nPress Ctrl-C to stop and clean up.",
         env.kubeconfig.display()
