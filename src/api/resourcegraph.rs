@@ -110,6 +110,24 @@ pub struct Node {
     pub ready_when: Vec<ReadyGate>,
 }
 
+impl Node {
+    /// The object's `apiVersion` (empty when missing; validation refuses such graphs).
+    pub fn api_version(&self) -> &str {
+        self.object
+            .get("apiVersion")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// The object's `kind` (empty when missing).
+    pub fn kind(&self) -> &str {
+        self.object
+            .get("kind")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+    }
+}
+
 /// How a node's object is written.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -536,12 +536,7 @@ async fn process_node(
             previous.is_none_or(|p| p.phase != NodePhase::Error || p.last_error.as_deref() != Some(error.as_str()))
         }),
     };
-    let api_version = node
-        .object
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let kind = node.object.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let (api_version, kind) = (node.api_version(), node.kind());
     let resolved = match ctx.applier.resolve(api_version, kind).await {
         Ok(r) => r,
         Err(e) => {
@@ -1046,12 +1041,7 @@ async fn spec_entries(rg: &ResourceGraph, ctx: &Context, graph: &GraphIdentity, 
             let Some(node) = rg.spec.nodes.iter().find(|n| &n.id == id) else {
                 continue;
             };
-            let api_version = node
-                .object
-                .get("apiVersion")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            let kind = node.object.get("kind").and_then(Value::as_str).unwrap_or_default();
+            let (api_version, kind) = (node.api_version(), node.kind());
             let Ok(resolved) = ctx.applier.resolve(api_version, kind).await else {
                 continue;
             };

@@ -9,7 +9,6 @@
 #[path = "../e2e/support/mod.rs"]
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -18,6 +17,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use pequod::api::{GraphPhase, ResourceGraph};
 use serde_json::json;
+use support::OperatorProcess;
 
 const GRAPHS: usize = 200;
 const MANY_GRAPHS: usize = if option_env!("PEQUOD_BENCH_QUICK").is_some() {
@@ -28,46 +28,14 @@ const MANY_GRAPHS: usize = if option_env!("PEQUOD_BENCH_QUICK").is_some() {
 const RECONCILES: u16 = 16;
 const APPLY_CONCURRENCY: u16 = 3;
 
-struct Operator(Child, String);
-
-impl Operator {
-    fn start(kubeconfig: &std::path::Path) -> Self {
-        let metrics = format!("127.0.0.1:{}", support::free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_pequod"))
-            .env("KUBECONFIG", kubeconfig)
-            .arg(format!("--metrics-bind-address={metrics}"))
-            .arg(format!(
-                "--health-probe-bind-address=127.0.0.1:{}",
-                support::free_port()
-            ))
-            .arg(format!("--max-concurrent-reconciles={RECONCILES}"))
-            .arg(format!("--apply-concurrency={APPLY_CONCURRENCY}"))
-            .arg("--zap-log-level=warn")
-            .arg("--cue-binary")
-            .arg(support::tool("cue", "PEQUOD_TEST_CUE"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pequod");
-        Self(child, metrics)
-    }
-
-    fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map(|kib| kib / 1024.0)
-            .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start(kubeconfig: &std::path::Path) -> OperatorProcess {
+    let reconciles = format!("--max-concurrent-reconciles={RECONCILES}");
+    let applies = format!("--apply-concurrency={APPLY_CONCURRENCY}");
+    OperatorProcess::start(
+        kubeconfig,
+        &support::tool("cue", "PEQUOD_TEST_CUE"),
+        &[&reconciles, &applies, "--zap-log-level=warn"],
+    )
 }
 
 fn graph(i: usize) -> ResourceGraph {
@@ -167,10 +135,12 @@ async fn main() {
     create_graphs(&graphs, 0..GRAPHS).await;
     let requests_before = requests(&env.client).await;
     let started = Instant::now();
-    let operator = Operator::start(&env.kubeconfig);
+    let operator = start(&env.kubeconfig);
     wait_completed(&graphs, GRAPHS, Duration::from_secs(300)).await;
     let executor = started.elapsed();
-    let (_, text) = support::http_get(&operator.1, "/metrics").await.unwrap_or_default();
+    let (_, text) = support::http_get(&operator.metrics, "/metrics")
+        .await
+        .unwrap_or_default();
     let series = |name: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(name))
@@ -191,7 +161,7 @@ async fn main() {
 
     // Resync: a restarted operator reconciles every graph; nothing changed, so nothing is written.
     let before = writes(&env.client).await;
-    let operator = Operator::start(&env.kubeconfig);
+    let operator = start(&env.kubeconfig);
     tokio::time::sleep(Duration::from_secs(15)).await;
     let resync_writes = writes(&env.client).await - before;
     let rss_200 = operator.rss_mib();

@@ -1,45 +1,14 @@
 //! The pequod binary in run mode: probes, metrics and shutdown as documented.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::support;
+use crate::support::{self, OperatorProcess};
 
-struct Operator {
-    child: Child,
-    metrics: String,
-    probes: String,
+fn start_operator(kubeconfig: &std::path::Path, cue: &std::path::Path) -> OperatorProcess {
+    OperatorProcess::start(kubeconfig, cue, &["--zap-log-level=debug"])
 }
 
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_operator(kubeconfig: &std::path::Path, cue: &std::path::Path) -> Operator {
-    let metrics = format!("127.0.0.1:{}", support::free_port());
-    let probes = format!("127.0.0.1:{}", support::free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_pequod"))
-        .env("KUBECONFIG", kubeconfig)
-        .args([
-            "--metrics-bind-address",
-            &metrics,
-            "--health-probe-bind-address",
-            &probes,
-            "--zap-log-level=debug",
-        ])
-        .arg("--cue-binary")
-        .arg(cue)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pequod");
-    Operator { child, metrics, probes }
-}
-
-async fn readyz(op: &Operator) -> Result<(u16, String), String> {
+async fn readyz(op: &OperatorProcess) -> Result<(u16, String), String> {
     support::http_get(&op.probes, "/readyz").await
 }
 
@@ -107,10 +76,10 @@ async fn metrics_are_served_and_sigterm_stops_the_process() {
 
     // SAFETY: signalling the child we started.
     unsafe {
-        libc::kill(op.child.id() as libc::pid_t, libc::SIGTERM);
+        libc::kill(op.pid() as libc::pid_t, libc::SIGTERM);
     }
     let status = support::wait_for("pequod to exit after SIGTERM", Duration::from_secs(15), || {
-        let status = op.child.try_wait();
+        let status = op.try_wait();
         async move {
             match status {
                 Ok(Some(status)) => Ok(status),

@@ -4,7 +4,6 @@
 #[path = "../e2e/support/mod.rs"]
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -13,41 +12,12 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
 use serde_json::json;
+use support::OperatorProcess;
 
 const WAIT: Duration = Duration::from_secs(45);
 
-struct Operator(Child);
-
-impl Operator {
-    fn start(kubeconfig: &std::path::Path) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_pequod"))
-            .env("KUBECONFIG", kubeconfig)
-            .arg(format!("--metrics-bind-address=127.0.0.1:{}", support::free_port()))
-            .arg(format!(
-                "--health-probe-bind-address=127.0.0.1:{}",
-                support::free_port()
-            ))
-            .arg("--cue-binary")
-            .arg(support::tool("cue", "PEQUOD_TEST_CUE"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pequod");
-        Self(child)
-    }
-
-    /// SIGKILL: no graceful shutdown, as when a node dies.
-    fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start(kubeconfig: &std::path::Path) -> OperatorProcess {
+    OperatorProcess::start(kubeconfig, &support::tool("cue", "PEQUOD_TEST_CUE"), &[])
 }
 
 #[tokio::test]
@@ -71,7 +41,7 @@ async fn killed_operator_converges_after_restart_without_duplicates() {
     }
     let rg = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": "g"}, "spec": {"nodes": nodes}});
 
-    let first = Operator::start(&env.kubeconfig);
+    let first = start(&env.kubeconfig);
     graphs
         .patch("g", &PatchParams::apply(support::TEST_MANAGER), &Patch::Apply(rg))
         .await
@@ -96,7 +66,7 @@ async fn killed_operator_converges_after_restart_without_duplicates() {
         .await
         .unwrap();
 
-    let second = Operator::start(&env.kubeconfig);
+    let second = start(&env.kubeconfig);
     let converged = support::wait_for("the graph to complete after the restart", WAIT, || async {
         let rg = graphs.get("g").await.map_err(|e| e.to_string())?;
         let status = rg.status.clone().unwrap_or_default();
@@ -126,7 +96,7 @@ async fn killed_operator_converges_after_restart_without_duplicates() {
         graphs.get_opt("g").await.unwrap().is_some(),
         "the finalizer holds the graph"
     );
-    let _third = Operator::start(&env.kubeconfig);
+    let _third = start(&env.kubeconfig);
     support::wait_for("teardown after the restart", WAIT, || async {
         let left = cms.list(&labelled).await.map_err(|e| e.to_string())?.items.len()
             + deployments

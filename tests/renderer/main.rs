@@ -52,6 +52,13 @@ impl Harness {
     }
 }
 
+async fn webservice(h: &Harness) -> pequod::cue::Module {
+    h.renderer
+        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
+        .await
+        .unwrap()
+}
+
 fn module(source: &str) -> ModuleFiles {
     ModuleFiles::new(BTreeMap::from([("module.cue".to_string(), source.to_string())])).unwrap()
 }
@@ -150,11 +157,7 @@ import "strings"
 #[tokio::test]
 async fn embedded_webservice_schema_and_metadata() {
     let h = harness();
-    let m = h
-        .renderer
-        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
-        .await
-        .unwrap();
+    let m = webservice(&h).await;
     let schema = h.renderer.schema(&m).await.unwrap();
     assert_eq!(schema.metadata.kind.as_deref(), Some("WebService"));
     assert_eq!(schema.metadata.short_names, ["ws"]);
@@ -196,11 +199,7 @@ async fn schema_errors_name_the_problem() {
 #[tokio::test]
 async fn webservice_renders_the_readme_example_and_enforces_policy() {
     let h = harness();
-    let m = h
-        .renderer
-        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
-        .await
-        .unwrap();
+    let m = webservice(&h).await;
     let ok = input("my-app", json!({"image": "nginx:latest", "port": 80, "replicas": 3}));
     let bad = input(
         "untrusted",
@@ -237,11 +236,7 @@ async fn webservice_renders_the_readme_example_and_enforces_policy() {
 #[tokio::test]
 async fn batching_and_caching_minimise_cue_calls() {
     let h = harness();
-    let m = h
-        .renderer
-        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
-        .await
-        .unwrap();
+    let m = webservice(&h).await;
     let inputs: Vec<Value> = (0..20)
         .map(|i| input(&format!("app-{i}"), json!({"image": "nginx:1.27", "replicas": i % 5})))
         .collect();
@@ -273,11 +268,7 @@ async fn batching_and_caching_minimise_cue_calls() {
 #[tokio::test]
 async fn a_failing_input_does_not_fail_its_batch() {
     let h = harness();
-    let m = h
-        .renderer
-        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
-        .await
-        .unwrap();
+    let m = webservice(&h).await;
     let good = input("good", json!({"image": "nginx"}));
     let out_of_bounds = input("too-many", json!({"image": "nginx", "replicas": 500}));
     let unknown_field = input("extra", json!({"image": "nginx", "colour": "blue"}));

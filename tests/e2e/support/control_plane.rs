@@ -102,10 +102,11 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn spawn(name: &'static str, program: &Path, args: &[String], dir: &Path) -> Process {
+fn spawn(name: &'static str, program: &Path, args: &[String], dir: &Path, env: &[(String, PathBuf)]) -> Process {
     let log = dir.join(format!("{name}.log"));
     let file = fs::File::create(&log).expect("create log file");
     let mut cmd = Command::new(program);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(file.try_clone().expect("log fd"))
@@ -178,6 +179,7 @@ fn start() -> ControlPlane {
             "--unsafe-no-fsync=true".into(),
         ],
         &dir,
+        &[],
     );
     let apiserver = spawn(
         "kube-apiserver",
@@ -199,6 +201,7 @@ fn start() -> ControlPlane {
             "--disable-admission-plugins=ServiceAccount".into(),
         ],
         &dir,
+        &[],
     );
     let mut processes = vec![etcd, apiserver];
 
@@ -236,6 +239,7 @@ fn start() -> ControlPlane {
                 "--use-service-account-credentials=false".into(),
             ],
             &dir,
+            &[],
         ));
     }
 
@@ -291,27 +295,7 @@ impl ControlPlane {
         let env: Vec<(String, PathBuf)> = env.iter().map(|(k, v)| (k.to_string(), v.to_path_buf())).collect();
         // Spawned from the keeper-style thread so PR_SET_PDEATHSIG follows the process, not a test thread.
         std::thread::spawn(move || {
-            let log = dir.join(format!("{name}.log"));
-            let file = fs::File::create(&log).expect("create log file");
-            let mut cmd = Command::new(&program);
-            cmd.args(&args)
-                .stdin(Stdio::null())
-                .stdout(file.try_clone().expect("log fd"))
-                .stderr(file);
-            for (k, v) in &env {
-                cmd.env(k, v);
-            }
-            // SAFETY: see spawn().
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    Ok(())
-                });
-            }
-            let child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-            let _ = tx.send(Process { name, child, log });
+            let _ = tx.send(spawn(name, &program, &args, &dir, &env));
             loop {
                 std::thread::park();
             }

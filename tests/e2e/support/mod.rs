@@ -272,6 +272,65 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
+/// A pequod process of a test's own (not the shared operator): killed when dropped.
+pub struct OperatorProcess {
+    child: std::process::Child,
+    pub metrics: String,
+    pub probes: String,
+}
+
+impl OperatorProcess {
+    /// Starts pequod against `kubeconfig` on free loopback ports with `cue` and `extra` flags.
+    pub fn start(kubeconfig: &Path, cue: &Path, extra: &[&str]) -> Self {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let probes = format!("127.0.0.1:{}", free_port());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+            .env("KUBECONFIG", kubeconfig)
+            .arg(format!("--metrics-bind-address={metrics}"))
+            .arg(format!("--health-probe-bind-address={probes}"))
+            .arg("--cue-binary")
+            .arg(cue)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start pequod");
+        Self { child, metrics, probes }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// SIGKILL: no graceful shutdown, as when a node dies.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Resident memory from /proc, in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Path of a client tool installed by `make tools`, overridable through an environment variable.
 pub fn tool(name: &str, env: &str) -> PathBuf {
     std::env::var_os(env)
