@@ -3,12 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::Client;
 use tokio::task::JoinSet;
 
-use crate::api::Transform;
 use crate::apply::Applier;
 use crate::cli::RunArgs;
 use crate::controller::resourcegraph;
@@ -34,7 +31,6 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let metrics = Arc::new(Metrics::new()?);
     let health = Arc::new(Health::new());
     health.register(Probe::Readiness, "cue", "not checked yet");
-    health.register(Probe::Readiness, "transform-cache", "not synced yet");
 
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
@@ -59,7 +55,6 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     tasks.spawn(check_cue_binary(cue, health.clone(), shutdown.clone()));
 
     let client = Client::try_default().await.map_err(StartupError::Kubeconfig)?;
-    tasks.spawn(sync_transforms(client.clone(), health.clone(), shutdown.clone()));
 
     let (watches, triggers) = ObjectWatches::new(client.clone(), shutdown.clone());
     let reporter = kube::runtime::events::Reporter {
@@ -114,30 +109,4 @@ async fn check_cue_binary(cue: CueCli, health: Arc<Health>, shutdown: Shutdown) 
             _ = tokio::time::sleep(CUE_CHECK_INTERVAL) => {}
         }
     }
-}
-
-/// Watches Transforms and marks the `transform-cache` check ready once they have listed.
-async fn sync_transforms(client: Client, health: Arc<Health>, shutdown: Shutdown) -> Result<(), StartupError> {
-    let (transforms, writer) = reflector::store::<Transform>();
-    let watch = watcher(Api::<Transform>::all(client), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .for_each(|event| async move {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "watching Transforms failed; are the CRDs installed?");
-            }
-        });
-    let ready = async {
-        if transforms.wait_until_ready().await.is_ok() {
-            health.set(Probe::Readiness, "transform-cache", Ok(()));
-            tracing::info!("Transform cache synced");
-        }
-        std::future::pending::<()>().await
-    };
-    tokio::select! {
-        _ = shutdown.wait() => {}
-        _ = watch => {}
-        _ = ready => {}
-    }
-    Ok(())
 }

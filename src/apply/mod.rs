@@ -65,15 +65,12 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    /// Stable reason string for conditions, events and metric labels.
+    /// Stable reason string for events and conditions: the documented `AdoptionFailed` for a
+    /// failed takeover, `ApplyFailed` for every other write.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::UnknownKind { .. } => "UnknownKind",
-            Self::Conflict { .. } => "ApplyConflict",
-            Self::Forbidden { .. } => "Forbidden",
-            Self::Invalid { .. } => "Invalid",
             Self::AdoptionFailed { .. } => "AdoptionFailed",
-            Self::Server { .. } | Self::Api(_) => "ApiError",
+            _ => "ApplyFailed",
         }
     }
 
@@ -104,8 +101,6 @@ pub struct Applied {
     pub object: DynamicObject,
     /// Whether a write request was sent.
     pub wrote: bool,
-    /// Field managers before an adoption, when the object existed and was adopted.
-    pub previous_managers: Option<Vec<String>>,
 }
 
 /// Resolves kinds and applies objects. Cheap to clone.
@@ -123,10 +118,6 @@ impl Applier {
             metrics,
             kinds: Arc::default(),
         }
-    }
-
-    pub fn client(&self) -> &Client {
-        &self.client
     }
 
     /// Resolves `apiVersion`/`kind` through discovery. Results are cached; a miss asks the
@@ -191,11 +182,7 @@ impl Applier {
                 let force = policy.conflict_policy == ConflictPolicy::Force || reclaim;
                 self.server_side_apply(resolved, desired, manager, force)
                     .await
-                    .map(|object| Applied {
-                        object,
-                        wrote: true,
-                        previous_managers: None,
-                    })
+                    .map(|object| Applied { object, wrote: true })
             }
             ApplyMode::Adopt => self.adopt(resolved, desired, manager, live).await,
         };
@@ -241,7 +228,6 @@ impl Applier {
             return Ok(Applied {
                 object: existing.clone(),
                 wrote: false,
-                previous_managers: None,
             });
         }
         let (namespace, name) = identity(desired);
@@ -253,7 +239,6 @@ impl Applier {
             Ok(created) => Ok(Applied {
                 object: created,
                 wrote: true,
-                previous_managers: None,
             }),
             // Created meanwhile by someone else: Create mode never updates.
             Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -261,7 +246,6 @@ impl Applier {
                 Ok(Applied {
                     object: existing,
                     wrote: false,
-                    previous_managers: None,
                 })
             }
             Err(e) => Err(self.classify(resolved, e)),
@@ -275,29 +259,22 @@ impl Applier {
         manager: &str,
         live: Option<&DynamicObject>,
     ) -> Result<Applied, ApplyError> {
-        let previous: Option<Vec<String>> = live.map(|o| other_managers(o, manager));
+        // Taking over from other managers is an adoption; an object only Pequod wrote is not.
+        let adopting = live.is_some_and(|o| !other_managers(o, manager).is_empty());
         let started = Instant::now();
         let result = self.server_side_apply(resolved, desired, manager, true).await;
-        if let Some(previous) = previous.as_ref().filter(|p| !p.is_empty()) {
+        if adopting {
             let outcome = if result.is_ok() { "success" } else { "error" };
             self.metrics.adoption_total.with_label_values(&[outcome]).inc();
             self.metrics
                 .adoption_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
             return match result {
-                Ok(object) => Ok(Applied {
-                    object,
-                    wrote: true,
-                    previous_managers: Some(previous.clone()),
-                }),
+                Ok(object) => Ok(Applied { object, wrote: true }),
                 Err(e) => Err(ApplyError::AdoptionFailed { message: e.to_string() }),
             };
         }
-        result.map(|object| Applied {
-            object,
-            wrote: true,
-            previous_managers: None,
-        })
+        result.map(|object| Applied { object, wrote: true })
     }
 
     fn classify(&self, resolved: &Resolved, e: kube::Error) -> ApplyError {

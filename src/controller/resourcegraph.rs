@@ -451,12 +451,11 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
 
     let transient = outcomes.values().any(|o| o.transient);
     let deadline = outcomes.values().filter_map(|o| o.requeue).min();
-    Ok(match (transient, deadline, complete || !errors.is_empty()) {
-        (true, _, _) => Action::requeue(RETRY),
-        (_, Some(d), _) => Action::requeue(d),
-        _ if !prune_waiting.is_empty() => Action::requeue(RETRY),
-        (_, None, true) => Action::requeue(RESYNC),
-        (_, None, false) => Action::requeue(RESYNC),
+    // Watch events bring the graph back on any change; the resync is only a safety net.
+    Ok(match (transient || !prune_waiting.is_empty(), deadline) {
+        (true, _) => Action::requeue(RETRY),
+        (false, Some(deadline)) => Action::requeue(deadline),
+        (false, None) => Action::requeue(RESYNC),
     })
 }
 
@@ -548,8 +547,8 @@ async fn process_node(
             );
         }
     };
-    let mut desired = desired_object(node, graph, resolved.namespaced);
-    let (namespace, name) = crate::apply::identity(&desired);
+    let (mut desired, inventory) = planned(node, wave, graph, &resolved);
+    let (namespace, name) = (inventory.namespace.clone(), inventory.name.clone());
     let resource_ref = ResourceRef {
         api_version: api_version.into(),
         kind: kind.into(),
@@ -557,17 +556,9 @@ async fn process_node(
         name: name.clone(),
         uid: None,
     };
-    let inventory = InventoryEntry {
-        node_id: node.id.clone(),
-        api_version: api_version.into(),
-        kind: kind.into(),
-        namespace: namespace.clone(),
-        name: name.clone(),
-        wave,
-    };
 
-    // The cache holds only objects that already carry Pequod's labels: when it has none,
-    // ask the apiserver (an object to adopt, or one created by someone else).
+    // The cache holds only objects that already carry Pequod's labels: when it has none and
+    // the mode must know (Create, Adopt), ask the apiserver.
     let cached = match ctx.watches.lookup(&resolved, namespace.as_deref(), &name) {
         Lookup::Known(Some(o)) => Some((*o).clone()),
         Lookup::Known(None) | Lookup::Unknown => None,
@@ -633,7 +624,7 @@ async fn process_node(
             .apply(node, &resolved, &desired, live.as_ref(), reclaim)
             .await
         {
-            Ok(Applied { object, wrote, .. }) => {
+            Ok(Applied { object, wrote }) => {
                 if wrote {
                     applied_at = Some(time.clone());
                     ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).insert(
@@ -644,11 +635,7 @@ async fn process_node(
                 object
             }
             Err(e) => {
-                let reason = if matches!(e, ApplyError::AdoptionFailed { .. }) {
-                    "AdoptionFailed"
-                } else {
-                    "ApplyFailed"
-                };
+                let reason = e.reason();
                 let message = e.to_string();
                 let transient = e.is_transient();
                 return fail(
@@ -668,12 +655,12 @@ async fn process_node(
     let value = serde_json::to_value(&object).unwrap_or_default();
     let mut outcome_ref = resource_ref;
     outcome_ref.uid = object.uid();
-    let (phase, message, requeue, error) = readiness(ctx, node, &value, previous, time);
+    let (phase, message, requeue, error) = readiness(&ctx.readiness, node, &value, previous, time);
     let event = error
         .as_ref()
         .filter(|_| previous.is_none_or(|p| p.phase != NodePhase::Error))
         .map(|e| {
-            let reason = if e.starts_with("readiness timed out") {
+            let reason = if e.starts_with(READINESS_TIMEOUT) {
                 "ReadinessTimeout"
             } else {
                 "ReadinessFailed"
@@ -716,15 +703,21 @@ fn owned_by_pequod(live: Option<&DynamicObject>, node: &Node) -> bool {
     })
 }
 
+/// Prefix of the error of a node whose readiness gate timed out.
+const READINESS_TIMEOUT: &str = "readiness timed out";
+
 /// Phase, message, requeue deadline and error of a node whose object is applied.
 fn readiness(
-    ctx: &Context,
+    registry: &Registry,
     node: &Node,
     object: &Value,
     previous: Option<&NodeState>,
     time: &Time,
 ) -> (NodePhase, Option<String>, Option<Duration>, Option<String>) {
-    match ctx.readiness.evaluate(&node.ready_when, Some(object)) {
+    let Some((gate, state)) = registry.first_unready(&node.ready_when, Some(object)) else {
+        return (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None);
+    };
+    match state {
         GateState::Ready => (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None),
         GateState::Failed(reason) => (
             NodePhase::Error,
@@ -733,14 +726,24 @@ fn readiness(
             Some(format!("readiness failed: {reason}")),
         ),
         GateState::Waiting(reason) => {
-            let timeout = gate_timeout(&node.ready_when, object, ctx);
+            let timeout = gate
+                .and_then(|g| g.timeout)
+                .unwrap_or(DEFAULT_READY_TIMEOUT_SECONDS)
+                .max(1) as u64;
+            // Only an earlier timeout keeps the node failed; an earlier apply error does not.
+            let timed_out_before = previous.is_some_and(|p| {
+                p.phase == NodePhase::Error
+                    && p.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with(READINESS_TIMEOUT))
+            });
             let since = previous
-                .filter(|p| matches!(p.phase, NodePhase::WaitingReady | NodePhase::Error))
+                .filter(|p| p.phase == NodePhase::WaitingReady)
                 .and_then(|p| p.last_transition_time.clone())
                 .unwrap_or_else(|| time.clone());
             let elapsed = (time.0.as_second() - since.0.as_second()).max(0) as u64;
-            if previous.is_some_and(|p| p.phase == NodePhase::Error) || elapsed >= timeout {
-                let error = format!("readiness timed out after {timeout}s: {reason}");
+            if timed_out_before || elapsed >= timeout {
+                let error = format!("{READINESS_TIMEOUT} after {timeout}s: {reason}");
                 (NodePhase::Error, Some(reason), None, Some(error))
             } else {
                 (
@@ -752,16 +755,6 @@ fn readiness(
             }
         }
     }
-}
-
-/// The timeout of the first gate that is not ready.
-fn gate_timeout(gates: &[ReadyGate], object: &Value, ctx: &Context) -> u64 {
-    gates
-        .iter()
-        .find(|g| ctx.readiness.evaluate(std::slice::from_ref(g), Some(object)) != GateState::Ready)
-        .and_then(|g| g.timeout)
-        .unwrap_or(DEFAULT_READY_TIMEOUT_SECONDS)
-        .max(1) as u64
 }
 
 fn ready_message(gates: &[ReadyGate]) -> String {
@@ -1033,6 +1026,21 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+/// The object to apply for a node and the inventory entry it will have.
+fn planned(node: &Node, wave: u32, graph: &GraphIdentity, resolved: &Resolved) -> (Value, InventoryEntry) {
+    let desired = desired_object(node, graph, resolved.namespaced);
+    let (namespace, name) = crate::apply::identity(&desired);
+    let entry = InventoryEntry {
+        node_id: node.id.clone(),
+        api_version: node.api_version().into(),
+        kind: node.kind().into(),
+        namespace,
+        name,
+        wave,
+    };
+    (desired, entry)
+}
+
 /// Inventory entries for the spec's nodes, as they would be applied.
 async fn spec_entries(rg: &ResourceGraph, ctx: &Context, graph: &GraphIdentity, dag: &Dag) -> Vec<InventoryEntry> {
     let mut entries = Vec::new();
@@ -1041,21 +1049,76 @@ async fn spec_entries(rg: &ResourceGraph, ctx: &Context, graph: &GraphIdentity, 
             let Some(node) = rg.spec.nodes.iter().find(|n| &n.id == id) else {
                 continue;
             };
-            let (api_version, kind) = (node.api_version(), node.kind());
-            let Ok(resolved) = ctx.applier.resolve(api_version, kind).await else {
-                continue;
-            };
-            let desired = desired_object(node, graph, resolved.namespaced);
-            let (namespace, name) = crate::apply::identity(&desired);
-            entries.push(InventoryEntry {
-                node_id: id.clone(),
-                api_version: api_version.into(),
-                kind: kind.into(),
-                namespace,
-                name,
-                wave: wave as u32,
-            });
+            if let Ok(resolved) = ctx.applier.resolve(node.api_version(), node.kind()).await {
+                entries.push(planned(node, wave as u32, graph, &resolved).1);
+            }
         }
     }
     entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(gates: Value) -> Node {
+        serde_json::from_value(json!({"id": "n", "object": {}, "readyWhen": gates})).unwrap()
+    }
+
+    fn at(second: i64) -> Time {
+        Time(jiff::Timestamp::from_second(second).unwrap())
+    }
+
+    fn state(phase: NodePhase, since: i64, last_error: Option<&str>) -> NodeState {
+        NodeState {
+            phase,
+            message: None,
+            last_error: last_error.map(str::to_string),
+            last_transition_time: Some(at(since)),
+            applied_at: None,
+            ready_at: None,
+            adopted: None,
+            previous_managers: Vec::new(),
+            resource_ref: None,
+        }
+    }
+
+    #[test]
+    fn waiting_gate_times_out_from_when_waiting_began() {
+        let registry = Registry::default();
+        let n = node(json!([{"type": "FieldMatch", "path": "ready", "value": true, "timeout": 60}]));
+        let object = json!({"ready": false});
+        let waiting = state(NodePhase::WaitingReady, 1000, None);
+        let (phase, _, requeue, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1030));
+        assert_eq!(
+            (phase, requeue, error),
+            (NodePhase::WaitingReady, Some(Duration::from_secs(31)), None)
+        );
+        let (phase, _, _, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1060));
+        assert_eq!(phase, NodePhase::Error);
+        assert!(error.unwrap().starts_with("readiness timed out after 60s"));
+    }
+
+    #[test]
+    fn an_earlier_apply_error_does_not_count_as_a_timeout() {
+        let registry = Registry::default();
+        let n = node(json!([{"type": "FieldMatch", "path": "ready", "value": true}]));
+        let object = json!({"ready": false});
+        let apply_failed = state(NodePhase::Error, 0, Some("conflict with \"other\""));
+        let (phase, _, requeue, _) = readiness(&registry, &n, &object, Some(&apply_failed), &at(10_000));
+        assert_eq!(phase, NodePhase::WaitingReady);
+        assert_eq!(
+            requeue,
+            Some(Duration::from_secs(DEFAULT_READY_TIMEOUT_SECONDS as u64 + 1))
+        );
+        let timed_out = state(NodePhase::Error, 0, Some("readiness timed out after 300s: x"));
+        let (phase, _, _, _) = readiness(&registry, &n, &object, Some(&timed_out), &at(10_000));
+        assert_eq!(
+            phase,
+            NodePhase::Error,
+            "a timed-out node stays failed until its gate passes"
+        );
+        let (phase, _, _, _) = readiness(&registry, &n, &json!({"ready": true}), Some(&timed_out), &at(10_000));
+        assert_eq!(phase, NodePhase::Ready);
+    }
 }

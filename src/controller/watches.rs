@@ -69,11 +69,6 @@ impl ObjectWatches {
         Lookup::Known(watch.store.get(&key))
     }
 
-    /// Number of kinds watched.
-    pub fn kinds(&self) -> usize {
-        self.kinds.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     fn start(&self, resolved: &Resolved) -> KindWatch {
         let writer = reflector::store::Writer::new(resolved.resource.clone());
         let store = writer.as_reader();

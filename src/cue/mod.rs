@@ -37,21 +37,3 @@ pub enum CueError {
     #[error("the cue runner is shutting down")]
     Shutdown,
 }
-
-impl CueError {
-    /// Stable reason string for conditions, events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Spawn { .. } => "CueBinaryUnavailable",
-            Self::Timeout { .. } => "CueTimeout",
-            Self::OutputTooLarge { .. } => "CueOutputTooLarge",
-            Self::Failed { .. } => "CueEvaluationFailed",
-            Self::Shutdown => "ShuttingDown",
-        }
-    }
-
-    /// Whether the same call could succeed later (so its result must not be cached).
-    pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::Failed { .. } | Self::OutputTooLarge { .. })
-    }
-}

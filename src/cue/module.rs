@@ -198,10 +198,6 @@ impl ModuleStore {
         Self { root: root.into() }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Writes `files` (unless this digest is already on disk) and returns the module.
     pub fn materialize(&self, files: &ModuleFiles, platform: &str) -> Result<Module, ModuleError> {
         let digest = files.digest();

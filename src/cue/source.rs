@@ -44,11 +44,6 @@ impl SourceError {
             _ => "CueFetchFailed",
         }
     }
-
-    /// Whether fetching again could succeed without anyone changing the Transform.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Kube { .. })
-    }
 }
 
 /// A fetched module and the label it goes by in metrics and messages.

@@ -55,13 +55,6 @@ pub struct Dag {
     pub dependants: BTreeMap<String, BTreeSet<String>>,
 }
 
-impl Dag {
-    /// Deletion order: each wave of the reversed graph must be gone before the next starts.
-    pub fn reverse_waves(&self) -> Vec<Vec<String>> {
-        self.waves.iter().rev().cloned().collect()
-    }
-}
-
 /// Checks ids, dependencies, cycles and object identity, and computes the execution order.
 pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
     if nodes.is_empty() {
@@ -209,7 +202,6 @@ mod tests {
         .unwrap();
         assert_eq!(dag.waves, vec![vec!["top"], vec!["left", "right"], vec!["bottom"]]);
         assert_eq!(dag.order, ["top", "left", "right", "bottom"]);
-        assert_eq!(dag.reverse_waves()[0], vec!["bottom"]);
         assert_eq!(
             dag.dependants["top"],
             BTreeSet::from(["left".to_string(), "right".to_string()])

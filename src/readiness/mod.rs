@@ -48,24 +48,31 @@ impl Registry {
         self.checks.insert(type_, Box::new(check));
     }
 
-    /// All gates of a node: Ready when every one is; otherwise the first that is not.
-    pub fn evaluate(&self, gates: &[ReadyGate], object: Option<&Value>) -> GateState {
+    /// The first gate that does not pass, with its state; None when all pass (a node without
+    /// gates passes once its object exists).
+    pub fn first_unready<'g>(
+        &self,
+        gates: &'g [ReadyGate],
+        object: Option<&Value>,
+    ) -> Option<(Option<&'g ReadyGate>, GateState)> {
         if gates.is_empty() {
-            return match object {
-                Some(_) => GateState::Ready,
-                None => GateState::Waiting("the object does not exist".into()),
-            };
+            return object
+                .is_none()
+                .then(|| (None, GateState::Waiting("the object does not exist".into())));
         }
-        for gate in gates {
+        gates.iter().find_map(|gate| {
             let state = match self.checks.get(&gate.type_) {
                 Some(check) => check.check(gate, object),
                 None => GateState::Failed(format!("no readiness check registered for {:?}", gate.type_)),
             };
-            if state != GateState::Ready {
-                return state;
-            }
-        }
-        GateState::Ready
+            (state != GateState::Ready).then_some((Some(gate), state))
+        })
+    }
+
+    /// All gates of a node: Ready when every one is; otherwise the state of the first that is not.
+    pub fn evaluate(&self, gates: &[ReadyGate], object: Option<&Value>) -> GateState {
+        self.first_unready(gates, object)
+            .map_or(GateState::Ready, |(_, state)| state)
     }
 }
 
