@@ -13,6 +13,7 @@ pub mod health;
 pub mod instance;
 pub mod metrics;
 pub mod operator;
+pub mod rbac;
 pub mod readiness;
 pub mod server;
 pub mod shutdown;

@@ -1,5 +1,8 @@
 //! CRDs of platform kinds, built from a module's schema and a Transform's settings.
 
+pub mod compat;
+pub mod reserved;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -38,6 +41,22 @@ pub enum CrdError {
     InvalidPlural(String),
     #[error("short name {0:?} is not valid (want lower-case letters and digits)")]
     InvalidShortName(String),
+    #[error("API group {0:?} belongs to Kubernetes or Pequod; choose a group of your own")]
+    ReservedGroup(String),
+    #[error("kind {0} would collide with the built-in kind {1}")]
+    BuiltinKind(String, String),
+    #[error("short name {0:?} is already used by the built-in kind {1}")]
+    ShortNameTaken(String, String),
+}
+
+impl CrdError {
+    /// Stable reason string for conditions and events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidKind(_) | Self::InvalidPlural(_) | Self::InvalidShortName(_) => "InvalidKindNames",
+            Self::ReservedGroup(_) | Self::BuiltinKind(..) | Self::ShortNameTaken(..) => "ReservedName",
+        }
+    }
 }
 
 /// `web-service` → `WebService`: words split at `-`, `_` and `.`, each capitalized.

@@ -1,0 +1,255 @@
+//! RBAC generated from a Transform's `managedResources`, so that a manager installed without
+//! wildcard permissions gains exactly what each platform module needs.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::api::{ManagedResource, RbacScope};
+use crate::crd::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL};
+
+/// Label that aggregates a generated ClusterRole into the manager's ClusterRole.
+pub const AGGREGATE_LABEL: &str = "pequod.io/aggregate-to-manager";
+/// Verbs the executor uses on the objects it applies.
+const OBJECT_VERBS: [&str; 7] = ["get", "list", "watch", "create", "update", "patch", "delete"];
+
+/// The service account the operator runs as (the subject of generated RoleBindings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagerIdentity {
+    pub service_account: String,
+    pub namespace: String,
+}
+
+impl ManagerIdentity {
+    /// From the downward API variables the manager Deployment sets, with the names of
+    /// config/default as fallback.
+    pub fn from_env() -> Self {
+        let var = |name: &str, default: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| default.to_string())
+        };
+        Self {
+            service_account: var("SERVICE_ACCOUNT_NAME", "pequod-controller-manager"),
+            namespace: var("POD_NAMESPACE", "pequod-system"),
+        }
+    }
+}
+
+/// Name of the ClusterRole of a Cluster-scoped Transform.
+pub fn cluster_role_name(namespace: &str, name: &str) -> String {
+    format!("pequod:transform:{namespace}.{name}")
+}
+
+/// Name of the Role and RoleBinding of a Namespace-scoped Transform.
+pub fn role_name(name: &str) -> String {
+    format!("pequod-transform-{name}")
+}
+
+/// The generated kind Pequod serves, which the manager must be able to watch and update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedKind<'a> {
+    pub group: &'a str,
+    pub plural: &'a str,
+}
+
+/// Rules: full object access to each managed resource, and what serving the generated kind
+/// needs (its instances, their status and finalizers).
+pub fn rules(managed: &[ManagedResource], served: &ServedKind<'_>) -> Vec<PolicyRule> {
+    let verbs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // One rule per group: resources of the same group listed together, sorted and deduplicated.
+    let mut by_group: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in managed {
+        let entry = by_group.entry(m.api_group.clone().unwrap_or_default()).or_default();
+        entry.extend(m.resources.iter().cloned());
+    }
+    let mut rules: Vec<PolicyRule> = by_group
+        .into_iter()
+        .map(|(group, mut resources)| {
+            resources.sort();
+            resources.dedup();
+            PolicyRule {
+                api_groups: Some(vec![group]),
+                resources: Some(resources),
+                verbs: verbs(&OBJECT_VERBS),
+                ..Default::default()
+            }
+        })
+        .collect();
+    rules.push(PolicyRule {
+        api_groups: Some(vec![served.group.to_string()]),
+        resources: Some(vec![served.plural.to_string()]),
+        verbs: verbs(&["get", "list", "watch", "update", "patch"]),
+        ..Default::default()
+    });
+    rules.push(PolicyRule {
+        api_groups: Some(vec![served.group.to_string()]),
+        resources: Some(vec![format!("{}/status", served.plural), format!("{}/finalizers", served.plural)]),
+        verbs: verbs(&["get", "update", "patch"]),
+        ..Default::default()
+    });
+    rules
+}
+
+/// The RBAC objects of one Transform.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Generated {
+    Cluster(ClusterRole),
+    Namespace(Role, RoleBinding),
+}
+
+/// Identity of the Transform the RBAC belongs to.
+#[derive(Debug, Clone)]
+pub struct TransformIdentity<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    /// Owner reference for namespaced objects (cluster-scoped ones cannot have one).
+    pub owner: Option<OwnerReference>,
+}
+
+pub fn generate(
+    scope: RbacScope,
+    transform: &TransformIdentity<'_>,
+    rules: Vec<PolicyRule>,
+    manager: &ManagerIdentity,
+) -> Generated {
+    let mut labels = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+        (TRANSFORM_LABEL.to_string(), transform.name.to_string()),
+        (TRANSFORM_NAMESPACE_LABEL.to_string(), transform.namespace.to_string()),
+    ]);
+    match scope {
+        RbacScope::Cluster => {
+            labels.insert(AGGREGATE_LABEL.to_string(), "true".to_string());
+            Generated::Cluster(ClusterRole {
+                metadata: ObjectMeta {
+                    name: Some(cluster_role_name(transform.namespace, transform.name)),
+                    labels: Some(labels),
+                    ..Default::default()
+                },
+                rules: Some(rules),
+                aggregation_rule: None,
+            })
+        }
+        RbacScope::Namespace => {
+            let meta = ObjectMeta {
+                name: Some(role_name(transform.name)),
+                namespace: Some(transform.namespace.to_string()),
+                labels: Some(labels),
+                owner_references: transform.owner.clone().map(|o| vec![o]),
+                ..Default::default()
+            };
+            let binding = RoleBinding {
+                metadata: meta.clone(),
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    kind: "Role".into(),
+                    name: role_name(transform.name),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".into(),
+                    name: manager.service_account.clone(),
+                    namespace: Some(manager.namespace.clone()),
+                    api_group: None,
+                }]),
+            };
+            Generated::Namespace(
+                Role {
+                    metadata: meta,
+                    rules: Some(rules),
+                },
+                binding,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn managed() -> Vec<ManagedResource> {
+        vec![
+            ManagedResource {
+                api_group: Some("apps".into()),
+                resources: vec!["deployments".into()],
+            },
+            ManagedResource {
+                api_group: None,
+                resources: vec!["services".into(), "configmaps".into()],
+            },
+            ManagedResource {
+                api_group: Some(String::new()),
+                resources: vec!["services".into()],
+            },
+        ]
+    }
+
+    const SERVED: ServedKind<'static> = ServedKind {
+        group: "apps.example.com",
+        plural: "webservices",
+    };
+
+    #[test]
+    fn rules_group_resources_and_cover_the_served_kind() {
+        let rules = rules(&managed(), &SERVED);
+        assert_eq!(rules.len(), 4);
+        assert_eq!(rules[0].api_groups, Some(vec![String::new()]));
+        assert_eq!(
+            rules[0].resources,
+            Some(vec!["configmaps".to_string(), "services".to_string()])
+        );
+        assert_eq!(rules[1].api_groups, Some(vec!["apps".to_string()]));
+        assert!(rules[1].verbs.contains(&"delete".to_string()));
+        assert_eq!(rules[2].resources, Some(vec!["webservices".to_string()]));
+        assert!(!rules[2].verbs.contains(&"delete".to_string()));
+        assert_eq!(
+            rules[3].resources,
+            Some(vec!["webservices/status".to_string(), "webservices/finalizers".to_string()])
+        );
+    }
+
+    #[test]
+    fn cluster_scope_is_an_aggregated_cluster_role() {
+        let t = TransformIdentity {
+            name: "webservice",
+            namespace: "platform",
+            owner: None,
+        };
+        let manager = ManagerIdentity {
+            service_account: "sa".into(),
+            namespace: "pequod-system".into(),
+        };
+        let Generated::Cluster(role) = generate(RbacScope::Cluster, &t, rules(&[], &SERVED), &manager) else {
+            panic!("want a ClusterRole");
+        };
+        assert_eq!(role.metadata.name.as_deref(), Some("pequod:transform:platform.webservice"));
+        assert_eq!(role.metadata.labels.as_ref().unwrap()[AGGREGATE_LABEL], "true");
+    }
+
+    #[test]
+    fn namespace_scope_binds_a_role_to_the_manager() {
+        let t = TransformIdentity {
+            name: "webservice",
+            namespace: "platform",
+            owner: None,
+        };
+        let manager = ManagerIdentity {
+            service_account: "sa".into(),
+            namespace: "pequod-system".into(),
+        };
+        let Generated::Namespace(role, binding) = generate(RbacScope::Namespace, &t, rules(&[], &SERVED), &manager)
+        else {
+            panic!("want a Role");
+        };
+        assert_eq!(role.metadata.namespace.as_deref(), Some("platform"));
+        assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+        let subject = &binding.subjects.unwrap()[0];
+        assert_eq!(
+            (subject.name.as_str(), subject.namespace.as_deref()),
+            ("sa", Some("pequod-system"))
+        );
+    }
+}
