@@ -40,6 +40,10 @@ test: tools control-plane ## Unit and end-to-end tests against a local control p
 bench-render: tools ## Benchmark rendering: 1 against 100 instances, and a cached resync.
 	$(CARGO) bench --locked --bench render
 
+.PHONY: bench-instances
+bench-instances: tools control-plane ## Benchmark instances: 500 created at once, a resync and a restart.
+	$(CARGO) bench --locked --bench instances
+
 .PHONY: bench-executor
 bench-executor: tools control-plane ## Benchmark the executor against direct applies; resync writes; memory.
 	$(CARGO) bench --locked --bench executor

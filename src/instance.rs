@@ -6,7 +6,12 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use sha2::{Digest, Sha256};
 
-use crate::api::{ResourceGraph, ResourceGraphSpec, SourceRef};
+use serde_json::{Value, json};
+
+use crate::api::{
+    ConditionStatus, GraphPhase, InstancePhase, MAX_NODE_SUMMARIES, Node, NodeSummary, ResourceGraph,
+    ResourceGraphSpec, Severity, SourceRef, Violation,
+};
 use crate::crd::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL};
 use crate::cue::RenderOutput;
 
@@ -90,9 +95,149 @@ pub fn resource_graph(
     }
 }
 
+/// How a kind's objects are scoped, as discovery reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Namespaced,
+    Cluster,
+    /// Discovery does not know the kind; the executor reports it when applying.
+    Unknown,
+}
+
+/// Keeps every rendered object inside the instance's namespace: a missing namespace is filled
+/// in, another namespace is a violation, and cluster-scoped objects are violations unless the
+/// Transform allows them. A developer must not reach outside their namespace through a module.
+pub fn confine(
+    nodes: &mut [Node],
+    namespace: &str,
+    allow_cluster_scoped: bool,
+    scope_of: impl Fn(&Node) -> Scope,
+) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    for node in nodes.iter_mut() {
+        let scope = scope_of(node);
+        let kind = node.kind().to_string();
+        let Some(meta) = node.object.get_mut("metadata").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let name = meta.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+        let declared = meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string);
+        match scope {
+            Scope::Cluster if !allow_cluster_scoped => violations.push(Violation {
+                path: format!("nodes.{}", node.id),
+                message: format!(
+                    "{kind} {name} is cluster-scoped; the Transform does not allow cluster-scoped objects \
+                     (spec.allowClusterScopedResources)"
+                ),
+                severity: Severity::Error,
+            }),
+            Scope::Cluster => {}
+            Scope::Namespaced | Scope::Unknown => match declared {
+                Some(other) if other != namespace => violations.push(Violation {
+                    path: format!("nodes.{}.metadata.namespace", node.id),
+                    message: format!(
+                        "{kind} {name} targets namespace {other}; objects of an instance must stay in its namespace {namespace}"
+                    ),
+                    severity: Severity::Error,
+                }),
+                Some(_) => {}
+                None if scope == Scope::Namespaced => {
+                    meta.insert("namespace".into(), json!(namespace));
+                }
+                None => {}
+            },
+        }
+    }
+    violations
+}
+
+/// Most characters of a node message kept in an instance's status.
+const MAX_SUMMARY_MESSAGE: usize = 256;
+
+/// One line per node of the graph, in spec order, bounded in number and length.
+pub fn node_summaries(rg: &ResourceGraph) -> Vec<NodeSummary> {
+    let states = rg.status.as_ref().map(|s| &s.node_states);
+    rg.spec
+        .nodes
+        .iter()
+        .take(MAX_NODE_SUMMARIES)
+        .map(|node| {
+            let state = states.and_then(|s| s.get(&node.id));
+            let message = state
+                .and_then(|s| s.last_error.clone().or_else(|| s.message.clone()))
+                .map(|m| {
+                    if m.chars().count() > MAX_SUMMARY_MESSAGE {
+                        m.chars().take(MAX_SUMMARY_MESSAGE - 1).collect::<String>() + "…"
+                    } else {
+                        m
+                    }
+                });
+            NodeSummary {
+                id: node.id.clone(),
+                kind: node.kind().to_string(),
+                name: node
+                    .object
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                phase: state.map(|s| s.phase).unwrap_or(crate::api::NodePhase::Pending),
+                message,
+            }
+        })
+        .collect()
+}
+
+/// The instance's phase and Ready condition (status, reason, message) from its graph. A graph
+/// whose status predates its spec is still being applied, whatever its status says.
+pub fn graph_progress(rg: &ResourceGraph) -> (InstancePhase, bool, String, String) {
+    let Some(status) = rg
+        .status
+        .as_ref()
+        .filter(|s| s.observed_generation == rg.metadata.generation)
+    else {
+        return (
+            InstancePhase::Applying,
+            false,
+            "Applying".into(),
+            "the ResourceGraph is being applied".into(),
+        );
+    };
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let message = ready.map(|c| c.message.clone()).unwrap_or_default();
+    match status.phase {
+        Some(GraphPhase::Completed) if ready.is_some_and(|c| c.status == ConditionStatus::True) => (
+            InstancePhase::Ready,
+            true,
+            "Ready".into(),
+            format!("all {} resources are ready", rg.spec.nodes.len()),
+        ),
+        Some(GraphPhase::Failed) => (
+            InstancePhase::Failed,
+            false,
+            ready.map(|c| c.reason.clone()).unwrap_or_else(|| "GraphFailed".into()),
+            message,
+        ),
+        _ => (
+            InstancePhase::Applying,
+            false,
+            ready
+                .map(|c| c.reason.clone())
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "Applying".into()),
+            message,
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{Condition, NodePhase, NodeState, ResourceGraphStatus};
 
     #[test]
     fn graph_names_separate_kinds_and_stay_within_limits() {
@@ -129,5 +274,116 @@ mod tests {
         assert_eq!((owner.uid.as_str(), owner.controller), ("uid-1", Some(true)));
         assert_eq!(rg.spec.render_hash.as_deref(), Some(hash.as_str()));
         assert_eq!(rg.metadata.namespace.as_deref(), Some("team"));
+    }
+
+    fn nodes(objects: &[Value]) -> Vec<Node> {
+        objects
+            .iter()
+            .enumerate()
+            .map(|(i, o)| serde_json::from_value(json!({"id": format!("n{i}"), "object": o})).unwrap())
+            .collect()
+    }
+
+    fn scope(node: &Node) -> Scope {
+        match node.kind() {
+            "Namespace" | "ClusterRole" => Scope::Cluster,
+            "Mystery" => Scope::Unknown,
+            _ => Scope::Namespaced,
+        }
+    }
+
+    #[test]
+    fn confinement_fills_in_the_namespace_and_refuses_escapes() {
+        let mut n = nodes(&[
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b", "namespace": "team"}}),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "c", "namespace": "kube-system"}}),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "d"}}),
+            json!({"apiVersion": "x/v1", "kind": "Mystery", "metadata": {"name": "e"}}),
+        ]);
+        let violations = confine(&mut n, "team", false, scope);
+        assert_eq!(n[0].object["metadata"]["namespace"], "team");
+        assert!(n[4].object["metadata"].get("namespace").is_none());
+        let paths: Vec<&str> = violations.iter().map(|v| v.path.as_str()).collect();
+        assert_eq!(paths, ["nodes.n2.metadata.namespace", "nodes.n3"]);
+        assert!(violations.iter().all(|v| v.severity == Severity::Error));
+        assert!(violations[0].message.contains("kube-system"));
+    }
+
+    #[test]
+    fn cluster_scoped_objects_pass_when_the_transform_allows_them() {
+        let mut n = nodes(&[json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "d"}})]);
+        assert!(confine(&mut n, "team", true, scope).is_empty());
+    }
+
+    fn graph_with(status: Option<ResourceGraphStatus>, generation: i64) -> ResourceGraph {
+        let mut rg = ResourceGraph::new(
+            "g",
+            ResourceGraphSpec {
+                source_ref: None,
+                metadata: None,
+                nodes: nodes(&[json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}})]),
+                violations: Vec::new(),
+                render_hash: None,
+                rendered_at: None,
+            },
+        );
+        rg.metadata.generation = Some(generation);
+        rg.status = status;
+        rg
+    }
+
+    #[test]
+    fn progress_follows_an_up_to_date_graph_only() {
+        let ready = ResourceGraphStatus {
+            phase: Some(GraphPhase::Completed),
+            observed_generation: Some(2),
+            conditions: vec![Condition::new("Ready", true, "Ready", "all nodes ready")],
+            ..Default::default()
+        };
+        assert_eq!(
+            graph_progress(&graph_with(Some(ready.clone()), 2)).0,
+            InstancePhase::Ready
+        );
+        assert_eq!(graph_progress(&graph_with(Some(ready), 3)).0, InstancePhase::Applying);
+        assert_eq!(graph_progress(&graph_with(None, 1)).0, InstancePhase::Applying);
+        let failed = ResourceGraphStatus {
+            phase: Some(GraphPhase::Failed),
+            observed_generation: Some(1),
+            conditions: vec![Condition::new("Ready", false, "ApplyFailed", "service: conflict")],
+            ..Default::default()
+        };
+        let (phase, ok, reason, message) = graph_progress(&graph_with(Some(failed), 1));
+        assert_eq!(
+            (phase, ok, reason.as_str(), message.as_str()),
+            (InstancePhase::Failed, false, "ApplyFailed", "service: conflict")
+        );
+    }
+
+    #[test]
+    fn summaries_name_each_node_with_its_state() {
+        let mut status = ResourceGraphStatus::default();
+        status.node_states.insert(
+            "n0".into(),
+            NodeState {
+                phase: NodePhase::Error,
+                message: Some("applying".into()),
+                last_error: Some("x".repeat(1000)),
+                last_transition_time: None,
+                applied_at: None,
+                ready_at: None,
+                adopted: None,
+                previous_managers: Vec::new(),
+                resource_ref: None,
+            },
+        );
+        let summaries = node_summaries(&graph_with(Some(status), 1));
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(
+            (summaries[0].kind.as_str(), summaries[0].name.as_str()),
+            ("Service", "web")
+        );
+        assert_eq!(summaries[0].phase, NodePhase::Error);
+        assert_eq!(summaries[0].message.as_ref().unwrap().chars().count(), 256);
     }
 }

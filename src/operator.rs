@@ -8,12 +8,14 @@ use tokio::task::JoinSet;
 
 use crate::apply::Applier;
 use crate::cli::RunArgs;
-use crate::controller::resourcegraph;
+use crate::controller::instance::{self, Supervisor};
 use crate::controller::watches::ObjectWatches;
-use crate::cue::CueCli;
+use crate::controller::{resourcegraph, transform};
+use crate::cue::{CueCli, Renderer, RendererConfig};
 use crate::error::StartupError;
 use crate::health::{Health, Probe};
 use crate::metrics::Metrics;
+use crate::rbac::ManagerIdentity;
 use crate::server;
 use crate::shutdown::Shutdown;
 
@@ -63,17 +65,54 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             .ok()
             .or_else(|| std::env::var("HOSTNAME").ok()),
     };
-    let ctx = Arc::new(resourcegraph::Context::new(
+    let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
+    let applier = Applier::new(client.clone(), metrics.clone());
+    let renderer = Renderer::new(
+        CueCli::new(
+            &args.cue.cue_binary,
+            Duration::from_secs(args.cue.cue_timeout),
+            args.cue.cue_max_processes.into(),
+        )
+        .with_metrics(metrics.clone()),
+        RendererConfig::new(&args.cue.cache_dir),
+        metrics.clone(),
+    );
+
+    let graphs = Arc::new(resourcegraph::Context::new(
         client.clone(),
-        Applier::new(client.clone(), metrics.clone()),
+        applier.clone(),
         watches,
-        kube::runtime::events::Recorder::new(client.clone(), reporter),
+        recorder.clone(),
         metrics.clone(),
         args.apply_concurrency.into(),
     ));
     let (h, s, n) = (health.clone(), shutdown.clone(), args.max_concurrent_reconciles);
     tasks.spawn(async move {
-        resourcegraph::run(ctx, triggers, n, h, s).await;
+        resourcegraph::run(graphs, triggers, n, h, s).await;
+        Ok(())
+    });
+
+    let supervisor = Supervisor::new(
+        Arc::new(instance::Shared::new(
+            client.clone(),
+            renderer.clone(),
+            applier,
+            recorder.clone(),
+            metrics.clone(),
+        )),
+        shutdown.clone(),
+    );
+    let transforms = Arc::new(transform::Context::new(
+        client.clone(),
+        renderer,
+        recorder,
+        metrics.clone(),
+        ManagerIdentity::from_env(),
+        supervisor,
+    ));
+    let (h, s, n) = (health.clone(), shutdown.clone(), args.max_concurrent_reconciles);
+    tasks.spawn(async move {
+        transform::run(transforms, n, h, s).await;
         Ok(())
     });
 

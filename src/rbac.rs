@@ -86,7 +86,10 @@ pub fn rules(managed: &[ManagedResource], served: &ServedKind<'_>) -> Vec<Policy
     });
     rules.push(PolicyRule {
         api_groups: Some(vec![served.group.to_string()]),
-        resources: Some(vec![format!("{}/status", served.plural), format!("{}/finalizers", served.plural)]),
+        resources: Some(vec![
+            format!("{}/status", served.plural),
+            format!("{}/finalizers", served.plural),
+        ]),
         verbs: verbs(&["get", "update", "patch"]),
         ..Default::default()
     });
@@ -96,8 +99,8 @@ pub fn rules(managed: &[ManagedResource], served: &ServedKind<'_>) -> Vec<Policy
 /// The RBAC objects of one Transform.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Generated {
-    Cluster(ClusterRole),
-    Namespace(Role, RoleBinding),
+    Cluster(Box<ClusterRole>),
+    Namespace(Box<(Role, RoleBinding)>),
 }
 
 /// Identity of the Transform the RBAC belongs to.
@@ -123,7 +126,7 @@ pub fn generate(
     match scope {
         RbacScope::Cluster => {
             labels.insert(AGGREGATE_LABEL.to_string(), "true".to_string());
-            Generated::Cluster(ClusterRole {
+            Generated::Cluster(Box::new(ClusterRole {
                 metadata: ObjectMeta {
                     name: Some(cluster_role_name(transform.namespace, transform.name)),
                     labels: Some(labels),
@@ -131,7 +134,7 @@ pub fn generate(
                 },
                 rules: Some(rules),
                 aggregation_rule: None,
-            })
+            }))
         }
         RbacScope::Namespace => {
             let meta = ObjectMeta {
@@ -155,13 +158,13 @@ pub fn generate(
                     api_group: None,
                 }]),
             };
-            Generated::Namespace(
+            Generated::Namespace(Box::new((
                 Role {
                     metadata: meta,
                     rules: Some(rules),
                 },
                 binding,
-            )
+            )))
         }
     }
 }
@@ -207,7 +210,10 @@ mod tests {
         assert!(!rules[2].verbs.contains(&"delete".to_string()));
         assert_eq!(
             rules[3].resources,
-            Some(vec!["webservices/status".to_string(), "webservices/finalizers".to_string()])
+            Some(vec![
+                "webservices/status".to_string(),
+                "webservices/finalizers".to_string()
+            ])
         );
     }
 
@@ -225,7 +231,10 @@ mod tests {
         let Generated::Cluster(role) = generate(RbacScope::Cluster, &t, rules(&[], &SERVED), &manager) else {
             panic!("want a ClusterRole");
         };
-        assert_eq!(role.metadata.name.as_deref(), Some("pequod:transform:platform.webservice"));
+        assert_eq!(
+            role.metadata.name.as_deref(),
+            Some("pequod:transform:platform.webservice")
+        );
         assert_eq!(role.metadata.labels.as_ref().unwrap()[AGGREGATE_LABEL], "true");
     }
 
@@ -240,10 +249,10 @@ mod tests {
             service_account: "sa".into(),
             namespace: "pequod-system".into(),
         };
-        let Generated::Namespace(role, binding) = generate(RbacScope::Namespace, &t, rules(&[], &SERVED), &manager)
-        else {
+        let Generated::Namespace(generated) = generate(RbacScope::Namespace, &t, rules(&[], &SERVED), &manager) else {
             panic!("want a Role");
         };
+        let (role, binding) = *generated;
         assert_eq!(role.metadata.namespace.as_deref(), Some("platform"));
         assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
         let subject = &binding.subjects.unwrap()[0];

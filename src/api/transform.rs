@@ -58,6 +58,11 @@ pub struct TransformSpec {
     /// Whether generated RBAC is a ClusterRole (Cluster) or a Role in the Transform's namespace (Namespace).
     #[serde(default)]
     pub rbac_scope: RbacScope,
+    /// Whether instances may create cluster-scoped objects (for example a Namespace or a
+    /// ClusterRole). Off by default: a developer must not reach outside their namespace
+    /// through a module.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_cluster_scoped_resources: bool,
 }
 
 fn default_group() -> String {

@@ -1,6 +1,8 @@
 //! Controllers: the kube-facing loops around the pure core.
 
+pub mod instance;
 pub mod resourcegraph;
+pub mod transform;
 pub mod watches;
 
 use std::time::Instant;
@@ -18,6 +20,8 @@ pub enum Error {
     Serialization(#[from] serde_json::Error),
     #[error("object has no {0}")]
     MissingField(&'static str),
+    #[error("{0}")]
+    CueUnavailable(String),
 }
 
 impl Error {
@@ -28,6 +32,7 @@ impl Error {
             Self::Kube(_) => "ApiError",
             Self::Serialization(_) => "SerializationError",
             Self::MissingField(_) => "InvalidObject",
+            Self::CueUnavailable(_) => "CueUnavailable",
         }
     }
 }
@@ -78,4 +83,151 @@ pub fn reconcile_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{:x}-{n}", std::process::id())
+}
+
+/// Per object uid: (resourceVersion a status was computed from, status written). A reconcile
+/// that still sees that resourceVersion works from the written status instead of the stale
+/// cached one, so it neither repeats writes nor re-announces transitions.
+pub struct StatusMemory<S> {
+    written: std::sync::Mutex<std::collections::HashMap<String, (String, S)>>,
+}
+
+impl<S> Default for StatusMemory<S> {
+    fn default() -> Self {
+        Self {
+            written: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl<S: Clone + Default> StatusMemory<S> {
+    /// The status as last known for an object seen at `resource_version` with `cached` status.
+    pub fn last(&self, uid: &str, resource_version: Option<&String>, cached: Option<&S>) -> S {
+        let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        match written.get(uid) {
+            Some((version, status)) if Some(version) == resource_version => status.clone(),
+            _ => cached.cloned().unwrap_or_default(),
+        }
+    }
+
+    pub fn remember(&self, uid: String, resource_version: String, status: S) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid, (resource_version, status));
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.written.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+    }
+}
+
+/// Cuts an event note to the length the events API accepts.
+pub fn truncate(mut s: String) -> String {
+    if s.len() > 1000 {
+        let mut cut = 1000;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Publishes an event in the background: an event must not hold up the reconcile.
+pub fn publish(
+    recorder: &kube::runtime::events::Recorder,
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+    event: kube::runtime::events::Event,
+) {
+    let recorder = recorder.clone();
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason = %event.reason, "publishing event failed");
+        }
+    });
+}
+
+/// A Reconcile event of the given type.
+pub fn reconcile_event(
+    type_: kube::runtime::events::EventType,
+    reason: &str,
+    note: impl Into<String>,
+) -> kube::runtime::events::Event {
+    kube::runtime::events::Event {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate(note.into())),
+        action: "Reconcile".into(),
+        secondary: None,
+    }
+}
+
+/// Adds `finalizer` to `obj`. The resourceVersion makes the patch fail rather than race
+/// another writer of the list.
+pub async fn add_finalizer<K>(api: &kube::Api<K>, obj: &K, finalizer: &str) -> Result<K, Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use kube::ResourceExt;
+    let finalizers: Vec<String> = obj
+        .finalizers()
+        .iter()
+        .cloned()
+        .chain([finalizer.to_string()])
+        .collect();
+    let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
+    Ok(api
+        .patch(
+            &obj.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(patch),
+        )
+        .await?)
+}
+
+/// Removes `finalizer` from `obj`, guarded by its resourceVersion like [`add_finalizer`].
+pub async fn remove_finalizer<K>(api: &kube::Api<K>, obj: &K, finalizer: &str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use kube::ResourceExt;
+    let finalizers: Vec<String> = obj.finalizers().iter().filter(|f| *f != finalizer).cloned().collect();
+    let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
+    match api
+        .patch(
+            &obj.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Already gone: the finalizer was the last thing holding it.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Marks readiness check `check` passing once `store` has synced.
+pub async fn report_when_synced<K>(
+    store: kube::runtime::reflector::Store<K>,
+    health: std::sync::Arc<crate::health::Health>,
+    check: &'static str,
+) where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    // The store wakes only one of several waiters when it becomes ready (the controller
+    // itself is another), so ask again until it answers.
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_millis(250), store.wait_until_ready()).await {
+            Ok(Ok(())) => {
+                health.set(crate::health::Probe::Readiness, check, Ok(()));
+                return;
+            }
+            Ok(Err(_)) => return,
+            Err(_) => {}
+        }
+    }
 }

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tracing::{Instrument, info_span};
 
 use super::watches::{Lookup, ObjectWatches};
-use super::{Error, ReconcileMeasure, now, reconcile_id};
+use super::{Error, ReconcileMeasure, StatusMemory, now, reconcile_event, reconcile_id, truncate};
 use crate::api::{
     Condition, ConditionStatus, DEFAULT_FIELD_MANAGER, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node,
     NodePhase, NodeState, ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, set_condition,
@@ -62,10 +62,8 @@ pub struct Context {
     applied: Mutex<HashMap<(String, String), (String, String)>>,
     /// Inventory entries counted into `pequod_resources_managed`, per graph uid.
     counted: Mutex<HashMap<String, BTreeSet<InventoryEntry>>>,
-    /// Per graph uid: (resourceVersion the status was computed from, status written). A
-    /// reconcile that still sees that resourceVersion works from the written status instead of
-    /// the stale cached one, so it neither repeats writes nor re-announces transitions.
-    written: Mutex<HashMap<String, (String, ResourceGraphStatus)>>,
+    /// Statuses this process wrote, see [`StatusMemory`].
+    written: StatusMemory<ResourceGraphStatus>,
 }
 
 impl Context {
@@ -87,7 +85,7 @@ impl Context {
             apply_concurrency: apply_concurrency.max(1),
             applied: Mutex::default(),
             counted: Mutex::default(),
-            written: Mutex::default(),
+            written: StatusMemory::default(),
         }
     }
 }
@@ -109,24 +107,11 @@ pub async fn run(
         .graceful_shutdown_on(shutdown.clone().wait_owned());
     let store = controller.store();
     health.register(Probe::Readiness, "resourcegraph-controller", "cache not synced yet");
-    let ready = {
-        let health = health.clone();
-        async move {
-            // The store wakes only one of several waiters when it becomes ready (the
-            // controller itself is another), so ask again until it answers.
-            loop {
-                match tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await {
-                    Ok(Ok(())) => {
-                        health.set(Probe::Readiness, "resourcegraph-controller", Ok(()));
-                        return;
-                    }
-                    Ok(Err(_)) => return,
-                    Err(_) => {}
-                }
-            }
-        }
-    };
-    tokio::spawn(ready);
+    tokio::spawn(super::report_when_synced(
+        store,
+        health.clone(),
+        "resourcegraph-controller",
+    ));
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -152,7 +137,7 @@ async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, 
         let result = if rg.metadata.deletion_timestamp.is_some() {
             cleanup(&rg, &ctx).await
         } else if !rg.finalizers().iter().any(|f| f == FINALIZER) {
-            match add_finalizer(&rg, &ctx).await {
+            match super::add_finalizer(&api(&rg, &ctx), &*rg, FINALIZER).await {
                 Ok(updated) => apply_graph(&updated, &ctx).await,
                 Err(e) => Err(e),
             }
@@ -168,15 +153,6 @@ async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, 
 
 fn api(rg: &ResourceGraph, ctx: &Context) -> Api<ResourceGraph> {
     Api::namespaced(ctx.client.clone(), &rg.namespace().unwrap_or_default())
-}
-
-async fn add_finalizer(rg: &ResourceGraph, ctx: &Context) -> Result<ResourceGraph, Error> {
-    let finalizers: Vec<String> = rg.finalizers().iter().cloned().chain([FINALIZER.to_string()]).collect();
-    // The resourceVersion makes the patch fail rather than race another writer of the list.
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": rg.resource_version()}});
-    Ok(api(rg, ctx)
-        .patch(&rg.name_any(), &PatchParams::default(), &Patch::Merge(patch))
-        .await?)
 }
 
 fn identity(rg: &ResourceGraph) -> Result<GraphIdentity, Error> {
@@ -776,51 +752,19 @@ fn warning(reason: &str, note: String) -> Event {
     }
 }
 
-fn truncate(mut s: String) -> String {
-    if s.len() > 1000 {
-        let mut cut = 1000;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
-}
-
 async fn publish(ctx: &Context, rg: &ResourceGraph, type_: EventType, reason: &str, note: &str) {
-    publish_event(
-        ctx,
-        rg,
-        Event {
-            type_,
-            reason: reason.into(),
-            note: Some(truncate(note.into())),
-            action: "Reconcile".into(),
-            secondary: None,
-        },
-    )
-    .await;
+    publish_event(ctx, rg, reconcile_event(type_, reason, note)).await;
 }
 
-/// Publishes in the background: an event must not hold up the reconcile.
 async fn publish_event(ctx: &Context, rg: &ResourceGraph, event: Event) {
-    let recorder = ctx.recorder.clone();
-    let reference = rg.object_ref(&());
-    tokio::spawn(async move {
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, reason = %event.reason, "publishing event failed");
-        }
-    });
+    super::publish(&ctx.recorder, rg.object_ref(&()), event);
 }
 
 /// The graph's status as last known: the one this process wrote, when the cached graph
 /// predates that write.
 fn last_status(rg: &ResourceGraph, ctx: &Context, uid: &str) -> ResourceGraphStatus {
-    let written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
-    match written.get(uid) {
-        Some((version, status)) if Some(version) == rg.metadata.resource_version.as_ref() => status.clone(),
-        _ => rg.status.clone().unwrap_or_default(),
-    }
+    ctx.written
+        .last(uid, rg.metadata.resource_version.as_ref(), rg.status.as_ref())
 }
 
 async fn write_status(
@@ -841,10 +785,7 @@ async fn write_status(
         )
         .await?;
     if let (Some(uid), Some(version)) = (rg.uid(), rg.resource_version()) {
-        ctx.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uid, (version, status));
+        ctx.written.remember(uid, version, status);
     }
     Ok(())
 }
@@ -1005,11 +946,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
         write_status(rg, ctx, &old, status).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let finalizers: Vec<String> = rg.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": rg.resource_version()}});
-    api(rg, ctx)
-        .patch(&rg.name_any(), &PatchParams::default(), &Patch::Merge(patch))
-        .await?;
+    super::remove_finalizer(&api(rg, ctx), rg, FINALIZER).await?;
     let name = metric_name(&graph);
     let _ = ctx.metrics.dag_nodes_total.remove_label_values(&[&name]);
     for result in ["success", "failure"] {
@@ -1022,7 +959,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .retain(|(uid, _), _| uid != &graph.uid);
-    ctx.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&graph.uid);
+    ctx.written.forget(&graph.uid);
     Ok(Action::await_change())
 }
 

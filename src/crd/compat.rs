@@ -114,13 +114,13 @@ fn compare(path: &str, old: &Value, new: &Value, out: &mut Vec<BreakingChange>) 
     }
     match (old.get("additionalProperties"), new.get("additionalProperties")) {
         (Some(o), Some(n)) if o.is_object() && n.is_object() => compare(&format!("{path}[*]"), o, n, out),
-        (Some(o), None) if o.is_object() || o == &Value::Bool(true) => {
-            if new_props.is_empty() && !preserves_unknown(new) {
-                out.push(BreakingChange {
-                    path: path.to_string(),
-                    change: "arbitrary keys no longer allowed".into(),
-                });
-            }
+        (Some(o), None)
+            if (o.is_object() || o == &Value::Bool(true)) && new_props.is_empty() && !preserves_unknown(new) =>
+        {
+            out.push(BreakingChange {
+                path: path.to_string(),
+                change: "arbitrary keys no longer allowed".into(),
+            });
         }
         _ => {}
     }

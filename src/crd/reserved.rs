@@ -24,7 +24,11 @@ const BUILTIN: &[(&str, &str, &[&str])] = &[
     ("Service", "services", &["svc"]),
     ("MutatingWebhookConfiguration", "mutatingwebhookconfigurations", &[]),
     ("ValidatingWebhookConfiguration", "validatingwebhookconfigurations", &[]),
-    ("CustomResourceDefinition", "customresourcedefinitions", &["crd", "crds"]),
+    (
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        &["crd", "crds"],
+    ),
     ("APIService", "apiservices", &[]),
     ("ControllerRevision", "controllerrevisions", &[]),
     ("DaemonSet", "daemonsets", &["ds"]),

@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
 use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv};
+use crate::support::{self, TEST_MANAGER, TestEnv, event_reasons, make_available, metric};
 
 const WAIT: Duration = Duration::from_secs(45);
 
@@ -86,44 +86,6 @@ fn phase_is(phase: GraphPhase) -> impl Fn(&ResourceGraph) -> bool {
 
 fn node_phase(rg: &ResourceGraph, id: &str) -> Option<NodePhase> {
     rg.status.as_ref()?.node_states.get(id).map(|s| s.phase)
-}
-
-/// Plays the deployment controller: reports every replica available.
-async fn make_available(client: &Client, namespace: &str, name: &str) {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    let d = api.get(name).await.unwrap();
-    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let status = json!({"status": {
-        "observedGeneration": d.metadata.generation, "replicas": replicas, "updatedReplicas": replicas,
-        "readyReplicas": replicas, "availableReplicas": replicas,
-        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "simulated",
-            "lastUpdateTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-    }});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
-        .await
-        .unwrap();
-}
-
-/// The value of one series on the operator's /metrics (0 when absent).
-async fn metric(env: &TestEnv, series: &str) -> f64 {
-    let endpoints = support::operator(&env.client).await;
-    let (_, text) = support::http_get(&endpoints.metrics, "/metrics").await.unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
-async fn event_reasons(client: &Client, namespace: &str, object: &str) -> Vec<String> {
-    let events: Api<CoreEvent> = Api::namespaced(client.clone(), namespace);
-    let list = events
-        .list(&ListParams::default().fields(&format!("involvedObject.name={object}")))
-        .await
-        .unwrap();
-    list.items.into_iter().filter_map(|e| e.reason).collect()
 }
 
 #[tokio::test]

@@ -2,7 +2,9 @@
 
 mod demo;
 mod executor;
+mod instances;
 mod operator_process;
 mod smoke;
 mod sources;
 mod support;
+mod transforms;

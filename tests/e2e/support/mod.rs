@@ -149,6 +149,14 @@ where
         };
         if started.elapsed() > timeout {
             control_plane::shared().assert_alive();
+            if let Some(endpoints) = OPERATOR.get() {
+                let log = std::fs::read_to_string(&endpoints.log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("last lines of the operator log {}:", endpoints.log.display());
+                for line in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("  {line}");
+                }
+            }
             panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -336,4 +344,47 @@ pub fn tool(name: &str, env: &str) -> PathBuf {
     std::env::var_os(env)
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("bin").join(name))
+}
+
+/// Reasons of the events recorded about `object` in `namespace`.
+pub async fn event_reasons(client: &Client, namespace: &str, object: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), namespace);
+    let list = events
+        .list(&kube::api::ListParams::default().fields(&format!("involvedObject.name={object}")))
+        .await
+        .expect("list events");
+    list.items.into_iter().filter_map(|e| e.reason).collect()
+}
+
+/// Plays the deployment controller: reports every replica available.
+pub async fn make_available(client: &Client, namespace: &str, name: &str) {
+    let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), namespace);
+    let d = api.get(name).await.unwrap();
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = serde_json::json!({"status": {
+        "observedGeneration": d.metadata.generation, "replicas": replicas, "updatedReplicas": replicas,
+        "readyReplicas": replicas, "availableReplicas": replicas,
+        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "simulated",
+            "lastUpdateTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }});
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(status),
+    )
+    .await
+    .unwrap();
+}
+
+/// The value of one series on the operator's /metrics (0 when absent).
+pub async fn metric(env: &TestEnv, series: &str) -> f64 {
+    let endpoints = operator(&env.client).await;
+    let (_, text) = http_get(&endpoints.metrics, "/metrics").await.unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }

@@ -1,0 +1,640 @@
+//! Platform instances: one controller per generated kind renders each instance through its
+//! module into a ResourceGraph and reports the graph's progress back on the instance.
+//!
+//! The [`Supervisor`] starts a kind's controller when its Transform becomes Ready, swaps the
+//! module when the Transform's content changes (re-rendering every instance), and stops the
+//! controller when the Transform is deleted, so that nothing outlives its Transform.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::{Instrument, info_span};
+
+use super::{Error, ReconcileMeasure, StatusMemory, now, publish, reconcile_event, reconcile_id};
+use crate::api::{
+    Condition, ConditionStatus, InstancePhase, InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity,
+    Violation, set_condition,
+};
+use crate::apply::Applier;
+use crate::cue::{Module, RenderError, Renderer, input_hash, render_input};
+use crate::instance::{
+    INSTANCE_KIND_LABEL, INSTANCE_LABEL, InstanceRef, Scope, confine, graph_name, graph_progress, node_summaries,
+    render_hash, resource_graph,
+};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+pub const FINALIZER: &str = "pequod.io/instance-finalizer";
+const CONTROLLER: &str = "instance";
+/// Field manager of instance status and of the ResourceGraphs Pequod renders.
+const MANAGER: &str = "pequod-instance";
+/// Reconciles of one kind in flight: enough for a full render batch to form, so that many
+/// instances changing at once (a module update) share few cue calls.
+const CONCURRENCY: u16 = 200;
+/// Safety resync; graph progress arrives through the ResourceGraph watch.
+const RESYNC: Duration = Duration::from_secs(600);
+const RETRY: Duration = Duration::from_secs(15);
+/// Bound on waiting for a deleted instance's graph to be torn down without any event.
+const TEARDOWN_POLL: Duration = Duration::from_secs(30);
+
+/// Names a Transform.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TransformKey {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl std::fmt::Display for TransformKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A kind to serve and how.
+#[derive(Debug, Clone)]
+pub struct ServeSpec {
+    pub transform: TransformKey,
+    pub resource: ApiResource,
+    pub module: Module,
+    pub allow_cluster_scoped: bool,
+    /// Serve only this namespace (Transforms with `rbacScope: Namespace`).
+    pub namespace: Option<String>,
+}
+
+/// What a kind's reconciles read; replaced when the Transform's module changes.
+struct KindState {
+    module: Module,
+    allow_cluster_scoped: bool,
+    transform: TransformKey,
+}
+
+/// Shared by every kind's controller.
+pub struct Shared {
+    pub client: Client,
+    pub renderer: Renderer,
+    pub applier: Applier,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    written: StatusMemory<InstanceStatus>,
+}
+
+impl Shared {
+    pub fn new(
+        client: Client,
+        renderer: Renderer,
+        applier: Applier,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            renderer,
+            applier,
+            recorder,
+            metrics,
+            written: StatusMemory::default(),
+        }
+    }
+}
+
+struct Running {
+    resource: ApiResource,
+    namespace: Option<String>,
+    state: Arc<RwLock<KindState>>,
+    rerender: mpsc::UnboundedSender<()>,
+    stop: Shutdown,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts and stops the controllers of generated kinds. Cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    shutdown: Shutdown,
+    running: Arc<tokio::sync::Mutex<HashMap<TransformKey, Running>>>,
+}
+
+impl Supervisor {
+    pub fn new(shared: Arc<Shared>, shutdown: Shutdown) -> Self {
+        Self {
+            shared,
+            shutdown,
+            running: Arc::default(),
+        }
+    }
+
+    /// Serves `spec.resource` for its Transform: starts its controller, or updates the module
+    /// of a running one (every instance then renders again).
+    pub async fn serve(&self, spec: ServeSpec) {
+        let mut running = self.running.lock().await;
+        if let Some(r) = running.get(&spec.transform)
+            && r.resource == spec.resource
+            && r.namespace == spec.namespace
+        {
+            {
+                let changed = {
+                    let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
+                    let changed = state.module.digest != spec.module.digest
+                        || state.allow_cluster_scoped != spec.allow_cluster_scoped;
+                    state.module = spec.module;
+                    state.allow_cluster_scoped = spec.allow_cluster_scoped;
+                    changed
+                };
+                if changed {
+                    tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "module changed; rendering every instance again");
+                    let _ = r.rerender.send(());
+                }
+                return;
+            }
+        }
+        if let Some(old) = running.remove(&spec.transform) {
+            stop_running(old).await;
+        }
+        tracing::info!(kind = %spec.resource.kind, api_version = %spec.resource.api_version, transform = %spec.transform, "serving kind");
+        let state = Arc::new(RwLock::new(KindState {
+            module: spec.module,
+            allow_cluster_scoped: spec.allow_cluster_scoped,
+            transform: spec.transform.clone(),
+        }));
+        let (rerender, rerender_rx) = mpsc::unbounded_channel();
+        let stop = Shutdown::new();
+        let ctx = Arc::new(KindContext {
+            shared: self.shared.clone(),
+            state: state.clone(),
+            resource: spec.resource.clone(),
+        });
+        let task = tokio::spawn(run_kind(
+            ctx,
+            spec.namespace.clone(),
+            rerender_rx,
+            stop.clone(),
+            self.shutdown.clone(),
+        ));
+        running.insert(
+            spec.transform,
+            Running {
+                resource: spec.resource,
+                namespace: spec.namespace,
+                state,
+                rerender,
+                stop,
+                task,
+            },
+        );
+    }
+
+    /// Stops serving a Transform's kind; returns when its controller has finished.
+    pub async fn stop(&self, transform: &TransformKey) {
+        let removed = self.running.lock().await.remove(transform);
+        if let Some(r) = removed {
+            tracing::info!(kind = %r.resource.kind, %transform, "no longer serving kind");
+            stop_running(r).await;
+        }
+    }
+
+    /// Stops serving a kind whatever Transform served it (after the kind was renamed).
+    pub async fn stop_kind(&self, api_version: &str, kind: &str) {
+        let mut running = self.running.lock().await;
+        let keys: Vec<TransformKey> = running
+            .iter()
+            .filter(|(_, r)| r.resource.api_version == api_version && r.resource.kind == kind)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if let Some(r) = running.remove(&key) {
+                stop_running(r).await;
+            }
+        }
+    }
+
+    /// Kinds served now, as `apiVersion/Kind`.
+    pub async fn served(&self) -> BTreeSet<String> {
+        self.running
+            .lock()
+            .await
+            .values()
+            .map(|r| format!("{}/{}", r.resource.api_version, r.resource.kind))
+            .collect()
+    }
+}
+
+async fn stop_running(r: Running) {
+    r.stop.trigger();
+    if let Err(e) = r.task.await {
+        tracing::warn!(error = %e, kind = %r.resource.kind, "kind controller ended abnormally");
+    }
+}
+
+struct KindContext {
+    shared: Arc<Shared>,
+    state: Arc<RwLock<KindState>>,
+    resource: ApiResource,
+}
+
+impl KindContext {
+    fn current(&self) -> (Module, bool, TransformKey) {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        (
+            state.module.clone(),
+            state.allow_cluster_scoped,
+            state.transform.clone(),
+        )
+    }
+}
+
+async fn run_kind(
+    ctx: Arc<KindContext>,
+    namespace: Option<String>,
+    rerender: mpsc::UnboundedReceiver<()>,
+    stop: Shutdown,
+    shutdown: Shutdown,
+) {
+    let client = ctx.shared.client.clone();
+    let resource = ctx.resource.clone();
+    let (instances, graphs): (Api<DynamicObject>, Api<ResourceGraph>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced_with(client.clone(), ns, &resource),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all_with(client.clone(), &resource), Api::all(client)),
+    };
+    let stopped = async move {
+        tokio::select! {
+            _ = stop.wait() => {}
+            _ = shutdown.wait() => {}
+        }
+    };
+    Controller::new_with(instances, watcher::Config::default(), resource.clone())
+        .owns(
+            graphs,
+            watcher::Config::default().labels(&format!("{INSTANCE_KIND_LABEL}={}", resource.kind)),
+        )
+        .with_config(ControllerConfig::default().concurrency(CONCURRENCY))
+        .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {
+            rx.recv().await.map(|()| ((), rx))
+        }))
+        .graceful_shutdown_on(stopped)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+fn error_policy(_: Arc<DynamicObject>, error: &Error, _: Arc<KindContext>) -> Action {
+    tracing::warn!(error = %error, "reconcile failed");
+    Action::requeue(RETRY)
+}
+
+async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Action, Error> {
+    let span = info_span!(
+        "reconcile",
+        controller = CONTROLLER,
+        kind = %ctx.resource.kind,
+        namespace = obj.namespace().unwrap_or_default(),
+        name = obj.name_any(),
+        reconcile_id = reconcile_id()
+    );
+    async move {
+        let measure = ReconcileMeasure::start(&ctx.shared.metrics, CONTROLLER);
+        let result = if obj.metadata.deletion_timestamp.is_some() {
+            cleanup(&obj, &ctx).await
+        } else if !obj.finalizers().iter().any(|f| f == FINALIZER) {
+            match super::add_finalizer(&api(&obj, &ctx), &*obj, FINALIZER).await {
+                Ok(updated) => render(&updated, &ctx).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            render(&obj, &ctx).await
+        };
+        measure.finish(&result);
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+fn api(obj: &DynamicObject, ctx: &KindContext) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        ctx.shared.client.clone(),
+        &obj.namespace().unwrap_or_default(),
+        &ctx.resource,
+    )
+}
+
+fn graphs(obj: &DynamicObject, ctx: &KindContext) -> Api<ResourceGraph> {
+    Api::namespaced(ctx.shared.client.clone(), &obj.namespace().unwrap_or_default())
+}
+
+/// A status under construction, with the previous one for transition checks.
+struct StatusUpdate<'a> {
+    obj: &'a DynamicObject,
+    ctx: &'a KindContext,
+    old: InstanceStatus,
+    new: InstanceStatus,
+    time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+}
+
+impl<'a> StatusUpdate<'a> {
+    fn start(obj: &'a DynamicObject, ctx: &'a KindContext) -> Self {
+        let cached: Option<InstanceStatus> = obj
+            .data
+            .get("status")
+            .and_then(|s| serde_json::from_value(s.clone()).ok());
+        let old = ctx.shared.written.last(
+            &obj.uid().unwrap_or_default(),
+            obj.metadata.resource_version.as_ref(),
+            cached.as_ref(),
+        );
+        let mut new = old.clone();
+        new.observed_generation = obj.metadata.generation;
+        Self {
+            obj,
+            ctx,
+            old,
+            new,
+            time: now(),
+        }
+    }
+
+    fn condition(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
+        set_condition(
+            &mut self.new.conditions,
+            Condition::new(type_, ok, reason, message),
+            &self.time,
+            self.obj.metadata.generation,
+        );
+    }
+
+    fn was(&self, type_: &str, status: ConditionStatus, reason: &str) -> bool {
+        self.old
+            .conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+    }
+
+    fn event(&self, type_: EventType, reason: &str, note: &str) {
+        let reference = self.obj.object_ref(&self.ctx.resource);
+        publish(
+            &self.ctx.shared.recorder,
+            reference,
+            reconcile_event(type_, reason, note),
+        );
+    }
+
+    async fn write(self) -> Result<(), Error> {
+        if self.new == self.old {
+            return Ok(());
+        }
+        let body = json!({
+            "apiVersion": self.ctx.resource.api_version,
+            "kind": self.ctx.resource.kind,
+            "status": self.new,
+        });
+        api(self.obj, self.ctx)
+            .patch_status(
+                &self.obj.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await?;
+        if let (Some(uid), Some(version)) = (self.obj.uid(), self.obj.resource_version()) {
+            self.ctx.shared.written.remember(uid, version, self.new);
+        }
+        Ok(())
+    }
+}
+
+async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error> {
+    let (module, allow_cluster_scoped, transform) = ctx.current();
+    let namespace = obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = obj.name_any();
+    let graph = graph_name(&ctx.resource.kind, &name);
+    let mut update = StatusUpdate::start(obj, ctx);
+    update.new.resource_graph = Some(graph.clone());
+
+    let spec = obj.data.get("spec").cloned().unwrap_or_else(|| json!({}));
+    let input = render_input(&obj.metadata, &spec);
+    let hash = render_hash(&module.digest, &input_hash(&input));
+    let output = match ctx.shared.renderer.render(&module, input).await {
+        Ok(output) => output,
+        Err(e) if e.is_transient() => {
+            update.new.phase = Some(InstancePhase::Rendering);
+            update.condition("Rendered", false, e.reason(), e.to_string());
+            update.write().await?;
+            return Err(Error::CueUnavailable(e.to_string()));
+        }
+        Err(e) => return render_failed(update, &e).await,
+    };
+    update.condition(
+        "Rendered",
+        true,
+        "Rendered",
+        format!("{} object(s) rendered by module {}", output.nodes.len(), module.digest),
+    );
+
+    let mut nodes = output.nodes.clone();
+    let scopes = scopes(ctx, &nodes).await;
+    let mut violations = output.violations.clone();
+    violations.extend(confine(&mut nodes, &namespace, allow_cluster_scoped, |n| {
+        scopes
+            .get(&(n.api_version().to_string(), n.kind().to_string()))
+            .copied()
+            .unwrap_or(Scope::Unknown)
+    }));
+    let errors: Vec<&Violation> = violations.iter().filter(|v| v.severity == Severity::Error).collect();
+    if update.old.violations != violations {
+        for v in &violations {
+            let severity = match v.severity {
+                Severity::Error => "Error",
+                Severity::Warning => "Warning",
+                Severity::Info => "Info",
+            };
+            ctx.shared
+                .metrics
+                .policy_violations_total
+                .with_label_values(&[severity])
+                .inc();
+        }
+    }
+    update.new.violations = violations.iter().take(MAX_STATUS_VIOLATIONS).cloned().collect();
+    if !errors.is_empty() {
+        let message = format!(
+            "{} policy violation(s) block the change; the last accepted graph stays: {}",
+            errors.len(),
+            errors
+                .iter()
+                .map(|v| format!("{}: {}", v.path, v.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        if update.old.violations != update.new.violations {
+            update.event(EventType::Warning, "PolicyViolation", &message);
+        }
+        update.condition("PolicyCompliant", false, "PolicyViolation", message.clone());
+        update.condition("Ready", false, "PolicyViolation", message);
+        update.new.phase = Some(InstancePhase::Failed);
+        // The graph's own state is still worth showing.
+        if let Some(rg) = graphs(obj, ctx).get_opt(&graph).await? {
+            update.new.nodes = node_summaries(&rg);
+        }
+        update.write().await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+    let warnings = violations.len();
+    if warnings == 0 {
+        update.condition("PolicyCompliant", true, "Compliant", "no policy findings");
+    } else {
+        update.condition(
+            "PolicyCompliant",
+            true,
+            "Warnings",
+            violations
+                .iter()
+                .map(|v| format!("{}: {}", v.path, v.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+    }
+
+    let graphs_api = graphs(obj, ctx);
+    let live = graphs_api.get_opt(&graph).await?;
+    if let Some(live) = &live {
+        let labels = live.labels();
+        let ours =
+            labels.get(INSTANCE_LABEL) == Some(&name) && labels.get(INSTANCE_KIND_LABEL) == Some(&ctx.resource.kind);
+        if !ours {
+            let message =
+                format!("ResourceGraph {graph} exists and does not belong to this instance; it is left alone");
+            if !update.was("Ready", ConditionStatus::False, "GraphConflict") {
+                update.event(EventType::Warning, "GraphConflict", &message);
+            }
+            update.condition("Ready", false, "GraphConflict", message);
+            update.new.phase = Some(InstancePhase::Failed);
+            update.write().await?;
+            return Ok(Action::requeue(RESYNC));
+        }
+    }
+    let up_to_date = live
+        .as_ref()
+        .is_some_and(|g| g.spec.render_hash.as_deref() == Some(hash.as_str()));
+    let rg = if let Some(live) = live.filter(|_| up_to_date) {
+        live
+    } else {
+        let instance = InstanceRef {
+            api_version: ctx.resource.api_version.clone(),
+            kind: ctx.resource.kind.clone(),
+            name: name.clone(),
+            namespace: namespace.clone(),
+            uid: obj.uid(),
+        };
+        let mut rendered = (*output).clone();
+        rendered.nodes = nodes;
+        let desired = resource_graph(&instance, &transform.name, &hash, &rendered, update.time.clone());
+        graphs_api
+            .patch(&graph, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+            .await?
+    };
+    update.new.module_digest = Some(module.digest.clone());
+    update.new.nodes = node_summaries(&rg);
+    let (phase, ready, reason, message) = graph_progress(&rg);
+    if ready && !update.was("Ready", ConditionStatus::True, "Ready") {
+        update.event(EventType::Normal, "Ready", &message);
+    }
+    if phase == InstancePhase::Failed && !update.was("Ready", ConditionStatus::False, &reason) {
+        update.event(EventType::Warning, &reason, &message);
+    }
+    update.condition("Ready", ready, &reason, message);
+    update.new.phase = Some(phase);
+    update.write().await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+async fn render_failed(mut update: StatusUpdate<'_>, e: &RenderError) -> Result<Action, Error> {
+    let message = e.to_string();
+    if !update.was("Rendered", ConditionStatus::False, e.reason()) {
+        update.event(EventType::Warning, "CueRenderFailed", &message);
+    }
+    update.condition("Rendered", false, e.reason(), message.clone());
+    update.condition(
+        "Ready",
+        false,
+        e.reason(),
+        format!("rendering failed; the last accepted graph stays: {message}"),
+    );
+    update.new.phase = Some(InstancePhase::Failed);
+    update.write().await?;
+    // Rendering is deterministic: only a change of the instance or the module helps.
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Scope of each kind the nodes use, through the applier's cached discovery.
+async fn scopes(ctx: &KindContext, nodes: &[crate::api::Node]) -> HashMap<(String, String), Scope> {
+    let mut scopes = HashMap::new();
+    for node in nodes {
+        let key = (node.api_version().to_string(), node.kind().to_string());
+        if scopes.contains_key(&key) {
+            continue;
+        }
+        let scope = match ctx.shared.applier.resolve(&key.0, &key.1).await {
+            Ok(r) if r.namespaced => Scope::Namespaced,
+            Ok(_) => Scope::Cluster,
+            Err(_) => Scope::Unknown,
+        };
+        scopes.insert(key, scope);
+    }
+    scopes
+}
+
+/// Deletion: deletes the instance's graph (which tears its objects down in reverse order) and
+/// lets the instance go once the graph is gone.
+async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error> {
+    if !obj.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let graph = graph_name(&ctx.resource.kind, &obj.name_any());
+    let graphs = graphs(obj, ctx);
+    let live = graphs.get_opt(&graph).await?.filter(|g| {
+        g.labels().get(INSTANCE_LABEL) == Some(&obj.name_any())
+            && g.labels().get(INSTANCE_KIND_LABEL) == Some(&ctx.resource.kind)
+    });
+    match live {
+        Some(rg) => {
+            if rg.metadata.deletion_timestamp.is_none() {
+                match graphs.delete(&graph, &DeleteParams::background()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let mut update = StatusUpdate::start(obj, ctx);
+            let waiting = rg
+                .status
+                .as_ref()
+                .and_then(|s| {
+                    s.conditions
+                        .iter()
+                        .find(|c| c.type_ == "Ready" && c.reason == "Deleting")
+                })
+                .map(|c| c.message.clone())
+                .unwrap_or_else(|| format!("deleting ResourceGraph {graph}"));
+            update.condition("Ready", false, "Deleting", waiting);
+            update.new.phase = Some(InstancePhase::Deleting);
+            update.new.nodes = node_summaries(&rg);
+            update.write().await?;
+            Ok(Action::requeue(TEARDOWN_POLL))
+        }
+        None => {
+            super::remove_finalizer(&api(obj, ctx), obj, FINALIZER).await?;
+            ctx.shared.written.forget(&obj.uid().unwrap_or_default());
+            Ok(Action::await_change())
+        }
+    }
+}

@@ -1,0 +1,798 @@
+//! The Transform controller: fetches a platform module, generates its CRD (refusing breaking
+//! schema changes and names it does not own), generates RBAC from `managedResources`, and hands
+//! the kind to the instance supervisor. Deleting a Transform waits until no instance is left.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tracing::{Instrument, info_span};
+
+use super::instance::{ServeSpec, Supervisor, TransformKey};
+use super::{Error, ReconcileMeasure, StatusMemory, now, publish, reconcile_event, reconcile_id};
+use crate::api::{
+    Condition, ConditionStatus, CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, ResolvedCueRef, Transform,
+    TransformPhase, TransformStatus, set_condition,
+};
+use crate::apply::contains;
+use crate::crd::{
+    self, CrdParams, KindNames, MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL, compat,
+    reserved,
+};
+use crate::cue::Renderer;
+use crate::cue::source::{self, CUE_MODULE_LABEL};
+use crate::health::{Health, Probe};
+use crate::metrics::Metrics;
+use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
+use crate::shutdown::Shutdown;
+
+pub const FINALIZER: &str = "pequod.io/transform-finalizer";
+/// Annotation that stops reconciling a Transform while set to "true".
+pub const PAUSED_ANNOTATION: &str = "pequod.io/paused";
+const CONTROLLER: &str = "transform";
+/// Field manager of the status Pequod writes.
+const STATUS_MANAGER: &str = "pequod-transform";
+/// Field manager of generated CRDs and RBAC.
+const MANAGER: &str = "pequod";
+/// How long a generated CRD may take to become Established.
+const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Safety resync; module changes of ConfigMap sources arrive through a watch.
+const RESYNC: Duration = Duration::from_secs(600);
+/// Retry delay after an error that may pass by itself.
+const RETRY: Duration = Duration::from_secs(15);
+/// How often a deleted Transform looks again whether its instances are gone.
+const INSTANCE_POLL: Duration = Duration::from_secs(5);
+
+/// Everything a reconcile needs. Shared by all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub renderer: Renderer,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub manager: ManagerIdentity,
+    pub supervisor: Supervisor,
+    written: StatusMemory<TransformStatus>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        renderer: Renderer,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        manager: ManagerIdentity,
+        supervisor: Supervisor,
+    ) -> Self {
+        Self {
+            client,
+            renderer,
+            recorder,
+            metrics,
+            manager,
+            supervisor,
+            written: StatusMemory::default(),
+        }
+    }
+}
+
+/// Runs the controller until shutdown.
+pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutdown: Shutdown) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(Api::<Transform>::all(client.clone()), watcher::Config::default())
+        .with_config(ControllerConfig::default().concurrency(concurrency));
+    let store = controller.store();
+    let transforms = store.clone();
+    let controller = controller
+        // A generated CRD changing (Established, edited, deleted) brings its Transform back.
+        .watches(
+            Api::<CustomResourceDefinition>::all(client.clone()),
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
+            |crd| owner_of(crd.labels()),
+        )
+        .watches(
+            Api::<ClusterRole>::all(client.clone()),
+            watcher::Config::default().labels(&format!("{}=true", rbac::AGGREGATE_LABEL)),
+            |role| owner_of(role.labels()),
+        )
+        // Editing a ConfigMap module rolls its Transforms forward.
+        .watches(
+            Api::<ConfigMap>::all(client),
+            watcher::Config::default().labels(&format!("{CUE_MODULE_LABEL}=true")),
+            move |cm| {
+                let namespace = cm.namespace().unwrap_or_default();
+                let name = cm.name_any();
+                transforms
+                    .state()
+                    .into_iter()
+                    .filter(|t| {
+                        t.spec.cue_ref.type_ == CueRefType::Configmap
+                            && t.spec.cue_ref.ref_ == name
+                            && t.namespace().as_deref() == Some(namespace.as_str())
+                    })
+                    .map(|t| ObjectRef::from_obj(&*t))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown.clone().wait_owned());
+    health.register(Probe::Readiness, "transform-controller", "cache not synced yet");
+    tokio::spawn(super::report_when_synced(store, health.clone(), "transform-controller"));
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+    health.set(Probe::Readiness, "transform-controller", Err("stopped".into()));
+}
+
+/// The Transform a generated object belongs to, from its labels.
+fn owner_of(labels: &BTreeMap<String, String>) -> Option<ObjectRef<Transform>> {
+    let name = labels.get(TRANSFORM_LABEL)?;
+    let namespace = labels.get(TRANSFORM_NAMESPACE_LABEL)?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+fn error_policy(_: Arc<Transform>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "reconcile failed");
+    Action::requeue(RETRY)
+}
+
+async fn reconcile(t: Arc<Transform>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!(
+        "reconcile",
+        controller = CONTROLLER,
+        namespace = t.namespace().unwrap_or_default(),
+        name = t.name_any(),
+        reconcile_id = reconcile_id()
+    );
+    async move {
+        let measure = ReconcileMeasure::start(&ctx.metrics, CONTROLLER);
+        let result = if is_paused(&t) {
+            pause(&t, &ctx).await
+        } else if t.metadata.deletion_timestamp.is_some() {
+            cleanup(&t, &ctx).await
+        } else if !t.finalizers().iter().any(|f| f == FINALIZER) {
+            match super::add_finalizer(&api(&t, &ctx), &*t, FINALIZER).await {
+                Ok(updated) => generate(&updated, &ctx).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            generate(&t, &ctx).await
+        };
+        measure.finish(&result);
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+fn is_paused(t: &Transform) -> bool {
+    t.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v == "true")
+}
+
+fn api(t: &Transform, ctx: &Context) -> Api<Transform> {
+    Api::namespaced(ctx.client.clone(), &t.namespace().unwrap_or_default())
+}
+
+fn key(t: &Transform) -> TransformKey {
+    TransformKey {
+        name: t.name_any(),
+        namespace: t.namespace().unwrap_or_default(),
+    }
+}
+
+/// A status under construction, with the previous one for transition checks.
+struct StatusUpdate<'a> {
+    t: &'a Transform,
+    ctx: &'a Context,
+    old: TransformStatus,
+    new: TransformStatus,
+    time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+}
+
+impl<'a> StatusUpdate<'a> {
+    fn start(t: &'a Transform, ctx: &'a Context) -> Self {
+        let uid = t.uid().unwrap_or_default();
+        let old = ctx
+            .written
+            .last(&uid, t.metadata.resource_version.as_ref(), t.status.as_ref());
+        let mut new = old.clone();
+        new.observed_generation = t.metadata.generation;
+        Self {
+            t,
+            ctx,
+            old,
+            new,
+            time: now(),
+        }
+    }
+
+    fn condition(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
+        set_condition(
+            &mut self.new.conditions,
+            Condition::new(type_, ok, reason, message),
+            &self.time,
+            self.t.metadata.generation,
+        );
+    }
+
+    fn was(&self, type_: &str, status: ConditionStatus, reason: &str) -> bool {
+        self.old
+            .conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+    }
+
+    /// Marks the Transform Failed at `stage` (a condition type), with an event on transition.
+    fn fail(&mut self, stage: &str, reason: &str, message: &str, event_reason: &str) {
+        let transition = !self.was(stage, ConditionStatus::False, reason);
+        self.condition(stage, false, reason, message);
+        self.condition("Ready", false, reason, message);
+        self.new.phase = Some(TransformPhase::Failed);
+        if transition {
+            self.event(EventType::Warning, event_reason, message);
+        }
+    }
+
+    fn event(&self, type_: EventType, reason: &str, note: &str) {
+        publish(
+            &self.ctx.recorder,
+            self.t.object_ref(&()),
+            reconcile_event(type_, reason, note),
+        );
+    }
+
+    async fn write(self) -> Result<(), Error> {
+        write_status(self.t, self.ctx, &self.old, self.new).await
+    }
+}
+
+async fn write_status(
+    t: &Transform,
+    ctx: &Context,
+    old: &TransformStatus,
+    status: TransformStatus,
+) -> Result<(), Error> {
+    if &status == old {
+        return Ok(());
+    }
+    let body = json!({"apiVersion": crate::api::API_VERSION, "kind": "Transform", "status": status});
+    api(t, ctx)
+        .patch_status(
+            &t.name_any(),
+            &PatchParams::apply(STATUS_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
+    if let (Some(uid), Some(version)) = (t.uid(), t.resource_version()) {
+        ctx.written.remember(uid, version, status);
+    }
+    Ok(())
+}
+
+async fn pause(t: &Transform, ctx: &Context) -> Result<Action, Error> {
+    let mut update = StatusUpdate::start(t, ctx);
+    let message = format!("{PAUSED_ANNOTATION} is \"true\": the Transform is not reconciled, deletion included");
+    if !update.was("Paused", ConditionStatus::True, "Paused") {
+        update.event(EventType::Normal, "Paused", &message);
+    }
+    update.condition("Paused", true, "Paused", message);
+    update.write().await?;
+    Ok(Action::await_change())
+}
+
+/// The API resource of the kind a Transform generates.
+fn api_resource(group: &str, version: &str, names: &KindNames) -> ApiResource {
+    ApiResource {
+        group: group.to_string(),
+        version: version.to_string(),
+        api_version: format!("{group}/{version}"),
+        kind: names.kind.clone(),
+        plural: names.plural.clone(),
+    }
+}
+
+async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
+    let mut update = StatusUpdate::start(t, ctx);
+    if update.old.conditions.iter().any(|c| c.type_ == "Paused") {
+        update.condition("Paused", false, "Resumed", "the Transform is reconciled");
+    }
+    let spec_changed = update.old.observed_generation != t.metadata.generation;
+    if spec_changed {
+        // Show progress of a new spec; content changes of the same spec go straight to the
+        // result, so that resyncs write nothing.
+        let mut progress = update.old.clone();
+        progress.phase = Some(TransformPhase::Fetching);
+        progress.observed_generation = t.metadata.generation;
+        write_status(t, ctx, &update.old, progress.clone()).await?;
+        update.old = progress;
+    }
+    let namespace = t.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+
+    let source_label = t.spec.cue_ref.type_.as_str();
+    let started = std::time::Instant::now();
+    let fetched = source::fetch(&ctx.client, &t.spec.cue_ref, &namespace, &t.name_any()).await;
+    ctx.metrics
+        .cue_fetch_duration_seconds
+        .with_label_values(&[source_label])
+        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .cue_fetch_total
+        .with_label_values(&[source_label, if fetched.is_ok() { "success" } else { "failure" }])
+        .inc();
+    let fetched = match fetched {
+        Ok(f) => f,
+        Err(e) => {
+            let message = e.to_string();
+            update.fail("CueFetched", e.reason(), &message, "CueFetchFailed");
+            update.write().await?;
+            return Ok(Action::requeue(RETRY * 4));
+        }
+    };
+    let digest = fetched.files.digest();
+    update.condition(
+        "CueFetched",
+        true,
+        "Fetched",
+        format!(
+            "{} module {} ({digest})",
+            t.spec.cue_ref.type_.as_str(),
+            fetched.platform
+        ),
+    );
+
+    let module = match ctx.renderer.load(fetched.files, &fetched.platform).await {
+        Ok(m) => m,
+        Err(e) if e.is_transient() => return Err(Error::CueUnavailable(e.to_string())),
+        Err(e) => {
+            update.fail("SchemaExtracted", e.reason(), &e.to_string(), "CueRenderFailed");
+            update.write().await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let schema = match ctx.renderer.schema(&module).await {
+        Ok(s) => s,
+        Err(e) if e.is_transient() => return Err(Error::CueUnavailable(e.to_string())),
+        Err(e) => {
+            update.fail("SchemaExtracted", e.reason(), &e.to_string(), "CueRenderFailed");
+            update.write().await?;
+            return Ok(Action::await_change());
+        }
+    };
+    update.condition("SchemaExtracted", true, "Extracted", "#Input converted to a CRD schema");
+
+    let names = match crd::kind_names(&t.name_any(), &schema, &t.spec.short_names)
+        .and_then(|names| reserved::check(&t.spec.group, &names).map(|()| names))
+    {
+        Ok(names) => names,
+        Err(e) => {
+            update.fail("CRDGenerated", e.reason(), &e.to_string(), "CRDGenerationFailed");
+            update.write().await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let desired = crd::build_crd(
+        &names,
+        &schema,
+        &CrdParams {
+            group: &t.spec.group,
+            version: &t.spec.version,
+            categories: &t.spec.categories,
+            transform_name: &t.name_any(),
+            transform_namespace: &namespace,
+        },
+    );
+    let crd_name = desired.metadata.name.clone().unwrap_or_default();
+    let resource = api_resource(&t.spec.group, &t.spec.version, &names);
+
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    // A CRD under another name generated before (the kind, plural or group changed).
+    let previous = update
+        .old
+        .generated_crd
+        .clone()
+        .filter(|g| g.name != crd_name && update.old.phase.is_some());
+    if let Some(previous) = &previous
+        && let Some(old_crd) = crds.get_opt(&previous.name).await?
+        && owned_by(&old_crd, t)
+    {
+        let instances = count_instances(ctx, &old_crd).await?;
+        if instances > 0 {
+            let message = format!(
+                "the generated CRD would change from {} to {crd_name}, but {instances} instance(s) of {} exist; \
+                 delete them first or keep the kind's names and group",
+                previous.name, previous.kind
+            );
+            update.fail("SchemaCompatible", "BreakingChange", &message, "BreakingChange");
+            update.write().await?;
+            return Ok(Action::requeue(RESYNC));
+        }
+    }
+
+    let live = crds.get_opt(&crd_name).await?;
+    let mut changed = false;
+    let established = match live {
+        Some(live) => {
+            if let Some(conflict) = ownership_conflict(&live, t) {
+                update.fail("CRDGenerated", "KindConflict", &conflict, "KindConflict");
+                update.write().await?;
+                return Ok(Action::await_change());
+            }
+            let breaking = breaking_changes(&live, &desired);
+            if !breaking.is_empty() {
+                let message = format!(
+                    "{} breaking change(s) refused; the CRD and the served module stay as they were: {}",
+                    breaking.len(),
+                    breaking.join("; ")
+                );
+                update.fail("SchemaCompatible", "BreakingChange", &message, "BreakingChange");
+                update.write().await?;
+                return Ok(Action::await_change());
+            }
+            let desired_value = serde_json::to_value(&desired)?;
+            let live_value = serde_json::to_value(&live)?;
+            if contains(&live_value, &desired_value) {
+                live
+            } else {
+                changed = true;
+                crds.patch(&crd_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+                    .await?
+            }
+        }
+        None => {
+            changed = true;
+            crds.create(&PostParams::default(), &desired).await?
+        }
+    };
+    update.condition("SchemaCompatible", true, "Compatible", "no breaking schema change");
+    if changed {
+        let verb = if update.old.generated_crd.is_some() {
+            "updated"
+        } else {
+            "created"
+        };
+        update.event(EventType::Normal, "CRDGenerated", &format!("CRD {crd_name} {verb}"));
+    }
+    match crd_state(&established) {
+        CrdState::Established => {}
+        CrdState::NamesRefused(message) => {
+            let message = format!("the apiserver refused the names of CRD {crd_name}: {message}");
+            update.fail("CRDGenerated", "NamesNotAccepted", &message, "CRDGenerationFailed");
+            update.write().await?;
+            return Ok(Action::await_change());
+        }
+        CrdState::Pending => {
+            let age = established
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| jiff::Timestamp::now().duration_since(t.0).as_secs())
+                .unwrap_or(0);
+            if age as u64 > ESTABLISH_TIMEOUT.as_secs() {
+                let message = format!(
+                    "CRD {crd_name} is not Established after {}s",
+                    ESTABLISH_TIMEOUT.as_secs()
+                );
+                update.fail("CRDGenerated", "CRDNotEstablished", &message, "CRDGenerationFailed");
+            } else {
+                update.condition(
+                    "CRDGenerated",
+                    false,
+                    "WaitingForEstablished",
+                    format!("waiting for CRD {crd_name} to be Established"),
+                );
+                update.new.phase = Some(TransformPhase::Generating);
+            }
+            update.write().await?;
+            // The CRD watch brings the Transform back; the requeue bounds the wait.
+            return Ok(Action::requeue(ESTABLISH_TIMEOUT));
+        }
+    }
+    update.condition(
+        "CRDGenerated",
+        true,
+        "Established",
+        format!("CRD {crd_name} is Established"),
+    );
+
+    match configure_rbac(t, ctx, &resource).await {
+        Ok(generated) => {
+            update.condition(
+                "RBACConfigured",
+                true,
+                "Configured",
+                format!("{} rule(s) for the manager", generated.rule_count),
+            );
+            update.new.generated_rbac = Some(generated);
+        }
+        Err(e) => {
+            let message = format!("generating RBAC: {e}");
+            update.fail("RBACConfigured", "RBACFailed", &message, "RBACFailed");
+            update.write().await?;
+            return Ok(Action::requeue(RETRY));
+        }
+    }
+
+    if let Some(previous) = &previous
+        && let Some(old_crd) = crds.get_opt(&previous.name).await?
+        && owned_by(&old_crd, t)
+    {
+        crds.delete(&previous.name, &DeleteParams::default()).await?;
+        ctx.supervisor.stop_kind(&previous.api_version, &previous.kind).await;
+    }
+    ctx.supervisor
+        .serve(ServeSpec {
+            transform: key(t),
+            resource: resource.clone(),
+            module: module.clone(),
+            allow_cluster_scoped: t.spec.allow_cluster_scoped_resources,
+            namespace: (t.spec.rbac_scope == RbacScope::Namespace).then(|| namespace.clone()),
+        })
+        .await;
+
+    update.new.generated_crd = Some(GeneratedCrd {
+        api_version: resource.api_version.clone(),
+        kind: names.kind.clone(),
+        name: crd_name.clone(),
+        plural: names.plural.clone(),
+    });
+    if update.new.resolved_cue_ref.as_ref().map(|r| r.digest.as_str()) != Some(module.digest.as_str()) {
+        update.new.resolved_cue_ref = Some(ResolvedCueRef {
+            digest: module.digest.clone(),
+            fetched_at: Some(update.time.clone()),
+        });
+    }
+    let ready_message = format!("serving {} ({})", names.kind, resource.api_version);
+    if update.old.phase != Some(TransformPhase::Ready) {
+        update.event(EventType::Normal, "Ready", &ready_message);
+    }
+    update.condition("Ready", true, "Ready", ready_message);
+    update.new.phase = Some(TransformPhase::Ready);
+    update.write().await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Whether a CRD was generated by this Transform.
+fn owned_by(crd: &CustomResourceDefinition, t: &Transform) -> bool {
+    let labels = crd.labels();
+    labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
+        && labels.get(TRANSFORM_LABEL) == Some(&t.name_any())
+        && labels.get(TRANSFORM_NAMESPACE_LABEL) == t.namespace().as_ref()
+}
+
+/// Why an existing CRD cannot be taken over, if it cannot.
+fn ownership_conflict(crd: &CustomResourceDefinition, t: &Transform) -> Option<String> {
+    if owned_by(crd, t) {
+        return None;
+    }
+    let labels = crd.labels();
+    let name = crd.name_any();
+    match (labels.get(TRANSFORM_NAMESPACE_LABEL), labels.get(TRANSFORM_LABEL)) {
+        (Some(ns), Some(owner)) if labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE) => Some(
+            format!("CRD {name} is generated by Transform {ns}/{owner}; two Transforms cannot generate the same kind"),
+        ),
+        _ => Some(format!(
+            "CRD {name} exists and was not created by Pequod; it is never taken over"
+        )),
+    }
+}
+
+/// Breaking changes between the live CRD and the desired one, as messages.
+fn breaking_changes(live: &CustomResourceDefinition, desired: &CustomResourceDefinition) -> Vec<String> {
+    let version_schema = |crd: &CustomResourceDefinition| {
+        crd.spec.versions.first().map(|v| {
+            let schema = v.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
+            let spec = serde_json::to_value(schema)
+                .ok()
+                .and_then(|s| s.pointer("/properties/spec").cloned())
+                .unwrap_or(Value::Null);
+            (v.name.clone(), spec)
+        })
+    };
+    let (Some((old_version, old_spec)), Some((new_version, new_spec))) =
+        (version_schema(live), version_schema(desired))
+    else {
+        return Vec::new();
+    };
+    let mut changes: Vec<String> = Vec::new();
+    if old_version != new_version {
+        changes.push(format!(
+            "version changed from {old_version} to {new_version}; stored instances would no longer be served"
+        ));
+    }
+    changes.extend(
+        compat::breaking_changes(&old_spec, &new_spec, "spec")
+            .iter()
+            .map(ToString::to_string),
+    );
+    changes
+}
+
+enum CrdState {
+    Established,
+    NamesRefused(String),
+    Pending,
+}
+
+fn crd_state(crd: &CustomResourceDefinition) -> CrdState {
+    let conditions = crd
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .cloned()
+        .unwrap_or_default();
+    let find = |t: &str| conditions.iter().find(|c| c.type_ == t);
+    if let Some(c) = find("NamesAccepted")
+        && c.status == "False"
+    {
+        return CrdState::NamesRefused(c.message.clone().unwrap_or_default());
+    }
+    match find("Established") {
+        Some(c) if c.status == "True" => CrdState::Established,
+        _ => CrdState::Pending,
+    }
+}
+
+/// Number of instances of the kind a CRD serves, in every namespace.
+async fn count_instances(ctx: &Context, crd: &CustomResourceDefinition) -> Result<usize, Error> {
+    let Some(version) = crd.spec.versions.iter().find(|v| v.storage) else {
+        return Ok(0);
+    };
+    let resource = ApiResource {
+        group: crd.spec.group.clone(),
+        version: version.name.clone(),
+        api_version: format!("{}/{}", crd.spec.group, version.name),
+        kind: crd.spec.names.kind.clone(),
+        plural: crd.spec.names.plural.clone(),
+    };
+    let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &resource);
+    match api.list_metadata(&ListParams::default()).await {
+        Ok(list) => Ok(list.items.len()),
+        // The kind is not served (any more): nothing can exist.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies the Transform's RBAC and removes the objects of the other scope.
+async fn configure_rbac(t: &Transform, ctx: &Context, resource: &ApiResource) -> Result<GeneratedRbac, kube::Error> {
+    let namespace = t.namespace().unwrap_or_default();
+    let name = t.name_any();
+    let rules = rbac::rules(
+        &t.spec.managed_resources,
+        &ServedKind {
+            group: &resource.group,
+            plural: &resource.plural,
+        },
+    );
+    let rule_count = rules.len() as i32;
+    let identity = TransformIdentity {
+        name: &name,
+        namespace: &namespace,
+        owner: t.controller_owner_ref(&()),
+    };
+    let cluster_roles: Api<ClusterRole> = Api::all(ctx.client.clone());
+    let roles: Api<Role> = Api::namespaced(ctx.client.clone(), &namespace);
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &namespace);
+    match rbac::generate(t.spec.rbac_scope, &identity, rules, &ctx.manager) {
+        Generated::Cluster(role) => {
+            let role_name = role.metadata.name.clone().unwrap_or_default();
+            apply_if_changed(&cluster_roles, &role_name, &role).await?;
+            delete_if_present(&bindings, &rbac::role_name(&name)).await?;
+            delete_if_present(&roles, &rbac::role_name(&name)).await?;
+            Ok(GeneratedRbac {
+                cluster_role_name: Some(role_name),
+                role_name: None,
+                role_binding_name: None,
+                rule_count,
+            })
+        }
+        Generated::Namespace(generated) => {
+            let (role, binding) = *generated;
+            let role_name = role.metadata.name.clone().unwrap_or_default();
+            apply_if_changed(&roles, &role_name, &role).await?;
+            apply_if_changed(&bindings, &role_name, &binding).await?;
+            delete_if_present(&cluster_roles, &rbac::cluster_role_name(&namespace, &name)).await?;
+            Ok(GeneratedRbac {
+                cluster_role_name: None,
+                role_name: Some(role_name.clone()),
+                role_binding_name: Some(role_name),
+                rule_count,
+            })
+        }
+    }
+}
+
+async fn apply_if_changed<K>(api: &Api<K>, name: &str, desired: &K) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let desired_value = serde_json::to_value(desired).map_err(kube::Error::SerdeError)?;
+    if let Some(live) = api.get_opt(name).await? {
+        let live_value = serde_json::to_value(&live).map_err(kube::Error::SerdeError)?;
+        if contains(&live_value, &desired_value) {
+            return Ok(());
+        }
+    }
+    let mut body = desired_value;
+    body["apiVersion"] = json!(K::api_version(&()));
+    body["kind"] = json!(K::kind(&()));
+    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(body))
+        .await?;
+    Ok(())
+}
+
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletion: waits until no instance of the generated kind is left (deleting the CRD would
+/// delete them all), then removes the CRD and RBAC, stops serving the kind and lets go.
+async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
+    if !t.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    let owned_crd = match t.status.as_ref().and_then(|s| s.generated_crd.as_ref()) {
+        Some(g) => crds.get_opt(&g.name).await?.filter(|crd| owned_by(crd, t)),
+        None => None,
+    };
+    if let Some(crd) = &owned_crd {
+        let instances = count_instances(ctx, crd).await?;
+        if instances > 0 {
+            let mut update = StatusUpdate::start(t, ctx);
+            let message = format!(
+                "deletion waits until the {instances} instance(s) of {} are deleted; the CRD is kept until then",
+                crd.spec.names.kind
+            );
+            if !update.was("Ready", ConditionStatus::False, "WaitingForInstances") {
+                update.event(EventType::Normal, "WaitingForInstances", &message);
+            }
+            update.condition("Ready", false, "WaitingForInstances", message);
+            update.write().await?;
+            return Ok(Action::requeue(INSTANCE_POLL));
+        }
+    }
+    let key = key(t);
+    ctx.supervisor.stop(&key).await;
+    if let Some(crd) = owned_crd {
+        delete_if_present(&crds, &crd.name_any()).await?;
+    }
+    let namespace = t.namespace().unwrap_or_default();
+    let name = t.name_any();
+    delete_if_present(
+        &Api::<ClusterRole>::all(ctx.client.clone()),
+        &rbac::cluster_role_name(&namespace, &name),
+    )
+    .await?;
+    delete_if_present(
+        &Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace),
+        &rbac::role_name(&name),
+    )
+    .await?;
+    delete_if_present(
+        &Api::<Role>::namespaced(ctx.client.clone(), &namespace),
+        &rbac::role_name(&name),
+    )
+    .await?;
+    super::remove_finalizer(&api(t, ctx), t, FINALIZER).await?;
+    ctx.written.forget(&t.uid().unwrap_or_default());
+    Ok(Action::await_change())
+}

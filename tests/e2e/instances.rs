@@ -1,0 +1,448 @@
+//! Platform instances against the real apiserver: the README flow from a Transform to a Ready
+//! WebService, updates, policy, namespace confinement, module roll-forward and deletion.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use pequod::api::{GraphPhase, ResourceGraph};
+use serde_json::{Value, json};
+
+use crate::support::{self, TEST_MANAGER, TestEnv, event_reasons, make_available, wait_for};
+use crate::transforms::{WAIT, apply_transform, delete_transform, group, put_module, setup, wait_ready};
+
+async fn apply_instance(api: &Api<DynamicObject>, api_version: &str, kind: &str, name: &str, spec: Value) {
+    let obj = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec});
+    api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(obj))
+        .await
+        .unwrap_or_else(|e| panic!("apply {kind} {name}: {e}"));
+}
+
+fn status_field<'a>(obj: &'a DynamicObject, pointer: &str) -> Option<&'a Value> {
+    obj.data.pointer(&format!("/status{pointer}"))
+}
+
+fn instance_condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
+    status_field(obj, "/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+                c["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+/// Waits until the instance's condition `type_` is `status` with `reason`; returns the instance.
+async fn wait_instance(api: &Api<DynamicObject>, name: &str, type_: &str, status: &str, reason: &str) -> DynamicObject {
+    wait_for(&format!("{name} {type_}={status} ({reason})"), WAIT, || async {
+        let obj = api.get(name).await.map_err(|e| e.to_string())?;
+        match instance_condition(&obj, type_) {
+            Some((s, r, _)) if s == status && r == reason => Ok(obj),
+            other => Err(format!("{other:?}; status {:?}", obj.data.get("status"))),
+        }
+    })
+    .await
+}
+
+async fn serve_webservice(env: &TestEnv, transforms: &Api<pequod::api::Transform>) -> Api<DynamicObject> {
+    apply_transform(
+        transforms,
+        "webservice",
+        json!({"cueRef": {"type": "embedded", "ref": "webservice"}, "group": group(env)}),
+    )
+    .await;
+    wait_ready(transforms, "webservice").await;
+    support::dynamic_api(
+        &env.client,
+        &format!("{}/v1alpha1", group(env)),
+        "WebService",
+        &env.namespace,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_order() {
+    let (env, transforms) = setup("instance-readme").await;
+    let webservices = serve_webservice(&env, &transforms).await;
+    let api_version = format!("{}/v1alpha1", group(&env));
+    apply_instance(
+        &webservices,
+        &api_version,
+        "WebService",
+        "my-app",
+        json!({"image": "nginx:latest", "port": 80, "replicas": 3}),
+    )
+    .await;
+
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.namespace);
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let deployment = wait_for("the Deployment", WAIT, || async {
+        deployments
+            .get_opt("my-app")
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "absent".to_string())
+    })
+    .await;
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    let container = &spec.template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(container.image.as_deref(), Some("nginx:latest"));
+    assert_eq!(container.ports.as_ref().unwrap()[0].container_port, 80);
+    let managers: Vec<_> = deployment
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(managers.contains(&"pequod".to_string()), "{managers:?}");
+
+    // The graph is named after kind and instance and owned by the instance.
+    let rg = graphs.get("webservice-my-app").await.unwrap();
+    let owner = &rg.owner_references()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("WebService", "my-app"));
+    assert_eq!(rg.labels()["pequod.io/transform"], "webservice");
+    assert!(
+        services.get_opt("my-app").await.unwrap().is_none(),
+        "the Service waits for the Deployment"
+    );
+    let obj = wait_instance(&webservices, "my-app", "Ready", "False", "Progressing").await;
+    assert_eq!(status_field(&obj, "/phase"), Some(&json!("Applying")));
+
+    make_available(&env.client, &env.namespace, "my-app").await;
+    let obj = wait_instance(&webservices, "my-app", "Ready", "True", "Ready").await;
+    assert_eq!(status_field(&obj, "/phase"), Some(&json!("Ready")));
+    assert_eq!(status_field(&obj, "/resourceGraph"), Some(&json!("webservice-my-app")));
+    assert!(
+        status_field(&obj, "/moduleDigest")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    let nodes = status_field(&obj, "/nodes").unwrap().as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    assert_eq!(nodes[1]["kind"], "Service");
+    assert_eq!(nodes[1]["phase"], "Ready");
+    assert_eq!(
+        graphs.get("webservice-my-app").await.unwrap().status.unwrap().phase,
+        Some(GraphPhase::Completed)
+    );
+    let service = services.get("my-app").await.unwrap();
+    assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 80);
+
+    // An update reaches the Deployment.
+    apply_instance(
+        &webservices,
+        &api_version,
+        "WebService",
+        "my-app",
+        json!({"image": "nginx:latest", "port": 80, "replicas": 5}),
+    )
+    .await;
+    wait_for("5 replicas on the Deployment", WAIT, || async {
+        let d = deployments.get("my-app").await.map_err(|e| e.to_string())?;
+        match d.spec.and_then(|s| s.replicas) {
+            Some(5) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // A policy violation blocks the change and is shown; the running version stays.
+    apply_instance(
+        &webservices,
+        &api_version,
+        "WebService",
+        "my-app",
+        json!({"image": "evil.example.com/miner:1", "port": 80, "replicas": 5}),
+    )
+    .await;
+    let obj = wait_instance(&webservices, "my-app", "PolicyCompliant", "False", "PolicyViolation").await;
+    let (_, _, message) = instance_condition(&obj, "PolicyCompliant").unwrap();
+    assert!(message.contains("spec.image"), "{message}");
+    assert_eq!(status_field(&obj, "/phase"), Some(&json!("Failed")));
+    assert_eq!(status_field(&obj, "/violations/0/path"), Some(&json!("spec.image")));
+    let d = deployments.get("my-app").await.unwrap();
+    assert_eq!(
+        d.spec.unwrap().template.spec.unwrap().containers[0].image.as_deref(),
+        Some("nginx:latest")
+    );
+    let reasons = event_reasons(&env.client, &env.namespace, "my-app").await;
+    assert!(reasons.contains(&"PolicyViolation".to_string()), "{reasons:?}");
+    assert!(reasons.contains(&"Ready".to_string()), "{reasons:?}");
+
+    // Deleting the instance tears everything down, the Service before the Deployment.
+    webservices.delete("my-app", &DeleteParams::default()).await.unwrap();
+    wait_for("the instance, its graph and its objects to be gone", WAIT, || async {
+        let gone = (
+            webservices
+                .get_opt("my-app")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none(),
+            graphs
+                .get_opt("webservice-my-app")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none(),
+            services.get_opt("my-app").await.map_err(|e| e.to_string())?.is_none(),
+            deployments
+                .get_opt("my-app")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none(),
+        );
+        if gone == (true, true, true, true) {
+            Ok(())
+        } else {
+            Err(format!("{gone:?}"))
+        }
+    })
+    .await;
+    delete_transform(&transforms, "webservice").await;
+    env.cleanup().await;
+}
+
+/// A module whose objects are set by the instance: a ConfigMap in `targetNamespace` (if any),
+/// and a Namespace when `namespace` is set.
+const ESCAPE_MODULE: &str = r#"package escape
+
+#Metadata: kind: "Escape"
+
+#Input: {
+	targetNamespace?: string
+	namespace?: string
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: "config"
+		object: {
+			apiVersion: "v1"
+			kind: "ConfigMap"
+			metadata: {
+				name: input.metadata.name
+				if input.spec.targetNamespace != _|_ {namespace: input.spec.targetNamespace}
+			}
+			data: owner: input.metadata.name
+		}
+	}, if input.spec.namespace != _|_ {
+		id: "namespace"
+		object: {apiVersion: "v1", kind: "Namespace", metadata: name: input.spec.namespace}
+	}]
+}
+"#;
+
+#[tokio::test]
+async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_cluster_scope() {
+    let (env, transforms) = setup("instance-confinement").await;
+    let group = group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    put_module(&env.client, &env.namespace, "escape-module", ESCAPE_MODULE).await;
+    apply_transform(
+        &transforms,
+        "escape",
+        json!({"cueRef": {"type": "configmap", "ref": "escape-module"}, "group": group}),
+    )
+    .await;
+    wait_ready(&transforms, "escape").await;
+    let escapes = support::dynamic_api(&env.client, &api_version, "Escape", &env.namespace).await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+
+    // Another namespace: refused, nothing rendered into a graph.
+    apply_instance(
+        &escapes,
+        &api_version,
+        "Escape",
+        "out",
+        json!({"targetNamespace": "kube-system"}),
+    )
+    .await;
+    let obj = wait_instance(&escapes, "out", "PolicyCompliant", "False", "PolicyViolation").await;
+    let (_, _, message) = instance_condition(&obj, "PolicyCompliant").unwrap();
+    assert!(message.contains("kube-system"), "{message}");
+    assert!(graphs.get_opt("escape-out").await.unwrap().is_none());
+    assert!(
+        Api::<ConfigMap>::namespaced(env.client.clone(), "kube-system")
+            .get_opt("out")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // No namespace: filled in with the instance's.
+    apply_instance(&escapes, &api_version, "Escape", "home", json!({})).await;
+    wait_instance(&escapes, "home", "Ready", "True", "Ready").await;
+    let rg = graphs.get("escape-home").await.unwrap();
+    assert_eq!(rg.spec.nodes[0].object["metadata"]["namespace"], json!(env.namespace));
+
+    // A cluster-scoped object: refused by default, applied once the Transform allows it.
+    let extra_namespace = format!("{}-extra", env.namespace);
+    apply_instance(
+        &escapes,
+        &api_version,
+        "Escape",
+        "cluster",
+        json!({"namespace": extra_namespace}),
+    )
+    .await;
+    let obj = wait_instance(&escapes, "cluster", "PolicyCompliant", "False", "PolicyViolation").await;
+    let (_, _, message) = instance_condition(&obj, "PolicyCompliant").unwrap();
+    assert!(message.contains("allowClusterScopedResources"), "{message}");
+    apply_transform(
+        &transforms,
+        "escape",
+        json!({"cueRef": {"type": "configmap", "ref": "escape-module"}, "group": group, "allowClusterScopedResources": true}),
+    )
+    .await;
+    wait_instance(&escapes, "cluster", "Ready", "True", "Ready").await;
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    assert!(namespaces.get_opt(&extra_namespace).await.unwrap().is_some());
+
+    for name in ["out", "home", "cluster"] {
+        escapes.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    wait_for(
+        "the cluster-scoped object to be deleted with its instance",
+        WAIT,
+        || async {
+            match namespaces.get_opt(&extra_namespace).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(ns) if ns.metadata.deletion_timestamp.is_some() => Ok(()),
+                Some(_) => Err("still there".into()),
+            }
+        },
+    )
+    .await;
+    delete_transform(&transforms, "escape").await;
+    env.cleanup().await;
+}
+
+/// A module of kind `kind` keeping one ConfigMap `<kind>-<name>` with `data.version`.
+fn labelled_module(kind: &str, version: &str) -> String {
+    let lower = kind.to_ascii_lowercase();
+    format!(
+        r#"package {lower}
+
+#Metadata: kind: "{kind}"
+
+#Input: {{
+	text: string
+}}
+
+#Render: {{
+	input: {{metadata: {{name: string, namespace: string, ...}}, spec: #Input}}
+	output: nodes: [{{
+		id: "config"
+		object: {{apiVersion: "v1", kind: "ConfigMap", metadata: name: "{lower}-\(input.metadata.name)", data: {{text: input.spec.text, version: "{version}"}}}}
+	}}]
+}}
+"#
+    )
+}
+
+async fn config_data(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|cm| cm.data)
+}
+
+#[tokio::test]
+async fn module_edits_re_render_every_instance_and_kinds_do_not_share_graphs() {
+    let (env, transforms) = setup("instance-rollout").await;
+    let group = group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    for kind in ["Memo", "Task"] {
+        let lower = kind.to_ascii_lowercase();
+        put_module(
+            &env.client,
+            &env.namespace,
+            &format!("{lower}-module"),
+            &labelled_module(kind, "1"),
+        )
+        .await;
+        apply_transform(
+            &transforms,
+            &lower,
+            json!({"cueRef": {"type": "configmap", "ref": format!("{lower}-module")}, "group": group}),
+        )
+        .await;
+        wait_ready(&transforms, &lower).await;
+    }
+    let memos = support::dynamic_api(&env.client, &api_version, "Memo", &env.namespace).await;
+    let tasks = support::dynamic_api(&env.client, &api_version, "Task", &env.namespace).await;
+    // Same instance name in two kinds.
+    apply_instance(&memos, &api_version, "Memo", "same", json!({"text": "memo"})).await;
+    apply_instance(&tasks, &api_version, "Task", "same", json!({"text": "task"})).await;
+    for name in ["a", "b", "c"] {
+        apply_instance(&memos, &api_version, "Memo", name, json!({"text": name})).await;
+    }
+    for name in ["same", "a", "b", "c"] {
+        wait_instance(&memos, name, "Ready", "True", "Ready").await;
+    }
+    wait_instance(&tasks, "same", "Ready", "True", "Ready").await;
+    let memo = config_data(&env.client, &env.namespace, "memo-same").await.unwrap();
+    let task = config_data(&env.client, &env.namespace, "task-same").await.unwrap();
+    assert_eq!((memo["text"].as_str(), task["text"].as_str()), ("memo", "task"));
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(graphs.get_opt("memo-same").await.unwrap().is_some());
+    assert!(graphs.get_opt("task-same").await.unwrap().is_some());
+
+    let before = status_field(&memos.get("a").await.unwrap(), "/moduleDigest").cloned();
+    put_module(
+        &env.client,
+        &env.namespace,
+        "memo-module",
+        &labelled_module("Memo", "2"),
+    )
+    .await;
+    wait_for("every Memo re-rendered with module version 2", WAIT, || async {
+        let mut stale = Vec::new();
+        for name in ["same", "a", "b", "c"] {
+            let data = config_data(&env.client, &env.namespace, &format!("memo-{name}")).await;
+            if data.as_ref().and_then(|d| d.get("version")).map(String::as_str) != Some("2") {
+                stale.push(name);
+            }
+        }
+        if stale.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("stale: {stale:?}"))
+        }
+    })
+    .await;
+    let after = wait_for("the new module digest on the instance", WAIT, || async {
+        let obj = memos.get("a").await.map_err(|e| e.to_string())?;
+        match status_field(&obj, "/moduleDigest").cloned() {
+            Some(d) if Some(&d) != before.as_ref() => Ok(d),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(after.as_str().unwrap().starts_with("sha256:"));
+    // The other kind was not touched.
+    let task = config_data(&env.client, &env.namespace, "task-same").await.unwrap();
+    assert_eq!(task["version"], "1");
+
+    for name in ["same", "a", "b", "c"] {
+        memos.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    tasks.delete("same", &DeleteParams::default()).await.unwrap();
+    delete_transform(&transforms, "memo").await;
+    delete_transform(&transforms, "task").await;
+    env.cleanup().await;
+}

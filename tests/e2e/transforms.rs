@@ -1,0 +1,538 @@
+//! The Transform controller against the real apiserver: CRD generation, schema evolution,
+//! ownership, RBAC, pause and deletion.
+//!
+//! CRDs are cluster-scoped, so every test generates its kinds in an API group of its own.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use pequod::api::{Transform, TransformPhase};
+use serde_json::{Value, json};
+
+use crate::support::{self, TEST_MANAGER, TestEnv, event_reasons, wait_for};
+
+/// Generous: on a loaded 2-core machine cue calls queue behind each other.
+pub(crate) const WAIT: Duration = Duration::from_secs(120);
+
+pub(crate) async fn setup(test: &str) -> (TestEnv, Api<Transform>) {
+    let env = support::env(test).await;
+    support::operator(&env.client).await;
+    let transforms = Api::namespaced(env.client.clone(), &env.namespace);
+    (env, transforms)
+}
+
+/// An API group of the test's own.
+pub(crate) fn group(env: &TestEnv) -> String {
+    format!("{}.test.example.com", env.namespace)
+}
+
+pub(crate) async fn apply_transform(transforms: &Api<Transform>, name: &str, spec: Value) {
+    let t = json!({
+        "apiVersion": "platform.platform.example.com/v1alpha1",
+        "kind": "Transform",
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    transforms
+        .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(t))
+        .await
+        .unwrap_or_else(|e| panic!("apply Transform {name}: {e}"));
+}
+
+pub(crate) fn condition<'a>(t: &'a Transform, type_: &str) -> Option<&'a pequod::api::Condition> {
+    t.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Waits until the Transform's condition `type_` has `status` and `reason`; returns it.
+pub(crate) async fn wait_condition(
+    transforms: &Api<Transform>,
+    name: &str,
+    type_: &str,
+    status: bool,
+    reason: &str,
+) -> Transform {
+    let want = if status { "True" } else { "False" };
+    wait_for(&format!("Transform {name} {type_}={want} ({reason})"), WAIT, || async {
+        let t = transforms.get(name).await.map_err(|e| e.to_string())?;
+        match condition(&t, type_) {
+            Some(c) if c.is_true() == status && c.reason == reason => Ok(t),
+            other => Err(format!(
+                "{other:?}; phase {:?}",
+                t.status.as_ref().and_then(|s| s.phase)
+            )),
+        }
+    })
+    .await
+}
+
+pub(crate) async fn wait_ready(transforms: &Api<Transform>, name: &str) -> Transform {
+    wait_condition(transforms, name, "Ready", true, "Ready").await
+}
+
+/// A small module: a Note is a ConfigMap holding a text. `fields` is added to `#Input`.
+pub(crate) fn note_module(fields: &str) -> String {
+    format!(
+        r#"package note
+
+#Metadata: {{
+	kind: "Note"
+	description: "A note kept in a ConfigMap."
+}}
+
+#Input: {{
+	// The note's text.
+	text: string
+	{fields}
+}}
+
+#Render: {{
+	input: {{metadata: {{name: string, namespace: string, ...}}, spec: #Input}}
+	output: nodes: [{{
+		id: "note"
+		object: {{apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: text: input.spec.text}}
+		readyWhen: [{{type: "Exists"}}]
+	}}]
+}}
+"#
+    )
+}
+
+pub(crate) async fn put_module(client: &Client, namespace: &str, name: &str, source: &str) {
+    let cm = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": {"pequod.io/cue-module": "true"}},
+        "data": {"note.cue": source},
+    });
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(cm))
+        .await
+        .unwrap();
+}
+
+fn crd_spec_schema(crd: &CustomResourceDefinition) -> Value {
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .unwrap();
+    serde_json::to_value(schema).unwrap()["properties"]["spec"].clone()
+}
+
+#[tokio::test]
+async fn embedded_transform_generates_an_established_crd_with_the_module_schema() {
+    let (env, transforms) = setup("transform-embedded").await;
+    let group = group(&env);
+    apply_transform(
+        &transforms,
+        "webservice",
+        json!({"cueRef": {"type": "embedded", "ref": "webservice"}, "group": group, "shortNames": ["wsx"],
+               "managedResources": [{"apiGroup": "apps", "resources": ["deployments"]}, {"resources": ["services"]}]}),
+    )
+    .await;
+    let t = wait_ready(&transforms, "webservice").await;
+    let status = t.status.clone().unwrap();
+    assert_eq!(status.phase, Some(TransformPhase::Ready));
+    let generated = status.generated_crd.unwrap();
+    assert_eq!(generated.kind, "WebService");
+    assert_eq!(generated.name, format!("webservices.{group}"));
+    assert_eq!(generated.api_version, format!("{group}/v1alpha1"));
+    assert!(status.resolved_cue_ref.unwrap().digest.starts_with("sha256:"));
+    for type_ in [
+        "CueFetched",
+        "SchemaExtracted",
+        "SchemaCompatible",
+        "CRDGenerated",
+        "RBACConfigured",
+    ] {
+        assert!(
+            condition(&t, type_).is_some_and(|c| c.is_true()),
+            "{type_}: {:?}",
+            condition(&t, type_)
+        );
+    }
+    assert_eq!(status.observed_generation, t.metadata.generation);
+
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let crd = crds.get(&generated.name).await.unwrap();
+    let established = crd.status.as_ref().unwrap().conditions.as_ref().unwrap();
+    assert!(
+        established
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+    );
+    assert_eq!(
+        crd.spec.names.short_names,
+        Some(vec!["ws".to_string(), "wsx".to_string()])
+    );
+    let spec = crd_spec_schema(&crd);
+    assert_eq!(spec["properties"]["replicas"]["minimum"].as_f64(), Some(0.0));
+    assert_eq!(spec["properties"]["replicas"]["maximum"].as_f64(), Some(50.0));
+    assert_eq!(spec["properties"]["replicas"]["default"], json!(1));
+    assert_eq!(spec["properties"]["port"]["default"], json!(80));
+    assert!(
+        spec["properties"]["image"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("Container image")
+    );
+    assert_eq!(spec["required"], json!(["image"]));
+
+    // The apiserver enforces the schema at admission.
+    let (resource, _) = support::resolve(&env.client, &generated.api_version, "WebService").await;
+    let instances: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.namespace, &resource);
+    let bad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": generated.api_version, "kind": "WebService",
+        "metadata": {"name": "too-big"}, "spec": {"image": "nginx:1.27", "replicas": 100},
+    }))
+    .unwrap();
+    let err = instances.create(&PostParams::default(), &bad).await.unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 422 && s.message.contains("replicas")),
+        "{err}"
+    );
+
+    // RBAC for the manager: the managed resources and the served kind.
+    let role = Api::<ClusterRole>::all(env.client.clone())
+        .get(&format!("pequod:transform:{}.webservice", env.namespace))
+        .await
+        .unwrap();
+    assert_eq!(role.labels()["pequod.io/aggregate-to-manager"], "true");
+    let rules = role.rules.unwrap();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.api_groups == Some(vec!["apps".into()]) && r.resources == Some(vec!["deployments".into()]))
+    );
+    assert!(rules.iter().any(|r| r.resources == Some(vec!["webservices".into()])));
+    assert_eq!(
+        t.status.as_ref().unwrap().generated_rbac.as_ref().unwrap().rule_count,
+        rules.len() as i32
+    );
+
+    let reasons = event_reasons(&env.client, &env.namespace, "webservice").await;
+    assert!(reasons.contains(&"CRDGenerated".to_string()), "{reasons:?}");
+    assert!(reasons.contains(&"Ready".to_string()), "{reasons:?}");
+
+    delete_transform(&transforms, "webservice").await;
+    env.cleanup().await;
+}
+
+pub(crate) async fn delete_transform(transforms: &Api<Transform>, name: &str) {
+    transforms.delete(name, &DeleteParams::default()).await.unwrap();
+    wait_for(&format!("Transform {name} to be gone"), WAIT, || async {
+        match transforms.get_opt(name).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{:?}", other.map(|t| t.map(|t| t.status)))),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn configmap_module_edits_roll_the_crd_forward_and_breaking_changes_are_refused() {
+    let (env, transforms) = setup("transform-evolution").await;
+    let group = group(&env);
+    let crd_name = format!("notes.{group}");
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+
+    // The module does not exist yet: Failed, with an event, until it appears.
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "note", "CueFetched", false, "CueFetchFailed").await;
+    assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
+    assert!(condition(&t, "CueFetched").unwrap().message.contains("not found"));
+    wait_for("a CueFetchFailed event", WAIT, || async {
+        let reasons = event_reasons(&env.client, &env.namespace, "note").await;
+        if reasons.contains(&"CueFetchFailed".to_string()) {
+            Ok(())
+        } else {
+            Err(format!("{reasons:?}"))
+        }
+    })
+    .await;
+
+    put_module(
+        &env.client,
+        &env.namespace,
+        "note-module",
+        &note_module("size?: int & <=10"),
+    )
+    .await;
+    let t = wait_ready(&transforms, "note").await;
+    let first_digest = t.status.unwrap().resolved_cue_ref.unwrap().digest;
+    assert!(
+        crd_spec_schema(&crds.get(&crd_name).await.unwrap())["properties"]
+            .get("color")
+            .is_none()
+    );
+
+    // Additive: a new optional field reaches the CRD.
+    put_module(
+        &env.client,
+        &env.namespace,
+        "note-module",
+        &note_module("size?: int & <=10\n\t// The note's color.\n\tcolor?: string"),
+    )
+    .await;
+    let crd = wait_for("the CRD to gain spec.color", WAIT, || async {
+        let crd = crds.get(&crd_name).await.map_err(|e| e.to_string())?;
+        let spec = crd_spec_schema(&crd);
+        if spec["properties"].get("color").is_some() {
+            Ok(crd)
+        } else {
+            Err(spec.to_string())
+        }
+    })
+    .await;
+    assert_eq!(
+        crd_spec_schema(&crd)["properties"]["color"]["description"],
+        "The note's color."
+    );
+    wait_for("the new module digest in the status", WAIT, || async {
+        let t = transforms.get("note").await.map_err(|e| e.to_string())?;
+        let digest = t
+            .status
+            .as_ref()
+            .and_then(|s| s.resolved_cue_ref.as_ref())
+            .map(|r| r.digest.clone());
+        match digest {
+            Some(d) if d != first_digest && condition(&t, "Ready").is_some_and(|c| c.is_true()) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // Breaking: a field removed and a bound tightened are refused, each named.
+    put_module(
+        &env.client,
+        &env.namespace,
+        "note-module",
+        &note_module("size?: int & <=5"),
+    )
+    .await;
+    let t = wait_condition(&transforms, "note", "SchemaCompatible", false, "BreakingChange").await;
+    let message = &condition(&t, "SchemaCompatible").unwrap().message;
+    assert!(message.contains("spec.color: field removed"), "{message}");
+    assert!(message.contains("spec.size: maximum lowered from 10 to 5"), "{message}");
+    assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
+    let spec = crd_spec_schema(&crds.get(&crd_name).await.unwrap());
+    assert!(spec["properties"].get("color").is_some(), "the CRD stays as it was");
+    assert_eq!(spec["properties"]["size"]["maximum"].as_f64(), Some(10.0));
+    let reasons = event_reasons(&env.client, &env.namespace, "note").await;
+    assert!(reasons.contains(&"BreakingChange".to_string()), "{reasons:?}");
+
+    delete_transform(&transforms, "note").await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn kinds_owned_elsewhere_and_builtin_kinds_are_refused() {
+    let (env, transforms) = setup("transform-conflicts").await;
+    let group = group(&env);
+    put_module(&env.client, &env.namespace, "note-module", &note_module("")).await;
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
+    )
+    .await;
+    wait_ready(&transforms, "note").await;
+
+    // A second Transform generating the same kind.
+    apply_transform(
+        &transforms,
+        "note-again",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "note-again", "CRDGenerated", false, "KindConflict").await;
+    let message = &condition(&t, "CRDGenerated").unwrap().message;
+    assert!(
+        message.contains(&format!("Transform {}/note", env.namespace)),
+        "{message}"
+    );
+    assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
+
+    // A CRD Pequod did not create is never taken over.
+    let foreign_group = format!("foreign.{group}");
+    let foreign: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("notes.{foreign_group}")},
+        "spec": {"group": foreign_group, "scope": "Namespaced",
+                 "names": {"kind": "Note", "plural": "notes"},
+                 "versions": [{"name": "v1alpha1", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]},
+    }))
+    .unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    crds.create(&PostParams::default(), &foreign).await.unwrap();
+    apply_transform(
+        &transforms,
+        "note-foreign",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": foreign_group}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "note-foreign", "CRDGenerated", false, "KindConflict").await;
+    assert!(
+        condition(&t, "CRDGenerated")
+            .unwrap()
+            .message
+            .contains("not created by Pequod")
+    );
+
+    // Built-in kinds.
+    apply_transform(
+        &transforms,
+        "deployment",
+        json!({"cueRef": {"type": "inline", "ref": "package d\n#Metadata: kind: \"Deployment\"\n#Input: {image: string}\n#Render: {input: _, output: nodes: []}\n"}, "group": group}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "deployment", "CRDGenerated", false, "ReservedName").await;
+    assert!(
+        condition(&t, "CRDGenerated")
+            .unwrap()
+            .message
+            .contains("built-in kind Deployment")
+    );
+
+    for name in ["note-again", "note-foreign", "deployment", "note"] {
+        delete_transform(&transforms, name).await;
+    }
+    // Deleting a refused Transform leaves the CRD it did not own alone.
+    assert!(crds.get_opt(&format!("notes.{foreign_group}")).await.unwrap().is_some());
+    crds.delete(&format!("notes.{foreign_group}"), &DeleteParams::default())
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn deletion_waits_for_instances_then_removes_the_crd_and_rbac() {
+    let (env, transforms) = setup("transform-deletion").await;
+    let group = group(&env);
+    put_module(&env.client, &env.namespace, "note-module", &note_module("")).await;
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group, "rbacScope": "Namespace",
+               "managedResources": [{"resources": ["configmaps"]}]}),
+    )
+    .await;
+    wait_ready(&transforms, "note").await;
+    let roles: Api<Role> = Api::namespaced(env.client.clone(), &env.namespace);
+    let bindings: Api<RoleBinding> = Api::namespaced(env.client.clone(), &env.namespace);
+    let role = roles.get("pequod-transform-note").await.unwrap();
+    assert!(
+        role.rules
+            .unwrap()
+            .iter()
+            .any(|r| r.resources == Some(vec!["configmaps".into()]))
+    );
+    let binding = bindings.get("pequod-transform-note").await.unwrap();
+    assert_eq!(binding.subjects.unwrap()[0].name, "pequod-controller-manager");
+    assert!(
+        Api::<ClusterRole>::all(env.client.clone())
+            .get_opt(&format!("pequod:transform:{}.note", env.namespace))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let api_version = format!("{group}/v1alpha1");
+    support::apply_yaml(
+        &env.client,
+        &env.namespace,
+        &format!("apiVersion: {api_version}\nkind: Note\nmetadata:\n  name: shopping\nspec:\n  text: milk\n"),
+    )
+    .await;
+
+    transforms.delete("note", &DeleteParams::default()).await.unwrap();
+    let t = wait_condition(&transforms, "note", "Ready", false, "WaitingForInstances").await;
+    assert!(
+        condition(&t, "Ready")
+            .unwrap()
+            .message
+            .contains("1 instance(s) of Note")
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    assert!(crds.get_opt(&format!("notes.{group}")).await.unwrap().is_some());
+
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    notes.delete("shopping", &DeleteParams::default()).await.unwrap();
+    wait_for("the Transform, its CRD and its RBAC to be gone", WAIT, || async {
+        let transform = transforms.get_opt("note").await.map_err(|e| e.to_string())?;
+        let crd = crds
+            .get_opt(&format!("notes.{group}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let role = roles
+            .get_opt("pequod-transform-note")
+            .await
+            .map_err(|e| e.to_string())?;
+        match (transform, crd, role) {
+            (None, None, None) => Ok(()),
+            other => Err(format!(
+                "{:?}",
+                (other.0.is_some(), other.1.is_some(), other.2.is_some())
+            )),
+        }
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_paused_transform_is_not_reconciled_until_resumed() {
+    let (env, transforms) = setup("transform-pause").await;
+    let group = group(&env);
+    put_module(&env.client, &env.namespace, "note-module", &note_module("")).await;
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
+    )
+    .await;
+    wait_ready(&transforms, "note").await;
+    let pause = |value: &str| json!({"metadata": {"annotations": {"pequod.io/paused": value}}});
+    transforms
+        .patch("note", &PatchParams::default(), &Patch::Merge(pause("true")))
+        .await
+        .unwrap();
+    wait_condition(&transforms, "note", "Paused", true, "Paused").await;
+
+    // A spec change while paused is not acted on.
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group, "shortNames": ["nt"]}),
+    )
+    .await;
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let crd = crds.get(&format!("notes.{group}")).await.unwrap();
+    assert_eq!(crd.spec.names.short_names, None);
+
+    transforms
+        .patch("note", &PatchParams::default(), &Patch::Merge(pause("false")))
+        .await
+        .unwrap();
+    wait_condition(&transforms, "note", "Paused", false, "Resumed").await;
+    wait_for("the short name to reach the CRD", WAIT, || async {
+        let crd = crds.get(&format!("notes.{group}")).await.map_err(|e| e.to_string())?;
+        match crd.spec.names.short_names {
+            Some(s) if s == ["nt"] => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    delete_transform(&transforms, "note").await;
+    env.cleanup().await;
+}
