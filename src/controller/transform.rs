@@ -736,6 +736,10 @@ async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Erro
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
+    // Looking first keeps a reconcile with nothing to delete free of write requests.
+    if api.get_metadata_opt(name).await?.is_none() {
+        return Ok(());
+    }
     match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),

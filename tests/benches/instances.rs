@@ -83,7 +83,8 @@ async fn writes(client: &Client) -> std::collections::BTreeMap<String, f64> {
                 .unwrap_or("")
                 .to_string()
         };
-        if !["POST", "PATCH", "PUT", "DELETE"].contains(&field("verb").as_str()) {
+        // The apiserver rewrites the `kubernetes` Endpoints itself; that write is not Pequod's.
+        if !["POST", "PATCH", "PUT", "DELETE"].contains(&field("verb").as_str()) || field("resource") == "endpoints" {
             continue;
         }
         let v: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);

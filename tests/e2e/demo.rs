@@ -62,13 +62,25 @@ async fn demo() {
         let sample = std::fs::read_to_string(samples.join(file)).expect("sample");
         support::apply_yaml(&env.client, &env.namespace, &sample).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let transforms: kube::Api<pequod::api::Transform> = kube::Api::namespaced(env.client.clone(), "default");
+    support::wait_for("the sample Transform to be Ready", Duration::from_secs(120), || async {
+        let t = transforms.get("webservice").await.map_err(|e| e.to_string())?;
+        match t.status.as_ref().and_then(|s| s.phase) {
+            Some(pequod::api::TransformPhase::Ready) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let instance = std::fs::read_to_string(samples.join("webservice_instance.yaml")).expect("sample");
+    support::apply_yaml(&env.client, &env.namespace, &instance).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
 
     kubectl(
         &env.kubeconfig,
         &["get", "crds", "-l", "app.kubernetes.io/managed-by=pequod"],
     );
     kubectl(&env.kubeconfig, &["get", "transforms", "-A", "-o", "wide"]);
+    kubectl(&env.kubeconfig, &["get", "webservices", "-A"]);
     kubectl(&env.kubeconfig, &["get", "resourcegraphs", "-A"]);
     kubectl(
         &env.kubeconfig,
