@@ -14,7 +14,10 @@ use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
 use serde_json::json;
 use support::OperatorProcess;
 
-const WAIT: Duration = Duration::from_secs(45);
+const WAIT: Duration = Duration::from_secs(90);
+
+/// The tests of this binary each run their own operator; never two at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn start(kubeconfig: &std::path::Path) -> OperatorProcess {
     OperatorProcess::start(kubeconfig, &support::tool("cue", "PEQUOD_TEST_CUE"), &[])
@@ -22,6 +25,7 @@ fn start(kubeconfig: &std::path::Path) -> OperatorProcess {
 
 #[tokio::test]
 async fn killed_operator_converges_after_restart_without_duplicates() {
+    let _serial = SERIAL.lock().await;
     let env = support::env("restart").await;
     support::install_crds(&env.client).await;
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -113,5 +117,110 @@ async fn killed_operator_converges_after_restart_without_duplicates() {
         }
     })
     .await;
+    env.cleanup().await;
+}
+
+const NOTE_MODULE: &str = r#"package note
+
+#Metadata: kind: "Note"
+
+#Input: {
+	text: string
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: "config"
+		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: text: input.spec.text}
+		readyWhen: [{type: "Exists"}]
+	}, {
+		id: "account"
+		dependsOn: ["config"]
+		object: {apiVersion: "v1", kind: "ServiceAccount", metadata: name: input.metadata.name}
+		readyWhen: [{type: "Exists"}]
+	}]
+}
+"#;
+
+const NOTES: usize = 20;
+
+#[tokio::test]
+async fn killed_operator_converges_on_instances_after_restart() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("restart-instances").await;
+    support::install_crds(&env.client).await;
+    let group = format!("{}.test.example.com", env.namespace);
+    let api_version = format!("{group}/v1alpha1");
+    let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": NOTE_MODULE}});
+    let transform = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
+        "metadata": {"name": "note"}, "spec": {"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}});
+    for doc in [module, transform] {
+        support::apply_yaml(&env.client, &env.namespace, &serde_yaml::to_string(&doc).unwrap()).await;
+    }
+
+    let first = start(&env.kubeconfig);
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    support::wait_for("the Transform Ready", WAIT, || async {
+        let t = transforms.get("note").await.map_err(|e| e.to_string())?;
+        match t.status.and_then(|s| s.phase) {
+            Some(pequod::api::TransformPhase::Ready) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    for i in 0..NOTES {
+        let obj = json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": format!("n{i}")}, "spec": {"text": format!("{i}")}});
+        notes
+            .patch(
+                &format!("n{i}"),
+                &PatchParams::apply(support::TEST_MANAGER),
+                &Patch::Apply(obj),
+            )
+            .await
+            .unwrap();
+    }
+    // Killed once some graphs exist, before all instances are done.
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    support::wait_for("the first graphs", WAIT, || async {
+        let n = graphs
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
+        if n > 0 { Ok(()) } else { Err("none yet".into()) }
+    })
+    .await;
+    first.kill();
+
+    let _second = start(&env.kubeconfig);
+    support::wait_for("every instance Ready after the restart", WAIT, || async {
+        let list = notes.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|o| {
+                o.data["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            })
+            .count();
+        if ready == NOTES {
+            Ok(())
+        } else {
+            Err(format!("{ready} of {NOTES} Ready"))
+        }
+    })
+    .await;
+    let labelled = ListParams::default().labels("pequod.io/instance-kind=Note");
+    assert_eq!(graphs.list(&labelled).await.unwrap().items.len(), NOTES);
+    let objects = ListParams::default().labels("app.kubernetes.io/managed-by=pequod");
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert_eq!(cms.list(&objects).await.unwrap().items.len(), NOTES);
+    assert_eq!(accounts.list(&objects).await.unwrap().items.len(), NOTES);
     env.cleanup().await;
 }

@@ -232,7 +232,7 @@ fn start() -> ControlPlane {
             &kcm,
             &[
                 format!("--kubeconfig={}", kubeconfig.display()),
-                "--controllers=garbagecollector,namespace".into(),
+                "--controllers=garbagecollector,namespace,clusterrole-aggregation".into(),
                 "--leader-elect=false".into(),
                 "--port=0".into(),
                 "--secure-port=0".into(),

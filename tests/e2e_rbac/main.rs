@@ -1,0 +1,236 @@
+//! The restricted installation (`config/restricted`) against the real apiserver: the operator
+//! runs with the manager service account's own token, and can write only the kinds Transforms
+//! declare in `managedResources`. A test binary of its own: it replaces the manager role.
+
+#[path = "../e2e/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use kube::api::{DynamicObject, PostParams};
+use kube::{Api, Client};
+use pequod::api::Transform;
+use serde_json::{Value, json};
+use support::OperatorProcess;
+
+const WAIT: Duration = Duration::from_secs(120);
+const MANAGER_ROLE: &str = "pequod-manager-role";
+
+/// A module whose one object is of `kind` (`ConfigMap` or `Secret`), holding the input's value
+/// in `field` (`data` or `stringData`).
+fn module(kind: &str, field: &str) -> String {
+    format!(
+        r#"package m
+
+#Metadata: kind: "{kind}Holder"
+
+#Input: {{
+	value: string
+}}
+
+#Render: {{
+	input: {{metadata: {{name: string, namespace: string, ...}}, spec: #Input}}
+	output: nodes: [{{
+		id: "object"
+		object: {{apiVersion: "v1", kind: "{kind}", metadata: name: input.metadata.name, {field}: value: input.spec.value}}
+	}}]
+}}
+"#
+    )
+}
+
+fn install_restricted(kubeconfig: &std::path::Path) {
+    let kubectl = support::tool("kubectl", "KUBECTL");
+    let out = std::process::Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["apply", "--server-side", "-k"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/restricted"))
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e} (run `make tools`)", kubectl.display()));
+    assert!(
+        out.status.success(),
+        "kubectl apply -k config/restricted failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A kubeconfig that authenticates as the manager's service account.
+async fn manager_kubeconfig(client: &Client, admin: &std::path::Path) -> std::path::PathBuf {
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "pequod-system");
+    let request: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600},
+    }))
+    .unwrap();
+    let issued: TokenRequest = accounts
+        .create_subresource("token", "pequod-controller-manager", &PostParams::default(), &request)
+        .await
+        .expect("a token for the manager's service account");
+    let token = issued.status.expect("token status").token;
+    let text = std::fs::read_to_string(admin).unwrap();
+    let replaced: String = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("token:") {
+                format!("    token: {token}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = admin.with_file_name("manager-kubeconfig");
+    std::fs::write(&path, replaced + "\n").unwrap();
+    path
+}
+
+fn aggregated_resources(role: &ClusterRole) -> Vec<String> {
+    role.rules
+        .iter()
+        .flatten()
+        .filter(|r| r.verbs.iter().any(|v| v == "create"))
+        .flat_map(|r| r.resources.clone().unwrap_or_default())
+        .collect()
+}
+
+async fn apply(client: &Client, namespace: &str, value: Value) {
+    let yaml = serde_yaml::to_string(&value).unwrap();
+    support::apply_yaml(client, namespace, &yaml).await;
+}
+
+fn ready_reason(obj: &DynamicObject) -> Option<(String, String, String)> {
+    obj.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+                c["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+#[tokio::test]
+async fn the_restricted_manager_writes_only_declared_kinds() {
+    let env = support::env("restricted").await;
+    if env.external {
+        // Replacing the manager role of someone's cluster is not a test's business.
+        return;
+    }
+    install_restricted(&env.kubeconfig);
+    let roles: Api<ClusterRole> = Api::all(env.client.clone());
+    support::wait_for("the base role aggregated into the manager role", WAIT, || async {
+        let role = roles.get(MANAGER_ROLE).await.map_err(|e| e.to_string())?;
+        let resources = aggregated_resources(&role);
+        if resources.contains(&"transforms".to_string()) {
+            Ok(())
+        } else {
+            Err(format!("{resources:?}"))
+        }
+    })
+    .await;
+    let manager_role = roles.get(MANAGER_ROLE).await.unwrap();
+    assert!(!aggregated_resources(&manager_role).contains(&"configmaps".to_string()));
+
+    let kubeconfig = manager_kubeconfig(&env.client, &env.kubeconfig).await;
+    let operator = OperatorProcess::start(&kubeconfig, &support::tool("cue", "PEQUOD_TEST_CUE"), &[]);
+    support::wait_for(
+        "the operator running as its service account to be ready",
+        WAIT,
+        || async {
+            match support::http_get(&operator.probes, "/readyz").await {
+                Ok((200, body)) => Ok(body),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    let group = format!("{}.test.example.com", env.namespace);
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    for (kind, field) in [("ConfigMap", "data"), ("Secret", "stringData")] {
+        let lower = kind.to_ascii_lowercase();
+        apply(
+            &env.client,
+            &env.namespace,
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": format!("{lower}-module"), "labels": {"pequod.io/cue-module": "true"}},
+                   "data": {"m.cue": module(kind, field)}}),
+        )
+        .await;
+        // Both declare only ConfigMaps: the Secret module renders a kind nobody declared.
+        apply(
+            &env.client,
+            &env.namespace,
+            json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
+                   "metadata": {"name": lower},
+                   "spec": {"cueRef": {"type": "configmap", "ref": format!("{lower}-module")}, "group": group,
+                            "managedResources": [{"resources": ["configmaps"]}]}}),
+        )
+        .await;
+    }
+    let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    for name in ["configmap", "secret"] {
+        support::wait_for(&format!("Transform {name} Ready"), WAIT, || async {
+            let t = transforms.get(name).await.map_err(|e| e.to_string())?;
+            match t.status.as_ref().and_then(|s| s.phase) {
+                Some(pequod::api::TransformPhase::Ready) => Ok(()),
+                other => Err(format!("{other:?} {:?}", t.status.map(|s| s.conditions))),
+            }
+        })
+        .await;
+    }
+    let manager_role = roles.get(MANAGER_ROLE).await.unwrap();
+    assert!(aggregated_resources(&manager_role).contains(&"configmaps".to_string()));
+
+    let api_version = format!("{group}/v1alpha1");
+    apply(
+        &env.client,
+        &env.namespace,
+        json!({"apiVersion": api_version, "kind": "ConfigMapHolder", "metadata": {"name": "allowed"}, "spec": {"value": "a"}}),
+    )
+    .await;
+    apply(
+        &env.client,
+        &env.namespace,
+        json!({"apiVersion": api_version, "kind": "SecretHolder", "metadata": {"name": "refused"}, "spec": {"value": "b"}}),
+    )
+    .await;
+
+    let holders = support::dynamic_api(&env.client, &api_version, "ConfigMapHolder", &env.namespace).await;
+    support::wait_for(
+        "the declared ConfigMap applied and its instance Ready",
+        WAIT,
+        || async {
+            let obj = holders.get("allowed").await.map_err(|e| e.to_string())?;
+            let cm = cms.get_opt("allowed").await.map_err(|e| e.to_string())?;
+            match (ready_reason(&obj), cm) {
+                (Some((s, _, _)), Some(_)) if s == "True" => Ok(()),
+                other => Err(format!("{:?}", other.0)),
+            }
+        },
+    )
+    .await;
+
+    let secret_holders = support::dynamic_api(&env.client, &api_version, "SecretHolder", &env.namespace).await;
+    let (_, reason, message) = support::wait_for("the undeclared Secret refused", WAIT, || async {
+        let obj = secret_holders.get("refused").await.map_err(|e| e.to_string())?;
+        match ready_reason(&obj) {
+            Some((s, r, m)) if s == "False" && r == "NodeFailed" => Ok((s, r, m)),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(message.contains("forbidden"), "{message}");
+    assert_eq!(reason, "NodeFailed");
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(secrets.get_opt("refused").await.unwrap().is_none());
+    drop(operator);
+    env.cleanup().await;
+}
