@@ -287,6 +287,9 @@ async fn pause(t: &Transform, ctx: &Context) -> Result<Action, Error> {
         update.event(EventType::Normal, "Paused", &message);
     }
     update.condition("Paused", true, "Paused", message);
+    if update.new.phase.is_none() {
+        update.new.phase = Some(TransformPhase::Pending);
+    }
     update.write().await?;
     Ok(Action::await_change())
 }
