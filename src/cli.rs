@@ -103,6 +103,26 @@ pub struct RunArgs {
     #[arg(long, env = "PEQUOD_LEADER_ELECT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub leader_elect: bool,
 
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "PEQUOD_LEADER_ELECTION_ID", default_value = "pequod-leader")]
+    pub leader_election_id: String,
+
+    /// Namespace of the leader-election Lease (default: the pod's namespace, else pequod-system).
+    #[arg(long, env = "PEQUOD_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// Seconds a leader's lease holds without renewal before a standby takes over.
+    #[arg(long, env = "PEQUOD_LEADER_ELECT_LEASE_DURATION", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub leader_elect_lease_duration: u64,
+
+    /// Seconds the leader keeps trying to renew before it stops leading (and exits).
+    #[arg(long, env = "PEQUOD_LEADER_ELECT_RENEW_DEADLINE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub leader_elect_renew_deadline: u64,
+
+    /// Seconds between attempts to acquire or renew the lease.
+    #[arg(long, env = "PEQUOD_LEADER_ELECT_RETRY_PERIOD", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub leader_elect_retry_period: u64,
+
     /// Log level.
     #[arg(long, env = "PEQUOD_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     pub zap_log_level: LogLevel,

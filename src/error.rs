@@ -14,7 +14,7 @@ pub enum StartupError {
     #[error("connecting to Kubernetes (set KUBECONFIG or run in a cluster): {0}")]
     Kubeconfig(#[source] kube::Error),
     #[error("{0}")]
-    Unsupported(&'static str),
+    InvalidFlags(&'static str),
     #[error("HTTP server failed: {0}")]
     Server(#[source] std::io::Error),
 }

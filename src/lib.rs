@@ -11,6 +11,7 @@ pub mod error;
 pub mod graph;
 pub mod health;
 pub mod instance;
+pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod rbac;

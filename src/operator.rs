@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use tokio::task::JoinSet;
 
 use crate::apply::Applier;
@@ -14,6 +15,7 @@ use crate::controller::{resourcegraph, transform};
 use crate::cue::{CueCli, Renderer, RendererConfig};
 use crate::error::StartupError;
 use crate::health::{Health, Probe};
+use crate::leader::{Elector, Timing};
 use crate::metrics::Metrics;
 use crate::rbac::ManagerIdentity;
 use crate::server;
@@ -25,10 +27,13 @@ const CUE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 const CUE_CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub async fn run(args: RunArgs) -> Result<(), StartupError> {
+    let timing = Timing {
+        lease_duration: Duration::from_secs(args.leader_elect_lease_duration),
+        renew_deadline: Duration::from_secs(args.leader_elect_renew_deadline),
+        retry_period: Duration::from_secs(args.leader_elect_retry_period),
+    };
     if args.leader_elect {
-        return Err(StartupError::Unsupported(
-            "--leader-elect: leader election is not available in this version; run a single replica",
-        ));
+        timing.validate().map_err(StartupError::InvalidFlags)?;
     }
     let metrics = Arc::new(Metrics::new()?);
     let health = Arc::new(Health::new());
@@ -57,6 +62,40 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     tasks.spawn(check_cue_binary(cue, health.clone(), shutdown.clone()));
 
     let client = Client::try_default().await.map_err(StartupError::Kubeconfig)?;
+
+    // Standby replicas serve probes and metrics but do not reconcile; their readiness does not
+    // wait for the controllers, so that rolling updates can proceed.
+    let mut elector = None;
+    if args.leader_elect {
+        let namespace = args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "pequod-system".to_string());
+        let mut e = Elector::new(
+            Api::<Lease>::namespaced(client.clone(), &namespace),
+            &args.leader_election_id,
+            &leader_identity(),
+            timing,
+        );
+        tracing::info!(lease = %args.leader_election_id, %namespace, identity = %e.identity(), "waiting to become the leader");
+        if !e.acquire(&shutdown).await {
+            return join_all(tasks).await;
+        }
+        elector = Some(e);
+    }
+    let controllers_done = Shutdown::new();
+    if let Some(mut e) = elector {
+        let done = controllers_done.clone();
+        tokio::spawn(async move {
+            // Renewal continues while the controllers drain after a shutdown signal, and the
+            // lease is released only once they have stopped.
+            if !e.hold(&done).await {
+                tracing::error!("leader election lost: exiting so that no two replicas reconcile at once");
+                std::process::exit(1);
+            }
+        });
+    }
 
     let (watches, triggers) = ObjectWatches::new(client.clone(), shutdown.clone());
     let reporter = kube::runtime::events::Reporter {
@@ -119,6 +158,14 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "pequod started");
     shutdown.wait().await;
     tracing::info!("shutting down");
+    let result = join_all(tasks).await;
+    controllers_done.trigger();
+    // Gives the elector a moment to release the lease.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    result
+}
+
+async fn join_all(mut tasks: JoinSet<Result<(), StartupError>>) -> Result<(), StartupError> {
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
         if let Ok(Err(e)) = joined {
@@ -127,6 +174,18 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         }
     }
     result
+}
+
+/// Unique per process, readable per pod: `<pod name>_<random>`.
+fn leader_identity() -> String {
+    let pod = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "pequod".to_string());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{pod}_{:x}{:08x}", std::process::id(), nanos)
 }
 
 /// Keeps the `cue` readiness check current: rendering is impossible without a working cue.

@@ -224,3 +224,121 @@ async fn killed_operator_converges_on_instances_after_restart() {
     assert_eq!(accounts.list(&objects).await.unwrap().items.len(), NOTES);
     env.cleanup().await;
 }
+
+/// Sum of one metric's series on an operator's /metrics (0 when absent).
+async fn metric(operator: &OperatorProcess, name: &str) -> f64 {
+    let (_, text) = support::http_get(&operator.metrics, "/metrics")
+        .await
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn configmap_graph(name: &str) -> serde_json::Value {
+    json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": name},
+           "spec": {"nodes": [{"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}}]}})
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("leader").await;
+    support::install_crds(&env.client).await;
+    let namespace = format!("--leader-election-namespace={}", env.namespace);
+    let flags = [
+        "--leader-elect",
+        namespace.as_str(),
+        "--leader-elect-lease-duration=4",
+        "--leader-elect-renew-deadline=3",
+        "--leader-elect-retry-period=1",
+    ];
+    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
+    let first = OperatorProcess::start(&env.kubeconfig, &cue, &flags);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.namespace);
+    let holder = || async {
+        leases
+            .get_opt("pequod-leader")
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|l| l.spec?.holder_identity)
+            .ok_or_else(|| "no holder".to_string())
+    };
+    let first_holder = support::wait_for("the first operator to lead", WAIT, holder).await;
+    let second = OperatorProcess::start(&env.kubeconfig, &cue, &flags);
+    // The standby is ready (probes answer) but does not reconcile.
+    support::wait_for("the standby to be ready", WAIT, || async {
+        match support::http_get(&second.probes, "/readyz").await {
+            Ok((200, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let completed = |name: &'static str| {
+        let graphs = graphs.clone();
+        async move {
+            let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
+            match rg.status.and_then(|s| s.phase) {
+                Some(GraphPhase::Completed) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    };
+    graphs
+        .patch(
+            "before",
+            &PatchParams::apply(support::TEST_MANAGER),
+            &Patch::Apply(configmap_graph("before")),
+        )
+        .await
+        .unwrap();
+    support::wait_for("the leader to apply the first graph", WAIT, || completed("before")).await;
+    let reconciles = "pequod_reconcile_total{controller=\"resourcegraph\"";
+    assert!(metric(&first, reconciles).await > 0.0);
+    assert_eq!(metric(&second, reconciles).await, 0.0, "the standby reconciled");
+    assert_eq!(holder().await.unwrap(), first_holder);
+
+    // The leader dies without releasing the lease: the standby takes over once it expires.
+    let killed = std::time::Instant::now();
+    first.kill();
+    let second_holder = support::wait_for("the standby to take over", WAIT, || async {
+        match holder().await {
+            Ok(h) if h != first_holder => Ok(h),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let takeover = killed.elapsed();
+    assert!(takeover < Duration::from_secs(4 + 3), "took over after {takeover:?}");
+    assert_ne!(second_holder, first_holder);
+    graphs
+        .patch(
+            "after",
+            &PatchParams::apply(support::TEST_MANAGER),
+            &Patch::Apply(configmap_graph("after")),
+        )
+        .await
+        .unwrap();
+    support::wait_for("the new leader to apply the second graph", WAIT, || completed("after")).await;
+    assert!(cms.get_opt("after").await.unwrap().is_some());
+    assert!(metric(&second, reconciles).await > 0.0);
+
+    // A leader stopped gracefully releases the lease instead of letting it expire.
+    // SAFETY: signalling the child process this test started.
+    unsafe {
+        libc::kill(second.pid() as libc::pid_t, libc::SIGTERM);
+    }
+    support::wait_for("the lease released on SIGTERM", WAIT, || async {
+        match holder().await {
+            Err(_) => Ok(()),
+            Ok(h) => Err(format!("still held by {h}")),
+        }
+    })
+    .await;
+    drop(second);
+    env.cleanup().await;
+}
