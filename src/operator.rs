@@ -36,6 +36,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         timing.validate().map_err(StartupError::InvalidFlags)?;
     }
     let metrics = Arc::new(Metrics::new()?);
+    crate::controller::init_metrics(&metrics);
     let health = Arc::new(Health::new());
     health.register(Probe::Readiness, "cue", "not checked yet");
 

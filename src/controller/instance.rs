@@ -267,13 +267,18 @@ async fn run_kind(
         ),
         None => (Api::all_with(client.clone(), &resource), Api::all(client)),
     };
-    let stopped = async move {
-        tokio::select! {
-            _ = stop.wait() => {}
-            _ = shutdown.wait() => {}
+    let stopped = {
+        let (stop, shutdown) = (stop.clone(), shutdown.clone());
+        async move {
+            tokio::select! {
+                _ = stop.wait() => {}
+                _ = shutdown.wait() => {}
+            }
         }
     };
-    Controller::new_with(instances, watcher::Config::default(), resource.clone())
+    let controller = Controller::new_with(instances, watcher::Config::default(), resource.clone());
+    let store = controller.store();
+    let run = controller
         .owns(
             graphs,
             watcher::Config::default().labels(&format!("{INSTANCE_KIND_LABEL}={}", resource.kind)),
@@ -284,8 +289,14 @@ async fn run_kind(
         }))
         .graceful_shutdown_on(stopped)
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .for_each(|_| futures::future::ready(()));
+    let stopped = async move {
+        tokio::select! {
+            _ = stop.wait() => {}
+            _ = shutdown.wait() => {}
+        }
+    };
+    super::drive(run, store, stopped).await;
 }
 
 fn error_policy(_: Arc<DynamicObject>, error: &Error, _: Arc<KindContext>) -> Action {

@@ -25,6 +25,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value [`Error::reason`] returns.
+    pub const REASONS: [&'static str; 5] = [
+        "Conflict",
+        "ApiError",
+        "SerializationError",
+        "InvalidObject",
+        "CueUnavailable",
+    ];
+
     /// Stable reason string for metric labels.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -229,5 +238,83 @@ pub async fn report_when_synced<K>(
             Ok(Err(_)) => return,
             Err(_) => {}
         }
+    }
+}
+
+/// A controller whose loop ended while the process is not shutting down no longer makes
+/// progress: /healthz fails so that the kubelet restarts the process.
+pub fn report_stopped(health: &crate::health::Health, check: &'static str, shutdown: &crate::shutdown::Shutdown) {
+    if !shutdown.is_triggered() {
+        tracing::error!(controller = check, "controller stopped unexpectedly");
+        health.set(
+            crate::health::Probe::Liveness,
+            check,
+            Err("the controller stopped unexpectedly".into()),
+        );
+    }
+}
+
+/// Drives a controller's `run` future until it ends, or until `stop` resolves. Once stopped, a
+/// controller whose cache has synced drains its in-flight reconciles (kube's graceful
+/// shutdown); one that never synced has nothing in flight, and kube's runner would wait for a
+/// sync that can no longer come, so it is dropped at once.
+pub async fn drive<K>(
+    run: impl std::future::Future<Output = ()>,
+    store: kube::runtime::reflector::Store<K>,
+    stop: impl std::future::Future<Output = ()>,
+) where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    tokio::pin!(run);
+    tokio::select! {
+        _ = &mut run => return,
+        _ = stop => {}
+    }
+    let synced = matches!(
+        tokio::time::timeout(std::time::Duration::from_millis(50), store.wait_until_ready()).await,
+        Ok(Ok(()))
+    );
+    if synced {
+        run.await;
+    }
+}
+
+/// Names of the controllers in the `controller` label of the reconcile metrics.
+pub const CONTROLLERS: [&str; 3] = ["transform", "instance", "resourcegraph"];
+
+/// Creates every reconcile series at zero, so that /metrics lists them (and rates work)
+/// before the first reconcile or error happens.
+pub fn init_metrics(metrics: &Metrics) {
+    for controller in CONTROLLERS {
+        for result in ["success", "error"] {
+            metrics.reconcile_total.with_label_values(&[controller, result]);
+        }
+        metrics.reconcile_duration_seconds.with_label_values(&[controller]);
+        for reason in Error::REASONS {
+            metrics.reconcile_errors_total.with_label_values(&[controller, reason]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_reason_is_listed_for_metric_initialization() {
+        let conflict = kube::Error::Api(Box::new(kube::core::Status {
+            code: 409,
+            ..Default::default()
+        }));
+        let errors = [
+            Error::Kube(conflict),
+            Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded),
+            Error::Serialization(serde_json::from_str::<u8>("x").unwrap_err()),
+            Error::MissingField("metadata.uid"),
+            Error::CueUnavailable("no cue".into()),
+        ];
+        let reasons: Vec<&str> = errors.iter().map(Error::reason).collect();
+        assert_eq!(reasons, Error::REASONS);
     }
 }

@@ -106,17 +106,20 @@ pub async fn run(
         }))
         .graceful_shutdown_on(shutdown.clone().wait_owned());
     let store = controller.store();
+    let store_for_stop = store.clone();
     health.register(Probe::Readiness, "resourcegraph-controller", "cache not synced yet");
+    health.set(Probe::Liveness, "resourcegraph-controller", Ok(()));
     tokio::spawn(super::report_when_synced(
         store,
         health.clone(),
         "resourcegraph-controller",
     ));
-    controller
+    let run = controller
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .for_each(|_| futures::future::ready(()));
+    super::drive(run, store_for_stop, shutdown.clone().wait_owned()).await;
     health.set(Probe::Readiness, "resourcegraph-controller", Err("stopped".into()));
+    super::report_stopped(&health, "resourcegraph-controller", &shutdown);
 }
 
 fn error_policy(_: Arc<ResourceGraph>, error: &Error, _: Arc<Context>) -> Action {
@@ -347,7 +350,9 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
         GraphPhase::Executing
     };
     if status.phase != Some(phase) {
-        if phase == GraphPhase::Executing && old.phase != Some(GraphPhase::Executing) {
+        // An execution starts whenever the graph leaves a settled state (or has none yet),
+        // including one that completes within this very pass.
+        if old.phase != Some(GraphPhase::Executing) {
             status.started_at = Some(time.clone());
             status.completed_at = None;
         }

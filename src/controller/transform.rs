@@ -94,6 +94,7 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
         .with_config(ControllerConfig::default().concurrency(concurrency));
     let store = controller.store();
     let transforms = store.clone();
+    let store_for_stop = store.clone();
     let controller = controller
         // A generated CRD changing (Established, edited, deleted) brings its Transform back.
         .watches(
@@ -127,12 +128,14 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
         )
         .graceful_shutdown_on(shutdown.clone().wait_owned());
     health.register(Probe::Readiness, "transform-controller", "cache not synced yet");
+    health.set(Probe::Liveness, "transform-controller", Ok(()));
     tokio::spawn(super::report_when_synced(store, health.clone(), "transform-controller"));
-    controller
+    let run = controller
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .for_each(|_| futures::future::ready(()));
+    super::drive(run, store_for_stop, shutdown.clone().wait_owned()).await;
     health.set(Probe::Readiness, "transform-controller", Err("stopped".into()));
+    super::report_stopped(&health, "transform-controller", &shutdown);
 }
 
 /// The Transform a generated object belongs to, from its labels.

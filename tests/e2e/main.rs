@@ -3,6 +3,7 @@
 mod demo;
 mod executor;
 mod instances;
+mod metrics;
 mod operator_process;
 mod smoke;
 mod sources;

@@ -37,8 +37,11 @@ async fn readyz_reports_a_broken_cue_binary_and_passes_when_everything_works() {
         body.contains("/nonexistent/cue"),
         "readyz must say which binary failed: {body}"
     );
-    let (status, _) = support::http_get(&broken.probes, "/healthz").await.unwrap();
+    assert!(body.contains("[+] transform-controller ok"), "{body}");
+    let (status, body) = support::http_get(&broken.probes, "/healthz").await.unwrap();
     assert_eq!(status, 200);
+    assert!(body.contains("[+] resourcegraph-controller ok"), "{body}");
+    assert!(body.contains("[+] transform-controller ok"), "{body}");
     drop(broken);
 
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");

@@ -285,6 +285,8 @@ pub struct OperatorProcess {
     child: std::process::Child,
     pub metrics: String,
     pub probes: String,
+    /// Where its output goes.
+    pub log: PathBuf,
 }
 
 impl OperatorProcess {
@@ -292,6 +294,14 @@ impl OperatorProcess {
     pub fn start(kubeconfig: &Path, cue: &Path, extra: &[&str]) -> Self {
         let metrics = format!("127.0.0.1:{}", free_port());
         let probes = format!("127.0.0.1:{}", free_port());
+        static STARTED: AtomicU32 = AtomicU32::new(0);
+        let log = std::env::temp_dir().join(format!(
+            "pequod-operator-{}-{}.log",
+            std::process::id(),
+            STARTED.fetch_add(1, Ordering::SeqCst)
+        ));
+        let out = std::fs::File::create(&log).expect("operator log file");
+        let err = out.try_clone().expect("operator log file");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
             .env("KUBECONFIG", kubeconfig)
             .arg(format!("--metrics-bind-address={metrics}"))
@@ -299,11 +309,16 @@ impl OperatorProcess {
             .arg("--cue-binary")
             .arg(cue)
             .args(extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .expect("start pequod");
-        Self { child, metrics, probes }
+        Self {
+            child,
+            metrics,
+            probes,
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
