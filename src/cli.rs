@@ -95,6 +95,16 @@ pub struct RunArgs {
     #[arg(long, env = "PEQUOD_METRICS_BIND_ADDRESS", default_value = ":8443")]
     pub metrics_bind_address: BindAddress,
 
+    /// Serve metrics over HTTPS, to clients whose bearer token may get /metrics (checked with
+    /// TokenReview and SubjectAccessReview).
+    #[arg(long, env = "PEQUOD_METRICS_SECURE", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_secure: bool,
+
+    /// Folder with tls.crt and tls.key for secure metrics; without it a self-signed
+    /// certificate is generated at start-up.
+    #[arg(long, env = "PEQUOD_METRICS_CERT_DIR")]
+    pub metrics_cert_dir: Option<std::path::PathBuf>,
+
     /// Address of the /healthz and /readyz endpoints (`0` to disable).
     #[arg(long, env = "PEQUOD_HEALTH_PROBE_BIND_ADDRESS", default_value = ":8081")]
     pub health_probe_bind_address: BindAddress,

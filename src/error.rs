@@ -15,6 +15,8 @@ pub enum StartupError {
     Kubeconfig(#[source] kube::Error),
     #[error("{0}")]
     InvalidFlags(&'static str),
+    #[error("secure metrics: {0}")]
+    Tls(#[from] crate::secure::TlsError),
     #[error("HTTP server failed: {0}")]
     Server(#[source] std::io::Error),
 }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod operator;
 pub mod rbac;
 pub mod readiness;
+pub mod secure;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

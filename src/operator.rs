@@ -18,8 +18,8 @@ use crate::health::{Health, Probe};
 use crate::leader::{Elector, Timing};
 use crate::metrics::Metrics;
 use crate::rbac::ManagerIdentity;
-use crate::server;
 use crate::shutdown::Shutdown;
+use crate::{secure, server};
 
 /// How often the cue binary is re-checked for /readyz.
 const CUE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
@@ -44,12 +44,26 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     shutdown.trigger_on_signals();
     let mut tasks: JoinSet<Result<(), StartupError>> = JoinSet::new();
 
+    let client = Client::try_default().await.map_err(StartupError::Kubeconfig)?;
+
     if let Some(addr) = args.metrics_bind_address.0 {
-        let serve = server::bind(addr, server::metrics_router(metrics.clone()), shutdown.clone())
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
-        tracing::info!(%addr, "serving /metrics");
-        tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
+        let router = server::metrics_router(metrics.clone());
+        if args.metrics_secure {
+            let tls = secure::tls_config(args.metrics_cert_dir.as_deref())?;
+            let auth = Arc::new(secure::Authorizer::new(client.clone()));
+            let router = router.layer(axum::middleware::from_fn_with_state(auth, secure::authorize));
+            let serve = secure::bind_tls(addr, router, tls, shutdown.clone())
+                .await
+                .map_err(|source| StartupError::Bind { addr, source })?;
+            tracing::info!(%addr, "serving /metrics over HTTPS to authorized clients");
+            tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
+        } else {
+            let serve = server::bind(addr, router, shutdown.clone())
+                .await
+                .map_err(|source| StartupError::Bind { addr, source })?;
+            tracing::info!(%addr, "serving /metrics");
+            tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
+        }
     }
     if let Some(addr) = args.health_probe_bind_address.0 {
         let serve = server::bind(addr, server::probes_router(health.clone()), shutdown.clone())
@@ -61,8 +75,6 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
 
     let cue = CueCli::new(&args.cue.cue_binary, CUE_CHECK_TIMEOUT, 1).with_metrics(metrics.clone());
     tasks.spawn(check_cue_binary(cue, health.clone(), shutdown.clone()));
-
-    let client = Client::try_default().await.map_err(StartupError::Kubeconfig)?;
 
     // Standby replicas serve probes and metrics but do not reconcile; their readiness does not
     // wait for the controllers, so that rolling updates can proceed.

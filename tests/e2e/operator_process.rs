@@ -94,3 +94,50 @@ async fn metrics_are_served_and_sigterm_stops_the_process() {
     assert!(status.success(), "pequod exited with {status}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn secure_metrics_require_a_token_allowed_to_get_metrics() {
+    let env = support::env("operator-secure-metrics").await;
+    if env.external {
+        return;
+    }
+    support::install_crds(&env.client).await;
+    let reader_role = format!("{}-metrics-reader", env.namespace);
+    let yaml = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: scraper\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: nobody\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: {reader_role}\nrules:\n- nonResourceURLs: [\"/metrics\"]\n  verbs: [\"get\"]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {reader_role}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: {reader_role}\n\
+         subjects:\n- kind: ServiceAccount\n  name: scraper\n  namespace: {}\n",
+        env.namespace
+    );
+    support::apply_yaml(&env.client, &env.namespace, &yaml).await;
+    let scraper = support::service_account_token(&env.client, &env.namespace, "scraper").await;
+    let nobody = support::service_account_token(&env.client, &env.namespace, "nobody").await;
+
+    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
+    let op = OperatorProcess::start(&env.kubeconfig, &cue, &["--metrics-secure"]);
+    let (status, body) = support::wait_for("secure /metrics to answer", Duration::from_secs(30), || async {
+        support::https_get(&op.metrics, "/metrics", Some(&scraper)).await
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("pequod_reconcile_total"), "{body}");
+
+    let (status, body) = support::https_get(&op.metrics, "/metrics", Some(&nobody))
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("nobody"), "{body}");
+    let (status, _) = support::https_get(&op.metrics, "/metrics", None).await.unwrap();
+    assert_eq!(status, 401);
+    let (status, _) = support::https_get(&op.metrics, "/metrics", Some("not-a-token"))
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    // Plain HTTP is not served on the secure port.
+    assert!(!matches!(
+        support::http_get(&op.metrics, "/metrics").await,
+        Ok((200, _))
+    ));
+    env.cleanup().await;
+}

@@ -7,10 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::rbac::v1::ClusterRole;
-use kube::api::{DynamicObject, PostParams};
+use kube::api::DynamicObject;
 use kube::{Api, Client};
 use pequod::api::Transform;
 use serde_json::{Value, json};
@@ -60,17 +59,7 @@ fn install_restricted(kubeconfig: &std::path::Path) {
 
 /// A kubeconfig that authenticates as the manager's service account.
 async fn manager_kubeconfig(client: &Client, admin: &std::path::Path) -> std::path::PathBuf {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "pequod-system");
-    let request: TokenRequest = serde_json::from_value(json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600},
-    }))
-    .unwrap();
-    let issued: TokenRequest = accounts
-        .create_subresource("token", "pequod-controller-manager", &PostParams::default(), &request)
-        .await
-        .expect("a token for the manager's service account");
-    let token = issued.status.expect("token status").token;
+    let token = support::service_account_token(client, "pequod-system", "pequod-controller-manager").await;
     let text = std::fs::read_to_string(admin).unwrap();
     let replaced: String = text
         .lines()
