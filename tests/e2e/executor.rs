@@ -231,6 +231,35 @@ async fn conflict_policy_error_reports_the_other_manager_force_takes_over() {
             .contains(&"ApplyFailed".to_string())
     );
 
+    // Reconciles that meet the same failure again record no new event.
+    for value in ["pequod-2", "pequod-3"] {
+        let node = json!([{"id": "cm", "applyPolicy": {"conflictPolicy": "Error"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"owner": value}}}]);
+        apply_graph(&graphs, "g", node).await;
+        let generation = graphs.get("g").await.unwrap().metadata.generation;
+        wait_graph(
+            &graphs,
+            "g",
+            "the new generation reconciled",
+            move |rg: &ResourceGraph| rg.status.as_ref().and_then(|s| s.observed_generation) == generation,
+        )
+        .await;
+    }
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let failures: Vec<_> = events
+        .list(&kube::api::ListParams::default().fields("involvedObject.name=g"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ApplyFailed"))
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0].count.unwrap_or(1) == 1 && failures[0].series.is_none(),
+        "the event was repeated: {:?}",
+        failures[0]
+    );
+
     apply_graph(&graphs, "g", ours("Force")).await;
     wait_graph(
         &graphs,
