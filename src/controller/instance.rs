@@ -549,9 +549,25 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
         let mut rendered = (*output).clone();
         rendered.nodes = nodes;
         let desired = resource_graph(&instance, &transform.name, &hash, &rendered, update.time.clone());
-        graphs_api
+        match graphs_api
             .patch(&graph, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
-            .await?
+            .await
+        {
+            Ok(rg) => rg,
+            // The apiserver refuses the graph itself (too large, say): retrying cannot help,
+            // so say why on the instance.
+            Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
+                let message = format!("the apiserver refused ResourceGraph {graph}: {}", s.message);
+                if !update.was("Ready", ConditionStatus::False, "GraphRejected") {
+                    update.event(EventType::Warning, "GraphRejected", &message);
+                }
+                update.condition("Ready", false, "GraphRejected", message);
+                update.new.phase = Some(InstancePhase::Failed);
+                update.write().await?;
+                return Ok(Action::requeue(RESYNC));
+            }
+            Err(e) => return Err(e.into()),
+        }
     };
     update.new.module_digest = Some(module.digest.clone());
     update.new.nodes = node_summaries(&rg);

@@ -17,6 +17,10 @@ pub enum GraphError {
     TooManyNodes { count: usize, max: usize },
     #[error("node {index} has an empty id")]
     EmptyId { index: usize },
+    #[error(
+        "node id {id:?} is not valid: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+    )]
+    InvalidId { id: String },
     #[error("node id {id:?} is used more than once")]
     DuplicateId { id: String },
     #[error("node {node:?} depends on unknown node {dependency:?}")]
@@ -35,6 +39,7 @@ impl GraphError {
                 "InvalidGraph"
             }
             Self::DuplicateId { .. } => "DuplicateNodeId",
+            Self::InvalidId { .. } => "InvalidNodeId",
             Self::UnknownDependency { .. } => "UnknownDependency",
             Self::Cycle { .. } => "DependencyCycle",
         }
@@ -55,6 +60,18 @@ pub struct Dag {
     pub dependants: BTreeMap<String, BTreeSet<String>>,
 }
 
+/// The node id rule of the ResourceGraph CRD (it becomes a label value), checked here so that a
+/// module rendering a bad id gets a clear error instead of a graph the apiserver refuses.
+fn valid_id(id: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    id.len() <= 63
+        && edge(id.chars().next())
+        && edge(id.chars().last())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// Checks ids, dependencies, cycles and object identity, and computes the execution order.
 pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
     if nodes.is_empty() {
@@ -71,6 +88,9 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
     for (i, node) in nodes.iter().enumerate() {
         if node.id.is_empty() {
             return Err(GraphError::EmptyId { index: i });
+        }
+        if !valid_id(&node.id) {
+            return Err(GraphError::InvalidId { id: node.id.clone() });
         }
         if index.insert(&node.id, graph.add_node(&node.id)).is_some() {
             return Err(GraphError::DuplicateId { id: node.id.clone() });
@@ -189,6 +209,21 @@ mod tests {
             "dependsOn": deps,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn ids_follow_the_crd_rule() {
+        for bad in ["my node", "-a", "a-", "x".repeat(64).as_str(), "ä"] {
+            assert_eq!(
+                validate(&[node(bad, &[])]),
+                Err(GraphError::InvalidId { id: bad.to_string() }),
+                "{bad:?}"
+            );
+        }
+        for good in ["a", "web-1", "cm_2.x", "A9"] {
+            assert!(validate(&[node(good, &[])]).is_ok(), "{good:?}");
+        }
+        assert_eq!(GraphError::InvalidId { id: "x y".into() }.reason(), "InvalidNodeId");
     }
 
     #[test]

@@ -446,3 +446,59 @@ async fn module_edits_re_render_every_instance_and_kinds_do_not_share_graphs() {
     delete_transform(&transforms, "task").await;
     env.cleanup().await;
 }
+
+/// Renders what the apiserver or the graph rules refuse, on request.
+const REFUSED_MODULE: &str = r#"package refused
+
+import "list"
+
+#Metadata: kind: "Refused"
+
+#Input: {
+	mode: "gates" | "badid"
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: [ if input.spec.mode == "badid" {"not a valid id"}, "config"][0]
+		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name}
+		readyWhen: [ for i in list.Range(0, 17, 1) {type: "Exists"}]
+	}]
+}
+"#;
+
+#[tokio::test]
+async fn graphs_the_apiserver_or_the_graph_rules_refuse_are_reported_on_the_instance() {
+    let (env, transforms) = setup("instance-refused").await;
+    let group = group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    put_module(&env.client, &env.namespace, "refused-module", REFUSED_MODULE).await;
+    apply_transform(
+        &transforms,
+        "refused",
+        json!({"cueRef": {"type": "configmap", "ref": "refused-module"}, "group": group}),
+    )
+    .await;
+    wait_ready(&transforms, "refused").await;
+    let refused = support::dynamic_api(&env.client, &api_version, "Refused", &env.namespace).await;
+
+    // 17 readiness gates: the graph passes Pequod's checks but not the CRD's (at most 16).
+    apply_instance(&refused, &api_version, "Refused", "gates", json!({"mode": "gates"})).await;
+    let obj = wait_instance(&refused, "gates", "Ready", "False", "GraphRejected").await;
+    let (_, _, message) = instance_condition(&obj, "Ready").unwrap();
+    assert!(message.contains("readyWhen"), "{message}");
+    assert_eq!(status_field(&obj, "/phase"), Some(&json!("Failed")));
+
+    // An id that cannot be a label value: refused before any write, named in Rendered.
+    apply_instance(&refused, &api_version, "Refused", "badid", json!({"mode": "badid"})).await;
+    let obj = wait_instance(&refused, "badid", "Rendered", "False", "InvalidNodeId").await;
+    let (_, _, message) = instance_condition(&obj, "Rendered").unwrap();
+    assert!(message.contains("not a valid id"), "{message}");
+
+    for name in ["gates", "badid"] {
+        refused.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    delete_transform(&transforms, "refused").await;
+    env.cleanup().await;
+}
