@@ -97,7 +97,8 @@ const MODULE: &str = r#"package probe
 
 /// Metrics that count rare events the test cannot cause on demand; they must exist.
 const PRESENT_ONLY: &[&str] = &[
-    // A reconcile error needs the apiserver to fail a request.
+    // A reconcile error needs the apiserver to fail requests: tests/e2e_rbac revokes the
+    // operator's permissions and sees it move.
     "pequod_reconcile_errors_total",
     // Evictions start past 10,000 cached renders (unit-tested in the renderer).
     "pequod_cue_cache_evictions_total",
@@ -179,6 +180,14 @@ async fn every_documented_metric_exists_with_its_type_and_moves() {
         }
     })
     .await;
+    // Log lines of a reconcile carry its controller, object and reconcile id at the top level.
+    let log = std::fs::read_to_string(&support::operator(&env.client).await.log).unwrap();
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["controller"] == "transform" && l["name"] == "probe" && l["namespace"] == env.namespace.as_str())
+        .expect("a log line of the probe Transform's reconcile");
+    assert!(line["reconcile_id"].is_string(), "{line}");
     for (name, kind) in &documented {
         let (found, _) = after.get(name).unwrap_or_else(|| panic!("/metrics lacks {name}"));
         assert_eq!(found, kind, "{name} is a {found}, documented as a {kind}");

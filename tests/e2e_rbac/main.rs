@@ -220,6 +220,35 @@ async fn the_restricted_manager_writes_only_declared_kinds() {
     assert_eq!(reason, "NodeFailed");
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
     assert!(secrets.get_opt("refused").await.unwrap().is_none());
+
+    // Without its permissions the operator's reconciles fail, and the failures are counted.
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(env.client.clone())
+        .delete("pequod-manager-rolebinding", &Default::default())
+        .await
+        .unwrap();
+    let touch = json!({"metadata": {"annotations": {"test.pequod.io/touched": "yes"}}});
+    transforms
+        .patch(
+            "configmap",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(touch),
+        )
+        .await
+        .unwrap();
+    let series = "pequod_reconcile_errors_total{controller=\"transform\",error_type=\"ApiError\"}";
+    support::wait_for("a counted reconcile error", WAIT, || async {
+        let (_, text) = support::http_get(&operator.metrics, "/metrics").await?;
+        let value: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0);
+        if value > 0.0 {
+            Ok(())
+        } else {
+            Err(format!("{series} = {value}"))
+        }
+    })
+    .await;
     drop(operator);
     env.cleanup().await;
 }
