@@ -110,6 +110,40 @@ async fn writes(client: &Client) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// kube-apiserver CPU seconds used while `work` runs.
+async fn apiserver_cpu_of<F, Fut>(work: F) -> f64
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let before = cpu_seconds_by_process();
+    work().await;
+    let after = cpu_seconds_by_process();
+    after.get("kube-apiserver").copied().unwrap_or(0.0) - before.get("kube-apiserver").copied().unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) used so far by processes, by command name.
+fn cpu_seconds_by_process() -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ... utime stime: fields 14 and 15, counted after the comm's ')'.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default().to_string();
+        let fields: Vec<&str> = tail.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(comm).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+    }
+    out
+}
+
 #[tokio::main]
 async fn main() {
     let baseline_env = support::env("bench-direct").await;
@@ -117,6 +151,7 @@ async fn main() {
 
     // Direct: 600 server-side applies, the concurrency the operator gets below.
     let cms: Api<ConfigMap> = Api::namespaced(baseline_env.client.clone(), &baseline_env.namespace);
+    let direct_cpu_before = cpu_seconds_by_process();
     let started = Instant::now();
     futures::stream::iter(0..GRAPHS * 3)
         .for_each_concurrent(usize::from(RECONCILES * APPLY_CONCURRENCY), |i| {
@@ -128,16 +163,19 @@ async fn main() {
         })
         .await;
     let direct = started.elapsed();
+    let direct_cpu_after = cpu_seconds_by_process();
 
     // Executor: the graphs exist before the operator starts; the clock runs from its start.
     let env = support::env("bench-executor").await;
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
     create_graphs(&graphs, 0..GRAPHS).await;
     let requests_before = requests(&env.client).await;
+    let cpu_before = cpu_seconds_by_process();
     let started = Instant::now();
     let operator = start(&env.kubeconfig);
     wait_completed(&graphs, GRAPHS, Duration::from_secs(300)).await;
     let executor = started.elapsed();
+    let cpu_after = cpu_seconds_by_process();
     let (_, text) = support::http_get(&operator.metrics, "/metrics")
         .await
         .unwrap_or_default();
@@ -159,6 +197,40 @@ async fn main() {
     }
     drop(operator);
 
+    // What one write of a graph costs the apiserver, with the operator stopped: a merge patch
+    // of its metadata (as for the finalizer) and an apply of its status unchanged.
+    let metadata_cpu = apiserver_cpu_of(|| async {
+        futures::stream::iter(0..GRAPHS)
+            .for_each_concurrent(48, |i| {
+                let graphs = graphs.clone();
+                async move {
+                    let patch = json!({"metadata": {"labels": {"bench.pequod.io/touched": "yes"}}});
+                    graphs
+                        .patch(&format!("g{i}"), &PatchParams::default(), &Patch::Merge(patch))
+                        .await
+                        .unwrap();
+                }
+            })
+            .await;
+    })
+    .await;
+    let status_cpu = apiserver_cpu_of(|| async {
+        futures::stream::iter(0..GRAPHS)
+            .for_each_concurrent(48, |i| {
+                let graphs = graphs.clone();
+                async move {
+                    let rg = graphs.get(&format!("g{i}")).await.unwrap();
+                    let body = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "status": rg.status});
+                    graphs
+                        .patch_status(&format!("g{i}"), &PatchParams::apply("bench").force(), &Patch::Apply(body))
+                        .await
+                        .unwrap();
+                }
+            })
+            .await;
+    })
+    .await;
+
     // Resync: a restarted operator reconciles every graph; nothing changed, so nothing is written.
     let before = writes(&env.client).await;
     let operator = start(&env.kubeconfig);
@@ -176,7 +248,19 @@ async fn main() {
         "executor benchmark (Kubernetes 1.20 local control plane, {RECONCILES} reconciles x {APPLY_CONCURRENCY} applies)"
     );
     println!("  {} direct server-side applies       {:>9.2?}", GRAPHS * 3, direct);
+    let apiserver = |after: &std::collections::BTreeMap<String, f64>,
+                     before: &std::collections::BTreeMap<String, f64>| {
+        after.get("kube-apiserver").copied().unwrap_or(0.0) - before.get("kube-apiserver").copied().unwrap_or(0.0)
+    };
+    println!(
+        "    CPU used meanwhile by kube-apiserver {:>6.2} s",
+        apiserver(&direct_cpu_after, &direct_cpu_before)
+    );
     println!("  {GRAPHS} graphs x 3 nodes converged      {:>9.2?}", executor);
+    for name in ["pequod", "kube-apiserver", "etcd", "kube-controller"] {
+        let used = cpu_after.get(name).copied().unwrap_or(0.0) - cpu_before.get(name).copied().unwrap_or(0.0);
+        println!("    CPU used meanwhile by {name:<16} {used:>6.2} s");
+    }
     println!(
         "  reconciles during convergence       {:>9}    mean {:.1} ms",
         reconciles, reconcile_mean_ms
@@ -184,6 +268,12 @@ async fn main() {
     println!(
         "  ratio executor / direct             {:>9.2}x  (target <= 1.5x)",
         executor.as_secs_f64() / direct.as_secs_f64()
+    );
+    println!(
+        "  apiserver CPU per graph write: metadata merge patch {:.1} ms, status apply {:.1} ms; per direct ConfigMap apply {:.1} ms",
+        1000.0 * metadata_cpu / GRAPHS as f64,
+        1000.0 * status_cpu / GRAPHS as f64,
+        1000.0 * apiserver(&direct_cpu_after, &direct_cpu_before) / (GRAPHS * 3) as f64
     );
     println!(
         "  writes during a resync of {GRAPHS}      {:>9}    (target 0)",
