@@ -366,15 +366,9 @@ mod tests {
         status.node_states.insert(
             "n0".into(),
             NodeState {
-                phase: NodePhase::Error,
                 message: Some("applying".into()),
                 last_error: Some("x".repeat(1000)),
-                last_transition_time: None,
-                applied_at: None,
-                ready_at: None,
-                adopted: None,
-                previous_managers: Vec::new(),
-                resource_ref: None,
+                ..NodeState::new(NodePhase::Error)
             },
         );
         let summaries = node_summaries(&graph_with(Some(status), 1));

@@ -61,6 +61,13 @@ impl Condition {
     }
 }
 
+/// Whether `conditions` has one of `type_` with `status` and, when given, `reason`.
+pub fn has_condition(conditions: &[Condition], type_: &str, status: ConditionStatus, reason: Option<&str>) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r))
+}
+
 /// Sets `new` in `conditions`, keeping `lastTransitionTime` when the status did not change so
 /// that reconciles which change nothing leave the status byte-for-byte identical.
 /// Returns whether anything changed.

@@ -5,7 +5,7 @@ mod instance;
 mod resourcegraph;
 mod transform;
 
-pub use conditions::{Condition, ConditionStatus, set_condition};
+pub use conditions::{Condition, ConditionStatus, has_condition, set_condition};
 pub use instance::{
     InstancePhase, InstanceStatus, MAX_NODE_SUMMARIES, MAX_STATUS_VIOLATIONS, NodeSummary, instance_status_schema,
 };

@@ -298,6 +298,23 @@ pub struct NodeState {
     pub resource_ref: Option<ResourceRef>,
 }
 
+impl NodeState {
+    /// A node in `phase` with nothing recorded yet.
+    pub fn new(phase: NodePhase) -> Self {
+        Self {
+            phase,
+            message: None,
+            last_error: None,
+            last_transition_time: None,
+            applied_at: None,
+            ready_at: None,
+            adopted: None,
+            previous_managers: Vec::new(),
+            resource_ref: None,
+        }
+    }
+}
+
 /// Lifecycle phase of a node.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum NodePhase {

@@ -22,7 +22,7 @@ use tracing::{Instrument, info_span};
 use super::{Error, ReconcileMeasure, StatusMemory, now, publish, reconcile_event, reconcile_id};
 use crate::api::{
     Condition, ConditionStatus, InstancePhase, InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity,
-    Violation, set_condition,
+    Violation, has_condition, set_condition,
 };
 use crate::apply::Applier;
 use crate::cue::{Module, RenderError, Renderer, input_hash, render_input};
@@ -385,10 +385,7 @@ impl<'a> StatusUpdate<'a> {
     }
 
     fn was(&self, type_: &str, status: ConditionStatus, reason: &str) -> bool {
-        self.old
-            .conditions
-            .iter()
-            .any(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+        has_condition(&self.old.conditions, type_, status, Some(reason))
     }
 
     fn event(&self, type_: EventType, reason: &str, note: &str) {

@@ -26,7 +26,7 @@ use super::watches::{Lookup, ObjectWatches};
 use super::{Error, ReconcileMeasure, StatusMemory, now, reconcile_event, reconcile_id, truncate};
 use crate::api::{
     Condition, ConditionStatus, DEFAULT_FIELD_MANAGER, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node,
-    NodePhase, NodeState, ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, set_condition,
+    NodePhase, NodeState, ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, has_condition, set_condition,
 };
 use crate::apply::{
     ADOPTED_FROM_ANNOTATION, Applied, Applier, ApplyError, GraphIdentity, Resolved, contains, desired_object,
@@ -222,7 +222,9 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
                 generation,
             );
             status.phase = Some(GraphPhase::Failed);
-            if old.phase != Some(GraphPhase::Failed) || !has_condition(&old, "Valid", ConditionStatus::False) {
+            if old.phase != Some(GraphPhase::Failed)
+                || !has_condition(&old.conditions, "Valid", ConditionStatus::False, None)
+            {
                 publish(ctx, rg, EventType::Warning, "InvalidGraph", &e.to_string()).await;
             }
             write_status(rg, ctx, &old, status).await?;
@@ -414,7 +416,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
             Condition::new("Degraded", false, "Progressing", "no node failed"),
         )
     };
-    let became_ready = complete && !has_condition(&old, "Ready", ConditionStatus::True);
+    let became_ready = complete && !has_condition(&old.conditions, "Ready", ConditionStatus::True, None);
     for c in [ready_condition, progressing, degraded] {
         set_condition(&mut status.conditions, c, &time, generation);
     }
@@ -440,10 +442,6 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     })
 }
 
-fn has_condition(status: &ResourceGraphStatus, type_: &str, want: ConditionStatus) -> bool {
-    status.conditions.iter().any(|c| c.type_ == type_ && c.status == want)
-}
-
 fn describe_wait(dep: &str, outcomes: &BTreeMap<String, NodeOutcome>) -> String {
     match outcomes.get(dep) {
         Some(o) => format!(
@@ -463,17 +461,7 @@ fn transition(
     last_error: Option<String>,
     time: &Time,
 ) -> NodeState {
-    let mut state = previous.cloned().unwrap_or(NodeState {
-        phase,
-        message: None,
-        last_error: None,
-        last_transition_time: None,
-        applied_at: None,
-        ready_at: None,
-        adopted: None,
-        previous_managers: Vec::new(),
-        resource_ref: None,
-    });
+    let mut state = previous.cloned().unwrap_or_else(|| NodeState::new(phase));
     if state.phase != phase || state.last_transition_time.is_none() {
         state.last_transition_time = Some(time.clone());
         if matches!(phase, NodePhase::Ready | NodePhase::Adopted) {

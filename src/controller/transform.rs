@@ -24,7 +24,7 @@ use super::instance::{ServeSpec, Supervisor, TransformKey};
 use super::{Error, ReconcileMeasure, StatusMemory, now, publish, reconcile_event, reconcile_id};
 use crate::api::{
     Condition, ConditionStatus, CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, ResolvedCueRef, Transform,
-    TransformPhase, TransformStatus, set_condition,
+    TransformPhase, TransformStatus, has_condition, set_condition,
 };
 use crate::apply::contains;
 use crate::crd::{
@@ -230,10 +230,7 @@ impl<'a> StatusUpdate<'a> {
     }
 
     fn was(&self, type_: &str, status: ConditionStatus, reason: &str) -> bool {
-        self.old
-            .conditions
-            .iter()
-            .any(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+        has_condition(&self.old.conditions, type_, status, Some(reason))
     }
 
     /// Marks the Transform Failed at `stage` (a condition type), with an event on transition.

@@ -70,43 +70,18 @@ async fn wait_completed(graphs: &Api<ResourceGraph>, count: usize, timeout: Dura
     }
 }
 
-/// Requests the apiserver has served, by verb and resource (diagnostics).
-async fn requests(client: &Client) -> std::collections::BTreeMap<String, f64> {
-    let text = client
-        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
-        .await
-        .unwrap();
-    let mut out = std::collections::BTreeMap::new();
-    for l in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
-        let field = |k: &str| {
-            l.split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("")
-                .to_string()
-        };
-        let v: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        *out.entry(format!("{} {}", field("verb"), field("resource")))
-            .or_insert(0.0) += v;
-    }
-    out
-}
-
 /// Write requests the apiserver has served for ConfigMaps and ResourceGraphs.
 async fn writes(client: &Client) -> u64 {
-    let text = client
-        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+    support::apiserver_requests(client)
         .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter(|l| l.contains("resource=\"configmaps\"") || l.contains("resource=\"resourcegraphs\""))
-        .filter(|l| {
-            ["POST", "PATCH", "PUT", "DELETE"]
-                .iter()
-                .any(|v| l.contains(&format!("verb=\"{v}\"")))
+        .into_iter()
+        .filter(|(key, _)| {
+            let mut parts = key.split(' ');
+            let verb = parts.next().unwrap_or("");
+            let resource = parts.next().unwrap_or("");
+            ["POST", "PATCH", "PUT", "DELETE"].contains(&verb) && ["configmaps", "resourcegraphs"].contains(&resource)
         })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|(_, v)| v)
         .sum::<f64>() as u64
 }
 
@@ -169,26 +144,19 @@ async fn main() {
     let env = support::env("bench-executor").await;
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
     create_graphs(&graphs, 0..GRAPHS).await;
-    let requests_before = requests(&env.client).await;
+    let requests_before = support::apiserver_requests(&env.client).await;
     let cpu_before = cpu_seconds_by_process();
     let started = Instant::now();
     let operator = start(&env.kubeconfig);
     wait_completed(&graphs, GRAPHS, Duration::from_secs(300)).await;
     let executor = started.elapsed();
     let cpu_after = cpu_seconds_by_process();
-    let (_, text) = support::http_get(&operator.metrics, "/metrics")
-        .await
-        .unwrap_or_default();
-    let series = |name: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let reconciles = series("pequod_reconcile_duration_seconds_count");
-    let reconcile_mean_ms = 1000.0 * series("pequod_reconcile_duration_seconds_sum") / reconciles.max(1.0);
+    let reconciles = support::metric_sum(&operator.metrics, "pequod_reconcile_duration_seconds_count").await;
+    let reconcile_mean_ms = 1000.0
+        * support::metric_sum(&operator.metrics, "pequod_reconcile_duration_seconds_sum").await
+        / reconciles.max(1.0);
     if std::env::var_os("PEQUOD_BENCH_REQUESTS").is_some() {
-        for (k, v) in requests(&env.client).await {
+        for (k, v) in support::apiserver_requests(&env.client).await {
             let d = v - requests_before.get(&k).copied().unwrap_or(0.0);
             if d > 0.0 {
                 println!("  requests during convergence: {k:<40} {d}");

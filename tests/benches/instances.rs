@@ -25,30 +25,6 @@ const INSTANCES: usize = if option_env!("PEQUOD_BENCH_QUICK").is_some() {
     500
 };
 
-const MODULE: &str = r#"package note
-
-#Metadata: kind: "Note"
-
-#Input: {
-	text: string
-	replicas: int & >=0 & <=10 | *1
-}
-
-#Render: {
-	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
-	output: nodes: [{
-		id: "config"
-		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: text: input.spec.text}
-		readyWhen: [{type: "Exists"}]
-	}, {
-		id: "account"
-		dependsOn: ["config"]
-		object: {apiVersion: "v1", kind: "ServiceAccount", metadata: name: input.metadata.name}
-		readyWhen: [{type: "Exists"}]
-	}]
-}
-"#;
-
 fn start(kubeconfig: &std::path::Path) -> OperatorProcess {
     OperatorProcess::start(
         kubeconfig,
@@ -57,39 +33,16 @@ fn start(kubeconfig: &std::path::Path) -> OperatorProcess {
     )
 }
 
-/// Sum of one metric's series on the operator's /metrics.
-async fn operator_metric(operator: &OperatorProcess, name: &str) -> f64 {
-    let (_, text) = support::http_get(&operator.metrics, "/metrics")
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Write requests the apiserver has served, by resource.
+/// Write requests the apiserver has served, by `resource[ subresource]`.
 async fn writes(client: &Client) -> std::collections::BTreeMap<String, f64> {
-    let text = client
-        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
-        .await
-        .unwrap();
     let mut out = std::collections::BTreeMap::new();
-    for l in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
-        let field = |k: &str| {
-            l.split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("")
-                .to_string()
-        };
+    for (key, value) in support::apiserver_requests(client).await {
+        let mut parts = key.splitn(2, ' ');
+        let (verb, rest) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         // The apiserver rewrites the `kubernetes` Endpoints itself; that write is not Pequod's.
-        if !["POST", "PATCH", "PUT", "DELETE"].contains(&field("verb").as_str()) || field("resource") == "endpoints" {
-            continue;
+        if ["POST", "PATCH", "PUT", "DELETE"].contains(&verb) && !rest.starts_with("endpoints") {
+            *out.entry(rest.to_string()).or_insert(0.0) += value;
         }
-        let v: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        let key = format!("{} {}", field("resource"), field("subresource"));
-        *out.entry(key.trim().to_string()).or_insert(0.0) += v;
     }
     out
 }
@@ -124,7 +77,7 @@ async fn main() {
     let group = format!("{}.bench.example.com", env.namespace);
     let operator = start(&env.kubeconfig);
 
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": MODULE}});
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": support::NOTE_MODULE}});
     Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), &env.namespace)
         .patch("note-module", &PatchParams::apply("bench"), &Patch::Apply(cm))
         .await
@@ -147,7 +100,7 @@ async fn main() {
     .await;
     let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
 
-    let cue_before = operator_metric(&operator, "pequod_cue_invocations_total{command=\"export\"").await;
+    let cue_before = support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await;
     let started = Instant::now();
     futures::stream::iter(0..INSTANCES)
         .for_each_concurrent(32, |i| {
@@ -175,15 +128,17 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let converged = started.elapsed();
-    let cue_calls = operator_metric(&operator, "pequod_cue_invocations_total{command=\"export\"").await - cue_before;
+    let cue_calls =
+        support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await - cue_before;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss = operator.rss_mib();
 
     // Resync with nothing changed: touching each graph brings its instance back through the
     // owner watch; the 500 label patches below are the only writes expected.
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
-    let reconciles_before = operator_metric(&operator, "pequod_reconcile_total{controller=\"instance\"").await;
-    let cue_before = operator_metric(&operator, "pequod_cue_invocations_total{command=\"export\"").await;
+    let reconciles_before =
+        support::metric_sum(&operator.metrics, "pequod_reconcile_total{controller=\"instance\"").await;
+    let cue_before = support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await;
     let writes_before = writes(&env.client).await;
     futures::stream::iter(0..INSTANCES)
         .for_each_concurrent(32, |i| {
@@ -198,8 +153,8 @@ async fn main() {
         })
         .await;
     loop {
-        let reconciled =
-            operator_metric(&operator, "pequod_reconcile_total{controller=\"instance\"").await - reconciles_before;
+        let reconciled = support::metric_sum(&operator.metrics, "pequod_reconcile_total{controller=\"instance\"").await
+            - reconciles_before;
         if reconciled >= INSTANCES as f64 {
             break;
         }
@@ -211,7 +166,8 @@ async fn main() {
         *v -= INSTANCES as f64;
     }
     resync_writes.retain(|_, v| *v > 0.0);
-    let resync_cue = operator_metric(&operator, "pequod_cue_invocations_total{command=\"export\"").await - cue_before;
+    let resync_cue =
+        support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await - cue_before;
     drop(operator);
 
     // Cold restart: nothing changed, so nothing is written; renders run again (in batches).
@@ -221,7 +177,7 @@ async fn main() {
         "the restarted operator to reconcile every instance",
         Duration::from_secs(300),
         || async {
-            let n = operator_metric(&operator, "pequod_reconcile_total{controller=\"instance\"").await;
+            let n = support::metric_sum(&operator.metrics, "pequod_reconcile_total{controller=\"instance\"").await;
             if n >= INSTANCES as f64 {
                 Ok(())
             } else {
@@ -232,7 +188,7 @@ async fn main() {
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let restart_writes = diff(&writes(&env.client).await, &writes_before);
-    let restart_cue = operator_metric(&operator, "pequod_cue_invocations_total{command=\"export\"").await;
+    let restart_cue = support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await;
 
     println!("instance benchmark (Kubernetes 1.20 local control plane, 2 objects per instance)");
     println!("  {INSTANCES} instances created               {:>9.2?}", created);

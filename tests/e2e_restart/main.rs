@@ -120,29 +120,6 @@ async fn killed_operator_converges_after_restart_without_duplicates() {
     env.cleanup().await;
 }
 
-const NOTE_MODULE: &str = r#"package note
-
-#Metadata: kind: "Note"
-
-#Input: {
-	text: string
-}
-
-#Render: {
-	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
-	output: nodes: [{
-		id: "config"
-		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: text: input.spec.text}
-		readyWhen: [{type: "Exists"}]
-	}, {
-		id: "account"
-		dependsOn: ["config"]
-		object: {apiVersion: "v1", kind: "ServiceAccount", metadata: name: input.metadata.name}
-		readyWhen: [{type: "Exists"}]
-	}]
-}
-"#;
-
 const NOTES: usize = 20;
 
 #[tokio::test]
@@ -153,7 +130,7 @@ async fn killed_operator_converges_on_instances_after_restart() {
     let group = format!("{}.test.example.com", env.namespace);
     let api_version = format!("{group}/v1alpha1");
     let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": NOTE_MODULE}});
+        "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": support::NOTE_MODULE}});
     let transform = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
         "metadata": {"name": "note"}, "spec": {"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}});
     for doc in [module, transform] {
@@ -225,17 +202,6 @@ async fn killed_operator_converges_on_instances_after_restart() {
     env.cleanup().await;
 }
 
-/// Sum of one metric's series on an operator's /metrics (0 when absent).
-async fn metric(operator: &OperatorProcess, name: &str) -> f64 {
-    let (_, text) = support::http_get(&operator.metrics, "/metrics")
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn configmap_graph(name: &str) -> serde_json::Value {
     json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": name},
            "spec": {"nodes": [{"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}}]}})
@@ -298,8 +264,12 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
         .unwrap();
     support::wait_for("the leader to apply the first graph", WAIT, || completed("before")).await;
     let reconciles = "pequod_reconcile_total{controller=\"resourcegraph\"";
-    assert!(metric(&first, reconciles).await > 0.0);
-    assert_eq!(metric(&second, reconciles).await, 0.0, "the standby reconciled");
+    assert!(support::metric_sum(&first.metrics, reconciles).await > 0.0);
+    assert_eq!(
+        support::metric_sum(&second.metrics, reconciles).await,
+        0.0,
+        "the standby reconciled"
+    );
     assert_eq!(holder().await.unwrap(), first_holder);
 
     // The leader dies without releasing the lease: the standby takes over once it expires.
@@ -325,7 +295,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
         .unwrap();
     support::wait_for("the new leader to apply the second graph", WAIT, || completed("after")).await;
     assert!(cms.get_opt("after").await.unwrap().is_some());
-    assert!(metric(&second, reconciles).await > 0.0);
+    assert!(support::metric_sum(&second.metrics, reconciles).await > 0.0);
 
     // A leader stopped gracefully releases the lease instead of letting it expire.
     // SAFETY: signalling the child process this test started.

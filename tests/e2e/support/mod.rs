@@ -404,6 +404,63 @@ pub async fn metric(env: &TestEnv, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Sum of the series on `/metrics` at `addr` whose line starts with `prefix` (a metric name,
+/// or a name and the start of its labels); 0 when none or unreachable.
+pub async fn metric_sum(addr: &str, prefix: &str) -> f64 {
+    let (_, text) = http_get(addr, "/metrics").await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Requests the apiserver has served so far, by `verb resource[ subresource]`, from its own
+/// `apiserver_request_total`.
+pub async fn apiserver_requests(client: &Client) -> std::collections::BTreeMap<String, f64> {
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).expect("request"))
+        .await
+        .expect("apiserver /metrics");
+    let mut out = std::collections::BTreeMap::new();
+    for l in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let field = |k: &str| {
+            l.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let v: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let key = format!("{} {} {}", field("verb"), field("resource"), field("subresource"));
+        *out.entry(key.trim().to_string()).or_insert(0.0) += v;
+    }
+    out
+}
+
+/// A platform module: a Note is a ConfigMap, then a ServiceAccount that waits for it.
+pub const NOTE_MODULE: &str = r#"package note
+
+#Metadata: kind: "Note"
+
+#Input: {
+	text: string
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: "config"
+		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: text: input.spec.text}
+		readyWhen: [{type: "Exists"}]
+	}, {
+		id: "account"
+		dependsOn: ["config"]
+		object: {apiVersion: "v1", kind: "ServiceAccount", metadata: name: input.metadata.name}
+		readyWhen: [{type: "Exists"}]
+	}]
+}
+"#;
+
 /// Accepts any server certificate: the tests talk to a self-signed operator on loopback.
 #[derive(Debug)]
 struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
