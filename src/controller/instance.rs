@@ -398,25 +398,19 @@ impl<'a> StatusUpdate<'a> {
     }
 
     async fn write(self) -> Result<(), Error> {
-        if self.new == self.old {
-            return Ok(());
-        }
-        let body = json!({
-            "apiVersion": self.ctx.resource.api_version,
-            "kind": self.ctx.resource.kind,
-            "status": self.new,
-        });
-        api(self.obj, self.ctx)
-            .patch_status(
-                &self.obj.name_any(),
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(body),
+        let resource = &self.ctx.resource;
+        self.ctx
+            .shared
+            .written
+            .write(
+                &api(self.obj, self.ctx),
+                self.obj,
+                (&resource.api_version, &resource.kind),
+                MANAGER,
+                &self.old,
+                self.new,
             )
-            .await?;
-        if let (Some(uid), Some(version)) = (self.obj.uid(), self.obj.resource_version()) {
-            self.ctx.shared.written.remember(uid, version, self.new);
-        }
-        Ok(())
+            .await
     }
 }
 

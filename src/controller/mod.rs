@@ -131,6 +131,39 @@ impl<S: Clone + Default> StatusMemory<S> {
     }
 }
 
+impl<S: Clone + Default + PartialEq + serde::Serialize> StatusMemory<S> {
+    /// Applies `new` as the status of `obj` (`type_meta`: its apiVersion and kind) with field
+    /// manager `manager`, unless it equals `old`, and remembers it.
+    pub async fn write<K>(
+        &self,
+        api: &kube::Api<K>,
+        obj: &K,
+        type_meta: (&str, &str),
+        manager: &str,
+        old: &S,
+        new: S,
+    ) -> Result<(), Error>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        use kube::ResourceExt;
+        if &new == old {
+            return Ok(());
+        }
+        let body = serde_json::json!({"apiVersion": type_meta.0, "kind": type_meta.1, "status": new});
+        api.patch_status(
+            &obj.name_any(),
+            &kube::api::PatchParams::apply(manager).force(),
+            &kube::api::Patch::Apply(body),
+        )
+        .await?;
+        if let (Some(uid), Some(version)) = (obj.uid(), obj.resource_version()) {
+            self.remember(uid, version, new);
+        }
+        Ok(())
+    }
+}
+
 /// Cuts an event note to the length the events API accepts.
 pub fn truncate(mut s: String) -> String {
     if s.len() > 1000 {

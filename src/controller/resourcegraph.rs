@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::api::DynamicObject;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, info_span};
 
@@ -766,21 +766,16 @@ async fn write_status(
     old: &ResourceGraphStatus,
     status: ResourceGraphStatus,
 ) -> Result<(), Error> {
-    if &status == old {
-        return Ok(());
-    }
-    let body = json!({"apiVersion": crate::api::API_VERSION, "kind": "ResourceGraph", "status": status});
-    api(rg, ctx)
-        .patch_status(
-            &rg.name_any(),
-            &PatchParams::apply(STATUS_MANAGER).force(),
-            &Patch::Apply(body),
+    ctx.written
+        .write(
+            &api(rg, ctx),
+            rg,
+            (crate::api::API_VERSION, "ResourceGraph"),
+            STATUS_MANAGER,
+            old,
+            status,
         )
-        .await?;
-    if let (Some(uid), Some(version)) = (rg.uid(), rg.resource_version()) {
-        ctx.written.remember(uid, version, status);
-    }
-    Ok(())
+        .await
 }
 
 /// Updates `pequod_resources_managed` from the inventory's changes.
@@ -990,6 +985,7 @@ async fn spec_entries(rg: &ResourceGraph, ctx: &Context, graph: &GraphIdentity, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn node(gates: Value) -> Node {
         serde_json::from_value(json!({"id": "n", "object": {}, "readyWhen": gates})).unwrap()

@@ -263,21 +263,16 @@ async fn write_status(
     old: &TransformStatus,
     status: TransformStatus,
 ) -> Result<(), Error> {
-    if &status == old {
-        return Ok(());
-    }
-    let body = json!({"apiVersion": crate::api::API_VERSION, "kind": "Transform", "status": status});
-    api(t, ctx)
-        .patch_status(
-            &t.name_any(),
-            &PatchParams::apply(STATUS_MANAGER).force(),
-            &Patch::Apply(body),
+    ctx.written
+        .write(
+            &api(t, ctx),
+            t,
+            (crate::api::API_VERSION, "Transform"),
+            STATUS_MANAGER,
+            old,
+            status,
         )
-        .await?;
-    if let (Some(uid), Some(version)) = (t.uid(), t.resource_version()) {
-        ctx.written.remember(uid, version, status);
-    }
-    Ok(())
+        .await
 }
 
 async fn pause(t: &Transform, ctx: &Context) -> Result<Action, Error> {
