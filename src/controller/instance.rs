@@ -5,7 +5,7 @@
 //! module when the Transform's content changes (re-rendering every instance), and stops the
 //! controller when the Transform is deleted, so that nothing outlives its Transform.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -214,16 +214,6 @@ impl Supervisor {
                 stop_running(r).await;
             }
         }
-    }
-
-    /// Kinds served now, as `apiVersion/Kind`.
-    pub async fn served(&self) -> BTreeSet<String> {
-        self.running
-            .lock()
-            .await
-            .values()
-            .map(|r| format!("{}/{}", r.resource.api_version, r.resource.kind))
-            .collect()
     }
 }
 

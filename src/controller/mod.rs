@@ -350,4 +350,29 @@ mod tests {
         let reasons: Vec<&str> = errors.iter().map(Error::reason).collect();
         assert_eq!(reasons, Error::REASONS);
     }
+
+    #[test]
+    fn a_controller_stopping_outside_shutdown_fails_liveness() {
+        use crate::health::{Health, Probe};
+        let health = Health::new();
+        let shutdown = crate::shutdown::Shutdown::new();
+        health.set(Probe::Liveness, "transform-controller", Ok(()));
+
+        shutdown.trigger();
+        report_stopped(&health, "transform-controller", &shutdown);
+        assert!(
+            health.report(Probe::Liveness).ok,
+            "stopping during shutdown is expected"
+        );
+
+        let running = crate::shutdown::Shutdown::new();
+        report_stopped(&health, "transform-controller", &running);
+        let report = health.report(Probe::Liveness);
+        assert!(!report.ok);
+        assert!(
+            report
+                .body
+                .contains("transform-controller failed: the controller stopped unexpectedly")
+        );
+    }
 }

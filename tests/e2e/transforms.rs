@@ -403,7 +403,31 @@ async fn kinds_owned_elsewhere_and_builtin_kinds_are_refused() {
             .contains("built-in kind Deployment")
     );
 
-    for name in ["note-again", "note-foreign", "deployment", "note"] {
+    // A module whose schema does not evaluate: Failed with cue's message and an event.
+    apply_transform(
+        &transforms,
+        "broken",
+        json!({"cueRef": {"type": "inline", "ref": "package b\n#Input: {size: int & string}\n#Render: {input: _, output: nodes: []}\n"}, "group": group}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "broken", "SchemaExtracted", false, "InvalidModule").await;
+    assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
+    assert!(
+        condition(&t, "SchemaExtracted").unwrap().message.contains("size"),
+        "{:?}",
+        condition(&t, "SchemaExtracted")
+    );
+    wait_for("a CueRenderFailed event", WAIT, || async {
+        let reasons = event_reasons(&env.client, &env.namespace, "broken").await;
+        if reasons.contains(&"CueRenderFailed".to_string()) {
+            Ok(())
+        } else {
+            Err(format!("{reasons:?}"))
+        }
+    })
+    .await;
+
+    for name in ["note-again", "note-foreign", "deployment", "broken", "note"] {
         delete_transform(&transforms, name).await;
     }
     // Deleting a refused Transform leaves the CRD it did not own alone.
