@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Pequod operator image: a release build of the binary plus a native cue.
+# Pequod operator image: a release build of the binary, a native cue, and git (with ssh and
+# CA certificates) for git module sources.
 
 ARG RUST_VERSION=1.95
 ARG CUE_VERSION=0.14.2
@@ -17,10 +18,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM docker.io/cuelang/cue:${CUE_VERSION} AS cue
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM docker.io/library/debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git openssh-client ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /pequod /usr/local/bin/pequod
 COPY --from=cue /usr/bin/cue /usr/local/bin/cue
 ENV PEQUOD_CUE_BINARY=/usr/local/bin/cue \
+    PEQUOD_GIT_BINARY=/usr/bin/git \
     PEQUOD_CACHE_DIR=/tmp/pequod-cache
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/pequod"]

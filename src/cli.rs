@@ -60,6 +60,18 @@ pub enum Command {
         #[command(flatten)]
         cue: CueArgs,
     },
+    /// Push a module to an OCI registry (one tar+gzip layer) and print its digest.
+    /// Credentials come from PEQUOD_REGISTRY_USERNAME and PEQUOD_REGISTRY_PASSWORD.
+    Publish {
+        /// A folder of .cue files, or the name of an embedded module (webservice, worker).
+        #[arg(long)]
+        module: String,
+        /// Where to push: registry/repository:tag.
+        reference: String,
+        /// Reach the registry over plain HTTP.
+        #[arg(long)]
+        insecure: bool,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +98,30 @@ pub struct CueArgs {
     /// Folder for loaded modules and cue's scratch files.
     #[arg(long, env = "PEQUOD_CACHE_DIR", default_value = "/tmp/pequod-cache")]
     pub cache_dir: PathBuf,
+}
+
+/// How git and OCI modules are fetched and cached.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Most megabytes of fetched git and OCI modules kept under the cache folder.
+    #[arg(long, env = "PEQUOD_CACHE_SIZE_MB", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub cache_size_mb: u64,
+
+    /// Hours a tag or branch resolution stands in for the remote when it cannot be reached.
+    #[arg(long, env = "PEQUOD_CACHE_TTL_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(0..=8760))]
+    pub cache_ttl_hours: u64,
+
+    /// The git binary used for git sources.
+    #[arg(long, env = "PEQUOD_GIT_BINARY", default_value = "git")]
+    pub git_binary: PathBuf,
+
+    /// Registries (host or host:port, comma-separated) reached over plain HTTP instead of HTTPS.
+    #[arg(long, env = "PEQUOD_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure_registries: Vec<String>,
+
+    /// Seconds one git command or registry request may take.
+    #[arg(long, env = "PEQUOD_FETCH_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub fetch_timeout: u64,
 }
 
 /// Flags of the operator. Every flag can also be set through the environment variable shown.
@@ -143,6 +179,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub cue: CueArgs,
+
+    #[command(flatten)]
+    pub sources: SourceArgs,
 
     /// Most objects each controller reconciles at the same time.
     #[arg(long, env = "PEQUOD_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]

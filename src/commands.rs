@@ -65,6 +65,40 @@ fn load_module_files(module: &str) -> Result<(ModuleFiles, String), CommandError
         .map_err(|e| CommandError::new(format!("{module} is neither a folder nor an embedded module: {e}")))
 }
 
+/// `pequod publish`: pushes a module and prints `<reference>@<digest>`.
+pub async fn publish(module: &str, reference: &str, insecure: bool) -> Result<(), CommandError> {
+    use crate::source::credentials::RegistryCredentials;
+    use crate::source::oci::Registries;
+    use crate::source::reference::OciReference;
+
+    let (files, _) = load_module_files(module)?;
+    let parsed = OciReference::parse(reference).map_err(CommandError::new)?;
+    if parsed.digest.is_some() {
+        return Err(CommandError::new("publish to a tag; the registry assigns the digest"));
+    }
+    let auth = match (
+        std::env::var("PEQUOD_REGISTRY_USERNAME"),
+        std::env::var("PEQUOD_REGISTRY_PASSWORD"),
+    ) {
+        (Ok(username), Ok(password)) => RegistryCredentials::Basic { username, password },
+        _ => RegistryCredentials::Anonymous,
+    };
+    let registries = Registries {
+        insecure: if insecure {
+            vec![parsed.registry.clone()]
+        } else {
+            Vec::new()
+        },
+        timeout: Duration::from_secs(60),
+    };
+    let digest = registries
+        .publish(&parsed.to_client_reference(None), &files, &auth)
+        .await
+        .map_err(CommandError::new)?;
+    println!("{}/{}@{digest}", parsed.registry, parsed.repository);
+    Ok(())
+}
+
 fn renderer(cue: &CueArgs) -> Result<Renderer, CommandError> {
     let metrics = Arc::new(Metrics::new().map_err(CommandError::new)?);
     let cli = CueCli::new(

@@ -23,6 +23,11 @@ async fn main() -> ExitCode {
             output,
             cue,
         }) => commands::schema(&module, name.as_deref(), &group, &version, output, &cue).await,
+        Some(Command::Publish {
+            module,
+            reference,
+            insecure,
+        }) => commands::publish(&module, &reference, insecure).await,
         None => {
             pequod::telemetry::init(cli.run.zap_log_level, cli.run.zap_encoder);
             return match pequod::operator::run(cli.run).await {

@@ -19,6 +19,7 @@ use crate::leader::{Elector, Timing};
 use crate::metrics::Metrics;
 use crate::rbac::ManagerIdentity;
 use crate::shutdown::Shutdown;
+use crate::source::{Fetcher, FetcherConfig};
 use crate::{secure, server};
 
 /// How often the cue binary is re-checked for /readyz.
@@ -154,8 +155,21 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         )),
         shutdown.clone(),
     );
+    let fetcher = Fetcher::new(
+        client.clone(),
+        FetcherConfig {
+            cache_dir: args.cue.cache_dir.clone(),
+            max_cache_bytes: args.sources.cache_size_mb.saturating_mul(1024 * 1024),
+            resolution_ttl: Duration::from_secs(args.sources.cache_ttl_hours * 3600),
+            git_binary: args.sources.git_binary.clone(),
+            insecure_registries: args.sources.insecure_registries.clone(),
+            timeout: Duration::from_secs(args.sources.fetch_timeout),
+        },
+        metrics.clone(),
+    );
     let transforms = Arc::new(transform::Context::new(
         client.clone(),
+        fetcher,
         renderer,
         recorder,
         metrics.clone(),

@@ -192,6 +192,11 @@ impl Supervisor {
         );
     }
 
+    /// Whether a Transform's kind is being served.
+    pub async fn serves(&self, transform: &TransformKey) -> bool {
+        self.running.lock().await.contains_key(transform)
+    }
+
     /// Stops serving a Transform's kind; returns when its controller has finished.
     pub async fn stop(&self, transform: &TransformKey) {
         let removed = self.running.lock().await.remove(transform);

@@ -2,7 +2,7 @@
 //! schema changes and names it does not own), generates RBAC from `managedResources`, and hands
 //! the kind to the instance supervisor. Deleting a Transform waits until no instance is left.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,11 +32,11 @@ use crate::crd::{
     reserved,
 };
 use crate::cue::Renderer;
-use crate::cue::source::{self, CUE_MODULE_LABEL};
 use crate::health::{Health, Probe};
 use crate::metrics::Metrics;
 use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
 use crate::shutdown::Shutdown;
+use crate::source::{CUE_MODULE_LABEL, Fetcher, breaker};
 
 pub const FINALIZER: &str = "pequod.io/transform-finalizer";
 /// Annotation that stops reconciling a Transform while set to "true".
@@ -58,17 +58,21 @@ const INSTANCE_POLL: Duration = Duration::from_secs(5);
 /// Everything a reconcile needs. Shared by all reconciles.
 pub struct Context {
     pub client: Client,
+    pub fetcher: Fetcher,
     pub renderer: Renderer,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub manager: ManagerIdentity,
     pub supervisor: Supervisor,
     written: StatusMemory<TransformStatus>,
+    /// Consecutive failed fetches per Transform (by uid), for the retry delay.
+    fetch_failures: std::sync::Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
     pub fn new(
         client: Client,
+        fetcher: Fetcher,
         renderer: Renderer,
         recorder: Recorder,
         metrics: Arc<Metrics>,
@@ -77,13 +81,30 @@ impl Context {
     ) -> Self {
         Self {
             client,
+            fetcher,
             renderer,
             recorder,
             metrics,
             manager,
             supervisor,
             written: StatusMemory::default(),
+            fetch_failures: Default::default(),
         }
+    }
+}
+
+impl Context {
+    /// Counts a failed fetch of a Transform and returns how many failed in a row.
+    fn fetch_failed(&self, uid: &str) -> u32 {
+        let mut failures = self.fetch_failures.lock().unwrap_or_else(|e| e.into_inner());
+        let count = failures.entry(uid.to_string()).or_insert(0);
+        *count += 1;
+        *count
+    }
+
+    fn fetch_succeeded(&self, uid: &str) {
+        let mut failures = self.fetch_failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.remove(uid);
     }
 }
 
@@ -319,35 +340,60 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
 
     let source_label = t.spec.cue_ref.type_.as_str();
     let started = std::time::Instant::now();
-    let fetched = source::fetch(&ctx.client, &t.spec.cue_ref, &namespace, &t.name_any()).await;
+    let fetched = ctx.fetcher.fetch(&t.spec.cue_ref, &namespace, &t.name_any()).await;
     ctx.metrics
         .cue_fetch_duration_seconds
         .with_label_values(&[source_label])
         .observe(started.elapsed().as_secs_f64());
+    let fresh = matches!(&fetched, Ok(f) if f.stale.is_none());
     ctx.metrics
         .cue_fetch_total
-        .with_label_values(&[source_label, if fetched.is_ok() { "success" } else { "failure" }])
+        .with_label_values(&[source_label, if fresh { "success" } else { "failure" }])
         .inc();
+    let uid = t.uid().unwrap_or_default();
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {
-            let message = e.to_string();
+            let failures = ctx.fetch_failed(&uid);
+            let mut message = e.to_string();
+            if ctx.supervisor.serves(&key(t)).await
+                && let Some(digest) = update.old.resolved_cue_ref.as_ref().map(|r| r.digest.clone())
+            {
+                message.push_str(&format!(
+                    "; existing instances keep being served with the last good module {digest}"
+                ));
+            }
             update.fail("CueFetched", e.reason(), &message, "CueFetchFailed");
             update.write().await?;
-            return Ok(Action::requeue(RETRY * 4));
+            return Ok(Action::requeue(breaker::retry_delay(failures)));
         }
     };
-    let digest = fetched.files.digest();
-    update.condition(
-        "CueFetched",
-        true,
-        "Fetched",
-        format!(
-            "{} module {} ({digest})",
-            t.spec.cue_ref.type_.as_str(),
-            fetched.platform
-        ),
-    );
+    let retry = match &fetched.stale {
+        Some(why) => {
+            let failures = ctx.fetch_failed(&uid);
+            if !update.was("CueFetched", ConditionStatus::False, "CueFetchFailed") {
+                update.event(EventType::Warning, "CueFetchFailed", why);
+            }
+            update.condition("CueFetched", false, "CueFetchFailed", why.clone());
+            Some(breaker::retry_delay(failures))
+        }
+        None => {
+            ctx.fetch_succeeded(&uid);
+            update.condition(
+                "CueFetched",
+                true,
+                "Fetched",
+                format!(
+                    "{} module {} ({})",
+                    t.spec.cue_ref.type_.as_str(),
+                    fetched.platform,
+                    fetched.digest
+                ),
+            );
+            None
+        }
+    };
+    let source_digest = fetched.digest.clone();
 
     let module = match ctx.renderer.load(fetched.files, &fetched.platform).await {
         Ok(m) => m,
@@ -544,9 +590,9 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
         name: crd_name.clone(),
         plural: names.plural.clone(),
     });
-    if update.new.resolved_cue_ref.as_ref().map(|r| r.digest.as_str()) != Some(module.digest.as_str()) {
+    if update.new.resolved_cue_ref.as_ref().map(|r| r.digest.as_str()) != Some(source_digest.as_str()) {
         update.new.resolved_cue_ref = Some(ResolvedCueRef {
-            digest: module.digest.clone(),
+            digest: source_digest,
             fetched_at: Some(update.time.clone()),
         });
     }
@@ -557,7 +603,7 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     update.condition("Ready", true, "Ready", ready_message);
     update.new.phase = Some(TransformPhase::Ready);
     update.write().await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(retry.unwrap_or(RESYNC)))
 }
 
 /// Whether a CRD was generated by this Transform.
@@ -796,5 +842,6 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     .await?;
     super::remove_finalizer(&api(t, ctx), t, FINALIZER).await?;
     ctx.written.forget(&t.uid().unwrap_or_default());
+    ctx.fetch_succeeded(&t.uid().unwrap_or_default());
     Ok(Action::await_change())
 }

@@ -6,7 +6,6 @@ pub mod module;
 pub mod render;
 mod renderer;
 pub mod schema;
-pub mod source;
 
 pub use cli::{CueCli, MAX_STDERR_BYTES, MAX_STDOUT_BYTES};
 pub use module::{Module, ModuleError, ModuleFiles, ModuleStore};

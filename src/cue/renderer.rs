@@ -13,6 +13,7 @@ use tokio::sync::{OnceCell, mpsc, oneshot};
 use super::module::{Module, ModuleFiles, ModuleStore};
 use super::render::{self, RenderError, RenderOutput};
 use super::{CueCli, CueError, crd_schema_from_openapi};
+use crate::lru::Lru;
 use crate::metrics::Metrics;
 
 /// Tuning of the renderer.
@@ -427,68 +428,33 @@ async fn run_cue_batch(
     Ok(render::parse_batch(&outcome?, inputs.len()))
 }
 
-/// Least-recently-used cache of render results.
+/// Least-recently-used cache of render results, bounded by entries. Its gauges move by
+/// differences because the module cache reports into the same ones.
 struct RenderCache {
     capacity: usize,
-    tick: u64,
-    entries: HashMap<String, CacheEntry>,
-    by_age: BTreeMap<u64, String>,
-    bytes: usize,
-}
-
-struct CacheEntry {
-    result: RenderResult,
-    size: usize,
-    tick: u64,
+    lru: Lru<RenderResult>,
 }
 
 impl RenderCache {
     fn new(capacity: usize) -> Self {
         Self {
             capacity: capacity.max(1),
-            tick: 0,
-            entries: HashMap::new(),
-            by_age: BTreeMap::new(),
-            bytes: 0,
+            lru: Lru::default(),
         }
     }
 
     fn get(&mut self, key: &str) -> Option<RenderResult> {
-        self.tick += 1;
-        let entry = self.entries.get_mut(key)?;
-        self.by_age.remove(&entry.tick);
-        entry.tick = self.tick;
-        self.by_age.insert(self.tick, key.to_string());
-        Some(entry.result.clone())
+        self.lru.get(key).cloned()
     }
 
     fn insert(&mut self, key: String, result: RenderResult, size: usize, metrics: &Metrics) {
-        self.tick += 1;
-        if let Some(old) = self.entries.remove(&key) {
-            self.by_age.remove(&old.tick);
-            self.bytes -= old.size;
+        let (entries, bytes) = (self.lru.len() as i64, self.lru.bytes() as i64);
+        self.lru.insert(key, result, size as u64);
+        while self.lru.len() > self.capacity && self.lru.pop_oldest().is_some() {
+            metrics.cue_cache_evictions_total.inc();
         }
-        self.by_age.insert(self.tick, key.clone());
-        self.entries.insert(
-            key,
-            CacheEntry {
-                result,
-                size,
-                tick: self.tick,
-            },
-        );
-        self.bytes += size;
-        while self.entries.len() > self.capacity {
-            let Some((_, oldest)) = self.by_age.pop_first() else {
-                break;
-            };
-            if let Some(old) = self.entries.remove(&oldest) {
-                self.bytes -= old.size;
-                metrics.cue_cache_evictions_total.inc();
-            }
-        }
-        metrics.cue_cache_entries.set(self.entries.len() as i64);
-        metrics.cue_cache_size_bytes.set(self.bytes as i64);
+        metrics.cue_cache_entries.add(self.lru.len() as i64 - entries);
+        metrics.cue_cache_size_bytes.add(self.lru.bytes() as i64 - bytes);
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::support::{self, TEST_MANAGER, TestEnv, event_reasons, make_available, wait_for};
 use crate::transforms::{WAIT, apply_transform, delete_transform, group, put_module, setup, wait_ready};
 
-async fn apply_instance(api: &Api<DynamicObject>, api_version: &str, kind: &str, name: &str, spec: Value) {
+pub(crate) async fn apply_instance(api: &Api<DynamicObject>, api_version: &str, kind: &str, name: &str, spec: Value) {
     let obj = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec});
     api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(obj))
         .await
@@ -22,7 +22,7 @@ fn status_field<'a>(obj: &'a DynamicObject, pointer: &str) -> Option<&'a Value> 
     obj.data.pointer(&format!("/status{pointer}"))
 }
 
-fn instance_condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
+pub(crate) fn instance_condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
     status_field(obj, "/conditions")?
         .as_array()?
         .iter()
@@ -37,7 +37,13 @@ fn instance_condition(obj: &DynamicObject, type_: &str) -> Option<(String, Strin
 }
 
 /// Waits until the instance's condition `type_` is `status` with `reason`; returns the instance.
-async fn wait_instance(api: &Api<DynamicObject>, name: &str, type_: &str, status: &str, reason: &str) -> DynamicObject {
+pub(crate) async fn wait_instance(
+    api: &Api<DynamicObject>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> DynamicObject {
     wait_for(&format!("{name} {type_}={status} ({reason})"), WAIT, || async {
         let obj = api.get(name).await.map_err(|e| e.to_string())?;
         match instance_condition(&obj, type_) {
@@ -326,7 +332,7 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
 }
 
 /// A module of kind `kind` keeping one ConfigMap `<kind>-<name>` with `data.version`.
-fn labelled_module(kind: &str, version: &str) -> String {
+pub(crate) fn labelled_module(kind: &str, version: &str) -> String {
     let lower = kind.to_ascii_lowercase();
     format!(
         r#"package {lower}
@@ -348,7 +354,7 @@ fn labelled_module(kind: &str, version: &str) -> String {
     )
 }
 
-async fn config_data(
+pub(crate) async fn config_data(
     client: &Client,
     namespace: &str,
     name: &str,

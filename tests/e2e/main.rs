@@ -5,6 +5,7 @@ mod executor;
 mod instances;
 mod metrics;
 mod operator_process;
+mod remote;
 mod smoke;
 mod sources;
 mod support;

@@ -4,10 +4,22 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use pequod::api::{CueRef, CueRefType};
-use pequod::cue::source::{self, SourceError};
+use std::sync::Arc;
+
+use pequod::metrics::Metrics;
+use pequod::source::{Fetcher, FetcherConfig, SourceError};
 use serde_json::json;
 
 use crate::support::{self, TEST_MANAGER};
+
+fn fetcher(client: &kube::Client) -> Fetcher {
+    let cache = std::env::temp_dir().join(format!("pequod-sources-{}", std::process::id()));
+    Fetcher::new(
+        client.clone(),
+        FetcherConfig::new(cache),
+        Arc::new(Metrics::new().unwrap()),
+    )
+}
 
 fn configmap_ref(name: &str) -> CueRef {
     CueRef {
@@ -37,7 +49,8 @@ async fn configmap_modules_are_read_and_their_digest_follows_edits() {
     let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
     put(&api, "module", true, json!({"input.cue": "package m\n#Input: {a: int}\n", "render.cue": "package m\n#Render: {input: _, output: nodes: []}\n", "README.md": "not cue"})).await;
 
-    let fetched = source::fetch(&env.client, &configmap_ref("module"), &env.namespace, "t")
+    let fetched = fetcher(&env.client)
+        .fetch(&configmap_ref("module"), &env.namespace, "t")
         .await
         .unwrap();
     assert_eq!(fetched.platform, "module");
@@ -48,13 +61,15 @@ async fn configmap_modules_are_read_and_their_digest_follows_edits() {
     let first = fetched.files.digest();
 
     put(&api, "module", true, json!({"input.cue": "package m\n#Input: {a: int, b?: string}\n", "render.cue": "package m\n#Render: {input: _, output: nodes: []}\n"})).await;
-    let edited = source::fetch(&env.client, &configmap_ref("module"), &env.namespace, "t")
+    let edited = fetcher(&env.client)
+        .fetch(&configmap_ref("module"), &env.namespace, "t")
         .await
         .unwrap();
     assert_ne!(edited.files.digest(), first);
 
     // Unchanged content (a label edit, say) keeps the digest.
-    let again = source::fetch(&env.client, &configmap_ref("module"), &env.namespace, "t")
+    let again = fetcher(&env.client)
+        .fetch(&configmap_ref("module"), &env.namespace, "t")
         .await
         .unwrap();
     assert_eq!(again.files.digest(), edited.files.digest());
@@ -66,7 +81,8 @@ async fn configmap_problems_are_named() {
     let env = support::env("configmap-errors").await;
     let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
 
-    let err = source::fetch(&env.client, &configmap_ref("absent"), &env.namespace, "t")
+    let err = fetcher(&env.client)
+        .fetch(&configmap_ref("absent"), &env.namespace, "t")
         .await
         .unwrap_err();
     assert!(matches!(err, SourceError::ConfigMapNotFound { .. }), "{err}");
@@ -74,7 +90,8 @@ async fn configmap_problems_are_named() {
     assert!(err.to_string().contains(&format!("{}/absent", env.namespace)));
 
     put(&api, "unlabelled", false, json!({"a.cue": "package a"})).await;
-    let err = source::fetch(&env.client, &configmap_ref("unlabelled"), &env.namespace, "t")
+    let err = fetcher(&env.client)
+        .fetch(&configmap_ref("unlabelled"), &env.namespace, "t")
         .await
         .unwrap_err();
     assert!(
@@ -84,18 +101,20 @@ async fn configmap_problems_are_named() {
     );
 
     put(&api, "empty", true, json!({"notes.txt": "no cue here"})).await;
-    let err = source::fetch(&env.client, &configmap_ref("empty"), &env.namespace, "t")
+    let err = fetcher(&env.client)
+        .fetch(&configmap_ref("empty"), &env.namespace, "t")
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no .cue files"), "{err}");
 
     let git = CueRef {
         type_: CueRefType::Git,
-        ref_: "https://example.com/x.git".into(),
+        ref_: "example.com/x.git".into(),
         path: None,
         pull_secret_ref: None,
     };
-    let err = source::fetch(&env.client, &git, &env.namespace, "t").await.unwrap_err();
-    assert_eq!(err.reason(), "UnsupportedSource");
+    let err = fetcher(&env.client).fetch(&git, &env.namespace, "t").await.unwrap_err();
+    assert_eq!(err.reason(), "InvalidReference");
+    assert!(err.to_string().contains("expected a repository URL"), "{err}");
     env.cleanup().await;
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod control_plane;
+pub mod remote;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,9 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
             let probes = format!("127.0.0.1:{}", free_port());
             let cue = tool("cue", "PEQUOD_TEST_CUE");
             let cache = std::env::temp_dir().join(format!("pequod-test-cache-{}", std::process::id()));
+            let registries = remote::shared_registries();
             let args = vec![
+                format!("--insecure-registries={},{}", registries.open, registries.private),
                 format!("--metrics-bind-address={metrics}"),
                 format!("--health-probe-bind-address={probes}"),
                 "--zap-log-level=debug".to_string(),

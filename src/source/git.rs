@@ -1,0 +1,318 @@
+//! Git sources through the `git` command: `ls-remote` to resolve a branch or tag, then a
+//! shallow fetch of one commit and `git archive` of the module's folder.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use tokio::process::Command;
+
+use super::credentials::GitCredentials;
+use super::reference::{GitReference, GitRevision, ModulePath, is_commit_sha};
+
+/// Most bytes of git's stderr kept for a message.
+const MAX_MESSAGE: usize = 2048;
+
+static WORK: AtomicU64 = AtomicU64::new(0);
+
+/// A git command that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GitError {
+    #[error("git {operation} {url}: {message}")]
+    Failed {
+        operation: &'static str,
+        url: String,
+        message: String,
+    },
+    #[error("git {operation} {url} did not finish within {seconds}s")]
+    Timeout {
+        operation: &'static str,
+        url: String,
+        seconds: u64,
+    },
+    #[error("{url} has no branch or tag {revision}")]
+    UnknownRevision { url: String, revision: String },
+    #[error("cannot run git ({binary}): {message}")]
+    Spawn { binary: String, message: String },
+}
+
+/// How git is run.
+#[derive(Debug, Clone)]
+pub struct Git {
+    pub binary: PathBuf,
+    /// Folder for short-lived repositories and key files; each operation cleans up after itself.
+    pub work_root: PathBuf,
+    pub timeout: Duration,
+}
+
+/// A folder removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Git {
+    /// The commit a branch, tag or the default branch points at now.
+    pub async fn resolve(&self, reference: &GitReference, auth: &GitCredentials) -> Result<String, GitError> {
+        let name = match &reference.revision {
+            GitRevision::Commit(sha) => return Ok(sha.clone()),
+            GitRevision::Head => "HEAD".to_string(),
+            GitRevision::Named(name) => name.clone(),
+        };
+        let work = self.work_dir()?;
+        let out = self
+            .run(
+                "ls-remote",
+                reference,
+                auth,
+                &work,
+                &["ls-remote", "--", &reference.url, &name],
+            )
+            .await?;
+        pick_ref(&String::from_utf8_lossy(&out), &name).ok_or_else(|| GitError::UnknownRevision {
+            url: reference.display_url(),
+            revision: name,
+        })
+    }
+
+    /// Fetches `revision` (a commit SHA, or a branch or tag name) with depth 1 and returns the
+    /// commit it is and a tar of `path` at that commit.
+    pub async fn fetch(
+        &self,
+        reference: &GitReference,
+        revision: &str,
+        path: &ModulePath,
+        auth: &GitCredentials,
+    ) -> Result<(String, Vec<u8>), GitError> {
+        let work = self.work_dir()?;
+        let repo = work.0.join("repo");
+        let repo_arg = repo.to_string_lossy().into_owned();
+        self.run(
+            "init",
+            reference,
+            auth,
+            &work,
+            &["init", "--quiet", "--bare", &repo_arg],
+        )
+        .await?;
+        let git_dir = format!("--git-dir={repo_arg}");
+        self.run(
+            "fetch",
+            reference,
+            auth,
+            &work,
+            &[
+                &git_dir,
+                "fetch",
+                "--quiet",
+                "--depth=1",
+                "--no-tags",
+                "--",
+                &reference.url,
+                revision,
+            ],
+        )
+        .await?;
+        let sha = self
+            .run(
+                "rev-parse",
+                reference,
+                auth,
+                &work,
+                &[&git_dir, "rev-parse", "FETCH_HEAD^{commit}"],
+            )
+            .await?;
+        let sha = String::from_utf8_lossy(&sha).trim().to_string();
+        let mut archive = vec![&git_dir as &str, "archive", "--format=tar", sha.as_str()];
+        // A missing folder gets the whole commit, so that the error can list the folders
+        // that hold .cue files.
+        let folder = format!("{sha}:{}", path.as_str());
+        if !path.as_str().is_empty()
+            && self
+                .run(
+                    "rev-parse",
+                    reference,
+                    auth,
+                    &work,
+                    &[&git_dir, "rev-parse", "--verify", "--quiet", &folder],
+                )
+                .await
+                .is_ok()
+        {
+            archive.extend(["--", path.as_str()]);
+        }
+        let tar = self.run("archive", reference, auth, &work, &archive).await?;
+        Ok((sha, tar))
+    }
+
+    fn work_dir(&self) -> Result<WorkDir, GitError> {
+        let dir = self.work_root.join(format!(
+            "git-{}-{}",
+            std::process::id(),
+            WORK.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| GitError::Spawn {
+            binary: self.binary.display().to_string(),
+            message: format!("creating {}: {e}", dir.display()),
+        })?;
+        Ok(WorkDir(dir))
+    }
+
+    async fn run(
+        &self,
+        operation: &'static str,
+        reference: &GitReference,
+        auth: &GitCredentials,
+        work: &WorkDir,
+        args: &[&str],
+    ) -> Result<Vec<u8>, GitError> {
+        let mut command = Command::new(&self.binary);
+        command
+            .args(args)
+            .current_dir(&work.0)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            // No user or system configuration, prompts or credential helpers.
+            .env("HOME", &work.0)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .env("SSH_ASKPASS", "/bin/false")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        configure_auth(&mut command, auth, &work.0).map_err(|e| GitError::Spawn {
+            binary: self.binary.display().to_string(),
+            message: format!("writing credentials: {e}"),
+        })?;
+        let child = command.spawn().map_err(|e| GitError::Spawn {
+            binary: self.binary.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let output = tokio::time::timeout(self.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| GitError::Timeout {
+                operation,
+                url: reference.display_url(),
+                seconds: self.timeout.as_secs(),
+            })?
+            .map_err(|e| GitError::Spawn {
+                binary: self.binary.display().to_string(),
+                message: e.to_string(),
+            })?;
+        if output.status.success() {
+            return Ok(output.stdout);
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let mut message = stderr
+            .replace(&reference.url, &reference.display_url())
+            .trim()
+            .to_string();
+        if message.len() > MAX_MESSAGE {
+            let cut = (0..=MAX_MESSAGE)
+                .rev()
+                .find(|i| message.is_char_boundary(*i))
+                .unwrap_or(0);
+            message.truncate(cut);
+        }
+        if message.is_empty() {
+            message = format!("exited with {}", output.status);
+        }
+        Err(GitError::Failed {
+            operation,
+            url: reference.display_url(),
+            message,
+        })
+    }
+}
+
+/// Passes credentials through the environment, never the command line (visible in `ps`).
+fn configure_auth(command: &mut Command, auth: &GitCredentials, work: &Path) -> std::io::Result<()> {
+    match auth {
+        GitCredentials::Anonymous => {}
+        GitCredentials::Basic { username, password } => {
+            let header = format!(
+                "Authorization: Basic {}",
+                STANDARD.encode(format!("{username}:{password}"))
+            );
+            command
+                .env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env("GIT_CONFIG_VALUE_0", header);
+        }
+        GitCredentials::Ssh {
+            private_key,
+            known_hosts,
+        } => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = work.join("id");
+            let hosts = work.join("known_hosts");
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&key)?;
+            std::io::Write::write_all(&mut file, private_key.as_bytes())?;
+            std::fs::write(&hosts, known_hosts)?;
+            command.env(
+                "GIT_SSH_COMMAND",
+                format!(
+                    "ssh -F /dev/null -i '{}' -o IdentitiesOnly=yes -o UserKnownHostsFile='{}' -o StrictHostKeyChecking=yes -o BatchMode=yes",
+                    key.display(),
+                    hosts.display()
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The commit of `name` in `git ls-remote` output: a peeled tag first, then a tag, a
+/// branch, or an exact ref name (`HEAD`).
+pub fn pick_ref(ls_remote: &str, name: &str) -> Option<String> {
+    let refs: Vec<(&str, &str)> = ls_remote
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(sha, _)| is_commit_sha(sha))
+        .collect();
+    let wanted = [
+        format!("refs/tags/{name}^{{}}"),
+        format!("refs/tags/{name}"),
+        format!("refs/heads/{name}"),
+        name.to_string(),
+    ];
+    wanted
+        .iter()
+        .find_map(|w| refs.iter().find(|(_, r)| r == w).map(|(sha, _)| sha.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "1111111111111111111111111111111111111111";
+    const B: &str = "2222222222222222222222222222222222222222";
+    const C: &str = "3333333333333333333333333333333333333333";
+
+    #[test]
+    fn picks_peeled_tags_then_tags_then_branches() {
+        let out =
+            format!("{A}\tHEAD\n{A}\trefs/heads/main\n{B}\trefs/tags/v1\n{C}\trefs/tags/v1^{{}}\n{B}\trefs/heads/v2\n");
+        assert_eq!(pick_ref(&out, "v1").as_deref(), Some(C));
+        assert_eq!(pick_ref(&out, "v2").as_deref(), Some(B));
+        assert_eq!(pick_ref(&out, "main").as_deref(), Some(A));
+        assert_eq!(pick_ref(&out, "HEAD").as_deref(), Some(A));
+        assert_eq!(pick_ref(&out, "v3"), None);
+        assert_eq!(pick_ref("garbage\tline\n", "line"), None);
+    }
+}

@@ -1,0 +1,509 @@
+//! Resolving a Transform's `cueRef` to module files: embedded, inline, ConfigMap, git and
+//! OCI sources. Remote sources go through a per-host circuit breaker and the module cache.
+
+pub mod archive;
+pub mod breaker;
+pub mod cache;
+pub mod credentials;
+pub mod git;
+pub mod oci;
+pub mod reference;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::{Api, Client};
+
+use self::archive::{ArchiveError, ArchiveFormat};
+use self::breaker::Breakers;
+use self::cache::ModuleCache;
+use self::credentials::{CredentialsError, GitCredentials, RegistryCredentials};
+use self::git::{Git, GitError};
+use self::oci::{OciError, Registries};
+use self::reference::{GitReference, GitRevision, ModulePath, OciReference, ReferenceError};
+use crate::api::{CueRef, CueRefType};
+use crate::cue::{ModuleError, ModuleFiles};
+use crate::metrics::Metrics;
+
+/// Label a ConfigMap must carry to be used as a module.
+pub const CUE_MODULE_LABEL: &str = "pequod.io/cue-module";
+
+/// Why a module could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("ConfigMap {namespace}/{name} not found")]
+    ConfigMapNotFound { namespace: String, name: String },
+    #[error("ConfigMap {namespace}/{name} is not labelled {CUE_MODULE_LABEL}=\"true\"")]
+    ConfigMapNotLabelled { namespace: String, name: String },
+    #[error("ConfigMap {namespace}/{name}: {source}")]
+    ConfigMapContent {
+        namespace: String,
+        name: String,
+        #[source]
+        source: ModuleError,
+    },
+    #[error("reading {what} {namespace}/{name}: {source}")]
+    Kube {
+        what: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("{0}")]
+    Module(#[from] ModuleError),
+    #[error("{0}")]
+    Reference(#[from] ReferenceError),
+    #[error("pull Secret {namespace}/{name} not found")]
+    SecretNotFound { namespace: String, name: String },
+    #[error("{0}")]
+    Credentials(#[from] CredentialsError),
+    #[error("{0}")]
+    Git(#[from] GitError),
+    #[error("{0}")]
+    Oci(#[from] OciError),
+    #[error("{what}: {source}")]
+    Archive {
+        what: String,
+        #[source]
+        source: ArchiveError,
+    },
+    #[error("{host} is not asked for {retry_in}s after {failures} failures in a row; last error: {last_error}")]
+    CircuitOpen {
+        host: String,
+        failures: u32,
+        retry_in: u64,
+        last_error: String,
+    },
+}
+
+impl SourceError {
+    /// Stable reason string for conditions, events and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Reference(_) => "InvalidReference",
+            Self::SecretNotFound { .. } | Self::Credentials(_) => "PullSecretInvalid",
+            Self::Archive { .. } | Self::Module(_) | Self::ConfigMapContent { .. } => "InvalidModule",
+            Self::CircuitOpen { .. } => "CircuitOpen",
+            _ => "CueFetchFailed",
+        }
+    }
+
+    /// Whether the remote was asked and did not answer usefully (counts towards the breaker).
+    fn is_remote_failure(&self) -> bool {
+        match self {
+            Self::Git(GitError::Spawn { .. }) => false,
+            Self::Git(_) => true,
+            Self::Oci(OciError::NotAModule { .. }) => false,
+            Self::Oci(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A fetched module and what it was resolved to.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub files: ModuleFiles,
+    /// Label in metrics and messages: module, ConfigMap or repository name.
+    pub platform: String,
+    /// What the reference resolved to: the manifest digest (OCI), the commit (git), or the
+    /// files' own digest (embedded, inline, ConfigMap).
+    pub digest: String,
+    /// Set when the remote could not be asked and a cached resolution was used instead.
+    pub stale: Option<String>,
+}
+
+/// Settings of remote fetching.
+#[derive(Debug, Clone)]
+pub struct FetcherConfig {
+    /// `PEQUOD_CACHE_DIR`; remote modules go to `<cache_dir>/sources`.
+    pub cache_dir: PathBuf,
+    pub max_cache_bytes: u64,
+    /// How long a tag or branch resolution may stand in when the remote cannot be asked.
+    pub resolution_ttl: Duration,
+    pub git_binary: PathBuf,
+    /// Registries reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Bound on one remote operation.
+    pub timeout: Duration,
+}
+
+impl FetcherConfig {
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            max_cache_bytes: 100 * 1024 * 1024,
+            resolution_ttl: Duration::from_secs(24 * 3600),
+            git_binary: PathBuf::from("git"),
+            insecure_registries: Vec::new(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Fetches modules for the Transform controller. Shared by all reconciles.
+pub struct Fetcher {
+    client: Client,
+    cache: ModuleCache,
+    breakers: Breakers,
+    git: Git,
+    registries: Registries,
+}
+
+/// One remote module: where to ask, how to name it, and how to get it.
+struct Remote<'a> {
+    kind: &'static str,
+    host: String,
+    /// Identity of the tag or branch for resolution records; `None` when pinned.
+    floating: Option<String>,
+    path: &'a ModulePath,
+}
+
+impl Fetcher {
+    pub fn new(client: Client, config: FetcherConfig, metrics: Arc<Metrics>) -> Self {
+        let root = config.cache_dir.join("sources");
+        Self {
+            client,
+            cache: ModuleCache::open(&root, config.max_cache_bytes, config.resolution_ttl, metrics),
+            breakers: Breakers::default(),
+            git: Git {
+                binary: config.git_binary,
+                work_root: root.join("work"),
+                timeout: config.timeout,
+            },
+            registries: Registries {
+                insecure: config.insecure_registries,
+                timeout: config.timeout,
+            },
+        }
+    }
+
+    /// Fetches the module `cue_ref` points at. ConfigMaps and pull Secrets are read in
+    /// `namespace` (the Transform's).
+    pub async fn fetch(&self, cue_ref: &CueRef, namespace: &str, transform_name: &str) -> Result<Fetched, SourceError> {
+        let local = |files: ModuleFiles, platform: String| Fetched {
+            digest: files.digest(),
+            files,
+            platform,
+            stale: None,
+        };
+        match cue_ref.type_ {
+            CueRefType::Embedded => Ok(local(ModuleFiles::embedded(&cue_ref.ref_)?, cue_ref.ref_.clone())),
+            CueRefType::Inline => Ok(local(ModuleFiles::inline(&cue_ref.ref_)?, transform_name.to_string())),
+            CueRefType::Configmap => {
+                let files = self.config_map(&cue_ref.ref_, namespace).await?;
+                Ok(local(files, cue_ref.ref_.clone()))
+            }
+            CueRefType::Git => self.fetch_git(cue_ref, namespace).await,
+            CueRefType::Oci => self.fetch_oci(cue_ref, namespace).await,
+        }
+    }
+
+    async fn config_map(&self, name: &str, namespace: &str) -> Result<ModuleFiles, SourceError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        let cm = api
+            .get_opt(name)
+            .await
+            .map_err(|source| SourceError::Kube {
+                what: "ConfigMap",
+                namespace: namespace.into(),
+                name: name.into(),
+                source: Box::new(source),
+            })?
+            .ok_or_else(|| SourceError::ConfigMapNotFound {
+                namespace: namespace.into(),
+                name: name.into(),
+            })?;
+        let labelled = cm
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(CUE_MODULE_LABEL))
+            .is_some_and(|v| v == "true");
+        if !labelled {
+            return Err(SourceError::ConfigMapNotLabelled {
+                namespace: namespace.into(),
+                name: name.into(),
+            });
+        }
+        ModuleFiles::from_config_map_data(&cm.data.unwrap_or_default()).map_err(|source| {
+            SourceError::ConfigMapContent {
+                namespace: namespace.into(),
+                name: name.into(),
+                source,
+            }
+        })
+    }
+
+    /// The data of the pull Secret, if the reference names one.
+    async fn secret_data(
+        &self,
+        cue_ref: &CueRef,
+        namespace: &str,
+    ) -> Result<Option<(String, std::collections::BTreeMap<String, k8s_openapi::ByteString>)>, SourceError> {
+        let Some(secret) = &cue_ref.pull_secret_ref else {
+            return Ok(None);
+        };
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let found = api
+            .get_opt(&secret.name)
+            .await
+            .map_err(|source| SourceError::Kube {
+                what: "Secret",
+                namespace: namespace.into(),
+                name: secret.name.clone(),
+                source: Box::new(source),
+            })?
+            .ok_or_else(|| SourceError::SecretNotFound {
+                namespace: namespace.into(),
+                name: secret.name.clone(),
+            })?;
+        Ok(Some((
+            format!("{namespace}/{}", secret.name),
+            found.data.unwrap_or_default(),
+        )))
+    }
+
+    async fn fetch_git(&self, cue_ref: &CueRef, namespace: &str) -> Result<Fetched, SourceError> {
+        let reference = GitReference::parse(&cue_ref.ref_)?;
+        let path = ModulePath::parse(cue_ref.path.as_deref())?;
+        let auth = match self.secret_data(cue_ref, namespace).await? {
+            Some((name, data)) => credentials::git(&name, &data)?,
+            None => GitCredentials::Anonymous,
+        };
+        let remote = Remote {
+            kind: "git",
+            host: reference.host(),
+            floating: match &reference.revision {
+                GitRevision::Commit(_) => None,
+                GitRevision::Head => Some(format!("git:{}", reference.display_url())),
+                GitRevision::Named(name) => Some(format!("git:{}?ref={name}", reference.display_url())),
+            },
+            path: &path,
+        };
+        let platform = platform_of_repository(&reference.display_url(), &path);
+        let fetch_revision = match &reference.revision {
+            GitRevision::Commit(sha) => sha.clone(),
+            GitRevision::Head => "HEAD".to_string(),
+            GitRevision::Named(name) => name.clone(),
+        };
+        self.remote(
+            &remote,
+            platform,
+            || async { Ok(self.git.resolve(&reference, &auth).await?) },
+            |_| async {
+                let (sha, tar) = self.git.fetch(&reference, &fetch_revision, &path, &auth).await?;
+                Ok((sha, ArchiveFormat::Tar, tar))
+            },
+        )
+        .await
+    }
+
+    async fn fetch_oci(&self, cue_ref: &CueRef, namespace: &str) -> Result<Fetched, SourceError> {
+        let reference = OciReference::parse(&cue_ref.ref_)?;
+        let path = ModulePath::parse(cue_ref.path.as_deref())?;
+        let auth = match self.secret_data(cue_ref, namespace).await? {
+            Some((name, data)) => credentials::registry(&name, &data, &reference.registry)?,
+            None => RegistryCredentials::Anonymous,
+        };
+        let auth = &auth;
+        let remote = Remote {
+            kind: "oci",
+            host: reference.host(),
+            floating: reference.digest.is_none().then(|| format!("oci:{reference}")),
+            path: &path,
+        };
+        let platform = reference.repository.clone();
+        self.remote(
+            &remote,
+            platform,
+            || async {
+                match &reference.digest {
+                    Some(digest) => Ok(digest.clone()),
+                    None => Ok(self
+                        .registries
+                        .resolve(&reference.to_client_reference(None), auth)
+                        .await?),
+                }
+            },
+            |digest: String| {
+                let pinned = reference.to_client_reference(Some(&digest));
+                async move { Ok(self.registries.pull(&pinned, auth).await?) }
+            },
+        )
+        .await
+    }
+
+    /// Resolution and fetch shared by git and OCI: ask the remote (unless its circuit is
+    /// open) what the reference points at, serve that digest from the cache or download it.
+    /// When the remote cannot be asked, a resolution younger than the TTL whose module is
+    /// cached stands in, marked stale.
+    async fn remote<R, RF, D, DF>(
+        &self,
+        remote: &Remote<'_>,
+        platform: String,
+        resolve: R,
+        download: D,
+    ) -> Result<Fetched, SourceError>
+    where
+        R: FnOnce() -> RF,
+        RF: Future<Output = Result<String, SourceError>>,
+        D: FnOnce(String) -> DF,
+        DF: Future<Output = Result<(String, ArchiveFormat, Vec<u8>), SourceError>>,
+    {
+        let resolved = match self.ask(&remote.host, resolve).await {
+            Ok(digest) => {
+                if let Some(floating) = &remote.floating {
+                    self.cache.record_resolution(floating, &digest, SystemTime::now());
+                }
+                digest
+            }
+            Err(error) => return self.stand_in(remote, platform, error),
+        };
+        let key = ModuleCache::key(remote.kind, &resolved, remote.path.as_str());
+        if let Some(files) = self.cache.get(&key) {
+            return Ok(Fetched {
+                files,
+                platform,
+                digest: resolved,
+                stale: None,
+            });
+        }
+        let (digest, format, bytes) = self.ask(&remote.host, || download(resolved.clone())).await?;
+        let what = format!("{} {digest}", remote.kind);
+        let files = archive::module_files(format, &bytes, remote.path, &what)
+            .map_err(|source| SourceError::Archive { what, source })?;
+        // A tag may have moved between resolving and fetching: file under what was fetched.
+        if let Some(floating) = &remote.floating
+            && digest != resolved
+        {
+            self.cache.record_resolution(floating, &digest, SystemTime::now());
+        }
+        let key = ModuleCache::key(remote.kind, &digest, remote.path.as_str());
+        if let Err(e) = self.cache.put(&key, &files) {
+            tracing::warn!(error = %e, key, "cannot cache module; it is fetched again next time");
+        }
+        Ok(Fetched {
+            files,
+            platform,
+            digest,
+            stale: None,
+        })
+    }
+
+    /// Runs a remote operation through `host`'s circuit breaker.
+    async fn ask<T, F, Fut>(&self, host: &str, operation: F) -> Result<T, SourceError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, SourceError>>,
+    {
+        self.breakers
+            .check(host, Instant::now())
+            .map_err(|open| SourceError::CircuitOpen {
+                host: open.host,
+                failures: open.failures,
+                retry_in: open.retry_in.as_secs().max(1),
+                last_error: open.last_error,
+            })?;
+        let result = operation().await;
+        match &result {
+            Ok(_) => self.breakers.success(host),
+            Err(e) if e.is_remote_failure() => self.breakers.failure(host, &e.to_string(), Instant::now()),
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn stand_in(&self, remote: &Remote<'_>, platform: String, error: SourceError) -> Result<Fetched, SourceError> {
+        let reachable_failure = error.is_remote_failure() || matches!(error, SourceError::CircuitOpen { .. });
+        let Some(floating) = remote.floating.as_ref().filter(|_| reachable_failure) else {
+            return Err(error);
+        };
+        let Some((resolution, age)) = self.cache.last_resolution(floating, SystemTime::now()) else {
+            return Err(error);
+        };
+        let key = ModuleCache::key(remote.kind, &resolution.digest, remote.path.as_str());
+        let Some(files) = self.cache.get(&key) else {
+            return Err(error);
+        };
+        Ok(Fetched {
+            files,
+            platform,
+            stale: Some(format!(
+                "{error}; serving {} as resolved {} min ago",
+                resolution.digest,
+                age.as_secs() / 60
+            )),
+            digest: resolution.digest,
+        })
+    }
+}
+
+/// Metrics label of a git module: the repository name and the folder.
+fn platform_of_repository(url: &str, path: &ModulePath) -> String {
+    let name = url
+        .trim_end_matches('/')
+        .rsplit(['/', ':'])
+        .next()
+        .unwrap_or(url)
+        .trim_end_matches(".git");
+    if path.as_str().is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}/{}", path.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_names_of_repositories() {
+        let root = ModulePath::parse(None).unwrap();
+        let sub = ModulePath::parse(Some("platforms/web")).unwrap();
+        assert_eq!(
+            platform_of_repository("https://git.example.com/org/platforms.git", &root),
+            "platforms"
+        );
+        assert_eq!(
+            platform_of_repository("git@host:org/mods.git", &sub),
+            "mods/platforms/web"
+        );
+        assert_eq!(platform_of_repository("file:///srv/repo/", &root), "repo");
+    }
+
+    #[test]
+    fn reasons_are_stable() {
+        let e = SourceError::CircuitOpen {
+            host: "h".into(),
+            failures: 3,
+            retry_in: 30,
+            last_error: "refused".into(),
+        };
+        assert_eq!(e.reason(), "CircuitOpen");
+        assert!(e.to_string().contains("last error: refused"));
+        assert_eq!(
+            SourceError::Reference(ReferenceError::Path("..".into())).reason(),
+            "InvalidReference"
+        );
+        assert_eq!(
+            SourceError::SecretNotFound {
+                namespace: "n".into(),
+                name: "s".into()
+            }
+            .reason(),
+            "PullSecretInvalid"
+        );
+        let timeout = SourceError::Oci(OciError::Timeout {
+            operation: "pulling",
+            reference: "r".into(),
+            seconds: 1,
+        });
+        assert_eq!(timeout.reason(), "CueFetchFailed");
+        assert!(timeout.is_remote_failure());
+    }
+}

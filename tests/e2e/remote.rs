@@ -1,0 +1,327 @@
+//! Remote modules against real components: OCI registries (distribution on loopback, one
+//! open and one behind htpasswd) and git (`file://` and `git daemon`).
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use pequod::api::{Transform, TransformPhase};
+use pequod::source::credentials::RegistryCredentials;
+use serde_json::json;
+
+use crate::instances::{apply_instance, config_data, labelled_module, wait_instance};
+use crate::support::remote::{self, GitRepo, REGISTRY_PASSWORD, REGISTRY_USER};
+use crate::support::{self, TEST_MANAGER, event_reasons, wait_for};
+use crate::transforms::{WAIT, apply_transform, condition, group, setup, wait_condition};
+
+/// Any change to a Transform reconciles it; tests use this instead of waiting for the resync.
+async fn nudge(transforms: &Api<Transform>, name: &str, n: u32) {
+    let patch = json!({"metadata": {"annotations": {"test.pequod.io/nudge": n.to_string()}}});
+    transforms
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+async fn wait_digest(transforms: &Api<Transform>, name: &str, digest: &str) -> Transform {
+    wait_for(&format!("Transform {name} at {digest}"), WAIT, || async {
+        let t = transforms.get(name).await.map_err(|e| e.to_string())?;
+        let resolved = t
+            .status
+            .as_ref()
+            .and_then(|s| s.resolved_cue_ref.as_ref())
+            .map(|r| r.digest.clone());
+        match resolved {
+            Some(d) if d == digest && condition(&t, "Ready").is_some_and(|c| c.is_true()) => Ok(t),
+            other => Err(format!(
+                "{other:?}; conditions {:?}",
+                t.status.as_ref().map(|s| &s.conditions)
+            )),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_oci_module_serves_its_kind_and_a_moved_tag_rolls_instances_forward() {
+    let (env, transforms) = setup("oci-tag").await;
+    let registry = &remote::shared_registries().open;
+    let repository = format!("platforms/{}", env.namespace);
+    let v1 = remote::publish(
+        registry,
+        &repository,
+        "stable",
+        &labelled_module("Memo", "1"),
+        &RegistryCredentials::Anonymous,
+    )
+    .await;
+    apply_transform(
+        &transforms,
+        "memo",
+        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{repository}:stable")}, "group": group(&env)}),
+    )
+    .await;
+    let t = wait_digest(&transforms, "memo", &v1).await;
+    let fetched = condition(&t, "CueFetched").unwrap();
+    assert!(fetched.message.contains(&v1), "{}", fetched.message);
+
+    let api_version = format!("{}/v1alpha1", group(&env));
+    let memos = support::dynamic_api(&env.client, &api_version, "Memo", &env.namespace).await;
+    apply_instance(&memos, &api_version, "Memo", "a", json!({"text": "hello"})).await;
+    wait_instance(&memos, "a", "Ready", "True", "Ready").await;
+    let data = config_data(&env.client, &env.namespace, "memo-a").await.unwrap();
+    assert_eq!(data["version"], "1");
+
+    // The tag moves to a new version: the next reconcile resolves it and re-renders.
+    let v2 = remote::publish(
+        registry,
+        &repository,
+        "stable",
+        &labelled_module("Memo", "2"),
+        &RegistryCredentials::Anonymous,
+    )
+    .await;
+    assert_ne!(v1, v2);
+    nudge(&transforms, "memo", 1).await;
+    wait_digest(&transforms, "memo", &v2).await;
+    wait_for("memo-a at version 2", WAIT, || async {
+        match config_data(&env.client, &env.namespace, "memo-a").await {
+            Some(d) if d.get("version").map(String::as_str) == Some("2") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // A digest reference never moves, whatever the tag does.
+    apply_transform(
+        &transforms,
+        "memo",
+        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{repository}@{v1}")}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "memo", &v1).await;
+    remote::publish(
+        registry,
+        &repository,
+        "stable",
+        &labelled_module("Memo", "3"),
+        &RegistryCredentials::Anonymous,
+    )
+    .await;
+    nudge(&transforms, "memo", 2).await;
+    wait_for("memo-a back at version 1", WAIT, || async {
+        match config_data(&env.client, &env.namespace, "memo-a").await {
+            Some(d) if d.get("version").map(String::as_str) == Some("1") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let t = transforms.get("memo").await.unwrap();
+    assert_eq!(t.status.unwrap().resolved_cue_ref.unwrap().digest, v1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn cue_module_artifacts_and_missing_tags() {
+    let (env, transforms) = setup("oci-cue-layout").await;
+    let registry = &remote::shared_registries().open;
+    let repository = format!("cue/{}", env.namespace);
+    let module = labelled_module("Card", "1");
+    let digest = remote::publish_cue_module(
+        registry,
+        &repository,
+        "v0.1.0",
+        &[("card.cue", &module), ("README.md", "docs")],
+    )
+    .await;
+    apply_transform(
+        &transforms,
+        "card",
+        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{repository}:v0.1.0")}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "card", &digest).await;
+
+    apply_transform(
+        &transforms,
+        "missing",
+        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{repository}:v9.9.9")}, "group": group(&env)}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "missing", "CueFetched", false, "CueFetchFailed").await;
+    let message = &condition(&t, "CueFetched").unwrap().message;
+    assert!(
+        message.contains("v9.9.9") && message.to_lowercase().contains("manifest unknown"),
+        "{message}"
+    );
+    assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
+    let reasons = event_reasons(&env.client, &env.namespace, "missing").await;
+    assert!(reasons.iter().any(|r| r == "CueFetchFailed"), "{reasons:?}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_private_registry_needs_the_pull_secret() {
+    let (env, transforms) = setup("oci-private").await;
+    let registry = &remote::shared_registries().private;
+    let repository = format!("private/{}", env.namespace);
+    let credentials = RegistryCredentials::Basic {
+        username: REGISTRY_USER.into(),
+        password: REGISTRY_PASSWORD.into(),
+    };
+    let digest = remote::publish(
+        registry,
+        &repository,
+        "v1",
+        &labelled_module("Vault", "1"),
+        &credentials,
+    )
+    .await;
+    let reference = format!("{registry}/{repository}:v1");
+
+    apply_transform(
+        &transforms,
+        "vault",
+        json!({"cueRef": {"type": "oci", "ref": reference}, "group": group(&env)}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "vault", "CueFetched", false, "CueFetchFailed").await;
+    let message = &condition(&t, "CueFetched").unwrap().message;
+    assert!(message.contains("Not authorized"), "{message}");
+
+    // A Secret that names the registry but with a wrong password fails as clearly.
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let docker_config = |password: &str| {
+        let auth = base64_encode(&format!("{REGISTRY_USER}:{password}"));
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pull"}, "type": "kubernetes.io/dockerconfigjson",
+               "stringData": {".dockerconfigjson": json!({"auths": {registry.as_str(): {"auth": auth}}}).to_string()}})
+    };
+    secrets
+        .patch(
+            "pull",
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(docker_config("wrong")),
+        )
+        .await
+        .unwrap();
+    apply_transform(
+        &transforms,
+        "vault",
+        json!({"cueRef": {"type": "oci", "ref": reference, "pullSecretRef": {"name": "pull"}}, "group": group(&env)}),
+    )
+    .await;
+    wait_for("a failure with the wrong password", WAIT, || async {
+        let t = transforms.get("vault").await.map_err(|e| e.to_string())?;
+        let done = t.status.as_ref().and_then(|s| s.observed_generation) == t.metadata.generation
+            && condition(&t, "CueFetched").is_some_and(|c| !c.is_true());
+        if done { Ok(()) } else { Err(format!("{:?}", t.status)) }
+    })
+    .await;
+
+    secrets
+        .patch(
+            "pull",
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(docker_config(REGISTRY_PASSWORD)),
+        )
+        .await
+        .unwrap();
+    // The failed fetch is retried with backoff; the corrected Secret is picked up by it.
+    wait_digest(&transforms, "vault", &digest).await;
+
+    // A Secret that does not exist is named.
+    apply_transform(
+        &transforms,
+        "vault",
+        json!({"cueRef": {"type": "oci", "ref": reference, "pullSecretRef": {"name": "absent"}}, "group": group(&env)}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "vault", "CueFetched", false, "PullSecretInvalid").await;
+    assert!(condition(&t, "CueFetched").unwrap().message.contains("absent"));
+    env.cleanup().await;
+}
+
+fn base64_encode(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+#[tokio::test]
+async fn git_modules_come_from_a_folder_at_a_branch_tag_or_commit() {
+    let (env, transforms) = setup("git-module").await;
+    let server = remote::git_server();
+    let repo = GitRepo::new_in(&server.base);
+    let first = repo.commit(
+        &[
+            ("platforms/tile/tile.cue", &labelled_module("Tile", "1")),
+            ("README.md", "platforms"),
+        ],
+        "tile v1",
+    );
+    repo.git(&["tag", "-a", "v1", "-m", "v1"]);
+    let git_url = format!("{}/{}", server.url, repo.name());
+
+    apply_transform(
+        &transforms,
+        "tile",
+        json!({"cueRef": {"type": "git", "ref": format!("{git_url}?ref=v1"), "path": "platforms/tile"}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "tile", &first).await;
+    let api_version = format!("{}/v1alpha1", group(&env));
+    let tiles = support::dynamic_api(&env.client, &api_version, "Tile", &env.namespace).await;
+    apply_instance(&tiles, &api_version, "Tile", "t", json!({"text": "x"})).await;
+    wait_instance(&tiles, "t", "Ready", "True", "Ready").await;
+
+    // A branch follows new commits; file:// works as well as git://.
+    let second = repo.commit(&[("platforms/tile/tile.cue", &labelled_module("Tile", "2"))], "tile v2");
+    apply_transform(
+        &transforms,
+        "tile",
+        json!({"cueRef": {"type": "git", "ref": format!("{}?ref=main", repo.file_url()), "path": "platforms/tile"}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "tile", &second).await;
+    wait_for("tile-t at version 2", WAIT, || async {
+        match config_data(&env.client, &env.namespace, "tile-t").await {
+            Some(d) if d.get("version").map(String::as_str) == Some("2") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // A pinned commit.
+    apply_transform(
+        &transforms,
+        "tile",
+        json!({"cueRef": {"type": "git", "ref": format!("{git_url}?ref={first}"), "path": "platforms/tile"}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "tile", &first).await;
+
+    // A folder without .cue files and an unknown branch are named.
+    apply_transform(
+        &transforms,
+        "tile",
+        json!({"cueRef": {"type": "git", "ref": format!("{git_url}?ref=main"), "path": "platforms/none"}, "group": group(&env)}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "tile", "CueFetched", false, "InvalidModule").await;
+    let message = &condition(&t, "CueFetched").unwrap().message;
+    assert!(
+        message.contains("platforms/none") && message.contains("platforms/tile"),
+        "{message}"
+    );
+    apply_transform(
+        &transforms,
+        "tile",
+        json!({"cueRef": {"type": "git", "ref": format!("{git_url}?ref=nope"), "path": "platforms/tile"}, "group": group(&env)}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "tile", "CueFetched", false, "CueFetchFailed").await;
+    let message = &condition(&t, "CueFetched").unwrap().message;
+    assert!(message.contains("no branch or tag nope"), "{message}");
+    // The kind stays served with the last good module meanwhile.
+    assert!(message.contains("keep being served"), "{message}");
+    wait_instance(&tiles, "t", "Ready", "True", "Ready").await;
+    env.cleanup().await;
+}
