@@ -312,3 +312,143 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     drop(second);
     env.cleanup().await;
 }
+
+/// A Note module whose ConfigMap carries `version`.
+fn versioned_note(version: &str) -> String {
+    support::NOTE_MODULE.replace(
+        "data: text: input.spec.text",
+        &format!("data: {{text: input.spec.text, version: \"{version}\"}}"),
+    )
+}
+
+#[tokio::test]
+async fn a_registry_outage_keeps_instances_served_across_a_restart_and_is_reported() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("registry-outage").await;
+    support::install_crds(&env.client).await;
+    let mut registry = support::remote::Registry::start();
+    let digest = support::remote::publish(
+        &registry.addr,
+        "platforms/note",
+        "stable",
+        &versioned_note("1"),
+        &pequod::source::credentials::RegistryCredentials::Anonymous,
+    )
+    .await;
+    let cache = tempfile::tempdir().unwrap();
+    let flags = [
+        format!("--insecure-registries={}", registry.addr),
+        format!("--cache-dir={}", cache.path().display()),
+        "--fetch-timeout=5".to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
+    let group = format!("{}.test.example.com", env.namespace);
+    let api_version = format!("{group}/v1alpha1");
+    let reference = format!("{}/platforms/note:stable", registry.addr);
+    let transform = |nudge: u32| {
+        json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
+            "metadata": {"name": "note", "annotations": {"test.pequod.io/nudge": nudge.to_string()}},
+            "spec": {"cueRef": {"type": "oci", "ref": reference}, "group": group}})
+    };
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    let apply_transform = |nudge: u32| {
+        let transforms = transforms.clone();
+        let t = transform(nudge);
+        async move {
+            transforms
+                .patch(
+                    "note",
+                    &PatchParams::apply(support::TEST_MANAGER).force(),
+                    &Patch::Apply(t),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let fetched = |want: bool, reason: &'static str| {
+        let transforms = transforms.clone();
+        async move {
+            support::wait_for(&format!("CueFetched={want} ({reason})"), WAIT, || async {
+                let t = transforms.get("note").await.map_err(|e| e.to_string())?;
+                let conditions = t.status.clone().unwrap_or_default().conditions;
+                let c = conditions.iter().find(|c| c.type_ == "CueFetched");
+                let ready = conditions.iter().any(|c| c.type_ == "Ready" && c.is_true());
+                match c {
+                    Some(c) if c.is_true() == want && c.reason == reason && ready => Ok(c.message.clone()),
+                    other => Err(format!("{other:?}; ready {ready}")),
+                }
+            })
+            .await
+        }
+    };
+    let notes = || support::dynamic_api(&env.client, &api_version, "Note", &env.namespace);
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let set_text = |text: &'static str| {
+        let api_version = api_version.clone();
+        async move {
+            let obj =
+                json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": "n"}, "spec": {"text": text}});
+            notes()
+                .await
+                .patch("n", &PatchParams::apply(support::TEST_MANAGER), &Patch::Apply(obj))
+                .await
+                .unwrap();
+        }
+    };
+    let wait_text = |text: &'static str| {
+        let cms = cms.clone();
+        async move {
+            support::wait_for(&format!("ConfigMap n with text {text}"), WAIT, || async {
+                let data = cms.get("n").await.map_err(|e| e.to_string())?.data.unwrap_or_default();
+                match (data.get("text"), data.get("version")) {
+                    (Some(t), Some(v)) if t == text && v == "1" => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .await
+        }
+    };
+
+    apply_transform(0).await;
+    let first = OperatorProcess::start(&env.kubeconfig, &cue, &flags);
+    fetched(true, "Fetched").await;
+    set_text("one").await;
+    wait_text("one").await;
+
+    // The registry goes away: the failure is reported, the kind keeps being served.
+    registry.stop();
+    apply_transform(1).await;
+    let message = fetched(false, "CueFetchFailed").await;
+    assert!(message.contains(&format!("serving {digest}")), "{message}");
+    assert!(
+        message.contains("Connection refused") || message.contains("connection refused"),
+        "{message}"
+    );
+    let reasons = support::event_reasons(&env.client, &env.namespace, "note").await;
+    assert!(reasons.iter().any(|r| r == "CueFetchFailed"), "{reasons:?}");
+    set_text("two").await;
+    wait_text("two").await;
+    let (_, metrics) = support::http_get(&first.metrics, "/metrics").await.unwrap();
+    let failures: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("pequod_cue_fetch_total{") && l.contains("\"failure\"") && l.contains("\"oci\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(failures >= 1.0, "{metrics}");
+
+    // A restart during the outage serves the kind again from the cache.
+    first.kill();
+    let second = OperatorProcess::start(&env.kubeconfig, &cue, &flags);
+    fetched(false, "CueFetchFailed").await;
+    set_text("three").await;
+    wait_text("three").await;
+
+    // The registry is back: the next fetch succeeds.
+    registry.resume();
+    apply_transform(2).await;
+    let message = fetched(true, "Fetched").await;
+    assert!(message.contains(&digest), "{message}");
+    drop(second);
+    env.cleanup().await;
+}
