@@ -65,8 +65,9 @@ pub struct Context {
     pub manager: ManagerIdentity,
     pub supervisor: Supervisor,
     written: StatusMemory<TransformStatus>,
-    /// Consecutive failed fetches per Transform (by uid), for the retry delay.
-    fetch_failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// Consecutive failed fetches per Transform (by uid) and the generation they were of,
+    /// for the retry delay; a new spec starts over.
+    fetch_failures: std::sync::Mutex<HashMap<String, (Option<i64>, u32)>>,
 }
 
 impl Context {
@@ -94,12 +95,16 @@ impl Context {
 }
 
 impl Context {
-    /// Counts a failed fetch of a Transform and returns how many failed in a row.
-    fn fetch_failed(&self, uid: &str) -> u32 {
+    /// Counts a failed fetch of a Transform and returns how many failed in a row for its
+    /// current generation.
+    fn fetch_failed(&self, uid: &str, generation: Option<i64>) -> u32 {
         let mut failures = self.fetch_failures.lock().unwrap_or_else(|e| e.into_inner());
-        let count = failures.entry(uid.to_string()).or_insert(0);
-        *count += 1;
-        *count
+        let entry = failures.entry(uid.to_string()).or_insert((generation, 0));
+        if entry.0 != generation {
+            *entry = (generation, 0);
+        }
+        entry.1 += 1;
+        entry.1
     }
 
     fn fetch_succeeded(&self, uid: &str) {
@@ -354,7 +359,7 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {
-            let failures = ctx.fetch_failed(&uid);
+            let failures = ctx.fetch_failed(&uid, t.metadata.generation);
             let mut message = e.to_string();
             if ctx.supervisor.serves(&key(t)).await
                 && let Some(digest) = update.old.resolved_cue_ref.as_ref().map(|r| r.digest.clone())
@@ -370,7 +375,7 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     };
     let retry = match &fetched.stale {
         Some(why) => {
-            let failures = ctx.fetch_failed(&uid);
+            let failures = ctx.fetch_failed(&uid, t.metadata.generation);
             if !update.was("CueFetched", ConditionStatus::False, "CueFetchFailed") {
                 update.event(EventType::Warning, "CueFetchFailed", why);
             }

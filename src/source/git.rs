@@ -26,6 +26,8 @@ pub enum GitError {
         operation: &'static str,
         url: String,
         message: String,
+        /// The server could not be reached or failed on its side, as opposed to refusing.
+        unavailable: bool,
     },
     #[error("git {operation} {url} did not finish within {seconds}s")]
     Timeout {
@@ -230,6 +232,7 @@ impl Git {
         Err(GitError::Failed {
             operation,
             url: reference.display_url(),
+            unavailable: is_unavailable(&message),
             message,
         })
     }
@@ -277,6 +280,26 @@ fn configure_auth(command: &mut Command, auth: &GitCredentials, work: &Path) -> 
     Ok(())
 }
 
+/// Whether git's message says the server was unreachable or failing (git has no error codes).
+fn is_unavailable(message: &str) -> bool {
+    const SIGNS: [&str; 12] = [
+        "could not resolve host",
+        "connection refused",
+        "connection timed out",
+        "operation timed out",
+        "failed to connect",
+        "couldn't connect",
+        "unable to connect",
+        "connection reset",
+        "the remote end hung up unexpectedly",
+        "early eof",
+        "returned error: 5",
+        "no route to host",
+    ];
+    let message = message.to_ascii_lowercase();
+    SIGNS.iter().any(|sign| message.contains(sign))
+}
+
 /// The commit of `name` in `git ls-remote` output: a peeled tag first, then a tag, a
 /// branch, or an exact ref name (`HEAD`).
 pub fn pick_ref(ls_remote: &str, name: &str) -> Option<String> {
@@ -303,6 +326,25 @@ mod tests {
     const A: &str = "1111111111111111111111111111111111111111";
     const B: &str = "2222222222222222222222222222222222222222";
     const C: &str = "3333333333333333333333333333333333333333";
+
+    #[test]
+    fn unreachable_servers_are_told_from_refusals() {
+        assert!(is_unavailable(
+            "fatal: unable to access 'https://git.example.com/r/': Could not resolve host: git.example.com"
+        ));
+        assert!(is_unavailable(
+            "fatal: unable to connect to 127.0.0.1:\n127.0.0.1[0: 127.0.0.1]: errno=Connection refused"
+        ));
+        assert!(is_unavailable(
+            "error: RPC failed; HTTP 503 curl 22 The requested URL returned error: 503"
+        ));
+        assert!(!is_unavailable(
+            "remote: Repository not found.\nfatal: repository 'https://git.example.com/r/' not found"
+        ));
+        assert!(!is_unavailable(
+            "fatal: Authentication failed for 'https://git.example.com/r/'"
+        ));
+    }
 
     #[test]
     fn picks_peeled_tags_then_tags_then_branches() {

@@ -91,13 +91,15 @@ impl SourceError {
         }
     }
 
-    /// Whether the remote was asked and did not answer usefully (counts towards the breaker).
+    /// Whether the remote could not be reached or failed on its side: this counts towards
+    /// its host's circuit breaker and lets a cached resolution stand in. A refusal (bad
+    /// credentials, unknown tag) does neither: it is the reference's problem, not the host's.
     fn is_remote_failure(&self) -> bool {
         match self {
-            Self::Git(GitError::Spawn { .. }) => false,
-            Self::Git(_) => true,
-            Self::Oci(OciError::NotAModule { .. }) => false,
-            Self::Oci(_) => true,
+            Self::Git(GitError::Timeout { .. }) | Self::Oci(OciError::Timeout { .. }) => true,
+            Self::Git(GitError::Failed { unavailable, .. }) | Self::Oci(OciError::Registry { unavailable, .. }) => {
+                *unavailable
+            }
             _ => false,
         }
     }
@@ -505,5 +507,15 @@ mod tests {
         });
         assert_eq!(timeout.reason(), "CueFetchFailed");
         assert!(timeout.is_remote_failure());
+        let refused = |unavailable| {
+            SourceError::Oci(OciError::Registry {
+                operation: "pulling",
+                reference: "r".into(),
+                message: "Not authorized".into(),
+                unavailable,
+            })
+        };
+        assert!(!refused(false).is_remote_failure());
+        assert!(refused(true).is_remote_failure());
     }
 }

@@ -33,6 +33,9 @@ pub enum OciError {
         operation: &'static str,
         reference: String,
         message: String,
+        /// The registry could not be reached or failed on its side (5xx, 429), as opposed to
+        /// answering no (401, 404): only the former opens the host's circuit.
+        unavailable: bool,
     },
     #[error("{operation} {reference} did not finish within {seconds}s")]
     Timeout {
@@ -152,10 +155,19 @@ impl Registries {
                 reference: reference.whole(),
                 seconds: total.as_secs(),
             }),
-            Ok(result) => result.map_err(|e| OciError::Registry {
-                operation,
-                reference: reference.whole(),
-                message: error_message(&e),
+            Ok(result) => result.map_err(|e| match e {
+                oci_client::errors::OciDistributionError::IncompatibleLayerMediaTypeError(media_type) => {
+                    OciError::NotAModule {
+                        reference: reference.whole(),
+                        message: format!("layer media type {media_type} is neither a zip nor a tar"),
+                    }
+                }
+                e => OciError::Registry {
+                    operation,
+                    reference: reference.whole(),
+                    unavailable: unavailable(&e),
+                    message: error_message(&e),
+                },
             }),
         }
     }
@@ -176,6 +188,15 @@ pub fn tar_gzip(files: &crate::cue::ModuleFiles) -> Vec<u8> {
         let _ = builder.append_data(&mut header, name, content.as_bytes());
     }
     builder.into_inner().and_then(|gzip| gzip.finish()).unwrap_or_default()
+}
+
+fn unavailable(error: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::OciDistributionError as E;
+    match error {
+        E::RequestError(_) | E::IoError(_) => true,
+        E::ServerError { code, .. } => *code >= 500 || *code == 429,
+        _ => false,
+    }
 }
 
 fn registry_auth(auth: &RegistryCredentials) -> RegistryAuth {

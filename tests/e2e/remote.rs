@@ -325,3 +325,56 @@ async fn git_modules_come_from_a_folder_at_a_branch_tag_or_commit() {
     wait_instance(&tiles, "t", "Ready", "True", "Ready").await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_registry_token_flow_works_anonymously_and_with_credentials() {
+    let (env, transforms) = setup("oci-token").await;
+    let registry = &remote::shared_registries().token;
+    let credentials = RegistryCredentials::Basic {
+        username: REGISTRY_USER.into(),
+        password: REGISTRY_PASSWORD.into(),
+    };
+    // Pushing goes through the token flow with credentials.
+    let public = format!("public/{}", env.namespace);
+    let private = format!("team/{}", env.namespace);
+    let public_digest = remote::publish(registry, &public, "v1", &labelled_module("Leaf", "1"), &credentials).await;
+    let private_digest = remote::publish(registry, &private, "v1", &labelled_module("Bark", "1"), &credentials).await;
+
+    // An anonymous token may pull public repositories.
+    apply_transform(
+        &transforms,
+        "leaf",
+        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{public}:v1")}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "leaf", &public_digest).await;
+
+    // Not private ones; a Secret with username and password gets a token that may.
+    apply_transform(
+        &transforms,
+        "bark",
+        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{private}:v1")}, "group": group(&env)}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "bark", "CueFetched", false, "CueFetchFailed").await;
+    let message = &condition(&t, "CueFetched").unwrap().message;
+    assert!(message.contains("Not authorized"), "{message}");
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "registry"},
+        "stringData": {"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}});
+    Api::<Secret>::namespaced(env.client.clone(), &env.namespace)
+        .patch(
+            "registry",
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(secret),
+        )
+        .await
+        .unwrap();
+    apply_transform(
+        &transforms,
+        "bark",
+        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{private}:v1"), "pullSecretRef": {"name": "registry"}}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "bark", &private_digest).await;
+    env.cleanup().await;
+}

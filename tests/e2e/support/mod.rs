@@ -44,7 +44,10 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
             let cache = std::env::temp_dir().join(format!("pequod-test-cache-{}", std::process::id()));
             let registries = remote::shared_registries();
             let args = vec![
-                format!("--insecure-registries={},{}", registries.open, registries.private),
+                format!(
+                    "--insecure-registries={},{},{}",
+                    registries.open, registries.private, registries.token
+                ),
                 format!("--metrics-bind-address={metrics}"),
                 format!("--health-probe-bind-address={probes}"),
                 "--zap-log-level=debug".to_string(),

@@ -24,14 +24,29 @@ fn registry_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/bin/docker-registry"))
 }
 
-/// Writes a registry configuration (and htpasswd file when `auth`) into `dir`.
-fn registry_config(dir: &Path, port: u16, auth: bool) -> PathBuf {
+/// How a test registry authenticates.
+#[derive(Clone, Copy)]
+enum Auth {
+    None,
+    Htpasswd,
+    /// Bearer tokens from [`TokenServer`] at this port.
+    Token(u16),
+}
+
+/// Writes a registry configuration (and the htpasswd file or token certificate) into `dir`.
+fn registry_config(dir: &Path, port: u16, auth: Auth) -> PathBuf {
     std::fs::create_dir_all(dir.join("data")).expect("registry folder");
     let mut config = format!(
         "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: pequod-test\n",
         dir.join("data").display()
     );
-    if auth {
+    if let Auth::Token(token_port) = auth {
+        config.push_str(&format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+            dir.join("token.pem").display()
+        ));
+    }
+    if matches!(auth, Auth::Htpasswd) {
         let hash = bcrypt::hash(REGISTRY_PASSWORD, 4).expect("bcrypt");
         std::fs::write(dir.join("htpasswd"), format!("{REGISTRY_USER}:{hash}\n")).expect("htpasswd");
         config.push_str(&format!(
@@ -61,6 +76,9 @@ pub struct SharedRegistries {
     pub open: String,
     /// htpasswd: pulls and pushes need [`REGISTRY_USER`].
     pub private: String,
+    /// Bearer tokens (the flow of Docker Hub, GHCR and most hosted registries): anyone may
+    /// pull `public/*`; [`REGISTRY_USER`] may pull and push everything.
+    pub token: String,
 }
 
 static SHARED: std::sync::OnceLock<SharedRegistries> = std::sync::OnceLock::new();
@@ -69,9 +87,14 @@ pub fn shared_registries() -> &'static SharedRegistries {
     SHARED.get_or_init(|| {
         let cp = control_plane::shared();
         let base = std::env::temp_dir().join(format!("pequod-registries-{}", std::process::id()));
-        let start = |name: &'static str, auth: bool| {
+        let start = |name: &'static str, auth: Auth| {
             let port = free_port();
-            let config = registry_config(&base.join(name), port, auth);
+            let dir = base.join(name);
+            std::fs::create_dir_all(&dir).expect("registry folder");
+            if let Auth::Token(_) = auth {
+                std::fs::write(dir.join("token.pem"), &token_server().certificate_pem).expect("token certificate");
+            }
+            let config = registry_config(&dir, port, auth);
             cp.spawn_process(
                 name,
                 &registry_binary(),
@@ -83,8 +106,9 @@ pub fn shared_registries() -> &'static SharedRegistries {
             addr
         };
         SharedRegistries {
-            open: start("registry-open", false),
-            private: start("registry-private", true),
+            open: start("registry-open", Auth::None),
+            private: start("registry-private", Auth::Htpasswd),
+            token: start("registry-token", Auth::Token(token_server().port)),
         }
     })
 }
@@ -102,7 +126,7 @@ impl Registry {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("registry folder");
         let port = free_port();
-        let config = registry_config(dir.path(), port, false);
+        let config = registry_config(dir.path(), port, Auth::None);
         let mut registry = Self {
             addr: format!("127.0.0.1:{port}"),
             config,
@@ -290,4 +314,144 @@ pub fn git_server() -> &'static GitServer {
             url: format!("git://{addr}"),
         }
     })
+}
+
+const TOKEN_SERVICE: &str = "pequod-test-registry";
+const TOKEN_ISSUER: &str = "pequod-test-token-server";
+
+/// A registry token server: answers `GET /token?service=..&scope=repository:<name>:<actions>`
+/// with a JWT signed by a key whose self-signed certificate the registry trusts.
+pub struct TokenServer {
+    pub port: u16,
+    pub certificate_pem: String,
+}
+
+static TOKEN_SERVER: std::sync::OnceLock<TokenServer> = std::sync::OnceLock::new();
+
+fn token_server() -> &'static TokenServer {
+    TOKEN_SERVER.get_or_init(|| {
+        let generated =
+            rcgen::generate_simple_self_signed(vec!["pequod-test-token-server".into()]).expect("certificate");
+        let certificate_pem = generated.cert.pem();
+        let certificate_der = generated.cert.der().to_vec();
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &generated.signing_key.serialize_der(),
+            &rng,
+        )
+        .expect("token signing key");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("token server port");
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let port = listener.local_addr().expect("token server address").port();
+        let signer = std::sync::Arc::new((key, certificate_der));
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/token",
+                    axum::routing::get(move |uri, headers| issue_token(signer.clone(), uri, headers)),
+                );
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                axum::serve(listener, app).await.expect("token server");
+            });
+        });
+        TokenServer { port, certificate_pem }
+    })
+}
+
+async fn issue_token(
+    signer: std::sync::Arc<(ring::signature::EcdsaKeyPair, Vec<u8>)>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, axum::http::StatusCode> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+
+    let user = match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(value) => {
+            let decoded = value
+                .strip_prefix("Basic ")
+                .and_then(|b| STANDARD.decode(b).ok())
+                .and_then(|b| String::from_utf8(b).ok());
+            match decoded.as_deref().and_then(|d| d.split_once(':')) {
+                Some((REGISTRY_USER, REGISTRY_PASSWORD)) => Some(REGISTRY_USER),
+                _ => return Err(axum::http::StatusCode::UNAUTHORIZED),
+            }
+        }
+    };
+    let query: BTreeMap<String, String> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect();
+    let mut access = Vec::new();
+    if let Some(scope) = query.get("scope")
+        && let Some(("repository", rest)) = scope.split_once(':')
+        && let Some((name, actions)) = rest.rsplit_once(':')
+    {
+        let granted: Vec<&str> = actions
+            .split(',')
+            .filter(|a| user.is_some() || (*a == "pull" && name.starts_with("public/")))
+            .collect();
+        access.push(serde_json::json!({"type": "repository", "name": name, "actions": granted}));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [STANDARD.encode(&signer.1)]});
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER, "sub": user.unwrap_or(""), "aud": TOKEN_SERVICE,
+        "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", rand_id()), "access": access,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let signature = signer
+        .0
+        .sign(&ring::rand::SystemRandom::new(), signing_input.as_bytes())
+        .map_err(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR)?;
+    let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()));
+    Ok(axum::Json(
+        serde_json::json!({"token": token, "access_token": token, "expires_in": 300}),
+    ))
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
