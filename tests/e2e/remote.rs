@@ -378,3 +378,101 @@ async fn the_registry_token_flow_works_anonymously_and_with_credentials() {
     wait_digest(&transforms, "bark", &private_digest).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn git_over_https_takes_a_token_or_a_username_and_password() {
+    let (env, transforms) = setup("git-auth").await;
+    let repo = GitRepo::new_in(&remote::git_server().base);
+    let commit = repo.commit(&[("stone.cue", &labelled_module("Stone", "1"))], "stone");
+    let url = format!("{}/{}?ref=main", remote::git_http_server(), repo.name());
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let put_secret = |name: &'static str, data: serde_json::Value| {
+        let secrets = secrets.clone();
+        async move {
+            let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data});
+            secrets
+                .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(secret))
+                .await
+                .unwrap();
+        }
+    };
+
+    apply_transform(
+        &transforms,
+        "stone",
+        json!({"cueRef": {"type": "git", "ref": url}, "group": group(&env)}),
+    )
+    .await;
+    let t = wait_condition(&transforms, "stone", "CueFetched", false, "CueFetchFailed").await;
+    let message = &condition(&t, "CueFetched").unwrap().message;
+    assert!(
+        message.contains("git ls-remote") && !message.contains(remote::GIT_TOKEN),
+        "{message}"
+    );
+
+    put_secret("token", json!({"token": remote::GIT_TOKEN})).await;
+    apply_transform(
+        &transforms,
+        "stone",
+        json!({"cueRef": {"type": "git", "ref": url, "pullSecretRef": {"name": "token"}}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "stone", &commit).await;
+
+    put_secret(
+        "basic",
+        json!({"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}),
+    )
+    .await;
+    let second = repo.commit(&[("stone.cue", &labelled_module("Stone", "2"))], "stone v2");
+    apply_transform(
+        &transforms,
+        "stone",
+        json!({"cueRef": {"type": "git", "ref": url, "pullSecretRef": {"name": "basic"}}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "stone", &second).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn git_over_ssh_takes_a_key_and_checks_the_host() {
+    let (env, transforms) = setup("git-ssh").await;
+    let server = remote::ssh_server();
+    let repo = GitRepo::new_in(&remote::git_server().base);
+    let commit = repo.commit(&[("pebble.cue", &labelled_module("Pebble", "1"))], "pebble");
+    let url = format!(
+        "ssh://{}@{}{}?ref=main",
+        server.user,
+        server.addr,
+        repo.path().display()
+    );
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let put_secret = |known_hosts: String| {
+        let secrets = secrets.clone();
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ssh"}, "type": "kubernetes.io/ssh-auth",
+            "stringData": {"ssh-privatekey": server.private_key, "known_hosts": known_hosts}});
+        async move {
+            secrets
+                .patch("ssh", &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(secret))
+                .await
+                .unwrap();
+        }
+    };
+    let spec = json!({"cueRef": {"type": "git", "ref": url, "pullSecretRef": {"name": "ssh"}}, "group": group(&env)});
+
+    // A host key that does not match is refused: no connection to an unknown server.
+    put_secret(format!(
+        "[127.0.0.1]:1 {}",
+        server.known_hosts.split_once(' ').unwrap().1
+    ))
+    .await;
+    apply_transform(&transforms, "pebble", spec.clone()).await;
+    let t = wait_condition(&transforms, "pebble", "CueFetched", false, "CueFetchFailed").await;
+    let message = &condition(&t, "CueFetched").unwrap().message;
+    assert!(message.contains("Host key verification failed"), "{message}");
+
+    put_secret(server.known_hosts.clone()).await;
+    wait_digest(&transforms, "pebble", &commit).await;
+    env.cleanup().await;
+}

@@ -455,3 +455,177 @@ fn rand_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+/// A token the git HTTP server accepts (with any username).
+pub const GIT_TOKEN: &str = "glpat-pequod-test";
+
+/// `git http-backend` behind HTTP basic authentication, serving the [`GitServer`]'s
+/// repositories at `http://<addr>/<folder name>`: [`REGISTRY_USER`] with
+/// [`REGISTRY_PASSWORD`], or any username with [`GIT_TOKEN`].
+pub fn git_http_server() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        let base = git_server().base.clone();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("git http port");
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let addr = listener.local_addr().expect("git http address");
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let app =
+                    axum::Router::new().fallback(move |request: axum::extract::Request| git_cgi(base.clone(), request));
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                axum::serve(listener, app).await.expect("git http server");
+            });
+        });
+        format!("http://{addr}")
+    })
+}
+
+async fn git_cgi(base: PathBuf, request: axum::extract::Request) -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode};
+    use axum::response::IntoResponse;
+    use base64::Engine;
+    use tokio::io::AsyncWriteExt;
+
+    let authorized = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .is_some_and(|d| match d.split_once(':') {
+            Some((user, password)) => (user == REGISTRY_USER && password == REGISTRY_PASSWORD) || password == GIT_TOKEN,
+            None => false,
+        });
+    if !authorized {
+        let mut response = (StatusCode::UNAUTHORIZED, "authentication required").into_response();
+        response.headers_mut().insert(
+            "www-authenticate",
+            HeaderValue::from_static("Basic realm=\"pequod-test\""),
+        );
+        return response;
+    }
+    let headers = request.headers().clone();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut command = tokio::process::Command::new("git");
+    command
+        .arg("http-backend")
+        .env("GIT_PROJECT_ROOT", &base)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("REQUEST_METHOD", request.method().as_str())
+        .env("PATH_INFO", request.uri().path())
+        .env("QUERY_STRING", request.uri().query().unwrap_or(""))
+        .env("CONTENT_TYPE", header("content-type"))
+        .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
+        .env("GIT_PROTOCOL", header("git-protocol"))
+        .env("REMOTE_USER", REGISTRY_USER)
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let body = axum::body::to_bytes(request.into_body(), 64 << 20)
+        .await
+        .unwrap_or_default();
+    let mut child = command.spawn().expect("git http-backend");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = tokio::spawn(async move {
+        let _ = stdin.write_all(&body).await;
+    });
+    let output = child.wait_with_output().await.expect("git http-backend output");
+    let _ = writer.await;
+    // CGI: headers, a blank line, then the body.
+    let out = output.stdout;
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4));
+    let split = split.or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2)));
+    let Some((end, gap)) = split else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "bad CGI output").into_response();
+    };
+    let mut response = axum::response::Response::new(axum::body::Body::from(out[end + gap..].to_vec()));
+    for line in String::from_utf8_lossy(&out[..end]).lines() {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("status") {
+            let code = value.split(' ').next().and_then(|c| c.parse().ok()).unwrap_or(500);
+            *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        } else if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
+}
+
+/// `sshd` on loopback accepting one generated key for the current user, so git can fetch
+/// the [`GitServer`]'s repositories at `ssh://<user>@<addr><path>`.
+pub struct SshServer {
+    pub addr: String,
+    pub user: String,
+    pub private_key: String,
+    /// The known_hosts line of the server's host key.
+    pub known_hosts: String,
+}
+
+pub fn ssh_server() -> &'static SshServer {
+    static SERVER: std::sync::OnceLock<SshServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("pequod-sshd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("sshd folder");
+        for key in ["host", "client"] {
+            let status = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(key))
+                .status()
+                .expect("ssh-keygen");
+            assert!(status.success(), "ssh-keygen {key}");
+        }
+        std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys")).expect("authorized_keys");
+        let port = free_port();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nAuthorizedKeysFile {keys}\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\nPermitRootLogin prohibit-password\n",
+                host = dir.join("host").display(),
+                keys = dir.join("authorized_keys").display(),
+            ),
+        )
+        .expect("sshd_config");
+        // sshd's privilege-separation folder; only root can (and must) have it.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let sshd = std::env::var_os("PEQUOD_TEST_SSHD").map(PathBuf::from).unwrap_or_else(|| "/usr/sbin/sshd".into());
+        control_plane::shared().spawn_process(
+            "sshd",
+            &sshd,
+            &["-D".into(), "-e".into(), "-f".into(), config.display().to_string()],
+            &[],
+        );
+        let addr = format!("127.0.0.1:{port}");
+        wait_listening(&addr, "sshd");
+        let host_key = std::fs::read_to_string(dir.join("host.pub")).expect("host key");
+        let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
+        let user = Command::new("id").arg("-un").output().expect("id -un");
+        SshServer {
+            addr: addr.clone(),
+            user: String::from_utf8_lossy(&user.stdout).trim().to_string(),
+            private_key: std::fs::read_to_string(dir.join("client")).expect("client key"),
+            known_hosts: format!("[127.0.0.1]:{port} {}", host_key.join(" ")),
+        }
+    })
+}
