@@ -21,7 +21,10 @@ FROM docker.io/cuelang/cue:${CUE_VERSION} AS cue
 FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git openssh-client ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* \
+    # ssh refuses to run for a user id without a passwd entry.
+    && groupadd --gid 65532 nonroot \
+    && useradd --uid 65532 --gid 65532 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin nonroot
 COPY --from=build /pequod /usr/local/bin/pequod
 COPY --from=cue /usr/bin/cue /usr/local/bin/cue
 ENV PEQUOD_CUE_BINARY=/usr/local/bin/cue \
