@@ -4,8 +4,21 @@ use std::time::Duration;
 
 use crate::support::{self, OperatorProcess};
 
+/// Starts a second operator. It reconciles beside the shared one, so it must reach the same
+/// registries; otherwise the two would write different status for remote-module Transforms.
+fn start_operator_with(kubeconfig: &std::path::Path, cue: &std::path::Path, flags: &[&str]) -> OperatorProcess {
+    let registries = support::remote::shared_registries();
+    let insecure = format!(
+        "--insecure-registries={},{},{}",
+        registries.open, registries.private, registries.token
+    );
+    let mut all = vec![insecure.as_str()];
+    all.extend_from_slice(flags);
+    OperatorProcess::start(kubeconfig, cue, &all)
+}
+
 fn start_operator(kubeconfig: &std::path::Path, cue: &std::path::Path) -> OperatorProcess {
-    OperatorProcess::start(kubeconfig, cue, &["--zap-log-level=debug"])
+    start_operator_with(kubeconfig, cue, &["--zap-log-level=debug"])
 }
 
 async fn readyz(op: &OperatorProcess) -> Result<(u16, String), String> {
@@ -115,7 +128,7 @@ async fn secure_metrics_require_a_token_allowed_to_get_metrics() {
     let nobody = support::service_account_token(&env.client, &env.namespace, "nobody").await;
 
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
-    let op = OperatorProcess::start(&env.kubeconfig, &cue, &["--metrics-secure"]);
+    let op = start_operator_with(&env.kubeconfig, &cue, &["--metrics-secure"]);
     let (status, body) = support::wait_for("secure /metrics to answer", Duration::from_secs(30), || async {
         support::https_get(&op.metrics, "/metrics", Some(&scraper)).await
     })

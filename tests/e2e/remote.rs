@@ -476,3 +476,53 @@ async fn git_over_ssh_takes_a_key_and_checks_the_host() {
     wait_digest(&transforms, "pebble", &commit).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn pequod_publish_pushes_a_module_folder_that_a_transform_serves() {
+    let (env, transforms) = setup("oci-publish").await;
+    let registry = &remote::shared_registries().private;
+    let module = tempfile::tempdir().unwrap();
+    std::fs::write(module.path().join("shell.cue"), labelled_module("Shell", "1")).unwrap();
+    let reference = format!("{registry}/published/{}:v1", env.namespace);
+    let publish = |password: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+            .args(["publish", "--insecure", "--module"])
+            .arg(module.path())
+            .arg(&reference)
+            .env("PEQUOD_REGISTRY_USERNAME", REGISTRY_USER)
+            .env("PEQUOD_REGISTRY_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let refused = publish("wrong");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("UNAUTHORIZED"),
+        "{refused:?}"
+    );
+
+    let out = publish(REGISTRY_PASSWORD);
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (repository, digest) = printed.split_once('@').unwrap();
+    assert_eq!(repository, format!("{registry}/published/{}", env.namespace));
+
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "registry"},
+        "stringData": {"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}});
+    Api::<Secret>::namespaced(env.client.clone(), &env.namespace)
+        .patch(
+            "registry",
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(secret),
+        )
+        .await
+        .unwrap();
+    apply_transform(
+        &transforms,
+        "shell",
+        json!({"cueRef": {"type": "oci", "ref": printed, "pullSecretRef": {"name": "registry"}}, "group": group(&env)}),
+    )
+    .await;
+    wait_digest(&transforms, "shell", digest).await;
+    env.cleanup().await;
+}
