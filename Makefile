@@ -44,6 +44,10 @@ bench-render: tools ## Benchmark rendering: 1 against 100 instances, and a cache
 bench-instances: tools control-plane ## Benchmark instances: 500 created at once, a resync and a restart.
 	$(CARGO) bench --locked --bench instances
 
+.PHONY: bench-sources
+bench-sources: tools ## Benchmark git and OCI module fetches: cold, cached, and a dead registry.
+	$(CARGO) bench --locked --bench sources
+
 .PHONY: bench-executor
 bench-executor: tools control-plane ## Benchmark the executor against direct applies; resync writes; memory.
 	$(CARGO) bench --locked --bench executor
