@@ -2,6 +2,7 @@
 //! open and one behind htpasswd) and git (`file://` and `git daemon`).
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use pequod::api::{Transform, TransformPhase};
@@ -71,12 +72,15 @@ async fn an_oci_module_serves_its_kind_and_a_moved_tag_rolls_instances_forward()
     let data = config_data(&env.client, &env.namespace, "memo-a").await.unwrap();
     assert_eq!(data["version"], "1");
 
-    // The tag moves to a new version: the next reconcile resolves it and re-renders.
+    // The tag moves to a version with a new optional field: the next reconcile resolves it,
+    // rolls the CRD forward and renders every instance again.
+    let with_color =
+        |version: &str| labelled_module("Memo", version).replace("text: string", "text: string\n\tcolor?: string");
     let v2 = remote::publish(
         registry,
         &repository,
         "stable",
-        &labelled_module("Memo", "2"),
+        &with_color("2"),
         &RegistryCredentials::Anonymous,
     )
     .await;
@@ -90,33 +94,55 @@ async fn an_oci_module_serves_its_kind_and_a_moved_tag_rolls_instances_forward()
         }
     })
     .await;
+    let crd = Api::<CustomResourceDefinition>::all(env.client.clone())
+        .get(&format!("memos.{}", group(&env)))
+        .await
+        .unwrap();
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+    assert!(
+        schema
+            .pointer("/openAPIV3Schema/properties/spec/properties/color")
+            .is_some(),
+        "{schema}"
+    );
 
     // A digest reference never moves, whatever the tag does.
+    let pinned = format!("{registry}/{repository}@{v2}");
     apply_transform(
         &transforms,
         "memo",
-        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{repository}@{v1}")}, "group": group(&env)}),
+        json!({"cueRef": {"type": "oci", "ref": pinned}, "group": group(&env)}),
     )
     .await;
-    wait_digest(&transforms, "memo", &v1).await;
+    wait_digest(&transforms, "memo", &v2).await;
     remote::publish(
         registry,
         &repository,
         "stable",
-        &labelled_module("Memo", "3"),
+        &with_color("3"),
         &RegistryCredentials::Anonymous,
     )
     .await;
-    nudge(&transforms, "memo", 2).await;
-    wait_for("memo-a back at version 1", WAIT, || async {
-        match config_data(&env.client, &env.namespace, "memo-a").await {
-            Some(d) if d.get("version").map(String::as_str) == Some("1") => Ok(()),
-            other => Err(format!("{other:?}")),
+    // A new generation is certain to be reconciled (and fetched) again.
+    apply_transform(
+        &transforms,
+        "memo",
+        json!({"cueRef": {"type": "oci", "ref": pinned}, "group": group(&env), "categories": ["memos"]}),
+    )
+    .await;
+    let t = wait_for("the new generation reconciled", WAIT, || async {
+        let t = transforms.get("memo").await.map_err(|e| e.to_string())?;
+        let status = t.status.clone().unwrap_or_default();
+        if status.observed_generation == t.metadata.generation && condition(&t, "Ready").is_some_and(|c| c.is_true()) {
+            Ok(t)
+        } else {
+            Err(format!("{status:?}"))
         }
     })
     .await;
-    let t = transforms.get("memo").await.unwrap();
-    assert_eq!(t.status.unwrap().resolved_cue_ref.unwrap().digest, v1);
+    assert_eq!(t.status.unwrap().resolved_cue_ref.unwrap().digest, v2);
+    let data = config_data(&env.client, &env.namespace, "memo-a").await.unwrap();
+    assert_eq!(data["version"], "2");
     env.cleanup().await;
 }
 
