@@ -7,12 +7,44 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use pequod::api::{Transform, TransformPhase};
 use pequod::source::credentials::RegistryCredentials;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::instances::{apply_instance, config_data, labelled_module, wait_instance};
 use crate::support::remote::{self, GitRepo, REGISTRY_PASSWORD, REGISTRY_USER};
-use crate::support::{self, TEST_MANAGER, event_reasons, wait_for};
+use crate::support::{self, TEST_MANAGER, TestEnv, event_reasons, wait_for};
 use crate::transforms::{WAIT, apply_transform, condition, group, setup, wait_condition};
+
+/// A Transform spec serving the `type_` module at `reference`, in the test's own group.
+fn remote_spec(env: &TestEnv, type_: &str, reference: &str, path: Option<&str>, secret: Option<&str>) -> Value {
+    let mut cue_ref = json!({"type": type_, "ref": reference});
+    if let Some(path) = path {
+        cue_ref["path"] = json!(path);
+    }
+    if let Some(secret) = secret {
+        cue_ref["pullSecretRef"] = json!({"name": secret});
+    }
+    json!({"cueRef": cue_ref, "group": group(env)})
+}
+
+/// Waits for `CueFetched=False` with `reason`; returns the Transform and the message.
+async fn fetch_failure(transforms: &Api<Transform>, name: &str, reason: &str) -> (Transform, String) {
+    let t = wait_condition(transforms, name, "CueFetched", false, reason).await;
+    let message = condition(&t, "CueFetched").unwrap().message.clone();
+    (t, message)
+}
+
+const OPAQUE: &str = "Opaque";
+const DOCKER_CONFIG: &str = "kubernetes.io/dockerconfigjson";
+const SSH_AUTH: &str = "kubernetes.io/ssh-auth";
+
+/// Creates or replaces Secret `name` in the test namespace with `string_data`.
+async fn put_secret(env: &TestEnv, name: &str, type_: &str, string_data: Value) {
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": type_, "stringData": string_data});
+    Api::<Secret>::namespaced(env.client.clone(), &env.namespace)
+        .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(secret))
+        .await
+        .unwrap();
+}
 
 /// Any change to a Transform reconciles it; tests use this instead of waiting for the resync.
 async fn nudge(transforms: &Api<Transform>, name: &str, n: u32) {
@@ -58,7 +90,7 @@ async fn an_oci_module_serves_its_kind_and_a_moved_tag_rolls_instances_forward()
     apply_transform(
         &transforms,
         "memo",
-        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{repository}:stable")}, "group": group(&env)}),
+        remote_spec(&env, "oci", &format!("{registry}/{repository}:stable"), None, None),
     )
     .await;
     let t = wait_digest(&transforms, "memo", &v1).await;
@@ -108,12 +140,7 @@ async fn an_oci_module_serves_its_kind_and_a_moved_tag_rolls_instances_forward()
 
     // A digest reference never moves, whatever the tag does.
     let pinned = format!("{registry}/{repository}@{v2}");
-    apply_transform(
-        &transforms,
-        "memo",
-        json!({"cueRef": {"type": "oci", "ref": pinned}, "group": group(&env)}),
-    )
-    .await;
+    apply_transform(&transforms, "memo", remote_spec(&env, "oci", &pinned, None, None)).await;
     wait_digest(&transforms, "memo", &v2).await;
     remote::publish(
         registry,
@@ -124,11 +151,11 @@ async fn an_oci_module_serves_its_kind_and_a_moved_tag_rolls_instances_forward()
     )
     .await;
     // A new generation is certain to be reconciled (and fetched) again.
-    apply_transform(
-        &transforms,
-        "memo",
-        json!({"cueRef": {"type": "oci", "ref": pinned}, "group": group(&env), "categories": ["memos"]}),
-    )
+    apply_transform(&transforms, "memo", {
+        let mut spec = remote_spec(&env, "oci", &pinned, None, None);
+        spec["categories"] = json!(["memos"]);
+        spec
+    })
     .await;
     let t = wait_for("the new generation reconciled", WAIT, || async {
         let t = transforms.get("memo").await.map_err(|e| e.to_string())?;
@@ -162,7 +189,7 @@ async fn cue_module_artifacts_and_missing_tags() {
     apply_transform(
         &transforms,
         "card",
-        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{repository}:v0.1.0")}, "group": group(&env)}),
+        remote_spec(&env, "oci", &format!("{registry}/{repository}:v0.1.0"), None, None),
     )
     .await;
     wait_digest(&transforms, "card", &digest).await;
@@ -170,11 +197,10 @@ async fn cue_module_artifacts_and_missing_tags() {
     apply_transform(
         &transforms,
         "missing",
-        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{repository}:v9.9.9")}, "group": group(&env)}),
+        remote_spec(&env, "oci", &format!("{registry}/{repository}:v9.9.9"), None, None),
     )
     .await;
-    let t = wait_condition(&transforms, "missing", "CueFetched", false, "CueFetchFailed").await;
-    let message = &condition(&t, "CueFetched").unwrap().message;
+    let (t, message) = fetch_failure(&transforms, "missing", "CueFetchFailed").await;
     assert!(
         message.contains("v9.9.9") && message.to_lowercase().contains("manifest unknown"),
         "{message}"
@@ -204,35 +230,20 @@ async fn a_private_registry_needs_the_pull_secret() {
     .await;
     let reference = format!("{registry}/{repository}:v1");
 
-    apply_transform(
-        &transforms,
-        "vault",
-        json!({"cueRef": {"type": "oci", "ref": reference}, "group": group(&env)}),
-    )
-    .await;
-    let t = wait_condition(&transforms, "vault", "CueFetched", false, "CueFetchFailed").await;
-    let message = &condition(&t, "CueFetched").unwrap().message;
+    apply_transform(&transforms, "vault", remote_spec(&env, "oci", &reference, None, None)).await;
+    let (_, message) = fetch_failure(&transforms, "vault", "CueFetchFailed").await;
     assert!(message.contains("Not authorized"), "{message}");
 
     // A Secret that names the registry but with a wrong password fails as clearly.
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
     let docker_config = |password: &str| {
         let auth = base64_encode(&format!("{REGISTRY_USER}:{password}"));
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pull"}, "type": "kubernetes.io/dockerconfigjson",
-               "stringData": {".dockerconfigjson": json!({"auths": {registry.as_str(): {"auth": auth}}}).to_string()}})
+        json!({".dockerconfigjson": json!({"auths": {registry.as_str(): {"auth": auth}}}).to_string()})
     };
-    secrets
-        .patch(
-            "pull",
-            &PatchParams::apply(TEST_MANAGER).force(),
-            &Patch::Apply(docker_config("wrong")),
-        )
-        .await
-        .unwrap();
+    put_secret(&env, "pull", DOCKER_CONFIG, docker_config("wrong")).await;
     apply_transform(
         &transforms,
         "vault",
-        json!({"cueRef": {"type": "oci", "ref": reference, "pullSecretRef": {"name": "pull"}}, "group": group(&env)}),
+        remote_spec(&env, "oci", &reference, None, Some("pull")),
     )
     .await;
     wait_for("a failure with the wrong password", WAIT, || async {
@@ -243,14 +254,7 @@ async fn a_private_registry_needs_the_pull_secret() {
     })
     .await;
 
-    secrets
-        .patch(
-            "pull",
-            &PatchParams::apply(TEST_MANAGER).force(),
-            &Patch::Apply(docker_config(REGISTRY_PASSWORD)),
-        )
-        .await
-        .unwrap();
+    put_secret(&env, "pull", DOCKER_CONFIG, docker_config(REGISTRY_PASSWORD)).await;
     // The failed fetch is retried with backoff; the corrected Secret is picked up by it.
     wait_digest(&transforms, "vault", &digest).await;
 
@@ -258,7 +262,7 @@ async fn a_private_registry_needs_the_pull_secret() {
     apply_transform(
         &transforms,
         "vault",
-        json!({"cueRef": {"type": "oci", "ref": reference, "pullSecretRef": {"name": "absent"}}, "group": group(&env)}),
+        remote_spec(&env, "oci", &reference, None, Some("absent")),
     )
     .await;
     let t = wait_condition(&transforms, "vault", "CueFetched", false, "PullSecretInvalid").await;
@@ -289,7 +293,7 @@ async fn git_modules_come_from_a_folder_at_a_branch_tag_or_commit() {
     apply_transform(
         &transforms,
         "tile",
-        json!({"cueRef": {"type": "git", "ref": format!("{git_url}?ref=v1"), "path": "platforms/tile"}, "group": group(&env)}),
+        remote_spec(&env, "git", &format!("{git_url}?ref=v1"), Some("platforms/tile"), None),
     )
     .await;
     wait_digest(&transforms, "tile", &first).await;
@@ -303,7 +307,13 @@ async fn git_modules_come_from_a_folder_at_a_branch_tag_or_commit() {
     apply_transform(
         &transforms,
         "tile",
-        json!({"cueRef": {"type": "git", "ref": format!("{}?ref=main", repo.file_url()), "path": "platforms/tile"}, "group": group(&env)}),
+        remote_spec(
+            &env,
+            "git",
+            &format!("{}?ref=main", repo.file_url()),
+            Some("platforms/tile"),
+            None,
+        ),
     )
     .await;
     wait_digest(&transforms, "tile", &second).await;
@@ -319,7 +329,13 @@ async fn git_modules_come_from_a_folder_at_a_branch_tag_or_commit() {
     apply_transform(
         &transforms,
         "tile",
-        json!({"cueRef": {"type": "git", "ref": format!("{git_url}?ref={first}"), "path": "platforms/tile"}, "group": group(&env)}),
+        remote_spec(
+            &env,
+            "git",
+            &format!("{git_url}?ref={first}"),
+            Some("platforms/tile"),
+            None,
+        ),
     )
     .await;
     wait_digest(&transforms, "tile", &first).await;
@@ -328,11 +344,16 @@ async fn git_modules_come_from_a_folder_at_a_branch_tag_or_commit() {
     apply_transform(
         &transforms,
         "tile",
-        json!({"cueRef": {"type": "git", "ref": format!("{git_url}?ref=main"), "path": "platforms/none"}, "group": group(&env)}),
+        remote_spec(
+            &env,
+            "git",
+            &format!("{git_url}?ref=main"),
+            Some("platforms/none"),
+            None,
+        ),
     )
     .await;
-    let t = wait_condition(&transforms, "tile", "CueFetched", false, "InvalidModule").await;
-    let message = &condition(&t, "CueFetched").unwrap().message;
+    let (_, message) = fetch_failure(&transforms, "tile", "InvalidModule").await;
     assert!(
         message.contains("platforms/none") && message.contains("platforms/tile"),
         "{message}"
@@ -340,11 +361,16 @@ async fn git_modules_come_from_a_folder_at_a_branch_tag_or_commit() {
     apply_transform(
         &transforms,
         "tile",
-        json!({"cueRef": {"type": "git", "ref": format!("{git_url}?ref=nope"), "path": "platforms/tile"}, "group": group(&env)}),
+        remote_spec(
+            &env,
+            "git",
+            &format!("{git_url}?ref=nope"),
+            Some("platforms/tile"),
+            None,
+        ),
     )
     .await;
-    let t = wait_condition(&transforms, "tile", "CueFetched", false, "CueFetchFailed").await;
-    let message = &condition(&t, "CueFetched").unwrap().message;
+    let (_, message) = fetch_failure(&transforms, "tile", "CueFetchFailed").await;
     assert!(message.contains("no branch or tag nope"), "{message}");
     // The kind stays served with the last good module meanwhile.
     assert!(message.contains("keep being served"), "{message}");
@@ -370,7 +396,7 @@ async fn the_registry_token_flow_works_anonymously_and_with_credentials() {
     apply_transform(
         &transforms,
         "leaf",
-        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{public}:v1")}, "group": group(&env)}),
+        remote_spec(&env, "oci", &format!("{registry}/{public}:v1"), None, None),
     )
     .await;
     wait_digest(&transforms, "leaf", &public_digest).await;
@@ -379,26 +405,22 @@ async fn the_registry_token_flow_works_anonymously_and_with_credentials() {
     apply_transform(
         &transforms,
         "bark",
-        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{private}:v1")}, "group": group(&env)}),
+        remote_spec(&env, "oci", &format!("{registry}/{private}:v1"), None, None),
     )
     .await;
-    let t = wait_condition(&transforms, "bark", "CueFetched", false, "CueFetchFailed").await;
-    let message = &condition(&t, "CueFetched").unwrap().message;
+    let (_, message) = fetch_failure(&transforms, "bark", "CueFetchFailed").await;
     assert!(message.contains("Not authorized"), "{message}");
-    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "registry"},
-        "stringData": {"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}});
-    Api::<Secret>::namespaced(env.client.clone(), &env.namespace)
-        .patch(
-            "registry",
-            &PatchParams::apply(TEST_MANAGER).force(),
-            &Patch::Apply(secret),
-        )
-        .await
-        .unwrap();
+    put_secret(
+        &env,
+        "registry",
+        OPAQUE,
+        json!({"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}),
+    )
+    .await;
     apply_transform(
         &transforms,
         "bark",
-        json!({"cueRef": {"type": "oci", "ref": format!("{registry}/{private}:v1"), "pullSecretRef": {"name": "registry"}}, "group": group(&env)}),
+        remote_spec(&env, "oci", &format!("{registry}/{private}:v1"), None, Some("registry")),
     )
     .await;
     wait_digest(&transforms, "bark", &private_digest).await;
@@ -411,42 +433,27 @@ async fn git_over_https_takes_a_token_or_a_username_and_password() {
     let repo = GitRepo::new_in(&remote::git_server().base);
     let commit = repo.commit(&[("stone.cue", &labelled_module("Stone", "1"))], "stone");
     let url = format!("{}/{}?ref=main", remote::git_http_server(), repo.name());
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let put_secret = |name: &'static str, data: serde_json::Value| {
-        let secrets = secrets.clone();
-        async move {
-            let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data});
-            secrets
-                .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(secret))
-                .await
-                .unwrap();
-        }
-    };
 
-    apply_transform(
-        &transforms,
-        "stone",
-        json!({"cueRef": {"type": "git", "ref": url}, "group": group(&env)}),
-    )
-    .await;
-    let t = wait_condition(&transforms, "stone", "CueFetched", false, "CueFetchFailed").await;
-    let message = &condition(&t, "CueFetched").unwrap().message;
+    apply_transform(&transforms, "stone", remote_spec(&env, "git", &url, None, None)).await;
+    let (_, message) = fetch_failure(&transforms, "stone", "CueFetchFailed").await;
     assert!(
         message.contains("git ls-remote") && !message.contains(remote::GIT_TOKEN),
         "{message}"
     );
 
-    put_secret("token", json!({"token": remote::GIT_TOKEN})).await;
+    put_secret(&env, "token", OPAQUE, json!({"token": remote::GIT_TOKEN})).await;
     apply_transform(
         &transforms,
         "stone",
-        json!({"cueRef": {"type": "git", "ref": url, "pullSecretRef": {"name": "token"}}, "group": group(&env)}),
+        remote_spec(&env, "git", &url, None, Some("token")),
     )
     .await;
     wait_digest(&transforms, "stone", &commit).await;
 
     put_secret(
+        &env,
         "basic",
+        OPAQUE,
         json!({"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}),
     )
     .await;
@@ -454,7 +461,7 @@ async fn git_over_https_takes_a_token_or_a_username_and_password() {
     apply_transform(
         &transforms,
         "stone",
-        json!({"cueRef": {"type": "git", "ref": url, "pullSecretRef": {"name": "basic"}}, "group": group(&env)}),
+        remote_spec(&env, "git", &url, None, Some("basic")),
     )
     .await;
     wait_digest(&transforms, "stone", &second).await;
@@ -473,32 +480,17 @@ async fn git_over_ssh_takes_a_key_and_checks_the_host() {
         server.addr,
         repo.path().display()
     );
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let put_secret = |known_hosts: String| {
-        let secrets = secrets.clone();
-        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ssh"}, "type": "kubernetes.io/ssh-auth",
-            "stringData": {"ssh-privatekey": server.private_key, "known_hosts": known_hosts}});
-        async move {
-            secrets
-                .patch("ssh", &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(secret))
-                .await
-                .unwrap();
-        }
-    };
-    let spec = json!({"cueRef": {"type": "git", "ref": url, "pullSecretRef": {"name": "ssh"}}, "group": group(&env)});
+    let ssh_key = |known_hosts: &str| json!({"ssh-privatekey": server.private_key, "known_hosts": known_hosts});
+    let spec = remote_spec(&env, "git", &url, None, Some("ssh"));
 
     // A host key that does not match is refused: no connection to an unknown server.
-    put_secret(format!(
-        "[127.0.0.1]:1 {}",
-        server.known_hosts.split_once(' ').unwrap().1
-    ))
-    .await;
+    let wrong_host = format!("[127.0.0.1]:1 {}", server.known_hosts.split_once(' ').unwrap().1);
+    put_secret(&env, "ssh", SSH_AUTH, ssh_key(&wrong_host)).await;
     apply_transform(&transforms, "pebble", spec.clone()).await;
-    let t = wait_condition(&transforms, "pebble", "CueFetched", false, "CueFetchFailed").await;
-    let message = &condition(&t, "CueFetched").unwrap().message;
+    let (_, message) = fetch_failure(&transforms, "pebble", "CueFetchFailed").await;
     assert!(message.contains("Host key verification failed"), "{message}");
 
-    put_secret(server.known_hosts.clone()).await;
+    put_secret(&env, "ssh", SSH_AUTH, ssh_key(&server.known_hosts)).await;
     wait_digest(&transforms, "pebble", &commit).await;
     env.cleanup().await;
 }
@@ -533,20 +525,17 @@ async fn pequod_publish_pushes_a_module_folder_that_a_transform_serves() {
     let (repository, digest) = printed.split_once('@').unwrap();
     assert_eq!(repository, format!("{registry}/published/{}", env.namespace));
 
-    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "registry"},
-        "stringData": {"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}});
-    Api::<Secret>::namespaced(env.client.clone(), &env.namespace)
-        .patch(
-            "registry",
-            &PatchParams::apply(TEST_MANAGER).force(),
-            &Patch::Apply(secret),
-        )
-        .await
-        .unwrap();
+    put_secret(
+        &env,
+        "registry",
+        OPAQUE,
+        json!({"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}),
+    )
+    .await;
     apply_transform(
         &transforms,
         "shell",
-        json!({"cueRef": {"type": "oci", "ref": printed, "pullSecretRef": {"name": "registry"}}, "group": group(&env)}),
+        remote_spec(&env, "oci", &printed, None, Some("registry")),
     )
     .await;
     wait_digest(&transforms, "shell", digest).await;

@@ -316,6 +316,24 @@ pub fn git_server() -> &'static GitServer {
     })
 }
 
+/// Serves `app` on a free loopback port from a thread of its own, for the rest of the process.
+fn serve_in_background(app: axum::Router) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    listener.set_nonblocking(true).expect("nonblocking listener");
+    let addr = listener.local_addr().expect("listener address");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            axum::serve(listener, app).await.expect("test server");
+        });
+    });
+    addr
+}
+
 const TOKEN_SERVICE: &str = "pequod-test-registry";
 const TOKEN_ISSUER: &str = "pequod-test-token-server";
 
@@ -341,24 +359,12 @@ fn token_server() -> &'static TokenServer {
             &rng,
         )
         .expect("token signing key");
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("token server port");
-        listener.set_nonblocking(true).expect("nonblocking listener");
-        let port = listener.local_addr().expect("token server address").port();
         let signer = std::sync::Arc::new((key, certificate_der));
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let app = axum::Router::new().route(
-                    "/token",
-                    axum::routing::get(move |uri, headers| issue_token(signer.clone(), uri, headers)),
-                );
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                axum::serve(listener, app).await.expect("token server");
-            });
-        });
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::get(move |uri, headers| issue_token(signer.clone(), uri, headers)),
+        );
+        let port = serve_in_background(app).port();
         TokenServer { port, certificate_pem }
     })
 }
@@ -466,21 +472,8 @@ pub fn git_http_server() -> &'static str {
     static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     URL.get_or_init(|| {
         let base = git_server().base.clone();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("git http port");
-        listener.set_nonblocking(true).expect("nonblocking listener");
-        let addr = listener.local_addr().expect("git http address");
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let app =
-                    axum::Router::new().fallback(move |request: axum::extract::Request| git_cgi(base.clone(), request));
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                axum::serve(listener, app).await.expect("git http server");
-            });
-        });
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| git_cgi(base.clone(), request));
+        let addr = serve_in_background(app);
         format!("http://{addr}")
     })
 }
