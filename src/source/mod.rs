@@ -159,9 +159,25 @@ pub struct Fetcher {
 struct Remote<'a> {
     kind: &'static str,
     host: String,
-    /// Identity of the tag or branch for resolution records; `None` when pinned.
-    floating: Option<String>,
+    target: Target,
     path: &'a ModulePath,
+}
+
+/// What a reference names.
+enum Target {
+    /// A digest or commit: known without asking the remote.
+    Pinned(String),
+    /// A tag or branch, by its identity in resolution records.
+    Floating(String),
+}
+
+impl Remote<'_> {
+    fn floating(&self) -> Option<&str> {
+        match &self.target {
+            Target::Floating(identity) => Some(identity),
+            Target::Pinned(_) => None,
+        }
+    }
 }
 
 impl Fetcher {
@@ -279,10 +295,10 @@ impl Fetcher {
         let remote = Remote {
             kind: "git",
             host: reference.host(),
-            floating: match &reference.revision {
-                GitRevision::Commit(_) => None,
-                GitRevision::Head => Some(format!("git:{}", reference.display_url())),
-                GitRevision::Named(name) => Some(format!("git:{}?ref={name}", reference.display_url())),
+            target: match &reference.revision {
+                GitRevision::Commit(sha) => Target::Pinned(sha.clone()),
+                GitRevision::Head => Target::Floating(format!("git:{}", reference.display_url())),
+                GitRevision::Named(name) => Target::Floating(format!("git:{}?ref={name}", reference.display_url())),
             },
             path: &path,
         };
@@ -315,7 +331,10 @@ impl Fetcher {
         let remote = Remote {
             kind: "oci",
             host: reference.host(),
-            floating: reference.digest.is_none().then(|| format!("oci:{reference}")),
+            target: match &reference.digest {
+                Some(digest) => Target::Pinned(digest.clone()),
+                None => Target::Floating(format!("oci:{reference}")),
+            },
             path: &path,
         };
         let platform = reference.repository.clone();
@@ -323,13 +342,10 @@ impl Fetcher {
             &remote,
             platform,
             || async {
-                match &reference.digest {
-                    Some(digest) => Ok(digest.clone()),
-                    None => Ok(self
-                        .registries
-                        .resolve(&reference.to_client_reference(None), auth)
-                        .await?),
-                }
+                Ok(self
+                    .registries
+                    .resolve(&reference.to_client_reference(None), auth)
+                    .await?)
             },
             |digest: String| {
                 let pinned = reference.to_client_reference(Some(&digest));
@@ -340,7 +356,8 @@ impl Fetcher {
     }
 
     /// Resolution and fetch shared by git and OCI: ask the remote (unless its circuit is
-    /// open) what the reference points at, serve that digest from the cache or download it.
+    /// open) what a tag or branch points at, serve that digest from the cache or download it.
+    /// A pinned digest in the cache needs no remote at all.
     /// When the remote cannot be asked, a resolution younger than the TTL whose module is
     /// cached stands in, marked stale.
     async fn remote<R, RF, D, DF>(
@@ -356,14 +373,15 @@ impl Fetcher {
         D: FnOnce(String) -> DF,
         DF: Future<Output = Result<(String, ArchiveFormat, Vec<u8>), SourceError>>,
     {
-        let resolved = match self.ask(&remote.host, resolve).await {
-            Ok(digest) => {
-                if let Some(floating) = &remote.floating {
-                    self.cache.record_resolution(floating, &digest, SystemTime::now());
+        let resolved = match &remote.target {
+            Target::Pinned(digest) => digest.clone(),
+            Target::Floating(identity) => match self.ask(&remote.host, resolve).await {
+                Ok(digest) => {
+                    self.cache.record_resolution(identity, &digest, SystemTime::now());
+                    digest
                 }
-                digest
-            }
-            Err(error) => return self.stand_in(remote, platform, error),
+                Err(error) => return self.stand_in(remote, platform, error),
+            },
         };
         let key = ModuleCache::key(remote.kind, &resolved, remote.path.as_str());
         if let Some(files) = self.cache.get(&key) {
@@ -379,7 +397,7 @@ impl Fetcher {
         let files = archive::module_files(format, &bytes, remote.path, &what)
             .map_err(|source| SourceError::Archive { what, source })?;
         // A tag may have moved between resolving and fetching: file under what was fetched.
-        if let Some(floating) = &remote.floating
+        if let Some(floating) = remote.floating()
             && digest != resolved
         {
             self.cache.record_resolution(floating, &digest, SystemTime::now());
@@ -421,7 +439,7 @@ impl Fetcher {
 
     fn stand_in(&self, remote: &Remote<'_>, platform: String, error: SourceError) -> Result<Fetched, SourceError> {
         let reachable_failure = error.is_remote_failure() || matches!(error, SourceError::CircuitOpen { .. });
-        let Some(floating) = remote.floating.as_ref().filter(|_| reachable_failure) else {
+        let Some(floating) = remote.floating().filter(|_| reachable_failure) else {
             return Err(error);
         };
         let Some((resolution, age)) = self.cache.last_resolution(floating, SystemTime::now()) else {
@@ -462,6 +480,64 @@ fn platform_of_repository(url: &str, path: &ModulePath) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn oci_ref(reference: &str) -> CueRef {
+        CueRef {
+            type_: CueRefType::Oci,
+            ref_: reference.to_string(),
+            path: None,
+            pull_secret_ref: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_open_circuit_fails_fast_yet_cached_digests_and_recent_resolutions_still_serve() {
+        // Nothing listens on the discard port: every request is refused at once.
+        let host = "127.0.0.1:9";
+        let cache = tempfile::tempdir().unwrap();
+        let mut config = FetcherConfig::new(cache.path());
+        config.insecure_registries = vec![host.to_string()];
+        let client = Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let fetcher = Fetcher::new(client, config, Arc::new(Metrics::new().unwrap()));
+        let files = ModuleFiles::inline("package m\n#Input: {}\n").unwrap();
+        let digest = format!("sha256:{}", "b".repeat(64));
+        fetcher
+            .cache
+            .put(&ModuleCache::key("oci", &digest, ""), &files)
+            .unwrap();
+
+        let tag = oci_ref(&format!("{host}/platforms/m:v1"));
+        for _ in 0..breaker::FAILURE_THRESHOLD {
+            let err = fetcher.fetch(&tag, "ns", "t").await.unwrap_err();
+            assert_eq!(err.reason(), "CueFetchFailed", "{err}");
+            assert!(err.is_remote_failure(), "{err}");
+        }
+        let err = fetcher.fetch(&tag, "ns", "t").await.unwrap_err();
+        assert_eq!(err.reason(), "CircuitOpen", "{err}");
+
+        // A pinned digest that is cached needs no registry, open circuit or not.
+        let pinned = fetcher
+            .fetch(&oci_ref(&format!("{host}/platforms/m@{digest}")), "ns", "t")
+            .await
+            .unwrap();
+        assert_eq!(
+            (pinned.digest.as_str(), pinned.stale.is_none()),
+            (digest.as_str(), true)
+        );
+        assert_eq!(pinned.files, files);
+
+        // A tag resolved recently stands in, marked stale with the reason.
+        fetcher
+            .cache
+            .record_resolution(&format!("oci:{host}/platforms/m:v1"), &digest, SystemTime::now());
+        let stood_in = fetcher.fetch(&tag, "ns", "t").await.unwrap();
+        assert_eq!(stood_in.digest, digest);
+        let stale = stood_in.stale.unwrap();
+        assert!(
+            stale.contains("not asked") && stale.contains(&format!("serving {digest}")),
+            "{stale}"
+        );
+    }
 
     #[test]
     fn platform_names_of_repositories() {
