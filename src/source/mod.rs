@@ -183,6 +183,8 @@ impl Remote<'_> {
 impl Fetcher {
     pub fn new(client: Client, config: FetcherConfig, metrics: Arc<Metrics>) -> Self {
         let root = config.cache_dir.join("sources");
+        // Scratch repositories of git operations an earlier process did not finish.
+        let _ = std::fs::remove_dir_all(root.join("work"));
         Self {
             client,
             cache: ModuleCache::open(&root, config.max_cache_bytes, config.resolution_ttl, metrics),
