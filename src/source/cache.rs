@@ -54,8 +54,8 @@ impl ModuleCache {
                 let path = entry.path();
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if name.starts_with('.') {
-                    // A write that an earlier run did not finish.
-                    let _ = std::fs::remove_dir_all(&path);
+                    // A write that a process did not finish.
+                    remove_abandoned(&path);
                     continue;
                 }
                 let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
@@ -206,6 +206,22 @@ impl ModuleCache {
 
     pub fn contains(&self, key: &str) -> bool {
         self.lock().modules.get(key).is_some()
+    }
+}
+
+/// How old scratch files must be before another process removes them: a process sharing
+/// the folder may still be working in younger ones.
+const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
+
+/// Removes a scratch folder left by a process that died, if it is old enough.
+pub(super) fn remove_abandoned(path: &Path) {
+    let abandoned = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > ABANDONED_AFTER);
+    if abandoned {
+        let _ = std::fs::remove_dir_all(path);
     }
 }
 

@@ -183,7 +183,12 @@ impl Remote<'_> {
 impl Fetcher {
     pub fn new(client: Client, config: FetcherConfig, metrics: Arc<Metrics>) -> Self {
         let root = config.cache_dir.join("sources");
-        remove_stale_work(&root.join("work"));
+        // Scratch repositories of git operations a process did not finish (it died).
+        if let Ok(entries) = std::fs::read_dir(root.join("work")) {
+            for entry in entries.flatten() {
+                cache::remove_abandoned(&entry.path());
+            }
+        }
         Self {
             client,
             cache: ModuleCache::open(&root, config.max_cache_bytes, config.resolution_ttl, metrics),
@@ -460,25 +465,6 @@ impl Fetcher {
             )),
             digest: resolution.digest,
         })
-    }
-}
-
-/// Removes scratch repositories of git operations that a process did not finish (it died).
-/// Only old ones: another process sharing the folder may be working in a fresh one.
-fn remove_stale_work(work: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(work) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > Duration::from_secs(3600));
-        if old {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
     }
 }
 
