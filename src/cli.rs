@@ -119,6 +119,10 @@ pub struct SourceArgs {
     #[arg(long, env = "PEQUOD_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
 
+    /// Seconds between resolutions of a Transform's git branch or OCI tag, to notice it moved.
+    #[arg(long, env = "PEQUOD_MODULE_POLL_INTERVAL", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub module_poll_interval: u64,
+
     /// Seconds one git command or registry request may take.
     #[arg(long, env = "PEQUOD_FETCH_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub fetch_timeout: u64,

@@ -164,6 +164,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             git_binary: args.sources.git_binary.clone(),
             insecure_registries: args.sources.insecure_registries.clone(),
             timeout: Duration::from_secs(args.sources.fetch_timeout),
+            poll_interval: Duration::from_secs(args.sources.module_poll_interval),
         },
         metrics.clone(),
     );

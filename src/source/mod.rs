@@ -116,6 +116,9 @@ pub struct Fetched {
     pub digest: String,
     /// Set when the remote could not be asked and a cached resolution was used instead.
     pub stale: Option<String>,
+    /// Whether the reference may point at other content later without a change to the
+    /// Transform or a watched object (a tag or a branch), so it must be looked at again.
+    pub moves: bool,
 }
 
 /// Settings of remote fetching.
@@ -131,6 +134,8 @@ pub struct FetcherConfig {
     pub insecure_registries: Vec<String>,
     /// Bound on one remote operation.
     pub timeout: Duration,
+    /// How often a tag or branch is resolved again.
+    pub poll_interval: Duration,
 }
 
 impl FetcherConfig {
@@ -142,6 +147,7 @@ impl FetcherConfig {
             git_binary: PathBuf::from("git"),
             insecure_registries: Vec::new(),
             timeout: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(600),
         }
     }
 }
@@ -149,6 +155,7 @@ impl FetcherConfig {
 /// Fetches modules for the Transform controller. Shared by all reconciles.
 pub struct Fetcher {
     client: Client,
+    poll_interval: Duration,
     cache: ModuleCache,
     breakers: Breakers,
     git: Git,
@@ -191,6 +198,7 @@ impl Fetcher {
         }
         Self {
             client,
+            poll_interval: config.poll_interval,
             cache: ModuleCache::open(&root, config.max_cache_bytes, config.resolution_ttl, metrics),
             breakers: Breakers::default(),
             git: Git {
@@ -205,6 +213,11 @@ impl Fetcher {
         }
     }
 
+    /// How often a tag or branch should be resolved again to notice that it moved.
+    pub fn poll_interval(&self) -> Duration {
+        self.poll_interval
+    }
+
     /// Fetches the module `cue_ref` points at. ConfigMaps and pull Secrets are read in
     /// `namespace` (the Transform's).
     pub async fn fetch(&self, cue_ref: &CueRef, namespace: &str, transform_name: &str) -> Result<Fetched, SourceError> {
@@ -213,6 +226,7 @@ impl Fetcher {
             files,
             platform,
             stale: None,
+            moves: false,
         };
         match cue_ref.type_ {
             CueRefType::Embedded => Ok(local(ModuleFiles::embedded(&cue_ref.ref_)?, cue_ref.ref_.clone())),
@@ -396,6 +410,7 @@ impl Fetcher {
                 platform,
                 digest: resolved,
                 stale: None,
+                moves: remote.floating().is_some(),
             });
         }
         let (digest, format, bytes) = self.ask(&remote.host, || download(resolved.clone())).await?;
@@ -417,6 +432,7 @@ impl Fetcher {
             platform,
             digest,
             stale: None,
+            moves: remote.floating().is_some(),
         })
     }
 
@@ -464,6 +480,7 @@ impl Fetcher {
                 age.as_secs() / 60
             )),
             digest: resolution.digest,
+            moves: true,
         })
     }
 }

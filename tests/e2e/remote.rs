@@ -46,15 +46,6 @@ async fn put_secret(env: &TestEnv, name: &str, type_: &str, string_data: Value) 
         .unwrap();
 }
 
-/// Any change to a Transform reconciles it; tests use this instead of waiting for the resync.
-async fn nudge(transforms: &Api<Transform>, name: &str, n: u32) {
-    let patch = json!({"metadata": {"annotations": {"test.pequod.io/nudge": n.to_string()}}});
-    transforms
-        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap();
-}
-
 async fn wait_digest(transforms: &Api<Transform>, name: &str, digest: &str) -> Transform {
     wait_for(&format!("Transform {name} at {digest}"), WAIT, || async {
         let t = transforms.get(name).await.map_err(|e| e.to_string())?;
@@ -104,8 +95,8 @@ async fn an_oci_module_serves_its_kind_and_a_moved_tag_rolls_instances_forward()
     let data = config_data(&env.client, &env.namespace, "memo-a").await.unwrap();
     assert_eq!(data["version"], "1");
 
-    // The tag moves to a version with a new optional field: the next reconcile resolves it,
-    // rolls the CRD forward and renders every instance again.
+    // The tag moves to a version with a new optional field: the next poll resolves it, rolls
+    // the CRD forward and renders every instance again.
     let with_color =
         |version: &str| labelled_module("Memo", version).replace("text: string", "text: string\n\tcolor?: string");
     let v2 = remote::publish(
@@ -117,7 +108,6 @@ async fn an_oci_module_serves_its_kind_and_a_moved_tag_rolls_instances_forward()
     )
     .await;
     assert_ne!(v1, v2);
-    nudge(&transforms, "memo", 1).await;
     wait_digest(&transforms, "memo", &v2).await;
     wait_for("memo-a at version 2", WAIT, || async {
         match config_data(&env.client, &env.namespace, "memo-a").await {
@@ -539,5 +529,23 @@ async fn pequod_publish_pushes_a_module_folder_that_a_transform_serves() {
     )
     .await;
     wait_digest(&transforms, "shell", digest).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_broken_module_under_a_tag_is_replaced_by_pushing_a_fixed_one() {
+    let (env, transforms) = setup("oci-fixed-tag").await;
+    let registry = &remote::shared_registries().open;
+    let repository = format!("platforms/{}", env.namespace);
+    let anonymous = RegistryCredentials::Anonymous;
+    let broken = labelled_module("Plank", "1").replace("#Input: {", "#Input: {\n\tcount: int & \"text\"");
+    remote::publish(registry, &repository, "v1", &broken, &anonymous).await;
+    let reference = format!("{registry}/{repository}:v1");
+    apply_transform(&transforms, "plank", remote_spec(&env, "oci", &reference, None, None)).await;
+    wait_condition(&transforms, "plank", "SchemaExtracted", false, "InvalidModule").await;
+
+    // The Transform is not touched: the tag is looked at again and the fix is found.
+    let fixed = remote::publish(registry, &repository, "v1", &labelled_module("Plank", "1"), &anonymous).await;
+    wait_digest(&transforms, "plank", &fixed).await;
     env.cleanup().await;
 }

@@ -48,6 +48,8 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
                     "--insecure-registries={},{},{}",
                     registries.open, registries.private, registries.token
                 ),
+                // Tags and branches are resolved again every few seconds, as tests push.
+                "--module-poll-interval=3".to_string(),
                 format!("--metrics-bind-address={metrics}"),
                 format!("--health-probe-bind-address={probes}"),
                 "--zap-log-level=debug".to_string(),
