@@ -202,7 +202,8 @@ pub struct GeneratedRbac {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResolvedCueRef {
-    /// Content digest (`sha256:...`) of the module; changes exactly when its content does.
+    /// What the reference resolved to: the manifest digest (oci), the commit SHA (git), or
+    /// the content digest (`sha256:...`) of the files (embedded, inline, configmap).
     pub digest: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetched_at: Option<Time>,
