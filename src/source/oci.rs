@@ -195,6 +195,11 @@ fn unavailable(error: &oci_client::errors::OciDistributionError) -> bool {
     match error {
         E::RequestError(_) | E::IoError(_) => true,
         E::ServerError { code, .. } => *code >= 500 || *code == 429,
+        // A 429 with an error body (Docker Hub's rate limit) arrives as an envelope.
+        E::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|e| e.code == oci_client::errors::OciErrorCode::Toomanyrequests),
         _ => false,
     }
 }
@@ -229,6 +234,31 @@ mod tests {
     use crate::cue::ModuleFiles;
     use crate::source::archive::{self, ArchiveFormat};
     use crate::source::reference::ModulePath;
+
+    #[test]
+    fn unreachable_failing_and_rate_limiting_registries_are_unavailable() {
+        use oci_client::errors::{OciDistributionError as E, OciEnvelope, OciError, OciErrorCode};
+        let envelope = |code| E::RegistryError {
+            envelope: OciEnvelope {
+                errors: vec![OciError {
+                    code,
+                    message: String::new(),
+                    detail: serde_json::Value::Null,
+                }],
+            },
+            url: "u".into(),
+        };
+        let server = |code| E::ServerError {
+            code,
+            url: "u".into(),
+            message: String::new(),
+        };
+        assert!(unavailable(&envelope(OciErrorCode::Toomanyrequests)));
+        assert!(!unavailable(&envelope(OciErrorCode::ManifestUnknown)));
+        assert!(unavailable(&server(503)) && unavailable(&server(429)));
+        assert!(!unavailable(&server(404)));
+        assert!(!unavailable(&E::UnauthorizedError { url: "u".into() }));
+    }
 
     #[test]
     fn published_tarballs_are_reproducible_and_read_back() {
