@@ -9,7 +9,7 @@ use kube::{Api, ResourceExt};
 use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv, event_reasons, make_available, metric};
+use crate::support::{self, TEST_MANAGER, TestEnv, make_available, metric};
 
 const WAIT: Duration = Duration::from_secs(45);
 
@@ -133,11 +133,7 @@ async fn chain_waits_for_deployment_availability_then_applies_the_service() {
     assert!(status.conditions.iter().any(|c| c.type_ == "Ready" && c.is_true()));
     assert_eq!(status.inventory.len(), 2);
     assert!(services.get_opt("web").await.unwrap().is_some());
-    assert!(
-        event_reasons(&env.client, &env.namespace, "web")
-            .await
-            .contains(&"Ready".to_string())
-    );
+    support::wait_events(&env.client, &env.namespace, "web", &["Ready"]).await;
     env.cleanup().await;
 }
 
@@ -189,11 +185,7 @@ async fn a_cycle_is_refused_and_nothing_is_applied() {
     assert!(valid.message.contains("a -> b -> a"), "{}", valid.message);
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
     assert!(cms.get_opt("a").await.unwrap().is_none() && cms.get_opt("b").await.unwrap().is_none());
-    assert!(
-        event_reasons(&env.client, &env.namespace, "loop")
-            .await
-            .contains(&"InvalidGraph".to_string())
-    );
+    support::wait_events(&env.client, &env.namespace, "loop", &["InvalidGraph"]).await;
     env.cleanup().await;
 }
 
@@ -225,11 +217,7 @@ async fn conflict_policy_error_reports_the_other_manager_force_takes_over() {
         "{error}"
     );
     assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["owner"], "them");
-    assert!(
-        event_reasons(&env.client, &env.namespace, "g")
-            .await
-            .contains(&"ApplyFailed".to_string())
-    );
+    support::wait_events(&env.client, &env.namespace, "g", &["ApplyFailed"]).await;
 
     // Reconciles that meet the same failure again record no new event.
     for value in ["pequod-2", "pequod-3"] {
@@ -495,10 +483,6 @@ async fn readiness_timeout_fails_the_node_and_keeps_dependants_pending() {
             .unwrap_or_default()
             .contains("waiting for slow")
     );
-    assert!(
-        event_reasons(&env.client, &env.namespace, "g")
-            .await
-            .contains(&"ReadinessTimeout".to_string())
-    );
+    support::wait_events(&env.client, &env.namespace, "g", &["ReadinessTimeout"]).await;
     env.cleanup().await;
 }

@@ -8,7 +8,7 @@ use kube::{Api, Client, ResourceExt};
 use pequod::api::{GraphPhase, ResourceGraph};
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv, event_reasons, make_available, wait_for};
+use crate::support::{self, TEST_MANAGER, TestEnv, make_available, wait_for};
 use crate::transforms::{WAIT, apply_transform, delete_transform, group, put_module, setup, wait_ready};
 
 pub(crate) async fn apply_instance(api: &Api<DynamicObject>, api_version: &str, kind: &str, name: &str, spec: Value) {
@@ -179,9 +179,7 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
         d.spec.unwrap().template.spec.unwrap().containers[0].image.as_deref(),
         Some("nginx:latest")
     );
-    let reasons = event_reasons(&env.client, &env.namespace, "my-app").await;
-    assert!(reasons.contains(&"PolicyViolation".to_string()), "{reasons:?}");
-    assert!(reasons.contains(&"Ready".to_string()), "{reasons:?}");
+    support::wait_events(&env.client, &env.namespace, "my-app", &["PolicyViolation", "Ready"]).await;
 
     // Deleting the instance tears everything down, the Service before the Deployment.
     webservices.delete("my-app", &DeleteParams::default()).await.unwrap();

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::instances::{apply_instance, config_data, labelled_module, wait_instance};
 use crate::support::remote::{self, GitRepo, REGISTRY_PASSWORD, REGISTRY_USER};
-use crate::support::{self, TEST_MANAGER, TestEnv, event_reasons, wait_for};
+use crate::support::{self, TEST_MANAGER, TestEnv, wait_events, wait_for};
 use crate::transforms::{WAIT, apply_transform, condition, group, setup, wait_condition};
 
 /// A Transform spec serving the `type_` module at `reference`, in the test's own group.
@@ -196,8 +196,7 @@ async fn cue_module_artifacts_and_missing_tags() {
         "{message}"
     );
     assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
-    let reasons = event_reasons(&env.client, &env.namespace, "missing").await;
-    assert!(reasons.iter().any(|r| r == "CueFetchFailed"), "{reasons:?}");
+    wait_events(&env.client, &env.namespace, "missing", &["CueFetchFailed"]).await;
     env.cleanup().await;
 }
 

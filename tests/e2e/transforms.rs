@@ -13,7 +13,7 @@ use kube::{Api, Client, ResourceExt};
 use pequod::api::{Transform, TransformPhase};
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv, event_reasons, wait_for};
+use crate::support::{self, TEST_MANAGER, TestEnv, wait_for};
 
 /// Generous: on a loaded 2-core machine cue calls queue behind each other.
 pub(crate) const WAIT: Duration = Duration::from_secs(120);
@@ -213,9 +213,7 @@ async fn embedded_transform_generates_an_established_crd_with_the_module_schema(
         rules.len() as i32
     );
 
-    let reasons = event_reasons(&env.client, &env.namespace, "webservice").await;
-    assert!(reasons.contains(&"CRDGenerated".to_string()), "{reasons:?}");
-    assert!(reasons.contains(&"Ready".to_string()), "{reasons:?}");
+    support::wait_events(&env.client, &env.namespace, "webservice", &["CRDGenerated", "Ready"]).await;
 
     delete_transform(&transforms, "webservice").await;
     env.cleanup().await;
@@ -249,15 +247,7 @@ async fn configmap_module_edits_roll_the_crd_forward_and_breaking_changes_are_re
     let t = wait_condition(&transforms, "note", "CueFetched", false, "CueFetchFailed").await;
     assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
     assert!(condition(&t, "CueFetched").unwrap().message.contains("not found"));
-    wait_for("a CueFetchFailed event", WAIT, || async {
-        let reasons = event_reasons(&env.client, &env.namespace, "note").await;
-        if reasons.contains(&"CueFetchFailed".to_string()) {
-            Ok(())
-        } else {
-            Err(format!("{reasons:?}"))
-        }
-    })
-    .await;
+    support::wait_events(&env.client, &env.namespace, "note", &["CueFetchFailed"]).await;
 
     put_module(
         &env.client,
@@ -326,8 +316,7 @@ async fn configmap_module_edits_roll_the_crd_forward_and_breaking_changes_are_re
     let spec = crd_spec_schema(&crds.get(&crd_name).await.unwrap());
     assert!(spec["properties"].get("color").is_some(), "the CRD stays as it was");
     assert_eq!(spec["properties"]["size"]["maximum"].as_f64(), Some(10.0));
-    let reasons = event_reasons(&env.client, &env.namespace, "note").await;
-    assert!(reasons.contains(&"BreakingChange".to_string()), "{reasons:?}");
+    support::wait_events(&env.client, &env.namespace, "note", &["BreakingChange"]).await;
 
     delete_transform(&transforms, "note").await;
     env.cleanup().await;
@@ -417,15 +406,7 @@ async fn kinds_owned_elsewhere_and_builtin_kinds_are_refused() {
         "{:?}",
         condition(&t, "SchemaExtracted")
     );
-    wait_for("a CueRenderFailed event", WAIT, || async {
-        let reasons = event_reasons(&env.client, &env.namespace, "broken").await;
-        if reasons.contains(&"CueRenderFailed".to_string()) {
-            Ok(())
-        } else {
-            Err(format!("{reasons:?}"))
-        }
-    })
-    .await;
+    support::wait_events(&env.client, &env.namespace, "broken", &["CueRenderFailed"]).await;
 
     for name in ["note-again", "note-foreign", "deployment", "broken", "note"] {
         delete_transform(&transforms, name).await;

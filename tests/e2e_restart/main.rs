@@ -425,8 +425,7 @@ async fn a_registry_outage_keeps_instances_served_across_a_restart_and_is_report
         message.contains("Connection refused") || message.contains("connection refused"),
         "{message}"
     );
-    let reasons = support::event_reasons(&env.client, &env.namespace, "note").await;
-    assert!(reasons.iter().any(|r| r == "CueFetchFailed"), "{reasons:?}");
+    support::wait_events(&env.client, &env.namespace, "note", &["CueFetchFailed"]).await;
     set_text("two").await;
     wait_text("two").await;
     let (_, metrics) = support::http_get(&first.metrics, "/metrics").await.unwrap();

@@ -379,6 +379,24 @@ pub async fn event_reasons(client: &Client, namespace: &str, object: &str) -> Ve
     list.items.into_iter().filter_map(|e| e.reason).collect()
 }
 
+/// Waits until events with every one of `reasons` were recorded for `object`. Events are sent
+/// after the status that goes with them, so a test that saw the status waits for them.
+pub async fn wait_events(client: &Client, namespace: &str, object: &str, reasons: &[&str]) {
+    wait_for(
+        &format!("events {reasons:?} on {object}"),
+        Duration::from_secs(60),
+        || async {
+            let recorded = event_reasons(client, namespace, object).await;
+            if reasons.iter().all(|r| recorded.iter().any(|e| e == r)) {
+                Ok(())
+            } else {
+                Err(format!("{recorded:?}"))
+            }
+        },
+    )
+    .await;
+}
+
 /// Plays the deployment controller: reports every replica available.
 pub async fn make_available(client: &Client, namespace: &str, name: &str) {
     let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), namespace);
