@@ -19,10 +19,9 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{Instrument, info_span};
 
-use super::{Error, ReconcileMeasure, StatusMemory, now, publish, reconcile_event, reconcile_id};
+use super::{Error, ReconcileMeasure, StatusDraft, StatusMemory, publish, reconcile_event, reconcile_id};
 use crate::api::{
-    Condition, ConditionStatus, InstancePhase, InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity,
-    Violation, has_condition, set_condition,
+    ConditionStatus, InstancePhase, InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity, Violation,
 };
 use crate::apply::Applier;
 use crate::cue::{Module, RenderError, Renderer, input_hash, render_input};
@@ -339,13 +338,24 @@ fn graphs(obj: &DynamicObject, ctx: &KindContext) -> Api<ResourceGraph> {
     Api::namespaced(ctx.shared.client.clone(), &obj.namespace().unwrap_or_default())
 }
 
-/// A status under construction, with the previous one for transition checks.
+/// An instance's status under construction, with its events and its write.
 struct StatusUpdate<'a> {
     obj: &'a DynamicObject,
     ctx: &'a KindContext,
-    old: InstanceStatus,
-    new: InstanceStatus,
-    time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    draft: StatusDraft<InstanceStatus>,
+}
+
+impl std::ops::Deref for StatusUpdate<'_> {
+    type Target = StatusDraft<InstanceStatus>;
+    fn deref(&self) -> &Self::Target {
+        &self.draft
+    }
+}
+
+impl std::ops::DerefMut for StatusUpdate<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.draft
+    }
 }
 
 impl<'a> StatusUpdate<'a> {
@@ -354,33 +364,11 @@ impl<'a> StatusUpdate<'a> {
             .data
             .get("status")
             .and_then(|s| serde_json::from_value(s.clone()).ok());
-        let old = ctx.shared.written.last(
-            &obj.uid().unwrap_or_default(),
-            obj.metadata.resource_version.as_ref(),
-            cached.as_ref(),
-        );
-        let mut new = old.clone();
-        new.observed_generation = obj.metadata.generation;
         Self {
             obj,
             ctx,
-            old,
-            new,
-            time: now(),
+            draft: StatusDraft::start(&ctx.shared.written, &obj.metadata, cached.as_ref()),
         }
-    }
-
-    fn condition(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
-        set_condition(
-            &mut self.new.conditions,
-            Condition::new(type_, ok, reason, message),
-            &self.time,
-            self.obj.metadata.generation,
-        );
-    }
-
-    fn was(&self, type_: &str, status: ConditionStatus, reason: &str) -> bool {
-        has_condition(&self.old.conditions, type_, status, Some(reason))
     }
 
     fn event(&self, type_: EventType, reason: &str, note: &str) {
@@ -402,8 +390,8 @@ impl<'a> StatusUpdate<'a> {
                 self.obj,
                 (&resource.api_version, &resource.kind),
                 MANAGER,
-                &self.old,
-                self.new,
+                &self.draft.old,
+                self.draft.new,
             )
             .await
     }

@@ -7,7 +7,9 @@ pub mod watches;
 
 use std::time::Instant;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+use crate::api::{Condition, ConditionStatus, has_condition, set_condition};
 
 use crate::metrics::Metrics;
 
@@ -161,6 +163,76 @@ impl<S: Clone + Default + PartialEq + serde::Serialize> StatusMemory<S> {
             self.remember(uid, version, new);
         }
         Ok(())
+    }
+}
+
+/// A status with conditions and an observed generation.
+pub trait ConditionedStatus: Clone + Default {
+    fn conditions(&self) -> &[Condition];
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+    fn set_observed_generation(&mut self, generation: Option<i64>);
+}
+
+impl ConditionedStatus for crate::api::TransformStatus {
+    fn conditions(&self) -> &[Condition] {
+        &self.conditions
+    }
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+    fn set_observed_generation(&mut self, generation: Option<i64>) {
+        self.observed_generation = generation;
+    }
+}
+
+impl ConditionedStatus for crate::api::InstanceStatus {
+    fn conditions(&self) -> &[Condition] {
+        &self.conditions
+    }
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+    fn set_observed_generation(&mut self, generation: Option<i64>) {
+        self.observed_generation = generation;
+    }
+}
+
+/// A status under construction: the last known one (`old`, for transition checks) and the
+/// next one, with the time and generation its conditions are stamped with.
+pub struct StatusDraft<S> {
+    pub old: S,
+    pub new: S,
+    pub time: Time,
+    generation: Option<i64>,
+}
+
+impl<S: ConditionedStatus> StatusDraft<S> {
+    /// Starts from what `memory` last wrote for the object, else its `cached` status.
+    pub fn start(memory: &StatusMemory<S>, meta: &ObjectMeta, cached: Option<&S>) -> Self {
+        let uid = meta.uid.clone().unwrap_or_default();
+        let old = memory.last(&uid, meta.resource_version.as_ref(), cached);
+        let mut new = old.clone();
+        new.set_observed_generation(meta.generation);
+        Self {
+            old,
+            new,
+            time: now(),
+            generation: meta.generation,
+        }
+    }
+
+    pub fn condition(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
+        set_condition(
+            self.new.conditions_mut(),
+            Condition::new(type_, ok, reason, message),
+            &self.time,
+            self.generation,
+        );
+    }
+
+    /// Whether the previous status had condition `type_` with `status` and `reason`.
+    pub fn was(&self, type_: &str, status: ConditionStatus, reason: &str) -> bool {
+        has_condition(self.old.conditions(), type_, status, Some(reason))
     }
 }
 

@@ -21,10 +21,10 @@ use serde_json::{Value, json};
 use tracing::{Instrument, info_span};
 
 use super::instance::{ServeSpec, Supervisor, TransformKey};
-use super::{Error, ReconcileMeasure, StatusMemory, now, publish, reconcile_event, reconcile_id};
+use super::{Error, ReconcileMeasure, StatusDraft, StatusMemory, publish, reconcile_event, reconcile_id};
 use crate::api::{
-    Condition, ConditionStatus, CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, ResolvedCueRef, Transform,
-    TransformPhase, TransformStatus, has_condition, set_condition,
+    ConditionStatus, CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, ResolvedCueRef, Transform, TransformPhase,
+    TransformStatus,
 };
 use crate::apply::contains;
 use crate::crd::{
@@ -220,43 +220,33 @@ fn key(t: &Transform) -> TransformKey {
     }
 }
 
-/// A status under construction, with the previous one for transition checks.
+/// A Transform's status under construction, with its events and its write.
 struct StatusUpdate<'a> {
     t: &'a Transform,
     ctx: &'a Context,
-    old: TransformStatus,
-    new: TransformStatus,
-    time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    draft: StatusDraft<TransformStatus>,
+}
+
+impl std::ops::Deref for StatusUpdate<'_> {
+    type Target = StatusDraft<TransformStatus>;
+    fn deref(&self) -> &Self::Target {
+        &self.draft
+    }
+}
+
+impl std::ops::DerefMut for StatusUpdate<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.draft
+    }
 }
 
 impl<'a> StatusUpdate<'a> {
     fn start(t: &'a Transform, ctx: &'a Context) -> Self {
-        let uid = t.uid().unwrap_or_default();
-        let old = ctx
-            .written
-            .last(&uid, t.metadata.resource_version.as_ref(), t.status.as_ref());
-        let mut new = old.clone();
-        new.observed_generation = t.metadata.generation;
         Self {
             t,
             ctx,
-            old,
-            new,
-            time: now(),
+            draft: StatusDraft::start(&ctx.written, &t.metadata, t.status.as_ref()),
         }
-    }
-
-    fn condition(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
-        set_condition(
-            &mut self.new.conditions,
-            Condition::new(type_, ok, reason, message),
-            &self.time,
-            self.t.metadata.generation,
-        );
-    }
-
-    fn was(&self, type_: &str, status: ConditionStatus, reason: &str) -> bool {
-        has_condition(&self.old.conditions, type_, status, Some(reason))
     }
 
     /// Marks the Transform Failed at `stage` (a condition type), with an event on transition.
@@ -279,7 +269,7 @@ impl<'a> StatusUpdate<'a> {
     }
 
     async fn write(self) -> Result<(), Error> {
-        write_status(self.t, self.ctx, &self.old, self.new).await
+        write_status(self.t, self.ctx, &self.draft.old, self.draft.new).await
     }
 }
 
