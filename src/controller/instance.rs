@@ -17,9 +17,9 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
-use tracing::{Instrument, info_span};
+use tracing::info_span;
 
-use super::{Error, ReconcileMeasure, StatusDraft, StatusMemory, publish, reconcile_event, reconcile_id};
+use super::{Error, StatusDraft, StatusMemory, publish, reconcile_event, reconcile_id};
 use crate::api::{
     ConditionStatus, InstancePhase, InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity, Violation,
 };
@@ -41,7 +41,6 @@ const MANAGER: &str = "pequod-instance";
 const CONCURRENCY: u16 = 200;
 /// Safety resync; graph progress arrives through the ResourceGraph watch.
 const RESYNC: Duration = Duration::from_secs(600);
-const RETRY: Duration = Duration::from_secs(15);
 /// Bound on waiting for a deleted instance's graph to be torn down without any event.
 const TEARDOWN_POLL: Duration = Duration::from_secs(30);
 
@@ -282,7 +281,7 @@ async fn run_kind(
             rx.recv().await.map(|()| ((), rx))
         }))
         .graceful_shutdown_on(stopped)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, super::retry_later, ctx)
         .for_each(|_| futures::future::ready(()));
     let stopped = async move {
         tokio::select! {
@@ -291,11 +290,6 @@ async fn run_kind(
         }
     };
     super::drive(run, store, stopped).await;
-}
-
-fn error_policy(_: Arc<DynamicObject>, error: &Error, _: Arc<KindContext>) -> Action {
-    tracing::warn!(error = %error, "reconcile failed");
-    Action::requeue(RETRY)
 }
 
 async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Action, Error> {
@@ -307,22 +301,14 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
         name = obj.name_any(),
         reconcile_id = reconcile_id()
     );
-    async move {
-        let measure = ReconcileMeasure::start(&ctx.shared.metrics, CONTROLLER);
-        let result = if obj.metadata.deletion_timestamp.is_some() {
+    super::measured(&ctx.shared.metrics, CONTROLLER, span, async {
+        if obj.metadata.deletion_timestamp.is_some() {
             cleanup(&obj, &ctx).await
-        } else if !obj.finalizers().iter().any(|f| f == FINALIZER) {
-            match super::add_finalizer(&api(&obj, &ctx), &*obj, FINALIZER).await {
-                Ok(updated) => render(&updated, &ctx).await,
-                Err(e) => Err(e),
-            }
         } else {
+            let obj = super::finalized(&api(&obj, &ctx), &*obj, FINALIZER).await?;
             render(&obj, &ctx).await
-        };
-        measure.finish(&result);
-        result
-    }
-    .instrument(span)
+        }
+    })
     .await
 }
 

@@ -49,14 +49,65 @@ impl Error {
 }
 
 /// Times one reconcile and records `pequod_reconcile_*` when it ends.
-pub struct ReconcileMeasure<'a> {
+/// Retry delay after a reconcile error that may pass by itself.
+pub const RETRY: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The error policy of every controller: log, and try again after [`RETRY`].
+pub fn retry_later<K, C>(
+    _: std::sync::Arc<K>,
+    error: &Error,
+    _: std::sync::Arc<C>,
+) -> kube::runtime::controller::Action {
+    tracing::warn!(error = %error, "reconcile failed");
+    kube::runtime::controller::Action::requeue(RETRY)
+}
+
+/// Runs one reconcile inside `span` (which names the object), counted and timed in the
+/// reconcile metrics under `controller`.
+pub async fn measured<F>(
+    metrics: &Metrics,
+    controller: &'static str,
+    span: tracing::Span,
+    reconcile: F,
+) -> Result<kube::runtime::controller::Action, Error>
+where
+    F: Future<Output = Result<kube::runtime::controller::Action, Error>>,
+{
+    use tracing::Instrument;
+    // Boxed: a reconcile's future is large, and moving it by value through this frame (as
+    // unoptimized builds do, more than once) overflowed worker stacks.
+    let reconcile = Box::pin(reconcile);
+    async move {
+        let measure = ReconcileMeasure::start(metrics, controller);
+        let result = reconcile.await;
+        measure.finish(&result);
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// `obj` with `finalizer` on it: as it is, or as returned by adding the finalizer.
+pub async fn finalized<'a, K>(api: &kube::Api<K>, obj: &'a K, finalizer: &str) -> Result<std::borrow::Cow<'a, K>, Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use kube::ResourceExt;
+    if obj.finalizers().iter().any(|f| f == finalizer) {
+        Ok(std::borrow::Cow::Borrowed(obj))
+    } else {
+        add_finalizer(api, obj, finalizer).await.map(std::borrow::Cow::Owned)
+    }
+}
+
+struct ReconcileMeasure<'a> {
     metrics: &'a Metrics,
     controller: &'static str,
     started: Instant,
 }
 
 impl<'a> ReconcileMeasure<'a> {
-    pub fn start(metrics: &'a Metrics, controller: &'static str) -> Self {
+    fn start(metrics: &'a Metrics, controller: &'static str) -> Self {
         Self {
             metrics,
             controller,
@@ -64,7 +115,7 @@ impl<'a> ReconcileMeasure<'a> {
         }
     }
 
-    pub fn finish<T>(self, result: &Result<T, Error>) {
+    fn finish<T>(self, result: &Result<T, Error>) {
         let m = self.metrics;
         m.reconcile_duration_seconds
             .with_label_values(&[self.controller])

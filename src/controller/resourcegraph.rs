@@ -20,10 +20,10 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tracing::{Instrument, info_span};
+use tracing::info_span;
 
 use super::watches::{Lookup, ObjectWatches};
-use super::{Error, ReconcileMeasure, StatusMemory, now, reconcile_event, reconcile_id, truncate};
+use super::{Error, StatusMemory, now, reconcile_event, reconcile_id, truncate};
 use crate::api::{
     Condition, ConditionStatus, DEFAULT_FIELD_MANAGER, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node,
     NodePhase, NodeState, ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, has_condition, set_condition,
@@ -44,8 +44,6 @@ const CONTROLLER: &str = "resourcegraph";
 const STATUS_MANAGER: &str = "pequod-resourcegraph";
 /// Safety resync of a settled graph; drift is normally noticed through watches.
 const RESYNC: Duration = Duration::from_secs(600);
-/// Retry delay after an error that may pass by itself.
-const RETRY: Duration = Duration::from_secs(15);
 
 /// Everything a reconcile needs. Shared by all reconciles.
 pub struct Context {
@@ -115,16 +113,11 @@ pub async fn run(
         "resourcegraph-controller",
     ));
     let run = controller
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, super::retry_later, ctx)
         .for_each(|_| futures::future::ready(()));
     super::drive(run, store_for_stop, shutdown.clone().wait_owned()).await;
     health.set(Probe::Readiness, "resourcegraph-controller", Err("stopped".into()));
     super::report_stopped(&health, "resourcegraph-controller", &shutdown);
-}
-
-fn error_policy(_: Arc<ResourceGraph>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, "reconcile failed");
-    Action::requeue(RETRY)
 }
 
 async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -135,22 +128,14 @@ async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, 
         name = rg.name_any(),
         reconcile_id = reconcile_id()
     );
-    async move {
-        let measure = ReconcileMeasure::start(&ctx.metrics, CONTROLLER);
-        let result = if rg.metadata.deletion_timestamp.is_some() {
+    super::measured(&ctx.metrics, CONTROLLER, span, async {
+        if rg.metadata.deletion_timestamp.is_some() {
             cleanup(&rg, &ctx).await
-        } else if !rg.finalizers().iter().any(|f| f == FINALIZER) {
-            match super::add_finalizer(&api(&rg, &ctx), &*rg, FINALIZER).await {
-                Ok(updated) => apply_graph(&updated, &ctx).await,
-                Err(e) => Err(e),
-            }
         } else {
+            let rg = super::finalized(&api(&rg, &ctx), &*rg, FINALIZER).await?;
             apply_graph(&rg, &ctx).await
-        };
-        measure.finish(&result);
-        result
-    }
-    .instrument(span)
+        }
+    })
     .await
 }
 
@@ -436,7 +421,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     let deadline = outcomes.values().filter_map(|o| o.requeue).min();
     // Watch events bring the graph back on any change; the resync is only a safety net.
     Ok(match (transient || !prune_waiting.is_empty(), deadline) {
-        (true, _) => Action::requeue(RETRY),
+        (true, _) => Action::requeue(super::RETRY),
         (false, Some(deadline)) => Action::requeue(deadline),
         (false, None) => Action::requeue(RESYNC),
     })

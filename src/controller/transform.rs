@@ -18,10 +18,10 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tracing::{Instrument, info_span};
+use tracing::info_span;
 
 use super::instance::{ServeSpec, Supervisor, TransformKey};
-use super::{Error, ReconcileMeasure, StatusDraft, StatusMemory, publish, reconcile_event, reconcile_id};
+use super::{Error, StatusDraft, StatusMemory, publish, reconcile_event, reconcile_id};
 use crate::api::{
     ConditionStatus, CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, ResolvedCueRef, Transform, TransformPhase,
     TransformStatus,
@@ -50,8 +50,6 @@ const MANAGER: &str = "pequod";
 const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Safety resync; module changes of ConfigMap sources arrive through a watch.
 const RESYNC: Duration = Duration::from_secs(600);
-/// Retry delay after an error that may pass by itself.
-const RETRY: Duration = Duration::from_secs(15);
 /// How often a deleted Transform looks again whether its instances are gone.
 const INSTANCE_POLL: Duration = Duration::from_secs(5);
 
@@ -157,7 +155,7 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
     health.set(Probe::Liveness, "transform-controller", Ok(()));
     tokio::spawn(super::report_when_synced(store, health.clone(), "transform-controller"));
     let run = controller
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, super::retry_later, ctx)
         .for_each(|_| futures::future::ready(()));
     super::drive(run, store_for_stop, shutdown.clone().wait_owned()).await;
     health.set(Probe::Readiness, "transform-controller", Err("stopped".into()));
@@ -171,11 +169,6 @@ fn owner_of(labels: &BTreeMap<String, String>) -> Option<ObjectRef<Transform>> {
     Some(ObjectRef::new(name).within(namespace))
 }
 
-fn error_policy(_: Arc<Transform>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, "reconcile failed");
-    Action::requeue(RETRY)
-}
-
 async fn reconcile(t: Arc<Transform>, ctx: Arc<Context>) -> Result<Action, Error> {
     let span = info_span!(
         "reconcile",
@@ -184,24 +177,16 @@ async fn reconcile(t: Arc<Transform>, ctx: Arc<Context>) -> Result<Action, Error
         name = t.name_any(),
         reconcile_id = reconcile_id()
     );
-    async move {
-        let measure = ReconcileMeasure::start(&ctx.metrics, CONTROLLER);
-        let result = if is_paused(&t) {
+    super::measured(&ctx.metrics, CONTROLLER, span, async {
+        if is_paused(&t) {
             pause(&t, &ctx).await
         } else if t.metadata.deletion_timestamp.is_some() {
             cleanup(&t, &ctx).await
-        } else if !t.finalizers().iter().any(|f| f == FINALIZER) {
-            match super::add_finalizer(&api(&t, &ctx), &*t, FINALIZER).await {
-                Ok(updated) => generate(&updated, &ctx).await,
-                Err(e) => Err(e),
-            }
         } else {
+            let t = super::finalized(&api(&t, &ctx), &*t, FINALIZER).await?;
             generate(&t, &ctx).await
-        };
-        measure.finish(&result);
-        result
-    }
-    .instrument(span)
+        }
+    })
     .await
 }
 
@@ -562,7 +547,7 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
             let message = format!("generating RBAC: {e}");
             update.fail("RBACConfigured", "RBACFailed", &message, "RBACFailed");
             update.write().await?;
-            return Ok(Action::requeue(RETRY));
+            return Ok(Action::requeue(super::RETRY));
         }
     }
 
