@@ -200,10 +200,12 @@ impl ModuleCache {
     }
 
     /// Bytes of modules on disk, as indexed.
+    #[cfg(test)]
     pub fn bytes(&self) -> u64 {
         self.lock().modules.bytes()
     }
 
+    #[cfg(test)]
     pub fn contains(&self, key: &str) -> bool {
         self.lock().modules.get(key).is_some()
     }

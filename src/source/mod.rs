@@ -562,6 +562,39 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_cached_commit_runs_no_git_command() {
+        let cache = tempfile::tempdir().unwrap();
+        let mut config = FetcherConfig::new(cache.path());
+        // Any git command would fail to start.
+        config.git_binary = "/nonexistent/git".into();
+        let client = Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let fetcher = Fetcher::new(client, config, Arc::new(Metrics::new().unwrap()));
+        let files = ModuleFiles::inline("package m\n#Input: {}\n").unwrap();
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        fetcher
+            .cache
+            .put(&ModuleCache::key("git", sha, "platforms/m"), &files)
+            .unwrap();
+        let pinned = CueRef {
+            type_: CueRefType::Git,
+            ref_: format!("https://git.example.com/org/platforms.git?ref={sha}"),
+            path: Some("platforms/m".into()),
+            pull_secret_ref: None,
+        };
+        let fetched = fetcher.fetch(&pinned, "ns", "t").await.unwrap();
+        assert_eq!((fetched.digest.as_str(), fetched.moves), (sha, false));
+        assert_eq!(fetched.files, files);
+
+        // A branch must be asked, and that needs git.
+        let branch = CueRef {
+            ref_: "https://git.example.com/org/platforms.git?ref=main".into(),
+            ..pinned
+        };
+        let err = fetcher.fetch(&branch, "ns", "t").await.unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/git"), "{err}");
+    }
+
     #[test]
     fn platform_names_of_repositories() {
         let root = ModulePath::parse(None).unwrap();
