@@ -197,6 +197,31 @@ async fn cue_module_artifacts_and_missing_tags() {
     );
     assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
     wait_events(&env.client, &env.namespace, "missing", &["CueFetchFailed"]).await;
+
+    // References that cannot work are named without asking any server.
+    apply_transform(
+        &transforms,
+        "bad-ref",
+        remote_spec(&env, "oci", "webservice:v1", None, None),
+    )
+    .await;
+    let (_, message) = fetch_failure(&transforms, "bad-ref", "InvalidReference").await;
+    assert!(message.contains("name the registry host"), "{message}");
+    wait_events(&env.client, &env.namespace, "bad-ref", &["CueFetchFailed"]).await;
+    apply_transform(
+        &transforms,
+        "bad-path",
+        remote_spec(
+            &env,
+            "git",
+            "https://git.example.com/org/platforms.git",
+            Some("../etc"),
+            None,
+        ),
+    )
+    .await;
+    let (_, message) = fetch_failure(&transforms, "bad-path", "InvalidReference").await;
+    assert!(message.contains("without '..'"), "{message}");
     env.cleanup().await;
 }
 
