@@ -90,14 +90,7 @@ async fn main() {
         .await
         .unwrap();
     let api_version = format!("{group}/v1alpha1");
-    support::wait_for("the Transform to be Ready", Duration::from_secs(120), || async {
-        let t = transforms.get("note").await.map_err(|e| e.to_string())?;
-        match t.status.and_then(|s| s.phase) {
-            Some(pequod::api::TransformPhase::Ready) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    support::wait_transform_ready(&transforms, "note").await;
     let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
 
     let cue_before = support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await;

@@ -63,14 +63,7 @@ async fn demo() {
         support::apply_yaml(&env.client, &env.namespace, &sample).await;
     }
     let transforms: kube::Api<pequod::api::Transform> = kube::Api::namespaced(env.client.clone(), "default");
-    support::wait_for("the sample Transform to be Ready", Duration::from_secs(120), || async {
-        let t = transforms.get("webservice").await.map_err(|e| e.to_string())?;
-        match t.status.as_ref().and_then(|s| s.phase) {
-            Some(pequod::api::TransformPhase::Ready) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    support::wait_transform_ready(&transforms, "webservice").await;
     let instance = std::fs::read_to_string(samples.join("webservice_instance.yaml")).expect("sample");
     support::apply_yaml(&env.client, &env.namespace, &instance).await;
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -166,14 +166,7 @@ async fn the_restricted_manager_writes_only_declared_kinds() {
     }
     let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
     for name in ["configmap", "secret"] {
-        support::wait_for(&format!("Transform {name} Ready"), WAIT, || async {
-            let t = transforms.get(name).await.map_err(|e| e.to_string())?;
-            match t.status.as_ref().and_then(|s| s.phase) {
-                Some(pequod::api::TransformPhase::Ready) => Ok(()),
-                other => Err(format!("{other:?} {:?}", t.status.map(|s| s.conditions))),
-            }
-        })
-        .await;
+        support::wait_transform_ready(&transforms, name).await;
     }
     let manager_role = roles.get(MANAGER_ROLE).await.unwrap();
     assert!(aggregated_resources(&manager_role).contains(&"configmaps".to_string()));

@@ -139,14 +139,7 @@ async fn killed_operator_converges_on_instances_after_restart() {
 
     let first = start(&env.kubeconfig);
     let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
-    support::wait_for("the Transform Ready", WAIT, || async {
-        let t = transforms.get("note").await.map_err(|e| e.to_string())?;
-        match t.status.and_then(|s| s.phase) {
-            Some(pequod::api::TransformPhase::Ready) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    support::wait_transform_ready(&transforms, "note").await;
     let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
     for i in 0..NOTES {
         let obj = json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": format!("n{i}")}, "spec": {"text": format!("{i}")}});

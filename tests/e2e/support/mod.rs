@@ -379,6 +379,18 @@ pub async fn event_reasons(client: &Client, namespace: &str, object: &str) -> Ve
     list.items.into_iter().filter_map(|e| e.reason).collect()
 }
 
+/// Waits until Transform `name` is in phase Ready; a timeout shows its phase and conditions.
+pub async fn wait_transform_ready(transforms: &Api<pequod::api::Transform>, name: &str) {
+    wait_for(&format!("Transform {name} Ready"), Duration::from_secs(120), || async {
+        let t = transforms.get(name).await.map_err(|e| e.to_string())?;
+        match t.status.as_ref().and_then(|s| s.phase) {
+            Some(pequod::api::TransformPhase::Ready) => Ok(()),
+            other => Err(format!("{other:?} {:?}", t.status.map(|s| s.conditions))),
+        }
+    })
+    .await;
+}
+
 /// Waits until events with every one of `reasons` were recorded for `object`. Events are sent
 /// after the status that goes with them, so a test that saw the status waits for them.
 pub async fn wait_events(client: &Client, namespace: &str, object: &str, reasons: &[&str]) {
