@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use crate::instances::{apply_instance, config_data, labelled_module, wait_instance};
 use crate::support::remote::{self, GitRepo, REGISTRY_PASSWORD, REGISTRY_USER};
 use crate::support::{self, TEST_MANAGER, TestEnv, wait_events, wait_for};
-use crate::transforms::{WAIT, apply_transform, condition, group, setup, wait_condition};
+use crate::transforms::{WAIT, apply_transform, condition, failed, group, setup, wait_condition};
 
 /// A Transform spec serving the `type_` module at `reference`, in the test's own group.
 fn remote_spec(env: &TestEnv, type_: &str, reference: &str, path: Option<&str>, secret: Option<&str>) -> Value {
@@ -24,13 +24,6 @@ fn remote_spec(env: &TestEnv, type_: &str, reference: &str, path: Option<&str>, 
         cue_ref["pullSecretRef"] = json!({"name": secret});
     }
     json!({"cueRef": cue_ref, "group": group(env)})
-}
-
-/// Waits for `CueFetched=False` with `reason`; returns the Transform and the message.
-async fn fetch_failure(transforms: &Api<Transform>, name: &str, reason: &str) -> (Transform, String) {
-    let t = wait_condition(transforms, name, "CueFetched", false, reason).await;
-    let message = condition(&t, "CueFetched").unwrap().message.clone();
-    (t, message)
 }
 
 const OPAQUE: &str = "Opaque";
@@ -190,7 +183,7 @@ async fn cue_module_artifacts_and_missing_tags() {
         remote_spec(&env, "oci", &format!("{registry}/{repository}:v9.9.9"), None, None),
     )
     .await;
-    let (t, message) = fetch_failure(&transforms, "missing", "CueFetchFailed").await;
+    let (t, message) = failed(&transforms, "missing", "CueFetched", "CueFetchFailed").await;
     assert!(
         message.contains("v9.9.9") && message.to_lowercase().contains("manifest unknown"),
         "{message}"
@@ -205,7 +198,7 @@ async fn cue_module_artifacts_and_missing_tags() {
         remote_spec(&env, "oci", "webservice:v1", None, None),
     )
     .await;
-    let (_, message) = fetch_failure(&transforms, "bad-ref", "InvalidReference").await;
+    let (_, message) = failed(&transforms, "bad-ref", "CueFetched", "InvalidReference").await;
     assert!(message.contains("name the registry host"), "{message}");
     wait_events(&env.client, &env.namespace, "bad-ref", &["CueFetchFailed"]).await;
     apply_transform(
@@ -220,7 +213,7 @@ async fn cue_module_artifacts_and_missing_tags() {
         ),
     )
     .await;
-    let (_, message) = fetch_failure(&transforms, "bad-path", "InvalidReference").await;
+    let (_, message) = failed(&transforms, "bad-path", "CueFetched", "InvalidReference").await;
     assert!(message.contains("without '..'"), "{message}");
     env.cleanup().await;
 }
@@ -245,7 +238,7 @@ async fn a_private_registry_needs_the_pull_secret() {
     let reference = format!("{registry}/{repository}:v1");
 
     apply_transform(&transforms, "vault", remote_spec(&env, "oci", &reference, None, None)).await;
-    let (_, message) = fetch_failure(&transforms, "vault", "CueFetchFailed").await;
+    let (_, message) = failed(&transforms, "vault", "CueFetched", "CueFetchFailed").await;
     assert!(message.contains("Not authorized"), "{message}");
 
     // A Secret that names the registry but with a wrong password fails as clearly.
@@ -279,8 +272,8 @@ async fn a_private_registry_needs_the_pull_secret() {
         remote_spec(&env, "oci", &reference, None, Some("absent")),
     )
     .await;
-    let t = wait_condition(&transforms, "vault", "CueFetched", false, "PullSecretInvalid").await;
-    assert!(condition(&t, "CueFetched").unwrap().message.contains("absent"));
+    let (_, message) = failed(&transforms, "vault", "CueFetched", "PullSecretInvalid").await;
+    assert!(message.contains("absent"), "{message}");
     env.cleanup().await;
 }
 
@@ -367,7 +360,7 @@ async fn git_modules_come_from_a_folder_at_a_branch_tag_or_commit() {
         ),
     )
     .await;
-    let (_, message) = fetch_failure(&transforms, "tile", "InvalidModule").await;
+    let (_, message) = failed(&transforms, "tile", "CueFetched", "InvalidModule").await;
     assert!(
         message.contains("platforms/none") && message.contains("platforms/tile"),
         "{message}"
@@ -384,7 +377,7 @@ async fn git_modules_come_from_a_folder_at_a_branch_tag_or_commit() {
         ),
     )
     .await;
-    let (_, message) = fetch_failure(&transforms, "tile", "CueFetchFailed").await;
+    let (_, message) = failed(&transforms, "tile", "CueFetched", "CueFetchFailed").await;
     assert!(message.contains("no branch or tag nope"), "{message}");
     // The kind stays served with the last good module meanwhile.
     assert!(message.contains("keep being served"), "{message}");
@@ -422,7 +415,7 @@ async fn the_registry_token_flow_works_anonymously_and_with_credentials() {
         remote_spec(&env, "oci", &format!("{registry}/{private}:v1"), None, None),
     )
     .await;
-    let (_, message) = fetch_failure(&transforms, "bark", "CueFetchFailed").await;
+    let (_, message) = failed(&transforms, "bark", "CueFetched", "CueFetchFailed").await;
     assert!(message.contains("Not authorized"), "{message}");
     put_secret(
         &env,
@@ -449,7 +442,7 @@ async fn git_over_https_takes_a_token_or_a_username_and_password() {
     let url = format!("{}/{}?ref=main", remote::git_http_server(), repo.name());
 
     apply_transform(&transforms, "stone", remote_spec(&env, "git", &url, None, None)).await;
-    let (_, message) = fetch_failure(&transforms, "stone", "CueFetchFailed").await;
+    let (_, message) = failed(&transforms, "stone", "CueFetched", "CueFetchFailed").await;
     assert!(
         message.contains("git ls-remote") && !message.contains(remote::GIT_TOKEN),
         "{message}"
@@ -501,7 +494,7 @@ async fn git_over_ssh_takes_a_key_and_checks_the_host() {
     let wrong_host = format!("[127.0.0.1]:1 {}", server.known_hosts.split_once(' ').unwrap().1);
     put_secret(&env, "ssh", SSH_AUTH, ssh_key(&wrong_host)).await;
     apply_transform(&transforms, "pebble", spec.clone()).await;
-    let (_, message) = fetch_failure(&transforms, "pebble", "CueFetchFailed").await;
+    let (_, message) = failed(&transforms, "pebble", "CueFetched", "CueFetchFailed").await;
     assert!(message.contains("Host key verification failed"), "{message}");
 
     put_secret(&env, "ssh", SSH_AUTH, ssh_key(&server.known_hosts)).await;

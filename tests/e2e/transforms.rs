@@ -69,6 +69,14 @@ pub(crate) async fn wait_condition(
     .await
 }
 
+/// Waits until the Transform's condition `type_` is False with `reason`; returns the
+/// Transform and the condition's message.
+pub(crate) async fn failed(transforms: &Api<Transform>, name: &str, type_: &str, reason: &str) -> (Transform, String) {
+    let t = wait_condition(transforms, name, type_, false, reason).await;
+    let message = condition(&t, type_).map(|c| c.message.clone()).unwrap_or_default();
+    (t, message)
+}
+
 pub(crate) async fn wait_ready(transforms: &Api<Transform>, name: &str) -> Transform {
     wait_condition(transforms, name, "Ready", true, "Ready").await
 }
@@ -244,9 +252,9 @@ async fn configmap_module_edits_roll_the_crd_forward_and_breaking_changes_are_re
         json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
     )
     .await;
-    let t = wait_condition(&transforms, "note", "CueFetched", false, "CueFetchFailed").await;
+    let (t, message) = failed(&transforms, "note", "CueFetched", "CueFetchFailed").await;
     assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
-    assert!(condition(&t, "CueFetched").unwrap().message.contains("not found"));
+    assert!(message.contains("not found"));
     support::wait_events(&env.client, &env.namespace, "note", &["CueFetchFailed"]).await;
 
     put_module(
@@ -308,8 +316,7 @@ async fn configmap_module_edits_roll_the_crd_forward_and_breaking_changes_are_re
         &note_module("size?: int & <=5"),
     )
     .await;
-    let t = wait_condition(&transforms, "note", "SchemaCompatible", false, "BreakingChange").await;
-    let message = &condition(&t, "SchemaCompatible").unwrap().message;
+    let (t, message) = failed(&transforms, "note", "SchemaCompatible", "BreakingChange").await;
     assert!(message.contains("spec.color: field removed"), "{message}");
     assert!(message.contains("spec.size: maximum lowered from 10 to 5"), "{message}");
     assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
@@ -342,8 +349,7 @@ async fn kinds_owned_elsewhere_and_builtin_kinds_are_refused() {
         json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
     )
     .await;
-    let t = wait_condition(&transforms, "note-again", "CRDGenerated", false, "KindConflict").await;
-    let message = &condition(&t, "CRDGenerated").unwrap().message;
+    let (t, message) = failed(&transforms, "note-again", "CRDGenerated", "KindConflict").await;
     assert!(
         message.contains(&format!("Transform {}/note", env.namespace)),
         "{message}"
@@ -369,13 +375,8 @@ async fn kinds_owned_elsewhere_and_builtin_kinds_are_refused() {
         json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": foreign_group}),
     )
     .await;
-    let t = wait_condition(&transforms, "note-foreign", "CRDGenerated", false, "KindConflict").await;
-    assert!(
-        condition(&t, "CRDGenerated")
-            .unwrap()
-            .message
-            .contains("not created by Pequod")
-    );
+    let (_, message) = failed(&transforms, "note-foreign", "CRDGenerated", "KindConflict").await;
+    assert!(message.contains("not created by Pequod"));
 
     // Built-in kinds.
     apply_transform(
@@ -384,13 +385,8 @@ async fn kinds_owned_elsewhere_and_builtin_kinds_are_refused() {
         json!({"cueRef": {"type": "inline", "ref": "package d\n#Metadata: kind: \"Deployment\"\n#Input: {image: string}\n#Render: {input: _, output: nodes: []}\n"}, "group": group}),
     )
     .await;
-    let t = wait_condition(&transforms, "deployment", "CRDGenerated", false, "ReservedName").await;
-    assert!(
-        condition(&t, "CRDGenerated")
-            .unwrap()
-            .message
-            .contains("built-in kind Deployment")
-    );
+    let (_, message) = failed(&transforms, "deployment", "CRDGenerated", "ReservedName").await;
+    assert!(message.contains("built-in kind Deployment"));
 
     // A module whose schema does not evaluate: Failed with cue's message and an event.
     apply_transform(
@@ -399,13 +395,9 @@ async fn kinds_owned_elsewhere_and_builtin_kinds_are_refused() {
         json!({"cueRef": {"type": "inline", "ref": "package b\n#Input: {size: int & string}\n#Render: {input: _, output: nodes: []}\n"}, "group": group}),
     )
     .await;
-    let t = wait_condition(&transforms, "broken", "SchemaExtracted", false, "InvalidModule").await;
+    let (t, message) = failed(&transforms, "broken", "SchemaExtracted", "InvalidModule").await;
     assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
-    assert!(
-        condition(&t, "SchemaExtracted").unwrap().message.contains("size"),
-        "{:?}",
-        condition(&t, "SchemaExtracted")
-    );
+    assert!(message.contains("size"), "{:?}", condition(&t, "SchemaExtracted"));
     support::wait_events(&env.client, &env.namespace, "broken", &["CueRenderFailed"]).await;
 
     for name in ["note-again", "note-foreign", "deployment", "broken", "note"] {
@@ -460,13 +452,8 @@ async fn deletion_waits_for_instances_then_removes_the_crd_and_rbac() {
     .await;
 
     transforms.delete("note", &DeleteParams::default()).await.unwrap();
-    let t = wait_condition(&transforms, "note", "Ready", false, "WaitingForInstances").await;
-    assert!(
-        condition(&t, "Ready")
-            .unwrap()
-            .message
-            .contains("1 instance(s) of Note")
-    );
+    let (_, message) = failed(&transforms, "note", "Ready", "WaitingForInstances").await;
+    assert!(message.contains("1 instance(s) of Note"));
     let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
     assert!(crds.get_opt(&format!("notes.{group}")).await.unwrap().is_some());
 
