@@ -224,29 +224,24 @@ pub trait ConditionedStatus: Clone + Default {
     fn set_observed_generation(&mut self, generation: Option<i64>);
 }
 
-impl ConditionedStatus for crate::api::TransformStatus {
-    fn conditions(&self) -> &[Condition] {
-        &self.conditions
-    }
-    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
-        &mut self.conditions
-    }
-    fn set_observed_generation(&mut self, generation: Option<i64>) {
-        self.observed_generation = generation;
-    }
+/// Implements [`ConditionedStatus`] for status types with `conditions` and `observed_generation`.
+macro_rules! conditioned_status {
+    ($($status:ty),*) => {$(
+        impl ConditionedStatus for $status {
+            fn conditions(&self) -> &[Condition] {
+                &self.conditions
+            }
+            fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+                &mut self.conditions
+            }
+            fn set_observed_generation(&mut self, generation: Option<i64>) {
+                self.observed_generation = generation;
+            }
+        }
+    )*};
 }
 
-impl ConditionedStatus for crate::api::InstanceStatus {
-    fn conditions(&self) -> &[Condition] {
-        &self.conditions
-    }
-    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
-        &mut self.conditions
-    }
-    fn set_observed_generation(&mut self, generation: Option<i64>) {
-        self.observed_generation = generation;
-    }
-}
+conditioned_status!(crate::api::TransformStatus, crate::api::InstanceStatus);
 
 /// A status under construction: the last known one (`old`, for transition checks) and the
 /// next one, with the time and generation its conditions are stamped with.
