@@ -4,8 +4,25 @@ use clap::Parser;
 use pequod::cli::{Cli, Command};
 use pequod::commands::{self, CommandError};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Stack of each runtime thread. Reconcile futures are large (unoptimized builds copy them
+/// through several frames); tokio's 2 MiB default left little headroom.
+const THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
+
+fn main() -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(THREAD_STACK_BYTES)
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Crd { output_dir }) => commands::crd(output_dir.as_deref()),
