@@ -357,6 +357,15 @@ impl<'a> StatusUpdate<'a> {
         }
     }
 
+    /// Marks the instance Failed with `Ready=False` and `reason`, with an event on transition.
+    fn fail(&mut self, reason: &str, message: String) {
+        if !self.was("Ready", ConditionStatus::False, reason) {
+            self.event(EventType::Warning, reason, &message);
+        }
+        self.condition("Ready", false, reason, message);
+        self.new.phase = Some(InstancePhase::Failed);
+    }
+
     fn event(&self, type_: EventType, reason: &str, note: &str) {
         let reference = self.obj.object_ref(&self.ctx.resource);
         publish(
@@ -484,11 +493,7 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
         if !ours {
             let message =
                 format!("ResourceGraph {graph} exists and does not belong to this instance; it is left alone");
-            if !update.was("Ready", ConditionStatus::False, "GraphConflict") {
-                update.event(EventType::Warning, "GraphConflict", &message);
-            }
-            update.condition("Ready", false, "GraphConflict", message);
-            update.new.phase = Some(InstancePhase::Failed);
+            update.fail("GraphConflict", message);
             update.write().await?;
             return Ok(Action::requeue(RESYNC));
         }
@@ -518,11 +523,7 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
             // so say why on the instance.
             Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
                 let message = format!("the apiserver refused ResourceGraph {graph}: {}", s.message);
-                if !update.was("Ready", ConditionStatus::False, "GraphRejected") {
-                    update.event(EventType::Warning, "GraphRejected", &message);
-                }
-                update.condition("Ready", false, "GraphRejected", message);
-                update.new.phase = Some(InstancePhase::Failed);
+                update.fail("GraphRejected", message);
                 update.write().await?;
                 return Ok(Action::requeue(RESYNC));
             }

@@ -379,17 +379,13 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     let next_look = fetched.moves.then_some(ctx.fetcher.poll_interval());
     let settled = next_look.map_or_else(Action::await_change, Action::requeue);
 
-    let module = match ctx.renderer.load(fetched.files, &fetched.platform).await {
-        Ok(m) => m,
-        Err(e) if e.is_transient() => return Err(Error::CueUnavailable(e.to_string())),
-        Err(e) => {
-            update.fail("SchemaExtracted", e.reason(), &e.to_string(), "CueRenderFailed");
-            update.write().await?;
-            return Ok(settled);
-        }
+    let loaded = async {
+        let module = ctx.renderer.load(fetched.files, &fetched.platform).await?;
+        let schema = ctx.renderer.schema(&module).await?;
+        Ok::<_, crate::cue::RenderError>((module, schema))
     };
-    let schema = match ctx.renderer.schema(&module).await {
-        Ok(s) => s,
+    let (module, schema) = match loaded.await {
+        Ok(loaded) => loaded,
         Err(e) if e.is_transient() => return Err(Error::CueUnavailable(e.to_string())),
         Err(e) => {
             update.fail("SchemaExtracted", e.reason(), &e.to_string(), "CueRenderFailed");
