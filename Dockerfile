@@ -3,20 +3,26 @@
 # CA certificates) for git module sources.
 
 ARG RUST_VERSION=1.95
-ARG CUE_VERSION=0.14.2
+ARG GO_VERSION=1.26
 
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY cue ./cue
-# Cargo.toml declares the benchmark under tests/; cargo needs it to read the manifest.
+# Cargo.toml declares the benchmarks under tests/ and the test kit; cargo needs them to read
+# the workspace's manifests.
 COPY tests ./tests
+COPY testkit ./testkit
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked && cp target/release/pequod /pequod
 
-FROM docker.io/cuelang/cue:${CUE_VERSION} AS cue
+# cue at the version pinned in hack/tools/cue/go.mod, the one the tests run.
+FROM docker.io/library/golang:${GO_VERSION}-bookworm AS cue
+WORKDIR /tools
+COPY hack/tools/cue/go.mod hack/tools/cue/go.sum ./
+RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /cue cuelang.org/go/cmd/cue
 
 FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update \
@@ -26,7 +32,7 @@ RUN apt-get update \
     && groupadd --gid 65532 nonroot \
     && useradd --uid 65532 --gid 65532 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin nonroot
 COPY --from=build /pequod /usr/local/bin/pequod
-COPY --from=cue /usr/bin/cue /usr/local/bin/cue
+COPY --from=cue /cue /usr/local/bin/cue
 ENV PEQUOD_CUE_BINARY=/usr/local/bin/cue \
     PEQUOD_GIT_BINARY=/usr/bin/git \
     PEQUOD_CACHE_DIR=/tmp/pequod-cache

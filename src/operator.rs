@@ -22,10 +22,8 @@ use crate::shutdown::Shutdown;
 use crate::source::{Fetcher, FetcherConfig};
 use crate::{secure, server};
 
-/// How often the cue binary is re-checked for /readyz.
-const CUE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
-/// Time limit of one `cue version` check.
-const CUE_CHECK_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often a cue binary that could not be started is tried again for /readyz.
+const CUE_RETRY_INTERVAL: Duration = Duration::from_secs(30);
 
 pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let timing = Timing {
@@ -74,8 +72,13 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
     }
 
-    let cue = CueCli::new(&args.cue.cue_binary, CUE_CHECK_TIMEOUT, 1).with_metrics(metrics.clone());
-    tasks.spawn(check_cue_binary(cue, health.clone(), shutdown.clone()));
+    let cue = CueCli::new(
+        &args.cue.cue_binary,
+        Duration::from_secs(args.cue.cue_timeout),
+        args.cue.cue_max_processes.into(),
+    )
+    .with_metrics(metrics.clone());
+    tasks.spawn(check_cue_binary(cue.clone(), health.clone(), shutdown.clone()));
 
     // Standby replicas serve probes and metrics but do not reconcile; their readiness does not
     // wait for the controllers, so that rolling updates can proceed.
@@ -120,16 +123,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     };
     let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
     let applier = Applier::new(client.clone(), metrics.clone());
-    let renderer = Renderer::new(
-        CueCli::new(
-            &args.cue.cue_binary,
-            Duration::from_secs(args.cue.cue_timeout),
-            args.cue.cue_max_processes.into(),
-        )
-        .with_metrics(metrics.clone()),
-        RendererConfig::new(&args.cue.cache_dir),
-        metrics.clone(),
-    );
+    let renderer = Renderer::new(cue, RendererConfig::new(&args.cue.cache_dir), metrics.clone());
 
     let graphs = Arc::new(resourcegraph::Context::new(
         client.clone(),
@@ -217,22 +211,28 @@ fn leader_identity() -> String {
 }
 
 /// Keeps the `cue` readiness check current: rendering is impossible without a working cue.
+/// The binary is run once at start-up; after that every render reports whether it could start
+/// cue, so a working operator at rest starts no process. Only while cue cannot be started is it
+/// tried again, every [`CUE_RETRY_INTERVAL`].
 async fn check_cue_binary(cue: CueCli, health: Arc<Health>, shutdown: Shutdown) -> Result<(), StartupError> {
+    let mut availability = cue.availability();
+    if let Err(e) = cue.version().await {
+        tracing::warn!(error = %e, binary = %cue.binary().display(), "cue binary does not work");
+    }
     loop {
-        let state = match cue.version().await {
-            Ok(version) => {
-                tracing::debug!(%version, "cue binary works");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, binary = %cue.binary().display(), "cue binary does not work");
-                Err(e.to_string())
-            }
-        };
-        health.set(Probe::Readiness, "cue", state);
+        let state = availability.borrow_and_update().clone();
+        let failing = matches!(state, Some(Err(_)));
+        if let Some(state) = state {
+            health.set(Probe::Readiness, "cue", state);
+        }
         tokio::select! {
             _ = shutdown.wait() => return Ok(()),
-            _ = tokio::time::sleep(CUE_CHECK_INTERVAL) => {}
+            changed = availability.changed() => if changed.is_err() { return Ok(()) },
+            _ = tokio::time::sleep(CUE_RETRY_INTERVAL), if failing => {
+                if let Err(e) = cue.version().await {
+                    tracing::warn!(error = %e, binary = %cue.binary().display(), "cue binary still does not work");
+                }
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use super::CueError;
 use crate::metrics::Metrics;
@@ -17,13 +17,19 @@ pub const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of stderr kept from one invocation; the rest is dropped.
 pub const MAX_STDERR_BYTES: usize = 64 * 1024;
 
-/// Handle on the cue binary shared by everything that evaluates CUE.
+/// Whether the cue binary could be started the last time anything ran it: `None` until it
+/// has run, then `Ok` or why it could not start.
+pub type Availability = Option<Result<(), String>>;
+
+/// Handle on the cue binary shared by everything that evaluates CUE. Clones share the process
+/// limit and the availability every run reports.
 #[derive(Clone)]
 pub struct CueCli {
     binary: PathBuf,
     timeout: Duration,
     permits: Arc<Semaphore>,
     metrics: Option<Arc<Metrics>>,
+    availability: Arc<watch::Sender<Availability>>,
 }
 
 impl CueCli {
@@ -33,7 +39,14 @@ impl CueCli {
             timeout,
             permits: Arc::new(Semaphore::new(max_processes.max(1))),
             metrics: None,
+            availability: Arc::new(watch::channel(None).0),
         }
+    }
+
+    /// Follows whether the binary starts, as every run finds out: a readiness check can watch
+    /// this instead of starting processes of its own.
+    pub fn availability(&self) -> watch::Receiver<Availability> {
+        self.availability.subscribe()
     }
 
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
@@ -56,6 +69,20 @@ impl CueCli {
     pub async fn run(&self, args: &[&str], dir: Option<&Path>) -> Result<String, CueError> {
         let command = args.first().copied().unwrap_or("");
         let result = self.run_inner(args, dir).await;
+        // Only a process that could not start says the binary is unusable; cue's own errors,
+        // timeouts and oversized output are about the module or the input.
+        let started = match &result {
+            Err(e @ CueError::Spawn { .. }) => Some(Err(e.to_string())),
+            Err(CueError::Shutdown) => None,
+            _ => Some(Ok(())),
+        };
+        if let Some(started) = started {
+            self.availability.send_if_modified(|current| {
+                let changed = current.as_ref() != Some(&started);
+                *current = Some(started);
+                changed
+            });
+        }
         if let Some(metrics) = &self.metrics {
             let outcome = if result.is_ok() { "success" } else { "error" };
             metrics
@@ -166,6 +193,21 @@ mod tests {
         let err = cli.version().await.unwrap_err();
         assert!(matches!(err, CueError::Spawn { .. }), "{err:?}");
         assert!(err.to_string().contains("/nonexistent/cue"));
+    }
+
+    #[tokio::test]
+    async fn every_run_reports_whether_the_binary_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cue");
+        let cli = CueCli::new(&path, Duration::from_secs(5), 1);
+        let availability = cli.clone().availability();
+        assert_eq!(*availability.borrow(), None);
+        let _ = cli.run(&["export"], None).await;
+        assert!(matches!(&*availability.borrow(), Some(Err(m)) if m.contains("cue")));
+        // A failing evaluation still shows the binary runs.
+        std::fs::rename(script(dir.path(), "echo 'a: conflict' >&2; exit 1"), &path).unwrap();
+        let _ = cli.run(&["export"], None).await;
+        assert_eq!(*availability.borrow(), Some(Ok(())));
     }
 
     #[tokio::test]

@@ -10,6 +10,9 @@ use super::embedded;
 
 /// Import path of the generated CUE module that wraps a platform package.
 pub const MODULE_PATH: &str = "pequod.local/module";
+/// The CUE language version modules are evaluated as: the version of the cue CLI Pequod pins
+/// (hack/tools/cue/go.mod, checked by a test). cue refuses a module that declares none.
+pub const CUE_LANGUAGE_VERSION: &str = "v0.17.1";
 /// Most bytes all files of one module may hold together.
 pub const MAX_MODULE_BYTES: usize = 1024 * 1024;
 
@@ -203,7 +206,12 @@ impl ModuleStore {
         let digest = files.digest();
         let package = files.package()?;
         let has_metadata = files.defines("#Metadata");
-        let dir = self.root.join("modules").join(digest.replace(':', "-"));
+        // The language version is part of the folder's name: a cache written for another
+        // version is not reused.
+        let dir = self
+            .root
+            .join("modules")
+            .join(format!("{}-cue{CUE_LANGUAGE_VERSION}", digest.replace(':', "-")));
         let module = Module {
             digest,
             package,
@@ -228,7 +236,7 @@ impl ModuleStore {
         std::fs::create_dir_all(staging.join("schema")).map_err(io)?;
         std::fs::write(
             staging.join("cue.mod/module.cue"),
-            format!("module: \"{MODULE_PATH}\"\n"),
+            format!("module: \"{MODULE_PATH}\"\nlanguage: version: \"{CUE_LANGUAGE_VERSION}\"\n"),
         )
         .map_err(io)?;
         for (name, content) in files.files() {

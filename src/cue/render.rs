@@ -161,8 +161,18 @@ pub fn batch_source(module: &Module, inputs: &[&Value]) -> String {
     let mut src = format!("package batch\n\n{}\n\nresults: {{\n", module.import_line());
     debug_assert_eq!(src.lines().count() + 1, FIRST_INPUT_LINE);
     for (i, input) in inputs.iter().enumerate() {
+        // The spec is checked against #Input on its own first, so that cue names the offending
+        // field (`_spec.colour: field not allowed`) before any use of it inside #Render (a
+        // policy, say) reports the same failure without the field's name.
+        let spec = input.get("spec").cloned().unwrap_or(Value::Null);
+        let mut rest = (*input).clone();
+        if let Some(obj) = rest.as_object_mut() {
+            obj.remove("spec");
+        }
         // JSON is CUE; serde_json never emits a newline in compact form.
-        src.push_str(&format!("\t\"{i}\": (p.#Render & {{input: {input}}}).output\n"));
+        src.push_str(&format!(
+            "\t\"{i}\": {{_spec: p.#Input & {spec}, (p.#Render & {{input: {rest} & {{spec: _spec}}}}).output}}\n"
+        ));
     }
     src.push_str("}\n");
     src
@@ -239,7 +249,11 @@ pub fn clean_message(message: &str) -> String {
         if let Some((_, tail)) = line.strip_prefix("results.\"").and_then(|rest| rest.split_once("\".")) {
             line = tail.to_string();
         }
+        if let Some(tail) = line.strip_prefix("_spec") {
+            line = format!("spec{tail}");
+        }
         let line = line
+            .replace("undefined field: #", "undefined field #")
             .replace(
                 "undefined field #Render",
                 "the module defines no #Render (undefined field #Render)",
@@ -379,8 +393,14 @@ mod tests {
         let b = json!({"metadata": {"name": "b"}, "spec": {}});
         let src = batch_source(&module(), &[&a, &b]);
         let lines: Vec<&str> = src.lines().collect();
-        assert!(lines[FIRST_INPUT_LINE - 1].contains("\"0\": (p.#Render & {input: {\"metadata\":{\"name\":\"a\"}"));
-        assert!(lines[FIRST_INPUT_LINE].contains("\"1\": (p.#Render & {input: {\"metadata\":{\"name\":\"b\"}"));
+        assert_eq!(
+            lines[FIRST_INPUT_LINE - 1],
+            "\t\"0\": {_spec: p.#Input & {\"text\":\"multi\\nline\"}, (p.#Render & {input: {\"metadata\":{\"name\":\"a\"}} & {spec: _spec}}).output}"
+        );
+        assert!(
+            lines[FIRST_INPUT_LINE]
+                .starts_with("\t\"1\": {_spec: p.#Input & {}, (p.#Render & {input: {\"metadata\":{\"name\":\"b\"}}")
+        );
         assert!(lines[2].contains("import p \"pequod.local/module/platform:webservice\""));
     }
 

@@ -146,10 +146,22 @@ impl Renderer {
                 .map(Some)
         };
         let (openapi, metadata) = tokio::join!(openapi, metadata);
-        let openapi: Value =
-            serde_json::from_str(&openapi.map_err(schema_error)?).map_err(|e| RenderError::InvalidOutput {
-                message: format!("cue printed invalid OpenAPI: {e}"),
-            })?;
+        let openapi = match openapi {
+            Ok(text) => text,
+            // The OpenAPI encoder reports some evaluation errors without a field or position
+            // ("explicit error (_|_ literal) in source"); plain `def` of #Input names both.
+            Err(CueError::Failed { message, .. }) => {
+                let diagnosis = cli.run(&["def", "-e", "#Input", "./schema"], Some(&module.dir)).await;
+                return Err(schema_error(match diagnosis {
+                    Err(e @ CueError::Failed { .. }) => e,
+                    _ => CueError::Failed { code: None, message },
+                }));
+            }
+            Err(e) => return Err(schema_error(e)),
+        };
+        let openapi: Value = serde_json::from_str(&openapi).map_err(|e| RenderError::InvalidOutput {
+            message: format!("cue printed invalid OpenAPI: {e}"),
+        })?;
         let spec = crd_schema_from_openapi(&openapi, "Input")?;
         let metadata = match metadata.map_err(schema_error)? {
             None => ModuleMetadata::default(),
