@@ -80,6 +80,19 @@ fn compare(path: &str, old: &Value, new: &Value, out: &mut Vec<BreakingChange>) 
         (o, Some(n)) if o != Some(n) => push(format!("format {n:?} added")),
         _ => {}
     }
+    let rules = |schema: &Value| -> Vec<Value> {
+        schema
+            .get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.get("rule").cloned())
+            .collect()
+    };
+    let old_rules = rules(old);
+    for rule in rules(new).into_iter().filter(|r| !old_rules.contains(r)) {
+        push(format!("validation rule {rule} added"));
+    }
 
     let empty = Map::new();
     let old_props = old.get("properties").and_then(Value::as_object).unwrap_or(&empty);
@@ -270,6 +283,18 @@ mod tests {
             changed(|s| s["required"] = json!(["image", "env"])),
             ["spec.env: now required and has no default"]
         );
+    }
+
+    #[test]
+    fn an_added_validation_rule_is_breaking_a_removed_one_is_not() {
+        let rule = json!([{"rule": "[has(self.a), has(self.b)].exists_one(c, c)", "message": "m"}]);
+        assert_eq!(
+            changed(|s| s["x-kubernetes-validations"] = rule.clone()),
+            ["spec: validation rule \"[has(self.a), has(self.b)].exists_one(c, c)\" added"]
+        );
+        let mut old = base();
+        old["x-kubernetes-validations"] = rule;
+        assert!(breaking_changes(&old, &base(), "spec").is_empty());
     }
 
     #[test]

@@ -109,6 +109,13 @@ fn convert(
 
     for keyword in ["oneOf", "anyOf"] {
         if let Some(branches) = obj.get(keyword).and_then(Value::as_array) {
+            if let Some(merged) = struct_alternatives(obj, keyword, branches, path)? {
+                let mut out = convert(&merged.schema, components, path, stack)?;
+                if let Some(out) = out.as_object_mut() {
+                    out.insert("x-kubernetes-validations".into(), json!([merged.rule]));
+                }
+                return Ok(out);
+            }
             return disjunction(obj, branches, path);
         }
     }
@@ -243,6 +250,112 @@ fn must_be_written(schema: &Value) -> bool {
         Some("array") => schema.get("minItems").and_then(Value::as_u64).unwrap_or(0) > 0,
         _ => true,
     }
+}
+
+/// A disjunction of structs, merged into one struct whose fields are all optional, plus the
+/// CEL rule that keeps the alternatives apart.
+struct Alternatives {
+    schema: Value,
+    rule: Value,
+}
+
+/// `{a: int} | {b: string}`: CUE's encoder writes a `oneOf` (or `anyOf`) whose branches list
+/// each alternative's fields. A structural CRD schema cannot hold fields inside `oneOf`, so the
+/// fields move up to the struct and the choice becomes a CEL rule the apiserver checks: the
+/// fields each alternative requires are present for exactly one alternative (`oneOf`) or for
+/// at least one (`anyOf`). `None` when the branches are not plain structs.
+fn struct_alternatives(
+    obj: &Map<String, Value>,
+    keyword: &str,
+    branches: &[Value],
+    path: &str,
+) -> Result<Option<Alternatives>, SchemaError> {
+    let is_struct_branch = |b: &Value| {
+        b.as_object().is_some_and(|o| {
+            o.keys()
+                .all(|k| matches!(k.as_str(), "required" | "properties" | "type"))
+                && o.get("type").is_none_or(|t| t == "object")
+        })
+    };
+    if obj.get("type").and_then(Value::as_str) != Some("object") || !branches.iter().all(is_struct_branch) {
+        return Ok(None);
+    }
+    let mut properties = obj
+        .get("properties")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let mut conditions = Vec::new();
+    let mut names = Vec::new();
+    for branch in branches {
+        for (name, schema) in branch
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            match properties.get(name) {
+                Some(existing) if existing != schema => {
+                    return Err(SchemaError::new(
+                        &format!("{path}.{name}"),
+                        "the field has different schemas in the alternatives of a disjunction",
+                    ));
+                }
+                _ => {
+                    properties.insert(name.clone(), schema.clone());
+                }
+            }
+        }
+        let required: Vec<&str> = branch
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for name in &required {
+            if !is_cel_identifier(name) {
+                return Err(SchemaError::new(
+                    &format!("{path}.{name}"),
+                    "a field that selects an alternative of a disjunction needs a name CEL can address",
+                ));
+            }
+        }
+        conditions.push(match required.as_slice() {
+            [] => "true".to_string(),
+            fields => fields
+                .iter()
+                .map(|f| format!("has(self.{f})"))
+                .collect::<Vec<_>>()
+                .join(" && "),
+        });
+        names.push(if required.is_empty() {
+            "{}".to_string()
+        } else {
+            required.join(" and ")
+        });
+    }
+    let (quantifier, wording) = if keyword == "oneOf" {
+        ("exists_one", "exactly one")
+    } else {
+        ("exists", "at least one")
+    };
+    let rule = format!("[{}].{quantifier}(c, c)", conditions.join(", "));
+    let message = format!("set {wording} of: {}", names.join("; "));
+    let mut schema = obj.clone();
+    schema.remove(keyword);
+    schema.insert("properties".into(), Value::Object(properties));
+    Ok(Some(Alternatives {
+        schema: Value::Object(schema),
+        rule: json!({"rule": rule, "message": message}),
+    }))
+}
+
+/// Field names CEL reaches as `self.name` (others would need escaping the rule does not do).
+fn is_cel_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn disjunction(obj: &Map<String, Value>, branches: &[Value], path: &str) -> Result<Value, SchemaError> {
@@ -401,12 +514,44 @@ mod tests {
             convert_field(json!({"oneOf": [{"type": "integer"}, {"type": "string"}]})).unwrap(),
             json!({"x-kubernetes-int-or-string": true})
         );
-        let err =
-            convert_field(json!({"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}]})).unwrap_err();
+        let err = convert_field(json!({"oneOf": [{"type": "object"}, {"type": "string"}]})).unwrap_err();
         assert_eq!(err.path, "spec.v");
         assert!(err.message.contains("disjunction"), "{err}");
         let err = convert_field(json!({"oneOf": [{"type": "boolean"}, {"type": "string"}]})).unwrap_err();
         assert!(err.message.contains("boolean | string"), "{err}");
+    }
+
+    #[test]
+    fn struct_alternatives_become_optional_fields_and_a_cel_rule() {
+        let either = json!({"type": "object", "properties": {"name": {"type": "string"}}, "oneOf": [
+            {"required": ["image"], "properties": {"image": {"type": "string"}}},
+            {"required": ["repo", "tag"], "properties": {"repo": {"type": "string"}, "tag": {"type": "string"}}},
+        ]});
+        assert_eq!(
+            convert_field(either).unwrap(),
+            json!({
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "image": {"type": "string"}, "repo": {"type": "string"}, "tag": {"type": "string"}},
+                "x-kubernetes-validations": [{
+                    "rule": "[has(self.image), has(self.repo) && has(self.tag)].exists_one(c, c)",
+                    "message": "set exactly one of: image; repo and tag",
+                }],
+            })
+        );
+        let any =
+            convert_field(json!({"type": "object", "anyOf": [{"required": ["a"]}, {"required": ["b"]}]})).unwrap();
+        assert_eq!(
+            any["x-kubernetes-validations"][0]["rule"],
+            "[has(self.a), has(self.b)].exists(c, c)"
+        );
+        let clash = convert_field(json!({"type": "object", "oneOf": [
+            {"required": ["a"], "properties": {"a": {"type": "string"}}},
+            {"required": ["a"], "properties": {"a": {"type": "integer"}}},
+        ]}))
+        .unwrap_err();
+        assert_eq!(clash.path, "spec.v.a");
+        let unnamed = convert_field(json!({"type": "object", "oneOf": [{"required": ["a-b"]}, {"required": ["c"]}]}));
+        assert!(unnamed.unwrap_err().message.contains("CEL"));
     }
 
     #[test]

@@ -187,6 +187,11 @@ async fn schema_errors_name_the_problem() {
             "InvalidModule",
             "unsupported op",
         ),
+        (
+            "package x\n#Input: {size: int & string}\n",
+            "InvalidModule",
+            "#Input.size: conflicting values int and string",
+        ),
     ];
     for (source, reason, text) in cases {
         let m = h.renderer.load(module(source), "bad").await.unwrap();
@@ -194,6 +199,25 @@ async fn schema_errors_name_the_problem() {
         assert_eq!(err.reason(), reason, "{source}: {err}");
         assert!(err.to_string().contains(text), "{source}: {err} should mention {text}");
     }
+}
+
+#[tokio::test]
+async fn alternatives_of_structs_become_a_cel_rule() {
+    let h = harness();
+    let source = "package x\n#Input: {source: {image: string} | {repo: string, tag: string}}\n";
+    let m = h.renderer.load(module(source), "alternatives").await.unwrap();
+    let schema = h.renderer.schema(&m).await.unwrap();
+    assert_eq!(
+        schema.spec["properties"]["source"],
+        json!({
+            "type": "object",
+            "properties": {"image": {"type": "string"}, "repo": {"type": "string"}, "tag": {"type": "string"}},
+            "x-kubernetes-validations": [{
+                "rule": "[has(self.image), has(self.repo) && has(self.tag)].exists_one(c, c)",
+                "message": "set exactly one of: image; repo and tag",
+            }],
+        })
+    );
 }
 
 #[tokio::test]
@@ -294,7 +318,7 @@ async fn a_failing_input_does_not_fail_its_batch() {
         !b.to_string().contains("batch.cue"),
         "no generated file in messages: {b}"
     );
-    assert!(c.unwrap_err().to_string().contains("colour"));
+    assert!(c.unwrap_err().to_string().contains("spec.colour"));
     let d = d.unwrap_err();
     assert!(
         d.to_string().contains("incomplete") || d.to_string().contains("image"),
