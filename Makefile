@@ -12,11 +12,11 @@ help: ## List the targets.
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: ## Install the pinned cue (WebAssembly) and kubectl 1.31 into bin/.
+tools: ## Install the pinned cue (hack/tools/cue, built with go) and kubectl 1.31 into bin/.
 	hack/install-tools.sh
 
 .PHONY: control-plane
-control-plane: ## Provide etcd and kube-apiserver for tests (KUBEBUILDER_ASSETS, cache, or build once).
+control-plane: ## Provide the local control plane and kwok (KUBEBUILDER_ASSETS, cache, or build once).
 	@if [ -z "$$PEQUOD_TEST_KUBECONFIG" ]; then hack/control-plane.sh >/dev/null; fi
 
 .PHONY: build
@@ -30,11 +30,15 @@ manifests: ## Write the CRDs generated from the Rust types to config/crd/bases.
 .PHONY: lint
 lint: ## rustfmt check and clippy with warnings as errors.
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 .PHONY: test
 test: tools control-plane ## Unit and end-to-end tests against a local control plane.
-	$(CARGO) test --locked
+	$(CARGO) test --locked --workspace
+
+.PHONY: test-compat
+test-compat: tools control-plane ## End-to-end subset on the same control plane emulating the oldest supported Kubernetes (1.34).
+	PEQUOD_TEST_EMULATED_VERSION=1.34 $(CARGO) test --locked --test e2e -- smoke:: executor:: instances:: transforms::
 
 .PHONY: bench-render
 bench-render: tools ## Benchmark rendering: 1 against 100 instances, and a cached resync.
@@ -54,7 +58,8 @@ bench-executor: tools control-plane ## Benchmark the executor against direct app
 
 .PHONY: demo
 demo: tools control-plane ## Run the operator on a local control plane with the samples (Ctrl-C stops).
-	$(CARGO) test --locked --test e2e demo -- --ignored --nocapture
+	$(CARGO) build --locked --bin pequod
+	$(CARGO) run --locked --quiet -p pequod-testkit --bin demo
 
 .PHONY: install
 install: tools ## Install the CRDs into the cluster of the current kubeconfig.

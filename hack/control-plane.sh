@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Provides kube-apiserver, kube-controller-manager and etcd for the local control plane
-# used by the end-to-end tests and `make demo`.
+# Provides the binaries of the local control plane used by the end-to-end tests, the
+# benchmarks and `make demo`: etcd, kube-apiserver, kube-controller-manager and kube-scheduler
+# (the release pinned in hack/tools/kubernetes/go.mod) and kwok (hack/tools/kwok/go.mod),
+# which simulates nodes and their pods.
 #
 # Order of preference:
-#   1. KUBEBUILDER_ASSETS: a folder holding kube-apiserver and etcd (and optionally
-#      kube-controller-manager), as controller-runtime's setup-envtest provides.
-#   2. A cached build in $PEQUOD_K8S_CACHE (default ~/.cache/pequod/k8s-1.20.2).
-#   3. On Debian-based machines: build Kubernetes 1.20.2 from Debian's source package.
+#   1. KUBEBUILDER_ASSETS: a folder holding at least kube-apiserver and etcd, as
+#      controller-runtime's setup-envtest provides. Without kube-controller-manager,
+#      kube-scheduler and kwok there, no pod ever runs and the tests that need one fail.
+#   2. A cached build in ~/.cache/pequod/kubernetes-<version>-<hash of the go.mod files>.
+#   3. A build from the Go module proxy with the go command (Go 1.26 or newer).
 #
 # Prints the folder that holds the binaries on its last line of stdout.
 set -euo pipefail
 
-K8S_VERSION=1.20.2
-DEB_VERSION="1.20.5+really1.20.2"
-CACHE="${PEQUOD_K8S_CACHE:-${HOME}/.cache/pequod/k8s-${K8S_VERSION}}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+kubernetes_mod="${root}/hack/tools/kubernetes"
+kwok_mod="${root}/hack/tools/kwok"
 
 log() { echo "control-plane: $*" >&2; }
 
@@ -25,81 +28,63 @@ if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
   exit 0
 fi
 
-if [[ -x "${CACHE}/bin/kube-apiserver" && -x "${CACHE}/bin/kube-controller-manager" && -x "${CACHE}/bin/etcd" ]]; then
-  echo "${CACHE}/bin"
+version="$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "${kubernetes_mod}/go.mod")"
+[[ "${version}" =~ ^v1\.([0-9]+)\.[0-9]+$ ]] || { log "no k8s.io/kubernetes version in ${kubernetes_mod}/go.mod"; exit 1; }
+minor="${BASH_REMATCH[1]}"
+hash="$(cat "${kubernetes_mod}/go.mod" "${kubernetes_mod}/go.sum" "${kwok_mod}/go.mod" "${kwok_mod}/go.sum" "$0" | sha256sum | cut -c1-12)"
+cache="${PEQUOD_K8S_CACHE:-${HOME}/.cache/pequod/kubernetes-${version}-${hash}}"
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+
+complete() {
+  local b
+  for b in "${binaries[@]}"; do [[ -x "${cache}/bin/${b}" ]] || return 1; done
+  [[ -f "${cache}/bin/kwok-stages.yaml" ]]
+}
+
+if complete; then
+  echo "${cache}/bin"
   exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-  cat >&2 <<MSG
-control-plane: no kube-apiserver/etcd found and this is not a Debian-based machine.
-Either
-  - set KUBEBUILDER_ASSETS to a folder with kube-apiserver and etcd
-    (for example: setup-envtest use -p path), or
-  - set PEQUOD_TEST_KUBECONFIG to the kubeconfig of an existing cluster
-    (kind, k3d, ...) to run the end-to-end tests there.
-MSG
-  exit 1
+command -v go >/dev/null || { log "the go command (1.26 or newer) is needed to build Kubernetes ${version}, or set KUBEBUILDER_ASSETS"; exit 1; }
+
+# One build at a time per cache folder: CI starts this script early, in the background,
+# and the tests ask for the same folder again.
+mkdir -p "${cache}"
+exec 9>"${cache}/.lock"
+flock 9
+if complete; then
+  echo "${cache}/bin"
+  exit 0
 fi
 
-SUDO=""
-if [[ "$(id -u)" != 0 ]]; then SUDO="sudo"; fi
-
-log "building Kubernetes ${K8S_VERSION} from Debian's source package into ${CACHE} (about 8-10 minutes the first time)"
-
-if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
-  log "adding a deb-src entry for Debian bookworm main"
-  ${SUDO} tee /etc/apt/sources.list.d/pequod-deb-src.sources >/dev/null <<SRC
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-fi
-${SUDO} apt-get update -qq >&2
-DEBIAN_FRONTEND=noninteractive ${SUDO} apt-get install -y -qq \
-  golang-go rsync jq etcd-server golang-github-modern-go-reflect2-dev dpkg-dev openssl >&2
-
-WORK="${CACHE}/src"
-mkdir -p "${WORK}" "${CACHE}/bin"
-cd "${WORK}"
-ORIG="kubernetes_${DEB_VERSION}.orig.tar.gz"
-if [[ ! -f "${ORIG}" ]]; then
-  # bookworm ships ${DEB_VERSION}; anything else would be a different Kubernetes.
-  apt-get source --download-only kubernetes >&2
-fi
-[[ -f "${ORIG}" ]] || { log "expected ${ORIG} from Debian's kubernetes source package"; exit 1; }
-TREE="${WORK}/gopath/src/k8s.io/kubernetes"
-if [[ ! -f "${TREE}/.pequod-prepared" ]]; then
-  rm -rf "${WORK}/gopath" "${WORK}/extract"
-  mkdir -p "${WORK}/extract" "$(dirname "${TREE}")"
-  tar -xzf "${ORIG}" -C "${WORK}/extract"
-  mv "${WORK}/extract/"* "${TREE}"
-  # The vendored reflect2 1.0.1 crashes the apiserver under Go >= 1.18; Debian's copy works.
-  rm -rf "${TREE}/vendor/github.com/modern-go/reflect2"
-  cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "${TREE}/vendor/github.com/modern-go/reflect2"
-  touch "${TREE}/.pequod-prepared"
-fi
-
-export GOPATH="${WORK}/gopath" GO111MODULE=off CGO_ENABLED=0 GOFLAGS=""
-export GOCACHE="${CACHE}/gocache"
-cd "${TREE}"
-if [[ ! -f pkg/generated/openapi/zz_generated.openapi.go ]]; then
-  log "make generated_files"
-  make generated_files >&2
-fi
-
-LDFLAGS=""
-for pkg in k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version k8s.io/kubernetes/vendor/k8s.io/component-base/version; do
-  LDFLAGS+=" -X ${pkg}.gitVersion=v${K8S_VERSION} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=20 -X ${pkg}.gitTreeState=clean"
+started=$(date +%s)
+log "building Kubernetes ${version} (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) and kwok into ${cache} (about 15 minutes on 2 cores the first time)"
+mkdir -p "${cache}/bin"
+export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
+# As Kubernetes' own hack/lib/version.sh does: both version packages carry the release, so
+# that `--version` and the apiserver's /version agree.
+ldflags="-s -w"
+for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+  ldflags+=" -X ${pkg}.gitVersion=${version} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean"
 done
-for cmd in kube-apiserver kube-controller-manager; do
-  log "go build ${cmd}"
-  go build -ldflags "${LDFLAGS}" -o "${CACHE}/bin/${cmd}.tmp" "./cmd/${cmd}" >&2
-  mv "${CACHE}/bin/${cmd}.tmp" "${CACHE}/bin/${cmd}"
-done
-ln -sf "$(command -v etcd)" "${CACHE}/bin/etcd"
-# The source tree and Go build cache are only needed to rebuild.
-log "done: $("${CACHE}/bin/kube-apiserver" --version)"
-echo "${CACHE}/bin"
+(
+  cd "${kubernetes_mod}"
+  go build -trimpath -ldflags "${ldflags}" -o "${cache}/bin/.build/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler
+  go build -trimpath -ldflags "-s -w" -o "${cache}/bin/.build/etcd" go.etcd.io/etcd/server/v3
+)
+(cd "${kwok_mod}" && go build -trimpath -ldflags "-s -w" -o "${cache}/bin/.build/kwok" sigs.k8s.io/kwok/cmd/kwok)
+# kwok run on its own has no stages; these are the defaults kwokctl configures for a cluster
+# of its own (nodes become Ready and hold a Lease; pods become Ready, complete and go away),
+# taken from the same kwok release.
+kwok_src="$(cd "${kwok_mod}" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
+for stage in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+  pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+  echo "---"
+  cat "${kwok_src}/kustomize/stage/${stage}.yaml"
+done > "${cache}/bin/.build/kwok-stages.yaml"
+mv "${cache}/bin/.build/"* "${cache}/bin/"
+rmdir "${cache}/bin/.build"
+log "done in $(( $(date +%s) - started )) s: $("${cache}/bin/kube-apiserver" --version), etcd $("${cache}/bin/etcd" --version | awk '/etcd Version/ {print $3}'), kwok $("${cache}/bin/kwok" --version 2>&1 | head -n1)"
+echo "${cache}/bin"

@@ -6,8 +6,7 @@
 //!
 //! `make bench-executor` runs it.
 
-#[path = "../e2e/support/mod.rs"]
-mod support;
+use pequod_testkit as support;
 
 use std::time::{Duration, Instant};
 

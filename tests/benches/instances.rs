@@ -7,8 +7,7 @@
 //!
 //! `make bench-instances` runs it.
 
-#[path = "../e2e/support/mod.rs"]
-mod support;
+use pequod_testkit as support;
 
 use std::time::{Duration, Instant};
 

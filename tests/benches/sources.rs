@@ -3,8 +3,7 @@
 //! Measured side by side in one run against a real registry and real git repositories.
 //! `make bench-sources` runs it.
 
-#[path = "../e2e/support/mod.rs"]
-mod support;
+use pequod_testkit as support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

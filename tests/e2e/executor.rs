@@ -9,7 +9,7 @@ use kube::{Api, ResourceExt};
 use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv, make_available, metric};
+use crate::support::{self, TEST_MANAGER, TestEnv, metric};
 
 const WAIT: Duration = Duration::from_secs(45);
 
@@ -53,6 +53,13 @@ fn deployment_node(name: &str, replicas: i64) -> Value {
     })
 }
 
+/// A Deployment node whose pods stay Pending until the test admits them.
+fn held_deployment_node(env: &TestEnv, name: &str, replicas: i64) -> Value {
+    let mut node = deployment_node(name, replicas);
+    node["object"]["spec"]["template"]["spec"]["nodeSelector"] = support::held_pods_selector(&env.namespace);
+    node
+}
+
 fn service_node(name: &str) -> Value {
     json!({
         "id": "service",
@@ -91,7 +98,12 @@ fn node_phase(rg: &ResourceGraph, id: &str) -> Option<NodePhase> {
 #[tokio::test]
 async fn chain_waits_for_deployment_availability_then_applies_the_service() {
     let (env, graphs) = setup("chain").await;
-    apply_graph(&graphs, "web", json!([deployment_node("web", 2), service_node("web")])).await;
+    apply_graph(
+        &graphs,
+        "web",
+        json!([held_deployment_node(&env, "web", 2), service_node("web")]),
+    )
+    .await;
 
     let rg = wait_graph(&graphs, "web", "the deployment applied and waiting", |rg| {
         node_phase(rg, "deployment") == Some(NodePhase::WaitingReady)
@@ -126,8 +138,14 @@ async fn chain_waits_for_deployment_availability_then_applies_the_service() {
             .any(|m| m.manager.as_deref() == Some("pequod"))
     );
 
-    make_available(&env.client, &env.namespace, "web").await;
+    // The scheduler places the pods, kwok runs them, the deployment controller reports the
+    // Deployment Available, and only then does the Service follow.
+    support::admit_pods(&env.client, &env.namespace).await;
     let rg = wait_graph(&graphs, "web", "the graph completed", phase_is(GraphPhase::Completed)).await;
+    assert_eq!(
+        deployments.get("web").await.unwrap().status.unwrap().ready_replicas,
+        Some(2)
+    );
     let status = rg.status.unwrap();
     assert_eq!(status.ready_nodes.as_deref(), Some("2/2"));
     assert!(status.conditions.iter().any(|c| c.type_ == "Ready" && c.is_true()));
@@ -310,7 +328,6 @@ async fn drift_is_corrected() {
         node_phase(rg, "deployment").is_some()
     })
     .await;
-    make_available(&env.client, &env.namespace, "web").await;
     wait_graph(&graphs, "web", "completed", phase_is(GraphPhase::Completed)).await;
 
     let services: Api<Service> = Api::namespaced(env.client.clone(), &env.namespace);

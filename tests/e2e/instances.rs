@@ -8,7 +8,7 @@ use kube::{Api, Client, ResourceExt};
 use pequod::api::{GraphPhase, ResourceGraph};
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv, make_available, wait_for};
+use crate::support::{self, TEST_MANAGER, TestEnv, wait_for};
 use crate::transforms::{WAIT, apply_transform, delete_transform, group, put_module, setup, wait_ready};
 
 pub(crate) async fn apply_instance(api: &Api<DynamicObject>, api_version: &str, kind: &str, name: &str, spec: Value) {
@@ -113,14 +113,29 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
     let owner = &rg.owner_references()[0];
     assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("WebService", "my-app"));
     assert_eq!(rg.labels()["pequod.io/transform"], "webservice");
-    assert!(
-        services.get_opt("my-app").await.unwrap().is_none(),
-        "the Service waits for the Deployment"
-    );
-    let obj = wait_instance(&webservices, "my-app", "Ready", "False", "Progressing").await;
-    assert_eq!(status_field(&obj, "/phase"), Some(&json!("Applying")));
 
-    make_available(&env.client, &env.namespace, "my-app").await;
+    // Nothing patches status: the deployment controller makes a ReplicaSet and its pods, the
+    // scheduler binds them to simulated nodes, kwok runs them, and the Deployment becomes
+    // Available. The Service, which waits for that, follows.
+    assert_eq!(support::wait_rolled_out(&env.client, &env.namespace, "my-app").await, 3);
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &env.namespace);
+    let running: Vec<_> = pods
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/instance=my-app"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .collect();
+    assert_eq!(running.len(), 3);
+    assert!(
+        running.iter().all(|p| p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .is_some_and(|n| n.starts_with("kwok-node-"))),
+        "pods run on the simulated nodes"
+    );
     let obj = wait_instance(&webservices, "my-app", "Ready", "True", "Ready").await;
     assert_eq!(status_field(&obj, "/phase"), Some(&json!("Ready")));
     assert_eq!(status_field(&obj, "/resourceGraph"), Some(&json!("webservice-my-app")));

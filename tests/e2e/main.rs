@@ -1,6 +1,5 @@
-//! End-to-end tests against a real kube-apiserver (see support/control_plane.rs).
+//! End-to-end tests against a real control plane (see the test kit, `testkit/`).
 
-mod demo;
 mod executor;
 mod instances;
 mod metrics;
@@ -8,5 +7,6 @@ mod operator_process;
 mod remote;
 mod smoke;
 mod sources;
-mod support;
 mod transforms;
+
+use pequod_testkit as support;

@@ -528,3 +528,54 @@ async fn a_paused_transform_is_not_reconciled_until_resumed() {
     delete_transform(&transforms, "note").await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn alternatives_of_structs_are_enforced_by_the_apiserver_through_cel() {
+    let (env, transforms) = setup("cel-alternatives").await;
+    let module = "package src\n#Metadata: kind: \"Source\"\n// Where the code comes from.\n#Input: {from: {image: string} | {repo: string, tag: string}}\n#Render: {input: _, output: nodes: [{id: \"a\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: input.metadata.name}}]}\n";
+    apply_transform(
+        &transforms,
+        "source",
+        json!({"cueRef": {"type": "inline", "ref": module}, "group": group(&env)}),
+    )
+    .await;
+    wait_ready(&transforms, "source").await;
+    let api_version = format!("{}/v1alpha1", group(&env));
+    let (resource, _) = support::resolve(&env.client, &api_version, "Source").await;
+    let sources: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.namespace, &resource);
+    let instance = |name: &str, from: Value| -> DynamicObject {
+        serde_json::from_value(
+            json!({"apiVersion": api_version, "kind": "Source", "metadata": {"name": name}, "spec": {"from": from}}),
+        )
+        .unwrap()
+    };
+
+    // Both alternatives at once, and neither: the apiserver's CEL rule refuses them.
+    for (name, from) in [
+        ("both", json!({"image": "nginx", "repo": "r", "tag": "t"})),
+        ("neither", json!({"tag": "t"})),
+    ] {
+        let err = sources
+            .create(&PostParams::default(), &instance(name, from))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 422 && s.message.contains("set exactly one of: image; repo and tag")),
+            "{name}: {err}"
+        );
+    }
+    for (name, from) in [
+        ("image", json!({"image": "nginx"})),
+        ("repo", json!({"repo": "r", "tag": "t"})),
+    ] {
+        sources
+            .create(&PostParams::default(), &instance(name, from))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for name in ["image", "repo"] {
+        sources.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    delete_transform(&transforms, "source").await;
+    env.cleanup().await;
+}

@@ -2,8 +2,7 @@
 //! runs with the manager service account's own token, and can write only the kinds Transforms
 //! declare in `managedResources`. A test binary of its own: it replaces the manager role.
 
-#[path = "../e2e/support/mod.rs"]
-mod support;
+use pequod_testkit as support;
 
 use std::time::Duration;
 

@@ -1,8 +1,7 @@
 //! The operator killed in the middle of its work converges after a restart, with no object
 //! duplicated or lost. A test binary of its own: no other operator may run beside it.
 
-#[path = "../e2e/support/mod.rs"]
-mod support;
+use pequod_testkit as support;
 
 use std::time::Duration;
 
@@ -36,7 +35,8 @@ async fn killed_operator_converges_after_restart_without_duplicates() {
         "id": "deployment",
         "object": {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "app"},
             "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "app"}},
-                "template": {"metadata": {"labels": {"app": "app"}}, "spec": {"containers": [{"name": "app", "image": "nginx:1.27"}]}}}},
+                "template": {"metadata": {"labels": {"app": "app"}}, "spec": {"containers": [{"name": "app", "image": "nginx:1.27"}],
+                    "nodeSelector": support::held_pods_selector(&env.namespace)}}}},
         "readyWhen": [{"type": "DeploymentAvailable"}],
     })];
     for i in 0..5 {
@@ -61,14 +61,9 @@ async fn killed_operator_converges_after_restart_without_duplicates() {
     first.kill();
     let deployment_uid = deployments.get("app").await.unwrap().uid();
 
-    // While no operator runs, the deployment becomes available.
-    let d = deployments.get("app").await.unwrap();
-    let status = json!({"status": {"observedGeneration": d.metadata.generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1,
-        "conditions": [{"type": "Available", "status": "True", "reason": "Simulated", "message": "", "lastUpdateTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
-    deployments
-        .patch_status("app", &PatchParams::default(), &Patch::Merge(status))
-        .await
-        .unwrap();
+    // While no operator runs, the deployment rolls out.
+    support::admit_pods(&env.client, &env.namespace).await;
+    support::wait_rolled_out(&env.client, &env.namespace, "app").await;
 
     let second = start(&env.kubeconfig);
     let converged = support::wait_for("the graph to complete after the restart", WAIT, || async {

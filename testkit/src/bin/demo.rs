@@ -1,14 +1,19 @@
-//! `make demo`: the main job on a local control plane, kept running until Ctrl-C.
+//! `make demo`: Pequod on a local control plane with simulated nodes, running the samples
+//! until Ctrl-C. With PEQUOD_TEST_KUBECONFIG set it runs against that cluster instead.
 //!
-//! Ignored in the normal test run; `make demo` runs it with `--ignored --nocapture`.
-//! With PEQUOD_TEST_KUBECONFIG set it runs against that cluster instead.
+//! It applies the sample Transform and ResourceGraph, waits for the WebService kind, applies
+//! the sample WebService `my-app` (3 replicas) and waits until its pods run and it is Ready,
+//! then shows what Pequod made with kubectl.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support;
+use kube::Api;
+use kube::api::DynamicObject;
+use pequod_testkit as support;
 
-fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) {
+fn kubectl(kubeconfig: &Path, args: &[&str]) {
     println!("\n$ kubectl {}", args.join(" "));
     let status = Command::new(support::tool("kubectl", "KUBECTL"))
         .arg("--kubeconfig")
@@ -20,9 +25,8 @@ fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) {
     }
 }
 
-#[tokio::test]
-#[ignore = "interactive demo: run with `make demo`"]
-async fn demo() {
+#[tokio::main]
+async fn main() {
     let env = support::env("demo").await;
     println!("control plane ready; kubeconfig: {}", env.kubeconfig.display());
     support::install_crds(&env.client).await;
@@ -30,7 +34,7 @@ async fn demo() {
 
     let metrics = format!("127.0.0.1:{}", support::free_port());
     let probes = format!("127.0.0.1:{}", support::free_port());
-    let mut operator = Command::new(env!("CARGO_BIN_EXE_pequod"))
+    let mut operator = Command::new(support::pequod_binary())
         .env("KUBECONFIG", &env.kubeconfig)
         .args([
             "--metrics-bind-address",
@@ -54,29 +58,48 @@ async fn demo() {
     .await;
     println!("operator running: metrics on http://{metrics}/metrics, probes on http://{probes}/readyz");
 
-    let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/samples");
+    let samples = support::repo_root().join("config/samples");
     for file in [
         "platform_v1alpha1_transform.yaml",
         "platform_v1alpha1_resourcegraph.yaml",
     ] {
         let sample = std::fs::read_to_string(samples.join(file)).expect("sample");
-        support::apply_yaml(&env.client, &env.namespace, &sample).await;
+        support::apply_yaml(&env.client, "default", &sample).await;
     }
-    let transforms: kube::Api<pequod::api::Transform> = kube::Api::namespaced(env.client.clone(), "default");
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), "default");
     support::wait_transform_ready(&transforms, "webservice").await;
     let instance = std::fs::read_to_string(samples.join("webservice_instance.yaml")).expect("sample");
-    support::apply_yaml(&env.client, &env.namespace, &instance).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    support::apply_yaml(&env.client, "default", &instance).await;
+    let webservices = support::dynamic_api(&env.client, "apps.mycompany.com/v1alpha1", "WebService", "default").await;
+    support::wait_for("WebService my-app Ready", Duration::from_secs(120), || async {
+        let obj: DynamicObject = webservices.get("my-app").await.map_err(|e| e.to_string())?;
+        match obj.data.pointer("/status/phase").and_then(|p| p.as_str()) {
+            Some("Ready") => Ok(()),
+            other => Err(format!("phase {other:?}")),
+        }
+    })
+    .await;
 
+    let kc = &env.kubeconfig;
+    kubectl(kc, &["get", "crds", "-l", "app.kubernetes.io/managed-by=pequod"]);
+    kubectl(kc, &["get", "transforms", "-A", "-o", "wide"]);
+    kubectl(kc, &["get", "webservices", "-A"]);
+    kubectl(kc, &["get", "resourcegraphs", "-A"]);
     kubectl(
-        &env.kubeconfig,
-        &["get", "crds", "-l", "app.kubernetes.io/managed-by=pequod"],
+        kc,
+        &[
+            "get",
+            "deployments,pods,services",
+            "-n",
+            "default",
+            "-l",
+            "app.kubernetes.io/instance=my-app",
+            "-o",
+            "wide",
+        ],
     );
-    kubectl(&env.kubeconfig, &["get", "transforms", "-A", "-o", "wide"]);
-    kubectl(&env.kubeconfig, &["get", "webservices", "-A"]);
-    kubectl(&env.kubeconfig, &["get", "resourcegraphs", "-A"]);
     kubectl(
-        &env.kubeconfig,
+        kc,
         &[
             "get",
             "configmaps,services",
@@ -86,12 +109,9 @@ async fn demo() {
             "pequod.io/resourcegraph=sample-graph",
         ],
     );
-    kubectl(
-        &env.kubeconfig,
-        &["describe", "resourcegraph", "sample-graph", "-n", "default"],
-    );
+    kubectl(kc, &["describe", "resourcegraph", "sample-graph", "-n", "default"]);
     println!(
-        "\nThe demo keeps running. In another terminal:\n  export KUBECONFIG={}\n  kubectl get transforms -A\nPress Ctrl-C to stop and clean up.",
+        "\nThe demo keeps running. In another terminal:\n  export KUBECONFIG={}\n  kubectl get webservices -A\nPress Ctrl-C to stop and clean up.",
         env.kubeconfig.display()
     );
     let _ = tokio::signal::ctrl_c().await;

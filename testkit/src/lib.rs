@@ -1,7 +1,6 @@
-//! Support for end-to-end tests against a real apiserver: the shared control plane, a fresh
-//! namespace per test, and helpers to apply YAML, wait for conditions and patch status.
-
-#![allow(dead_code)]
+//! Pequod's end-to-end test kit: the shared local control plane (with simulated nodes), a
+//! fresh namespace per test, the operator, and helpers to apply YAML, wait for conditions and
+//! read metrics. The test binaries, the benchmarks and the demo use it.
 
 pub mod control_plane;
 pub mod remote;
@@ -58,9 +57,9 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
             ];
             let log = cp.spawn_process(
                 "pequod",
-                Path::new(env!("CARGO_BIN_EXE_pequod")),
+                &pequod_binary(),
                 &args,
-                &[("KUBECONFIG", &cp.kubeconfig)],
+                &[("KUBECONFIG", &cp.operator_kubeconfig)],
             );
             let endpoints = OperatorEndpoints { metrics, probes, log };
             wait_for("the operator to be ready", Duration::from_secs(60), || async {
@@ -88,6 +87,8 @@ pub struct TestEnv {
     pub client: Client,
     pub namespace: String,
     pub kubeconfig: PathBuf,
+    /// The kubeconfig operators under test use (see [`control_plane::OPERATOR_USER`]).
+    pub operator_kubeconfig: PathBuf,
     pub external: bool,
 }
 
@@ -129,6 +130,7 @@ pub async fn env(test: &str) -> TestEnv {
         client,
         namespace,
         kubeconfig: cp.kubeconfig.clone(),
+        operator_kubeconfig: cp.operator_kubeconfig.clone(),
         external: cp.external,
     }
 }
@@ -221,7 +223,7 @@ pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Vec<Dyn
 
 /// Installs Pequod's CRDs from `pequod crd` and waits until they are Established.
 pub async fn install_crds(client: &Client) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+    let out = std::process::Command::new(pequod_binary())
         .arg("crd")
         .output()
         .expect("run pequod crd");
@@ -310,7 +312,7 @@ impl OperatorProcess {
         ));
         let out = std::fs::File::create(&log).expect("operator log file");
         let err = out.try_clone().expect("operator log file");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pequod"))
+        let child = std::process::Command::new(pequod_binary())
             .env("KUBECONFIG", kubeconfig)
             .arg(format!("--metrics-bind-address={metrics}"))
             .arg(format!("--health-probe-bind-address={probes}"))
@@ -366,7 +368,36 @@ impl Drop for OperatorProcess {
 pub fn tool(name: &str, env: &str) -> PathBuf {
     std::env::var_os(env)
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("bin").join(name))
+        .unwrap_or_else(|| repo_root().join("bin").join(name))
+}
+
+/// The repository this kit belongs to.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the test kit lives in the repository")
+        .to_path_buf()
+}
+
+/// The pequod binary under test: `PEQUOD_BINARY`, else the one cargo built beside the running
+/// test, benchmark or demo (`target/<profile>/pequod`, which cargo builds before integration
+/// tests and `make demo` builds before the demo).
+pub fn pequod_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("PEQUOD_BINARY") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the running executable");
+    let mut dir = exe.parent().expect("the executable's folder");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("the profile folder");
+    }
+    let binary = dir.join("pequod");
+    assert!(
+        binary.exists(),
+        "no pequod binary at {}: build it (cargo build) or set PEQUOD_BINARY",
+        binary.display()
+    );
+    binary
 }
 
 /// Reasons of the events recorded about `object` in `namespace`.
@@ -409,24 +440,46 @@ pub async fn wait_events(client: &Client, namespace: &str, object: &str, reasons
     .await;
 }
 
-/// Plays the deployment controller: reports every replica available.
-pub async fn make_available(client: &Client, namespace: &str, name: &str) {
+/// A node selector that no node matches until [`admit_pods`] labels one for this namespace:
+/// the pods of a Deployment that carries it stay Pending, as on a cluster without room, so
+/// that a test can see Pequod wait for the rollout before letting it finish.
+pub fn held_pods_selector(namespace: &str) -> serde_json::Value {
+    serde_json::json!({ format!("e2e.pequod.io/{namespace}"): "admit" })
+}
+
+/// Labels a simulated node so that pods held by [`held_pods_selector`] are scheduled, and
+/// then run and become Ready through kwok.
+pub async fn admit_pods(client: &Client, namespace: &str) {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let patch = serde_json::json!({"metadata": {"labels": held_pods_selector(namespace)}});
+    nodes
+        .patch("kwok-node-0", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap_or_else(|e| panic!("label node kwok-node-0 for {namespace}: {e}"));
+}
+
+/// Waits until Deployment `name` is Available through the real controllers: ready pods on
+/// simulated nodes. Returns its ready replicas.
+pub async fn wait_rolled_out(client: &Client, namespace: &str, name: &str) -> i32 {
     let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), namespace);
-    let d = api.get(name).await.unwrap();
-    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let status = serde_json::json!({"status": {
-        "observedGeneration": d.metadata.generation, "replicas": replicas, "updatedReplicas": replicas,
-        "readyReplicas": replicas, "availableReplicas": replicas,
-        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "simulated",
-            "lastUpdateTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-    }});
-    api.patch_status(
-        name,
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(status),
+    wait_for(
+        &format!("Deployment {name} rolled out"),
+        Duration::from_secs(120),
+        || async {
+            let d = api.get(name).await.map_err(|e| e.to_string())?;
+            let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let status = d.status.clone().unwrap_or_default();
+            let available = status
+                .conditions
+                .as_ref()
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Available" && c.status == "True"));
+            match status.ready_replicas {
+                Some(ready) if available && ready == wanted => Ok(ready),
+                _ => Err(format!("{status:?}")),
+            }
+        },
     )
     .await
-    .unwrap();
 }
 
 /// The value of one series on the operator's /metrics (0 when absent).

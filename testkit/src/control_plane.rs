@@ -1,5 +1,7 @@
-//! A real Kubernetes control plane on loopback: etcd, kube-apiserver and a
-//! kube-controller-manager running only the garbage-collector and namespace controllers.
+//! A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager
+//! with its default controllers, kube-scheduler, and kwok simulating the nodes and their pods,
+//! so that a Deployment rolls out as on a cluster: the deployment and replica-set controllers
+//! create pods, the scheduler binds them to a node, and kwok reports them running and Ready.
 //!
 //! One control plane serves the whole test binary. It is started lazily by the first test
 //! that asks for it, from a thread that lives as long as the process, and stopped when the
@@ -25,11 +27,31 @@ struct Process {
 pub struct ControlPlane {
     /// Kubeconfig with cluster-admin rights.
     pub kubeconfig: PathBuf,
+    /// Kubeconfig the operators under test use: cluster-admin too, as the user
+    /// [`OPERATOR_USER`], so that the audit log tells their requests from everyone else's.
+    pub operator_kubeconfig: PathBuf,
+    /// The apiserver's audit log of every write [`OPERATOR_USER`] makes (none on an external
+    /// cluster).
+    pub audit_log: Option<PathBuf>,
     /// True when tests run against an existing cluster (PEQUOD_TEST_KUBECONFIG).
     pub external: bool,
     processes: Mutex<Vec<Process>>,
     data_dir: Option<PathBuf>,
 }
+
+/// The user the operators under test authenticate as.
+pub const OPERATOR_USER: &str = "pequod-operator";
+
+/// Writes by [`OPERATOR_USER`] are audited; nothing else is.
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  users: ["pequod-operator"]
+  verbs: ["create", "update", "patch", "delete", "deletecollection"]
+- level: None
+"#;
 
 static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
 static START: Mutex<()> = Mutex::new(());
@@ -45,7 +67,9 @@ pub fn shared() -> &'static ControlPlane {
     }
     let cp = match std::env::var_os("PEQUOD_TEST_KUBECONFIG") {
         Some(path) => ControlPlane {
-            kubeconfig: PathBuf::from(path),
+            kubeconfig: PathBuf::from(&path),
+            operator_kubeconfig: PathBuf::from(path),
+            audit_log: None,
             external: true,
             processes: Mutex::new(Vec::new()),
             data_dir: None,
@@ -76,14 +100,14 @@ fn start_on_keeper_thread() -> ControlPlane {
     }
 }
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+/// Simulated nodes: enough for every pod the tests and benchmarks start.
+const NODES: usize = 2;
+const PODS_PER_NODE: usize = 1000;
 
-/// The folder with kube-apiserver, etcd and kube-controller-manager (hack/control-plane.sh
-/// honours KUBEBUILDER_ASSETS, reuses its cache, or builds).
+/// The folder with etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
+/// (hack/control-plane.sh honours KUBEBUILDER_ASSETS, reuses its cache, or builds).
 fn binaries() -> PathBuf {
-    let out = Command::new(repo_root().join("hack/control-plane.sh"))
+    let out = Command::new(super::repo_root().join("hack/control-plane.sh"))
         .stderr(Stdio::inherit())
         .output()
         .expect("run hack/control-plane.sh");
@@ -155,12 +179,24 @@ fn start() -> ControlPlane {
     openssl(&["genrsa", "-out", "sa.key", "2048"], &dir);
     openssl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"], &dir);
     let token = format!("pequod-admin-{}", std::process::id());
+    let operator_token = format!("pequod-operator-{}", std::process::id());
     fs::write(
         dir.join("tokens.csv"),
-        format!("{token},admin,admin-uid,\"system:masters\"\n"),
+        format!(
+            "{token},admin,admin-uid,\"system:masters\"\n{operator_token},{OPERATOR_USER},operator-uid,\"system:masters\"\n"
+        ),
     )
     .expect("write tokens");
+    fs::write(dir.join("audit-policy.yaml"), AUDIT_POLICY).expect("write audit policy");
 
+    // PEQUOD_TEST_EMULATED_VERSION=1.34 runs the compatibility subset: the apiserver, the
+    // controller manager and the scheduler serve the APIs and behaviour of that older release
+    // (Kubernetes' compatibility versions), with the same binaries.
+    let emulated: Vec<String> = std::env::var("PEQUOD_TEST_EMULATED_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| vec![format!("--emulated-version=kube={v}")])
+        .unwrap_or_default();
     let etcd_port = free_port();
     let peer_port = free_port();
     let api_port = free_port();
@@ -188,18 +224,25 @@ fn start() -> ControlPlane {
             format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
+            // The `kubernetes` Service's endpoints may not be a loopback address; nothing here
+            // reaches the apiserver through that Service.
+            "--endpoint-reconciler-type=none".into(),
             format!("--secure-port={api_port}"),
-            "--insecure-port=0".into(),
             format!("--cert-dir={}", d("certs")),
             format!("--token-auth-file={}", d("tokens.csv")),
+            format!("--audit-policy-file={}", d("audit-policy.yaml")),
+            format!("--audit-log-path={}", d("audit.log")),
+            "--audit-log-format=json".into(),
             "--authorization-mode=RBAC".into(),
             format!("--service-account-key-file={}", d("sa.pub")),
             format!("--service-account-signing-key-file={}", d("sa.key")),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--allow-privileged=true".into(),
-            "--disable-admission-plugins=ServiceAccount".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(emulated.clone())
+        .collect::<Vec<_>>(),
         &dir,
         &[],
     );
@@ -216,15 +259,18 @@ fn start() -> ControlPlane {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    fs::write(
-        &kubeconfig,
+    let kubeconfig_for = |user: &str, token: &str| {
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://127.0.0.1:{api_port}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context:\n    cluster: local\n    user: admin\n    namespace: default\ncurrent-context: local\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://127.0.0.1:{api_port}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context:\n    cluster: local\n    user: {user}\n    namespace: default\ncurrent-context: local\n",
             ca.display()
-        ),
-    )
-    .expect("write kubeconfig");
+        )
+    };
+    fs::write(&kubeconfig, kubeconfig_for("admin", &token)).expect("write kubeconfig");
+    let operator_kubeconfig = dir.join("operator.kubeconfig");
+    fs::write(&operator_kubeconfig, kubeconfig_for(OPERATOR_USER, &operator_token)).expect("write kubeconfig");
 
+    // Without these three (a KUBEBUILDER_ASSETS folder may lack them) the control plane has
+    // no pods: tests that need a rollout then fail with a timeout.
     let kcm = bin.join("kube-controller-manager");
     if kcm.exists() {
         processes.push(spawn(
@@ -232,25 +278,69 @@ fn start() -> ControlPlane {
             &kcm,
             &[
                 format!("--kubeconfig={}", kubeconfig.display()),
-                "--controllers=garbagecollector,namespace,clusterrole-aggregation".into(),
+                // Every default controller but the publisher of the apiserver's serving CA: the
+                // apiserver here serves a self-signed certificate, which is no CA.
+                "--controllers=*,-kube-apiserver-serving-clustertrustbundle-publisher-controller".into(),
                 "--leader-elect=false".into(),
-                "--port=0".into(),
                 "--secure-port=0".into(),
                 "--use-service-account-credentials=false".into(),
+                format!("--service-account-private-key-file={}", d("sa.key")),
+                format!("--root-ca-file={}", ca.display()),
+            ]
+            .into_iter()
+            .chain(emulated.clone())
+            .collect::<Vec<_>>(),
+            &dir,
+            &[],
+        ));
+    }
+    let scheduler = bin.join("kube-scheduler");
+    if scheduler.exists() {
+        processes.push(spawn(
+            "kube-scheduler",
+            &scheduler,
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--authentication-kubeconfig={}", kubeconfig.display()),
+                format!("--authorization-kubeconfig={}", kubeconfig.display()),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+            ]
+            .into_iter()
+            .chain(emulated.clone())
+            .collect::<Vec<_>>(),
+            &dir,
+            &[],
+        ));
+    }
+    let kwok = bin.join("kwok");
+    if kwok.exists() {
+        processes.push(spawn(
+            "kwok",
+            &kwok,
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--config={}", bin.join("kwok-stages.yaml").display()),
+                "--manage-all-nodes=true".into(),
+                "--node-lease-duration-seconds=40".into(),
+                "--cidr=10.244.0.0/16".into(),
             ],
             &dir,
             &[],
         ));
     }
+    let simulated_nodes = if kwok.exists() { NODES } else { 0 };
 
     let cp = ControlPlane {
         kubeconfig,
+        operator_kubeconfig,
+        audit_log: Some(dir.join("audit.log")),
         external: false,
         processes: Mutex::new(processes),
         data_dir: Some(dir),
     };
     register_exit_hook();
-    cp.wait_ready(Duration::from_secs(90));
+    cp.wait_ready(Duration::from_secs(90), simulated_nodes);
     cp
 }
 
@@ -317,7 +407,9 @@ impl ControlPlane {
         }
     }
 
-    fn wait_ready(&self, timeout: Duration) {
+    /// Waits for /readyz and the `default` namespace, then registers `nodes` simulated nodes
+    /// and waits until kwok reports them Ready.
+    fn wait_ready(&self, timeout: Duration, nodes: usize) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -326,6 +418,7 @@ impl ControlPlane {
         let started = Instant::now();
         rt.block_on(async {
             let mut last = String::new();
+            let mut registered = false;
             loop {
                 self.assert_alive();
                 assert!(
@@ -342,7 +435,15 @@ impl ControlPlane {
                             .get_opt("default")
                             .await;
                         match (ready, default_ns) {
-                            (Ok(_), Ok(Some(_))) => return,
+                            (Ok(_), Ok(Some(_))) if !registered => {
+                                register_nodes(&client, nodes).await;
+                                registered = true;
+                            }
+                            (Ok(_), Ok(Some(_))) => match ready_nodes(&client).await {
+                                Ok(n) if n >= nodes => return,
+                                Ok(n) => last = format!("{n} of {nodes} simulated nodes Ready"),
+                                Err(e) => last = e,
+                            },
                             (r, n) => {
                                 last = format!("readyz: {:?}, default namespace: {:?}", r.err(), n.map(|n| n.is_some()))
                             }
@@ -384,4 +485,92 @@ impl ControlPlane {
             let _ = fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Nodes that kwok manages (it manages every node of this cluster): no kubelet runs, kwok
+/// reports them Ready and plays the kubelet for the pods bound to them.
+async fn register_nodes(client: &kube::Client, count: usize) {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+    for i in 0..count {
+        let name = format!("kwok-node-{i}");
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {"type": "kwok", "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"},
+            },
+            "status": {
+                "allocatable": {"cpu": "64", "memory": "256Gi", "pods": PODS_PER_NODE.to_string()},
+                "capacity": {"cpu": "64", "memory": "256Gi", "pods": PODS_PER_NODE.to_string()},
+            },
+        }))
+        .expect("node object");
+        match nodes.create(&kube::api::PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("register node {name}: {e}"),
+        }
+    }
+}
+
+async fn ready_nodes(client: &kube::Client) -> Result<usize, String> {
+    use k8s_openapi::api::core::v1::Node;
+    let list = kube::Api::<Node>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count())
+}
+
+/// Where the audit log stands now: [`writes_since`] counts what comes after.
+pub fn audit_mark() -> u64 {
+    shared()
+        .audit_log
+        .as_ref()
+        .and_then(|log| fs::metadata(log).ok())
+        .map_or(0, |m| m.len())
+}
+
+/// The writes the operators under test made since `mark`, counted by the apiserver's audit
+/// log, by `verb resource[/subresource]` (for example `patch resourcegraphs/status`).
+pub fn writes_since(mark: u64) -> std::collections::BTreeMap<String, u64> {
+    let mut counts = std::collections::BTreeMap::new();
+    let Some(log) = shared().audit_log.as_ref() else {
+        return counts;
+    };
+    let Ok(mut file) = fs::File::open(log) else {
+        return counts;
+    };
+    let _ = file.seek(SeekFrom::Start(mark));
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    for line in text.lines() {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if event["stage"] != "ResponseComplete" {
+            continue;
+        }
+        let object = &event["objectRef"];
+        let resource = match object["subresource"].as_str() {
+            Some(sub) => format!("{}/{sub}", object["resource"].as_str().unwrap_or("")),
+            None => object["resource"].as_str().unwrap_or("").to_string(),
+        };
+        *counts
+            .entry(format!("{} {resource}", event["verb"].as_str().unwrap_or("")))
+            .or_insert(0) += 1;
+    }
+    counts
 }
