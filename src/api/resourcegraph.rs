@@ -262,6 +262,9 @@ pub struct InventoryEntry {
     pub name: String,
     /// Dependency wave of the node when it was applied; deletion goes from the highest down.
     pub wave: u32,
+    /// The object's uid when this graph wrote it: teardown deletes only that very object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 /// Overall phase of a graph.

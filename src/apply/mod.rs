@@ -1,6 +1,7 @@
 //! Writing graph objects to the cluster with server-side apply, and resolving their kinds.
 
 mod object;
+pub mod ownership;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,12 @@ pub enum ApplyError {
     AdoptionFailed { message: String },
     #[error("the apiserver answered {code}: {message}")]
     Server { code: u16, message: String },
+    #[error("discovery of {kind} in {api_version} failed: {message}")]
+    Discovery {
+        api_version: String,
+        kind: String,
+        message: String,
+    },
     #[error("Kubernetes API: {0}")]
     Api(#[source] kube::Error),
 }
@@ -76,7 +83,10 @@ impl ApplyError {
 
     /// Whether retrying without any change could succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Api(_) | Self::Server { .. } | Self::UnknownKind { .. })
+        matches!(
+            self,
+            Self::Api(_) | Self::Server { .. } | Self::UnknownKind { .. } | Self::Discovery { .. }
+        )
     }
 
     fn from_kube(e: kube::Error) -> Self {
@@ -129,14 +139,9 @@ impl Applier {
         }
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let gvk = GroupVersionKind::gvk(group, version, kind);
-        let (resource, caps) =
-            kube::discovery::pinned_kind(&self.client, &gvk)
-                .await
-                .map_err(|e| ApplyError::UnknownKind {
-                    api_version: api_version.into(),
-                    kind: kind.into(),
-                    message: e.to_string(),
-                })?;
+        let (resource, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
+            .await
+            .map_err(|e| discovery_error(api_version, kind, e))?;
         let resolved = Resolved {
             resource,
             namespaced: caps.scope == Scope::Namespaced,
@@ -322,8 +327,8 @@ impl Applier {
         }
     }
 
-    /// Lets go of an object: removes Pequod's labels and its owner reference, leaving the
-    /// object running.
+    /// Lets go of an object: removes Pequod's labels, annotations and owner reference, leaving
+    /// the object running.
     pub async fn release(&self, resolved: &Resolved, live: &DynamicObject, graph_uid: &str) -> Result<(), ApplyError> {
         let namespace = live.metadata.namespace.clone();
         let name = live.metadata.name.clone().unwrap_or_default();
@@ -337,6 +342,7 @@ impl Applier {
         let patch = serde_json::json!({
             "metadata": {
                 "labels": {GRAPH_LABEL: null, GRAPH_NAMESPACE_LABEL: null, NODE_LABEL: null, crate::crd::MANAGED_BY_LABEL: null},
+                "annotations": {ownership::GRAPH_UID_ANNOTATION: null, ADOPTED_FROM_ANNOTATION: null},
                 "ownerReferences": owners,
             }
         });
@@ -352,9 +358,64 @@ impl Applier {
     }
 }
 
+/// Only an apiserver that answers that it does not serve the kind makes it unknown (and its
+/// objects gone); any other failure of discovery may pass, and says nothing about the objects.
+fn discovery_error(api_version: &str, kind: &str, e: kube::Error) -> ApplyError {
+    let unknown = match &e {
+        kube::Error::Discovery(kube::error::DiscoveryError::MissingKind(_)) => true,
+        kube::Error::Api(s) => s.code == 404,
+        _ => false,
+    };
+    let (api_version, kind, message) = (api_version.to_string(), kind.to_string(), e.to_string());
+    if unknown {
+        ApplyError::UnknownKind {
+            api_version,
+            kind,
+            message,
+        }
+    } else {
+        ApplyError::Discovery {
+            api_version,
+            kind,
+            message,
+        }
+    }
+}
+
 /// Namespace and name of an object.
 pub fn identity(object: &Value) -> (Option<String>, String) {
     let meta = object.get("metadata");
     let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).map(str::to_string);
     (field("namespace"), field("name").unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(code: u16) -> kube::Error {
+        let status: kube::core::Status =
+            serde_json::from_value(serde_json::json!({"code": code, "message": "m", "reason": "r"})).unwrap();
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn only_a_kind_the_apiserver_says_it_does_not_serve_is_unknown() {
+        let missing = kube::Error::Discovery(kube::error::DiscoveryError::MissingKind("Widget".into()));
+        for (case, error) in [("missing kind", missing), ("group version not found", answered(404))] {
+            assert!(
+                matches!(discovery_error("x/v1", "Widget", error), ApplyError::UnknownKind { .. }),
+                "{case}"
+            );
+        }
+        for (case, error) in [
+            ("unavailable aggregated API", answered(503)),
+            ("forbidden", answered(403)),
+            ("server error", answered(500)),
+        ] {
+            let e = discovery_error("x/v1", "Widget", error);
+            assert!(matches!(e, ApplyError::Discovery { .. }), "{case}: {e:?}");
+            assert!(e.is_transient(), "{case}");
+        }
+    }
 }

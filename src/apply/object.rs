@@ -82,6 +82,10 @@ pub fn desired_object(node: &Node, graph: &GraphIdentity, namespaced: bool) -> V
         labels.insert(GRAPH_NAMESPACE_LABEL.into(), json!(graph.namespace));
         labels.insert(NODE_LABEL.into(), json!(node.id));
     }
+    let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+    if let Some(annotations) = annotations.as_object_mut() {
+        annotations.insert(super::ownership::GRAPH_UID_ANNOTATION.into(), json!(graph.uid));
+    }
     let same_namespace = namespaced && meta.get("namespace").and_then(Value::as_str) == Some(graph.namespace.as_str());
     if same_namespace {
         meta.insert(
@@ -154,16 +158,18 @@ mod tests {
         assert_eq!(o["metadata"]["labels"][NODE_LABEL], "svc");
         assert_eq!(o["metadata"]["labels"][MANAGED_BY_LABEL], "pequod");
         assert_eq!(o["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        assert_eq!(o["metadata"]["annotations"]["pequod.io/resourcegraph-uid"], "uid-1");
         assert!(o["metadata"].get("resourceVersion").is_none());
     }
 
     #[test]
-    fn cluster_scoped_and_foreign_namespace_objects_get_labels_only() {
+    fn cluster_scoped_and_foreign_namespace_objects_get_marks_but_no_owner() {
         let n = node(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n", "namespace": "x"}}));
         let o = desired_object(&n, &graph(), false);
         assert!(o["metadata"].get("namespace").is_none());
         assert!(o["metadata"].get("ownerReferences").is_none());
         assert_eq!(o["metadata"]["labels"][GRAPH_NAMESPACE_LABEL], "team");
+        assert_eq!(o["metadata"]["annotations"]["pequod.io/resourcegraph-uid"], "uid-1");
         let elsewhere =
             node(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "other"}}));
         let o = desired_object(&elsewhere, &graph(), true);

@@ -28,9 +28,10 @@ use crate::api::{
     Condition, ConditionStatus, DEFAULT_FIELD_MANAGER, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node,
     NodePhase, NodeState, ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, has_condition, set_condition,
 };
+use crate::apply::ownership::{self, LetGo};
 use crate::apply::{
     ADOPTED_FROM_ANNOTATION, Applied, Applier, ApplyError, GraphIdentity, Resolved, contains, desired_object,
-    gvk_label, is_orphan, other_managers, set_annotation,
+    gvk_label, other_managers, set_annotation,
 };
 use crate::graph::{self, Dag};
 use crate::health::{Health, Probe};
@@ -606,9 +607,21 @@ async fn process_node(
         }
     };
 
-    let value = serde_json::to_value(&object).unwrap_or_default();
+    let mut value = serde_json::to_value(&object).unwrap_or_default();
+    // Gates judge by kind too (a Secret's values are never quoted), and objects from a watch
+    // cache may come without their type.
+    if let Some(fields) = value.as_object_mut() {
+        fields.entry("apiVersion").or_insert_with(|| node.api_version().into());
+        fields.entry("kind").or_insert_with(|| node.kind().into());
+    }
     let mut outcome_ref = resource_ref;
     outcome_ref.uid = object.uid();
+    // Only what this graph wrote goes into its inventory, with the uid that teardown checks: an
+    // object a Create node merely found stays someone else's.
+    let inventory = (ownership::owner(&value, graph) == ownership::Owner::ThisGraph).then(|| InventoryEntry {
+        uid: object.uid(),
+        ..inventory
+    });
     let (phase, message, requeue, error) = readiness(&ctx.readiness, node, &value, previous, time);
     let event = error
         .as_ref()
@@ -634,7 +647,7 @@ async fn process_node(
     NodeOutcome {
         id: node.id.clone(),
         state,
-        inventory: Some(inventory),
+        inventory,
         requeue,
         transient: false,
         event,
@@ -784,12 +797,14 @@ fn count_managed(ctx: &Context, graph_uid: &str, inventory: BTreeSet<InventoryEn
     }
 }
 
-/// Whether an inventory entry's object still exists, looked up through the caches.
+/// Whether an inventory entry's object still exists. The caches hold only objects that carry
+/// Pequod's labels, so a miss is asked of the apiserver: an object with the same name but
+/// without them is someone else's, and teardown says so rather than pass it over in silence.
 async fn existing(ctx: &Context, entry: &InventoryEntry) -> Result<Option<(Resolved, DynamicObject)>, ApplyError> {
     let resolved = ctx.applier.resolve(&entry.api_version, &entry.kind).await?;
     let object = match ctx.watches.lookup(&resolved, entry.namespace.as_deref(), &entry.name) {
-        Lookup::Known(o) => o.map(|o| (*o).clone()),
-        Lookup::Unknown => {
+        Lookup::Known(Some(o)) => Some((*o).clone()),
+        Lookup::Known(None) | Lookup::Unknown => {
             ctx.applier
                 .get(&resolved, entry.namespace.as_deref(), &entry.name)
                 .await?
@@ -798,17 +813,25 @@ async fn existing(ctx: &Context, entry: &InventoryEntry) -> Result<Option<(Resol
     Ok(object.map(|o| (resolved, o)))
 }
 
-/// Deletes (or releases, for orphans) the objects of `entries` in reverse wave order: only the
-/// highest wave that still has objects is acted on; lower waves wait until it is gone.
-/// Returns the entries still present.
-async fn teardown(ctx: &Context, graph: &GraphIdentity, entries: &[InventoryEntry]) -> Vec<InventoryEntry> {
+/// Lets go of the objects of `entries` in reverse wave order: deletes what this graph made
+/// (only the highest wave that still has objects; lower waves wait until it is gone), releases
+/// what is to keep running, and leaves alone what is not this graph's (see
+/// [`ownership::let_go`]), saying so in an event. Returns the entries still present: those
+/// waiting for deletion and those that could not be looked up, since a failed lookup says
+/// nothing about whether the object is gone.
+async fn teardown(
+    ctx: &Context,
+    rg: &ResourceGraph,
+    graph: &GraphIdentity,
+    entries: &[InventoryEntry],
+) -> Vec<InventoryEntry> {
     let mut present: Vec<(InventoryEntry, Resolved, DynamicObject)> = Vec::new();
     let mut unknown: Vec<InventoryEntry> = Vec::new();
     for entry in entries {
         match existing(ctx, entry).await {
             Ok(Some((resolved, object))) => present.push((entry.clone(), resolved, object)),
             Ok(None) => {}
-            // A kind no longer served has no objects left to delete.
+            // A kind the apiserver says it no longer serves has no objects left.
             Err(ApplyError::UnknownKind { .. }) => {}
             Err(e) => {
                 tracing::warn!(error = %e, kind = %entry.kind, name = %entry.name, "looking up object to delete failed");
@@ -816,29 +839,35 @@ async fn teardown(ctx: &Context, graph: &GraphIdentity, entries: &[InventoryEntr
             }
         }
     }
-    let Some(top) = present.iter().map(|(e, _, _)| e.wave).max() else {
-        return unknown;
-    };
+    let mut to_delete = Vec::new();
     let mut remaining = unknown;
-    for (entry, resolved, object) in &present {
-        let value = serde_json::to_value(object).unwrap_or_default();
-        if is_orphan(&value) {
-            if let Err(e) = ctx.applier.release(resolved, object, &graph.uid).await {
-                tracing::warn!(error = %e, name = %entry.name, "releasing orphaned object failed");
-                remaining.push(entry.clone());
-            }
-            continue;
+    for (entry, resolved, object) in present {
+        match ownership::let_go(&entry, &serde_json::to_value(&object).unwrap_or_default(), graph) {
+            LetGo::Delete => to_delete.push((entry, resolved, object)),
+            LetGo::Release(why) => match ctx.applier.release(&resolved, &object, &graph.uid).await {
+                Ok(()) => publish(ctx, rg, EventType::Normal, "ObjectReleased", &why).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, name = %entry.name, "releasing object failed");
+                    remaining.push(entry);
+                }
+            },
+            LetGo::Leave(why) => publish(ctx, rg, EventType::Warning, "ObjectNotOwned", &why).await,
         }
+    }
+    let Some(top) = to_delete.iter().map(|(e, _, _)| e.wave).max() else {
+        return remaining;
+    };
+    for (entry, resolved, object) in to_delete {
         let deletable = entry.wave == top && object.metadata.deletion_timestamp.is_none();
         if deletable
             && let Err(e) = ctx
                 .applier
-                .delete(resolved, entry.namespace.as_deref(), &entry.name)
+                .delete(&resolved, entry.namespace.as_deref(), &entry.name)
                 .await
         {
             tracing::warn!(error = %e, name = %entry.name, "deleting object failed");
         }
-        remaining.push(entry.clone());
+        remaining.push(entry);
     }
     remaining
 }
@@ -865,7 +894,7 @@ async fn prune(
     if stale.is_empty() {
         return (Vec::new(), Vec::new());
     }
-    let remaining = teardown(ctx, graph, &stale).await;
+    let remaining = teardown(ctx, rg, graph, &stale).await;
     (remaining.clone(), remaining)
 }
 
@@ -890,7 +919,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    let remaining = teardown(ctx, &graph, &entries).await;
+    let remaining = teardown(ctx, rg, &graph, &entries).await;
     count_managed(ctx, &graph.uid, remaining.iter().cloned().collect());
     if !remaining.is_empty() {
         let top = remaining.iter().map(|e| e.wave).max().unwrap_or(0);
@@ -947,6 +976,7 @@ fn planned(node: &Node, wave: u32, graph: &GraphIdentity, resolved: &Resolved) -
         namespace,
         name,
         wave,
+        uid: None,
     };
     (desired, entry)
 }

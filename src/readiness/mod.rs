@@ -223,9 +223,28 @@ impl Check for FieldMatch {
             .collect();
         match object.pointer(&pointer) {
             Some(got) if got == want => GateState::Ready,
-            Some(got) => GateState::Waiting(format!("{path} is {got}, want {want}")),
+            // A gate's message lands in status and events, which more people may read than may
+            // read a Secret: its live values are never quoted.
+            Some(_) if is_secret(object) => GateState::Waiting(format!("{path} does not match, want {want}")),
+            Some(got) => GateState::Waiting(format!("{path} is {}, want {want}", shortened(got))),
             None => GateState::Waiting(format!("{path} is not set, want {want}")),
         }
+    }
+}
+
+fn is_secret(object: &Value) -> bool {
+    object.get("kind").and_then(Value::as_str) == Some("Secret")
+        && object.get("apiVersion").and_then(Value::as_str) == Some("v1")
+}
+
+/// Most characters of a live value a gate's message quotes.
+const MAX_QUOTED_CHARS: usize = 64;
+
+fn shortened(value: &Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text,
     }
 }
 
@@ -336,6 +355,31 @@ mod tests {
             r.evaluate(&[field("status.phase", json!("Lost"))], Some(&pvc)),
             GateState::Waiting("status.phase is \"Bound\", want \"Lost\"".into())
         );
+        let long = json!({"data": {"blob": "x".repeat(500)}});
+        let GateState::Waiting(message) = r.evaluate(&[field("data.blob", json!("y"))], Some(&long)) else {
+            panic!("waiting expected");
+        };
+        assert!(message.len() < 100 && message.contains("..."), "{message}");
+    }
+
+    #[test]
+    fn field_match_never_quotes_a_secret() {
+        let r = Registry::default();
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "data": {"password": "aHVudGVyMg=="}});
+        let gate = gate(json!({"type": "FieldMatch", "path": "data.password", "value": "x"}));
+        assert_eq!(
+            r.evaluate(std::slice::from_ref(&gate), Some(&secret)),
+            GateState::Waiting("data.password does not match, want \"x\"".into())
+        );
+        let whole = gate_with_path("data");
+        let GateState::Waiting(message) = r.evaluate(&[whole], Some(&secret)) else {
+            panic!("waiting expected");
+        };
+        assert!(!message.contains("aHVudGVyMg"), "{message}");
+    }
+
+    fn gate_with_path(path: &str) -> ReadyGate {
+        gate(json!({"type": "FieldMatch", "path": path, "value": {}}))
     }
 
     #[test]

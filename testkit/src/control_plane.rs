@@ -281,6 +281,10 @@ fn start() -> ControlPlane {
                 // Every default controller but the publisher of the apiserver's serving CA: the
                 // apiserver here serves a self-signed certificate, which is no CA.
                 "--controllers=*,-kube-apiserver-serving-clustertrustbundle-publisher-controller".into(),
+                // Client rate limits above the defaults (20/s), so that rolling out hundreds of
+                // Deployments at once in a benchmark measures Pequod, not this throttle.
+                "--kube-api-qps=200".into(),
+                "--kube-api-burst=400".into(),
                 "--leader-elect=false".into(),
                 "--secure-port=0".into(),
                 "--use-service-account-credentials=false".into(),
@@ -303,6 +307,8 @@ fn start() -> ControlPlane {
                 format!("--kubeconfig={}", kubeconfig.display()),
                 format!("--authentication-kubeconfig={}", kubeconfig.display()),
                 format!("--authorization-kubeconfig={}", kubeconfig.display()),
+                "--kube-api-qps=200".into(),
+                "--kube-api-burst=400".into(),
                 "--leader-elect=false".into(),
                 "--secure-port=0".into(),
             ]

@@ -250,17 +250,6 @@ pub async fn install_crds(client: &Client) {
     }
 }
 
-/// Merge-patches the status subresource, as the missing kubelet or controllers would.
-pub async fn patch_status(api: &Api<DynamicObject>, name: &str, status: serde_json::Value) {
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "status": status })),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("patch status of {name}: {e}"));
-}
-
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -1,60 +1,41 @@
-//! Instance benchmark against the local control plane:
-//! - 500 instances of a generated kind created at once, until every one is Ready: total time,
-//!   cue invocations (batching should make them far fewer than 500), operator RSS;
+//! Instance benchmark against the local control plane with simulated nodes:
+//! - 500 WebServices (the embedded module: a Deployment of 1 pod, then a Service) created at
+//!   once, until every one is Ready, which takes its pod scheduled and running: total time, cue
+//!   invocations (batching should make them far fewer than 500), operator RSS, and the writes
+//!   the operator made per converged instance, counted by the apiserver's audit log;
+//! - a minute at rest: operator writes and cue processes (target: none of either);
 //! - a resync with nothing changed (every instance reconciled again through its graph):
-//!   cue invocations and write requests (target: none of either);
-//! - a cold restart: write requests (target: none) and the cue calls a cold render cache costs.
+//!   cue invocations and operator writes (target: none of either);
+//! - a cold restart: operator writes (target: none) and the cue calls a cold render cache costs.
 //!
 //! `make bench-instances` runs it.
 
 use pequod_testkit as support;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use kube::Api;
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
-use kube::{Api, Client};
 use pequod::api::{ResourceGraph, Transform};
 use serde_json::json;
 use support::OperatorProcess;
+use support::control_plane::{audit_mark, writes_since};
 
 const INSTANCES: usize = if option_env!("PEQUOD_BENCH_QUICK").is_some() {
     100
 } else {
     500
 };
+const AT_REST: Duration = Duration::from_secs(60);
 
-fn start(kubeconfig: &std::path::Path) -> OperatorProcess {
+fn start(env: &support::TestEnv) -> OperatorProcess {
     OperatorProcess::start(
-        kubeconfig,
+        &env.operator_kubeconfig,
         &support::tool("cue", "PEQUOD_TEST_CUE"),
         &["--max-concurrent-reconciles=16", "--zap-log-level=warn"],
     )
-}
-
-/// Write requests the apiserver has served, by `resource[ subresource]`.
-async fn writes(client: &Client) -> std::collections::BTreeMap<String, f64> {
-    let mut out = std::collections::BTreeMap::new();
-    for (key, value) in support::apiserver_requests(client).await {
-        let mut parts = key.splitn(2, ' ');
-        let (verb, rest) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        // The apiserver rewrites the `kubernetes` Endpoints itself; that write is not Pequod's.
-        if ["POST", "PATCH", "PUT", "DELETE"].contains(&verb) && !rest.starts_with("endpoints") {
-            *out.entry(rest.to_string()).or_insert(0.0) += value;
-        }
-    }
-    out
-}
-
-fn diff(
-    after: &std::collections::BTreeMap<String, f64>,
-    before: &std::collections::BTreeMap<String, f64>,
-) -> std::collections::BTreeMap<String, f64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
-        .filter(|(_, d)| *d > 0.0)
-        .collect()
 }
 
 async fn ready_count(api: &Api<DynamicObject>) -> usize {
@@ -69,39 +50,45 @@ async fn ready_count(api: &Api<DynamicObject>) -> usize {
         .count()
 }
 
+/// Every cue process the operator started, whatever the command.
+async fn cue_processes(operator: &OperatorProcess) -> f64 {
+    support::metric_sum(&operator.metrics, "pequod_cue_invocations_total").await
+}
+
+fn total(writes: &BTreeMap<String, u64>) -> u64 {
+    writes.values().sum()
+}
+
 #[tokio::main]
 async fn main() {
     let env = support::env("bench-instances").await;
     support::install_crds(&env.client).await;
     let group = format!("{}.bench.example.com", env.namespace);
-    let operator = start(&env.kubeconfig);
+    let operator = start(&env);
 
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": support::NOTE_MODULE}});
-    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), &env.namespace)
-        .patch("note-module", &PatchParams::apply("bench"), &Patch::Apply(cm))
-        .await
-        .unwrap();
     let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
-    let t = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform", "metadata": {"name": "note"},
-                   "spec": {"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}});
+    let t = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform", "metadata": {"name": "webservice"},
+                   "spec": {"cueRef": {"type": "embedded", "ref": "webservice"}, "group": group}});
     transforms
-        .patch("note", &PatchParams::apply("bench"), &Patch::Apply(t))
+        .patch("webservice", &PatchParams::apply("bench"), &Patch::Apply(t))
         .await
         .unwrap();
     let api_version = format!("{group}/v1alpha1");
-    support::wait_transform_ready(&transforms, "note").await;
-    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    support::wait_transform_ready(&transforms, "webservice").await;
+    let webservices = support::dynamic_api(&env.client, &api_version, "WebService", &env.namespace).await;
 
     let cue_before = support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await;
+    let mark = audit_mark();
     let started = Instant::now();
     futures::stream::iter(0..INSTANCES)
         .for_each_concurrent(32, |i| {
-            let notes = notes.clone();
+            let webservices = webservices.clone();
             let api_version = api_version.clone();
             async move {
-                let obj = json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": format!("n{i}")}, "spec": {"text": format!("note {i}")}});
-                notes
-                    .patch(&format!("n{i}"), &PatchParams::apply("bench"), &Patch::Apply(obj))
+                let obj = json!({"apiVersion": api_version, "kind": "WebService", "metadata": {"name": format!("w{i}")},
+                                 "spec": {"image": "nginx:1.27", "replicas": 1}});
+                webservices
+                    .patch(&format!("w{i}"), &PatchParams::apply("bench"), &Patch::Apply(obj))
                     .await
                     .unwrap();
             }
@@ -109,7 +96,7 @@ async fn main() {
         .await;
     let created = started.elapsed();
     loop {
-        let ready = ready_count(&notes).await;
+        let ready = ready_count(&webservices).await;
         if ready == INSTANCES {
             break;
         }
@@ -122,23 +109,44 @@ async fn main() {
     let converged = started.elapsed();
     let cue_calls =
         support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await - cue_before;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Status writes that trail the last Ready are part of converging.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let converge_writes = writes_since(mark);
     let rss = operator.rss_mib();
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(env.client.clone(), &env.namespace)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .count();
+
+    // At rest: nothing changes, so the operator neither writes nor starts cue.
+    let mark = audit_mark();
+    let cue_before = cue_processes(&operator).await;
+    tokio::time::sleep(AT_REST).await;
+    let rest_writes = writes_since(mark);
+    let rest_cue = cue_processes(&operator).await - cue_before;
 
     // Resync with nothing changed: touching each graph brings its instance back through the
-    // owner watch; the 500 label patches below are the only writes expected.
+    // owner watch. The touches are the benchmark's own writes, not the operator's.
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
     let reconciles_before =
         support::metric_sum(&operator.metrics, "pequod_reconcile_total{controller=\"instance\"").await;
-    let cue_before = support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await;
-    let writes_before = writes(&env.client).await;
+    let cue_before = cue_processes(&operator).await;
+    let mark = audit_mark();
     futures::stream::iter(0..INSTANCES)
         .for_each_concurrent(32, |i| {
             let graphs = graphs.clone();
             async move {
                 let patch = json!({"metadata": {"labels": {"bench.pequod.io/touched": "yes"}}});
                 graphs
-                    .patch(&format!("note-n{i}"), &PatchParams::default(), &Patch::Merge(patch))
+                    .patch(
+                        &format!("webservice-w{i}"),
+                        &PatchParams::default(),
+                        &Patch::Merge(patch),
+                    )
                     .await
                     .unwrap();
             }
@@ -153,18 +161,13 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut resync_writes = diff(&writes(&env.client).await, &writes_before);
-    if let Some(v) = resync_writes.get_mut("resourcegraphs") {
-        *v -= INSTANCES as f64;
-    }
-    resync_writes.retain(|_, v| *v > 0.0);
-    let resync_cue =
-        support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await - cue_before;
+    let resync_writes = writes_since(mark);
+    let resync_cue = cue_processes(&operator).await - cue_before;
     drop(operator);
 
     // Cold restart: nothing changed, so nothing is written; renders run again (in batches).
-    let writes_before = writes(&env.client).await;
-    let operator = start(&env.kubeconfig);
+    let mark = audit_mark();
+    let operator = start(&env);
     support::wait_for(
         "the restarted operator to reconcile every instance",
         Duration::from_secs(300),
@@ -179,25 +182,45 @@ async fn main() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let restart_writes = diff(&writes(&env.client).await, &writes_before);
-    let restart_cue = support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await;
+    let restart_writes = writes_since(mark);
+    let restart_cue = cue_processes(&operator).await;
 
-    println!("instance benchmark (Kubernetes 1.20 local control plane, 2 objects per instance)");
+    println!(
+        "instance benchmark (Kubernetes v1.37.2 local control plane with kwok nodes; a Deployment of 1 pod and a Service per instance)"
+    );
     println!("  {INSTANCES} instances created               {:>9.2?}", created);
-    println!("  {INSTANCES} instances Ready                 {:>9.2?}", converged);
+    println!(
+        "  {INSTANCES} instances Ready                 {:>9.2?}   ({pods} pods running)",
+        converged
+    );
     println!("  cue invocations while converging     {:>9}", cue_calls);
+    println!(
+        "  operator writes while converging     {:>9}    ({:.2} per instance) {converge_writes:?}",
+        total(&converge_writes),
+        total(&converge_writes) as f64 / INSTANCES as f64
+    );
     println!(
         "  operator RSS after                   {:>8.1} MiB  (target < 128 MiB)",
         rss
     );
+    println!(
+        "  {}s at rest: operator writes         {:>9}    (target 0) {rest_writes:?}",
+        AT_REST.as_secs(),
+        total(&rest_writes)
+    );
+    println!(
+        "  {}s at rest: cue processes          {:>9}    (target 0)",
+        AT_REST.as_secs(),
+        rest_cue
+    );
     println!("  resync: cue invocations              {:>9}    (target 0)", resync_cue);
     println!(
-        "  resync: operator writes              {:>9?}   (target none)",
-        resync_writes
+        "  resync: operator writes              {:>9}    (target 0) {resync_writes:?}",
+        total(&resync_writes)
     );
     println!(
-        "  restart: writes                      {:>9?}   (target none)",
-        restart_writes
+        "  restart: operator writes             {:>9}    (target 0) {restart_writes:?}",
+        total(&restart_writes)
     );
-    println!("  restart: cue invocations             {:>9}", restart_cue);
+    println!("  restart: cue processes               {:>9}", restart_cue);
 }

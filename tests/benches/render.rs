@@ -41,6 +41,16 @@ async fn main() {
             .sum()
     };
 
+    // What any cue call costs before it evaluates anything: starting the process.
+    let bare = CueCli::new(&cue, Duration::from_secs(20), 1);
+    let mut starts = Vec::new();
+    for _ in 0..10 {
+        let started = Instant::now();
+        bare.version().await.unwrap();
+        starts.push(started.elapsed());
+    }
+    let start_cost = median(starts);
+
     let module = renderer
         .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
         .await
@@ -78,6 +88,7 @@ async fn main() {
 
     let (one, hundred) = (median(one), median(hundred));
     println!("render benchmark (cue {}, {ROUNDS} rounds, medians)", cue.display());
+    println!("  one cue call (cue version)    {:>10.3?}", start_cost);
     println!("  schema extraction, first      {:>10.3?}", schema_cold);
     println!("  schema extraction, cached     {:>10.3?}", schema_cached);
     println!("  1 instance                    {:>10.3?}", one);

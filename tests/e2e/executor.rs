@@ -279,7 +279,7 @@ async fn conflict_policy_error_reports_the_other_manager_force_takes_over() {
 }
 
 #[tokio::test]
-async fn create_mode_never_updates_and_adopt_records_previous_managers() {
+async fn create_mode_never_updates_adopt_records_previous_managers_and_deletion_spares_what_is_not_made() {
     let (env, graphs) = setup("modes").await;
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
     let existing =
@@ -317,6 +317,44 @@ async fn create_mode_never_updates_and_adopt_records_previous_managers() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(cms.get("once").await.unwrap().data.unwrap()["k"], "edited");
+
+    // Deleting the graph deletes what it made, releases what it adopted, and leaves alone what
+    // a Create node merely found.
+    let found =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "found"}, "data": {"k": "theirs"}});
+    let found_uid = cms
+        .patch("found", &PatchParams::apply("legacy-tool"), &Patch::Apply(found))
+        .await
+        .unwrap()
+        .uid();
+    apply_graph(&graphs, "g", json!([
+        {"id": "once", "applyPolicy": {"mode": "Create"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "once"}, "data": {"k": "initial"}}},
+        {"id": "legacy", "applyPolicy": {"mode": "Adopt"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "legacy"}, "data": {"k": "new"}}},
+        {"id": "found", "applyPolicy": {"mode": "Create"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "found"}, "data": {"k": "mine"}}},
+    ]))
+    .await;
+    let rg = wait_graph(&graphs, "g", "the graph completed", phase_is(GraphPhase::Completed)).await;
+    let inventory: Vec<String> = rg.status.unwrap().inventory.into_iter().map(|e| e.name).collect();
+    assert!(!inventory.contains(&"found".to_string()), "{inventory:?}");
+    graphs.delete("g", &kube::api::DeleteParams::default()).await.unwrap();
+    support::wait_for("the graph gone", WAIT, || async {
+        match graphs.get_opt("g").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".into()),
+        }
+    })
+    .await;
+    assert!(
+        cms.get_opt("once").await.unwrap().is_none(),
+        "made by the graph: deleted"
+    );
+    let released = cms.get("legacy").await.expect("adopted: released, not deleted");
+    assert!(!released.labels().contains_key("pequod.io/resourcegraph"));
+    assert!(!released.annotations().contains_key("pequod.io/adopted-from"));
+    assert!(!released.annotations().contains_key("pequod.io/resourcegraph-uid"));
+    let found = cms.get("found").await.expect("found by Create: left alone");
+    assert_eq!((found.uid(), found.data.unwrap()["k"].as_str()), (found_uid, "theirs"));
+    support::wait_events(&env.client, &env.namespace, "g", &["ObjectReleased"]).await;
     env.cleanup().await;
 }
 
@@ -501,5 +539,42 @@ async fn readiness_timeout_fails_the_node_and_keeps_dependants_pending() {
             .contains("waiting for slow")
     );
     support::wait_events(&env.client, &env.namespace, "g", &["ReadinessTimeout"]).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_gate_on_a_secret_never_reveals_its_values() {
+    let (env, graphs) = setup("secret-gate").await;
+    let value = "aHVudGVyMg==";
+    support::apply_yaml(
+        &env.client,
+        &env.namespace,
+        &format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\ndata:\n  password: {value}\n"),
+    )
+    .await;
+    // A node that only finds the Secret (Create mode writes nothing to an existing object) and
+    // gates on its data: the gate waits, times out and is reported, without the data.
+    let peek = json!({"id": "peek", "applyPolicy": {"mode": "Create"},
+        "object": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"}},
+        "readyWhen": [{"type": "FieldMatch", "path": "data", "value": "x", "timeout": 2}]});
+    apply_graph(&graphs, "g", json!([peek])).await;
+    let rg = wait_graph(&graphs, "g", "the gate timed out", phase_is(GraphPhase::Failed)).await;
+    let state = &rg.status.as_ref().unwrap().node_states["peek"];
+    assert!(
+        state
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("data does not match"),
+        "{state:?}"
+    );
+    support::wait_events(&env.client, &env.namespace, "g", &["ReadinessTimeout"]).await;
+    let status = serde_json::to_string(&rg.status).unwrap();
+    assert!(!status.contains(value) && !status.contains("hunter2"), "{status}");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    for event in events.list(&Default::default()).await.unwrap().items {
+        let text = serde_json::to_string(&event).unwrap();
+        assert!(!text.contains(value), "{text}");
+    }
     env.cleanup().await;
 }

@@ -521,3 +521,73 @@ async fn graphs_the_apiserver_or_the_graph_rules_refuse_are_reported_on_the_inst
     delete_transform(&transforms, "refused").await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn deleting_an_instance_that_collided_with_another_team_s_objects_leaves_them_alone() {
+    let (env, transforms) = setup("instance-collision").await;
+    let webservices = serve_webservice(&env, &transforms).await;
+    let api_version = format!("{}/v1alpha1", group(&env));
+    // Another team's Deployment and Service named `payments`, already in the namespace.
+    let theirs = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: payments\n  namespace: {ns}\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {{team: b}}\n  template:\n    metadata:\n      labels: {{team: b}}\n    spec:\n      containers: [{{name: pay, image: 'registry.k8s.io/pause:3.10'}}]\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: payments\n  namespace: {ns}\nspec:\n  selector: {{team: b}}\n  ports: [{{port: 8080, protocol: TCP}}]\n",
+        ns = env.namespace
+    );
+    let applied = support::apply_yaml(&env.client, &env.namespace, &theirs).await;
+    let uids: Vec<String> = applied.iter().map(|o| o.uid().unwrap()).collect();
+    support::wait_rolled_out(&env.client, &env.namespace, "payments").await;
+
+    apply_instance(
+        &webservices,
+        &api_version,
+        "WebService",
+        "payments",
+        json!({"image": "nginx:1.27", "port": 80, "replicas": 1}),
+    )
+    .await;
+    // The Deployment's fields belong to the other team: the apply conflicts and nothing is written.
+    let obj = wait_instance(&webservices, "payments", "Ready", "False", "NodeFailed").await;
+    assert!(
+        instance_condition(&obj, "Ready").unwrap().2.contains("conflict"),
+        "{:?}",
+        obj.data.get("status")
+    );
+
+    webservices.delete("payments", &DeleteParams::default()).await.unwrap();
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_for("the instance and its graph to be gone", WAIT, || async {
+        let instance = webservices.get_opt("payments").await.map_err(|e| e.to_string())?;
+        let graph = graphs.get_opt("webservice-payments").await.map_err(|e| e.to_string())?;
+        if instance.is_none() && graph.is_none() {
+            Ok(())
+        } else {
+            Err(format!("instance: {}, graph: {}", instance.is_some(), graph.is_some()))
+        }
+    })
+    .await;
+    let deployment = Api::<Deployment>::namespaced(env.client.clone(), &env.namespace)
+        .get("payments")
+        .await
+        .expect("the other team's Deployment survives");
+    let service = Api::<Service>::namespaced(env.client.clone(), &env.namespace)
+        .get("payments")
+        .await
+        .expect("the other team's Service survives");
+    assert_eq!(vec![deployment.uid().unwrap(), service.uid().unwrap()], uids);
+    assert_eq!(
+        deployment.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("registry.k8s.io/pause:3.10")
+    );
+    assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 8080);
+    assert!(
+        !deployment
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .contains_key("pequod.io/resourcegraph")
+    );
+    support::wait_events(&env.client, &env.namespace, "webservice-payments", &["ObjectNotOwned"]).await;
+    delete_transform(&transforms, "webservice").await;
+    env.cleanup().await;
+}

@@ -1,0 +1,225 @@
+//! Whose an object is, and what a graph may do with it when it lets go: pure decisions.
+//!
+//! Labels and owner references can be written by anyone who may write the object, and graph
+//! names are reused; a graph's uid is not. Pequod stamps every object it writes with the uid of
+//! its graph ([`GRAPH_UID_ANNOTATION`]) and records the object's own uid in the graph's
+//! inventory. Teardown and pruning delete only what carries this graph's uid and, where the
+//! inventory recorded one, is still the object Pequod wrote; anything else is left alone.
+
+use serde_json::Value;
+
+use super::object::{ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GraphIdentity, is_orphan};
+use crate::api::InventoryEntry;
+
+/// Annotation on every object Pequod writes: the uid of the graph that wrote it.
+pub const GRAPH_UID_ANNOTATION: &str = "pequod.io/resourcegraph-uid";
+
+/// Whose an existing object is, as seen from one graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// This graph wrote it.
+    ThisGraph,
+    /// Another graph wrote it (`namespace/name` of that graph when its labels say).
+    AnotherGraph(String),
+    /// No graph wrote it.
+    Nobody,
+}
+
+/// Whose `live` is. Objects written before the uid annotation existed are recognised by this
+/// graph's uid in their owner references, or by this graph's name and namespace in their labels
+/// (objects outside the graph's namespace carry no owner reference).
+pub fn owner(live: &Value, graph: &GraphIdentity) -> Owner {
+    let meta = &live["metadata"];
+    let label = |key: &str| meta["labels"][key].as_str();
+    let labelled_graph = || match (label(GRAPH_NAMESPACE_LABEL), label(GRAPH_LABEL)) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        (None, Some(name)) => name.to_string(),
+        _ => "unknown".to_string(),
+    };
+    if let Some(uid) = meta["annotations"][GRAPH_UID_ANNOTATION].as_str() {
+        return if uid == graph.uid {
+            Owner::ThisGraph
+        } else {
+            Owner::AnotherGraph(labelled_graph())
+        };
+    }
+    let owned_by_uid = meta["ownerReferences"]
+        .as_array()
+        .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(graph.uid.as_str())));
+    let labelled_by_this = label(GRAPH_LABEL) == Some(graph.name.as_str())
+        && label(GRAPH_NAMESPACE_LABEL) == Some(graph.namespace.as_str());
+    if owned_by_uid || labelled_by_this {
+        Owner::ThisGraph
+    } else if label(GRAPH_LABEL).is_some() {
+        Owner::AnotherGraph(labelled_graph())
+    } else {
+        Owner::Nobody
+    }
+}
+
+/// What letting go of an inventory entry's object does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LetGo {
+    /// Pequod made it and nothing asks to keep it: delete it.
+    Delete,
+    /// Pequod wrote it, but it is to keep running: remove Pequod's marks and leave it.
+    Release(String),
+    /// Not this graph's to touch: leave it exactly as it is.
+    Leave(String),
+}
+
+/// What a graph does with `live`, the object of `entry`, when the node goes away or the graph
+/// is deleted.
+pub fn let_go(entry: &InventoryEntry, live: &Value, graph: &GraphIdentity) -> LetGo {
+    let what = format!("{} {}", entry.kind, entry.name);
+    match owner(live, graph) {
+        Owner::ThisGraph => {}
+        Owner::AnotherGraph(other) => {
+            return LetGo::Leave(format!("{what} belongs to ResourceGraph {other}; left in place"));
+        }
+        Owner::Nobody => {
+            return LetGo::Leave(format!("{what} was not made by this graph; left in place"));
+        }
+    }
+    let live_uid = live["metadata"]["uid"].as_str();
+    if let (Some(recorded), Some(live_uid)) = (entry.uid.as_deref(), live_uid)
+        && recorded != live_uid
+    {
+        return LetGo::Leave(format!(
+            "{what} is not the object this graph made (uid {live_uid}, recorded {recorded}); left in place"
+        ));
+    }
+    if is_orphan(live) {
+        return LetGo::Release(format!("{what} asks to be orphaned; released"));
+    }
+    if live["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION].is_string() {
+        return LetGo::Release(format!("{what} was adopted, not made by this graph; released"));
+    }
+    LetGo::Delete
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn graph() -> GraphIdentity {
+        GraphIdentity {
+            name: "web".into(),
+            namespace: "team".into(),
+            uid: "uid-web".into(),
+        }
+    }
+
+    fn entry(uid: Option<&str>) -> InventoryEntry {
+        InventoryEntry {
+            node_id: "deployment".into(),
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            namespace: Some("team".into()),
+            name: "web".into(),
+            wave: 0,
+            uid: uid.map(str::to_string),
+        }
+    }
+
+    fn object(uid: &str, labels: Value, annotations: Value, owners: Value) -> Value {
+        json!({"metadata": {"uid": uid, "labels": labels, "annotations": annotations, "ownerReferences": owners}})
+    }
+
+    fn ours(uid: &str) -> Value {
+        object(
+            uid,
+            json!({"pequod.io/resourcegraph": "web", "pequod.io/resourcegraph-namespace": "team"}),
+            json!({"pequod.io/resourcegraph-uid": "uid-web"}),
+            json!([]),
+        )
+    }
+
+    #[test]
+    fn only_the_graph_uid_or_an_earlier_release_s_marks_make_an_object_this_graph_s() {
+        let g = graph();
+        let cases = [
+            ("stamped with this graph's uid", ours("o1"), Owner::ThisGraph),
+            (
+                "stamped with another graph's uid, same labels",
+                object(
+                    "o1",
+                    json!({"pequod.io/resourcegraph": "web", "pequod.io/resourcegraph-namespace": "team"}),
+                    json!({"pequod.io/resourcegraph-uid": "uid-old"}),
+                    json!([]),
+                ),
+                Owner::AnotherGraph("team/web".into()),
+            ),
+            (
+                "an earlier release: owner reference with this uid",
+                object("o1", json!({}), json!({}), json!([{"uid": "uid-web"}])),
+                Owner::ThisGraph,
+            ),
+            (
+                "an earlier release: this graph's labels, outside its namespace",
+                object(
+                    "o1",
+                    json!({"pequod.io/resourcegraph": "web", "pequod.io/resourcegraph-namespace": "team"}),
+                    json!({}),
+                    json!([]),
+                ),
+                Owner::ThisGraph,
+            ),
+            (
+                "another graph's labels",
+                object(
+                    "o1",
+                    json!({"pequod.io/resourcegraph": "api", "pequod.io/resourcegraph-namespace": "team"}),
+                    json!({}),
+                    json!([]),
+                ),
+                Owner::AnotherGraph("team/api".into()),
+            ),
+            (
+                "another team's object",
+                object("o1", json!({"app": "payments"}), json!({}), json!([])),
+                Owner::Nobody,
+            ),
+            ("no metadata at all", json!({}), Owner::Nobody),
+        ];
+        for (case, live, want) in cases {
+            assert_eq!(owner(&live, &g), want, "{case}");
+        }
+    }
+
+    #[test]
+    fn teardown_deletes_only_what_this_graph_made() {
+        let g = graph();
+        let leave = |l: LetGo| matches!(l, LetGo::Leave(_));
+        assert_eq!(let_go(&entry(Some("o1")), &ours("o1"), &g), LetGo::Delete);
+        assert_eq!(
+            let_go(&entry(None), &ours("o1"), &g),
+            LetGo::Delete,
+            "an entry from before uids were recorded"
+        );
+        assert!(
+            leave(let_go(&entry(Some("o1")), &ours("o2"), &g)),
+            "recreated under the same name"
+        );
+        let theirs = object("o3", json!({"app": "payments"}), json!({}), json!([]));
+        let LetGo::Leave(why) = let_go(&entry(None), &theirs, &g) else {
+            panic!("another team's object must be left");
+        };
+        assert_eq!(why, "Deployment web was not made by this graph; left in place");
+        let other = object(
+            "o4",
+            json!({"pequod.io/resourcegraph": "api", "pequod.io/resourcegraph-namespace": "team"}),
+            json!({"pequod.io/resourcegraph-uid": "uid-api"}),
+            json!([]),
+        );
+        assert!(leave(let_go(&entry(None), &other, &g)));
+
+        let mut orphan = ours("o1");
+        orphan["metadata"]["annotations"]["pequod.io/deletion-policy"] = json!("Orphan");
+        assert!(matches!(let_go(&entry(Some("o1")), &orphan, &g), LetGo::Release(_)));
+        let mut adopted = ours("o1");
+        adopted["metadata"]["annotations"]["pequod.io/adopted-from"] = json!("legacy-tool");
+        assert!(matches!(let_go(&entry(Some("o1")), &adopted, &g), LetGo::Release(_)));
+    }
+}
