@@ -9,7 +9,7 @@
 use serde_json::Value;
 
 use super::object::{ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GraphIdentity, is_orphan};
-use crate::api::InventoryEntry;
+use crate::api::{ApplyMode, InventoryEntry};
 
 /// Annotation on every object Pequod writes: the uid of the graph that wrote it.
 pub const GRAPH_UID_ANNOTATION: &str = "pequod.io/resourcegraph-uid";
@@ -54,6 +54,46 @@ pub fn owner(live: &Value, graph: &GraphIdentity) -> Owner {
         Owner::AnotherGraph(labelled_graph())
     } else {
         Owner::Nobody
+    }
+}
+
+/// Why a node may not write an object that already exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Stable reason for the node's event.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Whether a node in `mode` may write `live`, an object that already exists under the node's
+/// name: always when this graph made it; never when another graph did; and an object no graph
+/// made only through `Adopt`, since `Apply` would silently make it this graph's (and deletable
+/// with it). `Create` writes nothing to an existing object, so it is never refused. `managers`
+/// are the object's field managers, named in the refusal.
+pub fn refusal(mode: ApplyMode, live: &Value, graph: &GraphIdentity, managers: &[String]) -> Option<Refusal> {
+    let meta = &live["metadata"];
+    let what = format!(
+        "{} {}",
+        live["kind"].as_str().unwrap_or("object"),
+        meta["name"].as_str().unwrap_or_default()
+    );
+    match (owner(live, graph), mode) {
+        (Owner::ThisGraph, _) | (_, ApplyMode::Create) | (Owner::Nobody, ApplyMode::Adopt) => None,
+        (Owner::AnotherGraph(other), _) => Some(Refusal {
+            reason: "OwnedByAnotherGraph",
+            message: format!("{what} belongs to ResourceGraph {other}; nothing was written"),
+        }),
+        (Owner::Nobody, ApplyMode::Apply) => Some(Refusal {
+            reason: "AlreadyExists",
+            message: format!(
+                "{what} already exists and was not made by this graph (field managers: {}); nothing was written. Set the node's applyPolicy.mode to Adopt to take it over",
+                if managers.is_empty() {
+                    "none".to_string()
+                } else {
+                    managers.join(", ")
+                }
+            ),
+        }),
     }
 }
 
@@ -186,6 +226,50 @@ mod tests {
         for (case, live, want) in cases {
             assert_eq!(owner(&live, &g), want, "{case}");
         }
+    }
+
+    #[test]
+    fn an_existing_object_is_written_only_by_its_graph_or_through_adoption() {
+        let g = graph();
+        let mut theirs = object("o3", json!({"app": "payments"}), json!({}), json!([]));
+        theirs["kind"] = json!("Deployment");
+        theirs["metadata"]["name"] = json!("payments");
+        let mut other = object(
+            "o4",
+            json!({"pequod.io/resourcegraph": "api", "pequod.io/resourcegraph-namespace": "team"}),
+            json!({"pequod.io/resourcegraph-uid": "uid-api"}),
+            json!([]),
+        );
+        other["kind"] = json!("Deployment");
+        other["metadata"]["name"] = json!("payments");
+        let managers = ["team-b-deployer".to_string()];
+        let reason = |mode, live: &Value| refusal(mode, live, &g, &managers).map(|r| r.reason);
+        let cases = [
+            (ApplyMode::Apply, ours("o1"), None),
+            (ApplyMode::Adopt, ours("o1"), None),
+            (ApplyMode::Create, ours("o1"), None),
+            (ApplyMode::Apply, theirs.clone(), Some("AlreadyExists")),
+            (ApplyMode::Adopt, theirs.clone(), None),
+            (ApplyMode::Create, theirs.clone(), None),
+            (ApplyMode::Apply, other.clone(), Some("OwnedByAnotherGraph")),
+            (ApplyMode::Adopt, other.clone(), Some("OwnedByAnotherGraph")),
+            (ApplyMode::Create, other.clone(), None),
+        ];
+        for (mode, live, want) in cases {
+            assert_eq!(reason(mode, &live), want, "{mode:?} on {}", live["metadata"]["uid"]);
+        }
+        let message = refusal(ApplyMode::Apply, &theirs, &g, &managers).unwrap().message;
+        assert!(
+            message.starts_with(
+                "Deployment payments already exists and was not made by this graph (field managers: team-b-deployer)"
+            ),
+            "{message}"
+        );
+        let message = refusal(ApplyMode::Apply, &other, &g, &managers).unwrap().message;
+        assert_eq!(
+            message,
+            "Deployment payments belongs to ResourceGraph team/api; nothing was written"
+        );
     }
 
     #[test]

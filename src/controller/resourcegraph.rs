@@ -518,16 +518,37 @@ async fn process_node(
         Lookup::Known(Some(o)) => Some((*o).clone()),
         Lookup::Known(None) | Lookup::Unknown => None,
     };
-    let needs_lookup = node.apply_policy.mode != crate::api::ApplyMode::Apply;
+    // Not in the cache: absent, or not this graph's. The apiserver tells which, before any
+    // write, so that an object this graph did not make is never taken over by accident.
     let live = match cached {
         Some(o) => Some(o),
-        // Server-side apply creates or updates alike; only Create and Adopt must know first.
-        None if !needs_lookup => None,
         None => match ctx.applier.get(&resolved, namespace.as_deref(), &name).await {
             Ok(o) => o,
             Err(e) => return fail(e.to_string(), e.is_transient(), None),
         },
     };
+    let manager_name = node
+        .apply_policy
+        .field_manager
+        .as_deref()
+        .unwrap_or(DEFAULT_FIELD_MANAGER);
+    if let Some(l) = &live {
+        let mut value = serde_json::to_value(l).unwrap_or_default();
+        value["kind"] = Value::String(kind.to_string());
+        if let Some(refused) =
+            ownership::refusal(node.apply_policy.mode, &value, graph, &other_managers(l, manager_name))
+        {
+            // Retried: the object may go away, or be adopted by a changed node.
+            return fail(
+                refused.message.clone(),
+                true,
+                Some(warning(
+                    refused.reason,
+                    format!("node {}: {}", node.id, refused.message),
+                )),
+            );
+        }
+    }
 
     // Adoption is recorded on the object itself, so that no stale read of this graph's
     // status can lose it.

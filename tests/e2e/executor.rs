@@ -208,71 +208,94 @@ async fn a_cycle_is_refused_and_nothing_is_applied() {
 }
 
 #[tokio::test]
-async fn conflict_policy_error_reports_the_other_manager_force_takes_over() {
-    let (env, graphs) = setup("conflict").await;
+async fn an_existing_object_is_written_only_by_its_own_graph_or_through_adoption() {
+    let (env, graphs) = setup("existing").await;
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
     let theirs =
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"owner": "them"}});
-    cms.patch("shared", &PatchParams::apply("someone-else"), &Patch::Apply(theirs))
+    let before = cms
+        .patch("shared", &PatchParams::apply("someone-else"), &Patch::Apply(theirs))
         .await
         .unwrap();
 
-    let ours = |policy: &str| json!([{"id": "cm", "applyPolicy": {"conflictPolicy": policy}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"owner": "pequod"}}}]);
-    apply_graph(&graphs, "g", ours("Error")).await;
-    let rg = wait_graph(
-        &graphs,
-        "g",
-        "the node failed with a conflict",
-        phase_is(GraphPhase::Failed),
-    )
-    .await;
-    let error = rg.status.as_ref().unwrap().node_states["cm"]
-        .last_error
-        .clone()
-        .unwrap();
-    assert!(
-        error.contains("someone-else") && error.contains(".data.owner"),
-        "{error}"
-    );
-    assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["owner"], "them");
-    support::wait_events(&env.client, &env.namespace, "g", &["ApplyFailed"]).await;
-
-    // Reconciles that meet the same failure again record no new event.
-    for value in ["pequod-2", "pequod-3"] {
-        let node = json!([{"id": "cm", "applyPolicy": {"conflictPolicy": "Error"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"owner": value}}}]);
-        apply_graph(&graphs, "g", node).await;
+    // Apply, whatever its conflict policy, does not take over an object no graph made.
+    let ours = |policy: &str, owner: &str| json!([{"id": "cm", "applyPolicy": {"conflictPolicy": policy}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"owner": owner}}}]);
+    for (policy, owner) in [("Error", "pequod"), ("Error", "pequod-2"), ("Force", "pequod-3")] {
+        apply_graph(&graphs, "g", ours(policy, owner)).await;
         let generation = graphs.get("g").await.unwrap().metadata.generation;
-        wait_graph(
-            &graphs,
-            "g",
-            "the new generation reconciled",
-            move |rg: &ResourceGraph| rg.status.as_ref().and_then(|s| s.observed_generation) == generation,
-        )
+        let rg = wait_graph(&graphs, "g", "the node refused", move |rg: &ResourceGraph| {
+            rg.status.as_ref().and_then(|s| s.observed_generation) == generation
+                && rg.status.as_ref().and_then(|s| s.phase) == Some(GraphPhase::Failed)
+        })
         .await;
+        let error = rg.status.as_ref().unwrap().node_states["cm"]
+            .last_error
+            .clone()
+            .unwrap();
+        assert!(
+            error.contains("already exists and was not made by this graph") && error.contains("someone-else"),
+            "{error}"
+        );
     }
+    let after = cms.get("shared").await.unwrap();
+    assert_eq!(after.data.as_ref().unwrap()["owner"], "them");
+    assert_eq!(
+        after.metadata.resource_version, before.metadata.resource_version,
+        "nothing was written"
+    );
+    // Reconciles that meet the same refusal again record no new event.
+    support::wait_events(&env.client, &env.namespace, "g", &["AlreadyExists"]).await;
     let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    let failures: Vec<_> = events
+    let refusals: Vec<_> = events
         .list(&kube::api::ListParams::default().fields("involvedObject.name=g"))
         .await
         .unwrap()
         .items
         .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("ApplyFailed"))
+        .filter(|e| e.reason.as_deref() == Some("AlreadyExists"))
         .collect();
-    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
     assert!(
-        failures[0].count.unwrap_or(1) == 1 && failures[0].series.is_none(),
+        refusals[0].count.unwrap_or(1) == 1 && refusals[0].series.is_none(),
         "the event was repeated: {:?}",
-        failures[0]
+        refusals[0]
     );
 
-    apply_graph(&graphs, "g", ours("Force")).await;
+    // Adopt takes it over.
+    apply_graph(&graphs, "g", json!([{"id": "cm", "applyPolicy": {"mode": "Adopt"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"owner": "pequod"}}}])).await;
     wait_graph(
         &graphs,
         "g",
-        "the forced graph completed",
+        "the adopted graph completed",
         phase_is(GraphPhase::Completed),
     )
+    .await;
+    assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["owner"], "pequod");
+
+    // Another graph naming the same object is refused, whatever its mode.
+    for mode in ["Apply", "Adopt"] {
+        apply_graph(&graphs, "h", json!([{"id": "cm", "applyPolicy": {"mode": mode, "conflictPolicy": "Force"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"owner": "h"}}}])).await;
+        let generation = graphs.get("h").await.unwrap().metadata.generation;
+        let rg = wait_graph(&graphs, "h", "the other graph refused", move |rg: &ResourceGraph| {
+            rg.status.as_ref().and_then(|s| s.observed_generation) == generation
+                && rg.status.as_ref().and_then(|s| s.phase) == Some(GraphPhase::Failed)
+        })
+        .await;
+        let error = rg.status.unwrap().node_states["cm"].last_error.clone().unwrap();
+        assert!(
+            error.contains(&format!("belongs to ResourceGraph {}/g", env.namespace)),
+            "{mode}: {error}"
+        );
+    }
+    assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["owner"], "pequod");
+    // Deleting the refused graph leaves the object to its own graph.
+    graphs.delete("h", &kube::api::DeleteParams::default()).await.unwrap();
+    support::wait_for("graph h gone", WAIT, || async {
+        match graphs.get_opt("h").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".into()),
+        }
+    })
     .await;
     assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["owner"], "pequod");
     env.cleanup().await;
