@@ -75,6 +75,9 @@ pub fn resource_graph(
             namespace: Some(instance.namespace.clone()),
             labels: Some(labels),
             owner_references: owner.map(|o| vec![o]),
+            // Set in the same write that creates the graph, so that the graph controller
+            // need not write it again.
+            finalizers: Some(vec![crate::api::GRAPH_FINALIZER.to_string()]),
             ..Default::default()
         },
         spec: ResourceGraphSpec {

@@ -16,6 +16,8 @@ pub const MAX_NODES: usize = 100;
 pub const DEFAULT_READY_TIMEOUT_SECONDS: i64 = 300;
 /// Field manager used when a node does not name one.
 pub const DEFAULT_FIELD_MANAGER: &str = "pequod";
+/// Finalizer that holds a graph until its objects are torn down in reverse order.
+pub const GRAPH_FINALIZER: &str = "pequod.io/resourcegraph-finalizer";
 
 /// A graph of Kubernetes objects that Pequod applies in dependency order.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

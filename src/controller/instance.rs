@@ -26,8 +26,8 @@ use crate::api::{
 use crate::apply::Applier;
 use crate::cue::{Module, RenderError, Renderer, input_hash, render_input};
 use crate::instance::{
-    INSTANCE_KIND_LABEL, INSTANCE_LABEL, InstanceRef, Scope, confine, graph_name, graph_progress, node_summaries,
-    render_hash, resource_graph,
+    INSTANCE_KIND_LABEL, InstanceRef, Scope, confine, graph_name, graph_progress, node_summaries, render_hash,
+    resource_graph,
 };
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -487,9 +487,7 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
     let graphs_api = graphs(obj, ctx);
     let live = graphs_api.get_opt(&graph).await?;
     if let Some(live) = &live {
-        let labels = live.labels();
-        let ours =
-            labels.get(INSTANCE_LABEL) == Some(&name) && labels.get(INSTANCE_KIND_LABEL) == Some(&ctx.resource.kind);
+        let ours = owns(obj, live);
         if !ours {
             let message =
                 format!("ResourceGraph {graph} exists and does not belong to this instance; it is left alone");
@@ -581,6 +579,13 @@ async fn scopes(ctx: &KindContext, nodes: &[crate::api::Node]) -> HashMap<(Strin
     scopes
 }
 
+/// Whether `graph` is this instance's. Names and labels are shared by same-named kinds of two
+/// API groups; the uid in the graph's owner reference is this instance's alone.
+fn owns(obj: &DynamicObject, graph: &ResourceGraph) -> bool {
+    obj.uid()
+        .is_some_and(|uid| graph.owner_references().iter().any(|o| o.uid == uid))
+}
+
 /// Deletion: deletes the instance's graph (which tears its objects down in reverse order) and
 /// lets the instance go once the graph is gone.
 async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error> {
@@ -589,10 +594,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
     }
     let graph = graph_name(&ctx.resource.kind, &obj.name_any());
     let graphs = graphs(obj, ctx);
-    let live = graphs.get_opt(&graph).await?.filter(|g| {
-        g.labels().get(INSTANCE_LABEL) == Some(&obj.name_any())
-            && g.labels().get(INSTANCE_KIND_LABEL) == Some(&ctx.resource.kind)
-    });
+    let live = graphs.get_opt(&graph).await?.filter(|g| owns(obj, g));
     match live {
         Some(rg) => {
             if rg.metadata.deletion_timestamp.is_none() {

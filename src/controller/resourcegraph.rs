@@ -39,7 +39,7 @@ use crate::metrics::Metrics;
 use crate::readiness::{GateState, Registry};
 use crate::shutdown::Shutdown;
 
-pub const FINALIZER: &str = "pequod.io/resourcegraph-finalizer";
+use crate::api::GRAPH_FINALIZER as FINALIZER;
 const CONTROLLER: &str = "resourcegraph";
 /// Field manager of the status Pequod writes.
 const STATUS_MANAGER: &str = "pequod-resourcegraph";

@@ -269,6 +269,19 @@ fn start() -> ControlPlane {
     let operator_kubeconfig = dir.join("operator.kubeconfig");
     fs::write(&operator_kubeconfig, kubeconfig_for(OPERATOR_USER, &operator_token)).expect("write kubeconfig");
 
+    // Flags of the controller manager and the scheduler: one instance each, no serving port,
+    // client rate limits above the defaults (20/s), so that rolling out hundreds of
+    // Deployments at once in a benchmark measures Pequod, not this throttle.
+    let controller_flags: Vec<String> = [
+        "--kube-api-qps=200",
+        "--kube-api-burst=400",
+        "--leader-elect=false",
+        "--secure-port=0",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(emulated.clone())
+    .collect();
     // Without these three (a KUBEBUILDER_ASSETS folder may lack them) the control plane has
     // no pods: tests that need a rollout then fail with a timeout.
     let kcm = bin.join("kube-controller-manager");
@@ -281,18 +294,12 @@ fn start() -> ControlPlane {
                 // Every default controller but the publisher of the apiserver's serving CA: the
                 // apiserver here serves a self-signed certificate, which is no CA.
                 "--controllers=*,-kube-apiserver-serving-clustertrustbundle-publisher-controller".into(),
-                // Client rate limits above the defaults (20/s), so that rolling out hundreds of
-                // Deployments at once in a benchmark measures Pequod, not this throttle.
-                "--kube-api-qps=200".into(),
-                "--kube-api-burst=400".into(),
-                "--leader-elect=false".into(),
-                "--secure-port=0".into(),
                 "--use-service-account-credentials=false".into(),
                 format!("--service-account-private-key-file={}", d("sa.key")),
                 format!("--root-ca-file={}", ca.display()),
             ]
             .into_iter()
-            .chain(emulated.clone())
+            .chain(controller_flags.clone())
             .collect::<Vec<_>>(),
             &dir,
             &[],
@@ -307,13 +314,9 @@ fn start() -> ControlPlane {
                 format!("--kubeconfig={}", kubeconfig.display()),
                 format!("--authentication-kubeconfig={}", kubeconfig.display()),
                 format!("--authorization-kubeconfig={}", kubeconfig.display()),
-                "--kube-api-qps=200".into(),
-                "--kube-api-burst=400".into(),
-                "--leader-elect=false".into(),
-                "--secure-port=0".into(),
             ]
             .into_iter()
-            .chain(emulated.clone())
+            .chain(controller_flags.clone())
             .collect::<Vec<_>>(),
             &dir,
             &[],

@@ -173,6 +173,23 @@ where
     }
 }
 
+/// Deletes `name` and waits until it is gone (finalizers included).
+pub async fn delete_and_wait_gone<K>(api: &Api<K>, name: &str, timeout: Duration)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.delete(name, &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete {name}: {e}"));
+    wait_for(&format!("{name} gone"), timeout, || async {
+        match api.get_opt(name).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".into()),
+        }
+    })
+    .await;
+}
+
 /// Resolves a kind through discovery (fresh every call, so kinds registered a moment ago work).
 pub async fn resolve(client: &Client, api_version: &str, kind: &str) -> (ApiResource, ApiCapabilities) {
     let (group, version) = match api_version.split_once('/') {

@@ -289,14 +289,7 @@ async fn an_existing_object_is_written_only_by_its_own_graph_or_through_adoption
     }
     assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["owner"], "pequod");
     // Deleting the refused graph leaves the object to its own graph.
-    graphs.delete("h", &kube::api::DeleteParams::default()).await.unwrap();
-    support::wait_for("graph h gone", WAIT, || async {
-        match graphs.get_opt("h").await.map_err(|e| e.to_string())? {
-            None => Ok(()),
-            Some(_) => Err("still there".into()),
-        }
-    })
-    .await;
+    support::delete_and_wait_gone(&graphs, "h", WAIT).await;
     assert_eq!(cms.get("shared").await.unwrap().data.unwrap()["owner"], "pequod");
     env.cleanup().await;
 }
@@ -359,14 +352,7 @@ async fn create_mode_never_updates_adopt_records_previous_managers_and_deletion_
     let rg = wait_graph(&graphs, "g", "the graph completed", phase_is(GraphPhase::Completed)).await;
     let inventory: Vec<String> = rg.status.unwrap().inventory.into_iter().map(|e| e.name).collect();
     assert!(!inventory.contains(&"found".to_string()), "{inventory:?}");
-    graphs.delete("g", &kube::api::DeleteParams::default()).await.unwrap();
-    support::wait_for("the graph gone", WAIT, || async {
-        match graphs.get_opt("g").await.map_err(|e| e.to_string())? {
-            None => Ok(()),
-            Some(_) => Err("still there".into()),
-        }
-    })
-    .await;
+    support::delete_and_wait_gone(&graphs, "g", WAIT).await;
     assert!(
         cms.get_opt("once").await.unwrap().is_none(),
         "made by the graph: deleted"

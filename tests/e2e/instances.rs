@@ -466,6 +466,58 @@ async fn module_edits_re_render_every_instance_and_kinds_do_not_share_graphs() {
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn same_named_kinds_of_two_groups_never_share_a_graph() {
+    let (env, transforms) = setup("instance-groups").await;
+    let mut apis = Vec::new();
+    for team in ["a", "b"] {
+        let group = format!("{team}.{}", group(&env));
+        let module = format!("memo-{team}-module");
+        put_module(&env.client, &env.namespace, &module, &labelled_module("Memo", team)).await;
+        apply_transform(
+            &transforms,
+            &format!("memo-{team}"),
+            json!({"cueRef": {"type": "configmap", "ref": module}, "group": group}),
+        )
+        .await;
+        wait_ready(&transforms, &format!("memo-{team}")).await;
+        let api_version = format!("{group}/v1alpha1");
+        let memos = support::dynamic_api(&env.client, &api_version, "Memo", &env.namespace).await;
+        apis.push((api_version, memos));
+    }
+    let (a, b) = (&apis[0], &apis[1]);
+    apply_instance(&a.1, &a.0, "Memo", "same", json!({"text": "from a"})).await;
+    wait_instance(&a.1, "same", "Ready", "True", "Ready").await;
+    // Both would be graph `memo-same` with the same labels: the second instance is told, and
+    // neither the first's graph nor its objects change.
+    apply_instance(&b.1, &b.0, "Memo", "same", json!({"text": "from b"})).await;
+    let obj = wait_instance(&b.1, "same", "Ready", "False", "GraphConflict").await;
+    assert!(
+        instance_condition(&obj, "Ready")
+            .unwrap()
+            .2
+            .contains("does not belong to this instance"),
+        "{:?}",
+        obj.data.get("status")
+    );
+    let data = config_data(&env.client, &env.namespace, "memo-same").await.unwrap();
+    assert_eq!((data["text"].as_str(), data["version"].as_str()), ("from a", "a"));
+
+    // Deleting the second instance leaves the first's graph and objects.
+    support::delete_and_wait_gone(&b.1, "same", WAIT).await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(graphs.get_opt("memo-same").await.unwrap().is_some());
+    assert_eq!(
+        config_data(&env.client, &env.namespace, "memo-same").await.unwrap()["text"],
+        "from a"
+    );
+    support::delete_and_wait_gone(&a.1, "same", WAIT).await;
+    for team in ["a", "b"] {
+        delete_transform(&transforms, &format!("memo-{team}")).await;
+    }
+    env.cleanup().await;
+}
+
 /// Renders what the apiserver or the graph rules refuse, on request.
 const REFUSED_MODULE: &str = r#"package refused
 
