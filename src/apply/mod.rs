@@ -15,7 +15,7 @@ use serde_json::Value;
 
 pub use object::{
     ADOPTED_FROM_ANNOTATION, DELETION_POLICY_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GraphIdentity, NODE_LABEL,
-    contains, desired_object, gvk_label, is_orphan, other_managers, set_annotation,
+    contains, desired_object, first_difference, gvk_label, is_orphan, other_managers, set_annotation,
 };
 
 use crate::api::{ApplyMode, ConflictPolicy, DEFAULT_FIELD_MANAGER, Node};

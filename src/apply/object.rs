@@ -114,6 +114,24 @@ pub fn contains(live: &Value, desired: &Value) -> bool {
     }
 }
 
+/// Where `live` first differs from `desired` (the JSON pointer of a field `desired` sets and
+/// `live` lacks or holds another value), or None when [`contains`] holds.
+pub fn first_difference(live: &Value, desired: &Value) -> Option<String> {
+    match (live, desired) {
+        (Value::Object(l), Value::Object(d)) => d.iter().find_map(|(k, dv)| match l.get(k) {
+            None => Some(format!("/{k}")),
+            Some(lv) => first_difference(lv, dv).map(|rest| format!("/{k}{rest}")),
+        }),
+        (Value::Array(l), Value::Array(d)) if l.len() == d.len() => l
+            .iter()
+            .zip(d)
+            .enumerate()
+            .find_map(|(i, (lv, dv))| first_difference(lv, dv).map(|rest| format!("/{i}{rest}"))),
+        _ if contains(live, desired) => None,
+        _ => Some(String::new()),
+    }
+}
+
 /// Whether an object asks to be left running when Pequod lets go of it.
 pub fn is_orphan(object: &Value) -> bool {
     object

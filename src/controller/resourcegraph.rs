@@ -30,7 +30,7 @@ use crate::api::{
 };
 use crate::apply::ownership::{self, LetGo};
 use crate::apply::{
-    ADOPTED_FROM_ANNOTATION, Applied, Applier, ApplyError, GraphIdentity, Resolved, contains, desired_object,
+    ADOPTED_FROM_ANNOTATION, Applied, Applier, ApplyError, GraphIdentity, Resolved, desired_object, first_difference,
     gvk_label, other_managers, set_annotation,
 };
 use crate::graph::{self, Dag};
@@ -533,11 +533,12 @@ async fn process_node(
         .as_deref()
         .unwrap_or(DEFAULT_FIELD_MANAGER);
     if let Some(l) = &live {
-        let mut value = serde_json::to_value(l).unwrap_or_default();
-        value["kind"] = Value::String(kind.to_string());
-        if let Some(refused) =
-            ownership::refusal(node.apply_policy.mode, &value, graph, &other_managers(l, manager_name))
-        {
+        if let Some(refused) = ownership::refusal(
+            node.apply_policy.mode,
+            &typed(l, node),
+            graph,
+            &other_managers(l, manager_name),
+        ) {
             // Retried: the object may go away, or be adopted by a changed node.
             return fail(
                 refused.message.clone(),
@@ -582,7 +583,14 @@ async fn process_node(
     let needs_write = match (&live, node.apply_policy.mode) {
         (None, _) => true,
         (Some(_), crate::api::ApplyMode::Create) => false,
-        (Some(l), _) => !unchanged_since_apply && !contains(&serde_json::to_value(l).unwrap_or_default(), &desired),
+        (Some(_), _) if unchanged_since_apply => false,
+        (Some(l), _) => match first_difference(&typed(l, node), &desired) {
+            None => false,
+            Some(path) => {
+                tracing::debug!(node = %node.id, %path, "the live object differs from the desired one");
+                true
+            }
+        },
     };
     let state_adopted = (node.apply_policy.mode == crate::api::ApplyMode::Adopt).then_some(adopted_from.is_some());
     let previous_managers: Vec<String> = adopted_from
@@ -628,13 +636,7 @@ async fn process_node(
         }
     };
 
-    let mut value = serde_json::to_value(&object).unwrap_or_default();
-    // Gates judge by kind too (a Secret's values are never quoted), and objects from a watch
-    // cache may come without their type.
-    if let Some(fields) = value.as_object_mut() {
-        fields.entry("apiVersion").or_insert_with(|| node.api_version().into());
-        fields.entry("kind").or_insert_with(|| node.kind().into());
-    }
+    let value = typed(&object, node);
     let mut outcome_ref = resource_ref;
     outcome_ref.uid = object.uid();
     // Only what this graph wrote goes into its inventory, with the uid that teardown checks: an
@@ -673,6 +675,18 @@ async fn process_node(
         transient: false,
         event,
     }
+}
+
+/// `object` as JSON with its `apiVersion` and `kind`, which objects listed into a watch cache
+/// come without: comparisons with the desired object and gates (a Secret's values are never
+/// quoted) need them.
+fn typed(object: &DynamicObject, node: &Node) -> Value {
+    let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        fields.entry("apiVersion").or_insert_with(|| node.api_version().into());
+        fields.entry("kind").or_insert_with(|| node.kind().into());
+    }
+    value
 }
 
 /// Whether Pequod's field manager for this node already applies to the object.
