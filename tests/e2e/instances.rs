@@ -604,18 +604,10 @@ async fn deleting_an_instance_that_collided_with_another_team_s_objects_leaves_t
         "{message}"
     );
 
-    webservices.delete("payments", &DeleteParams::default()).await.unwrap();
+    // The instance goes once its graph is torn down.
+    support::delete_and_wait_gone(&webservices, "payments", WAIT).await;
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_for("the instance and its graph to be gone", WAIT, || async {
-        let instance = webservices.get_opt("payments").await.map_err(|e| e.to_string())?;
-        let graph = graphs.get_opt("webservice-payments").await.map_err(|e| e.to_string())?;
-        if instance.is_none() && graph.is_none() {
-            Ok(())
-        } else {
-            Err(format!("instance: {}, graph: {}", instance.is_some(), graph.is_some()))
-        }
-    })
-    .await;
+    assert!(graphs.get_opt("webservice-payments").await.unwrap().is_none());
     let deployment = Api::<Deployment>::namespaced(env.client.clone(), &env.namespace)
         .get("payments")
         .await
