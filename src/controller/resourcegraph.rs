@@ -532,23 +532,17 @@ async fn process_node(
         .field_manager
         .as_deref()
         .unwrap_or(DEFAULT_FIELD_MANAGER);
-    if let Some(l) = &live {
-        if let Some(refused) = ownership::refusal(
+    if let Some(l) = &live
+        && let Some(refused) = ownership::refusal(
             node.apply_policy.mode,
             &typed(l, node),
             graph,
             &other_managers(l, manager_name),
-        ) {
-            // Retried: the object may go away, or be adopted by a changed node.
-            return fail(
-                refused.message.clone(),
-                true,
-                Some(warning(
-                    refused.reason,
-                    format!("node {}: {}", node.id, refused.message),
-                )),
-            );
-        }
+        )
+    {
+        // Retried: the object may go away, or be adopted by a changed node.
+        let event = warning(refused.reason, format!("node {}: {}", node.id, refused.message));
+        return fail(refused.message, true, Some(event));
     }
 
     // Adoption is recorded on the object itself, so that no stale read of this graph's
