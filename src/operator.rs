@@ -216,11 +216,13 @@ fn leader_identity() -> String {
 /// tried again, every [`CUE_RETRY_INTERVAL`].
 async fn check_cue_binary(cue: CueCli, health: Arc<Health>, shutdown: Shutdown) -> Result<(), StartupError> {
     let mut availability = cue.availability();
-    if let Err(e) = cue.version().await {
-        tracing::warn!(error = %e, binary = %cue.binary().display(), "cue binary does not work");
-    }
+    // A binary that starts but cannot even print its version is as unusable as a missing one.
+    let mut broken = version_failure(&cue).await;
     loop {
-        let state = availability.borrow_and_update().clone();
+        let state = match &broken {
+            Some(e) => Some(Err(e.clone())),
+            None => availability.borrow_and_update().clone(),
+        };
         let failing = matches!(state, Some(Err(_)));
         if let Some(state) = state {
             health.set(Probe::Readiness, "cue", state);
@@ -228,11 +230,15 @@ async fn check_cue_binary(cue: CueCli, health: Arc<Health>, shutdown: Shutdown) 
         tokio::select! {
             _ = shutdown.wait() => return Ok(()),
             changed = availability.changed() => if changed.is_err() { return Ok(()) },
-            _ = tokio::time::sleep(CUE_RETRY_INTERVAL), if failing => {
-                if let Err(e) = cue.version().await {
-                    tracing::warn!(error = %e, binary = %cue.binary().display(), "cue binary still does not work");
-                }
-            }
+            _ = tokio::time::sleep(CUE_RETRY_INTERVAL), if failing => broken = version_failure(&cue).await,
         }
     }
+}
+
+/// Why `cue version` failed, unless the binary could not be started at all (every run
+/// reports that through [`CueCli::availability`]).
+async fn version_failure(cue: &CueCli) -> Option<String> {
+    let error = cue.version().await.err()?;
+    tracing::warn!(error = %error, binary = %cue.binary().display(), "cue binary does not work");
+    (!matches!(error, crate::cue::CueError::Spawn { .. })).then(|| error.to_string())
 }

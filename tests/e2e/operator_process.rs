@@ -57,6 +57,25 @@ async fn readyz_reports_a_broken_cue_binary_and_passes_when_everything_works() {
     assert!(body.contains("[+] transform-controller ok"), "{body}");
     drop(broken);
 
+    // A binary that starts but fails even `cue version` is reported with its message.
+    let dir = tempfile::tempdir().unwrap();
+    let failing_cue = dir.path().join("cue");
+    std::fs::write(
+        &failing_cue,
+        "#!/bin/sh\necho 'cue: corrupt installation' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&failing_cue, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let failing = start_operator(&env.kubeconfig, &failing_cue);
+    support::wait_for("readyz to show the failing cue", Duration::from_secs(30), || async {
+        match readyz(&failing).await {
+            Ok((503, body)) if body.contains("[-] cue failed") && body.contains("corrupt installation") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    drop(failing);
+
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
     let working = start_operator(&env.kubeconfig, &cue);
     support::wait_for("readyz to pass", Duration::from_secs(60), || async {
