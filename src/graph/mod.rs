@@ -29,6 +29,8 @@ pub enum GraphError {
     Cycle { cycle: Vec<String> },
     #[error("node {node:?}: object {problem}")]
     MalformedObject { node: String, problem: String },
+    #[error("node {node:?}: {why}")]
+    NotAllowed { node: String, why: String },
 }
 
 impl GraphError {
@@ -42,6 +44,7 @@ impl GraphError {
             Self::InvalidId { .. } => "InvalidNodeId",
             Self::UnknownDependency { .. } => "UnknownDependency",
             Self::Cycle { .. } => "DependencyCycle",
+            Self::NotAllowed { .. } => "NotAllowed",
         }
     }
 }
@@ -194,6 +197,21 @@ fn check_object(node: &Node) -> Result<(), GraphError> {
     if !non_empty(metadata.get("name")) {
         return Err(bad("has no metadata.name"));
     }
+    // An aggregation label adds the object's rules to a ClusterRole that aggregates them,
+    // the manager's own among them: no graph may grant permissions that way.
+    let labels = metadata.get("labels").and_then(|l| l.as_object());
+    if let Some(label) = labels
+        .into_iter()
+        .flat_map(|l| l.keys())
+        .find(|k| k.starts_with("rbac.authorization.k8s.io/aggregate-to-") || *k == crate::rbac::AGGREGATE_LABEL)
+    {
+        return Err(GraphError::NotAllowed {
+            node: node.id.clone(),
+            why: format!(
+                "the label {label} would aggregate the object's rules into another role; Pequod never writes it"
+            ),
+        });
+    }
     Ok(())
 }
 
@@ -287,6 +305,27 @@ mod tests {
         );
         let many: Vec<Node> = (0..=MAX_NODES).map(|i| node(&format!("n{i}"), &[])).collect();
         assert!(matches!(validate(&many).unwrap_err(), GraphError::TooManyNodes { .. }));
+    }
+
+    #[test]
+    fn aggregation_labels_are_not_allowed() {
+        for label in [
+            "rbac.authorization.k8s.io/aggregate-to-admin",
+            "pequod.io/aggregate-to-manager",
+        ] {
+            let role: Node = serde_json::from_value(json!({"id": "role", "object": {
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": "r", "labels": {label: "true"}}}}))
+            .unwrap();
+            let err = validate(&[role]).unwrap_err();
+            assert_eq!(err.reason(), "NotAllowed", "{label}");
+            assert!(err.to_string().contains(label), "{err}");
+        }
+        let plain: Node = serde_json::from_value(json!({"id": "role", "object": {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "r", "labels": {"app": "x"}}}}))
+        .unwrap();
+        assert!(validate(&[plain]).is_ok());
     }
 
     #[test]

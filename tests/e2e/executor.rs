@@ -587,3 +587,36 @@ async fn a_gate_on_a_secret_never_reveals_its_values() {
     }
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_graph_cannot_aggregate_rules_into_another_role() {
+    let (env, graphs) = setup("aggregation").await;
+    let role_name = format!("{}-escalate", env.namespace);
+    let role = json!({"id": "role", "object": {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": role_name, "labels": {"pequod.io/aggregate-to-manager": "true"}},
+        "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}});
+    apply_graph(&graphs, "g", json!([configmap("a", &[]), role])).await;
+    let rg = wait_graph(&graphs, "g", "the graph refused", phase_is(GraphPhase::Failed)).await;
+    let valid = rg
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Valid")
+        .unwrap();
+    assert_eq!(valid.reason, "NotAllowed");
+    assert!(
+        valid.message.contains("pequod.io/aggregate-to-manager"),
+        "{}",
+        valid.message
+    );
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(env.client.clone());
+    assert!(roles.get_opt(&role_name).await.unwrap().is_none());
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(
+        cms.get_opt("a").await.unwrap().is_none(),
+        "nothing of a refused graph is applied"
+    );
+    support::wait_events(&env.client, &env.namespace, "g", &["InvalidGraph"]).await;
+    env.cleanup().await;
+}
