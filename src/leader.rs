@@ -136,10 +136,17 @@ impl Elector {
                 }
                 _ = tokio::time::sleep(self.timing.retry_period) => {}
             }
-            match self.try_acquire_or_renew().await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => return false,
-                Err(e) => tracing::warn!(error = %e, lease = %self.name, "leader election: renewing the lease failed"),
+            // Each attempt is time-boxed by what is left of the renew deadline: a request that
+            // hangs (a half-open connection, an apiserver that stopped answering) must not keep
+            // this process reconciling after a standby may have taken the lease.
+            let left = self.timing.renew_deadline.saturating_sub(renewed.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => renewed = Instant::now(),
+                Ok(Ok(false)) => return false,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, lease = %self.name, "leader election: renewing the lease failed")
+                }
+                Err(_) => tracing::warn!(lease = %self.name, "leader election: renewing the lease timed out"),
             }
             if renewed.elapsed() >= self.timing.renew_deadline {
                 return false;

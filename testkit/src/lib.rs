@@ -647,3 +647,80 @@ pub async fn service_account_token(client: &Client, namespace: &str, name: &str)
         .unwrap_or_else(|e| panic!("a token for {namespace}/{name}: {e}"));
     issued.status.expect("token status").token
 }
+
+/// A TCP proxy on loopback that forwards to `target` until told to stall: then it stops
+/// forwarding in both directions and keeps every connection open, as a half-open network or
+/// a hung apiserver does. TLS passes through untouched.
+pub struct StallingProxy {
+    pub addr: std::net::SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallingProxy {
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("proxy port");
+        let addr = listener.local_addr().expect("proxy address");
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (from_client, to_client) = inbound.into_split();
+                    let (from_server, to_server) = outbound.into_split();
+                    tokio::join!(
+                        pump(from_client, to_server, flag.clone()),
+                        pump(from_server, to_client, flag)
+                    );
+                });
+            }
+        });
+        Self { addr, stalled }
+    }
+
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The apiserver address (an IP and port) a kubeconfig names.
+pub fn apiserver_address(kubeconfig: &Path) -> std::net::SocketAddr {
+    std::fs::read_to_string(kubeconfig)
+        .expect("read kubeconfig")
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://")?.parse().ok())
+        .expect("an IP and port as the kubeconfig's server")
+}
+
+/// A copy of `kubeconfig` that reaches the apiserver through `proxy`.
+pub fn kubeconfig_via(kubeconfig: &Path, proxy: std::net::SocketAddr) -> PathBuf {
+    let text = std::fs::read_to_string(kubeconfig).expect("read kubeconfig");
+    let server = apiserver_address(kubeconfig).to_string();
+    let path = kubeconfig.with_extension(format!("via-{}", proxy.port()));
+    std::fs::write(&path, text.replace(&server, &proxy.to_string())).expect("write kubeconfig");
+    path
+}

@@ -190,6 +190,72 @@ async fn killed_operator_converges_on_instances_after_restart() {
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn a_leader_cut_off_from_the_apiserver_stops_before_a_standby_takes_over() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("leader-stall").await;
+    support::install_crds(&env.client).await;
+    let namespace = format!("--leader-election-namespace={}", env.namespace);
+    let flags = [
+        "--leader-elect",
+        namespace.as_str(),
+        "--leader-elect-lease-duration=4",
+        "--leader-elect-renew-deadline=3",
+        "--leader-elect-retry-period=1",
+    ];
+    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
+    // The leader reaches the apiserver through a proxy that will stop forwarding.
+    let proxy = support::StallingProxy::start(support::apiserver_address(&env.operator_kubeconfig)).await;
+    let via_proxy = support::kubeconfig_via(&env.operator_kubeconfig, proxy.addr);
+    let mut leader = OperatorProcess::start(&via_proxy, &cue, &flags);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.namespace);
+    let holder = || async {
+        leases
+            .get_opt("pequod-leader")
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|l| l.spec?.holder_identity)
+            .ok_or_else(|| "no holder".to_string())
+    };
+    let first_holder = support::wait_for("the proxied operator to lead", WAIT, holder).await;
+    let standby = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
+    support::wait_for("the standby to be ready", WAIT, || async {
+        match support::http_get(&standby.probes, "/readyz").await {
+            Ok((200, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // Every request of the leader now hangs: none fails, none returns.
+    proxy.stall();
+    let stalled = std::time::Instant::now();
+    let mut exited = None;
+    let mut took_over = None;
+    while exited.is_none() || took_over.is_none() {
+        assert!(stalled.elapsed() < WAIT, "exited: {exited:?}, took over: {took_over:?}");
+        if exited.is_none() && leader.try_wait().unwrap().is_some() {
+            exited = Some(stalled.elapsed());
+        }
+        if took_over.is_none() && holder().await.is_ok_and(|h| h != first_holder) {
+            took_over = Some(stalled.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (exited, took_over) = (exited.unwrap(), took_over.unwrap());
+    // The leader gives up within its renew deadline (plus one retry period), the standby
+    // takes over only once the lease expired: never two leaders at once.
+    assert!(
+        exited < Duration::from_secs(3 + 1 + 1),
+        "the cut-off leader stopped after {exited:?}"
+    );
+    assert!(
+        exited < took_over,
+        "stopped after {exited:?}, taken over after {took_over:?}"
+    );
+    env.cleanup().await;
+}
+
 fn configmap_graph(name: &str) -> serde_json::Value {
     json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": name},
            "spec": {"nodes": [{"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}}]}})
