@@ -11,6 +11,16 @@ use crate::crd::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_
 
 /// Label that aggregates a generated ClusterRole into the manager's ClusterRole.
 pub const AGGREGATE_LABEL: &str = "pequod.io/aggregate-to-manager";
+
+/// Whether an RBAC object's labels say the Transform `namespace/name` made it: only then may
+/// the Transform write or delete it.
+pub fn made_by(labels: Option<&BTreeMap<String, String>>, namespace: &str, name: &str) -> bool {
+    labels.is_some_and(|l| {
+        l.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
+            && l.get(TRANSFORM_LABEL).map(String::as_str) == Some(name)
+            && l.get(TRANSFORM_NAMESPACE_LABEL).map(String::as_str) == Some(namespace)
+    })
+}
 /// Verbs the executor uses on the objects it applies.
 const OBJECT_VERBS: [&str; 7] = ["get", "list", "watch", "create", "update", "patch", "delete"];
 
@@ -236,6 +246,23 @@ mod tests {
             Some("pequod:transform:platform.webservice")
         );
         assert_eq!(role.metadata.labels.as_ref().unwrap()[AGGREGATE_LABEL], "true");
+    }
+
+    #[test]
+    fn only_objects_labelled_for_the_transform_are_its_own() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let ours = labels(&[
+            (MANAGED_BY_LABEL, MANAGED_BY_VALUE),
+            (TRANSFORM_LABEL, "web"),
+            (TRANSFORM_NAMESPACE_LABEL, "platform"),
+        ]);
+        assert!(made_by(Some(&ours), "platform", "web"));
+        assert!(!made_by(Some(&ours), "other", "web"), "same name, another namespace");
+        assert!(!made_by(Some(&ours), "platform", "api"));
+        assert!(!made_by(Some(&labels(&[("app", "x")])), "platform", "web"));
+        assert!(!made_by(None, "platform", "web"));
     }
 
     #[test]

@@ -539,6 +539,11 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
             );
             update.new.generated_rbac = Some(generated);
         }
+        Err(e @ RbacError::NotOurs { .. }) => {
+            update.fail("RBACConfigured", "RBACConflict", &e.to_string(), "RBACConflict");
+            update.write().await?;
+            return Ok(Action::requeue(super::RETRY));
+        }
         Err(e) => {
             let message = format!("generating RBAC: {e}");
             update.fail("RBACConfigured", "RBACFailed", &message, "RBACFailed");
@@ -689,7 +694,16 @@ async fn count_instances(ctx: &Context, crd: &CustomResourceDefinition) -> Resul
 }
 
 /// Applies the Transform's RBAC and removes the objects of the other scope.
-async fn configure_rbac(t: &Transform, ctx: &Context, resource: &ApiResource) -> Result<GeneratedRbac, kube::Error> {
+/// Why a Transform's RBAC could not be configured.
+#[derive(Debug, thiserror::Error)]
+enum RbacError {
+    #[error("{kind} {name} exists and was not made by this Transform; it is left alone")]
+    NotOurs { kind: String, name: String },
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+}
+
+async fn configure_rbac(t: &Transform, ctx: &Context, resource: &ApiResource) -> Result<GeneratedRbac, RbacError> {
     let namespace = t.namespace().unwrap_or_default();
     let name = t.name_any();
     let rules = rbac::rules(
@@ -711,9 +725,9 @@ async fn configure_rbac(t: &Transform, ctx: &Context, resource: &ApiResource) ->
     match rbac::generate(t.spec.rbac_scope, &identity, rules, &ctx.manager) {
         Generated::Cluster(role) => {
             let role_name = role.metadata.name.clone().unwrap_or_default();
-            apply_if_changed(&cluster_roles, &role_name, &role).await?;
-            delete_if_present(&bindings, &rbac::role_name(&name)).await?;
-            delete_if_present(&roles, &rbac::role_name(&name)).await?;
+            apply_if_changed(&cluster_roles, &role_name, &role, t).await?;
+            delete_if_made_by(&bindings, &rbac::role_name(&name), t).await?;
+            delete_if_made_by(&roles, &rbac::role_name(&name), t).await?;
             Ok(GeneratedRbac {
                 cluster_role_name: Some(role_name),
                 role_name: None,
@@ -724,9 +738,9 @@ async fn configure_rbac(t: &Transform, ctx: &Context, resource: &ApiResource) ->
         Generated::Namespace(generated) => {
             let (role, binding) = *generated;
             let role_name = role.metadata.name.clone().unwrap_or_default();
-            apply_if_changed(&roles, &role_name, &role).await?;
-            apply_if_changed(&bindings, &role_name, &binding).await?;
-            delete_if_present(&cluster_roles, &rbac::cluster_role_name(&namespace, &name)).await?;
+            apply_if_changed(&roles, &role_name, &role, t).await?;
+            apply_if_changed(&bindings, &role_name, &binding, t).await?;
+            delete_if_made_by(&cluster_roles, &rbac::cluster_role_name(&namespace, &name), t).await?;
             Ok(GeneratedRbac {
                 cluster_role_name: None,
                 role_name: Some(role_name.clone()),
@@ -737,12 +751,23 @@ async fn configure_rbac(t: &Transform, ctx: &Context, resource: &ApiResource) ->
     }
 }
 
-async fn apply_if_changed<K>(api: &Api<K>, name: &str, desired: &K) -> Result<(), kube::Error>
+/// Applies an RBAC object of `t` unless it is already as desired; refuses one `t` did not make.
+async fn apply_if_changed<K>(api: &Api<K>, name: &str, desired: &K, t: &Transform) -> Result<(), RbacError>
 where
     K: Resource<DynamicType = ()> + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let desired_value = serde_json::to_value(desired).map_err(kube::Error::SerdeError)?;
     if let Some(live) = api.get_opt(name).await? {
+        if !rbac::made_by(
+            live.meta().labels.as_ref(),
+            &t.namespace().unwrap_or_default(),
+            &t.name_any(),
+        ) {
+            return Err(RbacError::NotOurs {
+                kind: K::kind(&()).into_owned(),
+                name: name.to_string(),
+            });
+        }
         let live_value = serde_json::to_value(&live).map_err(kube::Error::SerdeError)?;
         if contains(&live_value, &desired_value) {
             return Ok(());
@@ -754,6 +779,25 @@ where
     api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(body))
         .await?;
     Ok(())
+}
+
+/// Deletes an RBAC object of `t`; one `t` did not make is left alone.
+async fn delete_if_made_by<K>(api: &Api<K>, name: &str, t: &Transform) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.get_metadata_opt(name).await? {
+        Some(live)
+            if rbac::made_by(
+                live.metadata.labels.as_ref(),
+                &t.namespace().unwrap_or_default(),
+                &t.name_any(),
+            ) =>
+        {
+            delete_if_present(api, name).await
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
@@ -805,19 +849,22 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     }
     let namespace = t.namespace().unwrap_or_default();
     let name = t.name_any();
-    delete_if_present(
+    delete_if_made_by(
         &Api::<ClusterRole>::all(ctx.client.clone()),
         &rbac::cluster_role_name(&namespace, &name),
+        t,
     )
     .await?;
-    delete_if_present(
+    delete_if_made_by(
         &Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace),
         &rbac::role_name(&name),
+        t,
     )
     .await?;
-    delete_if_present(
+    delete_if_made_by(
         &Api::<Role>::namespaced(ctx.client.clone(), &namespace),
         &rbac::role_name(&name),
+        t,
     )
     .await?;
     super::remove_finalizer(&api(t, ctx), t, FINALIZER).await?;

@@ -579,3 +579,39 @@ async fn alternatives_of_structs_are_enforced_by_the_apiserver_through_cel() {
     delete_transform(&transforms, "source").await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn rbac_objects_a_transform_did_not_make_are_neither_overwritten_nor_deleted() {
+    let (env, transforms) = setup("rbac-foreign").await;
+    // Someone else's ClusterRole under the name the Transform's would have.
+    let name = pequod::rbac::cluster_role_name(&env.namespace, "webservice");
+    let roles: Api<ClusterRole> = Api::all(env.client.clone());
+    let foreign: ClusterRole = serde_json::from_value(json!({"metadata": {"name": name},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}))
+    .unwrap();
+    let created = roles.create(&PostParams::default(), &foreign).await.unwrap();
+
+    apply_transform(
+        &transforms,
+        "webservice",
+        json!({"cueRef": {"type": "embedded", "ref": "webservice"}, "group": group(&env)}),
+    )
+    .await;
+    let (_, message) = failed(&transforms, "webservice", "RBACConfigured", "RBACConflict").await;
+    assert!(
+        message.contains(&format!("ClusterRole {name} exists and was not made by this Transform")),
+        "{message}"
+    );
+    support::wait_events(&env.client, &env.namespace, "webservice", &["RBACConflict"]).await;
+    let live = roles.get(&name).await.unwrap();
+    assert_eq!(
+        live.metadata.resource_version, created.metadata.resource_version,
+        "not written"
+    );
+
+    delete_transform(&transforms, "webservice").await;
+    let live = roles.get(&name).await.expect("not deleted with the Transform");
+    assert_eq!(live.uid(), created.uid());
+    roles.delete(&name, &DeleteParams::default()).await.unwrap();
+    env.cleanup().await;
+}
