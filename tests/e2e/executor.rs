@@ -69,6 +69,16 @@ fn service_node(name: &str) -> Value {
     })
 }
 
+/// The graph's `Valid` condition.
+fn valid_condition(rg: ResourceGraph) -> pequod::api::Condition {
+    rg.status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Valid")
+        .expect("a Valid condition")
+}
+
 /// Waits until `check` accepts the graph, showing its status on timeout.
 async fn wait_graph(
     graphs: &Api<ResourceGraph>,
@@ -191,13 +201,7 @@ async fn a_cycle_is_refused_and_nothing_is_applied() {
     let (env, graphs) = setup("cycle").await;
     apply_graph(&graphs, "loop", json!([configmap("a", &["b"]), configmap("b", &["a"])])).await;
     let rg = wait_graph(&graphs, "loop", "the graph failed", phase_is(GraphPhase::Failed)).await;
-    let valid = rg
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Valid")
-        .unwrap();
+    let valid = valid_condition(rg);
     assert!(!valid.is_true());
     assert_eq!(valid.reason, "DependencyCycle");
     assert!(valid.message.contains("a -> b -> a"), "{}", valid.message);
@@ -597,13 +601,7 @@ async fn a_graph_cannot_aggregate_rules_into_another_role() {
         "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}});
     apply_graph(&graphs, "g", json!([configmap("a", &[]), role])).await;
     let rg = wait_graph(&graphs, "g", "the graph refused", phase_is(GraphPhase::Failed)).await;
-    let valid = rg
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Valid")
-        .unwrap();
+    let valid = valid_condition(rg);
     assert_eq!(valid.reason, "NotAllowed");
     assert!(
         valid.message.contains("pequod.io/aggregate-to-manager"),

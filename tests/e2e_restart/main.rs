@@ -209,23 +209,10 @@ async fn a_leader_cut_off_from_the_apiserver_stops_before_a_standby_takes_over()
     let via_proxy = support::kubeconfig_via(&env.operator_kubeconfig, proxy.addr);
     let mut leader = OperatorProcess::start(&via_proxy, &cue, &flags);
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.namespace);
-    let holder = || async {
-        leases
-            .get_opt("pequod-leader")
-            .await
-            .map_err(|e| e.to_string())?
-            .and_then(|l| l.spec?.holder_identity)
-            .ok_or_else(|| "no holder".to_string())
-    };
+    let holder = || lease_holder(&leases);
     let first_holder = support::wait_for("the proxied operator to lead", WAIT, holder).await;
     let standby = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
-    support::wait_for("the standby to be ready", WAIT, || async {
-        match support::http_get(&standby.probes, "/readyz").await {
-            Ok((200, body)) => Ok(body),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_ready(&standby).await;
 
     // Every request of the leader now hangs: none fails, none returns.
     proxy.stall();
@@ -256,6 +243,27 @@ async fn a_leader_cut_off_from_the_apiserver_stops_before_a_standby_takes_over()
     env.cleanup().await;
 }
 
+/// Who holds the leader Lease.
+async fn lease_holder(leases: &Api<k8s_openapi::api::coordination::v1::Lease>) -> Result<String, String> {
+    leases
+        .get_opt("pequod-leader")
+        .await
+        .map_err(|e| e.to_string())?
+        .and_then(|l| l.spec?.holder_identity)
+        .ok_or_else(|| "no holder".to_string())
+}
+
+/// Waits until an operator's /readyz answers 200 (a standby is ready without leading).
+async fn wait_ready(operator: &OperatorProcess) {
+    support::wait_for("the operator to be ready", WAIT, || async {
+        match support::http_get(&operator.probes, "/readyz").await {
+            Ok((200, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
 fn configmap_graph(name: &str) -> serde_json::Value {
     json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": name},
            "spec": {"nodes": [{"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}}]}})
@@ -277,24 +285,11 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
     let first = OperatorProcess::start(&env.kubeconfig, &cue, &flags);
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.namespace);
-    let holder = || async {
-        leases
-            .get_opt("pequod-leader")
-            .await
-            .map_err(|e| e.to_string())?
-            .and_then(|l| l.spec?.holder_identity)
-            .ok_or_else(|| "no holder".to_string())
-    };
+    let holder = || lease_holder(&leases);
     let first_holder = support::wait_for("the first operator to lead", WAIT, holder).await;
     let second = OperatorProcess::start(&env.kubeconfig, &cue, &flags);
     // The standby is ready (probes answer) but does not reconcile.
-    support::wait_for("the standby to be ready", WAIT, || async {
-        match support::http_get(&second.probes, "/readyz").await {
-            Ok((200, body)) => Ok(body),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_ready(&second).await;
 
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
