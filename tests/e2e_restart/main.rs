@@ -195,14 +195,8 @@ async fn a_leader_cut_off_from_the_apiserver_stops_before_a_standby_takes_over()
     let _serial = SERIAL.lock().await;
     let env = support::env("leader-stall").await;
     support::install_crds(&env.client).await;
-    let namespace = format!("--leader-election-namespace={}", env.namespace);
-    let flags = [
-        "--leader-elect",
-        namespace.as_str(),
-        "--leader-elect-lease-duration=4",
-        "--leader-elect-renew-deadline=3",
-        "--leader-elect-retry-period=1",
-    ];
+    let flags = leader_flags(&env.namespace);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
     // The leader reaches the apiserver through a proxy that will stop forwarding.
     let proxy = support::StallingProxy::start(support::apiserver_address(&env.operator_kubeconfig)).await;
@@ -243,6 +237,18 @@ async fn a_leader_cut_off_from_the_apiserver_stops_before_a_standby_takes_over()
     env.cleanup().await;
 }
 
+/// Leader election with the Lease in `namespace`: a 4 s lease, renewed every second, given up
+/// after 3 s without renewal.
+fn leader_flags(namespace: &str) -> Vec<String> {
+    vec![
+        "--leader-elect".into(),
+        format!("--leader-election-namespace={namespace}"),
+        "--leader-elect-lease-duration=4".into(),
+        "--leader-elect-renew-deadline=3".into(),
+        "--leader-elect-retry-period=1".into(),
+    ]
+}
+
 /// Who holds the leader Lease.
 async fn lease_holder(leases: &Api<k8s_openapi::api::coordination::v1::Lease>) -> Result<String, String> {
     leases
@@ -274,14 +280,8 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     let _serial = SERIAL.lock().await;
     let env = support::env("leader").await;
     support::install_crds(&env.client).await;
-    let namespace = format!("--leader-election-namespace={}", env.namespace);
-    let flags = [
-        "--leader-elect",
-        namespace.as_str(),
-        "--leader-elect-lease-duration=4",
-        "--leader-elect-renew-deadline=3",
-        "--leader-elect-retry-period=1",
-    ];
+    let flags = leader_flags(&env.namespace);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
     let first = OperatorProcess::start(&env.kubeconfig, &cue, &flags);
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.namespace);
