@@ -307,7 +307,20 @@ pub struct OperatorProcess {
 
 impl OperatorProcess {
     /// Starts pequod against `kubeconfig` on free loopback ports with `cue` and `extra` flags.
+    /// A port found free can be taken by another process before pequod binds it: a start that
+    /// fails that way is tried again on other ports.
     pub fn start(kubeconfig: &Path, cue: &Path, extra: &[&str]) -> Self {
+        let mut attempts = 0;
+        loop {
+            let mut process = Self::spawn(kubeconfig, cue, extra);
+            attempts += 1;
+            if attempts == 5 || !process.lost_its_port() {
+                return process;
+            }
+        }
+    }
+
+    fn spawn(kubeconfig: &Path, cue: &Path, extra: &[&str]) -> Self {
         let metrics = format!("127.0.0.1:{}", free_port());
         let probes = format!("127.0.0.1:{}", free_port());
         static STARTED: AtomicU32 = AtomicU32::new(0);
@@ -335,6 +348,23 @@ impl OperatorProcess {
             probes,
             log,
         }
+    }
+
+    /// Waits until the process listens on its probe port; true when it exited because one of
+    /// its ports was taken meanwhile.
+    fn lost_its_port(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&self.probes).is_ok() {
+                return false;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return log.contains("Address already in use");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     pub fn pid(&self) -> u32 {
