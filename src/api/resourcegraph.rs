@@ -121,6 +121,14 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// The server-side apply field manager the node's object is written with.
+    pub fn field_manager(&self) -> &str {
+        self.apply_policy
+            .field_manager
+            .as_deref()
+            .unwrap_or(DEFAULT_FIELD_MANAGER)
+    }
+
     /// The object's `kind` (empty when missing).
     pub fn kind(&self) -> &str {
         self.object

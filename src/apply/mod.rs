@@ -18,7 +18,7 @@ pub use object::{
     contains, desired_object, first_difference, gvk_label, is_orphan, other_managers, set_annotation,
 };
 
-use crate::api::{ApplyMode, ConflictPolicy, DEFAULT_FIELD_MANAGER, Node};
+use crate::api::{ApplyMode, ConflictPolicy, Node};
 use crate::metrics::Metrics;
 
 /// A kind resolved through discovery.
@@ -173,7 +173,7 @@ impl Applier {
         reclaim: bool,
     ) -> Result<Applied, ApplyError> {
         let policy = &node.apply_policy;
-        let manager = policy.field_manager.as_deref().unwrap_or(DEFAULT_FIELD_MANAGER);
+        let manager = node.field_manager();
         let mode = match policy.mode {
             ApplyMode::Apply => "Apply",
             ApplyMode::Create => "Create",

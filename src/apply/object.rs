@@ -106,30 +106,31 @@ pub fn desired_object(node: &Node, graph: &GraphIdentity, namespaced: bool) -> V
 /// Whether `live` already holds every field of `desired` with the same value: then applying
 /// would change nothing and is skipped. Lists must match element by element.
 pub fn contains(live: &Value, desired: &Value) -> bool {
-    match (live, desired) {
-        (Value::Object(l), Value::Object(d)) => d.iter().all(|(k, dv)| l.get(k).is_some_and(|lv| contains(lv, dv))),
-        (Value::Array(l), Value::Array(d)) => l.len() == d.len() && l.iter().zip(d).all(|(lv, dv)| contains(lv, dv)),
-        (Value::Number(l), Value::Number(d)) => l.as_f64() == d.as_f64(),
-        (l, d) => l == d,
-    }
+    first_difference(live, desired).is_none()
 }
 
 /// Where `live` first differs from `desired` (the JSON pointer of a field `desired` sets and
-/// `live` lacks or holds another value), or None when [`contains`] holds.
+/// `live` lacks or holds another value; empty for the whole value), or None when `live` holds
+/// every field of `desired`.
 pub fn first_difference(live: &Value, desired: &Value) -> Option<String> {
-    match (live, desired) {
-        (Value::Object(l), Value::Object(d)) => d.iter().find_map(|(k, dv)| match l.get(k) {
-            None => Some(format!("/{k}")),
-            Some(lv) => first_difference(lv, dv).map(|rest| format!("/{k}{rest}")),
-        }),
-        (Value::Array(l), Value::Array(d)) if l.len() == d.len() => l
-            .iter()
-            .zip(d)
-            .enumerate()
-            .find_map(|(i, (lv, dv))| first_difference(lv, dv).map(|rest| format!("/{i}{rest}"))),
-        _ if contains(live, desired) => None,
-        _ => Some(String::new()),
-    }
+    let same = match (live, desired) {
+        (Value::Object(l), Value::Object(d)) => {
+            return d.iter().find_map(|(k, dv)| match l.get(k) {
+                None => Some(format!("/{k}")),
+                Some(lv) => first_difference(lv, dv).map(|rest| format!("/{k}{rest}")),
+            });
+        }
+        (Value::Array(l), Value::Array(d)) if l.len() == d.len() => {
+            return l
+                .iter()
+                .zip(d)
+                .enumerate()
+                .find_map(|(i, (lv, dv))| first_difference(lv, dv).map(|rest| format!("/{i}{rest}")));
+        }
+        (Value::Number(l), Value::Number(d)) => l.as_f64() == d.as_f64(),
+        (l, d) => l == d,
+    };
+    (!same).then(String::new)
 }
 
 /// Whether an object asks to be left running when Pequod lets go of it.

@@ -24,9 +24,10 @@ use tracing::info_span;
 
 use super::watches::{Lookup, ObjectWatches};
 use super::{Error, StatusMemory, now, reconcile_event, reconcile_id, truncate};
+use crate::api::GRAPH_FINALIZER as FINALIZER;
 use crate::api::{
-    Condition, ConditionStatus, DEFAULT_FIELD_MANAGER, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node,
-    NodePhase, NodeState, ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, has_condition, set_condition,
+    Condition, ConditionStatus, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node, NodePhase, NodeState,
+    ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, has_condition, set_condition,
 };
 use crate::apply::ownership::{self, LetGo};
 use crate::apply::{
@@ -39,7 +40,6 @@ use crate::metrics::Metrics;
 use crate::readiness::{GateState, Registry};
 use crate::shutdown::Shutdown;
 
-use crate::api::GRAPH_FINALIZER as FINALIZER;
 const CONTROLLER: &str = "resourcegraph";
 /// Field manager of the status Pequod writes.
 const STATUS_MANAGER: &str = "pequod-resourcegraph";
@@ -527,17 +527,13 @@ async fn process_node(
             Err(e) => return fail(e.to_string(), e.is_transient(), None),
         },
     };
-    let manager_name = node
-        .apply_policy
-        .field_manager
-        .as_deref()
-        .unwrap_or(DEFAULT_FIELD_MANAGER);
-    if let Some(l) = &live
+    let live_value = live.as_ref().map(|l| typed(l, node));
+    if let (Some(l), Some(value)) = (&live, &live_value)
         && let Some(refused) = ownership::refusal(
             node.apply_policy.mode,
-            &typed(l, node),
+            value,
             graph,
-            &other_managers(l, manager_name),
+            &other_managers(l, node.field_manager()),
         )
     {
         // Retried: the object may go away, or be adopted by a changed node.
@@ -547,11 +543,7 @@ async fn process_node(
 
     // Adoption is recorded on the object itself, so that no stale read of this graph's
     // status can lose it.
-    let manager = node
-        .apply_policy
-        .field_manager
-        .as_deref()
-        .unwrap_or(DEFAULT_FIELD_MANAGER);
+    let manager = node.field_manager();
     let adopted_from: Option<String> = if node.apply_policy.mode == crate::api::ApplyMode::Adopt {
         let recorded = live
             .as_ref()
@@ -574,11 +566,11 @@ async fn process_node(
         ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&memory_key)
             == Some(&(desired_hash.clone(), l.resource_version().unwrap_or_default()))
     });
-    let needs_write = match (&live, node.apply_policy.mode) {
+    let needs_write = match (&live_value, node.apply_policy.mode) {
         (None, _) => true,
         (Some(_), crate::api::ApplyMode::Create) => false,
         (Some(_), _) if unchanged_since_apply => false,
-        (Some(l), _) => match first_difference(&typed(l, node), &desired) {
+        (Some(value), _) => match first_difference(value, &desired) {
             None => false,
             Some(path) => {
                 tracing::debug!(node = %node.id, %path, "the live object differs from the desired one");
@@ -685,11 +677,7 @@ fn typed(object: &DynamicObject, node: &Node) -> Value {
 
 /// Whether Pequod's field manager for this node already applies to the object.
 fn owned_by_pequod(live: Option<&DynamicObject>, node: &Node) -> bool {
-    let manager = node
-        .apply_policy
-        .field_manager
-        .as_deref()
-        .unwrap_or(DEFAULT_FIELD_MANAGER);
+    let manager = node.field_manager();
     live.is_some_and(|l| {
         l.metadata
             .managed_fields
