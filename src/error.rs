@@ -17,6 +17,8 @@ pub enum StartupError {
     InvalidFlags(&'static str),
     #[error("secure metrics: {0}")]
     Tls(#[from] crate::secure::TlsError),
+    #[error("graph-signing key: {0}")]
+    GraphKey(#[from] crate::executor::signing_key::KeyError),
     #[error("HTTP server failed: {0}")]
     Server(#[source] std::io::Error),
 }

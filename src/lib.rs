@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crd;
 pub mod cue;
 pub mod error;
+pub mod executor;
 pub mod graph;
 pub mod health;
 pub mod instance;

@@ -14,6 +14,7 @@ use crate::controller::watches::ObjectWatches;
 use crate::controller::{resourcegraph, transform};
 use crate::cue::{CueCli, Renderer, RendererConfig};
 use crate::error::StartupError;
+use crate::executor::signing_key;
 use crate::health::{Health, Probe};
 use crate::leader::{Elector, Timing};
 use crate::metrics::Metrics;
@@ -84,11 +85,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     // wait for the controllers, so that rolling updates can proceed.
     let mut elector = None;
     if args.leader_elect {
-        let namespace = args
-            .leader_election_namespace
-            .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "pequod-system".to_string());
+        let namespace = args.leader_election_namespace.clone().unwrap_or_else(own_namespace);
         let mut e = Elector::new(
             Api::<Lease>::namespaced(client.clone(), &namespace),
             &args.leader_election_id,
@@ -114,6 +111,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         });
     }
 
+    let key = signing_key::load_or_create(&client, &own_namespace()).await?;
     let (watches, triggers) = ObjectWatches::new(client.clone(), shutdown.clone());
     let reporter = kube::runtime::events::Reporter {
         controller: "pequod".into(),
@@ -128,6 +126,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let graphs = Arc::new(resourcegraph::Context::new(
         client.clone(),
         applier.clone(),
+        key.clone(),
         watches,
         recorder.clone(),
         metrics.clone(),
@@ -144,6 +143,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             client.clone(),
             renderer.clone(),
             applier,
+            key,
             recorder.clone(),
             metrics.clone(),
         )),
@@ -185,6 +185,14 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     // Gives the elector a moment to release the lease.
     tokio::time::sleep(Duration::from_millis(200)).await;
     result
+}
+
+/// The operator's own namespace: the pod's, else `pequod-system`.
+fn own_namespace() -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| "pequod-system".to_string())
 }
 
 async fn join_all(mut tasks: JoinSet<Result<(), StartupError>>) -> Result<(), StartupError> {

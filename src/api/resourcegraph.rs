@@ -14,8 +14,8 @@ use super::{Condition, any_value_schema, embedded_object_schema};
 pub const MAX_NODES: usize = 100;
 /// Default time a readiness gate may take before the node fails.
 pub const DEFAULT_READY_TIMEOUT_SECONDS: i64 = 300;
-/// Field manager used when a node does not name one.
-pub const DEFAULT_FIELD_MANAGER: &str = "pequod";
+/// The field manager every graph shared before each had its own; Pequod migrates objects off it.
+pub const LEGACY_FIELD_MANAGER: &str = "pequod";
 /// Finalizer that holds a graph until its objects are torn down in reverse order.
 pub const GRAPH_FINALIZER: &str = "pequod.io/resourcegraph-finalizer";
 
@@ -121,14 +121,6 @@ impl Node {
             .unwrap_or_default()
     }
 
-    /// The server-side apply field manager the node's object is written with.
-    pub fn field_manager(&self) -> &str {
-        self.apply_policy
-            .field_manager
-            .as_deref()
-            .unwrap_or(DEFAULT_FIELD_MANAGER)
-    }
-
     /// The object's `kind` (empty when missing).
     pub fn kind(&self) -> &str {
         self.object
@@ -146,7 +138,7 @@ pub struct ApplyPolicy {
     pub mode: ApplyMode,
     #[serde(default)]
     pub conflict_policy: ConflictPolicy,
-    /// Server-side apply field manager; `pequod` when empty.
+    /// Server-side apply field manager; one of the graph's own (`pequod-<graph uid>`) when empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     pub field_manager: Option<String>,

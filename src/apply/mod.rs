@@ -1,7 +1,6 @@
 //! Writing graph objects to the cluster with server-side apply, and resolving their kinds.
 
 mod object;
-pub mod ownership;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,8 +13,9 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 pub use object::{
-    ADOPTED_FROM_ANNOTATION, DELETION_POLICY_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GraphIdentity, NODE_LABEL,
-    contains, desired_object, first_difference, gvk_label, is_orphan, other_managers, set_annotation,
+    ADOPTED_FROM_ANNOTATION, DELETION_POLICY_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION,
+    GraphIdentity, NODE_LABEL, contains, desired_object, first_difference, gvk_label, is_orphan, other_managers,
+    set_annotation,
 };
 
 use crate::api::{ApplyMode, ConflictPolicy, Node};
@@ -161,19 +161,20 @@ impl Applier {
             .remove(&(api_version.to_string(), kind.to_string()));
     }
 
-    /// Writes `desired` for `node` according to its apply policy. `live` is the object as last
-    /// seen (None when absent); `reclaim` forces the apply because the fields were Pequod's
-    /// before someone else changed them (drift), whatever the conflict policy says.
+    /// Writes `desired` for `node` as field manager `manager`, according to the node's apply
+    /// policy. `live` is the object as last seen (None when absent); `reclaim` forces the apply
+    /// because the fields were Pequod's before someone else changed them (drift), whatever the
+    /// conflict policy says.
     pub async fn apply(
         &self,
         node: &Node,
+        manager: &str,
         resolved: &Resolved,
         desired: &Value,
         live: Option<&DynamicObject>,
         reclaim: bool,
     ) -> Result<Applied, ApplyError> {
         let policy = &node.apply_policy;
-        let manager = node.field_manager();
         let mode = match policy.mode {
             ApplyMode::Apply => "Apply",
             ApplyMode::Create => "Create",
@@ -300,6 +301,14 @@ impl Applier {
         }
     }
 
+    /// Applies `empty` (an object naming only itself) as `manager`, which then owns no field:
+    /// the apiserver drops its managed-fields entry.
+    pub async fn release_manager(&self, resolved: &Resolved, empty: &Value, manager: &str) -> Result<(), ApplyError> {
+        self.server_side_apply(resolved, empty, manager, false)
+            .await
+            .map(|_| ())
+    }
+
     /// Reads an object directly from the apiserver.
     pub async fn get(
         &self,
@@ -342,7 +351,7 @@ impl Applier {
         let patch = serde_json::json!({
             "metadata": {
                 "labels": {GRAPH_LABEL: null, GRAPH_NAMESPACE_LABEL: null, NODE_LABEL: null, crate::crd::MANAGED_BY_LABEL: null},
-                "annotations": {ownership::GRAPH_UID_ANNOTATION: null, ADOPTED_FROM_ANNOTATION: null},
+                "annotations": {GRAPH_UID_ANNOTATION: null, ADOPTED_FROM_ANNOTATION: null},
                 "ownerReferences": owners,
             }
         });

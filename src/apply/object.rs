@@ -14,6 +14,9 @@ pub const NODE_LABEL: &str = "pequod.io/node";
 /// Annotation on an object: `Orphan` leaves it running when its node or graph goes away.
 pub const DELETION_POLICY_ANNOTATION: &str = "pequod.io/deletion-policy";
 
+/// Annotation on every object Pequod writes: the uid of the graph that wrote it.
+pub const GRAPH_UID_ANNOTATION: &str = "pequod.io/resourcegraph-uid";
+
 /// Annotation Pequod keeps on an adopted object: the field managers it had before.
 pub const ADOPTED_FROM_ANNOTATION: &str = "pequod.io/adopted-from";
 
@@ -84,7 +87,7 @@ pub fn desired_object(node: &Node, graph: &GraphIdentity, namespaced: bool) -> V
     }
     let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
     if let Some(annotations) = annotations.as_object_mut() {
-        annotations.insert(super::ownership::GRAPH_UID_ANNOTATION.into(), json!(graph.uid));
+        annotations.insert(GRAPH_UID_ANNOTATION.into(), json!(graph.uid));
     }
     let same_namespace = namespaced && meta.get("namespace").and_then(Value::as_str) == Some(graph.namespace.as_str());
     if same_namespace {

@@ -25,6 +25,7 @@ use crate::api::{
 };
 use crate::apply::Applier;
 use crate::cue::{Module, RenderError, Renderer, input_hash, render_input};
+use crate::executor::proof::{GraphKey, Origin, PROOF_ANNOTATION};
 use crate::instance::{
     INSTANCE_KIND_LABEL, InstanceRef, Scope, confine, graph_name, graph_progress, node_summaries, render_hash,
     resource_graph,
@@ -80,6 +81,8 @@ pub struct Shared {
     pub client: Client,
     pub renderer: Renderer,
     pub applier: Applier,
+    /// Signs the graphs this controller writes (see [`crate::executor::proof`]).
+    pub key: GraphKey,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     written: StatusMemory<InstanceStatus>,
@@ -90,6 +93,7 @@ impl Shared {
         client: Client,
         renderer: Renderer,
         applier: Applier,
+        key: GraphKey,
         recorder: Recorder,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -97,6 +101,7 @@ impl Shared {
             client,
             renderer,
             applier,
+            key,
             recorder,
             metrics,
             written: StatusMemory::default(),
@@ -496,9 +501,17 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
             return Ok(Action::requeue(RESYNC));
         }
     }
+    // A graph someone else edited no longer carries a valid proof: it is written again.
+    let signed_as_rendered = |g: &ResourceGraph| {
+        let proof = g.annotations().get(PROOF_ANNOTATION).map(String::as_str);
+        ctx.shared.key.verify(&namespace, &graph, &g.spec, proof)
+            == (Origin::Rendered {
+                cluster_scoped: allow_cluster_scoped,
+            })
+    };
     let up_to_date = live
         .as_ref()
-        .is_some_and(|g| g.spec.render_hash.as_deref() == Some(hash.as_str()));
+        .is_some_and(|g| g.spec.render_hash.as_deref() == Some(hash.as_str()) && signed_as_rendered(g));
     let rg = if let Some(live) = live.filter(|_| up_to_date) {
         live
     } else {
@@ -511,7 +524,16 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
         };
         let mut rendered = (*output).clone();
         rendered.nodes = nodes;
-        let desired = resource_graph(&instance, &transform.name, &hash, &rendered, update.time.clone());
+        let mut desired = resource_graph(&instance, &transform.name, &hash, &rendered, update.time.clone());
+        let proof = ctx
+            .shared
+            .key
+            .sign(&namespace, &graph, &desired.spec, allow_cluster_scoped);
+        desired
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(PROOF_ANNOTATION.to_string(), proof);
         match graphs_api
             .patch(&graph, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
             .await

@@ -29,11 +29,10 @@ use crate::api::{
     Condition, ConditionStatus, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node, NodePhase, NodeState,
     ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, has_condition, set_condition,
 };
-use crate::apply::ownership::{self, LetGo};
-use crate::apply::{
-    ADOPTED_FROM_ANNOTATION, Applied, Applier, ApplyError, GraphIdentity, Resolved, desired_object, first_difference,
-    gvk_label, other_managers, set_annotation,
-};
+use crate::apply::{Applied, Applier, ApplyError, GraphIdentity, Resolved, desired_object, gvk_label};
+use crate::executor::ownership::{self, LetGo, Refusal};
+use crate::executor::plan::{self, Write};
+use crate::executor::proof::{self, GraphKey, Origin};
 use crate::graph::{self, Dag};
 use crate::health::{Health, Probe};
 use crate::metrics::Metrics;
@@ -50,6 +49,8 @@ const RESYNC: Duration = Duration::from_secs(600);
 pub struct Context {
     pub client: Client,
     pub applier: Applier,
+    /// Verifies the proof of graphs Pequod rendered.
+    pub key: GraphKey,
     pub watches: Arc<ObjectWatches>,
     pub readiness: Registry,
     pub recorder: Recorder,
@@ -69,6 +70,7 @@ impl Context {
     pub fn new(
         client: Client,
         applier: Applier,
+        key: GraphKey,
         watches: Arc<ObjectWatches>,
         recorder: Recorder,
         metrics: Arc<Metrics>,
@@ -77,6 +79,7 @@ impl Context {
         Self {
             client,
             applier,
+            key,
             watches,
             readiness: Registry::default(),
             recorder,
@@ -182,41 +185,12 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
 
     let dag = match graph::validate(&rg.spec.nodes) {
         Ok(dag) => dag,
-        Err(e) => {
-            set_condition(
-                &mut status.conditions,
-                Condition::new("Valid", false, e.reason(), e.to_string()),
-                &time,
-                generation,
-            );
-            set_condition(
-                &mut status.conditions,
-                Condition::new("Ready", false, e.reason(), "the graph is invalid; nothing was applied"),
-                &time,
-                generation,
-            );
-            set_condition(
-                &mut status.conditions,
-                Condition::new("Progressing", false, e.reason(), "the graph is invalid"),
-                &time,
-                generation,
-            );
-            set_condition(
-                &mut status.conditions,
-                Condition::new("Degraded", true, e.reason(), e.to_string()),
-                &time,
-                generation,
-            );
-            status.phase = Some(GraphPhase::Failed);
-            if old.phase != Some(GraphPhase::Failed)
-                || !has_condition(&old.conditions, "Valid", ConditionStatus::False, None)
-            {
-                publish(ctx, rg, EventType::Warning, "InvalidGraph", &e.to_string()).await;
-            }
-            write_status(rg, ctx, &old, status).await?;
-            return Ok(Action::await_change());
-        }
+        Err(e) => return refuse(rg, ctx, &old, status, e.reason(), &e.to_string(), "InvalidGraph").await,
     };
+    let origin = origin(rg, ctx);
+    if let Some(refused) = confinement(rg, ctx, origin).await {
+        return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await;
+    }
     set_condition(
         &mut status.conditions,
         Condition::new("Valid", true, "Valid", "the graph is valid"),
@@ -270,7 +244,15 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
         let results: Vec<NodeOutcome> = futures::stream::iter(eligible)
             .map(|id| {
                 let node = nodes[id.as_str()];
-                process_node(ctx, &graph, node, wave_of[id.as_str()], old.node_states.get(&id), &time)
+                process_node(
+                    ctx,
+                    &graph,
+                    origin,
+                    node,
+                    wave_of[id.as_str()],
+                    old.node_states.get(&id),
+                    &time,
+                )
             })
             .buffer_unordered(ctx.apply_concurrency)
             .collect()
@@ -428,6 +410,62 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     })
 }
 
+/// The graph's origin: rendered by Pequod (with its Transform's allowances) only when it
+/// carries a proof made with the operator's key for exactly this spec.
+fn origin(rg: &ResourceGraph, ctx: &Context) -> Origin {
+    let proof = rg.annotations().get(proof::PROOF_ANNOTATION).map(String::as_str);
+    ctx.key
+        .verify(&rg.namespace().unwrap_or_default(), &rg.name_any(), &rg.spec, proof)
+}
+
+/// The first node the graph may not apply, among those whose kind discovery knows (the others
+/// are checked when they resolve): a graph that reaches too far applies nothing.
+async fn confinement(rg: &ResourceGraph, ctx: &Context, origin: Origin) -> Option<Refusal> {
+    let namespace = rg.namespace().unwrap_or_default();
+    for node in &rg.spec.nodes {
+        if let Ok(resolved) = ctx.applier.resolve(node.api_version(), node.kind()).await
+            && let Some(refused) = plan::confinement(node, resolved.namespaced, &namespace, origin)
+        {
+            return Some(refused);
+        }
+    }
+    None
+}
+
+/// Records a graph that is not applied at all (invalid, or reaching too far): Valid and Ready
+/// false with `reason`, one `event_reason` Warning when this is news.
+async fn refuse(
+    rg: &ResourceGraph,
+    ctx: &Context,
+    old: &ResourceGraphStatus,
+    mut status: ResourceGraphStatus,
+    reason: &str,
+    message: &str,
+    event_reason: &str,
+) -> Result<Action, Error> {
+    let (time, generation) = (now(), rg.metadata.generation);
+    for condition in [
+        Condition::new("Valid", false, reason, message),
+        Condition::new("Ready", false, reason, "the graph is not applied; nothing was written"),
+        Condition::new("Progressing", false, reason, "the graph is not applied"),
+        Condition::new("Degraded", true, reason, message),
+    ] {
+        set_condition(&mut status.conditions, condition, &time, generation);
+    }
+    status.phase = Some(GraphPhase::Failed);
+    let news = old.phase != Some(GraphPhase::Failed)
+        || !has_condition(&old.conditions, "Valid", ConditionStatus::False, Some(reason))
+        || old
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Valid" && c.message != message);
+    if news {
+        publish(ctx, rg, EventType::Warning, event_reason, message).await;
+    }
+    write_status(rg, ctx, old, status).await?;
+    Ok(Action::await_change())
+}
+
 fn describe_wait(dep: &str, outcomes: &BTreeMap<String, NodeOutcome>) -> String {
     match outcomes.get(dep) {
         Some(o) => format!(
@@ -469,12 +507,13 @@ fn hash(value: &Value) -> String {
 async fn process_node(
     ctx: &Context,
     graph: &GraphIdentity,
+    origin: Origin,
     node: &Node,
     wave: u32,
     previous: Option<&NodeState>,
     time: &Time,
 ) -> NodeOutcome {
-    let fail = |error: String, transient: bool, event: Option<Event>| NodeOutcome {
+    let fail = |error: String, transient: bool, reason: &str| NodeOutcome {
         id: node.id.clone(),
         state: transition(
             previous,
@@ -486,145 +525,131 @@ async fn process_node(
         inventory: None,
         requeue: None,
         transient,
-        event: event.filter(|_| {
-            previous.is_none_or(|p| p.phase != NodePhase::Error || p.last_error.as_deref() != Some(error.as_str()))
-        }),
+        // One event per failure, not one per pass.
+        event: (previous.is_none_or(|p| p.phase != NodePhase::Error || p.last_error.as_deref() != Some(&error)))
+            .then(|| warning(reason, format!("node {}: {error}", node.id))),
     };
-    let (api_version, kind) = (node.api_version(), node.kind());
-    let resolved = match ctx.applier.resolve(api_version, kind).await {
+    let resolved = match ctx.applier.resolve(node.api_version(), node.kind()).await {
         Ok(r) => r,
-        Err(e) => {
-            let message = e.to_string();
-            return fail(
-                message.clone(),
-                true,
-                Some(warning("ApplyFailed", format!("node {}: {message}", node.id))),
-            );
+        Err(e) => return fail(e.to_string(), true, "ApplyFailed"),
+    };
+    if let Some(refused) = plan::confinement(node, resolved.namespaced, &graph.namespace, origin) {
+        return fail(refused.message, false, refused.reason);
+    }
+    let (desired, inventory) = planned(node, wave, graph, &resolved);
+    // The cache holds only objects that already carry Pequod's labels. A miss is absent or not
+    // this graph's: the apiserver tells which before any write, so that an object this graph
+    // did not make is never taken over by accident.
+    let live = match ctx
+        .watches
+        .lookup(&resolved, inventory.namespace.as_deref(), &inventory.name)
+    {
+        Lookup::Known(Some(o)) => Some((*o).clone()),
+        Lookup::Known(None) | Lookup::Unknown => {
+            match ctx
+                .applier
+                .get(&resolved, inventory.namespace.as_deref(), &inventory.name)
+                .await
+            {
+                Ok(o) => o,
+                Err(e) => return fail(e.to_string(), e.is_transient(), "ApplyFailed"),
+            }
         }
     };
-    let (mut desired, inventory) = planned(node, wave, graph, &resolved);
-    let (namespace, name) = (inventory.namespace.clone(), inventory.name.clone());
-    let resource_ref = ResourceRef {
-        api_version: api_version.into(),
-        kind: kind.into(),
-        namespace: namespace.clone(),
-        name: name.clone(),
-        uid: None,
-    };
-
-    // The cache holds only objects that already carry Pequod's labels: when it has none and
-    // the mode must know (Create, Adopt), ask the apiserver.
-    let cached = match ctx.watches.lookup(&resolved, namespace.as_deref(), &name) {
-        Lookup::Known(Some(o)) => Some((*o).clone()),
-        Lookup::Known(None) | Lookup::Unknown => None,
-    };
-    // Not in the cache: absent, or not this graph's. The apiserver tells which, before any
-    // write, so that an object this graph did not make is never taken over by accident.
-    let live = match cached {
-        Some(o) => Some(o),
-        None => match ctx.applier.get(&resolved, namespace.as_deref(), &name).await {
-            Ok(o) => o,
-            Err(e) => return fail(e.to_string(), e.is_transient(), None),
-        },
-    };
     let live_value = live.as_ref().map(|l| typed(l, node));
-    if let (Some(l), Some(value)) = (&live, &live_value)
-        && let Some(refused) = ownership::refusal(
-            node.apply_policy.mode,
-            value,
-            graph,
-            &other_managers(l, node.field_manager()),
-        )
-    {
-        // Retried: the object may go away, or be adopted by a changed node.
-        let event = warning(refused.reason, format!("node {}: {}", node.id, refused.message));
-        return fail(refused.message, true, Some(event));
-    }
-
-    // Adoption is recorded on the object itself, so that no stale read of this graph's
-    // status can lose it.
-    let manager = node.field_manager();
-    let adopted_from: Option<String> = if node.apply_policy.mode == crate::api::ApplyMode::Adopt {
-        let recorded = live
-            .as_ref()
-            .and_then(|l| l.annotations().get(ADOPTED_FROM_ANNOTATION).cloned());
-        recorded.or_else(|| {
-            live.as_ref()
-                .filter(|l| !owned_by_pequod(Some(l), node))
-                .map(|l| other_managers(l, manager).join(","))
-                .filter(|m| !m.is_empty())
-        })
-    } else {
-        None
-    };
-    if let Some(from) = &adopted_from {
-        set_annotation(&mut desired, ADOPTED_FROM_ANNOTATION, from);
-    }
     let desired_hash = hash(&desired);
     let memory_key = (graph.uid.clone(), node.id.clone());
     let unchanged_since_apply = live.as_ref().is_some_and(|l| {
         ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&memory_key)
             == Some(&(desired_hash.clone(), l.resource_version().unwrap_or_default()))
     });
-    let needs_write = match (&live_value, node.apply_policy.mode) {
-        (None, _) => true,
-        (Some(_), crate::api::ApplyMode::Create) => false,
-        (Some(_), _) if unchanged_since_apply => false,
-        (Some(value), _) => match first_difference(value, &desired) {
-            None => false,
-            Some(path) => {
-                tracing::debug!(node = %node.id, %path, "the live object differs from the desired one");
-                true
-            }
-        },
-    };
-    let state_adopted = (node.apply_policy.mode == crate::api::ApplyMode::Adopt).then_some(adopted_from.is_some());
-    let previous_managers: Vec<String> = adopted_from
-        .iter()
-        .flat_map(|m| m.split(','))
-        .map(str::to_string)
-        .collect();
+    let plan = plan::plan_node(node, desired, live_value.as_ref(), graph, unchanged_since_apply);
 
     let mut applied_at = previous.and_then(|p| p.applied_at.clone());
-    let object = if needs_write {
-        // Fields Pequod applied before and someone else changed are drift: take them back.
-        let reclaim = owned_by_pequod(live.as_ref(), node);
-        match ctx
-            .applier
-            .apply(node, &resolved, &desired, live.as_ref(), reclaim)
-            .await
-        {
-            Ok(Applied { object, wrote }) => {
-                if wrote {
-                    applied_at = Some(time.clone());
-                    ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                        memory_key,
-                        (desired_hash, object.resource_version().unwrap_or_default()),
-                    );
-                }
-                object
-            }
-            Err(e) => {
-                let reason = e.reason();
-                let message = e.to_string();
-                let transient = e.is_transient();
-                return fail(
-                    message.clone(),
-                    transient,
-                    Some(warning(reason, format!("node {}: {message}", node.id))),
+    let object = match (plan.write, live) {
+        // Retried: the object may go away, or be adopted by a changed node.
+        (Write::Refuse(refused), _) => return fail(refused.message, true, refused.reason),
+        (Write::Nothing, Some(live)) => live,
+        (Write::Nothing, None) => return fail("the object vanished".into(), true, "ApplyFailed"),
+        (
+            Write::Apply {
+                reclaim,
+                release_legacy_manager,
+            },
+            live,
+        ) => {
+            let manager = plan::field_manager(node, graph);
+            let applied = ctx
+                .applier
+                .apply(node, &manager, &resolved, &plan.desired, live.as_ref(), reclaim)
+                .await;
+            let Applied { object, wrote } = match applied {
+                Ok(a) => a,
+                Err(e) => return fail(e.to_string(), e.is_transient(), e.reason()),
+            };
+            if wrote {
+                applied_at = Some(time.clone());
+                ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    memory_key,
+                    (desired_hash, object.resource_version().unwrap_or_default()),
                 );
             }
-        }
-    } else {
-        match live {
-            Some(l) => l,
-            None => return fail("the object vanished".into(), true, None),
+            if release_legacy_manager {
+                let empty = plan::legacy_release(&plan.desired);
+                if let Err(e) = ctx
+                    .applier
+                    .release_manager(&resolved, &empty, crate::api::LEGACY_FIELD_MANAGER)
+                    .await
+                {
+                    // The next pass sees the legacy manager again and retries.
+                    tracing::warn!(error = %e, node = %node.id, "releasing the shared field manager failed");
+                }
+            }
+            object
         }
     };
+    let written = Written {
+        object,
+        inventory,
+        applied_at,
+        adopted_from: plan.adopted_from,
+    };
+    observed_node(ctx, graph, node, written, previous, time)
+}
 
+/// A node's object once written (or found), and what the pass knows of it.
+struct Written {
+    object: DynamicObject,
+    /// The entry the object has in the inventory if it is this graph's.
+    inventory: InventoryEntry,
+    applied_at: Option<Time>,
+    /// Field managers the object had before the node adopted it.
+    adopted_from: Option<String>,
+}
+
+/// A node's outcome once its object is written (or found): inventory, readiness, state.
+fn observed_node(
+    ctx: &Context,
+    graph: &GraphIdentity,
+    node: &Node,
+    written: Written,
+    previous: Option<&NodeState>,
+    time: &Time,
+) -> NodeOutcome {
+    let Written {
+        object,
+        inventory,
+        applied_at,
+        adopted_from,
+    } = written;
     let value = typed(&object, node);
-    let mut outcome_ref = resource_ref;
-    outcome_ref.uid = object.uid();
+    let resource_ref = ResourceRef {
+        api_version: node.api_version().into(),
+        kind: node.kind().into(),
+        namespace: inventory.namespace.clone(),
+        name: inventory.name.clone(),
+        uid: object.uid(),
+    };
     // Only what this graph wrote goes into its inventory, with the uid that teardown checks: an
     // object a Create node merely found stays someone else's.
     let inventory = (ownership::owner(&value, graph) == ownership::Owner::ThisGraph).then(|| InventoryEntry {
@@ -643,16 +668,21 @@ async fn process_node(
             };
             warning(reason, format!("node {}: {e}", node.id))
         });
-    let phase = if phase == NodePhase::Ready && state_adopted == Some(true) {
+    let adopting = node.apply_policy.mode == crate::api::ApplyMode::Adopt;
+    let phase = if phase == NodePhase::Ready && adopting && adopted_from.is_some() {
         NodePhase::Adopted
     } else {
         phase
     };
     let mut state = transition(previous, phase, message, error, time);
     state.applied_at = applied_at;
-    state.adopted = state_adopted;
-    state.previous_managers = previous_managers;
-    state.resource_ref = Some(outcome_ref);
+    state.adopted = adopting.then_some(adopted_from.is_some());
+    state.previous_managers = adopted_from
+        .iter()
+        .flat_map(|m| m.split(','))
+        .map(str::to_string)
+        .collect();
+    state.resource_ref = Some(resource_ref);
     NodeOutcome {
         id: node.id.clone(),
         state,
@@ -673,18 +703,6 @@ fn typed(object: &DynamicObject, node: &Node) -> Value {
         fields.entry("kind").or_insert_with(|| node.kind().into());
     }
     value
-}
-
-/// Whether Pequod's field manager for this node already applies to the object.
-fn owned_by_pequod(live: Option<&DynamicObject>, node: &Node) -> bool {
-    let manager = node.field_manager();
-    live.is_some_and(|l| {
-        l.metadata
-            .managed_fields
-            .iter()
-            .flatten()
-            .any(|m| m.manager.as_deref() == Some(manager) && m.operation.as_deref() == Some("Apply"))
-    })
 }
 
 /// Prefix of the error of a node whose readiness gate timed out.

@@ -238,8 +238,21 @@ pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Vec<Dyn
     applied
 }
 
-/// Installs Pequod's CRDs from `pequod crd` and waits until they are Established.
+/// Installs Pequod's CRDs from `pequod crd` and waits until they are Established, and makes the
+/// operator's own namespace (where it keeps its graph-signing key).
 pub async fn install_crds(client: &Client) {
+    let system: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "pequod-system"},
+    }))
+    .expect("namespace object");
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            "pequod-system",
+            &PatchParams::apply(TEST_MANAGER),
+            &Patch::Apply(&system),
+        )
+        .await
+        .expect("make namespace pequod-system");
     let out = std::process::Command::new(pequod_binary())
         .arg("crd")
         .output()

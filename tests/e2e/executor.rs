@@ -142,10 +142,12 @@ async fn chain_waits_for_deployment_availability_then_applies_the_service() {
     assert_eq!(labels["pequod.io/node"], "deployment");
     assert_eq!(labels["app.kubernetes.io/managed-by"], "pequod");
     assert_eq!(d.owner_references()[0].name, "web");
+    // Each graph applies as a field manager of its own.
+    let own_manager = format!("pequod-{}", graphs.get("web").await.unwrap().uid().unwrap());
     assert!(
         d.managed_fields()
             .iter()
-            .any(|m| m.manager.as_deref() == Some("pequod"))
+            .any(|m| m.manager.as_deref() == Some(own_manager.as_str()))
     );
 
     // The scheduler places the pods, kwok runs them, the deployment controller reports the
@@ -372,6 +374,39 @@ async fn create_mode_never_updates_adopt_records_previous_managers_and_deletion_
 }
 
 #[tokio::test]
+async fn objects_of_earlier_releases_move_to_the_graph_s_own_field_manager_unchanged() {
+    let (env, graphs) = setup("field-manager").await;
+    // What earlier releases left: an object marked with the graph's name and applied by the one
+    // field manager all graphs shared.
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let legacy = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings",
+        "labels": {"app.kubernetes.io/managed-by": "pequod", "pequod.io/resourcegraph": "app",
+            "pequod.io/resourcegraph-namespace": env.namespace, "pequod.io/node": "settings"}},
+        "data": {"mode": "fast", "dropped": "yes"}});
+    let before = cms
+        .patch("settings", &PatchParams::apply("pequod"), &Patch::Apply(legacy))
+        .await
+        .unwrap();
+    let node = json!({"id": "settings", "object": {"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "settings"}, "data": {"mode": "fast"}}});
+    apply_graph(&graphs, "app", json!([node])).await;
+    let rg = wait_graph(&graphs, "app", "completed", phase_is(GraphPhase::Completed)).await;
+    let own = format!("pequod-{}", rg.uid().unwrap());
+    let after = support::wait_for("the shared field manager released", WAIT, || async {
+        let cm = cms.get("settings").await.map_err(|e| e.to_string())?;
+        let managers: Vec<String> = cm.managed_fields().iter().filter_map(|m| m.manager.clone()).collect();
+        (managers == [own.clone()]).then_some(cm).ok_or(format!("{managers:?}"))
+    })
+    .await;
+    assert_eq!(after.uid(), before.uid(), "the object is not recreated");
+    let data = after.data.unwrap();
+    assert_eq!(data["mode"], "fast");
+    // The field the graph no longer declares went with the manager that alone had set it.
+    assert!(!data.contains_key("dropped"), "{data:?}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn drift_is_corrected() {
     let (env, graphs) = setup("drift").await;
     apply_graph(&graphs, "web", json!([deployment_node("web", 2), service_node("web")])).await;
@@ -555,40 +590,139 @@ async fn readiness_timeout_fails_the_node_and_keeps_dependants_pending() {
     env.cleanup().await;
 }
 
+/// Runs kubectl as `user` (impersonated by the test's admin) in `namespace`, with `stdin`.
+fn kubectl_as(env: &TestEnv, user: &str, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(support::tool("kubectl", "KUBECTL"))
+        .arg("--kubeconfig")
+        .arg(&env.kubeconfig)
+        .args(["--as", user, "-n", &env.namespace])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl (run `make tools`)");
+    child
+        .stdin
+        .take()
+        .expect("kubectl stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write to kubectl");
+    child.wait_with_output().expect("kubectl output")
+}
+
 #[tokio::test]
-async fn a_gate_on_a_secret_never_reveals_its_values() {
-    let (env, graphs) = setup("secret-gate").await;
-    let value = "aHVudGVyMg==";
+async fn a_user_who_may_write_graphs_in_one_namespace_reaches_nothing_beyond_it() {
+    let (env, graphs) = setup("graph-writer").await;
+    let elsewhere = support::env("graph-writer-elsewhere").await;
+    let user = format!("dev-{}", env.namespace);
+    let secret_value = "aHVudGVyMg==";
     support::apply_yaml(
         &env.client,
         &env.namespace,
-        &format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\ndata:\n  password: {value}\n"),
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\ndata:\n  password: {secret_value}\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: graph-writer\nrules:\n\
+             - apiGroups: [platform.platform.example.com]\n  resources: [resourcegraphs]\n  verbs: [\"*\"]\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: graph-writer\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: graph-writer}}\n\
+             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n"
+        ),
     )
     .await;
-    // A node that only finds the Secret (Create mode writes nothing to an existing object) and
-    // gates on its data: the gate waits, times out and is reported, without the data.
-    let peek = json!({"id": "peek", "applyPolicy": {"mode": "Create"},
-        "object": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"}},
-        "readyWhen": [{"type": "FieldMatch", "path": "data", "value": "x", "timeout": 2}]});
-    apply_graph(&graphs, "g", json!([peek])).await;
-    let rg = wait_graph(&graphs, "g", "the gate timed out", phase_is(GraphPhase::Failed)).await;
-    let state = &rg.status.as_ref().unwrap().node_states["peek"];
-    assert!(
-        state
-            .last_error
-            .as_deref()
-            .unwrap_or_default()
-            .contains("data does not match"),
-        "{state:?}"
+    let can_i = kubectl_as(&env, &user, &["auth", "can-i", "create", "clusterrolebindings"], "");
+    assert_eq!(
+        String::from_utf8_lossy(&can_i.stdout).trim(),
+        "no",
+        "the user alone cannot"
     );
-    support::wait_events(&env.client, &env.namespace, "g", &["ReadinessTimeout"]).await;
-    let status = serde_json::to_string(&rg.status).unwrap();
-    assert!(!status.contains(value) && !status.contains("hunter2"), "{status}");
-    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    for event in events.list(&Default::default()).await.unwrap().items {
-        let text = serde_json::to_string(&event).unwrap();
-        assert!(!text.contains(value), "{text}");
+
+    let binding = format!("{}-admin", env.namespace);
+    let namespace = format!("{}-new", env.namespace);
+    let graph = |name: &str, node: Value, annotations: Value| {
+        json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+            "metadata": {"name": name, "annotations": annotations}, "spec": {"nodes": [node]}})
+    };
+    let none = json!({});
+    let refused = [
+        graph(
+            "escalate",
+            json!({"id": "binding", "object": {"apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding", "metadata": {"name": binding},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}}),
+            none.clone(),
+        ),
+        graph(
+            "local-binding",
+            json!({"id": "binding", "object": {"apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding", "metadata": {"name": "admin"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}}),
+            none.clone(),
+        ),
+        graph(
+            "elsewhere",
+            json!({"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "planted", "namespace": elsewhere.namespace}}}),
+            none.clone(),
+        ),
+        // A made-up proof is no proof.
+        graph(
+            "cluster-scoped",
+            json!({"id": "ns", "object": {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": namespace}}}),
+            json!({"pequod.io/graph-proof": format!("v1:cluster:{}", "ab".repeat(32))}),
+        ),
+        graph(
+            "peek",
+            json!({"id": "peek", "applyPolicy": {"mode": "Create"},
+            "object": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"}},
+            "readyWhen": [{"type": "FieldMatch", "path": "data.password", "value": "x"}]}),
+            none.clone(),
+        ),
+    ];
+    let allowed = graph("allowed", configmap("mine", &[]), none);
+    let manifests: Vec<String> = refused
+        .iter()
+        .chain([&allowed])
+        .map(|g| serde_json::to_string(g).unwrap())
+        .collect();
+    let out = kubectl_as(&env, &user, &["apply", "-f", "-"], &manifests.join("\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    wait_graph(
+        &graphs,
+        "allowed",
+        "the allowed graph completed",
+        phase_is(GraphPhase::Completed),
+    )
+    .await;
+    for g in &refused {
+        let name = g["metadata"]["name"].as_str().unwrap();
+        let rg = wait_graph(&graphs, name, "the graph refused", phase_is(GraphPhase::Failed)).await;
+        let valid = valid_condition(rg);
+        assert_eq!(valid.reason, "NotAllowed", "{name}: {}", valid.message);
+        support::wait_events(&env.client, &env.namespace, name, &["NotAllowed"]).await;
     }
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(env.client.clone());
+    assert!(bindings.get_opt(&binding).await.unwrap().is_none());
+    let role_bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+        Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(role_bindings.get_opt("admin").await.unwrap().is_none());
+    let planted: Api<ConfigMap> = Api::namespaced(env.client.clone(), &elsewhere.namespace);
+    assert!(planted.get_opt("planted").await.unwrap().is_none());
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.client.clone());
+    assert!(namespaces.get_opt(&namespace).await.unwrap().is_none());
+
+    // Nothing the user can read tells the Secret's value.
+    let statuses = serde_json::to_string(&graphs.list(&Default::default()).await.unwrap().items).unwrap();
+    assert!(!statuses.contains(secret_value) && !statuses.contains("hunter2"));
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let events = serde_json::to_string(&events.list(&Default::default()).await.unwrap().items).unwrap();
+    assert!(!events.contains(secret_value) && !events.contains("hunter2"));
+    elsewhere.cleanup().await;
     env.cleanup().await;
 }
 

@@ -106,10 +106,19 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
         .iter()
         .filter_map(|m| m.manager.clone())
         .collect();
-    assert!(managers.contains(&"pequod".to_string()), "{managers:?}");
 
-    // The graph is named after kind and instance and owned by the instance.
+    // The graph is named after kind and instance, owned by the instance, signed as rendered by
+    // Pequod, and applies as a field manager of its own.
     let rg = graphs.get("webservice-my-app").await.unwrap();
+    assert!(
+        rg.annotations()["pequod.io/graph-proof"].starts_with("v1:namespace:"),
+        "{:?}",
+        rg.annotations()
+    );
+    assert!(
+        managers.contains(&format!("pequod-{}", rg.uid().unwrap())),
+        "{managers:?}"
+    );
     let owner = &rg.owner_references()[0];
     assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("WebService", "my-app"));
     assert_eq!(rg.labels()["pequod.io/transform"], "webservice");
@@ -324,6 +333,58 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     wait_instance(&escapes, "cluster", "Ready", "True", "Ready").await;
     let namespaces: Api<Namespace> = Api::all(env.client.clone());
     assert!(namespaces.get_opt(&extra_namespace).await.unwrap().is_some());
+
+    // The graph's allowances come with Pequod's proof, which nobody else can make: a graph
+    // edited by someone who may write graphs is hand-written, refused, and rendered again.
+    let rendered = graphs.get("escape-cluster").await.unwrap();
+    let hijack = format!("{}-hijack", env.namespace);
+    let namespace_node = rendered
+        .spec
+        .nodes
+        .iter()
+        .position(|n| n.kind() == "Namespace")
+        .expect("a Namespace node");
+    let mut edited = serde_json::to_value(&rendered.spec).unwrap();
+    edited["nodes"][namespace_node]["object"]["metadata"]["name"] = json!(hijack);
+    graphs
+        .patch(
+            "escape-cluster",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodes": edited["nodes"]}})),
+        )
+        .await
+        .unwrap();
+    wait_for("the edited graph rendered again", WAIT, || async {
+        let rg = graphs.get("escape-cluster").await.map_err(|e| e.to_string())?;
+        let name = rg.spec.nodes[namespace_node].object["metadata"]["name"].clone();
+        (name == json!(extra_namespace) && rg.metadata.generation > rendered.metadata.generation)
+            .then_some(())
+            .ok_or(format!("node names {name}"))
+    })
+    .await;
+    wait_instance(&escapes, "cluster", "Ready", "True", "Ready").await;
+    // A proof copied onto a graph of another name proves nothing.
+    let mut copy = serde_json::to_value(&rendered).unwrap();
+    copy["metadata"] = json!({"name": "copy", "annotations": rendered.annotations()});
+    copy["spec"]["nodes"][namespace_node]["object"]["metadata"]["name"] = json!(hijack);
+    copy.as_object_mut().unwrap().remove("status");
+    graphs
+        .patch("copy", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&copy))
+        .await
+        .unwrap();
+    wait_for("the copied graph refused", WAIT, || async {
+        let rg = graphs.get("copy").await.map_err(|e| e.to_string())?;
+        let valid = rg
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid"));
+        match valid {
+            Some(c) if c.reason == "NotAllowed" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(namespaces.get_opt(&hijack).await.unwrap().is_none());
+    graphs.delete("copy", &DeleteParams::default()).await.unwrap();
 
     for name in ["out", "home", "cluster"] {
         escapes.delete(name, &DeleteParams::default()).await.unwrap();

@@ -8,11 +8,10 @@
 
 use serde_json::Value;
 
-use super::object::{ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GraphIdentity, is_orphan};
 use crate::api::{ApplyMode, InventoryEntry};
-
-/// Annotation on every object Pequod writes: the uid of the graph that wrote it.
-pub const GRAPH_UID_ANNOTATION: &str = "pequod.io/resourcegraph-uid";
+use crate::apply::{
+    ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, GraphIdentity, is_orphan,
+};
 
 /// Whose an existing object is, as seen from one graph.
 #[derive(Debug, Clone, PartialEq, Eq)]

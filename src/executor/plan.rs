@@ -1,0 +1,384 @@
+//! The executor's decisions, apart from any I/O: what a graph may reach, and what to write for
+//! a node given the object as it is. The ResourceGraph controller observes, asks these
+//! functions, writes what they say and records the outcome.
+
+use serde_json::{Value, json};
+
+use super::ownership::{self, Owner, Refusal};
+use super::proof::Origin;
+use crate::api::{ApplyMode, LEGACY_FIELD_MANAGER, Node, ReadyGateType};
+use crate::apply::{ADOPTED_FROM_ANNOTATION, GraphIdentity, set_annotation};
+
+/// API groups whose objects hand out or widen power over the cluster: RBAC, admission
+/// webhooks and policies, CRDs and aggregated APIs. A hand-written graph writes none of them.
+const GUARDED_GROUPS: [&str; 4] = [
+    "rbac.authorization.k8s.io",
+    "admissionregistration.k8s.io",
+    "apiextensions.k8s.io",
+    "apiregistration.k8s.io",
+];
+
+/// Why a node of a graph with `origin` in `graph_namespace` may not be applied at all, or None
+/// when it may. `namespaced` is the kind's scope as discovery reports it.
+///
+/// Every graph keeps namespaced objects in its own namespace. Cluster-scoped objects need a
+/// rendered graph whose Transform allows them. Hand-written graphs also write no object of the
+/// [`GUARDED_GROUPS`], and no gate of theirs compares a Secret's fields (the gate's outcome
+/// would tell a value their author may not read).
+pub fn confinement(node: &Node, namespaced: bool, graph_namespace: &str, origin: Origin) -> Option<Refusal> {
+    let what = format!(
+        "{} {}",
+        node.kind(),
+        node.object["metadata"]["name"].as_str().unwrap_or_default()
+    );
+    let refuse = |why: String| {
+        Some(Refusal {
+            reason: "NotAllowed",
+            message: format!("node {}: {what} {why}; nothing was applied", node.id),
+        })
+    };
+    let hand_written = origin == Origin::HandWritten;
+    let group = node.api_version().rsplit_once('/').map_or("", |(g, _)| g);
+    if hand_written && GUARDED_GROUPS.contains(&group) {
+        return refuse(format!(
+            "is in API group {group}, which only graphs rendered from a Transform may write"
+        ));
+    }
+    if !namespaced {
+        return match origin {
+            Origin::Rendered { cluster_scoped: true } => None,
+            Origin::Rendered { cluster_scoped: false } => {
+                refuse("is cluster-scoped and the graph's Transform does not allow cluster-scoped objects".into())
+            }
+            Origin::HandWritten => {
+                refuse("is cluster-scoped; only graphs rendered from a Transform that allows it may write one".into())
+            }
+        };
+    }
+    if let Some(other) = node.object["metadata"]["namespace"]
+        .as_str()
+        .filter(|ns| !ns.is_empty() && *ns != graph_namespace)
+    {
+        return refuse(format!(
+            "is in namespace {other}; a graph writes only in its own namespace {graph_namespace}"
+        ));
+    }
+    let reads_secret_fields = node.api_version() == "v1"
+        && node.kind() == "Secret"
+        && node
+            .ready_when
+            .iter()
+            .any(|g| matches!(g.type_, ReadyGateType::FieldMatch | ReadyGateType::ConditionMatch));
+    if hand_written && reads_secret_fields {
+        return refuse("is a Secret, whose fields a hand-written graph's gates may not compare".into());
+    }
+    None
+}
+
+/// The field manager a node's object is applied with: the node's own, else one per graph, so
+/// that the apiserver itself reports two graphs setting the same field. Bounded: `pequod-`
+/// and a uid are 43 characters.
+pub fn field_manager(node: &Node, graph: &GraphIdentity) -> String {
+    node.apply_policy
+        .field_manager
+        .clone()
+        .unwrap_or_else(|| format!("pequod-{}", graph.uid))
+}
+
+/// What to do with a node whose object is `live` (None when absent).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// Leave the object as it is: the node may not write it.
+    Refuse(Refusal),
+    /// Leave the object as it is: it already holds what the node declares (or Create found it).
+    Nothing,
+    /// Apply `desired`. `reclaim` forces fields Pequod set before and someone else changed
+    /// since (drift). `release_legacy_manager` removes the field manager every graph shared
+    /// before each had its own, once the graph's own manager holds the fields.
+    Apply {
+        reclaim: bool,
+        release_legacy_manager: bool,
+    },
+}
+
+/// The decision for one node, with the object to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodePlan {
+    pub write: Write,
+    /// The object to apply, with the adoption record when the node adopts.
+    pub desired: Value,
+    /// Field managers the object had before Pequod adopted it (Adopt only).
+    pub adopted_from: Option<String>,
+}
+
+/// Decides what to write for `node`. `live` is the object as JSON with its managed fields;
+/// `unchanged_since_apply` says the live object is the very one this process last applied
+/// with the same desired object (then no comparison is needed).
+pub fn plan_node(
+    node: &Node,
+    mut desired: Value,
+    live: Option<&Value>,
+    graph: &GraphIdentity,
+    unchanged_since_apply: bool,
+) -> NodePlan {
+    let manager = field_manager(node, graph);
+    let Some(live) = live else {
+        return NodePlan {
+            write: Write::Apply {
+                reclaim: false,
+                release_legacy_manager: false,
+            },
+            desired,
+            adopted_from: None,
+        };
+    };
+    let managers = managers(live);
+    let others: Vec<String> = managers
+        .iter()
+        .filter(|(m, _)| *m != manager)
+        .map(|(m, _)| m.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if let Some(refused) = ownership::refusal(node.apply_policy.mode, live, graph, &others) {
+        return NodePlan {
+            write: Write::Refuse(refused),
+            desired,
+            adopted_from: None,
+        };
+    }
+    let applies = |name: &str| managers.iter().any(|(m, op)| m == name && op == "Apply");
+    let legacy = node.apply_policy.field_manager.is_none()
+        && applies(LEGACY_FIELD_MANAGER)
+        && ownership::owner(live, graph) == Owner::ThisGraph;
+    let pequod_applied = applies(&manager) || legacy;
+
+    // Adoption is recorded on the object itself, so that no stale read of the graph's status
+    // can lose it.
+    let adopted_from = (node.apply_policy.mode == ApplyMode::Adopt)
+        .then(|| {
+            live["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| (!pequod_applied && !others.is_empty()).then(|| others.join(",")))
+        })
+        .flatten();
+    if let Some(from) = &adopted_from {
+        set_annotation(&mut desired, ADOPTED_FROM_ANNOTATION, from);
+    }
+    let write = match node.apply_policy.mode {
+        ApplyMode::Create => Write::Nothing,
+        _ if legacy => Write::Apply {
+            reclaim: true,
+            release_legacy_manager: true,
+        },
+        _ if unchanged_since_apply => Write::Nothing,
+        _ => match crate::apply::first_difference(live, &desired) {
+            None => Write::Nothing,
+            Some(path) => {
+                tracing::debug!(node = %node.id, %path, "the live object differs from the desired one");
+                Write::Apply {
+                    reclaim: pequod_applied,
+                    release_legacy_manager: false,
+                }
+            }
+        },
+    };
+    NodePlan {
+        write,
+        desired,
+        adopted_from,
+    }
+}
+
+/// (manager, operation) of every managed-fields entry of `live`.
+fn managers(live: &Value) -> Vec<(String, String)> {
+    live["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            Some((
+                m["manager"].as_str()?.to_string(),
+                m["operation"].as_str().unwrap_or_default().to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// The object that, applied by the legacy field manager, leaves it owning no field: what is
+/// left of its entry disappears, and the graph's own manager keeps every field it applied.
+pub fn legacy_release(desired: &Value) -> Value {
+    let mut metadata = json!({"name": desired["metadata"]["name"]});
+    if let Some(ns) = desired["metadata"]["namespace"].as_str() {
+        metadata["namespace"] = json!(ns);
+    }
+    json!({
+        "apiVersion": desired["apiVersion"],
+        "kind": desired["kind"],
+        "metadata": metadata,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ConflictPolicy;
+
+    fn graph() -> GraphIdentity {
+        GraphIdentity {
+            name: "web".into(),
+            namespace: "team".into(),
+            uid: "uid-web".into(),
+        }
+    }
+
+    fn node(object: Value, mode: ApplyMode, gates: Value) -> Node {
+        let mut n: Node = serde_json::from_value(json!({"id": "n", "object": object, "readyWhen": gates})).unwrap();
+        n.apply_policy.mode = mode;
+        n
+    }
+
+    fn object(api_version: &str, kind: &str, namespace: Option<&str>) -> Value {
+        let mut o = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": "x"}});
+        if let Some(ns) = namespace {
+            o["metadata"]["namespace"] = json!(ns);
+        }
+        o
+    }
+
+    #[test]
+    fn confinement_table() {
+        let rendered = Origin::Rendered { cluster_scoped: false };
+        let rendered_cluster = Origin::Rendered { cluster_scoped: true };
+        let hand = Origin::HandWritten;
+        let secret_gate = json!([{"type": "FieldMatch", "path": "data.password", "value": "x"}]);
+        let none = json!([]);
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Value, bool, Origin, &Value, bool)> = vec![
+            ("ConfigMap in the graph's namespace", object("v1", "ConfigMap", Some("team")), true, hand, &none, true),
+            ("ConfigMap without a namespace", object("v1", "ConfigMap", None), true, hand, &none, true),
+            ("ConfigMap elsewhere, hand-written", object("v1", "ConfigMap", Some("kube-system")), true, hand, &none, false),
+            ("ConfigMap elsewhere, rendered", object("v1", "ConfigMap", Some("kube-system")), true, rendered_cluster, &none, false),
+            ("Namespace, hand-written", object("v1", "Namespace", None), false, hand, &none, false),
+            ("Namespace, rendered without allowance", object("v1", "Namespace", None), false, rendered, &none, false),
+            ("Namespace, rendered with allowance", object("v1", "Namespace", None), false, rendered_cluster, &none, true),
+            ("ClusterRoleBinding, hand-written", object("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", None), false, hand, &none, false),
+            ("RoleBinding in its namespace, hand-written", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, hand, &none, false),
+            ("RoleBinding in its namespace, rendered", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, rendered, &none, true),
+            ("webhook, hand-written", object("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration", None), false, hand, &none, false),
+            ("CRD, hand-written", object("apiextensions.k8s.io/v1", "CustomResourceDefinition", None), false, hand, &none, false),
+            ("APIService, hand-written", object("apiregistration.k8s.io/v1", "APIService", None), false, hand, &none, false),
+            ("Secret gate, hand-written", object("v1", "Secret", Some("team")), true, hand, &secret_gate, false),
+            ("Secret gate, rendered", object("v1", "Secret", Some("team")), true, rendered, &secret_gate, true),
+            ("Secret without gates, hand-written", object("v1", "Secret", Some("team")), true, hand, &none, true),
+        ];
+        for (case, obj, namespaced, origin, gates, allowed) in cases {
+            let n = node(obj, ApplyMode::Apply, gates.clone());
+            let refusal = confinement(&n, namespaced, "team", origin);
+            assert_eq!(refusal.is_none(), allowed, "{case}: {refusal:?}");
+            if let Some(r) = refusal {
+                assert_eq!(r.reason, "NotAllowed", "{case}");
+                assert!(r.message.ends_with("nothing was applied"), "{case}: {}", r.message);
+            }
+        }
+    }
+
+    fn live(annotations: Value, managers: &[(&str, &str)]) -> Value {
+        let fields: Vec<Value> = managers
+            .iter()
+            .map(|(m, op)| json!({"manager": m, "operation": op}))
+            .collect();
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "x", "namespace": "team", "uid": "o1", "annotations": annotations, "managedFields": fields},
+            "data": {"a": "1"},
+        })
+    }
+
+    fn desired(value: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "team",
+            "annotations": {"pequod.io/resourcegraph-uid": "uid-web"}}, "data": {"a": value}})
+    }
+
+    #[test]
+    fn write_table() {
+        let g = graph();
+        let ours = json!({"pequod.io/resourcegraph-uid": "uid-web"});
+        let own = "pequod-uid-web";
+        let apply = |reclaim, release_legacy_manager| Write::Apply {
+            reclaim,
+            release_legacy_manager,
+        };
+        type Case = (&'static str, ApplyMode, Option<Value>, &'static str, bool, Write);
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("absent", ApplyMode::Apply, None, "1", false, apply(false, false)),
+            ("absent, Create", ApplyMode::Create, None, "1", false, apply(false, false)),
+            ("ours, same", ApplyMode::Apply, Some(live(ours.clone(), &[(own, "Apply")])), "1", false, Write::Nothing),
+            ("ours, changed spec", ApplyMode::Apply, Some(live(ours.clone(), &[(own, "Apply")])), "2", false, apply(true, false)),
+            ("ours, known unchanged", ApplyMode::Apply, Some(live(ours.clone(), &[(own, "Apply")])), "2", true, Write::Nothing),
+            ("ours, written by the shared manager of earlier releases", ApplyMode::Apply, Some(live(ours.clone(), &[("pequod", "Apply")])), "1", false, apply(true, true)),
+            ("ours, drifted by kubectl", ApplyMode::Apply, Some(live(ours.clone(), &[(own, "Apply"), ("kubectl", "Update")])), "2", false, apply(true, false)),
+            ("someone else's", ApplyMode::Apply, Some(live(json!({}), &[("helm", "Update")])), "1", false, Write::Refuse(Refusal { reason: "AlreadyExists", message: String::new() })),
+            ("someone else's, Create finds it", ApplyMode::Create, Some(live(json!({}), &[("helm", "Update")])), "1", false, Write::Nothing),
+            ("someone else's, adopted", ApplyMode::Adopt, Some(live(json!({}), &[("helm", "Update")])), "1", false, apply(false, false)),
+            ("someone else's, adopted and changed", ApplyMode::Adopt, Some(live(json!({}), &[("helm", "Update")])), "2", false, apply(false, false)),
+            ("another graph's", ApplyMode::Adopt, Some(live(json!({"pequod.io/resourcegraph-uid": "uid-api"}), &[("pequod-uid-api", "Apply")])), "1", false, Write::Refuse(Refusal { reason: "OwnedByAnotherGraph", message: String::new() })),
+        ];
+        for (case, mode, live, value, unchanged, want) in cases {
+            let n = node(object("v1", "ConfigMap", Some("team")), mode, json!([]));
+            let plan = plan_node(&n, desired(value), live.as_ref(), &g, unchanged);
+            match (&plan.write, &want) {
+                (Write::Refuse(got), Write::Refuse(w)) => assert_eq!(got.reason, w.reason, "{case}"),
+                _ => assert_eq!(plan.write, want, "{case}"),
+            }
+        }
+    }
+
+    #[test]
+    fn adoption_records_the_previous_managers_once() {
+        let g = graph();
+        let n = node(object("v1", "ConfigMap", Some("team")), ApplyMode::Adopt, json!([]));
+        let theirs = live(json!({}), &[("helm", "Update"), ("kubectl", "Apply")]);
+        let plan = plan_node(&n, desired("2"), Some(&theirs), &g, false);
+        assert_eq!(plan.adopted_from.as_deref(), Some("helm,kubectl"));
+        assert_eq!(
+            plan.desired["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION],
+            "helm,kubectl"
+        );
+        let recorded = live(
+            json!({"pequod.io/resourcegraph-uid": "uid-web", "pequod.io/adopted-from": "helm"}),
+            &[("pequod-uid-web", "Apply"), ("helm", "Update")],
+        );
+        let plan = plan_node(&n, desired("2"), Some(&recorded), &g, false);
+        assert_eq!(plan.adopted_from.as_deref(), Some("helm"), "the first record stays");
+    }
+
+    #[test]
+    fn a_node_s_own_field_manager_is_kept_and_the_default_is_per_graph() {
+        let g = graph();
+        let mut n = node(object("v1", "ConfigMap", None), ApplyMode::Apply, json!([]));
+        assert_eq!(field_manager(&n, &g), "pequod-uid-web");
+        n.apply_policy.field_manager = Some("team-tool".into());
+        n.apply_policy.conflict_policy = ConflictPolicy::Force;
+        assert_eq!(field_manager(&n, &g), "team-tool");
+        let legacy = live(
+            json!({"pequod.io/resourcegraph-uid": "uid-web"}),
+            &[("pequod", "Apply")],
+        );
+        assert_eq!(
+            plan_node(&n, desired("1"), Some(&legacy), &g, false).write,
+            Write::Nothing,
+            "a node naming its own manager has nothing to migrate"
+        );
+    }
+
+    #[test]
+    fn the_legacy_release_names_only_the_object() {
+        assert_eq!(
+            legacy_release(&desired("1")),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "team"}})
+        );
+    }
+}

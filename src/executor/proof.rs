@@ -1,0 +1,199 @@
+//! Telling a graph Pequod rendered from a hand-written or edited one.
+//!
+//! Everything on a ResourceGraph can be written by whoever may write ResourceGraphs: names,
+//! labels, owner references, `sourceRef`, managed fields. What they cannot make is an HMAC with
+//! a key only the operator reads. When the instance controller writes a graph it signs the
+//! graph's namespace, name, allowances and spec ([`PROOF_ANNOTATION`]); the executor grants a
+//! graph its Transform's allowances only when that proof verifies, and treats every other graph
+//! as hand-written.
+
+use ring::hmac;
+use serde_json::Value;
+
+use crate::api::ResourceGraphSpec;
+
+/// Annotation holding a rendered graph's proof: `v1:<allowance>:<hex HMAC-SHA256>`.
+pub const PROOF_ANNOTATION: &str = "pequod.io/graph-proof";
+
+const VERSION: &str = "v1";
+
+/// What a graph may reach beyond the rules every graph follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Written by someone other than Pequod, or edited since: confined to its namespace, and no
+    /// RBAC, admission, CRD or APIService objects.
+    HandWritten,
+    /// Rendered by Pequod from an instance: its Transform's allowances.
+    Rendered { cluster_scoped: bool },
+}
+
+impl Origin {
+    fn allowance(self) -> &'static str {
+        match self {
+            Self::Rendered { cluster_scoped: true } => "cluster",
+            Self::Rendered { cluster_scoped: false } | Self::HandWritten => "namespace",
+        }
+    }
+}
+
+/// The operator's signing key. Its bytes never leave this type.
+#[derive(Clone)]
+pub struct GraphKey(hmac::Key);
+
+impl GraphKey {
+    /// Fewest bytes a key must have.
+    pub const MIN_BYTES: usize = 32;
+
+    pub fn new(bytes: &[u8]) -> Option<Self> {
+        (bytes.len() >= Self::MIN_BYTES).then(|| Self(hmac::Key::new(hmac::HMAC_SHA256, bytes)))
+    }
+
+    /// The proof of a rendered graph with `cluster_scoped` allowance.
+    pub fn sign(&self, namespace: &str, name: &str, spec: &ResourceGraphSpec, cluster_scoped: bool) -> String {
+        let origin = Origin::Rendered { cluster_scoped };
+        let tag = hmac::sign(&self.0, &message(namespace, name, origin.allowance(), spec));
+        format!("{VERSION}:{}:{}", origin.allowance(), hex::encode(tag.as_ref()))
+    }
+
+    /// The origin of a graph carrying `proof` (None when it carries none).
+    pub fn verify(&self, namespace: &str, name: &str, spec: &ResourceGraphSpec, proof: Option<&str>) -> Origin {
+        let Some(proof) = proof else {
+            return Origin::HandWritten;
+        };
+        let mut parts = proof.splitn(3, ':');
+        let (Some(VERSION), Some(allowance), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
+            return Origin::HandWritten;
+        };
+        let origin = match allowance {
+            "cluster" => Origin::Rendered { cluster_scoped: true },
+            "namespace" => Origin::Rendered { cluster_scoped: false },
+            _ => return Origin::HandWritten,
+        };
+        let Ok(tag) = hex::decode(tag) else {
+            return Origin::HandWritten;
+        };
+        match hmac::verify(&self.0, &message(namespace, name, allowance, spec), &tag) {
+            Ok(()) => origin,
+            Err(_) => Origin::HandWritten,
+        }
+    }
+}
+
+impl std::fmt::Debug for GraphKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GraphKey(redacted)")
+    }
+}
+
+fn message(namespace: &str, name: &str, allowance: &str, spec: &ResourceGraphSpec) -> Vec<u8> {
+    let mut out = format!("pequod-graph-proof\n{VERSION}\n{namespace}\n{name}\n{allowance}\n");
+    canonical(&serde_json::to_value(spec).unwrap_or_default(), &mut out);
+    out.into_bytes()
+}
+
+/// JSON with sorted keys and integral numbers written as integers: the same spec read back
+/// from the apiserver (which may reorder keys and write `1.0` as `1`) gives the same bytes.
+fn canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(fields) => {
+            let mut keys: Vec<&String> = fields.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                canonical(&fields[key], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => out.push_str(&(f as i64).to_string()),
+            _ => out.push_str(&n.to_string()),
+        },
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(byte: u8) -> GraphKey {
+        GraphKey::new(&[byte; 32]).unwrap()
+    }
+
+    fn spec(object: Value) -> ResourceGraphSpec {
+        serde_json::from_value(json!({"nodes": [{"id": "config", "object": object}]})).unwrap()
+    }
+
+    #[test]
+    fn only_the_signed_graph_under_the_same_key_verifies() {
+        let k = key(1);
+        let signed = spec(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}));
+        let proof = k.sign("team", "web", &signed, true);
+        let verify =
+            |k: &GraphKey, ns: &str, name: &str, s: &ResourceGraphSpec, p: Option<&str>| k.verify(ns, name, s, p);
+        assert_eq!(
+            verify(&k, "team", "web", &signed, Some(&proof)),
+            Origin::Rendered { cluster_scoped: true }
+        );
+        let edited = spec(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}}));
+        let widened = proof.replacen(":cluster:", ":namespace:", 1);
+        let cases = [
+            ("no proof", verify(&k, "team", "web", &signed, None)),
+            ("edited spec", verify(&k, "team", "web", &edited, Some(&proof))),
+            (
+                "copied to another namespace",
+                verify(&k, "other", "web", &signed, Some(&proof)),
+            ),
+            (
+                "copied to another name",
+                verify(&k, "team", "api", &signed, Some(&proof)),
+            ),
+            ("another key", verify(&key(2), "team", "web", &signed, Some(&proof))),
+            ("allowance changed", verify(&k, "team", "web", &signed, Some(&widened))),
+            ("garbage", verify(&k, "team", "web", &signed, Some("v1:cluster:zz"))),
+            (
+                "unknown version",
+                verify(&k, "team", "web", &signed, Some("v0:cluster:00")),
+            ),
+        ];
+        for (case, origin) in cases {
+            assert_eq!(origin, Origin::HandWritten, "{case}");
+        }
+    }
+
+    #[test]
+    fn the_apiserver_s_rewriting_of_keys_and_numbers_keeps_the_proof() {
+        let k = key(1);
+        let written =
+            spec(json!({"kind": "Deployment", "spec": {"replicas": 2.0, "ratio": 0.5}, "apiVersion": "apps/v1"}));
+        let read_back =
+            spec(json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"ratio": 0.5, "replicas": 2}}));
+        let proof = k.sign("team", "web", &written, false);
+        assert_eq!(
+            k.verify("team", "web", &read_back, Some(&proof)),
+            Origin::Rendered { cluster_scoped: false }
+        );
+    }
+
+    #[test]
+    fn short_keys_are_refused_and_keys_are_never_printed() {
+        assert!(GraphKey::new(&[0; 16]).is_none());
+        assert_eq!(format!("{:?}", key(7)), "GraphKey(redacted)");
+    }
+}
