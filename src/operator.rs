@@ -44,7 +44,14 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     shutdown.trigger_on_signals();
     let mut tasks: JoinSet<Result<(), StartupError>> = JoinSet::new();
 
-    let client = Client::try_default().await.map_err(StartupError::Kubeconfig)?;
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| StartupError::Kubeconfig(kube::Error::InferConfig(e)))?;
+    // kube retries a 503 up to 15 times with delays growing to minutes: one aggregated API that
+    // is down would hold a reconcile worker that long. Reconciles fail fast and retry on their
+    // own schedule, with the failure in status.
+    config.default_retry = false;
+    let client = Client::try_from(config).map_err(StartupError::Kubeconfig)?;
 
     if let Some(addr) = args.metrics_bind_address.0 {
         let router = server::metrics_router(metrics.clone());

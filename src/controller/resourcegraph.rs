@@ -851,17 +851,18 @@ async fn existing(ctx: &Context, entry: &InventoryEntry) -> Result<Option<(Resol
 /// Lets go of the objects of `entries` in reverse wave order: deletes what this graph made
 /// (only the highest wave that still has objects; lower waves wait until it is gone), releases
 /// what is to keep running, and leaves alone what is not this graph's (see
-/// [`ownership::let_go`]), saying so in an event. Returns the entries still present: those
-/// waiting for deletion and those that could not be looked up, since a failed lookup says
-/// nothing about whether the object is gone.
+/// [`ownership::let_go`]), saying so in an event. An entry that could not be looked up counts
+/// as present, since a failed lookup says nothing about whether the object is gone, and holds
+/// back every lower wave. Returns the entries still present, and why lookups failed.
 async fn teardown(
     ctx: &Context,
     rg: &ResourceGraph,
     graph: &GraphIdentity,
     entries: &[InventoryEntry],
-) -> Vec<InventoryEntry> {
+) -> (Vec<InventoryEntry>, Vec<String>) {
     let mut present: Vec<(InventoryEntry, Resolved, DynamicObject)> = Vec::new();
     let mut unknown: Vec<InventoryEntry> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
     for entry in entries {
         match existing(ctx, entry).await {
             Ok(Some((resolved, object))) => present.push((entry.clone(), resolved, object)),
@@ -870,6 +871,7 @@ async fn teardown(
             Err(ApplyError::UnknownKind { .. }) => {}
             Err(e) => {
                 tracing::warn!(error = %e, kind = %entry.kind, name = %entry.name, "looking up object to delete failed");
+                failures.push(format!("{} {}: {e}", entry.kind, entry.name));
                 unknown.push(entry.clone());
             }
         }
@@ -889,11 +891,13 @@ async fn teardown(
             LetGo::Leave(why) => publish(ctx, rg, EventType::Warning, "ObjectNotOwned", &why).await,
         }
     }
-    let Some(top) = to_delete.iter().map(|(e, _, _)| e.wave).max() else {
-        return remaining;
-    };
+    let top = to_delete
+        .iter()
+        .map(|(e, _, _)| e.wave)
+        .chain(remaining.iter().map(|e| e.wave))
+        .max();
     for (entry, resolved, object) in to_delete {
-        let deletable = entry.wave == top && object.metadata.deletion_timestamp.is_none();
+        let deletable = Some(entry.wave) == top && object.metadata.deletion_timestamp.is_none();
         if deletable
             && let Err(e) = ctx
                 .applier
@@ -904,7 +908,7 @@ async fn teardown(
         }
         remaining.push(entry);
     }
-    remaining
+    (remaining, failures)
 }
 
 /// Removes objects of nodes no longer in the spec (or whose object changed identity).
@@ -929,7 +933,7 @@ async fn prune(
     if stale.is_empty() {
         return (Vec::new(), Vec::new());
     }
-    let remaining = teardown(ctx, rg, graph, &stale).await;
+    let (remaining, _) = teardown(ctx, rg, graph, &stale).await;
     (remaining.clone(), remaining)
 }
 
@@ -954,7 +958,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    let remaining = teardown(ctx, rg, &graph, &entries).await;
+    let (remaining, failures) = teardown(ctx, rg, &graph, &entries).await;
     count_managed(ctx, &graph.uid, remaining.iter().cloned().collect());
     if !remaining.is_empty() {
         let top = remaining.iter().map(|e| e.wave).max().unwrap_or(0);
@@ -972,8 +976,13 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
                 false,
                 "Deleting",
                 format!(
-                    "deleting in reverse dependency order; waiting for {}",
-                    waiting.join(", ")
+                    "deleting in reverse dependency order; waiting for {}{}",
+                    waiting.join(", "),
+                    if failures.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; cannot look up {}", failures.join("; "))
+                    }
                 ),
             ),
             &time,

@@ -82,6 +82,16 @@ pub async fn client_for(kubeconfig: &Path) -> Result<Client, String> {
     Client::try_from(config).map_err(|e| e.to_string())
 }
 
+/// A client that reports a 429, 503 or 504 at once instead of retrying it for minutes.
+pub async fn client_without_retries(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    config.default_retry = false;
+    Client::try_from(config).expect("client")
+}
+
 /// A test's view of the cluster: a client and a namespace of its own.
 pub struct TestEnv {
     pub client: Client,

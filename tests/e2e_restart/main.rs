@@ -500,3 +500,117 @@ async fn a_registry_outage_keeps_instances_served_across_a_restart_and_is_report
     drop(second);
     env.cleanup().await;
 }
+
+/// Points the APIService of `group`/v1 at a Service that does not exist (`broken`), as an
+/// aggregated API that went down does, or gives it back to the apiserver.
+async fn set_api_broken(client: &kube::Client, group: &str, broken: bool) {
+    let services: Api<kube::api::DynamicObject> =
+        support::dynamic_api(client, "apiregistration.k8s.io/v1", "APIService", "").await;
+    let patch = if broken {
+        json!({"metadata": {"labels": {"kube-aggregator.kubernetes.io/automanaged": null}},
+            "spec": {"service": {"namespace": "default", "name": "pequod-nowhere", "port": 443}, "insecureSkipTLSVerify": true}})
+    } else {
+        json!({"metadata": {"labels": {"kube-aggregator.kubernetes.io/automanaged": "true"}},
+            "spec": {"service": null, "insecureSkipTLSVerify": false}})
+    };
+    services
+        .patch(&format!("v1.{group}"), &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    let want = if broken { 503 } else { 200 };
+    // The client's own retries would hold a 503 for minutes.
+    let client = support::client_without_retries(&support::control_plane::shared().kubeconfig).await;
+    let client = &client;
+    support::wait_for("discovery of the group to answer as set", WAIT, || async {
+        let request = http::Request::get(format!("/apis/{group}/v1"))
+            .body(Vec::new())
+            .unwrap();
+        let code = match client.request_text(request).await {
+            Ok(_) => 200,
+            Err(kube::Error::Api(s)) => s.code,
+            Err(e) => return Err(e.to_string()),
+        };
+        (code == want).then_some(()).ok_or(format!("answered {code}"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_kind_that_cannot_be_looked_up_holds_deletion_and_keeps_the_objects() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("discovery").await;
+    support::install_crds(&env.client).await;
+    let group = format!("{}.pequod.test", env.namespace);
+    let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("widgets.{group}")},
+        "spec": {"group": group, "scope": "Namespaced", "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}});
+    support::apply_yaml(&env.client, "", &serde_json::to_string(&crd).unwrap()).await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let nodes = json!([
+        {"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "config"}}},
+        {"id": "widget", "dependsOn": ["config"], "object": {"apiVersion": format!("{group}/v1"), "kind": "Widget",
+            "metadata": {"name": "w"}, "size": 3}},
+    ]);
+    let rg = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+        "metadata": {"name": "g"}, "spec": {"nodes": nodes}});
+    let first = start(&env.kubeconfig);
+    support::wait_for("the widget kind served", WAIT, || async {
+        graphs
+            .patch("g", &PatchParams::apply(support::TEST_MANAGER), &Patch::Apply(&rg))
+            .await
+            .map_err(|e| e.to_string())?;
+        let rg = graphs.get("g").await.map_err(|e| e.to_string())?;
+        match rg.status.and_then(|s| s.phase) {
+            Some(GraphPhase::Completed) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    first.kill();
+
+    // A fresh operator knows no kind yet: looking the widget up fails while its API is down.
+    set_api_broken(&env.client, &group, true).await;
+    let second = start(&env.kubeconfig);
+    graphs.delete("g", &DeleteParams::default()).await.unwrap();
+    support::wait_for("deletion waiting on the widget's lookup", WAIT, || async {
+        let rg = graphs.get("g").await.map_err(|e| e.to_string())?;
+        let ready = rg
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+            .ok_or("no Ready condition")?;
+        (ready.reason == "Deleting" && ready.message.contains("cannot look up Widget w"))
+            .then_some(())
+            .ok_or(ready.message)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held = graphs.get("g").await.unwrap();
+    assert!(held.finalizers().iter().any(|f| f == pequod::api::GRAPH_FINALIZER));
+    assert!(
+        cms.get_opt("config").await.unwrap().is_some(),
+        "the lower wave waits for the widget"
+    );
+    second.kill();
+
+    set_api_broken(&env.client, &group, false).await;
+    let widgets = support::dynamic_api(&env.client, &format!("{group}/v1"), "Widget", &env.namespace).await;
+    assert!(
+        widgets.get_opt("w").await.unwrap().is_some(),
+        "the widget outlived the outage"
+    );
+    let third = start(&env.kubeconfig);
+    support::wait_for("the graph and its objects gone", WAIT, || async {
+        let left = (
+            graphs.get_opt("g").await.map_err(|e| e.to_string())?.is_some(),
+            widgets.get_opt("w").await.map_err(|e| e.to_string())?.is_some(),
+            cms.get_opt("config").await.map_err(|e| e.to_string())?.is_some(),
+        );
+        (left == (false, false, false)).then_some(()).ok_or(format!("{left:?}"))
+    })
+    .await;
+    third.kill();
+    env.cleanup().await;
+}
