@@ -28,17 +28,52 @@ pub struct InstanceRef {
     pub uid: Option<String>,
 }
 
-/// Name of an instance's ResourceGraph: `<kind>-<name>` in lower case, so that instances of
-/// different kinds with the same name never share a graph. Names that would exceed the
-/// apiserver's limit are shortened with a hash suffix.
-pub fn graph_name(kind: &str, name: &str) -> String {
-    const MAX: usize = 253;
-    let full = format!("{}-{}", kind.to_ascii_lowercase(), name);
-    if full.len() <= MAX {
+/// Label naming the API group of the instance a graph was rendered from (see [`label_value`]).
+pub const INSTANCE_GROUP_LABEL: &str = "pequod.io/instance-group";
+
+/// Longest name the apiserver accepts for a ResourceGraph.
+const MAX_NAME: usize = 253;
+
+/// Name of an instance's ResourceGraph: `<kind>.<group>-<name>` in lower case, so that
+/// instances of same-named kinds of two API groups never share a graph. Names that would
+/// exceed the apiserver's limit are shortened with a hash suffix.
+pub fn graph_name(kind: &str, group: &str, name: &str) -> String {
+    shortened(format!(
+        "{}.{}-{}",
+        kind.to_ascii_lowercase(),
+        group.to_ascii_lowercase(),
+        name
+    ))
+}
+
+/// The name earlier releases gave an instance's graph, `<kind>-<name>`: a graph of that name
+/// owned by the instance is taken over by the one of [`graph_name`].
+pub fn legacy_graph_name(kind: &str, name: &str) -> String {
+    shortened(format!("{}-{}", kind.to_ascii_lowercase(), name))
+}
+
+fn shortened(full: String) -> String {
+    if full.len() <= MAX_NAME {
         return full;
     }
     let hash = hex::encode(Sha256::digest(full.as_bytes()));
-    format!("{}-{}", full[..MAX - 17].trim_end_matches(['-', '.']), &hash[..16])
+    format!("{}-{}", full[..MAX_NAME - 17].trim_end_matches(['-', '.']), &hash[..16])
+}
+
+/// `value` as a label value (at most 63 characters): kept when it fits, else cut and suffixed
+/// with a hash of the whole.
+pub fn label_value(value: &str) -> String {
+    const MAX: usize = 63;
+    if value.len() <= MAX {
+        return value.to_string();
+    }
+    let hash = hex::encode(Sha256::digest(value.as_bytes()));
+    format!("{}-{}", value[..MAX - 17].trim_end_matches(['-', '.']), &hash[..16])
+}
+
+/// The API group of an `apiVersion` (empty for the core group).
+pub fn group_of(api_version: &str) -> &str {
+    api_version.rsplit_once('/').map_or("", |(g, _)| g)
 }
 
 /// Hash over everything a render depends on: the module's content and the input.
@@ -60,6 +95,10 @@ pub fn resource_graph(
         (TRANSFORM_LABEL.to_string(), transform.to_string()),
         (INSTANCE_LABEL.to_string(), instance.name.clone()),
         (INSTANCE_KIND_LABEL.to_string(), instance.kind.clone()),
+        (
+            INSTANCE_GROUP_LABEL.to_string(),
+            label_value(group_of(&instance.api_version)),
+        ),
     ]);
     let owner = instance.uid.as_ref().map(|uid| OwnerReference {
         api_version: instance.api_version.clone(),
@@ -71,7 +110,11 @@ pub fn resource_graph(
     });
     ResourceGraph {
         metadata: ObjectMeta {
-            name: Some(graph_name(&instance.kind, &instance.name)),
+            name: Some(graph_name(
+                &instance.kind,
+                group_of(&instance.api_version),
+                &instance.name,
+            )),
             namespace: Some(instance.namespace.clone()),
             labels: Some(labels),
             owner_references: owner.map(|o| vec![o]),
@@ -243,12 +286,30 @@ mod tests {
     use crate::api::{Condition, NodePhase, NodeState, ResourceGraphStatus};
 
     #[test]
-    fn graph_names_separate_kinds_and_stay_within_limits() {
-        assert_eq!(graph_name("WebService", "my-app"), "webservice-my-app");
-        assert_ne!(graph_name("WebService", "x"), graph_name("Worker", "x"));
-        let long = graph_name("WebService", &"a".repeat(300));
+    fn graph_names_separate_kinds_and_groups_and_stay_within_limits() {
+        let g = "apps.example.com";
+        assert_eq!(
+            graph_name("WebService", g, "my-app"),
+            "webservice.apps.example.com-my-app"
+        );
+        assert_ne!(graph_name("WebService", g, "x"), graph_name("Worker", g, "x"));
+        assert_ne!(
+            graph_name("WebService", g, "x"),
+            graph_name("WebService", "web.example.com", "x")
+        );
+        let long = graph_name("WebService", g, &"a".repeat(300));
         assert_eq!(long.len(), 253);
-        assert_ne!(long, graph_name("WebService", &"a".repeat(299)));
+        assert_ne!(long, graph_name("WebService", g, &"a".repeat(299)));
+        assert_eq!(legacy_graph_name("WebService", "my-app"), "webservice-my-app");
+    }
+
+    #[test]
+    fn long_groups_become_distinct_label_values() {
+        assert_eq!(label_value("apps.example.com"), "apps.example.com");
+        let a = label_value(&format!("{}.a.example.com", "x".repeat(60)));
+        let b = label_value(&format!("{}.b.example.com", "x".repeat(60)));
+        assert!(a.len() <= 63 && b.len() <= 63);
+        assert_ne!(a, b);
     }
 
     #[test]
@@ -272,6 +333,7 @@ mod tests {
         let labels = rg.metadata.labels.unwrap();
         assert_eq!(labels[INSTANCE_LABEL], "my-app");
         assert_eq!(labels[INSTANCE_KIND_LABEL], "WebService");
+        assert_eq!(labels[INSTANCE_GROUP_LABEL], "apps.example.com");
         assert_eq!(labels[TRANSFORM_LABEL], "webservice");
         let owner = &rg.metadata.owner_references.unwrap()[0];
         assert_eq!((owner.uid.as_str(), owner.controller), ("uid-1", Some(true)));

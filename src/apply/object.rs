@@ -51,6 +51,32 @@ pub struct GraphIdentity {
     pub name: String,
     pub namespace: String,
     pub uid: String,
+    /// The graph, in the same namespace, whose objects this one takes over: set only for a
+    /// graph Pequod rendered and signed (see [`crate::executor::proof::PREDECESSOR_ANNOTATION`]).
+    pub predecessor: Option<Predecessor>,
+}
+
+/// A graph another takes over from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Predecessor {
+    pub uid: String,
+    pub name: String,
+}
+
+impl Predecessor {
+    /// Parses the annotation's `<uid>/<name>`.
+    pub fn parse(value: &str) -> Option<Self> {
+        let (uid, name) = value.split_once('/')?;
+        (!uid.is_empty() && !name.is_empty()).then(|| Self {
+            uid: uid.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The annotation's value.
+    pub fn annotation(&self) -> String {
+        format!("{}/{}", self.uid, self.name)
+    }
 }
 
 /// The object to apply for `node`: namespace defaulted (or removed for cluster-scoped kinds),
@@ -161,6 +187,7 @@ mod tests {
             name: "g".into(),
             namespace: "team".into(),
             uid: "uid-1".into(),
+            predecessor: None,
         }
     }
 

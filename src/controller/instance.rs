@@ -24,11 +24,12 @@ use crate::api::{
     ConditionStatus, InstancePhase, InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity, Violation,
 };
 use crate::apply::Applier;
+use crate::apply::Predecessor;
 use crate::cue::{Module, RenderError, Renderer, input_hash, render_input};
-use crate::executor::proof::{GraphKey, Origin, PROOF_ANNOTATION};
+use crate::executor::proof::{GraphKey, Origin, PREDECESSOR_ANNOTATION, PROOF_ANNOTATION};
 use crate::instance::{
-    INSTANCE_KIND_LABEL, InstanceRef, Scope, confine, graph_name, graph_progress, node_summaries, render_hash,
-    resource_graph,
+    INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, InstanceRef, Scope, confine, graph_name, graph_progress, label_value,
+    legacy_graph_name, node_summaries, render_hash, resource_graph,
 };
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -279,7 +280,11 @@ async fn run_kind(
     let run = controller
         .owns(
             graphs,
-            watcher::Config::default().labels(&format!("{INSTANCE_KIND_LABEL}={}", resource.kind)),
+            watcher::Config::default().labels(&format!(
+                "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
+                resource.kind,
+                label_value(&resource.group)
+            )),
         )
         .with_config(ControllerConfig::default().concurrency(CONCURRENCY))
         .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {
@@ -401,7 +406,7 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
     let (module, allow_cluster_scoped, transform) = ctx.current();
     let namespace = obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let name = obj.name_any();
-    let graph = graph_name(&ctx.resource.kind, &name);
+    let graph = graph_name(&ctx.resource.kind, &ctx.resource.group, &name);
     let mut update = StatusUpdate::start(obj, ctx);
     update.new.resource_graph = Some(graph.clone());
 
@@ -501,13 +506,35 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
             return Ok(Action::requeue(RESYNC));
         }
     }
+    // The graph of an earlier release's naming, until this one has taken its objects over.
+    let predecessor = match &live {
+        Some(g) if !g.annotations().contains_key(PREDECESSOR_ANNOTATION) => None,
+        _ => graphs_api
+            .get_opt(&legacy_graph_name(&ctx.resource.kind, &name))
+            .await?
+            .filter(|g| owns(obj, g)),
+    };
+    let predecessor_annotation = predecessor.as_ref().and_then(|g| {
+        Some(
+            Predecessor {
+                uid: g.uid()?,
+                name: g.name_any(),
+            }
+            .annotation(),
+        )
+    });
     // A graph someone else edited no longer carries a valid proof: it is written again.
     let signed_as_rendered = |g: &ResourceGraph| {
-        let proof = g.annotations().get(PROOF_ANNOTATION).map(String::as_str);
-        ctx.shared.key.verify(&namespace, &graph, &g.spec, proof)
-            == (Origin::Rendered {
-                cluster_scoped: allow_cluster_scoped,
-            })
+        let annotation = |key: &str| g.annotations().get(key).map(String::as_str);
+        let claimed = annotation(PREDECESSOR_ANNOTATION);
+        claimed == predecessor_annotation.as_deref()
+            && ctx
+                .shared
+                .key
+                .verify(&namespace, &graph, &g.spec, annotation(PROOF_ANNOTATION), claimed)
+                == (Origin::Rendered {
+                    cluster_scoped: allow_cluster_scoped,
+                })
     };
     let up_to_date = live
         .as_ref()
@@ -525,15 +552,18 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
         let mut rendered = (*output).clone();
         rendered.nodes = nodes;
         let mut desired = resource_graph(&instance, &transform.name, &hash, &rendered, update.time.clone());
-        let proof = ctx
-            .shared
-            .key
-            .sign(&namespace, &graph, &desired.spec, allow_cluster_scoped);
-        desired
-            .metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(PROOF_ANNOTATION.to_string(), proof);
+        let proof = ctx.shared.key.sign(
+            &namespace,
+            &graph,
+            &desired.spec,
+            allow_cluster_scoped,
+            predecessor_annotation.as_deref(),
+        );
+        let annotations = desired.metadata.annotations.get_or_insert_default();
+        annotations.insert(PROOF_ANNOTATION.to_string(), proof);
+        if let Some(p) = &predecessor_annotation {
+            annotations.insert(PREDECESSOR_ANNOTATION.to_string(), p.clone());
+        }
         match graphs_api
             .patch(&graph, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
             .await
@@ -561,8 +591,22 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
     }
     update.condition("Ready", ready, &reason, message);
     update.new.phase = Some(phase);
+    // Once the graph holds every object, the earlier one has nothing left and goes.
+    let retire = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none());
+    if let Some(old) = &retire {
+        match graphs_api.delete(&old.name_any(), &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let note = format!(
+            "ResourceGraph {graph} took over every object of {}, which is deleted",
+            old.name_any()
+        );
+        update.event(EventType::Normal, "GraphRenamed", &note);
+    }
     update.write().await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(if retire.is_some() { TEARDOWN_POLL } else { RESYNC }))
 }
 
 async fn render_failed(mut update: StatusUpdate<'_>, e: &RenderError) -> Result<Action, Error> {
@@ -614,18 +658,28 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    let graph = graph_name(&ctx.resource.kind, &obj.name_any());
     let graphs = graphs(obj, ctx);
-    let live = graphs.get_opt(&graph).await?.filter(|g| owns(obj, g));
-    match live {
-        Some(rg) => {
-            if rg.metadata.deletion_timestamp.is_none() {
-                match graphs.delete(&graph, &DeleteParams::background()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
+    let name = obj.name_any();
+    let mut live = None;
+    // The graph, and the one of an earlier release's naming if it is still there.
+    for graph in [
+        graph_name(&ctx.resource.kind, &ctx.resource.group, &name),
+        legacy_graph_name(&ctx.resource.kind, &name),
+    ] {
+        let Some(rg) = graphs.get_opt(&graph).await?.filter(|g| owns(obj, g)) else {
+            continue;
+        };
+        if rg.metadata.deletion_timestamp.is_none() {
+            match graphs.delete(&graph, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
             }
+        }
+        live = live.or(Some((graph, rg)));
+    }
+    match live {
+        Some((graph, rg)) => {
             let mut update = StatusUpdate::start(obj, ctx);
             let waiting = rg
                 .status

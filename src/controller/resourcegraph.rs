@@ -29,7 +29,7 @@ use crate::api::{
     Condition, ConditionStatus, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node, NodePhase, NodeState,
     ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, has_condition, set_condition,
 };
-use crate::apply::{Applied, Applier, ApplyError, GraphIdentity, Resolved, desired_object, gvk_label};
+use crate::apply::{Applied, Applier, ApplyError, GraphIdentity, Predecessor, Resolved, desired_object, gvk_label};
 use crate::executor::ownership::{self, LetGo, Refusal};
 use crate::executor::plan::{self, Write};
 use crate::executor::proof::{self, GraphKey, Origin};
@@ -147,12 +147,28 @@ fn api(rg: &ResourceGraph, ctx: &Context) -> Api<ResourceGraph> {
     Api::namespaced(ctx.client.clone(), &rg.namespace().unwrap_or_default())
 }
 
-fn identity(rg: &ResourceGraph) -> Result<GraphIdentity, Error> {
-    Ok(GraphIdentity {
+/// The graph's identity and origin. Only a graph Pequod rendered and signed may name a
+/// predecessor whose objects it takes over.
+fn identity(rg: &ResourceGraph, ctx: &Context) -> Result<(GraphIdentity, Origin), Error> {
+    let namespace = rg.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let annotation = |key: &str| rg.annotations().get(key).map(String::as_str);
+    let predecessor = annotation(proof::PREDECESSOR_ANNOTATION);
+    let origin = ctx.key.verify(
+        &namespace,
+        &rg.name_any(),
+        &rg.spec,
+        annotation(proof::PROOF_ANNOTATION),
+        predecessor,
+    );
+    let graph = GraphIdentity {
         name: rg.name_any(),
-        namespace: rg.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
+        namespace,
         uid: rg.uid().ok_or(Error::MissingField("metadata.uid"))?,
-    })
+        predecessor: predecessor
+            .filter(|_| origin != Origin::HandWritten)
+            .and_then(Predecessor::parse),
+    };
+    Ok((graph, origin))
 }
 
 fn metric_name(g: &GraphIdentity) -> String {
@@ -172,7 +188,7 @@ struct NodeOutcome {
 }
 
 async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
-    let graph = identity(rg)?;
+    let (graph, origin) = identity(rg, ctx)?;
     let old = last_status(rg, ctx, &graph.uid);
     let mut status = old.clone();
     let generation = rg.metadata.generation;
@@ -187,7 +203,6 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
         Ok(dag) => dag,
         Err(e) => return refuse(rg, ctx, &old, status, e.reason(), &e.to_string(), "InvalidGraph").await,
     };
-    let origin = origin(rg, ctx);
     if let Some(refused) = confinement(rg, ctx, origin).await {
         return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await;
     }
@@ -410,14 +425,6 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     })
 }
 
-/// The graph's origin: rendered by Pequod (with its Transform's allowances) only when it
-/// carries a proof made with the operator's key for exactly this spec.
-fn origin(rg: &ResourceGraph, ctx: &Context) -> Origin {
-    let proof = rg.annotations().get(proof::PROOF_ANNOTATION).map(String::as_str);
-    ctx.key
-        .verify(&rg.namespace().unwrap_or_default(), &rg.name_any(), &rg.spec, proof)
-}
-
 /// The first node the graph may not apply, among those whose kind discovery knows (the others
 /// are checked when they resolve): a graph that reaches too far applies nothing.
 async fn confinement(rg: &ResourceGraph, ctx: &Context, origin: Origin) -> Option<Refusal> {
@@ -574,11 +581,17 @@ async fn process_node(
         (
             Write::Apply {
                 reclaim,
-                release_legacy_manager,
+                take_over,
+                release_managers,
             },
             live,
         ) => {
             let manager = plan::field_manager(node, graph);
+            if let (true, Some(l), Some(p)) = (take_over, &live, &graph.predecessor)
+                && let Err(e) = ctx.applier.drop_owner(&resolved, l, &p.uid, &manager).await
+            {
+                return fail(e.to_string(), e.is_transient(), e.reason());
+            }
             let applied = ctx
                 .applier
                 .apply(node, &manager, &resolved, &plan.desired, live.as_ref(), reclaim)
@@ -594,15 +607,11 @@ async fn process_node(
                     (desired_hash, object.resource_version().unwrap_or_default()),
                 );
             }
-            if release_legacy_manager {
-                let empty = plan::legacy_release(&plan.desired);
-                if let Err(e) = ctx
-                    .applier
-                    .release_manager(&resolved, &empty, crate::api::LEGACY_FIELD_MANAGER)
-                    .await
-                {
-                    // The next pass sees the legacy manager again and retries.
-                    tracing::warn!(error = %e, node = %node.id, "releasing the shared field manager failed");
+            let empty = plan::manager_release(&plan.desired);
+            for earlier in release_managers {
+                if let Err(e) = ctx.applier.release_manager(&resolved, &empty, &earlier).await {
+                    // The next pass finds the manager again and retries.
+                    tracing::warn!(error = %e, node = %node.id, manager = %earlier, "releasing an earlier field manager failed");
                 }
             }
             object
@@ -941,7 +950,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
     if !rg.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    let graph = identity(rg)?;
+    let (graph, _) = identity(rg, ctx)?;
     let old = rg.status.clone().unwrap_or_default();
     // The inventory, plus the spec's objects in case the operator stopped between applying
     // an object and recording it.

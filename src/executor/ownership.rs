@@ -18,14 +18,16 @@ use crate::apply::{
 pub enum Owner {
     /// This graph wrote it.
     ThisGraph,
+    /// The graph this one takes over from wrote it: this graph may write it, and makes it its own.
+    Predecessor,
     /// Another graph wrote it (`namespace/name` of that graph when its labels say).
     AnotherGraph(String),
     /// No graph wrote it.
     Nobody,
 }
 
-/// Whose `live` is. Objects written before the uid annotation existed are recognised by this
-/// graph's uid in their owner references, or by this graph's name and namespace in their labels
+/// Whose `live` is. Objects written before the uid annotation existed are recognised by a
+/// graph's uid in their owner references, or by its name and namespace in their labels
 /// (objects outside the graph's namespace carry no owner reference).
 pub fn owner(live: &Value, graph: &GraphIdentity) -> Owner {
     let meta = &live["metadata"];
@@ -35,20 +37,29 @@ pub fn owner(live: &Value, graph: &GraphIdentity) -> Owner {
         (None, Some(name)) => name.to_string(),
         _ => "unknown".to_string(),
     };
+    let predecessor = graph.predecessor.as_ref();
+    let is_predecessor = |uid: &str| predecessor.is_some_and(|p| p.uid == uid);
     if let Some(uid) = meta["annotations"][GRAPH_UID_ANNOTATION].as_str() {
         return if uid == graph.uid {
             Owner::ThisGraph
+        } else if is_predecessor(uid) {
+            Owner::Predecessor
         } else {
             Owner::AnotherGraph(labelled_graph())
         };
     }
-    let owned_by_uid = meta["ownerReferences"]
+    let owner_uids: Vec<&str> = meta["ownerReferences"]
         .as_array()
-        .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(graph.uid.as_str())));
-    let labelled_by_this = label(GRAPH_LABEL) == Some(graph.name.as_str())
-        && label(GRAPH_NAMESPACE_LABEL) == Some(graph.namespace.as_str());
-    if owned_by_uid || labelled_by_this {
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str())
+        .collect();
+    let labelled_by =
+        |name: &str| label(GRAPH_LABEL) == Some(name) && label(GRAPH_NAMESPACE_LABEL) == Some(graph.namespace.as_str());
+    if owner_uids.contains(&graph.uid.as_str()) || labelled_by(&graph.name) {
         Owner::ThisGraph
+    } else if owner_uids.iter().any(|u| is_predecessor(u)) || predecessor.is_some_and(|p| labelled_by(&p.name)) {
+        Owner::Predecessor
     } else if label(GRAPH_LABEL).is_some() {
         Owner::AnotherGraph(labelled_graph())
     } else {
@@ -77,7 +88,7 @@ pub fn refusal(mode: ApplyMode, live: &Value, graph: &GraphIdentity, managers: &
         meta["name"].as_str().unwrap_or_default()
     );
     match (owner(live, graph), mode) {
-        (Owner::ThisGraph, _) | (_, ApplyMode::Create) | (Owner::Nobody, ApplyMode::Adopt) => None,
+        (Owner::ThisGraph | Owner::Predecessor, _) | (_, ApplyMode::Create) | (Owner::Nobody, ApplyMode::Adopt) => None,
         (Owner::AnotherGraph(other), _) => Some(Refusal {
             reason: "OwnedByAnotherGraph",
             message: format!("{what} belongs to ResourceGraph {other}; nothing was written"),
@@ -113,6 +124,12 @@ pub fn let_go(entry: &InventoryEntry, live: &Value, graph: &GraphIdentity) -> Le
     let what = format!("{} {}", entry.kind, entry.name);
     match owner(live, graph) {
         Owner::ThisGraph => {}
+        Owner::Predecessor => {
+            return LetGo::Leave(format!(
+                "{what} still belongs to ResourceGraph {}, which this graph took over from; left to it",
+                graph.predecessor.as_ref().map_or("", |p| p.name.as_str())
+            ));
+        }
         Owner::AnotherGraph(other) => {
             return LetGo::Leave(format!("{what} belongs to ResourceGraph {other}; left in place"));
         }
@@ -147,6 +164,7 @@ mod tests {
             name: "web".into(),
             namespace: "team".into(),
             uid: "uid-web".into(),
+            predecessor: None,
         }
     }
 
@@ -225,6 +243,42 @@ mod tests {
         for (case, live, want) in cases {
             assert_eq!(owner(&live, &g), want, "{case}");
         }
+    }
+
+    #[test]
+    fn a_graph_taking_over_sees_its_predecessor_s_objects_as_such() {
+        let mut g = graph();
+        g.name = "note.example.com-web".into();
+        g.uid = "uid-new".into();
+        g.predecessor = Some(crate::apply::Predecessor {
+            uid: "uid-web".into(),
+            name: "web".into(),
+        });
+        let cases = [
+            ("stamped with the predecessor's uid", ours("o1"), Owner::Predecessor),
+            (
+                "an earlier release: owner reference to the predecessor",
+                object("o1", json!({}), json!({}), json!([{"uid": "uid-web"}])),
+                Owner::Predecessor,
+            ),
+            (
+                "an earlier release: the predecessor's labels",
+                object(
+                    "o1",
+                    json!({"pequod.io/resourcegraph": "web", "pequod.io/resourcegraph-namespace": "team"}),
+                    json!({}),
+                    json!([]),
+                ),
+                Owner::Predecessor,
+            ),
+        ];
+        for (case, live, want) in cases {
+            assert_eq!(owner(&live, &g), want, "{case}");
+        }
+        assert!(refusal(ApplyMode::Apply, &ours("o1"), &g, &[]).is_none());
+        assert!(matches!(let_go(&entry(Some("o1")), &ours("o1"), &g), LetGo::Leave(_)));
+        g.predecessor = None;
+        assert_eq!(owner(&ours("o1"), &g), Owner::AnotherGraph("team/web".into()));
     }
 
     #[test]

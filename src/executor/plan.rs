@@ -92,13 +92,28 @@ pub enum Write {
     Refuse(Refusal),
     /// Leave the object as it is: it already holds what the node declares (or Create found it).
     Nothing,
-    /// Apply `desired`. `reclaim` forces fields Pequod set before and someone else changed
-    /// since (drift). `release_legacy_manager` removes the field manager every graph shared
-    /// before each had its own, once the graph's own manager holds the fields.
+    /// Apply the desired object.
     Apply {
+        /// Force fields Pequod set before and someone else changed since (drift).
         reclaim: bool,
-        release_legacy_manager: bool,
+        /// The object is the predecessor graph's: drop its owner reference first (an object
+        /// has one controlling owner), then make it this graph's.
+        take_over: bool,
+        /// Field managers Pequod used before for this object (the one all graphs shared in
+        /// earlier releases, the predecessor's): released once this graph's manager holds the
+        /// fields, so that fields the graph no longer declares go away.
+        release_managers: Vec<String>,
     },
+}
+
+impl Write {
+    fn apply(reclaim: bool) -> Self {
+        Self::Apply {
+            reclaim,
+            take_over: false,
+            release_managers: Vec::new(),
+        }
+    }
 }
 
 /// The decision for one node, with the object to write.
@@ -124,10 +139,7 @@ pub fn plan_node(
     let manager = field_manager(node, graph);
     let Some(live) = live else {
         return NodePlan {
-            write: Write::Apply {
-                reclaim: false,
-                release_legacy_manager: false,
-            },
+            write: Write::apply(false),
             desired,
             adopted_from: None,
         };
@@ -147,11 +159,18 @@ pub fn plan_node(
             adopted_from: None,
         };
     }
+    let owner = ownership::owner(live, graph);
     let applies = |name: &str| managers.iter().any(|(m, op)| m == name && op == "Apply");
-    let legacy = node.apply_policy.field_manager.is_none()
-        && applies(LEGACY_FIELD_MANAGER)
-        && ownership::owner(live, graph) == Owner::ThisGraph;
-    let pequod_applied = applies(&manager) || legacy;
+    let earlier_managers: Vec<String> =
+        if node.apply_policy.field_manager.is_none() && matches!(owner, Owner::ThisGraph | Owner::Predecessor) {
+            std::iter::once(LEGACY_FIELD_MANAGER.to_string())
+                .chain(graph.predecessor.iter().map(|p| format!("pequod-{}", p.uid)))
+                .filter(|m| applies(m))
+                .collect()
+        } else {
+            Vec::new()
+        };
+    let pequod_applied = applies(&manager) || !earlier_managers.is_empty();
 
     // Adoption is recorded on the object itself, so that no stale read of the graph's status
     // can lose it.
@@ -168,19 +187,17 @@ pub fn plan_node(
     }
     let write = match node.apply_policy.mode {
         ApplyMode::Create => Write::Nothing,
-        _ if legacy => Write::Apply {
+        _ if owner == Owner::Predecessor || !earlier_managers.is_empty() => Write::Apply {
             reclaim: true,
-            release_legacy_manager: true,
+            take_over: owner == Owner::Predecessor,
+            release_managers: earlier_managers,
         },
         _ if unchanged_since_apply => Write::Nothing,
         _ => match crate::apply::first_difference(live, &desired) {
             None => Write::Nothing,
             Some(path) => {
                 tracing::debug!(node = %node.id, %path, "the live object differs from the desired one");
-                Write::Apply {
-                    reclaim: pequod_applied,
-                    release_legacy_manager: false,
-                }
+                Write::apply(pequod_applied)
             }
         },
     };
@@ -206,9 +223,9 @@ fn managers(live: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The object that, applied by the legacy field manager, leaves it owning no field: what is
-/// left of its entry disappears, and the graph's own manager keeps every field it applied.
-pub fn legacy_release(desired: &Value) -> Value {
+/// The object that, applied by an earlier field manager, leaves it owning no field: its entry
+/// disappears, and the graph's own manager keeps every field it applied.
+pub fn manager_release(desired: &Value) -> Value {
     let mut metadata = json!({"name": desired["metadata"]["name"]});
     if let Some(ns) = desired["metadata"]["namespace"].as_str() {
         metadata["namespace"] = json!(ns);
@@ -230,6 +247,7 @@ mod tests {
             name: "web".into(),
             namespace: "team".into(),
             uid: "uid-web".into(),
+            predecessor: None,
         }
     }
 
@@ -306,9 +324,14 @@ mod tests {
         let g = graph();
         let ours = json!({"pequod.io/resourcegraph-uid": "uid-web"});
         let own = "pequod-uid-web";
-        let apply = |reclaim, release_legacy_manager| Write::Apply {
+        let apply = |reclaim, release_legacy: bool| Write::Apply {
             reclaim,
-            release_legacy_manager,
+            take_over: false,
+            release_managers: if release_legacy {
+                vec!["pequod".to_string()]
+            } else {
+                Vec::new()
+            },
         };
         type Case = (&'static str, ApplyMode, Option<Value>, &'static str, bool, Write);
         #[rustfmt::skip]
@@ -375,9 +398,40 @@ mod tests {
     }
 
     #[test]
-    fn the_legacy_release_names_only_the_object() {
+    fn a_graph_taking_over_writes_its_predecessor_s_objects_and_releases_its_managers() {
+        let mut g = graph();
+        g.uid = "uid-new".into();
+        g.predecessor = Some(crate::apply::Predecessor {
+            uid: "uid-web".into(),
+            name: "web".into(),
+        });
+        let n = node(object("v1", "ConfigMap", Some("team")), ApplyMode::Apply, json!([]));
+        let theirs = live(
+            json!({"pequod.io/resourcegraph-uid": "uid-web"}),
+            &[("pequod", "Apply"), ("pequod-uid-web", "Apply"), ("kubectl", "Update")],
+        );
+        let plan = plan_node(&n, desired("1"), Some(&theirs), &g, false);
         assert_eq!(
-            legacy_release(&desired("1")),
+            plan.write,
+            Write::Apply {
+                reclaim: true,
+                take_over: true,
+                release_managers: vec!["pequod".into(), "pequod-uid-web".into()],
+            }
+        );
+        let done = live(
+            json!({"pequod.io/resourcegraph-uid": "uid-new"}),
+            &[("pequod-uid-new", "Apply")],
+        );
+        let mut same = desired("1");
+        same["metadata"]["annotations"]["pequod.io/resourcegraph-uid"] = json!("uid-new");
+        assert_eq!(plan_node(&n, same, Some(&done), &g, false).write, Write::Nothing);
+    }
+
+    #[test]
+    fn the_manager_release_names_only_the_object() {
+        assert_eq!(
+            manager_release(&desired("1")),
             json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "team"}})
         );
     }

@@ -14,6 +14,9 @@ use crate::api::ResourceGraphSpec;
 
 /// Annotation holding a rendered graph's proof: `v1:<allowance>:<hex HMAC-SHA256>`.
 pub const PROOF_ANNOTATION: &str = "pequod.io/graph-proof";
+/// Annotation naming the graph a rendered graph takes over (`<uid>/<name>`, same namespace):
+/// an instance's graph of an earlier release's naming. Signed with the rest.
+pub const PREDECESSOR_ANNOTATION: &str = "pequod.io/predecessor";
 
 const VERSION: &str = "v1";
 
@@ -48,15 +51,34 @@ impl GraphKey {
         (bytes.len() >= Self::MIN_BYTES).then(|| Self(hmac::Key::new(hmac::HMAC_SHA256, bytes)))
     }
 
-    /// The proof of a rendered graph with `cluster_scoped` allowance.
-    pub fn sign(&self, namespace: &str, name: &str, spec: &ResourceGraphSpec, cluster_scoped: bool) -> String {
+    /// The proof of a rendered graph with `cluster_scoped` allowance, taking over from
+    /// `predecessor` (the value of [`PREDECESSOR_ANNOTATION`]) if any.
+    pub fn sign(
+        &self,
+        namespace: &str,
+        name: &str,
+        spec: &ResourceGraphSpec,
+        cluster_scoped: bool,
+        predecessor: Option<&str>,
+    ) -> String {
         let origin = Origin::Rendered { cluster_scoped };
-        let tag = hmac::sign(&self.0, &message(namespace, name, origin.allowance(), spec));
+        let tag = hmac::sign(
+            &self.0,
+            &message(namespace, name, origin.allowance(), predecessor, spec),
+        );
         format!("{VERSION}:{}:{}", origin.allowance(), hex::encode(tag.as_ref()))
     }
 
-    /// The origin of a graph carrying `proof` (None when it carries none).
-    pub fn verify(&self, namespace: &str, name: &str, spec: &ResourceGraphSpec, proof: Option<&str>) -> Origin {
+    /// The origin of a graph carrying `proof` and `predecessor` (the values of
+    /// [`PROOF_ANNOTATION`] and [`PREDECESSOR_ANNOTATION`]).
+    pub fn verify(
+        &self,
+        namespace: &str,
+        name: &str,
+        spec: &ResourceGraphSpec,
+        proof: Option<&str>,
+        predecessor: Option<&str>,
+    ) -> Origin {
         let Some(proof) = proof else {
             return Origin::HandWritten;
         };
@@ -72,7 +94,7 @@ impl GraphKey {
         let Ok(tag) = hex::decode(tag) else {
             return Origin::HandWritten;
         };
-        match hmac::verify(&self.0, &message(namespace, name, allowance, spec), &tag) {
+        match hmac::verify(&self.0, &message(namespace, name, allowance, predecessor, spec), &tag) {
             Ok(()) => origin,
             Err(_) => Origin::HandWritten,
         }
@@ -85,8 +107,15 @@ impl std::fmt::Debug for GraphKey {
     }
 }
 
-fn message(namespace: &str, name: &str, allowance: &str, spec: &ResourceGraphSpec) -> Vec<u8> {
-    let mut out = format!("pequod-graph-proof\n{VERSION}\n{namespace}\n{name}\n{allowance}\n");
+fn message(
+    namespace: &str,
+    name: &str,
+    allowance: &str,
+    predecessor: Option<&str>,
+    spec: &ResourceGraphSpec,
+) -> Vec<u8> {
+    let predecessor = predecessor.unwrap_or_default();
+    let mut out = format!("pequod-graph-proof\n{VERSION}\n{namespace}\n{name}\n{allowance}\n{predecessor}\n");
     canonical(&serde_json::to_value(spec).unwrap_or_default(), &mut out);
     out.into_bytes()
 }
@@ -144,9 +173,9 @@ mod tests {
     fn only_the_signed_graph_under_the_same_key_verifies() {
         let k = key(1);
         let signed = spec(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}));
-        let proof = k.sign("team", "web", &signed, true);
+        let proof = k.sign("team", "web", &signed, true, None);
         let verify =
-            |k: &GraphKey, ns: &str, name: &str, s: &ResourceGraphSpec, p: Option<&str>| k.verify(ns, name, s, p);
+            |k: &GraphKey, ns: &str, name: &str, s: &ResourceGraphSpec, p: Option<&str>| k.verify(ns, name, s, p, None);
         assert_eq!(
             verify(&k, "team", "web", &signed, Some(&proof)),
             Origin::Rendered { cluster_scoped: true }
@@ -184,9 +213,9 @@ mod tests {
             spec(json!({"kind": "Deployment", "spec": {"replicas": 2.0, "ratio": 0.5}, "apiVersion": "apps/v1"}));
         let read_back =
             spec(json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"ratio": 0.5, "replicas": 2}}));
-        let proof = k.sign("team", "web", &written, false);
+        let proof = k.sign("team", "web", &written, false, Some("uid-old/web-old"));
         assert_eq!(
-            k.verify("team", "web", &read_back, Some(&proof)),
+            k.verify("team", "web", &read_back, Some(&proof), Some("uid-old/web-old")),
             Origin::Rendered { cluster_scoped: false }
         );
     }

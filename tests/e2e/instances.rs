@@ -109,7 +109,8 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
 
     // The graph is named after kind and instance, owned by the instance, signed as rendered by
     // Pequod, and applies as a field manager of its own.
-    let rg = graphs.get("webservice-my-app").await.unwrap();
+    let graph = format!("webservice.{}-my-app", group(&env));
+    let rg = graphs.get(&graph).await.unwrap();
     assert!(
         rg.annotations()["pequod.io/graph-proof"].starts_with("v1:namespace:"),
         "{:?}",
@@ -147,7 +148,7 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
     );
     let obj = wait_instance(&webservices, "my-app", "Ready", "True", "Ready").await;
     assert_eq!(status_field(&obj, "/phase"), Some(&json!("Ready")));
-    assert_eq!(status_field(&obj, "/resourceGraph"), Some(&json!("webservice-my-app")));
+    assert_eq!(status_field(&obj, "/resourceGraph"), Some(&json!(graph)));
     assert!(
         status_field(&obj, "/moduleDigest")
             .unwrap()
@@ -160,7 +161,7 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
     assert_eq!(nodes[1]["kind"], "Service");
     assert_eq!(nodes[1]["phase"], "Ready");
     assert_eq!(
-        graphs.get("webservice-my-app").await.unwrap().status.unwrap().phase,
+        graphs.get(&graph).await.unwrap().status.unwrap().phase,
         Some(GraphPhase::Completed)
     );
     let service = services.get("my-app").await.unwrap();
@@ -214,11 +215,7 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
                 .await
                 .map_err(|e| e.to_string())?
                 .is_none(),
-            graphs
-                .get_opt("webservice-my-app")
-                .await
-                .map_err(|e| e.to_string())?
-                .is_none(),
+            graphs.get_opt(&graph).await.map_err(|e| e.to_string())?.is_none(),
             services.get_opt("my-app").await.map_err(|e| e.to_string())?.is_none(),
             deployments
                 .get_opt("my-app")
@@ -296,7 +293,7 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     let obj = wait_instance(&escapes, "out", "PolicyCompliant", "False", "PolicyViolation").await;
     let (_, _, message) = instance_condition(&obj, "PolicyCompliant").unwrap();
     assert!(message.contains("kube-system"), "{message}");
-    assert!(graphs.get_opt("escape-out").await.unwrap().is_none());
+    assert!(graphs.get_opt(&format!("escape.{group}-out")).await.unwrap().is_none());
     assert!(
         Api::<ConfigMap>::namespaced(env.client.clone(), "kube-system")
             .get_opt("out")
@@ -308,7 +305,7 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     // No namespace: filled in with the instance's.
     apply_instance(&escapes, &api_version, "Escape", "home", json!({})).await;
     wait_instance(&escapes, "home", "Ready", "True", "Ready").await;
-    let rg = graphs.get("escape-home").await.unwrap();
+    let rg = graphs.get(&format!("escape.{group}-home")).await.unwrap();
     assert_eq!(rg.spec.nodes[0].object["metadata"]["namespace"], json!(env.namespace));
 
     // A cluster-scoped object: refused by default, applied once the Transform allows it.
@@ -336,7 +333,7 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
 
     // The graph's allowances come with Pequod's proof, which nobody else can make: a graph
     // edited by someone who may write graphs is hand-written, refused, and rendered again.
-    let rendered = graphs.get("escape-cluster").await.unwrap();
+    let rendered = graphs.get(&format!("escape.{group}-cluster")).await.unwrap();
     let hijack = format!("{}-hijack", env.namespace);
     let namespace_node = rendered
         .spec
@@ -348,14 +345,17 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     edited["nodes"][namespace_node]["object"]["metadata"]["name"] = json!(hijack);
     graphs
         .patch(
-            "escape-cluster",
+            &format!("escape.{group}-cluster"),
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"nodes": edited["nodes"]}})),
         )
         .await
         .unwrap();
     wait_for("the edited graph rendered again", WAIT, || async {
-        let rg = graphs.get("escape-cluster").await.map_err(|e| e.to_string())?;
+        let rg = graphs
+            .get(&format!("escape.{group}-cluster"))
+            .await
+            .map_err(|e| e.to_string())?;
         let name = rg.spec.nodes[namespace_node].object["metadata"]["name"].clone();
         (name == json!(extra_namespace) && rg.metadata.generation > rendered.metadata.generation)
             .then_some(())
@@ -479,8 +479,8 @@ async fn module_edits_re_render_every_instance_and_kinds_do_not_share_graphs() {
     let task = config_data(&env.client, &env.namespace, "task-same").await.unwrap();
     assert_eq!((memo["text"].as_str(), task["text"].as_str()), ("memo", "task"));
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
-    assert!(graphs.get_opt("memo-same").await.unwrap().is_some());
-    assert!(graphs.get_opt("task-same").await.unwrap().is_some());
+    assert!(graphs.get_opt(&format!("memo.{group}-same")).await.unwrap().is_some());
+    assert!(graphs.get_opt(&format!("task.{group}-same")).await.unwrap().is_some());
 
     let before = status_field(&memos.get("a").await.unwrap(), "/moduleDigest").cloned();
     put_module(
@@ -549,25 +549,26 @@ async fn same_named_kinds_of_two_groups_never_share_a_graph() {
     let (a, b) = (&apis[0], &apis[1]);
     apply_instance(&a.1, &a.0, "Memo", "same", json!({"text": "from a"})).await;
     wait_instance(&a.1, "same", "Ready", "True", "Ready").await;
-    // Both would be graph `memo-same` with the same labels: the second instance is told, and
-    // neither the first's graph nor its objects change.
+    // Each instance has a graph of its own, named after its group. Both render ConfigMap
+    // `memo-same`: the second graph is refused it, and the first's object does not change.
     apply_instance(&b.1, &b.0, "Memo", "same", json!({"text": "from b"})).await;
-    let obj = wait_instance(&b.1, "same", "Ready", "False", "GraphConflict").await;
+    let obj = wait_instance(&b.1, "same", "Ready", "False", "NodeFailed").await;
+    let message = instance_condition(&obj, "Ready").unwrap().2;
+    let first_graph = format!("memo.a.{}-same", group(&env));
     assert!(
-        instance_condition(&obj, "Ready")
-            .unwrap()
-            .2
-            .contains("does not belong to this instance"),
-        "{:?}",
-        obj.data.get("status")
+        message.contains(&format!("belongs to ResourceGraph {}/{first_graph}", env.namespace)),
+        "{message}"
     );
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let second_graph = format!("memo.b.{}-same", group(&env));
+    assert!(graphs.get_opt(&second_graph).await.unwrap().is_some());
     let data = config_data(&env.client, &env.namespace, "memo-same").await.unwrap();
     assert_eq!((data["text"].as_str(), data["version"].as_str()), ("from a", "a"));
 
     // Deleting the second instance leaves the first's graph and objects.
     support::delete_and_wait_gone(&b.1, "same", WAIT).await;
-    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
-    assert!(graphs.get_opt("memo-same").await.unwrap().is_some());
+    assert!(graphs.get_opt(&second_graph).await.unwrap().is_none());
+    assert!(graphs.get_opt(&first_graph).await.unwrap().is_some());
     assert_eq!(
         config_data(&env.client, &env.namespace, "memo-same").await.unwrap()["text"],
         "from a"
@@ -668,7 +669,8 @@ async fn deleting_an_instance_that_collided_with_another_team_s_objects_leaves_t
     // The instance goes once its graph is torn down.
     support::delete_and_wait_gone(&webservices, "payments", WAIT).await;
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
-    assert!(graphs.get_opt("webservice-payments").await.unwrap().is_none());
+    let graph = format!("webservice.{}-payments", group(&env));
+    assert!(graphs.get_opt(&graph).await.unwrap().is_none());
     let deployment = Api::<Deployment>::namespaced(env.client.clone(), &env.namespace)
         .get("payments")
         .await
@@ -692,7 +694,7 @@ async fn deleting_an_instance_that_collided_with_another_team_s_objects_leaves_t
             .unwrap_or_default()
             .contains_key("pequod.io/resourcegraph")
     );
-    support::wait_events(&env.client, &env.namespace, "webservice-payments", &["ObjectNotOwned"]).await;
+    support::wait_events(&env.client, &env.namespace, &graph, &["ObjectNotOwned"]).await;
     delete_transform(&transforms, "webservice").await;
     env.cleanup().await;
 }

@@ -614,3 +614,139 @@ async fn a_kind_that_cannot_be_looked_up_holds_deletion_and_keeps_the_objects() 
     third.kill();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_instance_s_graph_of_the_earlier_naming_is_taken_over_without_touching_its_objects() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("upgrade").await;
+    support::install_crds(&env.client).await;
+    let ns = env.namespace.clone();
+    let group = format!("{ns}.test.example.com");
+    let api_version = format!("{group}/v1alpha1");
+    let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": support::NOTE_MODULE}});
+    let transform = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
+        "metadata": {"name": "note"}, "spec": {"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}});
+    for doc in [module, transform] {
+        support::apply_yaml(&env.client, &ns, &serde_yaml::to_string(&doc).unwrap()).await;
+    }
+    let first = start(&env.kubeconfig);
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &ns);
+    support::wait_transform_ready(&transforms, "note").await;
+    first.kill();
+
+    // What the previous release left for instance `old`, written here while no operator runs:
+    // its graph `note-old` (no proof, no group in its name) and the graph's objects, marked
+    // with that graph and applied by the one field manager every graph shared.
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &ns).await;
+    let instance =
+        json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": "old"}, "spec": {"text": "hello"}});
+    let instance = notes
+        .patch(
+            "old",
+            &PatchParams::apply(support::TEST_MANAGER),
+            &Patch::Apply(instance),
+        )
+        .await
+        .unwrap();
+    let nodes = json!([
+        {"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "old", "namespace": ns},
+            "data": {"text": "hello"}}, "readyWhen": [{"type": "Exists"}]},
+        {"id": "account", "dependsOn": ["config"], "object": {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "old", "namespace": ns}}, "readyWhen": [{"type": "Exists"}]},
+    ]);
+    let legacy = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+        "metadata": {"name": "note-old", "finalizers": [pequod::api::GRAPH_FINALIZER],
+            "labels": {"app.kubernetes.io/managed-by": "pequod", "pequod.io/transform": "note",
+                "pequod.io/instance": "old", "pequod.io/instance-kind": "Note"},
+            "ownerReferences": [{"apiVersion": api_version, "kind": "Note", "name": "old", "uid": instance.uid().unwrap(),
+                "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"sourceRef": {"apiVersion": api_version, "kind": "Note", "name": "old", "namespace": ns, "uid": instance.uid()},
+            "nodes": nodes, "renderHash": "sha256:earlier"}});
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &ns);
+    let legacy = graphs
+        .patch(
+            "note-old",
+            &PatchParams::apply("pequod-instance"),
+            &Patch::Apply(legacy),
+        )
+        .await
+        .unwrap();
+    let marks = |node: &str| {
+        json!({"labels": {"app.kubernetes.io/managed-by": "pequod", "pequod.io/resourcegraph": "note-old",
+                "pequod.io/resourcegraph-namespace": ns, "pequod.io/node": node},
+            "annotations": {"pequod.io/resourcegraph-uid": legacy.uid().unwrap()},
+            "ownerReferences": [{"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+                "name": "note-old", "uid": legacy.uid().unwrap(), "controller": true, "blockOwnerDeletion": true}]})
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &ns);
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(env.client.clone(), &ns);
+    let mut config_meta = marks("config");
+    config_meta["name"] = json!("old");
+    let mut account_meta = marks("account");
+    account_meta["name"] = json!("old");
+    let config = cms
+        .patch(
+            "old",
+            &PatchParams::apply("pequod"),
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": config_meta, "data": {"text": "hello"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let account = accounts
+        .patch(
+            "old",
+            &PatchParams::apply("pequod"),
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": account_meta})),
+        )
+        .await
+        .unwrap();
+
+    // The new release takes the graph over under its new name.
+    let second = start(&env.kubeconfig);
+    let graph = format!("note.{group}-old");
+    let taken_over = support::wait_for("the new graph Completed and the old one gone", WAIT, || async {
+        let old = graphs.get_opt("note-old").await.map_err(|e| e.to_string())?;
+        let new = graphs.get_opt(&graph).await.map_err(|e| e.to_string())?;
+        match (old, new) {
+            (None, Some(new)) if new.status.as_ref().and_then(|s| s.phase) == Some(GraphPhase::Completed) => Ok(new),
+            (old, new) => Err(format!(
+                "old: {:?}, new: {:?}",
+                old.map(|o| o.status.and_then(|s| s.phase)),
+                new.map(|n| n.status.and_then(|s| s.phase))
+            )),
+        }
+    })
+    .await;
+    let own = format!("pequod-{}", taken_over.uid().unwrap());
+    let now = (cms.get("old").await.unwrap(), accounts.get("old").await.unwrap());
+    assert_eq!(now.0.uid(), config.uid(), "the ConfigMap is the same object");
+    assert_eq!(now.1.uid(), account.uid(), "the ServiceAccount is the same object");
+    assert_eq!(now.0.data.as_ref().unwrap()["text"], "hello");
+    for (kind, meta) in [("ConfigMap", &now.0.metadata), ("ServiceAccount", &now.1.metadata)] {
+        let managers: Vec<_> = meta
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|m| m.manager.clone())
+            .collect();
+        assert_eq!(managers, std::slice::from_ref(&own), "{kind}");
+        let owners: Vec<_> = meta.owner_references.iter().flatten().map(|o| o.uid.clone()).collect();
+        assert_eq!(owners, [taken_over.uid().unwrap()], "{kind}");
+        assert_eq!(
+            meta.labels.as_ref().unwrap()["pequod.io/resourcegraph"],
+            graph,
+            "{kind}"
+        );
+    }
+    support::wait_events(&env.client, &ns, "old", &["GraphRenamed"]).await;
+
+    // The objects are the new graph's now: deleting the instance deletes them.
+    support::delete_and_wait_gone(&notes, "old", WAIT).await;
+    assert!(cms.get_opt("old").await.unwrap().is_none());
+    assert!(accounts.get_opt("old").await.unwrap().is_none());
+    drop(second);
+    env.cleanup().await;
+}

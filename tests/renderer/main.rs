@@ -474,7 +474,7 @@ fn pequod_render_reproduces_the_readme_example() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let graph: Value = serde_yaml::from_slice(&out.stdout).unwrap();
     assert_eq!(graph["kind"], "ResourceGraph");
-    assert_eq!(graph["metadata"]["name"], "webservice-my-app");
+    assert_eq!(graph["metadata"]["name"], "webservice.apps.mycompany.com-my-app");
     let deployment = &graph["spec"]["nodes"][0]["object"];
     assert_eq!(deployment["kind"], "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 3);
