@@ -26,24 +26,23 @@ use super::watches::{Lookup, ObjectWatches};
 use super::{Error, StatusMemory, now, reconcile_event, reconcile_id, truncate};
 use crate::api::GRAPH_FINALIZER as FINALIZER;
 use crate::api::{
-    Condition, ConditionStatus, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node, NodePhase, NodeState,
-    ReadyGate, ResourceGraph, ResourceGraphStatus, ResourceRef, has_condition, set_condition,
+    Condition, ConditionStatus, GraphPhase, InventoryEntry, Node, NodePhase, NodeState, ResourceGraph,
+    ResourceGraphStatus, ResourceRef, has_condition, set_condition,
 };
 use crate::apply::{Applied, Applier, ApplyError, GraphIdentity, Predecessor, Resolved, desired_object, gvk_label};
 use crate::executor::ownership::{self, LetGo, Refusal};
 use crate::executor::plan::{self, Write};
+use crate::executor::progress;
 use crate::executor::proof::{self, GraphKey, Origin};
 use crate::graph::{self, Dag};
 use crate::health::{Health, Probe};
 use crate::metrics::Metrics;
-use crate::readiness::{GateState, Registry};
+use crate::readiness::Registry;
 use crate::shutdown::Shutdown;
 
 const CONTROLLER: &str = "resourcegraph";
 /// Field manager of the status Pequod writes.
 const STATUS_MANAGER: &str = "pequod-resourcegraph";
-/// Safety resync of a settled graph; drift is normally noticed through watches.
-const RESYNC: Duration = Duration::from_secs(600);
 
 /// Everything a reconcile needs. Shared by all reconciles.
 pub struct Context {
@@ -190,10 +189,11 @@ struct NodeOutcome {
 async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
     let (graph, origin) = identity(rg, ctx)?;
     let old = last_status(rg, ctx, &graph.uid);
-    let mut status = old.clone();
-    let generation = rg.metadata.generation;
-    let time = now();
-    status.observed_generation = generation;
+    let (time, generation) = (now(), rg.metadata.generation);
+    let mut status = ResourceGraphStatus {
+        observed_generation: generation,
+        ..old.clone()
+    };
     ctx.metrics
         .dag_nodes_total
         .with_label_values(&[&metric_name(&graph)])
@@ -206,223 +206,115 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     if let Some(refused) = confinement(rg, ctx, origin).await {
         return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await;
     }
-    set_condition(
-        &mut status.conditions,
-        Condition::new("Valid", true, "Valid", "the graph is valid"),
-        &time,
-        generation,
-    );
+    let valid = Condition::new("Valid", true, "Valid", "the graph is valid");
+    set_condition(&mut status.conditions, valid, &time, generation);
 
-    let nodes: BTreeMap<&str, &Node> = rg.spec.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
-    let wave_of: BTreeMap<&str, u32> = dag
-        .waves
-        .iter()
-        .enumerate()
-        .flat_map(|(w, ids)| ids.iter().map(move |id| (id.as_str(), w as u32)))
-        .collect();
-    let mut ready: HashSet<String> = HashSet::new();
-    let mut outcomes: BTreeMap<String, NodeOutcome> = BTreeMap::new();
-    for wave in &dag.waves {
-        let mut eligible = Vec::new();
-        for id in wave {
-            let deps = &dag.dependencies[id];
-            let waiting: Vec<&str> = deps
-                .iter()
-                .filter(|d| !ready.contains(*d))
-                .map(String::as_str)
-                .collect();
-            if waiting.is_empty() {
-                eligible.push(id.clone());
-            } else {
-                let message = format!(
-                    "waiting for {}",
-                    waiting
-                        .iter()
-                        .map(|d| describe_wait(d, &outcomes))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                let previous = old.node_states.get(id);
-                outcomes.insert(
-                    id.clone(),
-                    NodeOutcome {
-                        id: id.clone(),
-                        state: transition(previous, NodePhase::Pending, Some(message), None, &time),
-                        inventory: old.inventory.iter().find(|e| &e.node_id == id).cloned(),
-                        requeue: None,
-                        transient: false,
-                        event: None,
-                    },
-                );
-            }
-        }
-        let results: Vec<NodeOutcome> = futures::stream::iter(eligible)
-            .map(|id| {
-                let node = nodes[id.as_str()];
-                process_node(
-                    ctx,
-                    &graph,
-                    origin,
-                    node,
-                    wave_of[id.as_str()],
-                    old.node_states.get(&id),
-                    &time,
-                )
-            })
-            .buffer_unordered(ctx.apply_concurrency)
-            .collect()
-            .await;
-        for outcome in results {
-            if matches!(outcome.state.phase, NodePhase::Ready | NodePhase::Adopted) {
-                ready.insert(outcome.id.clone());
-            }
-            outcomes.insert(outcome.id.clone(), outcome);
-        }
-    }
-
-    for outcome in outcomes.values_mut() {
-        if let Some(event) = outcome.event.take() {
-            publish_event(ctx, rg, event).await;
-        }
-    }
-    for (id, outcome) in &outcomes {
-        let previous = old.node_states.get(id);
-        let now_terminal = matches!(
-            outcome.state.phase,
-            NodePhase::Ready | NodePhase::Adopted | NodePhase::Error
-        );
-        let was_terminal =
-            previous.is_some_and(|p| matches!(p.phase, NodePhase::Ready | NodePhase::Adopted | NodePhase::Error));
-        if now_terminal && !was_terminal {
-            let result = if outcome.state.phase == NodePhase::Error {
-                "failure"
-            } else {
-                "success"
-            };
-            let since = previous
-                .and_then(|p| p.applied_at.clone())
-                .or_else(|| outcome.state.applied_at.clone());
-            if let Some(since) = since {
-                let seconds = (time.0.as_second() - since.0.as_second()).max(0) as f64;
-                ctx.metrics
-                    .dag_node_execution_duration_seconds
-                    .with_label_values(&[id, result])
-                    .observe(seconds);
-            }
-        }
-    }
+    let mut outcomes = run_waves(ctx, rg, &graph, origin, &dag, &old, &time).await;
+    report_nodes(ctx, rg, &old, &mut outcomes, &time).await;
 
     // Inventory: what this spec applied, plus pruned objects not yet gone.
     let current: BTreeSet<InventoryEntry> = outcomes.values().filter_map(|o| o.inventory.clone()).collect();
     let (pruning, prune_waiting) = prune(rg, ctx, &graph, &old.inventory, &current).await;
-    status.inventory = current.iter().cloned().chain(pruning.iter().cloned()).collect();
+    status.inventory = current.iter().cloned().chain(pruning).collect();
     count_managed(ctx, &graph.uid, status.inventory.iter().cloned().collect());
-
     status.node_states = outcomes.iter().map(|(id, o)| (id.clone(), o.state.clone())).collect();
-    let total = rg.spec.nodes.len();
-    let ready_count = ready.len();
-    let errors: Vec<&NodeOutcome> = outcomes
-        .values()
-        .filter(|o| o.state.phase == NodePhase::Error)
-        .collect();
-    status.ready_nodes = Some(format!("{ready_count}/{total}"));
-    let complete = ready_count == total && prune_waiting.is_empty();
-    let phase = if !errors.is_empty() {
-        GraphPhase::Failed
-    } else if complete {
-        GraphPhase::Completed
-    } else {
-        GraphPhase::Executing
-    };
-    if status.phase != Some(phase) {
-        // An execution starts whenever the graph leaves a settled state (or has none yet),
-        // including one that completes within this very pass.
-        if old.phase != Some(GraphPhase::Executing) {
-            status.started_at = Some(time.clone());
-            status.completed_at = None;
-        }
-        if matches!(phase, GraphPhase::Completed | GraphPhase::Failed) {
-            status.completed_at = Some(time.clone());
-            let result = if phase == GraphPhase::Completed {
-                "success"
-            } else {
-                "failure"
-            };
-            if let Some(started) = &status.started_at {
-                let seconds = (time.0.as_second() - started.0.as_second()).max(0) as f64;
-                ctx.metrics
-                    .dag_execution_duration_seconds
-                    .with_label_values(&[&metric_name(&graph), result])
-                    .observe(seconds);
-            }
-        }
-    }
-    status.phase = Some(phase);
 
-    let error_summary = errors
-        .iter()
-        .map(|o| format!("{}: {}", o.id, o.state.last_error.as_deref().unwrap_or("error")))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let (ready_condition, progressing, degraded) = if complete {
-        (
-            Condition::new("Ready", true, "AllNodesReady", format!("all {total} nodes are ready")),
-            Condition::new("Progressing", false, "Completed", "nothing left to apply"),
-            Condition::new("Degraded", false, "AllNodesReady", "no node failed"),
-        )
-    } else if !errors.is_empty() {
-        (
-            Condition::new(
-                "Ready",
-                false,
-                "NodeFailed",
-                format!("{ready_count}/{total} nodes ready; failed: {error_summary}"),
-            ),
-            Condition::new("Progressing", false, "NodeFailed", "blocked by failed nodes"),
-            Condition::new("Degraded", true, "NodeFailed", error_summary.clone()),
-        )
-    } else {
-        let waiting: Vec<String> = outcomes
-            .values()
-            .filter(|o| !matches!(o.state.phase, NodePhase::Ready | NodePhase::Adopted))
-            .map(|o| format!("{}: {}", o.id, o.state.message.as_deref().unwrap_or("pending")))
-            .chain(prune_waiting.iter().map(|e| format!("pruning {} {}", e.kind, e.name)))
-            .collect();
-        (
-            Condition::new(
-                "Ready",
-                false,
-                "Progressing",
-                format!("{ready_count}/{total} nodes ready"),
-            ),
-            Condition::new("Progressing", true, "Applying", waiting.join("; ")),
-            Condition::new("Degraded", false, "Progressing", "no node failed"),
-        )
-    };
-    let became_ready = complete && !has_condition(&old.conditions, "Ready", ConditionStatus::True, None);
-    for c in [ready_condition, progressing, degraded] {
-        set_condition(&mut status.conditions, c, &time, generation);
+    let total = rg.spec.nodes.len();
+    let conclusion = progress::conclude(&old, &mut status, total, &prune_waiting, &time, generation);
+    if let Some((result, seconds)) = conclusion.finished {
+        ctx.metrics
+            .dag_execution_duration_seconds
+            .with_label_values(&[&metric_name(&graph), result])
+            .observe(seconds);
     }
-    if became_ready {
-        publish(
-            ctx,
-            rg,
-            EventType::Normal,
-            "Ready",
-            &format!("all {total} nodes are ready"),
-        )
-        .await;
+    if conclusion.became_ready {
+        let note = format!("all {total} nodes are ready");
+        publish(ctx, rg, EventType::Normal, "Ready", &note).await;
     }
     write_status(rg, ctx, &old, status).await?;
 
     let transient = outcomes.values().any(|o| o.transient);
     let deadline = outcomes.values().filter_map(|o| o.requeue).min();
-    // Watch events bring the graph back on any change; the resync is only a safety net.
-    Ok(match (transient || !prune_waiting.is_empty(), deadline) {
-        (true, _) => Action::requeue(super::RETRY),
-        (false, Some(deadline)) => Action::requeue(deadline),
-        (false, None) => Action::requeue(RESYNC),
-    })
+    let next = progress::next_check(super::RETRY, transient, !prune_waiting.is_empty(), deadline);
+    Ok(Action::requeue(next))
+}
+
+/// Applies the nodes wave by wave: a node whose dependencies are all ready is processed (those
+/// of one wave at the same time, up to the concurrency limit); the others wait, saying on what.
+async fn run_waves(
+    ctx: &Context,
+    rg: &ResourceGraph,
+    graph: &GraphIdentity,
+    origin: Origin,
+    dag: &Dag,
+    old: &ResourceGraphStatus,
+    time: &Time,
+) -> BTreeMap<String, NodeOutcome> {
+    let nodes: BTreeMap<&str, &Node> = rg.spec.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let mut outcomes: BTreeMap<String, NodeOutcome> = BTreeMap::new();
+    let mut states: BTreeMap<String, NodeState> = BTreeMap::new();
+    for (wave, ids) in dag.waves.iter().enumerate() {
+        let mut eligible = Vec::new();
+        for id in ids {
+            let waiting: Vec<&str> = dag.dependencies[id]
+                .iter()
+                .filter(|d| !states.get(*d).is_some_and(progress::is_ready))
+                .map(String::as_str)
+                .collect();
+            if waiting.is_empty() {
+                eligible.push(id.clone());
+                continue;
+            }
+            let message = progress::waiting_message(&waiting, &states);
+            let state = progress::transition(old.node_states.get(id), NodePhase::Pending, Some(message), None, time);
+            states.insert(id.clone(), state.clone());
+            outcomes.insert(
+                id.clone(),
+                NodeOutcome {
+                    id: id.clone(),
+                    state,
+                    inventory: old.inventory.iter().find(|e| &e.node_id == id).cloned(),
+                    requeue: None,
+                    transient: false,
+                    event: None,
+                },
+            );
+        }
+        let results: Vec<NodeOutcome> = futures::stream::iter(eligible)
+            .map(|id| {
+                let node = nodes[id.as_str()];
+                process_node(ctx, graph, origin, node, wave as u32, old.node_states.get(&id), time)
+            })
+            .buffer_unordered(ctx.apply_concurrency)
+            .collect()
+            .await;
+        for outcome in results {
+            states.insert(outcome.id.clone(), outcome.state.clone());
+            outcomes.insert(outcome.id.clone(), outcome);
+        }
+    }
+    outcomes
+}
+
+/// Publishes the pass's node events and times the nodes that finished.
+async fn report_nodes(
+    ctx: &Context,
+    rg: &ResourceGraph,
+    old: &ResourceGraphStatus,
+    outcomes: &mut BTreeMap<String, NodeOutcome>,
+    time: &Time,
+) {
+    for (id, outcome) in outcomes.iter_mut() {
+        if let Some(event) = outcome.event.take() {
+            publish_event(ctx, rg, event).await;
+        }
+        if let Some((result, seconds)) = progress::node_finished(old.node_states.get(id), &outcome.state, time) {
+            ctx.metrics
+                .dag_node_execution_duration_seconds
+                .with_label_values(&[id, result])
+                .observe(seconds);
+        }
+    }
 }
 
 /// The first node the graph may not apply, among those whose kind discovery knows (the others
@@ -473,44 +365,39 @@ async fn refuse(
     Ok(Action::await_change())
 }
 
-fn describe_wait(dep: &str, outcomes: &BTreeMap<String, NodeOutcome>) -> String {
-    match outcomes.get(dep) {
-        Some(o) => format!(
-            "{dep} ({:?}{})",
-            o.state.phase,
-            o.state.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
-        ),
-        None => dep.to_string(),
-    }
-}
-
-/// A node's new state: the previous one when nothing changed, so timestamps stay put.
-fn transition(
-    previous: Option<&NodeState>,
-    phase: NodePhase,
-    message: Option<String>,
-    last_error: Option<String>,
-    time: &Time,
-) -> NodeState {
-    let mut state = previous.cloned().unwrap_or_else(|| NodeState::new(phase));
-    if state.phase != phase || state.last_transition_time.is_none() {
-        state.last_transition_time = Some(time.clone());
-        if matches!(phase, NodePhase::Ready | NodePhase::Adopted) {
-            state.ready_at = Some(time.clone());
-        }
-    }
-    state.phase = phase;
-    state.message = message;
-    if last_error.is_some() || !matches!(phase, NodePhase::Error) {
-        state.last_error = last_error;
-    }
-    state
-}
-
 fn hash(value: &Value) -> String {
     hex::encode(Sha256::digest(value.to_string().as_bytes()))
 }
 
+/// Why a node failed in this pass.
+struct Failure {
+    message: String,
+    /// Whether a retry may succeed without a change.
+    transient: bool,
+    /// Stable reason of its event.
+    reason: &'static str,
+}
+
+impl Failure {
+    fn of(e: &ApplyError) -> Self {
+        Self {
+            message: e.to_string(),
+            transient: e.is_transient(),
+            reason: e.reason(),
+        }
+    }
+
+    fn refused(refusal: Refusal, transient: bool) -> Self {
+        Self {
+            message: refusal.message,
+            transient,
+            reason: refusal.reason,
+        }
+    }
+}
+
+/// One node's pass: resolve its kind, check that the graph may reach it, look at the object,
+/// ask the planner, write what it says, and read the outcome.
 async fn process_node(
     ctx: &Context,
     graph: &GraphIdentity,
@@ -520,102 +407,51 @@ async fn process_node(
     previous: Option<&NodeState>,
     time: &Time,
 ) -> NodeOutcome {
-    let fail = |error: String, transient: bool, reason: &str| NodeOutcome {
-        id: node.id.clone(),
-        state: transition(
-            previous,
-            NodePhase::Error,
-            Some(error.clone()),
-            Some(error.clone()),
-            time,
-        ),
-        inventory: None,
-        requeue: None,
-        transient,
-        // One event per failure, not one per pass.
-        event: (previous.is_none_or(|p| p.phase != NodePhase::Error || p.last_error.as_deref() != Some(&error)))
-            .then(|| warning(reason, format!("node {}: {error}", node.id))),
-    };
     let resolved = match ctx.applier.resolve(node.api_version(), node.kind()).await {
         Ok(r) => r,
-        Err(e) => return fail(e.to_string(), true, "ApplyFailed"),
+        Err(e) => return failed(node, previous, time, Failure::of(&e)),
     };
     if let Some(refused) = plan::confinement(node, resolved.namespaced, &graph.namespace, origin) {
-        return fail(refused.message, false, refused.reason);
+        return failed(node, previous, time, Failure::refused(refused, false));
     }
     let (desired, inventory) = planned(node, wave, graph, &resolved);
-    // The cache holds only objects that already carry Pequod's labels. A miss is absent or not
-    // this graph's: the apiserver tells which before any write, so that an object this graph
-    // did not make is never taken over by accident.
-    let live = match ctx
-        .watches
-        .lookup(&resolved, inventory.namespace.as_deref(), &inventory.name)
-    {
-        Lookup::Known(Some(o)) => Some((*o).clone()),
-        Lookup::Known(None) | Lookup::Unknown => {
-            match ctx
-                .applier
-                .get(&resolved, inventory.namespace.as_deref(), &inventory.name)
-                .await
-            {
-                Ok(o) => o,
-                Err(e) => return fail(e.to_string(), e.is_transient(), "ApplyFailed"),
-            }
-        }
+    let live = match live_object(ctx, &resolved, &inventory).await {
+        Ok(live) => live,
+        Err(e) => return failed(node, previous, time, Failure::of(&e)),
     };
-    let live_value = live.as_ref().map(|l| typed(l, node));
     let desired_hash = hash(&desired);
     let memory_key = (graph.uid.clone(), node.id.clone());
     let unchanged_since_apply = live.as_ref().is_some_and(|l| {
         ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&memory_key)
             == Some(&(desired_hash.clone(), l.resource_version().unwrap_or_default()))
     });
+    let live_value = live.as_ref().map(|l| typed(l, node));
     let plan = plan::plan_node(node, desired, live_value.as_ref(), graph, unchanged_since_apply);
-
-    let mut applied_at = previous.and_then(|p| p.applied_at.clone());
-    let object = match (plan.write, live) {
+    let (object, applied_at) = match (plan.write, live) {
         // Retried: the object may go away, or be adopted by a changed node.
-        (Write::Refuse(refused), _) => return fail(refused.message, true, refused.reason),
-        (Write::Nothing, Some(live)) => live,
-        (Write::Nothing, None) => return fail("the object vanished".into(), true, "ApplyFailed"),
-        (
-            Write::Apply {
-                reclaim,
-                take_over,
-                release_managers,
-            },
-            live,
-        ) => {
-            let manager = plan::field_manager(node, graph);
-            if let (true, Some(l), Some(p)) = (take_over, &live, &graph.predecessor)
-                && let Err(e) = ctx.applier.drop_owner(&resolved, l, &p.uid, &manager).await
-            {
-                return fail(e.to_string(), e.is_transient(), e.reason());
-            }
-            let applied = ctx
-                .applier
-                .apply(node, &manager, &resolved, &plan.desired, live.as_ref(), reclaim)
-                .await;
-            let Applied { object, wrote } = match applied {
-                Ok(a) => a,
-                Err(e) => return fail(e.to_string(), e.is_transient(), e.reason()),
+        (Write::Refuse(refused), _) => return failed(node, previous, time, Failure::refused(refused, true)),
+        (Write::Nothing, Some(live)) => (live, previous.and_then(|p| p.applied_at.clone())),
+        (Write::Nothing, None) => {
+            let vanished = Failure {
+                message: "the object vanished".into(),
+                transient: true,
+                reason: "ApplyFailed",
             };
-            if wrote {
-                applied_at = Some(time.clone());
-                ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                    memory_key,
-                    (desired_hash, object.resource_version().unwrap_or_default()),
-                );
-            }
-            let empty = plan::manager_release(&plan.desired);
-            for earlier in release_managers {
-                if let Err(e) = ctx.applier.release_manager(&resolved, &empty, &earlier).await {
-                    // The next pass finds the manager again and retries.
-                    tracing::warn!(error = %e, node = %node.id, manager = %earlier, "releasing an earlier field manager failed");
-                }
-            }
-            object
+            return failed(node, previous, time, vanished);
         }
+        (write, live) => match write_node(ctx, graph, node, &resolved, &plan.desired, write, live).await {
+            Ok(Applied { object, wrote: true }) => {
+                let rv = object.resource_version().unwrap_or_default();
+                ctx.applied
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(memory_key, (desired_hash, rv));
+                (object, Some(time.clone()))
+            }
+            // Created a moment earlier by someone else (Create mode): found, not written.
+            Ok(Applied { object, wrote: false }) => (object, previous.and_then(|p| p.applied_at.clone())),
+            Err(e) => return failed(node, previous, time, Failure::of(&e)),
+        },
     };
     let written = Written {
         object,
@@ -624,6 +460,85 @@ async fn process_node(
         adopted_from: plan.adopted_from,
     };
     observed_node(ctx, graph, node, written, previous, time)
+}
+
+/// The object as it is. The cache holds only objects that already carry Pequod's labels: a
+/// miss is absent or not this graph's, and the apiserver tells which before any write, so that
+/// an object this graph did not make is never taken over by accident.
+async fn live_object(
+    ctx: &Context,
+    resolved: &Resolved,
+    entry: &InventoryEntry,
+) -> Result<Option<DynamicObject>, ApplyError> {
+    match ctx.watches.lookup(resolved, entry.namespace.as_deref(), &entry.name) {
+        Lookup::Known(Some(o)) => Ok(Some((*o).clone())),
+        Lookup::Known(None) | Lookup::Unknown => {
+            ctx.applier.get(resolved, entry.namespace.as_deref(), &entry.name).await
+        }
+    }
+}
+
+/// Carries out a planned [`Write::Apply`]: takes the object over from the predecessor graph
+/// when asked, applies it as the graph's field manager, and releases earlier managers.
+async fn write_node(
+    ctx: &Context,
+    graph: &GraphIdentity,
+    node: &Node,
+    resolved: &Resolved,
+    desired: &Value,
+    write: Write,
+    live: Option<DynamicObject>,
+) -> Result<Applied, ApplyError> {
+    let Write::Apply {
+        reclaim,
+        take_over,
+        release_managers,
+    } = write
+    else {
+        return Err(ApplyError::Invalid {
+            message: "nothing to write".into(),
+        });
+    };
+    let manager = plan::field_manager(node, graph);
+    if let (true, Some(l), Some(p)) = (take_over, &live, &graph.predecessor) {
+        ctx.applier.drop_owner(resolved, l, &p.uid, &manager).await?;
+    }
+    let applied = ctx
+        .applier
+        .apply(node, &manager, resolved, desired, live.as_ref(), reclaim)
+        .await?;
+    let empty = plan::manager_release(desired);
+    for earlier in release_managers {
+        if let Err(e) = ctx.applier.release_manager(resolved, &empty, &earlier).await {
+            // The next pass finds the manager again and retries.
+            tracing::warn!(error = %e, node = %node.id, manager = %earlier, "releasing an earlier field manager failed");
+        }
+    }
+    Ok(applied)
+}
+
+/// A failed node's outcome, with one event per failure rather than one per pass.
+fn failed(node: &Node, previous: Option<&NodeState>, time: &Time, failure: Failure) -> NodeOutcome {
+    let Failure {
+        message,
+        transient,
+        reason,
+    } = failure;
+    let news = previous.is_none_or(|p| p.phase != NodePhase::Error || p.last_error.as_deref() != Some(&message));
+    NodeOutcome {
+        id: node.id.clone(),
+        state: progress::transition(
+            previous,
+            NodePhase::Error,
+            Some(message.clone()),
+            Some(message.clone()),
+            time,
+        ),
+        inventory: None,
+        requeue: None,
+        transient,
+        event: news.then(|| warning(reason, format!("node {}: {message}", node.id))),
+    }
 }
 
 /// A node's object once written (or found), and what the pass knows of it.
@@ -665,12 +580,12 @@ fn observed_node(
         uid: object.uid(),
         ..inventory
     });
-    let (phase, message, requeue, error) = readiness(&ctx.readiness, node, &value, previous, time);
+    let (phase, message, requeue, error) = progress::readiness(&ctx.readiness, node, &value, previous, time);
     let event = error
         .as_ref()
         .filter(|_| previous.is_none_or(|p| p.phase != NodePhase::Error))
         .map(|e| {
-            let reason = if e.starts_with(READINESS_TIMEOUT) {
+            let reason = if e.starts_with(progress::READINESS_TIMEOUT) {
                 "ReadinessTimeout"
             } else {
                 "ReadinessFailed"
@@ -683,7 +598,7 @@ fn observed_node(
     } else {
         phase
     };
-    let mut state = transition(previous, phase, message, error, time);
+    let mut state = progress::transition(previous, phase, message, error, time);
     state.applied_at = applied_at;
     state.adopted = adopting.then_some(adopted_from.is_some());
     state.previous_managers = adopted_from
@@ -712,69 +627,6 @@ fn typed(object: &DynamicObject, node: &Node) -> Value {
         fields.entry("kind").or_insert_with(|| node.kind().into());
     }
     value
-}
-
-/// Prefix of the error of a node whose readiness gate timed out.
-const READINESS_TIMEOUT: &str = "readiness timed out";
-
-/// Phase, message, requeue deadline and error of a node whose object is applied.
-fn readiness(
-    registry: &Registry,
-    node: &Node,
-    object: &Value,
-    previous: Option<&NodeState>,
-    time: &Time,
-) -> (NodePhase, Option<String>, Option<Duration>, Option<String>) {
-    let Some((gate, state)) = registry.first_unready(&node.ready_when, Some(object)) else {
-        return (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None);
-    };
-    match state {
-        GateState::Ready => (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None),
-        GateState::Failed(reason) => (
-            NodePhase::Error,
-            Some(reason.clone()),
-            None,
-            Some(format!("readiness failed: {reason}")),
-        ),
-        GateState::Waiting(reason) => {
-            let timeout = gate
-                .and_then(|g| g.timeout)
-                .unwrap_or(DEFAULT_READY_TIMEOUT_SECONDS)
-                .max(1) as u64;
-            // Only an earlier timeout keeps the node failed; an earlier apply error does not.
-            let timed_out_before = previous.is_some_and(|p| {
-                p.phase == NodePhase::Error
-                    && p.last_error
-                        .as_deref()
-                        .is_some_and(|e| e.starts_with(READINESS_TIMEOUT))
-            });
-            let since = previous
-                .filter(|p| p.phase == NodePhase::WaitingReady)
-                .and_then(|p| p.last_transition_time.clone())
-                .unwrap_or_else(|| time.clone());
-            let elapsed = (time.0.as_second() - since.0.as_second()).max(0) as u64;
-            if timed_out_before || elapsed >= timeout {
-                let error = format!("{READINESS_TIMEOUT} after {timeout}s: {reason}");
-                (NodePhase::Error, Some(reason), None, Some(error))
-            } else {
-                (
-                    NodePhase::WaitingReady,
-                    Some(reason),
-                    Some(Duration::from_secs(timeout - elapsed + 1)),
-                    None,
-                )
-            }
-        }
-    }
-}
-
-fn ready_message(gates: &[ReadyGate]) -> String {
-    if gates.is_empty() {
-        "applied".into()
-    } else {
-        let names: Vec<String> = gates.iter().map(|g| format!("{:?}", g.type_)).collect();
-        format!("ready ({})", names.join(", "))
-    }
 }
 
 fn warning(reason: &str, note: String) -> Event {
@@ -1048,71 +900,4 @@ async fn spec_entries(rg: &ResourceGraph, ctx: &Context, graph: &GraphIdentity, 
         }
     }
     entries
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn node(gates: Value) -> Node {
-        serde_json::from_value(json!({"id": "n", "object": {}, "readyWhen": gates})).unwrap()
-    }
-
-    fn at(second: i64) -> Time {
-        Time(jiff::Timestamp::from_second(second).unwrap())
-    }
-
-    fn state(phase: NodePhase, since: i64, last_error: Option<&str>) -> NodeState {
-        NodeState {
-            phase,
-            message: None,
-            last_error: last_error.map(str::to_string),
-            last_transition_time: Some(at(since)),
-            applied_at: None,
-            ready_at: None,
-            adopted: None,
-            previous_managers: Vec::new(),
-            resource_ref: None,
-        }
-    }
-
-    #[test]
-    fn waiting_gate_times_out_from_when_waiting_began() {
-        let registry = Registry::default();
-        let n = node(json!([{"type": "FieldMatch", "path": "ready", "value": true, "timeout": 60}]));
-        let object = json!({"ready": false});
-        let waiting = state(NodePhase::WaitingReady, 1000, None);
-        let (phase, _, requeue, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1030));
-        assert_eq!(
-            (phase, requeue, error),
-            (NodePhase::WaitingReady, Some(Duration::from_secs(31)), None)
-        );
-        let (phase, _, _, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1060));
-        assert_eq!(phase, NodePhase::Error);
-        assert!(error.unwrap().starts_with("readiness timed out after 60s"));
-    }
-
-    #[test]
-    fn an_earlier_apply_error_does_not_count_as_a_timeout() {
-        let registry = Registry::default();
-        let n = node(json!([{"type": "FieldMatch", "path": "ready", "value": true}]));
-        let object = json!({"ready": false});
-        let apply_failed = state(NodePhase::Error, 0, Some("conflict with \"other\""));
-        let (phase, _, requeue, _) = readiness(&registry, &n, &object, Some(&apply_failed), &at(10_000));
-        assert_eq!(phase, NodePhase::WaitingReady);
-        assert_eq!(
-            requeue,
-            Some(Duration::from_secs(DEFAULT_READY_TIMEOUT_SECONDS as u64 + 1))
-        );
-        let timed_out = state(NodePhase::Error, 0, Some("readiness timed out after 300s: x"));
-        let (phase, _, _, _) = readiness(&registry, &n, &object, Some(&timed_out), &at(10_000));
-        assert_eq!(
-            phase,
-            NodePhase::Error,
-            "a timed-out node stays failed until its gate passes"
-        );
-        let (phase, _, _, _) = readiness(&registry, &n, &json!({"ready": true}), Some(&timed_out), &at(10_000));
-        assert_eq!(phase, NodePhase::Ready);
-    }
 }

@@ -5,5 +5,6 @@
 
 pub mod ownership;
 pub mod plan;
+pub mod progress;
 pub mod proof;
 pub mod signing_key;

@@ -1,0 +1,430 @@
+//! How a pass over a graph reads in its status, apart from any I/O: each node's state from
+//! what happened to it, and the graph's phase and conditions from its nodes' states. The one
+//! status decision of a reconcile is [`conclude`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde_json::Value;
+
+use crate::api::{
+    Condition, ConditionStatus, DEFAULT_READY_TIMEOUT_SECONDS, GraphPhase, InventoryEntry, Node, NodePhase, NodeState,
+    ReadyGate, ResourceGraphStatus, has_condition, set_condition,
+};
+use crate::readiness::{GateState, Registry};
+
+/// Prefix of the error of a node whose readiness gate timed out.
+pub const READINESS_TIMEOUT: &str = "readiness timed out";
+
+/// A node's new state: the previous one when nothing changed, so timestamps stay put.
+pub fn transition(
+    previous: Option<&NodeState>,
+    phase: NodePhase,
+    message: Option<String>,
+    last_error: Option<String>,
+    time: &Time,
+) -> NodeState {
+    let mut state = previous.cloned().unwrap_or_else(|| NodeState::new(phase));
+    if state.phase != phase || state.last_transition_time.is_none() {
+        state.last_transition_time = Some(time.clone());
+        if matches!(phase, NodePhase::Ready | NodePhase::Adopted) {
+            state.ready_at = Some(time.clone());
+        }
+    }
+    state.phase = phase;
+    state.message = message;
+    if last_error.is_some() || !matches!(phase, NodePhase::Error) {
+        state.last_error = last_error;
+    }
+    state
+}
+
+/// Whether a node counts as done for its dependants.
+pub fn is_ready(state: &NodeState) -> bool {
+    matches!(state.phase, NodePhase::Ready | NodePhase::Adopted)
+}
+
+/// What a node waits on: each dependency not ready yet, with its phase and message.
+pub fn waiting_message(dependencies: &[&str], states: &BTreeMap<String, NodeState>) -> String {
+    let described: Vec<String> = dependencies
+        .iter()
+        .map(|dep| match states.get(*dep) {
+            Some(s) => format!(
+                "{dep} ({:?}{})",
+                s.phase,
+                s.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
+            ),
+            None => dep.to_string(),
+        })
+        .collect();
+    format!("waiting for {}", described.join(", "))
+}
+
+/// Phase, message, requeue deadline and error of a node whose object is applied, from its gates.
+pub fn readiness(
+    registry: &Registry,
+    node: &Node,
+    object: &Value,
+    previous: Option<&NodeState>,
+    time: &Time,
+) -> (NodePhase, Option<String>, Option<Duration>, Option<String>) {
+    let Some((gate, state)) = registry.first_unready(&node.ready_when, Some(object)) else {
+        return (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None);
+    };
+    match state {
+        GateState::Ready => (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None),
+        GateState::Failed(reason) => (
+            NodePhase::Error,
+            Some(reason.clone()),
+            None,
+            Some(format!("readiness failed: {reason}")),
+        ),
+        GateState::Waiting(reason) => {
+            let timeout = gate
+                .and_then(|g| g.timeout)
+                .unwrap_or(DEFAULT_READY_TIMEOUT_SECONDS)
+                .max(1) as u64;
+            // Only an earlier timeout keeps the node failed; an earlier apply error does not.
+            let timed_out_before = previous.is_some_and(|p| {
+                p.phase == NodePhase::Error
+                    && p.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with(READINESS_TIMEOUT))
+            });
+            let since = previous
+                .filter(|p| p.phase == NodePhase::WaitingReady)
+                .and_then(|p| p.last_transition_time.clone())
+                .unwrap_or_else(|| time.clone());
+            let elapsed = seconds_between(&since, time) as u64;
+            if timed_out_before || elapsed >= timeout {
+                let error = format!("{READINESS_TIMEOUT} after {timeout}s: {reason}");
+                (NodePhase::Error, Some(reason), None, Some(error))
+            } else {
+                (
+                    NodePhase::WaitingReady,
+                    Some(reason),
+                    Some(Duration::from_secs(timeout - elapsed + 1)),
+                    None,
+                )
+            }
+        }
+    }
+}
+
+fn ready_message(gates: &[ReadyGate]) -> String {
+    if gates.is_empty() {
+        "applied".into()
+    } else {
+        let names: Vec<String> = gates.iter().map(|g| format!("{:?}", g.type_)).collect();
+        format!("ready ({})", names.join(", "))
+    }
+}
+
+fn seconds_between(since: &Time, until: &Time) -> i64 {
+    (until.0.as_second() - since.0.as_second()).max(0)
+}
+
+/// When a node reached a terminal phase (Ready, Adopted, Error) in this pass: its result and
+/// the seconds since it was applied.
+pub fn node_finished(previous: Option<&NodeState>, state: &NodeState, time: &Time) -> Option<(&'static str, f64)> {
+    let terminal = |p: NodePhase| matches!(p, NodePhase::Ready | NodePhase::Adopted | NodePhase::Error);
+    if !terminal(state.phase) || previous.is_some_and(|p| terminal(p.phase)) {
+        return None;
+    }
+    let result = if state.phase == NodePhase::Error {
+        "failure"
+    } else {
+        "success"
+    };
+    let since = previous
+        .and_then(|p| p.applied_at.clone())
+        .or_else(|| state.applied_at.clone())?;
+    Some((result, seconds_between(&since, time) as f64))
+}
+
+/// What a pass concluded besides the status itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conclusion {
+    /// The graph became Ready in this pass (worth an event).
+    pub became_ready: bool,
+    /// An execution ended in this pass: its result and duration in seconds.
+    pub finished: Option<(&'static str, f64)>,
+}
+
+/// Sets the graph's phase, timestamps and conditions in `status` (whose `node_states` hold
+/// this pass's states) from its nodes and the objects still being pruned.
+pub fn conclude(
+    old: &ResourceGraphStatus,
+    status: &mut ResourceGraphStatus,
+    total: usize,
+    prune_waiting: &[InventoryEntry],
+    time: &Time,
+    generation: Option<i64>,
+) -> Conclusion {
+    let states = &status.node_states;
+    let ready = states.values().filter(|s| is_ready(s)).count();
+    let errors: Vec<String> = states
+        .iter()
+        .filter(|(_, s)| s.phase == NodePhase::Error)
+        .map(|(id, s)| format!("{id}: {}", s.last_error.as_deref().unwrap_or("error")))
+        .collect();
+    let complete = ready == total && prune_waiting.is_empty();
+    let phase = if !errors.is_empty() {
+        GraphPhase::Failed
+    } else if complete {
+        GraphPhase::Completed
+    } else {
+        GraphPhase::Executing
+    };
+    let waiting: Vec<String> = states
+        .iter()
+        .filter(|(_, s)| !is_ready(s))
+        .map(|(id, s)| format!("{id}: {}", s.message.as_deref().unwrap_or("pending")))
+        .chain(prune_waiting.iter().map(|e| format!("pruning {} {}", e.kind, e.name)))
+        .collect();
+    let conditions = if complete {
+        [
+            Condition::new("Ready", true, "AllNodesReady", format!("all {total} nodes are ready")),
+            Condition::new("Progressing", false, "Completed", "nothing left to apply"),
+            Condition::new("Degraded", false, "AllNodesReady", "no node failed"),
+        ]
+    } else if !errors.is_empty() {
+        let summary = errors.join("; ");
+        [
+            Condition::new(
+                "Ready",
+                false,
+                "NodeFailed",
+                format!("{ready}/{total} nodes ready; failed: {summary}"),
+            ),
+            Condition::new("Progressing", false, "NodeFailed", "blocked by failed nodes"),
+            Condition::new("Degraded", true, "NodeFailed", summary),
+        ]
+    } else {
+        [
+            Condition::new("Ready", false, "Progressing", format!("{ready}/{total} nodes ready")),
+            Condition::new("Progressing", true, "Applying", waiting.join("; ")),
+            Condition::new("Degraded", false, "Progressing", "no node failed"),
+        ]
+    };
+    status.ready_nodes = Some(format!("{ready}/{total}"));
+    let mut finished = None;
+    if status.phase != Some(phase) {
+        // An execution starts whenever the graph leaves a settled state (or has none yet),
+        // including one that completes within this very pass.
+        if old.phase != Some(GraphPhase::Executing) {
+            status.started_at = Some(time.clone());
+            status.completed_at = None;
+        }
+        if matches!(phase, GraphPhase::Completed | GraphPhase::Failed) {
+            status.completed_at = Some(time.clone());
+            let result = if phase == GraphPhase::Completed {
+                "success"
+            } else {
+                "failure"
+            };
+            finished = status
+                .started_at
+                .as_ref()
+                .map(|started| (result, seconds_between(started, time) as f64));
+        }
+    }
+    status.phase = Some(phase);
+    for condition in conditions {
+        set_condition(&mut status.conditions, condition, time, generation);
+    }
+    Conclusion {
+        became_ready: complete && !has_condition(&old.conditions, "Ready", ConditionStatus::True, None),
+        finished,
+    }
+}
+
+/// Settled graphs are looked at again after this long; watch events of their objects bring
+/// them back at once, so this is only a safety net.
+pub const RESYNC: Duration = Duration::from_secs(600);
+
+/// When to look at the graph again: soon after a failure that may pass (or while objects are
+/// being pruned), at the earliest readiness deadline, else at the resync.
+pub fn next_check(retry: Duration, transient: bool, pruning: bool, deadline: Option<Duration>) -> Duration {
+    match (transient || pruning, deadline) {
+        (true, _) => retry,
+        (false, Some(deadline)) => deadline,
+        (false, None) => RESYNC,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(gates: Value) -> Node {
+        serde_json::from_value(json!({"id": "n", "object": {}, "readyWhen": gates})).unwrap()
+    }
+
+    fn at(second: i64) -> Time {
+        Time(jiff::Timestamp::from_second(second).unwrap())
+    }
+
+    fn state(phase: NodePhase, since: i64, last_error: Option<&str>) -> NodeState {
+        NodeState {
+            phase,
+            message: None,
+            last_error: last_error.map(str::to_string),
+            last_transition_time: Some(at(since)),
+            applied_at: Some(at(since)),
+            ready_at: None,
+            adopted: None,
+            previous_managers: Vec::new(),
+            resource_ref: None,
+        }
+    }
+
+    #[test]
+    fn waiting_gate_times_out_from_when_waiting_began() {
+        let registry = Registry::default();
+        let n = node(json!([{"type": "FieldMatch", "path": "ready", "value": true, "timeout": 60}]));
+        let object = json!({"ready": false});
+        let waiting = state(NodePhase::WaitingReady, 1000, None);
+        let (phase, _, requeue, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1030));
+        assert_eq!(
+            (phase, requeue, error),
+            (NodePhase::WaitingReady, Some(Duration::from_secs(31)), None)
+        );
+        let (phase, _, _, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1060));
+        assert_eq!(phase, NodePhase::Error);
+        assert!(error.unwrap().starts_with("readiness timed out after 60s"));
+    }
+
+    #[test]
+    fn an_earlier_apply_error_does_not_count_as_a_timeout() {
+        let registry = Registry::default();
+        let n = node(json!([{"type": "FieldMatch", "path": "ready", "value": true}]));
+        let object = json!({"ready": false});
+        let apply_failed = state(NodePhase::Error, 0, Some("conflict with \"other\""));
+        let (phase, _, requeue, _) = readiness(&registry, &n, &object, Some(&apply_failed), &at(10_000));
+        assert_eq!(phase, NodePhase::WaitingReady);
+        assert_eq!(
+            requeue,
+            Some(Duration::from_secs(DEFAULT_READY_TIMEOUT_SECONDS as u64 + 1))
+        );
+        let timed_out = state(NodePhase::Error, 0, Some("readiness timed out after 300s: x"));
+        let (phase, _, _, _) = readiness(&registry, &n, &object, Some(&timed_out), &at(10_000));
+        assert_eq!(
+            phase,
+            NodePhase::Error,
+            "a timed-out node stays failed until its gate passes"
+        );
+        let (phase, _, _, _) = readiness(&registry, &n, &json!({"ready": true}), Some(&timed_out), &at(10_000));
+        assert_eq!(phase, NodePhase::Ready);
+    }
+
+    fn pass(states: &[(&str, NodePhase, Option<&str>)]) -> ResourceGraphStatus {
+        ResourceGraphStatus {
+            node_states: states
+                .iter()
+                .map(|(id, phase, error)| (id.to_string(), state(*phase, 100, *error)))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn condition<'a>(status: &'a ResourceGraphStatus, type_: &str) -> &'a Condition {
+        status.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn the_graph_s_phase_and_conditions_follow_its_nodes() {
+        let entry = InventoryEntry {
+            node_id: "gone".into(),
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: Some("team".into()),
+            name: "old".into(),
+            wave: 0,
+            uid: None,
+        };
+        type States = Vec<(&'static str, NodePhase, Option<&'static str>)>;
+        type Case = (
+            &'static str,
+            States,
+            Vec<InventoryEntry>,
+            GraphPhase,
+            &'static str,
+            &'static str,
+        );
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("all ready", vec![("a", NodePhase::Ready, None), ("b", NodePhase::Adopted, None)], vec![], GraphPhase::Completed, "AllNodesReady", "all 2 nodes are ready"),
+            ("one waiting", vec![("a", NodePhase::Ready, None), ("b", NodePhase::WaitingReady, None)], vec![], GraphPhase::Executing, "Progressing", "1/2 nodes ready"),
+            ("ready but pruning", vec![("a", NodePhase::Ready, None), ("b", NodePhase::Ready, None)], vec![entry.clone()], GraphPhase::Executing, "Progressing", "2/2 nodes ready"),
+            ("one failed", vec![("a", NodePhase::Error, Some("boom")), ("b", NodePhase::Pending, None)], vec![], GraphPhase::Failed, "NodeFailed", "0/2 nodes ready; failed: a: boom"),
+        ];
+        for (case, states, pruning, phase, reason, message) in cases {
+            let old = ResourceGraphStatus::default();
+            let mut status = pass(&states);
+            let conclusion = conclude(&old, &mut status, 2, &pruning, &at(160), Some(3));
+            assert_eq!(status.phase, Some(phase), "{case}");
+            let ready = condition(&status, "Ready");
+            assert_eq!(
+                (ready.reason.as_str(), ready.message.as_str()),
+                (reason, message),
+                "{case}"
+            );
+            assert_eq!(ready.observed_generation, Some(3), "{case}");
+            assert_eq!(conclusion.became_ready, phase == GraphPhase::Completed, "{case}");
+        }
+        let mut waiting = pass(&[("a", NodePhase::Ready, None), ("b", NodePhase::WaitingReady, None)]);
+        waiting.node_states.get_mut("b").unwrap().message = Some("waiting for Available".into());
+        conclude(
+            &ResourceGraphStatus::default(),
+            &mut waiting,
+            2,
+            &[entry],
+            &at(160),
+            None,
+        );
+        assert_eq!(
+            condition(&waiting, "Progressing").message,
+            "b: waiting for Available; pruning ConfigMap old"
+        );
+    }
+
+    #[test]
+    fn an_execution_is_timed_from_leaving_a_settled_state_to_the_next_one() {
+        let mut status = pass(&[("a", NodePhase::WaitingReady, None)]);
+        let old = ResourceGraphStatus {
+            phase: Some(GraphPhase::Completed),
+            ..Default::default()
+        };
+        let started = conclude(&old, &mut status, 1, &[], &at(100), None);
+        assert_eq!((status.started_at.clone(), started.finished), (Some(at(100)), None));
+        let old = status.clone();
+        status.node_states.get_mut("a").unwrap().phase = NodePhase::Ready;
+        let done = conclude(&old, &mut status, 1, &[], &at(130), None);
+        assert_eq!(done.finished, Some(("success", 30.0)));
+        assert_eq!(status.completed_at, Some(at(130)));
+        let again = conclude(&status.clone(), &mut status, 1, &[], &at(190), None);
+        assert_eq!((again.finished, again.became_ready), (None, false), "nothing new");
+    }
+
+    #[test]
+    fn a_node_is_timed_once_from_its_apply_to_its_first_terminal_phase() {
+        let applied = state(NodePhase::WaitingReady, 100, None);
+        let mut ready = applied.clone();
+        ready.phase = NodePhase::Ready;
+        assert_eq!(node_finished(Some(&applied), &ready, &at(112)), Some(("success", 12.0)));
+        assert_eq!(node_finished(Some(&ready), &ready, &at(200)), None);
+    }
+
+    #[test]
+    fn the_next_check_prefers_a_retry_then_a_deadline_then_the_resync() {
+        let retry = Duration::from_secs(15);
+        let deadline = Some(Duration::from_secs(40));
+        assert_eq!(next_check(retry, true, false, deadline), retry);
+        assert_eq!(next_check(retry, false, true, None), retry);
+        assert_eq!(next_check(retry, false, false, deadline), Duration::from_secs(40));
+        assert_eq!(next_check(retry, false, false, None), RESYNC);
+    }
+}
