@@ -1,6 +1,10 @@
 //! Platform instances, the pure parts: names, labels and the ResourceGraph rendered from an
 //! instance.
 
+use crate::api::names::{
+    GRAPH_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+    TRANSFORM_LABEL,
+};
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
@@ -12,11 +16,8 @@ use crate::api::{
     ConditionStatus, GraphPhase, InstancePhase, MAX_NODE_SUMMARIES, Node, NodeSummary, ResourceGraph,
     ResourceGraphSpec, Severity, SourceRef, Violation,
 };
-use crate::crd::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL};
-use crate::cue::RenderOutput;
 
-pub const INSTANCE_LABEL: &str = "pequod.io/instance";
-pub const INSTANCE_KIND_LABEL: &str = "pequod.io/instance-kind";
+use crate::cue::RenderOutput;
 
 /// Identity of an instance of a generated kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,9 +28,6 @@ pub struct InstanceRef {
     pub namespace: String,
     pub uid: Option<String>,
 }
-
-/// Label naming the API group of the instance a graph was rendered from (see [`label_value`]).
-pub const INSTANCE_GROUP_LABEL: &str = "pequod.io/instance-group";
 
 /// Longest name the apiserver accepts for a ResourceGraph.
 const MAX_NAME: usize = 253;
@@ -120,7 +118,7 @@ pub fn resource_graph(
             owner_references: owner.map(|o| vec![o]),
             // Set in the same write that creates the graph, so that the graph controller
             // need not write it again.
-            finalizers: Some(vec![crate::api::GRAPH_FINALIZER.to_string()]),
+            finalizers: Some(vec![GRAPH_FINALIZER.to_string()]),
             ..Default::default()
         },
         spec: ResourceGraphSpec {

@@ -1,16 +1,15 @@
 //! RBAC generated from a Transform's `managedResources`, so that a manager installed without
 //! wildcard permissions gains exactly what each platform module needs.
 
+use crate::api::names::{
+    AGGREGATE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL,
+};
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::api::{ManagedResource, RbacScope};
-use crate::crd::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL};
-
-/// Label that aggregates a generated ClusterRole into the manager's ClusterRole.
-pub const AGGREGATE_LABEL: &str = "pequod.io/aggregate-to-manager";
 
 /// Whether an RBAC object's labels say the Transform `namespace/name` made it: only then may
 /// the Transform write or delete it.

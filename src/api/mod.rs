@@ -2,6 +2,7 @@
 
 mod conditions;
 mod instance;
+pub mod names;
 mod resourcegraph;
 mod transform;
 

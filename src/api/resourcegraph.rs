@@ -14,10 +14,6 @@ use super::{Condition, any_value_schema, embedded_object_schema};
 pub const MAX_NODES: usize = 100;
 /// Default time a readiness gate may take before the node fails.
 pub const DEFAULT_READY_TIMEOUT_SECONDS: i64 = 300;
-/// The field manager every graph shared before each had its own; Pequod migrates objects off it.
-pub const LEGACY_FIELD_MANAGER: &str = "pequod";
-/// Finalizer that holds a graph until its objects are torn down in reverse order.
-pub const GRAPH_FINALIZER: &str = "pequod.io/resourcegraph-finalizer";
 
 /// A graph of Kubernetes objects that Pequod applies in dependency order.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

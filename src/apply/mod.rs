@@ -2,6 +2,9 @@
 
 mod object;
 
+use crate::api::names::{
+    ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, NODE_LABEL,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -13,9 +16,8 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 pub use object::{
-    ADOPTED_FROM_ANNOTATION, DELETION_POLICY_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION,
-    GraphIdentity, NODE_LABEL, Predecessor, contains, desired_object, first_difference, gvk_label, is_orphan,
-    other_managers, set_annotation,
+    GraphIdentity, Predecessor, contains, desired_object, first_difference, gvk_label, is_orphan, other_managers,
+    set_annotation,
 };
 
 use crate::api::{ApplyMode, ConflictPolicy, Node};
@@ -387,7 +389,7 @@ impl Applier {
             .collect();
         let patch = serde_json::json!({
             "metadata": {
-                "labels": {GRAPH_LABEL: null, GRAPH_NAMESPACE_LABEL: null, NODE_LABEL: null, crate::crd::MANAGED_BY_LABEL: null},
+                "labels": {GRAPH_LABEL: null, GRAPH_NAMESPACE_LABEL: null, NODE_LABEL: null, MANAGED_BY_LABEL: null},
                 "annotations": {GRAPH_UID_ANNOTATION: null, ADOPTED_FROM_ANNOTATION: null},
                 "ownerReferences": owners,
             }

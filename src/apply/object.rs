@@ -1,24 +1,12 @@
 //! Pure preparation and comparison of the objects a graph applies.
 
+use crate::api::names::{
+    DELETION_POLICY_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE, NODE_LABEL,
+};
 use serde_json::{Value, json};
 
 use crate::api::Node;
-use crate::crd::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
-
-/// Label naming the ResourceGraph an object belongs to.
-pub const GRAPH_LABEL: &str = "pequod.io/resourcegraph";
-/// Label naming the namespace of that ResourceGraph (objects may live elsewhere).
-pub const GRAPH_NAMESPACE_LABEL: &str = "pequod.io/resourcegraph-namespace";
-/// Label naming the node an object was applied for.
-pub const NODE_LABEL: &str = "pequod.io/node";
-/// Annotation on an object: `Orphan` leaves it running when its node or graph goes away.
-pub const DELETION_POLICY_ANNOTATION: &str = "pequod.io/deletion-policy";
-
-/// Annotation on every object Pequod writes: the uid of the graph that wrote it.
-pub const GRAPH_UID_ANNOTATION: &str = "pequod.io/resourcegraph-uid";
-
-/// Annotation Pequod keeps on an adopted object: the field managers it had before.
-pub const ADOPTED_FROM_ANNOTATION: &str = "pequod.io/adopted-from";
 
 /// The managers of `object` other than `manager`, sorted.
 pub fn other_managers(object: &kube::api::DynamicObject, manager: &str) -> Vec<String> {
@@ -52,7 +40,7 @@ pub struct GraphIdentity {
     pub namespace: String,
     pub uid: String,
     /// The graph, in the same namespace, whose objects this one takes over: set only for a
-    /// graph Pequod rendered and signed (see [`crate::executor::proof::PREDECESSOR_ANNOTATION`]).
+    /// graph Pequod rendered and signed (see [`crate::api::names::PREDECESSOR_ANNOTATION`]).
     pub predecessor: Option<Predecessor>,
 }
 

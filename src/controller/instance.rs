@@ -5,6 +5,10 @@
 //! module when the Transform's content changes (re-rendering every instance), and stops the
 //! controller when the Transform is deleted, so that nothing outlives its Transform.
 
+use crate::api::names::{
+    INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PREDECESSOR_ANNOTATION,
+    PROOF_ANNOTATION,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -26,18 +30,15 @@ use crate::api::{
 use crate::apply::Applier;
 use crate::apply::Predecessor;
 use crate::cue::{Module, RenderError, Renderer, input_hash, render_input};
-use crate::executor::proof::{GraphKey, Origin, PREDECESSOR_ANNOTATION, PROOF_ANNOTATION};
+use crate::executor::proof::{GraphKey, Origin};
 use crate::instance::{
-    INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, InstanceRef, Scope, confine, graph_name, graph_progress, label_value,
-    legacy_graph_name, node_summaries, render_hash, resource_graph,
+    InstanceRef, Scope, confine, graph_name, graph_progress, label_value, legacy_graph_name, node_summaries,
+    render_hash, resource_graph,
 };
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
-pub const FINALIZER: &str = "pequod.io/instance-finalizer";
 const CONTROLLER: &str = "instance";
-/// Field manager of instance status and of the ResourceGraphs Pequod renders.
-const MANAGER: &str = "pequod-instance";
 /// Reconciles of one kind in flight: enough for a full render batch to form, so that many
 /// instances changing at once (a module update) share few cue calls.
 const CONCURRENCY: u16 = 200;
@@ -315,7 +316,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
         if obj.metadata.deletion_timestamp.is_some() {
             cleanup(&obj, &ctx).await
         } else {
-            let obj = super::finalized(&api(&obj, &ctx), &*obj, FINALIZER).await?;
+            let obj = super::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
             render(&obj, &ctx).await
         }
     })
@@ -394,7 +395,7 @@ impl<'a> StatusUpdate<'a> {
                 &api(self.obj, self.ctx),
                 self.obj,
                 (&resource.api_version, &resource.kind),
-                MANAGER,
+                INSTANCE_MANAGER,
                 &self.draft.old,
                 self.draft.new,
             )
@@ -565,7 +566,11 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
             annotations.insert(PREDECESSOR_ANNOTATION.to_string(), p.clone());
         }
         match graphs_api
-            .patch(&graph, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+            .patch(
+                &graph,
+                &PatchParams::apply(INSTANCE_MANAGER).force(),
+                &Patch::Apply(&desired),
+            )
             .await
         {
             Ok(rg) => rg,
@@ -655,7 +660,7 @@ fn owns(obj: &DynamicObject, graph: &ResourceGraph) -> bool {
 /// Deletion: deletes the instance's graph (which tears its objects down in reverse order) and
 /// lets the instance go once the graph is gone.
 async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error> {
-    if !obj.finalizers().iter().any(|f| f == FINALIZER) {
+    if !obj.finalizers().iter().any(|f| f == INSTANCE_FINALIZER) {
         return Ok(Action::await_change());
     }
     let graphs = graphs(obj, ctx);
@@ -698,7 +703,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
             Ok(Action::requeue(TEARDOWN_POLL))
         }
         None => {
-            super::remove_finalizer(&api(obj, ctx), obj, FINALIZER).await?;
+            super::remove_finalizer(&api(obj, ctx), obj, INSTANCE_FINALIZER).await?;
             ctx.shared.written.forget(&obj.uid().unwrap_or_default());
             Ok(Action::await_change())
         }

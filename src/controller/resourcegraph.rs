@@ -6,6 +6,7 @@
 //! and returns; watch events of the applied objects (see [`super::watches`]) and readiness
 //! deadlines bring the graph back.
 
+use crate::api::names::{GRAPH_FINALIZER, GRAPH_STATUS_MANAGER, PREDECESSOR_ANNOTATION, PROOF_ANNOTATION};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +25,6 @@ use tracing::info_span;
 
 use super::watches::{Lookup, ObjectWatches};
 use super::{Error, StatusMemory, now, reconcile_event, reconcile_id, truncate};
-use crate::api::GRAPH_FINALIZER as FINALIZER;
 use crate::api::{
     Condition, ConditionStatus, GraphPhase, InventoryEntry, Node, NodePhase, NodeState, ResourceGraph,
     ResourceGraphStatus, ResourceRef, has_condition, set_condition,
@@ -33,16 +33,15 @@ use crate::apply::{Applied, Applier, ApplyError, GraphIdentity, Predecessor, Res
 use crate::executor::ownership::{self, LetGo, Refusal};
 use crate::executor::plan::{self, Write};
 use crate::executor::progress;
-use crate::executor::proof::{self, GraphKey, Origin};
+use crate::executor::proof::{GraphKey, Origin};
 use crate::graph::{self, Dag};
 use crate::health::{Health, Probe};
 use crate::metrics::Metrics;
 use crate::readiness::Registry;
 use crate::shutdown::Shutdown;
+use GRAPH_FINALIZER as FINALIZER;
 
 const CONTROLLER: &str = "resourcegraph";
-/// Field manager of the status Pequod writes.
-const STATUS_MANAGER: &str = "pequod-resourcegraph";
 
 /// Everything a reconcile needs. Shared by all reconciles.
 pub struct Context {
@@ -151,12 +150,12 @@ fn api(rg: &ResourceGraph, ctx: &Context) -> Api<ResourceGraph> {
 fn identity(rg: &ResourceGraph, ctx: &Context) -> Result<(GraphIdentity, Origin), Error> {
     let namespace = rg.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let annotation = |key: &str| rg.annotations().get(key).map(String::as_str);
-    let predecessor = annotation(proof::PREDECESSOR_ANNOTATION);
+    let predecessor = annotation(PREDECESSOR_ANNOTATION);
     let origin = ctx.key.verify(
         &namespace,
         &rg.name_any(),
         &rg.spec,
-        annotation(proof::PROOF_ANNOTATION),
+        annotation(PROOF_ANNOTATION),
         predecessor,
     );
     let graph = GraphIdentity {
@@ -665,7 +664,7 @@ async fn write_status(
             &api(rg, ctx),
             rg,
             (crate::api::API_VERSION, "ResourceGraph"),
-            STATUS_MANAGER,
+            GRAPH_STATUS_MANAGER,
             old,
             status,
         )

@@ -2,6 +2,10 @@
 //! schema changes and names it does not own), generates RBAC from `managedResources`, and hands
 //! the kind to the instance supervisor. Deleting a Transform waits until no instance is left.
 
+use crate::api::names::{
+    AGGREGATE_LABEL, CUE_MODULE_LABEL, GENERATED_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PAUSED_ANNOTATION,
+    TRANSFORM_FINALIZER, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL, TRANSFORM_STATUS_MANAGER,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,25 +31,15 @@ use crate::api::{
     TransformStatus,
 };
 use crate::apply::contains;
-use crate::crd::{
-    self, CrdParams, KindNames, MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL, compat,
-    reserved,
-};
+use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
 use crate::health::{Health, Probe};
 use crate::metrics::Metrics;
 use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
 use crate::shutdown::Shutdown;
-use crate::source::{CUE_MODULE_LABEL, Fetcher, breaker};
+use crate::source::{Fetcher, breaker};
 
-pub const FINALIZER: &str = "pequod.io/transform-finalizer";
-/// Annotation that stops reconciling a Transform while set to "true".
-pub const PAUSED_ANNOTATION: &str = "pequod.io/paused";
 const CONTROLLER: &str = "transform";
-/// Field manager of the status Pequod writes.
-const STATUS_MANAGER: &str = "pequod-transform";
-/// Field manager of generated CRDs and RBAC.
-const MANAGER: &str = "pequod";
 /// How long a generated CRD may take to become Established.
 const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Safety resync; module changes of ConfigMap sources arrive through a watch.
@@ -128,7 +122,7 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
         )
         .watches(
             Api::<ClusterRole>::all(client.clone()),
-            watcher::Config::default().labels(&format!("{}=true", rbac::AGGREGATE_LABEL)),
+            watcher::Config::default().labels(&format!("{}=true", AGGREGATE_LABEL)),
             |role| owner_of(role.labels()),
         )
         // Editing a ConfigMap module rolls its Transforms forward.
@@ -183,7 +177,7 @@ async fn reconcile(t: Arc<Transform>, ctx: Arc<Context>) -> Result<Action, Error
         } else if t.metadata.deletion_timestamp.is_some() {
             cleanup(&t, &ctx).await
         } else {
-            let t = super::finalized(&api(&t, &ctx), &*t, FINALIZER).await?;
+            let t = super::finalized(&api(&t, &ctx), &*t, TRANSFORM_FINALIZER).await?;
             generate(&t, &ctx).await
         }
     })
@@ -269,7 +263,7 @@ async fn write_status(
             &api(t, ctx),
             t,
             (crate::api::API_VERSION, "Transform"),
-            STATUS_MANAGER,
+            TRANSFORM_STATUS_MANAGER,
             old,
             status,
         )
@@ -469,8 +463,12 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
                 live
             } else {
                 changed = true;
-                crds.patch(&crd_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
-                    .await?
+                crds.patch(
+                    &crd_name,
+                    &PatchParams::apply(GENERATED_MANAGER).force(),
+                    &Patch::Apply(&desired),
+                )
+                .await?
             }
         }
         None => {
@@ -776,8 +774,12 @@ where
     let mut body = desired_value;
     body["apiVersion"] = json!(K::api_version(&()));
     body["kind"] = json!(K::kind(&()));
-    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(body))
-        .await?;
+    api.patch(
+        name,
+        &PatchParams::apply(GENERATED_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await?;
     Ok(())
 }
 
@@ -818,7 +820,7 @@ where
 /// Deletion: waits until no instance of the generated kind is left (deleting the CRD would
 /// delete them all), then removes the CRD and RBAC, stops serving the kind and lets go.
 async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
-    if !t.finalizers().iter().any(|f| f == FINALIZER) {
+    if !t.finalizers().iter().any(|f| f == TRANSFORM_FINALIZER) {
         return Ok(Action::await_change());
     }
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
@@ -867,7 +869,7 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
         t,
     )
     .await?;
-    super::remove_finalizer(&api(t, ctx), t, FINALIZER).await?;
+    super::remove_finalizer(&api(t, ctx), t, TRANSFORM_FINALIZER).await?;
     ctx.written.forget(&t.uid().unwrap_or_default());
     ctx.fetch_succeeded(&t.uid().unwrap_or_default());
     Ok(Action::await_change())

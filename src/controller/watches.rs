@@ -4,6 +4,7 @@
 //! an object triggers a reconcile of the graph its labels name, which is how drift is noticed
 //! and readiness progresses without polling.
 
+use crate::api::names::{GRAPH_LABEL, GRAPH_NAMESPACE_LABEL};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,7 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 
 use crate::api::ResourceGraph;
-use crate::apply::{GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, Resolved};
+use crate::apply::Resolved;
 use crate::shutdown::Shutdown;
 
 struct KindWatch {

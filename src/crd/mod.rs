@@ -3,6 +3,7 @@
 pub mod compat;
 pub mod reserved;
 
+use crate::api::names::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL};
 use std::collections::BTreeMap;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -15,13 +16,6 @@ use serde_json::json;
 
 use crate::api::instance_status_schema;
 use crate::cue::ModuleSchema;
-
-/// Label set on everything Pequod creates.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY_VALUE: &str = "pequod";
-/// Labels naming the Transform a generated CRD belongs to.
-pub const TRANSFORM_LABEL: &str = "pequod.io/transform";
-pub const TRANSFORM_NAMESPACE_LABEL: &str = "pequod.io/transform-namespace";
 
 /// Names of a generated kind.
 #[derive(Debug, Clone, PartialEq, Eq)]

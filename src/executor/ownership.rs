@@ -6,12 +6,11 @@
 //! inventory. Teardown and pruning delete only what carries this graph's uid and, where the
 //! inventory recorded one, is still the object Pequod wrote; anything else is left alone.
 
+use crate::api::names::{ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION};
 use serde_json::Value;
 
 use crate::api::{ApplyMode, InventoryEntry};
-use crate::apply::{
-    ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, GraphIdentity, is_orphan,
-};
+use crate::apply::{GraphIdentity, is_orphan};
 
 /// Whose an existing object is, as seen from one graph.
 #[derive(Debug, Clone, PartialEq, Eq)]

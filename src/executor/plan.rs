@@ -2,16 +2,17 @@
 //! a node given the object as it is. The ResourceGraph controller observes, asks these
 //! functions, writes what they say and records the outcome.
 
+use crate::api::names::{ADOPTED_FROM_ANNOTATION, LEGACY_FIELD_MANAGER};
 use serde_json::{Value, json};
 
 use super::ownership::{self, Owner, Refusal};
 use super::proof::Origin;
-use crate::api::{ApplyMode, LEGACY_FIELD_MANAGER, Node, ReadyGateType};
-use crate::apply::{ADOPTED_FROM_ANNOTATION, GraphIdentity, set_annotation};
+use crate::api::{ApplyMode, Node, ReadyGateType};
+use crate::apply::{GraphIdentity, set_annotation};
 
 /// API groups whose objects hand out or widen power over the cluster: RBAC, admission
 /// webhooks and policies, CRDs and aggregated APIs. A hand-written graph writes none of them.
-const GUARDED_GROUPS: [&str; 4] = [
+pub const GUARDED_GROUPS: [&str; 4] = [
     "rbac.authorization.k8s.io",
     "admissionregistration.k8s.io",
     "apiextensions.k8s.io",

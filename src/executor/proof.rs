@@ -3,7 +3,7 @@
 //! Everything on a ResourceGraph can be written by whoever may write ResourceGraphs: names,
 //! labels, owner references, `sourceRef`, managed fields. What they cannot make is an HMAC with
 //! a key only the operator reads. When the instance controller writes a graph it signs the
-//! graph's namespace, name, allowances and spec ([`PROOF_ANNOTATION`]); the executor grants a
+//! graph's namespace, name, allowances and spec ([`crate::api::names::PROOF_ANNOTATION`]); the executor grants a
 //! graph its Transform's allowances only when that proof verifies, and treats every other graph
 //! as hand-written.
 
@@ -11,12 +11,6 @@ use ring::hmac;
 use serde_json::Value;
 
 use crate::api::ResourceGraphSpec;
-
-/// Annotation holding a rendered graph's proof: `v1:<allowance>:<hex HMAC-SHA256>`.
-pub const PROOF_ANNOTATION: &str = "pequod.io/graph-proof";
-/// Annotation naming the graph a rendered graph takes over (`<uid>/<name>`, same namespace):
-/// an instance's graph of an earlier release's naming. Signed with the rest.
-pub const PREDECESSOR_ANNOTATION: &str = "pequod.io/predecessor";
 
 const VERSION: &str = "v1";
 
@@ -52,7 +46,7 @@ impl GraphKey {
     }
 
     /// The proof of a rendered graph with `cluster_scoped` allowance, taking over from
-    /// `predecessor` (the value of [`PREDECESSOR_ANNOTATION`]) if any.
+    /// `predecessor` (the value of [`crate::api::names::PREDECESSOR_ANNOTATION`]) if any.
     pub fn sign(
         &self,
         namespace: &str,
@@ -70,7 +64,7 @@ impl GraphKey {
     }
 
     /// The origin of a graph carrying `proof` and `predecessor` (the values of
-    /// [`PROOF_ANNOTATION`] and [`PREDECESSOR_ANNOTATION`]).
+    /// [`crate::api::names::PROOF_ANNOTATION`] and [`crate::api::names::PREDECESSOR_ANNOTATION`]).
     pub fn verify(
         &self,
         namespace: &str,

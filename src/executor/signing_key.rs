@@ -1,6 +1,7 @@
 //! The graph-signing key: a Secret in the operator's own namespace, made at start-up when it is
 //! absent. Only the operator (and whoever administers its namespace) can read it.
 
+use crate::api::names::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, SIGNING_KEY_SECRET};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -11,24 +12,21 @@ use kube::{Api, Client};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::proof::GraphKey;
-use crate::crd::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 
-/// Name of the Secret holding the key.
-pub const SECRET_NAME: &str = "pequod-graph-signing-key";
 /// Data key of the Secret.
 const DATA_KEY: &str = "key";
 const ATTEMPTS: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("reading or creating Secret {namespace}/{SECRET_NAME}: {source}")]
+    #[error("reading or creating Secret {namespace}/{SIGNING_KEY_SECRET}: {source}")]
     Api {
         namespace: String,
         #[source]
         source: kube::Error,
     },
     #[error(
-        "Secret {namespace}/{SECRET_NAME} has no '{DATA_KEY}' of at least {} bytes; delete it to have a new key made",
+        "Secret {namespace}/{SIGNING_KEY_SECRET} has no '{DATA_KEY}' of at least {} bytes; delete it to have a new key made",
         GraphKey::MIN_BYTES
     )]
     Malformed { namespace: String },
@@ -65,14 +63,14 @@ async fn try_load_or_create(api: &Api<Secret>, namespace: &str) -> Result<GraphK
         namespace: namespace.to_string(),
         source,
     };
-    if let Some(secret) = api.get_opt(SECRET_NAME).await.map_err(api_error)? {
+    if let Some(secret) = api.get_opt(SIGNING_KEY_SECRET).await.map_err(api_error)? {
         return key_of(&secret, namespace);
     }
     let mut bytes = [0u8; 32];
     SystemRandom::new().fill(&mut bytes).map_err(|_| KeyError::Random)?;
     let secret = Secret {
         metadata: ObjectMeta {
-            name: Some(SECRET_NAME.into()),
+            name: Some(SIGNING_KEY_SECRET.into()),
             namespace: Some(namespace.into()),
             labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into())])),
             ..Default::default()
@@ -82,11 +80,11 @@ async fn try_load_or_create(api: &Api<Secret>, namespace: &str) -> Result<GraphK
     };
     match api.create(&PostParams::default(), &secret).await {
         Ok(created) => {
-            tracing::info!(%namespace, secret = SECRET_NAME, "made a new graph-signing key");
+            tracing::info!(%namespace, secret = SIGNING_KEY_SECRET, "made a new graph-signing key");
             key_of(&created, namespace)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let secret = api.get(SECRET_NAME).await.map_err(api_error)?;
+            let secret = api.get(SIGNING_KEY_SECRET).await.map_err(api_error)?;
             key_of(&secret, namespace)
         }
         Err(e) => Err(api_error(e)),

@@ -1,6 +1,7 @@
 //! The resource graph: validation and dependency order, shared by the renderer (which
 //! refuses to produce an invalid graph) and the executor (which refuses to run one).
 
+use crate::api::names::AGGREGATE_LABEL;
 use std::collections::{BTreeMap, BTreeSet};
 
 use petgraph::algo::{tarjan_scc, toposort};
@@ -203,7 +204,7 @@ fn check_object(node: &Node) -> Result<(), GraphError> {
     if let Some(label) = labels
         .into_iter()
         .flat_map(|l| l.keys())
-        .find(|k| k.starts_with("rbac.authorization.k8s.io/aggregate-to-") || *k == crate::rbac::AGGREGATE_LABEL)
+        .find(|k| k.starts_with("rbac.authorization.k8s.io/aggregate-to-") || *k == AGGREGATE_LABEL)
     {
         return Err(GraphError::NotAllowed {
             node: node.id.clone(),

@@ -9,6 +9,7 @@ pub mod git;
 pub mod oci;
 pub mod reference;
 
+use crate::api::names::CUE_MODULE_LABEL;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,9 +27,6 @@ use self::reference::{GitReference, GitRevision, ModulePath, OciReference, Refer
 use crate::api::{CueRef, CueRefType};
 use crate::cue::{ModuleError, ModuleFiles};
 use crate::metrics::Metrics;
-
-/// Label a ConfigMap must carry to be used as a module.
-pub const CUE_MODULE_LABEL: &str = "pequod.io/cue-module";
 
 /// Why a module could not be fetched.
 #[derive(Debug, thiserror::Error)]

@@ -588,7 +588,7 @@ async fn a_kind_that_cannot_be_looked_up_holds_deletion_and_keeps_the_objects() 
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let held = graphs.get("g").await.unwrap();
-    assert!(held.finalizers().iter().any(|f| f == pequod::api::GRAPH_FINALIZER));
+    assert!(held.finalizers().iter().any(|f| f == pequod::api::names::GRAPH_FINALIZER));
     assert!(
         cms.get_opt("config").await.unwrap().is_some(),
         "the lower wave waits for the widget"
@@ -656,7 +656,7 @@ async fn an_instance_s_graph_of_the_earlier_naming_is_taken_over_without_touchin
             "metadata": {"name": "old", "namespace": ns}}, "readyWhen": [{"type": "Exists"}]},
     ]);
     let legacy = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
-        "metadata": {"name": "note-old", "finalizers": [pequod::api::GRAPH_FINALIZER],
+        "metadata": {"name": "note-old", "finalizers": [pequod::api::names::GRAPH_FINALIZER],
             "labels": {"app.kubernetes.io/managed-by": "pequod", "pequod.io/transform": "note",
                 "pequod.io/instance": "old", "pequod.io/instance-kind": "Note"},
             "ownerReferences": [{"apiVersion": api_version, "kind": "Note", "name": "old", "uid": instance.uid().unwrap(),

@@ -1,0 +1,67 @@
+//! Every well-known name Pequod writes into the cluster: labels, annotations, finalizers, field
+//! managers and Secrets. They are part of Pequod's public surface (docs/operations.md lists
+//! them); changing one is a breaking change.
+
+// Labels.
+
+/// Set on everything Pequod creates, with [`MANAGED_BY_VALUE`].
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "pequod";
+/// The Transform a generated CRD, its RBAC and its instances' graphs belong to.
+pub const TRANSFORM_LABEL: &str = "pequod.io/transform";
+pub const TRANSFORM_NAMESPACE_LABEL: &str = "pequod.io/transform-namespace";
+/// A ConfigMap usable as a module.
+pub const CUE_MODULE_LABEL: &str = "pequod.io/cue-module";
+/// Aggregates a generated ClusterRole into the manager's ClusterRole (`config/restricted`).
+pub const AGGREGATE_LABEL: &str = "pequod.io/aggregate-to-manager";
+/// The instance a graph was rendered from: its name, kind and API group (as a label value).
+pub const INSTANCE_LABEL: &str = "pequod.io/instance";
+pub const INSTANCE_KIND_LABEL: &str = "pequod.io/instance-kind";
+pub const INSTANCE_GROUP_LABEL: &str = "pequod.io/instance-group";
+/// The ResourceGraph an object belongs to, and that graph's namespace (objects may live
+/// elsewhere).
+pub const GRAPH_LABEL: &str = "pequod.io/resourcegraph";
+pub const GRAPH_NAMESPACE_LABEL: &str = "pequod.io/resourcegraph-namespace";
+/// The node an object was applied for.
+pub const NODE_LABEL: &str = "pequod.io/node";
+
+// Annotations.
+
+/// On every object Pequod writes: the uid of the graph that wrote it.
+pub const GRAPH_UID_ANNOTATION: &str = "pequod.io/resourcegraph-uid";
+/// On an object: `Orphan` leaves it running when its node or graph goes away.
+pub const DELETION_POLICY_ANNOTATION: &str = "pequod.io/deletion-policy";
+/// On an adopted object: the field managers it had before.
+pub const ADOPTED_FROM_ANNOTATION: &str = "pequod.io/adopted-from";
+/// On a rendered graph: its proof, `v1:<allowance>:<hex HMAC-SHA256>`.
+pub const PROOF_ANNOTATION: &str = "pequod.io/graph-proof";
+/// On a rendered graph: the graph it takes over (`<uid>/<name>`, same namespace), an
+/// instance's graph of an earlier release's naming. Signed with the rest.
+pub const PREDECESSOR_ANNOTATION: &str = "pequod.io/predecessor";
+/// On a Transform: `"true"` stops reconciling it.
+pub const PAUSED_ANNOTATION: &str = "pequod.io/paused";
+
+// Finalizers.
+
+pub const TRANSFORM_FINALIZER: &str = "pequod.io/transform-finalizer";
+pub const INSTANCE_FINALIZER: &str = "pequod.io/instance-finalizer";
+/// Holds a graph until its objects are torn down in reverse order.
+pub const GRAPH_FINALIZER: &str = "pequod.io/resourcegraph-finalizer";
+
+// Field managers (a graph's objects are applied as `pequod-<graph uid>`, see
+// `executor::plan::field_manager`).
+
+/// Generated CRDs and RBAC.
+pub const GENERATED_MANAGER: &str = "pequod";
+/// The one manager every graph's objects shared before each graph had its own; Pequod
+/// migrates objects off it.
+pub const LEGACY_FIELD_MANAGER: &str = "pequod";
+pub const TRANSFORM_STATUS_MANAGER: &str = "pequod-transform";
+/// Instance status and the ResourceGraphs Pequod renders.
+pub const INSTANCE_MANAGER: &str = "pequod-instance";
+pub const GRAPH_STATUS_MANAGER: &str = "pequod-resourcegraph";
+
+// Secrets.
+
+/// The graph-signing key, in the operator's namespace.
+pub const SIGNING_KEY_SECRET: &str = "pequod-graph-signing-key";
