@@ -1,4 +1,15 @@
-//! Errors of the operator process as a whole (start-up and wiring).
+//! Errors of the operator process as a whole (start-up and wiring), and the one vocabulary
+//! every error of a reconcile speaks.
+
+/// What every error a reconcile can meet tells about itself. The reason feeds conditions,
+/// events and `pequod_reconcile_errors_total{error_type}`; transience decides whether the
+/// object is tried again with backoff or waits for a change.
+pub trait ErrorCategory {
+    /// Stable reason (a CamelCase word).
+    fn reason(&self) -> &'static str;
+    /// Whether retrying without any change could succeed.
+    fn is_transient(&self) -> bool;
+}
 
 /// Failures that stop the operator from starting or keep it from running.
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@ mod object;
 use crate::api::names::{
     ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, NODE_LABEL,
 };
+use crate::error::ErrorCategory;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -73,24 +74,25 @@ pub enum ApplyError {
     Api(#[source] kube::Error),
 }
 
-impl ApplyError {
-    /// Stable reason string for events and conditions: the documented `AdoptionFailed` for a
-    /// failed takeover, `ApplyFailed` for every other write.
-    pub fn reason(&self) -> &'static str {
+impl ErrorCategory for ApplyError {
+    /// The documented `AdoptionFailed` for a failed takeover, `ApplyFailed` for every other
+    /// write.
+    fn reason(&self) -> &'static str {
         match self {
             Self::AdoptionFailed { .. } => "AdoptionFailed",
             _ => "ApplyFailed",
         }
     }
 
-    /// Whether retrying without any change could succeed.
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         matches!(
             self,
             Self::Api(_) | Self::Server { .. } | Self::UnknownKind { .. } | Self::Discovery { .. }
         )
     }
+}
 
+impl ApplyError {
     fn from_kube(e: kube::Error) -> Self {
         match &e {
             kube::Error::Api(s) if s.code == 409 => Self::Conflict {

@@ -9,6 +9,7 @@ use crate::api::names::{
     INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PREDECESSOR_ANNOTATION,
     PROOF_ANNOTATION,
 };
+use crate::error::ErrorCategory;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -176,6 +177,7 @@ impl Supervisor {
             shared: self.shared.clone(),
             state: state.clone(),
             resource: spec.resource.clone(),
+            backoff: super::Backoff::default(),
         });
         let task = tokio::spawn(run_kind(
             ctx,
@@ -238,6 +240,13 @@ struct KindContext {
     shared: Arc<Shared>,
     state: Arc<RwLock<KindState>>,
     resource: ApiResource,
+    backoff: super::Backoff,
+}
+
+impl super::Retries for KindContext {
+    fn backoff(&self) -> &super::Backoff {
+        &self.backoff
+    }
 }
 
 impl KindContext {
@@ -292,7 +301,7 @@ async fn run_kind(
             rx.recv().await.map(|()| ((), rx))
         }))
         .graceful_shutdown_on(stopped)
-        .run(reconcile, super::retry_later, ctx)
+        .run(reconcile, super::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
     let stopped = async move {
         tokio::select! {
@@ -312,7 +321,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
         name = obj.name_any(),
         reconcile_id = reconcile_id()
     );
-    super::measured(&ctx.shared.metrics, CONTROLLER, span, async {
+    super::measured(&ctx.shared.metrics, CONTROLLER, span, (&*ctx, &obj.metadata), async {
         if obj.metadata.deletion_timestamp.is_some() {
             cleanup(&obj, &ctx).await
         } else {

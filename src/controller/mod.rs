@@ -11,6 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use crate::api::{Condition, ConditionStatus, has_condition, set_condition};
 
+use crate::error::ErrorCategory;
 use crate::metrics::Metrics;
 
 /// Errors that end a reconcile early; everything else becomes status.
@@ -27,7 +28,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// Every value [`Error::reason`] returns.
+    /// Every value [`ErrorCategory::reason`] returns.
     pub const REASONS: [&'static str; 5] = [
         "Conflict",
         "ApiError",
@@ -35,9 +36,10 @@ impl Error {
         "InvalidObject",
         "CueUnavailable",
     ];
+}
 
-    /// Stable reason string for metric labels.
-    pub fn reason(&self) -> &'static str {
+impl ErrorCategory for Error {
+    fn reason(&self) -> &'static str {
         match self {
             Self::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
             Self::Kube(_) => "ApiError",
@@ -46,28 +48,98 @@ impl Error {
             Self::CueUnavailable(_) => "CueUnavailable",
         }
     }
+
+    /// An object missing a field the apiserver always sets, or a status that cannot be
+    /// encoded, does not mend by retrying; the API and cue may.
+    fn is_transient(&self) -> bool {
+        matches!(self, Self::Kube(_) | Self::CueUnavailable(_))
+    }
 }
 
-/// Times one reconcile and records `pequod_reconcile_*` when it ends.
-/// Retry delay after a reconcile error that may pass by itself.
+/// Retry delay after a node or module failure that may pass by itself.
 pub const RETRY: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// The error policy of every controller: log, and try again after [`RETRY`].
-pub fn retry_later<K, C>(
-    _: std::sync::Arc<K>,
-    error: &Error,
-    _: std::sync::Arc<C>,
-) -> kube::runtime::controller::Action {
-    tracing::warn!(error = %error, "reconcile failed");
-    kube::runtime::controller::Action::requeue(RETRY)
+/// First and longest delay of a reconcile's retries after transient errors.
+const BACKOFF_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The delay before the next try after `failures` consecutive transient errors of one
+/// object: 1 s, doubling, at most 5 minutes.
+pub fn backoff_delay(failures: u32) -> std::time::Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
+    BACKOFF_MIN.saturating_mul(factor).min(BACKOFF_MAX)
 }
 
-/// Runs one reconcile inside `span` (which names the object), counted and timed in the
-/// reconcile metrics under `controller`.
-pub async fn measured<F>(
+/// Consecutive failed reconciles per object, for [`backoff_delay`].
+#[derive(Default)]
+pub struct Backoff(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl Backoff {
+    /// Counts a failure of `key` and returns how long to wait.
+    fn failed(&self, key: &str) -> std::time::Duration {
+        let mut failures = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = failures.entry(key.to_string()).or_insert(0);
+        *count = count.saturating_add(1);
+        backoff_delay(*count)
+    }
+
+    /// Forgets `key`'s failures after a reconcile that succeeded (or will not be retried).
+    fn reset(&self, key: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// A controller context that keeps its objects' [`Backoff`].
+pub trait Retries {
+    fn backoff(&self) -> &Backoff;
+}
+
+/// Identifies an object in a [`Backoff`].
+fn backoff_key(meta: &ObjectMeta) -> String {
+    meta.uid.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
+        )
+    })
+}
+
+/// The error policy of every controller: a transient error tries the object again after an
+/// exponential backoff of its own; a permanent one waits for the object to change.
+pub fn error_policy<K, C>(
+    obj: std::sync::Arc<K>,
+    error: &Error,
+    ctx: std::sync::Arc<C>,
+) -> kube::runtime::controller::Action
+where
+    K: kube::Resource,
+    C: Retries,
+{
+    let key = backoff_key(obj.meta());
+    if error.is_transient() {
+        let delay = ctx.backoff().failed(&key);
+        tracing::warn!(error = %error, reason = error.reason(), retry_in = ?delay, "reconcile failed");
+        kube::runtime::controller::Action::requeue(delay)
+    } else {
+        ctx.backoff().reset(&key);
+        tracing::warn!(error = %error, reason = error.reason(), "reconcile failed; waiting for a change");
+        kube::runtime::controller::Action::await_change()
+    }
+}
+
+/// Forgets an object's failures once a reconcile of it succeeded.
+pub fn succeeded<C: Retries>(ctx: &C, meta: &ObjectMeta) {
+    ctx.backoff().reset(&backoff_key(meta));
+}
+
+/// Runs one reconcile of the object of `meta` inside `span` (which names it), counted and
+/// timed in the reconcile metrics under `controller`; a success clears the object's backoff.
+pub async fn measured<F, C: Retries>(
     metrics: &Metrics,
     controller: &'static str,
     span: tracing::Span,
+    (ctx, meta): (&C, &ObjectMeta),
     reconcile: F,
 ) -> Result<kube::runtime::controller::Action, Error>
 where
@@ -81,6 +153,9 @@ where
         let measure = ReconcileMeasure::start(metrics, controller);
         let result = reconcile.await;
         measure.finish(&result);
+        if result.is_ok() {
+            succeeded(ctx, meta);
+        }
         result
     }
     .instrument(span)
@@ -450,6 +525,49 @@ pub fn init_metrics(metrics: &Metrics) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn transient_errors_back_off_per_object_and_permanent_ones_wait_for_a_change() {
+        use std::time::Duration;
+        assert_eq!(
+            [1, 2, 3, 9, 10, 40].map(backoff_delay),
+            [1, 2, 4, 256, 300, 300].map(Duration::from_secs)
+        );
+        struct Ctx(Backoff);
+        impl Retries for Ctx {
+            fn backoff(&self) -> &Backoff {
+                &self.0
+            }
+        }
+        let ctx = std::sync::Arc::new(Ctx(Backoff::default()));
+        let object = |uid: &str| {
+            std::sync::Arc::new(k8s_openapi::api::core::v1::ConfigMap {
+                metadata: ObjectMeta {
+                    uid: Some(uid.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+        };
+        let transient = Error::CueUnavailable("cue is not there".into());
+        let policy = |uid: &str, e: &Error| format!("{:?}", error_policy(object(uid), e, ctx.clone()));
+        let after = |secs: u64| {
+            format!(
+                "{:?}",
+                kube::runtime::controller::Action::requeue(Duration::from_secs(secs))
+            )
+        };
+        assert_eq!(policy("a", &transient), after(1));
+        assert_eq!(policy("a", &transient), after(2));
+        assert_eq!(policy("b", &transient), after(1), "each object backs off on its own");
+        succeeded(&*ctx, &object("a").metadata);
+        assert_eq!(policy("a", &transient), after(1), "a success starts over");
+        assert_eq!(
+            policy("a", &Error::MissingField("metadata.uid")),
+            format!("{:?}", kube::runtime::controller::Action::await_change())
+        );
+    }
+
     use super::*;
 
     #[test]

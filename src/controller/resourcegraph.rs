@@ -7,6 +7,7 @@
 //! deadlines bring the graph back.
 
 use crate::api::names::{GRAPH_FINALIZER, GRAPH_STATUS_MANAGER, PREDECESSOR_ANNOTATION, PROOF_ANNOTATION};
+use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -62,6 +63,13 @@ pub struct Context {
     counted: Mutex<HashMap<String, BTreeSet<InventoryEntry>>>,
     /// Statuses this process wrote, see [`StatusMemory`].
     written: StatusMemory<ResourceGraphStatus>,
+    backoff: super::Backoff,
+}
+
+impl super::Retries for Context {
+    fn backoff(&self) -> &super::Backoff {
+        &self.backoff
+    }
 }
 
 impl Context {
@@ -86,6 +94,7 @@ impl Context {
             applied: Mutex::default(),
             counted: Mutex::default(),
             written: StatusMemory::default(),
+            backoff: super::Backoff::default(),
         }
     }
 }
@@ -115,7 +124,7 @@ pub async fn run(
         "resourcegraph-controller",
     ));
     let run = controller
-        .run(reconcile, super::retry_later, ctx)
+        .run(reconcile, super::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
     super::drive(run, store_for_stop, shutdown.clone().wait_owned()).await;
     health.set(Probe::Readiness, "resourcegraph-controller", Err("stopped".into()));
@@ -130,7 +139,7 @@ async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, 
         name = rg.name_any(),
         reconcile_id = reconcile_id()
     );
-    super::measured(&ctx.metrics, CONTROLLER, span, async {
+    super::measured(&ctx.metrics, CONTROLLER, span, (&*ctx, &rg.metadata), async {
         if rg.metadata.deletion_timestamp.is_some() {
             cleanup(&rg, &ctx).await
         } else {

@@ -6,6 +6,7 @@ use crate::api::names::{
     AGGREGATE_LABEL, CUE_MODULE_LABEL, GENERATED_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PAUSED_ANNOTATION,
     TRANSFORM_FINALIZER, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL, TRANSFORM_STATUS_MANAGER,
 };
+use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,13 @@ pub struct Context {
     /// Consecutive failed fetches per Transform (by uid) and the generation they were of,
     /// for the retry delay; a new spec starts over.
     fetch_failures: std::sync::Mutex<HashMap<String, (Option<i64>, u32)>>,
+    backoff: super::Backoff,
+}
+
+impl super::Retries for Context {
+    fn backoff(&self) -> &super::Backoff {
+        &self.backoff
+    }
 }
 
 impl Context {
@@ -82,6 +90,7 @@ impl Context {
             supervisor,
             written: StatusMemory::default(),
             fetch_failures: Default::default(),
+            backoff: super::Backoff::default(),
         }
     }
 }
@@ -149,7 +158,7 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
     health.set(Probe::Liveness, "transform-controller", Ok(()));
     tokio::spawn(super::report_when_synced(store, health.clone(), "transform-controller"));
     let run = controller
-        .run(reconcile, super::retry_later, ctx)
+        .run(reconcile, super::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
     super::drive(run, store_for_stop, shutdown.clone().wait_owned()).await;
     health.set(Probe::Readiness, "transform-controller", Err("stopped".into()));
@@ -171,7 +180,7 @@ async fn reconcile(t: Arc<Transform>, ctx: Arc<Context>) -> Result<Action, Error
         name = t.name_any(),
         reconcile_id = reconcile_id()
     );
-    super::measured(&ctx.metrics, CONTROLLER, span, async {
+    super::measured(&ctx.metrics, CONTROLLER, span, (&*ctx, &t.metadata), async {
         if is_paused(&t) {
             pause(&t, &ctx).await
         } else if t.metadata.deletion_timestamp.is_some() {

@@ -4,6 +4,7 @@ pub mod compat;
 pub mod reserved;
 
 use crate::api::names::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL};
+use crate::error::ErrorCategory;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -43,9 +44,13 @@ pub enum CrdError {
     ShortNameTaken(String, String),
 }
 
-impl CrdError {
-    /// Stable reason string for conditions and events.
-    pub fn reason(&self) -> &'static str {
+impl ErrorCategory for CrdError {
+    /// A kind's names are wrong until the Transform changes.
+    fn is_transient(&self) -> bool {
+        false
+    }
+
+    fn reason(&self) -> &'static str {
         match self {
             Self::InvalidKind(_) | Self::InvalidPlural(_) | Self::InvalidShortName(_) => "InvalidKindNames",
             Self::ReservedGroup(_) | Self::BuiltinKind(..) | Self::ShortNameTaken(..) => "ReservedName",

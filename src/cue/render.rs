@@ -1,6 +1,7 @@
 //! Rendering, the pure parts: the batch file that evaluates many inputs in one cue call,
 //! attribution of cue's errors to the inputs that caused them, and parsing of the output.
 
+use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
@@ -37,9 +38,8 @@ pub enum RenderError {
     Schema(#[from] super::SchemaError),
 }
 
-impl RenderError {
-    /// Stable reason string for conditions, events and metric labels.
-    pub fn reason(&self) -> &'static str {
+impl ErrorCategory for RenderError {
+    fn reason(&self) -> &'static str {
         match self {
             Self::CueUnavailable { .. } => "CueBinaryUnavailable",
             Self::Timeout { .. } => "CueTimeout",
@@ -53,7 +53,7 @@ impl RenderError {
     }
 
     /// Whether the same render could succeed later; such results are never cached.
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         matches!(self, Self::CueUnavailable { .. } | Self::Timeout { .. })
     }
 }

@@ -1,6 +1,7 @@
 //! The renderer service: loads modules, extracts their schema, and renders inputs through
 //! cue with caching and batching, so that cue runs as rarely as possible.
 
+use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

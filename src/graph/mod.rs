@@ -2,6 +2,7 @@
 //! refuses to produce an invalid graph) and the executor (which refuses to run one).
 
 use crate::api::names::AGGREGATE_LABEL;
+use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, BTreeSet};
 
 use petgraph::algo::{tarjan_scc, toposort};
@@ -34,9 +35,13 @@ pub enum GraphError {
     NotAllowed { node: String, why: String },
 }
 
-impl GraphError {
-    /// Stable reason string for conditions, events and metric labels.
-    pub fn reason(&self) -> &'static str {
+impl ErrorCategory for GraphError {
+    /// A graph is invalid until its spec changes.
+    fn is_transient(&self) -> bool {
+        false
+    }
+
+    fn reason(&self) -> &'static str {
         match self {
             Self::Empty | Self::TooManyNodes { .. } | Self::EmptyId { .. } | Self::MalformedObject { .. } => {
                 "InvalidGraph"

@@ -10,6 +10,7 @@ pub mod oci;
 pub mod reference;
 
 use crate::api::names::CUE_MODULE_LABEL;
+use crate::error::ErrorCategory;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -77,9 +78,8 @@ pub enum SourceError {
     },
 }
 
-impl SourceError {
-    /// Stable reason string for conditions, events and metric labels.
-    pub fn reason(&self) -> &'static str {
+impl ErrorCategory for SourceError {
+    fn reason(&self) -> &'static str {
         match self {
             Self::Reference(_) => "InvalidReference",
             Self::SecretNotFound { .. } | Self::Credentials(_) => "PullSecretInvalid",
@@ -89,6 +89,13 @@ impl SourceError {
         }
     }
 
+    /// An unreachable or failing remote, an open circuit, or a pull Secret not created yet.
+    fn is_transient(&self) -> bool {
+        self.is_remote_failure() || matches!(self, Self::CircuitOpen { .. } | Self::SecretNotFound { .. })
+    }
+}
+
+impl SourceError {
     /// Whether the remote could not be reached or failed on its side: this counts towards
     /// its host's circuit breaker and lets a cached resolution stand in. A refusal (bad
     /// credentials, unknown tag) does neither: it is the reference's problem, not the host's.

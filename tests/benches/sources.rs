@@ -3,6 +3,7 @@
 //! Measured side by side in one run against a real registry and real git repositories.
 //! `make bench-sources` runs it.
 
+use pequod::error::ErrorCategory;
 use pequod_testkit as support;
 
 use std::sync::Arc;

@@ -4,6 +4,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use pequod::api::{CueRef, CueRefType};
+use pequod::error::ErrorCategory;
 use std::sync::Arc;
 
 use pequod::metrics::Metrics;

@@ -588,7 +588,11 @@ async fn a_kind_that_cannot_be_looked_up_holds_deletion_and_keeps_the_objects() 
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let held = graphs.get("g").await.unwrap();
-    assert!(held.finalizers().iter().any(|f| f == pequod::api::names::GRAPH_FINALIZER));
+    assert!(
+        held.finalizers()
+            .iter()
+            .any(|f| f == pequod::api::names::GRAPH_FINALIZER)
+    );
     assert!(
         cms.get_opt("config").await.unwrap().is_some(),
         "the lower wave waits for the widget"

@@ -1,6 +1,7 @@
 //! The renderer against the real cue CLI (`make tools` installs it; `PEQUOD_TEST_CUE`
 //! overrides). No cluster is needed.
 
+use pequod::error::ErrorCategory;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
