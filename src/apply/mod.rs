@@ -313,43 +313,6 @@ impl Applier {
             .map(|_| ())
     }
 
-    /// Removes the owner reference to graph `uid` from `live`, leaving every other mark: the
-    /// first step of a graph taking the object over from that one, since an object may have
-    /// only one controlling owner.
-    pub async fn drop_owner(
-        &self,
-        resolved: &Resolved,
-        live: &DynamicObject,
-        uid: &str,
-        manager: &str,
-    ) -> Result<(), ApplyError> {
-        let owners: Vec<_> = live
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .filter(|o| o.uid != uid)
-            .collect();
-        if owners.len() == live.metadata.owner_references.as_ref().map_or(0, Vec::len) {
-            return Ok(());
-        }
-        let patch = serde_json::json!({"metadata": {"ownerReferences": owners}});
-        let params = PatchParams {
-            field_manager: Some(manager.to_string()),
-            ..Default::default()
-        };
-        resolved
-            .api(&self.client, live.metadata.namespace.as_deref())
-            .patch(
-                &live.metadata.name.clone().unwrap_or_default(),
-                &params,
-                &Patch::Merge(patch),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| self.classify(resolved, e))
-    }
-
     /// Reads an object directly from the apiserver.
     pub async fn get(
         &self,

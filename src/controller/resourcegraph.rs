@@ -486,8 +486,8 @@ async fn live_object(
     }
 }
 
-/// Carries out a planned [`Write::Apply`]: takes the object over from the predecessor graph
-/// when asked, applies it as the graph's field manager, and releases earlier managers.
+/// Carries out a planned [`Write::Apply`]: applies the object as the graph's field manager
+/// (taking it over from the predecessor graph when asked) and releases earlier managers.
 async fn write_node(
     ctx: &Context,
     graph: &GraphIdentity,
@@ -508,9 +508,11 @@ async fn write_node(
         });
     };
     let manager = plan::field_manager(node, graph);
-    if let (true, Some(l), Some(p)) = (take_over, &live, &graph.predecessor) {
-        ctx.applier.drop_owner(resolved, l, &p.uid, &manager).await?;
-    }
+    let desired = if take_over {
+        &plan::taking_over(desired, &graph.uid)
+    } else {
+        desired
+    };
     let applied = ctx
         .applier
         .apply(node, &manager, resolved, desired, live.as_ref(), reclaim)

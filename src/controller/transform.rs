@@ -304,25 +304,152 @@ fn api_resource(group: &str, version: &str, names: &KindNames) -> ApiResource {
     }
 }
 
+/// Why a Transform's pipeline stopped before serving its kind.
+enum Stop {
+    /// A stage failed: the Transform is Failed with condition `stage` False and `reason`, one
+    /// `event` Warning on the transition, and is looked at again per `then`.
+    Failed {
+        stage: &'static str,
+        reason: &'static str,
+        message: String,
+        event: &'static str,
+        then: Action,
+    },
+    /// The status says what is awaited; it is written and the Transform looked at per the action.
+    Waiting(Action),
+    /// The reconcile itself failed (see [`super::error_policy`]).
+    Error(Error),
+}
+
+impl<E: Into<Error>> From<E> for Stop {
+    fn from(e: E) -> Self {
+        Self::Error(e.into())
+    }
+}
+
+impl Stop {
+    fn failed(stage: &'static str, reason: &'static str, message: String, event: &'static str, then: Action) -> Self {
+        Self::Failed {
+            stage,
+            reason,
+            message,
+            event,
+            then,
+        }
+    }
+}
+
+/// A Transform's pipeline: fetch the module, extract its schema, build the CRD, apply it,
+/// wait until it is Established, generate RBAC, serve the kind. Each step returns what the
+/// next needs or why it stopped; the status is decided here once and written once.
 async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     let mut update = StatusUpdate::start(t, ctx);
     if update.old.conditions.iter().any(|c| c.type_ == "Paused") {
         update.condition("Paused", false, "Resumed", "the Transform is reconciled");
     }
-    let spec_changed = update.old.observed_generation != t.metadata.generation;
-    if spec_changed {
-        // Show progress of a new spec; content changes of the same spec go straight to the
-        // result, so that resyncs write nothing.
-        let mut progress = update.old.clone();
-        progress.phase = Some(TransformPhase::Fetching);
-        progress.observed_generation = t.metadata.generation;
-        write_status(t, ctx, &update.old, progress.clone()).await?;
-        update.old = progress;
-    }
-    let namespace = t.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    show_new_spec(t, ctx, &mut update).await?;
+    let action = match serve_transform(t, ctx, &mut update).await {
+        Ok(action) => action,
+        Err(Stop::Failed {
+            stage,
+            reason,
+            message,
+            event,
+            then,
+        }) => {
+            update.fail(stage, reason, &message, event);
+            then
+        }
+        Err(Stop::Waiting(then)) => then,
+        Err(Stop::Error(e)) => return Err(e),
+    };
+    update.write().await?;
+    Ok(action)
+}
 
+/// Shows a new spec being worked on at once (phase `Fetching`); content changes of the same
+/// spec go straight to the result, so that resyncs write nothing.
+async fn show_new_spec(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'_>) -> Result<(), Error> {
+    if update.old.observed_generation == t.metadata.generation {
+        return Ok(());
+    }
+    let mut progress = update.old.clone();
+    progress.phase = Some(TransformPhase::Fetching);
+    progress.observed_generation = t.metadata.generation;
+    write_status(t, ctx, &update.old, progress.clone()).await?;
+    update.old = progress;
+    Ok(())
+}
+
+async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'_>) -> Result<Action, Stop> {
+    let namespace = t.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let (fetched, retry) = fetch_module(t, ctx, update).await?;
+    let source_digest = fetched.digest.clone();
+    // A failure below waits for a change of the Transform; a tag or branch must also be
+    // looked at again, since a fixed module may be pushed under the same name.
+    let next_look = fetched.moves.then_some(ctx.fetcher.poll_interval());
+    let settled = next_look.map_or_else(Action::await_change, Action::requeue);
+
+    let (module, schema) = load_module(ctx, fetched, &settled).await?;
+    update.condition("SchemaExtracted", true, "Extracted", "#Input converted to a CRD schema");
+    let (names, desired) = desired_crd(t, &namespace, &schema, &settled)?;
+    let crd_name = desired.metadata.name.clone().unwrap_or_default();
+    let resource = api_resource(&t.spec.group, &t.spec.version, &names);
+    let previous = renamed_from(t, ctx, update, &crd_name).await?;
+    let established = apply_crd(t, ctx, update, &desired, &settled).await?;
+    await_established(update, &established, &crd_name, &settled)?;
+    generate_rbac(t, ctx, update, &resource).await?;
+
+    if let Some(previous) = &previous {
+        let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+        if let Some(old_crd) = crds.get_opt(&previous.name).await?
+            && owned_by(&old_crd, t)
+        {
+            crds.delete(&previous.name, &DeleteParams::default()).await?;
+            ctx.supervisor.stop_kind(&previous.api_version, &previous.kind).await;
+        }
+    }
+    ctx.supervisor
+        .serve(ServeSpec {
+            transform: key(t),
+            resource: resource.clone(),
+            module: module.clone(),
+            allow_cluster_scoped: t.spec.allow_cluster_scoped_resources,
+            namespace: (t.spec.rbac_scope == RbacScope::Namespace).then(|| namespace.clone()),
+        })
+        .await;
+
+    update.new.generated_crd = Some(GeneratedCrd {
+        api_version: resource.api_version.clone(),
+        kind: names.kind.clone(),
+        name: crd_name,
+        plural: names.plural.clone(),
+    });
+    if update.new.resolved_cue_ref.as_ref().map(|r| r.digest.as_str()) != Some(source_digest.as_str()) {
+        update.new.resolved_cue_ref = Some(ResolvedCueRef {
+            digest: source_digest,
+            fetched_at: Some(update.time.clone()),
+        });
+    }
+    let ready_message = format!("serving {} ({})", names.kind, resource.api_version);
+    if update.old.phase != Some(TransformPhase::Ready) {
+        update.event(EventType::Normal, "Ready", &ready_message);
+    }
+    update.condition("Ready", true, "Ready", ready_message);
+    update.new.phase = Some(TransformPhase::Ready);
+    Ok(Action::requeue(retry.or(next_look).unwrap_or(RESYNC)))
+}
+
+/// Fetches the module. A cached resolution standing in for an unreachable remote is used, and
+/// reported; the second value is when to try the remote again.
+async fn fetch_module(
+    t: &Transform,
+    ctx: &Context,
+    update: &mut StatusUpdate<'_>,
+) -> Result<(crate::source::Fetched, Option<Duration>), Stop> {
     let source_label = t.spec.cue_ref.type_.as_str();
     let started = std::time::Instant::now();
+    let namespace = t.namespace().unwrap_or_default();
     let fetched = ctx.fetcher.fetch(&t.spec.cue_ref, &namespace, &t.name_any()).await;
     ctx.metrics
         .cue_fetch_duration_seconds
@@ -346,9 +473,8 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
                     "; existing instances keep being served with the last good module {digest}"
                 ));
             }
-            update.fail("CueFetched", e.reason(), &message, "CueFetchFailed");
-            update.write().await?;
-            return Ok(Action::requeue(breaker::retry_delay(failures)));
+            let then = Action::requeue(breaker::retry_delay(failures));
+            return Err(Stop::failed("CueFetched", e.reason(), message, "CueFetchFailed", then));
         }
     };
     let retry = match &fetched.stale {
@@ -362,75 +488,89 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
         }
         None => {
             ctx.fetch_succeeded(&uid);
-            update.condition(
-                "CueFetched",
-                true,
-                "Fetched",
-                format!(
-                    "{} module {} ({})",
-                    t.spec.cue_ref.type_.as_str(),
-                    fetched.platform,
-                    fetched.digest
-                ),
-            );
+            let what = format!("{source_label} module {} ({})", fetched.platform, fetched.digest);
+            update.condition("CueFetched", true, "Fetched", what);
             None
         }
     };
-    let source_digest = fetched.digest.clone();
-    // A failure below waits for a change of the Transform; a tag or branch must also be
-    // looked at again, since a fixed module may be pushed under the same name.
-    let next_look = fetched.moves.then_some(ctx.fetcher.poll_interval());
-    let settled = next_look.map_or_else(Action::await_change, Action::requeue);
+    Ok((fetched, retry))
+}
 
+/// Loads the module and converts its `#Input` into a schema.
+async fn load_module(
+    ctx: &Context,
+    fetched: crate::source::Fetched,
+    settled: &Action,
+) -> Result<(crate::cue::Module, Arc<crate::cue::ModuleSchema>), Stop> {
     let loaded = async {
         let module = ctx.renderer.load(fetched.files, &fetched.platform).await?;
         let schema = ctx.renderer.schema(&module).await?;
         Ok::<_, crate::cue::RenderError>((module, schema))
     };
-    let (module, schema) = match loaded.await {
-        Ok(loaded) => loaded,
-        Err(e) if e.is_transient() => return Err(Error::CueUnavailable(e.to_string())),
-        Err(e) => {
-            update.fail("SchemaExtracted", e.reason(), &e.to_string(), "CueRenderFailed");
-            update.write().await?;
-            return Ok(settled);
-        }
-    };
-    update.condition("SchemaExtracted", true, "Extracted", "#Input converted to a CRD schema");
+    match loaded.await {
+        Ok(loaded) => Ok(loaded),
+        Err(e) if e.is_transient() => Err(Stop::Error(Error::CueUnavailable(e.to_string()))),
+        Err(e) => Err(Stop::failed(
+            "SchemaExtracted",
+            e.reason(),
+            e.to_string(),
+            "CueRenderFailed",
+            settled.clone(),
+        )),
+    }
+}
 
-    let names = match crd::kind_names(&t.name_any(), &schema, &t.spec.short_names)
+/// The kind's names and the CRD to generate.
+fn desired_crd(
+    t: &Transform,
+    namespace: &str,
+    schema: &crate::cue::ModuleSchema,
+    settled: &Action,
+) -> Result<(KindNames, CustomResourceDefinition), Stop> {
+    let names = crd::kind_names(&t.name_any(), schema, &t.spec.short_names)
         .and_then(|names| reserved::check(&t.spec.group, &names).map(|()| names))
-    {
-        Ok(names) => names,
-        Err(e) => {
-            update.fail("CRDGenerated", e.reason(), &e.to_string(), "CRDGenerationFailed");
-            update.write().await?;
-            return Ok(settled);
-        }
-    };
+        .map_err(|e| {
+            let reason = e.reason();
+            Stop::failed(
+                "CRDGenerated",
+                reason,
+                e.to_string(),
+                "CRDGenerationFailed",
+                settled.clone(),
+            )
+        })?;
     let desired = crd::build_crd(
         &names,
-        &schema,
+        schema,
         &CrdParams {
             group: &t.spec.group,
             version: &t.spec.version,
             categories: &t.spec.categories,
             transform_name: &t.name_any(),
-            transform_namespace: &namespace,
+            transform_namespace: namespace,
         },
     );
-    let crd_name = desired.metadata.name.clone().unwrap_or_default();
-    let resource = api_resource(&t.spec.group, &t.spec.version, &names);
+    Ok((names, desired))
+}
 
-    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
-    // A CRD under another name generated before (the kind, plural or group changed).
+/// The CRD generated before under another name (the kind, plural or group changed), which is
+/// replaced once the new one serves; refused while instances of the old kind exist.
+async fn renamed_from(
+    t: &Transform,
+    ctx: &Context,
+    update: &StatusUpdate<'_>,
+    crd_name: &str,
+) -> Result<Option<GeneratedCrd>, Stop> {
     let previous = update
         .old
         .generated_crd
         .clone()
         .filter(|g| g.name != crd_name && update.old.phase.is_some());
-    if let Some(previous) = &previous
-        && let Some(old_crd) = crds.get_opt(&previous.name).await?
+    let Some(previous) = previous else {
+        return Ok(None);
+    };
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    if let Some(old_crd) = crds.get_opt(&previous.name).await?
         && owned_by(&old_crd, t)
     {
         let instances = count_instances(ctx, &old_crd).await?;
@@ -440,52 +580,68 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
                  delete them first or keep the kind's names and group",
                 previous.name, previous.kind
             );
-            update.fail("SchemaCompatible", "BreakingChange", &message, "BreakingChange");
-            update.write().await?;
-            return Ok(Action::requeue(RESYNC));
+            let then = Action::requeue(RESYNC);
+            return Err(Stop::failed(
+                "SchemaCompatible",
+                "BreakingChange",
+                message,
+                "BreakingChange",
+                then,
+            ));
         }
     }
+    Ok(Some(previous))
+}
 
-    let live = crds.get_opt(&crd_name).await?;
-    let mut changed = false;
-    let established = match live {
+/// Creates or updates the CRD: refused when another owner has it or the change would break
+/// stored instances; written only when it differs.
+async fn apply_crd(
+    t: &Transform,
+    ctx: &Context,
+    update: &mut StatusUpdate<'_>,
+    desired: &CustomResourceDefinition,
+    settled: &Action,
+) -> Result<CustomResourceDefinition, Stop> {
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    let crd_name = desired.metadata.name.clone().unwrap_or_default();
+    let written = match crds.get_opt(&crd_name).await? {
         Some(live) => {
             if let Some(conflict) = ownership_conflict(&live, t) {
-                update.fail("CRDGenerated", "KindConflict", &conflict, "KindConflict");
-                update.write().await?;
-                return Ok(settled);
+                return Err(Stop::failed(
+                    "CRDGenerated",
+                    "KindConflict",
+                    conflict,
+                    "KindConflict",
+                    settled.clone(),
+                ));
             }
-            let breaking = breaking_changes(&live, &desired);
+            let breaking = breaking_changes(&live, desired);
             if !breaking.is_empty() {
                 let message = format!(
                     "{} breaking change(s) refused; the CRD and the served module stay as they were: {}",
                     breaking.len(),
                     breaking.join("; ")
                 );
-                update.fail("SchemaCompatible", "BreakingChange", &message, "BreakingChange");
-                update.write().await?;
-                return Ok(settled);
+                let then = settled.clone();
+                return Err(Stop::failed(
+                    "SchemaCompatible",
+                    "BreakingChange",
+                    message,
+                    "BreakingChange",
+                    then,
+                ));
             }
-            let desired_value = serde_json::to_value(&desired)?;
-            let live_value = serde_json::to_value(&live)?;
-            if contains(&live_value, &desired_value) {
-                live
+            if contains(&serde_json::to_value(&live)?, &serde_json::to_value(desired)?) {
+                (live, false)
             } else {
-                changed = true;
-                crds.patch(
-                    &crd_name,
-                    &PatchParams::apply(GENERATED_MANAGER).force(),
-                    &Patch::Apply(&desired),
-                )
-                .await?
+                let params = PatchParams::apply(GENERATED_MANAGER).force();
+                (crds.patch(&crd_name, &params, &Patch::Apply(desired)).await?, true)
             }
         }
-        None => {
-            changed = true;
-            crds.create(&PostParams::default(), &desired).await?
-        }
+        None => (crds.create(&PostParams::default(), desired).await?, true),
     };
     update.condition("SchemaCompatible", true, "Compatible", "no breaking schema change");
+    let (crd, changed) = written;
     if changed {
         let verb = if update.old.generated_crd.is_some() {
             "updated"
@@ -494,108 +650,93 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
         };
         update.event(EventType::Normal, "CRDGenerated", &format!("CRD {crd_name} {verb}"));
     }
-    match crd_state(&established) {
-        CrdState::Established => {}
+    Ok(crd)
+}
+
+/// Waits until the apiserver serves the CRD (the CRD watch brings the Transform back; the
+/// requeue bounds the wait), failing when it refuses the names or takes too long.
+fn await_established(
+    update: &mut StatusUpdate<'_>,
+    crd: &CustomResourceDefinition,
+    crd_name: &str,
+    settled: &Action,
+) -> Result<(), Stop> {
+    match crd_state(crd) {
+        CrdState::Established => {
+            let message = format!("CRD {crd_name} is Established");
+            update.condition("CRDGenerated", true, "Established", message);
+            Ok(())
+        }
         CrdState::NamesRefused(message) => {
             let message = format!("the apiserver refused the names of CRD {crd_name}: {message}");
-            update.fail("CRDGenerated", "NamesNotAccepted", &message, "CRDGenerationFailed");
-            update.write().await?;
-            return Ok(settled);
+            let then = settled.clone();
+            Err(Stop::failed(
+                "CRDGenerated",
+                "NamesNotAccepted",
+                message,
+                "CRDGenerationFailed",
+                then,
+            ))
         }
         CrdState::Pending => {
-            let age = established
+            let age = crd
                 .metadata
                 .creation_timestamp
                 .as_ref()
                 .map(|t| jiff::Timestamp::now().duration_since(t.0).as_secs())
                 .unwrap_or(0);
+            let then = Action::requeue(ESTABLISH_TIMEOUT);
             if age as u64 > ESTABLISH_TIMEOUT.as_secs() {
                 let message = format!(
                     "CRD {crd_name} is not Established after {}s",
                     ESTABLISH_TIMEOUT.as_secs()
                 );
-                update.fail("CRDGenerated", "CRDNotEstablished", &message, "CRDGenerationFailed");
-            } else {
-                update.condition(
+                return Err(Stop::failed(
                     "CRDGenerated",
-                    false,
-                    "WaitingForEstablished",
-                    format!("waiting for CRD {crd_name} to be Established"),
-                );
-                update.new.phase = Some(TransformPhase::Generating);
+                    "CRDNotEstablished",
+                    message,
+                    "CRDGenerationFailed",
+                    then,
+                ));
             }
-            update.write().await?;
-            // The CRD watch brings the Transform back; the requeue bounds the wait.
-            return Ok(Action::requeue(ESTABLISH_TIMEOUT));
+            let message = format!("waiting for CRD {crd_name} to be Established");
+            update.condition("CRDGenerated", false, "WaitingForEstablished", message);
+            update.new.phase = Some(TransformPhase::Generating);
+            Err(Stop::Waiting(then))
         }
     }
-    update.condition(
-        "CRDGenerated",
-        true,
-        "Established",
-        format!("CRD {crd_name} is Established"),
-    );
+}
 
-    match configure_rbac(t, ctx, &resource).await {
+/// Generates the RBAC that serving the kind and applying its objects needs.
+async fn generate_rbac(
+    t: &Transform,
+    ctx: &Context,
+    update: &mut StatusUpdate<'_>,
+    resource: &ApiResource,
+) -> Result<(), Stop> {
+    let then = Action::requeue(super::RETRY);
+    match configure_rbac(t, ctx, resource).await {
         Ok(generated) => {
-            update.condition(
-                "RBACConfigured",
-                true,
-                "Configured",
-                format!("{} rule(s) for the manager", generated.rule_count),
-            );
+            let message = format!("{} rule(s) for the manager", generated.rule_count);
+            update.condition("RBACConfigured", true, "Configured", message);
             update.new.generated_rbac = Some(generated);
+            Ok(())
         }
-        Err(e @ RbacError::NotOurs { .. }) => {
-            update.fail("RBACConfigured", "RBACConflict", &e.to_string(), "RBACConflict");
-            update.write().await?;
-            return Ok(Action::requeue(super::RETRY));
-        }
-        Err(e) => {
-            let message = format!("generating RBAC: {e}");
-            update.fail("RBACConfigured", "RBACFailed", &message, "RBACFailed");
-            update.write().await?;
-            return Ok(Action::requeue(super::RETRY));
-        }
+        Err(e @ RbacError::NotOurs { .. }) => Err(Stop::failed(
+            "RBACConfigured",
+            "RBACConflict",
+            e.to_string(),
+            "RBACConflict",
+            then,
+        )),
+        Err(e) => Err(Stop::failed(
+            "RBACConfigured",
+            "RBACFailed",
+            format!("generating RBAC: {e}"),
+            "RBACFailed",
+            then,
+        )),
     }
-
-    if let Some(previous) = &previous
-        && let Some(old_crd) = crds.get_opt(&previous.name).await?
-        && owned_by(&old_crd, t)
-    {
-        crds.delete(&previous.name, &DeleteParams::default()).await?;
-        ctx.supervisor.stop_kind(&previous.api_version, &previous.kind).await;
-    }
-    ctx.supervisor
-        .serve(ServeSpec {
-            transform: key(t),
-            resource: resource.clone(),
-            module: module.clone(),
-            allow_cluster_scoped: t.spec.allow_cluster_scoped_resources,
-            namespace: (t.spec.rbac_scope == RbacScope::Namespace).then(|| namespace.clone()),
-        })
-        .await;
-
-    update.new.generated_crd = Some(GeneratedCrd {
-        api_version: resource.api_version.clone(),
-        kind: names.kind.clone(),
-        name: crd_name.clone(),
-        plural: names.plural.clone(),
-    });
-    if update.new.resolved_cue_ref.as_ref().map(|r| r.digest.as_str()) != Some(source_digest.as_str()) {
-        update.new.resolved_cue_ref = Some(ResolvedCueRef {
-            digest: source_digest,
-            fetched_at: Some(update.time.clone()),
-        });
-    }
-    let ready_message = format!("serving {} ({})", names.kind, resource.api_version);
-    if update.old.phase != Some(TransformPhase::Ready) {
-        update.event(EventType::Normal, "Ready", &ready_message);
-    }
-    update.condition("Ready", true, "Ready", ready_message);
-    update.new.phase = Some(TransformPhase::Ready);
-    update.write().await?;
-    Ok(Action::requeue(retry.or(next_look).unwrap_or(RESYNC)))
 }
 
 /// Whether a CRD was generated by this Transform.

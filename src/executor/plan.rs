@@ -209,6 +209,20 @@ pub fn plan_node(
     }
 }
 
+/// `desired` for the first apply of a graph taking an object over from its predecessor: the
+/// owner reference to this graph does not claim to be the controller yet, since the
+/// predecessor's still does (an object has at most one). Releasing the predecessor's managers
+/// removes its reference, and the next pass makes this graph the controller.
+pub fn taking_over(desired: &Value, graph_uid: &str) -> Value {
+    let mut first = desired.clone();
+    if let Some(owners) = first["metadata"]["ownerReferences"].as_array_mut() {
+        for owner in owners.iter_mut().filter(|o| o["uid"] == graph_uid) {
+            owner["controller"] = json!(false);
+        }
+    }
+    first
+}
+
 /// (manager, operation) of every managed-fields entry of `live`.
 fn managers(live: &Value) -> Vec<(String, String)> {
     live["metadata"]["managedFields"]
@@ -427,6 +441,18 @@ mod tests {
         let mut same = desired("1");
         same["metadata"]["annotations"]["pequod.io/resourcegraph-uid"] = json!("uid-new");
         assert_eq!(plan_node(&n, same, Some(&done), &g, false).write, Write::Nothing);
+    }
+
+    #[test]
+    fn a_take_over_does_not_claim_the_controller_at_first() {
+        let desired = json!({"metadata": {"ownerReferences": [
+            {"uid": "uid-new", "controller": true}, {"uid": "uid-team", "controller": false}]}});
+        let first = taking_over(&desired, "uid-new");
+        assert_eq!(first["metadata"]["ownerReferences"][0]["controller"], false);
+        assert_eq!(
+            first["metadata"]["ownerReferences"][1],
+            desired["metadata"]["ownerReferences"][1]
+        );
     }
 
     #[test]
