@@ -187,6 +187,13 @@ pub struct RunArgs {
     #[command(flatten)]
     pub sources: SourceArgs,
 
+    /// Namespaces whose Transforms are trusted: they may have a ClusterRole
+    /// (`rbacScope: Cluster`), cluster-scoped objects, and RBAC, admission, CRD and APIService
+    /// kinds. Transforms elsewhere get a Role and ordinary namespaced objects in their own
+    /// namespace. Default: the operator's own namespace; `*` trusts every namespace.
+    #[arg(long, env = "PEQUOD_TRUSTED_TRANSFORM_NAMESPACES", value_delimiter = ',')]
+    pub trusted_transform_namespaces: Vec<String>,
+
     /// Most objects each controller reconciles at the same time.
     #[arg(long, env = "PEQUOD_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub max_concurrent_reconciles: u16,

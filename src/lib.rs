@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod authority;
 pub mod cli;
 pub mod commands;
 pub mod controller;

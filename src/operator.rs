@@ -8,6 +8,7 @@ use kube::{Api, Client};
 use tokio::task::JoinSet;
 
 use crate::apply::Applier;
+use crate::authority::TrustedNamespaces;
 use crate::cli::RunArgs;
 use crate::controller::instance::{self, Supervisor};
 use crate::controller::watches::ObjectWatches;
@@ -169,15 +170,18 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         },
         metrics.clone(),
     );
-    let transforms = Arc::new(transform::Context::new(
-        client.clone(),
-        fetcher,
-        renderer,
-        recorder,
-        metrics.clone(),
-        ManagerIdentity::from_env(),
-        supervisor,
-    ));
+    let transforms = Arc::new(
+        transform::Context::new(
+            client.clone(),
+            fetcher,
+            renderer,
+            recorder,
+            metrics.clone(),
+            ManagerIdentity::from_env(),
+            supervisor,
+        )
+        .trusting(trusted_namespaces(&args)),
+    );
     let (h, s, n) = (health.clone(), shutdown.clone(), args.max_concurrent_reconciles);
     tasks.spawn(async move {
         transform::run(transforms, n, h, s).await;
@@ -192,6 +196,15 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     // Gives the elector a moment to release the lease.
     tokio::time::sleep(Duration::from_millis(200)).await;
     result
+}
+
+/// The trusted Transform namespaces: the flag's, else the operator's own.
+fn trusted_namespaces(args: &RunArgs) -> TrustedNamespaces {
+    if args.trusted_transform_namespaces.is_empty() {
+        TrustedNamespaces::new(vec![own_namespace()])
+    } else {
+        TrustedNamespaces::new(args.trusted_transform_namespaces.clone())
+    }
 }
 
 /// The operator's own namespace: the pod's, else `pequod-system`.

@@ -31,7 +31,7 @@ use crate::api::{
 use crate::apply::Applier;
 use crate::apply::Predecessor;
 use crate::cue::{Module, RenderError, Renderer, input_hash, render_input};
-use crate::executor::proof::{GraphKey, Origin};
+use crate::executor::proof::{Allowance, GraphKey, Origin};
 use crate::instance::{
     InstanceRef, Scope, confine, graph_name, graph_progress, label_value, legacy_graph_name, node_summaries,
     render_hash, resource_graph,
@@ -67,7 +67,8 @@ pub struct ServeSpec {
     pub transform: TransformKey,
     pub resource: ApiResource,
     pub module: Module,
-    pub allow_cluster_scoped: bool,
+    /// What the graphs of the kind's instances may reach.
+    pub allowance: Allowance,
     /// Serve only this namespace (Transforms with `rbacScope: Namespace`).
     pub namespace: Option<String>,
 }
@@ -75,7 +76,7 @@ pub struct ServeSpec {
 /// What a kind's reconciles read; replaced when the Transform's module changes.
 struct KindState {
     module: Module,
-    allow_cluster_scoped: bool,
+    allowance: Allowance,
     transform: TransformKey,
 }
 
@@ -149,10 +150,9 @@ impl Supervisor {
             {
                 let changed = {
                     let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
-                    let changed = state.module.digest != spec.module.digest
-                        || state.allow_cluster_scoped != spec.allow_cluster_scoped;
+                    let changed = state.module.digest != spec.module.digest || state.allowance != spec.allowance;
                     state.module = spec.module;
-                    state.allow_cluster_scoped = spec.allow_cluster_scoped;
+                    state.allowance = spec.allowance;
                     changed
                 };
                 if changed {
@@ -168,7 +168,7 @@ impl Supervisor {
         tracing::info!(kind = %spec.resource.kind, api_version = %spec.resource.api_version, transform = %spec.transform, "serving kind");
         let state = Arc::new(RwLock::new(KindState {
             module: spec.module,
-            allow_cluster_scoped: spec.allow_cluster_scoped,
+            allowance: spec.allowance,
             transform: spec.transform.clone(),
         }));
         let (rerender, rerender_rx) = mpsc::unbounded_channel();
@@ -250,13 +250,9 @@ impl super::Retries for KindContext {
 }
 
 impl KindContext {
-    fn current(&self) -> (Module, bool, TransformKey) {
+    fn current(&self) -> (Module, Allowance, TransformKey) {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        (
-            state.module.clone(),
-            state.allow_cluster_scoped,
-            state.transform.clone(),
-        )
+        (state.module.clone(), state.allowance, state.transform.clone())
     }
 }
 
@@ -413,7 +409,7 @@ impl<'a> StatusUpdate<'a> {
 }
 
 async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error> {
-    let (module, allow_cluster_scoped, transform) = ctx.current();
+    let (module, allowance, transform) = ctx.current();
     let namespace = obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let name = obj.name_any();
     let graph = graph_name(&ctx.resource.kind, &ctx.resource.group, &name);
@@ -443,7 +439,7 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
     let mut nodes = output.nodes.clone();
     let scopes = scopes(ctx, &nodes).await;
     let mut violations = output.violations.clone();
-    violations.extend(confine(&mut nodes, &namespace, allow_cluster_scoped, |n| {
+    violations.extend(confine(&mut nodes, &namespace, allowance == Allowance::Cluster, |n| {
         scopes
             .get(&(n.api_version().to_string(), n.kind().to_string()))
             .copied()
@@ -542,9 +538,7 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
                 .shared
                 .key
                 .verify(&namespace, &graph, &g.spec, annotation(PROOF_ANNOTATION), claimed)
-                == (Origin::Rendered {
-                    cluster_scoped: allow_cluster_scoped,
-                })
+                == Origin::Rendered(allowance)
     };
     let up_to_date = live
         .as_ref()
@@ -566,7 +560,7 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
             &namespace,
             &graph,
             &desired.spec,
-            allow_cluster_scoped,
+            allowance,
             predecessor_annotation.as_deref(),
         );
         let annotations = desired.metadata.annotations.get_or_insert_default();

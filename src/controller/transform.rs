@@ -32,8 +32,10 @@ use crate::api::{
     TransformStatus,
 };
 use crate::apply::contains;
+use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
+use crate::executor::proof::Allowance;
 use crate::health::{Health, Probe};
 use crate::metrics::Metrics;
 use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
@@ -62,6 +64,8 @@ pub struct Context {
     /// for the retry delay; a new spec starts over.
     fetch_failures: std::sync::Mutex<HashMap<String, (Option<i64>, u32)>>,
     backoff: super::Backoff,
+    /// Namespaces whose Transforms may give their instances more than their own namespace.
+    trusted: TrustedNamespaces,
 }
 
 impl super::Retries for Context {
@@ -91,6 +95,7 @@ impl Context {
             written: StatusMemory::default(),
             fetch_failures: Default::default(),
             backoff: super::Backoff::default(),
+            trusted: TrustedNamespaces::new(Vec::new()),
         }
     }
 }
@@ -98,6 +103,12 @@ impl Context {
 impl Context {
     /// Counts a failed fetch of a Transform and returns how many failed in a row for its
     /// current generation.
+    /// Trusts the Transforms of `trusted` (by default none).
+    pub fn trusting(mut self, trusted: TrustedNamespaces) -> Self {
+        self.trusted = trusted;
+        self
+    }
+
     fn fetch_failed(&self, uid: &str, generation: Option<i64>) -> u32 {
         let mut failures = self.fetch_failures.lock().unwrap_or_else(|e| e.into_inner());
         let entry = failures.entry(uid.to_string()).or_insert((generation, 0));
@@ -383,6 +394,7 @@ async fn show_new_spec(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'
 
 async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'_>) -> Result<Action, Stop> {
     let namespace = t.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let allowance = authorize(t, &namespace, &ctx.trusted, update)?;
     let (fetched, retry) = fetch_module(t, ctx, update).await?;
     let source_digest = fetched.digest.clone();
     // A failure below waits for a change of the Transform; a tag or branch must also be
@@ -414,7 +426,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
             transform: key(t),
             resource: resource.clone(),
             module: module.clone(),
-            allow_cluster_scoped: t.spec.allow_cluster_scoped_resources,
+            allowance,
             namespace: (t.spec.rbac_scope == RbacScope::Namespace).then(|| namespace.clone()),
         })
         .await;
@@ -438,6 +450,41 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     update.condition("Ready", true, "Ready", ready_message);
     update.new.phase = Some(TransformPhase::Ready);
     Ok(Action::requeue(retry.or(next_look).unwrap_or(RESYNC)))
+}
+
+/// What the Transform's instances may reach (see [`crate::authority`]); a Transform asking for
+/// more than its namespace allows is refused before anything is fetched or generated.
+fn authorize(
+    t: &Transform,
+    namespace: &str,
+    trusted: &TrustedNamespaces,
+    update: &mut StatusUpdate<'_>,
+) -> Result<Allowance, Stop> {
+    let allowance = authority::allowance(&t.spec, namespace, trusted).map_err(|message| {
+        Stop::failed(
+            "Authorized",
+            "NotAllowed",
+            message,
+            "NotAllowed",
+            Action::await_change(),
+        )
+    })?;
+    let message = match allowance {
+        Allowance::Restricted => format!(
+            "namespace {namespace} is not trusted: instances get ordinary namespaced objects in their own namespace"
+        ),
+        Allowance::Namespace => "trusted: instances get the kinds the module renders, in their namespace".to_string(),
+        Allowance::Cluster => {
+            "trusted: instances get the kinds the module renders, cluster-scoped objects included".to_string()
+        }
+    };
+    let reason = if allowance == Allowance::Restricted {
+        "Restricted"
+    } else {
+        "Trusted"
+    };
+    update.condition("Authorized", true, reason, message);
+    Ok(allowance)
 }
 
 /// Fetches the module. A cached resolution standing in for an unreachable remote is used, and

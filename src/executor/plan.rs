@@ -6,7 +6,7 @@ use crate::api::names::{ADOPTED_FROM_ANNOTATION, LEGACY_FIELD_MANAGER};
 use serde_json::{Value, json};
 
 use super::ownership::{self, Owner, Refusal};
-use super::proof::Origin;
+use super::proof::{Allowance, Origin};
 use crate::api::{ApplyMode, Node, ReadyGateType};
 use crate::apply::{GraphIdentity, set_annotation};
 
@@ -23,9 +23,10 @@ pub const GUARDED_GROUPS: [&str; 4] = [
 /// when it may. `namespaced` is the kind's scope as discovery reports it.
 ///
 /// Every graph keeps namespaced objects in its own namespace. Cluster-scoped objects need a
-/// rendered graph whose Transform allows them. Hand-written graphs also write no object of the
-/// [`GUARDED_GROUPS`], and no gate of theirs compares a Secret's fields (the gate's outcome
-/// would tell a value their author may not read).
+/// rendered graph whose Transform allows them. Hand-written graphs, and graphs of Transforms
+/// outside the trusted namespaces, also write no object of the [`GUARDED_GROUPS`], and no gate
+/// of theirs compares a Secret's fields (the gate's outcome would tell a value their author may
+/// not read).
 pub fn confinement(node: &Node, namespaced: bool, graph_namespace: &str, origin: Origin) -> Option<Refusal> {
     let what = format!(
         "{} {}",
@@ -38,17 +39,17 @@ pub fn confinement(node: &Node, namespaced: bool, graph_namespace: &str, origin:
             message: format!("node {}: {what} {why}; nothing was applied", node.id),
         })
     };
-    let hand_written = origin == Origin::HandWritten;
+    let hand_written = matches!(origin, Origin::HandWritten | Origin::Rendered(Allowance::Restricted));
     let group = node.api_version().rsplit_once('/').map_or("", |(g, _)| g);
     if hand_written && GUARDED_GROUPS.contains(&group) {
         return refuse(format!(
-            "is in API group {group}, which only graphs rendered from a Transform may write"
+            "is in API group {group}, which only graphs rendered from a trusted Transform may write"
         ));
     }
     if !namespaced {
         return match origin {
-            Origin::Rendered { cluster_scoped: true } => None,
-            Origin::Rendered { cluster_scoped: false } => {
+            Origin::Rendered(Allowance::Cluster) => None,
+            Origin::Rendered(_) => {
                 refuse("is cluster-scoped and the graph's Transform does not allow cluster-scoped objects".into())
             }
             Origin::HandWritten => {
@@ -282,8 +283,9 @@ mod tests {
 
     #[test]
     fn confinement_table() {
-        let rendered = Origin::Rendered { cluster_scoped: false };
-        let rendered_cluster = Origin::Rendered { cluster_scoped: true };
+        let rendered = Origin::Rendered(Allowance::Namespace);
+        let rendered_cluster = Origin::Rendered(Allowance::Cluster);
+        let restricted = Origin::Rendered(Allowance::Restricted);
         let hand = Origin::HandWritten;
         let secret_gate = json!([{"type": "FieldMatch", "path": "data.password", "value": "x"}]);
         let none = json!([]);
@@ -299,6 +301,9 @@ mod tests {
             ("ClusterRoleBinding, hand-written", object("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", None), false, hand, &none, false),
             ("RoleBinding in its namespace, hand-written", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, hand, &none, false),
             ("RoleBinding in its namespace, rendered", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, rendered, &none, true),
+            ("RoleBinding, rendered from an untrusted Transform", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, restricted, &none, false),
+            ("ConfigMap, rendered from an untrusted Transform", object("v1", "ConfigMap", Some("team")), true, restricted, &none, true),
+            ("Secret gate, rendered from an untrusted Transform", object("v1", "Secret", Some("team")), true, restricted, &secret_gate, false),
             ("webhook, hand-written", object("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration", None), false, hand, &none, false),
             ("CRD, hand-written", object("apiextensions.k8s.io/v1", "CustomResourceDefinition", None), false, hand, &none, false),
             ("APIService, hand-written", object("apiregistration.k8s.io/v1", "APIService", None), false, hand, &none, false),

@@ -14,23 +14,42 @@ use crate::api::ResourceGraphSpec;
 
 const VERSION: &str = "v1";
 
-/// What a graph may reach beyond the rules every graph follows.
+/// What a rendered graph may reach: its Transform's allowances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowance {
+    /// A Transform outside the trusted namespaces: the rules of a hand-written graph.
+    Restricted,
+    /// A trusted Transform: its namespace, any kind its module renders.
+    Namespace,
+    /// A trusted Transform with `allowClusterScopedResources`: cluster-scoped objects too.
+    Cluster,
+}
+
+impl Allowance {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Restricted => "restricted",
+            Self::Namespace => "namespace",
+            Self::Cluster => "cluster",
+        }
+    }
+
+    fn parse(value: &str) -> Option<Self> {
+        [Self::Restricted, Self::Namespace, Self::Cluster]
+            .into_iter()
+            .find(|a| a.as_str() == value)
+    }
+}
+
+/// Where a graph comes from, which decides what it may reach beyond the rules every graph
+/// follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// Written by someone other than Pequod, or edited since: confined to its namespace, and no
     /// RBAC, admission, CRD or APIService objects.
     HandWritten,
-    /// Rendered by Pequod from an instance: its Transform's allowances.
-    Rendered { cluster_scoped: bool },
-}
-
-impl Origin {
-    fn allowance(self) -> &'static str {
-        match self {
-            Self::Rendered { cluster_scoped: true } => "cluster",
-            Self::Rendered { cluster_scoped: false } | Self::HandWritten => "namespace",
-        }
-    }
+    /// Rendered by Pequod from an instance.
+    Rendered(Allowance),
 }
 
 /// The operator's signing key. Its bytes never leave this type.
@@ -45,22 +64,19 @@ impl GraphKey {
         (bytes.len() >= Self::MIN_BYTES).then(|| Self(hmac::Key::new(hmac::HMAC_SHA256, bytes)))
     }
 
-    /// The proof of a rendered graph with `cluster_scoped` allowance, taking over from
-    /// `predecessor` (the value of [`crate::api::names::PREDECESSOR_ANNOTATION`]) if any.
+    /// The proof of a rendered graph with `allowance`, taking over from `predecessor` (the
+    /// value of [`crate::api::names::PREDECESSOR_ANNOTATION`]) if any.
     pub fn sign(
         &self,
         namespace: &str,
         name: &str,
         spec: &ResourceGraphSpec,
-        cluster_scoped: bool,
+        allowance: Allowance,
         predecessor: Option<&str>,
     ) -> String {
-        let origin = Origin::Rendered { cluster_scoped };
-        let tag = hmac::sign(
-            &self.0,
-            &message(namespace, name, origin.allowance(), predecessor, spec),
-        );
-        format!("{VERSION}:{}:{}", origin.allowance(), hex::encode(tag.as_ref()))
+        let allowance = allowance.as_str();
+        let tag = hmac::sign(&self.0, &message(namespace, name, allowance, predecessor, spec));
+        format!("{VERSION}:{allowance}:{}", hex::encode(tag.as_ref()))
     }
 
     /// The origin of a graph carrying `proof` and `predecessor` (the values of
@@ -80,10 +96,8 @@ impl GraphKey {
         let (Some(VERSION), Some(allowance), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
             return Origin::HandWritten;
         };
-        let origin = match allowance {
-            "cluster" => Origin::Rendered { cluster_scoped: true },
-            "namespace" => Origin::Rendered { cluster_scoped: false },
-            _ => return Origin::HandWritten,
+        let Some(origin) = Allowance::parse(allowance).map(Origin::Rendered) else {
+            return Origin::HandWritten;
         };
         let Ok(tag) = hex::decode(tag) else {
             return Origin::HandWritten;
@@ -167,12 +181,12 @@ mod tests {
     fn only_the_signed_graph_under_the_same_key_verifies() {
         let k = key(1);
         let signed = spec(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}));
-        let proof = k.sign("team", "web", &signed, true, None);
+        let proof = k.sign("team", "web", &signed, Allowance::Cluster, None);
         let verify =
             |k: &GraphKey, ns: &str, name: &str, s: &ResourceGraphSpec, p: Option<&str>| k.verify(ns, name, s, p, None);
         assert_eq!(
             verify(&k, "team", "web", &signed, Some(&proof)),
-            Origin::Rendered { cluster_scoped: true }
+            Origin::Rendered(Allowance::Cluster)
         );
         let edited = spec(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}}));
         let widened = proof.replacen(":cluster:", ":namespace:", 1);
@@ -207,10 +221,10 @@ mod tests {
             spec(json!({"kind": "Deployment", "spec": {"replicas": 2.0, "ratio": 0.5}, "apiVersion": "apps/v1"}));
         let read_back =
             spec(json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"ratio": 0.5, "replicas": 2}}));
-        let proof = k.sign("team", "web", &written, false, Some("uid-old/web-old"));
+        let proof = k.sign("team", "web", &written, Allowance::Restricted, Some("uid-old/web-old"));
         assert_eq!(
             k.verify("team", "web", &read_back, Some(&proof), Some("uid-old/web-old")),
-            Origin::Rendered { cluster_scoped: false }
+            Origin::Rendered(Allowance::Restricted)
         );
     }
 

@@ -52,6 +52,9 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
                 format!("--metrics-bind-address={metrics}"),
                 format!("--health-probe-bind-address={probes}"),
                 "--zap-log-level=debug".to_string(),
+                // Test namespaces are made per test: trust them all (the default trusts only
+                // the operator's own namespace; tests/e2e_restart covers it).
+                "--trusted-transform-namespaces=*".to_string(),
                 format!("--cue-binary={}", cue.display()),
                 format!("--cache-dir={}", cache.display()),
             ];

@@ -34,7 +34,11 @@ fn start(env: &support::TestEnv) -> OperatorProcess {
     OperatorProcess::start(
         &env.operator_kubeconfig,
         &support::tool("cue", "PEQUOD_TEST_CUE"),
-        &["--max-concurrent-reconciles=16", "--zap-log-level=warn"],
+        &[
+            "--max-concurrent-reconciles=16",
+            "--zap-log-level=warn",
+            "--trusted-transform-namespaces=*",
+        ],
     )
 }
 

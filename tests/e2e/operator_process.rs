@@ -18,7 +18,11 @@ fn start_operator_with(kubeconfig: &std::path::Path, cue: &std::path::Path, flag
 }
 
 fn start_operator(kubeconfig: &std::path::Path, cue: &std::path::Path) -> OperatorProcess {
-    start_operator_with(kubeconfig, cue, &["--zap-log-level=debug"])
+    start_operator_with(
+        kubeconfig,
+        cue,
+        &["--zap-log-level=debug", "--trusted-transform-namespaces=*"],
+    )
 }
 
 async fn readyz(op: &OperatorProcess) -> Result<(u16, String), String> {

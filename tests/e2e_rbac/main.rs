@@ -127,7 +127,11 @@ async fn the_restricted_manager_writes_only_declared_kinds() {
     assert!(!aggregated_resources(&manager_role).contains(&"configmaps".to_string()));
 
     let kubeconfig = manager_kubeconfig(&env.client, &env.kubeconfig).await;
-    let operator = OperatorProcess::start(&kubeconfig, &support::tool("cue", "PEQUOD_TEST_CUE"), &[]);
+    let operator = OperatorProcess::start(
+        &kubeconfig,
+        &support::tool("cue", "PEQUOD_TEST_CUE"),
+        &["--trusted-transform-namespaces=*"],
+    );
     support::wait_for(
         "the operator running as its service account to be ready",
         WAIT,

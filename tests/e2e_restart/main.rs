@@ -18,9 +18,12 @@ const WAIT: Duration = Duration::from_secs(90);
 /// The tests of this binary each run their own operator; never two at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// An operator that trusts the Transforms of every namespace (tests make their own).
 fn start(kubeconfig: &std::path::Path) -> OperatorProcess {
-    OperatorProcess::start(kubeconfig, &support::tool("cue", "PEQUOD_TEST_CUE"), &[])
+    OperatorProcess::start(kubeconfig, &support::tool("cue", "PEQUOD_TEST_CUE"), &[TRUST_ALL])
 }
+
+const TRUST_ALL: &str = "--trusted-transform-namespaces=*";
 
 #[tokio::test]
 async fn killed_operator_converges_after_restart_without_duplicates() {
@@ -389,6 +392,7 @@ async fn a_registry_outage_keeps_instances_served_across_a_restart_and_is_report
         format!("--insecure-registries={}", registry.addr),
         format!("--cache-dir={}", cache.path().display()),
         "--fetch-timeout=5".to_string(),
+        TRUST_ALL.to_string(),
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
@@ -752,5 +756,155 @@ async fn an_instance_s_graph_of_the_earlier_naming_is_taken_over_without_touchin
     assert!(cms.get_opt("old").await.unwrap().is_none());
     assert!(accounts.get_opt("old").await.unwrap().is_none());
     drop(second);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_transform_outside_the_trusted_namespaces_gets_only_its_own_namespace() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("untrusted-transform").await;
+    support::install_crds(&env.client).await;
+    let ns = env.namespace.clone();
+    let group = format!("{ns}.test.example.com");
+    let api_version = format!("{group}/v1alpha1");
+    // A module that renders what its instance asks for: a ConfigMap, or a RoleBinding
+    // granting `admin` in the namespace to whoever the instance names.
+    let module = r#"package grant
+
+#Metadata: kind: "Grant"
+
+#Input: {
+	user:  string
+	admin: bool | *false
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [
+		if !input.spec.admin {
+			{id: "config", object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: user: input.spec.user}}
+		},
+		if input.spec.admin {
+			{id: "binding", object: {apiVersion: "rbac.authorization.k8s.io/v1", kind: "RoleBinding", metadata: name: input.metadata.name,
+				roleRef: {apiGroup: "rbac.authorization.k8s.io", kind: "ClusterRole", name: "admin"},
+				subjects: [{apiGroup: "rbac.authorization.k8s.io", kind: "User", name: input.spec.user}]}}
+		},
+	]
+}
+"#;
+    let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "grant-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"grant.cue": module}});
+    support::apply_yaml(&env.client, &ns, &serde_yaml::to_string(&module).unwrap()).await;
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &ns);
+    let apply_transform = |spec: serde_json::Value| {
+        let transforms = transforms.clone();
+        async move {
+            let t = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
+                "metadata": {"name": "grant"}, "spec": spec});
+            transforms
+                .patch(
+                    "grant",
+                    &PatchParams::apply(support::TEST_MANAGER).force(),
+                    &Patch::Apply(t),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let refused = |fragment: &'static str| {
+        let transforms = transforms.clone();
+        async move {
+            support::wait_for("the Transform refused", WAIT, || async {
+                let t = transforms.get("grant").await.map_err(|e| e.to_string())?;
+                let status = t.status.unwrap_or_default();
+                let authorized = status.conditions.iter().find(|c| c.type_ == "Authorized");
+                match authorized {
+                    Some(c)
+                        if c.reason == "NotAllowed"
+                            && c.message.contains(fragment)
+                            && t.metadata.generation == status.observed_generation =>
+                    {
+                        Ok(())
+                    }
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .await
+        }
+    };
+    let cue_ref = json!({"type": "configmap", "ref": "grant-module"});
+    // The default trusts only the operator's own namespace.
+    let _operator = OperatorProcess::start(&env.kubeconfig, &support::tool("cue", "PEQUOD_TEST_CUE"), &[]);
+
+    apply_transform(json!({"cueRef": cue_ref, "group": group})).await;
+    refused("set rbacScope: Namespace").await;
+    support::wait_events(&env.client, &ns, "grant", &["NotAllowed"]).await;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(env.client.clone());
+    assert!(
+        crds.get_opt(&format!("grants.{group}")).await.unwrap().is_none(),
+        "nothing generated"
+    );
+    apply_transform(
+        json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace", "allowClusterScopedResources": true}),
+    )
+    .await;
+    refused("allowClusterScopedResources").await;
+    apply_transform(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
+        "managedResources": [{"apiGroup": "rbac.authorization.k8s.io", "resources": ["rolebindings"]}]}))
+    .await;
+    refused("rbac.authorization.k8s.io").await;
+    apply_transform(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
+        "managedResources": [{"resources": ["*"]}]}))
+    .await;
+    refused("wildcards").await;
+
+    // Within its rights the Transform serves its kind, and its instances get ordinary objects
+    // in the namespace, but no RoleBinding however the module renders one.
+    apply_transform(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
+        "managedResources": [{"resources": ["configmaps"]}]}))
+    .await;
+    support::wait_transform_ready(&transforms, "grant").await;
+    let t = transforms.get("grant").await.unwrap();
+    let authorized = t
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Authorized")
+        .unwrap();
+    assert_eq!(authorized.reason, "Restricted");
+    let grants = support::dynamic_api(&env.client, &api_version, "Grant", &ns).await;
+    for (name, admin) in [("reader", false), ("escalate", true)] {
+        let obj = json!({"apiVersion": api_version, "kind": "Grant", "metadata": {"name": name}, "spec": {"user": "mallory", "admin": admin}});
+        grants
+            .patch(name, &PatchParams::apply(support::TEST_MANAGER), &Patch::Apply(obj))
+            .await
+            .unwrap();
+    }
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &ns);
+    support::wait_for("the ordinary object applied", WAIT, || async {
+        cms.get_opt("reader")
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|_| ())
+            .ok_or("absent".to_string())
+    })
+    .await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &ns);
+    let graph = format!("grant.{group}-escalate");
+    support::wait_for("the RoleBinding refused", WAIT, || async {
+        let rg = graphs.get(&graph).await.map_err(|e| e.to_string())?;
+        let valid = rg
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid"));
+        match valid {
+            Some(c) if c.reason == "NotAllowed" && c.message.contains("trusted Transform") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> = Api::namespaced(env.client.clone(), &ns);
+    assert!(bindings.get_opt("escalate").await.unwrap().is_none());
     env.cleanup().await;
 }

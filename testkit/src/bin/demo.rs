@@ -66,7 +66,7 @@ async fn main() {
         let sample = std::fs::read_to_string(samples.join(file)).expect("sample");
         support::apply_yaml(&env.client, "default", &sample).await;
     }
-    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), "default");
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), "pequod-system");
     support::wait_transform_ready(&transforms, "webservice").await;
     let instance = std::fs::read_to_string(samples.join("webservice_instance.yaml")).expect("sample");
     support::apply_yaml(&env.client, "default", &instance).await;
