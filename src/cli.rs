@@ -115,9 +115,14 @@ pub struct SourceArgs {
     #[arg(long, env = "PEQUOD_GIT_BINARY", default_value = "git")]
     pub git_binary: PathBuf,
 
-    /// Registries (host or host:port, comma-separated) reached over plain HTTP instead of HTTPS.
+    /// Registries and git servers (host or host:port, comma-separated) reached over plain
+    /// HTTP (or git://) instead of HTTPS.
     #[arg(long, env = "PEQUOD_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
+
+    /// Let Transforms fetch git modules from the operator's own file system (`file://`).
+    #[arg(long, env = "PEQUOD_ALLOW_LOCAL_SOURCES", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_local_sources: bool,
 
     /// Seconds between resolutions of a Transform's git branch or OCI tag, to notice it moved.
     #[arg(long, env = "PEQUOD_MODULE_POLL_INTERVAL", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]

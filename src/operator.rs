@@ -165,6 +165,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             resolution_ttl: Duration::from_secs(args.sources.cache_ttl_hours * 3600),
             git_binary: args.sources.git_binary.clone(),
             insecure_registries: args.sources.insecure_registries.clone(),
+            allow_local: args.sources.allow_local_sources,
             timeout: Duration::from_secs(args.sources.fetch_timeout),
             poll_interval: Duration::from_secs(args.sources.module_poll_interval),
         },

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod credentials;
 pub mod git;
 pub mod oci;
+pub mod policy;
 pub mod reference;
 
 use crate::api::names::CUE_MODULE_LABEL;
@@ -69,6 +70,8 @@ pub enum SourceError {
         #[source]
         source: ArchiveError,
     },
+    #[error("{0}")]
+    NotAllowed(String),
     #[error("{host} is not asked for {retry_in}s after {failures} failures in a row; last error: {last_error}")]
     CircuitOpen {
         host: String,
@@ -85,6 +88,7 @@ impl ErrorCategory for SourceError {
             Self::SecretNotFound { .. } | Self::Credentials(_) => "PullSecretInvalid",
             Self::Archive { .. } | Self::Module(_) | Self::ConfigMapContent { .. } => "InvalidModule",
             Self::CircuitOpen { .. } => "CircuitOpen",
+            Self::NotAllowed(_) => "SourceNotAllowed",
             _ => "CueFetchFailed",
         }
     }
@@ -135,8 +139,10 @@ pub struct FetcherConfig {
     /// How long a tag or branch resolution may stand in when the remote cannot be asked.
     pub resolution_ttl: Duration,
     pub git_binary: PathBuf,
-    /// Registries reached over plain HTTP.
+    /// Registries (and git servers) reached over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// Whether `file://` repositories may be fetched.
+    pub allow_local: bool,
     /// Bound on one remote operation.
     pub timeout: Duration,
     /// How often a tag or branch is resolved again.
@@ -151,6 +157,7 @@ impl FetcherConfig {
             resolution_ttl: Duration::from_secs(24 * 3600),
             git_binary: PathBuf::from("git"),
             insecure_registries: Vec::new(),
+            allow_local: false,
             timeout: Duration::from_secs(60),
             poll_interval: Duration::from_secs(600),
         }
@@ -165,6 +172,7 @@ pub struct Fetcher {
     breakers: Breakers,
     git: Git,
     registries: Registries,
+    policy: policy::SourcePolicy,
 }
 
 /// One remote module: where to ask, how to name it, and how to get it.
@@ -201,8 +209,13 @@ impl Fetcher {
                 cache::remove_abandoned(&entry.path());
             }
         }
+        let policy = policy::SourcePolicy {
+            allow_local: config.allow_local,
+            insecure_hosts: config.insecure_registries.clone(),
+        };
         Self {
             client,
+            policy,
             poll_interval: config.poll_interval,
             cache: ModuleCache::open(&root, config.max_cache_bytes, config.resolution_ttl, metrics),
             breakers: Breakers::default(),
@@ -312,6 +325,9 @@ impl Fetcher {
 
     async fn fetch_git(&self, cue_ref: &CueRef, namespace: &str) -> Result<Fetched, SourceError> {
         let reference = GitReference::parse(&cue_ref.ref_)?;
+        if let Some(why) = self.policy.refuse_git(&reference.url) {
+            return Err(SourceError::NotAllowed(why));
+        }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;
         let auth = match self.secret_data(cue_ref, namespace).await? {
             Some((name, data)) => credentials::git(&name, &data)?,
@@ -347,6 +363,9 @@ impl Fetcher {
 
     async fn fetch_oci(&self, cue_ref: &CueRef, namespace: &str) -> Result<Fetched, SourceError> {
         let reference = OciReference::parse(&cue_ref.ref_)?;
+        if let Some(why) = self.policy.refuse_registry(&reference.registry) {
+            return Err(SourceError::NotAllowed(why));
+        }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;
         let auth = match self.secret_data(cue_ref, namespace).await? {
             Some((name, data)) => credentials::registry(&name, &data, &reference.registry)?,

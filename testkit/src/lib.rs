@@ -43,10 +43,13 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
             let cache = std::env::temp_dir().join(format!("pequod-test-cache-{}", std::process::id()));
             let registries = remote::shared_registries();
             let args = vec![
+                // The test registries and git daemons listen on loopback ports over plain text;
+                // the git repositories are local folders.
                 format!(
-                    "--insecure-registries={},{},{}",
+                    "--insecure-registries={},{},{},127.0.0.1",
                     registries.open, registries.private, registries.token
                 ),
+                "--allow-local-sources".to_string(),
                 // Tags and branches are resolved again every few seconds, as tests push.
                 "--module-poll-interval=3".to_string(),
                 format!("--metrics-bind-address={metrics}"),

@@ -43,6 +43,8 @@ fn fetcher(client: &kube::Client, cache: &std::path::Path, insecure: &[&str], ti
     let mut config = FetcherConfig::new(cache);
     config.insecure_registries = insecure.iter().map(|s| s.to_string()).collect();
     config.timeout = timeout;
+    // The benchmark's git repository is a local folder.
+    config.allow_local = true;
     Fetcher::new(client.clone(), config, Arc::new(Metrics::new().unwrap()))
 }
 

@@ -119,3 +119,25 @@ async fn configmap_problems_are_named() {
     assert!(err.to_string().contains("expected a repository URL"), "{err}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn local_plain_text_and_link_local_git_sources_are_refused_unless_allowed() {
+    let env = support::env("source-policy").await;
+    let fetcher = fetcher(&env.client);
+    for reference in [
+        "file:///etc",
+        "git://127.0.0.1:9/platforms",
+        "http://127.0.0.1:9/platforms",
+        "https://169.254.169.254/latest",
+    ] {
+        let cue_ref = CueRef {
+            type_: CueRefType::Git,
+            ref_: reference.into(),
+            path: None,
+            pull_secret_ref: None,
+        };
+        let error = fetcher.fetch(&cue_ref, &env.namespace, "t").await.unwrap_err();
+        assert_eq!(error.reason(), "SourceNotAllowed", "{reference}: {error}");
+    }
+    env.cleanup().await;
+}
