@@ -44,6 +44,9 @@ pub fn module_files(
 ) -> Result<ModuleFiles, ArchiveError> {
     let mut selected = BTreeMap::new();
     let mut folders = std::collections::BTreeSet::new();
+    // The module's files together stay within the module limit, whatever their number: many
+    // small, highly compressed files must not add up to a heap-filling module.
+    let mut module_bytes = 0usize;
     let mut take = |name: &str, read: &mut dyn FnMut(&mut String) -> Result<(), ArchiveError>| {
         let name = name.trim_start_matches("./");
         let (folder, file) = name.rsplit_once('/').unwrap_or(("", name));
@@ -60,6 +63,14 @@ pub fn module_files(
         }
         let mut content = String::new();
         read(&mut content)?;
+        module_bytes += content.len();
+        if module_bytes > MAX_MODULE_BYTES {
+            return Err(ModuleError::TooLarge {
+                bytes: module_bytes,
+                limit: MAX_MODULE_BYTES,
+            }
+            .into());
+        }
         selected.insert(file.to_string(), content);
         Ok(())
     };
@@ -262,6 +273,27 @@ pub(crate) mod tests {
         let bytes = zip(&[("big.cue", big.as_str())]);
         assert!(matches!(
             module_files(ArchiveFormat::Zip, &bytes, &root(), "x"),
+            Err(ArchiveError::Module(ModuleError::TooLarge { .. }))
+        ));
+    }
+
+    #[test]
+    fn many_files_within_the_file_limit_still_add_up_to_the_module_limit() {
+        let part = "x".repeat(MAX_MODULE_BYTES / 2 + 1);
+        let names: Vec<String> = (0..3).map(|i| format!("part{i}.cue")).collect();
+        let files: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), part.as_str())).collect();
+        let bytes = zip(&files);
+        assert!(
+            bytes.len() < 64 * 1024,
+            "a small archive ({} bytes) that would expand past the limit",
+            bytes.len()
+        );
+        assert!(matches!(
+            module_files(ArchiveFormat::Zip, &bytes, &root(), "x"),
+            Err(ArchiveError::Module(ModuleError::TooLarge { .. }))
+        ));
+        assert!(matches!(
+            module_files(ArchiveFormat::TarGzip, &tar_gz(&files), &root(), "x"),
             Err(ArchiveError::Module(ModuleError::TooLarge { .. }))
         ));
     }

@@ -41,6 +41,45 @@ pub enum GitError {
     Spawn { binary: String, message: String },
 }
 
+/// Most bytes git may write to its output: an archive larger than any module can expand to is
+/// stopped rather than held in memory.
+const MAX_OUTPUT_BYTES: u64 = super::archive::MAX_EXPANDED_BYTES;
+
+/// Waits for `child`, reading at most [`MAX_OUTPUT_BYTES`] of its output (and a little of its
+/// error output); a process that writes more is killed and reported.
+async fn bounded_output(mut child: tokio::process::Child) -> std::io::Result<std::process::Output> {
+    use tokio::io::AsyncReadExt;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return child.wait_with_output().await;
+    };
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let reads = async {
+        let mut limited = stdout.take(MAX_OUTPUT_BYTES + 1);
+        // Error output past what a message shows is drained, so that git never blocks on it.
+        let errors = async {
+            let mut kept = stderr.take(64 * 1024);
+            kept.read_to_end(&mut err).await?;
+            tokio::io::copy(&mut kept.into_inner(), &mut tokio::io::sink()).await
+        };
+        tokio::try_join!(limited.read_to_end(&mut out), errors)
+    };
+    reads.await?;
+    if out.len() as u64 > MAX_OUTPUT_BYTES {
+        let _ = child.kill().await;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("git wrote more than {MAX_OUTPUT_BYTES} bytes; the module's folder is too large"),
+        ));
+    }
+    let status = child.wait().await?;
+    Ok(std::process::Output {
+        status,
+        stdout: out,
+        stderr: err,
+    })
+}
+
 /// How git is run.
 #[derive(Debug, Clone)]
 pub struct Git {
@@ -200,16 +239,24 @@ impl Git {
             binary: self.binary.display().to_string(),
             message: e.to_string(),
         })?;
-        let output = tokio::time::timeout(self.timeout, child.wait_with_output())
+        let output = tokio::time::timeout(self.timeout, bounded_output(child))
             .await
             .map_err(|_| GitError::Timeout {
                 operation,
                 url: reference.display_url(),
                 seconds: self.timeout.as_secs(),
             })?
-            .map_err(|e| GitError::Spawn {
-                binary: self.binary.display().to_string(),
-                message: e.to_string(),
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::FileTooLarge => GitError::Failed {
+                    operation,
+                    url: reference.display_url(),
+                    message: e.to_string(),
+                    unavailable: false,
+                },
+                _ => GitError::Spawn {
+                    binary: self.binary.display().to_string(),
+                    message: e.to_string(),
+                },
             })?;
         if output.status.success() {
             return Ok(output.stdout);
@@ -321,6 +368,30 @@ pub fn pick_ref(ls_remote: &str, name: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn output_past_the_bound_is_stopped_not_held() {
+        let spawn = |script: &str| {
+            tokio::process::Command::new("sh")
+                .args(["-c", script])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        };
+        let over = format!("head -c {} /dev/zero", MAX_OUTPUT_BYTES + 1);
+        let error = bounded_output(spawn(&over)).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::FileTooLarge);
+        let within = bounded_output(spawn("printf module; printf warning >&2"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (within.stdout.as_slice(), within.stderr.as_slice()),
+            (&b"module"[..], &b"warning"[..])
+        );
+    }
+
     use super::*;
 
     const A: &str = "1111111111111111111111111111111111111111";

@@ -23,6 +23,10 @@ pub const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
 pub const TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
+/// Most bytes the layers of one module artifact may declare, and most layers.
+pub const MAX_PULL_BYTES: u64 = 16 * 1024 * 1024;
+const MAX_LAYERS: usize = 8;
+
 const ACCEPTED: [&str; 5] = [CUE_MODULE_ZIP, CUE_MODULE_FILE, TAR_GZIP, TAR, "application/tar+gzip"];
 
 /// A registry request that failed, with the registry's own message.
@@ -90,12 +94,22 @@ impl Registries {
     ) -> Result<(String, ArchiveFormat, Vec<u8>), OciError> {
         let client = self.client();
         let auth = registry_auth(auth);
-        let request = client.pull(reference, &auth, ACCEPTED.to_vec());
-        let image = self.bounded("pulling", reference, request).await?;
         let not_a_module = |message: String| OciError::NotAModule {
             reference: reference.whole(),
             message,
         };
+        // Layers are pulled into memory: their declared sizes are checked first.
+        let manifest = client.pull_image_manifest(reference, &auth);
+        let (manifest, _) = self.bounded("reading the manifest of", reference, manifest).await?;
+        let declared: i64 = manifest.layers.iter().map(|l| l.size.max(0)).sum();
+        if manifest.layers.len() > MAX_LAYERS || declared as u64 > MAX_PULL_BYTES {
+            return Err(not_a_module(format!(
+                "{} layer(s) of {declared} bytes; a module artifact has at most {MAX_LAYERS} layers of {MAX_PULL_BYTES} bytes in all",
+                manifest.layers.len()
+            )));
+        }
+        let request = client.pull(reference, &auth, ACCEPTED.to_vec());
+        let image = self.bounded("pulling", reference, request).await?;
         let digest = image
             .digest
             .clone()

@@ -183,10 +183,6 @@ pub async fn publish(registry: &str, repository: &str, tag: &str, source: &str, 
 /// Pushes a module the way `cue mod publish` lays it out: a zip layer holding the module root
 /// (with `cue.mod/module.cue`) and the module file as a second layer. Returns the manifest digest.
 pub async fn publish_cue_module(registry: &str, repository: &str, tag: &str, files: &[(&str, &str)]) -> String {
-    use oci_client::client::{Config, ImageLayer};
-    use oci_client::manifest::OciImageManifest;
-    use oci_client::secrets::RegistryAuth;
-
     let module_file = "module: \"example.com/platforms@v0\"\nlanguage: version: \"v0.9.0\"\n";
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for (name, content) in files.iter().chain([("cue.mod/module.cue", module_file)].iter()) {
@@ -194,10 +190,24 @@ pub async fn publish_cue_module(registry: &str, repository: &str, tag: &str, fil
         zip.write_all(content.as_bytes()).unwrap();
     }
     let zip = zip.finish().unwrap().into_inner();
-    let layers = [
-        ImageLayer::new(zip, oci::CUE_MODULE_ZIP.to_string(), None),
-        ImageLayer::new(module_file.as_bytes().to_vec(), oci::CUE_MODULE_FILE.to_string(), None),
+    let layers = vec![
+        (zip, oci::CUE_MODULE_ZIP),
+        (module_file.as_bytes().to_vec(), oci::CUE_MODULE_FILE),
     ];
+    publish_layers(registry, repository, tag, layers).await
+}
+
+/// Pushes an artifact of CUE's module media type with `layers` (content, media type) as they
+/// are. Returns the manifest digest.
+pub async fn publish_layers(registry: &str, repository: &str, tag: &str, layers: Vec<(Vec<u8>, &str)>) -> String {
+    use oci_client::client::{Config, ImageLayer};
+    use oci_client::manifest::OciImageManifest;
+    use oci_client::secrets::RegistryAuth;
+
+    let layers: Vec<ImageLayer> = layers
+        .into_iter()
+        .map(|(data, media_type)| ImageLayer::new(data, media_type.to_string(), None))
+        .collect();
     let config = Config::new(b"{}".to_vec(), oci::CUE_MODULE_ARTIFACT.to_string(), None);
     let mut manifest = OciImageManifest::build(&layers, &config, None);
     manifest.artifact_type = Some(oci::CUE_MODULE_ARTIFACT.to_string());

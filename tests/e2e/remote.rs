@@ -191,6 +191,24 @@ async fn cue_module_artifacts_and_missing_tags() {
     assert_eq!(t.status.as_ref().unwrap().phase, Some(TransformPhase::Failed));
     wait_events(&env.client, &env.namespace, "missing", &["CueFetchFailed"]).await;
 
+    // An artifact whose layers are larger than any module is not pulled into memory.
+    let huge = remote::publish_layers(
+        registry,
+        &repository,
+        "huge",
+        vec![(vec![0u8; 17 * 1024 * 1024], pequod::source::oci::TAR)],
+    )
+    .await;
+    assert!(huge.starts_with("sha256:"));
+    apply_transform(
+        &transforms,
+        "huge",
+        remote_spec(&env, "oci", &format!("{registry}/{repository}:huge"), None, None),
+    )
+    .await;
+    let (_, message) = failed(&transforms, "huge", "CueFetched", "CueFetchFailed").await;
+    assert!(message.contains("bytes in all"), "{message}");
+
     // References that cannot work are named without asking any server.
     apply_transform(
         &transforms,
