@@ -89,10 +89,13 @@ impl ModuleCache {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Cache key of a module: the source's kind and digest plus the folder inside it.
-    pub fn key(kind: &str, digest: &str, path: &str) -> String {
+    /// Cache key of a module: the source's kind and digest, the folder inside it, and who
+    /// fetched it (`credentials`: the pull Secret, or empty): a module fetched with a Secret is
+    /// served only to Transforms that use the same Secret, never to one that merely names its
+    /// digest.
+    pub fn key(kind: &str, digest: &str, path: &str, credentials: &str) -> String {
         let mut hasher = Sha256::new();
-        for part in [kind, digest, path] {
+        for part in [kind, digest, path, credentials] {
             hasher.update((part.len() as u64).to_be_bytes());
             hasher.update(part.as_bytes());
         }
@@ -272,7 +275,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new().unwrap());
         let cache = open(dir.path(), 250, &metrics);
-        let key = |n: &str| ModuleCache::key("oci", n, "");
+        let key = |n: &str| ModuleCache::key("oci", n, "", "");
         cache.put(&key("1"), &module(&"1".repeat(100))).unwrap();
         cache.put(&key("2"), &module(&"2".repeat(100))).unwrap();
         assert!(cache.get(&key("1")).is_some()); // 1 is now newer than 2
@@ -301,17 +304,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new().unwrap());
         let cache = open(dir.path(), 10, &metrics);
-        let key = ModuleCache::key("git", "abc", "platforms/web");
+        let key = ModuleCache::key("git", "abc", "platforms/web", "");
         cache.put(&key, &module(&"x".repeat(50))).unwrap();
         assert!(cache.contains(&key));
     }
 
     #[test]
-    fn keys_differ_by_kind_digest_and_path() {
-        let a = ModuleCache::key("git", "abc", "x");
-        assert_ne!(a, ModuleCache::key("git", "abc", "y"));
-        assert_ne!(a, ModuleCache::key("oci", "abc", "x"));
-        assert_ne!(a, ModuleCache::key("git", "abd", "x"));
+    fn keys_differ_by_kind_digest_path_and_credentials() {
+        let a = ModuleCache::key("git", "abc", "x", "");
+        assert_ne!(a, ModuleCache::key("git", "abc", "y", ""));
+        assert_ne!(a, ModuleCache::key("oci", "abc", "x", ""));
+        assert_ne!(a, ModuleCache::key("git", "abd", "x", ""));
+        assert_ne!(a, ModuleCache::key("git", "abc", "x", "team/pull"));
         assert!(a.starts_with("git-"));
     }
 

@@ -178,6 +178,8 @@ pub struct Fetcher {
 /// One remote module: where to ask, how to name it, and how to get it.
 struct Remote<'a> {
     kind: &'static str,
+    /// The pull Secret the module is fetched with (`namespace/name`), or empty.
+    credentials: String,
     host: String,
     target: Target,
     path: &'a ModulePath,
@@ -329,12 +331,16 @@ impl Fetcher {
             return Err(SourceError::NotAllowed(why));
         }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;
-        let auth = match self.secret_data(cue_ref, namespace).await? {
-            Some((name, data)) => credentials::git(&name, &data)?,
-            None => GitCredentials::Anonymous,
+        let (credentials, auth) = match self.secret_data(cue_ref, namespace).await? {
+            Some((name, data)) => {
+                let auth = credentials::git(&name, &data)?;
+                (name, auth)
+            }
+            None => (String::new(), GitCredentials::Anonymous),
         };
         let remote = Remote {
             kind: "git",
+            credentials,
             host: reference.host(),
             target: match &reference.revision {
                 GitRevision::Commit(sha) => Target::Pinned(sha.clone()),
@@ -367,13 +373,17 @@ impl Fetcher {
             return Err(SourceError::NotAllowed(why));
         }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;
-        let auth = match self.secret_data(cue_ref, namespace).await? {
-            Some((name, data)) => credentials::registry(&name, &data, &reference.registry)?,
-            None => RegistryCredentials::Anonymous,
+        let (credentials, auth) = match self.secret_data(cue_ref, namespace).await? {
+            Some((name, data)) => {
+                let auth = credentials::registry(&name, &data, &reference.registry)?;
+                (name, auth)
+            }
+            None => (String::new(), RegistryCredentials::Anonymous),
         };
         let auth = &auth;
         let remote = Remote {
             kind: "oci",
+            credentials,
             host: reference.host(),
             target: match &reference.digest {
                 Some(digest) => Target::Pinned(digest.clone()),
@@ -427,7 +437,7 @@ impl Fetcher {
                 Err(error) => return self.stand_in(remote, platform, error),
             },
         };
-        let key = ModuleCache::key(remote.kind, &resolved, remote.path.as_str());
+        let key = ModuleCache::key(remote.kind, &resolved, remote.path.as_str(), &remote.credentials);
         if let Some(files) = self.cache.get(&key) {
             return Ok(Fetched {
                 files,
@@ -447,7 +457,7 @@ impl Fetcher {
         {
             self.cache.record_resolution(floating, &digest, SystemTime::now());
         }
-        let key = ModuleCache::key(remote.kind, &digest, remote.path.as_str());
+        let key = ModuleCache::key(remote.kind, &digest, remote.path.as_str(), &remote.credentials);
         if let Err(e) = self.cache.put(&key, &files) {
             tracing::warn!(error = %e, key, "cannot cache module; it is fetched again next time");
         }
@@ -491,7 +501,12 @@ impl Fetcher {
         let Some((resolution, age)) = self.cache.last_resolution(floating, SystemTime::now()) else {
             return Err(error);
         };
-        let key = ModuleCache::key(remote.kind, &resolution.digest, remote.path.as_str());
+        let key = ModuleCache::key(
+            remote.kind,
+            &resolution.digest,
+            remote.path.as_str(),
+            &remote.credentials,
+        );
         let Some(files) = self.cache.get(&key) else {
             return Err(error);
         };
@@ -538,6 +553,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_module_fetched_with_a_pull_secret_is_not_served_to_a_transform_without_it() {
+        let host = "127.0.0.1:9";
+        let cache = tempfile::tempdir().unwrap();
+        let mut config = FetcherConfig::new(cache.path());
+        config.insecure_registries = vec![host.to_string()];
+        let client = Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let fetcher = Fetcher::new(client, config, Arc::new(Metrics::new().unwrap()));
+        let files = ModuleFiles::inline("package m\n#Input: {}\n").unwrap();
+        let digest = format!("sha256:{}", "c".repeat(64));
+        fetcher
+            .cache
+            .put(&ModuleCache::key("oci", &digest, "", "team/pull"), &files)
+            .unwrap();
+        // Naming the private module's digest is not enough: the registry must be asked, and
+        // here it cannot be.
+        let pinned = oci_ref(&format!("{host}/private/m@{digest}"));
+        let err = fetcher.fetch(&pinned, "other", "t").await.unwrap_err();
+        assert!(err.is_remote_failure(), "{err}");
+    }
+
+    #[tokio::test]
     async fn an_open_circuit_fails_fast_yet_cached_digests_and_recent_resolutions_still_serve() {
         // Nothing listens on the discard port: every request is refused at once.
         let host = "127.0.0.1:9";
@@ -550,7 +586,7 @@ mod tests {
         let digest = format!("sha256:{}", "b".repeat(64));
         fetcher
             .cache
-            .put(&ModuleCache::key("oci", &digest, ""), &files)
+            .put(&ModuleCache::key("oci", &digest, "", ""), &files)
             .unwrap();
 
         let tag = oci_ref(&format!("{host}/platforms/m:v1"));
@@ -598,7 +634,7 @@ mod tests {
         let sha = "0123456789abcdef0123456789abcdef01234567";
         fetcher
             .cache
-            .put(&ModuleCache::key("git", sha, "platforms/m"), &files)
+            .put(&ModuleCache::key("git", sha, "platforms/m", ""), &files)
             .unwrap();
         let pinned = CueRef {
             type_: CueRefType::Git,
