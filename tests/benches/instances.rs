@@ -143,11 +143,12 @@ async fn main() {
     futures::stream::iter(0..INSTANCES)
         .for_each_concurrent(32, |i| {
             let graphs = graphs.clone();
+            let group = group.clone();
             async move {
                 let patch = json!({"metadata": {"labels": {"bench.pequod.io/touched": "yes"}}});
                 graphs
                     .patch(
-                        &format!("webservice-w{i}"),
+                        &format!("webservice.{group}-w{i}"),
                         &PatchParams::default(),
                         &Patch::Merge(patch),
                     )
