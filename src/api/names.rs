@@ -38,6 +38,9 @@ pub const PROOF_ANNOTATION: &str = "pequod.io/graph-proof";
 /// On a rendered graph: the graph it takes over (`<uid>/<name>`, same namespace), an
 /// instance's graph of an earlier release's naming. Signed with the rest.
 pub const PREDECESSOR_ANNOTATION: &str = "pequod.io/predecessor";
+/// On a pull Secret holding a token or a password: the hosts (comma-separated, `host` or
+/// `host:port`) it may be sent to.
+pub const CREDENTIAL_HOSTS_ANNOTATION: &str = "pequod.io/credential-hosts";
 /// On a Transform: `"true"` stops reconciling it.
 pub const PAUSED_ANNOTATION: &str = "pequod.io/paused";
 

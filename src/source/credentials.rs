@@ -7,6 +7,8 @@ use base64::engine::general_purpose::STANDARD;
 use k8s_openapi::ByteString;
 use serde::Deserialize;
 
+use crate::api::names::CREDENTIAL_HOSTS_ANNOTATION;
+
 /// Credentials for a registry.
 #[derive(Clone, PartialEq, Eq)]
 pub enum RegistryCredentials {
@@ -154,6 +156,29 @@ pub fn git(secret: &str, data: &BTreeMap<String, ByteString>) -> Result<GitCrede
     }
 }
 
+/// Whether a token or password of Secret `secret` may go to `host`: only when the Secret's
+/// owner listed the host in its [`CREDENTIAL_HOSTS_ANNOTATION`]. Whoever writes a Transform
+/// chooses the host, and may not read the Secret; without this rule they could have it sent to
+/// a server of their own. (`.dockerconfigjson` entries and SSH `known_hosts` name their hosts
+/// already.)
+pub fn bound_to_host(secret: &str, annotations: &BTreeMap<String, String>, host: &str) -> Result<(), CredentialsError> {
+    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    let allowed = annotations
+        .get(CREDENTIAL_HOSTS_ANNOTATION)
+        .map(|v| v.split(',').map(str::trim).any(|h| h == host || h == name))
+        .unwrap_or(false);
+    if allowed {
+        Ok(())
+    } else {
+        Err(CredentialsError::Invalid {
+            secret: secret.to_string(),
+            message: format!(
+                "its token or password may not be sent to {host}: the Secret's owner lists the hosts it is for in the annotation {CREDENTIAL_HOSTS_ANNOTATION}"
+            ),
+        })
+    }
+}
+
 #[derive(Deserialize)]
 struct DockerConfig {
     #[serde(default)]
@@ -185,6 +210,25 @@ fn same_registry(server: &str, registry: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_token_goes_only_to_the_hosts_its_secret_names() {
+        let annotated = |hosts: &str| BTreeMap::from([(CREDENTIAL_HOSTS_ANNOTATION.to_string(), hosts.to_string())]);
+        assert!(bound_to_host("ns/s", &annotated("git.example.com"), "git.example.com").is_ok());
+        assert!(
+            bound_to_host(
+                "ns/s",
+                &annotated("registry.example.com, git.example.com"),
+                "git.example.com:443"
+            )
+            .is_ok()
+        );
+        assert!(bound_to_host("ns/s", &annotated("git.example.com:8443"), "git.example.com:8443").is_ok());
+        let refused = bound_to_host("ns/s", &annotated("git.example.com"), "evil.example.com").unwrap_err();
+        assert!(refused.to_string().contains("evil.example.com"), "{refused}");
+        assert!(bound_to_host("ns/s", &BTreeMap::new(), "git.example.com").is_err());
+    }
+
     use super::*;
 
     fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, ByteString> {

@@ -175,6 +175,13 @@ pub struct Fetcher {
     policy: policy::SourcePolicy,
 }
 
+/// A pull Secret as read: `namespace/name`, its annotations and its data.
+struct PullSecret {
+    name: String,
+    annotations: std::collections::BTreeMap<String, String>,
+    data: std::collections::BTreeMap<String, k8s_openapi::ByteString>,
+}
+
 /// One remote module: where to ask, how to name it, and how to get it.
 struct Remote<'a> {
     kind: &'static str,
@@ -296,12 +303,8 @@ impl Fetcher {
         })
     }
 
-    /// The data of the pull Secret, if the reference names one.
-    async fn secret_data(
-        &self,
-        cue_ref: &CueRef,
-        namespace: &str,
-    ) -> Result<Option<(String, std::collections::BTreeMap<String, k8s_openapi::ByteString>)>, SourceError> {
+    /// The pull Secret, if the reference names one.
+    async fn secret_data(&self, cue_ref: &CueRef, namespace: &str) -> Result<Option<PullSecret>, SourceError> {
         let Some(secret) = &cue_ref.pull_secret_ref else {
             return Ok(None);
         };
@@ -319,10 +322,11 @@ impl Fetcher {
                 namespace: namespace.into(),
                 name: secret.name.clone(),
             })?;
-        Ok(Some((
-            format!("{namespace}/{}", secret.name),
-            found.data.unwrap_or_default(),
-        )))
+        Ok(Some(PullSecret {
+            name: format!("{namespace}/{}", secret.name),
+            annotations: found.metadata.annotations.unwrap_or_default(),
+            data: found.data.unwrap_or_default(),
+        }))
     }
 
     async fn fetch_git(&self, cue_ref: &CueRef, namespace: &str) -> Result<Fetched, SourceError> {
@@ -332,9 +336,12 @@ impl Fetcher {
         }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;
         let (credentials, auth) = match self.secret_data(cue_ref, namespace).await? {
-            Some((name, data)) => {
-                let auth = credentials::git(&name, &data)?;
-                (name, auth)
+            Some(secret) => {
+                let auth = credentials::git(&secret.name, &secret.data)?;
+                if matches!(auth, GitCredentials::Basic { .. }) {
+                    credentials::bound_to_host(&secret.name, &secret.annotations, &reference.host())?;
+                }
+                (secret.name, auth)
             }
             None => (String::new(), GitCredentials::Anonymous),
         };
@@ -374,9 +381,12 @@ impl Fetcher {
         }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;
         let (credentials, auth) = match self.secret_data(cue_ref, namespace).await? {
-            Some((name, data)) => {
-                let auth = credentials::registry(&name, &data, &reference.registry)?;
-                (name, auth)
+            Some(secret) => {
+                let auth = credentials::registry(&secret.name, &secret.data, &reference.registry)?;
+                if !secret.data.contains_key(".dockerconfigjson") {
+                    credentials::bound_to_host(&secret.name, &secret.annotations, &reference.registry)?;
+                }
+                (secret.name, auth)
             }
             None => (String::new(), RegistryCredentials::Anonymous),
         };

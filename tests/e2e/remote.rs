@@ -30,9 +30,17 @@ const OPAQUE: &str = "Opaque";
 const DOCKER_CONFIG: &str = "kubernetes.io/dockerconfigjson";
 const SSH_AUTH: &str = "kubernetes.io/ssh-auth";
 
-/// Creates or replaces Secret `name` in the test namespace with `string_data`.
+/// Creates or replaces Secret `name` in the test namespace with `string_data`, its tokens and
+/// passwords bound to the loopback test servers.
 async fn put_secret(env: &TestEnv, name: &str, type_: &str, string_data: Value) {
-    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": type_, "stringData": string_data});
+    put_secret_for(env, name, type_, string_data, Some("127.0.0.1")).await;
+}
+
+async fn put_secret_for(env: &TestEnv, name: &str, type_: &str, string_data: Value, hosts: Option<&str>) {
+    let mut secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": type_, "stringData": string_data});
+    if let Some(hosts) = hosts {
+        secret["metadata"]["annotations"] = json!({"pequod.io/credential-hosts": hosts});
+    }
     Api::<Secret>::namespaced(env.client.clone(), &env.namespace)
         .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(secret))
         .await
@@ -435,6 +443,23 @@ async fn the_registry_token_flow_works_anonymously_and_with_credentials() {
     .await;
     let (_, message) = failed(&transforms, "bark", "CueFetched", "CueFetchFailed").await;
     assert!(message.contains("Not authorized"), "{message}");
+    // A password whose Secret does not name the registry is not sent to it.
+    put_secret_for(
+        &env,
+        "unbound",
+        OPAQUE,
+        json!({"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}),
+        None,
+    )
+    .await;
+    apply_transform(
+        &transforms,
+        "bark",
+        remote_spec(&env, "oci", &format!("{registry}/{private}:v1"), None, Some("unbound")),
+    )
+    .await;
+    let (_, message) = failed(&transforms, "bark", "CueFetched", "PullSecretInvalid").await;
+    assert!(message.contains("pequod.io/credential-hosts"), "{message}");
     put_secret(
         &env,
         "registry",
