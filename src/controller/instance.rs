@@ -30,7 +30,7 @@ use crate::api::{
 };
 use crate::apply::Applier;
 use crate::apply::Predecessor;
-use crate::cue::{Module, RenderError, Renderer, input_hash, render_input};
+use crate::cue::{Module, Renderer, input_hash, render_input};
 use crate::executor::proof::{Allowance, GraphKey, Origin};
 use crate::instance::{
     InstanceRef, Scope, confine, graph_name, graph_progress, label_value, legacy_graph_name, node_summaries,
@@ -408,44 +408,158 @@ impl<'a> StatusUpdate<'a> {
     }
 }
 
-async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error> {
-    let (module, allowance, transform) = ctx.current();
-    let namespace = obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
-    let name = obj.name_any();
-    let graph = graph_name(&ctx.resource.kind, &ctx.resource.group, &name);
-    let mut update = StatusUpdate::start(obj, ctx);
-    update.new.resource_graph = Some(graph.clone());
+/// Why an instance's pipeline stopped before its graph's progress was mirrored.
+enum Stop {
+    /// The status says why; it is written and the instance looked at per the action.
+    Settled(Action),
+    /// The status says why; it is written and the reconcile fails, to be retried with backoff.
+    Retry(Error),
+    /// The reconcile failed before the status could say anything.
+    Error(Error),
+}
 
+impl<E: Into<Error>> From<E> for Stop {
+    fn from(e: E) -> Self {
+        Self::Error(e.into())
+    }
+}
+
+/// An instance's pipeline: render it (in a batch of its module), check policies and confine
+/// its objects, publish its signed graph (taking over one of the earlier naming), mirror the
+/// graph's progress. The status is written once, at the end.
+async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error> {
+    let mut update = StatusUpdate::start(obj, ctx);
+    let result = serve_instance(obj, ctx, &mut update).await;
+    let action = match result {
+        Ok(action) => action,
+        Err(Stop::Settled(action)) => action,
+        Err(Stop::Retry(e)) => {
+            update.write().await?;
+            return Err(e);
+        }
+        Err(Stop::Error(e)) => return Err(e),
+    };
+    update.write().await?;
+    Ok(action)
+}
+
+/// What one pass works on: the kind's current module and allowance, and the graph's name.
+struct Pass {
+    module: crate::cue::Module,
+    allowance: Allowance,
+    transform: TransformKey,
+    namespace: String,
+    name: String,
+    graph: String,
+}
+
+async fn serve_instance(obj: &DynamicObject, ctx: &KindContext, update: &mut StatusUpdate<'_>) -> Result<Action, Stop> {
+    let (module, allowance, transform) = ctx.current();
+    let name = obj.name_any();
+    let pass = Pass {
+        namespace: obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
+        graph: graph_name(&ctx.resource.kind, &ctx.resource.group, &name),
+        name,
+        module,
+        allowance,
+        transform,
+    };
+    update.new.resource_graph = Some(pass.graph.clone());
+    let (output, hash) = render_instance(obj, ctx, update, &pass).await?;
+    let nodes = check_policies(obj, ctx, update, &pass, &output).await?;
+    let (live, predecessor) = find_graphs(obj, ctx, update, &pass).await?;
+    let rg = publish_graph(
+        obj,
+        ctx,
+        update,
+        &pass,
+        (&output, nodes, &hash),
+        live,
+        predecessor.as_ref(),
+    )
+    .await?;
+    update.new.module_digest = Some(pass.module.digest.clone());
+    let ready = mirror_progress(update, &rg);
+    // Once the graph holds every object, the earlier one has nothing left and goes.
+    let retire = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none());
+    if let Some(old) = &retire {
+        match graphs(obj, ctx)
+            .delete(&old.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let note = format!(
+            "ResourceGraph {} took over every object of {}, which is deleted",
+            pass.graph,
+            old.name_any()
+        );
+        update.event(EventType::Normal, "GraphRenamed", &note);
+    }
+    Ok(Action::requeue(if retire.is_some() { TEARDOWN_POLL } else { RESYNC }))
+}
+
+/// Renders the instance with its module; the second value is the render hash.
+async fn render_instance(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    pass: &Pass,
+) -> Result<(Arc<crate::cue::RenderOutput>, String), Stop> {
     let spec = obj.data.get("spec").cloned().unwrap_or_else(|| json!({}));
     let input = render_input(&obj.metadata, &spec);
-    let hash = render_hash(&module.digest, &input_hash(&input));
-    let output = match ctx.shared.renderer.render(&module, input).await {
-        Ok(output) => output,
+    let hash = render_hash(&pass.module.digest, &input_hash(&input));
+    match ctx.shared.renderer.render(&pass.module, input).await {
+        Ok(output) => {
+            let message = format!(
+                "{} object(s) rendered by module {}",
+                output.nodes.len(),
+                pass.module.digest
+            );
+            update.condition("Rendered", true, "Rendered", message);
+            Ok((output, hash))
+        }
         Err(e) if e.is_transient() => {
             update.new.phase = Some(InstancePhase::Rendering);
             update.condition("Rendered", false, e.reason(), e.to_string());
-            update.write().await?;
-            return Err(Error::CueUnavailable(e.to_string()));
+            Err(Stop::Retry(Error::CueUnavailable(e.to_string())))
         }
-        Err(e) => return render_failed(update, &e).await,
-    };
-    update.condition(
-        "Rendered",
-        true,
-        "Rendered",
-        format!("{} object(s) rendered by module {}", output.nodes.len(), module.digest),
-    );
+        Err(e) => {
+            let message = e.to_string();
+            if !update.was("Rendered", ConditionStatus::False, e.reason()) {
+                update.event(EventType::Warning, "CueRenderFailed", &message);
+            }
+            update.condition("Rendered", false, e.reason(), message.clone());
+            let ready = format!("rendering failed; the last accepted graph stays: {message}");
+            update.condition("Ready", false, e.reason(), ready);
+            update.new.phase = Some(InstancePhase::Failed);
+            // Rendering is deterministic: only a change of the instance or the module helps.
+            Err(Stop::Settled(Action::requeue(RESYNC)))
+        }
+    }
+}
 
+/// The module's policies and the instance's confinement: the nodes to publish, or why the
+/// change is blocked (the last accepted graph stays).
+async fn check_policies(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    pass: &Pass,
+    output: &crate::cue::RenderOutput,
+) -> Result<Vec<crate::api::Node>, Stop> {
     let mut nodes = output.nodes.clone();
     let scopes = scopes(ctx, &nodes).await;
     let mut violations = output.violations.clone();
-    violations.extend(confine(&mut nodes, &namespace, allowance == Allowance::Cluster, |n| {
+    let cluster_scoped = pass.allowance == Allowance::Cluster;
+    violations.extend(confine(&mut nodes, &pass.namespace, cluster_scoped, |n| {
         scopes
             .get(&(n.api_version().to_string(), n.kind().to_string()))
             .copied()
             .unwrap_or(Scope::Unknown)
     }));
-    let errors: Vec<&Violation> = violations.iter().filter(|v| v.severity == Severity::Error).collect();
     if update.old.violations != violations {
         for v in &violations {
             let severity = match v.severity {
@@ -461,15 +575,18 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
         }
     }
     update.new.violations = violations.iter().take(MAX_STATUS_VIOLATIONS).cloned().collect();
+    let described = |vs: &[&Violation]| {
+        vs.iter()
+            .map(|v| format!("{}: {}", v.path, v.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let errors: Vec<&Violation> = violations.iter().filter(|v| v.severity == Severity::Error).collect();
     if !errors.is_empty() {
         let message = format!(
             "{} policy violation(s) block the change; the last accepted graph stays: {}",
             errors.len(),
-            errors
-                .iter()
-                .map(|v| format!("{}: {}", v.path, v.message))
-                .collect::<Vec<_>>()
-                .join("; ")
+            described(&errors)
         );
         if update.old.violations != update.new.violations {
             update.event(EventType::Warning, "PolicyViolation", &message);
@@ -478,49 +595,60 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
         update.condition("Ready", false, "PolicyViolation", message);
         update.new.phase = Some(InstancePhase::Failed);
         // The graph's own state is still worth showing.
-        if let Some(rg) = graphs(obj, ctx).get_opt(&graph).await? {
+        if let Some(rg) = graphs(obj, ctx).get_opt(&pass.graph).await? {
             update.new.nodes = node_summaries(&rg);
         }
-        update.write().await?;
-        return Ok(Action::requeue(RESYNC));
+        return Err(Stop::Settled(Action::requeue(RESYNC)));
     }
-    let warnings = violations.len();
-    if warnings == 0 {
+    if violations.is_empty() {
         update.condition("PolicyCompliant", true, "Compliant", "no policy findings");
     } else {
-        update.condition(
-            "PolicyCompliant",
-            true,
-            "Warnings",
-            violations
-                .iter()
-                .map(|v| format!("{}: {}", v.path, v.message))
-                .collect::<Vec<_>>()
-                .join("; "),
-        );
+        let all: Vec<&Violation> = violations.iter().collect();
+        update.condition("PolicyCompliant", true, "Warnings", described(&all));
     }
+    Ok(nodes)
+}
 
+/// The instance's graph as it is (refused when another owns the name), and the graph of the
+/// earlier naming it still takes over from, if any.
+async fn find_graphs(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    pass: &Pass,
+) -> Result<(Option<ResourceGraph>, Option<ResourceGraph>), Stop> {
     let graphs_api = graphs(obj, ctx);
-    let live = graphs_api.get_opt(&graph).await?;
-    if let Some(live) = &live {
-        let ours = owns(obj, live);
-        if !ours {
-            let message =
-                format!("ResourceGraph {graph} exists and does not belong to this instance; it is left alone");
-            update.fail("GraphConflict", message);
-            update.write().await?;
-            return Ok(Action::requeue(RESYNC));
-        }
+    let live = graphs_api.get_opt(&pass.graph).await?;
+    if live.as_ref().is_some_and(|g| !owns(obj, g)) {
+        let message = format!(
+            "ResourceGraph {} exists and does not belong to this instance; it is left alone",
+            pass.graph
+        );
+        update.fail("GraphConflict", message);
+        return Err(Stop::Settled(Action::requeue(RESYNC)));
     }
-    // The graph of an earlier release's naming, until this one has taken its objects over.
     let predecessor = match &live {
         Some(g) if !g.annotations().contains_key(PREDECESSOR_ANNOTATION) => None,
         _ => graphs_api
-            .get_opt(&legacy_graph_name(&ctx.resource.kind, &name))
+            .get_opt(&legacy_graph_name(&ctx.resource.kind, &pass.name))
             .await?
             .filter(|g| owns(obj, g)),
     };
-    let predecessor_annotation = predecessor.as_ref().and_then(|g| {
+    Ok((live, predecessor))
+}
+
+/// The graph to serve: the live one when it holds this render and Pequod's valid proof (a
+/// graph someone else edited does not), else the render applied and signed.
+async fn publish_graph(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    pass: &Pass,
+    (output, nodes, hash): (&crate::cue::RenderOutput, Vec<crate::api::Node>, &str),
+    live: Option<ResourceGraph>,
+    predecessor: Option<&ResourceGraph>,
+) -> Result<ResourceGraph, Stop> {
+    let predecessor = predecessor.and_then(|g| {
         Some(
             Predecessor {
                 uid: g.uid()?,
@@ -529,68 +657,63 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
             .annotation(),
         )
     });
-    // A graph someone else edited no longer carries a valid proof: it is written again.
     let signed_as_rendered = |g: &ResourceGraph| {
         let annotation = |key: &str| g.annotations().get(key).map(String::as_str);
         let claimed = annotation(PREDECESSOR_ANNOTATION);
-        claimed == predecessor_annotation.as_deref()
+        let proof = annotation(PROOF_ANNOTATION);
+        claimed == predecessor.as_deref()
             && ctx
                 .shared
                 .key
-                .verify(&namespace, &graph, &g.spec, annotation(PROOF_ANNOTATION), claimed)
-                == Origin::Rendered(allowance)
+                .verify(&pass.namespace, &pass.graph, &g.spec, proof, claimed)
+                == Origin::Rendered(pass.allowance)
     };
-    let up_to_date = live
-        .as_ref()
-        .is_some_and(|g| g.spec.render_hash.as_deref() == Some(hash.as_str()) && signed_as_rendered(g));
-    let rg = if let Some(live) = live.filter(|_| up_to_date) {
-        live
-    } else {
-        let instance = InstanceRef {
-            api_version: ctx.resource.api_version.clone(),
-            kind: ctx.resource.kind.clone(),
-            name: name.clone(),
-            namespace: namespace.clone(),
-            uid: obj.uid(),
-        };
-        let mut rendered = (*output).clone();
-        rendered.nodes = nodes;
-        let mut desired = resource_graph(&instance, &transform.name, &hash, &rendered, update.time.clone());
-        let proof = ctx.shared.key.sign(
-            &namespace,
-            &graph,
-            &desired.spec,
-            allowance,
-            predecessor_annotation.as_deref(),
-        );
-        let annotations = desired.metadata.annotations.get_or_insert_default();
-        annotations.insert(PROOF_ANNOTATION.to_string(), proof);
-        if let Some(p) = &predecessor_annotation {
-            annotations.insert(PREDECESSOR_ANNOTATION.to_string(), p.clone());
-        }
-        match graphs_api
-            .patch(
-                &graph,
-                &PatchParams::apply(INSTANCE_MANAGER).force(),
-                &Patch::Apply(&desired),
-            )
-            .await
-        {
-            Ok(rg) => rg,
-            // The apiserver refuses the graph itself (too large, say): retrying cannot help,
-            // so say why on the instance.
-            Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
-                let message = format!("the apiserver refused ResourceGraph {graph}: {}", s.message);
-                update.fail("GraphRejected", message);
-                update.write().await?;
-                return Ok(Action::requeue(RESYNC));
-            }
-            Err(e) => return Err(e.into()),
-        }
+    if let Some(live) = live.filter(|g| g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered(g)) {
+        return Ok(live);
+    }
+    let instance = InstanceRef {
+        api_version: ctx.resource.api_version.clone(),
+        kind: ctx.resource.kind.clone(),
+        name: pass.name.clone(),
+        namespace: pass.namespace.clone(),
+        uid: obj.uid(),
     };
-    update.new.module_digest = Some(module.digest.clone());
-    update.new.nodes = node_summaries(&rg);
-    let (phase, ready, reason, message) = graph_progress(&rg);
+    let mut rendered = output.clone();
+    rendered.nodes = nodes;
+    let mut desired = resource_graph(&instance, &pass.transform.name, hash, &rendered, update.time.clone());
+    let proof = ctx.shared.key.sign(
+        &pass.namespace,
+        &pass.graph,
+        &desired.spec,
+        pass.allowance,
+        predecessor.as_deref(),
+    );
+    let annotations = desired.metadata.annotations.get_or_insert_default();
+    annotations.insert(PROOF_ANNOTATION.to_string(), proof);
+    if let Some(p) = &predecessor {
+        annotations.insert(PREDECESSOR_ANNOTATION.to_string(), p.clone());
+    }
+    let params = PatchParams::apply(INSTANCE_MANAGER).force();
+    match graphs(obj, ctx)
+        .patch(&pass.graph, &params, &Patch::Apply(&desired))
+        .await
+    {
+        Ok(rg) => Ok(rg),
+        // The apiserver refuses the graph itself (too large, say): retrying cannot help, so
+        // say why on the instance.
+        Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
+            let message = format!("the apiserver refused ResourceGraph {}: {}", pass.graph, s.message);
+            update.fail("GraphRejected", message);
+            Err(Stop::Settled(Action::requeue(RESYNC)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Mirrors the graph's progress on the instance; returns whether the instance is Ready.
+fn mirror_progress(update: &mut StatusUpdate<'_>, rg: &ResourceGraph) -> bool {
+    update.new.nodes = node_summaries(rg);
+    let (phase, ready, reason, message) = graph_progress(rg);
     if ready && !update.was("Ready", ConditionStatus::True, "Ready") {
         update.event(EventType::Normal, "Ready", &message);
     }
@@ -599,40 +722,7 @@ async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error>
     }
     update.condition("Ready", ready, &reason, message);
     update.new.phase = Some(phase);
-    // Once the graph holds every object, the earlier one has nothing left and goes.
-    let retire = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none());
-    if let Some(old) = &retire {
-        match graphs_api.delete(&old.name_any(), &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        let note = format!(
-            "ResourceGraph {graph} took over every object of {}, which is deleted",
-            old.name_any()
-        );
-        update.event(EventType::Normal, "GraphRenamed", &note);
-    }
-    update.write().await?;
-    Ok(Action::requeue(if retire.is_some() { TEARDOWN_POLL } else { RESYNC }))
-}
-
-async fn render_failed(mut update: StatusUpdate<'_>, e: &RenderError) -> Result<Action, Error> {
-    let message = e.to_string();
-    if !update.was("Rendered", ConditionStatus::False, e.reason()) {
-        update.event(EventType::Warning, "CueRenderFailed", &message);
-    }
-    update.condition("Rendered", false, e.reason(), message.clone());
-    update.condition(
-        "Ready",
-        false,
-        e.reason(),
-        format!("rendering failed; the last accepted graph stays: {message}"),
-    );
-    update.new.phase = Some(InstancePhase::Failed);
-    update.write().await?;
-    // Rendering is deterministic: only a change of the instance or the module helps.
-    Ok(Action::requeue(RESYNC))
+    ready
 }
 
 /// Scope of each kind the nodes use, through the applier's cached discovery.
