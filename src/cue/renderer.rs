@@ -334,7 +334,8 @@ fn estimate_size(output: &RenderOutput) -> usize {
 }
 
 /// Renders `inputs` in as few cue calls as possible: one for the whole batch; when cue
-/// fails, the inputs its errors point at get those errors and the rest run again.
+/// fails, the inputs its errors point at get those errors and the rest run again; a failure
+/// that points at no input, a timeout or an oversized output halves the batch.
 async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<Result<RenderOutput, RenderError>> {
     let mut results: Vec<Option<Result<RenderOutput, RenderError>>> = vec![None; inputs.len()];
     let mut pending: Vec<usize> = (0..inputs.len()).collect();
@@ -361,8 +362,11 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
             }
             Err(CueError::Failed { message, .. }) => {
                 let (per_input, _) = render::attribute_errors(&message, pending.len());
-                if per_input.is_empty() {
-                    // Nothing points at an input: the module itself is broken.
+                if per_input.is_empty() && pending.len() > 1 {
+                    // Nothing points at an input: halve the batch, so that no instance is given
+                    // an error (which may quote an input) that belongs to another.
+                    split(inner, module, inputs, &mut pending, &mut results).await;
+                } else if per_input.is_empty() {
                     let error = RenderError::Evaluation {
                         message: render::clean_message(&message),
                     };
@@ -379,21 +383,10 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
                     pending.retain(|i| !failed.contains(i));
                 }
             }
-            Err(CueError::OutputTooLarge { .. }) if pending.len() > 1 => {
-                // Halve the batch until each part's output fits.
-                let second = pending.split_off(pending.len() / 2);
-                let first_inputs: Vec<&Value> = pending.iter().map(|i| inputs[*i]).collect();
-                let second_inputs: Vec<&Value> = second.iter().map(|i| inputs[*i]).collect();
-                let first_results = Box::pin(render_batch(inner, module, &first_inputs)).await;
-                let second_results = Box::pin(render_batch(inner, module, &second_inputs)).await;
-                for (i, r) in pending
-                    .iter()
-                    .zip(first_results)
-                    .chain(second.iter().zip(second_results))
-                {
-                    results[*i] = Some(r);
-                }
-                pending.clear();
+            // Halve the batch until each part's output fits, and until a slow input is alone:
+            // one instance never fails or times out the others of its batch.
+            Err(CueError::OutputTooLarge { .. } | CueError::Timeout { .. }) if pending.len() > 1 => {
+                split(inner, module, inputs, &mut pending, &mut results).await;
             }
             Err(other) => {
                 let error = RenderError::from(other);
@@ -413,6 +406,29 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
             })
         })
         .collect()
+}
+
+/// Renders the two halves of `pending` on their own and records their results.
+async fn split(
+    inner: &Inner,
+    module: &Module,
+    inputs: &[&Value],
+    pending: &mut Vec<usize>,
+    results: &mut [Option<Result<RenderOutput, RenderError>>],
+) {
+    let second = pending.split_off(pending.len() / 2);
+    let first_inputs: Vec<&Value> = pending.iter().map(|i| inputs[*i]).collect();
+    let second_inputs: Vec<&Value> = second.iter().map(|i| inputs[*i]).collect();
+    let first_results = Box::pin(render_batch(inner, module, &first_inputs)).await;
+    let second_results = Box::pin(render_batch(inner, module, &second_inputs)).await;
+    for (i, r) in pending
+        .iter()
+        .zip(first_results)
+        .chain(second.iter().zip(second_results))
+    {
+        results[*i] = Some(r);
+    }
+    pending.clear();
 }
 
 /// One cue call: writes the batch file, exports it, parses the results. The outer error is

@@ -429,6 +429,22 @@ async fn endless_evaluation_times_out_and_is_retried_later() {
 }
 
 #[tokio::test]
+async fn a_slow_input_times_out_alone_and_its_batch_mates_render() {
+    let h = harness_with(Duration::from_secs(4), cue_binary());
+    let by_input = module(
+        "package t\nimport \"list\"\n#Input: n: int\n#Render: {input: _, output: nodes: [ for i in list.Range(0, input.spec.n, 1) {id: \"n\\(i)\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"n\\(i)\"}}]}\n",
+    );
+    let m = h.renderer.load(by_input, "by-input").await.unwrap();
+    // Rendered at the same moment, so in one batch.
+    let (slow, fast) = tokio::join!(
+        h.renderer.render(&m, input("slow", json!({"n": 100_000_000}))),
+        h.renderer.render(&m, input("fast", json!({"n": 1}))),
+    );
+    assert!(matches!(slow, Err(RenderError::Timeout { .. })), "{slow:?}");
+    assert_eq!(fast.expect("the fast input renders").nodes.len(), 1);
+}
+
+#[tokio::test]
 async fn missing_cue_binary_is_reported_and_not_cached() {
     let h = harness_with(Duration::from_secs(5), PathBuf::from("/nonexistent/cue"));
     let m = h.renderer.load(configmap_module("{value: string}"), "t").await.unwrap();
