@@ -24,6 +24,8 @@ pub struct RendererConfig {
     pub cache_dir: PathBuf,
     /// Most render results kept in memory.
     pub max_cached_renders: usize,
+    /// Most bytes of render results kept in memory (as JSON).
+    pub max_cached_bytes: u64,
     /// How long a batch waits for more renders of the same module before cue runs.
     pub batch_window: Duration,
     /// Most inputs evaluated in one cue call.
@@ -35,6 +37,7 @@ impl RendererConfig {
         Self {
             cache_dir: cache_dir.into(),
             max_cached_renders: 10_000,
+            max_cached_bytes: 64 * 1024 * 1024,
             batch_window: Duration::from_millis(25),
             max_batch: 200,
         }
@@ -90,7 +93,7 @@ struct Inner {
 impl Renderer {
     pub fn new(cli: CueCli, config: RendererConfig, metrics: Arc<Metrics>) -> Self {
         let store = ModuleStore::new(&config.cache_dir);
-        let renders = RenderCache::new(config.max_cached_renders);
+        let renders = RenderCache::new(config.max_cached_renders, config.max_cached_bytes);
         Self {
             inner: Arc::new(Inner {
                 cli,
@@ -457,17 +460,20 @@ async fn run_cue_batch(
     Ok(render::parse_batch(&outcome?, inputs.len()))
 }
 
-/// Least-recently-used cache of render results, bounded by entries. Its gauges move by
-/// differences because the module cache reports into the same ones.
+/// Least-recently-used cache of render results, bounded by entries and by bytes (the most
+/// recent result always stays). Its gauges move by differences because the module cache
+/// reports into the same ones.
 struct RenderCache {
     capacity: usize,
+    max_bytes: u64,
     lru: Lru<RenderResult>,
 }
 
 impl RenderCache {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, max_bytes: u64) -> Self {
         Self {
             capacity: capacity.max(1),
+            max_bytes,
             lru: Lru::default(),
         }
     }
@@ -479,7 +485,9 @@ impl RenderCache {
     fn insert(&mut self, key: String, result: RenderResult, size: usize, metrics: &Metrics) {
         let (entries, bytes) = (self.lru.len() as i64, self.lru.bytes() as i64);
         self.lru.insert(key, result, size as u64);
-        while self.lru.len() > self.capacity && self.lru.pop_oldest().is_some() {
+        while (self.lru.len() > self.capacity || (self.lru.bytes() > self.max_bytes && self.lru.len() > 1))
+            && self.lru.pop_oldest().is_some()
+        {
             metrics.cue_cache_evictions_total.inc();
         }
         metrics.cue_cache_entries.add(self.lru.len() as i64 - entries);
@@ -506,7 +514,7 @@ mod tests {
     #[test]
     fn cache_evicts_the_least_recently_used_and_reports_it() {
         let metrics = Metrics::new().unwrap();
-        let mut cache = RenderCache::new(2);
+        let mut cache = RenderCache::new(2, u64::MAX);
         cache.insert("a".into(), output("a"), 10, &metrics);
         cache.insert("b".into(), output("b"), 20, &metrics);
         assert!(cache.get("a").is_some()); // a is now newer than b
@@ -518,5 +526,22 @@ mod tests {
         assert_eq!(metrics.cue_cache_size_bytes.get(), 40);
         cache.insert("c".into(), output("c2"), 5, &metrics);
         assert_eq!(metrics.cue_cache_size_bytes.get(), 15);
+    }
+
+    #[test]
+    fn cache_stays_within_its_bytes_and_keeps_the_newest() {
+        let metrics = Metrics::new().unwrap();
+        let mut cache = RenderCache::new(100, 50);
+        for (key, size) in [("a", 20), ("b", 20), ("c", 20)] {
+            cache.insert(key.into(), output(key), size, &metrics);
+        }
+        assert!(cache.get("a").is_none(), "the oldest goes once 60 bytes exceed 50");
+        assert!(cache.get("b").is_some() && cache.get("c").is_some());
+        cache.insert("huge".into(), output("huge"), 500, &metrics);
+        assert!(
+            cache.get("huge").is_some(),
+            "the newest stays even alone over the budget"
+        );
+        assert_eq!(metrics.cue_cache_entries.get(), 1);
     }
 }
