@@ -28,6 +28,12 @@ use crate::shutdown::Shutdown;
 const DECISION_TTL: Duration = Duration::from_secs(60);
 /// Most decisions kept.
 const MAX_DECISIONS: usize = 1024;
+/// Longest a client may take to finish the TLS handshake, and to send its request headers:
+/// a client that connects and stays silent does not hold a task for ever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most TokenReviews per second for tokens not seen recently: a flood of made-up tokens is
+/// answered 429 rather than passed on to the apiserver.
+const MAX_REVIEWS_PER_SECOND: u32 = 20;
 
 /// Why secure metrics could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -103,15 +109,21 @@ pub async fn bind_tls(
             };
             let (acceptor, router) = (acceptor.clone(), router.clone());
             tokio::spawn(async move {
-                let tls = match acceptor.accept(stream).await {
-                    Ok(tls) => tls,
-                    Err(e) => {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake timed out");
                         return;
                     }
                 };
                 let service = hyper_util::service::TowerToHyperService::new(router);
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                     .await
                 {
@@ -130,12 +142,48 @@ pub enum Decision {
     Unauthenticated(String),
     /// The token's user may not get /metrics: 403.
     Forbidden(String),
+    /// Too many unknown tokens at once: 429, nothing asked of the apiserver.
+    Throttled,
 }
 
 /// Asks the apiserver who a bearer token is and whether it may read /metrics.
 pub struct Authorizer {
     client: kube::Client,
     decisions: Mutex<HashMap<String, (Instant, Decision)>>,
+    reviews: Mutex<ReviewBudget>,
+}
+
+/// TokenReviews allowed in the current second.
+#[derive(Debug)]
+struct ReviewBudget {
+    second: Instant,
+    spent: u32,
+}
+
+impl ReviewBudget {
+    /// Whether one more review fits in the second that `now` falls in.
+    fn spend(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.second) >= Duration::from_secs(1) {
+            self.second = now;
+            self.spent = 0;
+        }
+        self.spent += 1;
+        self.spent <= MAX_REVIEWS_PER_SECOND
+    }
+}
+
+/// Makes room for one decision: expired ones go, and if that is not enough, the oldest.
+fn make_room(decisions: &mut HashMap<String, (Instant, Decision)>) {
+    if decisions.len() < MAX_DECISIONS {
+        return;
+    }
+    decisions.retain(|_, (at, _)| at.elapsed() < DECISION_TTL);
+    while decisions.len() >= MAX_DECISIONS {
+        let Some(oldest) = decisions.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        decisions.remove(&oldest);
+    }
 }
 
 impl Authorizer {
@@ -143,6 +191,10 @@ impl Authorizer {
         Self {
             client,
             decisions: Mutex::default(),
+            reviews: Mutex::new(ReviewBudget {
+                second: Instant::now(),
+                spent: 0,
+            }),
         }
     }
 
@@ -156,14 +208,17 @@ impl Authorizer {
         {
             return Ok(decision.clone());
         }
+        let admitted = self
+            .reviews
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spend(Instant::now());
+        if !admitted {
+            return Ok(Decision::Throttled);
+        }
         let decision = self.ask(token).await?;
         let mut decisions = self.lock();
-        if decisions.len() >= MAX_DECISIONS {
-            decisions.retain(|_, (at, _)| at.elapsed() < DECISION_TTL);
-            if decisions.len() >= MAX_DECISIONS {
-                decisions.clear();
-            }
-        }
+        make_room(&mut decisions);
         decisions.insert(key, (Instant::now(), decision.clone()));
         Ok(decision)
     }
@@ -230,6 +285,11 @@ pub async fn authorize(State(auth): State<Arc<Authorizer>>, request: Request, ne
             (StatusCode::UNAUTHORIZED, format!("unauthorized: {why}\n")).into_response()
         }
         Ok(Decision::Forbidden(why)) => (StatusCode::FORBIDDEN, format!("forbidden: {why}\n")).into_response(),
+        Ok(Decision::Throttled) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many unknown tokens; try again in a second\n",
+        )
+            .into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "reviewing a metrics token failed");
             (
@@ -244,6 +304,38 @@ pub async fn authorize(State(auth): State<Arc<Authorizer>>, request: Request, ne
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reviews_of_unknown_tokens_are_limited_per_second() {
+        let start = Instant::now();
+        let mut budget = ReviewBudget {
+            second: start,
+            spent: 0,
+        };
+        let admitted = (0..MAX_REVIEWS_PER_SECOND + 5).filter(|_| budget.spend(start)).count();
+        assert_eq!(admitted, MAX_REVIEWS_PER_SECOND as usize);
+        assert!(budget.spend(start + Duration::from_millis(1001)), "a new second");
+    }
+
+    #[test]
+    fn a_full_decision_cache_drops_its_oldest_not_everything() {
+        let now = Instant::now();
+        let mut decisions: HashMap<String, (Instant, Decision)> = (0..MAX_DECISIONS)
+            .map(|i| {
+                (
+                    format!("t{i}"),
+                    (
+                        now - Duration::from_millis((MAX_DECISIONS - i) as u64),
+                        Decision::Allowed,
+                    ),
+                )
+            })
+            .collect();
+        make_room(&mut decisions);
+        assert_eq!(decisions.len(), MAX_DECISIONS - 1);
+        assert!(!decisions.contains_key("t0"), "the oldest went");
+        assert!(decisions.contains_key("t1"));
+    }
 
     #[test]
     fn a_self_signed_certificate_is_generated_without_a_cert_dir() {

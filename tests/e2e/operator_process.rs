@@ -175,5 +175,17 @@ async fn secure_metrics_require_a_token_allowed_to_get_metrics() {
         support::http_get(&op.metrics, "/metrics").await,
         Ok((200, _))
     ));
+    // A client that connects and says nothing is let go once the handshake time is up.
+    let mut silent = tokio::net::TcpStream::connect(&op.metrics).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buffer = [0u8; 16];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buffer),
+    )
+    .await
+    .expect("the operator closes a silent connection");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert!(started.elapsed() >= Duration::from_secs(5), "{:?}", started.elapsed());
     env.cleanup().await;
 }
