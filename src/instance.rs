@@ -1,6 +1,7 @@
 //! Platform instances, the pure parts: names, labels and the ResourceGraph rendered from an
 //! instance.
 
+use crate::api::condition_types::READY;
 use crate::api::names::{
     GRAPH_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
     TRANSFORM_LABEL,
@@ -251,7 +252,7 @@ pub fn graph_progress(rg: &ResourceGraph) -> (InstancePhase, bool, String, Strin
             "the ResourceGraph is being applied".into(),
         );
     };
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let ready = status.conditions.iter().find(|c| c.type_ == READY);
     let message = ready.map(|c| c.message.clone()).unwrap_or_default();
     match status.phase {
         Some(GraphPhase::Completed) if ready.is_some_and(|c| c.status == ConditionStatus::True) => (

@@ -1,5 +1,6 @@
 //! Custom resource types served by Pequod (`platform.platform.example.com/v1alpha1`).
 
+pub mod condition_types;
 mod conditions;
 mod instance;
 pub mod names;

@@ -5,6 +5,7 @@
 //! module when the Transform's content changes (re-rendering every instance), and stops the
 //! controller when the Transform is deleted, so that nothing outlives its Transform.
 
+use crate::api::condition_types::{POLICY_COMPLIANT, READY, RENDERED};
 use crate::api::names::{
     INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PREDECESSOR_ANNOTATION,
     PROOF_ANNOTATION,
@@ -375,10 +376,10 @@ impl<'a> StatusUpdate<'a> {
 
     /// Marks the instance Failed with `Ready=False` and `reason`, with an event on transition.
     fn fail(&mut self, reason: &str, message: String) {
-        if !self.was("Ready", ConditionStatus::False, reason) {
+        if !self.was(READY, ConditionStatus::False, reason) {
             self.event(EventType::Warning, reason, &message);
         }
-        self.condition("Ready", false, reason, message);
+        self.condition(READY, false, reason, message);
         self.new.phase = Some(InstancePhase::Failed);
     }
 
@@ -518,22 +519,22 @@ async fn render_instance(
                 output.nodes.len(),
                 pass.module.digest
             );
-            update.condition("Rendered", true, "Rendered", message);
+            update.condition(RENDERED, true, "Rendered", message);
             Ok((output, hash))
         }
         Err(e) if e.is_transient() => {
             update.new.phase = Some(InstancePhase::Rendering);
-            update.condition("Rendered", false, e.reason(), e.to_string());
+            update.condition(RENDERED, false, e.reason(), e.to_string());
             Err(Stop::Retry(Error::CueUnavailable(e.to_string())))
         }
         Err(e) => {
             let message = e.to_string();
-            if !update.was("Rendered", ConditionStatus::False, e.reason()) {
+            if !update.was(RENDERED, ConditionStatus::False, e.reason()) {
                 update.event(EventType::Warning, "CueRenderFailed", &message);
             }
-            update.condition("Rendered", false, e.reason(), message.clone());
+            update.condition(RENDERED, false, e.reason(), message.clone());
             let ready = format!("rendering failed; the last accepted graph stays: {message}");
-            update.condition("Ready", false, e.reason(), ready);
+            update.condition(READY, false, e.reason(), ready);
             update.new.phase = Some(InstancePhase::Failed);
             // Rendering is deterministic: only a change of the instance or the module helps.
             Err(Stop::Settled(Action::requeue(RESYNC)))
@@ -591,8 +592,8 @@ async fn check_policies(
         if update.old.violations != update.new.violations {
             update.event(EventType::Warning, "PolicyViolation", &message);
         }
-        update.condition("PolicyCompliant", false, "PolicyViolation", message.clone());
-        update.condition("Ready", false, "PolicyViolation", message);
+        update.condition(POLICY_COMPLIANT, false, "PolicyViolation", message.clone());
+        update.condition(READY, false, "PolicyViolation", message);
         update.new.phase = Some(InstancePhase::Failed);
         // The graph's own state is still worth showing.
         if let Some(rg) = graphs(obj, ctx).get_opt(&pass.graph).await? {
@@ -601,10 +602,10 @@ async fn check_policies(
         return Err(Stop::Settled(Action::requeue(RESYNC)));
     }
     if violations.is_empty() {
-        update.condition("PolicyCompliant", true, "Compliant", "no policy findings");
+        update.condition(POLICY_COMPLIANT, true, "Compliant", "no policy findings");
     } else {
         let all: Vec<&Violation> = violations.iter().collect();
-        update.condition("PolicyCompliant", true, "Warnings", described(&all));
+        update.condition(POLICY_COMPLIANT, true, "Warnings", described(&all));
     }
     Ok(nodes)
 }
@@ -714,13 +715,13 @@ async fn publish_graph(
 fn mirror_progress(update: &mut StatusUpdate<'_>, rg: &ResourceGraph) -> bool {
     update.new.nodes = node_summaries(rg);
     let (phase, ready, reason, message) = graph_progress(rg);
-    if ready && !update.was("Ready", ConditionStatus::True, "Ready") {
+    if ready && !update.was(READY, ConditionStatus::True, "Ready") {
         update.event(EventType::Normal, "Ready", &message);
     }
-    if phase == InstancePhase::Failed && !update.was("Ready", ConditionStatus::False, &reason) {
+    if phase == InstancePhase::Failed && !update.was(READY, ConditionStatus::False, &reason) {
         update.event(EventType::Warning, &reason, &message);
     }
-    update.condition("Ready", ready, &reason, message);
+    update.condition(READY, ready, &reason, message);
     update.new.phase = Some(phase);
     ready
 }
@@ -782,14 +783,10 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
             let waiting = rg
                 .status
                 .as_ref()
-                .and_then(|s| {
-                    s.conditions
-                        .iter()
-                        .find(|c| c.type_ == "Ready" && c.reason == "Deleting")
-                })
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY && c.reason == "Deleting"))
                 .map(|c| c.message.clone())
                 .unwrap_or_else(|| format!("deleting ResourceGraph {graph}"));
-            update.condition("Ready", false, "Deleting", waiting);
+            update.condition(READY, false, "Deleting", waiting);
             update.new.phase = Some(InstancePhase::Deleting);
             update.new.nodes = node_summaries(&rg);
             update.write().await?;

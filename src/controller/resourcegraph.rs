@@ -6,6 +6,7 @@
 //! and returns; watch events of the applied objects (see [`super::watches`]) and readiness
 //! deadlines bring the graph back.
 
+use crate::api::condition_types::{DEGRADED, PROGRESSING, READY, VALID};
 use crate::api::names::{GRAPH_FINALIZER, GRAPH_STATUS_MANAGER, PREDECESSOR_ANNOTATION, PROOF_ANNOTATION};
 use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -214,7 +215,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     if let Some(refused) = confinement(rg, ctx, origin).await {
         return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await;
     }
-    let valid = Condition::new("Valid", true, "Valid", "the graph is valid");
+    let valid = Condition::new(VALID, true, "Valid", "the graph is valid");
     set_condition(&mut status.conditions, valid, &time, generation);
 
     let mut outcomes = run_waves(ctx, rg, &graph, origin, &dag, &old, &time).await;
@@ -352,20 +353,17 @@ async fn refuse(
 ) -> Result<Action, Error> {
     let (time, generation) = (now(), rg.metadata.generation);
     for condition in [
-        Condition::new("Valid", false, reason, message),
-        Condition::new("Ready", false, reason, "the graph is not applied; nothing was written"),
-        Condition::new("Progressing", false, reason, "the graph is not applied"),
-        Condition::new("Degraded", true, reason, message),
+        Condition::new(VALID, false, reason, message),
+        Condition::new(READY, false, reason, "the graph is not applied; nothing was written"),
+        Condition::new(PROGRESSING, false, reason, "the graph is not applied"),
+        Condition::new(DEGRADED, true, reason, message),
     ] {
         set_condition(&mut status.conditions, condition, &time, generation);
     }
     status.phase = Some(GraphPhase::Failed);
     let news = old.phase != Some(GraphPhase::Failed)
-        || !has_condition(&old.conditions, "Valid", ConditionStatus::False, Some(reason))
-        || old
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Valid" && c.message != message);
+        || !has_condition(&old.conditions, VALID, ConditionStatus::False, Some(reason))
+        || old.conditions.iter().any(|c| c.type_ == VALID && c.message != message);
     if news {
         publish(ctx, rg, EventType::Warning, event_reason, message).await;
     }
@@ -843,7 +841,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
         set_condition(
             &mut status.conditions,
             Condition::new(
-                "Ready",
+                READY,
                 false,
                 "Deleting",
                 format!(

@@ -2,6 +2,9 @@
 //! schema changes and names it does not own), generates RBAC from `managedResources`, and hands
 //! the kind to the instance supervisor. Deleting a Transform waits until no instance is left.
 
+use crate::api::condition_types::{
+    AUTHORIZED, CRD_GENERATED, CUE_FETCHED, PAUSED, RBAC_CONFIGURED, READY, SCHEMA_COMPATIBLE, SCHEMA_EXTRACTED,
+};
 use crate::api::names::{
     AGGREGATE_LABEL, CUE_MODULE_LABEL, GENERATED_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PAUSED_ANNOTATION,
     TRANSFORM_FINALIZER, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL, TRANSFORM_STATUS_MANAGER,
@@ -252,7 +255,7 @@ impl<'a> StatusUpdate<'a> {
     fn fail(&mut self, stage: &str, reason: &str, message: &str, event_reason: &str) {
         let transition = !self.was(stage, ConditionStatus::False, reason);
         self.condition(stage, false, reason, message);
-        self.condition("Ready", false, reason, message);
+        self.condition(READY, false, reason, message);
         self.new.phase = Some(TransformPhase::Failed);
         if transition {
             self.event(EventType::Warning, event_reason, message);
@@ -293,10 +296,10 @@ async fn write_status(
 async fn pause(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     let mut update = StatusUpdate::start(t, ctx);
     let message = format!("{PAUSED_ANNOTATION} is \"true\": the Transform is not reconciled, deletion included");
-    if !update.was("Paused", ConditionStatus::True, "Paused") {
+    if !update.was(PAUSED, ConditionStatus::True, "Paused") {
         update.event(EventType::Normal, "Paused", &message);
     }
-    update.condition("Paused", true, "Paused", message);
+    update.condition(PAUSED, true, "Paused", message);
     if update.new.phase.is_none() {
         update.new.phase = Some(TransformPhase::Pending);
     }
@@ -355,8 +358,8 @@ impl Stop {
 /// next needs or why it stopped; the status is decided here once and written once.
 async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     let mut update = StatusUpdate::start(t, ctx);
-    if update.old.conditions.iter().any(|c| c.type_ == "Paused") {
-        update.condition("Paused", false, "Resumed", "the Transform is reconciled");
+    if update.old.conditions.iter().any(|c| c.type_ == PAUSED) {
+        update.condition(PAUSED, false, "Resumed", "the Transform is reconciled");
     }
     show_new_spec(t, ctx, &mut update).await?;
     let action = match serve_transform(t, ctx, &mut update).await {
@@ -403,7 +406,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     let settled = next_look.map_or_else(Action::await_change, Action::requeue);
 
     let (module, schema) = load_module(ctx, fetched, &settled).await?;
-    update.condition("SchemaExtracted", true, "Extracted", "#Input converted to a CRD schema");
+    update.condition(SCHEMA_EXTRACTED, true, "Extracted", "#Input converted to a CRD schema");
     let (names, desired) = desired_crd(t, &namespace, &schema, &settled)?;
     let crd_name = desired.metadata.name.clone().unwrap_or_default();
     let resource = api_resource(&t.spec.group, &t.spec.version, &names);
@@ -447,7 +450,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     if update.old.phase != Some(TransformPhase::Ready) {
         update.event(EventType::Normal, "Ready", &ready_message);
     }
-    update.condition("Ready", true, "Ready", ready_message);
+    update.condition(READY, true, "Ready", ready_message);
     update.new.phase = Some(TransformPhase::Ready);
     Ok(Action::requeue(retry.or(next_look).unwrap_or(RESYNC)))
 }
@@ -460,15 +463,8 @@ fn authorize(
     trusted: &TrustedNamespaces,
     update: &mut StatusUpdate<'_>,
 ) -> Result<Allowance, Stop> {
-    let allowance = authority::allowance(&t.spec, namespace, trusted).map_err(|message| {
-        Stop::failed(
-            "Authorized",
-            "NotAllowed",
-            message,
-            "NotAllowed",
-            Action::await_change(),
-        )
-    })?;
+    let allowance = authority::allowance(&t.spec, namespace, trusted)
+        .map_err(|message| Stop::failed(AUTHORIZED, "NotAllowed", message, "NotAllowed", Action::await_change()))?;
     let message = match allowance {
         Allowance::Restricted => format!(
             "namespace {namespace} is not trusted: instances get ordinary namespaced objects in their own namespace"
@@ -483,7 +479,7 @@ fn authorize(
     } else {
         "Trusted"
     };
-    update.condition("Authorized", true, reason, message);
+    update.condition(AUTHORIZED, true, reason, message);
     Ok(allowance)
 }
 
@@ -521,22 +517,22 @@ async fn fetch_module(
                 ));
             }
             let then = Action::requeue(breaker::retry_delay(failures));
-            return Err(Stop::failed("CueFetched", e.reason(), message, "CueFetchFailed", then));
+            return Err(Stop::failed(CUE_FETCHED, e.reason(), message, "CueFetchFailed", then));
         }
     };
     let retry = match &fetched.stale {
         Some(why) => {
             let failures = ctx.fetch_failed(&uid, t.metadata.generation);
-            if !update.was("CueFetched", ConditionStatus::False, "CueFetchFailed") {
+            if !update.was(CUE_FETCHED, ConditionStatus::False, "CueFetchFailed") {
                 update.event(EventType::Warning, "CueFetchFailed", why);
             }
-            update.condition("CueFetched", false, "CueFetchFailed", why.clone());
+            update.condition(CUE_FETCHED, false, "CueFetchFailed", why.clone());
             Some(breaker::retry_delay(failures))
         }
         None => {
             ctx.fetch_succeeded(&uid);
             let what = format!("{source_label} module {} ({})", fetched.platform, fetched.digest);
-            update.condition("CueFetched", true, "Fetched", what);
+            update.condition(CUE_FETCHED, true, "Fetched", what);
             None
         }
     };
@@ -558,7 +554,7 @@ async fn load_module(
         Ok(loaded) => Ok(loaded),
         Err(e) if e.is_transient() => Err(Stop::Error(Error::CueUnavailable(e.to_string()))),
         Err(e) => Err(Stop::failed(
-            "SchemaExtracted",
+            SCHEMA_EXTRACTED,
             e.reason(),
             e.to_string(),
             "CueRenderFailed",
@@ -579,7 +575,7 @@ fn desired_crd(
         .map_err(|e| {
             let reason = e.reason();
             Stop::failed(
-                "CRDGenerated",
+                CRD_GENERATED,
                 reason,
                 e.to_string(),
                 "CRDGenerationFailed",
@@ -629,7 +625,7 @@ async fn renamed_from(
             );
             let then = Action::requeue(RESYNC);
             return Err(Stop::failed(
-                "SchemaCompatible",
+                SCHEMA_COMPATIBLE,
                 "BreakingChange",
                 message,
                 "BreakingChange",
@@ -655,7 +651,7 @@ async fn apply_crd(
         Some(live) => {
             if let Some(conflict) = ownership_conflict(&live, t) {
                 return Err(Stop::failed(
-                    "CRDGenerated",
+                    CRD_GENERATED,
                     "KindConflict",
                     conflict,
                     "KindConflict",
@@ -671,7 +667,7 @@ async fn apply_crd(
                 );
                 let then = settled.clone();
                 return Err(Stop::failed(
-                    "SchemaCompatible",
+                    SCHEMA_COMPATIBLE,
                     "BreakingChange",
                     message,
                     "BreakingChange",
@@ -687,7 +683,7 @@ async fn apply_crd(
         }
         None => (crds.create(&PostParams::default(), desired).await?, true),
     };
-    update.condition("SchemaCompatible", true, "Compatible", "no breaking schema change");
+    update.condition(SCHEMA_COMPATIBLE, true, "Compatible", "no breaking schema change");
     let (crd, changed) = written;
     if changed {
         let verb = if update.old.generated_crd.is_some() {
@@ -711,14 +707,14 @@ fn await_established(
     match crd_state(crd) {
         CrdState::Established => {
             let message = format!("CRD {crd_name} is Established");
-            update.condition("CRDGenerated", true, "Established", message);
+            update.condition(CRD_GENERATED, true, "Established", message);
             Ok(())
         }
         CrdState::NamesRefused(message) => {
             let message = format!("the apiserver refused the names of CRD {crd_name}: {message}");
             let then = settled.clone();
             Err(Stop::failed(
-                "CRDGenerated",
+                CRD_GENERATED,
                 "NamesNotAccepted",
                 message,
                 "CRDGenerationFailed",
@@ -739,7 +735,7 @@ fn await_established(
                     ESTABLISH_TIMEOUT.as_secs()
                 );
                 return Err(Stop::failed(
-                    "CRDGenerated",
+                    CRD_GENERATED,
                     "CRDNotEstablished",
                     message,
                     "CRDGenerationFailed",
@@ -747,7 +743,7 @@ fn await_established(
                 ));
             }
             let message = format!("waiting for CRD {crd_name} to be Established");
-            update.condition("CRDGenerated", false, "WaitingForEstablished", message);
+            update.condition(CRD_GENERATED, false, "WaitingForEstablished", message);
             update.new.phase = Some(TransformPhase::Generating);
             Err(Stop::Waiting(then))
         }
@@ -765,19 +761,19 @@ async fn generate_rbac(
     match configure_rbac(t, ctx, resource).await {
         Ok(generated) => {
             let message = format!("{} rule(s) for the manager", generated.rule_count);
-            update.condition("RBACConfigured", true, "Configured", message);
+            update.condition(RBAC_CONFIGURED, true, "Configured", message);
             update.new.generated_rbac = Some(generated);
             Ok(())
         }
         Err(e @ RbacError::NotOurs { .. }) => Err(Stop::failed(
-            "RBACConfigured",
+            RBAC_CONFIGURED,
             "RBACConflict",
             e.to_string(),
             "RBACConflict",
             then,
         )),
         Err(e) => Err(Stop::failed(
-            "RBACConfigured",
+            RBAC_CONFIGURED,
             "RBACFailed",
             format!("generating RBAC: {e}"),
             "RBACFailed",
@@ -1033,10 +1029,10 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
                 "deletion waits until the {instances} instance(s) of {} are deleted; the CRD is kept until then",
                 crd.spec.names.kind
             );
-            if !update.was("Ready", ConditionStatus::False, "WaitingForInstances") {
+            if !update.was(READY, ConditionStatus::False, "WaitingForInstances") {
                 update.event(EventType::Normal, "WaitingForInstances", &message);
             }
-            update.condition("Ready", false, "WaitingForInstances", message);
+            update.condition(READY, false, "WaitingForInstances", message);
             update.write().await?;
             return Ok(Action::requeue(INSTANCE_POLL));
         }

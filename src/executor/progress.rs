@@ -2,6 +2,7 @@
 //! what happened to it, and the graph's phase and conditions from its nodes' states. The one
 //! status decision of a reconcile is [`conclude`].
 
+use crate::api::condition_types::{DEGRADED, PROGRESSING, READY};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -185,27 +186,27 @@ pub fn conclude(
         .collect();
     let conditions = if complete {
         [
-            Condition::new("Ready", true, "AllNodesReady", format!("all {total} nodes are ready")),
-            Condition::new("Progressing", false, "Completed", "nothing left to apply"),
-            Condition::new("Degraded", false, "AllNodesReady", "no node failed"),
+            Condition::new(READY, true, "AllNodesReady", format!("all {total} nodes are ready")),
+            Condition::new(PROGRESSING, false, "Completed", "nothing left to apply"),
+            Condition::new(DEGRADED, false, "AllNodesReady", "no node failed"),
         ]
     } else if !errors.is_empty() {
         let summary = errors.join("; ");
         [
             Condition::new(
-                "Ready",
+                READY,
                 false,
                 "NodeFailed",
                 format!("{ready}/{total} nodes ready; failed: {summary}"),
             ),
-            Condition::new("Progressing", false, "NodeFailed", "blocked by failed nodes"),
-            Condition::new("Degraded", true, "NodeFailed", summary),
+            Condition::new(PROGRESSING, false, "NodeFailed", "blocked by failed nodes"),
+            Condition::new(DEGRADED, true, "NodeFailed", summary),
         ]
     } else {
         [
-            Condition::new("Ready", false, "Progressing", format!("{ready}/{total} nodes ready")),
-            Condition::new("Progressing", true, "Applying", waiting.join("; ")),
-            Condition::new("Degraded", false, "Progressing", "no node failed"),
+            Condition::new(READY, false, "Progressing", format!("{ready}/{total} nodes ready")),
+            Condition::new(PROGRESSING, true, "Applying", waiting.join("; ")),
+            Condition::new(DEGRADED, false, "Progressing", "no node failed"),
         ]
     };
     status.ready_nodes = Some(format!("{ready}/{total}"));
@@ -235,7 +236,7 @@ pub fn conclude(
         set_condition(&mut status.conditions, condition, time, generation);
     }
     Conclusion {
-        became_ready: complete && !has_condition(&old.conditions, "Ready", ConditionStatus::True, None),
+        became_ready: complete && !has_condition(&old.conditions, READY, ConditionStatus::True, None),
         finished,
     }
 }

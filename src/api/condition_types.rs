@@ -1,0 +1,23 @@
+//! The condition types Pequod sets: part of its public surface (docs/user-guide.md lists them
+//! with their reasons).
+
+/// Every kind: whether it does what it is for.
+pub const READY: &str = "Ready";
+
+// ResourceGraph.
+pub const VALID: &str = "Valid";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+// Instances of generated kinds.
+pub const RENDERED: &str = "Rendered";
+pub const POLICY_COMPLIANT: &str = "PolicyCompliant";
+
+// Transform.
+pub const AUTHORIZED: &str = "Authorized";
+pub const CUE_FETCHED: &str = "CueFetched";
+pub const SCHEMA_EXTRACTED: &str = "SchemaExtracted";
+pub const SCHEMA_COMPATIBLE: &str = "SchemaCompatible";
+pub const CRD_GENERATED: &str = "CRDGenerated";
+pub const RBAC_CONFIGURED: &str = "RBACConfigured";
+pub const PAUSED: &str = "Paused";
