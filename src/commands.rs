@@ -11,8 +11,8 @@ use crate::api::Severity;
 use crate::cli::{CueArgs, OutputFormat};
 use crate::crd::{CrdParams, build_crd, kind_names};
 use crate::cue::{CueCli, ModuleFiles, Renderer, RendererConfig, input_hash, render_input};
-use crate::instance::{InstanceRef, render_hash, resource_graph};
-use crate::metrics::Metrics;
+use crate::instance_graph::{InstanceRef, render_hash, resource_graph};
+use crate::runtime::metrics::Metrics;
 
 /// A command's failure: the message for stderr and the exit code.
 #[derive(Debug)]

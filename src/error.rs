@@ -27,7 +27,7 @@ pub enum StartupError {
     #[error("{0}")]
     InvalidFlags(&'static str),
     #[error("secure metrics: {0}")]
-    Tls(#[from] crate::secure::TlsError),
+    Tls(#[from] crate::runtime::secure::TlsError),
     #[error("graph-signing key: {0}")]
     GraphKey(#[from] crate::executor::signing_key::KeyError),
     #[error("HTTP server failed: {0}")]

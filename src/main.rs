@@ -46,7 +46,7 @@ async fn run() -> ExitCode {
             insecure,
         }) => commands::publish(&module, &reference, insecure).await,
         None => {
-            pequod::telemetry::init(cli.run.zap_log_level, cli.run.zap_encoder);
+            pequod::runtime::telemetry::init(cli.run.zap_log_level, cli.run.zap_encoder);
             return match pequod::operator::run(cli.run).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

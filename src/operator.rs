@@ -16,13 +16,13 @@ use crate::controller::{resourcegraph, transform};
 use crate::cue::{CueCli, Renderer, RendererConfig};
 use crate::error::StartupError;
 use crate::executor::signing_key;
-use crate::health::{Health, Probe};
-use crate::leader::{Elector, Timing};
-use crate::metrics::Metrics;
 use crate::rbac::ManagerIdentity;
-use crate::shutdown::Shutdown;
+use crate::runtime::health::{Health, Probe};
+use crate::runtime::leader::{Elector, Timing};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::shutdown::Shutdown;
+use crate::runtime::{secure, server};
 use crate::source::{Fetcher, FetcherConfig};
-use crate::{secure, server};
 
 /// How often a cue binary that could not be started is tried again for /readyz.
 const CUE_RETRY_INTERVAL: Duration = Duration::from_secs(30);

@@ -22,7 +22,7 @@ pub use object::{
 };
 
 use crate::api::{ApplyMode, ConflictPolicy, Node};
-use crate::metrics::Metrics;
+use crate::runtime::metrics::Metrics;
 
 /// A kind resolved through discovery.
 #[derive(Debug, Clone)]

@@ -33,12 +33,12 @@ use crate::apply::Applier;
 use crate::apply::Predecessor;
 use crate::cue::{Module, Renderer, input_hash, render_input};
 use crate::executor::proof::{Allowance, GraphKey, Origin};
-use crate::instance::{
+use crate::instance_graph::{
     InstanceRef, Scope, confine, graph_name, graph_progress, label_value, legacy_graph_name, node_summaries,
     render_hash, resource_graph,
 };
-use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
+use crate::runtime::metrics::Metrics;
+use crate::runtime::shutdown::Shutdown;
 
 const CONTROLLER: &str = "instance";
 /// Reconciles of one kind in flight: enough for a full render batch to form, so that many

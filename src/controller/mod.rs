@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use crate::api::{Condition, ConditionStatus, has_condition, set_condition};
 
 use crate::error::ErrorCategory;
-use crate::metrics::Metrics;
+use crate::runtime::metrics::Metrics;
 
 /// Errors that end a reconcile early; everything else becomes status.
 #[derive(Debug, thiserror::Error)]
@@ -447,7 +447,7 @@ where
 /// Marks readiness check `check` passing once `store` has synced.
 pub async fn report_when_synced<K>(
     store: kube::runtime::reflector::Store<K>,
-    health: std::sync::Arc<crate::health::Health>,
+    health: std::sync::Arc<crate::runtime::health::Health>,
     check: &'static str,
 ) where
     K: kube::Resource + Clone + 'static,
@@ -458,7 +458,7 @@ pub async fn report_when_synced<K>(
     loop {
         match tokio::time::timeout(std::time::Duration::from_millis(250), store.wait_until_ready()).await {
             Ok(Ok(())) => {
-                health.set(crate::health::Probe::Readiness, check, Ok(()));
+                health.set(crate::runtime::health::Probe::Readiness, check, Ok(()));
                 return;
             }
             Ok(Err(_)) => return,
@@ -469,11 +469,15 @@ pub async fn report_when_synced<K>(
 
 /// A controller whose loop ended while the process is not shutting down no longer makes
 /// progress: /healthz fails so that the kubelet restarts the process.
-pub fn report_stopped(health: &crate::health::Health, check: &'static str, shutdown: &crate::shutdown::Shutdown) {
+pub fn report_stopped(
+    health: &crate::runtime::health::Health,
+    check: &'static str,
+    shutdown: &crate::runtime::shutdown::Shutdown,
+) {
     if !shutdown.is_triggered() {
         tracing::error!(controller = check, "controller stopped unexpectedly");
         health.set(
-            crate::health::Probe::Liveness,
+            crate::runtime::health::Probe::Liveness,
             check,
             Err("the controller stopped unexpectedly".into()),
         );
@@ -589,9 +593,9 @@ mod tests {
 
     #[test]
     fn a_controller_stopping_outside_shutdown_fails_liveness() {
-        use crate::health::{Health, Probe};
+        use crate::runtime::health::{Health, Probe};
         let health = Health::new();
-        let shutdown = crate::shutdown::Shutdown::new();
+        let shutdown = crate::runtime::shutdown::Shutdown::new();
         health.set(Probe::Liveness, "transform-controller", Ok(()));
 
         shutdown.trigger();
@@ -601,7 +605,7 @@ mod tests {
             "stopping during shutdown is expected"
         );
 
-        let running = crate::shutdown::Shutdown::new();
+        let running = crate::runtime::shutdown::Shutdown::new();
         report_stopped(&health, "transform-controller", &running);
         let report = health.report(Probe::Liveness);
         assert!(!report.ok);

@@ -37,10 +37,10 @@ use crate::executor::plan::{self, Write};
 use crate::executor::progress;
 use crate::executor::proof::{GraphKey, Origin};
 use crate::graph::{self, Dag};
-use crate::health::{Health, Probe};
-use crate::metrics::Metrics;
 use crate::readiness::Registry;
-use crate::shutdown::Shutdown;
+use crate::runtime::health::{Health, Probe};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::shutdown::Shutdown;
 use GRAPH_FINALIZER as FINALIZER;
 
 const CONTROLLER: &str = "resourcegraph";

@@ -39,10 +39,10 @@ use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
 use crate::executor::proof::Allowance;
-use crate::health::{Health, Probe};
-use crate::metrics::Metrics;
 use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
-use crate::shutdown::Shutdown;
+use crate::runtime::health::{Health, Probe};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::shutdown::Shutdown;
 use crate::source::{Fetcher, breaker};
 
 const CONTROLLER: &str = "transform";

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::api::ResourceGraph;
 use crate::apply::Resolved;
-use crate::shutdown::Shutdown;
+use crate::runtime::shutdown::Shutdown;
 
 struct KindWatch {
     store: Store<DynamicObject>,

@@ -10,7 +10,7 @@ use tokio::process::Command;
 use tokio::sync::{Semaphore, watch};
 
 use super::CueError;
-use crate::metrics::Metrics;
+use crate::runtime::metrics::Metrics;
 
 /// Most bytes of stdout kept from one invocation; larger output is an error.
 pub const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;

@@ -11,11 +11,11 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::{OnceCell, mpsc, oneshot};
 
+use super::batch::{self, RenderError, RenderOutput};
 use super::module::{Module, ModuleFiles, ModuleStore};
-use super::render::{self, RenderError, RenderOutput};
 use super::{CueCli, CueError, crd_schema_from_openapi};
 use crate::lru::Lru;
-use crate::metrics::Metrics;
+use crate::runtime::metrics::Metrics;
 
 /// Tuning of the renderer.
 #[derive(Debug, Clone)]
@@ -183,7 +183,7 @@ impl Renderer {
         Ok(ModuleSchema { metadata, spec })
     }
 
-    /// Renders `input` (see [`render::render_input`]) through `module`. Results, failures
+    /// Renders `input` (see [`batch::render_input`]) through `module`. Results, failures
     /// included, are cached by (module digest, input hash); renders of the same module that
     /// wait at the same time share one cue call.
     pub async fn render(&self, module: &Module, input: Value) -> RenderResult {
@@ -241,14 +241,14 @@ impl Renderer {
 fn schema_error(e: CueError) -> RenderError {
     match e {
         CueError::Failed { message, .. } => RenderError::InvalidModule {
-            message: render::clean_message(&message),
+            message: batch::clean_message(&message),
         },
         other => other.into(),
     }
 }
 
 fn cache_key(digest: &str, input: &Value) -> String {
-    format!("{digest}/{}", render::input_hash(input))
+    format!("{digest}/{}", batch::input_hash(input))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -364,14 +364,14 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
                 }
             }
             Err(CueError::Failed { message, .. }) => {
-                let (per_input, _) = render::attribute_errors(&message, pending.len());
+                let (per_input, _) = batch::attribute_errors(&message, pending.len());
                 if per_input.is_empty() && pending.len() > 1 {
                     // Nothing points at an input: halve the batch, so that no instance is given
                     // an error (which may quote an input) that belongs to another.
                     split(inner, module, inputs, &mut pending, &mut results).await;
                 } else if per_input.is_empty() {
                     let error = RenderError::Evaluation {
-                        message: render::clean_message(&message),
+                        message: batch::clean_message(&message),
                     };
                     for i in pending.drain(..) {
                         results[i] = Some(Err(error.clone()));
@@ -445,8 +445,8 @@ async fn run_cue_batch(
         Ok(dir) => dir,
         Err(e) => return Ok(Err(e.into())),
     };
-    let source = render::batch_source(module, inputs);
-    if let Err(e) = tokio::fs::write(dir.join(render::BATCH_FILE), source).await {
+    let source = batch::batch_source(module, inputs);
+    if let Err(e) = tokio::fs::write(dir.join(batch::BATCH_FILE), source).await {
         return Ok(Err(RenderError::InvalidModule {
             message: format!("writing batch file: {e}"),
         }));
@@ -457,7 +457,7 @@ async fn run_cue_batch(
         .run(&["export", &relative, "--out", "json"], Some(&module.dir))
         .await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    Ok(render::parse_batch(&outcome?, inputs.len()))
+    Ok(batch::parse_batch(&outcome?, inputs.len()))
 }
 
 /// Least-recently-used cache of render results, bounded by entries and by bytes (the most

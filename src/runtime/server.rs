@@ -10,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::health::{Health, Probe};
-use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
+use crate::runtime::health::{Health, Probe};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::shutdown::Shutdown;
 
 pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
     Router::new().route("/metrics", get(serve_metrics)).with_state(metrics)
