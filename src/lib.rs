@@ -3,6 +3,7 @@
 pub mod api;
 pub mod apply;
 pub mod authority;
+pub mod canonical;
 pub mod cli;
 pub mod commands;
 pub mod controller;

@@ -342,6 +342,11 @@ impl<E: Into<Error>> From<E> for Stop {
 }
 
 impl Stop {
+    /// A schema change refused because it would break stored instances.
+    fn breaking(message: String, then: Action) -> Self {
+        Self::failed(SCHEMA_COMPATIBLE, "BreakingChange", message, "BreakingChange", then)
+    }
+
     fn failed(stage: &'static str, reason: &'static str, message: String, event: &'static str, then: Action) -> Self {
         Self::Failed {
             stage,
@@ -624,13 +629,7 @@ async fn renamed_from(
                 previous.name, previous.kind
             );
             let then = Action::requeue(RESYNC);
-            return Err(Stop::failed(
-                SCHEMA_COMPATIBLE,
-                "BreakingChange",
-                message,
-                "BreakingChange",
-                then,
-            ));
+            return Err(Stop::breaking(message, then));
         }
     }
     Ok(Some(previous))
@@ -666,13 +665,7 @@ async fn apply_crd(
                     breaking.join("; ")
                 );
                 let then = settled.clone();
-                return Err(Stop::failed(
-                    SCHEMA_COMPATIBLE,
-                    "BreakingChange",
-                    message,
-                    "BreakingChange",
-                    then,
-                ));
+                return Err(Stop::breaking(message, then));
             }
             if contains(&serde_json::to_value(&live)?, &serde_json::to_value(desired)?) {
                 (live, false)

@@ -116,39 +116,10 @@ pub fn render_input(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Objec
     serde_json::json!({"metadata": metadata, "spec": spec})
 }
 
-/// `sha256:<hex>` of a JSON value with object keys sorted, so equal inputs hash equally.
+/// `sha256:<hex>` of a JSON value in its canonical text, so equal inputs hash equally.
 pub fn input_hash(value: &Value) -> String {
     use sha2::{Digest, Sha256};
-    fn canonical(v: &Value, out: &mut String) {
-        match v {
-            Value::Object(map) => {
-                let sorted: BTreeMap<&String, &Value> = map.iter().collect();
-                out.push('{');
-                for (i, (k, v)) in sorted.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&Value::String(k.clone()).to_string());
-                    out.push(':');
-                    canonical(v, out);
-                }
-                out.push('}');
-            }
-            Value::Array(items) => {
-                out.push('[');
-                for (i, v) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    canonical(v, out);
-                }
-                out.push(']');
-            }
-            other => out.push_str(&other.to_string()),
-        }
-    }
-    let mut text = String::new();
-    canonical(value, &mut text);
+    let text = crate::canonical::canonical_json(value);
     format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes())))
 }
 

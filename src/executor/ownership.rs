@@ -154,11 +154,12 @@ pub fn let_go(entry: &InventoryEntry, live: &Value, graph: &GraphIdentity) -> Le
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn graph() -> GraphIdentity {
+    /// Graph `team/web`, uid `uid-web`, taking over from nothing.
+    pub(crate) fn graph() -> GraphIdentity {
         GraphIdentity {
             name: "web".into(),
             namespace: "team".into(),

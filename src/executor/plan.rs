@@ -257,15 +257,7 @@ pub fn manager_release(desired: &Value) -> Value {
 mod tests {
     use super::*;
     use crate::api::ConflictPolicy;
-
-    fn graph() -> GraphIdentity {
-        GraphIdentity {
-            name: "web".into(),
-            namespace: "team".into(),
-            uid: "uid-web".into(),
-            predecessor: None,
-        }
-    }
+    use crate::executor::ownership::tests::graph;
 
     fn node(object: Value, mode: ApplyMode, gates: Value) -> Node {
         let mut n: Node = serde_json::from_value(json!({"id": "n", "object": object, "readyWhen": gates})).unwrap();

@@ -7,8 +7,8 @@
 //! graph its Transform's allowances only when that proof verifies, and treats every other graph
 //! as hand-written.
 
+use crate::canonical::canonical_json;
 use ring::hmac;
-use serde_json::Value;
 
 use crate::api::ResourceGraphSpec;
 
@@ -124,50 +124,14 @@ fn message(
 ) -> Vec<u8> {
     let predecessor = predecessor.unwrap_or_default();
     let mut out = format!("pequod-graph-proof\n{VERSION}\n{namespace}\n{name}\n{allowance}\n{predecessor}\n");
-    canonical(&serde_json::to_value(spec).unwrap_or_default(), &mut out);
+    out.push_str(&canonical_json(&serde_json::to_value(spec).unwrap_or_default()));
     out.into_bytes()
-}
-
-/// JSON with sorted keys and integral numbers written as integers: the same spec read back
-/// from the apiserver (which may reorder keys and write `1.0` as `1`) gives the same bytes.
-fn canonical(value: &Value, out: &mut String) {
-    match value {
-        Value::Object(fields) => {
-            let mut keys: Vec<&String> = fields.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
-                canonical(&fields[key], out);
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical(item, out);
-            }
-            out.push(']');
-        }
-        Value::Number(n) => match n.as_f64() {
-            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => out.push_str(&(f as i64).to_string()),
-            _ => out.push_str(&n.to_string()),
-        },
-        other => out.push_str(&other.to_string()),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn key(byte: u8) -> GraphKey {
         GraphKey::new(&[byte; 32]).unwrap()

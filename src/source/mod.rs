@@ -562,14 +562,24 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_module_fetched_with_a_pull_secret_is_not_served_to_a_transform_without_it() {
+    /// A fetcher whose registry and apiserver are the discard port, where nothing listens:
+    /// every request is refused at once. The temporary folder is its cache.
+    fn unreachable_fetcher() -> (&'static str, tempfile::TempDir, Fetcher) {
         let host = "127.0.0.1:9";
         let cache = tempfile::tempdir().unwrap();
         let mut config = FetcherConfig::new(cache.path());
         config.insecure_registries = vec![host.to_string()];
         let client = Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
-        let fetcher = Fetcher::new(client, config, Arc::new(Metrics::new().unwrap()));
+        (
+            host,
+            cache,
+            Fetcher::new(client, config, Arc::new(Metrics::new().unwrap())),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_module_fetched_with_a_pull_secret_is_not_served_to_a_transform_without_it() {
+        let (host, _cache, fetcher) = unreachable_fetcher();
         let files = ModuleFiles::inline("package m\n#Input: {}\n").unwrap();
         let digest = format!("sha256:{}", "c".repeat(64));
         fetcher
@@ -585,13 +595,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_open_circuit_fails_fast_yet_cached_digests_and_recent_resolutions_still_serve() {
-        // Nothing listens on the discard port: every request is refused at once.
-        let host = "127.0.0.1:9";
-        let cache = tempfile::tempdir().unwrap();
-        let mut config = FetcherConfig::new(cache.path());
-        config.insecure_registries = vec![host.to_string()];
-        let client = Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
-        let fetcher = Fetcher::new(client, config, Arc::new(Metrics::new().unwrap()));
+        let (host, _cache, fetcher) = unreachable_fetcher();
         let files = ModuleFiles::inline("package m\n#Input: {}\n").unwrap();
         let digest = format!("sha256:{}", "b".repeat(64));
         fetcher

@@ -120,13 +120,9 @@ async fn killed_operator_converges_after_restart_without_duplicates() {
 
 const NOTES: usize = 20;
 
-#[tokio::test]
-async fn killed_operator_converges_on_instances_after_restart() {
-    let _serial = SERIAL.lock().await;
-    let env = support::env("restart-instances").await;
-    support::install_crds(&env.client).await;
-    let group = format!("{}.test.example.com", env.namespace);
-    let api_version = format!("{group}/v1alpha1");
+/// The `Note` module as a ConfigMap and Transform `note` serving it in group `group`, both in
+/// the test's namespace.
+async fn put_note_transform(env: &support::TestEnv, group: &str) {
     let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": support::NOTE_MODULE}});
     let transform = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
@@ -134,6 +130,16 @@ async fn killed_operator_converges_on_instances_after_restart() {
     for doc in [module, transform] {
         support::apply_yaml(&env.client, &env.namespace, &serde_yaml::to_string(&doc).unwrap()).await;
     }
+}
+
+#[tokio::test]
+async fn killed_operator_converges_on_instances_after_restart() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("restart-instances").await;
+    support::install_crds(&env.client).await;
+    let group = format!("{}.test.example.com", env.namespace);
+    let api_version = format!("{group}/v1alpha1");
+    put_note_transform(&env, &group).await;
 
     let first = start(&env.kubeconfig);
     let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -631,13 +637,7 @@ async fn an_instance_s_graph_of_the_earlier_naming_is_taken_over_without_touchin
     let ns = env.namespace.clone();
     let group = format!("{ns}.test.example.com");
     let api_version = format!("{group}/v1alpha1");
-    let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": support::NOTE_MODULE}});
-    let transform = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
-        "metadata": {"name": "note"}, "spec": {"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}});
-    for doc in [module, transform] {
-        support::apply_yaml(&env.client, &ns, &serde_yaml::to_string(&doc).unwrap()).await;
-    }
+    put_note_transform(&env, &group).await;
     let first = start(&env.kubeconfig);
     let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &ns);
     support::wait_transform_ready(&transforms, "note").await;
