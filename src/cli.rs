@@ -60,6 +60,19 @@ pub enum Command {
         #[command(flatten)]
         cue: CueArgs,
     },
+    /// Print the RBAC a Transform needs, for an administrator to apply when the manager does not
+    /// write RBAC itself (`--generate-rbac=false`). Reads the Transform from the cluster of the
+    /// current kubeconfig.
+    Rbac {
+        /// The Transform, as NAMESPACE/NAME.
+        transform: String,
+        /// The manager's service account.
+        #[arg(long, default_value = "pequod-controller-manager")]
+        service_account: String,
+        /// The manager's namespace.
+        #[arg(long, default_value = "pequod-system")]
+        service_account_namespace: String,
+    },
     /// Push a module to an OCI registry (one tar+gzip layer) and print its digest.
     /// Credentials come from PEQUOD_REGISTRY_USERNAME and PEQUOD_REGISTRY_PASSWORD.
     Publish {
@@ -198,6 +211,12 @@ pub struct RunArgs {
     /// namespace. Default: the operator's own namespace; `*` trusts every namespace.
     #[arg(long, env = "PEQUOD_TRUSTED_TRANSFORM_NAMESPACES", value_delimiter = ',')]
     pub trusted_transform_namespaces: Vec<String>,
+
+    /// Write each Transform's Role or ClusterRole (needs `escalate` and `bind` on roles). With
+    /// `false` an administrator applies what `pequod rbac NAMESPACE/NAME` prints, and a
+    /// Transform waits with `RBACConfigured=False` and the missing rules until it exists.
+    #[arg(long, env = "PEQUOD_GENERATE_RBAC", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub generate_rbac: bool,
 
     /// Most objects each controller reconciles at the same time.
     #[arg(long, env = "PEQUOD_MAX_CONCURRENT_RECONCILES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]

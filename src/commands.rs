@@ -1,4 +1,5 @@
-//! The offline subcommands: `crd`, `render` and `schema`. None needs a cluster.
+//! The subcommands. `crd`, `render` and `schema` need no cluster; `rbac` reads a Transform
+//! and `publish` pushes to a registry.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,6 +64,89 @@ fn load_module_files(module: &str) -> Result<(ModuleFiles, String), CommandError
     ModuleFiles::embedded(module)
         .map(|f| (f, module.to_string()))
         .map_err(|e| CommandError::new(format!("{module} is neither a folder nor an embedded module: {e}")))
+}
+
+/// `pequod rbac NAMESPACE/NAME`: prints, as YAML, the Role or ClusterRole (and the pull
+/// Secret's Role) that a restricted manager needs for the Transform.
+pub async fn rbac(transform: &str, service_account: String, namespace: String) -> Result<(), CommandError> {
+    use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
+    use kube::{Api, Resource};
+
+    let (ns, name) = transform
+        .split_once('/')
+        .ok_or_else(|| CommandError::new(format!("{transform}: want NAMESPACE/NAME")))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| CommandError::new(format!("connecting to the cluster: {e}")))?;
+    let t_client = client.clone();
+    let t = Api::<crate::api::Transform>::namespaced(client, ns)
+        .get(name)
+        .await
+        .map_err(|e| CommandError::new(format!("reading Transform {transform}: {e}")))?;
+    let manager = ManagerIdentity {
+        service_account,
+        namespace,
+    };
+    let identity = TransformIdentity {
+        name,
+        namespace: ns,
+        owner: t.controller_owner_ref(&()),
+    };
+    let mut documents: Vec<Value> = Vec::new();
+    let to_value = |v: Result<Value, serde_json::Error>| v.map_err(|e| CommandError::new(format!("encoding: {e}")));
+    if let Some(secret) = &t.spec.cue_ref.pull_secret_ref {
+        let (role, binding) = rbac::pull_secret_access(&identity, &secret.name, &manager);
+        documents.push(to_value(serde_json::to_value(role))?);
+        documents.push(to_value(serde_json::to_value(binding))?);
+    }
+    // The kind is the newest CRD the Transform generated (while a kind is renamed, the new one).
+    let crds =
+        Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(
+            t_client,
+        )
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "{}={name},{}={ns}",
+            crate::api::names::TRANSFORM_LABEL,
+            crate::api::names::TRANSFORM_NAMESPACE_LABEL
+        )))
+        .await
+        .map_err(|e| CommandError::new(format!("listing the CRDs of Transform {transform}: {e}")))?;
+    let newest = crds
+        .items
+        .into_iter()
+        .max_by(|a, b| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp));
+    match newest {
+        Some(crd) => {
+            let served = ServedKind {
+                group: &crd.spec.group,
+                plural: &crd.spec.names.plural,
+            };
+            let rules = rbac::rules(&t.spec.managed_resources, &served);
+            match rbac::generate(t.spec.rbac_scope, &identity, rules, &manager) {
+                Generated::Cluster(role) => documents.push(to_value(serde_json::to_value(role))?),
+                Generated::Namespace(generated) => {
+                    let (role, binding) = *generated;
+                    documents.push(to_value(serde_json::to_value(role))?);
+                    documents.push(to_value(serde_json::to_value(binding))?);
+                }
+            }
+        }
+        None if documents.is_empty() => {
+            return Err(CommandError::new(format!(
+                "Transform {transform} has generated no CRD yet; \
+                 run again once its condition CRDGenerated is True"
+            )));
+        }
+        None => eprintln!(
+            "Transform {transform} has no CRD yet: this is the pull Secret's access only; \
+             run again once its condition CRDGenerated is True"
+        ),
+    }
+    for document in documents {
+        let yaml = serde_yaml::to_string(&document).map_err(|e| CommandError::new(format!("encoding: {e}")))?;
+        print!("---\n{yaml}");
+    }
+    Ok(())
 }
 
 /// `pequod publish`: pushes a module and prints `<reference>@<digest>`.

@@ -40,6 +40,11 @@ async fn run() -> ExitCode {
             output,
             cue,
         }) => commands::schema(&module, name.as_deref(), &group, &version, output, &cue).await,
+        Some(Command::Rbac {
+            transform,
+            service_account,
+            service_account_namespace,
+        }) => commands::rbac(&transform, service_account, service_account_namespace).await,
         Some(Command::Publish {
             module,
             reference,

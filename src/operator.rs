@@ -16,7 +16,7 @@ use crate::controller::{resourcegraph, transform};
 use crate::cue::{CueCli, Renderer, RendererConfig};
 use crate::error::StartupError;
 use crate::executor::signing_key;
-use crate::rbac::ManagerIdentity;
+use crate::rbac::{ManagerIdentity, RbacMode};
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::leader::{Elector, Timing};
 use crate::runtime::metrics::Metrics;
@@ -181,7 +181,12 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             ManagerIdentity::from_env(),
             supervisor,
         )
-        .trusting(trusted_namespaces(&args)),
+        .trusting(trusted_namespaces(&args))
+        .with_rbac_mode(if args.generate_rbac {
+            RbacMode::Generate
+        } else {
+            RbacMode::External
+        }),
     );
     let (h, s, n) = (health.clone(), shutdown.clone(), args.max_concurrent_reconciles);
     tasks.spawn(async move {

@@ -121,17 +121,22 @@ pub struct TransformIdentity<'a> {
     pub owner: Option<OwnerReference>,
 }
 
+/// The labels that say a Transform made an RBAC object (see [`made_by`]).
+fn transform_labels(transform: &TransformIdentity<'_>) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+        (TRANSFORM_LABEL.to_string(), transform.name.to_string()),
+        (TRANSFORM_NAMESPACE_LABEL.to_string(), transform.namespace.to_string()),
+    ])
+}
+
 pub fn generate(
     scope: RbacScope,
     transform: &TransformIdentity<'_>,
     rules: Vec<PolicyRule>,
     manager: &ManagerIdentity,
 ) -> Generated {
-    let mut labels = BTreeMap::from([
-        (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
-        (TRANSFORM_LABEL.to_string(), transform.name.to_string()),
-        (TRANSFORM_NAMESPACE_LABEL.to_string(), transform.namespace.to_string()),
-    ]);
+    let mut labels = transform_labels(transform);
     match scope {
         RbacScope::Cluster => {
             labels.insert(AGGREGATE_LABEL.to_string(), "true".to_string());
@@ -146,36 +151,144 @@ pub fn generate(
             }))
         }
         RbacScope::Namespace => {
-            let meta = ObjectMeta {
-                name: Some(role_name(transform.name)),
-                namespace: Some(transform.namespace.to_string()),
-                labels: Some(labels),
-                owner_references: transform.owner.clone().map(|o| vec![o]),
-                ..Default::default()
-            };
-            let binding = RoleBinding {
-                metadata: meta.clone(),
-                role_ref: RoleRef {
-                    api_group: "rbac.authorization.k8s.io".into(),
-                    kind: "Role".into(),
-                    name: role_name(transform.name),
-                },
-                subjects: Some(vec![Subject {
-                    kind: "ServiceAccount".into(),
-                    name: manager.service_account.clone(),
-                    namespace: Some(manager.namespace.clone()),
-                    api_group: None,
-                }]),
-            };
-            Generated::Namespace(Box::new((
-                Role {
-                    metadata: meta,
-                    rules: Some(rules),
-                },
-                binding,
-            )))
+            let (role, binding) = namespaced(transform, role_name(transform.name), labels, rules, manager);
+            Generated::Namespace(Box::new((role, binding)))
         }
     }
+}
+
+/// A Role of `rules` in the Transform's namespace, bound to the manager.
+fn namespaced(
+    transform: &TransformIdentity<'_>,
+    name: String,
+    labels: BTreeMap<String, String>,
+    rules: Vec<PolicyRule>,
+    manager: &ManagerIdentity,
+) -> (Role, RoleBinding) {
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: Some(transform.namespace.to_string()),
+        labels: Some(labels),
+        owner_references: transform.owner.clone().map(|o| vec![o]),
+        ..Default::default()
+    };
+    let binding = RoleBinding {
+        metadata: meta.clone(),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name,
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: manager.service_account.clone(),
+            namespace: Some(manager.namespace.clone()),
+            api_group: None,
+        }]),
+    };
+    (
+        Role {
+            metadata: meta,
+            rules: Some(rules),
+        },
+        binding,
+    )
+}
+
+/// Who writes a Transform's RBAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RbacMode {
+    /// The manager writes it (it needs `escalate` and `bind` on roles for that).
+    Generate,
+    /// An administrator applies what `pequod rbac` prints; the manager only checks that it
+    /// holds the rules, so no Transform can make it gain a permission.
+    External,
+}
+
+/// One permission the manager needs, in the terms of an access review.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Access {
+    pub group: String,
+    pub resource: String,
+    pub subresource: Option<String>,
+    pub verb: String,
+    /// `None`: in every namespace.
+    pub namespace: Option<String>,
+}
+
+/// Every permission `rules` grant, where a Transform of `scope` in `namespace` needs them.
+pub fn required_access(rules: &[PolicyRule], scope: RbacScope, namespace: &str) -> Vec<Access> {
+    let where_ = (scope == RbacScope::Namespace).then(|| namespace.to_string());
+    let mut access = Vec::new();
+    for rule in rules {
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                let (resource, subresource) = match resource.split_once('/') {
+                    Some((r, sub)) => (r.to_string(), Some(sub.to_string())),
+                    None => (resource.clone(), None),
+                };
+                for verb in &rule.verbs {
+                    access.push(Access {
+                        group: group.clone(),
+                        resource: resource.clone(),
+                        subresource: subresource.clone(),
+                        verb: verb.clone(),
+                        namespace: where_.clone(),
+                    });
+                }
+            }
+        }
+    }
+    access.sort();
+    access.dedup();
+    access
+}
+
+/// A short account of missing permissions: one entry per resource, with its verbs.
+pub fn describe_missing(missing: &[Access]) -> String {
+    let mut by_resource: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for a in missing {
+        let mut resource = a.resource.clone();
+        if let Some(sub) = &a.subresource {
+            resource = format!("{resource}/{sub}");
+        }
+        if !a.group.is_empty() {
+            resource = format!("{resource}.{}", a.group);
+        }
+        let place = match &a.namespace {
+            Some(ns) => format!(" in namespace {ns}"),
+            None => " in every namespace".to_string(),
+        };
+        by_resource.entry(resource + &place).or_default().push(&a.verb);
+    }
+    by_resource
+        .into_iter()
+        .map(|(resource, verbs)| format!("{} {resource}", verbs.join(",")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Name of the Role and RoleBinding that let the manager read a Transform's pull Secret.
+pub fn pull_secret_role_name(name: &str) -> String {
+    format!("pequod-transform-{name}-pull-secret")
+}
+
+/// `get` on the one pull Secret of a Transform, in its namespace, for the manager: what a
+/// restricted manager needs to fetch a private module, and nothing more.
+pub fn pull_secret_access(
+    transform: &TransformIdentity<'_>,
+    secret: &str,
+    manager: &ManagerIdentity,
+) -> (Role, RoleBinding) {
+    let rules = vec![PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec!["secrets".into()]),
+        resource_names: Some(vec![secret.to_string()]),
+        verbs: vec!["get".into()],
+        ..Default::default()
+    }];
+    let name = pull_secret_role_name(transform.name);
+    namespaced(transform, name, transform_labels(transform), rules, manager)
 }
 
 #[cfg(test)]
@@ -286,5 +399,73 @@ mod tests {
             (subject.name.as_str(), subject.namespace.as_deref()),
             ("sa", Some("pequod-system"))
         );
+    }
+
+    #[test]
+    fn required_access_lists_each_verb_where_the_scope_needs_it() {
+        let managed = vec![ManagedResource {
+            api_group: Some("apps".into()),
+            resources: vec!["deployments".into()],
+        }];
+        let rules = rules(&managed, &SERVED);
+        let cluster = required_access(&rules, RbacScope::Cluster, "platform");
+        assert_eq!(cluster.len(), 7 + 5 + 2 * 3);
+        assert!(cluster.iter().all(|a| a.namespace.is_none()));
+        let status_update = Access {
+            group: "apps.example.com".into(),
+            resource: "webservices".into(),
+            subresource: Some("status".into()),
+            verb: "update".into(),
+            namespace: None,
+        };
+        assert!(cluster.contains(&status_update));
+        let namespaced = required_access(&rules, RbacScope::Namespace, "platform");
+        assert!(namespaced.iter().all(|a| a.namespace.as_deref() == Some("platform")));
+        assert!(
+            !namespaced
+                .iter()
+                .chain(&cluster)
+                .any(|a| a.verb == "escalate" || a.verb == "bind")
+        );
+    }
+
+    #[test]
+    fn missing_access_is_told_per_resource() {
+        let access = |group: &str, resource: &str, verb: &str, namespace: Option<&str>| Access {
+            group: group.into(),
+            resource: resource.into(),
+            subresource: None,
+            verb: verb.into(),
+            namespace: namespace.map(String::from),
+        };
+        let missing = [
+            access("", "configmaps", "create", None),
+            access("", "configmaps", "delete", None),
+            access("apps", "deployments", "get", Some("team-a")),
+        ];
+        assert_eq!(
+            describe_missing(&missing),
+            "create,delete configmaps in every namespace; get deployments.apps in namespace team-a"
+        );
+    }
+
+    #[test]
+    fn the_pull_secret_role_reads_one_secret_in_the_transform_namespace() {
+        let t = TransformIdentity {
+            name: "web",
+            namespace: "platform",
+            owner: None,
+        };
+        let manager = ManagerIdentity {
+            service_account: "sa".into(),
+            namespace: "pequod-system".into(),
+        };
+        let (role, binding) = pull_secret_access(&t, "registry", &manager);
+        let rule = &role.rules.unwrap()[0];
+        assert_eq!(rule.resource_names, Some(vec!["registry".to_string()]));
+        assert_eq!(rule.verbs, vec!["get".to_string()]);
+        assert_eq!(role.metadata.namespace.as_deref(), Some("platform"));
+        assert_eq!(binding.role_ref.name, "pequod-transform-web-pull-secret");
+        assert!(made_by(role.metadata.labels.as_ref(), "platform", "web"));
     }
 }

@@ -1,5 +1,6 @@
 //! Controllers: the kube-facing loops around the pure core.
 
+pub mod access;
 pub mod instance;
 pub mod resourcegraph;
 pub mod transform;

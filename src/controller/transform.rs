@@ -39,7 +39,7 @@ use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
 use crate::executor::proof::Allowance;
-use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
+use crate::rbac::{self, Generated, ManagerIdentity, RbacMode, ServedKind, TransformIdentity};
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
@@ -50,6 +50,8 @@ const CONTROLLER: &str = "transform";
 const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Safety resync; module changes of ConfigMap sources arrive through a watch.
 const RESYNC: Duration = Duration::from_secs(600);
+/// How often a Transform waiting for an administrator's RBAC looks again.
+const RBAC_POLL: Duration = Duration::from_secs(5);
 /// How often a deleted Transform looks again whether its instances are gone.
 const INSTANCE_POLL: Duration = Duration::from_secs(5);
 
@@ -69,6 +71,8 @@ pub struct Context {
     backoff: super::Backoff,
     /// Namespaces whose Transforms may give their instances more than their own namespace.
     trusted: TrustedNamespaces,
+    /// Whether the manager writes Transforms' RBAC or an administrator does.
+    rbac_mode: RbacMode,
 }
 
 impl super::Retries for Context {
@@ -99,6 +103,7 @@ impl Context {
             fetch_failures: Default::default(),
             backoff: super::Backoff::default(),
             trusted: TrustedNamespaces::new(Vec::new()),
+            rbac_mode: RbacMode::Generate,
         }
     }
 }
@@ -109,6 +114,12 @@ impl Context {
     /// Trusts the Transforms of `trusted` (by default none).
     pub fn trusting(mut self, trusted: TrustedNamespaces) -> Self {
         self.trusted = trusted;
+        self
+    }
+
+    /// Who writes Transforms' RBAC (by default the manager).
+    pub fn with_rbac_mode(mut self, mode: RbacMode) -> Self {
+        self.rbac_mode = mode;
         self
     }
 
@@ -621,7 +632,7 @@ async fn renamed_from(
     if let Some(old_crd) = crds.get_opt(&previous.name).await?
         && owned_by(&old_crd, t)
     {
-        let instances = count_instances(ctx, &old_crd).await?;
+        let instances = count_instances(ctx, &old_crd, t).await?;
         if instances > 0 {
             let message = format!(
                 "the generated CRD would change from {} to {crd_name}, but {instances} instance(s) of {} exist; \
@@ -743,13 +754,17 @@ fn await_established(
     }
 }
 
-/// Generates the RBAC that serving the kind and applying its objects needs.
+/// Generates the RBAC that serving the kind and applying its objects needs, or, when an
+/// administrator writes it (`--generate-rbac=false`), checks that the manager holds it.
 async fn generate_rbac(
     t: &Transform,
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     resource: &ApiResource,
 ) -> Result<(), Stop> {
+    if ctx.rbac_mode == RbacMode::External {
+        return check_rbac(t, ctx, update, resource).await;
+    }
     let then = Action::requeue(super::RETRY);
     match configure_rbac(t, ctx, resource).await {
         Ok(generated) => {
@@ -773,6 +788,51 @@ async fn generate_rbac(
             then,
         )),
     }
+}
+
+/// Asks the apiserver whether the manager holds every rule the Transform needs; until it
+/// does, the Transform waits with the missing rules in its status and is looked at again.
+async fn check_rbac(
+    t: &Transform,
+    ctx: &Context,
+    update: &mut StatusUpdate<'_>,
+    resource: &ApiResource,
+) -> Result<(), Stop> {
+    let namespace = t.namespace().unwrap_or_default();
+    let rules = transform_rules(t, resource);
+    let needed = rbac::required_access(&rules, t.spec.rbac_scope, &namespace);
+    let missing = super::access::missing(&ctx.client, needed).await?;
+    if missing.is_empty() {
+        let message = format!("the manager holds the {} rule(s) the Transform needs", rules.len());
+        update.condition(RBAC_CONFIGURED, true, "Configured", message);
+        update.new.generated_rbac = None;
+        return Ok(());
+    }
+    let message = format!(
+        "the manager lacks {} permission(s) and does not grant itself any; an administrator applies \
+         the output of `pequod rbac {namespace}/{}`: {}",
+        missing.len(),
+        t.name_any(),
+        rbac::describe_missing(&missing)
+    );
+    if !update.was(RBAC_CONFIGURED, ConditionStatus::False, "RBACMissing") {
+        update.event(EventType::Warning, "RBACMissing", &message);
+    }
+    update.condition(RBAC_CONFIGURED, false, "RBACMissing", message.clone());
+    update.condition(READY, false, "RBACMissing", message);
+    update.new.phase = Some(TransformPhase::Pending);
+    Err(Stop::Waiting(Action::requeue(RBAC_POLL)))
+}
+
+/// The rules a Transform's kind and managed resources need.
+fn transform_rules(t: &Transform, resource: &ApiResource) -> Vec<k8s_openapi::api::rbac::v1::PolicyRule> {
+    rbac::rules(
+        &t.spec.managed_resources,
+        &ServedKind {
+            group: &resource.group,
+            plural: &resource.plural,
+        },
+    )
 }
 
 /// Whether a CRD was generated by this Transform.
@@ -857,7 +917,9 @@ fn crd_state(crd: &CustomResourceDefinition) -> CrdState {
 }
 
 /// Number of instances of the kind a CRD serves, in every namespace.
-async fn count_instances(ctx: &Context, crd: &CustomResourceDefinition) -> Result<usize, Error> {
+/// Instances of the Transform's kind where it serves them (a Namespace-scoped Transform's
+/// manager may list only its namespace).
+async fn count_instances(ctx: &Context, crd: &CustomResourceDefinition, t: &Transform) -> Result<usize, Error> {
     let Some(version) = crd.spec.versions.iter().find(|v| v.storage) else {
         return Ok(0);
     };
@@ -868,7 +930,10 @@ async fn count_instances(ctx: &Context, crd: &CustomResourceDefinition) -> Resul
         kind: crd.spec.names.kind.clone(),
         plural: crd.spec.names.plural.clone(),
     };
-    let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &resource);
+    let api: Api<DynamicObject> = match t.spec.rbac_scope {
+        RbacScope::Namespace => Api::namespaced_with(ctx.client.clone(), &t.namespace().unwrap_or_default(), &resource),
+        RbacScope::Cluster => Api::all_with(ctx.client.clone(), &resource),
+    };
     match api.list_metadata(&ListParams::default()).await {
         Ok(list) => Ok(list.items.len()),
         // The kind is not served (any more): nothing can exist.
@@ -890,13 +955,7 @@ enum RbacError {
 async fn configure_rbac(t: &Transform, ctx: &Context, resource: &ApiResource) -> Result<GeneratedRbac, RbacError> {
     let namespace = t.namespace().unwrap_or_default();
     let name = t.name_any();
-    let rules = rbac::rules(
-        &t.spec.managed_resources,
-        &ServedKind {
-            group: &resource.group,
-            plural: &resource.plural,
-        },
-    );
+    let rules = transform_rules(t, resource);
     let rule_count = rules.len() as i32;
     let identity = TransformIdentity {
         name: &name,
@@ -1015,7 +1074,7 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
         None => None,
     };
     if let Some(crd) = &owned_crd {
-        let instances = count_instances(ctx, crd).await?;
+        let instances = count_instances(ctx, crd, t).await?;
         if instances > 0 {
             let mut update = StatusUpdate::start(t, ctx);
             let message = format!(
@@ -1035,6 +1094,17 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     if let Some(crd) = owned_crd {
         delete_if_present(&crds, &crd.name_any()).await?;
     }
+    if ctx.rbac_mode == RbacMode::Generate {
+        delete_rbac(t, ctx).await?;
+    }
+    super::remove_finalizer(&api(t, ctx), t, TRANSFORM_FINALIZER).await?;
+    ctx.written.forget(&t.uid().unwrap_or_default());
+    ctx.fetch_succeeded(&t.uid().unwrap_or_default());
+    Ok(Action::await_change())
+}
+
+/// Deletes the RBAC the manager generated for `t` (objects it did not make are left alone).
+async fn delete_rbac(t: &Transform, ctx: &Context) -> Result<(), Error> {
     let namespace = t.namespace().unwrap_or_default();
     let name = t.name_any();
     delete_if_made_by(
@@ -1055,8 +1125,5 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
         t,
     )
     .await?;
-    super::remove_finalizer(&api(t, ctx), t, TRANSFORM_FINALIZER).await?;
-    ctx.written.forget(&t.uid().unwrap_or_default());
-    ctx.fetch_succeeded(&t.uid().unwrap_or_default());
-    Ok(Action::await_change())
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The restricted installation (`config/restricted`) against the real apiserver: the operator
-//! runs with the manager service account's own token, and can write only the kinds Transforms
-//! declare in `managedResources`. A test binary of its own: it replaces the manager role.
+//! runs with the manager service account's own token and `--generate-rbac=false`; it gains no
+//! permission whatever Transforms and graphs ask, and writes only what an administrator
+//! granted with `pequod rbac`. A test binary of its own: it replaces the manager role.
 
 use pequod_testkit as support;
 
@@ -39,6 +40,27 @@ fn module(kind: &str, field: &str) -> String {
 "#
     )
 }
+
+/// A trusted Transform's module that tries to bind cluster-admin to the manager.
+const GRAB_MODULE: &str = r#"package m
+
+#Metadata: kind: "Grab"
+
+#Input: {}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: "binding"
+		object: {
+			apiVersion: "rbac.authorization.k8s.io/v1", kind: "ClusterRoleBinding"
+			metadata: name: "grab-\(input.metadata.namespace)"
+			roleRef: {apiGroup: "rbac.authorization.k8s.io", kind: "ClusterRole", name: "cluster-admin"}
+			subjects: [{kind: "ServiceAccount", name: "pequod-controller-manager", namespace: "pequod-system"}]
+		}
+	}]
+}
+"#;
 
 fn install_restricted(kubeconfig: &std::path::Path) {
     let kubectl = support::tool("kubectl", "KUBECTL");
@@ -104,8 +126,82 @@ fn ready_reason(obj: &DynamicObject) -> Option<(String, String, String)> {
         })
 }
 
+/// Runs kubectl with the admin kubeconfig and `stdin`, and returns its output; fails the test
+/// when kubectl fails.
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: &str) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(support::tool("kubectl", "KUBECTL"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl (run `make tools`)");
+    child
+        .stdin
+        .take()
+        .expect("kubectl stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write to kubectl");
+    let out = child.wait_with_output().expect("kubectl output");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const MANAGER: &str = "system:serviceaccount:pequod-system:pequod-controller-manager";
+
+/// What the manager may do in `namespace` and cluster-wide, as `kubectl auth can-i --list`
+/// tells it: one line per rule, sorted.
+fn manager_permissions(kubeconfig: &std::path::Path, namespace: &str) -> Vec<String> {
+    let out = kubectl(
+        kubeconfig,
+        &["auth", "can-i", "--list", "--as", MANAGER, "-n", namespace],
+        "",
+    );
+    let mut lines: Vec<String> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// `pequod rbac NAMESPACE/NAME`, run as the administrator, applied with kubectl.
+fn grant_transform_rbac(kubeconfig: &std::path::Path, namespace: &str, name: &str) -> String {
+    let out = std::process::Command::new(support::pequod_binary())
+        .env("KUBECONFIG", kubeconfig)
+        .args(["rbac", &format!("{namespace}/{name}")])
+        .output()
+        .expect("run pequod rbac");
+    assert!(
+        out.status.success(),
+        "pequod rbac failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    kubectl(kubeconfig, &["apply", "--server-side", "-f", "-"], &yaml);
+    yaml
+}
+
+fn condition(t: &Transform, type_: &str) -> Option<(String, String, String)> {
+    t.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (format!("{:?}", c.status), c.reason.clone(), c.message.clone()))
+}
+
 #[tokio::test]
-async fn the_restricted_manager_writes_only_declared_kinds() {
+async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admin_granted() {
     let env = support::env("restricted").await;
     if env.external {
         // Replacing the manager role of someone's cluster is not a test's business.
@@ -123,14 +219,19 @@ async fn the_restricted_manager_writes_only_declared_kinds() {
         }
     })
     .await;
-    let manager_role = roles.get(MANAGER_ROLE).await.unwrap();
-    assert!(!aggregated_resources(&manager_role).contains(&"configmaps".to_string()));
+    let before = manager_permissions(&env.kubeconfig, &env.namespace);
+    for line in &before {
+        let resource = line.split(' ').next().unwrap_or_default();
+        assert!(!resource.starts_with('*'), "a wildcard rule: {line}");
+        assert!(!line.contains("escalate") && !line.contains(" bind"), "{line}");
+        assert!(!resource.starts_with("secrets"), "Secrets readable: {line}");
+    }
 
     let kubeconfig = manager_kubeconfig(&env.client, &env.kubeconfig).await;
     let operator = OperatorProcess::start(
         &kubeconfig,
         &support::tool("cue", "PEQUOD_TEST_CUE"),
-        &["--trusted-transform-namespaces=*"],
+        &["--trusted-transform-namespaces=*", "--generate-rbac=false"],
     );
     support::wait_for(
         "the operator running as its service account to be ready",
@@ -167,12 +268,134 @@ async fn the_restricted_manager_writes_only_declared_kinds() {
         )
         .await;
     }
+
+    // Attempts to gain permissions: a trusted Transform declaring RBAC kinds whose module binds
+    // cluster-admin to the manager, and hand-written graphs with an aggregated ClusterRole and
+    // a RoleBinding to admin.
+    apply(
+        &env.client,
+        &env.namespace,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "grab-module", "labels": {"pequod.io/cue-module": "true"}},
+               "data": {"m.cue": GRAB_MODULE}}),
+    )
+    .await;
+    apply(
+        &env.client,
+        &env.namespace,
+        json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
+               "metadata": {"name": "grab"},
+               "spec": {"cueRef": {"type": "configmap", "ref": "grab-module"}, "group": group,
+                        "allowClusterScopedResources": true,
+                        "managedResources": [{"apiGroup": "rbac.authorization.k8s.io",
+                                              "resources": ["clusterroles", "clusterrolebindings"]}]}}),
+    )
+    .await;
+    let escalations = [
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": format!("{}-everything", env.namespace),
+                            "labels": {"pequod.io/aggregate-to-manager": "true"}},
+               "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "manager-admin", "namespace": env.namespace},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+               "subjects": [{"kind": "ServiceAccount", "name": "pequod-controller-manager", "namespace": "pequod-system"}]}),
+    ];
+    for (i, object) in escalations.iter().enumerate() {
+        apply(
+            &env.client,
+            &env.namespace,
+            json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+                   "metadata": {"name": format!("escalation-{i}")},
+                   "spec": {"nodes": [{"id": "rbac", "object": object}]}}),
+        )
+        .await;
+    }
+    let graphs = support::dynamic_api(
+        &env.client,
+        "platform.platform.example.com/v1alpha1",
+        "ResourceGraph",
+        &env.namespace,
+    )
+    .await;
+    for i in 0..escalations.len() {
+        support::wait_for("the escalating graph refused", WAIT, || async {
+            let graph = graphs
+                .get(&format!("escalation-{i}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let conditions = graph.data["status"]["conditions"].clone();
+            let refused = conditions
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Valid" && c["status"] == "False" && c["reason"] == "NotAllowed");
+            if refused { Ok(()) } else { Err(conditions.to_string()) }
+        })
+        .await;
+    }
+
     let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    for name in ["configmap", "secret", "grab"] {
+        let (_, _, message) = support::wait_for("the Transform waiting for its RBAC", WAIT, || async {
+            let t = transforms.get(name).await.map_err(|e| e.to_string())?;
+            match condition(&t, "RBACConfigured") {
+                Some((s, r, m)) if s == "False" && r == "RBACMissing" => Ok((s, r, m)),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        assert!(
+            message.contains(&format!("pequod rbac {}/{name}", env.namespace)),
+            "{message}"
+        );
+        if name == "grab" {
+            assert!(
+                message.contains("clusterrolebindings.rbac.authorization.k8s.io"),
+                "{message}"
+            );
+        } else {
+            assert!(message.contains("configmaps in every namespace"), "{message}");
+        }
+    }
+    let generated = roles
+        .list(&kube::api::ListParams::default().labels("pequod.io/transform-namespace"))
+        .await
+        .unwrap();
+    assert!(
+        generated.items.is_empty(),
+        "the manager wrote RBAC: {:?}",
+        generated.items
+    );
+    assert_eq!(
+        manager_permissions(&env.kubeconfig, &env.namespace),
+        before,
+        "the manager's permissions changed"
+    );
+    assert!(
+        roles
+            .get_opt(&format!("{}-everything", env.namespace))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // An administrator grants what the two holders need; the manager then serves them.
     for name in ["configmap", "secret"] {
+        let yaml = grant_transform_rbac(&env.kubeconfig, &env.namespace, name);
+        assert!(
+            yaml.contains("kind: ClusterRole") && !yaml.contains("escalate"),
+            "{yaml}"
+        );
         support::wait_transform_ready(&transforms, name).await;
     }
-    let manager_role = roles.get(MANAGER_ROLE).await.unwrap();
-    assert!(aggregated_resources(&manager_role).contains(&"configmaps".to_string()));
+    let after = manager_permissions(&env.kubeconfig, &env.namespace);
+    let gained: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+    assert!(
+        gained.iter().any(|l| l.starts_with("configmaps ")),
+        "the granted rules are held: {gained:?}"
+    );
+    assert!(gained.iter().all(|l| !l.contains("rbac")), "{gained:?}");
 
     let api_version = format!("{group}/v1alpha1");
     apply(
@@ -187,7 +410,6 @@ async fn the_restricted_manager_writes_only_declared_kinds() {
         json!({"apiVersion": api_version, "kind": "SecretHolder", "metadata": {"name": "refused"}, "spec": {"value": "b"}}),
     )
     .await;
-
     let holders = support::dynamic_api(&env.client, &api_version, "ConfigMapHolder", &env.namespace).await;
     support::wait_for(
         "the declared ConfigMap applied and its instance Ready",
