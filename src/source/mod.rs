@@ -334,6 +334,9 @@ impl Fetcher {
         if let Some(why) = self.policy.refuse_git(&reference.url) {
             return Err(SourceError::NotAllowed(why));
         }
+        if let Some(why) = policy::refuse_resolved(&reference.host()).await {
+            return Err(SourceError::NotAllowed(why));
+        }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;
         let (credentials, auth) = match self.secret_data(cue_ref, namespace).await? {
             Some(secret) => {
@@ -377,6 +380,9 @@ impl Fetcher {
     async fn fetch_oci(&self, cue_ref: &CueRef, namespace: &str) -> Result<Fetched, SourceError> {
         let reference = OciReference::parse(&cue_ref.ref_)?;
         if let Some(why) = self.policy.refuse_registry(&reference.registry) {
+            return Err(SourceError::NotAllowed(why));
+        }
+        if let Some(why) = policy::refuse_resolved(&reference.registry).await {
             return Err(SourceError::NotAllowed(why));
         }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;

@@ -4,7 +4,8 @@
 //! operator's own files (`file://`), to reach the cloud's metadata endpoint (link-local
 //! addresses), or to send a pull Secret over plain text. Local repositories need
 //! `--allow-local-sources`; plain-text git (`http://`, `git://`), like plain-HTTP registries,
-//! needs the host in `--insecure-registries`; link-local addresses are never fetched from.
+//! needs the host in `--insecure-registries`; link-local addresses are never fetched from,
+//! whether written as addresses or resolved from names.
 
 use std::net::IpAddr;
 
@@ -81,6 +82,27 @@ pub fn refuse_address(ip: IpAddr) -> Option<String> {
     link_local.then(|| format!("{ip} is a link-local or unspecified address, which modules are never fetched from"))
 }
 
+/// How long the system resolver may take to answer for a source's host.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why a host may not be fetched from once resolved: a name (or a numeric form the parser
+/// above does not read, such as `2852039166` or `0xa9fea9fe`) that the system resolver turns
+/// into a refused address. A host that does not resolve is left to the fetch, which reports
+/// it. The fetch resolves again, so a name whose answer changes in between is not caught.
+pub async fn refuse_resolved(host: &str) -> Option<String> {
+    let name = host_name(host);
+    if name.is_empty() || name.parse::<IpAddr>().is_ok() {
+        return None;
+    }
+    let addresses = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, 0)))
+        .await
+        .ok()?
+        .ok()?;
+    addresses
+        .map(|a| a.ip())
+        .find_map(|ip| refuse_address(ip).map(|why| format!("{name} resolves to {why}")))
+}
+
 fn refuse_host(host: &str) -> Option<String> {
     host_name(host).parse::<IpAddr>().ok().and_then(refuse_address)
 }
@@ -121,5 +143,20 @@ mod tests {
                 .unwrap()
                 .contains("--allow-local-sources")
         );
+    }
+
+    #[tokio::test]
+    async fn names_are_refused_by_what_they_resolve_to() {
+        // Forms of 169.254.169.254 that the system resolver reads without asking DNS.
+        for host in ["2852039166", "0xa9fea9fe", "0251.0376.0251.0376:443"] {
+            let why = refuse_resolved(host).await;
+            assert!(
+                why.as_deref().is_some_and(|w| w.contains("169.254.169.254")),
+                "{host}: {why:?}"
+            );
+        }
+        assert_eq!(refuse_resolved("localhost:5000").await, None);
+        assert_eq!(refuse_resolved("does-not-resolve.invalid").await, None);
+        assert_eq!(refuse_resolved("10.0.0.5").await, None, "literals are the parser's");
     }
 }

@@ -129,6 +129,8 @@ async fn local_plain_text_and_link_local_git_sources_are_refused_unless_allowed(
         "git://127.0.0.1:9/platforms",
         "http://127.0.0.1:9/platforms",
         "https://169.254.169.254/latest",
+        // 169.254.169.254 in a form only the system resolver reads.
+        "https://2852039166/latest",
     ] {
         let cue_ref = CueRef {
             type_: CueRefType::Git,
@@ -139,5 +141,17 @@ async fn local_plain_text_and_link_local_git_sources_are_refused_unless_allowed(
         let error = fetcher.fetch(&cue_ref, &env.namespace, "t").await.unwrap_err();
         assert_eq!(error.reason(), "SourceNotAllowed", "{reference}: {error}");
     }
+    let registry_by_number = CueRef {
+        type_: CueRefType::Oci,
+        ref_: "0xa9fea9fe:443/platform/webservice:v1".into(),
+        path: None,
+        pull_secret_ref: None,
+    };
+    let error = fetcher
+        .fetch(&registry_by_number, &env.namespace, "t")
+        .await
+        .unwrap_err();
+    assert_eq!(error.reason(), "SourceNotAllowed", "{error}");
+    assert!(error.to_string().contains("169.254.169.254"), "{error}");
     env.cleanup().await;
 }
