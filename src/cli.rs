@@ -108,6 +108,12 @@ pub struct CueArgs {
     #[arg(long, env = "PEQUOD_CUE_MAX_PROCESSES", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub cue_max_processes: u16,
 
+    /// Most memory one cue process may allocate, in MiB (its data segment, `RLIMIT_DATA`):
+    /// an input whose evaluation needs more fails alone, with reason `CueMemoryLimit`. Keep
+    /// `--cue-max-processes` times this, plus about 128 MiB, under the container's limit.
+    #[arg(long, env = "PEQUOD_CUE_MEMORY_LIMIT_MB", default_value_t = crate::cue::cli::DEFAULT_MEMORY_LIMIT_MIB, value_parser = clap::value_parser!(u64).range(64..=65_536))]
+    pub cue_memory_limit_mb: u64,
+
     /// Folder for loaded modules and cue's scratch files.
     #[arg(long, env = "PEQUOD_CACHE_DIR", default_value = "/tmp/pequod-cache")]
     pub cache_dir: PathBuf,
@@ -281,6 +287,18 @@ impl std::fmt::Display for BindAddress {
             Some(addr) => write!(f, "{addr}"),
             None => f.write_str("0"),
         }
+    }
+}
+
+impl CueArgs {
+    /// The cue runner these flags describe.
+    pub fn runner(&self) -> crate::cue::CueCli {
+        crate::cue::CueCli::new(
+            &self.cue_binary,
+            std::time::Duration::from_secs(self.cue_timeout),
+            self.cue_max_processes.into(),
+        )
+        .with_memory_limit(self.cue_memory_limit_mb * 1024 * 1024)
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::api::Severity;
 use crate::cli::{CueArgs, OutputFormat};
 use crate::crd::{CrdParams, build_crd, kind_names};
-use crate::cue::{CueCli, ModuleFiles, Renderer, RendererConfig, input_hash, render_input};
+use crate::cue::{ModuleFiles, Renderer, RendererConfig, input_hash, render_input};
 use crate::instance_graph::{InstanceRef, render_hash, resource_graph};
 use crate::runtime::metrics::Metrics;
 
@@ -185,11 +185,7 @@ pub async fn publish(module: &str, reference: &str, insecure: bool) -> Result<()
 
 fn renderer(cue: &CueArgs) -> Result<Renderer, CommandError> {
     let metrics = Arc::new(Metrics::new().map_err(CommandError::new)?);
-    let cli = CueCli::new(
-        &cue.cue_binary,
-        Duration::from_secs(cue.cue_timeout),
-        cue.cue_max_processes.into(),
-    );
+    let cli = cue.runner();
     Ok(Renderer::new(cli, RendererConfig::new(&cue.cache_dir), metrics))
 }
 

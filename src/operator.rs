@@ -81,12 +81,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
     }
 
-    let cue = CueCli::new(
-        &args.cue.cue_binary,
-        Duration::from_secs(args.cue.cue_timeout),
-        args.cue.cue_max_processes.into(),
-    )
-    .with_metrics(metrics.clone());
+    let cue = args.cue.runner().with_metrics(metrics.clone());
     tasks.spawn(check_cue_binary(cue.clone(), health.clone(), shutdown.clone()));
 
     // Standby replicas serve probes and metrics but do not reconcile; their readiness does not

@@ -24,6 +24,8 @@ pub enum RenderError {
     CueUnavailable { message: String },
     #[error("cue did not finish within {seconds}s (an evaluation that never ends?)")]
     Timeout { seconds: u64 },
+    #[error("the evaluation needs more memory than cue may use ({limit_mib} MiB)")]
+    MemoryLimit { limit_mib: u64 },
     #[error("{message}")]
     Evaluation { message: String },
     #[error("invalid module: {message}")]
@@ -43,6 +45,7 @@ impl ErrorCategory for RenderError {
         match self {
             Self::CueUnavailable { .. } => "CueBinaryUnavailable",
             Self::Timeout { .. } => "CueTimeout",
+            Self::MemoryLimit { .. } => "CueMemoryLimit",
             Self::Evaluation { .. } => "CueRenderFailed",
             Self::InvalidModule { .. } => "InvalidModule",
             Self::InvalidOutput { .. } => "InvalidRenderOutput",
@@ -65,6 +68,7 @@ impl From<super::CueError> for RenderError {
             C::Spawn { .. } | C::Shutdown => Self::CueUnavailable { message: e.to_string() },
             C::Timeout { seconds } => Self::Timeout { seconds },
             C::OutputTooLarge { limit } => Self::OutputTooLarge { bytes: limit, limit },
+            C::MemoryLimit { limit_mib } => Self::MemoryLimit { limit_mib },
             C::Failed { message, .. } => Self::Evaluation {
                 message: clean_message(&message),
             },

@@ -12,6 +12,10 @@ use tokio::sync::{Semaphore, watch};
 use super::CueError;
 use crate::runtime::metrics::Metrics;
 
+/// The default of `--cue-memory-limit-mb`: with the default two processes, cue and the
+/// operator stay within the manager's 512 MiB container limit.
+pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 160;
+
 /// Most bytes of stdout kept from one invocation; larger output is an error.
 pub const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of stderr kept from one invocation; the rest is dropped.
@@ -30,6 +34,8 @@ pub struct CueCli {
     permits: Arc<Semaphore>,
     metrics: Option<Arc<Metrics>>,
     availability: Arc<watch::Sender<Availability>>,
+    /// Most bytes one process may allocate (`RLIMIT_DATA`), if bounded.
+    memory_limit: Option<u64>,
 }
 
 impl CueCli {
@@ -40,7 +46,16 @@ impl CueCli {
             permits: Arc::new(Semaphore::new(max_processes.max(1))),
             metrics: None,
             availability: Arc::new(watch::channel(None).0),
+            memory_limit: None,
         }
+    }
+
+    /// Bounds what each cue process may allocate. Go's heap counts against `RLIMIT_DATA`
+    /// (unlike `RLIMIT_AS`, which Go's address-space reservations exhaust at once), and
+    /// `GOMEMLIMIT` makes the collector work harder before the hard limit is reached.
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
     }
 
     /// Follows whether the binary starts, as every run finds out: a readiness check can watch
@@ -104,6 +119,9 @@ impl CueCli {
         if let Some(dir) = dir {
             cmd.current_dir(dir);
         }
+        if let Some(limit) = self.memory_limit {
+            limit_memory(&mut cmd, limit);
+        }
         let mut child = cmd.spawn().map_err(|source| CueError::Spawn {
             binary: self.binary.display().to_string(),
             source,
@@ -139,12 +157,19 @@ impl CueCli {
         }
         if !status.success() {
             let message = String::from_utf8_lossy(&err).trim().to_string();
+            if let Some(limit) = self.memory_limit
+                && ran_out_of_memory(&message)
+            {
+                return Err(CueError::MemoryLimit {
+                    limit_mib: limit / (1024 * 1024),
+                });
+            }
             return Err(CueError::Failed {
                 code: status.code(),
                 message: if message.is_empty() {
                     "cue exited without a message".to_string()
                 } else {
-                    message
+                    without_stacks(message)
                 },
             });
         }
@@ -152,6 +177,45 @@ impl CueCli {
             code: None,
             message: "cue wrote invalid UTF-8".into(),
         })
+    }
+}
+
+/// Sets the child's data-segment limit and a Go soft limit below it.
+fn limit_memory(cmd: &mut Command, bytes: u64) {
+    cmd.env("GOMEMLIMIT", format!("{}MiB", bytes * 4 / 5 / (1024 * 1024)));
+    let limit = libc::rlimit {
+        rlim_cur: bytes as libc::rlim_t,
+        rlim_max: bytes as libc::rlim_t,
+    };
+    // SAFETY: the closure runs in the forked child before exec and calls only setrlimit,
+    // which is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_DATA, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// Whether a failed cue's message is the Go runtime giving up for lack of memory.
+fn ran_out_of_memory(message: &str) -> bool {
+    let first = message.lines().next().unwrap_or_default();
+    (first.starts_with("fatal error:") || first.starts_with("runtime:"))
+        && (first.contains("out of memory") || first.contains("cannot allocate memory"))
+}
+
+/// A crash of the Go runtime (a fatal error, a panic or a signal) prints every goroutine's
+/// stack: only its first line says anything to a module's author.
+fn without_stacks(message: String) -> String {
+    let crashed = ["fatal error:", "panic:", "SIGSEGV", "SIGBUS", "runtime:"]
+        .iter()
+        .any(|p| message.starts_with(p));
+    match message.lines().next() {
+        Some(first) if crashed => format!("cue crashed: {first}"),
+        _ => message,
     }
 }
 
@@ -252,5 +316,27 @@ mod tests {
             big.run(&["export"], None).await.unwrap_err(),
             CueError::OutputTooLarge { .. }
         ));
+    }
+
+    #[test]
+    fn the_go_runtime_s_memory_failures_are_told_from_other_errors() {
+        for crash in [
+            "fatal error: runtime: out of memory\n\nruntime stack:\nruntime.throw(...)",
+            "fatal error: out of memory allocating heap arena metadata",
+            "fatal error: runtime: cannot allocate memory",
+            "runtime: out of memory: cannot allocate 4194304-byte block (0 in use)\nfatal error: out of memory",
+        ] {
+            assert!(ran_out_of_memory(crash), "{crash}");
+        }
+        assert!(!ran_out_of_memory("x: conflicting values \"out of memory\" and 1"));
+        assert!(!ran_out_of_memory("SIGSEGV: segmentation violation"));
+    }
+
+    #[test]
+    fn crashes_keep_their_first_line_only() {
+        let crash = "SIGSEGV: segmentation violation\nPC=0x43747d m=0\ngoroutine 0 [idle]:".to_string();
+        assert_eq!(without_stacks(crash), "cue crashed: SIGSEGV: segmentation violation");
+        let evaluation = "x: conflicting values 1 and 2:\n    ./a.cue:1:4".to_string();
+        assert_eq!(without_stacks(evaluation.clone()), evaluation);
     }
 }

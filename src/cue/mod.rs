@@ -1,7 +1,7 @@
 //! CUE: running the cue CLI, loading platform modules, extracting schemas and rendering.
 
 pub mod batch;
-mod cli;
+pub mod cli;
 mod embedded;
 pub mod module;
 mod renderer;
@@ -31,6 +31,8 @@ pub enum CueError {
     Timeout { seconds: u64 },
     #[error("cue output exceeds {limit} bytes")]
     OutputTooLarge { limit: usize },
+    #[error("cue ran out of memory: its limit is {limit_mib} MiB (--cue-memory-limit-mb)")]
+    MemoryLimit { limit_mib: u64 },
     #[error("{message}")]
     Failed { code: Option<i32>, message: String },
     #[error("the cue runner is shutting down")]

@@ -386,9 +386,11 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
                     pending.retain(|i| !failed.contains(i));
                 }
             }
-            // Halve the batch until each part's output fits, and until a slow input is alone:
-            // one instance never fails or times out the others of its batch.
-            Err(CueError::OutputTooLarge { .. } | CueError::Timeout { .. }) if pending.len() > 1 => {
+            // Halve the batch until each part's output fits, and until a slow or hungry input is
+            // alone: one instance never fails, times out or starves the others of its batch.
+            Err(CueError::OutputTooLarge { .. } | CueError::Timeout { .. } | CueError::MemoryLimit { .. })
+                if pending.len() > 1 =>
+            {
                 split(inner, module, inputs, &mut pending, &mut results).await;
             }
             Err(other) => {

@@ -32,7 +32,10 @@ async fn main() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bin/cue"));
     let cache = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new().unwrap());
-    let cli = CueCli::new(&cue, Duration::from_secs(120), 2).with_metrics(metrics.clone());
+    // Under the operator's default memory limit, as in production.
+    let cli = CueCli::new(&cue, Duration::from_secs(120), 2)
+        .with_memory_limit(pequod::cue::cli::DEFAULT_MEMORY_LIMIT_MIB * 1024 * 1024)
+        .with_metrics(metrics.clone());
     let renderer = Renderer::new(cli, RendererConfig::new(cache.path()), metrics.clone());
     let invocations = || -> u64 {
         ["success", "error"]

@@ -636,6 +636,80 @@ async fn graphs_the_apiserver_or_the_graph_rules_refuse_are_reported_on_the_inst
     env.cleanup().await;
 }
 
+/// A module whose input says how much memory its evaluation takes: `n` strings of 1 MB.
+const HUNGRY_MODULE: &str = r#"package m
+
+import ("list", "strings")
+
+#Metadata: kind: "Hungry"
+
+#Input: {n: int, note: string}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	_big: [for i in list.Range(0, input.spec.n, 1) {strings.Repeat("x", 1000000) + "\(i)"}]
+	output: nodes: [{
+		id: "cm"
+		object: {
+			apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name
+			data: {note: input.spec.note, megabytes: "\(div(len(strings.Join(_big, "")), 1000000))"}
+		}
+	}]
+}
+"#;
+
+#[tokio::test]
+async fn a_hostile_instance_fails_alone_and_its_error_stays_its_own() {
+    let (env, transforms) = setup("instance-hostile").await;
+    let group = group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    put_module(&env.client, &env.namespace, "hungry-module", HUNGRY_MODULE).await;
+    apply_transform(
+        &transforms,
+        "hungry",
+        json!({"cueRef": {"type": "configmap", "ref": "hungry-module"}, "group": group,
+               "managedResources": [{"resources": ["configmaps"]}]}),
+    )
+    .await;
+    wait_ready(&transforms, "hungry").await;
+    let hungry = support::dynamic_api(&env.client, &api_version, "Hungry", &env.namespace).await;
+    // Applied together, so rendered in one batch: 400 MB against cue's 160 MiB.
+    let spec = |n: u32, note: &str| json!({"n": n, "note": note});
+    let apply = [
+        ("hostile", spec(400, "hostile-note")),
+        ("first", spec(1, "first-note")),
+        ("second", spec(2, "second-note")),
+    ];
+    futures::future::join_all(
+        apply
+            .iter()
+            .map(|(name, spec)| apply_instance(&hungry, &api_version, "Hungry", name, spec.clone())),
+    )
+    .await;
+
+    let obj = wait_instance(&hungry, "hostile", "Rendered", "False", "CueMemoryLimit").await;
+    let message = instance_condition(&obj, "Rendered").unwrap().2;
+    assert!(message.contains("160 MiB"), "{message}");
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    for (name, megabytes) in [("first", "1"), ("second", "2")] {
+        let obj = wait_instance(&hungry, name, "Ready", "True", "Ready").await;
+        let status = obj.data["status"].to_string();
+        assert!(
+            !status.contains("hostile-note") && !status.contains("MiB"),
+            "{name} shows another instance's error: {status}"
+        );
+        let cm = cms.get(name).await.unwrap();
+        assert_eq!(cm.data.unwrap()["megabytes"], megabytes);
+    }
+    assert!(cms.get_opt("hostile").await.unwrap().is_none());
+
+    for (name, _) in &apply {
+        hungry.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    delete_transform(&transforms, "hungry").await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn deleting_an_instance_that_collided_with_another_team_s_objects_leaves_them_alone() {
     let (env, transforms) = setup("instance-collision").await;

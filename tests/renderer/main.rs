@@ -23,10 +23,20 @@ struct Harness {
     _cache: tempfile::TempDir,
 }
 
+/// A renderer under the operator's default memory limit, so that every render here fits
+/// under it, or without a limit (`memory_limit_mib` 0) for tests of slow evaluations, which
+/// also allocate without end.
 fn harness_with(timeout: Duration, binary: PathBuf) -> Harness {
+    harness_limited(timeout, binary, pequod::cue::cli::DEFAULT_MEMORY_LIMIT_MIB)
+}
+
+fn harness_limited(timeout: Duration, binary: PathBuf, memory_limit_mib: u64) -> Harness {
     let cache = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new().unwrap());
-    let cli = CueCli::new(binary, timeout, 2).with_metrics(metrics.clone());
+    let mut cli = CueCli::new(binary, timeout, 2).with_metrics(metrics.clone());
+    if memory_limit_mib > 0 {
+        cli = cli.with_memory_limit(memory_limit_mib * 1024 * 1024);
+    }
     let renderer = Renderer::new(cli, RendererConfig::new(cache.path()), metrics.clone());
     Harness {
         renderer,
@@ -414,7 +424,7 @@ async fn bad_modules_and_outputs_get_clear_errors() {
 
 #[tokio::test]
 async fn endless_evaluation_times_out_and_is_retried_later() {
-    let h = harness_with(Duration::from_secs(4), cue_binary());
+    let h = harness_limited(Duration::from_secs(4), cue_binary(), 0);
     let endless = module(
         "package t\nimport \"list\"\n#Input: _\n#Render: {input: _, output: nodes: [ for i in list.Range(0, 100000000, 1) {id: \"n\\(i)\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"n\\(i)\"}}]}\n",
     );
@@ -430,7 +440,7 @@ async fn endless_evaluation_times_out_and_is_retried_later() {
 
 #[tokio::test]
 async fn a_slow_input_times_out_alone_and_its_batch_mates_render() {
-    let h = harness_with(Duration::from_secs(4), cue_binary());
+    let h = harness_limited(Duration::from_secs(4), cue_binary(), 0);
     let by_input = module(
         "package t\nimport \"list\"\n#Input: n: int\n#Render: {input: _, output: nodes: [ for i in list.Range(0, input.spec.n, 1) {id: \"n\\(i)\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"n\\(i)\"}}]}\n",
     );
@@ -442,6 +452,28 @@ async fn a_slow_input_times_out_alone_and_its_batch_mates_render() {
     );
     assert!(matches!(slow, Err(RenderError::Timeout { .. })), "{slow:?}");
     assert_eq!(fast.expect("the fast input renders").nodes.len(), 1);
+}
+
+#[tokio::test]
+async fn a_hungry_input_fails_alone_under_the_memory_limit_and_its_batch_mates_render() {
+    let h = harness();
+    let hungry_module = module(
+        "package t\nimport (\"list\", \"strings\")\n#Input: n: int\n#Render: {input: _, _big: [ for i in list.Range(0, input.spec.n, 1) {strings.Repeat(\"x\", 1000000) + \"\\(i)\"}], output: nodes: [{id: \"cm\", object: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"n\", data: count: \"\\(div(len(strings.Join(_big, \"\")), 1000000))\"}}]}\n",
+    );
+    let m = h.renderer.load(hungry_module, "hungry").await.unwrap();
+    // Rendered at the same moment, so in one batch: 400 strings of 1 MB against 160 MiB.
+    let (hungry, modest, small) = tokio::join!(
+        h.renderer.render(&m, input("hungry", json!({"n": 400}))),
+        h.renderer.render(&m, input("modest", json!({"n": 2}))),
+        h.renderer.render(&m, input("small", json!({"n": 1}))),
+    );
+    let error = hungry.unwrap_err();
+    assert_eq!(error.reason(), "CueMemoryLimit", "{error}");
+    assert!(error.to_string().contains("160 MiB"), "{error}");
+    for (name, rendered, count) in [("modest", modest, "2"), ("small", small, "1")] {
+        let rendered = rendered.unwrap_or_else(|e| panic!("{name} renders: {e}"));
+        assert_eq!(rendered.nodes[0].object["data"]["count"], count, "{name}");
+    }
 }
 
 #[tokio::test]
