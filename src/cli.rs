@@ -169,6 +169,12 @@ pub struct RunArgs {
     #[arg(long, env = "PEQUOD_METRICS_CERT_DIR")]
     pub metrics_cert_dir: Option<std::path::PathBuf>,
 
+    /// With `--metrics-secure`: accept only bearer tokens meant for one of these audiences
+    /// (comma-separated; for example a projected token with audience `pequod-metrics`). Empty:
+    /// any token the apiserver accepts for itself.
+    #[arg(long, env = "PEQUOD_METRICS_TOKEN_AUDIENCES", value_delimiter = ',')]
+    pub metrics_token_audiences: Vec<String>,
+
     /// Address of the /healthz and /readyz endpoints (`0` to disable).
     #[arg(long, env = "PEQUOD_HEALTH_PROBE_BIND_ADDRESS", default_value = ":8081")]
     pub health_probe_bind_address: BindAddress,

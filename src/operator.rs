@@ -58,7 +58,8 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         let router = server::metrics_router(metrics.clone());
         if args.metrics_secure {
             let tls = secure::tls_config(args.metrics_cert_dir.as_deref())?;
-            let auth = Arc::new(secure::Authorizer::new(client.clone()));
+            let auth =
+                Arc::new(secure::Authorizer::new(client.clone()).for_audiences(args.metrics_token_audiences.clone()));
             let router = router.layer(axum::middleware::from_fn_with_state(auth, secure::authorize));
             let serve = secure::bind_tls(addr, router, tls, shutdown.clone())
                 .await

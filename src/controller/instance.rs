@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{EventType, Recorder};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -266,7 +267,8 @@ async fn run_kind(
 ) {
     let client = ctx.shared.client.clone();
     let resource = ctx.resource.clone();
-    let (instances, graphs): (Api<DynamicObject>, Api<ResourceGraph>) = match &namespace {
+    // Graphs only wake their instance: metadata is all their watch needs.
+    let (instances, graphs): (Api<DynamicObject>, Api<PartialObjectMeta<ResourceGraph>>) = match &namespace {
         Some(ns) => (
             Api::namespaced_with(client.clone(), ns, &resource),
             Api::namespaced(client, ns),
@@ -285,13 +287,17 @@ async fn run_kind(
     let controller = Controller::new_with(instances, watcher::Config::default(), resource.clone());
     let store = controller.store();
     let run = controller
-        .owns(
-            graphs,
-            watcher::Config::default().labels(&format!(
-                "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
-                resource.kind,
-                label_value(&resource.group)
-            )),
+        .owns_stream(
+            watcher(
+                graphs,
+                watcher::Config::default().labels(&format!(
+                    "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
+                    resource.kind,
+                    label_value(&resource.group)
+                )),
+            )
+            .default_backoff()
+            .touched_objects(),
         )
         .with_config(ControllerConfig::default().concurrency(CONCURRENCY))
         .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {

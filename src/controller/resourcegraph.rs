@@ -116,6 +116,7 @@ pub async fn run(
         }))
         .graceful_shutdown_on(shutdown.clone().wait_owned());
     let store = controller.store();
+    ctx.watches.know_graphs(store.clone());
     let store_for_stop = store.clone();
     health.register(Probe::Readiness, "resourcegraph-controller", "cache not synced yet");
     health.set(Probe::Liveness, "resourcegraph-controller", Ok(()));

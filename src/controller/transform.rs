@@ -19,10 +19,11 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -149,20 +150,34 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
     let store_for_stop = store.clone();
     let controller = controller
         // A generated CRD changing (Established, edited, deleted) brings its Transform back.
-        .watches(
-            Api::<CustomResourceDefinition>::all(client.clone()),
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
+        // These watches only map events to Transforms, so they carry metadata only: a large
+        // or numerous object someone labels costs the operator little.
+        .watches_stream(
+            watcher(
+                Api::<PartialObjectMeta<CustomResourceDefinition>>::all(client.clone()),
+                watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
+            )
+            .default_backoff()
+            .touched_objects(),
             |crd| owner_of(crd.labels()),
         )
-        .watches(
-            Api::<ClusterRole>::all(client.clone()),
-            watcher::Config::default().labels(&format!("{}=true", AGGREGATE_LABEL)),
+        .watches_stream(
+            watcher(
+                Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()),
+                watcher::Config::default().labels(&format!("{}=true", AGGREGATE_LABEL)),
+            )
+            .default_backoff()
+            .touched_objects(),
             |role| owner_of(role.labels()),
         )
         // Editing a ConfigMap module rolls its Transforms forward.
-        .watches(
-            Api::<ConfigMap>::all(client),
-            watcher::Config::default().labels(&format!("{CUE_MODULE_LABEL}=true")),
+        .watches_stream(
+            watcher(
+                Api::<PartialObjectMeta<ConfigMap>>::all(client),
+                watcher::Config::default().labels(&format!("{CUE_MODULE_LABEL}=true")),
+            )
+            .default_backoff()
+            .touched_objects(),
             move |cm| {
                 let namespace = cm.namespace().unwrap_or_default();
                 let name = cm.name_any();

@@ -1,15 +1,20 @@
-//! One shared watch per kind of applied object, with a cache of the objects Pequod labelled.
+//! One shared watch per kind of applied object, with a cache of the objects Pequod made.
 //!
 //! Every ResourceGraph that applies a Deployment shares the one Deployment watch. An event on
 //! an object triggers a reconcile of the graph its labels name, which is how drift is noticed
 //! and readiness progresses without polling.
+//!
+//! Anyone may put Pequod's labels on their objects, so the cache keeps only objects whose
+//! labels and graph-uid annotation name a ResourceGraph that exists: a labelled object of
+//! anyone else is never held. A miss costs one GET, which the executor makes anyway for
+//! objects it does not find (see `live_object`).
 
-use crate::api::names::{GRAPH_LABEL, GRAPH_NAMESPACE_LABEL};
+use crate::api::names::{GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::DynamicObject;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -31,6 +36,8 @@ pub struct ObjectWatches {
     trigger: mpsc::UnboundedSender<ObjectRef<ResourceGraph>>,
     kinds: Mutex<HashMap<String, KindWatch>>,
     shutdown: Shutdown,
+    /// The ResourceGraphs that exist, once their controller's cache is there.
+    graphs: Arc<OnceLock<Store<ResourceGraph>>>,
 }
 
 /// What the cache knows of an object.
@@ -51,9 +58,15 @@ impl ObjectWatches {
                 trigger,
                 kinds: Mutex::default(),
                 shutdown,
+                graphs: Arc::default(),
             }),
             triggers,
         )
+    }
+
+    /// Hands over the ResourceGraph controller's cache, against which objects are checked.
+    pub fn know_graphs(&self, graphs: Store<ResourceGraph>) {
+        let _ = self.graphs.set(graphs);
     }
 
     /// Looks an object up in its kind's cache, starting the kind's watch if needed.
@@ -75,14 +88,29 @@ impl ObjectWatches {
         let store = writer.as_reader();
         let synced = Arc::new(AtomicBool::new(false));
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resolved.resource);
-        // Only objects Pequod applied: the label selector keeps the cache small.
-        let config = watcher::Config::default().labels(GRAPH_LABEL);
+        // Only objects Pequod applied: the label selector keeps the list small, and the check
+        // below keeps what others labelled out of the cache.
+        let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{GRAPH_LABEL}"));
+        let graphs = self.graphs.clone();
+        let ours = move |obj: &DynamicObject| match graphs.get() {
+            Some(store) => made_by_existing_graph(obj, |key| store.get(key).and_then(|g| g.metadata.uid.clone())),
+            // Before the graph cache exists nothing reconciles, so nothing looks objects up.
+            None => true,
+        };
         let trigger = self.trigger.clone();
         let synced_flag = synced.clone();
         let kind = resolved.key();
         let shutdown = self.shutdown.clone();
         let events = watcher(api, config)
             .default_backoff()
+            .try_filter_map(move |event| {
+                futures::future::ready(Ok(match event {
+                    // An object that stops being ours leaves the cache; one never ours never enters.
+                    watcher::Event::Apply(obj) if !ours(&obj) => Some(watcher::Event::Delete(obj)),
+                    watcher::Event::InitApply(obj) if !ours(&obj) => None,
+                    other => Some(other),
+                }))
+            })
             .reflect(writer)
             .for_each(move |event| {
                 match event {
@@ -107,10 +135,64 @@ impl ObjectWatches {
     }
 }
 
+/// Whether an object's labels and graph-uid annotation name a ResourceGraph that exists;
+/// `uid_of` gives the uid of a graph by namespace and name.
+fn made_by_existing_graph(obj: &DynamicObject, uid_of: impl Fn(&ObjectRef<ResourceGraph>) -> Option<String>) -> bool {
+    let Some(graph) = owning_graph(obj) else {
+        return false;
+    };
+    let claimed = obj
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(GRAPH_UID_ANNOTATION));
+    claimed.is_some() && uid_of(&graph).as_ref() == claimed
+}
+
 /// The graph an object's labels name.
 fn owning_graph(obj: &DynamicObject) -> Option<ObjectRef<ResourceGraph>> {
     let labels = obj.metadata.labels.as_ref()?;
     let name = labels.get(GRAPH_LABEL)?;
     let namespace = labels.get(GRAPH_NAMESPACE_LABEL).or(obj.metadata.namespace.as_ref())?;
     Some(ObjectRef::new(name).within(namespace))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(labels: serde_json::Value, annotations: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "x", "namespace": "team-a", "labels": labels, "annotations": annotations}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_objects_naming_an_existing_graph_by_uid_are_ours() {
+        let uid_of = |key: &ObjectRef<ResourceGraph>| {
+            (key.name == "web" && key.namespace.as_deref() == Some("team-a")).then(|| "uid-1".to_string())
+        };
+        let labels = json!({GRAPH_LABEL: "web", MANAGED_BY_LABEL: MANAGED_BY_VALUE});
+        assert!(made_by_existing_graph(
+            &object(labels.clone(), json!({GRAPH_UID_ANNOTATION: "uid-1"})),
+            uid_of
+        ));
+        assert!(
+            !made_by_existing_graph(&object(labels.clone(), json!({GRAPH_UID_ANNOTATION: "uid-2"})), uid_of),
+            "a uid of no graph"
+        );
+        assert!(!made_by_existing_graph(&object(labels, json!({})), uid_of), "no uid");
+        let elsewhere = json!({GRAPH_LABEL: "web", GRAPH_NAMESPACE_LABEL: "team-b"});
+        assert!(
+            !made_by_existing_graph(&object(elsewhere, json!({GRAPH_UID_ANNOTATION: "uid-1"})), uid_of),
+            "a graph of that name in another namespace"
+        );
+        assert!(!made_by_existing_graph(
+            &object(json!({}), json!({GRAPH_UID_ANNOTATION: "uid-1"})),
+            uid_of
+        ));
+    }
 }

@@ -2,12 +2,12 @@
 //! authorization of each scrape by the apiserver (TokenReview, then SubjectAccessReview for
 //! `get` on the non-resource URL `/metrics`), as kubebuilder operators do.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::lru::Lru;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -149,8 +149,11 @@ pub enum Decision {
 /// Asks the apiserver who a bearer token is and whether it may read /metrics.
 pub struct Authorizer {
     client: kube::Client,
-    decisions: Mutex<HashMap<String, (Instant, Decision)>>,
+    /// Decisions by token hash, with when they were made; the least recently used go first.
+    decisions: Mutex<Lru<(Instant, Decision)>>,
     reviews: Mutex<ReviewBudget>,
+    /// Audiences a token must be meant for; empty: the apiserver's own.
+    audiences: Vec<String>,
 }
 
 /// TokenReviews allowed in the current second.
@@ -172,18 +175,19 @@ impl ReviewBudget {
     }
 }
 
-/// Makes room for one decision: expired ones go, and if that is not enough, the oldest.
-fn make_room(decisions: &mut HashMap<String, (Instant, Decision)>) {
-    if decisions.len() < MAX_DECISIONS {
-        return;
+/// Makes room for one decision: the least recently used go.
+fn make_room(decisions: &mut Lru<(Instant, Decision)>) {
+    while decisions.len() >= MAX_DECISIONS && decisions.pop_oldest().is_some() {}
+}
+
+/// Why a reviewed token is not meant for the audiences asked for. An apiserver that returns
+/// no audience for a token it authenticated is not audience-aware for it; such a token is
+/// valid only for the apiserver itself, so it is refused when audiences are asked for.
+fn audience_mismatch(wanted: &[String], granted: Option<&[String]>) -> Option<String> {
+    if wanted.is_empty() || granted.unwrap_or_default().iter().any(|a| wanted.contains(a)) {
+        return None;
     }
-    decisions.retain(|_, (at, _)| at.elapsed() < DECISION_TTL);
-    while decisions.len() >= MAX_DECISIONS {
-        let Some(oldest) = decisions.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone()) else {
-            return;
-        };
-        decisions.remove(&oldest);
-    }
+    Some(format!("the token is not meant for {}", wanted.join(" or ")))
 }
 
 impl Authorizer {
@@ -195,7 +199,14 @@ impl Authorizer {
                 second: Instant::now(),
                 spent: 0,
             }),
+            audiences: Vec::new(),
         }
+    }
+
+    /// Accepts only tokens meant for one of `audiences` (none: the apiserver's audiences).
+    pub fn for_audiences(mut self, audiences: Vec<String>) -> Self {
+        self.audiences = audiences;
+        self
     }
 
     pub async fn check(&self, token: Option<&str>) -> Result<Decision, kube::Error> {
@@ -219,11 +230,11 @@ impl Authorizer {
         let decision = self.ask(token).await?;
         let mut decisions = self.lock();
         make_room(&mut decisions);
-        decisions.insert(key, (Instant::now(), decision.clone()));
+        decisions.insert(key, (Instant::now(), decision.clone()), 1);
         Ok(decision)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Decision)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<(Instant, Decision)>> {
         self.decisions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -231,7 +242,7 @@ impl Authorizer {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
-                audiences: None,
+                audiences: (!self.audiences.is_empty()).then(|| self.audiences.clone()),
             },
             ..Default::default()
         };
@@ -239,6 +250,9 @@ impl Authorizer {
             .create(&PostParams::default(), &review)
             .await?;
         let status = reviewed.status.unwrap_or_default();
+        if let Some(why) = audience_mismatch(&self.audiences, status.audiences.as_deref()) {
+            return Ok(Decision::Unauthenticated(why));
+        }
         let Some(user) = status.user.filter(|_| status.authenticated == Some(true)) else {
             return Ok(Decision::Unauthenticated(
                 status.error.unwrap_or_else(|| "the token is not valid".into()),
@@ -318,23 +332,27 @@ mod tests {
     }
 
     #[test]
-    fn a_full_decision_cache_drops_its_oldest_not_everything() {
-        let now = Instant::now();
-        let mut decisions: HashMap<String, (Instant, Decision)> = (0..MAX_DECISIONS)
-            .map(|i| {
-                (
-                    format!("t{i}"),
-                    (
-                        now - Duration::from_millis((MAX_DECISIONS - i) as u64),
-                        Decision::Allowed,
-                    ),
-                )
-            })
-            .collect();
+    fn a_full_decision_cache_drops_the_least_recently_used_not_everything() {
+        let mut decisions: Lru<(Instant, Decision)> = Lru::default();
+        for i in 0..MAX_DECISIONS {
+            decisions.insert(format!("t{i}"), (Instant::now(), Decision::Allowed), 1);
+        }
+        // t0 is the oldest, but was just used: t1 goes instead.
+        assert!(decisions.get("t0").is_some());
         make_room(&mut decisions);
         assert_eq!(decisions.len(), MAX_DECISIONS - 1);
-        assert!(!decisions.contains_key("t0"), "the oldest went");
-        assert!(decisions.contains_key("t1"));
+        assert!(decisions.get("t1").is_none(), "the least recently used went");
+        assert!(decisions.get("t0").is_some() && decisions.get("t2").is_some());
+    }
+
+    #[test]
+    fn tokens_must_be_meant_for_the_audiences_asked_for() {
+        let wanted = vec!["pequod-metrics".to_string()];
+        let granted = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(audience_mismatch(&[], None), None, "no audience asked for");
+        assert_eq!(audience_mismatch(&wanted, Some(&granted(&["pequod-metrics"]))), None);
+        assert!(audience_mismatch(&wanted, Some(&granted(&["https://kubernetes.default.svc"]))).is_some());
+        assert!(audience_mismatch(&wanted, None).is_some(), "an audience-unaware answer");
     }
 
     #[test]

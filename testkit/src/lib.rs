@@ -692,12 +692,17 @@ pub async fn https_get(addr: &str, path: &str, token: Option<&str>) -> Result<(u
 
 /// A token of a service account, from the TokenRequest API.
 pub async fn service_account_token(client: &Client, namespace: &str, name: &str) -> String {
+    service_account_token_for(client, namespace, name, "https://kubernetes.default.svc").await
+}
+
+/// A token of the service account `namespace/name` meant for `audience`.
+pub async fn service_account_token_for(client: &Client, namespace: &str, name: &str, audience: &str) -> String {
     use k8s_openapi::api::authentication::v1::TokenRequest;
     use k8s_openapi::api::core::v1::ServiceAccount;
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
     let request: TokenRequest = serde_json::from_value(serde_json::json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600},
+        "spec": {"audiences": [audience], "expirationSeconds": 3600},
     }))
     .expect("token request");
     let issued: TokenRequest = accounts

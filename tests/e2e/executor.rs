@@ -752,3 +752,86 @@ async fn a_graph_cannot_aggregate_rules_into_another_role() {
     support::wait_events(&env.client, &env.namespace, "g", &["InvalidGraph"]).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_object_cache_holds_only_what_existing_graphs_made() {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    use pequod::controller::watches::{Lookup, ObjectWatches};
+
+    let (env, graphs) = setup("object-cache").await;
+    let cm = |name: &str| json!({"id": name, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"k": "v"}}});
+    apply_graph(&graphs, "cache", json!([cm("ours")])).await;
+    wait_graph(&graphs, "cache", "completed", phase_is(GraphPhase::Completed)).await;
+
+    // Someone else's ConfigMaps wearing the graph's labels: with no uid, and with a made-up one.
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    for (name, annotations) in [
+        ("labelled", json!({})),
+        (
+            "forged",
+            json!({"pequod.io/resourcegraph-uid": "00000000-0000-0000-0000-000000000000"}),
+        ),
+    ] {
+        let object = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "annotations": annotations,
+                         "labels": {"app.kubernetes.io/managed-by": "pequod", "pequod.io/resourcegraph": "cache"}},
+            "data": {"big": "x".repeat(100_000)}});
+        cms.patch(name, &PatchParams::apply(TEST_MANAGER), &Patch::Apply(object))
+            .await
+            .unwrap();
+    }
+
+    // The cache as the operator builds it, against the graphs of the test's namespace.
+    let (store, writer) = reflector::store();
+    let graph_watch = watcher(graphs.clone(), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|_| futures::future::ready(()));
+    let graph_watch = tokio::spawn(graph_watch);
+    store.wait_until_ready().await.unwrap();
+    let (watches, _triggers) = ObjectWatches::new(env.client.clone(), pequod::runtime::shutdown::Shutdown::new());
+    watches.know_graphs(store);
+    let resolved = pequod::apply::Resolved {
+        resource: kube::api::ApiResource::erase::<ConfigMap>(&()),
+        namespaced: true,
+    };
+    let cached = |name: &'static str| {
+        let watches = watches.clone();
+        let resolved = resolved.clone();
+        let namespace = env.namespace.clone();
+        move || match watches.lookup(&resolved, Some(&namespace), name) {
+            Lookup::Known(found) => Ok(found.is_some()),
+            Lookup::Unknown => Err("not listed yet".to_string()),
+        }
+    };
+    let ours = cached("ours");
+    support::wait_for("the cache listed", WAIT, || async { ours() }).await;
+    assert!(ours().unwrap(), "the graph's own object is cached");
+    assert!(
+        !cached("labelled")().unwrap(),
+        "a labelled object without the uid is not"
+    );
+    assert!(
+        !cached("forged")().unwrap(),
+        "a labelled object with another uid is not"
+    );
+
+    // An object whose uid annotation someone removes leaves the cache.
+    cms.patch(
+        "ours",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"pequod.io/resourcegraph-uid": null}}})),
+    )
+    .await
+    .unwrap();
+    support::wait_for("the tampered object to leave the cache", WAIT, || async {
+        match ours() {
+            Ok(false) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    graph_watch.abort();
+    env.cleanup().await;
+}

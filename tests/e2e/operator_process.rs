@@ -187,5 +187,24 @@ async fn secure_metrics_require_a_token_allowed_to_get_metrics() {
     .expect("the operator closes a silent connection");
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
     assert!(started.elapsed() >= Duration::from_secs(5), "{:?}", started.elapsed());
+    drop(op);
+
+    // With an audience, only tokens meant for it are accepted.
+    let op = start_operator_with(
+        &env.kubeconfig,
+        &cue,
+        &["--metrics-secure", "--metrics-token-audiences=pequod-metrics"],
+    );
+    let meant = support::service_account_token_for(&env.client, &env.namespace, "scraper", "pequod-metrics").await;
+    let (status, body) = support::wait_for("secure /metrics to answer", Duration::from_secs(30), || async {
+        support::https_get(&op.metrics, "/metrics", Some(&meant)).await
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = support::https_get(&op.metrics, "/metrics", Some(&scraper))
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "a token for the apiserver is refused: {body}");
+    assert!(body.contains("pequod-metrics"), "{body}");
     env.cleanup().await;
 }
