@@ -217,6 +217,19 @@ async fn cue_module_artifacts_and_missing_tags() {
     let (_, message) = failed(&transforms, "huge", "CueFetched", "CueFetchFailed").await;
     assert!(message.contains("bytes in all"), "{message}");
 
+    // A zip bomb: a few kilobytes that expand to 32 MiB. Reading stops at the module limit.
+    let bomb_file = "x".repeat(32 * 1024 * 1024);
+    let bomb = remote::publish_cue_module(registry, &repository, "bomb", &[("bomb.cue", &bomb_file)]).await;
+    assert!(bomb.starts_with("sha256:"));
+    apply_transform(
+        &transforms,
+        "bomb",
+        remote_spec(&env, "oci", &format!("{registry}/{repository}:bomb"), None, None),
+    )
+    .await;
+    let (_, message) = failed(&transforms, "bomb", "CueFetched", "InvalidModule").await;
+    assert!(message.contains("at most 1048576"), "{message}");
+
     // References that cannot work are named without asking any server.
     apply_transform(
         &transforms,
