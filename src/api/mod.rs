@@ -4,6 +4,7 @@ pub mod condition_types;
 mod conditions;
 mod instance;
 pub mod names;
+pub mod reasons;
 mod resourcegraph;
 mod transform;
 

@@ -10,6 +10,7 @@ use crate::api::names::{
     INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PREDECESSOR_ANNOTATION,
     PROOF_ANNOTATION,
 };
+use crate::api::reasons;
 use crate::error::ErrorCategory;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -503,7 +504,7 @@ async fn serve_instance(obj: &DynamicObject, ctx: &KindContext, update: &mut Sta
             pass.graph,
             old.name_any()
         );
-        update.event(EventType::Normal, "GraphRenamed", &note);
+        update.event(EventType::Normal, reasons::GRAPH_RENAMED, &note);
     }
     Ok(Action::requeue(if retire.is_some() { TEARDOWN_POLL } else { RESYNC }))
 }
@@ -525,7 +526,7 @@ async fn render_instance(
                 output.nodes.len(),
                 pass.module.digest
             );
-            update.condition(RENDERED, true, "Rendered", message);
+            update.condition(RENDERED, true, reasons::RENDERED, message);
             Ok((output, hash))
         }
         Err(e) if e.is_transient() => {
@@ -536,7 +537,7 @@ async fn render_instance(
         Err(e) => {
             let message = e.to_string();
             if !update.was(RENDERED, ConditionStatus::False, e.reason()) {
-                update.event(EventType::Warning, "CueRenderFailed", &message);
+                update.event(EventType::Warning, reasons::CUE_RENDER_FAILED, &message);
             }
             update.condition(RENDERED, false, e.reason(), message.clone());
             let ready = format!("rendering failed; the last accepted graph stays: {message}");
@@ -596,10 +597,10 @@ async fn check_policies(
             described(&errors)
         );
         if update.old.violations != update.new.violations {
-            update.event(EventType::Warning, "PolicyViolation", &message);
+            update.event(EventType::Warning, reasons::POLICY_VIOLATION, &message);
         }
-        update.condition(POLICY_COMPLIANT, false, "PolicyViolation", message.clone());
-        update.condition(READY, false, "PolicyViolation", message);
+        update.condition(POLICY_COMPLIANT, false, reasons::POLICY_VIOLATION, message.clone());
+        update.condition(READY, false, reasons::POLICY_VIOLATION, message);
         update.new.phase = Some(InstancePhase::Failed);
         // The graph's own state is still worth showing.
         if let Some(rg) = graphs(obj, ctx).get_opt(&pass.graph).await? {
@@ -608,10 +609,10 @@ async fn check_policies(
         return Err(Stop::Settled(Action::requeue(RESYNC)));
     }
     if violations.is_empty() {
-        update.condition(POLICY_COMPLIANT, true, "Compliant", "no policy findings");
+        update.condition(POLICY_COMPLIANT, true, reasons::COMPLIANT, "no policy findings");
     } else {
         let all: Vec<&Violation> = violations.iter().collect();
-        update.condition(POLICY_COMPLIANT, true, "Warnings", described(&all));
+        update.condition(POLICY_COMPLIANT, true, reasons::WARNINGS, described(&all));
     }
     Ok(nodes)
 }
@@ -631,7 +632,7 @@ async fn find_graphs(
             "ResourceGraph {} exists and does not belong to this instance; it is left alone",
             pass.graph
         );
-        update.fail("GraphConflict", message);
+        update.fail(reasons::GRAPH_CONFLICT, message);
         return Err(Stop::Settled(Action::requeue(RESYNC)));
     }
     let predecessor = match &live {
@@ -710,7 +711,7 @@ async fn publish_graph(
         // say why on the instance.
         Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
             let message = format!("the apiserver refused ResourceGraph {}: {}", pass.graph, s.message);
-            update.fail("GraphRejected", message);
+            update.fail(reasons::GRAPH_REJECTED, message);
             Err(Stop::Settled(Action::requeue(RESYNC)))
         }
         Err(e) => Err(e.into()),
@@ -721,8 +722,8 @@ async fn publish_graph(
 fn mirror_progress(update: &mut StatusUpdate<'_>, rg: &ResourceGraph) -> bool {
     update.new.nodes = node_summaries(rg);
     let (phase, ready, reason, message) = graph_progress(rg);
-    if ready && !update.was(READY, ConditionStatus::True, "Ready") {
-        update.event(EventType::Normal, "Ready", &message);
+    if ready && !update.was(READY, ConditionStatus::True, reasons::READY) {
+        update.event(EventType::Normal, reasons::READY, &message);
     }
     if phase == InstancePhase::Failed && !update.was(READY, ConditionStatus::False, &reason) {
         update.event(EventType::Warning, &reason, &message);
@@ -789,10 +790,14 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
             let waiting = rg
                 .status
                 .as_ref()
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY && c.reason == "Deleting"))
+                .and_then(|s| {
+                    s.conditions
+                        .iter()
+                        .find(|c| c.type_ == READY && c.reason == reasons::DELETING)
+                })
                 .map(|c| c.message.clone())
                 .unwrap_or_else(|| format!("deleting ResourceGraph {graph}"));
-            update.condition(READY, false, "Deleting", waiting);
+            update.condition(READY, false, reasons::DELETING, waiting);
             update.new.phase = Some(InstancePhase::Deleting);
             update.new.nodes = node_summaries(&rg);
             update.write().await?;

@@ -8,6 +8,7 @@
 
 use crate::api::condition_types::{DEGRADED, PROGRESSING, READY, VALID};
 use crate::api::names::{GRAPH_FINALIZER, GRAPH_STATUS_MANAGER, PREDECESSOR_ANNOTATION, PROOF_ANNOTATION};
+use crate::api::reasons;
 use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -211,12 +212,23 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
 
     let dag = match graph::validate(&rg.spec.nodes) {
         Ok(dag) => dag,
-        Err(e) => return refuse(rg, ctx, &old, status, e.reason(), &e.to_string(), "InvalidGraph").await,
+        Err(e) => {
+            return refuse(
+                rg,
+                ctx,
+                &old,
+                status,
+                e.reason(),
+                &e.to_string(),
+                reasons::INVALID_GRAPH,
+            )
+            .await;
+        }
     };
     if let Some(refused) = confinement(rg, ctx, origin).await {
         return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await;
     }
-    let valid = Condition::new(VALID, true, "Valid", "the graph is valid");
+    let valid = Condition::new(VALID, true, reasons::VALID, "the graph is valid");
     set_condition(&mut status.conditions, valid, &time, generation);
 
     let mut outcomes = run_waves(ctx, rg, &graph, origin, &dag, &old, &time).await;
@@ -239,7 +251,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     }
     if conclusion.became_ready {
         let note = format!("all {total} nodes are ready");
-        publish(ctx, rg, EventType::Normal, "Ready", &note).await;
+        publish(ctx, rg, EventType::Normal, reasons::READY, &note).await;
     }
     write_status(rg, ctx, &old, status).await?;
 
@@ -442,7 +454,7 @@ async fn process_node(
             let vanished = Failure {
                 message: "the object vanished".into(),
                 transient: true,
-                reason: "ApplyFailed",
+                reason: reasons::APPLY_FAILED,
             };
             return failed(node, previous, time, vanished);
         }
@@ -595,9 +607,9 @@ fn observed_node(
         .filter(|_| previous.is_none_or(|p| p.phase != NodePhase::Error))
         .map(|e| {
             let reason = if e.starts_with(progress::READINESS_TIMEOUT) {
-                "ReadinessTimeout"
+                reasons::READINESS_TIMEOUT
             } else {
-                "ReadinessFailed"
+                reasons::READINESS_FAILED
             };
             warning(reason, format!("node {}: {e}", node.id))
         });
@@ -752,13 +764,13 @@ async fn teardown(
         match ownership::let_go(&entry, &serde_json::to_value(&object).unwrap_or_default(), graph) {
             LetGo::Delete => to_delete.push((entry, resolved, object)),
             LetGo::Release(why) => match ctx.applier.release(&resolved, &object, &graph.uid).await {
-                Ok(()) => publish(ctx, rg, EventType::Normal, "ObjectReleased", &why).await,
+                Ok(()) => publish(ctx, rg, EventType::Normal, reasons::OBJECT_RELEASED, &why).await,
                 Err(e) => {
                     tracing::warn!(error = %e, name = %entry.name, "releasing object failed");
                     remaining.push(entry);
                 }
             },
-            LetGo::Leave(why) => publish(ctx, rg, EventType::Warning, "ObjectNotOwned", &why).await,
+            LetGo::Leave(why) => publish(ctx, rg, EventType::Warning, reasons::OBJECT_NOT_OWNED, &why).await,
         }
     }
     let top = to_delete
@@ -844,7 +856,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
             Condition::new(
                 READY,
                 false,
-                "Deleting",
+                reasons::DELETING,
                 format!(
                     "deleting in reverse dependency order; waiting for {}{}",
                     waiting.join(", "),

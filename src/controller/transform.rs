@@ -9,6 +9,7 @@ use crate::api::names::{
     AGGREGATE_LABEL, CUE_MODULE_LABEL, GENERATED_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PAUSED_ANNOTATION,
     TRANSFORM_FINALIZER, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL, TRANSFORM_STATUS_MANAGER,
 };
+use crate::api::reasons;
 use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -322,10 +323,10 @@ async fn write_status(
 async fn pause(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     let mut update = StatusUpdate::start(t, ctx);
     let message = format!("{PAUSED_ANNOTATION} is \"true\": the Transform is not reconciled, deletion included");
-    if !update.was(PAUSED, ConditionStatus::True, "Paused") {
-        update.event(EventType::Normal, "Paused", &message);
+    if !update.was(PAUSED, ConditionStatus::True, reasons::PAUSED) {
+        update.event(EventType::Normal, reasons::PAUSED, &message);
     }
-    update.condition(PAUSED, true, "Paused", message);
+    update.condition(PAUSED, true, reasons::PAUSED, message);
     if update.new.phase.is_none() {
         update.new.phase = Some(TransformPhase::Pending);
     }
@@ -370,7 +371,13 @@ impl<E: Into<Error>> From<E> for Stop {
 impl Stop {
     /// A schema change refused because it would break stored instances.
     fn breaking(message: String, then: Action) -> Self {
-        Self::failed(SCHEMA_COMPATIBLE, "BreakingChange", message, "BreakingChange", then)
+        Self::failed(
+            SCHEMA_COMPATIBLE,
+            reasons::BREAKING_CHANGE,
+            message,
+            reasons::BREAKING_CHANGE,
+            then,
+        )
     }
 
     fn failed(stage: &'static str, reason: &'static str, message: String, event: &'static str, then: Action) -> Self {
@@ -390,7 +397,7 @@ impl Stop {
 async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     let mut update = StatusUpdate::start(t, ctx);
     if update.old.conditions.iter().any(|c| c.type_ == PAUSED) {
-        update.condition(PAUSED, false, "Resumed", "the Transform is reconciled");
+        update.condition(PAUSED, false, reasons::RESUMED, "the Transform is reconciled");
     }
     show_new_spec(t, ctx, &mut update).await?;
     let action = match serve_transform(t, ctx, &mut update).await {
@@ -437,7 +444,12 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     let settled = next_look.map_or_else(Action::await_change, Action::requeue);
 
     let (module, schema) = load_module(ctx, fetched, &settled).await?;
-    update.condition(SCHEMA_EXTRACTED, true, "Extracted", "#Input converted to a CRD schema");
+    update.condition(
+        SCHEMA_EXTRACTED,
+        true,
+        reasons::EXTRACTED,
+        "#Input converted to a CRD schema",
+    );
     let (names, desired) = desired_crd(t, &namespace, &schema, &settled)?;
     let crd_name = desired.metadata.name.clone().unwrap_or_default();
     let resource = api_resource(&t.spec.group, &t.spec.version, &names);
@@ -479,9 +491,9 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     }
     let ready_message = format!("serving {} ({})", names.kind, resource.api_version);
     if update.old.phase != Some(TransformPhase::Ready) {
-        update.event(EventType::Normal, "Ready", &ready_message);
+        update.event(EventType::Normal, reasons::READY, &ready_message);
     }
-    update.condition(READY, true, "Ready", ready_message);
+    update.condition(READY, true, reasons::READY, ready_message);
     update.new.phase = Some(TransformPhase::Ready);
     Ok(Action::requeue(retry.or(next_look).unwrap_or(RESYNC)))
 }
@@ -494,8 +506,15 @@ fn authorize(
     trusted: &TrustedNamespaces,
     update: &mut StatusUpdate<'_>,
 ) -> Result<Allowance, Stop> {
-    let allowance = authority::allowance(&t.spec, namespace, trusted)
-        .map_err(|message| Stop::failed(AUTHORIZED, "NotAllowed", message, "NotAllowed", Action::await_change()))?;
+    let allowance = authority::allowance(&t.spec, namespace, trusted).map_err(|message| {
+        Stop::failed(
+            AUTHORIZED,
+            reasons::NOT_ALLOWED,
+            message,
+            reasons::NOT_ALLOWED,
+            Action::await_change(),
+        )
+    })?;
     let message = match allowance {
         Allowance::Restricted => format!(
             "namespace {namespace} is not trusted: instances get ordinary namespaced objects in their own namespace"
@@ -506,9 +525,9 @@ fn authorize(
         }
     };
     let reason = if allowance == Allowance::Restricted {
-        "Restricted"
+        reasons::RESTRICTED
     } else {
-        "Trusted"
+        reasons::TRUSTED
     };
     update.condition(AUTHORIZED, true, reason, message);
     Ok(allowance)
@@ -548,22 +567,28 @@ async fn fetch_module(
                 ));
             }
             let then = Action::requeue(breaker::retry_delay(failures));
-            return Err(Stop::failed(CUE_FETCHED, e.reason(), message, "CueFetchFailed", then));
+            return Err(Stop::failed(
+                CUE_FETCHED,
+                e.reason(),
+                message,
+                reasons::CUE_FETCH_FAILED,
+                then,
+            ));
         }
     };
     let retry = match &fetched.stale {
         Some(why) => {
             let failures = ctx.fetch_failed(&uid, t.metadata.generation);
-            if !update.was(CUE_FETCHED, ConditionStatus::False, "CueFetchFailed") {
-                update.event(EventType::Warning, "CueFetchFailed", why);
+            if !update.was(CUE_FETCHED, ConditionStatus::False, reasons::CUE_FETCH_FAILED) {
+                update.event(EventType::Warning, reasons::CUE_FETCH_FAILED, why);
             }
-            update.condition(CUE_FETCHED, false, "CueFetchFailed", why.clone());
+            update.condition(CUE_FETCHED, false, reasons::CUE_FETCH_FAILED, why.clone());
             Some(breaker::retry_delay(failures))
         }
         None => {
             ctx.fetch_succeeded(&uid);
             let what = format!("{source_label} module {} ({})", fetched.platform, fetched.digest);
-            update.condition(CUE_FETCHED, true, "Fetched", what);
+            update.condition(CUE_FETCHED, true, reasons::FETCHED, what);
             None
         }
     };
@@ -588,7 +613,7 @@ async fn load_module(
             SCHEMA_EXTRACTED,
             e.reason(),
             e.to_string(),
-            "CueRenderFailed",
+            reasons::CUE_RENDER_FAILED,
             settled.clone(),
         )),
     }
@@ -609,7 +634,7 @@ fn desired_crd(
                 CRD_GENERATED,
                 reason,
                 e.to_string(),
-                "CRDGenerationFailed",
+                reasons::CRD_GENERATION_FAILED,
                 settled.clone(),
             )
         })?;
@@ -677,9 +702,9 @@ async fn apply_crd(
             if let Some(conflict) = ownership_conflict(&live, t) {
                 return Err(Stop::failed(
                     CRD_GENERATED,
-                    "KindConflict",
+                    reasons::KIND_CONFLICT,
                     conflict,
-                    "KindConflict",
+                    reasons::KIND_CONFLICT,
                     settled.clone(),
                 ));
             }
@@ -702,7 +727,12 @@ async fn apply_crd(
         }
         None => (crds.create(&PostParams::default(), desired).await?, true),
     };
-    update.condition(SCHEMA_COMPATIBLE, true, "Compatible", "no breaking schema change");
+    update.condition(
+        SCHEMA_COMPATIBLE,
+        true,
+        reasons::COMPATIBLE,
+        "no breaking schema change",
+    );
     let (crd, changed) = written;
     if changed {
         let verb = if update.old.generated_crd.is_some() {
@@ -710,7 +740,11 @@ async fn apply_crd(
         } else {
             "created"
         };
-        update.event(EventType::Normal, "CRDGenerated", &format!("CRD {crd_name} {verb}"));
+        update.event(
+            EventType::Normal,
+            reasons::CRD_GENERATED,
+            &format!("CRD {crd_name} {verb}"),
+        );
     }
     Ok(crd)
 }
@@ -726,7 +760,7 @@ fn await_established(
     match crd_state(crd) {
         CrdState::Established => {
             let message = format!("CRD {crd_name} is Established");
-            update.condition(CRD_GENERATED, true, "Established", message);
+            update.condition(CRD_GENERATED, true, reasons::ESTABLISHED, message);
             Ok(())
         }
         CrdState::NamesRefused(message) => {
@@ -734,9 +768,9 @@ fn await_established(
             let then = settled.clone();
             Err(Stop::failed(
                 CRD_GENERATED,
-                "NamesNotAccepted",
+                reasons::NAMES_NOT_ACCEPTED,
                 message,
-                "CRDGenerationFailed",
+                reasons::CRD_GENERATION_FAILED,
                 then,
             ))
         }
@@ -755,14 +789,14 @@ fn await_established(
                 );
                 return Err(Stop::failed(
                     CRD_GENERATED,
-                    "CRDNotEstablished",
+                    reasons::CRD_NOT_ESTABLISHED,
                     message,
-                    "CRDGenerationFailed",
+                    reasons::CRD_GENERATION_FAILED,
                     then,
                 ));
             }
             let message = format!("waiting for CRD {crd_name} to be Established");
-            update.condition(CRD_GENERATED, false, "WaitingForEstablished", message);
+            update.condition(CRD_GENERATED, false, reasons::WAITING_FOR_ESTABLISHED, message);
             update.new.phase = Some(TransformPhase::Generating);
             Err(Stop::Waiting(then))
         }
@@ -784,22 +818,22 @@ async fn generate_rbac(
     match configure_rbac(t, ctx, resource).await {
         Ok(generated) => {
             let message = format!("{} rule(s) for the manager", generated.rule_count);
-            update.condition(RBAC_CONFIGURED, true, "Configured", message);
+            update.condition(RBAC_CONFIGURED, true, reasons::CONFIGURED, message);
             update.new.generated_rbac = Some(generated);
             Ok(())
         }
         Err(e @ RbacError::NotOurs { .. }) => Err(Stop::failed(
             RBAC_CONFIGURED,
-            "RBACConflict",
+            reasons::RBAC_CONFLICT,
             e.to_string(),
-            "RBACConflict",
+            reasons::RBAC_CONFLICT,
             then,
         )),
         Err(e) => Err(Stop::failed(
             RBAC_CONFIGURED,
-            "RBACFailed",
+            reasons::RBAC_FAILED,
             format!("generating RBAC: {e}"),
-            "RBACFailed",
+            reasons::RBAC_FAILED,
             then,
         )),
     }
@@ -819,7 +853,7 @@ async fn check_rbac(
     let missing = super::access::missing(&ctx.client, needed).await?;
     if missing.is_empty() {
         let message = format!("the manager holds the {} rule(s) the Transform needs", rules.len());
-        update.condition(RBAC_CONFIGURED, true, "Configured", message);
+        update.condition(RBAC_CONFIGURED, true, reasons::CONFIGURED, message);
         update.new.generated_rbac = None;
         return Ok(());
     }
@@ -830,11 +864,11 @@ async fn check_rbac(
         t.name_any(),
         rbac::describe_missing(&missing)
     );
-    if !update.was(RBAC_CONFIGURED, ConditionStatus::False, "RBACMissing") {
-        update.event(EventType::Warning, "RBACMissing", &message);
+    if !update.was(RBAC_CONFIGURED, ConditionStatus::False, reasons::RBAC_MISSING) {
+        update.event(EventType::Warning, reasons::RBAC_MISSING, &message);
     }
-    update.condition(RBAC_CONFIGURED, false, "RBACMissing", message.clone());
-    update.condition(READY, false, "RBACMissing", message);
+    update.condition(RBAC_CONFIGURED, false, reasons::RBAC_MISSING, message.clone());
+    update.condition(READY, false, reasons::RBAC_MISSING, message);
     update.new.phase = Some(TransformPhase::Pending);
     Err(Stop::Waiting(Action::requeue(RBAC_POLL)))
 }
@@ -1096,10 +1130,10 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
                 "deletion waits until the {instances} instance(s) of {} are deleted; the CRD is kept until then",
                 crd.spec.names.kind
             );
-            if !update.was(READY, ConditionStatus::False, "WaitingForInstances") {
-                update.event(EventType::Normal, "WaitingForInstances", &message);
+            if !update.was(READY, ConditionStatus::False, reasons::WAITING_FOR_INSTANCES) {
+                update.event(EventType::Normal, reasons::WAITING_FOR_INSTANCES, &message);
             }
-            update.condition(READY, false, "WaitingForInstances", message);
+            update.condition(READY, false, reasons::WAITING_FOR_INSTANCES, message);
             update.write().await?;
             return Ok(Action::requeue(INSTANCE_POLL));
         }

@@ -3,6 +3,7 @@
 //! status decision of a reconcile is [`conclude`].
 
 use crate::api::condition_types::{DEGRADED, PROGRESSING, READY};
+use crate::api::reasons;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -186,9 +187,14 @@ pub fn conclude(
         .collect();
     let conditions = if complete {
         [
-            Condition::new(READY, true, "AllNodesReady", format!("all {total} nodes are ready")),
-            Condition::new(PROGRESSING, false, "Completed", "nothing left to apply"),
-            Condition::new(DEGRADED, false, "AllNodesReady", "no node failed"),
+            Condition::new(
+                READY,
+                true,
+                reasons::ALL_NODES_READY,
+                format!("all {total} nodes are ready"),
+            ),
+            Condition::new(PROGRESSING, false, reasons::COMPLETED, "nothing left to apply"),
+            Condition::new(DEGRADED, false, reasons::ALL_NODES_READY, "no node failed"),
         ]
     } else if !errors.is_empty() {
         let summary = errors.join("; ");
@@ -196,17 +202,22 @@ pub fn conclude(
             Condition::new(
                 READY,
                 false,
-                "NodeFailed",
+                reasons::NODE_FAILED,
                 format!("{ready}/{total} nodes ready; failed: {summary}"),
             ),
-            Condition::new(PROGRESSING, false, "NodeFailed", "blocked by failed nodes"),
-            Condition::new(DEGRADED, true, "NodeFailed", summary),
+            Condition::new(PROGRESSING, false, reasons::NODE_FAILED, "blocked by failed nodes"),
+            Condition::new(DEGRADED, true, reasons::NODE_FAILED, summary),
         ]
     } else {
         [
-            Condition::new(READY, false, "Progressing", format!("{ready}/{total} nodes ready")),
-            Condition::new(PROGRESSING, true, "Applying", waiting.join("; ")),
-            Condition::new(DEGRADED, false, "Progressing", "no node failed"),
+            Condition::new(
+                READY,
+                false,
+                reasons::PROGRESSING,
+                format!("{ready}/{total} nodes ready"),
+            ),
+            Condition::new(PROGRESSING, true, reasons::APPLYING, waiting.join("; ")),
+            Condition::new(DEGRADED, false, reasons::PROGRESSING, "no node failed"),
         ]
     };
     status.ready_nodes = Some(format!("{ready}/{total}"));

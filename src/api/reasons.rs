@@ -1,0 +1,55 @@
+//! Reasons of conditions and events: part of Pequod's public surface (docs/user-guide.md and
+//! docs/operations.md list them). Reasons that come from an error are given by the error's
+//! category (`crate::error::ErrorCategory`); these are the others.
+
+// Transforms.
+pub const PAUSED: &str = "Paused";
+pub const RESUMED: &str = "Resumed";
+pub const NOT_ALLOWED: &str = "NotAllowed";
+pub const RESTRICTED: &str = "Restricted";
+pub const TRUSTED: &str = "Trusted";
+pub const CUE_FETCH_FAILED: &str = "CueFetchFailed";
+pub const FETCHED: &str = "Fetched";
+pub const EXTRACTED: &str = "Extracted";
+pub const CUE_RENDER_FAILED: &str = "CueRenderFailed";
+pub const CRD_GENERATION_FAILED: &str = "CRDGenerationFailed";
+pub const KIND_CONFLICT: &str = "KindConflict";
+pub const BREAKING_CHANGE: &str = "BreakingChange";
+pub const COMPATIBLE: &str = "Compatible";
+pub const CRD_GENERATED: &str = "CRDGenerated";
+pub const ESTABLISHED: &str = "Established";
+pub const NAMES_NOT_ACCEPTED: &str = "NamesNotAccepted";
+pub const CRD_NOT_ESTABLISHED: &str = "CRDNotEstablished";
+pub const WAITING_FOR_ESTABLISHED: &str = "WaitingForEstablished";
+pub const CONFIGURED: &str = "Configured";
+pub const RBAC_CONFLICT: &str = "RBACConflict";
+pub const RBAC_FAILED: &str = "RBACFailed";
+pub const RBAC_MISSING: &str = "RBACMissing";
+pub const WAITING_FOR_INSTANCES: &str = "WaitingForInstances";
+
+// Instances.
+pub const RENDERED: &str = "Rendered";
+pub const GRAPH_RENAMED: &str = "GraphRenamed";
+pub const POLICY_VIOLATION: &str = "PolicyViolation";
+pub const COMPLIANT: &str = "Compliant";
+pub const WARNINGS: &str = "Warnings";
+pub const GRAPH_CONFLICT: &str = "GraphConflict";
+pub const GRAPH_REJECTED: &str = "GraphRejected";
+pub const DELETING: &str = "Deleting";
+
+// ResourceGraphs.
+pub const VALID: &str = "Valid";
+pub const INVALID_GRAPH: &str = "InvalidGraph";
+pub const APPLY_FAILED: &str = "ApplyFailed";
+pub const READINESS_TIMEOUT: &str = "ReadinessTimeout";
+pub const READINESS_FAILED: &str = "ReadinessFailed";
+pub const OBJECT_RELEASED: &str = "ObjectReleased";
+pub const OBJECT_NOT_OWNED: &str = "ObjectNotOwned";
+pub const ALL_NODES_READY: &str = "AllNodesReady";
+pub const COMPLETED: &str = "Completed";
+pub const NODE_FAILED: &str = "NodeFailed";
+pub const PROGRESSING: &str = "Progressing";
+pub const APPLYING: &str = "Applying";
+
+// Every kind.
+pub const READY: &str = "Ready";
