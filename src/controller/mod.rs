@@ -326,6 +326,8 @@ pub struct StatusDraft<S> {
     pub new: S,
     pub time: Time,
     generation: Option<i64>,
+    /// Events decided with the status, published when it is written.
+    pub events: Vec<kube::runtime::events::Event>,
 }
 
 impl<S: ConditionedStatus> StatusDraft<S> {
@@ -340,7 +342,13 @@ impl<S: ConditionedStatus> StatusDraft<S> {
             new,
             time: now(),
             generation: meta.generation,
+            events: Vec::new(),
         }
+    }
+
+    /// Records an event, published with the status.
+    pub fn event(&mut self, type_: kube::runtime::events::EventType, reason: &str, note: &str) {
+        self.events.push(reconcile_event(type_, reason, note));
     }
 
     pub fn condition(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {

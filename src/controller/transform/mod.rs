@@ -2,9 +2,7 @@
 //! schema changes and names it does not own), generates RBAC from `managedResources`, and hands
 //! the kind to the instance supervisor. Deleting a Transform waits until no instance is left.
 
-use crate::api::condition_types::{
-    AUTHORIZED, CRD_GENERATED, CUE_FETCHED, PAUSED, RBAC_CONFIGURED, READY, SCHEMA_COMPATIBLE, SCHEMA_EXTRACTED,
-};
+use crate::api::condition_types::{AUTHORIZED, CRD_GENERATED, CUE_FETCHED, RBAC_CONFIGURED, SCHEMA_EXTRACTED};
 use crate::api::names::{
     AGGREGATE_LABEL, CUE_MODULE_LABEL, GENERATED_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PAUSED_ANNOTATION,
     TRANSFORM_FINALIZER, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL, TRANSFORM_STATUS_MANAGER,
@@ -22,7 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -30,12 +28,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tracing::info_span;
 
+mod status;
+
 use super::instance::{ServeSpec, Supervisor, TransformKey};
-use super::{Error, StatusDraft, StatusMemory, publish, reconcile_event, reconcile_id};
-use crate::api::{
-    ConditionStatus, CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, ResolvedCueRef, Transform, TransformPhase,
-    TransformStatus,
-};
+use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
+use crate::api::{CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus};
 use crate::apply::contains;
 use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
@@ -46,6 +43,7 @@ use crate::runtime::health::{Health, Probe};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use crate::source::{Fetcher, breaker};
+use status::{Draft, Stop};
 
 const CONTROLLER: &str = "transform";
 /// How long a generated CRD may take to become Established.
@@ -253,11 +251,11 @@ fn key(t: &Transform) -> TransformKey {
 struct StatusUpdate<'a> {
     t: &'a Transform,
     ctx: &'a Context,
-    draft: StatusDraft<TransformStatus>,
+    draft: Draft,
 }
 
 impl std::ops::Deref for StatusUpdate<'_> {
-    type Target = StatusDraft<TransformStatus>;
+    type Target = Draft;
     fn deref(&self) -> &Self::Target {
         &self.draft
     }
@@ -278,27 +276,14 @@ impl<'a> StatusUpdate<'a> {
         }
     }
 
-    /// Marks the Transform Failed at `stage` (a condition type), with an event on transition.
-    fn fail(&mut self, stage: &str, reason: &str, message: &str, event_reason: &str) {
-        let transition = !self.was(stage, ConditionStatus::False, reason);
-        self.condition(stage, false, reason, message);
-        self.condition(READY, false, reason, message);
-        self.new.phase = Some(TransformPhase::Failed);
-        if transition {
-            self.event(EventType::Warning, event_reason, message);
-        }
-    }
-
-    fn event(&self, type_: EventType, reason: &str, note: &str) {
-        publish(
-            &self.ctx.recorder,
-            self.t.object_ref(&()),
-            reconcile_event(type_, reason, note),
-        );
-    }
-
+    /// Writes the status, then publishes the events decided with it.
     async fn write(self) -> Result<(), Error> {
-        write_status(self.t, self.ctx, &self.draft.old, self.draft.new).await
+        let Draft { old, new, events, .. } = self.draft;
+        write_status(self.t, self.ctx, &old, new).await?;
+        for event in events {
+            publish(&self.ctx.recorder, self.t.object_ref(&()), event);
+        }
+        Ok(())
     }
 }
 
@@ -323,13 +308,7 @@ async fn write_status(
 async fn pause(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     let mut update = StatusUpdate::start(t, ctx);
     let message = format!("{PAUSED_ANNOTATION} is \"true\": the Transform is not reconciled, deletion included");
-    if !update.was(PAUSED, ConditionStatus::True, reasons::PAUSED) {
-        update.event(EventType::Normal, reasons::PAUSED, &message);
-    }
-    update.condition(PAUSED, true, reasons::PAUSED, message);
-    if update.new.phase.is_none() {
-        update.new.phase = Some(TransformPhase::Pending);
-    }
+    update.pause(&message);
     update.write().await?;
     Ok(Action::await_change())
 }
@@ -345,76 +324,15 @@ fn api_resource(group: &str, version: &str, names: &KindNames) -> ApiResource {
     }
 }
 
-/// Why a Transform's pipeline stopped before serving its kind.
-enum Stop {
-    /// A stage failed: the Transform is Failed with condition `stage` False and `reason`, one
-    /// `event` Warning on the transition, and is looked at again per `then`.
-    Failed {
-        stage: &'static str,
-        reason: &'static str,
-        message: String,
-        event: &'static str,
-        then: Action,
-    },
-    /// The status says what is awaited; it is written and the Transform looked at per the action.
-    Waiting(Action),
-    /// The reconcile itself failed (see [`super::error_policy`]).
-    Error(Error),
-}
-
-impl<E: Into<Error>> From<E> for Stop {
-    fn from(e: E) -> Self {
-        Self::Error(e.into())
-    }
-}
-
-impl Stop {
-    /// A schema change refused because it would break stored instances.
-    fn breaking(message: String, then: Action) -> Self {
-        Self::failed(
-            SCHEMA_COMPATIBLE,
-            reasons::BREAKING_CHANGE,
-            message,
-            reasons::BREAKING_CHANGE,
-            then,
-        )
-    }
-
-    fn failed(stage: &'static str, reason: &'static str, message: String, event: &'static str, then: Action) -> Self {
-        Self::Failed {
-            stage,
-            reason,
-            message,
-            event,
-            then,
-        }
-    }
-}
-
 /// A Transform's pipeline: fetch the module, extract its schema, build the CRD, apply it,
 /// wait until it is Established, generate RBAC, serve the kind. Each step returns what the
 /// next needs or why it stopped; the status is decided here once and written once.
 async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     let mut update = StatusUpdate::start(t, ctx);
-    if update.old.conditions.iter().any(|c| c.type_ == PAUSED) {
-        update.condition(PAUSED, false, reasons::RESUMED, "the Transform is reconciled");
-    }
+    update.resume();
     show_new_spec(t, ctx, &mut update).await?;
-    let action = match serve_transform(t, ctx, &mut update).await {
-        Ok(action) => action,
-        Err(Stop::Failed {
-            stage,
-            reason,
-            message,
-            event,
-            then,
-        }) => {
-            update.fail(stage, reason, &message, event);
-            then
-        }
-        Err(Stop::Waiting(then)) => then,
-        Err(Stop::Error(e)) => return Err(e),
-    };
+    let result = serve_transform(t, ctx, &mut update).await;
+    let action = update.conclude(result)?;
     update.write().await?;
     Ok(action)
 }
@@ -444,12 +362,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     let settled = next_look.map_or_else(Action::await_change, Action::requeue);
 
     let (module, schema) = load_module(ctx, fetched, &settled).await?;
-    update.condition(
-        SCHEMA_EXTRACTED,
-        true,
-        reasons::EXTRACTED,
-        "#Input converted to a CRD schema",
-    );
+    update.extracted();
     let (names, desired) = desired_crd(t, &namespace, &schema, &settled)?;
     let crd_name = desired.metadata.name.clone().unwrap_or_default();
     let resource = api_resource(&t.spec.group, &t.spec.version, &names);
@@ -477,24 +390,13 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
         })
         .await;
 
-    update.new.generated_crd = Some(GeneratedCrd {
+    let generated = GeneratedCrd {
         api_version: resource.api_version.clone(),
         kind: names.kind.clone(),
         name: crd_name,
         plural: names.plural.clone(),
-    });
-    if update.new.resolved_cue_ref.as_ref().map(|r| r.digest.as_str()) != Some(source_digest.as_str()) {
-        update.new.resolved_cue_ref = Some(ResolvedCueRef {
-            digest: source_digest,
-            fetched_at: Some(update.time.clone()),
-        });
-    }
-    let ready_message = format!("serving {} ({})", names.kind, resource.api_version);
-    if update.old.phase != Some(TransformPhase::Ready) {
-        update.event(EventType::Normal, reasons::READY, &ready_message);
-    }
-    update.condition(READY, true, reasons::READY, ready_message);
-    update.new.phase = Some(TransformPhase::Ready);
+    };
+    update.serving(generated, source_digest);
     Ok(Action::requeue(retry.or(next_look).unwrap_or(RESYNC)))
 }
 
@@ -515,21 +417,7 @@ fn authorize(
             Action::await_change(),
         )
     })?;
-    let message = match allowance {
-        Allowance::Restricted => format!(
-            "namespace {namespace} is not trusted: instances get ordinary namespaced objects in their own namespace"
-        ),
-        Allowance::Namespace => "trusted: instances get the kinds the module renders, in their namespace".to_string(),
-        Allowance::Cluster => {
-            "trusted: instances get the kinds the module renders, cluster-scoped objects included".to_string()
-        }
-    };
-    let reason = if allowance == Allowance::Restricted {
-        reasons::RESTRICTED
-    } else {
-        reasons::TRUSTED
-    };
-    update.condition(AUTHORIZED, true, reason, message);
+    update.authorized(allowance, namespace);
     Ok(allowance)
 }
 
@@ -579,16 +467,13 @@ async fn fetch_module(
     let retry = match &fetched.stale {
         Some(why) => {
             let failures = ctx.fetch_failed(&uid, t.metadata.generation);
-            if !update.was(CUE_FETCHED, ConditionStatus::False, reasons::CUE_FETCH_FAILED) {
-                update.event(EventType::Warning, reasons::CUE_FETCH_FAILED, why);
-            }
-            update.condition(CUE_FETCHED, false, reasons::CUE_FETCH_FAILED, why.clone());
+            update.fetched_stale(why);
             Some(breaker::retry_delay(failures))
         }
         None => {
             ctx.fetch_succeeded(&uid);
             let what = format!("{source_label} module {} ({})", fetched.platform, fetched.digest);
-            update.condition(CUE_FETCHED, true, reasons::FETCHED, what);
+            update.fetched(what);
             None
         }
     };
@@ -727,40 +612,22 @@ async fn apply_crd(
         }
         None => (crds.create(&PostParams::default(), desired).await?, true),
     };
-    update.condition(
-        SCHEMA_COMPATIBLE,
-        true,
-        reasons::COMPATIBLE,
-        "no breaking schema change",
-    );
     let (crd, changed) = written;
-    if changed {
-        let verb = if update.old.generated_crd.is_some() {
-            "updated"
-        } else {
-            "created"
-        };
-        update.event(
-            EventType::Normal,
-            reasons::CRD_GENERATED,
-            &format!("CRD {crd_name} {verb}"),
-        );
-    }
+    update.crd_written(&crd_name, changed);
     Ok(crd)
 }
 
 /// Waits until the apiserver serves the CRD (the CRD watch brings the Transform back; the
 /// requeue bounds the wait), failing when it refuses the names or takes too long.
 fn await_established(
-    update: &mut StatusUpdate<'_>,
+    update: &mut Draft,
     crd: &CustomResourceDefinition,
     crd_name: &str,
     settled: &Action,
 ) -> Result<(), Stop> {
     match crd_state(crd) {
         CrdState::Established => {
-            let message = format!("CRD {crd_name} is Established");
-            update.condition(CRD_GENERATED, true, reasons::ESTABLISHED, message);
+            update.established(crd_name);
             Ok(())
         }
         CrdState::NamesRefused(message) => {
@@ -795,9 +662,7 @@ fn await_established(
                     then,
                 ));
             }
-            let message = format!("waiting for CRD {crd_name} to be Established");
-            update.condition(CRD_GENERATED, false, reasons::WAITING_FOR_ESTABLISHED, message);
-            update.new.phase = Some(TransformPhase::Generating);
+            update.waiting_for_established(crd_name);
             Err(Stop::Waiting(then))
         }
     }
@@ -818,7 +683,7 @@ async fn generate_rbac(
     match configure_rbac(t, ctx, resource).await {
         Ok(generated) => {
             let message = format!("{} rule(s) for the manager", generated.rule_count);
-            update.condition(RBAC_CONFIGURED, true, reasons::CONFIGURED, message);
+            update.rbac_configured(message);
             update.new.generated_rbac = Some(generated);
             Ok(())
         }
@@ -853,7 +718,7 @@ async fn check_rbac(
     let missing = super::access::missing(&ctx.client, needed).await?;
     if missing.is_empty() {
         let message = format!("the manager holds the {} rule(s) the Transform needs", rules.len());
-        update.condition(RBAC_CONFIGURED, true, reasons::CONFIGURED, message);
+        update.rbac_configured(message);
         update.new.generated_rbac = None;
         return Ok(());
     }
@@ -864,12 +729,7 @@ async fn check_rbac(
         t.name_any(),
         rbac::describe_missing(&missing)
     );
-    if !update.was(RBAC_CONFIGURED, ConditionStatus::False, reasons::RBAC_MISSING) {
-        update.event(EventType::Warning, reasons::RBAC_MISSING, &message);
-    }
-    update.condition(RBAC_CONFIGURED, false, reasons::RBAC_MISSING, message.clone());
-    update.condition(READY, false, reasons::RBAC_MISSING, message);
-    update.new.phase = Some(TransformPhase::Pending);
+    update.rbac_missing(&message);
     Err(Stop::Waiting(Action::requeue(RBAC_POLL)))
 }
 
@@ -1130,10 +990,7 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
                 "deletion waits until the {instances} instance(s) of {} are deleted; the CRD is kept until then",
                 crd.spec.names.kind
             );
-            if !update.was(READY, ConditionStatus::False, reasons::WAITING_FOR_INSTANCES) {
-                update.event(EventType::Normal, reasons::WAITING_FOR_INSTANCES, &message);
-            }
-            update.condition(READY, false, reasons::WAITING_FOR_INSTANCES, message);
+            update.waiting_for_instances(&message);
             update.write().await?;
             return Ok(Action::requeue(INSTANCE_POLL));
         }
