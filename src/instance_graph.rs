@@ -6,6 +6,7 @@ use crate::api::names::{
     GRAPH_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
     TRANSFORM_LABEL,
 };
+use crate::api::reasons;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
@@ -248,7 +249,7 @@ pub fn graph_progress(rg: &ResourceGraph) -> (InstancePhase, bool, String, Strin
         return (
             InstancePhase::Applying,
             false,
-            "Applying".into(),
+            reasons::APPLYING.into(),
             "the ResourceGraph is being applied".into(),
         );
     };
@@ -258,13 +259,15 @@ pub fn graph_progress(rg: &ResourceGraph) -> (InstancePhase, bool, String, Strin
         Some(GraphPhase::Completed) if ready.is_some_and(|c| c.status == ConditionStatus::True) => (
             InstancePhase::Ready,
             true,
-            "Ready".into(),
+            reasons::READY.into(),
             format!("all {} resources are ready", rg.spec.nodes.len()),
         ),
         Some(GraphPhase::Failed) => (
             InstancePhase::Failed,
             false,
-            ready.map(|c| c.reason.clone()).unwrap_or_else(|| "GraphFailed".into()),
+            ready
+                .map(|c| c.reason.clone())
+                .unwrap_or_else(|| reasons::GRAPH_FAILED.into()),
             message,
         ),
         _ => (
@@ -273,7 +276,7 @@ pub fn graph_progress(rg: &ResourceGraph) -> (InstancePhase, bool, String, Strin
             ready
                 .map(|c| c.reason.clone())
                 .filter(|r| !r.is_empty())
-                .unwrap_or_else(|| "Applying".into()),
+                .unwrap_or_else(|| reasons::APPLYING.into()),
             message,
         ),
     }

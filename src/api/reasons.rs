@@ -36,6 +36,7 @@ pub const WARNINGS: &str = "Warnings";
 pub const GRAPH_CONFLICT: &str = "GraphConflict";
 pub const GRAPH_REJECTED: &str = "GraphRejected";
 pub const DELETING: &str = "Deleting";
+pub const GRAPH_FAILED: &str = "GraphFailed";
 
 // ResourceGraphs.
 pub const VALID: &str = "Valid";

@@ -5,7 +5,7 @@
 //! module when the Transform's content changes (re-rendering every instance), and stops the
 //! controller when the Transform is deleted, so that nothing outlives its Transform.
 
-use crate::api::condition_types::{POLICY_COMPLIANT, READY, RENDERED};
+use crate::api::condition_types::READY;
 use crate::api::names::{
     INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PREDECESSOR_ANNOTATION,
     PROOF_ANNOTATION,
@@ -27,20 +27,21 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::info_span;
 
-use super::{Error, StatusDraft, StatusMemory, publish, reconcile_event, reconcile_id};
-use crate::api::{
-    ConditionStatus, InstancePhase, InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity, Violation,
-};
+mod status;
+
+use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
+use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
 use crate::apply::Predecessor;
 use crate::cue::{Module, Renderer, input_hash, render_input};
 use crate::executor::proof::{Allowance, GraphKey, Origin};
 use crate::instance_graph::{
-    InstanceRef, Scope, confine, graph_name, graph_progress, label_value, legacy_graph_name, node_summaries,
-    render_hash, resource_graph,
+    InstanceRef, Scope, confine, graph_name, label_value, legacy_graph_name, node_summaries, render_hash,
+    resource_graph,
 };
 use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
+use status::{Draft, Stop};
 
 const CONTROLLER: &str = "instance";
 /// Reconciles of one kind in flight: enough for a full render batch to form, so that many
@@ -352,11 +353,11 @@ fn graphs(obj: &DynamicObject, ctx: &KindContext) -> Api<ResourceGraph> {
 struct StatusUpdate<'a> {
     obj: &'a DynamicObject,
     ctx: &'a KindContext,
-    draft: StatusDraft<InstanceStatus>,
+    draft: Draft,
 }
 
 impl std::ops::Deref for StatusUpdate<'_> {
-    type Target = StatusDraft<InstanceStatus>;
+    type Target = Draft;
     fn deref(&self) -> &Self::Target {
         &self.draft
     }
@@ -381,26 +382,10 @@ impl<'a> StatusUpdate<'a> {
         }
     }
 
-    /// Marks the instance Failed with `Ready=False` and `reason`, with an event on transition.
-    fn fail(&mut self, reason: &str, message: String) {
-        if !self.was(READY, ConditionStatus::False, reason) {
-            self.event(EventType::Warning, reason, &message);
-        }
-        self.condition(READY, false, reason, message);
-        self.new.phase = Some(InstancePhase::Failed);
-    }
-
-    fn event(&self, type_: EventType, reason: &str, note: &str) {
-        let reference = self.obj.object_ref(&self.ctx.resource);
-        publish(
-            &self.ctx.shared.recorder,
-            reference,
-            reconcile_event(type_, reason, note),
-        );
-    }
-
+    /// Writes the status, then publishes the events decided with it.
     async fn write(self) -> Result<(), Error> {
         let resource = &self.ctx.resource;
+        let Draft { old, new, events, .. } = self.draft;
         self.ctx
             .shared
             .written
@@ -409,26 +394,15 @@ impl<'a> StatusUpdate<'a> {
                 self.obj,
                 (&resource.api_version, &resource.kind),
                 INSTANCE_MANAGER,
-                &self.draft.old,
-                self.draft.new,
+                &old,
+                new,
             )
-            .await
-    }
-}
-
-/// Why an instance's pipeline stopped before its graph's progress was mirrored.
-enum Stop {
-    /// The status says why; it is written and the instance looked at per the action.
-    Settled(Action),
-    /// The status says why; it is written and the reconcile fails, to be retried with backoff.
-    Retry(Error),
-    /// The reconcile failed before the status could say anything.
-    Error(Error),
-}
-
-impl<E: Into<Error>> From<E> for Stop {
-    fn from(e: E) -> Self {
-        Self::Error(e.into())
+            .await?;
+        let reference = self.obj.object_ref(&self.ctx.resource);
+        for event in events {
+            publish(&self.ctx.shared.recorder, reference.clone(), event);
+        }
+        Ok(())
     }
 }
 
@@ -487,7 +461,7 @@ async fn serve_instance(obj: &DynamicObject, ctx: &KindContext, update: &mut Sta
     )
     .await?;
     update.new.module_digest = Some(pass.module.digest.clone());
-    let ready = mirror_progress(update, &rg);
+    let ready = update.mirror_progress(&rg);
     // Once the graph holds every object, the earlier one has nothing left and goes.
     let retire = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none());
     if let Some(old) = &retire {
@@ -521,31 +495,12 @@ async fn render_instance(
     let hash = render_hash(&pass.module.digest, &input_hash(&input));
     match ctx.shared.renderer.render(&pass.module, input).await {
         Ok(output) => {
-            let message = format!(
-                "{} object(s) rendered by module {}",
-                output.nodes.len(),
-                pass.module.digest
-            );
-            update.condition(RENDERED, true, reasons::RENDERED, message);
+            update.rendered(output.nodes.len(), &pass.module.digest);
             Ok((output, hash))
         }
-        Err(e) if e.is_transient() => {
-            update.new.phase = Some(InstancePhase::Rendering);
-            update.condition(RENDERED, false, e.reason(), e.to_string());
-            Err(Stop::Retry(Error::CueUnavailable(e.to_string())))
-        }
-        Err(e) => {
-            let message = e.to_string();
-            if !update.was(RENDERED, ConditionStatus::False, e.reason()) {
-                update.event(EventType::Warning, reasons::CUE_RENDER_FAILED, &message);
-            }
-            update.condition(RENDERED, false, e.reason(), message.clone());
-            let ready = format!("rendering failed; the last accepted graph stays: {message}");
-            update.condition(READY, false, e.reason(), ready);
-            update.new.phase = Some(InstancePhase::Failed);
-            // Rendering is deterministic: only a change of the instance or the module helps.
-            Err(Stop::Settled(Action::requeue(RESYNC)))
-        }
+        // Rendering is deterministic: after a failure only a change of the instance or the
+        // module helps, which the resync and the module watch bring.
+        Err(e) => Err(update.render_failed(e.is_transient(), e.reason(), e.to_string(), Action::requeue(RESYNC))),
     }
 }
 
@@ -582,37 +537,12 @@ async fn check_policies(
                 .inc();
         }
     }
-    update.new.violations = violations.iter().take(MAX_STATUS_VIOLATIONS).cloned().collect();
-    let described = |vs: &[&Violation]| {
-        vs.iter()
-            .map(|v| format!("{}: {}", v.path, v.message))
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let errors: Vec<&Violation> = violations.iter().filter(|v| v.severity == Severity::Error).collect();
-    if !errors.is_empty() {
-        let message = format!(
-            "{} policy violation(s) block the change; the last accepted graph stays: {}",
-            errors.len(),
-            described(&errors)
-        );
-        if update.old.violations != update.new.violations {
-            update.event(EventType::Warning, reasons::POLICY_VIOLATION, &message);
-        }
-        update.condition(POLICY_COMPLIANT, false, reasons::POLICY_VIOLATION, message.clone());
-        update.condition(READY, false, reasons::POLICY_VIOLATION, message);
-        update.new.phase = Some(InstancePhase::Failed);
+    if update.policies(&violations, MAX_STATUS_VIOLATIONS) {
         // The graph's own state is still worth showing.
         if let Some(rg) = graphs(obj, ctx).get_opt(&pass.graph).await? {
             update.new.nodes = node_summaries(&rg);
         }
         return Err(Stop::Settled(Action::requeue(RESYNC)));
-    }
-    if violations.is_empty() {
-        update.condition(POLICY_COMPLIANT, true, reasons::COMPLIANT, "no policy findings");
-    } else {
-        let all: Vec<&Violation> = violations.iter().collect();
-        update.condition(POLICY_COMPLIANT, true, reasons::WARNINGS, described(&all));
     }
     Ok(nodes)
 }
@@ -718,21 +648,6 @@ async fn publish_graph(
     }
 }
 
-/// Mirrors the graph's progress on the instance; returns whether the instance is Ready.
-fn mirror_progress(update: &mut StatusUpdate<'_>, rg: &ResourceGraph) -> bool {
-    update.new.nodes = node_summaries(rg);
-    let (phase, ready, reason, message) = graph_progress(rg);
-    if ready && !update.was(READY, ConditionStatus::True, reasons::READY) {
-        update.event(EventType::Normal, reasons::READY, &message);
-    }
-    if phase == InstancePhase::Failed && !update.was(READY, ConditionStatus::False, &reason) {
-        update.event(EventType::Warning, &reason, &message);
-    }
-    update.condition(READY, ready, &reason, message);
-    update.new.phase = Some(phase);
-    ready
-}
-
 /// Scope of each kind the nodes use, through the applier's cached discovery.
 async fn scopes(ctx: &KindContext, nodes: &[crate::api::Node]) -> HashMap<(String, String), Scope> {
     let mut scopes = HashMap::new();
@@ -797,9 +712,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
                 })
                 .map(|c| c.message.clone())
                 .unwrap_or_else(|| format!("deleting ResourceGraph {graph}"));
-            update.condition(READY, false, reasons::DELETING, waiting);
-            update.new.phase = Some(InstancePhase::Deleting);
-            update.new.nodes = node_summaries(&rg);
+            update.deleting(waiting, &rg);
             update.write().await?;
             Ok(Action::requeue(TEARDOWN_POLL))
         }

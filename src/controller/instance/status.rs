@@ -1,0 +1,317 @@
+//! What an instance's status says at each step of its pipeline, and which events go with it:
+//! pure transitions of a status draft, checked without a cluster by the table tests below.
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+
+use super::super::{Error, StatusDraft};
+use crate::api::condition_types::{POLICY_COMPLIANT, READY, RENDERED};
+use crate::api::{ConditionStatus, InstancePhase, InstanceStatus, ResourceGraph, Violation, reasons};
+use crate::instance_graph::{graph_progress, node_summaries};
+
+/// An instance's status under construction.
+pub(super) type Draft = StatusDraft<InstanceStatus>;
+
+/// Why an instance's pipeline stopped before its graph's progress was mirrored.
+pub(super) enum Stop {
+    /// The status says why; it is written and the instance looked at per the action.
+    Settled(Action),
+    /// The status says why; it is written and the reconcile fails, to be retried with backoff.
+    Retry(Error),
+    /// The reconcile failed before the status could say anything.
+    Error(Error),
+}
+
+impl<E: Into<Error>> From<E> for Stop {
+    fn from(e: E) -> Self {
+        Self::Error(e.into())
+    }
+}
+
+impl StatusDraft<InstanceStatus> {
+    /// Marks the instance Failed with `Ready=False` and `reason`, with an event on transition.
+    pub(super) fn fail(&mut self, reason: &str, message: String) {
+        if !self.was(READY, ConditionStatus::False, reason) {
+            self.event(EventType::Warning, reason, &message);
+        }
+        self.condition(READY, false, reason, message);
+        self.new.phase = Some(InstancePhase::Failed);
+    }
+
+    pub(super) fn rendered(&mut self, count: usize, digest: &str) {
+        let message = format!("{count} object(s) rendered by module {digest}");
+        self.condition(RENDERED, true, reasons::RENDERED, message);
+    }
+
+    /// Records a failed render and why the pipeline stops: a `transient` failure (cue could
+    /// not run or timed out) is retried with backoff; any other waits for a change of the
+    /// instance or the module (`resync`), and the last accepted graph stays.
+    pub(super) fn render_failed(&mut self, transient: bool, reason: &str, message: String, resync: Action) -> Stop {
+        if transient {
+            self.new.phase = Some(InstancePhase::Rendering);
+            self.condition(RENDERED, false, reason, message.clone());
+            return Stop::Retry(Error::CueUnavailable(message));
+        }
+        if !self.was(RENDERED, ConditionStatus::False, reason) {
+            self.event(EventType::Warning, reasons::CUE_RENDER_FAILED, &message);
+        }
+        self.condition(RENDERED, false, reason, message.clone());
+        let ready = format!("rendering failed; the last accepted graph stays: {message}");
+        self.condition(READY, false, reason, ready);
+        self.new.phase = Some(InstancePhase::Failed);
+        Stop::Settled(resync)
+    }
+
+    /// Records the policy findings (the first `kept` in the status); returns whether any of
+    /// severity Error blocks the change.
+    pub(super) fn policies(&mut self, violations: &[Violation], kept: usize) -> bool {
+        use crate::api::Severity;
+        self.new.violations = violations.iter().take(kept).cloned().collect();
+        let described = |vs: &[&Violation]| {
+            vs.iter()
+                .map(|v| format!("{}: {}", v.path, v.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let errors: Vec<&Violation> = violations.iter().filter(|v| v.severity == Severity::Error).collect();
+        if !errors.is_empty() {
+            let message = format!(
+                "{} policy violation(s) block the change; the last accepted graph stays: {}",
+                errors.len(),
+                described(&errors)
+            );
+            if self.old.violations != self.new.violations {
+                self.event(EventType::Warning, reasons::POLICY_VIOLATION, &message);
+            }
+            self.condition(POLICY_COMPLIANT, false, reasons::POLICY_VIOLATION, message.clone());
+            self.condition(READY, false, reasons::POLICY_VIOLATION, message);
+            self.new.phase = Some(InstancePhase::Failed);
+            return true;
+        }
+        if violations.is_empty() {
+            self.condition(POLICY_COMPLIANT, true, reasons::COMPLIANT, "no policy findings");
+        } else {
+            let all: Vec<&Violation> = violations.iter().collect();
+            self.condition(POLICY_COMPLIANT, true, reasons::WARNINGS, described(&all));
+        }
+        false
+    }
+
+    /// Mirrors the graph's progress on the instance; returns whether the instance is Ready.
+    pub(super) fn mirror_progress(&mut self, rg: &ResourceGraph) -> bool {
+        self.new.nodes = node_summaries(rg);
+        let (phase, ready, reason, message) = graph_progress(rg);
+        if ready && !self.was(READY, ConditionStatus::True, reasons::READY) {
+            self.event(EventType::Normal, reasons::READY, &message);
+        }
+        if phase == InstancePhase::Failed && !self.was(READY, ConditionStatus::False, &reason) {
+            self.event(EventType::Warning, &reason, &message);
+        }
+        self.condition(READY, ready, &reason, message);
+        self.new.phase = Some(phase);
+        ready
+    }
+
+    /// Deletion waits for the graph's teardown, whose progress it shows.
+    pub(super) fn deleting(&mut self, waiting: String, rg: &ResourceGraph) {
+        self.condition(READY, false, reasons::DELETING, waiting);
+        self.new.phase = Some(InstancePhase::Deleting);
+        self.new.nodes = node_summaries(rg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Severity;
+    use crate::controller::StatusMemory;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use serde_json::json;
+
+    fn draft(status: &InstanceStatus) -> Draft {
+        let meta = ObjectMeta {
+            uid: Some("uid".into()),
+            generation: Some(3),
+            ..Default::default()
+        };
+        StatusDraft::start(&StatusMemory::default(), &meta, Some(status))
+    }
+
+    fn condition<'a>(status: &'a InstanceStatus, type_: &str) -> (bool, &'a str) {
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {status:?}"));
+        (c.status == ConditionStatus::True, c.reason.as_str())
+    }
+
+    fn events(d: &Draft) -> Vec<String> {
+        d.events.iter().map(|e| e.reason.clone()).collect()
+    }
+
+    /// A graph of one ConfigMap: `phase` and its Ready condition, or no status of this spec.
+    fn graph(phase: Option<&str>, ready: (&str, &str)) -> ResourceGraph {
+        let status = phase.map(|p| {
+            json!({"observedGeneration": 1, "phase": p,
+                   "conditions": [{"type": "Ready", "status": ready.0, "reason": ready.1, "message": "m",
+                                   "lastTransitionTime": "2026-11-30T00:00:00Z"}]})
+        });
+        serde_json::from_value(json!({
+            "apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+            "metadata": {"name": "g", "namespace": "team-a", "generation": 1},
+            "spec": {"nodes": [{"id": "cm", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}}]},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn violation(severity: Severity) -> Violation {
+        Violation {
+            path: "spec.replicas".into(),
+            message: "at most 10".into(),
+            severity,
+        }
+    }
+
+    /// An instance whose graph is Ready.
+    fn ready() -> InstanceStatus {
+        let mut d = draft(&InstanceStatus::default());
+        d.rendered(1, "sha256:1");
+        d.policies(&[], 20);
+        d.mirror_progress(&graph(Some("Completed"), ("True", "AllNodesReady")));
+        d.new
+    }
+
+    #[test]
+    fn the_graph_s_progress_becomes_the_instance_s_with_events_on_transitions() {
+        #[rustfmt::skip]
+        let cases = [
+            ("no status for this spec yet", graph(None, ("", "")), InstancePhase::Applying, false, reasons::APPLYING, vec![]),
+            ("applying", graph(Some("Executing"), ("False", "Progressing")), InstancePhase::Applying, false, "Progressing", vec![]),
+            ("ready", graph(Some("Completed"), ("True", "AllNodesReady")), InstancePhase::Ready, true, reasons::READY, vec![reasons::READY]),
+            ("failed", graph(Some("Failed"), ("False", "NodeFailed")), InstancePhase::Failed, false, "NodeFailed", vec!["NodeFailed"]),
+            ("failed without a reason", graph(Some("Failed"), ("False", "")), InstancePhase::Failed, false, "", vec![""]),
+        ];
+        for (case, rg, phase, is_ready, reason, expected_events) in cases {
+            let mut d = draft(&InstanceStatus::default());
+            assert_eq!(d.mirror_progress(&rg), is_ready, "{case}");
+            assert_eq!(d.new.phase, Some(phase), "{case}");
+            assert_eq!(condition(&d.new, READY), (is_ready, reason), "{case}");
+            assert_eq!(events(&d), expected_events, "{case}");
+            assert_eq!(d.new.nodes.len(), 1, "{case}");
+            // The same progress again tells nothing new.
+            let mut again = draft(&d.new);
+            again.mirror_progress(&rg);
+            assert!(again.events.is_empty(), "{case}: {:?}", events(&again));
+        }
+    }
+
+    #[test]
+    fn render_failures_keep_the_last_graph_and_are_told_once() {
+        let mut d = draft(&ready());
+        let stop = d.render_failed(
+            false,
+            "CueRenderFailed",
+            "spec.port: conflicting values".into(),
+            Action::await_change(),
+        );
+        assert!(matches!(stop, Stop::Settled(_)));
+        assert_eq!(condition(&d.new, RENDERED), (false, "CueRenderFailed"));
+        assert_eq!(condition(&d.new, READY), (false, "CueRenderFailed"));
+        assert_eq!(d.new.phase, Some(InstancePhase::Failed));
+        assert_eq!(events(&d), [reasons::CUE_RENDER_FAILED]);
+        let mut again = draft(&d.new);
+        let _ = again.render_failed(
+            false,
+            "CueRenderFailed",
+            "spec.port: conflicting values".into(),
+            Action::await_change(),
+        );
+        assert!(again.events.is_empty());
+
+        // A memory limit or a timeout: the same shape, with its own reason.
+        let mut d = draft(&ready());
+        let _ = d.render_failed(
+            false,
+            "CueMemoryLimit",
+            "needs more than 160 MiB".into(),
+            Action::await_change(),
+        );
+        assert_eq!(condition(&d.new, RENDERED), (false, "CueMemoryLimit"));
+
+        // cue unavailable: retried, Ready left as it was, no event.
+        let mut d = draft(&ready());
+        let stop = d.render_failed(
+            true,
+            "CueBinaryUnavailable",
+            "cannot run cue".into(),
+            Action::await_change(),
+        );
+        assert!(matches!(stop, Stop::Retry(_)));
+        assert_eq!(condition(&d.new, RENDERED), (false, "CueBinaryUnavailable"));
+        assert_eq!(condition(&d.new, READY), (true, reasons::READY));
+        assert_eq!(d.new.phase, Some(InstancePhase::Rendering));
+        assert!(d.events.is_empty());
+
+        // Rendering again after a failure.
+        let mut d = draft(&ready());
+        let _ = d.render_failed(false, "CueRenderFailed", "x".into(), Action::await_change());
+        let mut fixed = draft(&d.new);
+        fixed.rendered(2, "sha256:2");
+        assert_eq!(condition(&fixed.new, RENDERED), (true, reasons::RENDERED));
+    }
+
+    #[test]
+    fn policies_block_on_errors_and_report_the_rest() {
+        #[rustfmt::skip]
+        let cases = [
+            ("none", vec![], false, true, reasons::COMPLIANT),
+            ("a warning", vec![violation(Severity::Warning)], false, true, reasons::WARNINGS),
+            ("information", vec![violation(Severity::Info)], false, true, reasons::WARNINGS),
+            ("an error", vec![violation(Severity::Error), violation(Severity::Warning)], true, false, reasons::POLICY_VIOLATION),
+        ];
+        for (case, violations, blocks, compliant, reason) in cases {
+            let mut d = draft(&ready());
+            assert_eq!(d.policies(&violations, 20), blocks, "{case}");
+            assert_eq!(condition(&d.new, POLICY_COMPLIANT), (compliant, reason), "{case}");
+            assert_eq!(d.new.violations, violations, "{case}");
+            if blocks {
+                assert_eq!(condition(&d.new, READY), (false, reasons::POLICY_VIOLATION));
+                assert_eq!(d.new.phase, Some(InstancePhase::Failed));
+                assert_eq!(events(&d), [reasons::POLICY_VIOLATION]);
+                let mut again = draft(&d.new);
+                again.policies(&violations, 20);
+                assert!(again.events.is_empty(), "{case}: the same findings are told once");
+            } else {
+                assert!(d.events.is_empty(), "{case}");
+            }
+        }
+        let many: Vec<Violation> = (0..30).map(|_| violation(Severity::Warning)).collect();
+        let mut d = draft(&ready());
+        d.policies(&many, 20);
+        assert_eq!(d.new.violations.len(), 20, "the status keeps a bounded number");
+    }
+
+    #[test]
+    fn conflicts_and_refusals_fail_once_and_deletion_shows_the_teardown() {
+        for reason in [reasons::GRAPH_CONFLICT, reasons::GRAPH_REJECTED] {
+            let mut d = draft(&ready());
+            d.fail(reason, "why".into());
+            assert_eq!(condition(&d.new, READY), (false, reason));
+            assert_eq!(d.new.phase, Some(InstancePhase::Failed));
+            assert_eq!(events(&d), [reason]);
+            let mut again = draft(&d.new);
+            again.fail(reason, "why".into());
+            assert!(again.events.is_empty());
+        }
+        let mut d = draft(&ready());
+        d.deleting(
+            "waiting for wave 1".into(),
+            &graph(Some("Executing"), ("False", "Deleting")),
+        );
+        assert_eq!(condition(&d.new, READY), (false, reasons::DELETING));
+        assert_eq!(d.new.phase, Some(InstancePhase::Deleting));
+        assert!(d.events.is_empty());
+    }
+}
