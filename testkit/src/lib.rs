@@ -475,16 +475,29 @@ pub async fn event_reasons(client: &Client, namespace: &str, object: &str) -> Ve
     list.items.into_iter().filter_map(|e| e.reason).collect()
 }
 
-/// Waits until Transform `name` is in phase Ready; a timeout shows its phase and conditions.
-pub async fn wait_transform_ready(transforms: &Api<pequod::api::Transform>, name: &str) {
+/// Waits until Transform `name` is Ready (its phase, and its Ready condition with reason
+/// Ready); a timeout shows its phase and conditions.
+pub async fn wait_transform_ready(transforms: &Api<pequod::api::Transform>, name: &str) -> pequod::api::Transform {
     wait_for(&format!("Transform {name} Ready"), Duration::from_secs(120), || async {
         let t = transforms.get(name).await.map_err(|e| e.to_string())?;
-        match t.status.as_ref().and_then(|s| s.phase) {
-            Some(pequod::api::TransformPhase::Ready) => Ok(()),
-            other => Err(format!("{other:?} {:?}", t.status.map(|s| s.conditions))),
+        let status = t.status.as_ref();
+        let ready = status.is_some_and(|s| {
+            s.phase == Some(pequod::api::TransformPhase::Ready)
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.is_true() && c.reason == "Ready")
+        });
+        if ready {
+            Ok(t)
+        } else {
+            Err(format!(
+                "{:?} {:?}",
+                status.and_then(|s| s.phase),
+                status.map(|s| &s.conditions)
+            ))
         }
     })
-    .await;
+    .await
 }
 
 /// Waits until events with every one of `reasons` were recorded for `object`. Events are sent

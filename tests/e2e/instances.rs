@@ -9,7 +9,7 @@ use pequod::api::{GraphPhase, ResourceGraph};
 use serde_json::{Value, json};
 
 use crate::support::{self, TEST_MANAGER, TestEnv, wait_for};
-use crate::transforms::{WAIT, apply_transform, delete_transform, group, put_module, setup, wait_ready};
+use crate::transforms::{WAIT, apply_transform, delete_transform, group, put_module, setup};
 
 pub(crate) async fn apply_instance(api: &Api<DynamicObject>, api_version: &str, kind: &str, name: &str, spec: Value) {
     let obj = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec});
@@ -61,7 +61,7 @@ async fn serve_webservice(env: &TestEnv, transforms: &Api<pequod::api::Transform
         json!({"cueRef": {"type": "embedded", "ref": "webservice"}, "group": group(env)}),
     )
     .await;
-    wait_ready(transforms, "webservice").await;
+    support::wait_transform_ready(transforms, "webservice").await;
     support::dynamic_api(
         &env.client,
         &format!("{}/v1alpha1", group(env)),
@@ -277,7 +277,7 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
         json!({"cueRef": {"type": "configmap", "ref": "escape-module"}, "group": group}),
     )
     .await;
-    wait_ready(&transforms, "escape").await;
+    support::wait_transform_ready(&transforms, "escape").await;
     let escapes = support::dynamic_api(&env.client, &api_version, "Escape", &env.namespace).await;
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
 
@@ -461,7 +461,7 @@ async fn module_edits_re_render_every_instance_and_kinds_do_not_share_graphs() {
             json!({"cueRef": {"type": "configmap", "ref": format!("{lower}-module")}, "group": group}),
         )
         .await;
-        wait_ready(&transforms, &lower).await;
+        support::wait_transform_ready(&transforms, &lower).await;
     }
     let memos = support::dynamic_api(&env.client, &api_version, "Memo", &env.namespace).await;
     let tasks = support::dynamic_api(&env.client, &api_version, "Task", &env.namespace).await;
@@ -541,7 +541,7 @@ async fn same_named_kinds_of_two_groups_never_share_a_graph() {
             json!({"cueRef": {"type": "configmap", "ref": module}, "group": group}),
         )
         .await;
-        wait_ready(&transforms, &format!("memo-{team}")).await;
+        support::wait_transform_ready(&transforms, &format!("memo-{team}")).await;
         let api_version = format!("{group}/v1alpha1");
         let memos = support::dynamic_api(&env.client, &api_version, "Memo", &env.namespace).await;
         apis.push((api_version, memos));
@@ -613,7 +613,7 @@ async fn graphs_the_apiserver_or_the_graph_rules_refuse_are_reported_on_the_inst
         json!({"cueRef": {"type": "configmap", "ref": "refused-module"}, "group": group}),
     )
     .await;
-    wait_ready(&transforms, "refused").await;
+    support::wait_transform_ready(&transforms, "refused").await;
     let refused = support::dynamic_api(&env.client, &api_version, "Refused", &env.namespace).await;
 
     // 17 readiness gates: the graph passes Pequod's checks but not the CRD's (at most 16).
@@ -671,7 +671,7 @@ async fn a_hostile_instance_fails_alone_and_its_error_stays_its_own() {
                "managedResources": [{"resources": ["configmaps"]}]}),
     )
     .await;
-    wait_ready(&transforms, "hungry").await;
+    support::wait_transform_ready(&transforms, "hungry").await;
     let hungry = support::dynamic_api(&env.client, &api_version, "Hungry", &env.namespace).await;
     // Applied together, so rendered in one batch: 400 MB against cue's 160 MiB.
     let spec = |n: u32, note: &str| json!({"n": n, "note": note});

@@ -9,7 +9,7 @@ use pequod::api::ResourceGraph;
 use serde_json::json;
 
 use crate::support::{self, TEST_MANAGER, wait_for};
-use crate::transforms::{WAIT, apply_transform, group, put_module, setup, wait_ready};
+use crate::transforms::{WAIT, apply_transform, group, put_module, setup};
 
 /// (name, type) of each row of the README's metric tables.
 fn documented() -> Vec<(String, String)> {
@@ -118,7 +118,7 @@ async fn every_documented_metric_exists_with_its_type_and_moves() {
         json!({"cueRef": {"type": "configmap", "ref": "probe-module"}, "group": group(&env)}),
     )
     .await;
-    wait_ready(&transforms, "probe").await;
+    support::wait_transform_ready(&transforms, "probe").await;
     let api_version = format!("{}/v1alpha1", group(&env));
     for (name, text) in [("plain", "hello"), ("warned", "warn"), ("broken", "fail")] {
         support::apply_yaml(

@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
 use kube::api::{Patch, PatchParams};
-use kube::{Api, ResourceExt};
 
 use crate::support::{self, TEST_MANAGER};
 
@@ -51,56 +50,6 @@ async fn pequod_crds_apply_and_become_established() {
         message.contains("object") && message.contains("Sometimes"),
         "unexpected error: {message}"
     );
-    env.cleanup().await;
-}
-
-#[tokio::test]
-async fn server_side_apply_creates_updates_and_reports_conflicts() {
-    let env = support::env("ssa").await;
-    let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
-    let cm = |value: &str| {
-        serde_json::json!({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "ssa"},
-            "data": {"key": value},
-        })
-    };
-    let created = api
-        .patch("ssa", &PatchParams::apply("pequod"), &Patch::Apply(cm("one")))
-        .await
-        .unwrap();
-    let managers: Vec<_> = created
-        .managed_fields()
-        .iter()
-        .filter_map(|m| m.manager.clone())
-        .collect();
-    assert_eq!(managers, ["pequod"]);
-
-    let updated = api
-        .patch("ssa", &PatchParams::apply("pequod"), &Patch::Apply(cm("two")))
-        .await
-        .unwrap();
-    assert_eq!(updated.data.as_ref().unwrap()["key"], "two");
-    assert_ne!(updated.resource_version(), created.resource_version());
-
-    // Another manager setting the same field conflicts unless it forces.
-    let err = api
-        .patch("ssa", &PatchParams::apply("someone-else"), &Patch::Apply(cm("three")))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, kube::Error::Api(s) if s.code == 409),
-        "expected a conflict, got {err}"
-    );
-    let forced = api
-        .patch(
-            "ssa",
-            &PatchParams::apply("someone-else").force(),
-            &Patch::Apply(cm("three")),
-        )
-        .await
-        .unwrap();
-    assert_eq!(forced.data.unwrap()["key"], "three");
     env.cleanup().await;
 }
 

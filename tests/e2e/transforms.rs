@@ -77,10 +77,6 @@ pub(crate) async fn failed(transforms: &Api<Transform>, name: &str, type_: &str,
     (t, message)
 }
 
-pub(crate) async fn wait_ready(transforms: &Api<Transform>, name: &str) -> Transform {
-    wait_condition(transforms, name, "Ready", true, "Ready").await
-}
-
 /// A small module: a Note is a ConfigMap holding a text. `fields` is added to `#Input`.
 pub(crate) fn note_module(fields: &str) -> String {
     format!(
@@ -141,7 +137,7 @@ async fn embedded_transform_generates_an_established_crd_with_the_module_schema(
                "managedResources": [{"apiGroup": "apps", "resources": ["deployments"]}, {"resources": ["services"]}]}),
     )
     .await;
-    let t = wait_ready(&transforms, "webservice").await;
+    let t = support::wait_transform_ready(&transforms, "webservice").await;
     let status = t.status.clone().unwrap();
     assert_eq!(status.phase, Some(TransformPhase::Ready));
     let generated = status.generated_crd.unwrap();
@@ -264,7 +260,7 @@ async fn configmap_module_edits_roll_the_crd_forward_and_breaking_changes_are_re
         &note_module("size?: int & <=10"),
     )
     .await;
-    let t = wait_ready(&transforms, "note").await;
+    let t = support::wait_transform_ready(&transforms, "note").await;
     let first_digest = t.status.unwrap().resolved_cue_ref.unwrap().digest;
     assert!(
         crd_spec_schema(&crds.get(&crd_name).await.unwrap())["properties"]
@@ -340,7 +336,7 @@ async fn kinds_owned_elsewhere_and_builtin_kinds_are_refused() {
         json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
     )
     .await;
-    wait_ready(&transforms, "note").await;
+    support::wait_transform_ready(&transforms, "note").await;
 
     // A second Transform generating the same kind.
     apply_transform(
@@ -423,7 +419,7 @@ async fn deletion_waits_for_instances_then_removes_the_crd_and_rbac() {
                "managedResources": [{"resources": ["configmaps"]}]}),
     )
     .await;
-    wait_ready(&transforms, "note").await;
+    support::wait_transform_ready(&transforms, "note").await;
     let roles: Api<Role> = Api::namespaced(env.client.clone(), &env.namespace);
     let bindings: Api<RoleBinding> = Api::namespaced(env.client.clone(), &env.namespace);
     let role = roles.get("pequod-transform-note").await.unwrap();
@@ -492,7 +488,7 @@ async fn a_paused_transform_is_not_reconciled_until_resumed() {
         json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
     )
     .await;
-    wait_ready(&transforms, "note").await;
+    support::wait_transform_ready(&transforms, "note").await;
     let pause = |value: &str| json!({"metadata": {"annotations": {"pequod.io/paused": value}}});
     transforms
         .patch("note", &PatchParams::default(), &Patch::Merge(pause("true")))
@@ -539,7 +535,7 @@ async fn alternatives_of_structs_are_enforced_by_the_apiserver_through_cel() {
         json!({"cueRef": {"type": "inline", "ref": module}, "group": group(&env)}),
     )
     .await;
-    wait_ready(&transforms, "source").await;
+    support::wait_transform_ready(&transforms, "source").await;
     let api_version = format!("{}/v1alpha1", group(&env));
     let (resource, _) = support::resolve(&env.client, &api_version, "Source").await;
     let sources: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.namespace, &resource);
