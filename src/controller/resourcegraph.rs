@@ -234,8 +234,16 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     let mut outcomes = run_waves(ctx, rg, &graph, origin, &dag, &old, &time).await;
     report_nodes(ctx, rg, &old, &mut outcomes, &time).await;
 
-    // Inventory: what this spec applied, plus pruned objects not yet gone.
-    let current: BTreeSet<InventoryEntry> = outcomes.values().filter_map(|o| o.inventory.clone()).collect();
+    // Inventory: what this spec applied (a node that failed this pass keeps the object it
+    // applied before: it is still this graph's), plus pruned objects not yet gone.
+    let current: BTreeSet<InventoryEntry> = outcomes
+        .values()
+        .filter_map(|o| {
+            o.inventory
+                .clone()
+                .or_else(|| old.inventory.iter().find(|e| e.node_id == o.id).cloned())
+        })
+        .collect();
     let (pruning, prune_waiting) = prune(rg, ctx, &graph, &old.inventory, &current).await;
     status.inventory = current.iter().cloned().chain(pruning).collect();
     count_managed(ctx, &graph.uid, status.inventory.iter().cloned().collect());
@@ -283,7 +291,8 @@ async fn run_waves(
                 .filter(|d| !states.get(*d).is_some_and(progress::is_ready))
                 .map(String::as_str)
                 .collect();
-            if waiting.is_empty() {
+            let applied_before = old.inventory.iter().any(|e| &e.node_id == id);
+            if progress::may_process(&waiting, applied_before) {
                 eligible.push(id.clone());
                 continue;
             }

@@ -47,6 +47,14 @@ pub fn is_ready(state: &NodeState) -> bool {
     matches!(state.phase, NodePhase::Ready | NodePhase::Adopted)
 }
 
+/// Whether a node is processed in this pass: when its dependencies are ready, or, once this
+/// graph has applied it (it is in the inventory), always. Gates order the first creation
+/// only: an object deleted or edited while an upstream gate has regressed (a rollout in
+/// progress or stuck) is corrected at once, not when the upstream recovers.
+pub fn may_process(waiting_on: &[&str], applied_before: bool) -> bool {
+    waiting_on.is_empty() || applied_before
+}
+
 /// What a node waits on: each dependency not ready yet, with its phase and message.
 pub fn waiting_message(dependencies: &[&str], states: &BTreeMap<String, NodeState>) -> String {
     let described: Vec<String> = dependencies
@@ -268,6 +276,16 @@ pub fn next_check(retry: Duration, transient: bool, pruning: bool, deadline: Opt
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn gates_order_the_first_creation_only() {
+        assert!(may_process(&[], false), "dependencies ready");
+        assert!(!may_process(&["deployment"], false), "first creation waits");
+        assert!(
+            may_process(&["deployment"], true),
+            "an applied node is kept as declared"
+        );
+    }
     use super::*;
     use serde_json::json;
 

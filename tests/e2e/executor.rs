@@ -446,6 +446,64 @@ async fn drift_is_corrected() {
 }
 
 #[tokio::test]
+async fn drift_is_corrected_while_an_upstream_rollout_is_stuck() {
+    let (env, graphs) = setup("drift-stuck").await;
+    let mut deployment = deployment_node("web", 1);
+    deployment["object"]["spec"]["strategy"] = json!({"type": "Recreate"});
+    apply_graph(&graphs, "web", json!([deployment, service_node("web")])).await;
+    wait_graph(&graphs, "web", "completed", phase_is(GraphPhase::Completed)).await;
+
+    // A rollout that cannot finish: the new pod can be scheduled on no node (the simulated
+    // nodes run any image, so a bad image would not do), and Recreate took the old one down.
+    let mut stuck = held_deployment_node(&env, "web", 1);
+    stuck["object"]["spec"]["strategy"] = json!({"type": "Recreate"});
+    assert_eq!(stuck["id"], "deployment");
+    apply_graph(&graphs, "web", json!([stuck, service_node("web")])).await;
+    wait_graph(&graphs, "web", "the deployment's gate regressed", |rg| {
+        node_phase(rg, "deployment") == Some(NodePhase::WaitingReady)
+    })
+    .await;
+
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.namespace);
+    let old_uid = services.get("web").await.unwrap().uid();
+    services.delete("web", &DeleteParams::default()).await.unwrap();
+    support::wait_for(
+        "the deleted service recreated during the stuck rollout",
+        WAIT,
+        || async {
+            match services.get_opt("web").await.map_err(|e| e.to_string())? {
+                Some(s) if s.uid() != old_uid => Ok(()),
+                other => Err(format!("{:?}", other.map(|s| s.uid()))),
+            }
+        },
+    )
+    .await;
+    let rg = graphs.get("web").await.unwrap();
+    assert_eq!(
+        node_phase(&rg, "deployment"),
+        Some(NodePhase::WaitingReady),
+        "still stuck"
+    );
+
+    // An update the apiserver refuses fails the node; its Deployment stays this graph's.
+    let mut refused = deployment_node("web", 1);
+    refused["object"]["spec"]["strategy"] = json!({"type": "Recreate", "rollingUpdate": {"maxSurge": 1}});
+    apply_graph(&graphs, "web", json!([refused, service_node("web")])).await;
+    let rg = wait_graph(&graphs, "web", "the refused update", |rg| {
+        node_phase(rg, "deployment") == Some(NodePhase::Error)
+    })
+    .await;
+    let inventory = rg.status.unwrap().inventory;
+    assert!(
+        inventory
+            .iter()
+            .any(|e| e.node_id == "deployment" && e.kind == "Deployment"),
+        "{inventory:?}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn removed_nodes_are_pruned_and_orphans_released() {
     let (env, graphs) = setup("prune").await;
     let managed = format!(
