@@ -36,6 +36,9 @@ pub struct InstanceStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub violations: Vec<Violation>,
+    /// The last value of the annotation `pequod.io/reconcile-requested-at` that was handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
 }
 
 /// Lifecycle phase of an instance.

@@ -43,6 +43,12 @@ pub const PREDECESSOR_ANNOTATION: &str = "pequod.io/predecessor";
 pub const CREDENTIAL_HOSTS_ANNOTATION: &str = "pequod.io/credential-hosts";
 /// On a Transform: `"true"` stops reconciling it.
 pub const PAUSED_ANNOTATION: &str = "pequod.io/paused";
+/// On an instance: any new value (a timestamp, by convention) renders it afresh and applies
+/// its graph now; the value handled last is `status.lastHandledReconcileAt`. Copied onto the
+/// instance's graph, where it starts a pass.
+pub const RECONCILE_REQUEST_ANNOTATION: &str = "pequod.io/reconcile-requested-at";
+/// On an instance: `"true"` keeps it, and its objects, from being deleted.
+pub const DELETION_PROTECTION_ANNOTATION: &str = "pequod.io/deletion-protection";
 
 // Finalizers.
 

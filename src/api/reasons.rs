@@ -37,6 +37,7 @@ pub const GRAPH_CONFLICT: &str = "GraphConflict";
 pub const GRAPH_REJECTED: &str = "GraphRejected";
 pub const DELETING: &str = "Deleting";
 pub const GRAPH_FAILED: &str = "GraphFailed";
+pub const DELETION_PROTECTED: &str = "DeletionProtected";
 
 // ResourceGraphs.
 pub const VALID: &str = "Valid";

@@ -211,6 +211,14 @@ impl Renderer {
         })
     }
 
+    /// Renders `input` afresh: its cached result, if any, is dropped first (a reconcile an
+    /// instance's owner asked for).
+    pub async fn render_afresh(&self, module: &Module, input: Value) -> RenderResult {
+        let key = cache_key(&module.digest, &input);
+        lock(&self.inner.renders).remove(&key, &self.inner.metrics);
+        self.render(module, input).await
+    }
+
     fn cached(&self, key: &str) -> Option<RenderResult> {
         let hit = lock(&self.inner.renders).get(key);
         let metrics = &self.inner.metrics;
@@ -482,6 +490,13 @@ impl RenderCache {
 
     fn get(&mut self, key: &str) -> Option<RenderResult> {
         self.lru.get(key).cloned()
+    }
+
+    fn remove(&mut self, key: &str, metrics: &Metrics) {
+        let (entries, bytes) = (self.lru.len() as i64, self.lru.bytes() as i64);
+        self.lru.remove(key);
+        metrics.cue_cache_entries.add(self.lru.len() as i64 - entries);
+        metrics.cue_cache_size_bytes.add(self.lru.bytes() as i64 - bytes);
     }
 
     fn insert(&mut self, key: String, result: RenderResult, size: usize, metrics: &Metrics) {

@@ -772,3 +772,101 @@ async fn deleting_an_instance_that_collided_with_another_team_s_objects_leaves_t
     delete_transform(&transforms, "webservice").await;
     env.cleanup().await;
 }
+
+/// Sets (or, with `None`, removes) an annotation of an instance with a merge patch, as
+/// `kubectl annotate` does.
+async fn annotate(api: &Api<DynamicObject>, name: &str, key: &str, value: Option<&str>) {
+    let patch = json!({"metadata": {"annotations": {key: value}}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap_or_else(|e| panic!("annotate {name}: {e}"));
+}
+
+#[tokio::test]
+async fn an_instance_can_be_paused_reconciled_now_and_protected_from_deletion() {
+    let (env, transforms) = setup("instance-controls").await;
+    let group = group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    put_module(
+        &env.client,
+        &env.namespace,
+        "note-module",
+        &crate::transforms::note_module(""),
+    )
+    .await;
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group,
+               "managedResources": [{"resources": ["configmaps"]}]}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "note").await;
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let text = |cm: ConfigMap| cm.data.unwrap_or_default().get("text").cloned();
+    apply_instance(&notes, &api_version, "Note", "memo", json!({"text": "first"})).await;
+    wait_instance(&notes, "memo", "Ready", "True", "Ready").await;
+
+    // Paused: a new spec is not rendered or applied until the annotation goes.
+    annotate(&notes, "memo", "pequod.io/paused", Some("true")).await;
+    wait_instance(&notes, "memo", "Paused", "True", "Paused").await;
+    apply_instance(&notes, &api_version, "Note", "memo", json!({"text": "second"})).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(text(cms.get("memo").await.unwrap()).as_deref(), Some("first"));
+    annotate(&notes, "memo", "pequod.io/paused", None).await;
+    wait_instance(&notes, "memo", "Paused", "False", "Resumed").await;
+    wait_for("the new text applied once resumed", WAIT, || async {
+        match text(cms.get("memo").await.map_err(|e| e.to_string())?) {
+            Some(t) if t == "second" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    support::wait_events(&env.client, &env.namespace, "memo", &["Paused"]).await;
+
+    // Reconcile now: handled once, carried to the graph, which runs a pass.
+    let requested = "2026-11-30T18:30:00Z";
+    annotate(&notes, "memo", "pequod.io/reconcile-requested-at", Some(requested)).await;
+    let obj = wait_for("the request handled", WAIT, || async {
+        let obj = notes.get("memo").await.map_err(|e| e.to_string())?;
+        match status_field(&obj, "/lastHandledReconcileAt") {
+            Some(v) if v == requested => Ok(obj),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let graph_name = status_field(&obj, "/resourceGraph")
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string();
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let graph = graphs.get(&graph_name).await.unwrap();
+    assert_eq!(
+        graph
+            .annotations()
+            .get("pequod.io/reconcile-requested-at")
+            .map(String::as_str),
+        Some(requested)
+    );
+
+    // Protected: deletion waits, with the objects kept, until the annotation goes.
+    annotate(&notes, "memo", "pequod.io/deletion-protection", Some("true")).await;
+    notes.delete("memo", &DeleteParams::default()).await.unwrap();
+    wait_instance(&notes, "memo", "Ready", "False", "DeletionProtected").await;
+    support::wait_events(&env.client, &env.namespace, "memo", &["DeletionProtected"]).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(cms.get_opt("memo").await.unwrap().is_some(), "the object stays");
+    assert!(graphs.get_opt(&graph_name).await.unwrap().is_some(), "the graph stays");
+    annotate(&notes, "memo", "pequod.io/deletion-protection", None).await;
+    support::delete_and_wait_gone(&notes, "memo", WAIT).await;
+    wait_for("the object torn down", WAIT, || async {
+        match cms.get_opt("memo").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        }
+    })
+    .await;
+    delete_transform(&transforms, "note").await;
+    env.cleanup().await;
+}

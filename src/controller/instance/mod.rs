@@ -8,7 +8,7 @@
 use crate::api::condition_types::READY;
 use crate::api::names::{
     INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PREDECESSOR_ANNOTATION,
-    PROOF_ANNOTATION,
+    PROOF_ANNOTATION, RECONCILE_REQUEST_ANNOTATION,
 };
 use crate::api::reasons;
 use crate::error::ErrorCategory;
@@ -41,7 +41,7 @@ use crate::instance_graph::{
 };
 use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
-use status::{Draft, Stop};
+use status::{Controls, Draft, Stop};
 
 const CONTROLLER: &str = "instance";
 /// Reconciles of one kind in flight: enough for a full render batch to form, so that many
@@ -327,11 +327,18 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
         reconcile_id = reconcile_id()
     );
     super::measured(&ctx.shared.metrics, CONTROLLER, span, (&*ctx, &obj.metadata), async {
-        if obj.metadata.deletion_timestamp.is_some() {
-            cleanup(&obj, &ctx).await
+        let controls = Controls::of(&obj.metadata, &StatusUpdate::cached(&obj).unwrap_or_default());
+        if controls.paused {
+            hold(&obj, &ctx, StatusDraft::pause).await
+        } else if obj.metadata.deletion_timestamp.is_some() {
+            if controls.protected {
+                hold(&obj, &ctx, StatusDraft::deletion_protected).await
+            } else {
+                cleanup(&obj, &ctx).await
+            }
         } else {
             let obj = super::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
-            render(&obj, &ctx).await
+            render(&obj, &ctx, controls.reconcile_request).await
         }
     })
     .await
@@ -370,11 +377,15 @@ impl std::ops::DerefMut for StatusUpdate<'_> {
 }
 
 impl<'a> StatusUpdate<'a> {
-    fn start(obj: &'a DynamicObject, ctx: &'a KindContext) -> Self {
-        let cached: Option<InstanceStatus> = obj
-            .data
+    /// The status the watch cache holds for the instance.
+    fn cached(obj: &DynamicObject) -> Option<InstanceStatus> {
+        obj.data
             .get("status")
-            .and_then(|s| serde_json::from_value(s.clone()).ok());
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+    }
+
+    fn start(obj: &'a DynamicObject, ctx: &'a KindContext) -> Self {
+        let cached = Self::cached(obj);
         Self {
             obj,
             ctx,
@@ -409,9 +420,10 @@ impl<'a> StatusUpdate<'a> {
 /// An instance's pipeline: render it (in a batch of its module), check policies and confine
 /// its objects, publish its signed graph (taking over one of the earlier naming), mirror the
 /// graph's progress. The status is written once, at the end.
-async fn render(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error> {
+async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>) -> Result<Action, Error> {
     let mut update = StatusUpdate::start(obj, ctx);
-    let result = serve_instance(obj, ctx, &mut update).await;
+    update.resume();
+    let result = serve_instance(obj, ctx, &mut update, request.as_deref()).await;
     let action = match result {
         Ok(action) => action,
         Err(Stop::Settled(action)) => action,
@@ -433,9 +445,19 @@ struct Pass {
     namespace: String,
     name: String,
     graph: String,
+    /// A reconcile the owner asked for (`pequod.io/reconcile-requested-at`): render afresh
+    /// and apply the graph even when nothing changed.
+    request: Option<String>,
 }
 
-async fn serve_instance(obj: &DynamicObject, ctx: &KindContext, update: &mut StatusUpdate<'_>) -> Result<Action, Stop> {
+/// The pipeline; `request` is a reconcile the owner asked for, which renders afresh and
+/// applies the graph even when nothing changed.
+async fn serve_instance(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    request: Option<&str>,
+) -> Result<Action, Stop> {
     let (module, allowance, transform) = ctx.current();
     let name = obj.name_any();
     let pass = Pass {
@@ -445,6 +467,7 @@ async fn serve_instance(obj: &DynamicObject, ctx: &KindContext, update: &mut Sta
         module,
         allowance,
         transform,
+        request: request.map(String::from),
     };
     update.new.resource_graph = Some(pass.graph.clone());
     let (output, hash) = render_instance(obj, ctx, update, &pass).await?;
@@ -460,6 +483,9 @@ async fn serve_instance(obj: &DynamicObject, ctx: &KindContext, update: &mut Sta
         predecessor.as_ref(),
     )
     .await?;
+    if let Some(request) = request {
+        update.reconcile_handled(request);
+    }
     update.new.module_digest = Some(pass.module.digest.clone());
     let ready = update.mirror_progress(&rg);
     // Once the graph holds every object, the earlier one has nothing left and goes.
@@ -493,7 +519,12 @@ async fn render_instance(
     let spec = obj.data.get("spec").cloned().unwrap_or_else(|| json!({}));
     let input = render_input(&obj.metadata, &spec);
     let hash = render_hash(&pass.module.digest, &input_hash(&input));
-    match ctx.shared.renderer.render(&pass.module, input).await {
+    let rendered = if pass.request.is_some() {
+        ctx.shared.renderer.render_afresh(&pass.module, input).await
+    } else {
+        ctx.shared.renderer.render(&pass.module, input).await
+    };
+    match rendered {
         Ok(output) => {
             update.rendered(output.nodes.len(), &pass.module.digest);
             Ok((output, hash))
@@ -586,6 +617,7 @@ async fn publish_graph(
     live: Option<ResourceGraph>,
     predecessor: Option<&ResourceGraph>,
 ) -> Result<ResourceGraph, Stop> {
+    let request = pass.request.as_deref();
     let predecessor = predecessor.and_then(|g| {
         Some(
             Predecessor {
@@ -606,7 +638,9 @@ async fn publish_graph(
                 .verify(&pass.namespace, &pass.graph, &g.spec, proof, claimed)
                 == Origin::Rendered(pass.allowance)
     };
-    if let Some(live) = live.filter(|g| g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered(g)) {
+    if let Some(live) =
+        live.filter(|g| request.is_none() && g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered(g))
+    {
         return Ok(live);
     }
     let instance = InstanceRef {
@@ -630,6 +664,10 @@ async fn publish_graph(
     annotations.insert(PROOF_ANNOTATION.to_string(), proof);
     if let Some(p) = &predecessor {
         annotations.insert(PREDECESSOR_ANNOTATION.to_string(), p.clone());
+    }
+    // A changed annotation starts a pass of the graph, which applies every node.
+    if let Some(request) = request {
+        annotations.insert(RECONCILE_REQUEST_ANNOTATION.to_string(), request.to_string());
     }
     let params = PatchParams::apply(INSTANCE_MANAGER).force();
     match graphs(obj, ctx)
@@ -671,6 +709,15 @@ async fn scopes(ctx: &KindContext, nodes: &[crate::api::Node]) -> HashMap<(Strin
 fn owns(obj: &DynamicObject, graph: &ResourceGraph) -> bool {
     obj.uid()
         .is_some_and(|uid| graph.owner_references().iter().any(|o| o.uid == uid))
+}
+
+/// Writes a status that says why the instance is left as it is (paused, or protected from
+/// deletion), and waits for a change of the instance.
+async fn hold(obj: &DynamicObject, ctx: &KindContext, say: fn(&mut Draft)) -> Result<Action, Error> {
+    let mut update = StatusUpdate::start(obj, ctx);
+    say(&mut update);
+    update.write().await?;
+    Ok(Action::await_change())
 }
 
 /// Deletion: deletes the instance's graph (which tears its objects down in reverse order) and

@@ -5,9 +5,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::super::{Error, StatusDraft};
-use crate::api::condition_types::{POLICY_COMPLIANT, READY, RENDERED};
+use crate::api::condition_types::{PAUSED, POLICY_COMPLIANT, READY, RENDERED};
+use crate::api::names::{DELETION_PROTECTION_ANNOTATION, PAUSED_ANNOTATION, RECONCILE_REQUEST_ANNOTATION};
 use crate::api::{ConditionStatus, InstancePhase, InstanceStatus, ResourceGraph, Violation, reasons};
 use crate::instance_graph::{graph_progress, node_summaries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// An instance's status under construction.
 pub(super) type Draft = StatusDraft<InstanceStatus>;
@@ -28,7 +30,65 @@ impl<E: Into<Error>> From<E> for Stop {
     }
 }
 
+/// What an instance's owner asks through its annotations (see docs/user-guide.md).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Controls {
+    /// `pequod.io/paused: "true"`: not reconciled, deletion included.
+    pub paused: bool,
+    /// `pequod.io/deletion-protection: "true"`: deletion waits.
+    pub protected: bool,
+    /// `pequod.io/reconcile-requested-at`, when its value was not handled yet.
+    pub reconcile_request: Option<String>,
+}
+
+impl Controls {
+    pub(super) fn of(meta: &ObjectMeta, status: &InstanceStatus) -> Self {
+        let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
+        let on = |key: &str| annotation(key).is_some_and(|v| v == "true");
+        Self {
+            paused: on(PAUSED_ANNOTATION),
+            protected: on(DELETION_PROTECTION_ANNOTATION),
+            reconcile_request: annotation(RECONCILE_REQUEST_ANNOTATION)
+                .filter(|v| !v.is_empty() && status.last_handled_reconcile_at.as_ref() != Some(*v))
+                .cloned(),
+        }
+    }
+}
+
 impl StatusDraft<InstanceStatus> {
+    pub(super) fn pause(&mut self) {
+        let message =
+            format!("{PAUSED_ANNOTATION} is \"true\": the instance is not rendered or applied, deletion included");
+        if !self.was(PAUSED, ConditionStatus::True, reasons::PAUSED) {
+            self.event(EventType::Normal, reasons::PAUSED, &message);
+        }
+        self.condition(PAUSED, true, reasons::PAUSED, message);
+    }
+
+    /// An instance reconciled again after a pause says so.
+    pub(super) fn resume(&mut self) {
+        if self.old.conditions.iter().any(|c| c.type_ == PAUSED) {
+            self.condition(PAUSED, false, reasons::RESUMED, "the instance is reconciled");
+        }
+    }
+
+    /// Deletion was asked for, but the instance is protected: nothing is torn down.
+    pub(super) fn deletion_protected(&mut self) {
+        let message = format!(
+            "deletion waits: {DELETION_PROTECTION_ANNOTATION} is \"true\"; remove the annotation to let the instance and its objects go"
+        );
+        if !self.was(READY, ConditionStatus::False, reasons::DELETION_PROTECTED) {
+            self.event(EventType::Warning, reasons::DELETION_PROTECTED, &message);
+        }
+        self.condition(READY, false, reasons::DELETION_PROTECTED, message);
+        self.new.phase = Some(InstancePhase::Deleting);
+    }
+
+    /// A requested reconcile was carried out.
+    pub(super) fn reconcile_handled(&mut self, request: &str) {
+        self.new.last_handled_reconcile_at = Some(request.to_string());
+    }
+
     /// Marks the instance Failed with `Ready=False` and `reason`, with an event on transition.
     pub(super) fn fail(&mut self, reason: &str, message: String) {
         if !self.was(READY, ConditionStatus::False, reason) {
@@ -291,6 +351,80 @@ mod tests {
         let mut d = draft(&ready());
         d.policies(&many, 20);
         assert_eq!(d.new.violations.len(), 20, "the status keeps a bounded number");
+    }
+
+    fn meta(annotations: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn controls_come_from_annotations_and_a_handled_request_is_not_repeated() {
+        let none = Controls::of(&meta(&[]), &InstanceStatus::default());
+        assert_eq!(none, Controls::default());
+        let all = Controls::of(
+            &meta(&[
+                (PAUSED_ANNOTATION, "true"),
+                (DELETION_PROTECTION_ANNOTATION, "true"),
+                (RECONCILE_REQUEST_ANNOTATION, "2026-11-30T18:00:00Z"),
+            ]),
+            &InstanceStatus::default(),
+        );
+        assert!(all.paused && all.protected);
+        assert_eq!(all.reconcile_request.as_deref(), Some("2026-11-30T18:00:00Z"));
+        let handled = InstanceStatus {
+            last_handled_reconcile_at: Some("2026-11-30T18:00:00Z".into()),
+            ..Default::default()
+        };
+        let again = Controls::of(
+            &meta(&[(RECONCILE_REQUEST_ANNOTATION, "2026-11-30T18:00:00Z")]),
+            &handled,
+        );
+        assert_eq!(again.reconcile_request, None);
+        let off = Controls::of(
+            &meta(&[(PAUSED_ANNOTATION, "false"), (DELETION_PROTECTION_ANNOTATION, "yes")]),
+            &handled,
+        );
+        assert!(!off.paused && !off.protected, "only \"true\" counts");
+    }
+
+    #[test]
+    fn pausing_protection_and_requests_are_said_once() {
+        let mut d = draft(&ready());
+        d.pause();
+        assert_eq!(condition(&d.new, PAUSED), (true, reasons::PAUSED));
+        assert_eq!(
+            condition(&d.new, READY),
+            (true, reasons::READY),
+            "Ready stays as it was"
+        );
+        assert_eq!(events(&d), [reasons::PAUSED]);
+        let mut again = draft(&d.new);
+        again.pause();
+        assert!(again.events.is_empty());
+        let mut resumed = draft(&again.new);
+        resumed.resume();
+        assert_eq!(condition(&resumed.new, PAUSED), (false, reasons::RESUMED));
+
+        let mut d = draft(&ready());
+        d.deletion_protected();
+        assert_eq!(condition(&d.new, READY), (false, reasons::DELETION_PROTECTED));
+        assert_eq!(d.new.phase, Some(InstancePhase::Deleting));
+        assert_eq!(events(&d), [reasons::DELETION_PROTECTED]);
+        let mut again = draft(&d.new);
+        again.deletion_protected();
+        assert!(again.events.is_empty());
+
+        let mut d = draft(&ready());
+        d.reconcile_handled("now");
+        assert_eq!(d.new.last_handled_reconcile_at.as_deref(), Some("now"));
     }
 
     #[test]
