@@ -136,6 +136,7 @@ pub fn resource_graph(
             violations: output.violations.clone(),
             render_hash: Some(render_hash.to_string()),
             rendered_at: Some(rendered_at),
+            outputs: output.status.clone(),
         },
         status: None,
     }
@@ -327,6 +328,7 @@ mod tests {
             metadata: None,
             nodes: Vec::new(),
             violations: Vec::new(),
+            status: Default::default(),
         };
         let hash = render_hash("sha256:m", "sha256:i");
         assert_ne!(hash, render_hash("sha256:m2", "sha256:i"));
@@ -393,6 +395,7 @@ mod tests {
                 violations: Vec::new(),
                 render_hash: None,
                 rendered_at: None,
+                outputs: Default::default(),
             },
         );
         rg.metadata.generation = Some(generation);

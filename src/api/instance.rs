@@ -11,6 +11,18 @@ pub const MAX_NODE_SUMMARIES: usize = 100;
 /// Most violations kept in an instance's status.
 pub const MAX_STATUS_VIOLATIONS: usize = 50;
 
+/// The status fields Pequod writes on instances; a module's `#Status` may use none of them.
+pub const RESERVED_STATUS_FIELDS: &[&str] = &[
+    "phase",
+    "conditions",
+    "observedGeneration",
+    "resourceGraph",
+    "moduleDigest",
+    "nodes",
+    "violations",
+    "lastHandledReconcileAt",
+];
+
 /// Observed state of a platform instance.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -39,6 +51,11 @@ pub struct InstanceStatus {
     /// The last value of the annotation `pequod.io/reconcile-requested-at` that was handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
+    /// The module's own status fields (its `#Status`), projected from live objects by the
+    /// instance's graph (`status.outputs`). Their schema is the module's, added to the CRD.
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub outputs: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Lifecycle phase of an instance.

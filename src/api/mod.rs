@@ -10,7 +10,8 @@ mod transform;
 
 pub use conditions::{Condition, ConditionStatus, has_condition, set_condition};
 pub use instance::{
-    InstancePhase, InstanceStatus, MAX_NODE_SUMMARIES, MAX_STATUS_VIOLATIONS, NodeSummary, instance_status_schema,
+    InstancePhase, InstanceStatus, MAX_NODE_SUMMARIES, MAX_STATUS_VIOLATIONS, NodeSummary, RESERVED_STATUS_FIELDS,
+    instance_status_schema,
 };
 pub use resourcegraph::*;
 pub use transform::*;
@@ -100,6 +101,15 @@ pub(crate) fn embedded_object_schema(_: &mut schemars::SchemaGenerator) -> schem
         "type": "object",
         "x-kubernetes-embedded-resource": true,
         "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// Schema of a map from names to values of any JSON type.
+pub(crate) fn any_value_map_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 32,
+        "additionalProperties": {"x-kubernetes-preserve-unknown-fields": true},
     })
 }
 

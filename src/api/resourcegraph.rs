@@ -52,6 +52,11 @@ pub struct ResourceGraphSpec {
     /// When the graph was rendered; changes only when renderHash does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rendered_at: Option<Time>,
+    /// Values to project into `status.outputs`: any JSON, whose strings may reference live
+    /// fields of the nodes (`${node.path.to.field}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "super::any_value_map_schema")]
+    pub outputs: BTreeMap<String, serde_json::Value>,
 }
 
 /// Reference to the object a graph was rendered from.
@@ -246,6 +251,11 @@ pub struct ResourceGraphStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 200))]
     pub inventory: Vec<InventoryEntry>,
+    /// `spec.outputs` with their references resolved; an output whose field is not set yet is
+    /// absent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "super::any_value_map_schema")]
+    pub outputs: BTreeMap<String, serde_json::Value>,
 }
 
 /// An object a graph applied.

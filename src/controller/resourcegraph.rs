@@ -37,7 +37,7 @@ use crate::executor::ownership::{self, LetGo, Refusal};
 use crate::executor::plan::{self, Write};
 use crate::executor::progress;
 use crate::executor::proof::{GraphKey, Origin};
-use crate::graph::{self, Dag};
+use crate::graph::{self, Dag, reference};
 use crate::readiness::Registry;
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::metrics::Metrics;
@@ -195,6 +195,8 @@ struct NodeOutcome {
     /// Whether a retry may succeed without a change (an API error, say).
     transient: bool,
     event: Option<Event>,
+    /// The object as observed in this pass, for the references of later nodes and outputs.
+    live: Option<Value>,
 }
 
 async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
@@ -210,7 +212,10 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
         .with_label_values(&[&metric_name(&graph)])
         .set(rg.spec.nodes.len() as i64);
 
-    let dag = match graph::validate(&rg.spec.nodes) {
+    let dag = match graph::validate(&rg.spec.nodes).and_then(|dag| {
+        graph::validate_outputs(&rg.spec.outputs, &rg.spec.nodes)?;
+        Ok(dag)
+    }) {
         Ok(dag) => dag,
         Err(e) => {
             return refuse(
@@ -248,6 +253,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     status.inventory = current.iter().cloned().chain(pruning).collect();
     count_managed(ctx, &graph.uid, status.inventory.iter().cloned().collect());
     status.node_states = outcomes.iter().map(|(id, o)| (id.clone(), o.state.clone())).collect();
+    status.outputs = outputs(&rg.spec.outputs, &outcomes);
 
     let total = rg.spec.nodes.len();
     let conclusion = progress::conclude(&old, &mut status, total, &prune_waiting, &time, generation);
@@ -267,6 +273,16 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     let deadline = outcomes.values().filter_map(|o| o.requeue).min();
     let next = progress::next_check(super::RETRY, transient, !prune_waiting.is_empty(), deadline);
     Ok(Action::requeue(next))
+}
+
+/// The graph's outputs resolved against the objects of this pass; an output whose field is not
+/// set yet is left out.
+fn outputs(templates: &BTreeMap<String, Value>, outcomes: &BTreeMap<String, NodeOutcome>) -> BTreeMap<String, Value> {
+    let live = |node: &str| outcomes.get(node).and_then(|o| o.live.as_ref());
+    templates
+        .iter()
+        .filter_map(|(name, template)| reference::resolve(template, &live).ok().map(|v| (name.clone(), v)))
+        .collect()
 }
 
 /// Applies the nodes wave by wave: a node whose dependencies are all ready is processed (those
@@ -308,13 +324,32 @@ async fn run_waves(
                     requeue: None,
                     transient: false,
                     event: None,
+                    live: None,
                 },
             );
         }
+        let lives: BTreeMap<&str, &Value> = outcomes
+            .iter()
+            .filter_map(|(id, o)| o.live.as_ref().map(|l| (id.as_str(), l)))
+            .collect();
         let results: Vec<NodeOutcome> = futures::stream::iter(eligible)
             .map(|id| {
                 let node = nodes[id.as_str()];
-                process_node(ctx, graph, origin, node, wave as u32, old.node_states.get(&id), time)
+                let previous = old.node_states.get(&id);
+                // References to earlier nodes' live fields are filled in now.
+                let resolved = reference::resolve(&node.object, &|n: &str| lives.get(n).copied());
+                async move {
+                    match resolved {
+                        Ok(object) if object == node.object => {
+                            process_node(ctx, graph, origin, node, wave as u32, previous, time).await
+                        }
+                        Ok(object) => {
+                            let node = Node { object, ..node.clone() };
+                            process_node(ctx, graph, origin, &node, wave as u32, previous, time).await
+                        }
+                        Err(missing) => waiting_for_field(node, previous, time, &missing),
+                    }
+                }
             })
             .buffer_unordered(ctx.apply_concurrency)
             .collect()
@@ -547,6 +582,25 @@ async fn write_node(
     Ok(applied)
 }
 
+/// A node whose object references a field an earlier node does not have yet: nothing is
+/// applied (never an empty value); the earlier object's watch brings the graph back.
+fn waiting_for_field(
+    node: &Node,
+    previous: Option<&NodeState>,
+    time: &Time,
+    missing: &reference::Missing,
+) -> NodeOutcome {
+    NodeOutcome {
+        id: node.id.clone(),
+        state: progress::transition(previous, NodePhase::Pending, Some(missing.to_string()), None, time),
+        inventory: None,
+        requeue: None,
+        transient: false,
+        event: None,
+        live: None,
+    }
+}
+
 /// A failed node's outcome, with one event per failure rather than one per pass.
 fn failed(node: &Node, previous: Option<&NodeState>, time: &Time, failure: Failure) -> NodeOutcome {
     let Failure {
@@ -568,6 +622,7 @@ fn failed(node: &Node, previous: Option<&NodeState>, time: &Time, failure: Failu
         requeue: None,
         transient,
         event: news.then(|| warning(reason, format!("node {}: {message}", node.id))),
+        live: None,
     }
 }
 
@@ -644,6 +699,7 @@ fn observed_node(
         requeue,
         transient: false,
         event,
+        live: Some(value),
     }
 }
 

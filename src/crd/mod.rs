@@ -144,6 +144,21 @@ pub struct CrdParams<'a> {
     pub transform_namespace: &'a str,
 }
 
+/// Pequod's status fields, and the module's own (`#Status`, whose names were checked not to
+/// collide with Pequod's).
+fn status_schema(module_status: Option<&serde_json::Value>) -> serde_json::Value {
+    let mut status = instance_status_schema();
+    let own = module_status
+        .and_then(|s| s.get("properties"))
+        .and_then(serde_json::Value::as_object);
+    if let (Some(own), Some(properties)) = (own, status.get_mut("properties").and_then(|p| p.as_object_mut())) {
+        for (name, schema) in own {
+            properties.entry(name.clone()).or_insert_with(|| schema.clone());
+        }
+    }
+    status
+}
+
 /// The CRD of a platform kind: namespaced, one version, status subresource, printer columns.
 pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_>) -> CustomResourceDefinition {
     let mut spec = schema.spec.clone();
@@ -158,7 +173,7 @@ pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": spec,
-            "status": instance_status_schema(),
+            "status": status_schema(schema.status.as_ref()),
         },
     });
     if let Some(description) = &schema.metadata.description {
@@ -208,17 +223,33 @@ pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_
                     status: Some(CustomResourceSubresourceStatus(json!({}))),
                     scale: None,
                 }),
-                additional_printer_columns: Some(vec![
-                    column(
-                        "Ready",
-                        "string",
-                        ".status.conditions[?(@.type==\"Ready\")].status",
-                        None,
-                    ),
-                    column("Phase", "string", ".status.phase", None),
-                    column("Graph", "string", ".status.resourceGraph", Some(1)),
-                    column("Age", "date", ".metadata.creationTimestamp", None),
-                ]),
+                additional_printer_columns: Some(
+                    vec![
+                        column(
+                            "Ready",
+                            "string",
+                            ".status.conditions[?(@.type==\"Ready\")].status",
+                            None,
+                        ),
+                        column("Phase", "string", ".status.phase", None),
+                    ]
+                    .into_iter()
+                    .chain(
+                        schema
+                            .metadata
+                            .printer_columns
+                            .iter()
+                            .map(|c| CustomResourceColumnDefinition {
+                                description: c.description.clone(),
+                                ..column(&c.name, &c.type_, &c.json_path, c.priority)
+                            }),
+                    )
+                    .chain([
+                        column("Graph", "string", ".status.resourceGraph", Some(1)),
+                        column("Age", "date", ".metadata.creationTimestamp", None),
+                    ])
+                    .collect(),
+                ),
                 ..Default::default()
             }],
             ..Default::default()
@@ -236,7 +267,52 @@ mod tests {
         ModuleSchema {
             metadata,
             spec: json!({"type": "object", "required": ["image"], "properties": {"image": {"type": "string"}}}),
+            status: None,
         }
+    }
+
+    #[test]
+    fn the_module_s_status_and_columns_join_pequod_s() {
+        use crate::cue::PrinterColumn;
+        let mut with_status = schema(ModuleMetadata {
+            kind: Some("WebService".into()),
+            printer_columns: vec![PrinterColumn {
+                name: "URL".into(),
+                type_: "string".into(),
+                json_path: ".status.url".into(),
+                description: None,
+                priority: None,
+            }],
+            ..Default::default()
+        });
+        with_status.status = Some(
+            json!({"type": "object", "properties": {"url": {"type": "string"}, "readyReplicas": {"type": "integer"}}}),
+        );
+        let names = kind_names("webservice", &with_status, &[]).unwrap();
+        let params = CrdParams {
+            group: "apps.example.com",
+            version: "v1alpha1",
+            categories: &[],
+            transform_name: "webservice",
+            transform_namespace: "platform",
+        };
+        let crd = build_crd(&names, &with_status, &params);
+        let version = &crd.spec.versions[0];
+        let root = serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        let status = &root["properties"]["status"]["properties"];
+        assert_eq!(status["url"]["type"], "string");
+        assert_eq!(status["readyReplicas"]["type"], "integer");
+        assert!(
+            status["phase"].is_object() && status["conditions"].is_object(),
+            "Pequod's fields stay"
+        );
+        let columns: Vec<&str> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["Ready", "Phase", "URL", "Graph", "Age"]);
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub struct RenderOutput {
     pub metadata: Option<GraphMetadata>,
     pub nodes: Vec<Node>,
     pub violations: Vec<Violation>,
+    /// `#Render.output.status`: what the instance's status shows, whose strings may reference
+    /// live fields of the nodes (see [`crate::graph::reference`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub status: BTreeMap<String, Value>,
 }
 
 /// Annotations never passed to modules: they repeat the spec and would change the input hash.
@@ -318,11 +322,27 @@ pub fn parse_output(output: &Value) -> Result<RenderOutput, RenderError> {
             })?,
         ),
     };
+    let status: BTreeMap<String, Value> = match obj.get("status") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| RenderError::InvalidOutput {
+            message: format!("#Render.output.status is not a struct: {e}"),
+        })?,
+    };
+    if let Some(reserved) = status
+        .keys()
+        .find(|k| crate::api::RESERVED_STATUS_FIELDS.contains(&k.as_str()))
+    {
+        return Err(RenderError::InvalidOutput {
+            message: format!("#Render.output.status.{reserved} is a field Pequod writes; choose another name"),
+        });
+    }
     graph::validate(&nodes)?;
+    graph::validate_outputs(&status, &nodes)?;
     Ok(RenderOutput {
         metadata,
         nodes,
         violations,
+        status,
     })
 }
 
@@ -338,6 +358,7 @@ mod tests {
             platform: "webservice".into(),
             dir: "/tmp/x".into(),
             has_metadata: false,
+            has_status: false,
         }
     }
 

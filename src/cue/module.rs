@@ -179,6 +179,8 @@ pub struct Module {
     pub platform: String,
     pub dir: PathBuf,
     pub has_metadata: bool,
+    /// Whether the module defines `#Status`, the schema of its instances' own status fields.
+    pub has_status: bool,
 }
 
 impl Module {
@@ -206,6 +208,7 @@ impl ModuleStore {
         let digest = files.digest();
         let package = files.package()?;
         let has_metadata = files.defines("#Metadata");
+        let has_status = files.defines("#Status");
         // The language version is part of the folder's name: a cache written for another
         // version is not reused.
         let dir = self
@@ -218,6 +221,7 @@ impl ModuleStore {
             platform: platform.to_string(),
             dir: dir.clone(),
             has_metadata,
+            has_status,
         };
         if dir.join(".complete").exists() {
             return Ok(module);
@@ -250,7 +254,11 @@ impl ModuleStore {
         // re-exports #Input is encodable.
         std::fs::write(
             staging.join("schema/schema.cue"),
-            format!("package schema\n\n{}\n\n#Input: p.#Input\n", module.import_line()),
+            format!(
+                "package schema\n\n{}\n\n#Input: p.#Input\n{}",
+                module.import_line(),
+                if has_status { "#Status: p.#Status\n" } else { "" }
+            ),
         )
         .map_err(io)?;
         if has_metadata {

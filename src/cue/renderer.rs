@@ -56,6 +56,59 @@ pub struct ModuleMetadata {
     pub short_names: Vec<String>,
     #[serde(default)]
     pub description: Option<String>,
+    /// Columns `kubectl get` shows for the kind, after Pequod's Ready and Phase.
+    #[serde(default)]
+    pub printer_columns: Vec<PrinterColumn>,
+}
+
+/// Most printer columns a module may add.
+pub const MAX_PRINTER_COLUMNS: usize = 8;
+
+/// A column of `kubectl get`, as in a CRD's `additionalPrinterColumns`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrinterColumn {
+    pub name: String,
+    /// `string`, `integer`, `number`, `boolean` or `date`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Where the value is, for example `.status.url`.
+    pub json_path: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// 0 shows the column always; higher ones only with `-o wide`.
+    #[serde(default)]
+    pub priority: Option<i32>,
+}
+
+impl ModuleMetadata {
+    /// Why the printer columns cannot go into a CRD, if they cannot.
+    fn check_columns(&self) -> Result<(), String> {
+        if self.printer_columns.len() > MAX_PRINTER_COLUMNS {
+            return Err(format!(
+                "{} printer columns; at most {MAX_PRINTER_COLUMNS} are allowed",
+                self.printer_columns.len()
+            ));
+        }
+        for c in &self.printer_columns {
+            if c.name.is_empty() || c.name.len() > 64 {
+                return Err(format!("printer column {:?}: a name of 1 to 64 characters", c.name));
+            }
+            if !["string", "integer", "number", "boolean", "date"].contains(&c.type_.as_str()) {
+                return Err(format!(
+                    "printer column {:?}: type {:?} is not string, integer, number, boolean or date",
+                    c.name, c.type_
+                ));
+            }
+            if !c.json_path.starts_with('.') || c.json_path.len() > 256 {
+                return Err(format!(
+                    "printer column {:?}: jsonPath {:?} must start with '.' (for example .status.url)",
+                    c.name, c.json_path
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The schema of a module's `#Input`, ready to become a CRD's `spec`.
@@ -63,6 +116,8 @@ pub struct ModuleMetadata {
 pub struct ModuleSchema {
     pub metadata: ModuleMetadata,
     pub spec: Value,
+    /// The schema of `#Status`, the module's own status fields, if it has one.
+    pub status: Option<Value>,
 }
 
 type RenderResult = Result<Arc<RenderOutput>, RenderError>;
@@ -167,6 +222,23 @@ impl Renderer {
             message: format!("cue printed invalid OpenAPI: {e}"),
         })?;
         let spec = crd_schema_from_openapi(&openapi, "Input")?;
+        let status = if module.has_status {
+            let status = crd_schema_from_openapi(&openapi, "Status")?;
+            let fields = status.get("properties").and_then(Value::as_object);
+            if let Some(reserved) = fields
+                .into_iter()
+                .flat_map(|f| f.keys())
+                .find(|k| crate::api::RESERVED_STATUS_FIELDS.contains(&k.as_str()))
+            {
+                return Err(RenderError::Schema(super::SchemaError::new(
+                    "status",
+                    format!("#Status.{reserved} is a field Pequod writes; choose another name"),
+                )));
+            }
+            Some(status)
+        } else {
+            None
+        };
         let metadata = match metadata.map_err(schema_error)? {
             None => ModuleMetadata::default(),
             Some(text) => {
@@ -180,7 +252,10 @@ impl Renderer {
                 })?
             }
         };
-        Ok(ModuleSchema { metadata, spec })
+        metadata.check_columns().map_err(|message| RenderError::InvalidModule {
+            message: format!("#Metadata: {message}"),
+        })?;
+        Ok(ModuleSchema { metadata, spec, status })
     }
 
     /// Renders `input` (see [`batch::render_input`]) through `module`. Results, failures
@@ -525,6 +600,7 @@ mod tests {
                 message: String::new(),
                 severity: crate::api::Severity::Info,
             }],
+            status: Default::default(),
         }))
     }
 

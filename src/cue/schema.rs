@@ -13,7 +13,7 @@ pub struct SchemaError {
 }
 
 impl SchemaError {
-    fn new(path: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: &str, message: impl Into<String>) -> Self {
         Self {
             path: path.to_string(),
             message: message.into(),
@@ -45,18 +45,20 @@ const PASSTHROUGH: &[&str] = &[
 
 /// Converts `components.schemas.<name>` of an OpenAPI document into a CRD schema.
 pub fn crd_schema_from_openapi(openapi: &Value, name: &str) -> Result<Value, SchemaError> {
+    // #Input becomes the spec; #Status, the module's part of the status.
+    let field = if name == "Status" { "status" } else { "spec" };
     let components = openapi
         .pointer("/components/schemas")
         .and_then(Value::as_object)
-        .ok_or_else(|| SchemaError::new("spec", "cue produced no OpenAPI components"))?;
+        .ok_or_else(|| SchemaError::new(field, "cue produced no OpenAPI components"))?;
     let root = components
         .get(name)
-        .ok_or_else(|| SchemaError::new("spec", format!("the module defines no #{name}")))?;
+        .ok_or_else(|| SchemaError::new(field, format!("the module defines no #{name}")))?;
     let mut stack = vec![name.to_string()];
-    let schema = convert(root, components, "spec", &mut stack)?;
+    let schema = convert(root, components, field, &mut stack)?;
     if schema.get("type").and_then(Value::as_str) != Some("object") {
         return Err(SchemaError::new(
-            "spec",
+            field,
             format!("#{name} must be a struct, got {}", describe(&schema)),
         ));
     }

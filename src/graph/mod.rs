@@ -1,6 +1,8 @@
 //! The resource graph: validation and dependency order, shared by the renderer (which
 //! refuses to produce an invalid graph) and the executor (which refuses to run one).
 
+pub mod reference;
+
 use crate::api::names::AGGREGATE_LABEL;
 use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,6 +35,8 @@ pub enum GraphError {
     MalformedObject { node: String, problem: String },
     #[error("node {node:?}: {why}")]
     NotAllowed { node: String, why: String },
+    #[error("{place}: {why}")]
+    InvalidReference { place: String, why: String },
 }
 
 impl ErrorCategory for GraphError {
@@ -51,6 +55,7 @@ impl ErrorCategory for GraphError {
             Self::UnknownDependency { .. } => "UnknownDependency",
             Self::Cycle { .. } => "DependencyCycle",
             Self::NotAllowed { .. } => "NotAllowed",
+            Self::InvalidReference { .. } => "InvalidReference",
         }
     }
 }
@@ -125,6 +130,40 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
             dependants.entry(dep.clone()).or_default().insert(node.id.clone());
         }
     }
+    // A reference to another node's live field makes that node a dependency.
+    let kinds: BTreeMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.kind())).collect();
+    for node in nodes {
+        let place = format!("node {:?}", node.id);
+        // An object's identity is known before anything is applied: what it is, where, and
+        // its name never come from live values.
+        for pointer in ["/apiVersion", "/kind", "/metadata/name", "/metadata/namespace"] {
+            if node
+                .object
+                .pointer(pointer)
+                .and_then(|v| v.as_str())
+                .is_some_and(|v| v.contains("${"))
+            {
+                return Err(GraphError::InvalidReference {
+                    place,
+                    why: format!("{} cannot reference a live field", &pointer[1..].replace('/', ".")),
+                });
+            }
+        }
+        for referenced in checked_references(&node.object, &kinds, &place)? {
+            if referenced == node.id {
+                return Err(GraphError::InvalidReference {
+                    place,
+                    why: "a node cannot use its own live fields".into(),
+                });
+            }
+            graph.update_edge(index[referenced.as_str()], index[node.id.as_str()], ());
+            dependencies
+                .entry(node.id.clone())
+                .or_default()
+                .insert(referenced.clone());
+            dependants.entry(referenced).or_default().insert(node.id.clone());
+        }
+    }
     let sorted = toposort(&graph, None).map_err(|_| GraphError::Cycle {
         cycle: find_cycle(&graph),
     })?;
@@ -151,6 +190,51 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
         dependencies,
         dependants,
     })
+}
+
+/// The nodes `value` references, each checked: it exists, and the reference does not read a
+/// Secret's content.
+fn checked_references(
+    value: &serde_json::Value,
+    kinds: &BTreeMap<&str, &str>,
+    place: &str,
+) -> Result<BTreeSet<String>, GraphError> {
+    let invalid = |why: String| GraphError::InvalidReference {
+        place: place.to_string(),
+        why,
+    };
+    let mut referenced = BTreeSet::new();
+    for r in reference::references_in(value).map_err(invalid)? {
+        let Some(kind) = kinds.get(r.node.as_str()) else {
+            return Err(invalid(format!("{r} names no node of the graph")));
+        };
+        if r.reads_secret_content(kind) {
+            return Err(GraphError::NotAllowed {
+                node: r.node.clone(),
+                why: format!("{r} would copy a Secret's content out of it; reference its name instead"),
+            });
+        }
+        referenced.insert(r.node);
+    }
+    Ok(referenced)
+}
+
+/// Most outputs a graph may project into its status.
+pub const MAX_OUTPUTS: usize = 32;
+
+/// Checks a graph's outputs: their number, and their references like those of nodes.
+pub fn validate_outputs(outputs: &BTreeMap<String, serde_json::Value>, nodes: &[Node]) -> Result<(), GraphError> {
+    if outputs.len() > MAX_OUTPUTS {
+        return Err(GraphError::InvalidReference {
+            place: "outputs".into(),
+            why: format!("{} outputs; at most {MAX_OUTPUTS} are allowed", outputs.len()),
+        });
+    }
+    let kinds: BTreeMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.kind())).collect();
+    for (name, value) in outputs {
+        checked_references(value, &kinds, &format!("output {name:?}"))?;
+    }
+    Ok(())
 }
 
 /// Names one cycle of a graph known to have one, as `a -> b -> a`.
@@ -359,5 +443,83 @@ mod tests {
                 }
             );
         }
+    }
+
+    fn object_node(id: &str, kind: &str, object_extra: serde_json::Value) -> Node {
+        let mut object = json!({"apiVersion": "v1", "kind": kind, "metadata": {"name": id}});
+        if let (Some(o), Some(extra)) = (object.as_object_mut(), object_extra.as_object()) {
+            o.extend(extra.clone());
+        }
+        serde_json::from_value(json!({"id": id, "object": object})).unwrap()
+    }
+
+    #[test]
+    fn a_reference_makes_its_node_a_dependency_and_must_be_sound() {
+        let service = object_node("service", "Service", json!({}));
+        let config = object_node(
+            "config",
+            "ConfigMap",
+            json!({"data": {"ip": "${service.spec.clusterIP}"}}),
+        );
+        let dag = validate(&[config.clone(), service.clone()]).unwrap();
+        assert_eq!(dag.waves, vec![vec!["service".to_string()], vec!["config".to_string()]]);
+        assert!(dag.dependencies["config"].contains("service"));
+
+        let unknown = object_node("config", "ConfigMap", json!({"data": {"ip": "${nowhere.spec.x}"}}));
+        assert_eq!(validate(&[unknown]).unwrap_err().reason(), "InvalidReference");
+        let mut named = object_node("config", "ConfigMap", json!({}));
+        named.object["metadata"]["name"] = json!("${service.metadata.name}");
+        assert_eq!(
+            validate(&[named, service.clone()]).unwrap_err().reason(),
+            "InvalidReference"
+        );
+        let own = object_node(
+            "config",
+            "ConfigMap",
+            json!({"data": {"me": "${config.metadata.name}"}}),
+        );
+        assert_eq!(validate(&[own]).unwrap_err().reason(), "InvalidReference");
+        let malformed = object_node("config", "ConfigMap", json!({"data": {"x": "${service}"}}));
+        assert_eq!(
+            validate(&[malformed, service.clone()]).unwrap_err().reason(),
+            "InvalidReference"
+        );
+
+        let secret = object_node("creds", "Secret", json!({}));
+        let leak = object_node("config", "ConfigMap", json!({"data": {"p": "${creds.data.password}"}}));
+        assert_eq!(validate(&[secret.clone(), leak]).unwrap_err().reason(), "NotAllowed");
+        let by_name = object_node("config", "ConfigMap", json!({"data": {"p": "${creds.metadata.name}"}}));
+        assert!(validate(&[secret.clone(), by_name]).is_ok());
+
+        let cycle_a = object_node("a", "ConfigMap", json!({"data": {"x": "${b.data.x}"}}));
+        let cycle_b = object_node("b", "ConfigMap", json!({"data": {"x": "${a.data.x}"}}));
+        assert_eq!(validate(&[cycle_a, cycle_b]).unwrap_err().reason(), "DependencyCycle");
+    }
+
+    #[test]
+    fn outputs_are_bounded_and_checked_like_nodes() {
+        let nodes = [
+            object_node("service", "Service", json!({})),
+            object_node("creds", "Secret", json!({})),
+        ];
+        let outputs = |pairs: &[(&str, serde_json::Value)]| -> BTreeMap<String, serde_json::Value> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+        };
+        assert!(
+            validate_outputs(
+                &outputs(&[("ip", json!("${service.spec.clusterIP}")), ("static", json!(1))]),
+                &nodes
+            )
+            .is_ok()
+        );
+        assert!(validate_outputs(&outputs(&[("x", json!("${nowhere.a}"))]), &nodes).is_err());
+        assert_eq!(
+            validate_outputs(&outputs(&[("p", json!("${creds.stringData.p}"))]), &nodes)
+                .unwrap_err()
+                .reason(),
+            "NotAllowed"
+        );
+        let many: Vec<(String, serde_json::Value)> = (0..=MAX_OUTPUTS).map(|i| (format!("o{i}"), json!(i))).collect();
+        assert!(validate_outputs(&many.into_iter().collect(), &nodes).is_err());
     }
 }

@@ -898,3 +898,83 @@ async fn the_object_cache_holds_only_what_existing_graphs_made() {
     graph_watch.abort();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn nodes_use_earlier_nodes_live_fields_and_outputs_follow_them() {
+    let (env, graphs) = setup("references").await;
+    // No gate on the Deployment: the ConfigMap may be processed at once, but one of its values
+    // is a field the Deployment has only once its pods are available.
+    let mut deployment = held_deployment_node(&env, "web", 1);
+    deployment["readyWhen"] = json!([]);
+    let config = json!({"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "web-endpoints"},
+        "data": {"service": "${service.metadata.name}", "address": "${service.spec.clusterIP}:${service.spec.ports.0.port}",
+                 "available": "n=${deployment.status.availableReplicas}"}}});
+    let mut service = service_node("web");
+    service["dependsOn"] = json!([]);
+    let rg = json!({
+        "apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+        "metadata": {"name": "refs"},
+        "spec": {"nodes": [config, deployment, service],
+                 "outputs": {"clusterIP": "${service.spec.clusterIP}", "available": "${deployment.status.availableReplicas}", "fixed": 7}},
+    });
+    graphs
+        .patch("refs", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(rg))
+        .await
+        .unwrap();
+
+    // The missing field is a node state, and nothing is applied with an empty value.
+    let rg =
+        wait_graph(&graphs, "refs", "the ConfigMap waiting for the field", |rg| {
+            rg.status.as_ref().and_then(|s| s.node_states.get("config")).is_some_and(|s| {
+            s.phase == NodePhase::Pending
+                && s.message.as_deref()
+                    == Some("waiting for ${deployment.status.availableReplicas}: node deployment has no such field yet")
+        })
+        })
+        .await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(cms.get_opt("web-endpoints").await.unwrap().is_none());
+    let status = rg.status.unwrap();
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.namespace);
+    let cluster_ip = services.get("web").await.unwrap().spec.unwrap().cluster_ip.unwrap();
+    assert_eq!(status.outputs.get("clusterIP"), Some(&json!(cluster_ip)));
+    assert_eq!(status.outputs.get("fixed"), Some(&json!(7)));
+    assert!(!status.outputs.contains_key("available"), "{:?}", status.outputs);
+
+    // Once the pods run, the field exists: the watch brings the graph back and it applies.
+    support::admit_pods(&env.client, &env.namespace).await;
+    let cm = support::wait_for("the ConfigMap with the live values", WAIT, || async {
+        match cms.get_opt("web-endpoints").await.map_err(|e| e.to_string())? {
+            Some(cm) => Ok(cm),
+            None => Err(format!("absent; {:?}", graphs.get("refs").await.map(|g| g.status))),
+        }
+    })
+    .await;
+    let data = cm.data.unwrap();
+    assert_eq!(data["service"], "web");
+    assert_eq!(data["address"], format!("{cluster_ip}:80"));
+    assert_eq!(data["available"], "n=1", "inside text, a number becomes text");
+    let rg = wait_graph(&graphs, "refs", "the output of the available replicas", |rg| {
+        rg.status.as_ref().and_then(|s| s.outputs.get("available")) == Some(&json!(1))
+    })
+    .await;
+    assert_eq!(rg.status.unwrap().phase, Some(GraphPhase::Completed));
+
+    // A reference to a Secret's content is refused before anything is applied.
+    let leak = json!({
+        "apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+        "metadata": {"name": "leak"},
+        "spec": {"nodes": [
+            {"id": "creds", "object": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"p": "x"}}},
+            {"id": "copy", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "copy"}, "data": {"p": "${creds.data.p}"}}}]},
+    });
+    graphs
+        .patch("leak", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(leak))
+        .await
+        .unwrap();
+    let rg = wait_graph(&graphs, "leak", "refused", phase_is(GraphPhase::Failed)).await;
+    let valid = valid_condition(rg);
+    assert_eq!(valid.reason, "NotAllowed", "{}", valid.message);
+    assert!(cms.get_opt("copy").await.unwrap().is_none());
+    env.cleanup().await;
+}

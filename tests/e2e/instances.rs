@@ -167,6 +167,43 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
     let service = services.get("my-app").await.unwrap();
     assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 80);
 
+    // The module's own status fields, projected from the live Deployment, and its columns.
+    let url = format!("http://my-app.{}.svc.cluster.local:80", env.namespace);
+    let replicas = |want: i64| {
+        let webservices = webservices.clone();
+        let url = url.clone();
+        move || {
+            let webservices = webservices.clone();
+            let url = url.clone();
+            async move {
+                let obj = webservices.get("my-app").await.map_err(|e| e.to_string())?;
+                let field = |name: &str| status_field(&obj, &format!("/{name}")).cloned();
+                match (field("url"), field("readyReplicas"), field("availableReplicas")) {
+                    (Some(u), Some(r), Some(a)) if u == json!(url) && r == json!(want) && a == json!(want) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        }
+    };
+    wait_for("url and 3 available replicas in the status", WAIT, replicas(3)).await;
+    let listed = std::process::Command::new(support::tool("kubectl", "KUBECTL"))
+        .arg("--kubeconfig")
+        .arg(&env.kubeconfig)
+        .args(["get", "webservices", "-n", &env.namespace])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    let header: Vec<&str> = listed.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "PHASE", "URL", "AVAILABLE", "AGE"],
+        "{listed}"
+    );
+    assert!(
+        listed.contains(&url) && listed.lines().nth(1).unwrap().contains(" 3 "),
+        "{listed}"
+    );
+
     // An update reaches the Deployment.
     apply_instance(
         &webservices,
@@ -184,6 +221,8 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
         }
     })
     .await;
+    // The status follows the live Deployment as it scales, without a render.
+    wait_for("5 available replicas in the status", WAIT, replicas(5)).await;
 
     // A policy violation blocks the change and is shown; the running version stays.
     apply_instance(
@@ -868,5 +907,47 @@ async fn an_instance_can_be_paused_reconciled_now_and_protected_from_deletion() 
     })
     .await;
     delete_transform(&transforms, "note").await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_s_deployment_takes_its_config_map_name_through_a_reference() {
+    let (env, transforms) = setup("instance-worker").await;
+    let group = group(&env);
+    apply_transform(
+        &transforms,
+        "worker",
+        json!({"cueRef": {"type": "embedded", "ref": "worker"}, "group": group}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "worker").await;
+    let api_version = format!("{group}/v1alpha1");
+    let workers = support::dynamic_api(&env.client, &api_version, "Worker", &env.namespace).await;
+    apply_instance(
+        &workers,
+        &api_version,
+        "Worker",
+        "mailer",
+        json!({"image": "busybox:1.36", "config": {"QUEUE": "mail"}}),
+    )
+    .await;
+    wait_instance(&workers, "mailer", "Ready", "True", "Ready").await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let graph = graphs.get(&format!("worker.{group}-mailer")).await.unwrap();
+    let node = graph.spec.nodes.iter().find(|n| n.id == "deployment").unwrap();
+    let declared = &node.object["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"];
+    assert_eq!(declared, "${config.metadata.name}", "the graph holds the reference");
+    let deployment = Api::<Deployment>::namespaced(env.client.clone(), &env.namespace)
+        .get("mailer")
+        .await
+        .unwrap();
+    let container = &deployment.spec.unwrap().template.spec.unwrap().containers[0];
+    let from = container.env_from.as_ref().unwrap()[0].config_map_ref.as_ref().unwrap();
+    assert_eq!(
+        from.name, "mailer-config",
+        "the executor filled it in from the live ConfigMap"
+    );
+    support::delete_and_wait_gone(&workers, "mailer", WAIT).await;
+    delete_transform(&transforms, "worker").await;
     env.cleanup().await;
 }

@@ -178,6 +178,34 @@ async fn embedded_webservice_schema_and_metadata() {
 }
 
 #[tokio::test]
+async fn status_schema_and_printer_columns_come_from_the_module() {
+    let h = harness();
+    let m = h
+        .renderer
+        .load(ModuleFiles::embedded("webservice").unwrap(), "webservice")
+        .await
+        .unwrap();
+    let schema = h.renderer.schema(&m).await.unwrap();
+    let status = schema.status.as_ref().expect("#Status");
+    assert_eq!(status["properties"]["url"]["type"], "string");
+    assert_eq!(status["properties"]["availableReplicas"]["type"], "integer");
+    let columns: Vec<&str> = schema
+        .metadata
+        .printer_columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(columns, ["URL", "Available"]);
+    let output = h
+        .renderer
+        .render(&m, input("my-app", json!({"image": "nginx:1.27"})))
+        .await
+        .unwrap();
+    assert_eq!(output.status["readyReplicas"], "${deployment.status.readyReplicas}");
+    assert_eq!(output.status["url"], "http://my-app.team.svc.cluster.local:80");
+}
+
+#[tokio::test]
 async fn schema_errors_name_the_problem() {
     let h = harness();
     let cases = [
@@ -202,6 +230,26 @@ async fn schema_errors_name_the_problem() {
             "package x\n#Input: {size: int & string}\n",
             "InvalidModule",
             "#Input.size: conflicting values int and string",
+        ),
+        (
+            "package x\n#Input: {a: int}\n#Status: {url?: string, phase?: string}\n",
+            "SchemaUnsupported",
+            "#Status.phase is a field Pequod writes",
+        ),
+        (
+            "package x\n#Input: {a: int}\n#Status: string\n",
+            "SchemaUnsupported",
+            "#Status must be a struct",
+        ),
+        (
+            "package x\n#Input: {a: int}\n#Metadata: {kind: \"X\", printerColumns: [{name: \"URL\", type: \"url\", jsonPath: \".status.url\"}]}\n",
+            "InvalidModule",
+            "type \"url\" is not string",
+        ),
+        (
+            "package x\n#Input: {a: int}\n#Metadata: {kind: \"X\", printerColumns: [{name: \"URL\", type: \"string\", jsonPath: \"status.url\"}]}\n",
+            "InvalidModule",
+            "must start with '.'",
         ),
     ];
     for (source, reason, text) in cases {

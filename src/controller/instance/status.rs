@@ -160,6 +160,8 @@ impl StatusDraft<InstanceStatus> {
     /// Mirrors the graph's progress on the instance; returns whether the instance is Ready.
     pub(super) fn mirror_progress(&mut self, rg: &ResourceGraph) -> bool {
         self.new.nodes = node_summaries(rg);
+        // The module's own fields, as the graph resolved them from the live objects.
+        self.new.outputs = rg.status.as_ref().map(|s| s.outputs.clone()).unwrap_or_default();
         let (phase, ready, reason, message) = graph_progress(rg);
         if ready && !self.was(READY, ConditionStatus::True, reasons::READY) {
             self.event(EventType::Normal, reasons::READY, &message);
