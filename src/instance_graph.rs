@@ -202,6 +202,25 @@ pub fn confine(
     violations
 }
 
+/// Adds the module's readiness expressions (`#Metadata.readyWhen`, by node id) to the nodes
+/// they name, as `Expression` gates.
+pub fn with_module_gates(mut nodes: Vec<Node>, ready_when: &BTreeMap<String, String>) -> Vec<Node> {
+    for node in &mut nodes {
+        if let Some(expression) = ready_when.get(&node.id) {
+            node.ready_when.push(crate::api::ReadyGate {
+                type_: crate::api::ReadyGateType::Expression,
+                condition_type: None,
+                condition_status: None,
+                path: None,
+                value: None,
+                expression: Some(expression.clone()),
+                timeout: None,
+            });
+        }
+    }
+    nodes
+}
+
 /// Most characters of a node message kept in an instance's status.
 const MAX_SUMMARY_MESSAGE: usize = 256;
 

@@ -182,6 +182,11 @@ pub struct ReadyGate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_value_schema")]
     pub value: Option<serde_json::Value>,
+    /// Expression: a CEL expression over the live object, `self`, that is true when it is
+    /// ready, for example `self.status.readyReplicas >= self.spec.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub expression: Option<String>,
     /// Seconds the gate may take after the object is applied (default 300).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
@@ -197,6 +202,7 @@ pub enum ReadyGateType {
     StatefulSetReady,
     JobComplete,
     FieldMatch,
+    Expression,
 }
 
 /// A policy finding.

@@ -59,6 +59,10 @@ pub struct ModuleMetadata {
     /// Columns `kubectl get` shows for the kind, after Pequod's Ready and Phase.
     #[serde(default)]
     pub printer_columns: Vec<PrinterColumn>,
+    /// Readiness expressions (CEL over the live object, `self`) by node id: each becomes an
+    /// `Expression` gate of that node in every render. Checked when the Transform is applied.
+    #[serde(default)]
+    pub ready_when: std::collections::BTreeMap<String, String>,
 }
 
 /// Most printer columns a module may add.
@@ -82,6 +86,14 @@ pub struct PrinterColumn {
 }
 
 impl ModuleMetadata {
+    /// Why the readiness expressions cannot be used, if they cannot.
+    fn check_ready_when(&self) -> Result<(), String> {
+        for (node, expression) in &self.ready_when {
+            crate::readiness::check_expression(expression).map_err(|why| format!("readyWhen.{node}: {why}"))?;
+        }
+        Ok(())
+    }
+
     /// Why the printer columns cannot go into a CRD, if they cannot.
     fn check_columns(&self) -> Result<(), String> {
         if self.printer_columns.len() > MAX_PRINTER_COLUMNS {
@@ -252,9 +264,12 @@ impl Renderer {
                 })?
             }
         };
-        metadata.check_columns().map_err(|message| RenderError::InvalidModule {
-            message: format!("#Metadata: {message}"),
-        })?;
+        metadata
+            .check_columns()
+            .and_then(|()| metadata.check_ready_when())
+            .map_err(|message| RenderError::InvalidModule {
+                message: format!("#Metadata: {message}"),
+            })?;
         Ok(ModuleSchema { metadata, spec, status })
     }
 

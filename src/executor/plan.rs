@@ -67,10 +67,12 @@ pub fn confinement(node: &Node, namespaced: bool, graph_namespace: &str, origin:
     }
     let reads_secret_fields = node.api_version() == "v1"
         && node.kind() == "Secret"
-        && node
-            .ready_when
-            .iter()
-            .any(|g| matches!(g.type_, ReadyGateType::FieldMatch | ReadyGateType::ConditionMatch));
+        && node.ready_when.iter().any(|g| {
+            matches!(
+                g.type_,
+                ReadyGateType::FieldMatch | ReadyGateType::ConditionMatch | ReadyGateType::Expression
+            )
+        });
     if hand_written && reads_secret_fields {
         return refuse("is a Secret, whose fields a hand-written graph's gates may not compare".into());
     }

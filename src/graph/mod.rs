@@ -37,6 +37,8 @@ pub enum GraphError {
     NotAllowed { node: String, why: String },
     #[error("{place}: {why}")]
     InvalidReference { place: String, why: String },
+    #[error("node {node:?}: readiness expression {why}")]
+    InvalidExpression { node: String, why: String },
 }
 
 impl ErrorCategory for GraphError {
@@ -56,6 +58,7 @@ impl ErrorCategory for GraphError {
             Self::Cycle { .. } => "DependencyCycle",
             Self::NotAllowed { .. } => "NotAllowed",
             Self::InvalidReference { .. } => "InvalidReference",
+            Self::InvalidExpression { .. } => "InvalidExpression",
         }
     }
 }
@@ -110,6 +113,18 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
             return Err(GraphError::DuplicateId { id: node.id.clone() });
         }
         check_object(node)?;
+        for gate in node
+            .ready_when
+            .iter()
+            .filter(|g| g.type_ == crate::api::ReadyGateType::Expression)
+        {
+            crate::readiness::check_expression(gate.expression.as_deref().unwrap_or_default()).map_err(|why| {
+                GraphError::InvalidExpression {
+                    node: node.id.clone(),
+                    why,
+                }
+            })?;
+        }
     }
     let mut dependencies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut dependants: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -521,5 +536,21 @@ mod tests {
         );
         let many: Vec<(String, serde_json::Value)> = (0..=MAX_OUTPUTS).map(|i| (format!("o{i}"), json!(i))).collect();
         assert!(validate_outputs(&many.into_iter().collect(), &nodes).is_err());
+    }
+
+    #[test]
+    fn readiness_expressions_must_be_valid_cel() {
+        let with_gate = |expression: &str| -> Node {
+            serde_json::from_value(
+                json!({"id": "d", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "d"}},
+                "readyWhen": [{"type": "Expression", "expression": expression}]}),
+            )
+            .unwrap()
+        };
+        assert!(validate(&[with_gate("has(self.data) && self.data.ready == 'yes'")]).is_ok());
+        let err = validate(&[with_gate("self.data.ready ==")]).unwrap_err();
+        assert_eq!(err.reason(), "InvalidExpression");
+        assert!(err.to_string().contains("not valid CEL"), "{err}");
+        assert_eq!(validate(&[with_gate("")]).unwrap_err().reason(), "InvalidExpression");
     }
 }

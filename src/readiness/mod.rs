@@ -39,6 +39,7 @@ impl Default for Registry {
         registry.register(ReadyGateType::StatefulSetReady, StatefulSetReady);
         registry.register(ReadyGateType::JobComplete, JobComplete);
         registry.register(ReadyGateType::FieldMatch, FieldMatch);
+        registry.register(ReadyGateType::Expression, Expression::default());
         registry
     }
 }
@@ -232,6 +233,91 @@ impl Check for FieldMatch {
     }
 }
 
+/// Most characters of an expression.
+pub const MAX_EXPRESSION: usize = 1024;
+
+/// Why a readiness expression cannot be used, if it cannot: it must be CEL that parses.
+pub fn check_expression(expression: &str) -> Result<(), String> {
+    if expression.trim().is_empty() {
+        return Err("the expression is empty".into());
+    }
+    if expression.len() > MAX_EXPRESSION {
+        return Err(format!("the expression has more than {MAX_EXPRESSION} characters"));
+    }
+    cel::Program::compile(expression)
+        .map(|_| ())
+        .map_err(|e| format!("{expression:?} is not valid CEL: {}", first_line(&e.to_string())))
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
+}
+
+/// A CEL expression over the live object, `self`. Compiled programs are kept by their text
+/// (modules repeat the same few expressions over many instances).
+#[derive(Default)]
+struct Expression {
+    compiled: std::sync::Mutex<HashMap<String, std::sync::Arc<cel::Program>>>,
+}
+
+/// Most compiled expressions kept; past it the cache starts over.
+const MAX_COMPILED: usize = 1024;
+
+impl Expression {
+    fn program(&self, expression: &str) -> Result<std::sync::Arc<cel::Program>, String> {
+        let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(program) = compiled.get(expression) {
+            return Ok(program.clone());
+        }
+        check_expression(expression)?;
+        let program = cel::Program::compile(expression).map_err(|e| first_line(&e.to_string()).to_string())?;
+        if compiled.len() >= MAX_COMPILED {
+            compiled.clear();
+        }
+        let program = std::sync::Arc::new(program);
+        compiled.insert(expression.to_string(), program.clone());
+        Ok(program)
+    }
+}
+
+impl Check for Expression {
+    fn check(&self, gate: &ReadyGate, object: Option<&Value>) -> GateState {
+        let object = match exists(object) {
+            Ok(o) => o,
+            Err(w) => return w,
+        };
+        let Some(expression) = gate.expression.as_deref() else {
+            return GateState::Failed("Expression needs an expression".into());
+        };
+        let program = match self.program(expression) {
+            Ok(p) => p,
+            Err(why) => return GateState::Failed(why),
+        };
+        let mut context = cel::Context::default();
+        let bound = cel::to_value(object)
+            .map_err(|e| e.to_string())
+            .and_then(|value| context.add_variable("self", value).map_err(|e| e.to_string()));
+        if let Err(why) = bound {
+            return GateState::Failed(format!("the object cannot be read by CEL: {why}"));
+        }
+        match program.execute(&context) {
+            Ok(cel::Value::Bool(true)) => GateState::Ready,
+            Ok(cel::Value::Bool(false)) => GateState::Waiting(format!("{expression} is false")),
+            Ok(other) => GateState::Failed(format!("{expression} gives {:?}, not a boolean", other.type_of())),
+            // A field not set yet: wait. The error is quoted only when it cannot carry a
+            // Secret's value.
+            Err(_) if is_secret(object) => GateState::Waiting(format!("{expression} cannot be evaluated yet")),
+            Err(e) => {
+                let why = e.to_string();
+                GateState::Waiting(format!(
+                    "{expression} cannot be evaluated yet: {}",
+                    shortened(&Value::String(why))
+                ))
+            }
+        }
+    }
+}
+
 fn is_secret(object: &Value) -> bool {
     object.get("kind").and_then(Value::as_str) == Some("Secret")
         && object.get("apiVersion").and_then(Value::as_str) == Some("v1")
@@ -400,5 +486,53 @@ mod tests {
             r.evaluate(&gates, Some(&json!({"a": 1}))),
             GateState::Waiting("never".into())
         );
+    }
+
+    #[test]
+    fn expressions_are_cel_over_the_live_object() {
+        let r = Registry::default();
+        let gate = |e: &str| gate(json!({"type": "Expression", "expression": e}));
+        let deployment = json!({"spec": {"replicas": 2}, "status": {"readyReplicas": 2,
+                                "conditions": [{"type": "Available", "status": "True"}]}});
+        let ready = gate(
+            "self.status.readyReplicas >= self.spec.replicas && self.status.conditions.exists(c, c.type == 'Available' && c.status == 'True')",
+        );
+        assert_eq!(
+            r.evaluate(std::slice::from_ref(&ready), Some(&deployment)),
+            GateState::Ready
+        );
+        let scaling = json!({"spec": {"replicas": 3}, "status": {"readyReplicas": 2, "conditions": []}});
+        assert!(
+            matches!(r.evaluate(std::slice::from_ref(&ready), Some(&scaling)), GateState::Waiting(m) if m.ends_with("is false"))
+        );
+        let early = json!({"spec": {"replicas": 3}});
+        assert!(
+            matches!(r.evaluate(std::slice::from_ref(&ready), Some(&early)), GateState::Waiting(m) if m.contains("cannot be evaluated yet"))
+        );
+        assert!(
+            matches!(r.evaluate(&[gate("self.spec.replicas")], Some(&deployment)), GateState::Failed(m) if m.contains("not a boolean"))
+        );
+        assert!(
+            matches!(r.evaluate(&[gate("self.spec. ==")], Some(&deployment)), GateState::Failed(m) if m.contains("not valid CEL"))
+        );
+        assert!(matches!(
+            r.evaluate(std::slice::from_ref(&ready), None),
+            GateState::Waiting(_)
+        ));
+        // A Secret's values never reach the message.
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "data": {"p": "aHVudGVyMg=="}});
+        let probe = gate("self.data.p + 1 == 2");
+        let GateState::Waiting(message) = r.evaluate(&[probe], Some(&secret)) else {
+            panic!("an error is a wait");
+        };
+        assert!(!message.contains("aHVudGVyMg"), "{message}");
+    }
+
+    #[test]
+    fn expressions_are_checked_before_use() {
+        assert!(check_expression("self.status.phase == 'Running'").is_ok());
+        assert!(check_expression("").is_err());
+        assert!(check_expression("self.status.").unwrap_err().contains("not valid CEL"));
+        assert!(check_expression(&"a".repeat(MAX_EXPRESSION + 1)).is_err());
     }
 }

@@ -410,6 +410,15 @@ impl OperatorProcess {
         let _ = self.child.wait();
     }
 
+    /// CPU time the process has used, in seconds (from /proc's schedstat, in nanoseconds).
+    pub fn cpu_seconds(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/schedstat", self.child.id()))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|ns| ns / 1e9)
+            .unwrap_or(0.0)
+    }
+
     /// Resident memory from /proc, in MiB.
     pub fn rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();

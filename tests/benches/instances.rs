@@ -6,6 +6,10 @@
 //! - a minute at rest: operator writes and cue processes (target: none of either);
 //! - a resync with nothing changed (every instance reconciled again through its graph):
 //!   cue invocations and operator writes (target: none of either);
+//! - live status: every pod is deleted and comes back, so each Deployment's replicas drop and
+//!   return; the instances' `availableReplicas` follow through status projection and the
+//!   Service's CEL readiness gate is evaluated on every pass: operator CPU, writes per instance
+//!   and cue invocations (target: none);
 //! - a cold restart: operator writes (target: none) and the cue calls a cold render cache costs.
 //!
 //! `make bench-instances` runs it.
@@ -168,6 +172,46 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let resync_writes = writes_since(mark);
     let resync_cue = cue_processes(&operator).await - cue_before;
+
+    // Live status: the pods go and come back; the status follows without cue.
+    let pods_api = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(env.client.clone(), &env.namespace);
+    let cue_before = cue_processes(&operator).await;
+    let cpu_before = operator.cpu_seconds();
+    let mark = audit_mark();
+    let live_started = Instant::now();
+    pods_api
+        .delete_collection(&Default::default(), &ListParams::default())
+        .await
+        .unwrap();
+    // First the projections see the pods gone, then back.
+    let available = |want: i64| {
+        let webservices = webservices.clone();
+        async move {
+            let list = webservices.list(&ListParams::default()).await.unwrap();
+            list.items
+                .iter()
+                .filter(|w| w.data["status"]["availableReplicas"].as_i64().unwrap_or(0) == want)
+                .count()
+        }
+    };
+    while available(1).await == INSTANCES && live_started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    loop {
+        if available(1).await == INSTANCES && ready_count(&webservices).await == INSTANCES {
+            break;
+        }
+        assert!(
+            live_started.elapsed() < Duration::from_secs(900),
+            "the instances' status did not follow the pods back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let live_followed = live_started.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let live_writes = writes_since(mark);
+    let live_cpu = operator.cpu_seconds() - cpu_before;
+    let live_cue = cue_processes(&operator).await - cue_before;
     drop(operator);
 
     // Cold restart: nothing changed, so nothing is written; renders run again (in batches).
@@ -223,6 +267,18 @@ async fn main() {
         "  resync: operator writes              {:>9}    (target 0) {resync_writes:?}",
         total(&resync_writes)
     );
+    println!("  live status: pods gone and back       {:>9.2?}", live_followed);
+    println!(
+        "  live status: operator writes         {:>9}    ({:.2} per instance) {live_writes:?}",
+        total(&live_writes),
+        total(&live_writes) as f64 / INSTANCES as f64
+    );
+    println!(
+        "  live status: operator CPU            {:>8.2} s  ({:.2} ms per instance)",
+        live_cpu,
+        live_cpu * 1000.0 / INSTANCES as f64
+    );
+    println!("  live status: cue invocations         {:>9}    (target 0)", live_cue);
     println!(
         "  restart: operator writes             {:>9}    (target 0) {restart_writes:?}",
         total(&restart_writes)

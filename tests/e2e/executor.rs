@@ -978,3 +978,37 @@ async fn nodes_use_earlier_nodes_live_fields_and_outputs_follow_them() {
     assert!(cms.get_opt("copy").await.unwrap().is_none());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn expression_gates_follow_the_live_object_and_bad_ones_are_refused() {
+    let (env, graphs) = setup("expression-gate").await;
+    let node = |expression: &str| {
+        json!([{"id": "flag", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "flag"}, "data": {"owner": "graph"}},
+                "readyWhen": [{"type": "Expression", "expression": expression}]}])
+    };
+    apply_graph(&graphs, "gated", node("has(self.data.go) && self.data.go == 'yes'")).await;
+    let rg = wait_graph(&graphs, "gated", "the gate waiting", |rg| {
+        node_phase(rg, "flag") == Some(NodePhase::WaitingReady)
+    })
+    .await;
+    let message = rg.status.unwrap().node_states["flag"]
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(message.contains("has(self.data.go)"), "{message}");
+
+    // Someone else sets the field the graph does not declare: the watch brings the graph back.
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let go = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "flag"}, "data": {"go": "yes"}});
+    cms.patch("flag", &PatchParams::apply("release-manager"), &Patch::Apply(go))
+        .await
+        .unwrap();
+    wait_graph(&graphs, "gated", "completed", phase_is(GraphPhase::Completed)).await;
+
+    apply_graph(&graphs, "broken", node("self.data.go ==")).await;
+    let rg = wait_graph(&graphs, "broken", "refused", phase_is(GraphPhase::Failed)).await;
+    let valid = valid_condition(rg);
+    assert_eq!(valid.reason, "InvalidExpression", "{}", valid.message);
+    assert!(valid.message.contains("not valid CEL"), "{}", valid.message);
+    env.cleanup().await;
+}

@@ -326,6 +326,40 @@ async fn configmap_module_edits_roll_the_crd_forward_and_breaking_changes_are_re
 }
 
 #[tokio::test]
+async fn a_module_s_invalid_readiness_expression_or_status_is_refused_when_the_transform_is_applied() {
+    let (env, transforms) = setup("module-rules").await;
+    let group = group(&env);
+    let cases = [
+        (
+            "bad-gate",
+            "#Metadata: readyWhen: note: \"self.data.text ==\"\n",
+            "InvalidModule",
+            "readyWhen.note",
+        ),
+        (
+            "bad-status",
+            "#Status: {phase?: string}\n",
+            "SchemaUnsupported",
+            "#Status.phase is a field Pequod writes",
+        ),
+    ];
+    for (name, extra, reason, text) in cases {
+        let source = note_module("").replace("#Metadata: {", "#Metadata: {\n\tprinterColumns: []") + extra;
+        put_module(&env.client, &env.namespace, name, &source).await;
+        apply_transform(
+            &transforms,
+            name,
+            json!({"cueRef": {"type": "configmap", "ref": name}, "group": format!("{name}.{group}")}),
+        )
+        .await;
+        let (_, message) = failed(&transforms, name, "SchemaExtracted", reason).await;
+        assert!(message.contains(text), "{name}: {message}");
+        support::wait_events(&env.client, &env.namespace, name, &["CueRenderFailed"]).await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn kinds_owned_elsewhere_and_builtin_kinds_are_refused() {
     let (env, transforms) = setup("transform-conflicts").await;
     let group = group(&env);

@@ -37,7 +37,7 @@ use crate::cue::{Module, Renderer, input_hash, render_input};
 use crate::executor::proof::{Allowance, GraphKey, Origin};
 use crate::instance_graph::{
     InstanceRef, Scope, confine, graph_name, label_value, legacy_graph_name, node_summaries, render_hash,
-    resource_graph,
+    resource_graph, with_module_gates,
 };
 use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
@@ -472,6 +472,14 @@ async fn serve_instance(
     update.new.resource_graph = Some(pass.graph.clone());
     let (output, hash) = render_instance(obj, ctx, update, &pass).await?;
     let nodes = check_policies(obj, ctx, update, &pass, &output).await?;
+    // The module's readiness expressions, checked when its Transform was applied.
+    let schema = ctx
+        .shared
+        .renderer
+        .schema(&pass.module)
+        .await
+        .map_err(|e| Error::CueUnavailable(e.to_string()))?;
+    let nodes = with_module_gates(nodes, &schema.metadata.ready_when);
     let (live, predecessor) = find_graphs(obj, ctx, update, &pass).await?;
     let rg = publish_graph(
         obj,
