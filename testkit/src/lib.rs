@@ -410,13 +410,26 @@ impl OperatorProcess {
         let _ = self.child.wait();
     }
 
-    /// CPU time the process has used, in seconds (from /proc's schedstat, in nanoseconds).
+    /// CPU time the process has used, user and system, in seconds (from /proc's stat, in
+    /// clock ticks of `getconf CLK_TCK`).
     pub fn cpu_seconds(&self) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/schedstat", self.child.id()))
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<f64>().ok()))
+            .sum();
+        let per_second = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
             .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-            .map(|ns| ns / 1e9)
-            .unwrap_or(0.0)
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+            .unwrap_or(100.0);
+        ticks / per_second
     }
 
     /// Resident memory from /proc, in MiB.
