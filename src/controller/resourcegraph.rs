@@ -253,7 +253,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     status.inventory = current.iter().cloned().chain(pruning).collect();
     count_managed(ctx, &graph.uid, status.inventory.iter().cloned().collect());
     status.node_states = outcomes.iter().map(|(id, o)| (id.clone(), o.state.clone())).collect();
-    status.outputs = outputs(&rg.spec.outputs, &outcomes);
+    status.outputs = outputs(&rg.spec.outputs, &outcomes, &old.outputs);
 
     let total = rg.spec.nodes.len();
     let conclusion = progress::conclude(&old, &mut status, total, &prune_waiting, &time, generation);
@@ -275,13 +275,24 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     Ok(Action::requeue(next))
 }
 
-/// The graph's outputs resolved against the objects of this pass; an output whose field is not
-/// set yet is left out.
-fn outputs(templates: &BTreeMap<String, Value>, outcomes: &BTreeMap<String, NodeOutcome>) -> BTreeMap<String, Value> {
+/// The graph's outputs resolved against the objects of this pass. An output whose field is
+/// not set yet is left out; one whose node was not looked at in this pass (it waits on its
+/// dependencies) keeps its last value, so that the status does not flap.
+fn outputs(
+    templates: &BTreeMap<String, Value>,
+    outcomes: &BTreeMap<String, NodeOutcome>,
+    last: &BTreeMap<String, Value>,
+) -> BTreeMap<String, Value> {
     let live = |node: &str| outcomes.get(node).and_then(|o| o.live.as_ref());
     templates
         .iter()
-        .filter_map(|(name, template)| reference::resolve(template, &live).ok().map(|v| (name.clone(), v)))
+        .filter_map(|(name, template)| match reference::resolve(template, &live) {
+            Ok(value) => Some((name.clone(), value)),
+            Err(missing) if live(&missing.reference.node).is_none() => {
+                last.get(name).map(|v| (name.clone(), v.clone()))
+            }
+            Err(_) => None,
+        })
         .collect()
 }
 

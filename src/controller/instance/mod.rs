@@ -495,7 +495,7 @@ async fn serve_instance(
         update.reconcile_handled(request);
     }
     update.new.module_digest = Some(pass.module.digest.clone());
-    let ready = update.mirror_progress(&rg);
+    let ready = update.mirror_progress(&rg, schema.status.as_ref());
     // Once the graph holds every object, the earlier one has nothing left and goes.
     let retire = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none());
     if let Some(old) = &retire {

@@ -14,6 +14,35 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 /// An instance's status under construction.
 pub(super) type Draft = StatusDraft<InstanceStatus>;
 
+/// The outputs `declared` (a `#Status` schema) has a field for, of that field's type.
+fn declared_outputs(
+    outputs: &std::collections::BTreeMap<String, serde_json::Value>,
+    declared: Option<&serde_json::Value>,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    use serde_json::Value;
+    let Some(fields) = declared.and_then(|d| d.get("properties")).and_then(Value::as_object) else {
+        return Default::default();
+    };
+    outputs
+        .iter()
+        .filter(|(name, value)| {
+            let Some(field) = fields.get(name.as_str()) else {
+                return false;
+            };
+            match field.get("type").and_then(Value::as_str) {
+                Some("string") => value.is_string(),
+                Some("integer") => value.is_i64() || value.is_u64(),
+                Some("number") => value.is_number(),
+                Some("boolean") => value.is_boolean(),
+                Some("object") => value.is_object(),
+                Some("array") => value.is_array(),
+                _ => true,
+            }
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Why an instance's pipeline stopped before its graph's progress was mirrored.
 pub(super) enum Stop {
     /// The status says why; it is written and the instance looked at per the action.
@@ -158,10 +187,17 @@ impl StatusDraft<InstanceStatus> {
     }
 
     /// Mirrors the graph's progress on the instance; returns whether the instance is Ready.
-    pub(super) fn mirror_progress(&mut self, rg: &ResourceGraph) -> bool {
+    /// `declared` is the module's `#Status` schema: only its fields, with their types, are
+    /// shown, since the apiserver would drop the others (and a status that differs from what
+    /// it keeps would be written again and again) or refuse the whole status for a wrong type.
+    pub(super) fn mirror_progress(&mut self, rg: &ResourceGraph, declared: Option<&serde_json::Value>) -> bool {
         self.new.nodes = node_summaries(rg);
         // The module's own fields, as the graph resolved them from the live objects.
-        self.new.outputs = rg.status.as_ref().map(|s| s.outputs.clone()).unwrap_or_default();
+        self.new.outputs = rg
+            .status
+            .as_ref()
+            .map(|s| declared_outputs(&s.outputs, declared))
+            .unwrap_or_default();
         let (phase, ready, reason, message) = graph_progress(rg);
         if ready && !self.was(READY, ConditionStatus::True, reasons::READY) {
             self.event(EventType::Normal, reasons::READY, &message);
@@ -241,7 +277,7 @@ mod tests {
         let mut d = draft(&InstanceStatus::default());
         d.rendered(1, "sha256:1");
         d.policies(&[], 20);
-        d.mirror_progress(&graph(Some("Completed"), ("True", "AllNodesReady")));
+        d.mirror_progress(&graph(Some("Completed"), ("True", "AllNodesReady")), None);
         d.new
     }
 
@@ -257,14 +293,14 @@ mod tests {
         ];
         for (case, rg, phase, is_ready, reason, expected_events) in cases {
             let mut d = draft(&InstanceStatus::default());
-            assert_eq!(d.mirror_progress(&rg), is_ready, "{case}");
+            assert_eq!(d.mirror_progress(&rg, None), is_ready, "{case}");
             assert_eq!(d.new.phase, Some(phase), "{case}");
             assert_eq!(condition(&d.new, READY), (is_ready, reason), "{case}");
             assert_eq!(events(&d), expected_events, "{case}");
             assert_eq!(d.new.nodes.len(), 1, "{case}");
             // The same progress again tells nothing new.
             let mut again = draft(&d.new);
-            again.mirror_progress(&rg);
+            again.mirror_progress(&rg, None);
             assert!(again.events.is_empty(), "{case}: {:?}", events(&again));
         }
     }
@@ -449,5 +485,32 @@ mod tests {
         assert_eq!(condition(&d.new, READY), (false, reasons::DELETING));
         assert_eq!(d.new.phase, Some(InstancePhase::Deleting));
         assert!(d.events.is_empty());
+    }
+
+    #[test]
+    fn only_declared_outputs_of_their_declared_type_are_shown() {
+        let mut rg = graph(Some("Completed"), ("True", "AllNodesReady"));
+        rg.status.as_mut().unwrap().outputs = [
+            ("url", json!("http://x")),
+            ("readyReplicas", json!(2)),
+            ("availableReplicas", json!("two")),
+            ("undeclared", json!(1)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let declared = json!({"type": "object", "properties": {
+            "url": {"type": "string"}, "readyReplicas": {"type": "integer"}, "availableReplicas": {"type": "integer"}}});
+        let mut d = draft(&InstanceStatus::default());
+        d.mirror_progress(&rg, Some(&declared));
+        let shown: Vec<&str> = d.new.outputs.keys().map(String::as_str).collect();
+        assert_eq!(
+            shown,
+            ["readyReplicas", "url"],
+            "a wrong type and an undeclared field are left out"
+        );
+        let mut none = draft(&InstanceStatus::default());
+        none.mirror_progress(&rg, None);
+        assert!(none.new.outputs.is_empty(), "a module without #Status shows none");
     }
 }
