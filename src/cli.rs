@@ -73,6 +73,22 @@ pub enum Command {
         #[arg(long, default_value = "pequod-system")]
         service_account_namespace: String,
     },
+    /// Show what a module would change for every instance of a Transform, before it is
+    /// rolled out: objects created, updated (with the changed fields), replaced and deleted,
+    /// policy violations, and instances that would fail to render. Reads the Transform, its
+    /// instances and their graphs from the cluster of the current kubeconfig; changes nothing.
+    Plan {
+        /// The Transform, as NAMESPACE/NAME.
+        #[arg(long)]
+        transform: String,
+        /// The candidate module: a folder of .cue files, or the name of an embedded module.
+        #[arg(long)]
+        module: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = PlanFormat::Table)]
+        output: PlanFormat,
+        #[command(flatten)]
+        cue: CueArgs,
+    },
     /// Push a module to an OCI registry (one tar+gzip layer) and print its digest.
     /// Credentials come from PEQUOD_REGISTRY_USERNAME and PEQUOD_REGISTRY_PASSWORD.
     Publish {
@@ -85,6 +101,12 @@ pub enum Command {
         #[arg(long)]
         insecure: bool,
     },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanFormat {
+    Table,
+    Json,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -149,6 +149,178 @@ pub async fn rbac(transform: &str, service_account: String, namespace: String) -
     Ok(())
 }
 
+/// One instance's plan.
+#[derive(serde::Serialize)]
+struct InstancePlan {
+    namespace: String,
+    name: String,
+    changes: Vec<crate::plan::Change>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    violations: Vec<crate::api::Violation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// `pequod plan --transform NS/NAME --module M`: renders every instance of the Transform's kind
+/// with the candidate module and compares the result with the graph each has.
+pub async fn plan(
+    transform: &str,
+    module: &str,
+    format: crate::cli::PlanFormat,
+    cue: &CueArgs,
+) -> Result<(), CommandError> {
+    use crate::api::{RbacScope, ResourceGraph};
+    use crate::instance_graph::{Scope, confine, graph_name};
+    use kube::api::{ApiResource, DynamicObject, ListParams};
+    use kube::{Api, ResourceExt};
+
+    let (ns, name) = transform
+        .split_once('/')
+        .ok_or_else(|| CommandError::new(format!("{transform}: want NAMESPACE/NAME")))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| CommandError::new(format!("connecting to the cluster: {e}")))?;
+    let t = Api::<crate::api::Transform>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .map_err(|e| CommandError::new(format!("reading Transform {transform}: {e}")))?;
+    let crd = t
+        .status
+        .as_ref()
+        .and_then(|s| s.generated_crd.clone())
+        .ok_or_else(|| CommandError::new(format!("Transform {transform} serves no kind yet")))?;
+    let (group, version) = crd
+        .api_version
+        .split_once('/')
+        .unwrap_or(("", crd.api_version.as_str()));
+    let resource = ApiResource {
+        group: group.to_string(),
+        version: version.to_string(),
+        api_version: crd.api_version.clone(),
+        kind: crd.kind.clone(),
+        plural: crd.plural.clone(),
+    };
+    let instances: Api<DynamicObject> = match t.spec.rbac_scope {
+        RbacScope::Namespace => Api::namespaced_with(client.clone(), ns, &resource),
+        RbacScope::Cluster => Api::all_with(client.clone(), &resource),
+    };
+    let listed = instances
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| CommandError::new(format!("listing {}: {e}", crd.kind)))?;
+
+    let (files, platform) = load_module_files(module)?;
+    let renderer = renderer(cue)?;
+    let candidate = renderer.load(files, &platform).await.map_err(CommandError::new)?;
+    let renders = listed.items.iter().map(|obj| {
+        let spec = obj
+            .data
+            .get("spec")
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        renderer.render(&candidate, render_input(&obj.metadata, &spec))
+    });
+    let renders = futures::future::join_all(renders).await;
+
+    let metrics = Arc::new(Metrics::new().map_err(CommandError::new)?);
+    let applier = crate::apply::Applier::new(client.clone(), metrics);
+    let mut plans = Vec::new();
+    for (obj, rendered) in listed.items.iter().zip(renders) {
+        let namespace = obj.namespace().unwrap_or_default();
+        let graphs: Api<ResourceGraph> = Api::namespaced(client.clone(), &namespace);
+        let current = graphs
+            .get_opt(&graph_name(&crd.kind, group, &obj.name_any()))
+            .await
+            .map_err(|e| CommandError::new(format!("reading the graph of {namespace}/{}: {e}", obj.name_any())))?
+            .map(|g| g.spec.nodes)
+            .unwrap_or_default();
+        let mut plan = InstancePlan {
+            namespace: namespace.clone(),
+            name: obj.name_any(),
+            changes: Vec::new(),
+            violations: Vec::new(),
+            error: None,
+        };
+        match rendered {
+            Ok(output) => {
+                // Confined as the operator confines them: namespaced kinds get the
+                // instance's namespace, and escapes are violations.
+                let mut nodes = output.nodes.clone();
+                let mut scopes = std::collections::HashMap::new();
+                for node in &nodes {
+                    let key = (node.api_version().to_string(), node.kind().to_string());
+                    if let std::collections::hash_map::Entry::Vacant(slot) = scopes.entry(key) {
+                        let (api_version, kind) = slot.key().clone();
+                        slot.insert(match applier.resolve(&api_version, &kind).await {
+                            Ok(r) if r.namespaced => Scope::Namespaced,
+                            Ok(_) => Scope::Cluster,
+                            Err(_) => Scope::Unknown,
+                        });
+                    }
+                }
+                let mut violations = output.violations.clone();
+                violations.extend(confine(
+                    &mut nodes,
+                    &namespace,
+                    t.spec.allow_cluster_scoped_resources,
+                    |n| {
+                        scopes
+                            .get(&(n.api_version().to_string(), n.kind().to_string()))
+                            .copied()
+                            .unwrap_or(Scope::Unknown)
+                    },
+                ));
+                plan.changes = crate::plan::diff(&current, &nodes);
+                plan.violations = violations;
+            }
+            Err(e) => plan.error = Some(e.to_string()),
+        }
+        plans.push(plan);
+    }
+    match format {
+        crate::cli::PlanFormat::Json => {
+            println!("{}", serde_json::to_string_pretty(&plans).map_err(CommandError::new)?);
+        }
+        crate::cli::PlanFormat::Table => print_plan(&plans, &candidate.digest),
+    }
+    Ok(())
+}
+
+fn print_plan(plans: &[InstancePlan], digest: &str) {
+    use crate::plan::Change;
+    println!("module {digest}: {} instance(s)", plans.len());
+    println!("{:<40} {:<8} {:<40} DETAIL", "INSTANCE", "CHANGE", "OBJECT");
+    for p in plans {
+        let instance = format!("{}/{}", p.namespace, p.name);
+        if let Some(error) = &p.error {
+            println!(
+                "{instance:<40} {:<8} {:<40} {}",
+                "FAILS",
+                "-",
+                error.lines().next().unwrap_or_default()
+            );
+        }
+        for v in &p.violations {
+            println!(
+                "{instance:<40} {:<8} {:<40} {:?}: {}",
+                "POLICY", v.path, v.severity, v.message
+            );
+        }
+        for c in &p.changes {
+            let (what, object, detail) = match c {
+                Change::Create { object } => ("create", object, String::new()),
+                Change::Update { object, paths } => ("update", object, paths.join(", ")),
+                Change::Delete { object } => ("delete", object, String::new()),
+                Change::Replace { object, why } => ("replace", object, why.clone()),
+            };
+            println!("{instance:<40} {what:<8} {:<40} {detail}", object.to_string());
+        }
+        if p.error.is_none() && p.changes.is_empty() && p.violations.is_empty() {
+            println!("{instance:<40} {:<8} {:<40}", "none", "-");
+        }
+    }
+}
+
 /// `pequod publish`: pushes a module and prints `<reference>@<digest>`.
 pub async fn publish(module: &str, reference: &str, insecure: bool) -> Result<(), CommandError> {
     use crate::source::credentials::RegistryCredentials;

@@ -15,6 +15,7 @@ pub mod graph;
 pub mod instance_graph;
 pub mod lru;
 pub mod operator;
+pub mod plan;
 pub mod rbac;
 pub mod readiness;
 pub mod runtime;

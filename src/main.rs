@@ -45,6 +45,12 @@ async fn run() -> ExitCode {
             service_account,
             service_account_namespace,
         }) => commands::rbac(&transform, service_account, service_account_namespace).await,
+        Some(Command::Plan {
+            transform,
+            module,
+            output,
+            cue,
+        }) => commands::plan(&transform, &module, output, &cue).await,
         Some(Command::Publish {
             module,
             reference,

@@ -951,3 +951,87 @@ async fn a_worker_s_deployment_takes_its_config_map_name_through_a_reference() {
     delete_transform(&transforms, "worker").await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn pequod_plan_tells_what_a_module_would_change_for_each_instance() {
+    let (env, transforms) = setup("plan").await;
+    let group = group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    let current = crate::transforms::note_module("");
+    put_module(&env.client, &env.namespace, "note-module", &current).await;
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "note").await;
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    for name in ["alpha", "beta", "gamma"] {
+        apply_instance(
+            &notes,
+            &api_version,
+            "Note",
+            name,
+            json!({"text": format!("{name} text")}),
+        )
+        .await;
+    }
+    for name in ["alpha", "beta", "gamma"] {
+        wait_instance(&notes, name, "Ready", "True", "Ready").await;
+    }
+
+    // The candidate adds a field to each note, a copy beside it, and a policy gamma breaks.
+    let candidate = current
+        .replace(
+            "data: text: input.spec.text}",
+            "data: {text: input.spec.text, version: \"2\"}}",
+        )
+        .replace(
+            "\t}]\n}",
+            "\t}, {\n\t\tid: \"copy\"\n\t\tobject: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"\\(input.metadata.name)-copy\", data: text: input.spec.text}\n\t}]\n\toutput: violations: [ if input.spec.text == \"gamma text\" {path: \"spec.text\", message: \"gamma is retired\", severity: \"Error\"}]\n}",
+        );
+    assert_ne!(candidate, current, "the candidate differs");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("note.cue"), &candidate).unwrap();
+    let out = std::process::Command::new(support::pequod_binary())
+        .env("KUBECONFIG", &env.kubeconfig)
+        .args(["plan", "--transform", &format!("{}/note", env.namespace), "--module"])
+        .arg(dir.path())
+        .args(["-o", "json", "--cue-binary"])
+        .arg(support::tool("cue", "PEQUOD_TEST_CUE"))
+        .env("PEQUOD_CACHE_DIR", dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plans: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plans = plans.as_array().unwrap();
+    assert_eq!(plans.len(), 3, "{plans:?}");
+    for plan in plans {
+        let name = plan["name"].as_str().unwrap();
+        assert_eq!(
+            plan["changes"],
+            json!([
+                {"change": "update", "object": {"kind": "ConfigMap", "name": name}, "paths": ["data.version"]},
+                {"change": "create", "object": {"kind": "ConfigMap", "name": format!("{name}-copy")}},
+            ]),
+            "{name}"
+        );
+        let violations = plan.get("violations").and_then(Value::as_array).map_or(0, Vec::len);
+        assert_eq!(violations, usize::from(name == "gamma"), "{name}: {plan}");
+    }
+    // Nothing changed in the cluster.
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(cms.get_opt("alpha-copy").await.unwrap().is_none());
+    let alpha = cms.get("alpha").await.unwrap().data.unwrap();
+    assert!(!alpha.contains_key("version"));
+    delete_transform_after(&notes, &transforms).await;
+    env.cleanup().await;
+}
+
+async fn delete_transform_after(notes: &Api<DynamicObject>, transforms: &Api<pequod::api::Transform>) {
+    for name in ["alpha", "beta", "gamma"] {
+        support::delete_and_wait_gone(notes, name, WAIT).await;
+    }
+    delete_transform(transforms, "note").await;
+}
