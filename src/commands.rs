@@ -149,6 +149,24 @@ pub async fn rbac(transform: &str, service_account: String, namespace: String) -
     Ok(())
 }
 
+/// What a candidate module does to the kind itself.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SchemaPlan {
+    /// Whether the generated CRD would change.
+    changed: bool,
+    /// Changes stored instances would not survive; the Transform would refuse them.
+    breaking: Vec<String>,
+}
+
+/// The whole plan.
+#[derive(serde::Serialize)]
+struct Plan {
+    module: String,
+    schema: SchemaPlan,
+    instances: Vec<InstancePlan>,
+}
+
 /// One instance's plan.
 #[derive(serde::Serialize)]
 struct InstancePlan {
@@ -212,6 +230,7 @@ pub async fn plan(
     let (files, platform) = load_module_files(module)?;
     let renderer = renderer(cue)?;
     let candidate = renderer.load(files, &platform).await.map_err(CommandError::new)?;
+    let schema = schema_plan(&client, &t, &crd.name, &renderer, &candidate).await?;
     let renders = listed.items.iter().map(|obj| {
         let spec = obj
             .data
@@ -277,18 +296,73 @@ pub async fn plan(
         }
         plans.push(plan);
     }
+    let plan = Plan {
+        module: candidate.digest.clone(),
+        schema,
+        instances: plans,
+    };
     match format {
         crate::cli::PlanFormat::Json => {
-            println!("{}", serde_json::to_string_pretty(&plans).map_err(CommandError::new)?);
+            println!("{}", serde_json::to_string_pretty(&plan).map_err(CommandError::new)?);
         }
-        crate::cli::PlanFormat::Table => print_plan(&plans, &candidate.digest),
+        crate::cli::PlanFormat::Table => print_plan(&plan),
     }
     Ok(())
 }
 
-fn print_plan(plans: &[InstancePlan], digest: &str) {
+/// The candidate module's CRD against the live one.
+async fn schema_plan(
+    client: &kube::Client,
+    t: &crate::api::Transform,
+    crd_name: &str,
+    renderer: &Renderer,
+    candidate: &crate::cue::Module,
+) -> Result<SchemaPlan, CommandError> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::{Api, ResourceExt};
+    let schema = renderer.schema(candidate).await.map_err(CommandError::new)?;
+    let names = crate::crd::kind_names(&t.name_any(), &schema, &t.spec.short_names).map_err(CommandError::new)?;
+    let namespace = t.namespace().unwrap_or_default();
+    let desired = build_crd(
+        &names,
+        &schema,
+        &CrdParams {
+            group: &t.spec.group,
+            version: &t.spec.version,
+            categories: &t.spec.categories,
+            transform_name: &t.name_any(),
+            transform_namespace: &namespace,
+        },
+    );
+    let live = Api::<CustomResourceDefinition>::all(client.clone())
+        .get_opt(crd_name)
+        .await
+        .map_err(|e| CommandError::new(format!("reading CRD {crd_name}: {e}")))?;
+    Ok(match live {
+        Some(live) => SchemaPlan {
+            // As the Transform decides whether to write it: the live CRD holds the desired one.
+            changed: !crate::apply::contains(
+                &serde_json::to_value(&live).map_err(CommandError::new)?,
+                &serde_json::to_value(&desired).map_err(CommandError::new)?,
+            ),
+            breaking: crate::crd::compat::crd_breaking_changes(&live, &desired),
+        },
+        None => SchemaPlan {
+            changed: true,
+            breaking: Vec::new(),
+        },
+    })
+}
+
+fn print_plan(plan: &Plan) {
     use crate::plan::Change;
-    println!("module {digest}: {} instance(s)", plans.len());
+    let plans = &plan.instances;
+    println!("module {}: {} instance(s)", plan.module, plans.len());
+    match (plan.schema.changed, plan.schema.breaking.is_empty()) {
+        (false, _) => println!("schema: unchanged"),
+        (true, true) => println!("schema: changes, none breaking"),
+        (true, false) => println!("schema: refused, breaking: {}", plan.schema.breaking.join("; ")),
+    }
     println!("{:<40} {:<8} {:<40} DETAIL", "INSTANCE", "CHANGE", "OBJECT");
     for p in plans {
         let instance = format!("{}/{}", p.namespace, p.name);

@@ -4,6 +4,7 @@
 //! that wrote against the old schema must still be able to write. Widening (a new optional
 //! field, a looser bound, a new enum value) passes; narrowing is refused and listed.
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use std::collections::BTreeSet;
 use std::fmt;
 
@@ -198,6 +199,38 @@ fn num(schema: &Value, key: &str) -> Option<f64> {
 
 fn flag(schema: &Value, key: &str) -> bool {
     schema.get(key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// Breaking changes between a live generated CRD and the desired one, as messages: its
+/// version, and the spec schema's changes that stored instances would not survive.
+pub fn crd_breaking_changes(live: &CustomResourceDefinition, desired: &CustomResourceDefinition) -> Vec<String> {
+    let version_schema = |crd: &CustomResourceDefinition| {
+        crd.spec.versions.first().map(|v| {
+            let schema = v.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
+            let spec = serde_json::to_value(schema)
+                .ok()
+                .and_then(|s| s.pointer("/properties/spec").cloned())
+                .unwrap_or(Value::Null);
+            (v.name.clone(), spec)
+        })
+    };
+    let (Some((old_version, old_spec)), Some((new_version, new_spec))) =
+        (version_schema(live), version_schema(desired))
+    else {
+        return Vec::new();
+    };
+    let mut changes: Vec<String> = Vec::new();
+    if old_version != new_version {
+        changes.push(format!(
+            "version changed from {old_version} to {new_version}; stored instances would no longer be served"
+        ));
+    }
+    changes.extend(
+        breaking_changes(&old_spec, &new_spec, "spec")
+            .iter()
+            .map(ToString::to_string),
+    );
+    changes
 }
 
 #[cfg(test)]

@@ -1004,8 +1004,14 @@ async fn pequod_plan_tells_what_a_module_would_change_for_each_instance() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let plans: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let plans = plans.as_array().unwrap();
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        plan["schema"],
+        json!({"changed": false, "breaking": []}),
+        "#Input is the same"
+    );
+    assert!(plan["module"].as_str().unwrap().starts_with("sha256:"));
+    let plans = plan["instances"].as_array().unwrap();
     assert_eq!(plans.len(), 3, "{plans:?}");
     for plan in plans {
         let name = plan["name"].as_str().unwrap();

@@ -25,7 +25,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use tracing::info_span;
 
 mod status;
@@ -593,7 +593,7 @@ async fn apply_crd(
                     settled.clone(),
                 ));
             }
-            let breaking = breaking_changes(&live, desired);
+            let breaking = compat::crd_breaking_changes(&live, desired);
             if !breaking.is_empty() {
                 let message = format!(
                     "{} breaking change(s) refused; the CRD and the served module stay as they were: {}",
@@ -767,37 +767,6 @@ fn ownership_conflict(crd: &CustomResourceDefinition, t: &Transform) -> Option<S
             "CRD {name} exists and was not created by Pequod; it is never taken over"
         )),
     }
-}
-
-/// Breaking changes between the live CRD and the desired one, as messages.
-fn breaking_changes(live: &CustomResourceDefinition, desired: &CustomResourceDefinition) -> Vec<String> {
-    let version_schema = |crd: &CustomResourceDefinition| {
-        crd.spec.versions.first().map(|v| {
-            let schema = v.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
-            let spec = serde_json::to_value(schema)
-                .ok()
-                .and_then(|s| s.pointer("/properties/spec").cloned())
-                .unwrap_or(Value::Null);
-            (v.name.clone(), spec)
-        })
-    };
-    let (Some((old_version, old_spec)), Some((new_version, new_spec))) =
-        (version_schema(live), version_schema(desired))
-    else {
-        return Vec::new();
-    };
-    let mut changes: Vec<String> = Vec::new();
-    if old_version != new_version {
-        changes.push(format!(
-            "version changed from {old_version} to {new_version}; stored instances would no longer be served"
-        ));
-    }
-    changes.extend(
-        compat::breaking_changes(&old_spec, &new_spec, "spec")
-            .iter()
-            .map(ToString::to_string),
-    );
-    changes
 }
 
 enum CrdState {
