@@ -66,23 +66,30 @@ fn load_module_files(module: &str) -> Result<(ModuleFiles, String), CommandError
         .map_err(|e| CommandError::new(format!("{module} is neither a folder nor an embedded module: {e}")))
 }
 
-/// `pequod rbac NAMESPACE/NAME`: prints, as YAML, the Role or ClusterRole (and the pull
-/// Secret's Role) that a restricted manager needs for the Transform.
-pub async fn rbac(transform: &str, service_account: String, namespace: String) -> Result<(), CommandError> {
-    use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
-    use kube::{Api, Resource};
-
+/// The Transform `NAMESPACE/NAME`, from the cluster of the current kubeconfig.
+async fn read_transform(transform: &str) -> Result<(kube::Client, crate::api::Transform), CommandError> {
     let (ns, name) = transform
         .split_once('/')
         .ok_or_else(|| CommandError::new(format!("{transform}: want NAMESPACE/NAME")))?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| CommandError::new(format!("connecting to the cluster: {e}")))?;
-    let t_client = client.clone();
-    let t = Api::<crate::api::Transform>::namespaced(client, ns)
+    let t = kube::Api::<crate::api::Transform>::namespaced(client.clone(), ns)
         .get(name)
         .await
         .map_err(|e| CommandError::new(format!("reading Transform {transform}: {e}")))?;
+    Ok((client, t))
+}
+
+/// `pequod rbac NAMESPACE/NAME`: prints, as YAML, the Role or ClusterRole (and the pull
+/// Secret's Role) that a restricted manager needs for the Transform.
+pub async fn rbac(transform: &str, service_account: String, namespace: String) -> Result<(), CommandError> {
+    use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
+    use kube::{Api, Resource, ResourceExt};
+
+    let (client, t) = read_transform(transform).await?;
+    let (namespace_of_t, name_of_t) = (t.namespace().unwrap_or_default(), t.name_any());
+    let (ns, name) = (namespace_of_t.as_str(), name_of_t.as_str());
     let manager = ManagerIdentity {
         service_account,
         namespace,
@@ -102,7 +109,7 @@ pub async fn rbac(transform: &str, service_account: String, namespace: String) -
     // The kind is the newest CRD the Transform generated (while a kind is renamed, the new one).
     let crds =
         Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(
-            t_client,
+            client,
         )
         .list(&kube::api::ListParams::default().labels(&format!(
             "{}={name},{}={ns}",
@@ -192,16 +199,9 @@ pub async fn plan(
     use kube::api::{ApiResource, DynamicObject, ListParams};
     use kube::{Api, ResourceExt};
 
-    let (ns, name) = transform
-        .split_once('/')
-        .ok_or_else(|| CommandError::new(format!("{transform}: want NAMESPACE/NAME")))?;
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| CommandError::new(format!("connecting to the cluster: {e}")))?;
-    let t = Api::<crate::api::Transform>::namespaced(client.clone(), ns)
-        .get(name)
-        .await
-        .map_err(|e| CommandError::new(format!("reading Transform {transform}: {e}")))?;
+    let (client, t) = read_transform(transform).await?;
+    let ns = t.namespace().unwrap_or_default();
+    let ns = ns.as_str();
     let crd = t
         .status
         .as_ref()

@@ -245,12 +245,7 @@ pub fn node_summaries(rg: &ResourceGraph) -> Vec<NodeSummary> {
             NodeSummary {
                 id: node.id.clone(),
                 kind: node.kind().to_string(),
-                name: node
-                    .object
-                    .pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
+                name: node.name().to_string(),
                 phase: state.map(|s| s.phase).unwrap_or(crate::api::NodePhase::Pending),
                 message,
             }

@@ -29,12 +29,7 @@ impl std::fmt::Display for ObjectKey {
 fn key(node: &Node) -> ObjectKey {
     ObjectKey {
         kind: node.kind().to_string(),
-        name: node
-            .object
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        name: node.name().to_string(),
     }
 }
 

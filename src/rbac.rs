@@ -312,6 +312,13 @@ mod tests {
         ]
     }
 
+    fn manager() -> ManagerIdentity {
+        ManagerIdentity {
+            service_account: "sa".into(),
+            namespace: "pequod-system".into(),
+        }
+    }
+
     const SERVED: ServedKind<'static> = ServedKind {
         group: "apps.example.com",
         plural: "webservices",
@@ -346,10 +353,7 @@ mod tests {
             namespace: "platform",
             owner: None,
         };
-        let manager = ManagerIdentity {
-            service_account: "sa".into(),
-            namespace: "pequod-system".into(),
-        };
+        let manager = manager();
         let Generated::Cluster(role) = generate(RbacScope::Cluster, &t, rules(&[], &SERVED), &manager) else {
             panic!("want a ClusterRole");
         };
@@ -384,10 +388,7 @@ mod tests {
             namespace: "platform",
             owner: None,
         };
-        let manager = ManagerIdentity {
-            service_account: "sa".into(),
-            namespace: "pequod-system".into(),
-        };
+        let manager = manager();
         let Generated::Namespace(generated) = generate(RbacScope::Namespace, &t, rules(&[], &SERVED), &manager) else {
             panic!("want a Role");
         };
@@ -456,10 +457,7 @@ mod tests {
             namespace: "platform",
             owner: None,
         };
-        let manager = ManagerIdentity {
-            service_account: "sa".into(),
-            namespace: "pequod-system".into(),
-        };
+        let manager = manager();
         let (role, binding) = pull_secret_access(&t, "registry", &manager);
         let rule = &role.rules.unwrap()[0];
         assert_eq!(rule.resource_names, Some(vec!["registry".to_string()]));

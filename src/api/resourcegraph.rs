@@ -129,6 +129,14 @@ impl Node {
             .and_then(serde_json::Value::as_str)
             .unwrap_or_default()
     }
+
+    /// The object's `metadata.name` (empty when missing; validation refuses such graphs).
+    pub fn name(&self) -> &str {
+        self.object
+            .pointer("/metadata/name")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+    }
 }
 
 /// How a node's object is written.

@@ -346,6 +346,28 @@ impl<S: ConditionedStatus> StatusDraft<S> {
         }
     }
 
+    /// Sets condition `type_` and, on its transition (it had another status or reason),
+    /// records the event `(event_type, event_reason)` with `message`.
+    pub fn condition_with_event(
+        &mut self,
+        type_: &str,
+        ok: bool,
+        reason: &str,
+        message: impl Into<String>,
+        (event_type, event_reason): (kube::runtime::events::EventType, &str),
+    ) {
+        let message = message.into();
+        let status = if ok {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        };
+        if !self.was(type_, status, reason) {
+            self.event(event_type, event_reason, &message);
+        }
+        self.condition(type_, ok, reason, message);
+    }
+
     /// Records an event, published with the status.
     pub fn event(&mut self, type_: kube::runtime::events::EventType, reason: &str, note: &str) {
         self.events.push(reconcile_event(type_, reason, note));

@@ -238,6 +238,10 @@ pub const MAX_EXPRESSION: usize = 1024;
 
 /// Why a readiness expression cannot be used, if it cannot: it must be CEL that parses.
 pub fn check_expression(expression: &str) -> Result<(), String> {
+    compile(expression).map(|_| ())
+}
+
+fn compile(expression: &str) -> Result<cel::Program, String> {
     if expression.trim().is_empty() {
         return Err("the expression is empty".into());
     }
@@ -245,7 +249,6 @@ pub fn check_expression(expression: &str) -> Result<(), String> {
         return Err(format!("the expression has more than {MAX_EXPRESSION} characters"));
     }
     cel::Program::compile(expression)
-        .map(|_| ())
         .map_err(|e| format!("{expression:?} is not valid CEL: {}", first_line(&e.to_string())))
 }
 
@@ -269,8 +272,7 @@ impl Expression {
         if let Some(program) = compiled.get(expression) {
             return Ok(program.clone());
         }
-        check_expression(expression)?;
-        let program = cel::Program::compile(expression).map_err(|e| first_line(&e.to_string()).to_string())?;
+        let program = compile(expression)?;
         if compiled.len() >= MAX_COMPILED {
             compiled.clear();
         }

@@ -452,6 +452,27 @@ impl Drop for OperatorProcess {
 }
 
 /// Path of a client tool installed by `make tools`, overridable through an environment variable.
+/// Runs kubectl with `kubeconfig` and `args`, feeding it `stdin`; returns its output.
+pub fn kubectl_with_input(kubeconfig: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(tool("kubectl", "KUBECTL"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl (run `make tools`)");
+    child
+        .stdin
+        .take()
+        .expect("kubectl stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write to kubectl");
+    child.wait_with_output().expect("kubectl output")
+}
+
 pub fn tool(name: &str, env: &str) -> PathBuf {
     std::env::var_os(env)
         .map(PathBuf::from)

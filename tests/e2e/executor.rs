@@ -650,24 +650,11 @@ async fn readiness_timeout_fails_the_node_and_keeps_dependants_pending() {
 
 /// Runs kubectl as `user` (impersonated by the test's admin) in `namespace`, with `stdin`.
 fn kubectl_as(env: &TestEnv, user: &str, args: &[&str], stdin: &str) -> std::process::Output {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(support::tool("kubectl", "KUBECTL"))
-        .arg("--kubeconfig")
-        .arg(&env.kubeconfig)
-        .args(["--as", user, "-n", &env.namespace])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run kubectl (run `make tools`)");
-    child
-        .stdin
-        .take()
-        .expect("kubectl stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write to kubectl");
-    child.wait_with_output().expect("kubectl output")
+    let args: Vec<&str> = ["--as", user, "-n", env.namespace.as_str()]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    support::kubectl_with_input(&env.kubeconfig, &args, stdin)
 }
 
 #[tokio::test]

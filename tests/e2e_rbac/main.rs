@@ -129,23 +129,7 @@ fn ready_reason(obj: &DynamicObject) -> Option<(String, String, String)> {
 /// Runs kubectl with the admin kubeconfig and `stdin`, and returns its output; fails the test
 /// when kubectl fails.
 fn kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: &str) -> String {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(support::tool("kubectl", "KUBECTL"))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run kubectl (run `make tools`)");
-    child
-        .stdin
-        .take()
-        .expect("kubectl stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write to kubectl");
-    let out = child.wait_with_output().expect("kubectl output");
+    let out = support::kubectl_with_input(kubeconfig, args, stdin);
     assert!(
         out.status.success(),
         "kubectl {args:?} failed:\n{}",

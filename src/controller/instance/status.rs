@@ -88,10 +88,13 @@ impl StatusDraft<InstanceStatus> {
     pub(super) fn pause(&mut self) {
         let message =
             format!("{PAUSED_ANNOTATION} is \"true\": the instance is not rendered or applied, deletion included");
-        if !self.was(PAUSED, ConditionStatus::True, reasons::PAUSED) {
-            self.event(EventType::Normal, reasons::PAUSED, &message);
-        }
-        self.condition(PAUSED, true, reasons::PAUSED, message);
+        self.condition_with_event(
+            PAUSED,
+            true,
+            reasons::PAUSED,
+            message,
+            (EventType::Normal, reasons::PAUSED),
+        );
     }
 
     /// An instance reconciled again after a pause says so.
@@ -106,10 +109,13 @@ impl StatusDraft<InstanceStatus> {
         let message = format!(
             "deletion waits: {DELETION_PROTECTION_ANNOTATION} is \"true\"; remove the annotation to let the instance and its objects go"
         );
-        if !self.was(READY, ConditionStatus::False, reasons::DELETION_PROTECTED) {
-            self.event(EventType::Warning, reasons::DELETION_PROTECTED, &message);
-        }
-        self.condition(READY, false, reasons::DELETION_PROTECTED, message);
+        self.condition_with_event(
+            READY,
+            false,
+            reasons::DELETION_PROTECTED,
+            message,
+            (EventType::Warning, reasons::DELETION_PROTECTED),
+        );
         self.new.phase = Some(InstancePhase::Deleting);
     }
 
@@ -120,10 +126,7 @@ impl StatusDraft<InstanceStatus> {
 
     /// Marks the instance Failed with `Ready=False` and `reason`, with an event on transition.
     pub(super) fn fail(&mut self, reason: &str, message: String) {
-        if !self.was(READY, ConditionStatus::False, reason) {
-            self.event(EventType::Warning, reason, &message);
-        }
-        self.condition(READY, false, reason, message);
+        self.condition_with_event(READY, false, reason, message, (EventType::Warning, reason));
         self.new.phase = Some(InstancePhase::Failed);
     }
 
@@ -141,10 +144,13 @@ impl StatusDraft<InstanceStatus> {
             self.condition(RENDERED, false, reason, message.clone());
             return Stop::Retry(Error::CueUnavailable(message));
         }
-        if !self.was(RENDERED, ConditionStatus::False, reason) {
-            self.event(EventType::Warning, reasons::CUE_RENDER_FAILED, &message);
-        }
-        self.condition(RENDERED, false, reason, message.clone());
+        self.condition_with_event(
+            RENDERED,
+            false,
+            reason,
+            message.clone(),
+            (EventType::Warning, reasons::CUE_RENDER_FAILED),
+        );
         let ready = format!("rendering failed; the last accepted graph stays: {message}");
         self.condition(READY, false, reason, ready);
         self.new.phase = Some(InstancePhase::Failed);

@@ -10,7 +10,7 @@ use super::super::{Error, StatusDraft};
 use crate::api::condition_types::{
     AUTHORIZED, CRD_GENERATED, CUE_FETCHED, PAUSED, RBAC_CONFIGURED, READY, SCHEMA_COMPATIBLE, SCHEMA_EXTRACTED,
 };
-use crate::api::{ConditionStatus, GeneratedCrd, ResolvedCueRef, TransformPhase, TransformStatus, reasons};
+use crate::api::{GeneratedCrd, ResolvedCueRef, TransformPhase, TransformStatus, reasons};
 use crate::executor::proof::Allowance;
 
 /// A Transform's status under construction.
@@ -90,20 +90,19 @@ impl StatusDraft<TransformStatus> {
 
     /// Marks the Transform Failed at `stage` (a condition type), with an event on transition.
     pub(super) fn fail(&mut self, stage: &str, reason: &str, message: &str, event_reason: &str) {
-        let transition = !self.was(stage, ConditionStatus::False, reason);
-        self.condition(stage, false, reason, message);
+        self.condition_with_event(stage, false, reason, message, (EventType::Warning, event_reason));
         self.condition(READY, false, reason, message);
         self.new.phase = Some(TransformPhase::Failed);
-        if transition {
-            self.event(EventType::Warning, event_reason, message);
-        }
     }
 
     pub(super) fn pause(&mut self, message: &str) {
-        if !self.was(PAUSED, ConditionStatus::True, reasons::PAUSED) {
-            self.event(EventType::Normal, reasons::PAUSED, message);
-        }
-        self.condition(PAUSED, true, reasons::PAUSED, message);
+        self.condition_with_event(
+            PAUSED,
+            true,
+            reasons::PAUSED,
+            message,
+            (EventType::Normal, reasons::PAUSED),
+        );
         if self.new.phase.is_none() {
             self.new.phase = Some(TransformPhase::Pending);
         }
@@ -142,10 +141,13 @@ impl StatusDraft<TransformStatus> {
 
     /// The remote failed and a cached resolution stands in: served, but said.
     pub(super) fn fetched_stale(&mut self, why: &str) {
-        if !self.was(CUE_FETCHED, ConditionStatus::False, reasons::CUE_FETCH_FAILED) {
-            self.event(EventType::Warning, reasons::CUE_FETCH_FAILED, why);
-        }
-        self.condition(CUE_FETCHED, false, reasons::CUE_FETCH_FAILED, why);
+        self.condition_with_event(
+            CUE_FETCHED,
+            false,
+            reasons::CUE_FETCH_FAILED,
+            why,
+            (EventType::Warning, reasons::CUE_FETCH_FAILED),
+        );
     }
 
     pub(super) fn extracted(&mut self) {
@@ -196,10 +198,13 @@ impl StatusDraft<TransformStatus> {
 
     /// The manager lacks rules an administrator must grant: the Transform waits.
     pub(super) fn rbac_missing(&mut self, message: &str) {
-        if !self.was(RBAC_CONFIGURED, ConditionStatus::False, reasons::RBAC_MISSING) {
-            self.event(EventType::Warning, reasons::RBAC_MISSING, message);
-        }
-        self.condition(RBAC_CONFIGURED, false, reasons::RBAC_MISSING, message);
+        self.condition_with_event(
+            RBAC_CONFIGURED,
+            false,
+            reasons::RBAC_MISSING,
+            message,
+            (EventType::Warning, reasons::RBAC_MISSING),
+        );
         self.condition(READY, false, reasons::RBAC_MISSING, message);
         self.new.phase = Some(TransformPhase::Pending);
     }
@@ -223,16 +228,20 @@ impl StatusDraft<TransformStatus> {
 
     /// Deletion waits for the instances of the kind.
     pub(super) fn waiting_for_instances(&mut self, message: &str) {
-        if !self.was(READY, ConditionStatus::False, reasons::WAITING_FOR_INSTANCES) {
-            self.event(EventType::Normal, reasons::WAITING_FOR_INSTANCES, message);
-        }
-        self.condition(READY, false, reasons::WAITING_FOR_INSTANCES, message);
+        self.condition_with_event(
+            READY,
+            false,
+            reasons::WAITING_FOR_INSTANCES,
+            message,
+            (EventType::Normal, reasons::WAITING_FOR_INSTANCES),
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::ConditionStatus;
     use crate::controller::StatusMemory;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
