@@ -368,6 +368,24 @@ impl<S: ConditionedStatus> StatusDraft<S> {
         self.condition(type_, ok, reason, message);
     }
 
+    /// A draft over `status` as a reconcile of `generation` starts it, for tests of status
+    /// transitions.
+    #[cfg(test)]
+    pub fn for_test(status: &S, generation: i64) -> Self {
+        let meta = ObjectMeta {
+            uid: Some("uid".into()),
+            generation: Some(generation),
+            ..Default::default()
+        };
+        Self::start(&StatusMemory::default(), &meta, Some(status))
+    }
+
+    /// The reasons of the events recorded so far.
+    #[cfg(test)]
+    pub fn event_reasons(&self) -> Vec<String> {
+        self.events.iter().map(|e| e.reason.clone()).collect()
+    }
+
     /// Records an event, published with the status.
     pub fn event(&mut self, type_: kube::runtime::events::EventType, reason: &str, note: &str) {
         self.events.push(reconcile_event(type_, reason, note));

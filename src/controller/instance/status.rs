@@ -228,17 +228,11 @@ impl StatusDraft<InstanceStatus> {
 mod tests {
     use super::*;
     use crate::api::Severity;
-    use crate::controller::StatusMemory;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use serde_json::json;
 
     fn draft(status: &InstanceStatus) -> Draft {
-        let meta = ObjectMeta {
-            uid: Some("uid".into()),
-            generation: Some(3),
-            ..Default::default()
-        };
-        StatusDraft::start(&StatusMemory::default(), &meta, Some(status))
+        StatusDraft::for_test(status, 3)
     }
 
     fn condition<'a>(status: &'a InstanceStatus, type_: &str) -> (bool, &'a str) {
@@ -251,7 +245,7 @@ mod tests {
     }
 
     fn events(d: &Draft) -> Vec<String> {
-        d.events.iter().map(|e| e.reason.clone()).collect()
+        d.event_reasons()
     }
 
     /// A graph of one ConfigMap: `phase` and its Ready condition, or no status of this spec.

@@ -242,17 +242,10 @@ impl StatusDraft<TransformStatus> {
 mod tests {
     use super::*;
     use crate::api::ConditionStatus;
-    use crate::controller::StatusMemory;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     /// A draft over `status`, as a reconcile of generation 2 starts it.
     fn draft(status: &TransformStatus) -> Draft {
-        let meta = ObjectMeta {
-            uid: Some("uid".into()),
-            generation: Some(2),
-            ..Default::default()
-        };
-        StatusDraft::start(&StatusMemory::default(), &meta, Some(status))
+        StatusDraft::for_test(status, 2)
     }
 
     fn condition<'a>(status: &'a TransformStatus, type_: &str) -> (&'a str, &'a str) {
@@ -270,7 +263,7 @@ mod tests {
     }
 
     fn events(d: &Draft) -> Vec<String> {
-        d.events.iter().map(|e| e.reason.clone()).collect()
+        d.event_reasons()
     }
 
     fn crd() -> GeneratedCrd {
