@@ -174,17 +174,7 @@ struct Plan {
     instances: Vec<InstancePlan>,
 }
 
-/// One instance's plan.
-#[derive(serde::Serialize)]
-struct InstancePlan {
-    namespace: String,
-    name: String,
-    changes: Vec<crate::plan::Change>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    violations: Vec<crate::api::Violation>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
+use crate::plan::InstancePlan;
 
 /// `pequod plan --transform NS/NAME --module M`: renders every instance of the Transform's kind
 /// with the candidate module and compares the result with the graph each has.
@@ -194,8 +184,7 @@ pub async fn plan(
     format: crate::cli::PlanFormat,
     cue: &CueArgs,
 ) -> Result<(), CommandError> {
-    use crate::api::{RbacScope, ResourceGraph};
-    use crate::instance_graph::{Scope, confine, graph_name};
+    use crate::api::RbacScope;
     use kube::api::{ApiResource, DynamicObject, ListParams};
     use kube::{Api, ResourceExt};
 
@@ -231,71 +220,25 @@ pub async fn plan(
     let renderer = renderer(cue)?;
     let candidate = renderer.load(files, &platform).await.map_err(CommandError::new)?;
     let schema = schema_plan(&client, &t, &crd.name, &renderer, &candidate).await?;
-    let renders = listed.items.iter().map(|obj| {
-        let spec = obj
-            .data
-            .get("spec")
-            .cloned()
-            .unwrap_or_else(|| Value::Object(Default::default()));
-        renderer.render(&candidate, render_input(&obj.metadata, &spec))
-    });
-    let renders = futures::future::join_all(renders).await;
-
     let metrics = Arc::new(Metrics::new().map_err(CommandError::new)?);
     let applier = crate::apply::Applier::new(client.clone(), metrics);
-    let mut plans = Vec::new();
-    for (obj, rendered) in listed.items.iter().zip(renders) {
-        let namespace = obj.namespace().unwrap_or_default();
-        let graphs: Api<ResourceGraph> = Api::namespaced(client.clone(), &namespace);
-        let current = graphs
-            .get_opt(&graph_name(&crd.kind, group, &obj.name_any()))
-            .await
-            .map_err(|e| CommandError::new(format!("reading the graph of {namespace}/{}: {e}", obj.name_any())))?
-            .map(|g| g.spec.nodes)
-            .unwrap_or_default();
-        let mut plan = InstancePlan {
-            namespace: namespace.clone(),
-            name: obj.name_any(),
-            changes: Vec::new(),
-            violations: Vec::new(),
-            error: None,
-        };
-        match rendered {
-            Ok(output) => {
-                // Confined as the operator confines them: namespaced kinds get the
-                // instance's namespace, and escapes are violations.
-                let mut nodes = output.nodes.clone();
-                let mut scopes = std::collections::HashMap::new();
-                for node in &nodes {
-                    let key = (node.api_version().to_string(), node.kind().to_string());
-                    if let std::collections::hash_map::Entry::Vacant(slot) = scopes.entry(key) {
-                        let (api_version, kind) = slot.key().clone();
-                        slot.insert(match applier.resolve(&api_version, &kind).await {
-                            Ok(r) if r.namespaced => Scope::Namespaced,
-                            Ok(_) => Scope::Cluster,
-                            Err(_) => Scope::Unknown,
-                        });
-                    }
-                }
-                let mut violations = output.violations.clone();
-                violations.extend(confine(
-                    &mut nodes,
-                    &namespace,
-                    t.spec.allow_cluster_scoped_resources,
-                    |n| {
-                        scopes
-                            .get(&(n.api_version().to_string(), n.kind().to_string()))
-                            .copied()
-                            .unwrap_or(Scope::Unknown)
-                    },
-                ));
-                plan.changes = crate::plan::diff(&current, &nodes);
-                plan.violations = violations;
-            }
-            Err(e) => plan.error = Some(e.to_string()),
-        }
-        plans.push(plan);
-    }
+    let tools = crate::controller::rollout::Tools {
+        client: &client,
+        renderer: &renderer,
+        applier: &applier,
+    };
+    let instances: Vec<Arc<DynamicObject>> = listed.items.into_iter().map(Arc::new).collect();
+    let scope = (t.spec.rbac_scope == RbacScope::Namespace).then_some(ns);
+    let plans = crate::controller::rollout::plan_instances(
+        &tools,
+        &resource,
+        scope,
+        &instances,
+        &candidate,
+        t.spec.allow_cluster_scoped_resources,
+    )
+    .await
+    .map_err(|e| CommandError::new(format!("reading the graphs of {}: {e}", crd.kind)))?;
     let plan = Plan {
         module: candidate.digest.clone(),
         schema,

@@ -18,5 +18,6 @@ pub mod operator;
 pub mod plan;
 pub mod rbac;
 pub mod readiness;
+pub mod rollout;
 pub mod runtime;
 pub mod source;

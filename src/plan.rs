@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::api::Node;
+use crate::api::{MAX_PLAN_LINES, Node, PlanSummary, Severity, Violation};
+use crate::rollout::InstanceKey;
 
 /// Most changed field paths reported for one object.
 pub const MAX_PATHS: usize = 20;
@@ -54,6 +55,132 @@ pub enum Change {
         object: ObjectKey,
         why: String,
     },
+}
+
+/// What a module version would do to one instance.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstancePlan {
+    pub namespace: String,
+    pub name: String,
+    pub changes: Vec<Change>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub violations: Vec<Violation>,
+    /// Why it would fail to render.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Longest line told about one instance.
+const MAX_LINE: usize = 300;
+
+impl InstancePlan {
+    pub fn key(&self) -> InstanceKey {
+        InstanceKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    fn errors(&self) -> usize {
+        self.violations.iter().filter(|v| v.severity == Severity::Error).count()
+    }
+
+    /// Deletions and replacements of `protected` kinds.
+    pub fn destructive<'a>(&'a self, protected: &'a [String]) -> impl Iterator<Item = (&'static str, &'a ObjectKey)> {
+        self.changes.iter().filter_map(move |c| match c {
+            Change::Delete { object } if protected.contains(&object.kind) => Some(("delete", object)),
+            Change::Replace { object, .. } if protected.contains(&object.kind) => Some(("replace", object)),
+            _ => None,
+        })
+    }
+
+    /// What the plan does to the instance in one line, or `None` when it does nothing.
+    pub fn line(&self) -> Option<String> {
+        if let Some(error) = &self.error {
+            return Some(bounded(format!(
+                "fails to render: {}",
+                error.lines().next().unwrap_or_default()
+            )));
+        }
+        let mut parts = Vec::new();
+        for (label, pick) in [
+            (
+                "created",
+                (|c: &Change| matches!(c, Change::Create { .. })) as fn(&Change) -> bool,
+            ),
+            ("updated", |c| matches!(c, Change::Update { .. })),
+            ("replaced", |c| matches!(c, Change::Replace { .. })),
+            ("deleted", |c| matches!(c, Change::Delete { .. })),
+        ] {
+            let objects: Vec<String> = self
+                .changes
+                .iter()
+                .filter(|c| pick(c))
+                .map(|c| c.object().to_string())
+                .collect();
+            if !objects.is_empty() {
+                parts.push(format!("{} {label} ({})", objects.len(), objects.join(", ")));
+            }
+        }
+        if self.errors() > 0 {
+            parts.push(format!("{} policy violation(s)", self.errors()));
+        }
+        (!parts.is_empty()).then(|| bounded(parts.join(", ")))
+    }
+}
+
+fn bounded(mut line: String) -> String {
+    if line.len() > MAX_LINE {
+        let mut end = MAX_LINE;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push('…');
+    }
+    line
+}
+
+impl Change {
+    pub fn object(&self) -> &ObjectKey {
+        match self {
+            Self::Create { object }
+            | Self::Update { object, .. }
+            | Self::Delete { object }
+            | Self::Replace { object, .. } => object,
+        }
+    }
+}
+
+/// The bounded summary of a fleet's plans that a Transform's status carries.
+pub fn summarize(digest: &str, plans: &[InstancePlan], protected: &[String]) -> PlanSummary {
+    let count = |pick: fn(&Change) -> bool| plans.iter().flat_map(|p| &p.changes).filter(|c| pick(c)).count() as i32;
+    let destructive: Vec<String> = plans
+        .iter()
+        .flat_map(|p| {
+            p.destructive(protected)
+                .map(move |(what, object)| format!("{}: {what} {object}", p.key()))
+        })
+        .collect();
+    let lines: Vec<String> = plans
+        .iter()
+        .filter_map(|p| p.line().map(|line| format!("{}: {line}", p.key())))
+        .collect();
+    PlanSummary {
+        digest: digest.to_string(),
+        instances: plans.len() as i32,
+        affected: lines.len() as i32,
+        created: count(|c| matches!(c, Change::Create { .. })),
+        updated: count(|c| matches!(c, Change::Update { .. })),
+        deleted: count(|c| matches!(c, Change::Delete { .. })),
+        replaced: count(|c| matches!(c, Change::Replace { .. })),
+        violations: plans.iter().filter(|p| p.errors() > 0).count() as i32,
+        render_failures: plans.iter().filter(|p| p.error.is_some()).count() as i32,
+        destructive: destructive.len() as i32,
+        destructive_changes: destructive.into_iter().take(MAX_PLAN_LINES).collect(),
+        lines: lines.into_iter().take(MAX_PLAN_LINES).collect(),
+    }
 }
 
 /// Fields the apiserver refuses to change in place, by kind: changing one means deleting the
@@ -126,6 +253,26 @@ fn compare(old: &Node, new: &Node, object: ObjectKey) -> Option<Change> {
     }
     paths.truncate(MAX_PATHS);
     Some(Change::Update { object, paths })
+}
+
+/// Fields the apiserver maintains, which differ after any write.
+const SERVER_FIELDS: &[&str] = &[
+    "metadata.resourceVersion",
+    "metadata.managedFields",
+    "metadata.generation",
+    "metadata.uid",
+    "metadata.creationTimestamp",
+    "status",
+];
+
+/// The fields a server-side apply dry run changes in a live object (`after` against `live`),
+/// leaving out what the apiserver maintains; at most [`MAX_PATHS`].
+pub fn live_changes(live: &Value, after: &Value) -> Vec<String> {
+    let mut paths = Vec::new();
+    changed_paths(live, after, "", &mut paths);
+    paths.retain(|p| !SERVER_FIELDS.iter().any(|f| p == f || p.starts_with(&format!("{f}."))));
+    paths.truncate(MAX_PATHS);
+    paths
 }
 
 /// Dotted paths of the fields that differ between `old` and `new`.
@@ -227,6 +374,92 @@ mod tests {
         let text = serde_json::to_string(&changes).unwrap();
         assert!(text.contains("stringData.password"), "{text}");
         assert!(!text.contains("hunter2") && !text.contains("swordfish"), "{text}");
+    }
+
+    #[test]
+    fn a_fleet_plan_is_summarized_with_its_destructive_changes() {
+        let plan = |name: &str, changes: Vec<Change>, error: Option<&str>| InstancePlan {
+            namespace: "team".into(),
+            name: name.into(),
+            changes,
+            violations: Vec::new(),
+            error: error.map(String::from),
+        };
+        let plans = [
+            plan(
+                "a",
+                vec![
+                    Change::Delete {
+                        object: object("PersistentVolumeClaim", "data"),
+                    },
+                    Change::Update {
+                        object: object("Deployment", "a"),
+                        paths: vec!["spec.replicas".into()],
+                    },
+                ],
+                None,
+            ),
+            plan(
+                "b",
+                vec![Change::Delete {
+                    object: object("ConfigMap", "b"),
+                }],
+                None,
+            ),
+            plan("c", vec![], None),
+            plan("d", vec![], Some("#Input.replicas: conflicting values\nmore")),
+        ];
+        let protected: Vec<String> = vec!["PersistentVolumeClaim".into()];
+        let summary = summarize("sha256:x", &plans, &protected);
+        assert_eq!(
+            (
+                summary.instances,
+                summary.affected,
+                summary.updated,
+                summary.deleted,
+                summary.render_failures,
+                summary.destructive
+            ),
+            (4, 3, 1, 2, 1, 1)
+        );
+        assert_eq!(
+            summary.destructive_changes,
+            vec!["team/a: delete PersistentVolumeClaim/data"]
+        );
+        assert_eq!(
+            summary.lines,
+            vec![
+                "team/a: 1 updated (Deployment/a), 1 deleted (PersistentVolumeClaim/data)",
+                "team/b: 1 deleted (ConfigMap/b)",
+                "team/d: fails to render: #Input.replicas: conflicting values",
+            ]
+        );
+        assert_eq!(plans[2].line(), None);
+        let many: Vec<InstancePlan> = (0..30)
+            .map(|i| {
+                plan(
+                    &format!("i{i}"),
+                    vec![Change::Create {
+                        object: object("ConfigMap", "x"),
+                    }],
+                    None,
+                )
+            })
+            .collect();
+        let summary = summarize("sha256:x", &many, &protected);
+        assert_eq!((summary.affected, summary.lines.len()), (30, MAX_PLAN_LINES));
+    }
+
+    #[test]
+    fn a_dry_run_reports_what_it_changes_in_the_live_object_but_not_the_server_s_fields() {
+        let live = json!({"metadata": {"name": "web", "resourceVersion": "1", "managedFields": [{"manager": "x"}],
+                                       "labels": {"team": "a"}},
+                          "spec": {"replicas": 2, "paused": false}, "status": {"replicas": 2}});
+        let after = json!({"metadata": {"name": "web", "resourceVersion": "2", "managedFields": [{"manager": "y"}],
+                                        "labels": {"team": "a"}, "generation": 2},
+                           "spec": {"replicas": 3, "paused": false}, "status": {"replicas": 3}});
+        assert_eq!(live_changes(&live, &after), vec!["spec.replicas"]);
+        assert!(live_changes(&live, &live).is_empty());
     }
 
     #[test]

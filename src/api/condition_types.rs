@@ -21,3 +21,5 @@ pub const SCHEMA_COMPATIBLE: &str = "SchemaCompatible";
 pub const CRD_GENERATED: &str = "CRDGenerated";
 pub const RBAC_CONFIGURED: &str = "RBACConfigured";
 pub const PAUSED: &str = "Paused";
+/// Whether every instance is on the module version last loaded.
+pub const ROLLED_OUT: &str = "RolledOut";

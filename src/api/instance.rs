@@ -21,6 +21,8 @@ pub const RESERVED_STATUS_FIELDS: &[&str] = &[
     "nodes",
     "violations",
     "lastHandledReconcileAt",
+    "pinnedModuleDigest",
+    "pendingChange",
 ];
 
 /// Observed state of a platform instance.
@@ -48,6 +50,12 @@ pub struct InstanceStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub violations: Vec<Violation>,
+    /// The module version the annotation `pequod.io/pinned-module-digest` keeps the instance on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_module_digest: Option<String>,
+    /// What a module rollout under way will change here when it reaches the instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_change: Option<String>,
     /// The last value of the annotation `pequod.io/reconcile-requested-at` that was handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,

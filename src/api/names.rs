@@ -47,6 +47,11 @@ pub const PAUSED_ANNOTATION: &str = "pequod.io/paused";
 /// its graph now; the value handled last is `status.lastHandledReconcileAt`. Copied onto the
 /// instance's graph, where it starts a pass.
 pub const RECONCILE_REQUEST_ANNOTATION: &str = "pequod.io/reconcile-requested-at";
+/// On an instance: keeps it on the module version (content digest) named, from the cache.
+pub const PIN_ANNOTATION: &str = "pequod.io/pinned-module-digest";
+/// On a Transform: approves the deletions and replacements of protected kinds that the module
+/// version named (content digest) would make.
+pub const APPROVAL_ANNOTATION: &str = "pequod.io/approve-destructive-change";
 /// On an instance: `"true"` keeps it, and its objects, from being deleted.
 pub const DELETION_PROTECTION_ANNOTATION: &str = "pequod.io/deletion-protection";
 

@@ -26,6 +26,15 @@ pub const RBAC_CONFLICT: &str = "RBACConflict";
 pub const RBAC_FAILED: &str = "RBACFailed";
 pub const RBAC_MISSING: &str = "RBACMissing";
 pub const WAITING_FOR_INSTANCES: &str = "WaitingForInstances";
+// Rollouts of a module version (condition RolledOut, and events).
+pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+pub const ROLLOUT_PROGRESSING: &str = "RolloutProgressing";
+pub const ROLLOUT_PAUSED: &str = "RolloutPaused";
+pub const APPROVAL_REQUIRED: &str = "ApprovalRequired";
+pub const HEALTH_GATE_FAILED: &str = "HealthGateFailed";
+pub const INVALID_ROLLOUT: &str = "InvalidRollout";
+pub const ROLLOUT_STARTED: &str = "RolloutStarted";
+pub const BATCH_STARTED: &str = "BatchStarted";
 
 // Instances.
 pub const RENDERED: &str = "Rendered";
@@ -38,6 +47,7 @@ pub const GRAPH_REJECTED: &str = "GraphRejected";
 pub const DELETING: &str = "Deleting";
 pub const GRAPH_FAILED: &str = "GraphFailed";
 pub const DELETION_PROTECTED: &str = "DeletionProtected";
+pub const MODULE_UNAVAILABLE: &str = "ModuleUnavailable";
 
 // ResourceGraphs.
 pub const VALID: &str = "Valid";

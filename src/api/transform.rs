@@ -1,6 +1,7 @@
 //! `Transform`: a platform engineer's definition of a platform API backed by a CUE module.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,8 @@ pub const DEFAULT_GENERATED_VERSION: &str = "v1alpha1";
     doc = "Transform turns a CUE platform module into a generated CRD and serves its instances.",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Kind","type":"string","jsonPath":".status.generatedCRD.kind"}"#,
+    printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.phase"}"#,
+    printcolumn = r#"{"name":"Updated","type":"string","jsonPath":".status.rollout.progress"}"#,
     printcolumn = r#"{"name":"CRD","type":"string","priority":1,"jsonPath":".status.generatedCRD.name"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -63,7 +66,56 @@ pub struct TransformSpec {
     /// through a module.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_cluster_scoped_resources: bool,
+    /// How a new module version reaches the instances (by default all at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutPolicy>,
 }
+
+/// How a new module version reaches the instances. Under every strategy a change that
+/// deletes or replaces objects of a protected kind waits for approval.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutPolicy {
+    /// `Immediate` (every instance at once) or `Staged` (in batches, each waiting for the
+    /// previous one to be Ready).
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+    /// Staged: instances per batch, a count (`2`) or a percentage of the instances (`"25%"`).
+    /// Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<IntOrString>,
+    /// Staged: instances matching this selector go first, one batch or more of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_selector: Option<LabelSelector>,
+    /// Staged: how long a batch's instances have to be Ready. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub health_timeout_seconds: Option<i64>,
+    /// Staged: how many updated instances may fail (not Ready in time) before the rollout
+    /// stops. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub failure_budget: Option<i32>,
+    /// No further instance is moved to the new module while true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Kinds whose deletion or replacement waits for the approval annotation. Default
+    /// PersistentVolumeClaim, StatefulSet, Namespace and Secret; `[]` protects none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 63)))]
+    pub protected_kinds: Option<Vec<String>>,
+}
+
+/// How a new module version reaches the instances.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RolloutStrategy {
+    #[default]
+    Immediate,
+    Staged,
+}
+
+/// Kinds protected from deletion and replacement by a module change unless approved.
+pub const DEFAULT_PROTECTED_KINDS: &[&str] = &["PersistentVolumeClaim", "StatefulSet", "Namespace", "Secret"];
 
 fn default_group() -> String {
     DEFAULT_GENERATED_GROUP.to_string()
@@ -158,6 +210,9 @@ pub struct TransformStatus {
     /// The module content last loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_cue_ref: Option<ResolvedCueRef>,
+    /// How the module last loaded reaches the instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -207,4 +262,86 @@ pub struct ResolvedCueRef {
     pub digest: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetched_at: Option<Time>,
+}
+
+/// Where the instances are on their way to a module version.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<RolloutPhase>,
+    /// The module version (content digest) instances are moving to.
+    pub target_digest: String,
+    /// The module version every instance had when this rollout began; new instances get it
+    /// until the rollout is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_digest: Option<String>,
+    /// `updated/total`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    #[serde(default)]
+    pub total: i32,
+    /// Instances on the target version.
+    #[serde(default)]
+    pub updated: i32,
+    /// Instances not on it yet.
+    #[serde(default)]
+    pub pending: i32,
+    /// Updated instances that are not Ready in time, or failed.
+    #[serde(default)]
+    pub failed: i32,
+    /// Instances pinned to a version of their own; the rollout leaves them alone.
+    #[serde(default)]
+    pub pinned: i32,
+    /// Number of the batch in progress (Staged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_started_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// What the target version does to the instances, as planned when the rollout began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanSummary>,
+}
+
+/// Phase of a rollout.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RolloutPhase {
+    Progressing,
+    Paused,
+    Blocked,
+    Complete,
+}
+
+/// Most instances and destructive changes named in a plan summary.
+pub const MAX_PLAN_LINES: usize = 10;
+
+/// A bounded summary of a fleet plan: counts per change, and the first instances affected.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanSummary {
+    /// The module version planned.
+    pub digest: String,
+    /// Instances planned, and those with any change.
+    pub instances: i32,
+    pub affected: i32,
+    pub created: i32,
+    pub updated: i32,
+    pub deleted: i32,
+    pub replaced: i32,
+    /// Instances whose render would break a policy (Error severity).
+    pub violations: i32,
+    /// Instances that would fail to render.
+    pub render_failures: i32,
+    /// Deletions and replacements of protected kinds, which wait for approval.
+    #[serde(default)]
+    pub destructive: i32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub destructive_changes: Vec<String>,
+    /// One line for each of the first instances affected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub lines: Vec<String>,
 }

@@ -158,6 +158,29 @@ impl Applier {
     }
 
     /// Forgets a kind, after the apiserver said it no longer serves it.
+    /// The scope of each kind `nodes` use, through the cached discovery (a kind discovery does
+    /// not know is `Unknown`).
+    pub async fn scopes(
+        &self,
+        nodes: &[crate::api::Node],
+    ) -> std::collections::HashMap<(String, String), crate::instance_graph::Scope> {
+        use crate::instance_graph::Scope;
+        let mut scopes = std::collections::HashMap::new();
+        for node in nodes {
+            let key = (node.api_version().to_string(), node.kind().to_string());
+            if scopes.contains_key(&key) {
+                continue;
+            }
+            let scope = match self.resolve(&key.0, &key.1).await {
+                Ok(r) if r.namespaced => Scope::Namespaced,
+                Ok(_) => Scope::Cluster,
+                Err(_) => Scope::Unknown,
+            };
+            scopes.insert(key, scope);
+        }
+        scopes
+    }
+
     pub fn forget(&self, api_version: &str, kind: &str) {
         self.kinds
             .lock()
@@ -325,6 +348,26 @@ impl Applier {
             .get_opt(name)
             .await
             .map_err(|e| self.classify(resolved, e))
+    }
+
+    /// What applying `desired` as `manager` would make of the object, without writing it (a
+    /// server-side apply dry run): defaults, admission and other managers' fields included.
+    pub async fn dry_run(
+        &self,
+        resolved: &Resolved,
+        namespace: Option<&str>,
+        name: &str,
+        desired: &Value,
+        manager: &str,
+    ) -> Result<DynamicObject, kube::Error> {
+        resolved
+            .api(&self.client, namespace)
+            .patch(
+                name,
+                &PatchParams::apply(manager).force().dry_run(),
+                &Patch::Apply(desired),
+            )
+            .await
     }
 
     /// Deletes an object (background propagation); absent objects are fine.

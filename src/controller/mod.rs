@@ -3,6 +3,7 @@
 pub mod access;
 pub mod instance;
 pub mod resourcegraph;
+pub mod rollout;
 pub mod transform;
 pub mod watches;
 
@@ -502,15 +503,23 @@ pub async fn report_when_synced<K>(
     K: kube::Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
+    if synced(&store).await {
+        health.set(crate::runtime::health::Probe::Readiness, check, Ok(()));
+    }
+}
+
+/// Waits until `store` has its first list; false when it never will (its writer is gone).
+pub async fn synced<K>(store: &kube::runtime::reflector::Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
     // The store wakes only one of several waiters when it becomes ready (the controller
     // itself is another), so ask again until it answers.
     loop {
         match tokio::time::timeout(std::time::Duration::from_millis(250), store.wait_until_ready()).await {
-            Ok(Ok(())) => {
-                health.set(crate::runtime::health::Probe::Readiness, check, Ok(()));
-                return;
-            }
-            Ok(Err(_)) => return,
+            Ok(Ok(())) => return true,
+            Ok(Err(_)) => return false,
             Err(_) => {}
         }
     }

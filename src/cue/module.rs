@@ -209,12 +209,7 @@ impl ModuleStore {
         let package = files.package()?;
         let has_metadata = files.defines("#Metadata");
         let has_status = files.defines("#Status");
-        // The language version is part of the folder's name: a cache written for another
-        // version is not reused.
-        let dir = self
-            .root
-            .join("modules")
-            .join(format!("{}-cue{CUE_LANGUAGE_VERSION}", digest.replace(':', "-")));
+        let dir = self.dir_of(&digest);
         let module = Module {
             digest,
             package,
@@ -284,6 +279,35 @@ impl ModuleStore {
         }
     }
 
+    /// The folder of a digest. The language version is part of its name: a cache written for
+    /// another version is not reused.
+    fn dir_of(&self, digest: &str) -> PathBuf {
+        self.root
+            .join("modules")
+            .join(format!("{}-cue{CUE_LANGUAGE_VERSION}", digest.replace(':', "-")))
+    }
+
+    /// A module written before (by this process or an earlier one), by its digest: what
+    /// rollbacks, pins and instances staying on an earlier version render with.
+    pub fn find(&self, digest: &str, platform: &str) -> Option<Module> {
+        let dir = self.dir_of(digest);
+        if std::fs::read_to_string(dir.join(".complete")).ok()? != digest {
+            return None;
+        }
+        let schema = std::fs::read_to_string(dir.join("schema/schema.cue")).ok()?;
+        let import = format!("\"{MODULE_PATH}/platform:");
+        let start = schema.find(&import)? + import.len();
+        let package = schema[start..].split('"').next()?.to_string();
+        Some(Module {
+            digest: digest.to_string(),
+            package,
+            platform: platform.to_string(),
+            has_metadata: dir.join("meta").is_dir(),
+            has_status: schema.contains("#Status:"),
+            dir,
+        })
+    }
+
     /// A fresh scratch folder inside `module`'s folder, for one batch file.
     pub fn scratch_dir(&self, module: &Module) -> Result<PathBuf, ModuleError> {
         let dir = module.dir.join(format!(
@@ -301,6 +325,22 @@ impl ModuleStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_materialized_module_is_found_again_by_its_digest() {
+        let root = std::env::temp_dir().join(format!("pequod-find-{}", std::process::id()));
+        let store = ModuleStore::new(&root);
+        let files = ModuleFiles::new(BTreeMap::from([(
+            "m.cue".to_string(),
+            "package web\n#Input: {}\n#Status: {url?: string}\n#Metadata: {}\n#Render: {}\n".to_string(),
+        )]))
+        .unwrap();
+        let written = store.materialize(&files, "web").unwrap();
+        let found = ModuleStore::new(&root).find(&written.digest, "web").unwrap();
+        assert_eq!(found, written);
+        assert_eq!(store.find("sha256:0000", "web"), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     fn files(pairs: &[(&str, &str)]) -> ModuleFiles {
         ModuleFiles::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap()

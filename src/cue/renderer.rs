@@ -132,7 +132,7 @@ pub struct ModuleSchema {
     pub status: Option<Value>,
 }
 
-type RenderResult = Result<Arc<RenderOutput>, RenderError>;
+pub type RenderResult = Result<Arc<RenderOutput>, RenderError>;
 type SchemaCell = Arc<OnceCell<Result<Arc<ModuleSchema>, RenderError>>>;
 
 struct Job {
@@ -184,6 +184,16 @@ impl Renderer {
                 message: format!("loading module: {e}"),
             })?
             .map_err(RenderError::from)
+    }
+
+    /// A module loaded before, by its content digest (see [`ModuleStore::find`]).
+    pub async fn find(&self, digest: &str, platform: &str) -> Option<Module> {
+        let store = self.inner.store.clone();
+        let (digest, platform) = (digest.to_string(), platform.to_string());
+        tokio::task::spawn_blocking(move || store.find(&digest, &platform))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The CRD schema of the module's `#Input` and its `#Metadata`, computed once per digest.

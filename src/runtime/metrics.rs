@@ -32,6 +32,11 @@ pub struct Metrics {
     pub cue_render_errors_total: IntCounterVec,
     pub cue_invocations_total: IntCounterVec,
     pub policy_violations_total: IntCounterVec,
+    /// Instances of each Transform's rollout by state: updated, pending, failed, pinned.
+    pub rollout_instances: IntGaugeVec,
+    /// 1 for the phase each Transform's rollout is in, 0 for the others.
+    pub rollout_phase: IntGaugeVec,
+    pub rollout_batches_total: IntCounterVec,
 }
 
 /// Buckets from 5 ms to about 5 minutes: reconciles, renders and graph executions.
@@ -150,6 +155,24 @@ impl Metrics {
                 "Policy violations",
                 &["severity"],
             )?,
+            rollout_instances: gauge_vec(
+                r,
+                "pequod_rollout_instances",
+                "Instances of a Transform's module rollout, by state",
+                &["namespace", "transform", "state"],
+            )?,
+            rollout_phase: gauge_vec(
+                r,
+                "pequod_rollout_phase",
+                "Phase of a Transform's module rollout (1 for the current phase)",
+                &["namespace", "transform", "phase"],
+            )?,
+            rollout_batches_total: counter_vec(
+                r,
+                "pequod_rollout_batches_total",
+                "Batches of instances a staged rollout started",
+                &["namespace", "transform"],
+            )?,
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -230,6 +253,9 @@ mod tests {
         ("pequod_cue_render_duration_seconds", &["platform"]),
         ("pequod_cue_render_errors_total", &["platform", "error_type"]),
         ("pequod_policy_violations_total", &["severity"]),
+        ("pequod_rollout_instances", &["namespace", "transform", "state"]),
+        ("pequod_rollout_phase", &["namespace", "transform", "phase"]),
+        ("pequod_rollout_batches_total", &["namespace", "transform"]),
     ];
 
     #[test]
@@ -255,6 +281,9 @@ mod tests {
         m.cue_render_duration_seconds.with_label_values(&["a"]).observe(0.1);
         m.cue_render_errors_total.with_label_values(&["a", "b"]).inc();
         m.policy_violations_total.with_label_values(&["a"]).inc();
+        m.rollout_instances.with_label_values(&["a", "b", "c"]).set(1);
+        m.rollout_phase.with_label_values(&["a", "b", "c"]).set(1);
+        m.rollout_batches_total.with_label_values(&["a", "b"]).inc();
 
         let families = m.registry.gather();
         for (name, labels) in DOCUMENTED {

@@ -46,8 +46,11 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
                 // The test registries and git daemons listen on loopback ports over plain text;
                 // the git repositories are local folders.
                 format!(
-                    "--insecure-registries={},{},{},127.0.0.1",
-                    registries.open, registries.private, registries.token
+                    "--insecure-registries={},{},{},{},127.0.0.1",
+                    registries.open,
+                    registries.private,
+                    registries.token,
+                    remote::outage_registry().addr
                 ),
                 "--allow-local-sources".to_string(),
                 // Tags and branches are resolved again every few seconds, as tests push.

@@ -83,6 +83,33 @@ pub struct SharedRegistries {
 
 static SHARED: std::sync::OnceLock<SharedRegistries> = std::sync::OnceLock::new();
 
+/// A registry the shared operator reaches (it is in its `--insecure-registries`) that a test
+/// may stop and resume, holding the lock meanwhile; and its address.
+pub struct OutageRegistry {
+    pub addr: String,
+    pub registry: tokio::sync::Mutex<Registry>,
+}
+
+static OUTAGE: std::sync::OnceLock<OutageRegistry> = std::sync::OnceLock::new();
+
+pub fn outage_registry() -> &'static OutageRegistry {
+    OUTAGE.get_or_init(|| {
+        // Started from a thread that lives as long as the process: any test may come first.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(Registry::start());
+            loop {
+                std::thread::park();
+            }
+        });
+        let registry = rx.recv().expect("outage registry");
+        OutageRegistry {
+            addr: registry.addr.clone(),
+            registry: tokio::sync::Mutex::new(registry),
+        }
+    })
+}
+
 pub fn shared_registries() -> &'static SharedRegistries {
     SHARED.get_or_init(|| {
         let cp = control_plane::shared();
@@ -145,13 +172,22 @@ impl Registry {
     }
 
     pub fn resume(&mut self) {
-        let child = Command::new(registry_binary())
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(registry_binary());
+        command
             .arg("serve")
             .arg(&self.config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start docker-registry");
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe. The kernel stops the registry when the thread
+        // that started it ends, should the test die before dropping it.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start docker-registry");
         self.child = Some(child);
         wait_listening(&self.addr, "registry");
     }

@@ -5,6 +5,7 @@ mod instances;
 mod metrics;
 mod operator_process;
 mod remote;
+mod rollouts;
 mod smoke;
 mod sources;
 mod transforms;

@@ -7,8 +7,8 @@
 
 use crate::api::condition_types::READY;
 use crate::api::names::{
-    INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PREDECESSOR_ANNOTATION,
-    PROOF_ANNOTATION, RECONCILE_REQUEST_ANNOTATION,
+    INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PIN_ANNOTATION,
+    PREDECESSOR_ANNOTATION, PROOF_ANNOTATION, RECONCILE_REQUEST_ANNOTATION,
 };
 use crate::api::reasons;
 use crate::error::ErrorCategory;
@@ -24,11 +24,12 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::info_span;
 
 mod status;
 
+use super::rollout::{Driver, RolloutOrder, SelectionCell, instance_key};
 use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
@@ -39,6 +40,7 @@ use crate::instance_graph::{
     InstanceRef, Scope, confine, graph_name, label_value, legacy_graph_name, node_summaries, render_hash,
     resource_graph, with_module_gates,
 };
+use crate::rollout::{Selection, Wanted, choose};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use status::{Controls, Draft, Stop};
@@ -70,16 +72,16 @@ impl std::fmt::Display for TransformKey {
 pub struct ServeSpec {
     pub transform: TransformKey,
     pub resource: ApiResource,
-    pub module: Module,
+    /// The module version the Transform loaded and how it reaches the instances.
+    pub order: RolloutOrder,
     /// What the graphs of the kind's instances may reach.
     pub allowance: Allowance,
     /// Serve only this namespace (Transforms with `rbacScope: Namespace`).
     pub namespace: Option<String>,
 }
 
-/// What a kind's reconciles read; replaced when the Transform's module changes.
+/// What a kind's reconciles read besides the module selection.
 struct KindState {
-    module: Module,
     allowance: Allowance,
     transform: TransformKey,
 }
@@ -121,6 +123,7 @@ struct Running {
     resource: ApiResource,
     namespace: Option<String>,
     state: Arc<RwLock<KindState>>,
+    orders: watch::Sender<RolloutOrder>,
     rerender: mpsc::UnboundedSender<()>,
     stop: Shutdown,
     task: tokio::task::JoinHandle<()>,
@@ -154,15 +157,20 @@ impl Supervisor {
             {
                 let changed = {
                     let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
-                    let changed = state.module.digest != spec.module.digest || state.allowance != spec.allowance;
-                    state.module = spec.module;
-                    state.allowance = spec.allowance;
-                    changed
+                    std::mem::replace(&mut state.allowance, spec.allowance) != spec.allowance
                 };
                 if changed {
-                    tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "module changed; rendering every instance again");
+                    tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "allowance changed; rendering every instance again");
                     let _ = r.rerender.send(());
                 }
+                // The rollout driver moves instances to a new module version.
+                r.orders.send_if_modified(|order| {
+                    let modified = order.target != spec.order.target
+                        || order.policy != spec.order.policy
+                        || order.transform.annotations() != spec.order.transform.annotations();
+                    *order = spec.order;
+                    modified
+                });
                 return;
             }
         }
@@ -171,24 +179,28 @@ impl Supervisor {
         }
         tracing::info!(kind = %spec.resource.kind, api_version = %spec.resource.api_version, transform = %spec.transform, "serving kind");
         let state = Arc::new(RwLock::new(KindState {
-            module: spec.module,
             allowance: spec.allowance,
             transform: spec.transform.clone(),
         }));
+        // Until the driver has looked, every instance keeps the version its graph has.
+        let selection = Arc::new(RwLock::new(Arc::new(Selection::hold(spec.order.target.clone(), None))));
+        let (orders, orders_rx) = watch::channel(spec.order);
         let (rerender, rerender_rx) = mpsc::unbounded_channel();
         let stop = Shutdown::new();
         let ctx = Arc::new(KindContext {
             shared: self.shared.clone(),
             state: state.clone(),
+            selection,
+            changed: Arc::default(),
             resource: spec.resource.clone(),
             backoff: super::Backoff::default(),
         });
         let task = tokio::spawn(run_kind(
             ctx,
             spec.namespace.clone(),
-            rerender_rx,
-            stop.clone(),
-            self.shutdown.clone(),
+            (rerender.clone(), rerender_rx),
+            orders_rx,
+            (stop.clone(), self.shutdown.clone()),
         ));
         running.insert(
             spec.transform,
@@ -196,6 +208,7 @@ impl Supervisor {
                 resource: spec.resource,
                 namespace: spec.namespace,
                 state,
+                orders,
                 rerender,
                 stop,
                 task,
@@ -243,6 +256,10 @@ async fn stop_running(r: Running) {
 struct KindContext {
     shared: Arc<Shared>,
     state: Arc<RwLock<KindState>>,
+    /// Which module version each instance renders with (the rollout driver decides).
+    selection: SelectionCell,
+    /// Tells the rollout driver that an instance was reconciled.
+    changed: Arc<Notify>,
     resource: ApiResource,
     backoff: super::Backoff,
 }
@@ -254,18 +271,19 @@ impl super::Retries for KindContext {
 }
 
 impl KindContext {
-    fn current(&self) -> (Module, Allowance, TransformKey) {
+    fn current(&self) -> (Arc<Selection>, Allowance, TransformKey) {
+        let selection = self.selection.read().unwrap_or_else(|p| p.into_inner()).clone();
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        (state.module.clone(), state.allowance, state.transform.clone())
+        (selection, state.allowance, state.transform.clone())
     }
 }
 
 async fn run_kind(
     ctx: Arc<KindContext>,
     namespace: Option<String>,
-    rerender: mpsc::UnboundedReceiver<()>,
-    stop: Shutdown,
-    shutdown: Shutdown,
+    (rerender_tx, rerender): (mpsc::UnboundedSender<()>, mpsc::UnboundedReceiver<()>),
+    orders: watch::Receiver<RolloutOrder>,
+    (stop, shutdown): (Shutdown, Shutdown),
 ) {
     let client = ctx.shared.client.clone();
     let resource = ctx.resource.clone();
@@ -288,6 +306,31 @@ async fn run_kind(
     };
     let controller = Controller::new_with(instances, watcher::Config::default(), resource.clone());
     let store = controller.store();
+    let (nudge, nudged) = mpsc::unbounded_channel();
+    let driver = Driver {
+        client: ctx.shared.client.clone(),
+        renderer: ctx.shared.renderer.clone(),
+        applier: ctx.shared.applier.clone(),
+        recorder: ctx.shared.recorder.clone(),
+        metrics: ctx.shared.metrics.clone(),
+        resource: resource.clone(),
+        namespace: namespace.clone(),
+        store: store.clone(),
+        selection: ctx.selection.clone(),
+        orders,
+        changed: ctx.changed.clone(),
+        nudge,
+        nudge_all: rerender_tx,
+    };
+    let driver = {
+        let (stop, shutdown) = (stop.clone(), shutdown.clone());
+        tokio::spawn(driver.run(async move {
+            tokio::select! {
+                _ = stop.wait() => {}
+                _ = shutdown.wait() => {}
+            }
+        }))
+    };
     let run = controller
         .owns_stream(
             watcher(
@@ -305,6 +348,9 @@ async fn run_kind(
         .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {
             rx.recv().await.map(|()| ((), rx))
         }))
+        .reconcile_on(futures::stream::unfold(nudged, |mut rx| async move {
+            rx.recv().await.map(|reference| (reference, rx))
+        }))
         .graceful_shutdown_on(stopped)
         .run(reconcile, super::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
@@ -315,6 +361,7 @@ async fn run_kind(
         }
     };
     super::drive(run, store, stopped).await;
+    let _ = driver.await;
 }
 
 async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Action, Error> {
@@ -338,7 +385,9 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
             }
         } else {
             let obj = super::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
-            render(&obj, &ctx, controls.reconcile_request).await
+            let rendered = render(&obj, &ctx, controls.reconcile_request).await;
+            ctx.changed.notify_one();
+            rendered
         }
     })
     .await
@@ -458,7 +507,8 @@ async fn serve_instance(
     update: &mut StatusUpdate<'_>,
     request: Option<&str>,
 ) -> Result<Action, Stop> {
-    let (module, allowance, transform) = ctx.current();
+    let (selection, allowance, transform) = ctx.current();
+    let module = choose_module(obj, ctx, update, &selection).await?;
     let name = obj.name_any();
     let pass = Pass {
         namespace: obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
@@ -517,6 +567,46 @@ async fn serve_instance(
     Ok(Action::requeue(if retire.is_some() { TEARDOWN_POLL } else { RESYNC }))
 }
 
+/// The module version the instance renders with (see [`crate::rollout::choose`]), and what
+/// its status says about it: the version it is pinned to, and what the rollout under way will
+/// change when it reaches the instance.
+async fn choose_module(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    selection: &Selection,
+) -> Result<Module, Stop> {
+    let key = instance_key(obj);
+    let pin = obj.annotations().get(PIN_ANNOTATION).map(String::as_str);
+    update.new.pinned_module_digest = pin.map(String::from);
+    let recorded = update.old.module_digest.clone();
+    let module = match choose(selection, &key, recorded.as_deref(), pin) {
+        Wanted::Target => selection.target.clone(),
+        Wanted::Current => selection.current.clone().unwrap_or_else(|| selection.target.clone()),
+        Wanted::Version(digest) => match ctx.shared.renderer.find(&digest, &selection.target.platform).await {
+            Some(module) => module,
+            None => {
+                let shown: String = digest.chars().take(80).collect();
+                let message = if pin.is_some() {
+                    format!(
+                        "{PIN_ANNOTATION}: module version {shown} is not in the cache; the instance keeps its graph"
+                    )
+                } else {
+                    format!(
+                        "module version {shown} the instance was rendered with is not in the cache; it keeps its \
+                         graph until the rollout reaches it"
+                    )
+                };
+                return Err(update.render_failed(false, reasons::MODULE_UNAVAILABLE, message, Action::requeue(RESYNC)));
+            }
+        },
+    };
+    update.new.pending_change = (module.digest != selection.target.digest)
+        .then(|| selection.pending.get(&key).cloned())
+        .flatten();
+    Ok(module)
+}
+
 /// Renders the instance with its module; the second value is the render hash.
 async fn render_instance(
     obj: &DynamicObject,
@@ -553,7 +643,7 @@ async fn check_policies(
     output: &crate::cue::RenderOutput,
 ) -> Result<Vec<crate::api::Node>, Stop> {
     let mut nodes = output.nodes.clone();
-    let scopes = scopes(ctx, &nodes).await;
+    let scopes = ctx.shared.applier.scopes(&nodes).await;
     let mut violations = output.violations.clone();
     let cluster_scoped = pass.allowance == Allowance::Cluster;
     violations.extend(confine(&mut nodes, &pass.namespace, cluster_scoped, |n| {
@@ -692,24 +782,6 @@ async fn publish_graph(
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// Scope of each kind the nodes use, through the applier's cached discovery.
-async fn scopes(ctx: &KindContext, nodes: &[crate::api::Node]) -> HashMap<(String, String), Scope> {
-    let mut scopes = HashMap::new();
-    for node in nodes {
-        let key = (node.api_version().to_string(), node.kind().to_string());
-        if scopes.contains_key(&key) {
-            continue;
-        }
-        let scope = match ctx.shared.applier.resolve(&key.0, &key.1).await {
-            Ok(r) if r.namespaced => Scope::Namespaced,
-            Ok(_) => Scope::Cluster,
-            Err(_) => Scope::Unknown,
-        };
-        scopes.insert(key, scope);
-    }
-    scopes
 }
 
 /// Whether `graph` is this instance's. Names and labels are shared by same-named kinds of two

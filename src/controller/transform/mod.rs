@@ -2,7 +2,9 @@
 //! schema changes and names it does not own), generates RBAC from `managedResources`, and hands
 //! the kind to the instance supervisor. Deleting a Transform waits until no instance is left.
 
-use crate::api::condition_types::{AUTHORIZED, CRD_GENERATED, CUE_FETCHED, RBAC_CONFIGURED, SCHEMA_EXTRACTED};
+use crate::api::condition_types::{
+    AUTHORIZED, CRD_GENERATED, CUE_FETCHED, RBAC_CONFIGURED, ROLLED_OUT, SCHEMA_EXTRACTED,
+};
 use crate::api::names::{
     AGGREGATE_LABEL, CUE_MODULE_LABEL, GENERATED_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PAUSED_ANNOTATION,
     TRANSFORM_FINALIZER, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL, TRANSFORM_STATUS_MANAGER,
@@ -31,6 +33,7 @@ use tracing::info_span;
 mod status;
 
 use super::instance::{ServeSpec, Supervisor, TransformKey};
+use super::rollout::RolloutOrder;
 use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus};
 use crate::apply::contains;
@@ -39,6 +42,7 @@ use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
 use crate::executor::proof::Allowance;
 use crate::rbac::{self, Generated, ManagerIdentity, RbacMode, ServedKind, TransformIdentity};
+use crate::rollout::Policy;
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
@@ -293,6 +297,14 @@ async fn write_status(
     old: &TransformStatus,
     status: TransformStatus,
 ) -> Result<(), Error> {
+    // The rollout driver writes its part of the status with a field manager of its own.
+    let without_rollout = |s: &TransformStatus| {
+        let mut s = s.clone();
+        s.rollout = None;
+        s.conditions.retain(|c| c.type_ != ROLLED_OUT);
+        s
+    };
+    let (old, status) = (&without_rollout(old), without_rollout(&status));
     ctx.written
         .write(
             &api(t, ctx),
@@ -354,6 +366,7 @@ async fn show_new_spec(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'
 async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'_>) -> Result<Action, Stop> {
     let namespace = t.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let allowance = authorize(t, &namespace, &ctx.trusted, update)?;
+    let policy = rollout_policy(t)?;
     let (fetched, retry) = fetch_module(t, ctx, update).await?;
     let source_digest = fetched.digest.clone();
     // A failure below waits for a change of the Transform; a tag or branch must also be
@@ -384,7 +397,11 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
         .serve(ServeSpec {
             transform: key(t),
             resource: resource.clone(),
-            module: module.clone(),
+            order: RolloutOrder {
+                transform: Arc::new(t.clone()),
+                target: module.clone(),
+                policy,
+            },
             allowance,
             namespace: (t.spec.rbac_scope == RbacScope::Namespace).then(|| namespace.clone()),
         })
@@ -398,6 +415,19 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     };
     update.serving(generated, source_digest);
     Ok(Action::requeue(retry.or(next_look).unwrap_or(RESYNC)))
+}
+
+/// The Transform's rollout policy, or why it is invalid.
+fn rollout_policy(t: &Transform) -> Result<Policy, Stop> {
+    Policy::from_spec(t.spec.rollout.as_ref()).map_err(|message| {
+        Stop::failed(
+            crate::api::condition_types::READY,
+            reasons::INVALID_ROLLOUT,
+            format!("spec.rollout: {message}"),
+            reasons::INVALID_ROLLOUT,
+            Action::await_change(),
+        )
+    })
 }
 
 /// What the Transform's instances may reach (see [`crate::authority`]); a Transform asking for
