@@ -171,6 +171,9 @@ struct SchemaPlan {
 struct Plan {
     module: String,
     schema: SchemaPlan,
+    /// Counts, and the deletions and replacements of the Transform's protected kinds, which
+    /// wait for approval: what the Transform's status would show.
+    summary: crate::api::PlanSummary,
     instances: Vec<InstancePlan>,
 }
 
@@ -239,9 +242,13 @@ pub async fn plan(
     )
     .await
     .map_err(|e| CommandError::new(format!("reading the graphs of {}: {e}", crd.kind)))?;
+    let protected = crate::rollout::Policy::from_spec(t.spec.rollout.as_ref())
+        .map(|p| p.protected_kinds)
+        .map_err(|e| CommandError::new(format!("spec.rollout: {e}")))?;
     let plan = Plan {
         module: candidate.digest.clone(),
         schema,
+        summary: crate::plan::summarize(&candidate.digest, &plans, &protected),
         instances: plans,
     };
     match format {
@@ -305,6 +312,14 @@ fn print_plan(plan: &Plan) {
         (false, _) => println!("schema: unchanged"),
         (true, true) => println!("schema: changes, none breaking"),
         (true, false) => println!("schema: refused, breaking: {}", plan.schema.breaking.join("; ")),
+    }
+    if plan.summary.destructive > 0 {
+        println!(
+            "approval: {} deletion(s) or replacement(s) of protected kinds wait for {}={}",
+            plan.summary.destructive,
+            crate::api::names::APPROVAL_ANNOTATION,
+            plan.module
+        );
     }
     println!("{:<40} {:<8} {:<40} DETAIL", "INSTANCE", "CHANGE", "OBJECT");
     for p in plans {

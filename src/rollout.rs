@@ -368,10 +368,12 @@ pub fn step(
         return Step {
             phase: RolloutPhase::Progressing,
             reason: reasons::ROLLOUT_PROGRESSING,
+            // No countdown in the message: the status would be written on every look.
             message: format!(
-                "batch {batch_number}: {} of {batch} instance(s) Ready on module {short}; waiting up to {}s more",
+                "batch {batch_number}: {} of {batch} instance(s) Ready on module {short}; each has {}s from the \
+                 batch's start (status.rollout.batchStartedAt)",
                 batch - waiting,
-                remaining.as_secs()
+                policy.health_timeout.as_secs()
             ),
             admission: held(memory),
             counts,
@@ -380,9 +382,11 @@ pub fn step(
         };
     }
     let ordered = order(&eligible, policy.canaries.as_ref());
+    // An instance without a graph yet is new: it takes the current version by itself (the
+    // target once the rollout is complete), and joins a batch once it has one.
     let next: BTreeSet<InstanceKey> = ordered
         .into_iter()
-        .filter(|m| !m.on(target) && !memory.reached.contains(&m.key))
+        .filter(|m| m.digest.is_some() && !m.on(target) && !memory.reached.contains(&m.key))
         .take(policy.batch.of(eligible.len()))
         .map(|m| m.key.clone())
         .collect();
@@ -721,6 +725,16 @@ mod tests {
                 assert_eq!(admitted(&late), vec!["a", "b"], "within budget the next batch starts");
             }
         }
+    }
+
+    #[test]
+    fn a_new_instance_is_no_batch_of_its_own() {
+        let policy = staged(json!(1), 0);
+        let mut fresh = member("new", "x", InstancePhase::Pending);
+        fresh.digest = None;
+        let fleet = vec![member("a", "v1", Ready), fresh];
+        let step = step(&policy, "v1", &fleet, Gate::Open, &mut Memory::new("v1"), t(0));
+        assert_eq!((step.phase, step.started_batch), (RolloutPhase::Complete, false));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 pub use object::{
     GraphIdentity, Predecessor, contains, desired_object, first_difference, gvk_label, is_orphan, other_managers,
-    set_annotation,
+    set_annotation, stale_field,
 };
 
 use crate::api::{ApplyMode, ConflictPolicy, Node};

@@ -150,6 +150,36 @@ pub fn first_difference(live: &Value, desired: &Value) -> Option<String> {
     (!same).then(String::new)
 }
 
+/// A field `manager` set with server-side apply that `desired` no longer declares (a dotted
+/// path), or None. Applying then removes it: skipping the apply because `live` holds every
+/// desired field would leave it behind. Fields are followed through maps only; list items
+/// (`k:`, `v:`, `i:` entries) count as present when their list is declared.
+pub fn stale_field(live: &Value, desired: &Value, manager: &str) -> Option<String> {
+    let owned = live["metadata"]["managedFields"]
+        .as_array()?
+        .iter()
+        .find(|m| m["manager"] == manager && m["operation"] == "Apply")?
+        .get("fieldsV1")?;
+    missing_field(owned, desired, "")
+}
+
+fn missing_field(owned: &Value, desired: &Value, prefix: &str) -> Option<String> {
+    let fields = owned.as_object()?;
+    fields.iter().find_map(|(key, below)| {
+        let name = key.strip_prefix("f:")?;
+        let path = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match desired.get(name) {
+            None => Some(path),
+            Some(value) if value.is_object() => missing_field(below, value, &path),
+            Some(_) => None,
+        }
+    })
+}
+
 /// Whether an object asks to be left running when Pequod lets go of it.
 pub fn is_orphan(object: &Value) -> bool {
     object

@@ -85,13 +85,16 @@ pub async fn plan_instances(
         .into_iter()
         .map(|g| ((g.namespace().unwrap_or_default(), g.name_any()), g))
         .collect();
+    // In a stable order, so that summaries and tables read the same each time.
+    let mut instances: Vec<&Arc<DynamicObject>> = instances.iter().collect();
+    instances.sort_by_key(|o| instance_key(o));
     let renders = instances.iter().map(|obj| {
         let spec = obj.data.get("spec").cloned().unwrap_or_else(|| json!({}));
         tools.renderer.render(module, render_input(&obj.metadata, &spec))
     });
     let renders = futures::future::join_all(renders).await;
     let mut plans = Vec::with_capacity(instances.len());
-    let mut pairs = instances.iter().zip(renders).peekable();
+    let mut pairs = instances.into_iter().zip(renders).peekable();
     while pairs.peek().is_some() {
         let chunk = pairs.by_ref().take(DRY_RUNS_IN_FLIGHT).map(|(obj, rendered)| {
             let graph = graphs

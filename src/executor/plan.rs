@@ -197,7 +197,9 @@ pub fn plan_node(
             release_managers: earlier_managers,
         },
         _ if unchanged_since_apply => Write::Nothing,
-        _ => match crate::apply::first_difference(live, &desired) {
+        _ => match crate::apply::first_difference(live, &desired)
+            .or_else(|| crate::apply::stale_field(live, &desired, &manager))
+        {
             None => Write::Nothing,
             Some(path) => {
                 tracing::debug!(node = %node.id, %path, "the live object differs from the desired one");
@@ -331,6 +333,30 @@ mod tests {
     fn desired(value: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "team",
             "annotations": {"pequod.io/resourcegraph-uid": "uid-web"}}, "data": {"a": value}})
+    }
+
+    #[test]
+    fn a_field_the_node_no_longer_declares_is_applied_away() {
+        let g = graph();
+        let mut object = live(json!({"pequod.io/resourcegraph-uid": "uid-web"}), &[]);
+        object["data"]["b"] = json!("2");
+        object["metadata"]["managedFields"] = json!([{"manager": "pequod-uid-web", "operation": "Apply",
+            "fieldsV1": {"f:data": {"f:a": {}, "f:b": {}}, "f:metadata": {"f:annotations": {"f:pequod.io/resourcegraph-uid": {}}}}}]);
+        let n = node(desired("1"), ApplyMode::Apply, json!([]));
+        let plan = plan_node(&n, desired("1"), Some(&object), &g, false);
+        assert_eq!(
+            plan.write,
+            Write::apply(true),
+            "data.b was Pequod's and is no longer declared"
+        );
+        // Another manager's field is not Pequod's to remove.
+        object["metadata"]["managedFields"][0]["fieldsV1"] = json!({"f:data": {"f:a": {}}});
+        object["metadata"]["managedFields"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"manager": "someone", "operation": "Apply", "fieldsV1": {"f:data": {"f:b": {}}}}));
+        let plan = plan_node(&n, desired("1"), Some(&object), &g, false);
+        assert_eq!(plan.write, Write::Nothing);
     }
 
     #[test]
