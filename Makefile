@@ -48,6 +48,10 @@ bench-render: tools ## Benchmark rendering: 1 against 100 instances, and a cache
 bench-instances: tools control-plane ## Benchmark instances: 500 created at once, a resync and a restart.
 	$(CARGO) bench --locked --bench instances
 
+.PHONY: bench-plan
+bench-plan: tools control-plane ## Benchmark planning a module change for 500 instances: the CLI and the operator.
+	$(CARGO) bench --locked --bench plan
+
 .PHONY: bench-sources
 bench-sources: tools ## Benchmark git and OCI module fetches: cold, cached, and a dead registry.
 	$(CARGO) bench --locked --bench sources

@@ -177,6 +177,7 @@ pub fn summarize(digest: &str, plans: &[InstancePlan], protected: &[String]) -> 
         replaced: count(|c| matches!(c, Change::Replace { .. })),
         violations: plans.iter().filter(|p| p.errors() > 0).count() as i32,
         render_failures: plans.iter().filter(|p| p.error.is_some()).count() as i32,
+        schema: None,
         destructive: destructive.len() as i32,
         destructive_changes: destructive.into_iter().take(MAX_PLAN_LINES).collect(),
         lines: lines.into_iter().take(MAX_PLAN_LINES).collect(),

@@ -334,6 +334,10 @@ pub struct PlanSummary {
     pub violations: i32,
     /// Instances that would fail to render.
     pub render_failures: i32,
+    /// What loading the version did to the kind's CRD: `unchanged`, or `changed, none breaking`
+    /// (a breaking change stops the Transform before any instance is planned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
     /// Deletions and replacements of protected kinds, which wait for approval.
     #[serde(default)]
     pub destructive: i32,

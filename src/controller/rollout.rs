@@ -46,6 +46,9 @@ pub struct RolloutOrder {
     pub transform: Arc<Transform>,
     pub target: Module,
     pub policy: Policy,
+    /// Whether loading the target changed the kind's CRD (compatibly: a breaking change
+    /// stops the Transform before any rollout).
+    pub schema_changed: bool,
 }
 
 /// The selection a kind's reconciles read; the driver replaces it.
@@ -412,7 +415,15 @@ impl Driver {
             cluster_scoped,
         )
         .await?;
-        let summary = crate::plan::summarize(&target.digest, &plans, &order.policy.protected_kinds);
+        let mut summary = crate::plan::summarize(&target.digest, &plans, &order.policy.protected_kinds);
+        summary.schema = Some(
+            if order.schema_changed {
+                "changed, none breaking"
+            } else {
+                "unchanged"
+            }
+            .to_string(),
+        );
         let pending = plans
             .iter()
             .filter_map(|p| {

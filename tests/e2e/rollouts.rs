@@ -169,9 +169,18 @@ async fn delete_all(env: &TestEnv, notes: &Api<DynamicObject>, transforms: &Api<
 #[tokio::test]
 async fn a_staged_rollout_plans_then_moves_one_instance_at_a_time_once_the_previous_is_ready() {
     let (env, transforms) = setup("rollout-staged").await;
-    let staged = json!({"strategy": "Staged", "batchSize": 1, "healthTimeoutSeconds": 600});
-    let (notes, v1) = serve_notes(&env, &transforms, &module("1", true, false, false), staged).await;
+    let policy = |paused: bool| {
+        json!({"strategy": "Staged", "batchSize": 1, "healthTimeoutSeconds": 600, "paused": paused,
+               "canarySelector": {"matchLabels": {"tier": "canary"}}})
+    };
+    let (notes, v1) = serve_notes(&env, &transforms, &module("1", true, false, false), policy(false)).await;
     let configmaps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let canary = json!({"metadata": {"labels": {"tier": "canary"}}});
+    notes
+        .patch("gamma", &PatchParams::default(), &Patch::Merge(canary))
+        .await
+        .unwrap();
+    let spec = |paused: bool| json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group(&env), "rollout": policy(paused)});
 
     // v2 removes the extra ConfigMap and waits for each note to be approved.
     put_module(
@@ -188,6 +197,7 @@ async fn a_staged_rollout_plans_then_moves_one_instance_at_a_time_once_the_previ
     let v2 = started.target_digest.clone();
     let plan = started.plan.clone().expect("a plan");
     assert_eq!(plan.digest, v2);
+    assert_eq!(plan.schema.as_deref(), Some("unchanged"), "#Input is the same");
     assert_eq!(
         (
             plan.instances,
@@ -210,17 +220,17 @@ async fn a_staged_rollout_plans_then_moves_one_instance_at_a_time_once_the_previ
     );
     assert_eq!(started.current_digest.as_deref(), Some(v1.as_str()));
 
-    // Batch 1 is alpha alone; it waits for its gate, and nothing else moves meanwhile.
-    wait_digest(&notes, "alpha", &v2).await;
-    wait_for("alpha's extra ConfigMap to be pruned", WAIT, || async {
-        match configmaps.get_opt("alpha-extra").await {
+    // Batch 1 is the canary gamma alone; it waits for its gate, and nothing else moves.
+    wait_digest(&notes, "gamma", &v2).await;
+    wait_for("gamma's extra ConfigMap to be pruned", WAIT, || async {
+        match configmaps.get_opt("gamma-extra").await {
             Ok(None) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    for name in ["beta", "gamma"] {
+    for name in ["alpha", "beta"] {
         assert_eq!(
             digest_of(&notes, name).await.as_deref(),
             Some(v1.as_str()),
@@ -251,19 +261,24 @@ async fn a_staged_rollout_plans_then_moves_one_instance_at_a_time_once_the_previ
         (Some(RolloutPhase::Progressing), 1, 2, Some("1/3"))
     );
 
+    // Paused, a Ready batch starts no other; resumed, the next goes.
+    apply_transform(&transforms, "note", spec(true)).await;
+    approve_note(&configmaps, "gamma").await;
+    wait_instance(&notes, "gamma", "Ready", "True", "Ready").await;
+    wait_rollout(&transforms, "note", "paused", |r| r.phase == Some(RolloutPhase::Paused)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(digest_of(&notes, "alpha").await.as_deref(), Some(v1.as_str()), "paused");
+    apply_transform(&transforms, "note", spec(false)).await;
+
     // Each approval lets the next batch go.
-    for (ready, next) in [("alpha", Some("beta")), ("beta", Some("gamma")), ("gamma", None)] {
+    wait_digest(&notes, "alpha", &v2).await;
+    for (ready, next) in [("alpha", Some("beta")), ("beta", None)] {
         approve_note(&configmaps, ready).await;
         wait_instance(&notes, ready, "Ready", "True", "Ready").await;
         if let Some(next) = next {
             wait_digest(&notes, next, &v2).await;
-            if next == "beta" {
-                assert_eq!(
-                    digest_of(&notes, "gamma").await.as_deref(),
-                    Some(v1.as_str()),
-                    "gamma waits for beta"
-                );
-            }
+        } else {
+            assert_eq!(digest_of(&notes, "beta").await.as_deref(), Some(v2.as_str()));
         }
     }
     let done = wait_rollout(&transforms, "note", "complete", |r| {
@@ -284,7 +299,7 @@ async fn a_staged_rollout_plans_then_moves_one_instance_at_a_time_once_the_previ
         &env.client,
         &env.namespace,
         "note",
-        &["RolloutStarted", "BatchStarted", "RolloutComplete"],
+        &["RolloutStarted", "BatchStarted", "RolloutPaused", "RolloutComplete"],
     )
     .await;
     let series = format!(

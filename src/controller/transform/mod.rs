@@ -380,7 +380,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     let crd_name = desired.metadata.name.clone().unwrap_or_default();
     let resource = api_resource(&t.spec.group, &t.spec.version, &names);
     let previous = renamed_from(t, ctx, update, &crd_name).await?;
-    let established = apply_crd(t, ctx, update, &desired, &settled).await?;
+    let (established, schema_changed) = apply_crd(t, ctx, update, &desired, &settled).await?;
     await_established(update, &established, &crd_name, &settled)?;
     generate_rbac(t, ctx, update, &resource).await?;
 
@@ -401,6 +401,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
                 transform: Arc::new(t.clone()),
                 target: module.clone(),
                 policy,
+                schema_changed,
             },
             allowance,
             namespace: (t.spec.rbac_scope == RbacScope::Namespace).then(|| namespace.clone()),
@@ -602,14 +603,14 @@ async fn renamed_from(
 }
 
 /// Creates or updates the CRD: refused when another owner has it or the change would break
-/// stored instances; written only when it differs.
+/// stored instances; written only when it differs (the second value says whether it was).
 async fn apply_crd(
     t: &Transform,
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     desired: &CustomResourceDefinition,
     settled: &Action,
-) -> Result<CustomResourceDefinition, Stop> {
+) -> Result<(CustomResourceDefinition, bool), Stop> {
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
     let crd_name = desired.metadata.name.clone().unwrap_or_default();
     let written = match crds.get_opt(&crd_name).await? {
@@ -644,7 +645,7 @@ async fn apply_crd(
     };
     let (crd, changed) = written;
     update.crd_written(&crd_name, changed);
-    Ok(crd)
+    Ok((crd, changed))
 }
 
 /// Waits until the apiserver serves the CRD (the CRD watch brings the Transform back; the
