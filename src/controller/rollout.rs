@@ -20,8 +20,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::api::condition_types::ROLLED_OUT;
 use crate::api::names::{APPROVAL_ANNOTATION, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, PIN_ANNOTATION};
 use crate::api::{
-    Condition, InstanceStatus, PlanSummary, ResourceGraph, RolloutPhase, RolloutStatus, Transform, reasons,
-    set_condition,
+    Condition, PlanSummary, ResourceGraph, RolloutPhase, RolloutStatus, Transform, reasons, set_condition,
 };
 use crate::apply::{Applier, GraphIdentity, desired_object};
 use crate::cue::{Module, Renderer, render_input};
@@ -221,11 +220,11 @@ async fn dry_run_updates(
                     });
                 }
             }
+            // The apiserver's message may quote live values: only the paths are told.
             Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("immutable") => {
-                let why: String = s.message.chars().take(200).collect();
                 checked.push(Change::Replace {
                     object: object.clone(),
-                    why: format!("the apiserver refuses it in place: {why}"),
+                    why: format!("the apiserver refuses to change {} in place", paths.join(", ")),
                 });
             }
             Err(e) => {
@@ -237,18 +236,15 @@ async fn dry_run_updates(
     checked
 }
 
-/// An instance as a rollout sees it.
+/// An instance as a rollout sees it. Only the two status fields it needs are read: the
+/// driver looks at every instance on each pass.
 pub fn member(obj: &DynamicObject) -> Member {
-    let status: InstanceStatus = obj
-        .data
-        .get("status")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .unwrap_or_default();
+    let field = |pointer: &str| obj.data.pointer(pointer).cloned();
     Member {
         key: instance_key(obj),
         labels: obj.labels().clone(),
-        digest: status.module_digest,
-        phase: status.phase,
+        digest: field("/status/moduleDigest").and_then(|d| d.as_str().map(String::from)),
+        phase: field("/status/phase").and_then(|p| serde_json::from_value(p).ok()),
         pinned: obj.annotations().contains_key(PIN_ANNOTATION),
     }
 }

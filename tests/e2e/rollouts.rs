@@ -558,3 +558,47 @@ async fn a_pinned_instance_stays_and_a_rollback_comes_from_the_cache_while_the_r
     registry.resume();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn pequod_plan_reports_an_update_the_apiserver_refuses_in_place_as_a_replacement() {
+    let (env, transforms) = setup("plan-immutable").await;
+    // An immutable ConfigMap: its data cannot change in place, which only the apiserver knows.
+    let immutable = |version: &str| module(version, false, false, false).replace("data: {", "immutable: true, data: {");
+    put_module(&env.client, &env.namespace, "note-module", &immutable("1")).await;
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group(&env)}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "note").await;
+    let api_version = format!("{}/v1alpha1", group(&env));
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    apply_instance(&notes, &api_version, "Note", "alpha", json!({"text": "alpha"})).await;
+    wait_instance(&notes, "alpha", "Ready", "True", "Ready").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("note.cue"), immutable("2")).unwrap();
+    let out = std::process::Command::new(support::pequod_binary())
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("PEQUOD_CACHE_DIR", dir.path().join("cache"))
+        .args(["plan", "--transform", &format!("{}/note", env.namespace), "--module"])
+        .arg(dir.path())
+        .args(["-o", "json", "--cue-binary"])
+        .arg(support::tool("cue", "PEQUOD_TEST_CUE"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        plan["instances"][0]["changes"],
+        json!([{"change": "replace", "object": {"kind": "ConfigMap", "name": "alpha"},
+                "why": "the apiserver refuses to change data.version in place"}]),
+        "{plan}"
+    );
+    assert_eq!(plan["summary"]["replaced"], 1);
+
+    support::delete_and_wait_gone(&notes, "alpha", WAIT).await;
+    delete_transform(&transforms, "note").await;
+    env.cleanup().await;
+}
