@@ -38,7 +38,7 @@ test: tools control-plane ## Unit and end-to-end tests against a local control p
 
 .PHONY: test-compat
 test-compat: tools control-plane ## End-to-end subset on the same control plane emulating the oldest supported Kubernetes (1.34).
-	PEQUOD_TEST_EMULATED_VERSION=1.34 $(CARGO) test --locked --test e2e -- smoke:: executor:: instances:: transforms::
+	PEQUOD_TEST_EMULATED_VERSION=1.34 $(CARGO) test --locked --test e2e -- smoke:: executor:: instances:: transforms:: rollouts::
 
 .PHONY: bench-render
 bench-render: tools ## Benchmark rendering: 1 against 100 instances, and a cached resync.

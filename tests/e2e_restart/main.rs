@@ -908,3 +908,104 @@ async fn a_transform_outside_the_trusted_namespaces_gets_only_its_own_namespace(
     assert!(bindings.get_opt("escalate").await.unwrap().is_none());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_staged_rollout_interrupted_by_a_restart_resumes_its_batch() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("restart-rollout").await;
+    support::install_crds(&env.client).await;
+    let group = format!("{}.test.example.com", env.namespace);
+    let api_version = format!("{group}/v1alpha1");
+    let put_module = |source: String| {
+        let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": source}});
+        let client = env.client.clone();
+        let namespace = env.namespace.clone();
+        async move { support::apply_yaml(&client, &namespace, &serde_yaml::to_string(&module).unwrap()).await }
+    };
+    put_module(support::NOTE_MODULE.to_string()).await;
+    let transform = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
+        "metadata": {"name": "note"}, "spec": {"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group,
+            "rollout": {"strategy": "Staged", "batchSize": 1, "healthTimeoutSeconds": 600}}});
+    support::apply_yaml(&env.client, &env.namespace, &serde_yaml::to_string(&transform).unwrap()).await;
+
+    let first = start(&env.kubeconfig);
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    support::wait_transform_ready(&transforms, "note").await;
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    let names = ["n0", "n1", "n2"];
+    for name in names {
+        let obj =
+            json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": name}, "spec": {"text": name}});
+        notes
+            .patch(name, &PatchParams::apply(support::TEST_MANAGER), &Patch::Apply(obj))
+            .await
+            .unwrap();
+    }
+    let digest = |name: &'static str| {
+        let notes = notes.clone();
+        async move {
+            let obj = notes.get(name).await.unwrap();
+            obj.data
+                .pointer("/status/moduleDigest")
+                .and_then(|d| d.as_str())
+                .map(String::from)
+        }
+    };
+    let rollout = || {
+        let transforms = transforms.clone();
+        async move { transforms.get("note").await.unwrap().status.and_then(|s| s.rollout) }
+    };
+    support::wait_for("the first version everywhere", WAIT, || async {
+        match rollout().await {
+            Some(r) if r.updated == 3 => Ok(r.target_digest),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // v2 makes each note wait for a field only the test sets: batch 1 (n0) stays waiting.
+    let gated = support::NOTE_MODULE
+        .replace("data: text: input.spec.text}\n\t\treadyWhen: [{type: \"Exists\"}]",
+                 "data: {text: input.spec.text, version: \"2\"}}\n\t\treadyWhen: [{type: \"FieldMatch\", path: \"data.ok\", value: \"yes\"}]");
+    assert_ne!(gated, support::NOTE_MODULE);
+    put_module(gated).await;
+    let waiting = support::wait_for("batch 1 on v2", WAIT, || async {
+        match rollout().await {
+            Some(r) if r.batch == Some(1) && r.updated == 1 => Ok(r),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let v1 = waiting.current_digest.clone().unwrap();
+    assert_eq!(digest("n0").await.as_deref(), Some(waiting.target_digest.as_str()));
+    first.kill();
+
+    // The new operator resumes batch 1: the others keep waiting, and the batch's clock too.
+    let _second = start(&env.kubeconfig);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let resumed = rollout().await.unwrap();
+    assert_eq!(
+        (resumed.batch, resumed.batch_started_at.clone(), resumed.updated),
+        (Some(1), waiting.batch_started_at.clone(), 1),
+        "{resumed:?}"
+    );
+    for name in ["n1", "n2"] {
+        assert_eq!(digest(name).await.as_deref(), Some(v1.as_str()), "{name}");
+    }
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let ok = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "n0"}, "data": {"ok": "yes"}});
+    cms.patch("n0", &PatchParams::apply(support::TEST_MANAGER), &Patch::Apply(ok))
+        .await
+        .unwrap();
+    support::wait_for("batch 2 (n1) on v2", WAIT, || async {
+        match rollout().await {
+            Some(r) if r.batch == Some(2) && r.updated == 2 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(digest("n1").await.as_deref(), Some(waiting.target_digest.as_str()));
+    assert_eq!(digest("n2").await.as_deref(), Some(v1.as_str()));
+    env.cleanup().await;
+}
