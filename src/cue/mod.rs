@@ -9,7 +9,7 @@ pub mod schema;
 
 pub use batch::{RenderError, RenderOutput, input_hash, render_input};
 pub use cli::{CueCli, MAX_STDERR_BYTES, MAX_STDOUT_BYTES};
-pub use module::{Module, ModuleError, ModuleFiles, ModuleStore};
+pub use module::{Module, ModuleError, ModuleFiles, ModuleStore, is_digest};
 pub use renderer::{ModuleMetadata, ModuleSchema, PrinterColumn, RenderResult, Renderer, RendererConfig};
 pub use schema::{SchemaError, crd_schema_from_openapi};
 

@@ -170,6 +170,13 @@ fn package_clause(source: &str) -> Option<String> {
     None
 }
 
+/// Whether `value` is a content digest as [`ModuleFiles::digest`] makes them.
+pub fn is_digest(value: &str) -> bool {
+    value
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
 /// A module written to disk, ready for cue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Module {
@@ -290,6 +297,10 @@ impl ModuleStore {
     /// A module written before (by this process or an earlier one), by its digest: what
     /// rollbacks, pins and instances staying on an earlier version render with.
     pub fn find(&self, digest: &str, platform: &str) -> Option<Module> {
+        // A digest from an annotation is a user's input: it names a folder only when it is one.
+        if !is_digest(digest) {
+            return None;
+        }
         let dir = self.dir_of(digest);
         if std::fs::read_to_string(dir.join(".complete")).ok()? != digest {
             return None;
@@ -339,6 +350,8 @@ mod tests {
         let found = ModuleStore::new(&root).find(&written.digest, "web").unwrap();
         assert_eq!(found, written);
         assert_eq!(store.find("sha256:0000", "web"), None);
+        assert_eq!(store.find("../../etc", "web"), None, "only digests name folders");
+        assert!(is_digest(&written.digest));
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -551,6 +551,18 @@ async fn a_pinned_instance_stays_and_a_rollback_comes_from_the_cache_while_the_r
     let fetched = crate::transforms::condition(&t, "CueFetched").unwrap();
     assert!(fetched.is_true(), "{fetched:?}");
 
+    // A pin that is no digest names nothing: the instance says so and keeps its graph.
+    let bad = json!({"metadata": {"annotations": {"pequod.io/pinned-module-digest": "../../etc"}}});
+    notes
+        .patch("alpha", &PatchParams::default(), &Patch::Merge(bad))
+        .await
+        .unwrap();
+    let alpha = wait_instance(&notes, "alpha", "Rendered", "False", "ModuleUnavailable").await;
+    let (_, _, message) = crate::instances::instance_condition(&alpha, "Rendered").unwrap();
+    assert!(message.contains("is not a module digest"), "{message}");
+    assert_eq!(alpha.data.pointer("/status/pinnedModuleDigest"), None);
+    assert_eq!(version_of(&configmaps, "alpha").await.as_deref(), Some("1"));
+
     for name in ["alpha", "beta"] {
         support::delete_and_wait_gone(&notes, name, WAIT).await;
     }

@@ -578,7 +578,7 @@ async fn choose_module(
 ) -> Result<Module, Stop> {
     let key = instance_key(obj);
     let pin = obj.annotations().get(PIN_ANNOTATION).map(String::as_str);
-    update.new.pinned_module_digest = pin.map(String::from);
+    update.new.pinned_module_digest = pin.filter(|p| crate::cue::is_digest(p)).map(String::from);
     let recorded = update.old.module_digest.clone();
     let module = match choose(selection, &key, recorded.as_deref(), pin) {
         Wanted::Target => selection.target.clone(),
@@ -587,7 +587,9 @@ async fn choose_module(
             Some(module) => module,
             None => {
                 let shown: String = digest.chars().take(80).collect();
-                let message = if pin.is_some() {
+                let message = if pin.is_some() && !crate::cue::is_digest(&digest) {
+                    format!("{PIN_ANNOTATION}: {shown:?} is not a module digest (sha256: and 64 hex digits)")
+                } else if pin.is_some() {
                     format!(
                         "{PIN_ANNOTATION}: module version {shown} is not in the cache; the instance keeps its graph"
                     )
