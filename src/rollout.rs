@@ -13,7 +13,13 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::api::{DEFAULT_PROTECTED_KINDS, InstancePhase, RolloutPhase, RolloutPolicy, RolloutStrategy, reasons};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::condition_types::ROLLED_OUT;
+use crate::api::{
+    Condition, DEFAULT_PROTECTED_KINDS, InstancePhase, PlanSummary, RolloutPhase, RolloutPolicy, RolloutStatus,
+    RolloutStrategy, reasons, set_condition,
+};
 use crate::cue::Module;
 
 /// How long a batch may take to be Ready unless the Transform says otherwise.
@@ -508,6 +514,66 @@ pub fn short_digest(digest: &str) -> &str {
     &digest[..end]
 }
 
+/// What a step shows on the Transform: `status.rollout`, the `RolledOut` condition, and the
+/// events of the transition from what was shown before.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub status: RolloutStatus,
+    pub condition: Condition,
+    /// (warning, reason, message), published once the status is written.
+    pub events: Vec<(bool, &'static str, String)>,
+}
+
+/// The rollout to `target` as `step` left it. `current` is the version before the rollout
+/// (`None` once complete); `shown` is the status and condition shown before, if any.
+pub fn report(
+    step: &Step,
+    (target, current): (&str, Option<&str>),
+    memory: &Memory,
+    summary: &PlanSummary,
+    shown: Option<&(RolloutStatus, Condition)>,
+    (now, generation): (&Time, Option<i64>),
+) -> Report {
+    let counts = step.counts;
+    let status = RolloutStatus {
+        phase: Some(step.phase),
+        target_digest: target.to_string(),
+        current_digest: Some(current.unwrap_or(target).to_string()),
+        progress: Some(format!("{}/{}", counts.updated, counts.total - counts.pinned)),
+        total: counts.total as i32,
+        updated: counts.updated as i32,
+        pending: counts.pending as i32,
+        failed: counts.failed as i32,
+        pinned: counts.pinned as i32,
+        batch: memory.batch.as_ref().map(|b| b.number as i32),
+        batch_started_at: memory.batch.as_ref().map(|b| Time(b.started)),
+        message: Some(step.message.clone()),
+        plan: Some(summary.clone()),
+    };
+    let wanted = Condition::new(
+        ROLLED_OUT,
+        step.phase == RolloutPhase::Complete,
+        step.reason,
+        step.message.clone(),
+    );
+    let mut conditions: Vec<Condition> = shown.iter().map(|(_, c)| c.clone()).collect();
+    set_condition(&mut conditions, wanted.clone(), now, generation);
+    let condition = conditions.into_iter().next().unwrap_or(wanted);
+    let mut events = Vec::new();
+    if step.started_batch {
+        events.push((false, reasons::BATCH_STARTED, step.message.clone()));
+    }
+    let transition = shown.is_none_or(|(s, c)| s.phase != Some(step.phase) || c.reason != step.reason);
+    if transition && step.phase != RolloutPhase::Progressing {
+        events.push((step.phase == RolloutPhase::Blocked, step.reason, step.message.clone()));
+    }
+    Report {
+        status,
+        condition,
+        events,
+    }
+}
+
 /// Which module version each instance of a kind renders with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selection {
@@ -886,6 +952,57 @@ mod tests {
         assert_eq!(
             affected(&old, &Selection::hold(module("newer"), Some(module("old")))),
             Affected::All
+        );
+    }
+
+    #[test]
+    fn a_report_announces_transitions_once() {
+        let now = Time(t(0));
+        let summary = PlanSummary::default();
+        let policy = staged(json!(1), 0);
+        let fleet = vec![member("a", "old", Ready)];
+        let mut memory = Memory::new("new");
+        let gated = step(&policy, "new", &fleet, Gate::AwaitingApproval(1), &mut memory, t(0));
+        let first = report(&gated, ("new", Some("old")), &memory, &summary, None, (&now, Some(1)));
+        assert_eq!(
+            first.events.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(),
+            vec![(true, reasons::APPROVAL_REQUIRED)]
+        );
+        assert_eq!(
+            (first.condition.is_true(), first.status.current_digest.as_deref()),
+            (false, Some("old"))
+        );
+        let shown = (first.status.clone(), first.condition.clone());
+        let again = report(
+            &gated,
+            ("new", Some("old")),
+            &memory,
+            &summary,
+            Some(&shown),
+            (&Time(t(9)), Some(1)),
+        );
+        assert!(again.events.is_empty(), "no second announcement");
+        assert_eq!(
+            again.condition.last_transition_time,
+            first.condition.last_transition_time
+        );
+
+        let moving = step(&policy, "new", &fleet, Gate::Open, &mut memory, t(10));
+        let batch = report(
+            &moving,
+            ("new", Some("old")),
+            &memory,
+            &summary,
+            Some(&shown),
+            (&now, Some(1)),
+        );
+        assert_eq!(
+            batch.events.iter().map(|e| e.1).collect::<Vec<_>>(),
+            vec![reasons::BATCH_STARTED]
+        );
+        assert_eq!(
+            (batch.status.batch, batch.status.progress.as_deref()),
+            (Some(1), Some("0/1"))
         );
     }
 

@@ -19,9 +19,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::api::condition_types::ROLLED_OUT;
 use crate::api::names::{APPROVAL_ANNOTATION, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, PIN_ANNOTATION};
-use crate::api::{
-    Condition, PlanSummary, ResourceGraph, RolloutPhase, RolloutStatus, Transform, reasons, set_condition,
-};
+use crate::api::{Condition, PlanSummary, ResourceGraph, RolloutPhase, RolloutStatus, Transform, reasons};
 use crate::apply::{Applier, GraphIdentity, desired_object};
 use crate::cue::{Module, Renderer, render_input};
 use crate::executor::plan::field_manager;
@@ -479,58 +477,29 @@ impl Driver {
     /// and metrics.
     async fn report(&self, order: &RolloutOrder, t: &mut Tracked, step: &Step) -> Result<(), kube::Error> {
         let transform = &order.transform;
-        let now = Time(jiff::Timestamp::now());
-        let counts = step.counts;
-        let status = RolloutStatus {
-            phase: Some(step.phase),
-            target_digest: t.target.digest.clone(),
-            current_digest: Some(t.current.as_ref().unwrap_or(&t.target).digest.clone()),
-            progress: Some(format!("{}/{}", counts.updated, counts.total - counts.pinned)),
-            total: counts.total as i32,
-            updated: counts.updated as i32,
-            pending: counts.pending as i32,
-            failed: counts.failed as i32,
-            pinned: counts.pinned as i32,
-            batch: t.memory.batch.as_ref().map(|b| b.number as i32),
-            batch_started_at: t.memory.batch.as_ref().map(|b| Time(b.started)),
-            message: Some(step.message.clone()),
-            plan: Some(t.summary.clone()),
-        };
-        let previous = t.written.clone().or_else(|| {
+        let shown = t.written.clone().or_else(|| {
             let s = transform.status.as_ref()?;
-            Some((
-                s.rollout.clone()?,
-                s.conditions.iter().find(|c| c.type_ == ROLLED_OUT)?.clone(),
-            ))
+            let condition = s.conditions.iter().find(|c| c.type_ == ROLLED_OUT)?.clone();
+            Some((s.rollout.clone()?, condition))
         });
-        let mut conditions: Vec<Condition> = previous.iter().map(|(_, c)| c.clone()).collect();
-        let complete = step.phase == RolloutPhase::Complete;
-        let wanted = Condition::new(ROLLED_OUT, complete, step.reason, step.message.clone());
-        set_condition(&mut conditions, wanted.clone(), &now, transform.metadata.generation);
-        let condition = conditions.into_iter().next().unwrap_or(wanted);
+        let versions = (t.target.digest.as_str(), t.current.as_ref().map(|m| m.digest.as_str()));
+        let now = Time(jiff::Timestamp::now());
+        let report = rollout::report(
+            step,
+            versions,
+            &t.memory,
+            &t.summary,
+            shown.as_ref(),
+            (&now, transform.metadata.generation),
+        );
         self.metrics_of(transform, step);
-        if step.started_batch {
-            let namespace = transform.namespace().unwrap_or_default();
-            self.metrics
-                .rollout_batches_total
-                .with_label_values(&[namespace.as_str(), transform.name_any().as_str()])
-                .inc();
-            self.event(
-                transform,
-                EventType::Normal,
-                reasons::BATCH_STARTED,
-                step.message.clone(),
-            );
-        }
-        if previous.as_ref().is_some_and(|(s, c)| s == &status && c == &condition) {
+        if shown.as_ref() == Some(&(report.status.clone(), report.condition.clone())) {
             return Ok(());
         }
-        let phase_changed = previous.as_ref().and_then(|(s, _)| s.phase) != Some(step.phase)
-            || previous.as_ref().map(|(_, c)| c.reason.as_str()) != Some(step.reason);
         let body = json!({
             "apiVersion": crate::api::API_VERSION,
             "kind": "Transform",
-            "status": {"rollout": status, "conditions": [condition]},
+            "status": {"rollout": report.status, "conditions": [report.condition]},
         });
         let api: Api<Transform> = Api::namespaced(self.client.clone(), &transform.namespace().unwrap_or_default());
         api.patch_status(
@@ -539,15 +508,18 @@ impl Driver {
             &Patch::Apply(body),
         )
         .await?;
-        if phase_changed && step.phase != RolloutPhase::Progressing {
-            let type_ = if step.phase == RolloutPhase::Blocked {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            };
-            self.event(transform, type_, step.reason, step.message.clone());
+        for (warning, reason, note) in report.events {
+            if reason == reasons::BATCH_STARTED {
+                let namespace = transform.namespace().unwrap_or_default();
+                self.metrics
+                    .rollout_batches_total
+                    .with_label_values(&[namespace.as_str(), transform.name_any().as_str()])
+                    .inc();
+            }
+            let type_ = if warning { EventType::Warning } else { EventType::Normal };
+            self.event(transform, type_, reason, note);
         }
-        t.written = Some((status, condition));
+        t.written = Some((report.status, report.condition));
         Ok(())
     }
 
