@@ -229,6 +229,7 @@ pub async fn plan(
         client: &client,
         renderer: &renderer,
         applier: &applier,
+        watches: None,
     };
     let instances: Vec<Arc<DynamicObject>> = listed.items.into_iter().map(Arc::new).collect();
     let scope = (t.spec.rbac_scope == RbacScope::Namespace).then_some(ns);

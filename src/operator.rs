@@ -131,7 +131,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         client.clone(),
         applier.clone(),
         key.clone(),
-        watches,
+        watches.clone(),
         recorder.clone(),
         metrics.clone(),
         args.apply_concurrency.into(),
@@ -143,14 +143,17 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     });
 
     let supervisor = Supervisor::new(
-        Arc::new(instance::Shared::new(
-            client.clone(),
-            renderer.clone(),
-            applier,
-            key,
-            recorder.clone(),
-            metrics.clone(),
-        )),
+        Arc::new(
+            instance::Shared::new(
+                client.clone(),
+                renderer.clone(),
+                applier,
+                key,
+                recorder.clone(),
+                metrics.clone(),
+            )
+            .with_object_watches(watches),
+        ),
         shutdown.clone(),
     );
     let fetcher = Fetcher::new(

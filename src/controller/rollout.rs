@@ -20,6 +20,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::api::condition_types::ROLLED_OUT;
 use crate::api::names::{APPROVAL_ANNOTATION, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, PIN_ANNOTATION};
 use crate::api::{Condition, PlanSummary, ResourceGraph, RolloutPhase, RolloutStatus, Transform, reasons};
+use super::watches::{Lookup, ObjectWatches};
 use crate::apply::{Applier, GraphIdentity, desired_object};
 use crate::cue::{Module, Renderer, render_input};
 use crate::executor::plan::field_manager;
@@ -51,11 +52,14 @@ pub struct RolloutOrder {
 /// The selection a kind's reconciles read; the driver replaces it.
 pub type SelectionCell = Arc<RwLock<Arc<Selection>>>;
 
-/// What planning and applying need from the operator.
+/// What planning needs from the operator.
 pub struct Tools<'a> {
     pub client: &'a Client,
     pub renderer: &'a Renderer,
     pub applier: &'a Applier,
+    /// The executor's object caches, where live objects are read first (the operator has
+    /// them; `pequod plan` asks the apiserver).
+    pub watches: Option<&'a ObjectWatches>,
 }
 
 /// What `module` would do to each of `instances`: each is rendered with it (the renders form
@@ -195,7 +199,12 @@ async fn dry_run_updates(
         };
         let desired = desired_object(node, &identity, resolved.namespaced);
         let namespace = desired.pointer("/metadata/namespace").and_then(|v| v.as_str());
-        let Ok(Some(live)) = tools.applier.get(&resolved, namespace, &object.name).await else {
+        let cached = tools.watches.map(|w| w.lookup(&resolved, namespace, &object.name));
+        let live = match cached {
+            Some(Lookup::Known(found)) => found.map(|o| (*o).clone()),
+            _ => tools.applier.get(&resolved, namespace, &object.name).await.ok().flatten(),
+        };
+        let Some(live) = live else {
             checked.push(change);
             continue;
         };
@@ -261,6 +270,7 @@ pub struct Driver {
     pub applier: Applier,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    pub watches: Option<Arc<ObjectWatches>>,
     pub resource: ApiResource,
     pub namespace: Option<String>,
     pub store: Store<DynamicObject>,
@@ -398,6 +408,7 @@ impl Driver {
             client: &self.client,
             renderer: &self.renderer,
             applier: &self.applier,
+            watches: self.watches.as_deref(),
         };
         let cluster_scoped = order.transform.spec.allow_cluster_scoped_resources;
         let plans = plan_instances(

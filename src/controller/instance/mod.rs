@@ -30,6 +30,7 @@ use tracing::info_span;
 mod status;
 
 use super::rollout::{Driver, RolloutOrder, SelectionCell, instance_key};
+use super::watches::ObjectWatches;
 use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
@@ -95,6 +96,8 @@ pub struct Shared {
     pub key: GraphKey,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// The executor's object caches: rollout plans read live objects from them.
+    pub watches: Option<Arc<ObjectWatches>>,
     written: StatusMemory<InstanceStatus>,
 }
 
@@ -114,8 +117,15 @@ impl Shared {
             key,
             recorder,
             metrics,
+            watches: None,
             written: StatusMemory::default(),
         }
+    }
+
+    /// Lets rollout plans read live objects from the executor's caches.
+    pub fn with_object_watches(mut self, watches: Arc<ObjectWatches>) -> Self {
+        self.watches = Some(watches);
+        self
     }
 }
 
@@ -313,6 +323,7 @@ async fn run_kind(
         applier: ctx.shared.applier.clone(),
         recorder: ctx.shared.recorder.clone(),
         metrics: ctx.shared.metrics.clone(),
+        watches: ctx.shared.watches.clone(),
         resource: resource.clone(),
         namespace: namespace.clone(),
         store: store.clone(),
