@@ -17,10 +17,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::watches::{Lookup, ObjectWatches};
 use crate::api::condition_types::ROLLED_OUT;
 use crate::api::names::{APPROVAL_ANNOTATION, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, PIN_ANNOTATION};
 use crate::api::{Condition, PlanSummary, ResourceGraph, RolloutPhase, RolloutStatus, Transform, reasons};
-use super::watches::{Lookup, ObjectWatches};
 use crate::apply::{Applier, GraphIdentity, desired_object};
 use crate::cue::{Module, Renderer, render_input};
 use crate::executor::plan::field_manager;
@@ -202,7 +202,12 @@ async fn dry_run_updates(
         let cached = tools.watches.map(|w| w.lookup(&resolved, namespace, &object.name));
         let live = match cached {
             Some(Lookup::Known(found)) => found.map(|o| (*o).clone()),
-            _ => tools.applier.get(&resolved, namespace, &object.name).await.ok().flatten(),
+            _ => tools
+                .applier
+                .get(&resolved, namespace, &object.name)
+                .await
+                .ok()
+                .flatten(),
         };
         let Some(live) = live else {
             checked.push(change);
