@@ -345,6 +345,7 @@ fn print_plan(plan: &Plan) {
                 Change::Update { object, paths } => ("update", object, paths.join(", ")),
                 Change::Delete { object } => ("delete", object, String::new()),
                 Change::Replace { object, why } => ("replace", object, why.clone()),
+                Change::Refused { object, why } => ("refused", object, why.clone()),
             };
             println!("{instance:<40} {what:<8} {:<40} {detail}", object.to_string());
         }

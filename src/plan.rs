@@ -55,6 +55,12 @@ pub enum Change {
         object: ObjectKey,
         why: String,
     },
+    /// A new object whose name is taken by one this graph did not make: the graph would refuse
+    /// to write it (the executor's `AlreadyExists` or `OwnedByAnotherGraph`).
+    Refused {
+        object: ObjectKey,
+        why: String,
+    },
 }
 
 /// What a module version would do to one instance.
@@ -112,6 +118,7 @@ impl InstancePlan {
             ("updated", |c| matches!(c, Change::Update { .. })),
             ("replaced", |c| matches!(c, Change::Replace { .. })),
             ("deleted", |c| matches!(c, Change::Delete { .. })),
+            ("refused", |c| matches!(c, Change::Refused { .. })),
         ] {
             let objects: Vec<String> = self
                 .changes
@@ -148,6 +155,7 @@ impl Change {
             Self::Create { object }
             | Self::Update { object, .. }
             | Self::Delete { object }
+            | Self::Refused { object, .. }
             | Self::Replace { object, .. } => object,
         }
     }
@@ -175,6 +183,7 @@ pub fn summarize(digest: &str, plans: &[InstancePlan], protected: &[String]) -> 
         updated: count(|c| matches!(c, Change::Update { .. })),
         deleted: count(|c| matches!(c, Change::Delete { .. })),
         replaced: count(|c| matches!(c, Change::Replace { .. })),
+        refused: count(|c| matches!(c, Change::Refused { .. })),
         violations: plans.iter().filter(|p| p.errors() > 0).count() as i32,
         render_failures: plans.iter().filter(|p| p.error.is_some()).count() as i32,
         schema: None,
@@ -436,6 +445,16 @@ mod tests {
             ]
         );
         assert_eq!(plans[2].line(), None);
+        let taken = plan(
+            "e",
+            vec![Change::Refused {
+                object: object("ConfigMap", "e-taken"),
+                why: "already exists".into(),
+            }],
+            None,
+        );
+        assert_eq!(taken.line().as_deref(), Some("1 refused (ConfigMap/e-taken)"));
+        assert_eq!(summarize("sha256:x", &[taken], &protected).refused, 1);
         let many: Vec<InstancePlan> = (0..30)
             .map(|i| {
                 plan(

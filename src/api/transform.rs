@@ -330,6 +330,9 @@ pub struct PlanSummary {
     pub updated: i32,
     pub deleted: i32,
     pub replaced: i32,
+    /// New objects whose name another owner holds: the graph would refuse to write them.
+    #[serde(default)]
+    pub refused: i32,
     /// Instances whose render would break a policy (Error severity).
     pub violations: i32,
     /// Instances that would fail to render.

@@ -23,6 +23,7 @@ use crate::api::names::{APPROVAL_ANNOTATION, INSTANCE_GROUP_LABEL, INSTANCE_KIND
 use crate::api::{Condition, PlanSummary, ResourceGraph, RolloutPhase, RolloutStatus, Transform, reasons};
 use crate::apply::{Applier, GraphIdentity, desired_object};
 use crate::cue::{Module, Renderer, render_input};
+use crate::executor::ownership::refusal;
 use crate::executor::plan::field_manager;
 use crate::instance_graph::{Scope, confine, graph_name, label_value};
 use crate::plan::InstancePlan;
@@ -155,7 +156,7 @@ async fn plan_instance(
     let current = graph.map(|g| g.spec.nodes.as_slice()).unwrap_or_default();
     let changes = crate::plan::diff(current, &nodes);
     plan.changes = match graph {
-        Some(graph) => dry_run_updates(tools, graph, &nodes, changes).await,
+        Some(graph) => check_live(tools, graph, &nodes, changes).await,
         None => changes,
     };
     plan
@@ -164,9 +165,10 @@ async fn plan_instance(
 /// Checks each update against the live object with a server-side apply dry run, as the graph's
 /// executor would apply it: its paths become those the apply would change there (an update
 /// the live object already holds drops out), and an immutable field the apiserver refuses makes
-/// it a replacement. A node with `${…}` references, whose values exist only at apply time,
-/// keeps what the comparison with the graph told.
-async fn dry_run_updates(
+/// it a replacement. A creation whose name is held by an object the graph may not write is
+/// refused, as the executor would refuse it. A node with `${…}` references, whose values exist
+/// only at apply time, keeps what the comparison with the graph told.
+async fn check_live(
     tools: &Tools<'_>,
     graph: &ResourceGraph,
     nodes: &[crate::api::Node],
@@ -181,9 +183,13 @@ async fn dry_run_updates(
     };
     let mut checked = Vec::with_capacity(changes.len());
     for change in changes {
-        let Change::Update { object, paths } = &change else {
-            checked.push(change);
-            continue;
+        let (object, paths) = match &change {
+            Change::Update { object, paths } => (object, paths.as_slice()),
+            Change::Create { object } => (object, [].as_slice()),
+            _ => {
+                checked.push(change);
+                continue;
+            }
         };
         let node = nodes
             .iter()
@@ -213,6 +219,21 @@ async fn dry_run_updates(
             checked.push(change);
             continue;
         };
+        if let Change::Create { .. } = change {
+            // The name is taken: the graph writes the object only when it is its own to write.
+            let managers = crate::apply::other_managers(&live, "");
+            let refused = serde_json::to_value(&live)
+                .ok()
+                .and_then(|live| refusal(node.apply_policy.mode, &live, &identity, &managers));
+            checked.push(match refused {
+                Some(r) => Change::Refused {
+                    object: object.clone(),
+                    why: r.message,
+                },
+                None => change,
+            });
+            continue;
+        }
         let manager = field_manager(node, &identity);
         match tools
             .applier
@@ -223,7 +244,7 @@ async fn dry_run_updates(
                 let (live, after) = (serde_json::to_value(&live), serde_json::to_value(&after));
                 let live_paths = match (live, after) {
                     (Ok(live), Ok(after)) => crate::plan::live_changes(&live, &after),
-                    _ => paths.clone(),
+                    _ => paths.to_vec(),
                 };
                 if !live_paths.is_empty() {
                     checked.push(Change::Update {

@@ -572,7 +572,7 @@ async fn a_pinned_instance_stays_and_a_rollback_comes_from_the_cache_while_the_r
 }
 
 #[tokio::test]
-async fn pequod_plan_reports_an_update_the_apiserver_refuses_in_place_as_a_replacement() {
+async fn pequod_plan_reports_what_the_apiserver_or_the_graph_would_refuse() {
     let (env, transforms) = setup("plan-immutable").await;
     // An immutable ConfigMap: its data cannot change in place, which only the apiserver knows.
     let immutable = |version: &str| module(version, false, false, false).replace("data: {", "immutable: true, data: {");
@@ -589,8 +589,20 @@ async fn pequod_plan_reports_an_update_the_apiserver_refuses_in_place_as_a_repla
     apply_instance(&notes, &api_version, "Note", "alpha", json!({"text": "alpha"})).await;
     wait_instance(&notes, "alpha", "Ready", "True", "Ready").await;
 
+    // The candidate also adds a ConfigMap whose name someone else's ConfigMap holds.
+    let configmaps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let taken = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "alpha-taken"}, "data": {"owner": "another team"}});
+    configmaps
+        .patch("alpha-taken", &PatchParams::apply("another-team"), &Patch::Apply(taken))
+        .await
+        .unwrap();
+    let candidate = immutable("2").replace(
+        "\t}]\n}",
+        "\t}, {\n\t\tid: \"taken\"\n\t\tobject: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"\\(input.metadata.name)-taken\"}\n\t}]\n}",
+    );
+    assert!(candidate.contains("-taken"), "{candidate}");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("note.cue"), immutable("2")).unwrap();
+    std::fs::write(dir.path().join("note.cue"), candidate).unwrap();
     let out = std::process::Command::new(support::pequod_binary())
         .env("KUBECONFIG", &env.kubeconfig)
         .env("PEQUOD_CACHE_DIR", dir.path().join("cache"))
@@ -602,13 +614,31 @@ async fn pequod_plan_reports_an_update_the_apiserver_refuses_in_place_as_a_repla
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let changes = &plan["instances"][0]["changes"];
     assert_eq!(
-        plan["instances"][0]["changes"],
-        json!([{"change": "replace", "object": {"kind": "ConfigMap", "name": "alpha"},
-                "why": "the apiserver refuses to change data.version in place"}]),
+        changes[0],
+        json!({"change": "replace", "object": {"kind": "ConfigMap", "name": "alpha"},
+               "why": "the apiserver refuses to change data.version in place"}),
         "{plan}"
     );
-    assert_eq!(plan["summary"]["replaced"], 1);
+    assert_eq!(changes[1]["change"], "refused", "{plan}");
+    assert_eq!(
+        changes[1]["object"],
+        json!({"kind": "ConfigMap", "name": "alpha-taken"})
+    );
+    let why = changes[1]["why"].as_str().unwrap();
+    assert!(
+        why.contains("already exists and was not made by this graph") && why.contains("another-team"),
+        "{why}"
+    );
+    assert!(!why.contains("another team"), "no value of the object is told: {why}");
+    assert_eq!(
+        (
+            plan["summary"]["replaced"].as_i64(),
+            plan["summary"]["refused"].as_i64()
+        ),
+        (Some(1), Some(1))
+    );
 
     support::delete_and_wait_gone(&notes, "alpha", WAIT).await;
     delete_transform(&transforms, "note").await;
