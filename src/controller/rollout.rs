@@ -205,7 +205,13 @@ async fn check_live(
         };
         let desired = desired_object(node, &identity, resolved.namespaced);
         let namespace = desired.pointer("/metadata/namespace").and_then(|v| v.as_str());
-        let cached = tools.watches.map(|w| w.lookup(&resolved, namespace, &object.name));
+        // The caches hold only objects of existing graphs: one in the way of a new object may
+        // be anyone's, so creations ask the apiserver.
+        let creating = matches!(change, Change::Create { .. });
+        let cached = tools
+            .watches
+            .filter(|_| !creating)
+            .map(|w| w.lookup(&resolved, namespace, &object.name));
         let live = match cached {
             Some(Lookup::Known(found)) => found.map(|o| (*o).clone()),
             _ => tools

@@ -602,7 +602,7 @@ async fn pequod_plan_reports_what_the_apiserver_or_the_graph_would_refuse() {
     );
     assert!(candidate.contains("-taken"), "{candidate}");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("note.cue"), candidate).unwrap();
+    std::fs::write(dir.path().join("note.cue"), &candidate).unwrap();
     let out = std::process::Command::new(support::pequod_binary())
         .env("KUBECONFIG", &env.kubeconfig)
         .env("PEQUOD_CACHE_DIR", dir.path().join("cache"))
@@ -639,6 +639,18 @@ async fn pequod_plan_reports_what_the_apiserver_or_the_graph_would_refuse() {
         ),
         (Some(1), Some(1))
     );
+
+    // The operator plans the same when the module changes.
+    put_module(&env.client, &env.namespace, "note-module", &candidate).await;
+    let planned = wait_rollout(&transforms, "note", "the candidate planned", |r| {
+        r.plan
+            .as_ref()
+            .is_some_and(|p| p.digest == plan["module"].as_str().unwrap_or_default())
+    })
+    .await
+    .plan
+    .unwrap();
+    assert_eq!((planned.replaced, planned.refused), (1, 1), "{planned:?}");
 
     support::delete_and_wait_gone(&notes, "alpha", WAIT).await;
     delete_transform(&transforms, "note").await;
