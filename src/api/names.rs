@@ -74,6 +74,8 @@ pub const TRANSFORM_STATUS_MANAGER: &str = "pequod-transform";
 /// Instance status and the ResourceGraphs Pequod renders.
 pub const INSTANCE_MANAGER: &str = "pequod-instance";
 pub const GRAPH_STATUS_MANAGER: &str = "pequod-resourcegraph";
+/// The rollout's part of a Transform's status (`status.rollout`, `RolledOut`).
+pub const ROLLOUT_STATUS_MANAGER: &str = "pequod-rollout";
 
 // Secrets.
 

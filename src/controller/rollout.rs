@@ -16,10 +16,13 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, mpsc, watch};
+use tracing::Instrument;
 
 use super::watches::{Lookup, ObjectWatches};
 use crate::api::condition_types::ROLLED_OUT;
-use crate::api::names::{APPROVAL_ANNOTATION, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, PIN_ANNOTATION};
+use crate::api::names::{
+    APPROVAL_ANNOTATION, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, PIN_ANNOTATION, ROLLOUT_STATUS_MANAGER,
+};
 use crate::api::{Condition, PlanSummary, ResourceGraph, RolloutPhase, RolloutStatus, Transform, reasons};
 use crate::apply::{Applier, GraphIdentity, desired_object};
 use crate::cue::{Module, Renderer, render_input};
@@ -30,8 +33,6 @@ use crate::plan::InstancePlan;
 use crate::rollout::{self, Affected, Gate, InstanceKey, Member, Memory, Policy, Selection, Step};
 use crate::runtime::metrics::Metrics;
 
-/// Field manager of the rollout's part of a Transform's status.
-pub const ROLLOUT_STATUS_MANAGER: &str = "pequod-rollout";
 /// How long the driver lets instance changes gather before it looks.
 const SETTLE: Duration = Duration::from_millis(300);
 /// How long a driver whose plan failed waits before planning again.
@@ -330,8 +331,10 @@ impl Driver {
         tokio::pin!(stopped);
         let mut tracked: Option<Tracked> = None;
         loop {
+            let span =
+                tracing::info_span!("rollout", kind = %self.resource.kind, api_version = %self.resource.api_version);
             let wait = tokio::select! {
-                wait = self.pass(&mut tracked) => wait,
+                wait = self.pass(&mut tracked).instrument(span) => wait,
                 () = &mut stopped => break,
             };
             tokio::select! {
