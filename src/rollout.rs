@@ -28,17 +28,7 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_NAMED: usize = 5;
 
 /// An instance, by namespace and name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct InstanceKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl std::fmt::Display for InstanceKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+pub type InstanceKey = crate::api::NamespacedName;
 
 /// An instance as a rollout sees it.
 #[derive(Debug, Clone)]
@@ -594,16 +584,6 @@ impl Selection {
             target,
             current,
             admission: Admission::Only(BTreeSet::new()),
-            pending: BTreeMap::new(),
-        }
-    }
-
-    /// Every instance on `target`.
-    pub fn complete(target: Module) -> Self {
-        Self {
-            target,
-            current: None,
-            admission: Admission::All,
             pending: BTreeMap::new(),
         }
     }

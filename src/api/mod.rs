@@ -28,6 +28,19 @@ pub const VERSION: &str = "v1alpha1";
 /// `apiVersion` string of Pequod's own kinds.
 pub const API_VERSION: &str = "platform.platform.example.com/v1alpha1";
 
+/// An object of a namespaced kind, by namespace and name (`namespace/name`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// The CRDs the operator needs installed, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     let mut crds = vec![ResourceGraph::crd(), Transform::crd()];

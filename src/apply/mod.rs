@@ -158,15 +158,18 @@ impl Applier {
     }
 
     /// Forgets a kind, after the apiserver said it no longer serves it.
-    /// The scope of each kind `nodes` use, through the cached discovery (a kind discovery does
-    /// not know is `Unknown`).
-    pub async fn scopes(
+    /// The rendered objects confined to `namespace` as [`crate::instance_graph::confine`] says,
+    /// with each kind's scope from the cached discovery (a kind discovery does not know is
+    /// `Unknown`), and the render's violations with those of confinement.
+    pub async fn confined(
         &self,
-        nodes: &[crate::api::Node],
-    ) -> std::collections::HashMap<(String, String), crate::instance_graph::Scope> {
+        output: &crate::cue::RenderOutput,
+        namespace: &str,
+        cluster_scoped: bool,
+    ) -> (Vec<crate::api::Node>, Vec<crate::api::Violation>) {
         use crate::instance_graph::Scope;
         let mut scopes = std::collections::HashMap::new();
-        for node in nodes {
+        for node in &output.nodes {
             let key = (node.api_version().to_string(), node.kind().to_string());
             if scopes.contains_key(&key) {
                 continue;
@@ -178,7 +181,20 @@ impl Applier {
             };
             scopes.insert(key, scope);
         }
-        scopes
+        let mut nodes = output.nodes.clone();
+        let mut violations = output.violations.clone();
+        violations.extend(crate::instance_graph::confine(
+            &mut nodes,
+            namespace,
+            cluster_scoped,
+            |n| {
+                scopes
+                    .get(&(n.api_version().to_string(), n.kind().to_string()))
+                    .copied()
+                    .unwrap_or(Scope::Unknown)
+            },
+        ));
+        (nodes, violations)
     }
 
     pub fn forget(&self, api_version: &str, kind: &str) {

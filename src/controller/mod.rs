@@ -401,6 +401,25 @@ impl<S: ConditionedStatus> StatusDraft<S> {
         );
     }
 
+    /// `pequod.io/paused` holds the object: condition `Paused`, with an event on transition.
+    pub fn paused(&mut self, message: impl Into<String>) {
+        self.condition_with_event(
+            crate::api::condition_types::PAUSED,
+            true,
+            crate::api::reasons::PAUSED,
+            message,
+            (kube::runtime::events::EventType::Normal, crate::api::reasons::PAUSED),
+        );
+    }
+
+    /// An object reconciled again after a pause says so (`Paused=False`, `Resumed`).
+    pub fn resumed(&mut self, message: &str) {
+        let paused = crate::api::condition_types::PAUSED;
+        if self.old.conditions().iter().any(|c| c.type_ == paused) {
+            self.condition(paused, false, crate::api::reasons::RESUMED, message);
+        }
+    }
+
     /// Whether the previous status had condition `type_` with `status` and `reason`.
     pub fn was(&self, type_: &str, status: ConditionStatus, reason: &str) -> bool {
         has_condition(self.old.conditions(), type_, status, Some(reason))

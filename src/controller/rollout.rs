@@ -28,7 +28,8 @@ use crate::apply::{Applier, GraphIdentity, desired_object};
 use crate::cue::{Module, Renderer, render_input};
 use crate::executor::ownership::refusal;
 use crate::executor::plan::field_manager;
-use crate::instance_graph::{Scope, confine, graph_name, label_value};
+use crate::executor::proof::Allowance;
+use crate::instance_graph::{graph_name, label_value};
 use crate::plan::InstancePlan;
 use crate::rollout::{self, Affected, Gate, InstanceKey, Member, Memory, Policy, Selection, Step};
 use crate::runtime::metrics::Metrics;
@@ -46,6 +47,8 @@ pub struct RolloutOrder {
     pub transform: Arc<Transform>,
     pub target: Module,
     pub policy: Policy,
+    /// What the kind's graphs may reach, as the Transform was authorized.
+    pub allowance: Allowance,
     /// Whether loading the target changed the kind's CRD (compatibly: a breaking change
     /// stops the Transform before any rollout).
     pub schema_changed: bool,
@@ -144,16 +147,8 @@ async fn plan_instance(
             return plan;
         }
     };
-    let mut nodes = output.nodes.clone();
-    let scopes = tools.applier.scopes(&nodes).await;
-    plan.violations = output.violations.clone();
-    plan.violations
-        .extend(confine(&mut nodes, &namespace, cluster_scoped, |n| {
-            scopes
-                .get(&(n.api_version().to_string(), n.kind().to_string()))
-                .copied()
-                .unwrap_or(Scope::Unknown)
-        }));
+    let (nodes, violations) = tools.applier.confined(&output, &namespace, cluster_scoped).await;
+    plan.violations = violations;
     let current = graph.map(|g| g.spec.nodes.as_slice()).unwrap_or_default();
     let changes = crate::plan::diff(current, &nodes);
     plan.changes = match graph {
@@ -445,7 +440,7 @@ impl Driver {
             applier: &self.applier,
             watches: self.watches.as_deref(),
         };
-        let cluster_scoped = order.transform.spec.allow_cluster_scoped_resources;
+        let cluster_scoped = order.allowance == Allowance::Cluster;
         let plans = plan_instances(
             &tools,
             &self.resource,

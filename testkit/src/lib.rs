@@ -847,3 +847,32 @@ pub fn kubeconfig_via(kubeconfig: &Path, proxy: std::net::SocketAddr) -> PathBuf
     std::fs::write(&path, text.replace(&server, &proxy.to_string())).expect("write kubeconfig");
     path
 }
+
+/// Applies `count` WebServices `w0`, `w1`, ... (nginx, one replica), 32 at a time: the fleet
+/// of the instance and plan benchmarks.
+pub async fn apply_webservices(api: &Api<DynamicObject>, api_version: &str, count: usize) {
+    use futures::StreamExt;
+    futures::stream::iter(0..count)
+        .for_each_concurrent(32, |i| async move {
+            let name = format!("w{i}");
+            let obj = serde_json::json!({"apiVersion": api_version, "kind": "WebService", "metadata": {"name": name},
+                                         "spec": {"image": "nginx:1.27", "replicas": 1}});
+            api.patch(&name, &PatchParams::apply("bench"), &Patch::Apply(obj))
+                .await
+                .unwrap_or_else(|e| panic!("apply WebService {name}: {e}"));
+        })
+        .await;
+}
+
+/// How many of the objects `api` lists have the condition Ready=True.
+pub async fn ready_count(api: &Api<DynamicObject>) -> usize {
+    let list = api.list(&kube::api::ListParams::default()).await.unwrap();
+    list.items
+        .iter()
+        .filter(|o| {
+            o.data["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        })
+        .count()
+}

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::Api;
-use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use pequod::api::{ResourceGraph, Transform};
 use serde_json::json;
 use support::OperatorProcess;
@@ -44,18 +44,6 @@ fn start(env: &support::TestEnv) -> OperatorProcess {
             "--trusted-transform-namespaces=*",
         ],
     )
-}
-
-async fn ready_count(api: &Api<DynamicObject>) -> usize {
-    let list = api.list(&ListParams::default()).await.unwrap();
-    list.items
-        .iter()
-        .filter(|o| {
-            o.data["status"]["conditions"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-        })
-        .count()
 }
 
 /// Every cue process the operator started, whatever the command.
@@ -88,23 +76,10 @@ async fn main() {
     let cue_before = support::metric_sum(&operator.metrics, "pequod_cue_invocations_total{command=\"export\"").await;
     let mark = audit_mark();
     let started = Instant::now();
-    futures::stream::iter(0..INSTANCES)
-        .for_each_concurrent(32, |i| {
-            let webservices = webservices.clone();
-            let api_version = api_version.clone();
-            async move {
-                let obj = json!({"apiVersion": api_version, "kind": "WebService", "metadata": {"name": format!("w{i}")},
-                                 "spec": {"image": "nginx:1.27", "replicas": 1}});
-                webservices
-                    .patch(&format!("w{i}"), &PatchParams::apply("bench"), &Patch::Apply(obj))
-                    .await
-                    .unwrap();
-            }
-        })
-        .await;
+    support::apply_webservices(&webservices, &api_version, INSTANCES).await;
     let created = started.elapsed();
     loop {
-        let ready = ready_count(&webservices).await;
+        let ready = support::ready_count(&webservices).await;
         if ready == INSTANCES {
             break;
         }
@@ -198,7 +173,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     loop {
-        if available(1).await == INSTANCES && ready_count(&webservices).await == INSTANCES {
+        if available(1).await == INSTANCES && support::ready_count(&webservices).await == INSTANCES {
             break;
         }
         assert!(

@@ -16,10 +16,9 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
-use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use pequod::api::Transform;
 use serde_json::{Value, json};
 use support::OperatorProcess;
@@ -67,18 +66,6 @@ async fn put_module(client: &kube::Client, namespace: &str, files: BTreeMap<Stri
         .unwrap();
 }
 
-async fn ready_count(api: &Api<DynamicObject>) -> usize {
-    let list = api.list(&ListParams::default()).await.unwrap();
-    list.items
-        .iter()
-        .filter(|o| {
-            o.data["status"]["conditions"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-        })
-        .count()
-}
-
 /// Requests the apiserver served between two readings, largest first.
 fn requests_between(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> (f64, Vec<(String, f64)>) {
     let mut by_kind: Vec<(String, f64)> = after
@@ -113,22 +100,9 @@ async fn main() {
     support::wait_transform_ready(&transforms, "webservice").await;
     let api_version = format!("{group}/v1alpha1");
     let webservices = support::dynamic_api(&env.client, &api_version, "WebService", &env.namespace).await;
-    futures::stream::iter(0..INSTANCES)
-        .for_each_concurrent(32, |i| {
-            let webservices = webservices.clone();
-            let api_version = api_version.clone();
-            async move {
-                let obj = json!({"apiVersion": api_version, "kind": "WebService", "metadata": {"name": format!("w{i}")},
-                                 "spec": {"image": "nginx:1.27", "replicas": 1}});
-                webservices
-                    .patch(&format!("w{i}"), &PatchParams::apply("bench"), &Patch::Apply(obj))
-                    .await
-                    .unwrap();
-            }
-        })
-        .await;
+    support::apply_webservices(&webservices, &api_version, INSTANCES).await;
     let started = Instant::now();
-    while ready_count(&webservices).await < INSTANCES {
+    while support::ready_count(&webservices).await < INSTANCES {
         assert!(
             started.elapsed() < Duration::from_secs(900),
             "the instances did not become Ready"

@@ -656,3 +656,27 @@ async fn pequod_plan_reports_what_the_apiserver_or_the_graph_would_refuse() {
     delete_transform(&transforms, "note").await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_invalid_rollout_policy_fails_the_transform_with_a_reason_until_fixed() {
+    let (env, transforms) = setup("rollout-invalid").await;
+    put_module(
+        &env.client,
+        &env.namespace,
+        "note-module",
+        &module("1", false, false, false),
+    )
+    .await;
+    let spec = |batch: Value| {
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group(&env),
+               "rollout": {"strategy": "Staged", "batchSize": batch}})
+    };
+    apply_transform(&transforms, "note", spec(json!("0%"))).await;
+    let (_, message) = crate::transforms::failed(&transforms, "note", "Ready", "InvalidRollout").await;
+    assert!(message.contains("batchSize \"0%\""), "{message}");
+    support::wait_events(&env.client, &env.namespace, "note", &["InvalidRollout"]).await;
+    apply_transform(&transforms, "note", spec(json!("50%"))).await;
+    support::wait_transform_ready(&transforms, "note").await;
+    delete_transform(&transforms, "note").await;
+    env.cleanup().await;
+}

@@ -38,8 +38,8 @@ use crate::apply::Predecessor;
 use crate::cue::{Module, Renderer, input_hash, render_input};
 use crate::executor::proof::{Allowance, GraphKey, Origin};
 use crate::instance_graph::{
-    InstanceRef, Scope, confine, graph_name, label_value, legacy_graph_name, node_summaries, render_hash,
-    resource_graph, with_module_gates,
+    InstanceRef, graph_name, label_value, legacy_graph_name, node_summaries, render_hash, resource_graph,
+    with_module_gates,
 };
 use crate::rollout::{Selection, Wanted, choose};
 use crate::runtime::metrics::Metrics;
@@ -56,17 +56,7 @@ const RESYNC: Duration = Duration::from_secs(600);
 const TEARDOWN_POLL: Duration = Duration::from_secs(30);
 
 /// Names a Transform.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TransformKey {
-    pub name: String,
-    pub namespace: String,
-}
-
-impl std::fmt::Display for TransformKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+pub type TransformKey = crate::api::NamespacedName;
 
 /// A kind to serve and how.
 #[derive(Debug, Clone)]
@@ -75,8 +65,6 @@ pub struct ServeSpec {
     pub resource: ApiResource,
     /// The module version the Transform loaded and how it reaches the instances.
     pub order: RolloutOrder,
-    /// What the graphs of the kind's instances may reach.
-    pub allowance: Allowance,
     /// Serve only this namespace (Transforms with `rbacScope: Namespace`).
     pub namespace: Option<String>,
 }
@@ -167,7 +155,7 @@ impl Supervisor {
             {
                 let changed = {
                     let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
-                    std::mem::replace(&mut state.allowance, spec.allowance) != spec.allowance
+                    std::mem::replace(&mut state.allowance, spec.order.allowance) != spec.order.allowance
                 };
                 if changed {
                     tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "allowance changed; rendering every instance again");
@@ -189,7 +177,7 @@ impl Supervisor {
         }
         tracing::info!(kind = %spec.resource.kind, api_version = %spec.resource.api_version, transform = %spec.transform, "serving kind");
         let state = Arc::new(RwLock::new(KindState {
-            allowance: spec.allowance,
+            allowance: spec.order.allowance,
             transform: spec.transform.clone(),
         }));
         // Until the driver has looked, every instance keeps the version its graph has.
@@ -655,16 +643,12 @@ async fn check_policies(
     pass: &Pass,
     output: &crate::cue::RenderOutput,
 ) -> Result<Vec<crate::api::Node>, Stop> {
-    let mut nodes = output.nodes.clone();
-    let scopes = ctx.shared.applier.scopes(&nodes).await;
-    let mut violations = output.violations.clone();
     let cluster_scoped = pass.allowance == Allowance::Cluster;
-    violations.extend(confine(&mut nodes, &pass.namespace, cluster_scoped, |n| {
-        scopes
-            .get(&(n.api_version().to_string(), n.kind().to_string()))
-            .copied()
-            .unwrap_or(Scope::Unknown)
-    }));
+    let (nodes, violations) = ctx
+        .shared
+        .applier
+        .confined(output, &pass.namespace, cluster_scoped)
+        .await;
     if update.old.violations != violations {
         for v in &violations {
             let severity = match v.severity {

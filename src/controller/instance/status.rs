@@ -5,7 +5,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::super::{Error, StatusDraft};
-use crate::api::condition_types::{PAUSED, POLICY_COMPLIANT, READY, RENDERED};
+use crate::api::condition_types::{POLICY_COMPLIANT, READY, RENDERED};
 use crate::api::names::{DELETION_PROTECTION_ANNOTATION, PAUSED_ANNOTATION, RECONCILE_REQUEST_ANNOTATION};
 use crate::api::{ConditionStatus, InstancePhase, InstanceStatus, ResourceGraph, Violation, reasons};
 use crate::instance_graph::{graph_progress, node_summaries};
@@ -86,22 +86,14 @@ impl Controls {
 
 impl StatusDraft<InstanceStatus> {
     pub(super) fn pause(&mut self) {
-        let message =
-            format!("{PAUSED_ANNOTATION} is \"true\": the instance is not rendered or applied, deletion included");
-        self.condition_with_event(
-            PAUSED,
-            true,
-            reasons::PAUSED,
-            message,
-            (EventType::Normal, reasons::PAUSED),
-        );
+        self.paused(format!(
+            "{PAUSED_ANNOTATION} is \"true\": the instance is not rendered or applied, deletion included"
+        ));
     }
 
     /// An instance reconciled again after a pause says so.
     pub(super) fn resume(&mut self) {
-        if self.old.conditions.iter().any(|c| c.type_ == PAUSED) {
-            self.condition(PAUSED, false, reasons::RESUMED, "the instance is reconciled");
-        }
+        self.resumed("the instance is reconciled");
     }
 
     /// Deletion was asked for, but the instance is protected: nothing is torn down.
@@ -228,6 +220,7 @@ impl StatusDraft<InstanceStatus> {
 mod tests {
     use super::*;
     use crate::api::Severity;
+    use crate::api::condition_types::PAUSED;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use serde_json::json;
 

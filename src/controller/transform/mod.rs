@@ -402,8 +402,8 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
                 target: module.clone(),
                 policy,
                 schema_changed,
+                allowance,
             },
-            allowance,
             namespace: (t.spec.rbac_scope == RbacScope::Namespace).then(|| namespace.clone()),
         })
         .await;

@@ -8,7 +8,7 @@ use kube::runtime::events::EventType;
 
 use super::super::{Error, StatusDraft};
 use crate::api::condition_types::{
-    AUTHORIZED, CRD_GENERATED, CUE_FETCHED, PAUSED, RBAC_CONFIGURED, READY, SCHEMA_COMPATIBLE, SCHEMA_EXTRACTED,
+    AUTHORIZED, CRD_GENERATED, CUE_FETCHED, RBAC_CONFIGURED, READY, SCHEMA_COMPATIBLE, SCHEMA_EXTRACTED,
 };
 use crate::api::{GeneratedCrd, ResolvedCueRef, TransformPhase, TransformStatus, reasons};
 use crate::executor::proof::Allowance;
@@ -96,13 +96,7 @@ impl StatusDraft<TransformStatus> {
     }
 
     pub(super) fn pause(&mut self, message: &str) {
-        self.condition_with_event(
-            PAUSED,
-            true,
-            reasons::PAUSED,
-            message,
-            (EventType::Normal, reasons::PAUSED),
-        );
+        self.paused(message);
         if self.new.phase.is_none() {
             self.new.phase = Some(TransformPhase::Pending);
         }
@@ -110,9 +104,7 @@ impl StatusDraft<TransformStatus> {
 
     /// A Transform reconciled again after a pause says so.
     pub(super) fn resume(&mut self) {
-        if self.old.conditions.iter().any(|c| c.type_ == PAUSED) {
-            self.condition(PAUSED, false, reasons::RESUMED, "the Transform is reconciled");
-        }
+        self.resumed("the Transform is reconciled");
     }
 
     pub(super) fn authorized(&mut self, allowance: Allowance, namespace: &str) {
@@ -242,6 +234,7 @@ impl StatusDraft<TransformStatus> {
 mod tests {
     use super::*;
     use crate::api::ConditionStatus;
+    use crate::api::condition_types::PAUSED;
 
     /// A draft over `status`, as a reconcile of generation 2 starts it.
     fn draft(status: &TransformStatus) -> Draft {
