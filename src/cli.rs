@@ -246,6 +246,16 @@ pub struct RunArgs {
     #[arg(long, env = "PEQUOD_TRUSTED_TRANSFORM_NAMESPACES", value_delimiter = ',')]
     pub trusted_transform_namespaces: Vec<String>,
 
+    /// The service account, in a graph's own namespace, that hand-written ResourceGraphs and
+    /// graphs of Transforms outside the trusted namespaces act as when they name none
+    /// (`spec.serviceAccountName`): the apiserver authorizes their every read and write as it.
+    #[arg(long, env = "PEQUOD_DEFAULT_SERVICE_ACCOUNT", default_value = "default", value_parser = service_account_name)]
+    pub default_service_account: String,
+
+    /// Graphs may not name a service account other than `--default-service-account`.
+    #[arg(long, env = "PEQUOD_LOCK_SERVICE_ACCOUNT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub lock_service_account: bool,
+
     /// Write each Transform's Role or ClusterRole (needs `escalate` and `bind` on roles). With
     /// `false` an administrator applies what `pequod rbac NAMESPACE/NAME` prints, and a
     /// Transform waits with `RBACConfigured=False` and the missing rules until it exists.
@@ -376,5 +386,22 @@ mod tests {
         assert!("nonsense".parse::<BindAddress>().is_err());
         assert!(Cli::try_parse_from(["pequod", "--zap-log-level=loud"]).is_err());
         assert!(Cli::try_parse_from(["pequod", "--max-concurrent-reconciles=0"]).is_err());
+    }
+}
+
+/// A service account name: a DNS subdomain, as the apiserver requires.
+fn service_account_name(value: &str) -> Result<String, String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if value.len() <= 253 && value.split('.').all(label_ok) {
+        Ok(value.to_string())
+    } else {
+        Err(format!("{value:?} is not a service account name (a DNS subdomain)"))
     }
 }

@@ -131,6 +131,7 @@ pub fn resource_graph(
                 namespace: Some(instance.namespace.clone()),
                 uid: instance.uid.clone(),
             }),
+            service_account_name: None,
             metadata: output.metadata.clone(),
             nodes: output.nodes.clone(),
             violations: output.violations.clone(),
@@ -404,6 +405,7 @@ mod tests {
             "g",
             ResourceGraphSpec {
                 source_ref: None,
+                service_account_name: None,
                 metadata: None,
                 nodes: nodes(&[json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}})]),
                 violations: Vec::new(),

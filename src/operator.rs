@@ -8,7 +8,7 @@ use kube::{Api, Client};
 use tokio::task::JoinSet;
 
 use crate::apply::Applier;
-use crate::authority::TrustedNamespaces;
+use crate::authority::{GraphAccounts, TrustedNamespaces};
 use crate::cli::RunArgs;
 use crate::controller::instance::{self, Supervisor};
 use crate::controller::watches::ObjectWatches;
@@ -52,7 +52,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     // is down would hold a reconcile worker that long. Reconciles fail fast and retry on their
     // own schedule, with the failure in status.
     config.default_retry = false;
-    let client = Client::try_from(config).map_err(StartupError::Kubeconfig)?;
+    let client = Client::try_from(config.clone()).map_err(StartupError::Kubeconfig)?;
 
     if let Some(addr) = args.metrics_bind_address.0 {
         let router = server::metrics_router(metrics.clone());
@@ -124,18 +124,25 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             .or_else(|| std::env::var("HOSTNAME").ok()),
     };
     let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
-    let applier = Applier::new(client.clone(), metrics.clone());
+    let applier = Applier::new(client.clone(), metrics.clone()).with_impersonation(config);
     let renderer = Renderer::new(cue, RendererConfig::new(&args.cue.cache_dir), metrics.clone());
 
-    let graphs = Arc::new(resourcegraph::Context::new(
-        client.clone(),
-        applier.clone(),
-        key.clone(),
-        watches.clone(),
-        recorder.clone(),
-        metrics.clone(),
-        args.apply_concurrency.into(),
-    ));
+    let graphs = Arc::new(
+        resourcegraph::Context::new(
+            client.clone(),
+            applier.clone(),
+            key.clone(),
+            watches.clone(),
+            recorder.clone(),
+            metrics.clone(),
+            args.apply_concurrency.into(),
+        )
+        .acting_as(GraphAccounts {
+            default: args.default_service_account.clone(),
+            locked: args.lock_service_account,
+        })
+        .checking_grants(watch_transforms(&client), trusted_namespaces(&args)),
+    );
     let (h, s, n) = (health.clone(), shutdown.clone(), args.max_concurrent_reconciles);
     tasks.spawn(async move {
         resourcegraph::run(graphs, triggers, n, h, s).await;
@@ -201,6 +208,19 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     // Gives the elector a moment to release the lease.
     tokio::time::sleep(Duration::from_millis(200)).await;
     result
+}
+
+/// A cache of every Transform, kept by a watch for as long as the process runs.
+fn watch_transforms(client: &Client) -> kube::runtime::reflector::Store<crate::api::Transform> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (reader, writer) = reflector::store();
+    let transforms = Api::<crate::api::Transform>::all(client.clone());
+    let stream = reflector(writer, watcher(transforms, watcher::Config::default()))
+        .default_backoff()
+        .for_each(|_| futures::future::ready(()));
+    tokio::spawn(stream);
+    reader
 }
 
 /// The trusted Transform namespaces: the flag's, else the operator's own.

@@ -9,12 +9,16 @@ pub const VALID: &str = "Valid";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 
+// ResourceGraph and Transform.
+/// Whose rights a graph acts with (ResourceGraph); whether a Transform may be served.
+
 // Instances of generated kinds.
 pub const RENDERED: &str = "Rendered";
 pub const POLICY_COMPLIANT: &str = "PolicyCompliant";
 
-// Transform.
 pub const AUTHORIZED: &str = "Authorized";
+
+// Transform.
 pub const CUE_FETCHED: &str = "CueFetched";
 pub const SCHEMA_EXTRACTED: &str = "SchemaExtracted";
 pub const SCHEMA_COMPATIBLE: &str = "SchemaCompatible";

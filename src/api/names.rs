@@ -33,7 +33,8 @@ pub const GRAPH_UID_ANNOTATION: &str = "pequod.io/resourcegraph-uid";
 pub const DELETION_POLICY_ANNOTATION: &str = "pequod.io/deletion-policy";
 /// On an adopted object: the field managers it had before.
 pub const ADOPTED_FROM_ANNOTATION: &str = "pequod.io/adopted-from";
-/// On a rendered graph: its proof, `v1:<allowance>:<hex HMAC-SHA256>`.
+/// On a rendered graph: its proof,
+/// `v2:<allowance>:<transform uid>:<module digest>:<hex HMAC-SHA256>`.
 pub const PROOF_ANNOTATION: &str = "pequod.io/graph-proof";
 /// On a rendered graph: the graph it takes over (`<uid>/<name>`, same namespace), an
 /// instance's graph of an earlier release's naming. Signed with the rest.

@@ -48,6 +48,8 @@ pub const DELETING: &str = "Deleting";
 pub const GRAPH_FAILED: &str = "GraphFailed";
 pub const DELETION_PROTECTED: &str = "DeletionProtected";
 pub const MODULE_UNAVAILABLE: &str = "ModuleUnavailable";
+/// A pin (or a recorded version) its Transform never served.
+pub const VERSION_NOT_SERVED: &str = "VersionNotServed";
 
 // ResourceGraphs.
 pub const VALID: &str = "Valid";
@@ -62,6 +64,13 @@ pub const COMPLETED: &str = "Completed";
 pub const NODE_FAILED: &str = "NodeFailed";
 pub const PROGRESSING: &str = "Progressing";
 pub const APPLYING: &str = "Applying";
+/// Condition `Authorized`: whose rights a graph acts with.
+pub const TRANSFORM_AUTHORITY: &str = "TransformAuthority";
+pub const SERVICE_ACCOUNT: &str = "ServiceAccount";
+/// The apiserver refused the graph's service account (condition `Authorized`, node events).
+pub const FORBIDDEN: &str = "Forbidden";
+/// The Transform a rendered graph was signed for no longer stands behind it.
+pub const GRANT_WITHDRAWN: &str = "GrantWithdrawn";
 
 // Every kind.
 pub const READY: &str = "Ready";

@@ -36,6 +36,15 @@ pub struct ResourceGraphSpec {
     /// The object this graph was rendered from; empty for hand-written graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ref: Option<SourceRef>,
+    /// The service account, in the graph's namespace, whose rights every read and write of a
+    /// graph without a trusted Transform's authority is made with (impersonated). Empty: the
+    /// operator's default (`--default-service-account`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub service_account_name: Option<String>,
     /// Name and version of the rendered graph.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<GraphMetadata>,

@@ -195,6 +195,19 @@ pub enum RbacScope {
     Namespace,
 }
 
+/// Most module versions a Transform's status remembers as served.
+pub const MAX_SERVED_DIGESTS: usize = 20;
+
+/// `served` with `digest` added as the most recent, the oldest dropped beyond
+/// [`MAX_SERVED_DIGESTS`].
+pub fn with_served(served: &[String], digest: &str) -> Vec<String> {
+    let mut out: Vec<String> = served.iter().filter(|d| *d != digest).cloned().collect();
+    out.push(digest.to_string());
+    let excess = out.len().saturating_sub(MAX_SERVED_DIGESTS);
+    out.drain(..excess);
+    out
+}
+
 /// Observed state of a Transform.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -213,6 +226,12 @@ pub struct TransformStatus {
     /// How the module last loaded reaches the instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// The module versions (content digests) this Transform has served, oldest first, at most
+    /// [`MAX_SERVED_DIGESTS`]: the only versions its instances may be pinned to or its graphs
+    /// signed with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub served_digests: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

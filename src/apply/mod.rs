@@ -1,5 +1,6 @@
 //! Writing graph objects to the cluster with server-side apply, and resolving their kinds.
 
+mod impersonation;
 mod object;
 
 use crate::api::names::{
@@ -16,6 +17,7 @@ use kube::discovery::{ApiResource, Scope};
 use kube::{Api, Client};
 use serde_json::Value;
 
+pub use impersonation::{Impersonation, ServiceAccount};
 pub use object::{
     GraphIdentity, Predecessor, contains, desired_object, first_difference, gvk_label, is_orphan, other_managers,
     set_annotation, stale_field,
@@ -80,14 +82,21 @@ impl ErrorCategory for ApplyError {
     fn reason(&self) -> &'static str {
         match self {
             Self::AdoptionFailed { .. } => "AdoptionFailed",
+            Self::Forbidden { .. } => crate::api::reasons::FORBIDDEN,
             _ => "ApplyFailed",
         }
     }
 
+    /// A refusal for want of rights passes once someone grants them, which no event of the
+    /// graph announces: it is retried too.
     fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Api(_) | Self::Server { .. } | Self::UnknownKind { .. } | Self::Discovery { .. }
+            Self::Api(_)
+                | Self::Server { .. }
+                | Self::UnknownKind { .. }
+                | Self::Discovery { .. }
+                | Self::Forbidden { .. }
         )
     }
 }
@@ -117,12 +126,14 @@ pub struct Applied {
     pub wrote: bool,
 }
 
-/// Resolves kinds and applies objects. Cheap to clone.
+/// Resolves kinds and applies objects, as the operator or as a service account. Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct Applier {
     client: Client,
     metrics: Arc<Metrics>,
     kinds: Arc<Mutex<HashMap<(String, String), Resolved>>>,
+    impersonation: Option<Arc<Impersonation>>,
 }
 
 impl Applier {
@@ -131,7 +142,25 @@ impl Applier {
             client,
             metrics,
             kinds: Arc::default(),
+            impersonation: None,
         }
+    }
+
+    /// Lets [`Applier::acting_as`] build clients from the operator's configuration.
+    pub fn with_impersonation(mut self, config: kube::Config) -> Self {
+        self.impersonation = Some(Arc::new(Impersonation::new(config)));
+        self
+    }
+
+    /// An applier whose reads and writes the apiserver authorizes as `account`; kinds are
+    /// still resolved with the operator's discovery.
+    pub fn acting_as(&self, account: &ServiceAccount) -> Result<Self, kube::Error> {
+        // Never the operator's own client in its place: that would hand out its rights.
+        let impersonation = self.impersonation.as_ref().ok_or_else(|| {
+            kube::Error::Service(format!("cannot act as service account {account}: no impersonation configured").into())
+        })?;
+        let client = impersonation.client(account)?;
+        Ok(Self { client, ..self.clone() })
     }
 
     /// Resolves `apiVersion`/`kind` through discovery. Results are cached; a miss asks the
@@ -320,6 +349,8 @@ impl Applier {
                 .observe(started.elapsed().as_secs_f64());
             return match result {
                 Ok(object) => Ok(Applied { object, wrote: true }),
+                // Rights are wanting, not the adoption: said as such.
+                Err(e @ ApplyError::Forbidden { .. }) => Err(e),
                 Err(e) => Err(ApplyError::AdoptionFailed { message: e.to_string() }),
             };
         }

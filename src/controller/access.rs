@@ -2,7 +2,10 @@
 //! check a restricted manager (`--generate-rbac=false`) makes instead of writing RBAC.
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec, SubjectAccessReview,
+    SubjectAccessReviewSpec,
+};
 use kube::api::PostParams;
 use kube::{Api, Client};
 
@@ -49,4 +52,68 @@ async fn allowed(reviews: &Api<SelfSubjectAccessReview>, access: &Access) -> Res
     };
     let answer = reviews.create(&PostParams::default(), &review).await?;
     Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+/// How long an access review's answer is reused: a revoked right stops cached reads within it.
+const REVIEW_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most answers kept; beyond it every answer is dropped (they are cheap to ask again).
+const MAX_REVIEWS: usize = 4096;
+
+/// Whether a service account may `get` a kind of object in a namespace, asked of the apiserver
+/// with a SubjectAccessReview and remembered for [`REVIEW_TTL`]: objects a graph acting as the
+/// account reads from the operator's caches are only those it could read itself.
+#[derive(Default)]
+pub struct ReadReviews {
+    answers: std::sync::Mutex<std::collections::HashMap<(String, String, String, String), (bool, std::time::Instant)>>,
+}
+
+impl ReadReviews {
+    pub async fn may_get(
+        &self,
+        client: &Client,
+        account: &crate::apply::ServiceAccount,
+        resource: &kube::discovery::ApiResource,
+        namespace: Option<&str>,
+    ) -> Result<bool, kube::Error> {
+        let key = (
+            account.username(),
+            resource.group.clone(),
+            resource.plural.clone(),
+            namespace.unwrap_or_default().to_string(),
+        );
+        if let Some((allowed, at)) = self.answers.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && at.elapsed() < REVIEW_TTL
+        {
+            return Ok(*allowed);
+        }
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(key.0.clone()),
+                groups: Some(vec![
+                    "system:serviceaccounts".into(),
+                    format!("system:serviceaccounts:{}", account.namespace),
+                    "system:authenticated".into(),
+                ]),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(key.1.clone()),
+                    resource: Some(key.2.clone()),
+                    verb: Some("get".into()),
+                    namespace: namespace.map(str::to_string),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let answer = Api::<SubjectAccessReview>::all(client.clone())
+            .create(&PostParams::default(), &review)
+            .await?;
+        let allowed = answer.status.is_some_and(|s| s.allowed);
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        if answers.len() >= MAX_REVIEWS {
+            answers.clear();
+        }
+        answers.insert(key, (allowed, std::time::Instant::now()));
+        Ok(allowed)
+    }
 }

@@ -6,8 +6,10 @@
 //! and returns; watch events of the applied objects (see [`super::watches`]) and readiness
 //! deadlines bring the graph back.
 
-use crate::api::condition_types::{DEGRADED, PROGRESSING, READY, VALID};
-use crate::api::names::{GRAPH_FINALIZER, GRAPH_STATUS_MANAGER, PREDECESSOR_ANNOTATION, PROOF_ANNOTATION};
+use crate::api::condition_types::{AUTHORIZED, DEGRADED, PROGRESSING, READY, VALID};
+use crate::api::names::{
+    GRAPH_FINALIZER, GRAPH_STATUS_MANAGER, PREDECESSOR_ANNOTATION, PROOF_ANNOTATION, TRANSFORM_LABEL,
+};
 use crate::api::reasons;
 use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -19,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::DynamicObject;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
@@ -28,15 +30,19 @@ use tracing::info_span;
 
 use super::watches::{Lookup, ObjectWatches};
 use super::{Error, StatusMemory, now, reconcile_event, reconcile_id, truncate};
+use crate::api::Transform;
 use crate::api::{
     Condition, ConditionStatus, GraphPhase, InventoryEntry, Node, NodePhase, NodeState, ResourceGraph,
     ResourceGraphStatus, ResourceRef, has_condition, set_condition,
 };
-use crate::apply::{Applied, Applier, ApplyError, GraphIdentity, Predecessor, Resolved, desired_object, gvk_label};
+use crate::apply::{
+    Applied, Applier, ApplyError, GraphIdentity, Predecessor, Resolved, ServiceAccount, desired_object, gvk_label,
+};
+use crate::authority::{self, Actor, GraphAccounts, TrustedNamespaces};
 use crate::executor::ownership::{self, LetGo, Refusal};
 use crate::executor::plan::{self, Write};
 use crate::executor::progress;
-use crate::executor::proof::{GraphKey, Origin};
+use crate::executor::proof::{Grant, GraphKey, Origin};
 use crate::graph::{self, Dag, reference};
 use crate::readiness::Registry;
 use crate::runtime::health::{Health, Probe};
@@ -52,6 +58,13 @@ pub struct Context {
     pub applier: Applier,
     /// Verifies the proof of graphs Pequod rendered.
     pub key: GraphKey,
+    /// Whom graphs without a trusted Transform's authority act as.
+    pub accounts: GraphAccounts,
+    /// The Transforms, against which every rendered graph's grant is checked on every pass.
+    transforms: Option<Store<Transform>>,
+    trusted: TrustedNamespaces,
+    /// What service accounts may read, for reads from the object caches.
+    reads: super::access::ReadReviews,
     pub watches: Arc<ObjectWatches>,
     pub readiness: Registry,
     pub recorder: Recorder,
@@ -88,6 +101,10 @@ impl Context {
             client,
             applier,
             key,
+            accounts: GraphAccounts::default(),
+            transforms: None,
+            trusted: TrustedNamespaces::new(Vec::new()),
+            reads: Default::default(),
             watches,
             readiness: Registry::default(),
             recorder,
@@ -99,6 +116,55 @@ impl Context {
             backoff: super::Backoff::default(),
         }
     }
+}
+
+impl Context {
+    /// Graphs without a trusted Transform's authority act as `accounts` says.
+    pub fn acting_as(mut self, accounts: GraphAccounts) -> Self {
+        self.accounts = accounts;
+        self
+    }
+
+    /// Rendered graphs are checked against these Transforms, trusted as `trusted` says.
+    pub fn checking_grants(mut self, transforms: Store<Transform>, trusted: TrustedNamespaces) -> Self {
+        self.transforms = Some(transforms);
+        self.trusted = trusted;
+        self
+    }
+
+    /// Why the Transform a rendered graph was signed for no longer stands behind it (see
+    /// [`authority::withdrawn`]), or None. A refusal from the cache is confirmed with the
+    /// apiserver first: the cache may not have seen a module version served a moment ago.
+    async fn withdrawn(&self, grant: &Grant) -> Option<String> {
+        let store = self.transforms.as_ref()?;
+        if tokio::time::timeout(Duration::from_secs(30), store.wait_until_ready())
+            .await
+            .is_err()
+        {
+            return Some("the Transforms are not listed yet".into());
+        }
+        let find = |all: Vec<Arc<Transform>>| {
+            all.into_iter()
+                .find(|t| t.metadata.uid.as_deref() == Some(grant.transform_uid.as_str()))
+        };
+        let cached = find(store.state());
+        authority::withdrawn(grant, cached.as_deref(), &self.trusted)?;
+        let listed = match Api::<Transform>::all(self.client.clone())
+            .list(&Default::default())
+            .await
+        {
+            Ok(list) => list.items.into_iter().map(Arc::new).collect(),
+            Err(e) => return Some(format!("the Transforms could not be read: {e}")),
+        };
+        authority::withdrawn(grant, find(listed).as_deref(), &self.trusted)
+    }
+}
+
+/// Whose rights a pass reads and writes with: the operator's, within a trusted Transform's
+/// allowance, or a service account's.
+struct Acting {
+    applier: Applier,
+    account: Option<ServiceAccount>,
 }
 
 /// Runs the controller until shutdown. `triggers` names graphs whose objects changed.
@@ -117,6 +183,10 @@ pub async fn run(
         }))
         .graceful_shutdown_on(shutdown.clone().wait_owned());
     let store = controller.store();
+    let controller = controller.watches_stream(transform_changes(&ctx.client), {
+        let graphs = store.clone();
+        move |t: Transform| graphs_of(&graphs, &t)
+    });
     ctx.watches.know_graphs(store.clone());
     let store_for_stop = store.clone();
     health.register(Probe::Readiness, "resourcegraph-controller", "cache not synced yet");
@@ -132,6 +202,29 @@ pub async fn run(
     super::drive(run, store_for_stop, shutdown.clone().wait_owned()).await;
     health.set(Probe::Readiness, "resourcegraph-controller", Err("stopped".into()));
     super::report_stopped(&health, "resourcegraph-controller", &shutdown);
+}
+
+/// Changes of Transforms' specs, which may change what their graphs are granted; status
+/// writes (rollouts write many) are left out.
+fn transform_changes(client: &Client) -> impl futures::Stream<Item = Result<Transform, watcher::Error>> + use<> {
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::predicates;
+    watcher(Api::<Transform>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default())
+}
+
+/// The graphs a Transform's instances render to, by the Transform label: a pass checks each
+/// one's grant against the Transform as it is now.
+fn graphs_of(graphs: &Store<ResourceGraph>, t: &Transform) -> Vec<ObjectRef<ResourceGraph>> {
+    let name = t.name_any();
+    graphs
+        .state()
+        .iter()
+        .filter(|g| g.labels().get(TRANSFORM_LABEL) == Some(&name))
+        .map(|g| ObjectRef::from_obj(&**g))
+        .collect()
 }
 
 async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -157,13 +250,14 @@ fn api(rg: &ResourceGraph, ctx: &Context) -> Api<ResourceGraph> {
     Api::namespaced(ctx.client.clone(), &rg.namespace().unwrap_or_default())
 }
 
-/// The graph's identity and origin. Only a graph Pequod rendered and signed may name a
-/// predecessor whose objects it takes over.
-fn identity(rg: &ResourceGraph, ctx: &Context) -> Result<(GraphIdentity, Origin), Error> {
+/// The graph's identity, and the grant it was signed with (None for a graph Pequod did not
+/// render as it is). Only a graph Pequod rendered and signed may name a predecessor whose
+/// objects it takes over.
+fn identity(rg: &ResourceGraph, ctx: &Context) -> Result<(GraphIdentity, Option<Grant>), Error> {
     let namespace = rg.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let annotation = |key: &str| rg.annotations().get(key).map(String::as_str);
     let predecessor = annotation(PREDECESSOR_ANNOTATION);
-    let origin = ctx.key.verify(
+    let grant = ctx.key.verify(
         &namespace,
         &rg.name_any(),
         &rg.spec,
@@ -174,11 +268,54 @@ fn identity(rg: &ResourceGraph, ctx: &Context) -> Result<(GraphIdentity, Origin)
         name: rg.name_any(),
         namespace,
         uid: rg.uid().ok_or(Error::MissingField("metadata.uid"))?,
-        predecessor: predecessor
-            .filter(|_| origin != Origin::HandWritten)
-            .and_then(Predecessor::parse),
+        predecessor: predecessor.filter(|_| grant.is_some()).and_then(Predecessor::parse),
     };
-    Ok((graph, origin))
+    Ok((graph, grant))
+}
+
+/// Whose rights the graph's reads and writes are made with (see [`authority::graph_actor`]),
+/// or why it may not be applied at all.
+fn actor(rg: &ResourceGraph, ctx: &Context, origin: Origin) -> Result<Acting, Refusal> {
+    let not_allowed = |message: String| Refusal {
+        reason: reasons::NOT_ALLOWED,
+        message,
+    };
+    let actor = authority::graph_actor(
+        origin,
+        rg.spec.service_account_name.as_deref(),
+        &rg.namespace().unwrap_or_default(),
+        &ctx.accounts,
+    )
+    .map_err(not_allowed)?;
+    acting_with(ctx, actor).map_err(|e| not_allowed(e.to_string()))
+}
+
+fn acting_with(ctx: &Context, actor: Actor) -> Result<Acting, kube::Error> {
+    Ok(match actor {
+        Actor::Operator => Acting {
+            applier: ctx.applier.clone(),
+            account: None,
+        },
+        Actor::ServiceAccount(account) => Acting {
+            applier: ctx.applier.acting_as(&account)?,
+            account: Some(account),
+        },
+    })
+}
+
+/// The graph's actor once its grant is checked: a rendered graph whose Transform no longer
+/// stands behind it applies nothing.
+async fn acting(rg: &ResourceGraph, ctx: &Context, grant: Option<&Grant>) -> Result<Acting, Refusal> {
+    if let Some(why) = match grant {
+        Some(grant) => ctx.withdrawn(grant).await,
+        None => None,
+    } {
+        return Err(Refusal {
+            reason: reasons::GRANT_WITHDRAWN,
+            message: format!("{why}; nothing is applied until it is rendered again"),
+        });
+    }
+    actor(rg, ctx, Grant::origin(grant))
 }
 
 fn metric_name(g: &GraphIdentity) -> String {
@@ -194,13 +331,16 @@ struct NodeOutcome {
     requeue: Option<Duration>,
     /// Whether a retry may succeed without a change (an API error, say).
     transient: bool,
+    /// The reason the node failed for in this pass, if it did.
+    failure: Option<&'static str>,
     event: Option<Event>,
     /// The object as observed in this pass, for the references of later nodes and outputs.
     live: Option<Value>,
 }
 
 async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
-    let (graph, origin) = identity(rg, ctx)?;
+    let (graph, grant) = identity(rg, ctx)?;
+    let origin = Grant::origin(grant.as_ref());
     let old = last_status(rg, ctx, &graph.uid);
     let (time, generation) = (now(), rg.metadata.generation);
     let mut status = ResourceGraphStatus {
@@ -230,13 +370,19 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
             .await;
         }
     };
+    let acting = match acting(rg, ctx, grant.as_ref()).await {
+        Ok(acting) => acting,
+        Err(refused) => return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await,
+    };
     if let Some(refused) = confinement(rg, ctx, origin).await {
         return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await;
     }
     let valid = Condition::new(VALID, true, reasons::VALID, "the graph is valid");
     set_condition(&mut status.conditions, valid, &time, generation);
 
-    let mut outcomes = run_waves(ctx, rg, &graph, origin, &dag, &old, &time).await;
+    let mut outcomes = run_waves(ctx, rg, &graph, (origin, &acting), &dag, &old, &time).await;
+    let authorized = authorization(&acting, grant.as_ref(), &outcomes);
+    set_condition(&mut status.conditions, authorized, &time, generation);
     report_nodes(ctx, rg, &old, &mut outcomes, &time).await;
 
     // Inventory: what this spec applied (a node that failed this pass keeps the object it
@@ -249,7 +395,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
                 .or_else(|| old.inventory.iter().find(|e| e.node_id == o.id).cloned())
         })
         .collect();
-    let (pruning, prune_waiting) = prune(rg, ctx, &graph, &old.inventory, &current).await;
+    let (pruning, prune_waiting) = prune(rg, ctx, &graph, &acting, &old.inventory, &current).await;
     status.inventory = current.iter().cloned().chain(pruning).collect();
     count_managed(ctx, &graph.uid, status.inventory.iter().cloned().collect());
     status.node_states = outcomes.iter().map(|(id, o)| (id.clone(), o.state.clone())).collect();
@@ -302,7 +448,7 @@ async fn run_waves(
     ctx: &Context,
     rg: &ResourceGraph,
     graph: &GraphIdentity,
-    origin: Origin,
+    (origin, acting): (Origin, &Acting),
     dag: &Dag,
     old: &ResourceGraphStatus,
     time: &Time,
@@ -334,6 +480,7 @@ async fn run_waves(
                     inventory: old.inventory.iter().find(|e| &e.node_id == id).cloned(),
                     requeue: None,
                     transient: false,
+                    failure: None,
                     event: None,
                     live: None,
                 },
@@ -352,11 +499,11 @@ async fn run_waves(
                 async move {
                     match resolved {
                         Ok(object) if object == node.object => {
-                            process_node(ctx, graph, origin, node, wave as u32, previous, time).await
+                            process_node(ctx, graph, (origin, acting), node, wave as u32, previous, time).await
                         }
                         Ok(object) => {
                             let node = Node { object, ..node.clone() };
-                            process_node(ctx, graph, origin, &node, wave as u32, previous, time).await
+                            process_node(ctx, graph, (origin, acting), &node, wave as u32, previous, time).await
                         }
                         Err(missing) => waiting_for_field(node, previous, time, &missing),
                     }
@@ -436,7 +583,51 @@ async fn refuse(
         publish(ctx, rg, EventType::Warning, event_reason, message).await;
     }
     write_status(rg, ctx, old, status).await?;
-    Ok(Action::await_change())
+    // A Transform may stand behind its graph again without the graph changing (its status
+    // catches up, an allowance is restored); every other refusal waits for a new spec.
+    Ok(if reason == reasons::GRANT_WITHDRAWN {
+        Action::requeue(super::RETRY)
+    } else {
+        Action::await_change()
+    })
+}
+
+/// The `Authorized` condition of a pass: whose rights the graph acts with, and what the
+/// apiserver refused that account.
+fn authorization(acting: &Acting, grant: Option<&Grant>, outcomes: &BTreeMap<String, NodeOutcome>) -> Condition {
+    let Some(account) = &acting.account else {
+        let allowance = grant.map_or("", |g| g.allowance.as_str());
+        return Condition::new(
+            AUTHORIZED,
+            true,
+            reasons::TRANSFORM_AUTHORITY,
+            format!("applied with its Transform's authority ({allowance})"),
+        );
+    };
+    let refused: Vec<String> = outcomes
+        .values()
+        .filter(|o| o.failure == Some(reasons::FORBIDDEN))
+        .map(|o| format!("node {}: {}", o.id, o.state.message.as_deref().unwrap_or_default()))
+        .collect();
+    if refused.is_empty() {
+        Condition::new(
+            AUTHORIZED,
+            true,
+            reasons::SERVICE_ACCOUNT,
+            format!("acts as service account {account}"),
+        )
+    } else {
+        Condition::new(
+            AUTHORIZED,
+            false,
+            reasons::FORBIDDEN,
+            truncate(format!(
+                "acts as service account {account}, which may not do what {} of its nodes need: {}",
+                refused.len(),
+                refused.join("; ")
+            )),
+        )
+    }
 }
 
 fn hash(value: &Value) -> String {
@@ -475,7 +666,7 @@ impl Failure {
 async fn process_node(
     ctx: &Context,
     graph: &GraphIdentity,
-    origin: Origin,
+    (origin, acting): (Origin, &Acting),
     node: &Node,
     wave: u32,
     previous: Option<&NodeState>,
@@ -489,7 +680,7 @@ async fn process_node(
         return failed(node, previous, time, Failure::refused(refused, false));
     }
     let (desired, inventory) = planned(node, wave, graph, &resolved);
-    let live = match live_object(ctx, &resolved, &inventory).await {
+    let live = match live_object(ctx, acting, &resolved, &inventory).await {
         Ok(live) => live,
         Err(e) => return failed(node, previous, time, Failure::of(&e)),
     };
@@ -513,7 +704,7 @@ async fn process_node(
             };
             return failed(node, previous, time, vanished);
         }
-        (write, live) => match write_node(ctx, graph, node, &resolved, &plan.desired, write, live).await {
+        (write, live) => match write_node(acting, graph, node, &resolved, &plan.desired, write, live).await {
             Ok(Applied { object, wrote: true }) => {
                 let rv = object.resource_version().unwrap_or_default();
                 ctx.applied
@@ -538,24 +729,36 @@ async fn process_node(
 
 /// The object as it is. The cache holds only objects that already carry Pequod's labels: a
 /// miss is absent or not this graph's, and the apiserver tells which before any write, so that
-/// an object this graph did not make is never taken over by accident.
+/// an object this graph did not make is never taken over by accident. A graph acting as a
+/// service account reads from the cache only what an access review says the account may read;
+/// everything else it reads with the account's own rights.
 async fn live_object(
     ctx: &Context,
+    acting: &Acting,
     resolved: &Resolved,
     entry: &InventoryEntry,
 ) -> Result<Option<DynamicObject>, ApplyError> {
-    match ctx.watches.lookup(resolved, entry.namespace.as_deref(), &entry.name) {
-        Lookup::Known(Some(o)) => Ok(Some((*o).clone())),
-        Lookup::Known(None) | Lookup::Unknown => {
-            ctx.applier.get(resolved, entry.namespace.as_deref(), &entry.name).await
+    let namespace = entry.namespace.as_deref();
+    if let Lookup::Known(Some(o)) = ctx.watches.lookup(resolved, namespace, &entry.name) {
+        let readable = match &acting.account {
+            None => true,
+            Some(account) => ctx
+                .reads
+                .may_get(&ctx.client, account, &resolved.resource, namespace)
+                .await
+                .unwrap_or(false),
+        };
+        if readable {
+            return Ok(Some((*o).clone()));
         }
     }
+    acting.applier.get(resolved, namespace, &entry.name).await
 }
 
 /// Carries out a planned [`Write::Apply`]: applies the object as the graph's field manager
 /// (taking it over from the predecessor graph when asked) and releases earlier managers.
 async fn write_node(
-    ctx: &Context,
+    acting: &Acting,
     graph: &GraphIdentity,
     node: &Node,
     resolved: &Resolved,
@@ -579,13 +782,13 @@ async fn write_node(
     } else {
         desired
     };
-    let applied = ctx
+    let applied = acting
         .applier
         .apply(node, &manager, resolved, desired, live.as_ref(), reclaim)
         .await?;
     let empty = plan::manager_release(desired);
     for earlier in release_managers {
-        if let Err(e) = ctx.applier.release_manager(resolved, &empty, &earlier).await {
+        if let Err(e) = acting.applier.release_manager(resolved, &empty, &earlier).await {
             // The next pass finds the manager again and retries.
             tracing::warn!(error = %e, node = %node.id, manager = %earlier, "releasing an earlier field manager failed");
         }
@@ -607,6 +810,7 @@ fn waiting_for_field(
         inventory: None,
         requeue: None,
         transient: false,
+        failure: None,
         event: None,
         live: None,
     }
@@ -632,6 +836,7 @@ fn failed(node: &Node, previous: Option<&NodeState>, time: &Time, failure: Failu
         inventory: None,
         requeue: None,
         transient,
+        failure: Some(reason),
         event: news.then(|| warning(reason, format!("node {}: {message}", node.id))),
         live: None,
     }
@@ -709,6 +914,7 @@ fn observed_node(
         inventory,
         requeue,
         transient: false,
+        failure: None,
         event,
         live: Some(value),
     }
@@ -793,16 +999,13 @@ fn count_managed(ctx: &Context, graph_uid: &str, inventory: BTreeSet<InventoryEn
 /// Whether an inventory entry's object still exists. The caches hold only objects that carry
 /// Pequod's labels, so a miss is asked of the apiserver: an object with the same name but
 /// without them is someone else's, and teardown says so rather than pass it over in silence.
-async fn existing(ctx: &Context, entry: &InventoryEntry) -> Result<Option<(Resolved, DynamicObject)>, ApplyError> {
+async fn existing(
+    ctx: &Context,
+    acting: &Acting,
+    entry: &InventoryEntry,
+) -> Result<Option<(Resolved, DynamicObject)>, ApplyError> {
     let resolved = ctx.applier.resolve(&entry.api_version, &entry.kind).await?;
-    let object = match ctx.watches.lookup(&resolved, entry.namespace.as_deref(), &entry.name) {
-        Lookup::Known(Some(o)) => Some((*o).clone()),
-        Lookup::Known(None) | Lookup::Unknown => {
-            ctx.applier
-                .get(&resolved, entry.namespace.as_deref(), &entry.name)
-                .await?
-        }
-    };
+    let object = live_object(ctx, acting, &resolved, entry).await?;
     Ok(object.map(|o| (resolved, o)))
 }
 
@@ -815,14 +1018,14 @@ async fn existing(ctx: &Context, entry: &InventoryEntry) -> Result<Option<(Resol
 async fn teardown(
     ctx: &Context,
     rg: &ResourceGraph,
-    graph: &GraphIdentity,
+    (graph, acting): (&GraphIdentity, &Acting),
     entries: &[InventoryEntry],
 ) -> (Vec<InventoryEntry>, Vec<String>) {
     let mut present: Vec<(InventoryEntry, Resolved, DynamicObject)> = Vec::new();
     let mut unknown: Vec<InventoryEntry> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     for entry in entries {
-        match existing(ctx, entry).await {
+        match existing(ctx, acting, entry).await {
             Ok(Some((resolved, object))) => present.push((entry.clone(), resolved, object)),
             Ok(None) => {}
             // A kind the apiserver says it no longer serves has no objects left.
@@ -839,7 +1042,7 @@ async fn teardown(
     for (entry, resolved, object) in present {
         match ownership::let_go(&entry, &serde_json::to_value(&object).unwrap_or_default(), graph) {
             LetGo::Delete => to_delete.push((entry, resolved, object)),
-            LetGo::Release(why) => match ctx.applier.release(&resolved, &object, &graph.uid).await {
+            LetGo::Release(why) => match acting.applier.release(&resolved, &object, &graph.uid).await {
                 Ok(()) => publish(ctx, rg, EventType::Normal, reasons::OBJECT_RELEASED, &why).await,
                 Err(e) => {
                     tracing::warn!(error = %e, name = %entry.name, "releasing object failed");
@@ -857,7 +1060,7 @@ async fn teardown(
     for (entry, resolved, object) in to_delete {
         let deletable = Some(entry.wave) == top && object.metadata.deletion_timestamp.is_none();
         if deletable
-            && let Err(e) = ctx
+            && let Err(e) = acting
                 .applier
                 .delete(&resolved, entry.namespace.as_deref(), &entry.name)
                 .await
@@ -875,6 +1078,7 @@ async fn prune(
     rg: &ResourceGraph,
     ctx: &Context,
     graph: &GraphIdentity,
+    acting: &Acting,
     inventory: &[InventoryEntry],
     current: &BTreeSet<InventoryEntry>,
 ) -> (Vec<InventoryEntry>, Vec<InventoryEntry>) {
@@ -891,7 +1095,7 @@ async fn prune(
     if stale.is_empty() {
         return (Vec::new(), Vec::new());
     }
-    let (remaining, _) = teardown(ctx, rg, graph, &stale).await;
+    let (remaining, _) = teardown(ctx, rg, (graph, acting), &stale).await;
     (remaining.clone(), remaining)
 }
 
@@ -899,7 +1103,19 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
     if !rg.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    let (graph, _) = identity(rg, ctx)?;
+    let (graph, grant) = identity(rg, ctx)?;
+    // Teardown deletes only what carries this graph's uid; a graph acting as a service account
+    // deletes with its rights, even once its Transform is gone.
+    let origin = Grant::origin(grant.as_ref());
+    let named = rg.spec.service_account_name.as_deref();
+    // An account the lock refuses falls back to the default one, which it allows.
+    let actor = authority::graph_actor(origin, named, &graph.namespace, &ctx.accounts)
+        .or_else(|_| authority::graph_actor(origin, None, &graph.namespace, &ctx.accounts))
+        .unwrap_or(Actor::ServiceAccount(ServiceAccount {
+            namespace: graph.namespace.clone(),
+            name: ctx.accounts.default.clone(),
+        }));
+    let acting = acting_with(ctx, actor)?;
     let old = rg.status.clone().unwrap_or_default();
     // The inventory, plus the spec's objects in case the operator stopped between applying
     // an object and recording it.
@@ -916,7 +1132,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    let (remaining, failures) = teardown(ctx, rg, &graph, &entries).await;
+    let (remaining, failures) = teardown(ctx, rg, (&graph, &acting), &entries).await;
     count_managed(ctx, &graph.uid, remaining.iter().cloned().collect());
     if !remaining.is_empty() {
         let top = remaining.iter().map(|e| e.wave).max().unwrap_or(0);

@@ -52,6 +52,9 @@ pub struct RolloutOrder {
     /// Whether loading the target changed the kind's CRD (compatibly: a breaking change
     /// stops the Transform before any rollout).
     pub schema_changed: bool,
+    /// The module versions the Transform has served (`status.servedDigests`), the target
+    /// last: the only ones its instances may render with.
+    pub served: Vec<String>,
 }
 
 /// The selection a kind's reconciles read; the driver replaces it.

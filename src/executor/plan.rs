@@ -7,11 +7,12 @@ use serde_json::{Value, json};
 
 use super::ownership::{self, Owner, Refusal};
 use super::proof::{Allowance, Origin};
-use crate::api::{ApplyMode, Node, ReadyGateType};
+use crate::api::{ApplyMode, Node};
 use crate::apply::{GraphIdentity, set_annotation};
 
 /// API groups whose objects hand out or widen power over the cluster: RBAC, admission
-/// webhooks and policies, CRDs and aggregated APIs. A hand-written graph writes none of them.
+/// webhooks and policies, CRDs and aggregated APIs. A Transform outside the trusted namespaces
+/// may not name them in its generated RBAC (see [`crate::authority`]).
 pub const GUARDED_GROUPS: [&str; 4] = [
     "rbac.authorization.k8s.io",
     "admissionregistration.k8s.io",
@@ -22,11 +23,11 @@ pub const GUARDED_GROUPS: [&str; 4] = [
 /// Why a node of a graph with `origin` in `graph_namespace` may not be applied at all, or None
 /// when it may. `namespaced` is the kind's scope as discovery reports it.
 ///
-/// Every graph keeps namespaced objects in its own namespace. Cluster-scoped objects need a
-/// rendered graph whose Transform allows them. Hand-written graphs, and graphs of Transforms
-/// outside the trusted namespaces, also write no object of the [`GUARDED_GROUPS`], and no gate
-/// of theirs compares a Secret's fields (the gate's outcome would tell a value their author may
-/// not read).
+/// These are the rules of the graph's shape, not of its power: what a graph may write is
+/// decided by the apiserver, as the service account a graph without a trusted Transform acts
+/// as (see [`crate::authority::graph_actor`]), or within a trusted Transform's allowance.
+/// Every graph keeps namespaced objects in its own namespace, where its owner reference can
+/// reach them; cluster-scoped objects need a rendered graph whose Transform allows them.
 pub fn confinement(node: &Node, namespaced: bool, graph_namespace: &str, origin: Origin) -> Option<Refusal> {
     let what = format!(
         "{} {}",
@@ -39,13 +40,6 @@ pub fn confinement(node: &Node, namespaced: bool, graph_namespace: &str, origin:
             message: format!("node {}: {what} {why}; nothing was applied", node.id),
         })
     };
-    let hand_written = matches!(origin, Origin::HandWritten | Origin::Rendered(Allowance::Restricted));
-    let group = node.api_version().rsplit_once('/').map_or("", |(g, _)| g);
-    if hand_written && GUARDED_GROUPS.contains(&group) {
-        return refuse(format!(
-            "is in API group {group}, which only graphs rendered from a trusted Transform may write"
-        ));
-    }
     if !namespaced {
         return match origin {
             Origin::Rendered(Allowance::Cluster) => None,
@@ -64,17 +58,6 @@ pub fn confinement(node: &Node, namespaced: bool, graph_namespace: &str, origin:
         return refuse(format!(
             "is in namespace {other}; a graph writes only in its own namespace {graph_namespace}"
         ));
-    }
-    let reads_secret_fields = node.api_version() == "v1"
-        && node.kind() == "Secret"
-        && node.ready_when.iter().any(|g| {
-            matches!(
-                g.type_,
-                ReadyGateType::FieldMatch | ReadyGateType::ConditionMatch | ReadyGateType::Expression
-            )
-        });
-    if hand_written && reads_secret_fields {
-        return refuse("is a Secret, whose fields a hand-written graph's gates may not compare".into());
     }
     None
 }
@@ -283,32 +266,25 @@ mod tests {
         let rendered_cluster = Origin::Rendered(Allowance::Cluster);
         let restricted = Origin::Rendered(Allowance::Restricted);
         let hand = Origin::HandWritten;
-        let secret_gate = json!([{"type": "FieldMatch", "path": "data.password", "value": "x"}]);
-        let none = json!([]);
         #[rustfmt::skip]
-        let cases: Vec<(&str, Value, bool, Origin, &Value, bool)> = vec![
-            ("ConfigMap in the graph's namespace", object("v1", "ConfigMap", Some("team")), true, hand, &none, true),
-            ("ConfigMap without a namespace", object("v1", "ConfigMap", None), true, hand, &none, true),
-            ("ConfigMap elsewhere, hand-written", object("v1", "ConfigMap", Some("kube-system")), true, hand, &none, false),
-            ("ConfigMap elsewhere, rendered", object("v1", "ConfigMap", Some("kube-system")), true, rendered_cluster, &none, false),
-            ("Namespace, hand-written", object("v1", "Namespace", None), false, hand, &none, false),
-            ("Namespace, rendered without allowance", object("v1", "Namespace", None), false, rendered, &none, false),
-            ("Namespace, rendered with allowance", object("v1", "Namespace", None), false, rendered_cluster, &none, true),
-            ("ClusterRoleBinding, hand-written", object("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", None), false, hand, &none, false),
-            ("RoleBinding in its namespace, hand-written", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, hand, &none, false),
-            ("RoleBinding in its namespace, rendered", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, rendered, &none, true),
-            ("RoleBinding, rendered from an untrusted Transform", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, restricted, &none, false),
-            ("ConfigMap, rendered from an untrusted Transform", object("v1", "ConfigMap", Some("team")), true, restricted, &none, true),
-            ("Secret gate, rendered from an untrusted Transform", object("v1", "Secret", Some("team")), true, restricted, &secret_gate, false),
-            ("webhook, hand-written", object("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration", None), false, hand, &none, false),
-            ("CRD, hand-written", object("apiextensions.k8s.io/v1", "CustomResourceDefinition", None), false, hand, &none, false),
-            ("APIService, hand-written", object("apiregistration.k8s.io/v1", "APIService", None), false, hand, &none, false),
-            ("Secret gate, hand-written", object("v1", "Secret", Some("team")), true, hand, &secret_gate, false),
-            ("Secret gate, rendered", object("v1", "Secret", Some("team")), true, rendered, &secret_gate, true),
-            ("Secret without gates, hand-written", object("v1", "Secret", Some("team")), true, hand, &none, true),
+        let cases: Vec<(&str, Value, bool, Origin, bool)> = vec![
+            ("ConfigMap in the graph's namespace", object("v1", "ConfigMap", Some("team")), true, hand, true),
+            ("ConfigMap without a namespace", object("v1", "ConfigMap", None), true, hand, true),
+            ("ConfigMap elsewhere, hand-written", object("v1", "ConfigMap", Some("kube-system")), true, hand, false),
+            ("ConfigMap elsewhere, rendered", object("v1", "ConfigMap", Some("kube-system")), true, rendered_cluster, false),
+            ("Namespace, hand-written", object("v1", "Namespace", None), false, hand, false),
+            ("Namespace, rendered without allowance", object("v1", "Namespace", None), false, rendered, false),
+            ("Namespace, untrusted Transform", object("v1", "Namespace", None), false, restricted, false),
+            ("Namespace, rendered with allowance", object("v1", "Namespace", None), false, rendered_cluster, true),
+            ("ClusterRoleBinding, hand-written", object("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", None), false, hand, false),
+            // Whether the graph's service account may write it is the apiserver's to say.
+            ("RoleBinding in its namespace, hand-written", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, hand, true),
+            ("RoleBinding in its namespace, rendered", object("rbac.authorization.k8s.io/v1", "RoleBinding", Some("team")), true, rendered, true),
+            ("webhook, hand-written", object("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration", None), false, hand, false),
+            ("CRD, hand-written", object("apiextensions.k8s.io/v1", "CustomResourceDefinition", None), false, hand, false),
         ];
-        for (case, obj, namespaced, origin, gates, allowed) in cases {
-            let n = node(obj, ApplyMode::Apply, gates.clone());
+        for (case, obj, namespaced, origin, allowed) in cases {
+            let n = node(obj, ApplyMode::Apply, json!([]));
             let refusal = confinement(&n, namespaced, "team", origin);
             assert_eq!(refusal.is_none(), allowed, "{case}: {refusal:?}");
             if let Some(r) = refusal {

@@ -12,7 +12,7 @@ use ring::hmac;
 
 use crate::api::ResourceGraphSpec;
 
-const VERSION: &str = "v1";
+const VERSION: &str = "v2";
 
 /// What a rendered graph may reach: its Transform's allowances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub enum Allowance {
 }
 
 impl Allowance {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Restricted => "restricted",
             Self::Namespace => "namespace",
@@ -38,6 +38,23 @@ impl Allowance {
         [Self::Restricted, Self::Namespace, Self::Cluster]
             .into_iter()
             .find(|a| a.as_str() == value)
+    }
+}
+
+/// What a rendered graph was signed with: the allowance, and the Transform and module version
+/// that granted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub allowance: Allowance,
+    /// The uid of the Transform whose instance the graph was rendered from.
+    pub transform_uid: String,
+    /// The module version (content digest) the graph was rendered with.
+    pub module_digest: String,
+}
+
+impl Grant {
+    pub fn origin(grant: Option<&Self>) -> Origin {
+        grant.map_or(Origin::HandWritten, |g| Origin::Rendered(g.allowance))
     }
 }
 
@@ -64,23 +81,26 @@ impl GraphKey {
         (bytes.len() >= Self::MIN_BYTES).then(|| Self(hmac::Key::new(hmac::HMAC_SHA256, bytes)))
     }
 
-    /// The proof of a rendered graph with `allowance`, taking over from `predecessor` (the
-    /// value of [`crate::api::names::PREDECESSOR_ANNOTATION`]) if any.
+    /// The proof of a rendered graph with `grant`, taking over from `predecessor` (the value
+    /// of [`crate::api::names::PREDECESSOR_ANNOTATION`]) if any:
+    /// `v2:<allowance>:<transform uid>:<module digest>:<hex HMAC-SHA256>`.
     pub fn sign(
         &self,
         namespace: &str,
         name: &str,
         spec: &ResourceGraphSpec,
-        allowance: Allowance,
+        grant: &Grant,
         predecessor: Option<&str>,
     ) -> String {
-        let allowance = allowance.as_str();
-        let tag = hmac::sign(&self.0, &message(namespace, name, allowance, predecessor, spec));
-        format!("{VERSION}:{allowance}:{}", hex::encode(tag.as_ref()))
+        let signed = signed_part(grant);
+        let tag = hmac::sign(&self.0, &message(namespace, name, &signed, predecessor, spec));
+        format!("{signed}:{}", hex::encode(tag.as_ref()))
     }
 
-    /// The origin of a graph carrying `proof` and `predecessor` (the values of
-    /// [`crate::api::names::PROOF_ANNOTATION`] and [`crate::api::names::PREDECESSOR_ANNOTATION`]).
+    /// The grant of a graph carrying `proof` and `predecessor` (the values of
+    /// [`crate::api::names::PROOF_ANNOTATION`] and [`crate::api::names::PREDECESSOR_ANNOTATION`]),
+    /// or None for a graph Pequod did not render as it is (hand-written, edited, copied, or
+    /// signed by an earlier release, whose proofs named no Transform).
     pub fn verify(
         &self,
         namespace: &str,
@@ -88,24 +108,22 @@ impl GraphKey {
         spec: &ResourceGraphSpec,
         proof: Option<&str>,
         predecessor: Option<&str>,
-    ) -> Origin {
-        let Some(proof) = proof else {
-            return Origin::HandWritten;
+    ) -> Option<Grant> {
+        let (signed, tag) = proof?.rsplit_once(':')?;
+        let mut parts = signed.splitn(4, ':');
+        let (Some(VERSION), Some(allowance), Some(transform_uid), Some(module_digest)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
         };
-        let mut parts = proof.splitn(3, ':');
-        let (Some(VERSION), Some(allowance), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
-            return Origin::HandWritten;
+        let grant = Grant {
+            allowance: Allowance::parse(allowance)?,
+            transform_uid: transform_uid.to_string(),
+            module_digest: module_digest.to_string(),
         };
-        let Some(origin) = Allowance::parse(allowance).map(Origin::Rendered) else {
-            return Origin::HandWritten;
-        };
-        let Ok(tag) = hex::decode(tag) else {
-            return Origin::HandWritten;
-        };
-        match hmac::verify(&self.0, &message(namespace, name, allowance, predecessor, spec), &tag) {
-            Ok(()) => origin,
-            Err(_) => Origin::HandWritten,
-        }
+        let tag = hex::decode(tag).ok()?;
+        hmac::verify(&self.0, &message(namespace, name, signed, predecessor, spec), &tag).ok()?;
+        Some(grant)
     }
 }
 
@@ -115,15 +133,19 @@ impl std::fmt::Debug for GraphKey {
     }
 }
 
-fn message(
-    namespace: &str,
-    name: &str,
-    allowance: &str,
-    predecessor: Option<&str>,
-    spec: &ResourceGraphSpec,
-) -> Vec<u8> {
+/// The clear part of a proof: what the executor checks against the Transform.
+fn signed_part(grant: &Grant) -> String {
+    format!(
+        "{VERSION}:{}:{}:{}",
+        grant.allowance.as_str(),
+        grant.transform_uid,
+        grant.module_digest
+    )
+}
+
+fn message(namespace: &str, name: &str, signed: &str, predecessor: Option<&str>, spec: &ResourceGraphSpec) -> Vec<u8> {
     let predecessor = predecessor.unwrap_or_default();
-    let mut out = format!("pequod-graph-proof\n{VERSION}\n{namespace}\n{name}\n{allowance}\n{predecessor}\n");
+    let mut out = format!("pequod-graph-proof\n{namespace}\n{name}\n{signed}\n{predecessor}\n");
     out.push_str(&canonical_json(&serde_json::to_value(spec).unwrap_or_default()));
     out.into_bytes()
 }
@@ -141,19 +163,31 @@ mod tests {
         serde_json::from_value(json!({"nodes": [{"id": "config", "object": object}]})).unwrap()
     }
 
+    fn grant(allowance: Allowance) -> Grant {
+        Grant {
+            allowance,
+            transform_uid: "uid-1".into(),
+            module_digest: format!("sha256:{}", "a".repeat(64)),
+        }
+    }
+
     #[test]
     fn only_the_signed_graph_under_the_same_key_verifies() {
         let k = key(1);
         let signed = spec(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}));
-        let proof = k.sign("team", "web", &signed, Allowance::Cluster, None);
-        let verify =
-            |k: &GraphKey, ns: &str, name: &str, s: &ResourceGraphSpec, p: Option<&str>| k.verify(ns, name, s, p, None);
+        let proof = k.sign("team", "web", &signed, &grant(Allowance::Cluster), None);
+        let verify = |k: &GraphKey, ns: &str, name: &str, s: &ResourceGraphSpec, p: Option<&str>| {
+            Grant::origin(k.verify(ns, name, s, p, None).as_ref())
+        };
         assert_eq!(
-            verify(&k, "team", "web", &signed, Some(&proof)),
-            Origin::Rendered(Allowance::Cluster)
+            k.verify("team", "web", &signed, Some(&proof), None),
+            Some(grant(Allowance::Cluster))
         );
         let edited = spec(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}}));
         let widened = proof.replacen(":cluster:", ":namespace:", 1);
+        let other_transform = proof.replacen(":uid-1:", ":uid-2:", 1);
+        let other_module = proof.replacen(":sha256:a", ":sha256:b", 1);
+        let v1 = format!("v1:cluster:{}", proof.rsplit_once(':').unwrap().1);
         let cases = [
             ("no proof", verify(&k, "team", "web", &signed, None)),
             ("edited spec", verify(&k, "team", "web", &edited, Some(&proof))),
@@ -167,10 +201,22 @@ mod tests {
             ),
             ("another key", verify(&key(2), "team", "web", &signed, Some(&proof))),
             ("allowance changed", verify(&k, "team", "web", &signed, Some(&widened))),
-            ("garbage", verify(&k, "team", "web", &signed, Some("v1:cluster:zz"))),
+            (
+                "another Transform",
+                verify(&k, "team", "web", &signed, Some(&other_transform)),
+            ),
+            (
+                "another module version",
+                verify(&k, "team", "web", &signed, Some(&other_module)),
+            ),
+            (
+                "an earlier release's proof",
+                verify(&k, "team", "web", &signed, Some(&v1)),
+            ),
+            ("garbage", verify(&k, "team", "web", &signed, Some("v2:cluster:u:d:zz"))),
             (
                 "unknown version",
-                verify(&k, "team", "web", &signed, Some("v0:cluster:00")),
+                verify(&k, "team", "web", &signed, Some("v0:cluster:u:d:00")),
             ),
         ];
         for (case, origin) in cases {
@@ -185,10 +231,16 @@ mod tests {
             spec(json!({"kind": "Deployment", "spec": {"replicas": 2.0, "ratio": 0.5}, "apiVersion": "apps/v1"}));
         let read_back =
             spec(json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"ratio": 0.5, "replicas": 2}}));
-        let proof = k.sign("team", "web", &written, Allowance::Restricted, Some("uid-old/web-old"));
+        let proof = k.sign(
+            "team",
+            "web",
+            &written,
+            &grant(Allowance::Restricted),
+            Some("uid-old/web-old"),
+        );
         assert_eq!(
             k.verify("team", "web", &read_back, Some(&proof), Some("uid-old/web-old")),
-            Origin::Rendered(Allowance::Restricted)
+            Some(grant(Allowance::Restricted))
         );
     }
 

@@ -37,6 +37,10 @@ pub enum GraphError {
     NotAllowed { node: String, why: String },
     #[error("{place}: {why}")]
     InvalidReference { place: String, why: String },
+    /// A reference, gate or output that would show a sensitive object's values; `place` names
+    /// the node or output that holds it.
+    #[error("{place}: {why}")]
+    SensitiveReference { place: String, why: String },
     #[error("node {node:?}: readiness expression {why}")]
     InvalidExpression { node: String, why: String },
 }
@@ -56,7 +60,7 @@ impl ErrorCategory for GraphError {
             Self::InvalidId { .. } => "InvalidNodeId",
             Self::UnknownDependency { .. } => "UnknownDependency",
             Self::Cycle { .. } => "DependencyCycle",
-            Self::NotAllowed { .. } => "NotAllowed",
+            Self::NotAllowed { .. } | Self::SensitiveReference { .. } => "NotAllowed",
             Self::InvalidReference { .. } => "InvalidReference",
             Self::InvalidExpression { .. } => "InvalidExpression",
         }
@@ -113,6 +117,7 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
             return Err(GraphError::DuplicateId { id: node.id.clone() });
         }
         check_object(node)?;
+        check_sensitive_gates(node)?;
         for gate in node
             .ready_when
             .iter()
@@ -207,8 +212,8 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
     })
 }
 
-/// The nodes `value` references, each checked: it exists, and the reference does not read a
-/// Secret's content.
+/// The nodes `value` (held by `holder`, a node id or an output) references, each checked: it
+/// exists, and the reference reads no more of a sensitive node than its identity.
 fn checked_references(
     value: &serde_json::Value,
     kinds: &BTreeMap<&str, &str>,
@@ -223,15 +228,45 @@ fn checked_references(
         let Some(kind) = kinds.get(r.node.as_str()) else {
             return Err(invalid(format!("{r} names no node of the graph")));
         };
-        if r.reads_secret_content(kind) {
-            return Err(GraphError::NotAllowed {
-                node: r.node.clone(),
-                why: format!("{r} would copy a Secret's content out of it; reference its name instead"),
+        if r.reads_beyond_identity(kind) {
+            return Err(GraphError::SensitiveReference {
+                place: place.to_string(),
+                why: format!(
+                    "{r} reads more of {kind} node {:?} than its identity ({}), which may carry its values",
+                    r.node,
+                    reference::IDENTITY_FIELDS.join(", ")
+                ),
             });
         }
         referenced.insert(r.node);
     }
     Ok(referenced)
+}
+
+/// A gate's outcome tells what it compared: on a sensitive node, only an `Exists` gate, or a
+/// `FieldMatch` on an identity field, says nothing of its values.
+fn check_sensitive_gates(node: &Node) -> Result<(), GraphError> {
+    use crate::api::ReadyGateType;
+    if !reference::is_sensitive(node.kind()) {
+        return Ok(());
+    }
+    let telling = node.ready_when.iter().find(|g| match g.type_ {
+        ReadyGateType::Exists => false,
+        ReadyGateType::FieldMatch => !reference::IDENTITY_FIELDS.contains(&g.path.as_deref().unwrap_or_default()),
+        _ => true,
+    });
+    match telling {
+        None => Ok(()),
+        Some(gate) => Err(GraphError::SensitiveReference {
+            place: format!("node {:?}", node.id),
+            why: format!(
+                "a {:?} gate on a {} would tell its values; only Exists, or FieldMatch on {}, may gate it",
+                gate.type_,
+                node.kind(),
+                reference::IDENTITY_FIELDS.join(", ")
+            ),
+        }),
+    }
 }
 
 /// Most outputs a graph may project into its status.
@@ -501,8 +536,31 @@ mod tests {
         );
 
         let secret = object_node("creds", "Secret", json!({}));
-        let leak = object_node("config", "ConfigMap", json!({"data": {"p": "${creds.data.password}"}}));
-        assert_eq!(validate(&[secret.clone(), leak]).unwrap_err().reason(), "NotAllowed");
+        for leaking in ["${creds.data.password}", "${creds.metadata.annotations}"] {
+            let leak = object_node("config", "ConfigMap", json!({"data": {"p": leaking}}));
+            let refused = validate(&[secret.clone(), leak]).unwrap_err();
+            assert_eq!(refused.reason(), "NotAllowed", "{leaking}");
+            assert!(
+                refused.to_string().starts_with("node \"config\": "),
+                "the node holding the reference is named first: {refused}"
+            );
+        }
+        let gated = |gate: serde_json::Value| {
+            let mut node = object_node("creds", "Secret", json!({}));
+            node.ready_when = vec![serde_json::from_value(gate).unwrap()];
+            validate(&[node])
+        };
+        for telling in [
+            json!({"type": "FieldMatch", "path": "data.password", "value": "x"}),
+            json!({"type": "FieldMatch", "path": "metadata.annotations", "value": "x"}),
+            json!({"type": "ConditionMatch", "conditionType": "Ready"}),
+            json!({"type": "Expression", "expression": "self.data.password == 'eA=='"}),
+        ] {
+            let refused = gated(telling.clone()).unwrap_err();
+            assert_eq!(refused.reason(), "NotAllowed", "{telling}");
+        }
+        assert!(gated(json!({"type": "Exists"})).is_ok());
+        assert!(gated(json!({"type": "FieldMatch", "path": "metadata.name", "value": "creds"})).is_ok());
         let by_name = object_node("config", "ConfigMap", json!({"data": {"p": "${creds.metadata.name}"}}));
         assert!(validate(&[secret.clone(), by_name]).is_ok());
 

@@ -27,11 +27,27 @@ impl std::fmt::Display for Reference {
     }
 }
 
+/// The fields of a sensitive object that may flow out of it: what it is and which one. Any
+/// other field may carry its value (`data`, and also annotations such as
+/// `kubectl.kubernetes.io/last-applied-configuration`, or managed fields).
+pub const IDENTITY_FIELDS: [&str; 5] = [
+    "apiVersion",
+    "kind",
+    "metadata.name",
+    "metadata.namespace",
+    "metadata.uid",
+];
+
+/// Whether objects of `kind` hold values nobody may read through Pequod: only their identity
+/// fields may be referenced, gated on, output or projected.
+pub fn is_sensitive(kind: &str) -> bool {
+    kind == "Secret"
+}
+
 impl Reference {
-    /// Whether the reference reads a Secret's content (`data` or `stringData`), which no
-    /// other object and no status may show.
-    pub fn reads_secret_content(&self, kind_of_node: &str) -> bool {
-        kind_of_node == "Secret" && matches!(self.path.first().map(String::as_str), Some("data" | "stringData"))
+    /// Whether the reference reads more of a sensitive node than its identity.
+    pub fn reads_beyond_identity(&self, kind_of_node: &str) -> bool {
+        is_sensitive(kind_of_node) && !IDENTITY_FIELDS.contains(&self.path.join(".").as_str())
     }
 }
 
@@ -240,10 +256,32 @@ mod tests {
     }
 
     #[test]
-    fn secret_content_is_told_apart_from_secret_metadata() {
-        assert!(reference("creds", &["data", "password"]).reads_secret_content("Secret"));
-        assert!(reference("creds", &["stringData"]).reads_secret_content("Secret"));
-        assert!(!reference("creds", &["metadata", "name"]).reads_secret_content("Secret"));
-        assert!(!reference("config", &["data", "x"]).reads_secret_content("ConfigMap"));
+    fn only_the_identity_of_a_secret_may_be_referenced() {
+        for path in [
+            &["data", "password"][..],
+            &["stringData"],
+            &["data"],
+            &["metadata"],
+            &["metadata", "annotations"],
+            &[
+                "metadata",
+                "annotations",
+                "kubectl.kubernetes.io/last-applied-configuration",
+            ],
+            &["metadata", "managedFields"],
+            &["metadata", "labels"],
+            &["type"],
+        ] {
+            assert!(reference("creds", path).reads_beyond_identity("Secret"), "{path:?}");
+        }
+        for path in [
+            &["metadata", "name"][..],
+            &["metadata", "namespace"],
+            &["metadata", "uid"],
+            &["kind"],
+        ] {
+            assert!(!reference("creds", path).reads_beyond_identity("Secret"), "{path:?}");
+        }
+        assert!(!reference("config", &["data", "x"]).reads_beyond_identity("ConfigMap"));
     }
 }

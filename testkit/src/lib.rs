@@ -145,6 +145,8 @@ pub async fn env(test: &str) -> TestEnv {
         .create(&PostParams::default(), &ns)
         .await
         .expect("create test namespace");
+    let writer = graph_writer_binding(&namespace);
+    apply_yaml(&client, &namespace, &writer).await;
     TestEnv {
         client,
         namespace,
@@ -152,6 +154,19 @@ pub async fn env(test: &str) -> TestEnv {
         operator_kubeconfig: cp.operator_kubeconfig.clone(),
         external: cp.external,
     }
+}
+
+/// Hand-written graphs act as the `default` service account of their namespace. Tests of the
+/// executor itself give it every namespaced right in their own namespace, as a namespace
+/// owner would; tests of what a graph may not do use accounts of their own.
+fn graph_writer_binding(namespace: &str) -> String {
+    format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: pequod-test-namespace-owner\n\
+         rules:\n- apiGroups: [\"*\"]\n  resources: [\"*\"]\n  verbs: [\"*\"]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: graphs-own-the-namespace\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: pequod-test-namespace-owner}}\n\
+         subjects: [{{kind: ServiceAccount, name: default, namespace: {namespace}}}]\n"
+    )
 }
 
 impl TestEnv {

@@ -71,12 +71,15 @@ fn service_node(name: &str) -> Value {
 
 /// The graph's `Valid` condition.
 fn valid_condition(rg: ResourceGraph) -> pequod::api::Condition {
+    graph_condition(&rg, "Valid")
+}
+
+fn graph_condition(rg: &ResourceGraph, type_: &str) -> pequod::api::Condition {
     rg.status
-        .unwrap_or_default()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Valid")
-        .expect("a Valid condition")
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .cloned()
+        .unwrap_or_else(|| panic!("a {type_} condition: {:?}", rg.status))
 }
 
 /// Waits until `check` accepts the graph, showing its status on timeout.
@@ -663,16 +666,24 @@ async fn a_user_who_may_write_graphs_in_one_namespace_reaches_nothing_beyond_it(
     let elsewhere = support::env("graph-writer-elsewhere").await;
     let user = format!("dev-{}", env.namespace);
     let secret_value = "aHVudGVyMg==";
+    // The user may write ResourceGraphs only; their graphs act as the service account `graphs`,
+    // which the namespace's owner gave the built-in `edit` role.
     support::apply_yaml(
         &env.client,
         &env.namespace,
         &format!(
             "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\ndata:\n  password: {secret_value}\n---\n\
+             apiVersion: v1\nkind: ResourceQuota\nmetadata:\n  name: quota\nspec:\n  hard:\n    pods: \"10\"\n---\n\
+             apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: graphs\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: graphs-edit\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}}\n\
+             subjects: [{{kind: ServiceAccount, name: graphs, namespace: {ns}}}]\n---\n\
              apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: graph-writer\nrules:\n\
              - apiGroups: [platform.platform.example.com]\n  resources: [resourcegraphs]\n  verbs: [\"*\"]\n---\n\
              apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: graph-writer\n\
              roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: graph-writer}}\n\
-             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n"
+             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n",
+            ns = env.namespace
         ),
     )
     .await;
@@ -685,79 +696,174 @@ async fn a_user_who_may_write_graphs_in_one_namespace_reaches_nothing_beyond_it(
 
     let binding = format!("{}-admin", env.namespace);
     let namespace = format!("{}-new", env.namespace);
-    let graph = |name: &str, node: Value, annotations: Value| {
+    let graph = |name: &str, nodes: Value, annotations: Value| {
         json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
-            "metadata": {"name": name, "annotations": annotations}, "spec": {"nodes": [node]}})
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"serviceAccountName": "graphs", "nodes": nodes}})
     };
     let none = json!({});
-    let refused = [
+    let secret_node = json!({"id": "db", "applyPolicy": {"mode": "Create"},
+        "object": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"}}});
+    // Refused before anything is applied: by the graph's shape (Valid=False, NotAllowed).
+    let shapeless = [
         graph(
             "escalate",
-            json!({"id": "binding", "object": {"apiVersion": "rbac.authorization.k8s.io/v1",
+            json!([{"id": "binding", "object": {"apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding", "metadata": {"name": binding},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}}),
-            none.clone(),
-        ),
-        graph(
-            "local-binding",
-            json!({"id": "binding", "object": {"apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding", "metadata": {"name": "admin"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}}),
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}}]),
             none.clone(),
         ),
         graph(
             "elsewhere",
-            json!({"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "planted", "namespace": elsewhere.namespace}}}),
+            json!([{"id": "config", "object": {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "planted", "namespace": elsewhere.namespace}}}]),
             none.clone(),
         ),
         // A made-up proof is no proof.
         graph(
             "cluster-scoped",
-            json!({"id": "ns", "object": {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": namespace}}}),
-            json!({"pequod.io/graph-proof": format!("v1:cluster:{}", "ab".repeat(32))}),
+            json!([{"id": "ns", "object": {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": namespace}}}]),
+            json!({"pequod.io/graph-proof": format!("v2:cluster:uid:sha256:{}:{}", "a".repeat(64), "ab".repeat(32))}),
         ),
+    ];
+    // Refused when the graph is checked: what would tell a Secret's values.
+    let telling = [
         graph(
             "peek",
-            json!({"id": "peek", "applyPolicy": {"mode": "Create"},
+            json!([{"id": "peek", "applyPolicy": {"mode": "Create"},
             "object": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"}},
-            "readyWhen": [{"type": "FieldMatch", "path": "data.password", "value": "x"}]}),
+            "readyWhen": [{"type": "FieldMatch", "path": "data.password", "value": "x"}]}]),
+            none.clone(),
+        ),
+        graph(
+            "annotations",
+            json!([secret_node.clone(), {"id": "copy", "object": {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "copy"}, "data": {"all": "${db.metadata.annotations}"}}}]),
             none.clone(),
         ),
     ];
-    let allowed = graph("allowed", configmap("mine", &[]), none);
-    let manifests: Vec<String> = refused
+    // Applied as the account, which the apiserver refuses: more than `edit` allows.
+    let forbidden = [
+        graph(
+            "local-binding",
+            json!([{"id": "binding", "object": {"apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding", "metadata": {"name": "admin"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}}]),
+            none.clone(),
+        ),
+        graph(
+            "quota",
+            json!([{"id": "quota", "applyPolicy": {"mode": "Adopt"}, "object": {"apiVersion": "v1",
+            "kind": "ResourceQuota", "metadata": {"name": "quota"}, "spec": {"hard": {"pods": "10000"}}}}]),
+            none.clone(),
+        ),
+        graph(
+            "endpoints",
+            json!([{"id": "endpoints", "object": {"apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": "planted"}, "subsets": [{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80}]}]}}]),
+            none.clone(),
+        ),
+        graph(
+            "transform",
+            json!([{"id": "transform", "object": {"apiVersion": "platform.platform.example.com/v1alpha1",
+            "kind": "Transform", "metadata": {"name": "planted"},
+            "spec": {"cueRef": {"type": "embedded", "ref": "webservice"}, "allowClusterScopedResources": true}}}]),
+            none.clone(),
+        ),
+    ];
+    let allowed = graph("allowed", json!([configmap("mine", &[])]), none);
+    let manifests: Vec<String> = shapeless
         .iter()
+        .chain(&telling)
+        .chain(&forbidden)
         .chain([&allowed])
         .map(|g| serde_json::to_string(g).unwrap())
         .collect();
     let out = kubectl_as(&env, &user, &["apply", "-f", "-"], &manifests.join("\n"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    wait_graph(
+    let rg = wait_graph(
         &graphs,
         "allowed",
         "the allowed graph completed",
         phase_is(GraphPhase::Completed),
     )
     .await;
-    for g in &refused {
-        let name = g["metadata"]["name"].as_str().unwrap();
-        let rg = wait_graph(&graphs, name, "the graph refused", phase_is(GraphPhase::Failed)).await;
-        let valid = valid_condition(rg);
-        assert_eq!(valid.reason, "NotAllowed", "{name}: {}", valid.message);
-        support::wait_events(&env.client, &env.namespace, name, &["NotAllowed"]).await;
+    let authorized = graph_condition(&rg, "Authorized");
+    assert_eq!(
+        (authorized.status, authorized.reason.as_str()),
+        (pequod::api::ConditionStatus::True, "ServiceAccount")
+    );
+    assert!(
+        authorized.message.contains(&format!("{}/graphs", env.namespace)),
+        "{}",
+        authorized.message
+    );
+    for (graphs_refused, event) in [(&shapeless[..], "NotAllowed"), (&telling[..], "InvalidGraph")] {
+        for g in graphs_refused {
+            let name = g["metadata"]["name"].as_str().unwrap();
+            let rg = wait_graph(&graphs, name, "the graph refused", phase_is(GraphPhase::Failed)).await;
+            let valid = valid_condition(rg);
+            assert_eq!(valid.reason, "NotAllowed", "{name}: {}", valid.message);
+            support::wait_events(&env.client, &env.namespace, name, &[event]).await;
+        }
     }
+    let annotations = valid_condition(graphs.get("annotations").await.unwrap());
+    assert!(
+        annotations.message.starts_with("node \"copy\": "),
+        "the node holding the reference is named: {}",
+        annotations.message
+    );
+    for g in &forbidden {
+        let name = g["metadata"]["name"].as_str().unwrap();
+        let rg = wait_graph(&graphs, name, "the apiserver's refusal shown", |rg| {
+            rg.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Authorized" && c.reason == "Forbidden")
+            })
+        })
+        .await;
+        let authorized = graph_condition(&rg, "Authorized");
+        assert_eq!(authorized.status, pequod::api::ConditionStatus::False, "{name}");
+        assert!(
+            authorized
+                .message
+                .contains(&format!("service account {}/graphs", env.namespace))
+                && authorized.message.contains("forbidden"),
+            "{name}: {}",
+            authorized.message
+        );
+        support::wait_events(&env.client, &env.namespace, name, &["Forbidden"]).await;
+    }
+
     let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(env.client.clone());
     assert!(bindings.get_opt(&binding).await.unwrap().is_none());
     let role_bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
         Api::namespaced(env.client.clone(), &env.namespace);
     assert!(role_bindings.get_opt("admin").await.unwrap().is_none());
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = Api::namespaced(env.client.clone(), &env.namespace);
+    let quota = quotas.get("quota").await.unwrap();
+    assert_eq!(
+        quota
+            .spec
+            .and_then(|s| s.hard)
+            .and_then(|h| h.get("pods").cloned())
+            .map(|q| q.0),
+        Some("10".to_string()),
+        "the quota was not raised"
+    );
+    let endpoints: Api<k8s_openapi::api::core::v1::Endpoints> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(endpoints.get_opt("planted").await.unwrap().is_none());
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(transforms.get_opt("planted").await.unwrap().is_none());
     let planted: Api<ConfigMap> = Api::namespaced(env.client.clone(), &elsewhere.namespace);
     assert!(planted.get_opt("planted").await.unwrap().is_none());
+    let copies: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(copies.get_opt("copy").await.unwrap().is_none());
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.client.clone());
     assert!(namespaces.get_opt(&namespace).await.unwrap().is_none());
 

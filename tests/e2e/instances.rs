@@ -425,6 +425,63 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     assert!(namespaces.get_opt(&hijack).await.unwrap().is_none());
     graphs.delete("copy", &DeleteParams::default()).await.unwrap();
 
+    // The allowance withdrawn: the instance's new render is blocked and its last graph stays,
+    // but that graph's proof no longer stands (its Transform grants less now), so it applies
+    // nothing, not even the object it made before.
+    apply_transform(
+        &transforms,
+        "escape",
+        json!({"cueRef": {"type": "configmap", "ref": "escape-module"}, "group": group}),
+    )
+    .await;
+    let cluster_graph = format!("escape.{group}-cluster");
+    wait_for("the graph's grant withdrawn", WAIT, || async {
+        let rg = graphs.get(&cluster_graph).await.map_err(|e| e.to_string())?;
+        let valid = rg
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid"));
+        match valid {
+            Some(c) if c.reason == "GrantWithdrawn" && c.message.contains("now grants namespace") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    support::wait_events(&env.client, &env.namespace, &cluster_graph, &["GrantWithdrawn"]).await;
+    namespaces
+        .delete(&extra_namespace, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the namespace gone", WAIT, || async {
+        match namespaces.get_opt(&extra_namespace).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        }
+    })
+    .await;
+    // A pass of the graph happens at least every 15 s while its grant is withdrawn.
+    tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+    assert!(
+        namespaces.get_opt(&extra_namespace).await.unwrap().is_none(),
+        "a graph whose grant was withdrawn re-created a cluster-scoped object"
+    );
+    // Granted again: rendered, signed and applied again.
+    apply_transform(
+        &transforms,
+        "escape",
+        json!({"cueRef": {"type": "configmap", "ref": "escape-module"}, "group": group, "allowClusterScopedResources": true}),
+    )
+    .await;
+    wait_for("the namespace made again", WAIT, || async {
+        namespaces
+            .get_opt(&extra_namespace)
+            .await
+            .map_err(|e| e.to_string())?
+            .filter(|ns| ns.metadata.deletion_timestamp.is_none())
+            .map(|_| ())
+            .ok_or_else(|| "absent".to_string())
+    })
+    .await;
+
     for name in ["out", "home", "cluster"] {
         escapes.delete(name, &DeleteParams::default()).await.unwrap();
     }
@@ -441,6 +498,68 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     )
     .await;
     delete_transform(&transforms, "escape").await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_instance_may_be_pinned_only_to_a_version_its_own_transform_served() {
+    let (env, transforms) = setup("pin-elsewhere").await;
+    let group = group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    put_module(
+        &env.client,
+        &env.namespace,
+        "note-module",
+        &labelled_module("Note", "1"),
+    )
+    .await;
+    put_module(
+        &env.client,
+        &env.namespace,
+        "memo-module",
+        &labelled_module("Memo", "1"),
+    )
+    .await;
+    for (name, module) in [("note", "note-module"), ("memo", "memo-module")] {
+        apply_transform(
+            &transforms,
+            name,
+            json!({"cueRef": {"type": "configmap", "ref": module}, "group": group}),
+        )
+        .await;
+    }
+    let note = support::wait_transform_ready(&transforms, "note").await;
+    let memo = support::wait_transform_ready(&transforms, "memo").await;
+    let served = |t: &pequod::api::Transform| t.status.as_ref().map(|s| s.served_digests.clone()).unwrap_or_default();
+    let memo_digest = served(&memo).last().cloned().expect("memo served a version");
+    assert!(!served(&note).contains(&memo_digest), "{:?}", served(&note));
+
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    apply_instance(&notes, &api_version, "Note", "alpha", json!({"text": "a"})).await;
+    wait_instance(&notes, "alpha", "Ready", "True", "Ready").await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let graph = format!("note.{group}-alpha");
+    let before = graphs.get(&graph).await.unwrap();
+
+    // A developer who may only edit their instance pins it to another Transform's module.
+    let pin = json!({"metadata": {"annotations": {"pequod.io/pinned-module-digest": memo_digest}}});
+    notes
+        .patch("alpha", &PatchParams::default(), &Patch::Merge(pin))
+        .await
+        .unwrap();
+    let alpha = wait_instance(&notes, "alpha", "Rendered", "False", "VersionNotServed").await;
+    let (_, _, message) = instance_condition(&alpha, "Rendered").unwrap();
+    assert!(message.contains("was never served by Transform"), "{message}");
+    let after = graphs.get(&graph).await.unwrap();
+    assert_eq!(after.spec, before.spec, "the instance keeps its graph");
+    let configmaps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    assert!(configmaps.get_opt("memo-alpha").await.unwrap().is_none());
+    assert!(configmaps.get_opt("note-alpha").await.unwrap().is_some());
+
+    support::delete_and_wait_gone(&notes, "alpha", WAIT).await;
+    for name in ["note", "memo"] {
+        delete_transform(&transforms, name).await;
+    }
     env.cleanup().await;
 }
 

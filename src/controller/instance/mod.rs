@@ -36,7 +36,7 @@ use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity}
 use crate::apply::Applier;
 use crate::apply::Predecessor;
 use crate::cue::{Module, Renderer, input_hash, render_input};
-use crate::executor::proof::{Allowance, GraphKey, Origin};
+use crate::executor::proof::{Allowance, Grant, GraphKey};
 use crate::instance_graph::{
     InstanceRef, graph_name, label_value, legacy_graph_name, node_summaries, render_hash, resource_graph,
     with_module_gates,
@@ -69,10 +69,25 @@ pub struct ServeSpec {
     pub namespace: Option<String>,
 }
 
-/// What a kind's reconciles read besides the module selection.
+/// What a kind's reconciles read besides the module selection: what its Transform grants.
+#[derive(Clone)]
 struct KindState {
     allowance: Allowance,
     transform: TransformKey,
+    transform_uid: String,
+    /// The module versions the Transform has served.
+    served: Vec<String>,
+}
+
+impl KindState {
+    fn of(spec: &ServeSpec) -> Self {
+        Self {
+            allowance: spec.order.allowance,
+            transform: spec.transform.clone(),
+            transform_uid: spec.order.transform.uid().unwrap_or_default(),
+            served: spec.order.served.clone(),
+        }
+    }
 }
 
 /// Shared by every kind's controller.
@@ -155,7 +170,10 @@ impl Supervisor {
             {
                 let changed = {
                     let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
-                    std::mem::replace(&mut state.allowance, spec.order.allowance) != spec.order.allowance
+                    let new = KindState::of(&spec);
+                    let changed = state.allowance != new.allowance || state.transform_uid != new.transform_uid;
+                    *state = new;
+                    changed
                 };
                 if changed {
                     tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "allowance changed; rendering every instance again");
@@ -176,10 +194,7 @@ impl Supervisor {
             stop_running(old).await;
         }
         tracing::info!(kind = %spec.resource.kind, api_version = %spec.resource.api_version, transform = %spec.transform, "serving kind");
-        let state = Arc::new(RwLock::new(KindState {
-            allowance: spec.order.allowance,
-            transform: spec.transform.clone(),
-        }));
+        let state = Arc::new(RwLock::new(KindState::of(&spec)));
         // Until the driver has looked, every instance keeps the version its graph has.
         let selection = Arc::new(RwLock::new(Arc::new(Selection::hold(spec.order.target.clone(), None))));
         let (orders, orders_rx) = watch::channel(spec.order);
@@ -269,10 +284,10 @@ impl super::Retries for KindContext {
 }
 
 impl KindContext {
-    fn current(&self) -> (Arc<Selection>, Allowance, TransformKey) {
+    fn current(&self) -> (Arc<Selection>, KindState) {
         let selection = self.selection.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        (selection, state.allowance, state.transform.clone())
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner()).clone();
+        (selection, state)
     }
 }
 
@@ -485,17 +500,30 @@ async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>)
     Ok(action)
 }
 
-/// What one pass works on: the kind's current module and allowance, and the graph's name.
+/// What one pass works on: the kind's current module and what its Transform grants, and the
+/// graph's name.
 struct Pass {
     module: crate::cue::Module,
     allowance: Allowance,
     transform: TransformKey,
+    transform_uid: String,
     namespace: String,
     name: String,
     graph: String,
     /// A reconcile the owner asked for (`pequod.io/reconcile-requested-at`): render afresh
     /// and apply the graph even when nothing changed.
     request: Option<String>,
+}
+
+impl Pass {
+    /// What the graph of this pass is signed with.
+    fn grant(&self) -> Grant {
+        Grant {
+            allowance: self.allowance,
+            transform_uid: self.transform_uid.clone(),
+            module_digest: self.module.digest.clone(),
+        }
+    }
 }
 
 /// The pipeline; `request` is a reconcile the owner asked for, which renders afresh and
@@ -506,16 +534,17 @@ async fn serve_instance(
     update: &mut StatusUpdate<'_>,
     request: Option<&str>,
 ) -> Result<Action, Stop> {
-    let (selection, allowance, transform) = ctx.current();
-    let module = choose_module(obj, ctx, update, &selection).await?;
+    let (selection, state) = ctx.current();
+    let module = choose_module(obj, ctx, update, &selection, &state).await?;
     let name = obj.name_any();
     let pass = Pass {
         namespace: obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
         graph: graph_name(&ctx.resource.kind, &ctx.resource.group, &name),
         name,
         module,
-        allowance,
-        transform,
+        allowance: state.allowance,
+        transform: state.transform,
+        transform_uid: state.transform_uid,
         request: request.map(String::from),
     };
     update.new.resource_graph = Some(pass.graph.clone());
@@ -568,12 +597,15 @@ async fn serve_instance(
 
 /// The module version the instance renders with (see [`crate::rollout::choose`]), and what
 /// its status says about it: the version it is pinned to, and what the rollout under way will
-/// change when it reaches the instance.
+/// change when it reaches the instance. Only a version its own Transform has served may be
+/// chosen: the module cache holds every Transform's versions, and a pin to another's would
+/// render that module with this Transform's allowance.
 async fn choose_module(
     obj: &DynamicObject,
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     selection: &Selection,
+    state: &KindState,
 ) -> Result<Module, Stop> {
     let key = instance_key(obj);
     let pin = obj.annotations().get(PIN_ANNOTATION).map(String::as_str);
@@ -582,6 +614,20 @@ async fn choose_module(
     let module = match choose(selection, &key, recorded.as_deref(), pin) {
         Wanted::Target => selection.target.clone(),
         Wanted::Current => selection.current.clone().unwrap_or_else(|| selection.target.clone()),
+        Wanted::Version(digest) if crate::cue::is_digest(&digest) && !state.served.contains(&digest) => {
+            let shown: String = digest.chars().take(80).collect();
+            let whose = if pin.is_some() {
+                PIN_ANNOTATION
+            } else {
+                "status.moduleDigest"
+            };
+            let message = format!(
+                "{whose}: module version {shown} was never served by Transform {}; only the versions in its \
+                 status.servedDigests may be used, and the instance keeps its graph",
+                state.transform
+            );
+            return Err(update.render_failed(false, reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
+        }
         Wanted::Version(digest) => match ctx.shared.renderer.find(&digest, &selection.target.platform).await {
             Some(module) => module,
             None => {
@@ -731,7 +777,7 @@ async fn publish_graph(
                 .shared
                 .key
                 .verify(&pass.namespace, &pass.graph, &g.spec, proof, claimed)
-                == Origin::Rendered(pass.allowance)
+                .is_some_and(|grant| grant == pass.grant())
     };
     if let Some(live) =
         live.filter(|g| request.is_none() && g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered(g))
@@ -752,7 +798,7 @@ async fn publish_graph(
         &pass.namespace,
         &pass.graph,
         &desired.spec,
-        pass.allowance,
+        &pass.grant(),
         predecessor.as_deref(),
     );
     let annotations = desired.metadata.annotations.get_or_insert_default();

@@ -35,7 +35,9 @@ mod status;
 use super::instance::{ServeSpec, Supervisor, TransformKey};
 use super::rollout::RolloutOrder;
 use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
-use crate::api::{CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus};
+use crate::api::{
+    CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus, with_served,
+};
 use crate::apply::contains;
 use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
@@ -393,6 +395,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
             ctx.supervisor.stop_kind(&previous.api_version, &previous.kind).await;
         }
     }
+    let served = record_served(t, ctx, update, &module.digest).await?;
     ctx.supervisor
         .serve(ServeSpec {
             transform: key(t),
@@ -403,6 +406,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
                 policy,
                 schema_changed,
                 allowance,
+                served,
             },
             namespace: (t.spec.rbac_scope == RbacScope::Namespace).then(|| namespace.clone()),
         })
@@ -416,6 +420,35 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     };
     update.serving(generated, source_digest);
     Ok(Action::requeue(retry.or(next_look).unwrap_or(RESYNC)))
+}
+
+/// Records `digest` among the module versions the Transform has served before any instance
+/// renders with it: the executor checks every rendered graph's version against this list,
+/// and instances may be pinned only to versions on it. Returns the list.
+async fn record_served(
+    t: &Transform,
+    ctx: &Context,
+    update: &mut StatusUpdate<'_>,
+    digest: &str,
+) -> Result<Vec<String>, Stop> {
+    let old = &update.old;
+    // Transforms served by an earlier release have no list yet: the versions its instances
+    // are on are those of the rollout.
+    let earlier = old
+        .rollout
+        .iter()
+        .flat_map(|r| r.current_digest.iter().chain([&r.target_digest]))
+        .filter(|_| old.served_digests.is_empty())
+        .fold(old.served_digests.clone(), |served, d| with_served(&served, d));
+    let served = with_served(&earlier, digest);
+    if old.served_digests != served {
+        let mut recorded = old.clone();
+        recorded.served_digests = served.clone();
+        write_status(t, ctx, old, recorded.clone()).await?;
+        update.old = recorded;
+    }
+    update.new.served_digests = served.clone();
+    Ok(served)
 }
 
 /// The Transform's rollout policy, or why it is invalid.
