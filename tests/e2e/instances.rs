@@ -112,7 +112,7 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
     let graph = format!("webservice.{}-my-app", group(&env));
     let rg = graphs.get(&graph).await.unwrap();
     assert!(
-        rg.annotations()["pequod.io/graph-proof"].starts_with("v1:namespace:"),
+        rg.annotations()["pequod.io/graph-proof"].starts_with("v2:namespace:"),
         "{:?}",
         rg.annotations()
     );
@@ -746,16 +746,27 @@ import "list"
 #Metadata: kind: "Refused"
 
 #Input: {
-	mode: "gates" | "badid"
+	mode: "gates" | "badid" | "labels"
 }
 
 #Render: {
 	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
-	output: nodes: [{
-		id: [ if input.spec.mode == "badid" {"not a valid id"}, "config"][0]
-		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name}
-		readyWhen: [ for i in list.Range(0, 17, 1) {type: "Exists"}]
-	}]
+	if input.spec.mode != "labels" {
+		output: nodes: [{
+			id: [ if input.spec.mode == "badid" {"not a valid id"}, "config"][0]
+			object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name}
+			readyWhen: [ for i in list.Range(0, 17, 1) {type: "Exists"}]
+		}]
+	}
+	if input.spec.mode == "labels" {
+		output: nodes: [{
+			id: "config"
+			object: {apiVersion: "v1", kind: "ConfigMap", metadata: {name: input.metadata.name, labels: a: "b"}}
+		}, {
+			id: "copy"
+			object: {apiVersion: "v1", kind: "ConfigMap", metadata: {name: "\(input.metadata.name)-copy", labels: "${config.metadata.labels}"}}
+		}]
+	}
 }
 "#;
 
@@ -781,13 +792,31 @@ async fn graphs_the_apiserver_or_the_graph_rules_refuse_are_reported_on_the_inst
     assert!(message.contains("readyWhen"), "{message}");
     assert_eq!(status_field(&obj, "/phase"), Some(&json!("Failed")));
 
-    // An id that cannot be a label value: refused before any write, named in Rendered.
+    // An id that cannot be a label value: rendered, then refused by the graph rules before any
+    // write; the instance tells the two apart.
     apply_instance(&refused, &api_version, "Refused", "badid", json!({"mode": "badid"})).await;
-    let obj = wait_instance(&refused, "badid", "Rendered", "False", "InvalidNodeId").await;
-    let (_, _, message) = instance_condition(&obj, "Rendered").unwrap();
-    assert!(message.contains("not a valid id"), "{message}");
+    let obj = wait_instance(&refused, "badid", "Ready", "False", "InvalidNodeId").await;
+    let (_, _, message) = instance_condition(&obj, "Ready").unwrap();
+    assert!(
+        message.contains("the rendered graph was refused") && message.contains("not a valid id"),
+        "{message}"
+    );
+    let (rendered, _, _) = instance_condition(&obj, "Rendered").unwrap();
+    assert_eq!(rendered, "True");
+    support::wait_events(&env.client, &env.namespace, "badid", &["GraphRejected"]).await;
 
-    for name in ["gates", "badid"] {
+    // A reference in place of a whole map: whatever the apiserver answers, the instance says it.
+    apply_instance(&refused, &api_version, "Refused", "labels", json!({"mode": "labels"})).await;
+    wait_for("the refusal on the instance", WAIT, || async {
+        let obj = refused.get("labels").await.map_err(|e| e.to_string())?;
+        match instance_condition(&obj, "Ready") {
+            Some((s, r, m)) if s == "False" && r != "Progressing" && r != "Ready" => Ok(m),
+            other => Err(format!("{other:?}; status {:?}", obj.data.get("status"))),
+        }
+    })
+    .await;
+
+    for name in ["gates", "badid", "labels"] {
         refused.delete(name, &DeleteParams::default()).await.unwrap();
     }
     delete_transform(&transforms, "refused").await;

@@ -285,13 +285,26 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
                "subjects": [{"kind": "ServiceAccount", "name": "pequod-controller-manager", "namespace": "pequod-system"}]}),
     ];
+    // The graphs act as a service account their namespace's owner gave `edit`.
+    support::apply_yaml(
+        &env.client,
+        &env.namespace,
+        &format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: graphs\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: graphs-edit\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}}\n\
+             subjects: [{{kind: ServiceAccount, name: graphs, namespace: {}}}]\n",
+            env.namespace
+        ),
+    )
+    .await;
     for (i, object) in escalations.iter().enumerate() {
         apply(
             &env.client,
             &env.namespace,
             json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
                    "metadata": {"name": format!("escalation-{i}")},
-                   "spec": {"nodes": [{"id": "rbac", "object": object}]}}),
+                   "spec": {"serviceAccountName": "graphs", "nodes": [{"id": "rbac", "object": object}]}}),
         )
         .await;
     }
@@ -309,11 +322,10 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
                 .await
                 .map_err(|e| e.to_string())?;
             let conditions = graph.data["status"]["conditions"].clone();
-            let refused = conditions
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Valid" && c["status"] == "False" && c["reason"] == "NotAllowed");
+            let refused = conditions.as_array().into_iter().flatten().any(|c| {
+                (c["type"] == "Valid" && c["status"] == "False" && c["reason"] == "NotAllowed")
+                    || (c["type"] == "Authorized" && c["status"] == "False" && c["reason"] == "Forbidden")
+            });
             if refused { Ok(()) } else { Err(conditions.to_string()) }
         })
         .await;

@@ -674,6 +674,10 @@ async fn render_instance(
             update.rendered(output.nodes.len(), &pass.module.digest);
             Ok((output, hash))
         }
+        // The render worked; the graph rules refused what it rendered.
+        Err(crate::cue::RenderError::InvalidGraph(refused)) => {
+            Err(update.graph_refused(&pass.module.digest, refused.reason(), refused.to_string()))
+        }
         // Rendering is deterministic: after a failure only a change of the instance or the
         // module helps, which the resync and the module watch bring.
         Err(e) => Err(update.render_failed(e.is_transient(), e.reason(), e.to_string(), Action::requeue(RESYNC))),
@@ -818,10 +822,17 @@ async fn publish_graph(
         Ok(rg) => Ok(rg),
         // The apiserver refuses the graph itself (too large, say): retrying cannot help, so
         // say why on the instance.
-        Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 413 | 422) => {
             let message = format!("the apiserver refused ResourceGraph {}: {}", pass.graph, s.message);
             update.fail(reasons::GRAPH_REJECTED, message);
             Err(Stop::Settled(Action::requeue(RESYNC)))
+        }
+        // An internal error for a malformed object (a reference in place of a whole map, say)
+        // looks like any other: said on the instance, and retried with backoff.
+        Err(kube::Error::Api(s)) if s.code == 500 => {
+            let message = format!("the apiserver failed on ResourceGraph {}: {}", pass.graph, s.message);
+            update.fail(reasons::GRAPH_REJECTED, message);
+            Err(Stop::Retry(kube::Error::Api(s).into()))
         }
         Err(e) => Err(e.into()),
     }

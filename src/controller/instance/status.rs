@@ -127,6 +127,24 @@ impl StatusDraft<InstanceStatus> {
         self.condition(RENDERED, true, reasons::RENDERED, message);
     }
 
+    /// Records a render whose graph the graph rules refused: cue rendered it, so `Rendered`
+    /// is True, and `Ready` says what the check refused, naming the node (the last accepted
+    /// graph stays). Waits for a change of the instance or the module.
+    pub(super) fn graph_refused(&mut self, digest: &str, reason: &str, message: String) -> Stop {
+        let rendered = format!("rendered by module {digest}; the graph rules refused the result");
+        self.condition(RENDERED, true, reasons::RENDERED, rendered);
+        let ready = format!("the rendered graph was refused; the last accepted graph stays: {message}");
+        self.condition_with_event(
+            READY,
+            false,
+            reason,
+            ready,
+            (EventType::Warning, reasons::GRAPH_REJECTED),
+        );
+        self.new.phase = Some(InstancePhase::Failed);
+        Stop::Settled(Action::requeue(super::RESYNC))
+    }
+
     /// Records a failed render and why the pipeline stops: a `transient` failure (cue could
     /// not run or timed out) is retried with backoff; any other waits for a change of the
     /// instance or the module (`resync`), and the last accepted graph stays.
