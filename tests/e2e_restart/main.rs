@@ -859,8 +859,24 @@ async fn a_transform_outside_the_trusted_namespaces_gets_only_its_own_namespace(
     .await;
     refused("wildcards").await;
 
-    // Within its rights the Transform serves its kind, and its instances get ordinary objects
-    // in the namespace, but no RoleBinding however the module renders one.
+    // Within its rights the Transform serves its kind, and its instances' graphs act as the
+    // namespace's default service account, which its owner gave `edit`: ordinary objects are
+    // applied, a RoleBinding is not, however the module renders one.
+    let owner: Api<k8s_openapi::api::rbac::v1::RoleBinding> = Api::namespaced(env.client.clone(), &ns);
+    owner
+        .delete("graphs-own-the-namespace", &Default::default())
+        .await
+        .unwrap();
+    support::apply_yaml(
+        &env.client,
+        &ns,
+        &format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: graphs-edit\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}}\n\
+             subjects: [{{kind: ServiceAccount, name: default, namespace: {ns}}}]\n"
+        ),
+    )
+    .await;
     apply_transform(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
         "managedResources": [{"resources": ["configmaps"]}]}))
     .await;
@@ -895,11 +911,13 @@ async fn a_transform_outside_the_trusted_namespaces_gets_only_its_own_namespace(
     let graph = format!("grant.{group}-escalate");
     support::wait_for("the RoleBinding refused", WAIT, || async {
         let rg = graphs.get(&graph).await.map_err(|e| e.to_string())?;
-        let valid = rg
+        let authorized = rg
             .status
-            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid"));
-        match valid {
-            Some(c) if c.reason == "NotAllowed" && c.message.contains("trusted Transform") => Ok(()),
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Authorized"));
+        match authorized {
+            Some(c) if c.reason == "Forbidden" && c.message.contains(&format!("service account {ns}/default")) => {
+                Ok(())
+            }
             other => Err(format!("{other:?}")),
         }
     })
