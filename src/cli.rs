@@ -340,8 +340,35 @@ impl CueArgs {
     }
 }
 
+/// A service account name: a DNS subdomain, as the apiserver requires.
+fn service_account_name(value: &str) -> Result<String, String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if value.len() <= 253 && value.split('.').all(label_ok) {
+        Ok(value.to_string())
+    } else {
+        Err(format!("{value:?} is not a service account name (a DNS subdomain)"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_default_service_account_must_be_a_dns_subdomain() {
+        for good in ["default", "pequod-graphs", "a.b"] {
+            assert_eq!(super::service_account_name(good).as_deref(), Ok(good));
+        }
+        for bad in ["", "Default", "-a", "a-", "a b", "a:b", &"a".repeat(64)] {
+            assert!(super::service_account_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
     use clap::CommandFactory;
 
@@ -386,22 +413,5 @@ mod tests {
         assert!("nonsense".parse::<BindAddress>().is_err());
         assert!(Cli::try_parse_from(["pequod", "--zap-log-level=loud"]).is_err());
         assert!(Cli::try_parse_from(["pequod", "--max-concurrent-reconciles=0"]).is_err());
-    }
-}
-
-/// A service account name: a DNS subdomain, as the apiserver requires.
-fn service_account_name(value: &str) -> Result<String, String> {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if value.len() <= 253 && value.split('.').all(label_ok) {
-        Ok(value.to_string())
-    } else {
-        Err(format!("{value:?} is not a service account name (a DNS subdomain)"))
     }
 }

@@ -11,12 +11,11 @@ pub const DEGRADED: &str = "Degraded";
 
 // ResourceGraph and Transform.
 /// Whose rights a graph acts with (ResourceGraph); whether a Transform may be served.
+pub const AUTHORIZED: &str = "Authorized";
 
 // Instances of generated kinds.
 pub const RENDERED: &str = "Rendered";
 pub const POLICY_COMPLIANT: &str = "PolicyCompliant";
-
-pub const AUTHORIZED: &str = "Authorized";
 
 // Transform.
 pub const CUE_FETCHED: &str = "CueFetched";
