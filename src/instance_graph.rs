@@ -133,11 +133,14 @@ pub fn resource_graph(
             }),
             service_account_name: None,
             metadata: output.metadata.clone(),
-            nodes: output.nodes.clone(),
+            graph: crate::api::Graph {
+                nodes: output.nodes.clone(),
+            },
             violations: output.violations.clone(),
             render_hash: Some(render_hash.to_string()),
             rendered_at: Some(rendered_at),
             outputs: output.status.clone(),
+            legacy_shape: false,
         },
         status: None,
     }
@@ -229,6 +232,7 @@ const MAX_SUMMARY_MESSAGE: usize = 256;
 pub fn node_summaries(rg: &ResourceGraph) -> Vec<NodeSummary> {
     let states = rg.status.as_ref().map(|s| &s.node_states);
     rg.spec
+        .graph
         .nodes
         .iter()
         .take(MAX_NODE_SUMMARIES)
@@ -276,7 +280,7 @@ pub fn graph_progress(rg: &ResourceGraph) -> (InstancePhase, bool, String, Strin
             InstancePhase::Ready,
             true,
             reasons::READY.into(),
-            format!("all {} resources are ready", rg.spec.nodes.len()),
+            format!("all {} resources are ready", rg.spec.graph.nodes.len()),
         ),
         Some(GraphPhase::Failed) => (
             InstancePhase::Failed,
@@ -407,11 +411,14 @@ mod tests {
                 source_ref: None,
                 service_account_name: None,
                 metadata: None,
-                nodes: nodes(&[json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}})]),
+                graph: crate::api::Graph {
+                    nodes: nodes(&[json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}})]),
+                },
                 violations: Vec::new(),
                 render_hash: None,
                 rendered_at: None,
                 outputs: Default::default(),
+                legacy_shape: false,
             },
         );
         rg.metadata.generation = Some(generation);

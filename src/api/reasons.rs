@@ -53,6 +53,8 @@ pub const VERSION_NOT_SERVED: &str = "VersionNotServed";
 
 // ResourceGraphs.
 pub const VALID: &str = "Valid";
+/// Valid, in the shape of earlier releases (`spec.nodes`).
+pub const DEPRECATED_SHAPE: &str = "DeprecatedShape";
 pub const INVALID_GRAPH: &str = "InvalidGraph";
 pub const APPLY_FAILED: &str = "ApplyFailed";
 pub const READINESS_TIMEOUT: &str = "ReadinessTimeout";

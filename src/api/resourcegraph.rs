@@ -16,7 +16,13 @@ pub const MAX_NODES: usize = 100;
 pub const DEFAULT_READY_TIMEOUT_SECONDS: i64 = 300;
 
 /// A graph of Kubernetes objects that Pequod applies in dependency order.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+///
+/// On the wire the spec is [`ResourceGraphFields`]: the documented `graph.nodes` (`id`,
+/// `resource`, `dependencies`), or the shape of earlier releases (`nodes` with `object` and
+/// `dependsOn`), which is still read (see [`ResourceGraphSpec::legacy_shape`]). In the code it
+/// is always `graph.nodes`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(from = "ResourceGraphFields", into = "ResourceGraphFields")]
 #[kube(
     group = "platform.platform.example.com",
     version = "v1alpha1",
@@ -31,8 +37,36 @@ pub const DEFAULT_READY_TIMEOUT_SECONDS: i64 = 300;
     printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.sourceRef.name"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase")]
 pub struct ResourceGraphSpec {
+    pub source_ref: Option<SourceRef>,
+    pub service_account_name: Option<String>,
+    pub metadata: Option<GraphMetadata>,
+    pub graph: Graph,
+    pub violations: Vec<Violation>,
+    pub render_hash: Option<String>,
+    pub rendered_at: Option<Time>,
+    pub outputs: BTreeMap<String, serde_json::Value>,
+    /// The graph was written in the shape of earlier releases (`spec.nodes`), which is read
+    /// until the API's next version and said so in the graph's `Valid` condition.
+    pub legacy_shape: bool,
+}
+
+/// The nodes of a graph.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct Graph {
+    /// The objects to apply.
+    #[schemars(length(min = 1, max = 100))]
+    pub nodes: Vec<Node>,
+}
+
+/// A ResourceGraph's spec as written.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.graph) != has(self.nodes)",
+    "message": "set spec.graph.nodes (spec.nodes is the shape of earlier releases, read but not both)",
+}]))]
+pub struct ResourceGraphFields {
     /// The object this graph was rendered from; empty for hand-written graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ref: Option<SourceRef>,
@@ -48,9 +82,14 @@ pub struct ResourceGraphSpec {
     /// Name and version of the rendered graph.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<GraphMetadata>,
-    /// The objects to apply.
-    #[schemars(length(min = 1, max = 100))]
-    pub nodes: Vec<Node>,
+    /// The objects to apply, with their dependencies and readiness gates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph: Option<Graph>,
+    /// Deprecated: the nodes in the shape of earlier releases (`object`, `dependsOn`). Read
+    /// until the API's next version; write `graph.nodes` instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub nodes: Vec<LegacyNode>,
     /// Policy findings reported when the graph was rendered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 200))]
@@ -66,6 +105,53 @@ pub struct ResourceGraphSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "super::any_value_map_schema")]
     pub outputs: BTreeMap<String, serde_json::Value>,
+}
+
+impl JsonSchema for ResourceGraphSpec {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ResourceGraphSpec".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        ResourceGraphFields::json_schema(generator)
+    }
+}
+
+impl From<ResourceGraphFields> for ResourceGraphSpec {
+    fn from(f: ResourceGraphFields) -> Self {
+        let legacy_shape = f.graph.is_none() && !f.nodes.is_empty();
+        let graph = f.graph.unwrap_or_else(|| Graph {
+            nodes: f.nodes.into_iter().map(Node::from).collect(),
+        });
+        Self {
+            source_ref: f.source_ref,
+            service_account_name: f.service_account_name,
+            metadata: f.metadata,
+            graph,
+            violations: f.violations,
+            render_hash: f.render_hash,
+            rendered_at: f.rendered_at,
+            outputs: f.outputs,
+            legacy_shape,
+        }
+    }
+}
+
+/// Written back always in the documented shape.
+impl From<ResourceGraphSpec> for ResourceGraphFields {
+    fn from(s: ResourceGraphSpec) -> Self {
+        Self {
+            source_ref: s.source_ref,
+            service_account_name: s.service_account_name,
+            metadata: s.metadata,
+            graph: Some(s.graph),
+            nodes: Vec::new(),
+            violations: s.violations,
+            render_hash: s.render_hash,
+            rendered_at: s.rendered_at,
+            outputs: s.outputs,
+        }
+    }
 }
 
 /// Reference to the object a graph was rendered from.
@@ -96,7 +182,8 @@ fn default_graph_version() -> String {
     "v1alpha1".to_string()
 }
 
-/// One object of the graph.
+/// One object of the graph (`id`, `resource`, `dependencies`, and Pequod's `applyPolicy` and
+/// `readyWhen`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Node {
@@ -106,20 +193,60 @@ pub struct Node {
         regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
     )]
     pub id: String,
-    /// The Kubernetes object to apply.
+    /// The Kubernetes object to apply. Modules' `#Render` output names it `object`, as did
+    /// graphs of earlier releases.
+    #[serde(rename = "resource", alias = "object")]
     #[schemars(schema_with = "embedded_object_schema")]
     pub object: serde_json::Value,
     /// How the object is applied.
     #[serde(default)]
     pub apply_policy: ApplyPolicy,
     /// Ids of nodes that must be Ready before this one is applied.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "dependencies",
+        alias = "dependsOn",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     #[schemars(length(max = 100))]
     pub depends_on: Vec<String>,
     /// Gates that must all pass before the node is Ready. Without gates a node is Ready once applied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub ready_when: Vec<ReadyGate>,
+}
+
+/// A node in the shape of earlier releases (`object`, `dependsOn`), still read.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LegacyNode {
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    )]
+    pub id: String,
+    #[schemars(schema_with = "embedded_object_schema")]
+    pub object: serde_json::Value,
+    #[serde(default)]
+    pub apply_policy: ApplyPolicy,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub depends_on: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub ready_when: Vec<ReadyGate>,
+}
+
+impl From<LegacyNode> for Node {
+    fn from(n: LegacyNode) -> Self {
+        Self {
+            id: n.id,
+            object: n.object,
+            apply_policy: n.apply_policy,
+            depends_on: n.depends_on,
+            ready_when: n.ready_when,
+        }
+    }
 }
 
 impl Node {

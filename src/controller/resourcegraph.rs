@@ -51,6 +51,10 @@ use crate::runtime::shutdown::Shutdown;
 use GRAPH_FINALIZER as FINALIZER;
 
 const CONTROLLER: &str = "resourcegraph";
+/// What a graph in the shape of earlier releases is told.
+const DEPRECATED_SHAPE_MESSAGE: &str = "the graph is valid; it is written in the shape of earlier releases \
+     (spec.nodes with object and dependsOn), which is read until the API's next version: write spec.graph.nodes \
+     with resource and dependencies";
 
 /// Everything a reconcile needs. Shared by all reconciles.
 pub struct Context {
@@ -350,10 +354,10 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     ctx.metrics
         .dag_nodes_total
         .with_label_values(&[&metric_name(&graph)])
-        .set(rg.spec.nodes.len() as i64);
+        .set(rg.spec.graph.nodes.len() as i64);
 
-    let dag = match graph::validate(&rg.spec.nodes).and_then(|dag| {
-        graph::validate_outputs(&rg.spec.outputs, &rg.spec.nodes)?;
+    let dag = match graph::validate(&rg.spec.graph.nodes).and_then(|dag| {
+        graph::validate_outputs(&rg.spec.outputs, &rg.spec.graph.nodes)?;
         Ok(dag)
     }) {
         Ok(dag) => dag,
@@ -377,7 +381,11 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     if let Some(refused) = confinement(rg, ctx, origin).await {
         return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await;
     }
-    let valid = Condition::new(VALID, true, reasons::VALID, "the graph is valid");
+    let valid = if rg.spec.legacy_shape {
+        Condition::new(VALID, true, reasons::DEPRECATED_SHAPE, DEPRECATED_SHAPE_MESSAGE)
+    } else {
+        Condition::new(VALID, true, reasons::VALID, "the graph is valid")
+    };
     set_condition(&mut status.conditions, valid, &time, generation);
 
     let mut outcomes = run_waves(ctx, rg, &graph, (origin, &acting), &dag, &old, &time).await;
@@ -401,7 +409,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     status.node_states = outcomes.iter().map(|(id, o)| (id.clone(), o.state.clone())).collect();
     status.outputs = outputs(&rg.spec.outputs, &outcomes, &old.outputs);
 
-    let total = rg.spec.nodes.len();
+    let total = rg.spec.graph.nodes.len();
     let conclusion = progress::conclude(&old, &mut status, total, &prune_waiting, &time, generation);
     if let Some((result, seconds)) = conclusion.finished {
         ctx.metrics
@@ -453,7 +461,7 @@ async fn run_waves(
     old: &ResourceGraphStatus,
     time: &Time,
 ) -> BTreeMap<String, NodeOutcome> {
-    let nodes: BTreeMap<&str, &Node> = rg.spec.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let nodes: BTreeMap<&str, &Node> = rg.spec.graph.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
     let mut outcomes: BTreeMap<String, NodeOutcome> = BTreeMap::new();
     let mut states: BTreeMap<String, NodeState> = BTreeMap::new();
     for (wave, ids) in dag.waves.iter().enumerate() {
@@ -545,7 +553,7 @@ async fn report_nodes(
 /// are checked when they resolve): a graph that reaches too far applies nothing.
 async fn confinement(rg: &ResourceGraph, ctx: &Context, origin: Origin) -> Option<Refusal> {
     let namespace = rg.namespace().unwrap_or_default();
-    for node in &rg.spec.nodes {
+    for node in &rg.spec.graph.nodes {
         if let Ok(resolved) = ctx.applier.resolve(node.api_version(), node.kind()).await
             && let Some(refused) = plan::confinement(node, resolved.namespaced, &namespace, origin)
         {
@@ -1085,7 +1093,7 @@ async fn prune(
     let same_object = |a: &InventoryEntry, b: &InventoryEntry| {
         a.api_version == b.api_version && a.kind == b.kind && a.namespace == b.namespace && a.name == b.name
     };
-    let in_spec: HashSet<&str> = rg.spec.nodes.iter().map(|n| n.id.as_str()).collect();
+    let in_spec: HashSet<&str> = rg.spec.graph.nodes.iter().map(|n| n.id.as_str()).collect();
     let stale: Vec<InventoryEntry> = inventory
         .iter()
         .filter(|e| !current.iter().any(|c| same_object(c, e)))
@@ -1120,7 +1128,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
     // The inventory, plus the spec's objects in case the operator stopped between applying
     // an object and recording it.
     let mut entries: Vec<InventoryEntry> = old.inventory.clone();
-    if let Ok(dag) = graph::validate(&rg.spec.nodes) {
+    if let Ok(dag) = graph::validate(&rg.spec.graph.nodes) {
         for entry in spec_entries(rg, ctx, &graph, &dag).await {
             if !entries.iter().any(|e| {
                 e.kind == entry.kind
@@ -1204,7 +1212,7 @@ async fn spec_entries(rg: &ResourceGraph, ctx: &Context, graph: &GraphIdentity, 
     let mut entries = Vec::new();
     for (wave, ids) in dag.waves.iter().enumerate() {
         for id in ids {
-            let Some(node) = rg.spec.nodes.iter().find(|n| &n.id == id) else {
+            let Some(node) = rg.spec.graph.nodes.iter().find(|n| &n.id == id) else {
                 continue;
             };
             if let Ok(resolved) = ctx.applier.resolve(node.api_version(), node.kind()).await {

@@ -152,7 +152,7 @@ async fn plan_instance(
     };
     let (nodes, violations) = tools.applier.confined(&output, &namespace, cluster_scoped).await;
     plan.violations = violations;
-    let current = graph.map(|g| g.spec.nodes.as_slice()).unwrap_or_default();
+    let current = graph.map(|g| g.spec.graph.nodes.as_slice()).unwrap_or_default();
     let changes = crate::plan::diff(current, &nodes);
     plan.changes = match graph {
         Some(graph) => check_live(tools, graph, &nodes, changes).await,

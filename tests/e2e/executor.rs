@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
 use serde_json::{Value, json};
@@ -874,6 +874,77 @@ async fn a_user_who_may_write_graphs_in_one_namespace_reaches_nothing_beyond_it(
     let events = serde_json::to_string(&events.list(&Default::default()).await.unwrap().items).unwrap();
     assert!(!events.contains(secret_value) && !events.contains("hunter2"));
     elsewhere.cleanup().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_graph_in_the_shape_of_earlier_releases_is_read_and_moving_it_to_the_documented_shape_loses_nothing() {
+    let (env, graphs) = setup("legacy-shape").await;
+    apply_graph(&graphs, "g", json!([configmap("a", &[]), configmap("b", &["a"])])).await;
+    let rg = wait_graph(
+        &graphs,
+        "g",
+        "the earlier shape applied",
+        phase_is(GraphPhase::Completed),
+    )
+    .await;
+    let valid = graph_condition(&rg, "Valid");
+    assert_eq!(valid.reason, "DeprecatedShape", "{}", valid.message);
+    assert!(valid.message.contains("spec.graph.nodes"), "{}", valid.message);
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let uid = |cm: ConfigMap| cm.metadata.uid.unwrap();
+    let before = (uid(cms.get("a").await.unwrap()), uid(cms.get("b").await.unwrap()));
+    let inventory_before = rg.status.unwrap().inventory;
+
+    // Both shapes at once are refused by the apiserver.
+    let both = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+        "metadata": {"name": "both"}, "spec": {"nodes": [configmap("x", &[])],
+        "graph": {"nodes": [{"id": "x", "resource": configmap("x", &[])["object"]}]}}});
+    let refused = graphs
+        .patch("both", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(both))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("spec.graph.nodes"), "{refused}");
+
+    // The same graph written in the documented shape by the same writer.
+    let documented = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+    "metadata": {"name": "g"}, "spec": {"graph": {"nodes": [
+        {"id": "a", "resource": configmap("a", &[])["object"], "readyWhen": [{"type": "Exists"}]},
+        {"id": "b", "resource": configmap("b", &[])["object"], "dependencies": ["a"], "readyWhen": [{"type": "Exists"}]},
+    ]}}});
+    graphs
+        .patch(
+            "g",
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(documented),
+        )
+        .await
+        .unwrap();
+    let rg = wait_graph(&graphs, "g", "the documented shape read", |rg| {
+        rg.status.as_ref().is_some_and(|s| {
+            s.phase == Some(GraphPhase::Completed)
+                && s.conditions.iter().any(|c| c.type_ == "Valid" && c.reason == "Valid")
+        })
+    })
+    .await;
+    assert!(!rg.spec.legacy_shape);
+    let stored = kube::Api::<DynamicObject>::namespaced_with(
+        env.client.clone(),
+        &env.namespace,
+        &kube::discovery::ApiResource::erase::<ResourceGraph>(&()),
+    )
+    .get("g")
+    .await
+    .unwrap();
+    assert_eq!(stored.data["spec"].get("nodes"), None, "the earlier field is gone");
+    let after = (uid(cms.get("a").await.unwrap()), uid(cms.get("b").await.unwrap()));
+    assert_eq!(before, after, "no object was re-created");
+    assert_eq!(rg.status.unwrap().inventory, inventory_before, "nothing pruned");
+    let reasons = support::event_reasons(&env.client, &env.namespace, "g").await;
+    assert!(
+        !reasons.iter().any(|r| r == "ObjectReleased" || r == "ObjectNotOwned"),
+        "{reasons:?}"
+    );
     env.cleanup().await;
 }
 

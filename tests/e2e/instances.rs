@@ -345,7 +345,10 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     apply_instance(&escapes, &api_version, "Escape", "home", json!({})).await;
     wait_instance(&escapes, "home", "Ready", "True", "Ready").await;
     let rg = graphs.get(&format!("escape.{group}-home")).await.unwrap();
-    assert_eq!(rg.spec.nodes[0].object["metadata"]["namespace"], json!(env.namespace));
+    assert_eq!(
+        rg.spec.graph.nodes[0].object["metadata"]["namespace"],
+        json!(env.namespace)
+    );
 
     // A cluster-scoped object: refused by default, applied once the Transform allows it.
     let extra_namespace = format!("{}-extra", env.namespace);
@@ -376,17 +379,18 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     let hijack = format!("{}-hijack", env.namespace);
     let namespace_node = rendered
         .spec
+        .graph
         .nodes
         .iter()
         .position(|n| n.kind() == "Namespace")
         .expect("a Namespace node");
     let mut edited = serde_json::to_value(&rendered.spec).unwrap();
-    edited["nodes"][namespace_node]["object"]["metadata"]["name"] = json!(hijack);
+    edited["graph"]["nodes"][namespace_node]["resource"]["metadata"]["name"] = json!(hijack);
     graphs
         .patch(
             &format!("escape.{group}-cluster"),
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"nodes": edited["nodes"]}})),
+            &Patch::Merge(json!({"spec": {"graph": edited["graph"]}})),
         )
         .await
         .unwrap();
@@ -395,7 +399,7 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
             .get(&format!("escape.{group}-cluster"))
             .await
             .map_err(|e| e.to_string())?;
-        let name = rg.spec.nodes[namespace_node].object["metadata"]["name"].clone();
+        let name = rg.spec.graph.nodes[namespace_node].object["metadata"]["name"].clone();
         (name == json!(extra_namespace) && rg.metadata.generation > rendered.metadata.generation)
             .then_some(())
             .ok_or(format!("node names {name}"))
@@ -405,7 +409,7 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     // A proof copied onto a graph of another name proves nothing.
     let mut copy = serde_json::to_value(&rendered).unwrap();
     copy["metadata"] = json!({"name": "copy", "annotations": rendered.annotations()});
-    copy["spec"]["nodes"][namespace_node]["object"]["metadata"]["name"] = json!(hijack);
+    copy["spec"]["graph"]["nodes"][namespace_node]["resource"]["metadata"]["name"] = json!(hijack);
     copy.as_object_mut().unwrap().remove("status");
     graphs
         .patch("copy", &PatchParams::apply(TEST_MANAGER), &Patch::Apply(&copy))
@@ -1082,7 +1086,7 @@ async fn a_worker_s_deployment_takes_its_config_map_name_through_a_reference() {
     wait_instance(&workers, "mailer", "Ready", "True", "Ready").await;
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
     let graph = graphs.get(&format!("worker.{group}-mailer")).await.unwrap();
-    let node = graph.spec.nodes.iter().find(|n| n.id == "deployment").unwrap();
+    let node = graph.spec.graph.nodes.iter().find(|n| n.id == "deployment").unwrap();
     let declared = &node.object["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"];
     assert_eq!(declared, "${config.metadata.name}", "the graph holds the reference");
     let deployment = Api::<Deployment>::namespaced(env.client.clone(), &env.namespace)

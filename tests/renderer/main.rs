@@ -572,15 +572,18 @@ fn pequod_render_reproduces_the_readme_example() {
     let graph: Value = serde_yaml::from_slice(&out.stdout).unwrap();
     assert_eq!(graph["kind"], "ResourceGraph");
     assert_eq!(graph["metadata"]["name"], "webservice.apps.mycompany.com-my-app");
-    let deployment = &graph["spec"]["nodes"][0]["object"];
+    let deployment = &graph["spec"]["graph"]["nodes"][0]["resource"];
     assert_eq!(deployment["kind"], "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 3);
     assert_eq!(
         deployment["spec"]["template"]["spec"]["containers"][0]["image"],
         "nginx:latest"
     );
-    assert_eq!(graph["spec"]["nodes"][1]["object"]["kind"], "Service");
-    assert_eq!(graph["spec"]["nodes"][1]["object"]["spec"]["ports"][0]["port"], 80);
+    assert_eq!(graph["spec"]["graph"]["nodes"][1]["resource"]["kind"], "Service");
+    assert_eq!(
+        graph["spec"]["graph"]["nodes"][1]["resource"]["spec"]["ports"][0]["port"],
+        80
+    );
 
     let refused = pequod(&[
         "render",

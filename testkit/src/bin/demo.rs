@@ -61,6 +61,7 @@ async fn main() {
     let samples = support::repo_root().join("config/samples");
     for file in [
         "platform_v1alpha1_transform.yaml",
+        "resourcegraph_service_account.yaml",
         "platform_v1alpha1_resourcegraph.yaml",
     ] {
         let sample = std::fs::read_to_string(samples.join(file)).expect("sample");
