@@ -10,7 +10,7 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 
 // ResourceGraph and Transform.
-/// Whose rights a graph acts with (ResourceGraph); whether a Transform may be served.
+// Whose rights a graph acts with (ResourceGraph); whether a Transform may be served.
 
 // Instances of generated kinds.
 pub const RENDERED: &str = "Rendered";
