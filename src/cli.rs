@@ -30,7 +30,7 @@ pub enum Command {
     /// Render an instance through a module and print the ResourceGraph (no cluster needed).
     /// Exits 3 when a policy violation of severity Error blocks the graph.
     Render {
-        /// A folder of .cue files, or the name of an embedded module (webservice, worker).
+        /// A folder of .cue files, or the name of an embedded module (database, webservice, worker).
         #[arg(long)]
         module: String,
         /// YAML file with the instance (apiVersion, kind, metadata, spec).
@@ -43,7 +43,7 @@ pub enum Command {
     },
     /// Print the CRD a Transform would generate from a module (no cluster needed).
     Schema {
-        /// A folder of .cue files, or the name of an embedded module (webservice, worker).
+        /// A folder of .cue files, or the name of an embedded module (database, webservice, worker).
         #[arg(long)]
         module: String,
         /// Name of the Transform; the kind comes from it when the module has no #Metadata.kind.
@@ -92,7 +92,7 @@ pub enum Command {
     /// Push a module to an OCI registry (one tar+gzip layer) and print its digest.
     /// Credentials come from PEQUOD_REGISTRY_USERNAME and PEQUOD_REGISTRY_PASSWORD.
     Publish {
-        /// A folder of .cue files, or the name of an embedded module (webservice, worker).
+        /// A folder of .cue files, or the name of an embedded module (database, webservice, worker).
         #[arg(long)]
         module: String,
         /// Where to push: registry/repository:tag.

@@ -42,6 +42,9 @@ pub const PREDECESSOR_ANNOTATION: &str = "pequod.io/predecessor";
 /// On a pull Secret holding a token or a password: the hosts (comma-separated, `host` or
 /// `host:port`) it may be sent to.
 pub const CREDENTIAL_HOSTS_ANNOTATION: &str = "pequod.io/credential-hosts";
+/// On a Secret node of mode Create: keys (comma-separated) that Pequod fills with random
+/// values as it creates the Secret, so that they appear in no render, graph or status.
+pub const GENERATE_SECRET_KEYS_ANNOTATION: &str = "pequod.io/generate-secret-keys";
 /// On a Transform: `"true"` stops reconciling it.
 pub const PAUSED_ANNOTATION: &str = "pequod.io/paused";
 /// On an instance: any new value (a timestamp, by convention) renders it afresh and applies

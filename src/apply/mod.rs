@@ -1,5 +1,6 @@
 //! Writing graph objects to the cluster with server-side apply, and resolving their kinds.
 
+pub mod generated;
 mod impersonation;
 mod object;
 
@@ -62,6 +63,8 @@ pub enum ApplyError {
     Forbidden { message: String },
     #[error("rejected by the apiserver: {message}")]
     Invalid { message: String },
+    #[error("generating the Secret's values: {message}")]
+    Generate { message: String },
     #[error("adopting failed: {message}")]
     AdoptionFailed { message: String },
     #[error("the apiserver answered {code}: {message}")]
@@ -308,6 +311,9 @@ impl Applier {
                 wrote: false,
             });
         }
+        // Values the graph asks Pequod to generate exist from here on, in the Secret only.
+        let filled = generated::fill(desired).map_err(|message| ApplyError::Generate { message })?;
+        let desired = filled.as_ref().unwrap_or(desired);
         let (namespace, name) = identity(desired);
         let api = resolved.api(&self.client, namespace.as_deref());
         let object: DynamicObject = serde_json::from_value(desired.clone()).map_err(|e| ApplyError::Invalid {

@@ -3,6 +3,14 @@
 /// (module name, [(file name, content)]). A unit test keeps this list equal to the folder.
 const MODULES: &[(&str, &[(&str, &str)])] = &[
     (
+        "database",
+        &[
+            ("policy.cue", include_str!("../../cue/platform/database/policy.cue")),
+            ("render.cue", include_str!("../../cue/platform/database/render.cue")),
+            ("schema.cue", include_str!("../../cue/platform/database/schema.cue")),
+        ],
+    ),
+    (
         "webservice",
         &[
             ("policy.cue", include_str!("../../cue/platform/webservice/policy.cue")),

@@ -117,6 +117,16 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
             return Err(GraphError::DuplicateId { id: node.id.clone() });
         }
         check_object(node)?;
+        crate::apply::generated::check(
+            node.api_version(),
+            node.kind(),
+            node.apply_policy.mode == crate::api::ApplyMode::Create,
+            &node.object,
+        )
+        .map_err(|problem| GraphError::MalformedObject {
+            node: node.id.clone(),
+            problem,
+        })?;
         check_sensitive_gates(node)?;
         for gate in node
             .ready_when
@@ -501,6 +511,27 @@ mod tests {
             o.extend(extra.clone());
         }
         serde_json::from_value(json!({"id": id, "object": object})).unwrap()
+    }
+
+    #[test]
+    fn generated_secret_values_need_a_secret_of_mode_create() {
+        let annotated =
+            json!({"metadata": {"name": "creds", "annotations": {"pequod.io/generate-secret-keys": "password"}}});
+        let mut created = object_node("creds", "Secret", annotated.clone());
+        created.apply_policy.mode = crate::api::ApplyMode::Create;
+        assert!(validate(std::slice::from_ref(&created)).is_ok());
+        let applied = object_node("creds", "Secret", annotated.clone());
+        let err = validate(&[applied]).unwrap_err().to_string();
+        assert!(err.starts_with("node \"creds\": object has the annotation"), "{err}");
+        assert!(err.contains("mode Create"), "{err}");
+        let mut config = object_node("creds", "ConfigMap", annotated);
+        config.apply_policy.mode = crate::api::ApplyMode::Create;
+        assert!(
+            validate(&[config])
+                .unwrap_err()
+                .to_string()
+                .contains("only a v1 Secret")
+        );
     }
 
     #[test]

@@ -1205,3 +1205,250 @@ async fn delete_transform_after(notes: &Api<DynamicObject>, transforms: &Api<peq
     }
     delete_transform(transforms, "note").await;
 }
+
+/// Where a database's secret could leak to: the instance, its graph (spec, status and
+/// annotations) and the namespace's events, serialized whole.
+async fn leaks(env: &TestEnv, databases: &Api<DynamicObject>, graph: &str, secrets: &[String]) -> Vec<String> {
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let places = [
+        (
+            "the instance",
+            serde_json::to_string(&databases.get("orders").await.unwrap()).unwrap(),
+        ),
+        (
+            "its graph",
+            serde_json::to_string(&graphs.get(graph).await.unwrap()).unwrap(),
+        ),
+        (
+            "the events",
+            serde_json::to_string(&events.list(&Default::default()).await.unwrap()).unwrap(),
+        ),
+    ];
+    let mut found = Vec::new();
+    for (place, text) in places {
+        for secret in secrets {
+            if text.contains(secret.as_str()) {
+                found.push(format!("{place} holds {secret}"));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_database_waits_for_its_volume_runs_and_keeps_its_generated_password_to_its_secret() {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
+    use k8s_openapi::api::storage::v1::StorageClass;
+
+    let (env, transforms) = setup("instance-database").await;
+    let api_version = format!("{}/v1alpha1", group(&env));
+    apply_transform(
+        &transforms,
+        "database",
+        json!({"cueRef": {"type": "embedded", "ref": "database"}, "group": group(&env)}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "database").await;
+    let databases = support::dynamic_api(&env.client, &api_version, "Database", &env.namespace).await;
+
+    // This control plane has no volume provisioner: a claim binds only to a volume someone
+    // made. The test's own StorageClass keeps its volume from any other test's claim.
+    let class = format!("e2e-{}", env.namespace);
+    let classes: Api<StorageClass> = Api::all(env.client.clone());
+    let volumes: Api<PersistentVolume> = Api::all(env.client.clone());
+    let storage_class: StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": class},
+        "provisioner": "kubernetes.io/no-provisioner",
+        "volumeBindingMode": "Immediate",
+    }))
+    .unwrap();
+    classes.create(&Default::default(), &storage_class).await.unwrap();
+
+    apply_instance(
+        &databases,
+        &api_version,
+        "Database",
+        "orders",
+        json!({"storage": "1Gi", "storageClassName": class}),
+    )
+    .await;
+
+    // Without a volume the claim stays Pending, the pod cannot be scheduled, and Pequod waits
+    // on the StatefulSet's readiness.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &env.namespace);
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_for("the instance waiting for its StatefulSet", WAIT, || async {
+        let obj = databases.get("orders").await.map_err(|e| e.to_string())?;
+        let waiting = status_field(&obj, "/nodes")
+            .and_then(Value::as_array)
+            .and_then(|nodes| nodes.iter().find(|n| n["id"] == "statefulset"))
+            .is_some_and(|n| n["phase"] == "WaitingReady");
+        let claim = claims.get_opt("data-orders-0").await.map_err(|e| e.to_string())?;
+        let pending = claim.and_then(|c| c.status?.phase).as_deref() == Some("Pending");
+        if waiting && pending {
+            Ok(())
+        } else {
+            Err(format!("claim pending: {pending}; status {:?}", obj.data.get("status")))
+        }
+    })
+    .await;
+    let obj = databases.get("orders").await.unwrap();
+    assert_eq!(instance_condition(&obj, "Ready").map(|c| c.0).as_deref(), Some("False"));
+    let pod = pods.get("orders-0").await.unwrap();
+    assert_eq!(pod.spec.and_then(|s| s.node_name), None, "no node before the volume");
+
+    // A volume of the class: the volume controller binds the claim, the scheduler places
+    // the pod, kwok runs it, and the StatefulSet becomes ready.
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": class},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": class,
+            "hostPath": {"path": format!("/tmp/{class}")},
+        },
+    }))
+    .unwrap();
+    volumes.create(&Default::default(), &volume).await.unwrap();
+    let obj = wait_instance(&databases, "orders", "Ready", "True", "Ready").await;
+    let claim = claims.get("data-orders-0").await.unwrap();
+    assert_eq!(claim.spec.unwrap().volume_name.as_deref(), Some(class.as_str()));
+    assert_eq!(claim.status.unwrap().phase.as_deref(), Some("Bound"));
+    let pod = pods.get("orders-0").await.unwrap();
+    assert!(
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .is_some_and(|n| n.starts_with("kwok-node-")),
+        "the pod runs on a simulated node"
+    );
+    assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Running"));
+    let nodes = status_field(&obj, "/nodes").unwrap().as_array().unwrap();
+    let kinds: Vec<&str> = nodes.iter().filter_map(|n| n["kind"].as_str()).collect();
+    assert_eq!(kinds, ["Secret", "Service", "StatefulSet"]);
+
+    // The module's status, from the live Service and StatefulSet; of the Secret, its name.
+    let host = format!("orders-0.orders.{}.svc.cluster.local", env.namespace);
+    wait_for("endpoint and a ready server in the status", WAIT, || async {
+        let obj = databases.get("orders").await.map_err(|e| e.to_string())?;
+        let field = |name: &str| status_field(&obj, &format!("/{name}")).cloned();
+        let want = [
+            ("host", json!(host)),
+            ("port", json!(5432)),
+            ("endpoint", json!(format!("{host}:5432"))),
+            ("secretName", json!("orders-credentials")),
+            ("database", json!("app")),
+            ("readyReplicas", json!(1)),
+        ];
+        match want.iter().find(|(name, value)| field(name).as_ref() != Some(value)) {
+            None => Ok(()),
+            Some((name, _)) => Err(format!("{name}: {:?}", obj.data.get("status"))),
+        }
+    })
+    .await;
+
+    // The StatefulSet reads the Secret by name; the password Pequod generated is in the
+    // Secret only.
+    let statefulsets: Api<StatefulSet> = Api::namespaced(env.client.clone(), &env.namespace);
+    let sts = statefulsets.get("orders").await.unwrap();
+    let env_vars = sts.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let password_ref = env_vars
+        .iter()
+        .find(|e| e.name == "POSTGRES_PASSWORD")
+        .and_then(|e| e.value_from.as_ref()?.secret_key_ref.clone())
+        .unwrap();
+    assert_eq!(
+        (password_ref.name.as_str(), password_ref.key.as_str()),
+        ("orders-credentials", "password")
+    );
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let secret = secrets.get("orders-credentials").await.unwrap();
+    let data = secret.data.clone().unwrap();
+    assert_eq!(data["username"].0, b"app");
+    let password = String::from_utf8(data["password"].0.clone()).unwrap();
+    assert_eq!(password.len(), 48);
+    assert!(password.chars().all(|c| c.is_ascii_hexdigit()), "{password}");
+    let encoded = serde_json::to_value(&data["password"])
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    let graph = format!("database.{}-orders", group(&env));
+    let secret_forms = [password.clone(), encoded];
+    let found = leaks(&env, &databases, &graph, &secret_forms).await;
+    assert!(found.is_empty(), "{found:?}");
+
+    // A change renders and applies the graph again; the Secret, created once, is not
+    // written again, so the database keeps the password it started with.
+    apply_instance(
+        &databases,
+        &api_version,
+        "Database",
+        "orders",
+        json!({"storage": "1Gi", "storageClassName": class, "resources": {"cpu": "500m", "memory": "1Gi"}}),
+    )
+    .await;
+    wait_for("the new resources rolled out", WAIT, || async {
+        let sts = statefulsets.get("orders").await.map_err(|e| e.to_string())?;
+        let cpu = sts.spec.as_ref().and_then(|s| {
+            let c = &s.template.spec.as_ref()?.containers[0];
+            c.resources.as_ref()?.requests.as_ref()?.get("cpu").cloned()
+        });
+        let status = sts.status.clone().unwrap_or_default();
+        let rolled = status.update_revision.is_some()
+            && status.current_revision == status.update_revision
+            && status.ready_replicas == Some(1);
+        match cpu {
+            Some(q) if q.0 == "500m" && rolled => Ok(()),
+            other => Err(format!("{other:?} {status:?}")),
+        }
+    })
+    .await;
+    wait_instance(&databases, "orders", "Ready", "True", "Ready").await;
+    let again = secrets.get("orders-credentials").await.unwrap();
+    assert_eq!(again.metadata.resource_version, secret.metadata.resource_version);
+    assert_eq!(again.data.unwrap()["password"], data["password"]);
+    let found = leaks(&env, &databases, &graph, &secret_forms).await;
+    assert!(found.is_empty(), "{found:?}");
+
+    // Deleting the Database deletes its objects, the Secret with them; its volume's claim is
+    // kept (retainVolumes defaults to true).
+    databases.delete("orders", &DeleteParams::default()).await.unwrap();
+    wait_for("the Database and its objects to be gone", WAIT, || async {
+        let gone = (
+            databases.get_opt("orders").await.map_err(|e| e.to_string())?.is_none(),
+            statefulsets
+                .get_opt("orders")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none(),
+            secrets
+                .get_opt("orders-credentials")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none(),
+        );
+        if gone == (true, true, true) {
+            Ok(())
+        } else {
+            Err(format!("{gone:?}"))
+        }
+    })
+    .await;
+    assert!(
+        claims.get_opt("data-orders-0").await.unwrap().is_some(),
+        "the claim is kept"
+    );
+
+    delete_transform(&transforms, "database").await;
+    claims.delete("data-orders-0", &DeleteParams::default()).await.unwrap();
+    volumes.delete(&class, &DeleteParams::default()).await.unwrap();
+    classes.delete(&class, &DeleteParams::default()).await.unwrap();
+    env.cleanup().await;
+}
