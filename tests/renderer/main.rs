@@ -758,11 +758,11 @@ fn pequod_render_shows_the_database_example() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let graph: Value = serde_yaml::from_slice(&out.stdout).unwrap();
     assert_eq!(graph["metadata"]["name"], "database.apps.mycompany.com-orders-db");
-    let kinds: Vec<&str> = graph["spec"]["nodes"]
+    let kinds: Vec<&str> = graph["spec"]["graph"]["nodes"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|n| n["object"]["kind"].as_str().unwrap())
+        .map(|n| n["resource"]["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["Secret", "Service", "StatefulSet"]);
     let text = String::from_utf8_lossy(&out.stdout);
