@@ -137,8 +137,14 @@ pub fn graph_actor(
 
 /// Why the Transform a graph was signed for no longer stands behind it, or None when it does:
 /// it exists (the same uid), its namespace and spec still give the signed allowance, and it
-/// has served the module version the graph was rendered with.
-pub fn withdrawn(grant: &Grant, transform: Option<&Transform>, trusted: &TrustedNamespaces) -> Option<String> {
+/// has served the module version the graph was rendered with (`served`: its list of served
+/// versions, once its proof is checked).
+pub fn withdrawn(
+    grant: &Grant,
+    transform: Option<&Transform>,
+    served: &[String],
+    trusted: &TrustedNamespaces,
+) -> Option<String> {
     let Some(t) = transform.filter(|t| t.uid().as_deref() == Some(grant.transform_uid.as_str())) else {
         return Some(format!(
             "the Transform this graph was rendered for (uid {}) no longer exists",
@@ -157,11 +163,7 @@ pub fn withdrawn(grant: &Grant, transform: Option<&Transform>, trusted: &Trusted
         }
         Err(why) => return Some(format!("Transform {name} is no longer allowed: {why}")),
     }
-    let served = t
-        .status
-        .as_ref()
-        .is_some_and(|s| s.served_digests.contains(&grant.module_digest));
-    (!served).then(|| {
+    (!served.contains(&grant.module_digest)).then(|| {
         format!(
             "Transform {name} has not served module version {}, which this graph was rendered with",
             grant.module_digest
@@ -247,37 +249,40 @@ mod tests {
     fn a_grant_holds_only_while_its_transform_stands_behind_it() {
         let trusted = TrustedNamespaces::new(vec!["platform".into()]);
         let digest = format!("sha256:{}", "a".repeat(64));
-        let transform = |namespace: &str, extra: serde_json::Value, served: &[&str]| {
-            let mut t: Transform = serde_json::from_value(json!({
+        let transform = |namespace: &str, extra: serde_json::Value| {
+            let t: Transform = serde_json::from_value(json!({
                 "apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
                 "metadata": {"name": "web", "namespace": namespace, "uid": "uid-1"},
                 "spec": spec(extra),
-                "status": {"servedDigests": served},
             }))
             .unwrap();
-            t.metadata.uid = Some("uid-1".into());
             t
         };
+        let served = vec![digest.clone()];
         let grant = |allowance| Grant {
             allowance,
             transform_uid: "uid-1".into(),
             module_digest: digest.clone(),
         };
         let cluster = json!({"allowClusterScopedResources": true});
-        let standing = transform("platform", cluster.clone(), &[&digest]);
-        assert_eq!(withdrawn(&grant(Allowance::Cluster), Some(&standing), &trusted), None);
+        let standing = transform("platform", cluster.clone());
+        assert_eq!(
+            withdrawn(&grant(Allowance::Cluster), Some(&standing), &served, &trusted),
+            None
+        );
+        let other_module = vec!["sha256:other".to_string()];
         let mut other_uid = standing.clone();
         other_uid.metadata.uid = Some("uid-2".into());
         #[rustfmt::skip]
         let cases = [
-            ("deleted", None, "no longer exists"),
-            ("re-created under the same name", Some(&other_uid), "no longer exists"),
-            ("allowance withdrawn", Some(&transform("platform", json!({}), &[&digest])), "now grants namespace"),
-            ("moved out of trust", Some(&transform("team", cluster.clone(), &[&digest])), "no longer allowed"),
-            ("another module", Some(&transform("platform", cluster.clone(), &["sha256:other"])), "has not served"),
+            ("deleted", None, &served, "no longer exists"),
+            ("re-created under the same name", Some(&other_uid), &served, "no longer exists"),
+            ("allowance withdrawn", Some(&transform("platform", json!({}))), &served, "now grants namespace"),
+            ("moved out of trust", Some(&transform("team", cluster.clone())), &served, "no longer allowed"),
+            ("another module", Some(&standing), &other_module, "has not served"),
         ];
-        for (case, t, fragment) in cases {
-            let why = withdrawn(&grant(Allowance::Cluster), t, &trusted).unwrap_or_default();
+        for (case, t, served, fragment) in cases {
+            let why = withdrawn(&grant(Allowance::Cluster), t, served, &trusted).unwrap_or_default();
             assert!(why.contains(fragment), "{case}: {why:?}");
         }
     }

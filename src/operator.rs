@@ -155,7 +155,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
                 client.clone(),
                 renderer.clone(),
                 applier,
-                key,
+                key.clone(),
                 recorder.clone(),
                 metrics.clone(),
             )
@@ -186,6 +186,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             metrics.clone(),
             ManagerIdentity::from_env(),
             supervisor,
+            key,
         )
         .trusting(trusted_namespaces(&args))
         .with_rbac_mode(if args.generate_rbac {

@@ -232,6 +232,11 @@ pub struct TransformStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub served_digests: Vec<String>,
+    /// Pequod's proof of `servedDigests` (an HMAC with its graph-signing key): a list changed
+    /// by anyone else is not believed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub served_digests_proof: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -51,6 +51,8 @@ use crate::runtime::shutdown::Shutdown;
 use GRAPH_FINALIZER as FINALIZER;
 
 const CONTROLLER: &str = "resourcegraph";
+/// Most (graph, instance) pairs remembered as checked; beyond it they are checked again.
+const MAX_REMEMBERED_SOURCES: usize = 100_000;
 /// What a graph in the shape of earlier releases is told.
 const DEPRECATED_SHAPE_MESSAGE: &str = "the graph is valid; it is written in the shape of earlier releases \
      (spec.nodes with object and dependsOn), which is read until the API's next version: write spec.graph.nodes \
@@ -69,6 +71,8 @@ pub struct Context {
     trusted: TrustedNamespaces,
     /// What service accounts may read, for reads from the object caches.
     reads: super::access::ReadReviews,
+    /// (graph uid, instance uid) of rendered graphs whose instance was found.
+    sources: Mutex<HashSet<(String, String)>>,
     pub watches: Arc<ObjectWatches>,
     pub readiness: Registry,
     pub recorder: Recorder,
@@ -109,6 +113,7 @@ impl Context {
             transforms: None,
             trusted: TrustedNamespaces::new(Vec::new()),
             reads: Default::default(),
+            sources: Mutex::default(),
             watches,
             readiness: Registry::default(),
             recorder,
@@ -152,7 +157,7 @@ impl Context {
                 .find(|t| t.metadata.uid.as_deref() == Some(grant.transform_uid.as_str()))
         };
         let cached = find(store.state());
-        authority::withdrawn(grant, cached.as_deref(), &self.trusted)?;
+        self.check_grant(grant, cached.as_deref())?;
         let listed = match Api::<Transform>::all(self.client.clone())
             .list(&Default::default())
             .await
@@ -160,7 +165,68 @@ impl Context {
             Ok(list) => list.items.into_iter().map(Arc::new).collect(),
             Err(e) => return Some(format!("the Transforms could not be read: {e}")),
         };
-        authority::withdrawn(grant, find(listed).as_deref(), &self.trusted)
+        self.check_grant(grant, find(listed).as_deref())
+    }
+
+    /// [`authority::withdrawn`] with the Transform's list of served versions, believed only
+    /// with Pequod's proof.
+    fn check_grant(&self, grant: &Grant, transform: Option<&Transform>) -> Option<String> {
+        let served = transform
+            .and_then(|t| t.status.as_ref())
+            .filter(|s| {
+                self.key.verify_served(
+                    &grant.transform_uid,
+                    &s.served_digests,
+                    s.served_digests_proof.as_deref(),
+                )
+            })
+            .map(|s| s.served_digests.as_slice())
+            .unwrap_or_default();
+        authority::withdrawn(grant, transform, served, &self.trusted)
+    }
+
+    /// Why a rendered graph no longer belongs to the instance it was rendered from (its signed
+    /// `sourceRef`), or None. The graph must be owned by that instance, which must exist: a
+    /// copy of a signed graph kept after its instance was deleted, or one cut loose from it,
+    /// acts with no Transform's authority. The instance is looked up once per graph.
+    async fn source_gone(&self, rg: &ResourceGraph) -> Option<String> {
+        let source = rg.spec.source_ref.as_ref();
+        let Some((source, uid)) = source.and_then(|s| Some((s, s.uid.as_deref()?))) else {
+            return Some("the graph names no instance it was rendered from".into());
+        };
+        let what = format!("{} {}", source.kind, source.name);
+        if !rg
+            .owner_references()
+            .iter()
+            .any(|o| o.uid == uid && o.controller == Some(true))
+        {
+            return Some(format!(
+                "the graph is no longer owned by {what}, which it was rendered from"
+            ));
+        }
+        let key = (rg.uid().unwrap_or_default(), uid.to_string());
+        if self.sources.lock().unwrap_or_else(|p| p.into_inner()).contains(&key) {
+            return None;
+        }
+        let namespace = source.namespace.as_deref().or(rg.metadata.namespace.as_deref());
+        let found = match self.applier.resolve(&source.api_version, &source.kind).await {
+            Ok(resolved) => self.applier.get(&resolved, namespace, &source.name).await,
+            Err(e) => Err(e),
+        };
+        match found {
+            Ok(Some(instance)) if instance.metadata.uid.as_deref() == Some(uid) => {
+                let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+                if sources.len() >= MAX_REMEMBERED_SOURCES {
+                    sources.clear();
+                }
+                sources.insert(key);
+                None
+            }
+            Ok(_) => Some(format!("{what}, which the graph was rendered from, no longer exists")),
+            Err(e) => Some(format!(
+                "{what}, which the graph was rendered from, could not be read: {e}"
+            )),
+        }
     }
 }
 
@@ -310,10 +376,14 @@ fn acting_with(ctx: &Context, actor: Actor) -> Result<Acting, kube::Error> {
 /// The graph's actor once its grant is checked: a rendered graph whose Transform no longer
 /// stands behind it applies nothing.
 async fn acting(rg: &ResourceGraph, ctx: &Context, grant: Option<&Grant>) -> Result<Acting, Refusal> {
-    if let Some(why) = match grant {
-        Some(grant) => ctx.withdrawn(grant).await,
+    let withdrawn = match grant {
+        Some(grant) => match ctx.withdrawn(grant).await {
+            Some(why) => Some(why),
+            None => ctx.source_gone(rg).await,
+        },
         None => None,
-    } {
+    };
+    if let Some(why) = withdrawn {
         return Err(Refusal {
             reason: reasons::GRANT_WITHDRAWN,
             message: format!("{why}; nothing is applied until it is rendered again"),
@@ -1032,6 +1102,14 @@ async fn teardown(
     let mut present: Vec<(InventoryEntry, Resolved, DynamicObject)> = Vec::new();
     let mut unknown: Vec<InventoryEntry> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
+    // A graph writes only in its own namespace; an entry elsewhere was written into the status
+    // by someone else, and is neither read nor deleted (its existence would be told).
+    let (entries, foreign): (Vec<&InventoryEntry>, Vec<&InventoryEntry>) = entries
+        .iter()
+        .partition(|e| e.namespace.as_ref().is_none_or(|ns| *ns == graph.namespace));
+    for entry in foreign {
+        tracing::warn!(kind = %entry.kind, name = %entry.name, "an inventory entry outside the graph's namespace is ignored");
+    }
     for entry in entries {
         match existing(ctx, acting, entry).await {
             Ok(Some((resolved, object))) => present.push((entry.clone(), resolved, object)),

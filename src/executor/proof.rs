@@ -127,6 +127,26 @@ impl GraphKey {
     }
 }
 
+impl GraphKey {
+    /// The proof of the module versions a Transform has served: the list sits in its status,
+    /// which whoever may write `transforms/status` could change.
+    pub fn sign_served(&self, transform_uid: &str, digests: &[String]) -> String {
+        hex::encode(hmac::sign(&self.0, &served_message(transform_uid, digests)).as_ref())
+    }
+
+    /// Whether `proof` is this key's proof of `digests` for the Transform `transform_uid`.
+    pub fn verify_served(&self, transform_uid: &str, digests: &[String], proof: Option<&str>) -> bool {
+        let Some(tag) = proof.and_then(|p| hex::decode(p).ok()) else {
+            return false;
+        };
+        hmac::verify(&self.0, &served_message(transform_uid, digests), &tag).is_ok()
+    }
+}
+
+fn served_message(transform_uid: &str, digests: &[String]) -> Vec<u8> {
+    format!("pequod-served-digests\n{transform_uid}\n{}", digests.join("\n")).into_bytes()
+}
+
 impl std::fmt::Debug for GraphKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("GraphKey(redacted)")
@@ -242,6 +262,23 @@ mod tests {
             k.verify("team", "web", &read_back, Some(&proof), Some("uid-old/web-old")),
             Some(grant(Allowance::Restricted))
         );
+    }
+
+    #[test]
+    fn a_served_list_verifies_only_as_signed_for_its_transform() {
+        let k = key(1);
+        let list = vec!["sha256:a".to_string(), "sha256:b".to_string()];
+        let proof = k.sign_served("uid-1", &list);
+        assert!(k.verify_served("uid-1", &list, Some(&proof)));
+        let mut added = list.clone();
+        added.push("sha256:other".into());
+        assert!(
+            !k.verify_served("uid-1", &added, Some(&proof)),
+            "a digest added by hand"
+        );
+        assert!(!k.verify_served("uid-2", &list, Some(&proof)), "another Transform");
+        assert!(!k.verify_served("uid-1", &list, None), "no proof");
+        assert!(!key(2).verify_served("uid-1", &list, Some(&proof)), "another key");
     }
 
     #[test]

@@ -613,6 +613,20 @@ async fn choose_module(
     let recorded = update.old.module_digest.clone();
     let module = match choose(selection, &key, recorded.as_deref(), pin) {
         Wanted::Target => selection.target.clone(),
+        // The version the rollout started from is named in the Transform's status, which
+        // whoever may write `transforms/status` could change: it too must have been served.
+        Wanted::Current
+            if selection
+                .current
+                .as_ref()
+                .is_some_and(|c| !state.served.contains(&c.digest)) =>
+        {
+            let message = format!(
+                "the rollout's current module version was never served by Transform {}; the instance keeps its graph",
+                state.transform
+            );
+            return Err(update.render_failed(false, reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
+        }
         Wanted::Current => selection.current.clone().unwrap_or_else(|| selection.target.clone()),
         Wanted::Version(digest) if crate::cue::is_digest(&digest) && !state.served.contains(&digest) => {
             let shown: String = digest.chars().take(80).collect();

@@ -43,6 +43,7 @@ use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
 use crate::executor::proof::Allowance;
+use crate::executor::proof::GraphKey;
 use crate::rbac::{self, Generated, ManagerIdentity, RbacMode, ServedKind, TransformIdentity};
 use crate::rollout::Policy;
 use crate::runtime::health::{Health, Probe};
@@ -70,6 +71,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub manager: ManagerIdentity,
     pub supervisor: Supervisor,
+    /// Signs and checks the list of module versions each Transform served.
+    key: GraphKey,
     written: StatusMemory<TransformStatus>,
     /// Consecutive failed fetches per Transform (by uid) and the generation they were of,
     /// for the retry delay; a new spec starts over.
@@ -96,6 +99,7 @@ impl Context {
         metrics: Arc<Metrics>,
         manager: ManagerIdentity,
         supervisor: Supervisor,
+        key: GraphKey,
     ) -> Self {
         Self {
             client,
@@ -105,6 +109,7 @@ impl Context {
             metrics,
             manager,
             supervisor,
+            key,
             written: StatusMemory::default(),
             fetch_failures: Default::default(),
             backoff: super::Backoff::default(),
@@ -423,8 +428,10 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
 }
 
 /// Records `digest` among the module versions the Transform has served before any instance
-/// renders with it: the executor checks every rendered graph's version against this list,
-/// and instances may be pinned only to versions on it. Returns the list.
+/// renders with it, with Pequod's proof of the list: the executor checks every rendered
+/// graph's version against it, and instances render only versions on it. A list without a
+/// valid proof (written by someone else, or by an earlier release) is not believed: it starts
+/// again from the version loaded now. Returns the list.
 async fn record_served(
     t: &Transform,
     ctx: &Context,
@@ -432,22 +439,22 @@ async fn record_served(
     digest: &str,
 ) -> Result<Vec<String>, Stop> {
     let old = &update.old;
-    // Transforms served by an earlier release have no list yet: the versions its instances
-    // are on are those of the rollout.
-    let earlier = old
-        .rollout
-        .iter()
-        .flat_map(|r| r.current_digest.iter().chain([&r.target_digest]))
-        .filter(|_| old.served_digests.is_empty())
-        .fold(old.served_digests.clone(), |served, d| with_served(&served, d));
+    let uid = t.uid().unwrap_or_default();
+    let proven = ctx
+        .key
+        .verify_served(&uid, &old.served_digests, old.served_digests_proof.as_deref());
+    let earlier = if proven { old.served_digests.clone() } else { Vec::new() };
     let served = with_served(&earlier, digest);
-    if old.served_digests != served {
+    let proof = ctx.key.sign_served(&uid, &served);
+    if old.served_digests != served || old.served_digests_proof.as_deref() != Some(proof.as_str()) {
         let mut recorded = old.clone();
         recorded.served_digests = served.clone();
+        recorded.served_digests_proof = Some(proof.clone());
         write_status(t, ctx, old, recorded.clone()).await?;
         update.old = recorded;
     }
     update.new.served_digests = served.clone();
+    update.new.served_digests_proof = Some(proof);
     Ok(served)
 }
 
