@@ -652,7 +652,7 @@ async fn readiness_timeout_fails_the_node_and_keeps_dependants_pending() {
 }
 
 /// Runs kubectl as `user` (impersonated by the test's admin) in `namespace`, with `stdin`.
-fn kubectl_as(env: &TestEnv, user: &str, args: &[&str], stdin: &str) -> std::process::Output {
+pub(crate) fn kubectl_as(env: &TestEnv, user: &str, args: &[&str], stdin: &str) -> std::process::Output {
     let args: Vec<&str> = ["--as", user, "-n", env.namespace.as_str()]
         .into_iter()
         .chain(args.iter().copied())

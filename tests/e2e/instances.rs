@@ -1452,3 +1452,257 @@ async fn a_database_waits_for_its_volume_runs_and_keeps_its_generated_password_t
     classes.delete(&class, &DeleteParams::default()).await.unwrap();
     env.cleanup().await;
 }
+
+/// A module of kind `Grant` whose instances each keep one ClusterRole, `<namespace>-<name>`,
+/// with no rules: a cluster-scoped object only a Transform allowing it may give.
+const GRANT_MODULE: &str = r#"package grant
+
+#Metadata: kind: "Grant"
+
+#Input: {
+	note?: string
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: "role"
+		object: {
+			apiVersion: "rbac.authorization.k8s.io/v1"
+			kind: "ClusterRole"
+			metadata: name: "\(input.metadata.namespace)-\(input.metadata.name)"
+			rules: []
+		}
+	}]
+}
+"#;
+
+/// A Transform allowing cluster-scoped objects, its `Grant` instances, a Role for `user` that
+/// allows ResourceGraphs only, and the graphs API.
+async fn serve_grants(
+    env: &TestEnv,
+    transforms: &Api<pequod::api::Transform>,
+    user: &str,
+) -> (Api<DynamicObject>, Api<ResourceGraph>, String) {
+    let group = group(env);
+    let api_version = format!("{group}/v1alpha1");
+    put_module(&env.client, &env.namespace, "grant-module", GRANT_MODULE).await;
+    apply_transform(
+        transforms,
+        "grant",
+        json!({"cueRef": {"type": "configmap", "ref": "grant-module"}, "group": group,
+               "allowClusterScopedResources": true,
+               "managedResources": [{"apiGroup": "rbac.authorization.k8s.io", "resources": ["clusterroles"]}]}),
+    )
+    .await;
+    support::wait_transform_ready(transforms, "grant").await;
+    support::apply_yaml(
+        &env.client,
+        &env.namespace,
+        &format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: graph-writer\nrules:\n\
+             - apiGroups: [platform.platform.example.com]\n  resources: [resourcegraphs]\n  verbs: [\"*\"]\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: graph-writer\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: graph-writer}}\n\
+             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n"
+        ),
+    )
+    .await;
+    let grants = support::dynamic_api(&env.client, &api_version, "Grant", &env.namespace).await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    (grants, graphs, api_version)
+}
+
+/// Whose rights the graph acts with, once it says: the reason of `Authorized`, or of a `Valid`
+/// refusal.
+async fn acting_reason(graphs: &Api<ResourceGraph>, name: &str) -> String {
+    wait_for("the graph says whose rights it acts with", WAIT, || async {
+        let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
+        let conditions = rg.status.map(|s| s.conditions).unwrap_or_default();
+        if let Some(c) = conditions.iter().find(|c| c.type_ == "Valid" && c.status == pequod::api::ConditionStatus::False) {
+            return Ok(c.reason.clone());
+        }
+        conditions
+            .iter()
+            .find(|c| c.type_ == "Authorized")
+            .map(|c| c.reason.clone())
+            .ok_or_else(|| format!("{conditions:?}"))
+    })
+    .await
+}
+
+/// Rights used: write ResourceGraphs in one namespace (and read them, as that right brings).
+/// A graph an instance had, copied while it existed and re-created verbatim (without its owner
+/// reference) after the instance was deleted, must not act with the Transform's authority: the
+/// instance is gone, so nobody asked for its objects any more.
+#[tokio::test]
+async fn a_signed_graph_re_created_after_its_instance_was_deleted_acts_with_no_authority() {
+    let (env, transforms) = setup("signed-replay").await;
+    let user = format!("dev-{}", env.namespace);
+    let (grants, graphs, api_version) = serve_grants(&env, &transforms, &user).await;
+    let graph = format!("grant.{}-mine", group(&env));
+    let role = format!("{}-mine", env.namespace);
+    apply_instance(&grants, &api_version, "Grant", "mine", json!({})).await;
+    wait_instance(&grants, "mine", "Ready", "True", "Ready").await;
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(env.client.clone());
+    assert!(roles.get_opt(&role).await.unwrap().is_some());
+
+    // The user keeps a copy of the signed graph, as anyone who may read graphs can.
+    let signed = graphs.get(&graph).await.unwrap();
+    let copy = json!({
+        "apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+        "metadata": {"name": graph, "annotations": signed.annotations(), "labels": signed.labels()},
+        "spec": signed.spec,
+    });
+
+    // The instance is deleted, with its graph and its ClusterRole.
+    support::delete_and_wait_gone(&grants, "mine", WAIT).await;
+    wait_for("the graph deleted with its instance", WAIT, || async {
+        match graphs.get_opt(&graph).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{:?}", other.map(|g| g.map(|g| g.status)))),
+        }
+    })
+    .await;
+    wait_for("the ClusterRole deleted", WAIT, || async {
+        match roles.get_opt(&role).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    let out = crate::executor::kubectl_as(&env, &user, &["apply", "-f", "-"], &copy.to_string());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reason = acting_reason(&graphs, &graph).await;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let recreated = roles.get_opt(&role).await.unwrap().is_some();
+    assert!(
+        reason != "TransformAuthority" && !recreated,
+        "the replayed graph of a deleted instance acts with its Transform's authority ({reason}); ClusterRole \
+         {role} re-created: {recreated}"
+    );
+
+    let _ = graphs.delete(&graph, &DeleteParams::default()).await;
+    let _ = roles.delete(&role, &DeleteParams::default()).await;
+    delete_transform(&transforms, "grant").await;
+    env.cleanup().await;
+}
+
+/// Rights used: write ResourceGraphs in one namespace. Taking the owner reference off an
+/// instance's signed graph (metadata is not signed) detaches it: the instance's deletion must
+/// still take the graph's objects with it, and the detached graph must not keep acting with
+/// the Transform's authority.
+#[tokio::test]
+async fn a_signed_graph_detached_from_its_instance_does_not_outlive_it() {
+    let (env, transforms) = setup("signed-detach").await;
+    let user = format!("dev-{}", env.namespace);
+    let (grants, graphs, api_version) = serve_grants(&env, &transforms, &user).await;
+    let graph = format!("grant.{}-kept", group(&env));
+    let role = format!("{}-kept", env.namespace);
+    apply_instance(&grants, &api_version, "Grant", "kept", json!({})).await;
+    wait_instance(&grants, "kept", "Ready", "True", "Ready").await;
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(env.client.clone());
+    assert!(roles.get_opt(&role).await.unwrap().is_some());
+
+    let out = crate::executor::kubectl_as(
+        &env,
+        &user,
+        &["patch", "resourcegraph", &graph, "--type=json", "-p", r#"[{"op": "remove", "path": "/metadata/ownerReferences"}]"#],
+        "",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    support::delete_and_wait_gone(&grants, "kept", WAIT).await;
+
+    let outcome = wait_for("the instance's objects gone with it", std::time::Duration::from_secs(60), || async {
+        let role_left = roles.get_opt(&role).await.map_err(|e| e.to_string())?.is_some();
+        let graph = graphs.get_opt(&graph).await.map_err(|e| e.to_string())?;
+        let authority = graph
+            .as_ref()
+            .and_then(|g| g.status.as_ref())
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Authorized"))
+            .map(|c| c.reason.clone());
+        if !role_left && authority.as_deref() != Some("TransformAuthority") {
+            Ok(())
+        } else {
+            Err(format!(
+                "ClusterRole {role} left: {role_left}; graph left: {}, Authorized: {authority:?}",
+                graph.is_some()
+            ))
+        }
+    });
+    outcome.await;
+
+    let _ = graphs.delete(&graph, &DeleteParams::default()).await;
+    let _ = roles.delete(&role, &DeleteParams::default()).await;
+    delete_transform(&transforms, "grant").await;
+    env.cleanup().await;
+}
+
+/// Rights used: own a Transform, with its status (`transforms/status`), and edit its
+/// instances. `status.servedDigests` decides which module versions an instance may be pinned
+/// to; a version of another Transform's module written into it must still be refused.
+#[tokio::test]
+async fn a_version_written_into_served_digests_by_hand_is_not_served() {
+    let (env, transforms) = setup("served-by-hand").await;
+    let group = group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    put_module(&env.client, &env.namespace, "note-module", &labelled_module("Note", "1")).await;
+    put_module(&env.client, &env.namespace, "memo-module", &labelled_module("Memo", "1")).await;
+    for (name, module) in [("note", "note-module"), ("memo", "memo-module")] {
+        apply_transform(
+            &transforms,
+            name,
+            json!({"cueRef": {"type": "configmap", "ref": module}, "group": group}),
+        )
+        .await;
+    }
+    let note = support::wait_transform_ready(&transforms, "note").await;
+    let memo = support::wait_transform_ready(&transforms, "memo").await;
+    let served = |t: &pequod::api::Transform| t.status.as_ref().map(|s| s.served_digests.clone()).unwrap_or_default();
+    let memo_digest = served(&memo).last().cloned().expect("memo served a version");
+
+    // The owner of `note` adds memo's version to note's served versions.
+    let mut forged = served(&note);
+    forged.push(memo_digest.clone());
+    transforms
+        .patch_status(
+            "note",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"servedDigests": forged}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    let obj = json!({"apiVersion": api_version, "kind": "Note",
+        "metadata": {"name": "alpha", "annotations": {"pequod.io/pinned-module-digest": memo_digest}},
+        "spec": {"text": "a"}});
+    notes
+        .patch("alpha", &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(obj))
+        .await
+        .unwrap();
+    let configmaps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let rendered_by_memo = wait_for("the pin decided", WAIT, || async {
+        if configmaps.get_opt("memo-alpha").await.map_err(|e| e.to_string())?.is_some() {
+            return Ok(true);
+        }
+        let obj = notes.get("alpha").await.map_err(|e| e.to_string())?;
+        match instance_condition(&obj, "Rendered") {
+            Some((s, r, _)) if s == "False" && r == "VersionNotServed" => Ok(false),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(
+        !rendered_by_memo,
+        "an instance of note was rendered with memo's module, whose version was written into note's status by hand"
+    );
+
+    let _ = notes.delete("alpha", &DeleteParams::default()).await;
+    for name in ["note", "memo"] {
+        delete_transform(&transforms, name).await;
+    }
+    env.cleanup().await;
+}
