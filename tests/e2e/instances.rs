@@ -1519,7 +1519,10 @@ async fn acting_reason(graphs: &Api<ResourceGraph>, name: &str) -> String {
     wait_for("the graph says whose rights it acts with", WAIT, || async {
         let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
         let conditions = rg.status.map(|s| s.conditions).unwrap_or_default();
-        if let Some(c) = conditions.iter().find(|c| c.type_ == "Valid" && c.status == pequod::api::ConditionStatus::False) {
+        if let Some(c) = conditions
+            .iter()
+            .find(|c| c.type_ == "Valid" && c.status == pequod::api::ConditionStatus::False)
+        {
             return Ok(c.reason.clone());
         }
         conditions
@@ -1608,29 +1611,40 @@ async fn a_signed_graph_detached_from_its_instance_does_not_outlive_it() {
     let out = crate::executor::kubectl_as(
         &env,
         &user,
-        &["patch", "resourcegraph", &graph, "--type=json", "-p", r#"[{"op": "remove", "path": "/metadata/ownerReferences"}]"#],
+        &[
+            "patch",
+            "resourcegraph",
+            &graph,
+            "--type=json",
+            "-p",
+            r#"[{"op": "remove", "path": "/metadata/ownerReferences"}]"#,
+        ],
         "",
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     support::delete_and_wait_gone(&grants, "kept", WAIT).await;
 
-    let outcome = wait_for("the instance's objects gone with it", std::time::Duration::from_secs(60), || async {
-        let role_left = roles.get_opt(&role).await.map_err(|e| e.to_string())?.is_some();
-        let graph = graphs.get_opt(&graph).await.map_err(|e| e.to_string())?;
-        let authority = graph
-            .as_ref()
-            .and_then(|g| g.status.as_ref())
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Authorized"))
-            .map(|c| c.reason.clone());
-        if !role_left && authority.as_deref() != Some("TransformAuthority") {
-            Ok(())
-        } else {
-            Err(format!(
-                "ClusterRole {role} left: {role_left}; graph left: {}, Authorized: {authority:?}",
-                graph.is_some()
-            ))
-        }
-    });
+    let outcome = wait_for(
+        "the instance's objects gone with it",
+        std::time::Duration::from_secs(60),
+        || async {
+            let role_left = roles.get_opt(&role).await.map_err(|e| e.to_string())?.is_some();
+            let graph = graphs.get_opt(&graph).await.map_err(|e| e.to_string())?;
+            let authority = graph
+                .as_ref()
+                .and_then(|g| g.status.as_ref())
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Authorized"))
+                .map(|c| c.reason.clone());
+            if !role_left && authority.as_deref() != Some("TransformAuthority") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ClusterRole {role} left: {role_left}; graph left: {}, Authorized: {authority:?}",
+                    graph.is_some()
+                ))
+            }
+        },
+    );
     outcome.await;
 
     let _ = graphs.delete(&graph, &DeleteParams::default()).await;
@@ -1647,8 +1661,20 @@ async fn a_version_written_into_served_digests_by_hand_is_not_served() {
     let (env, transforms) = setup("served-by-hand").await;
     let group = group(&env);
     let api_version = format!("{group}/v1alpha1");
-    put_module(&env.client, &env.namespace, "note-module", &labelled_module("Note", "1")).await;
-    put_module(&env.client, &env.namespace, "memo-module", &labelled_module("Memo", "1")).await;
+    put_module(
+        &env.client,
+        &env.namespace,
+        "note-module",
+        &labelled_module("Note", "1"),
+    )
+    .await;
+    put_module(
+        &env.client,
+        &env.namespace,
+        "memo-module",
+        &labelled_module("Memo", "1"),
+    )
+    .await;
     for (name, module) in [("note", "note-module"), ("memo", "memo-module")] {
         apply_transform(
             &transforms,
@@ -1685,7 +1711,12 @@ async fn a_version_written_into_served_digests_by_hand_is_not_served() {
         .unwrap();
     let configmaps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
     let rendered_by_memo = wait_for("the pin decided", WAIT, || async {
-        if configmaps.get_opt("memo-alpha").await.map_err(|e| e.to_string())?.is_some() {
+        if configmaps
+            .get_opt("memo-alpha")
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
             return Ok(true);
         }
         let obj = notes.get("alpha").await.map_err(|e| e.to_string())?;

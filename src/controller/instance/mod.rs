@@ -747,7 +747,7 @@ async fn find_graphs(
 ) -> Result<(Option<ResourceGraph>, Option<ResourceGraph>), Stop> {
     let graphs_api = graphs(obj, ctx);
     let live = graphs_api.get_opt(&pass.graph).await?;
-    if live.as_ref().is_some_and(|g| !owns(obj, g)) {
+    if live.as_ref().is_some_and(|g| !owns(obj, g, &ctx.shared.key)) {
         let message = format!(
             "ResourceGraph {} exists and does not belong to this instance; it is left alone",
             pass.graph
@@ -760,7 +760,7 @@ async fn find_graphs(
         _ => graphs_api
             .get_opt(&legacy_graph_name(&ctx.resource.kind, &pass.name))
             .await?
-            .filter(|g| owns(obj, g)),
+            .filter(|g| owns(obj, g, &ctx.shared.key)),
     };
     Ok((live, predecessor))
 }
@@ -797,9 +797,11 @@ async fn publish_graph(
                 .verify(&pass.namespace, &pass.graph, &g.spec, proof, claimed)
                 .is_some_and(|grant| grant == pass.grant())
     };
-    if let Some(live) =
-        live.filter(|g| request.is_none() && g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered(g))
-    {
+    // A graph someone cut loose from the instance (no owner reference) is written again.
+    let owned = |g: &ResourceGraph| g.owner_references().iter().any(|o| Some(&o.uid) == obj.uid().as_ref());
+    if let Some(live) = live.filter(|g| {
+        request.is_none() && g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered(g) && owned(g)
+    }) {
         return Ok(live);
     }
     let instance = InstanceRef {
@@ -853,10 +855,28 @@ async fn publish_graph(
 }
 
 /// Whether `graph` is this instance's. Names and labels are shared by same-named kinds of two
-/// API groups; the uid in the graph's owner reference is this instance's alone.
-fn owns(obj: &DynamicObject, graph: &ResourceGraph) -> bool {
-    obj.uid()
-        .is_some_and(|uid| graph.owner_references().iter().any(|o| o.uid == uid))
+/// API groups; the uid in the graph's owner reference is this instance's alone. A graph whose
+/// owner reference someone removed is still the instance's when Pequod signed it for the
+/// instance (its signed `sourceRef` names the instance's uid): it is written again, owner
+/// reference included, and deleted with the instance.
+fn owns(obj: &DynamicObject, graph: &ResourceGraph, key: &GraphKey) -> bool {
+    let Some(uid) = obj.uid() else {
+        return false;
+    };
+    if graph.owner_references().iter().any(|o| o.uid == uid) {
+        return true;
+    }
+    let annotation = |k: &str| graph.annotations().get(k).map(String::as_str);
+    graph.spec.source_ref.as_ref().and_then(|s| s.uid.as_deref()) == Some(uid.as_str())
+        && key
+            .verify(
+                &graph.namespace().unwrap_or_default(),
+                &graph.name_any(),
+                &graph.spec,
+                annotation(PROOF_ANNOTATION),
+                annotation(PREDECESSOR_ANNOTATION),
+            )
+            .is_some()
 }
 
 /// Writes a status that says why the instance is left as it is (paused, or protected from
@@ -882,7 +902,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
         graph_name(&ctx.resource.kind, &ctx.resource.group, &name),
         legacy_graph_name(&ctx.resource.kind, &name),
     ] {
-        let Some(rg) = graphs.get_opt(&graph).await?.filter(|g| owns(obj, g)) else {
+        let Some(rg) = graphs.get_opt(&graph).await?.filter(|g| owns(obj, g, &ctx.shared.key)) else {
             continue;
         };
         if rg.metadata.deletion_timestamp.is_none() {
