@@ -1,5 +1,6 @@
 //! The operator killed in the middle of its work converges after a restart, with no object
-//! duplicated or lost. A test binary of its own: no other operator may run beside it.
+//! duplicated or lost; expensive readiness expressions do not stall it. A test binary of its
+//! own: no other operator may run beside it (nor evaluate its expensive graphs).
 
 use pequod_testkit as support;
 
