@@ -59,6 +59,7 @@ pub const INVALID_GRAPH: &str = "InvalidGraph";
 pub const APPLY_FAILED: &str = "ApplyFailed";
 pub const READINESS_TIMEOUT: &str = "ReadinessTimeout";
 pub const READINESS_FAILED: &str = "ReadinessFailed";
+pub const EXPRESSION_TIMEOUT: &str = "ExpressionTimeout";
 pub const OBJECT_RELEASED: &str = "ObjectReleased";
 pub const OBJECT_NOT_OWNED: &str = "ObjectNotOwned";
 pub const ALL_NODES_READY: &str = "AllNodesReady";

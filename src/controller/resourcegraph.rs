@@ -802,7 +802,7 @@ async fn process_node(
         applied_at,
         adopted_from: plan.adopted_from,
     };
-    observed_node(ctx, graph, node, written, previous, time)
+    observed_node(ctx, graph, node, written, previous, time).await
 }
 
 /// The object as it is. The cache holds only objects that already carry Pequod's labels: a
@@ -931,7 +931,7 @@ struct Written {
 }
 
 /// A node's outcome once its object is written (or found): inventory, readiness, state.
-fn observed_node(
+async fn observed_node(
     ctx: &Context,
     graph: &GraphIdentity,
     node: &Node,
@@ -959,18 +959,11 @@ fn observed_node(
         uid: object.uid(),
         ..inventory
     });
-    let (phase, message, requeue, error) = progress::readiness(&ctx.readiness, node, &value, previous, time);
+    let (phase, message, requeue, error) = progress::readiness(&ctx.readiness, node, &value, previous, time).await;
     let event = error
         .as_ref()
         .filter(|_| previous.is_none_or(|p| p.phase != NodePhase::Error))
-        .map(|e| {
-            let reason = if e.starts_with(progress::READINESS_TIMEOUT) {
-                reasons::READINESS_TIMEOUT
-            } else {
-                reasons::READINESS_FAILED
-            };
-            warning(reason, format!("node {}: {e}", node.id))
-        });
+        .map(|e| warning(progress::readiness_event_reason(e), format!("node {}: {e}", node.id)));
     let adopting = node.apply_policy.mode == crate::api::ApplyMode::Adopt;
     let phase = if phase == NodePhase::Ready && adopting && adopted_from.is_some() {
         NodePhase::Adopted

@@ -18,6 +18,11 @@ use crate::readiness::{GateState, Registry};
 
 /// Prefix of the error of a node whose readiness gate timed out.
 pub const READINESS_TIMEOUT: &str = "readiness timed out";
+/// Prefix of the error of a node whose readiness expression's evaluation ran out of time.
+pub const EXPRESSION_TIMEOUT: &str = "expression timed out";
+/// When a node whose expression timed out is evaluated again without any event: the pool may
+/// have been busy with other graphs' evaluations.
+pub const EXPRESSION_RETRY: Duration = Duration::from_secs(30);
 
 /// A node's new state: the previous one when nothing changed, so timestamps stay put.
 pub fn transition(
@@ -71,15 +76,38 @@ pub fn waiting_message(dependencies: &[&str], states: &BTreeMap<String, NodeStat
     format!("waiting for {}", described.join(", "))
 }
 
-/// Phase, message, requeue deadline and error of a node whose object is applied, from its gates.
-pub fn readiness(
+/// Phase, message, requeue deadline and error of a node whose object is applied, from its
+/// gates. Expressions are evaluated on the registry's evaluation pool, with its deadline.
+pub async fn readiness(
     registry: &Registry,
     node: &Node,
     object: &Value,
     previous: Option<&NodeState>,
     time: &Time,
 ) -> (NodePhase, Option<String>, Option<Duration>, Option<String>) {
-    let Some((gate, state)) = registry.first_unready(&node.ready_when, Some(object)) else {
+    let unready = registry.first_unready_bounded(&node.id, &node.ready_when, object).await;
+    judge_readiness(node, unready, previous, time)
+}
+
+/// The event reason of a node's readiness error.
+pub fn readiness_event_reason(error: &str) -> &'static str {
+    if error.starts_with(READINESS_TIMEOUT) {
+        reasons::READINESS_TIMEOUT
+    } else if error.starts_with(EXPRESSION_TIMEOUT) {
+        reasons::EXPRESSION_TIMEOUT
+    } else {
+        reasons::READINESS_FAILED
+    }
+}
+
+/// [`readiness`] once the gates are checked: `unready` is the first gate that does not pass.
+pub fn judge_readiness(
+    node: &Node,
+    unready: Option<(Option<&ReadyGate>, GateState)>,
+    previous: Option<&NodeState>,
+    time: &Time,
+) -> (NodePhase, Option<String>, Option<Duration>, Option<String>) {
+    let Some((gate, state)) = unready else {
         return (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None);
     };
     match state {
@@ -89,6 +117,12 @@ pub fn readiness(
             Some(reason.clone()),
             None,
             Some(format!("readiness failed: {reason}")),
+        ),
+        GateState::TimedOut(reason) => (
+            NodePhase::Error,
+            Some(reason.clone()),
+            Some(EXPRESSION_RETRY),
+            Some(format!("{EXPRESSION_TIMEOUT}: {reason}")),
         ),
         GateState::Waiting(reason) => {
             let timeout = gate
@@ -311,43 +345,66 @@ mod tests {
         }
     }
 
-    #[test]
-    fn waiting_gate_times_out_from_when_waiting_began() {
+    #[tokio::test]
+    async fn waiting_gate_times_out_from_when_waiting_began() {
         let registry = Registry::default();
         let n = node(json!([{"type": "FieldMatch", "path": "ready", "value": true, "timeout": 60}]));
         let object = json!({"ready": false});
         let waiting = state(NodePhase::WaitingReady, 1000, None);
-        let (phase, _, requeue, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1030));
+        let (phase, _, requeue, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1030)).await;
         assert_eq!(
             (phase, requeue, error),
             (NodePhase::WaitingReady, Some(Duration::from_secs(31)), None)
         );
-        let (phase, _, _, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1060));
+        let (phase, _, _, error) = readiness(&registry, &n, &object, Some(&waiting), &at(1060)).await;
         assert_eq!(phase, NodePhase::Error);
         assert!(error.unwrap().starts_with("readiness timed out after 60s"));
     }
 
-    #[test]
-    fn an_earlier_apply_error_does_not_count_as_a_timeout() {
+    #[tokio::test]
+    async fn an_earlier_apply_error_does_not_count_as_a_timeout() {
         let registry = Registry::default();
         let n = node(json!([{"type": "FieldMatch", "path": "ready", "value": true}]));
         let object = json!({"ready": false});
         let apply_failed = state(NodePhase::Error, 0, Some("conflict with \"other\""));
-        let (phase, _, requeue, _) = readiness(&registry, &n, &object, Some(&apply_failed), &at(10_000));
+        let (phase, _, requeue, _) = readiness(&registry, &n, &object, Some(&apply_failed), &at(10_000)).await;
         assert_eq!(phase, NodePhase::WaitingReady);
         assert_eq!(
             requeue,
             Some(Duration::from_secs(DEFAULT_READY_TIMEOUT_SECONDS as u64 + 1))
         );
         let timed_out = state(NodePhase::Error, 0, Some("readiness timed out after 300s: x"));
-        let (phase, _, _, _) = readiness(&registry, &n, &object, Some(&timed_out), &at(10_000));
+        let (phase, _, _, _) = readiness(&registry, &n, &object, Some(&timed_out), &at(10_000)).await;
         assert_eq!(
             phase,
             NodePhase::Error,
             "a timed-out node stays failed until its gate passes"
         );
-        let (phase, _, _, _) = readiness(&registry, &n, &json!({"ready": true}), Some(&timed_out), &at(10_000));
+        let (phase, _, _, _) = readiness(&registry, &n, &json!({"ready": true}), Some(&timed_out), &at(10_000)).await;
         assert_eq!(phase, NodePhase::Ready);
+    }
+
+    #[test]
+    fn an_expression_that_timed_out_fails_the_node_and_is_tried_again() {
+        let n = node(json!([{"type": "Expression", "expression": "self.ok"}]));
+        let message = "the readiness expression of node n ran past its deadline of 1s";
+        let unready = Some((n.ready_when.first(), GateState::TimedOut(message.into())));
+        let (phase, shown, requeue, error) = judge_readiness(&n, unready, None, &at(10));
+        assert_eq!(
+            (phase, shown.as_deref(), requeue),
+            (NodePhase::Error, Some(message), Some(EXPRESSION_RETRY))
+        );
+        let error = error.unwrap();
+        assert_eq!(error, format!("expression timed out: {message}"));
+        assert_eq!(readiness_event_reason(&error), "ExpressionTimeout");
+        assert_eq!(
+            readiness_event_reason("readiness timed out after 60s: x"),
+            "ReadinessTimeout"
+        );
+        assert_eq!(
+            readiness_event_reason("readiness failed: the job failed"),
+            "ReadinessFailed"
+        );
     }
 
     fn pass(states: &[(&str, NodePhase, Option<&str>)]) -> ResourceGraphStatus {

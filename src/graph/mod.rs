@@ -136,7 +136,7 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
             crate::readiness::check_expression(gate.expression.as_deref().unwrap_or_default()).map_err(|why| {
                 GraphError::InvalidExpression {
                     node: node.id.clone(),
-                    why,
+                    why: why.to_string(),
                 }
             })?;
         }

@@ -2,8 +2,16 @@
 //!
 //! Each gate type is a [`Check`] in a [`Registry`]; a new kind of gate is a new entry, and the
 //! executor does not change.
+//!
+//! Readiness expressions are user code: each is refused at compile time above a worst-case
+//! cost ([`cost`]), and the executor evaluates them on a bounded pool with a deadline
+//! ([`pool`]), never on the reconcile workers.
+
+pub mod cost;
+pub mod pool;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -17,22 +25,42 @@ pub enum GateState {
     Waiting(String),
     /// Will not become ready without a change (a failed Job, say).
     Failed(String),
+    /// The check ran out of time (an expression's evaluation past its deadline); the text says
+    /// which node and how.
+    TimedOut(String),
 }
 
 /// One kind of readiness gate.
 pub trait Check: Send + Sync {
     /// `object` is the live object, or None when it does not exist.
     fn check(&self, gate: &ReadyGate, object: Option<&Value>) -> GateState;
+
+    /// Whether the check runs user code of unbounded cost, and so belongs on the evaluation
+    /// pool rather than on a reconcile worker.
+    fn is_user_code(&self) -> bool {
+        false
+    }
 }
 
-/// The gate types Pequod knows, by type.
+/// The gate types Pequod knows, by type, and the pool their user code runs on.
 pub struct Registry {
-    checks: HashMap<ReadyGateType, Box<dyn Check>>,
+    checks: HashMap<ReadyGateType, Arc<dyn Check>>,
+    pool: pool::EvaluationPool,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        let mut registry = Self { checks: HashMap::new() };
+        Self::with_pool(pool::EvaluationPool::default())
+    }
+}
+
+impl Registry {
+    /// The built-in gates, with expressions evaluated on `pool`.
+    pub fn with_pool(pool: pool::EvaluationPool) -> Self {
+        let mut registry = Self {
+            checks: HashMap::new(),
+            pool,
+        };
         registry.register(ReadyGateType::Exists, Exists);
         registry.register(ReadyGateType::ConditionMatch, ConditionMatch);
         registry.register(ReadyGateType::DeploymentAvailable, DeploymentAvailable);
@@ -42,15 +70,48 @@ impl Default for Registry {
         registry.register(ReadyGateType::Expression, Expression::default());
         registry
     }
-}
 
-impl Registry {
     pub fn register(&mut self, type_: ReadyGateType, check: impl Check + 'static) {
-        self.checks.insert(type_, Box::new(check));
+        self.checks.insert(type_, Arc::new(check));
     }
 
-    /// The first gate that does not pass, with its state; None when all pass (a node without
-    /// gates passes once its object exists).
+    /// The first gate of node `node` that does not pass, with its state; None when all pass (a
+    /// node without gates passes once its object exists). What the executor calls: checks of
+    /// user code run on the evaluation pool, and one that does not finish by the pool's
+    /// deadline is [`GateState::TimedOut`].
+    pub async fn first_unready_bounded<'g>(
+        &self,
+        node: &str,
+        gates: &'g [ReadyGate],
+        object: &Value,
+    ) -> Option<(Option<&'g ReadyGate>, GateState)> {
+        if gates.is_empty() {
+            return None;
+        }
+        let mut shared: Option<Arc<Value>> = None;
+        for (index, gate) in gates.iter().enumerate() {
+            let state = match self.checks.get(&gate.type_) {
+                Some(check) if check.is_user_code() => {
+                    let object = shared.get_or_insert_with(|| Arc::new(object.clone())).clone();
+                    let key = evaluation_key(node, index, &object);
+                    let (check, owned_gate) = (check.clone(), gate.clone());
+                    self.pool
+                        .run(&key, move || check.check(&owned_gate, Some(&object)))
+                        .await
+                        .unwrap_or_else(|e| evaluation_failed(node, &e))
+                }
+                Some(check) => check.check(gate, Some(object)),
+                None => unregistered(gate),
+            };
+            if state != GateState::Ready {
+                return Some((Some(gate), state));
+            }
+        }
+        None
+    }
+
+    /// Like [`Self::first_unready_bounded`] for an object that may not exist, with every check
+    /// run right here, user code included: for tools and tests, not for the reconcile workers.
     pub fn first_unready<'g>(
         &self,
         gates: &'g [ReadyGate],
@@ -64,16 +125,47 @@ impl Registry {
         gates.iter().find_map(|gate| {
             let state = match self.checks.get(&gate.type_) {
                 Some(check) => check.check(gate, object),
-                None => GateState::Failed(format!("no readiness check registered for {:?}", gate.type_)),
+                None => unregistered(gate),
             };
             (state != GateState::Ready).then_some((Some(gate), state))
         })
     }
 
-    /// All gates of a node: Ready when every one is; otherwise the state of the first that is not.
+    /// All gates of a node: Ready when every one is; otherwise the state of the first that is
+    /// not. Runs every check right here, as [`Self::first_unready`] does.
     pub fn evaluate(&self, gates: &[ReadyGate], object: Option<&Value>) -> GateState {
         self.first_unready(gates, object)
             .map_or(GateState::Ready, |(_, state)| state)
+    }
+}
+
+fn unregistered(gate: &ReadyGate) -> GateState {
+    GateState::Failed(format!("no readiness check registered for {:?}", gate.type_))
+}
+
+/// What the pool knows an evaluation by: the gate (its node and position) on one object.
+fn evaluation_key(node: &str, gate: usize, object: &Value) -> String {
+    let field = |pointer: &str| object.pointer(pointer).and_then(Value::as_str).unwrap_or_default();
+    let identity = match field("/metadata/uid") {
+        "" => format!(
+            "{}/{}/{}/{}",
+            field("/apiVersion"),
+            field("/kind"),
+            field("/metadata/namespace"),
+            field("/metadata/name")
+        ),
+        uid => uid.to_string(),
+    };
+    format!("{identity}#{node}#{gate}")
+}
+
+/// A gate whose evaluation gave no result: timed out, or failed, naming the node.
+fn evaluation_failed(node: &str, error: &pool::EvaluationError) -> GateState {
+    let message = format!("the readiness expression of node {node} {error}");
+    if error.is_timeout() {
+        GateState::TimedOut(message)
+    } else {
+        GateState::Failed(message)
     }
 }
 
@@ -233,23 +325,51 @@ impl Check for FieldMatch {
     }
 }
 
-/// Most characters of an expression.
+/// Most characters (bytes) of an expression.
 pub const MAX_EXPRESSION: usize = 1024;
 
-/// Why a readiness expression cannot be used, if it cannot: it must be CEL that parses.
-pub fn check_expression(expression: &str) -> Result<(), String> {
+/// Why a readiness expression cannot be used. Every variant is the graph's `InvalidExpression`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExpressionError {
+    #[error("the expression is empty")]
+    Empty,
+    #[error("the expression has more than {MAX_EXPRESSION} characters")]
+    TooLong,
+    #[error("{expression:?} is not valid CEL: {why}")]
+    NotCel { expression: String, why: String },
+    #[error(
+        "the expression is too expensive: its estimated worst-case cost is {cost}, over the limit of {limit} (each list or map of the object counted as {} items, each string as {} characters)",
+        cost::ASSUMED_ITEMS,
+        cost::ASSUMED_CHARS
+    )]
+    TooExpensive { cost: u64, limit: u64 },
+}
+
+/// Why a readiness expression cannot be used, if it cannot: it must be CEL that parses, and
+/// whose estimated worst-case cost is within [`cost::MAX_COST`].
+pub fn check_expression(expression: &str) -> Result<(), ExpressionError> {
     compile(expression).map(|_| ())
 }
 
-fn compile(expression: &str) -> Result<cel::Program, String> {
+fn compile(expression: &str) -> Result<cel::Program, ExpressionError> {
     if expression.trim().is_empty() {
-        return Err("the expression is empty".into());
+        return Err(ExpressionError::Empty);
     }
     if expression.len() > MAX_EXPRESSION {
-        return Err(format!("the expression has more than {MAX_EXPRESSION} characters"));
+        return Err(ExpressionError::TooLong);
     }
-    cel::Program::compile(expression)
-        .map_err(|e| format!("{expression:?} is not valid CEL: {}", first_line(&e.to_string())))
+    let program = cel::Program::compile(expression).map_err(|e| ExpressionError::NotCel {
+        expression: expression.to_string(),
+        why: first_line(&e.to_string()).to_string(),
+    })?;
+    let cost = cost::estimate(program.expression());
+    if cost > cost::MAX_COST {
+        return Err(ExpressionError::TooExpensive {
+            cost,
+            limit: cost::MAX_COST,
+        });
+    }
+    Ok(program)
 }
 
 fn first_line(text: &str) -> &str {
@@ -267,7 +387,7 @@ struct Expression {
 const MAX_COMPILED: usize = 1024;
 
 impl Expression {
-    fn program(&self, expression: &str) -> Result<std::sync::Arc<cel::Program>, String> {
+    fn program(&self, expression: &str) -> Result<std::sync::Arc<cel::Program>, ExpressionError> {
         let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(program) = compiled.get(expression) {
             return Ok(program.clone());
@@ -283,6 +403,10 @@ impl Expression {
 }
 
 impl Check for Expression {
+    fn is_user_code(&self) -> bool {
+        true
+    }
+
     fn check(&self, gate: &ReadyGate, object: Option<&Value>) -> GateState {
         let object = match exists(object) {
             Ok(o) => o,
@@ -293,7 +417,7 @@ impl Check for Expression {
         };
         let program = match self.program(expression) {
             Ok(p) => p,
-            Err(why) => return GateState::Failed(why),
+            Err(why) => return GateState::Failed(why.to_string()),
         };
         let mut context = cel::Context::default();
         let bound = cel::to_value(object)
@@ -534,7 +658,102 @@ mod tests {
     fn expressions_are_checked_before_use() {
         assert!(check_expression("self.status.phase == 'Running'").is_ok());
         assert!(check_expression("").is_err());
-        assert!(check_expression("self.status.").unwrap_err().contains("not valid CEL"));
-        assert!(check_expression(&"a".repeat(MAX_EXPRESSION + 1)).is_err());
+        assert!(
+            check_expression("self.status.")
+                .unwrap_err()
+                .to_string()
+                .contains("not valid CEL")
+        );
+        assert_eq!(
+            check_expression(&"a".repeat(MAX_EXPRESSION + 1)),
+            Err(ExpressionError::TooLong)
+        );
+    }
+
+    #[test]
+    fn expensive_expressions_are_refused_with_their_cost_and_the_limit() {
+        let nested = "self.a.all(x, self.b.all(y, self.c.exists(z, x == y && y == z)))";
+        let Err(ExpressionError::TooExpensive { cost, limit }) = check_expression(nested) else {
+            panic!("refused expected");
+        };
+        assert!(cost > limit && limit == cost::MAX_COST, "{cost} {limit}");
+        let message = check_expression(nested).unwrap_err().to_string();
+        assert!(
+            message.contains(&cost.to_string()) && message.contains(&cost::MAX_COST.to_string()),
+            "{message}"
+        );
+        // A refused expression never runs: the gate fails with the same message.
+        let registry = Registry::default();
+        let g = gate(json!({"type": "Expression", "expression": nested}));
+        assert_eq!(
+            registry.evaluate(&[g], Some(&json!({"a": [1], "b": [1], "c": [1]}))),
+            GateState::Failed(message)
+        );
+    }
+
+    fn expression_gate(expression: &str) -> ReadyGate {
+        gate(json!({"type": "Expression", "expression": expression}))
+    }
+
+    fn numbers_object(uid: &str, count: i64) -> Value {
+        let numbers: Vec<i64> = (0..count).collect();
+        json!({"metadata": {"uid": uid}, "spec": {"a": numbers, "b": numbers}})
+    }
+
+    // One runtime thread: were expressions evaluated on it, the cheap gate would wait for the
+    // expensive ones.
+    #[tokio::test(flavor = "current_thread")]
+    async fn expressions_too_slow_for_their_object_time_out_while_cheap_ones_pass() {
+        let deadline = std::time::Duration::from_millis(200);
+        let registry = Registry::with_pool(pool::EvaluationPool::new(3, deadline));
+        // Cheap for the objects the estimate assumes, slow for lists of 2000 numbers.
+        let slow = [expression_gate("self.spec.a.all(x, self.spec.b.all(y, y >= 0u))")];
+        check_expression(slow[0].expression.as_deref().unwrap()).unwrap();
+        let cheap = [expression_gate("self.spec.a.exists(x, x == 3)")];
+        let (big1, big2, small) = (
+            numbers_object("u1", 2000),
+            numbers_object("u2", 2000),
+            numbers_object("u3", 10),
+        );
+        let started = std::time::Instant::now();
+        let (first, second, fast) = tokio::join!(
+            registry.first_unready_bounded("slow-1", &slow, &big1),
+            registry.first_unready_bounded("slow-2", &slow, &big2),
+            registry.first_unready_bounded("fast", &cheap, &small),
+        );
+        assert_eq!(fast, None, "the cheap gate passes");
+        for (node, outcome) in [("slow-1", first), ("slow-2", second)] {
+            let Some((_, GateState::TimedOut(message))) = outcome else {
+                panic!("{node}: a timeout expected, got {outcome:?}");
+            };
+            assert!(
+                message.contains(&format!("node {node}")) && message.contains("deadline"),
+                "{message}"
+            );
+        }
+        assert!(started.elapsed() < deadline * 4, "{:?}", started.elapsed());
+        // Still running: the gate is not evaluated again, and says so.
+        let again = registry.first_unready_bounded("slow-1", &slow, &big1).await;
+        assert!(
+            matches!(&again, Some((_, GateState::TimedOut(m))) if m.contains("still running")),
+            "{again:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn built_in_gates_and_panics_of_the_interpreter_through_the_pool() {
+        let registry = Registry::default();
+        let exists = [gate(json!({"type": "Exists"}))];
+        assert_eq!(registry.first_unready_bounded("n", &exists, &json!({})).await, None);
+        // The interpreter panics on a comprehension over a number: a failure, not a crash of
+        // the operator.
+        let odd = [expression_gate("self.spec.replicas.all(x, x > 0)")];
+        let outcome = registry
+            .first_unready_bounded("n", &odd, &json!({"spec": {"replicas": 2}}))
+            .await;
+        assert!(
+            matches!(&outcome, Some((_, GateState::Failed(m))) if m.contains("node n")),
+            "{outcome:?}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The operator killed in the middle of its work converges after a restart, with no object
-//! duplicated or lost. A test binary of its own: no other operator may run beside it.
+//! duplicated or lost; expensive readiness expressions do not stall it. A test binary of its
+//! own: no other operator may run beside it (nor evaluate its expensive graphs).
 
 use pequod_testkit as support;
 
@@ -1025,5 +1026,107 @@ async fn a_staged_rollout_interrupted_by_a_restart_resumes_its_batch() {
     .await;
     assert_eq!(digest("n1").await.as_deref(), Some(waiting.target_digest.as_str()));
     assert_eq!(digest("n2").await.as_deref(), Some(v1.as_str()));
+    env.cleanup().await;
+}
+
+/// A graph whose ConfigMap holds `keys` keys, with a readiness expression that passes the
+/// cost estimate (which counts a map as 100 keys) but compares every key with every other.
+fn expensive_graph(name: &str, keys: usize) -> serde_json::Value {
+    let data: serde_json::Map<String, serde_json::Value> =
+        (0..keys).map(|i| (format!("key-{i:05}"), json!("v"))).collect();
+    json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": name},
+           "spec": {"nodes": [{"id": "pairs", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data},
+                               "readyWhen": [{"type": "Expression", "expression": "self.data.all(k, !self.data.exists(j, size(j) > 99))"}]}]}})
+}
+
+#[tokio::test]
+async fn expensive_expressions_time_out_without_stopping_health_other_graphs_or_shutdown() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("expensive-expressions").await;
+    support::install_crds(&env.client).await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let mut operator = start(&env.kubeconfig);
+    wait_ready(&operator).await;
+
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let expensive: Vec<String> = (0..cores + 2).map(|i| format!("expensive-{i}")).collect();
+    for name in &expensive {
+        graphs
+            .patch(
+                name,
+                &PatchParams::apply(support::TEST_MANAGER),
+                &Patch::Apply(expensive_graph(name, 3000)),
+            )
+            .await
+            .unwrap();
+    }
+    for name in &expensive {
+        support::wait_for("the expensive expression to time out", WAIT, || async {
+            let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
+            let node = rg.status.and_then(|s| s.node_states.get("pairs").cloned());
+            match node {
+                Some(n)
+                    if n.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("expression timed out")) =>
+                {
+                    assert!(n.message.unwrap_or_default().contains("node pairs"));
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
+
+    // While the evaluations still run, other graphs converge and the probes answer at once.
+    let others: Vec<String> = (0..3).map(|i| format!("cheap-{i}")).collect();
+    for name in &others {
+        graphs
+            .patch(
+                name,
+                &PatchParams::apply(support::TEST_MANAGER),
+                &Patch::Apply(configmap_graph(name)),
+            )
+            .await
+            .unwrap();
+    }
+    for name in &others {
+        support::wait_for("another graph to complete", WAIT, || async {
+            let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
+            match rg.status.and_then(|s| s.phase) {
+                Some(GraphPhase::Completed) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
+    for _ in 0..5 {
+        let asked = std::time::Instant::now();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(2), support::http_get(&operator.probes, "/healthz")).await;
+        assert!(
+            matches!(answer, Ok(Ok((200, _)))),
+            "/healthz: {answer:?} after {:?}",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // SIGTERM is not held up by the evaluations still running.
+    // SAFETY: signalling the child we started.
+    unsafe {
+        libc::kill(operator.pid() as libc::pid_t, libc::SIGTERM);
+    }
+    support::wait_for("pequod to exit after SIGTERM", Duration::from_secs(15), || {
+        let status = operator.try_wait();
+        async move {
+            match status {
+                Ok(Some(status)) => Ok(status),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
     env.cleanup().await;
 }
