@@ -9,13 +9,12 @@ pub const VALID: &str = "Valid";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 
-// ResourceGraph and Transform.
-/// Whose rights a graph acts with (ResourceGraph); whether a Transform may be served.
-
 // Instances of generated kinds.
 pub const RENDERED: &str = "Rendered";
 pub const POLICY_COMPLIANT: &str = "PolicyCompliant";
 
+// ResourceGraph and Transform.
+/// Whose rights a graph acts with (ResourceGraph); whether a Transform may be served.
 pub const AUTHORIZED: &str = "Authorized";
 
 // Transform.

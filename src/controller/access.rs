@@ -64,8 +64,11 @@ const MAX_REVIEWS: usize = 4096;
 /// account reads from the operator's caches are only those it could read itself.
 #[derive(Default)]
 pub struct ReadReviews {
-    answers: std::sync::Mutex<std::collections::HashMap<(String, String, String, String), (bool, std::time::Instant)>>,
+    answers: std::sync::Mutex<std::collections::HashMap<ReviewKey, (bool, std::time::Instant)>>,
 }
+
+/// What a review asked: (service account, group, resource, namespace).
+type ReviewKey = (String, String, String, String);
 
 impl ReadReviews {
     pub async fn may_get(
