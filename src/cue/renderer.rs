@@ -421,21 +421,13 @@ async fn run_worker(inner: Arc<Inner>, module: Module, mut jobs: mpsc::Unbounded
 
 fn record(inner: &Inner, module: &Module, result: Result<RenderOutput, RenderError>) -> RenderResult {
     let metrics = &inner.metrics;
-    match &result {
-        Ok(output) => {
-            for v in &output.violations {
-                metrics
-                    .policy_violations_total
-                    .with_label_values(&[v.severity.as_str()])
-                    .inc();
-            }
-        }
-        Err(e) => {
-            metrics
-                .cue_render_errors_total
-                .with_label_values(&[&module.platform, e.reason()])
-                .inc();
-        }
+    // Violations are counted by the instance controller when an instance's violations change;
+    // a render (also one for a rollout plan) does not count them.
+    if let Err(e) = &result {
+        metrics
+            .cue_render_errors_total
+            .with_label_values(&[&module.platform, e.reason()])
+            .inc();
     }
     result.map(Arc::new)
 }

@@ -21,7 +21,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -75,6 +75,7 @@ pub struct Context {
     /// for the retry delay; a new spec starts over.
     fetch_failures: std::sync::Mutex<HashMap<String, (Option<i64>, u32)>>,
     backoff: super::Backoff,
+    workers: super::Workers,
     /// Namespaces whose Transforms may give their instances more than their own namespace.
     trusted: TrustedNamespaces,
     /// Whether the manager writes Transforms' RBAC or an administrator does.
@@ -84,6 +85,9 @@ pub struct Context {
 impl super::Retries for Context {
     fn backoff(&self) -> &super::Backoff {
         &self.backoff
+    }
+    fn workers(&self) -> &super::Workers {
+        &self.workers
     }
 }
 
@@ -108,6 +112,7 @@ impl Context {
             written: StatusMemory::default(),
             fetch_failures: Default::default(),
             backoff: super::Backoff::default(),
+            workers: super::Workers::default(),
             trusted: TrustedNamespaces::new(Vec::new()),
             rbac_mode: RbacMode::Generate,
         }
@@ -149,7 +154,7 @@ impl Context {
 pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutdown: Shutdown) {
     let client = ctx.client.clone();
     let controller = Controller::new(Api::<Transform>::all(client.clone()), watcher::Config::default())
-        .with_config(ControllerConfig::default().concurrency(concurrency));
+        .with_config(super::runner_config(&ctx.workers, concurrency, &shutdown));
     let store = controller.store();
     let transforms = store.clone();
     let store_for_stop = store.clone();
