@@ -446,11 +446,19 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
         let batch: Vec<&Value> = pending.iter().map(|i| inputs[*i]).collect();
         let started = Instant::now();
         let outcome = run_cue_batch(inner, module, &batch).await;
+        let took = started.elapsed();
         inner
             .metrics
             .cue_render_duration_seconds
             .with_label_values(&[&module.platform])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
+        tracing::debug!(
+            platform = %module.platform,
+            instances = batch.len(),
+            duration_ms = took.as_millis() as u64,
+            ok = matches!(outcome, Ok(Ok(_))),
+            "render finished"
+        );
         match outcome {
             Ok(Ok(outputs)) => {
                 for (k, output) in outputs.into_iter().enumerate() {

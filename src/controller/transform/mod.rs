@@ -501,11 +501,19 @@ async fn fetch_module(
     let started = std::time::Instant::now();
     let namespace = t.namespace().unwrap_or_default();
     let fetched = ctx.fetcher.fetch(&t.spec.cue_ref, &namespace, &t.name_any()).await;
+    let took = started.elapsed();
     ctx.metrics
         .cue_fetch_duration_seconds
         .with_label_values(&[source_label])
-        .observe(started.elapsed().as_secs_f64());
+        .observe(took.as_secs_f64());
     let fresh = matches!(&fetched, Ok(f) if f.stale.is_none());
+    tracing::debug!(
+        source = source_label,
+        reference = %t.spec.cue_ref.ref_,
+        duration_ms = took.as_millis() as u64,
+        ok = fresh,
+        "fetch finished"
+    );
     ctx.metrics
         .cue_fetch_total
         .with_label_values(&[source_label, if fresh { "success" } else { "failure" }])
