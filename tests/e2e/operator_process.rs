@@ -265,7 +265,7 @@ async fn a_missing_operator_namespace_is_created_or_named_on_readyz() {
         Duration::from_secs(60),
         || async {
             match readyz(&op).await {
-                Ok((503, body)) if body.contains("[-] graph-signing-key failed") => Ok(body),
+                Ok((503, body)) if body.contains("[-] graph-signing-key failed: namespace") => Ok(body),
                 other => Err(format!("{other:?}")),
             }
         },
