@@ -27,6 +27,9 @@ build: ## Build the operator binary (target/release/pequod).
 manifests: ## Write the CRDs generated from the Rust types to config/crd/bases.
 	$(CARGO) run --quiet --locked -- crd --output-dir config/crd/bases
 
+.PHONY: generate
+generate: manifests ## Run every generator of committed files (today the CRDs; see docs/development.md).
+
 .PHONY: lint
 lint: ## rustfmt check and clippy with warnings as errors.
 	$(CARGO) fmt --all -- --check

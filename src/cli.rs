@@ -296,10 +296,16 @@ pub enum LogEncoder {
     Console,
 }
 
-/// A listen address in the form Go operators use: `:8443` means every interface,
-/// `0` disables the listener.
+/// A listen address in the form Go operators use: `:8443` means every interface, IPv6 and
+/// IPv4; `0` disables the listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BindAddress(pub Option<SocketAddr>);
+pub enum BindAddress {
+    Disabled,
+    /// `:PORT`: every interface of both address families (see [`crate::runtime::server::listen`]).
+    AllInterfaces(u16),
+    /// `host:port` as given.
+    Exact(SocketAddr),
+}
 
 impl FromStr for BindAddress {
     type Err = String;
@@ -307,23 +313,23 @@ impl FromStr for BindAddress {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if s == "0" {
-            return Ok(Self(None));
+            return Ok(Self::Disabled);
         }
-        let full = match s.strip_prefix(':') {
-            Some(port) => format!("0.0.0.0:{port}"),
-            None => s.to_string(),
-        };
-        full.parse::<SocketAddr>()
-            .map(|addr| Self(Some(addr)))
-            .map_err(|e| format!("invalid bind address {s:?} (want host:port, :port or 0): {e}"))
+        let invalid =
+            |e: &dyn std::fmt::Display| format!("invalid bind address {s:?} (want host:port, :port or 0): {e}");
+        match s.strip_prefix(':') {
+            Some(port) => port.parse::<u16>().map(Self::AllInterfaces).map_err(|e| invalid(&e)),
+            None => s.parse::<SocketAddr>().map(Self::Exact).map_err(|e| invalid(&e)),
+        }
     }
 }
 
 impl std::fmt::Display for BindAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(addr) => write!(f, "{addr}"),
-            None => f.write_str("0"),
+        match self {
+            Self::Disabled => f.write_str("0"),
+            Self::AllInterfaces(port) => write!(f, ":{port}"),
+            Self::Exact(addr) => write!(f, "{addr}"),
         }
     }
 }
@@ -381,8 +387,9 @@ mod tests {
     fn defaults_match_the_operations_guide() {
         let cli = Cli::try_parse_from(["pequod"]).unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(cli.run.metrics_bind_address.to_string(), "0.0.0.0:8443");
-        assert_eq!(cli.run.health_probe_bind_address.to_string(), "0.0.0.0:8081");
+        assert_eq!(cli.run.metrics_bind_address, BindAddress::AllInterfaces(8443));
+        assert_eq!(cli.run.health_probe_bind_address, BindAddress::AllInterfaces(8081));
+        assert_eq!(cli.run.metrics_bind_address.to_string(), ":8443");
         assert!(!cli.run.leader_elect);
         assert_eq!(cli.run.zap_log_level, LogLevel::Info);
         assert_eq!(cli.run.zap_encoder, LogEncoder::Json);
@@ -401,11 +408,32 @@ mod tests {
         .unwrap();
         assert!(cli.run.leader_elect);
         assert_eq!(cli.run.metrics_bind_address.to_string(), "127.0.0.1:9000");
-        assert_eq!(cli.run.health_probe_bind_address, BindAddress(None));
+        assert_eq!(cli.run.health_probe_bind_address, BindAddress::Disabled);
         assert_eq!(cli.run.zap_log_level, LogLevel::Debug);
         assert_eq!(cli.run.zap_encoder, LogEncoder::Console);
         let explicit = Cli::try_parse_from(["pequod", "--leader-elect=false"]).unwrap();
         assert!(!explicit.run.leader_elect);
+    }
+
+    #[test]
+    fn bind_addresses_parse() {
+        let parse = |s: &str| s.parse::<BindAddress>();
+        assert_eq!(parse(":8443"), Ok(BindAddress::AllInterfaces(8443)));
+        assert_eq!(parse(" :0 "), Ok(BindAddress::AllInterfaces(0)));
+        assert_eq!(parse("0"), Ok(BindAddress::Disabled));
+        assert_eq!(
+            parse("127.0.0.1:9000"),
+            Ok(BindAddress::Exact("127.0.0.1:9000".parse().unwrap()))
+        );
+        assert_eq!(
+            parse("[::1]:9000"),
+            Ok(BindAddress::Exact("[::1]:9000".parse().unwrap()))
+        );
+        assert_eq!(parse("0.0.0.0:8081").unwrap().to_string(), "0.0.0.0:8081");
+        assert_eq!(parse("[::]:8081").unwrap().to_string(), "[::]:8081");
+        for bad in ["nonsense", ":", ":http", ":65536", "localhost:80", "::1:80", "8443"] {
+            assert!(parse(bad).is_err(), "{bad} must be refused");
+        }
     }
 
     #[test]

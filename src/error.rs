@@ -18,7 +18,7 @@ pub enum StartupError {
     Metrics(#[from] prometheus::Error),
     #[error("listening on {addr}: {source}")]
     Bind {
-        addr: std::net::SocketAddr,
+        addr: crate::cli::BindAddress,
         #[source]
         source: std::io::Error,
     },
@@ -28,8 +28,6 @@ pub enum StartupError {
     InvalidFlags(&'static str),
     #[error("secure metrics: {0}")]
     Tls(#[from] crate::runtime::secure::TlsError),
-    #[error("graph-signing key: {0}")]
-    GraphKey(#[from] crate::executor::signing_key::KeyError),
     #[error("HTTP server failed: {0}")]
     Server(#[source] std::io::Error),
 }

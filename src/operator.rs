@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::{Api, Client};
 use tokio::task::JoinSet;
 
@@ -26,6 +27,10 @@ use crate::source::{Fetcher, FetcherConfig};
 
 /// How often a cue binary that could not be started is tried again for /readyz.
 const CUE_RETRY_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest pause between attempts to read or make the graph-signing key.
+const KEY_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The readiness check that waits for the graph-signing key.
+const KEY_CHECK: &str = "graph-signing-key";
 
 pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let timing = Timing {
@@ -54,31 +59,27 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     config.default_retry = false;
     let client = Client::try_from(config.clone()).map_err(StartupError::Kubeconfig)?;
 
-    if let Some(addr) = args.metrics_bind_address.0 {
+    let addr = args.metrics_bind_address;
+    if let Some(listener) = server::listen(addr).map_err(|source| StartupError::Bind { addr, source })? {
         let router = server::metrics_router(metrics.clone());
         if args.metrics_secure {
             let tls = secure::tls_config(args.metrics_cert_dir.as_deref())?;
             let auth =
                 Arc::new(secure::Authorizer::new(client.clone()).for_audiences(args.metrics_token_audiences.clone()));
             let router = router.layer(axum::middleware::from_fn_with_state(auth, secure::authorize));
-            let serve = secure::bind_tls(addr, router, tls, shutdown.clone())
-                .await
-                .map_err(|source| StartupError::Bind { addr, source })?;
             tracing::info!(%addr, "serving /metrics over HTTPS to authorized clients");
+            let serve = secure::serve_tls(listener, router, tls, shutdown.clone());
             tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
         } else {
-            let serve = server::bind(addr, router, shutdown.clone())
-                .await
-                .map_err(|source| StartupError::Bind { addr, source })?;
             tracing::info!(%addr, "serving /metrics");
+            let serve = server::serve(listener, router, shutdown.clone());
             tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
         }
     }
-    if let Some(addr) = args.health_probe_bind_address.0 {
-        let serve = server::bind(addr, server::probes_router(health.clone()), shutdown.clone())
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
+    let addr = args.health_probe_bind_address;
+    if let Some(listener) = server::listen(addr).map_err(|source| StartupError::Bind { addr, source })? {
         tracing::info!(%addr, "serving /healthz and /readyz");
+        let serve = server::serve(listener, server::probes_router(health.clone()), shutdown.clone());
         tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
     }
 
@@ -115,7 +116,11 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         });
     }
 
-    let key = signing_key::load_or_create(&client, &own_namespace()).await?;
+    let Some(key) = graph_key(&client, &own_namespace(), &health, &shutdown).await else {
+        let result = join_all(tasks).await;
+        controllers_done.trigger();
+        return result;
+    };
     let (watches, triggers) = ObjectWatches::new(client.clone(), shutdown.clone());
     let reporter = kube::runtime::events::Reporter {
         controller: "pequod".into(),
@@ -209,6 +214,83 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     // Gives the elector a moment to release the lease.
     tokio::time::sleep(Duration::from_millis(200)).await;
     result
+}
+
+/// The graph-signing key (a Secret in `namespace`), read or made before any controller
+/// starts. Until it can be, readiness says why and it is tried again: a namespace that does not
+/// exist (a cluster with only the CRDs installed, as by `make install`) is created; one the
+/// operator may not create is waited for. None when shutdown came first.
+async fn graph_key(
+    client: &Client,
+    namespace: &str,
+    health: &Health,
+    shutdown: &Shutdown,
+) -> Option<crate::executor::proof::GraphKey> {
+    health.register(Probe::Readiness, KEY_CHECK, "not loaded yet");
+    let mut delay = Duration::from_secs(1);
+    let mut tried_namespace = false;
+    let mut last_reason = String::new();
+    loop {
+        let reason = match signing_key::load_or_create(client, namespace).await {
+            Ok(key) => {
+                health.set(Probe::Readiness, KEY_CHECK, Ok(()));
+                return Some(key);
+            }
+            // The Secret could not be made because its namespace does not exist.
+            Err(signing_key::KeyError::Api {
+                source: kube::Error::Api(status),
+                ..
+            }) if status.code == 404 => {
+                if !tried_namespace {
+                    tried_namespace = true;
+                    match create_namespace(client, namespace).await {
+                        Ok(()) => {
+                            tracing::info!(%namespace, "created the operator's namespace to keep its graph-signing key in");
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(%namespace, error = %e, "cannot create the operator's namespace"),
+                    }
+                }
+                format!(
+                    "namespace {namespace} does not exist and the operator could not create it; create it \
+                     (kubectl create namespace {namespace}) or set POD_NAMESPACE to an existing namespace"
+                )
+            }
+            Err(e) => e.to_string(),
+        };
+        if reason != last_reason {
+            tracing::warn!(%reason, "waiting for the graph-signing key: no controller runs until it is loaded");
+            last_reason.clone_from(&reason);
+        }
+        health.set(Probe::Readiness, KEY_CHECK, Err(reason));
+        tokio::select! {
+            _ = shutdown.wait() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(KEY_RETRY_MAX);
+        tried_namespace = false;
+    }
+}
+
+/// Creates namespace `name`, labelled as Pequod's; one that exists already is fine.
+async fn create_namespace(client: &Client, name: &str) -> Result<(), kube::Error> {
+    use crate::api::names::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+    let namespace = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some([(MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match Api::<Namespace>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &namespace)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A cache of every Transform, kept by a watch for as long as the process runs.

@@ -267,10 +267,19 @@ impl Applier {
             }
             ApplyMode::Adopt => self.adopt(resolved, desired, manager, live).await,
         };
+        let took = started.elapsed();
         self.metrics
             .apply_duration_seconds
             .with_label_values(&[mode, &gvk])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
+        tracing::debug!(
+            mode,
+            gvk = %gvk,
+            object = desired["metadata"]["name"].as_str().unwrap_or_default(),
+            duration_ms = took.as_millis() as u64,
+            ok = result.is_ok(),
+            "apply finished"
+        );
         if result.as_ref().map(|a| a.wrote).unwrap_or(true) {
             let outcome = if result.is_ok() { "success" } else { "failure" };
             self.metrics.apply_total.with_label_values(&[outcome, mode, &gvk]).inc();

@@ -91,10 +91,105 @@ impl Backoff {
     }
 }
 
-/// A controller context that keeps its objects' [`Backoff`].
+/// A controller context that keeps its objects' [`Backoff`] and its [`Workers`].
 pub trait Retries {
     fn backoff(&self) -> &Backoff;
+    fn workers(&self) -> &Workers;
 }
+
+/// How many reconciles of a controller run at once. kube's runner starts every reconcile that
+/// is due (its concurrency is left unlimited); the surplus waits here, so that the wait can be
+/// measured (`pequod_reconcile_queue_depth`, `pequod_reconcile_queue_oldest_wait_seconds`).
+/// kube still runs one reconcile per object at a time and merges triggers of an object that
+/// waits or runs.
+#[derive(Default)]
+pub struct Workers {
+    gate: std::sync::OnceLock<(
+        std::sync::Arc<tokio::sync::Semaphore>,
+        crate::runtime::shutdown::Shutdown,
+    )>,
+}
+
+impl Workers {
+    /// Sets the limit when the controller starts; a later call changes nothing. Reconciles
+    /// still waiting at shutdown are dropped rather than started.
+    pub fn limit(&self, concurrency: usize, shutdown: crate::runtime::shutdown::Shutdown) {
+        let _ = self.gate.set((
+            std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+            shutdown,
+        ));
+    }
+
+    /// Waits for a free worker (first come, first served). None when shutdown came first.
+    async fn acquire(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        let Some((gate, shutdown)) = self.gate.get() else {
+            return Some(None);
+        };
+        tokio::select! {
+            biased;
+            permit = gate.clone().acquire_owned() => permit.ok().map(Some),
+            _ = shutdown.wait() => None,
+        }
+    }
+}
+
+/// kube's runner configuration for a controller that runs `concurrency` reconciles at once
+/// through `workers`.
+pub fn runner_config(
+    workers: &Workers,
+    concurrency: u16,
+    shutdown: &crate::runtime::shutdown::Shutdown,
+) -> kube::runtime::controller::Config {
+    workers.limit(concurrency.into(), shutdown.clone());
+    kube::runtime::controller::Config::default().concurrency(0)
+}
+
+/// A reconcile that takes longer than this is logged at info level as slow.
+const SLOW_RECONCILE: std::time::Duration = std::time::Duration::from_secs(10);
+
+tokio::task_local! {
+    /// The failure the status last written by the running reconcile ends in (see
+    /// [`failure_of`]), for `pequod_reconcile_total{result="error"}`.
+    static ENDED_IN: std::cell::RefCell<Option<String>>;
+}
+
+/// The failure a status ends in: a failed module fetch (`CueFetched=False`), schema extraction
+/// (`SchemaExtracted=False`) or render (`Rendered=False`), or a degraded graph
+/// (`Degraded=True`: failed applies or readiness, a refused graph). The condition's reason
+/// names it. A paused object has not failed.
+pub fn failure_of(conditions: &[Condition]) -> Option<&str> {
+    use crate::api::condition_types::{CUE_FETCHED, DEGRADED, PAUSED, RENDERED, SCHEMA_EXTRACTED};
+    if has_condition(conditions, PAUSED, ConditionStatus::True, None) {
+        return None;
+    }
+    let failing = [
+        (CUE_FETCHED, ConditionStatus::False),
+        (SCHEMA_EXTRACTED, ConditionStatus::False),
+        (RENDERED, ConditionStatus::False),
+        (DEGRADED, ConditionStatus::True),
+    ];
+    failing.iter().find_map(|(type_, status)| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == *type_ && c.status == *status)
+            .map(|c| c.reason.as_str())
+    })
+}
+
+/// Notes that the running reconcile's status ends in `conditions`' failure, or in none.
+/// Outside a measured reconcile it does nothing.
+fn note_status(conditions: &[Condition]) {
+    let failure = failure_of(conditions).map(str::to_string);
+    let _ = ENDED_IN.try_with(|ended| *ended.borrow_mut() = failure);
+}
+
+/// Reasons of failure conditions whose `pequod_reconcile_errors_total` series exist from
+/// start-up: a failed fetch, a failed render, failed nodes.
+pub const FAILURE_REASONS: [&str; 3] = [
+    crate::api::reasons::CUE_FETCH_FAILED,
+    crate::api::reasons::CUE_RENDER_FAILED,
+    crate::api::reasons::NODE_FAILED,
+];
 
 /// Identifies an object in a [`Backoff`].
 fn backoff_key(meta: &ObjectMeta) -> String {
@@ -152,9 +247,22 @@ where
     // unoptimized builds do, more than once) overflowed worker stacks.
     let reconcile = Box::pin(reconcile);
     async move {
+        let queued = metrics.queued(controller);
+        let waited = Instant::now();
+        let Some(_permit) = ctx.workers().acquire().await else {
+            // Shutting down: the next leader (or the next start) lists the object again.
+            return Ok(kube::runtime::controller::Action::await_change());
+        };
+        drop(queued);
+        let waited = waited.elapsed();
         let measure = ReconcileMeasure::start(metrics, controller);
-        let result = reconcile.await;
-        measure.finish(&result);
+        let (result, failure) = ENDED_IN
+            .scope(std::cell::RefCell::new(None), async {
+                let result = reconcile.await;
+                (result, ENDED_IN.with(|ended| ended.borrow_mut().take()))
+            })
+            .await;
+        measure.finish(&result, failure.as_deref(), waited);
         if result.is_ok() {
             succeeded(ctx, meta);
         }
@@ -192,19 +300,33 @@ impl<'a> ReconcileMeasure<'a> {
         }
     }
 
-    fn finish<T>(self, result: &Result<T, Error>) {
+    /// Records the reconcile: an error, or a status that ends in `failure`, counts as
+    /// `result="error"` with its reason as `error_type`.
+    fn finish<T>(self, result: &Result<T, Error>, failure: Option<&str>, waited: std::time::Duration) {
         let m = self.metrics;
+        let took = self.started.elapsed();
         m.reconcile_duration_seconds
             .with_label_values(&[self.controller])
-            .observe(self.started.elapsed().as_secs_f64());
-        match result {
-            Ok(_) => m.reconcile_total.with_label_values(&[self.controller, "success"]).inc(),
-            Err(e) => {
+            .observe(took.as_secs_f64());
+        let error_type = match result {
+            Ok(_) => failure,
+            Err(e) => Some(e.reason()),
+        };
+        match error_type {
+            None => m.reconcile_total.with_label_values(&[self.controller, "success"]).inc(),
+            Some(error_type) => {
                 m.reconcile_total.with_label_values(&[self.controller, "error"]).inc();
                 m.reconcile_errors_total
-                    .with_label_values(&[self.controller, e.reason()])
+                    .with_label_values(&[self.controller, error_type])
                     .inc();
             }
+        }
+        let (duration_ms, queued_ms) = (took.as_millis() as u64, waited.as_millis() as u64);
+        let error_type = error_type.unwrap_or_default();
+        if took >= SLOW_RECONCILE {
+            tracing::info!(duration_ms, queued_ms, error_type, "slow reconcile");
+        } else {
+            tracing::debug!(duration_ms, queued_ms, error_type, "reconcile finished");
         }
     }
 }
@@ -261,9 +383,21 @@ impl<S: Clone + Default> StatusMemory<S> {
     }
 }
 
-impl<S: Clone + Default + PartialEq + serde::Serialize> StatusMemory<S> {
+/// A status whose conditions tell whether a reconcile ended in a failure.
+pub trait StatusConditions {
+    fn status_conditions(&self) -> &[Condition];
+}
+
+impl StatusConditions for crate::api::ResourceGraphStatus {
+    fn status_conditions(&self) -> &[Condition] {
+        &self.conditions
+    }
+}
+
+impl<S: Clone + Default + PartialEq + serde::Serialize + StatusConditions> StatusMemory<S> {
     /// Applies `new` as the status of `obj` (`type_meta`: its apiVersion and kind) with field
-    /// manager `manager`, unless it equals `old`, and remembers it.
+    /// manager `manager`, unless it equals `old`, and remembers it. Whether it ends in a
+    /// failure is noted for the reconcile metrics, written or not.
     pub async fn write<K>(
         &self,
         api: &kube::Api<K>,
@@ -277,6 +411,7 @@ impl<S: Clone + Default + PartialEq + serde::Serialize> StatusMemory<S> {
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
         use kube::ResourceExt;
+        note_status(new.status_conditions());
         if &new == old {
             return Ok(());
         }
@@ -313,6 +448,12 @@ macro_rules! conditioned_status {
             }
             fn set_observed_generation(&mut self, generation: Option<i64>) {
                 self.observed_generation = generation;
+            }
+        }
+
+        impl StatusConditions for $status {
+            fn status_conditions(&self) -> &[Condition] {
+                &self.conditions
             }
         }
     )*};
@@ -598,9 +739,13 @@ pub fn init_metrics(metrics: &Metrics) {
             metrics.reconcile_total.with_label_values(&[controller, result]);
         }
         metrics.reconcile_duration_seconds.with_label_values(&[controller]);
-        for reason in Error::REASONS {
+        for reason in Error::REASONS.iter().chain(&FAILURE_REASONS) {
             metrics.reconcile_errors_total.with_label_values(&[controller, reason]);
         }
+        metrics.reconcile_queue_depth.with_label_values(&[controller]);
+        metrics
+            .reconcile_queue_oldest_wait_seconds
+            .with_label_values(&[controller]);
     }
 }
 
@@ -614,13 +759,16 @@ mod tests {
             [1, 2, 3, 9, 10, 40].map(backoff_delay),
             [1, 2, 4, 256, 300, 300].map(Duration::from_secs)
         );
-        struct Ctx(Backoff);
+        struct Ctx(Backoff, Workers);
         impl Retries for Ctx {
             fn backoff(&self) -> &Backoff {
                 &self.0
             }
+            fn workers(&self) -> &Workers {
+                &self.1
+            }
         }
-        let ctx = std::sync::Arc::new(Ctx(Backoff::default()));
+        let ctx = std::sync::Arc::new(Ctx(Backoff::default(), Workers::default()));
         let object = |uid: &str| {
             std::sync::Arc::new(k8s_openapi::api::core::v1::ConfigMap {
                 metadata: ObjectMeta {
@@ -666,6 +814,121 @@ mod tests {
         ];
         let reasons: Vec<&str> = errors.iter().map(Error::reason).collect();
         assert_eq!(reasons, Error::REASONS);
+    }
+
+    #[test]
+    fn a_status_ends_in_the_failure_of_its_fetch_render_or_graph() {
+        use crate::api::condition_types::{CUE_FETCHED, DEGRADED, PAUSED, READY, RENDERED};
+        let c = |type_: &str, ok: bool, reason: &str| Condition::new(type_, ok, reason, "");
+        assert_eq!(failure_of(&[c(READY, false, "Progressing")]), None);
+        assert_eq!(
+            failure_of(&[c(CUE_FETCHED, false, "CueFetchFailed"), c(READY, true, "Ready")]),
+            Some("CueFetchFailed")
+        );
+        assert_eq!(
+            failure_of(&[c(RENDERED, false, "CueRenderFailed")]),
+            Some("CueRenderFailed")
+        );
+        assert_eq!(failure_of(&[c(DEGRADED, true, "NodeFailed")]), Some("NodeFailed"));
+        assert_eq!(failure_of(&[c(DEGRADED, false, "AllNodesReady")]), None);
+        assert_eq!(
+            failure_of(&[c(RENDERED, false, "CueRenderFailed"), c(PAUSED, true, "Paused")]),
+            None
+        );
+    }
+
+    struct Counting(Backoff, Workers);
+    impl Retries for Counting {
+        fn backoff(&self) -> &Backoff {
+            &self.0
+        }
+        fn workers(&self) -> &Workers {
+            &self.1
+        }
+    }
+
+    /// A reconcile through [`measured`] whose status (written through [`note_status`]) has
+    /// `conditions`.
+    async fn reconcile_ending_in(metrics: &Metrics, ctx: &Counting, conditions: Vec<Condition>) {
+        let meta = ObjectMeta::default();
+        let span = tracing::Span::none();
+        let result = measured(metrics, "instance", span, (ctx, &meta), async move {
+            note_status(&conditions);
+            Ok(kube::runtime::controller::Action::await_change())
+        })
+        .await;
+        assert!(result.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_that_ends_in_a_failure_condition_counts_as_an_error() {
+        use crate::api::condition_types::{READY, RENDERED};
+        let metrics = Metrics::new().unwrap();
+        let ctx = Counting(Backoff::default(), Workers::default());
+        let count = |result: &str| metrics.reconcile_total.with_label_values(&["instance", result]).get();
+        reconcile_ending_in(&metrics, &ctx, vec![Condition::new(READY, true, "Ready", "")]).await;
+        reconcile_ending_in(
+            &metrics,
+            &ctx,
+            vec![Condition::new(RENDERED, false, "CueRenderFailed", "")],
+        )
+        .await;
+        assert_eq!((count("success"), count("error")), (1, 1));
+        assert_eq!(
+            metrics
+                .reconcile_errors_total
+                .with_label_values(&["instance", "CueRenderFailed"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn reconciles_beyond_the_limit_wait_in_the_queue() {
+        let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+        let ctx = std::sync::Arc::new(Counting(Backoff::default(), Workers::default()));
+        let shutdown = crate::runtime::shutdown::Shutdown::new();
+        ctx.workers().limit(1, shutdown.clone());
+        let (release, released) = tokio::sync::watch::channel(false);
+        let start = |n: u32| {
+            let (metrics, ctx, mut released) = (metrics.clone(), ctx.clone(), released.clone());
+            tokio::spawn(async move {
+                let meta = ObjectMeta::default();
+                measured(
+                    &metrics,
+                    "transform",
+                    tracing::Span::none(),
+                    (&*ctx, &meta),
+                    async move {
+                        let _ = released.wait_for(|r| *r).await;
+                        let _ = n;
+                        Ok(kube::runtime::controller::Action::await_change())
+                    },
+                )
+                .await
+            })
+        };
+        let running = [start(1), start(2), start(3)];
+        let depth = || metrics.reconcile_queue_depth.with_label_values(&["transform"]).get();
+        for _ in 0..100 {
+            if depth() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(depth(), 2, "one runs, two wait");
+        release.send_replace(true);
+        for r in running {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(depth(), 0);
+        assert_eq!(
+            metrics
+                .reconcile_total
+                .with_label_values(&["transform", "success"])
+                .get(),
+            3
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::DynamicObject;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -87,11 +87,15 @@ pub struct Context {
     /// Statuses this process wrote, see [`StatusMemory`].
     written: StatusMemory<ResourceGraphStatus>,
     backoff: super::Backoff,
+    workers: super::Workers,
 }
 
 impl super::Retries for Context {
     fn backoff(&self) -> &super::Backoff {
         &self.backoff
+    }
+    fn workers(&self) -> &super::Workers {
+        &self.workers
     }
 }
 
@@ -123,6 +127,7 @@ impl Context {
             counted: Mutex::default(),
             written: StatusMemory::default(),
             backoff: super::Backoff::default(),
+            workers: super::Workers::default(),
         }
     }
 }
@@ -247,7 +252,7 @@ pub async fn run(
 ) {
     let api: Api<ResourceGraph> = Api::all(ctx.client.clone());
     let controller = Controller::new(api, watcher::Config::default().any_semantic())
-        .with_config(ControllerConfig::default().concurrency(concurrency))
+        .with_config(super::runner_config(&ctx.workers, concurrency, &shutdown))
         .reconcile_on(futures::stream::unfold(triggers, |mut rx| async move {
             rx.recv().await.map(|r| (r, rx))
         }))

@@ -421,21 +421,13 @@ async fn run_worker(inner: Arc<Inner>, module: Module, mut jobs: mpsc::Unbounded
 
 fn record(inner: &Inner, module: &Module, result: Result<RenderOutput, RenderError>) -> RenderResult {
     let metrics = &inner.metrics;
-    match &result {
-        Ok(output) => {
-            for v in &output.violations {
-                metrics
-                    .policy_violations_total
-                    .with_label_values(&[v.severity.as_str()])
-                    .inc();
-            }
-        }
-        Err(e) => {
-            metrics
-                .cue_render_errors_total
-                .with_label_values(&[&module.platform, e.reason()])
-                .inc();
-        }
+    // Violations are counted by the instance controller when an instance's violations change;
+    // a render (also one for a rollout plan) does not count them.
+    if let Err(e) = &result {
+        metrics
+            .cue_render_errors_total
+            .with_label_values(&[&module.platform, e.reason()])
+            .inc();
     }
     result.map(Arc::new)
 }
@@ -454,11 +446,19 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
         let batch: Vec<&Value> = pending.iter().map(|i| inputs[*i]).collect();
         let started = Instant::now();
         let outcome = run_cue_batch(inner, module, &batch).await;
+        let took = started.elapsed();
         inner
             .metrics
             .cue_render_duration_seconds
             .with_label_values(&[&module.platform])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
+        tracing::debug!(
+            platform = %module.platform,
+            instances = batch.len(),
+            duration_ms = took.as_millis() as u64,
+            ok = matches!(outcome, Ok(Ok(_))),
+            "render finished"
+        );
         match outcome {
             Ok(Ok(outputs)) => {
                 for (k, output) in outputs.into_iter().enumerate() {

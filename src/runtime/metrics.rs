@@ -1,9 +1,13 @@
 //! Prometheus metrics. Every metric the README documents is defined here, once, with its
 //! documented name, type and labels; the code that does the work records into it.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// All of Pequod's metrics and the registry that serves them.
@@ -37,16 +41,58 @@ pub struct Metrics {
     /// 1 for the phase each Transform's rollout is in, 0 for the others.
     pub rollout_phase: IntGaugeVec,
     pub rollout_batches_total: IntCounterVec,
+    /// Reconciles due that wait for a free worker, per controller.
+    pub reconcile_queue_depth: IntGaugeVec,
+    /// How long the longest-waiting of them has waited, per controller (set at each scrape).
+    pub reconcile_queue_oldest_wait_seconds: GaugeVec,
+    waiting: Arc<Waiting>,
 }
 
-/// Buckets from 5 ms to about 5 minutes: reconciles, renders and graph executions.
+/// Bounds of reconcile, render, fetch and graph-execution histograms, 5 ms to 20 minutes. Every
+/// threshold the operations guide and `config/prometheus/rules.yaml` alert on (30 s, 60 s,
+/// 5 min) is a bound, with buckets above it, so that `histogram_quantile` can pass it exactly.
+pub const SLOW_BUCKETS: [f64; 17] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+];
+
+/// Bounds of single API requests (applies, adoptions), 1 ms to 1 minute; the apply alert's
+/// 10 s is a bound.
+pub const FAST_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 fn slow_buckets() -> Vec<f64> {
-    prometheus::exponential_buckets(0.005, 2.5, 13).unwrap_or_default()
+    SLOW_BUCKETS.to_vec()
 }
 
-/// Buckets from 1 ms to about 4 s: single API requests.
 fn fast_buckets() -> Vec<f64> {
-    prometheus::exponential_buckets(0.001, 2.0, 13).unwrap_or_default()
+    FAST_BUCKETS.to_vec()
+}
+
+/// Reconciles waiting for a worker: when each started waiting, per controller.
+#[derive(Default)]
+struct Waiting {
+    next: std::sync::atomic::AtomicU64,
+    since: Mutex<HashMap<&'static str, BTreeMap<u64, Instant>>>,
+}
+
+/// One reconcile's place in its controller's queue: counted in
+/// `pequod_reconcile_queue_depth` from [`Metrics::queued`] until dropped.
+pub struct QueuedReconcile {
+    waiting: Arc<Waiting>,
+    depth: IntGauge,
+    controller: &'static str,
+    ticket: u64,
+}
+
+impl Drop for QueuedReconcile {
+    fn drop(&mut self) {
+        self.depth.dec();
+        let mut since = self.waiting.since.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tickets) = since.get_mut(self.controller) {
+            tickets.remove(&self.ticket);
+        }
+    }
 }
 
 impl Metrics {
@@ -173,6 +219,24 @@ impl Metrics {
                 "Batches of instances a staged rollout started",
                 &["namespace", "transform"],
             )?,
+            reconcile_queue_depth: gauge_vec(
+                r,
+                "pequod_reconcile_queue_depth",
+                "Reconciles due that wait for a free worker",
+                &["controller"],
+            )?,
+            reconcile_queue_oldest_wait_seconds: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "pequod_reconcile_queue_oldest_wait_seconds",
+                        "How long the longest-waiting reconcile has waited for a worker",
+                    ),
+                    &["controller"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            waiting: Arc::default(),
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -182,8 +246,43 @@ impl Metrics {
         Ok(metrics)
     }
 
+    /// Counts a reconcile of `controller` as waiting for a worker until the returned guard
+    /// is dropped.
+    pub fn queued(&self, controller: &'static str) -> QueuedReconcile {
+        let depth = self.reconcile_queue_depth.with_label_values(&[controller]);
+        depth.inc();
+        let ticket = self.waiting.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.waiting
+            .since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(controller)
+            .or_default()
+            .insert(ticket, Instant::now());
+        QueuedReconcile {
+            waiting: self.waiting.clone(),
+            depth,
+            controller,
+            ticket,
+        }
+    }
+
+    /// Sets the oldest-wait gauges from the waiting reconciles: an age grows between events,
+    /// so it is read when scraped.
+    fn refresh_queue_ages(&self) {
+        let since = self.waiting.since.lock().unwrap_or_else(|p| p.into_inner());
+        for (controller, tickets) in since.iter() {
+            // Tickets grow with time, so the first is the oldest still waiting.
+            let age = tickets.values().next().map_or(0.0, |t| t.elapsed().as_secs_f64());
+            self.reconcile_queue_oldest_wait_seconds
+                .with_label_values(&[controller])
+                .set(age);
+        }
+    }
+
     /// The metrics in the Prometheus text exposition format.
     pub fn encode(&self) -> Result<String, prometheus::Error> {
+        self.refresh_queue_ages();
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
@@ -256,6 +355,8 @@ mod tests {
         ("pequod_rollout_instances", &["namespace", "transform", "state"]),
         ("pequod_rollout_phase", &["namespace", "transform", "phase"]),
         ("pequod_rollout_batches_total", &["namespace", "transform"]),
+        ("pequod_reconcile_queue_depth", &["controller"]),
+        ("pequod_reconcile_queue_oldest_wait_seconds", &["controller"]),
     ];
 
     #[test]
@@ -284,6 +385,8 @@ mod tests {
         m.rollout_instances.with_label_values(&["a", "b", "c"]).set(1);
         m.rollout_phase.with_label_values(&["a", "b", "c"]).set(1);
         m.rollout_batches_total.with_label_values(&["a", "b"]).inc();
+        let queued = m.queued("a");
+        m.refresh_queue_ages();
 
         let families = m.registry.gather();
         for (name, labels) in DOCUMENTED {
@@ -307,5 +410,45 @@ mod tests {
             text.contains("process_resident_memory_bytes"),
             "process metrics are exported"
         );
+        drop(queued);
+    }
+
+    #[test]
+    fn queue_depth_and_oldest_wait_follow_the_waiting_reconciles() {
+        let m = Metrics::new().unwrap();
+        let depth = || m.reconcile_queue_depth.with_label_values(&["transform"]).get();
+        let oldest = |m: &Metrics| {
+            m.refresh_queue_ages();
+            m.reconcile_queue_oldest_wait_seconds
+                .with_label_values(&["transform"])
+                .get()
+        };
+        let first = m.queued("transform");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let second = m.queued("transform");
+        assert_eq!(depth(), 2);
+        assert!(oldest(&m) >= 0.02, "the first one's wait counts");
+        drop(first);
+        assert_eq!(depth(), 1);
+        assert!(oldest(&m) < 0.02, "now the second one is the oldest");
+        drop(second);
+        assert_eq!(depth(), 0);
+        assert_eq!(oldest(&m), 0.0);
+    }
+
+    #[test]
+    fn every_alert_threshold_is_a_bucket_bound_with_buckets_above_it() {
+        // Thresholds of the operations guide and config/prometheus/rules.yaml.
+        for (threshold, buckets) in [
+            (30.0, &SLOW_BUCKETS[..]),
+            (60.0, &SLOW_BUCKETS[..]),
+            (300.0, &SLOW_BUCKETS[..]),
+            (10.0, &FAST_BUCKETS[..]),
+        ] {
+            assert!(buckets.contains(&threshold), "{threshold} is not a bound");
+            assert!(buckets.iter().any(|b| *b > threshold), "nothing above {threshold}");
+        }
+        assert!(SLOW_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert!(FAST_BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -2,7 +2,6 @@
 //! authorization of each scrape by the apiserver (TokenReview, then SubjectAccessReview for
 //! `get` on the non-resource URL `/metrics`), as kubebuilder operators do.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,52 +85,49 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "pequod".to_string())
 }
 
-/// Binds `addr` now and serves `router` over TLS until shutdown.
-pub async fn bind_tls(
-    addr: SocketAddr,
+/// Serves `router` over TLS on `listener` until shutdown.
+pub async fn serve_tls(
+    listener: TcpListener,
     router: Router,
     tls: Arc<rustls::ServerConfig>,
     shutdown: Shutdown,
-) -> std::io::Result<impl Future<Output = std::io::Result<()>>> {
-    let listener = TcpListener::bind(addr).await?;
+) -> std::io::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    Ok(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = shutdown.wait() => return Ok(()),
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a metrics connection failed");
-                        continue;
-                    }
-                },
-            };
-            let (acceptor, router) = (acceptor.clone(), router.clone());
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("TLS handshake timed out");
-                        return;
-                    }
-                };
-                let service = hyper_util::service::TowerToHyperService::new(router);
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HANDSHAKE_TIMEOUT)
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "metrics connection ended with an error");
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.wait() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a metrics connection failed");
+                    continue;
                 }
-            });
-        }
-    })
+            },
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
 }
 
 /// Outcome of checking a token.

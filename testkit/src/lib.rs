@@ -343,6 +343,16 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
+/// How [`OperatorProcess::start_with`] starts pequod.
+#[derive(Default)]
+pub struct Launch {
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Listen on `:PORT` (every interface, IPv6 and IPv4) rather than on 127.0.0.1; the
+    /// process's `metrics` and `probes` still name the 127.0.0.1 address.
+    pub all_interfaces: bool,
+}
+
 /// A pequod process of a test's own (not the shared operator): killed when dropped.
 pub struct OperatorProcess {
     child: std::process::Child,
@@ -357,9 +367,14 @@ impl OperatorProcess {
     /// A port found free can be taken by another process before pequod binds it: a start that
     /// fails that way is tried again on other ports.
     pub fn start(kubeconfig: &Path, cue: &Path, extra: &[&str]) -> Self {
+        Self::start_with(kubeconfig, cue, extra, &Launch::default())
+    }
+
+    /// As [`OperatorProcess::start`], with `launch`'s environment and addresses.
+    pub fn start_with(kubeconfig: &Path, cue: &Path, extra: &[&str], launch: &Launch) -> Self {
         let mut attempts = 0;
         loop {
-            let mut process = Self::spawn(kubeconfig, cue, extra);
+            let mut process = Self::spawn(kubeconfig, cue, extra, launch);
             attempts += 1;
             if attempts == 5 || !process.lost_its_port() {
                 return process;
@@ -367,9 +382,15 @@ impl OperatorProcess {
         }
     }
 
-    fn spawn(kubeconfig: &Path, cue: &Path, extra: &[&str]) -> Self {
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let probes = format!("127.0.0.1:{}", free_port());
+    fn spawn(kubeconfig: &Path, cue: &Path, extra: &[&str], launch: &Launch) -> Self {
+        let (metrics_port, probes_port) = (free_port(), free_port());
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        let probes = format!("127.0.0.1:{probes_port}");
+        let (metrics_flag, probes_flag) = if launch.all_interfaces {
+            (format!(":{metrics_port}"), format!(":{probes_port}"))
+        } else {
+            (metrics.clone(), probes.clone())
+        };
         static STARTED: AtomicU32 = AtomicU32::new(0);
         let log = std::env::temp_dir().join(format!(
             "pequod-operator-{}-{}.log",
@@ -380,8 +401,9 @@ impl OperatorProcess {
         let err = out.try_clone().expect("operator log file");
         let child = std::process::Command::new(pequod_binary())
             .env("KUBECONFIG", kubeconfig)
-            .arg(format!("--metrics-bind-address={metrics}"))
-            .arg(format!("--health-probe-bind-address={probes}"))
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .arg(format!("--metrics-bind-address={metrics_flag}"))
+            .arg(format!("--health-probe-bind-address={probes_flag}"))
             .arg("--cue-binary")
             .arg(cue)
             .args(extra)

@@ -95,6 +95,10 @@ const MODULE: &str = r#"package probe
 }
 "#;
 
+/// Labelled metrics with no series until something this test does not do happens: batches
+/// start only in staged rollouts, which tests/e2e/rollouts.rs makes.
+const MADE_ELSEWHERE: &[&str] = &["pequod_rollout_batches_total"];
+
 /// Metrics that count rare events the test cannot cause on demand; they must exist.
 const PRESENT_ONLY: &[&str] = &[
     // A reconcile error needs the apiserver to fail requests: tests/e2e_rbac revokes the
@@ -102,6 +106,10 @@ const PRESENT_ONLY: &[&str] = &[
     "pequod_reconcile_errors_total",
     // Evictions start past 10,000 cached renders (unit-tested in the renderer).
     "pequod_cue_cache_evictions_total",
+    // Reconciles wait for a worker only when more are due than --max-concurrent-reconciles
+    // (unit-tested in the controllers' shared code).
+    "pequod_reconcile_queue_depth",
+    "pequod_reconcile_queue_oldest_wait_seconds",
 ];
 
 #[tokio::test]
@@ -135,7 +143,25 @@ async fn every_documented_metric_exists_with_its_type_and_moves() {
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: adoptee\ndata:\n  a: b\n",
     )
     .await;
+    // A module fetch that fails: its ConfigMap does not exist.
+    apply_transform(
+        &transforms,
+        "nomodule",
+        json!({"cueRef": {"type": "configmap", "ref": "no-such-module"}, "group": format!("none.{}", group(&env))}),
+    )
+    .await;
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    // An apply the apiserver refuses: a ConfigMap key may not hold a space.
+    let refused = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": "refused"},
+        "spec": {"nodes": [{"id": "cm", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "refused"}, "data": {"not a key": "x"}}}]}});
+    graphs
+        .patch(
+            "refused",
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(refused),
+        )
+        .await
+        .unwrap();
     let adopt = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": "adopter"},
         "spec": {"nodes": [{"id": "cm", "applyPolicy": {"mode": "Adopt"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "adoptee"}, "data": {"a": "c"}}}]}});
     graphs
@@ -152,7 +178,7 @@ async fn every_documented_metric_exists_with_its_type_and_moves() {
         let still: Vec<&str> = documented
             .iter()
             .map(|(name, _)| name.as_str())
-            .filter(|name| !PRESENT_ONLY.contains(name))
+            .filter(|name| !PRESENT_ONLY.contains(name) && !MADE_ELSEWHERE.contains(name))
             .filter(|name| !moved(name, &before, &now))
             .collect();
         if still.is_empty() {
@@ -188,9 +214,201 @@ async fn every_documented_metric_exists_with_its_type_and_moves() {
         .find(|l| l["controller"] == "transform" && l["name"] == "probe" && l["namespace"] == env.namespace.as_str())
         .expect("a log line of the probe Transform's reconcile");
     assert!(line["reconcile_id"].is_string(), "{line}");
-    for (name, kind) in &documented {
+    for (name, kind) in documented
+        .iter()
+        .filter(|(name, _)| !MADE_ELSEWHERE.contains(&name.as_str()))
+    {
         let (found, _) = after.get(name).unwrap_or_else(|| panic!("/metrics lacks {name}"));
         assert_eq!(found, kind, "{name} is a {found}, documented as a {kind}");
     }
+
+    // Reconciles that end in a failed fetch, render or apply are errors, with their reason.
+    let endpoints = support::operator(&env.client).await;
+    for (controller, error_type) in [
+        ("transform", "CueFetchFailed"),
+        ("instance", "CueRenderFailed"),
+        ("resourcegraph", "NodeFailed"),
+    ] {
+        let series =
+            format!("pequod_reconcile_errors_total{{controller=\"{controller}\",error_type=\"{error_type}\"}}");
+        wait_for(&format!("{series} to count"), WAIT, || async {
+            match support::metric_sum(&endpoints.metrics, &series).await {
+                v if v > 0.0 => Ok(()),
+                v => Err(format!("{v}")),
+            }
+        })
+        .await;
+    }
+
+    // Every alert of config/prometheus/rules.yaml can fire against what the operator exports.
+    let text = wait_for("every alert's series to exist", WAIT, || async {
+        let (_, text) = support::http_get(&endpoints.metrics, "/metrics").await?;
+        let problems: Vec<String> = alert_rules()
+            .iter()
+            .flat_map(|(alert, expr)| alert_problems(alert, expr, &text))
+            .collect();
+        if problems.is_empty() {
+            Ok(text)
+        } else {
+            Err(problems.join("; "))
+        }
+    })
+    .await;
+    assert!(
+        text.contains("pequod_reconcile_queue_depth{controller=\"instance\"}"),
+        "queue depth per controller"
+    );
     env.cleanup().await;
+}
+
+/// (alert, expression) of each rule of config/prometheus/rules.yaml.
+fn alert_rules() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/prometheus/rules.yaml")).unwrap();
+    let rules: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+    rules["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().iter())
+        .map(|r| {
+            (
+                r["alert"].as_str().unwrap().to_string(),
+                r["expr"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A selector's metric, the labels it needs, and the values its equality matchers ask for.
+type Selector = (String, Vec<String>, Vec<(String, String)>);
+
+/// What an alert expression needs of /metrics.
+#[derive(Default, Debug)]
+struct Needs {
+    /// Per selector: the metric, the labels it must carry (matched or grouped by), and the
+    /// values its equality matchers ask for.
+    selectors: Vec<Selector>,
+    /// `histogram_quantile(..., m_bucket) > threshold`: (m, threshold).
+    quantile_thresholds: Vec<(String, f64)>,
+}
+
+fn collect(expr: &promql_parser::parser::Expr, grouped_by: &[String], needs: &mut Needs) {
+    use promql_parser::parser::{Expr, LabelModifier};
+    match expr {
+        Expr::Aggregate(a) => {
+            let mut labels = grouped_by.to_vec();
+            if let Some(LabelModifier::Include(by)) = &a.modifier {
+                labels.extend(by.labels.iter().filter(|l| *l != "le").cloned());
+            }
+            collect(&a.expr, &labels, needs);
+        }
+        Expr::Binary(b) => {
+            if b.op.is_comparison_operator()
+                && let (Some(metric), Expr::NumberLiteral(n)) = (quantile_metric(&b.lhs), &*b.rhs)
+            {
+                needs.quantile_thresholds.push((metric, n.val));
+            }
+            collect(&b.lhs, grouped_by, needs);
+            collect(&b.rhs, grouped_by, needs);
+        }
+        Expr::Paren(p) => collect(&p.expr, grouped_by, needs),
+        Expr::Unary(u) => collect(&u.expr, grouped_by, needs),
+        Expr::Subquery(s) => collect(&s.expr, grouped_by, needs),
+        Expr::Call(c) => c.args.args.iter().for_each(|a| collect(a, grouped_by, needs)),
+        Expr::MatrixSelector(m) => collect(&Expr::VectorSelector(m.vs.clone()), grouped_by, needs),
+        Expr::VectorSelector(v) => {
+            let equal: Vec<(String, String)> = v
+                .matchers
+                .matchers
+                .iter()
+                .filter(|m| matches!(m.op, promql_parser::label::MatchOp::Equal))
+                .map(|m| (m.name.clone(), m.value.clone()))
+                .collect();
+            let mut labels = grouped_by.to_vec();
+            labels.extend(equal.iter().map(|(l, _)| l.clone()));
+            needs
+                .selectors
+                .push((v.name.clone().unwrap_or_default(), labels, equal));
+        }
+        _ => {}
+    }
+}
+
+/// The histogram `histogram_quantile` reads in `expr`, if that is what `expr` is.
+fn quantile_metric(expr: &promql_parser::parser::Expr) -> Option<String> {
+    use promql_parser::parser::Expr;
+    match expr {
+        Expr::Paren(p) => quantile_metric(&p.expr),
+        Expr::Call(c) if c.func.name == "histogram_quantile" => {
+            let mut needs = Needs::default();
+            collect(c.args.args.get(1)?, &[], &mut needs);
+            needs
+                .selectors
+                .first()
+                .map(|(m, _, _)| m.trim_end_matches("_bucket").to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The series lines of `metric` in an exposition: their labels as pairs.
+fn series<'a>(text: &'a str, metric: &str) -> Vec<Vec<(&'a str, &'a str)>> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(metric))
+        .filter_map(|rest| match rest.strip_prefix('{') {
+            Some(r) => r.split_once('}').map(|(labels, _)| labels),
+            // A series without labels.
+            None => rest.starts_with(' ').then_some(""),
+        })
+        .map(|labels| {
+            labels
+                .split("\",")
+                .filter_map(|pair| pair.split_once("=\""))
+                .map(|(k, v)| (k, v.trim_end_matches('"')))
+                .collect()
+        })
+        .collect()
+}
+
+/// Why `expr` could not fire against the exposition `text` (empty when it can).
+fn alert_problems(alert: &str, expr: &str, text: &str) -> Vec<String> {
+    let parsed = promql_parser::parser::parse(expr).unwrap_or_else(|e| panic!("{alert}: {e}"));
+    let mut needs = Needs::default();
+    collect(&parsed, &[], &mut needs);
+    let mut problems = Vec::new();
+    for (metric, labels, equal) in &needs.selectors {
+        // `up` is Prometheus's own series about the scrape.
+        if metric == "up" {
+            continue;
+        }
+        let found = series(text, metric).into_iter().any(|s| {
+            labels.iter().all(|l| s.iter().any(|(k, _)| k == l))
+                && equal.iter().all(|(l, v)| s.iter().any(|(k, w)| k == l && w == v))
+        });
+        if !found {
+            problems.push(format!(
+                "{alert}: no series {metric} with labels {labels:?} and {equal:?}"
+            ));
+        }
+    }
+    for (metric, threshold) in &needs.quantile_thresholds {
+        let bounds: Vec<f64> = series(text, &format!("{metric}_bucket"))
+            .iter()
+            .flat_map(|s| {
+                s.iter()
+                    .filter(|(k, _)| *k == "le")
+                    .filter_map(|(_, v)| v.parse::<f64>().ok())
+            })
+            .filter(|b| b.is_finite())
+            .collect();
+        if !bounds.contains(threshold) || !bounds.iter().any(|b| b > threshold) {
+            problems.push(format!(
+                "{alert}: {metric} has no bucket bound at {threshold} with one above it: {bounds:?}"
+            ));
+        }
+    }
+    if needs.selectors.is_empty() {
+        problems.push(format!("{alert}: no selector found in {expr}"));
+    }
+    problems
 }

@@ -208,3 +208,105 @@ async fn secure_metrics_require_a_token_allowed_to_get_metrics() {
     assert!(body.contains("pequod-metrics"), "{body}");
     env.cleanup().await;
 }
+
+/// `make install && make run` on a fresh cluster: only the CRDs exist, not the operator's
+/// namespace, where it keeps its graph-signing key. The operator makes the namespace and
+/// becomes Ready; one it cannot make is named on /readyz, with what to do.
+#[tokio::test]
+async fn a_missing_operator_namespace_is_created_or_named_on_readyz() {
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    let env = support::env("operator-namespace").await;
+    support::install_crds(&env.client).await;
+    let namespaces: kube::Api<Namespace> = kube::Api::all(env.client.clone());
+    let own = format!("{}-system", env.namespace);
+    assert!(namespaces.get_opt(&own).await.unwrap().is_none());
+    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
+    let launch = support::Launch {
+        env: vec![("POD_NAMESPACE".into(), own.clone())],
+        ..Default::default()
+    };
+    let op =
+        support::OperatorProcess::start_with(&env.kubeconfig, &cue, &["--trusted-transform-namespaces=*"], &launch);
+    let body = support::wait_for("readyz to pass", Duration::from_secs(60), || async {
+        match readyz(&op).await {
+            Ok((200, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(body.contains("[+] graph-signing-key ok"), "{body}");
+    let made = namespaces.get(&own).await.unwrap();
+    assert_eq!(
+        made.metadata
+            .labels
+            .unwrap_or_default()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("pequod")
+    );
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(env.client.clone(), &own);
+    assert!(secrets.get_opt("pequod-graph-signing-key").await.unwrap().is_some());
+    let log = std::fs::read_to_string(&op.log).unwrap();
+    assert!(log.contains("created the operator's namespace"), "{log}");
+    drop(op);
+    namespaces.delete(&own, &Default::default()).await.unwrap();
+
+    // A namespace the operator cannot create (here a name the apiserver refuses, as a typo in
+    // POD_NAMESPACE gives): the process keeps running, unready, and says what is missing.
+    let invalid = "Not_A_Namespace";
+    let launch = support::Launch {
+        env: vec![("POD_NAMESPACE".into(), invalid.into())],
+        ..Default::default()
+    };
+    let mut op =
+        support::OperatorProcess::start_with(&env.kubeconfig, &cue, &["--trusted-transform-namespaces=*"], &launch);
+    let body = support::wait_for(
+        "readyz to name the missing namespace",
+        Duration::from_secs(60),
+        || async {
+            match readyz(&op).await {
+                Ok((503, body)) if body.contains("[-] graph-signing-key failed: namespace") => Ok(body),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(body.contains(invalid), "{body}");
+    assert!(op.try_wait().unwrap().is_none(), "the process waits instead of exiting");
+    env.cleanup().await;
+}
+
+/// The default `:PORT` listens on IPv6 and IPv4.
+#[tokio::test]
+async fn a_port_alone_serves_ipv6_and_ipv4() {
+    let env = support::env("operator-dual-stack").await;
+    support::install_crds(&env.client).await;
+    let launch = support::Launch {
+        all_interfaces: true,
+        ..Default::default()
+    };
+    let op = support::OperatorProcess::start_with(
+        &env.kubeconfig,
+        &support::tool("cue", "PEQUOD_TEST_CUE"),
+        &["--trusted-transform-namespaces=*"],
+        &launch,
+    );
+    let port = op.probes.rsplit_once(':').unwrap().1.to_string();
+    let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    for host in ["127.0.0.1", "[::1]"] {
+        if host == "[::1]" && !ipv6 {
+            continue;
+        }
+        let addr = format!("{host}:{port}");
+        let (status, _) = support::wait_for(&format!("/healthz on {addr}"), Duration::from_secs(30), || async {
+            support::http_get(&addr, "/healthz").await
+        })
+        .await;
+        assert_eq!(status, 200, "{addr}");
+        let metrics = format!("{host}:{}", op.metrics.rsplit_once(':').unwrap().1);
+        let (status, body) = support::http_get(&metrics, "/metrics").await.unwrap();
+        assert_eq!(status, 200, "{metrics}");
+        assert!(body.contains("pequod_reconcile_total"), "{metrics}");
+    }
+    env.cleanup().await;
+}

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -207,6 +207,7 @@ impl Supervisor {
             changed: Arc::default(),
             resource: spec.resource.clone(),
             backoff: super::Backoff::default(),
+            workers: super::Workers::default(),
         });
         let task = tokio::spawn(run_kind(
             ctx,
@@ -275,11 +276,15 @@ struct KindContext {
     changed: Arc<Notify>,
     resource: ApiResource,
     backoff: super::Backoff,
+    workers: super::Workers,
 }
 
 impl super::Retries for KindContext {
     fn backoff(&self) -> &super::Backoff {
         &self.backoff
+    }
+    fn workers(&self) -> &super::Workers {
+        &self.workers
     }
 }
 
@@ -358,7 +363,7 @@ async fn run_kind(
             .default_backoff()
             .touched_objects(),
         )
-        .with_config(ControllerConfig::default().concurrency(CONCURRENCY))
+        .with_config(super::runner_config(&ctx.workers, CONCURRENCY, &shutdown))
         .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {
             rx.recv().await.map(|()| ((), rx))
         }))
@@ -713,8 +718,9 @@ async fn check_policies(
         .applier
         .confined(output, &pass.namespace, cluster_scoped)
         .await;
+    // Each violation is counted once, when the instance first shows it.
     if update.old.violations != violations {
-        for v in &violations {
+        for v in violations.iter().filter(|v| !update.old.violations.contains(v)) {
             let severity = match v.severity {
                 Severity::Error => "Error",
                 Severity::Warning => "Warning",

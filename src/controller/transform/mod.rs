@@ -21,7 +21,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -78,6 +78,7 @@ pub struct Context {
     /// for the retry delay; a new spec starts over.
     fetch_failures: std::sync::Mutex<HashMap<String, (Option<i64>, u32)>>,
     backoff: super::Backoff,
+    workers: super::Workers,
     /// Namespaces whose Transforms may give their instances more than their own namespace.
     trusted: TrustedNamespaces,
     /// Whether the manager writes Transforms' RBAC or an administrator does.
@@ -87,6 +88,9 @@ pub struct Context {
 impl super::Retries for Context {
     fn backoff(&self) -> &super::Backoff {
         &self.backoff
+    }
+    fn workers(&self) -> &super::Workers {
+        &self.workers
     }
 }
 
@@ -113,6 +117,7 @@ impl Context {
             written: StatusMemory::default(),
             fetch_failures: Default::default(),
             backoff: super::Backoff::default(),
+            workers: super::Workers::default(),
             trusted: TrustedNamespaces::new(Vec::new()),
             rbac_mode: RbacMode::Generate,
         }
@@ -154,7 +159,7 @@ impl Context {
 pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutdown: Shutdown) {
     let client = ctx.client.clone();
     let controller = Controller::new(Api::<Transform>::all(client.clone()), watcher::Config::default())
-        .with_config(ControllerConfig::default().concurrency(concurrency));
+        .with_config(super::runner_config(&ctx.workers, concurrency, &shutdown));
     let store = controller.store();
     let transforms = store.clone();
     let store_for_stop = store.clone();
@@ -503,11 +508,19 @@ async fn fetch_module(
     let started = std::time::Instant::now();
     let namespace = t.namespace().unwrap_or_default();
     let fetched = ctx.fetcher.fetch(&t.spec.cue_ref, &namespace, &t.name_any()).await;
+    let took = started.elapsed();
     ctx.metrics
         .cue_fetch_duration_seconds
         .with_label_values(&[source_label])
-        .observe(started.elapsed().as_secs_f64());
+        .observe(took.as_secs_f64());
     let fresh = matches!(&fetched, Ok(f) if f.stale.is_none());
+    tracing::debug!(
+        source = source_label,
+        reference = %t.spec.cue_ref.ref_,
+        duration_ms = took.as_millis() as u64,
+        ok = fresh,
+        "fetch finished"
+    );
     ctx.metrics
         .cue_fetch_total
         .with_label_values(&[source_label, if fresh { "success" } else { "failure" }])
