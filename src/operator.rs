@@ -17,7 +17,7 @@ use crate::controller::{resourcegraph, transform};
 use crate::cue::{CueCli, Renderer, RendererConfig};
 use crate::error::StartupError;
 use crate::executor::signing_key;
-use crate::rbac::{ManagerIdentity, RbacMode};
+use crate::rbac::RbacMode;
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::leader::{Elector, Timing};
 use crate::runtime::metrics::Metrics;
@@ -189,7 +189,6 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
             renderer,
             recorder,
             metrics.clone(),
-            ManagerIdentity::from_env(),
             supervisor,
             key,
         )

@@ -101,7 +101,6 @@ impl Context {
         renderer: Renderer,
         recorder: Recorder,
         metrics: Arc<Metrics>,
-        manager: ManagerIdentity,
         supervisor: Supervisor,
         key: GraphKey,
     ) -> Self {
@@ -111,7 +110,7 @@ impl Context {
             renderer,
             recorder,
             metrics,
-            manager,
+            manager: ManagerIdentity::from_env(),
             supervisor,
             key,
             written: StatusMemory::default(),
