@@ -31,6 +31,13 @@ pub fn label_value(value: &str) -> String {
     })
 }
 
+/// The name a label written by [`label_value`] stands for: `full` (the name kept beside it, in
+/// an annotation) when the label is that name's value, else the label itself. A `full` the
+/// label does not stand for is not believed.
+pub fn labelled_name<'a>(label: &'a str, full: Option<&'a str>) -> &'a str {
+    full.filter(|full| label_value(full) == label).unwrap_or(label)
+}
+
 /// `name` as a DNS subdomain of at most `max` characters: unchanged when it fits, else cut
 /// and suffixed with a hash of the whole. `name` is made of subdomain characters already.
 pub fn shortened_name(name: &str, max: usize) -> String {
@@ -249,6 +256,14 @@ mod tests {
             assert_ne!(label, value);
         }
         assert_eq!(label_value("---").len(), 16, "only the hash is left");
+    }
+
+    #[test]
+    fn a_shortened_label_stands_for_the_full_name_kept_beside_it() {
+        let long = "t".repeat(100);
+        assert_eq!(labelled_name(&label_value(&long), Some(&long)), long);
+        assert_eq!(labelled_name("web", Some(&long)), "web", "not the label's name");
+        assert_eq!(labelled_name("web", None), "web");
     }
 
     #[test]

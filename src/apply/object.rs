@@ -149,11 +149,8 @@ pub fn labelled_graph<'a>(
     annotation: impl Fn(&str) -> Option<&'a str>,
 ) -> Option<LabelledGraph<'a>> {
     let labelled = label(GRAPH_LABEL)?;
-    let name = annotation(GRAPH_NAME_ANNOTATION)
-        .filter(|full| label_value(full) == labelled)
-        .unwrap_or(labelled);
     Some(LabelledGraph {
-        name,
+        name: crate::naming::labelled_name(labelled, annotation(GRAPH_NAME_ANNOTATION)),
         namespace: label(GRAPH_NAMESPACE_LABEL),
     })
 }
