@@ -112,9 +112,11 @@ pub async fn rbac(transform: &str, service_account: String, namespace: String) -
             client,
         )
         .list(&kube::api::ListParams::default().labels(&format!(
-            "{}={name},{}={ns}",
+            "{}={},{}={}",
             crate::api::names::TRANSFORM_LABEL,
-            crate::api::names::TRANSFORM_NAMESPACE_LABEL
+            crate::naming::label_value(name),
+            crate::api::names::TRANSFORM_NAMESPACE_LABEL,
+            crate::naming::label_value(ns)
         )))
         .await
         .map_err(|e| CommandError::new(format!("listing the CRDs of Transform {transform}: {e}")))?;

@@ -7,6 +7,8 @@ use crate::api::names::{
     TRANSFORM_LABEL,
 };
 use crate::api::reasons;
+pub use crate::naming::label_value;
+use crate::naming::{MAX_SUBDOMAIN, shortened_name};
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
@@ -31,44 +33,20 @@ pub struct InstanceRef {
     pub uid: Option<String>,
 }
 
-/// Longest name the apiserver accepts for a ResourceGraph.
-const MAX_NAME: usize = 253;
-
 /// Name of an instance's ResourceGraph: `<kind>.<group>-<name>` in lower case, so that
 /// instances of same-named kinds of two API groups never share a graph. Names that would
-/// exceed the apiserver's limit are shortened with a hash suffix.
+/// exceed the apiserver's limit (253) are shortened with a hash suffix.
 pub fn graph_name(kind: &str, group: &str, name: &str) -> String {
-    shortened(format!(
-        "{}.{}-{}",
-        kind.to_ascii_lowercase(),
-        group.to_ascii_lowercase(),
-        name
-    ))
+    shortened_name(
+        &format!("{}.{}-{}", kind.to_ascii_lowercase(), group.to_ascii_lowercase(), name),
+        MAX_SUBDOMAIN,
+    )
 }
 
 /// The name earlier releases gave an instance's graph, `<kind>-<name>`: a graph of that name
 /// owned by the instance is taken over by the one of [`graph_name`].
 pub fn legacy_graph_name(kind: &str, name: &str) -> String {
-    shortened(format!("{}-{}", kind.to_ascii_lowercase(), name))
-}
-
-fn shortened(full: String) -> String {
-    if full.len() <= MAX_NAME {
-        return full;
-    }
-    let hash = hex::encode(Sha256::digest(full.as_bytes()));
-    format!("{}-{}", full[..MAX_NAME - 17].trim_end_matches(['-', '.']), &hash[..16])
-}
-
-/// `value` as a label value (at most 63 characters): kept when it fits, else cut and suffixed
-/// with a hash of the whole.
-pub fn label_value(value: &str) -> String {
-    const MAX: usize = 63;
-    if value.len() <= MAX {
-        return value.to_string();
-    }
-    let hash = hex::encode(Sha256::digest(value.as_bytes()));
-    format!("{}-{}", value[..MAX - 17].trim_end_matches(['-', '.']), &hash[..16])
+    shortened_name(&format!("{}-{}", kind.to_ascii_lowercase(), name), MAX_SUBDOMAIN)
 }
 
 /// The API group of an `apiVersion` (empty for the core group).
@@ -92,9 +70,9 @@ pub fn resource_graph(
 ) -> ResourceGraph {
     let labels = BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
-        (TRANSFORM_LABEL.to_string(), transform.to_string()),
-        (INSTANCE_LABEL.to_string(), instance.name.clone()),
-        (INSTANCE_KIND_LABEL.to_string(), instance.kind.clone()),
+        (TRANSFORM_LABEL.to_string(), label_value(transform)),
+        (INSTANCE_LABEL.to_string(), label_value(&instance.name)),
+        (INSTANCE_KIND_LABEL.to_string(), label_value(&instance.kind)),
         (
             INSTANCE_GROUP_LABEL.to_string(),
             label_value(group_of(&instance.api_version)),
@@ -323,6 +301,57 @@ mod tests {
         assert_eq!(long.len(), 253);
         assert_ne!(long, graph_name("WebService", g, &"a".repeat(299)));
         assert_eq!(legacy_graph_name("WebService", "my-app"), "webservice-my-app");
+    }
+
+    #[test]
+    fn graph_names_at_the_limit_are_kept_and_beyond_it_shortened_as_before() {
+        let prefix = "webservice.apps.example.com-";
+        let fits = "a".repeat(253 - prefix.len());
+        assert_eq!(
+            graph_name("WebService", "apps.example.com", &fits),
+            format!("{prefix}{fits}")
+        );
+        // The form earlier releases gave a name over the limit, so their graphs are found again.
+        let over = format!("{prefix}{fits}b");
+        let hash = hex::encode(Sha256::digest(over.as_bytes()));
+        assert_eq!(
+            graph_name("WebService", "apps.example.com", &format!("{fits}b")),
+            format!("{}-{}", &over[..236], &hash[..16])
+        );
+        let legacy = legacy_graph_name("WebService", &"a".repeat(253));
+        assert_eq!(legacy.len(), 253);
+        assert!(crate::naming::is_dns1123_subdomain(&legacy));
+    }
+
+    #[test]
+    fn a_long_instance_name_gives_a_graph_with_valid_labels_only() {
+        for length in [33, 34, 60, 63, 64, 253] {
+            let instance = InstanceRef {
+                api_version: "apps.example.com/v1alpha1".into(),
+                kind: "WebService".into(),
+                name: "a".repeat(length),
+                namespace: "team".into(),
+                uid: None,
+            };
+            let output = RenderOutput {
+                metadata: None,
+                nodes: Vec::new(),
+                violations: Vec::new(),
+                status: Default::default(),
+            };
+            let rg = resource_graph(
+                &instance,
+                &"t".repeat(length),
+                "h",
+                &output,
+                Time(jiff::Timestamp::UNIX_EPOCH),
+            );
+            for (key, value) in rg.metadata.labels.unwrap() {
+                assert_eq!(crate::naming::label_problem(&key, &value), None, "{length}");
+            }
+            let name = rg.metadata.name.unwrap();
+            assert!(crate::naming::is_dns1123_subdomain(&name), "{name}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod executor;
 pub mod graph;
 pub mod instance_graph;
 pub mod lru;
+pub mod naming;
 pub mod operator;
 pub mod plan;
 pub mod rbac;

@@ -41,6 +41,12 @@ impl<V> Lru<V> {
         Some(&slot.value)
     }
 
+    /// The value of `key` to change, now the most recently used.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut V> {
+        self.get(key)?;
+        self.entries.get_mut(key).map(|slot| &mut slot.value)
+    }
+
     /// Inserts or replaces `key` as the most recently used.
     pub fn insert(&mut self, key: String, value: V, size: u64) {
         self.remove(&key);
@@ -95,7 +101,7 @@ mod tests {
         let mut lru = Lru::default();
         lru.insert("a".into(), 1, 10);
         lru.insert("b".into(), 2, 20);
-        assert_eq!(lru.get("a"), Some(&1));
+        assert_eq!(lru.get_mut("a").map(|v| std::mem::replace(v, 1)), Some(1));
         lru.insert("c".into(), 3, 30);
         assert_eq!(lru.bytes(), 60);
         assert_eq!(lru.pop_oldest(), Some(("b".to_string(), 2)));

@@ -2,8 +2,10 @@
 //! wildcard permissions gains exactly what each platform module needs.
 
 use crate::api::names::{
-    AGGREGATE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL,
+    AGGREGATE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAME_ANNOTATION,
+    TRANSFORM_NAMESPACE_LABEL,
 };
+use crate::naming::{label_value, labelled_name};
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -16,8 +18,8 @@ use crate::api::{ManagedResource, RbacScope};
 pub fn made_by(labels: Option<&BTreeMap<String, String>>, namespace: &str, name: &str) -> bool {
     labels.is_some_and(|l| {
         l.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
-            && l.get(TRANSFORM_LABEL).map(String::as_str) == Some(name)
-            && l.get(TRANSFORM_NAMESPACE_LABEL).map(String::as_str) == Some(namespace)
+            && l.get(TRANSFORM_LABEL) == Some(&label_value(name))
+            && l.get(TRANSFORM_NAMESPACE_LABEL) == Some(&label_value(namespace))
     })
 }
 /// Verbs the executor uses on the objects it applies.
@@ -123,11 +125,34 @@ pub struct TransformIdentity<'a> {
 
 /// The labels that say a Transform made an RBAC object (see [`made_by`]).
 fn transform_labels(transform: &TransformIdentity<'_>) -> BTreeMap<String, String> {
+    made_by_labels(transform.namespace, transform.name)
+}
+
+/// The labels that say the Transform `namespace/name` made an object (a generated CRD or RBAC
+/// object), as [`made_by`] reads them.
+pub fn made_by_labels(namespace: &str, name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
-        (TRANSFORM_LABEL.to_string(), transform.name.to_string()),
-        (TRANSFORM_NAMESPACE_LABEL.to_string(), transform.namespace.to_string()),
+        (TRANSFORM_LABEL.to_string(), label_value(name)),
+        (TRANSFORM_NAMESPACE_LABEL.to_string(), label_value(namespace)),
     ])
+}
+
+/// The annotations that go with [`made_by_labels`]: the Transform's full name, only when its
+/// label cannot hold it (objects of other Transforms stay as earlier releases wrote them).
+pub fn made_by_annotations(name: &str) -> Option<BTreeMap<String, String>> {
+    (label_value(name) != name).then(|| BTreeMap::from([(TRANSFORM_NAME_ANNOTATION.to_string(), name.to_string())]))
+}
+
+/// The Transform `(namespace, name)` an object's labels (and annotations) say made it.
+pub fn maker<'a>(
+    labels: &'a BTreeMap<String, String>,
+    annotations: &'a BTreeMap<String, String>,
+) -> Option<(&'a str, &'a str)> {
+    let name = labels.get(TRANSFORM_LABEL)?;
+    let namespace = labels.get(TRANSFORM_NAMESPACE_LABEL)?;
+    let full = annotations.get(TRANSFORM_NAME_ANNOTATION).map(String::as_str);
+    Some((namespace, labelled_name(name, full)))
 }
 
 pub fn generate(
@@ -144,6 +169,7 @@ pub fn generate(
                 metadata: ObjectMeta {
                     name: Some(cluster_role_name(transform.namespace, transform.name)),
                     labels: Some(labels),
+                    annotations: made_by_annotations(transform.name),
                     ..Default::default()
                 },
                 rules: Some(rules),
@@ -169,6 +195,7 @@ fn namespaced(
         name: Some(name.clone()),
         namespace: Some(transform.namespace.to_string()),
         labels: Some(labels),
+        annotations: made_by_annotations(transform.name),
         owner_references: transform.owner.clone().map(|o| vec![o]),
         ..Default::default()
     };
@@ -362,6 +389,29 @@ mod tests {
             Some("pequod:transform:platform.webservice")
         );
         assert_eq!(role.metadata.labels.as_ref().unwrap()[AGGREGATE_LABEL], "true");
+    }
+
+    #[test]
+    fn a_transform_with_a_name_too_long_for_a_label_still_knows_its_objects() {
+        for length in [63, 64, 253] {
+            let name = "t".repeat(length);
+            let t = TransformIdentity {
+                name: &name,
+                namespace: "platform",
+                owner: None,
+            };
+            let Generated::Namespace(generated) = generate(RbacScope::Namespace, &t, Vec::new(), &manager()) else {
+                panic!("want a Role");
+            };
+            let meta = &generated.0.metadata;
+            let labels = meta.labels.clone().unwrap_or_default();
+            assert!(labels.values().all(|v| crate::naming::is_label_value(v)), "{labels:?}");
+            assert!(made_by(Some(&labels), "platform", &name), "{length}");
+            assert!(!made_by(Some(&labels), "platform", &format!("{name}x")));
+            let annotations = meta.annotations.clone().unwrap_or_default();
+            assert_eq!(annotations.is_empty(), length <= 63, "{length}");
+            assert_eq!(maker(&labels, &annotations), Some(("platform", name.as_str())));
+        }
     }
 
     #[test]

@@ -27,8 +27,14 @@ pub const NODE_LABEL: &str = "pequod.io/node";
 
 // Annotations.
 
+/// On a generated CRD or RBAC object of a Transform whose name does not fit a label value:
+/// the Transform's full name (its [`TRANSFORM_LABEL`] holds a shortened form).
+pub const TRANSFORM_NAME_ANNOTATION: &str = "pequod.io/transform-name";
 /// On every object Pequod writes: the uid of the graph that wrote it.
 pub const GRAPH_UID_ANNOTATION: &str = "pequod.io/resourcegraph-uid";
+/// On an object of a graph whose name does not fit a label value: the graph's full name (its
+/// [`GRAPH_LABEL`] holds a shortened form, see `naming::label_value`).
+pub const GRAPH_NAME_ANNOTATION: &str = "pequod.io/resourcegraph-name";
 /// On an object: `Orphan` leaves it running when its node or graph goes away.
 pub const DELETION_POLICY_ANNOTATION: &str = "pequod.io/deletion-policy";
 /// On an adopted object: the field managers it had before.

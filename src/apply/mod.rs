@@ -23,6 +23,7 @@ pub use object::{
     GraphIdentity, Predecessor, contains, desired_object, first_difference, gvk_label, is_orphan, other_managers,
     set_annotation, stale_field,
 };
+pub use object::{LabelledGraph, labelled_graph, labels_name_graph};
 
 use crate::api::{ApplyMode, ConflictPolicy, Node};
 use crate::runtime::metrics::Metrics;
@@ -460,7 +461,7 @@ impl Applier {
         let patch = serde_json::json!({
             "metadata": {
                 "labels": {GRAPH_LABEL: null, GRAPH_NAMESPACE_LABEL: null, NODE_LABEL: null, MANAGED_BY_LABEL: null},
-                "annotations": {GRAPH_UID_ANNOTATION: null, ADOPTED_FROM_ANNOTATION: null},
+                "annotations": {GRAPH_UID_ANNOTATION: null, (crate::api::names::GRAPH_NAME_ANNOTATION): null, ADOPTED_FROM_ANNOTATION: null},
                 "ownerReferences": owners,
             }
         });

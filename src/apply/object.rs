@@ -1,9 +1,10 @@
 //! Pure preparation and comparison of the objects a graph applies.
 
 use crate::api::names::{
-    DELETION_POLICY_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL,
-    MANAGED_BY_VALUE, NODE_LABEL,
+    DELETION_POLICY_ANNOTATION, GRAPH_LABEL, GRAPH_NAME_ANNOTATION, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION,
+    MANAGED_BY_LABEL, MANAGED_BY_VALUE, NODE_LABEL,
 };
+use crate::naming::label_value;
 use serde_json::{Value, json};
 
 use crate::api::Node;
@@ -95,13 +96,18 @@ pub fn desired_object(node: &Node, graph: &GraphIdentity, namespaced: bool) -> V
     let labels = meta.entry("labels").or_insert_with(|| json!({}));
     if let Some(labels) = labels.as_object_mut() {
         labels.insert(MANAGED_BY_LABEL.into(), json!(MANAGED_BY_VALUE));
-        labels.insert(GRAPH_LABEL.into(), json!(graph.name));
-        labels.insert(GRAPH_NAMESPACE_LABEL.into(), json!(graph.namespace));
-        labels.insert(NODE_LABEL.into(), json!(node.id));
+        labels.insert(GRAPH_LABEL.into(), json!(label_value(&graph.name)));
+        labels.insert(GRAPH_NAMESPACE_LABEL.into(), json!(label_value(&graph.namespace)));
+        labels.insert(NODE_LABEL.into(), json!(label_value(&node.id)));
     }
     let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
     if let Some(annotations) = annotations.as_object_mut() {
         annotations.insert(GRAPH_UID_ANNOTATION.into(), json!(graph.uid));
+        // Only where the label cannot hold the name, so that objects of other graphs stay as
+        // earlier releases wrote them.
+        if label_value(&graph.name) != graph.name {
+            annotations.insert(GRAPH_NAME_ANNOTATION.into(), json!(graph.name));
+        }
     }
     let same_namespace = namespaced && meta.get("namespace").and_then(Value::as_str) == Some(graph.namespace.as_str());
     if same_namespace {
@@ -118,6 +124,35 @@ pub fn desired_object(node: &Node, graph: &GraphIdentity, namespaced: bool) -> V
         );
     }
     object
+}
+
+/// Whether an object's labels (`label` reads one) name the graph `name` in `namespace`, as
+/// [`desired_object`] writes them.
+pub fn labels_name_graph<'a>(label: impl Fn(&str) -> Option<&'a str>, name: &str, namespace: &str) -> bool {
+    label(GRAPH_LABEL) == Some(label_value(name).as_str())
+        && label(GRAPH_NAMESPACE_LABEL) == Some(label_value(namespace).as_str())
+}
+
+/// The graph an object's labels name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelledGraph<'a> {
+    pub name: &'a str,
+    /// Absent on objects labelled before graphs could write outside their namespace.
+    pub namespace: Option<&'a str>,
+}
+
+/// The graph an object's labels (`label` reads one) name, with its full name from
+/// [`GRAPH_NAME_ANNOTATION`] (`annotation` reads one) when the label holds the shortened form
+/// of that name; None when the object carries no graph label.
+pub fn labelled_graph<'a>(
+    label: impl Fn(&str) -> Option<&'a str>,
+    annotation: impl Fn(&str) -> Option<&'a str>,
+) -> Option<LabelledGraph<'a>> {
+    let labelled = label(GRAPH_LABEL)?;
+    Some(LabelledGraph {
+        name: crate::naming::labelled_name(labelled, annotation(GRAPH_NAME_ANNOTATION)),
+        namespace: label(GRAPH_NAMESPACE_LABEL),
+    })
 }
 
 /// Whether `live` already holds every field of `desired` with the same value: then applying
@@ -242,6 +277,51 @@ mod tests {
         let o = desired_object(&elsewhere, &graph(), true);
         assert_eq!(o["metadata"]["namespace"], "other");
         assert!(o["metadata"].get("ownerReferences").is_none());
+    }
+
+    #[test]
+    fn short_names_are_labelled_as_before_and_long_ones_are_shortened_and_found_again() {
+        let n = node(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}}));
+        let o = desired_object(&n, &graph(), true);
+        assert!(o["metadata"]["annotations"].get(GRAPH_NAME_ANNOTATION).is_none());
+        for length in [62, 63, 64, 253] {
+            let long = GraphIdentity {
+                name: "g".repeat(length),
+                ..graph()
+            };
+            let o = desired_object(&n, &long, true);
+            let meta = &o["metadata"];
+            let labelled = meta["labels"][GRAPH_LABEL].as_str().unwrap();
+            assert!(crate::naming::is_label_value(labelled) && labelled.len() <= 63);
+            assert_eq!(labelled == long.name, length <= 63, "{length}");
+            assert_eq!(meta["ownerReferences"][0]["name"], json!(long.name));
+            let label = |key: &str| meta["labels"][key].as_str();
+            let annotation = |key: &str| meta["annotations"][key].as_str();
+            assert!(labels_name_graph(label, &long.name, "team"), "{length}");
+            assert!(!labels_name_graph(label, &long.name, "other"));
+            assert!(!labels_name_graph(label, &"g".repeat(length + 1), "team"));
+            assert_eq!(
+                labelled_graph(label, annotation),
+                Some(LabelledGraph {
+                    name: long.name.as_str(),
+                    namespace: Some("team")
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn a_name_annotation_that_does_not_match_the_label_is_ignored() {
+        let meta = json!({"labels": {GRAPH_LABEL: "web"}, "annotations": {GRAPH_NAME_ANNOTATION: "other"}});
+        let found = labelled_graph(|k| meta["labels"][k].as_str(), |k| meta["annotations"][k].as_str());
+        assert_eq!(
+            found,
+            Some(LabelledGraph {
+                name: "web",
+                namespace: None
+            })
+        );
+        assert_eq!(labelled_graph(|_| None, |_| Some("x")), None);
     }
 
     #[test]

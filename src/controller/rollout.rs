@@ -87,7 +87,7 @@ pub async fn plan_instances(
     };
     let selector = format!(
         "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
-        resource.kind,
+        label_value(&resource.kind),
         label_value(&resource.group)
     );
     let graphs: BTreeMap<(String, String), ResourceGraph> = graphs

@@ -9,7 +9,7 @@
 //! anyone else is never held. A miss costs one GET, which the executor makes anyway for
 //! objects it does not find (see `live_object`).
 
-use crate::api::names::{GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use crate::api::names::{GRAPH_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -22,7 +22,7 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 
 use crate::api::ResourceGraph;
-use crate::apply::Resolved;
+use crate::apply::{Resolved, labelled_graph};
 use crate::runtime::shutdown::Shutdown;
 
 struct KindWatch {
@@ -149,12 +149,16 @@ fn made_by_existing_graph(obj: &DynamicObject, uid_of: impl Fn(&ObjectRef<Resour
     claimed.is_some() && uid_of(&graph).as_ref() == claimed
 }
 
-/// The graph an object's labels name.
+/// The graph an object's labels name (by its full name when the label holds a shortened one).
 fn owning_graph(obj: &DynamicObject) -> Option<ObjectRef<ResourceGraph>> {
     let labels = obj.metadata.labels.as_ref()?;
-    let name = labels.get(GRAPH_LABEL)?;
-    let namespace = labels.get(GRAPH_NAMESPACE_LABEL).or(obj.metadata.namespace.as_ref())?;
-    Some(ObjectRef::new(name).within(namespace))
+    let annotations = obj.metadata.annotations.as_ref();
+    let graph = labelled_graph(
+        |key: &str| labels.get(key).map(String::as_str),
+        |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str),
+    )?;
+    let namespace = graph.namespace.or(obj.metadata.namespace.as_deref())?;
+    Some(ObjectRef::new(graph.name).within(namespace))
 }
 
 #[cfg(test)]
@@ -185,7 +189,7 @@ mod tests {
             "a uid of no graph"
         );
         assert!(!made_by_existing_graph(&object(labels, json!({})), uid_of), "no uid");
-        let elsewhere = json!({GRAPH_LABEL: "web", GRAPH_NAMESPACE_LABEL: "team-b"});
+        let elsewhere = json!({GRAPH_LABEL: "web", (crate::api::names::GRAPH_NAMESPACE_LABEL): "team-b"});
         assert!(
             !made_by_existing_graph(&object(elsewhere, json!({GRAPH_UID_ANNOTATION: "uid-1"})), uid_of),
             "a graph of that name in another namespace"
@@ -194,5 +198,25 @@ mod tests {
             &object(json!({}), json!({GRAPH_UID_ANNOTATION: "uid-1"})),
             uid_of
         ));
+    }
+
+    #[test]
+    fn objects_of_a_graph_with_a_long_name_lead_to_that_graph() {
+        let name = format!("webservice.apps.example.com-{}", "a".repeat(60));
+        let labels = json!({GRAPH_LABEL: crate::naming::label_value(&name)});
+        let obj = object(
+            labels.clone(),
+            json!({GRAPH_UID_ANNOTATION: "uid-1", (crate::api::names::GRAPH_NAME_ANNOTATION): name}),
+        );
+        let graph = owning_graph(&obj).unwrap();
+        assert_eq!(
+            (graph.name.as_str(), graph.namespace.as_deref()),
+            (name.as_str(), Some("team-a"))
+        );
+        let uid_of = |key: &ObjectRef<ResourceGraph>| (key.name == name).then(|| "uid-1".to_string());
+        assert!(made_by_existing_graph(&obj, uid_of));
+        // Without the annotation the shortened label names no graph.
+        let bare = object(labels, json!({GRAPH_UID_ANNOTATION: "uid-1"}));
+        assert!(!made_by_existing_graph(&bare, uid_of));
     }
 }

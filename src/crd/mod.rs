@@ -3,9 +3,7 @@
 pub mod compat;
 pub mod reserved;
 
-use crate::api::names::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRANSFORM_LABEL, TRANSFORM_NAMESPACE_LABEL};
 use crate::error::ErrorCategory;
-use std::collections::BTreeMap;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceColumnDefinition, CustomResourceDefinition, CustomResourceDefinitionNames,
@@ -187,18 +185,12 @@ pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_
         priority,
         ..Default::default()
     };
-    let labels = BTreeMap::from([
-        (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
-        (TRANSFORM_LABEL.to_string(), params.transform_name.to_string()),
-        (
-            TRANSFORM_NAMESPACE_LABEL.to_string(),
-            params.transform_namespace.to_string(),
-        ),
-    ]);
+    let labels = crate::rbac::made_by_labels(params.transform_namespace, params.transform_name);
     CustomResourceDefinition {
         metadata: ObjectMeta {
             name: Some(format!("{}.{}", names.plural, params.group)),
             labels: Some(labels),
+            annotations: crate::rbac::made_by_annotations(params.transform_name),
             ..Default::default()
         },
         spec: CustomResourceDefinitionSpec {
@@ -397,7 +389,10 @@ mod tests {
             },
         );
         assert_eq!(crd.metadata.name.as_deref(), Some("webservices.apps.example.com"));
-        assert_eq!(crd.metadata.labels.as_ref().unwrap()[MANAGED_BY_LABEL], "pequod");
+        assert_eq!(
+            crd.metadata.labels.as_ref().unwrap()[crate::api::names::MANAGED_BY_LABEL],
+            "pequod"
+        );
         let version = &crd.spec.versions[0];
         let root = serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
         assert_eq!(root["properties"]["spec"]["required"], json!(["image"]));

@@ -6,11 +6,11 @@
 //! inventory. Teardown and pruning delete only what carries this graph's uid and, where the
 //! inventory recorded one, is still the object Pequod wrote; anything else is left alone.
 
-use crate::api::names::{ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION};
+use crate::api::names::{ADOPTED_FROM_ANNOTATION, GRAPH_UID_ANNOTATION};
 use serde_json::Value;
 
 use crate::api::{ApplyMode, InventoryEntry};
-use crate::apply::{GraphIdentity, is_orphan};
+use crate::apply::{GraphIdentity, LabelledGraph, is_orphan, labelled_graph, labels_name_graph};
 
 /// Whose an existing object is, as seen from one graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,10 +31,14 @@ pub enum Owner {
 pub fn owner(live: &Value, graph: &GraphIdentity) -> Owner {
     let meta = &live["metadata"];
     let label = |key: &str| meta["labels"][key].as_str();
-    let labelled_graph = || match (label(GRAPH_NAMESPACE_LABEL), label(GRAPH_LABEL)) {
-        (Some(ns), Some(name)) => format!("{ns}/{name}"),
-        (None, Some(name)) => name.to_string(),
-        _ => "unknown".to_string(),
+    let labelled = labelled_graph(label, |key: &str| meta["annotations"][key].as_str());
+    let named = || match &labelled {
+        Some(LabelledGraph {
+            name,
+            namespace: Some(ns),
+        }) => format!("{ns}/{name}"),
+        Some(LabelledGraph { name, namespace: None }) => name.to_string(),
+        None => "unknown".to_string(),
     };
     let predecessor = graph.predecessor.as_ref();
     let is_predecessor = |uid: &str| predecessor.is_some_and(|p| p.uid == uid);
@@ -44,7 +48,7 @@ pub fn owner(live: &Value, graph: &GraphIdentity) -> Owner {
         } else if is_predecessor(uid) {
             Owner::Predecessor
         } else {
-            Owner::AnotherGraph(labelled_graph())
+            Owner::AnotherGraph(named())
         };
     }
     let owner_uids: Vec<&str> = meta["ownerReferences"]
@@ -53,14 +57,13 @@ pub fn owner(live: &Value, graph: &GraphIdentity) -> Owner {
         .flatten()
         .filter_map(|r| r["uid"].as_str())
         .collect();
-    let labelled_by =
-        |name: &str| label(GRAPH_LABEL) == Some(name) && label(GRAPH_NAMESPACE_LABEL) == Some(graph.namespace.as_str());
+    let labelled_by = |name: &str| labels_name_graph(label, name, &graph.namespace);
     if owner_uids.contains(&graph.uid.as_str()) || labelled_by(&graph.name) {
         Owner::ThisGraph
     } else if owner_uids.iter().any(|u| is_predecessor(u)) || predecessor.is_some_and(|p| labelled_by(&p.name)) {
         Owner::Predecessor
-    } else if label(GRAPH_LABEL).is_some() {
-        Owner::AnotherGraph(labelled_graph())
+    } else if labelled.is_some() {
+        Owner::AnotherGraph(named())
     } else {
         Owner::Nobody
     }
@@ -279,6 +282,49 @@ pub(crate) mod tests {
         assert!(matches!(let_go(&entry(Some("o1")), &ours("o1"), &g), LetGo::Leave(_)));
         g.predecessor = None;
         assert_eq!(owner(&ours("o1"), &g), Owner::AnotherGraph("team/web".into()));
+    }
+
+    #[test]
+    fn graphs_with_names_too_long_for_a_label_recognise_their_objects_by_the_shortened_label() {
+        let long = "w".repeat(100);
+        let mut g = graph();
+        g.name = format!("{long}-new");
+        g.predecessor = Some(crate::apply::Predecessor {
+            uid: "uid-old".into(),
+            name: long.clone(),
+        });
+        let labelled = |name: &str| json!({"pequod.io/resourcegraph": crate::naming::label_value(name), "pequod.io/resourcegraph-namespace": "team"});
+        let annotated = |name: &str| json!({"pequod.io/resourcegraph-name": name});
+        let cases = [
+            (
+                "this graph's labels",
+                object("o1", labelled(&g.name), json!({}), json!([])),
+                Owner::ThisGraph,
+            ),
+            (
+                "the predecessor's labels",
+                object("o1", labelled(&long), json!({}), json!([])),
+                Owner::Predecessor,
+            ),
+            (
+                "another graph's, named in full in the message",
+                object(
+                    "o1",
+                    labelled(&format!("{long}-api")),
+                    json!({"pequod.io/resourcegraph-uid": "uid-api", "pequod.io/resourcegraph-name": format!("{long}-api")}),
+                    json!([]),
+                ),
+                Owner::AnotherGraph(format!("team/{long}-api")),
+            ),
+            (
+                "a name annotation that the label does not shorten is not believed",
+                object("o1", labelled("api"), annotated(&g.name), json!([])),
+                Owner::AnotherGraph("team/api".into()),
+            ),
+        ];
+        for (case, live, want) in cases {
+            assert_eq!(owner(&live, &g), want, "{case}");
+        }
     }
 
     #[test]

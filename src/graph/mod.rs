@@ -33,6 +33,9 @@ pub enum GraphError {
     Cycle { cycle: Vec<String> },
     #[error("node {node:?}: object {problem}")]
     MalformedObject { node: String, problem: String },
+    /// A name or label the apiserver would refuse: reported before anything is written.
+    #[error("node {node:?}: {problem}")]
+    InvalidName { node: String, problem: String },
     #[error("node {node:?}: {why}")]
     NotAllowed { node: String, why: String },
     #[error("{place}: {why}")]
@@ -58,6 +61,7 @@ impl ErrorCategory for GraphError {
             }
             Self::DuplicateId { .. } => "DuplicateNodeId",
             Self::InvalidId { .. } => "InvalidNodeId",
+            Self::InvalidName { .. } => "InvalidName",
             Self::UnknownDependency { .. } => "UnknownDependency",
             Self::Cycle { .. } => "DependencyCycle",
             Self::NotAllowed { .. } | Self::SensitiveReference { .. } => "NotAllowed",
@@ -347,9 +351,28 @@ fn check_object(node: &Node) -> Result<(), GraphError> {
     if !non_empty(metadata.get("name")) {
         return Err(bad("has no metadata.name"));
     }
+    let invalid = |problem: String| GraphError::InvalidName {
+        node: node.id.clone(),
+        problem,
+    };
+    // A value with a reference is known only when applied (a name never is one: that is
+    // refused below); values that are not strings are the schema's to refuse.
+    let known = |value: &str| !value.contains("${");
+    if let Some(problem) = Some(node.name())
+        .filter(|name| known(name))
+        .and_then(|name| crate::naming::name_problem(node.api_version(), node.kind(), name))
+    {
+        return Err(invalid(problem));
+    }
+    let labels = metadata.get("labels").and_then(|l| l.as_object());
+    if let Some(problem) = labels.into_iter().flatten().find_map(|(key, value)| {
+        let value = value.as_str().unwrap_or_default();
+        known(value).then(|| crate::naming::label_problem(key, value)).flatten()
+    }) {
+        return Err(invalid(problem));
+    }
     // An aggregation label adds the object's rules to a ClusterRole that aggregates them,
     // the manager's own among them: no graph may grant permissions that way.
-    let labels = metadata.get("labels").and_then(|l| l.as_object());
     if let Some(label) = labels
         .into_iter()
         .flat_map(|l| l.keys())
@@ -373,7 +396,7 @@ mod tests {
     fn node(id: &str, deps: &[&str]) -> Node {
         serde_json::from_value(json!({
             "id": id,
-            "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": id}},
+            "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": id.to_ascii_lowercase().replace('_', "-")}},
             "dependsOn": deps,
         }))
         .unwrap()
@@ -476,6 +499,35 @@ mod tests {
             "metadata": {"name": "r", "labels": {"app": "x"}}}}))
         .unwrap();
         assert!(validate(&[plain]).is_ok());
+    }
+
+    #[test]
+    fn names_and_labels_the_apiserver_would_refuse_are_reported_before_any_write() {
+        let object = |kind: &str, name: &str, labels: serde_json::Value| -> Node {
+            serde_json::from_value(json!({"id": "n", "object": {
+                "apiVersion": "v1", "kind": kind, "metadata": {"name": name, "labels": labels}}}))
+            .unwrap()
+        };
+        let service = |length: usize| object("Service", &format!("s{}", "a".repeat(length - 1)), json!({}));
+        assert!(validate(&[service(63)]).is_ok());
+        let err = validate(&[service(64)]).unwrap_err();
+        assert_eq!(err.reason(), "InvalidName");
+        assert!(
+            err.to_string().contains("Service name") && err.to_string().contains("64 characters"),
+            "{err}"
+        );
+        assert!(validate(&[object("ConfigMap", &"c".repeat(253), json!({}))]).is_ok());
+        assert_eq!(
+            validate(&[object("ConfigMap", &"c".repeat(254), json!({}))])
+                .unwrap_err()
+                .reason(),
+            "InvalidName"
+        );
+        let label = |value: &str| object("ConfigMap", "c", json!({"app.kubernetes.io/instance": value}));
+        assert!(validate(&[label(&"v".repeat(63))]).is_ok());
+        let err = validate(&[label(&"v".repeat(64))]).unwrap_err();
+        assert_eq!(err.reason(), "InvalidName");
+        assert!(err.to_string().contains("app.kubernetes.io/instance"), "{err}");
     }
 
     #[test]

@@ -2,13 +2,14 @@
 //! authorization of each scrape by the apiserver (TokenReview, then SubjectAccessReview for
 //! `get` on the non-resource URL `/metrics`), as kubebuilder operators do.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::lru::Lru;
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -25,14 +26,27 @@ use crate::runtime::shutdown::Shutdown;
 /// How long an answer of the apiserver about a token is reused: scrapes come every few
 /// seconds and each would otherwise cost two API calls.
 const DECISION_TTL: Duration = Duration::from_secs(60);
-/// Most decisions kept.
-const MAX_DECISIONS: usize = 1024;
+/// Age at which a token's positive decision is renewed in the background while it is still
+/// served: a known-good scraper is never made to wait for a review, nor refused for lack of
+/// review budget.
+const RENEW_AFTER: Duration = Duration::from_secs(40);
+/// Most positive decisions kept. Only tokens allowed to read /metrics get here, so made-up
+/// tokens cannot push a scraper's out.
+const MAX_ALLOWED: usize = 256;
+/// Most negative decisions kept.
+const MAX_REFUSED: usize = 1024;
 /// Longest a client may take to finish the TLS handshake, and to send its request headers:
 /// a client that connects and stays silent does not hold a task for ever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most TokenReviews per second for tokens not seen recently: a flood of made-up tokens is
-/// answered 429 rather than passed on to the apiserver.
-const MAX_REVIEWS_PER_SECOND: u32 = 20;
+/// Most TokenReviews per second for tokens not seen recently, from one client (an IPv4
+/// address or an IPv6 /64): a flood of made-up tokens is answered 429 rather than passed on to
+/// the apiserver, and uses up only its own client's budget.
+const MAX_REVIEWS_PER_CLIENT: u32 = 5;
+/// Most such TokenReviews per second over all clients: what the apiserver is asked at most.
+const MAX_REVIEWS_PER_SECOND: u32 = 50;
+/// Most clients whose budgets are tracked; the least recently seen are forgotten first (a
+/// forgotten client starts again with a full budget).
+const MAX_CLIENTS: usize = 4096;
 
 /// Why secure metrics could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +108,7 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.wait() => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -104,7 +118,9 @@ pub async fn serve_tls(
                 }
             },
         };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
+        // The peer's address, for the middleware's per-client review budgets.
+        let router = router.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
@@ -145,35 +161,167 @@ pub enum Decision {
 /// Asks the apiserver who a bearer token is and whether it may read /metrics.
 pub struct Authorizer {
     client: kube::Client,
-    /// Decisions by token hash, with when they were made; the least recently used go first.
-    decisions: Mutex<Lru<(Instant, Decision)>>,
-    reviews: Mutex<ReviewBudget>,
+    decisions: Mutex<Decisions>,
+    reviews: Mutex<ReviewBudgets>,
     /// Audiences a token must be meant for; empty: the apiserver's own.
     audiences: Vec<String>,
 }
 
-/// TokenReviews allowed in the current second.
+/// Reviews allowed in the current second, of a budget of `limit` a second.
 #[derive(Debug)]
 struct ReviewBudget {
     second: Instant,
     spent: u32,
+    limit: u32,
 }
 
 impl ReviewBudget {
+    fn new(limit: u32, now: Instant) -> Self {
+        Self {
+            second: now,
+            spent: 0,
+            limit,
+        }
+    }
+
     /// Whether one more review fits in the second that `now` falls in.
     fn spend(&mut self, now: Instant) -> bool {
         if now.duration_since(self.second) >= Duration::from_secs(1) {
             self.second = now;
             self.spent = 0;
         }
+        if self.spent >= self.limit {
+            return false;
+        }
         self.spent += 1;
-        self.spent <= MAX_REVIEWS_PER_SECOND
+        true
     }
 }
 
-/// Makes room for one decision: the least recently used go.
-fn make_room(decisions: &mut Lru<(Instant, Decision)>) {
-    while decisions.len() >= MAX_DECISIONS && decisions.pop_oldest().is_some() {}
+/// The TokenReview budgets: one per client, and one over all.
+#[derive(Debug)]
+struct ReviewBudgets {
+    clients: Lru<ReviewBudget>,
+    overall: ReviewBudget,
+}
+
+impl ReviewBudgets {
+    fn new(now: Instant) -> Self {
+        Self {
+            clients: Lru::default(),
+            overall: ReviewBudget::new(MAX_REVIEWS_PER_SECOND, now),
+        }
+    }
+
+    /// Whether `client` may have one more token reviewed at `now`. A client over its own
+    /// budget is refused without touching the overall one, so that it cannot use up others'.
+    fn spend(&mut self, client: &str, now: Instant) -> bool {
+        if self.clients.get(client).is_none() {
+            while self.clients.len() >= MAX_CLIENTS && self.clients.pop_oldest().is_some() {}
+            self.clients
+                .insert(client.to_string(), ReviewBudget::new(MAX_REVIEWS_PER_CLIENT, now), 1);
+        }
+        let admitted = self.clients.get_mut(client).is_some_and(|b| b.spend(now));
+        admitted && self.overall.spend(now)
+    }
+}
+
+/// The client a budget belongs to: its IPv4 address, or the /64 of its IPv6 address (one
+/// host holds a whole /64 and could otherwise take a new budget per address).
+fn client_key(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
+/// A token allowed to read /metrics.
+#[derive(Debug)]
+struct Allowed {
+    at: Instant,
+    /// A background review of the token is under way.
+    renewing: bool,
+}
+
+/// What is known about a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Known {
+    /// A decision young enough to answer with.
+    Answer(Decision),
+    /// Allowed, and old enough to be renewed: answered so, and reviewed in the background.
+    AnswerAndRenew,
+    /// Nothing, or too old: review it now.
+    Unknown,
+}
+
+/// Decisions by token hash. Positive and negative ones are kept apart, each bounded, the least
+/// recently used going first: a flood of made-up tokens only ever pushes out negative ones.
+#[derive(Debug, Default)]
+struct Decisions {
+    allowed: Lru<Allowed>,
+    refused: Lru<(Instant, Decision)>,
+}
+
+impl Decisions {
+    fn known(&mut self, key: &str, now: Instant) -> Known {
+        if let Some(allowed) = self.allowed.get_mut(key) {
+            let age = now.saturating_duration_since(allowed.at);
+            if age < RENEW_AFTER || (allowed.renewing && age < DECISION_TTL) {
+                return Known::Answer(Decision::Allowed);
+            }
+            if age < DECISION_TTL {
+                allowed.renewing = true;
+                return Known::AnswerAndRenew;
+            }
+            self.allowed.remove(key);
+            return Known::Unknown;
+        }
+        match self.refused.get(key) {
+            Some((at, decision)) if now.saturating_duration_since(*at) < DECISION_TTL => {
+                Known::Answer(decision.clone())
+            }
+            _ => Known::Unknown,
+        }
+    }
+
+    /// Keeps the apiserver's answer about a token. Throttling is no answer and is not kept.
+    fn record(&mut self, key: &str, decision: &Decision, now: Instant) {
+        match decision {
+            Decision::Throttled => {}
+            Decision::Allowed => {
+                self.refused.remove(key);
+                make_room(&mut self.allowed, MAX_ALLOWED);
+                let fresh = Allowed {
+                    at: now,
+                    renewing: false,
+                };
+                self.allowed.insert(key.to_string(), fresh, 1);
+            }
+            refused => {
+                self.allowed.remove(key);
+                make_room(&mut self.refused, MAX_REFUSED);
+                self.refused.insert(key.to_string(), (now, refused.clone()), 1);
+            }
+        }
+    }
+
+    /// A background review did not get an answer: the next scrape tries again.
+    fn renewal_failed(&mut self, key: &str) {
+        if let Some(allowed) = self.allowed.get_mut(key) {
+            allowed.renewing = false;
+        }
+    }
+}
+
+/// Makes room for one entry: the least recently used go.
+fn make_room<V>(entries: &mut Lru<V>, max: usize) {
+    while entries.len() >= max && entries.pop_oldest().is_some() {}
 }
 
 /// Why a reviewed token is not meant for the audiences asked for. An apiserver that returns
@@ -191,10 +339,7 @@ impl Authorizer {
         Self {
             client,
             decisions: Mutex::default(),
-            reviews: Mutex::new(ReviewBudget {
-                second: Instant::now(),
-                spent: 0,
-            }),
+            reviews: Mutex::new(ReviewBudgets::new(Instant::now())),
             audiences: Vec::new(),
         }
     }
@@ -205,32 +350,50 @@ impl Authorizer {
         self
     }
 
-    pub async fn check(&self, token: Option<&str>) -> Result<Decision, kube::Error> {
+    /// Whether `token`, sent from `peer`, may read /metrics.
+    pub async fn check(self: &Arc<Self>, peer: IpAddr, token: Option<&str>) -> Result<Decision, kube::Error> {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Ok(Decision::Unauthenticated("no bearer token".into()));
         };
         let key = hex::encode(Sha256::digest(token.as_bytes()));
-        if let Some((at, decision)) = self.lock().get(&key)
-            && at.elapsed() < DECISION_TTL
-        {
-            return Ok(decision.clone());
+        let known = self.decisions().known(&key, Instant::now());
+        match known {
+            Known::Answer(decision) => return Ok(decision),
+            Known::AnswerAndRenew => {
+                self.renew(key, token.to_string());
+                return Ok(Decision::Allowed);
+            }
+            Known::Unknown => {}
         }
         let admitted = self
             .reviews
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .spend(Instant::now());
+            .spend(&client_key(peer), Instant::now());
         if !admitted {
             return Ok(Decision::Throttled);
         }
         let decision = self.ask(token).await?;
-        let mut decisions = self.lock();
-        make_room(&mut decisions);
-        decisions.insert(key, (Instant::now(), decision.clone()), 1);
+        self.decisions().record(&key, &decision, Instant::now());
         Ok(decision)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<(Instant, Decision)>> {
+    /// Reviews an allowed token again in the background, outside any budget: only tokens
+    /// that were allowed are renewed, at most once a [`RENEW_AFTER`] each.
+    fn renew(self: &Arc<Self>, key: String, token: String) {
+        let auth = Arc::clone(self);
+        tokio::spawn(async move {
+            match auth.ask(&token).await {
+                Ok(decision) => auth.decisions().record(&key, &decision, Instant::now()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "renewing a metrics token's review failed");
+                    auth.decisions().renewal_failed(&key);
+                }
+            }
+        });
+    }
+
+    fn decisions(&self) -> std::sync::MutexGuard<'_, Decisions> {
         self.decisions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -281,15 +444,21 @@ impl Authorizer {
     }
 }
 
-/// Middleware: only requests whose bearer token may get /metrics pass.
+/// Middleware: only requests whose bearer token may get /metrics pass. The peer's address
+/// ([`ConnectInfo`], set by [`bind_tls`]) chooses the review budget; without one, all such
+/// requests share the budget of the unspecified address.
 pub async fn authorize(State(auth): State<Arc<Authorizer>>, request: Request, next: Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match auth.check(token).await {
+    match auth.check(peer, token).await {
         Ok(Decision::Allowed) => next.run(request).await,
         Ok(Decision::Unauthenticated(why)) => {
             (StatusCode::UNAUTHORIZED, format!("unauthorized: {why}\n")).into_response()
@@ -297,7 +466,7 @@ pub async fn authorize(State(auth): State<Arc<Authorizer>>, request: Request, ne
         Ok(Decision::Forbidden(why)) => (StatusCode::FORBIDDEN, format!("forbidden: {why}\n")).into_response(),
         Ok(Decision::Throttled) => (
             StatusCode::TOO_MANY_REQUESTS,
-            "too many unknown tokens; try again in a second\n",
+            "too many unknown tokens from this client; try again in a second\n",
         )
             .into_response(),
         Err(e) => {
@@ -318,25 +487,123 @@ mod tests {
     #[test]
     fn reviews_of_unknown_tokens_are_limited_per_second() {
         let start = Instant::now();
-        let mut budget = ReviewBudget {
-            second: start,
-            spent: 0,
-        };
-        let admitted = (0..MAX_REVIEWS_PER_SECOND + 5).filter(|_| budget.spend(start)).count();
-        assert_eq!(admitted, MAX_REVIEWS_PER_SECOND as usize);
+        let mut budget = ReviewBudget::new(MAX_REVIEWS_PER_CLIENT, start);
+        let admitted = (0..MAX_REVIEWS_PER_CLIENT + 5).filter(|_| budget.spend(start)).count();
+        assert_eq!(admitted, MAX_REVIEWS_PER_CLIENT as usize);
         assert!(budget.spend(start + Duration::from_millis(1001)), "a new second");
+    }
+
+    #[test]
+    fn a_flooding_client_is_limited_and_another_still_gets_reviews() {
+        let start = Instant::now();
+        let mut budgets = ReviewBudgets::new(start);
+        let flooder = (0..1000).filter(|_| budgets.spend("10.0.0.66", start)).count();
+        assert_eq!(flooder, MAX_REVIEWS_PER_CLIENT as usize);
+        assert!(
+            budgets.spend("10.0.0.7", start),
+            "the scraper's own budget is untouched"
+        );
+        // Many flooding clients together are held to the overall budget.
+        let many = (0..200)
+            .filter(|i| budgets.spend(&format!("10.1.0.{i}"), start))
+            .count();
+        assert_eq!(many as u32, MAX_REVIEWS_PER_SECOND - MAX_REVIEWS_PER_CLIENT - 1);
+        let later = start + Duration::from_secs(1);
+        assert!(budgets.spend("10.0.0.7", later), "budgets refill each second");
+    }
+
+    #[test]
+    fn tracked_clients_are_bounded() {
+        let start = Instant::now();
+        let mut budgets = ReviewBudgets::new(start);
+        for i in 0..MAX_CLIENTS + 10 {
+            budgets.spend(&format!("client-{i}"), start + Duration::from_secs(i as u64));
+        }
+        assert_eq!(budgets.clients.len(), MAX_CLIENTS);
+    }
+
+    #[test]
+    fn clients_are_addresses_and_ipv6_hosts_their_64() {
+        assert_eq!(client_key("10.0.0.7".parse().unwrap()), "10.0.0.7");
+        assert_eq!(client_key("::ffff:10.0.0.7".parse().unwrap()), "10.0.0.7");
+        assert_eq!(
+            client_key("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            client_key("2001:db8:1:2:bbbb::2".parse().unwrap())
+        );
+        assert_ne!(
+            client_key("2001:db8:1:2::1".parse().unwrap()),
+            client_key("2001:db8:1:3::1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn an_allowed_token_is_renewed_before_it_expires_and_answered_meanwhile() {
+        let start = Instant::now();
+        let mut decisions = Decisions::default();
+        assert_eq!(decisions.known("t", start), Known::Unknown);
+        decisions.record("t", &Decision::Allowed, start);
+        assert_eq!(
+            decisions.known("t", start + Duration::from_secs(10)),
+            Known::Answer(Decision::Allowed)
+        );
+        let due = start + RENEW_AFTER;
+        assert_eq!(decisions.known("t", due), Known::AnswerAndRenew);
+        assert_eq!(
+            decisions.known("t", due + Duration::from_secs(1)),
+            Known::Answer(Decision::Allowed),
+            "one renewal at a time"
+        );
+        decisions.renewal_failed("t");
+        assert_eq!(
+            decisions.known("t", due + Duration::from_secs(2)),
+            Known::AnswerAndRenew,
+            "tried again"
+        );
+        decisions.record("t", &Decision::Allowed, due + Duration::from_secs(3));
+        let renewed = start + DECISION_TTL + Duration::from_secs(10);
+        assert_eq!(
+            decisions.known("t", renewed),
+            Known::Answer(Decision::Allowed),
+            "renewed in time"
+        );
+        assert_eq!(
+            decisions.known("t", renewed + DECISION_TTL),
+            Known::Unknown,
+            "never renewed: reviewed again"
+        );
+        // A renewal that finds the token revoked replaces the positive decision.
+        decisions.record("u", &Decision::Allowed, start);
+        decisions.record("u", &Decision::Forbidden("revoked".into()), start);
+        assert_eq!(
+            decisions.known("u", start),
+            Known::Answer(Decision::Forbidden("revoked".into()))
+        );
+    }
+
+    #[test]
+    fn made_up_tokens_never_push_out_an_allowed_one() {
+        let start = Instant::now();
+        let mut decisions = Decisions::default();
+        decisions.record("scraper", &Decision::Allowed, start);
+        for i in 0..MAX_REFUSED * 3 {
+            decisions.record(&format!("made-up-{i}"), &Decision::Unauthenticated("no".into()), start);
+        }
+        decisions.record("ignored", &Decision::Throttled, start);
+        assert_eq!(decisions.refused.len(), MAX_REFUSED);
+        assert_eq!(decisions.known("scraper", start), Known::Answer(Decision::Allowed));
+        assert_eq!(decisions.known("ignored", start), Known::Unknown);
     }
 
     #[test]
     fn a_full_decision_cache_drops_the_least_recently_used_not_everything() {
         let mut decisions: Lru<(Instant, Decision)> = Lru::default();
-        for i in 0..MAX_DECISIONS {
+        for i in 0..MAX_REFUSED {
             decisions.insert(format!("t{i}"), (Instant::now(), Decision::Allowed), 1);
         }
         // t0 is the oldest, but was just used: t1 goes instead.
         assert!(decisions.get("t0").is_some());
-        make_room(&mut decisions);
-        assert_eq!(decisions.len(), MAX_DECISIONS - 1);
+        make_room(&mut decisions, MAX_REFUSED);
+        assert_eq!(decisions.len(), MAX_REFUSED - 1);
         assert!(decisions.get("t1").is_none(), "the least recently used went");
         assert!(decisions.get("t0").is_some() && decisions.get("t2").is_some());
     }

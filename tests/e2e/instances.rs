@@ -273,6 +273,99 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn long_instance_names_get_valid_labels_and_names_that_cannot_fit_are_reported() {
+    let (env, transforms) = setup("instance-long-names").await;
+    let webservices = serve_webservice(&env, &transforms).await;
+    let api_version = format!("{}/v1alpha1", group(&env));
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.namespace);
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+
+    // 60 characters: every name the module makes fits (a Service's at most 63), but the graph's
+    // name, which holds kind, group and instance name, does not fit a label.
+    let long = format!("long-{}", "n".repeat(55));
+    assert_eq!(long.len(), 60);
+    apply_instance(
+        &webservices,
+        &api_version,
+        "WebService",
+        &long,
+        json!({"image": "nginx:latest", "port": 80, "replicas": 1}),
+    )
+    .await;
+    let obj = wait_instance(&webservices, &long, "Ready", "True", "Ready").await;
+    let graph = format!("webservice.{}-{long}", group(&env));
+    assert_eq!(status_field(&obj, "/resourceGraph"), Some(&json!(graph)));
+    let rg = graphs.get(&graph).await.unwrap();
+    for (key, value) in rg.labels() {
+        assert!(value.len() <= 63, "graph label {key}={value}");
+    }
+    let service = services.get(&long).await.unwrap();
+    let labels = service.labels();
+    let labelled = &labels["pequod.io/resourcegraph"];
+    assert!(labelled.len() <= 63 && *labelled != graph, "{labelled}");
+    assert_eq!(service.annotations()["pequod.io/resourcegraph-name"], graph);
+    assert_eq!(labels["pequod.io/node"], "service");
+    assert!(deployments.get(&long).await.is_ok());
+
+    // The watch leads from the object's shortened label to its graph: a deleted Service is
+    // put back.
+    services.delete(&long, &DeleteParams::default()).await.unwrap();
+    let uid = service.uid().unwrap();
+    wait_for("the Service to be recreated", WAIT, || async {
+        match services.get_opt(&long).await.map_err(|e| e.to_string())? {
+            Some(s) if s.uid().as_deref() != Some(uid.as_str()) => Ok(()),
+            other => Err(format!("{:?}", other.map(|s| s.uid()))),
+        }
+    })
+    .await;
+
+    // 64 characters: the instance name is valid, but no Service (nor label value) can carry
+    // it. Nothing is written, and the instance says why.
+    let too_long = format!("long-{}", "t".repeat(59));
+    assert_eq!(too_long.len(), 64);
+    apply_instance(
+        &webservices,
+        &api_version,
+        "WebService",
+        &too_long,
+        json!({"image": "nginx:latest", "port": 80}),
+    )
+    .await;
+    let obj = wait_instance(&webservices, &too_long, "Ready", "False", "InvalidName").await;
+    let (_, _, message) = instance_condition(&obj, "Ready").unwrap();
+    assert!(message.contains("64 characters"), "{message}");
+    // Rendered, then refused by the graph rules: the instance tells the two apart.
+    assert_eq!(
+        instance_condition(&obj, "Rendered").map(|(s, r, _)| (s, r)),
+        Some(("True".to_string(), "Rendered".to_string()))
+    );
+    assert_eq!(status_field(&obj, "/phase"), Some(&json!("Failed")));
+    assert!(deployments.get_opt(&too_long).await.unwrap().is_none());
+    assert!(services.get_opt(&too_long).await.unwrap().is_none());
+
+    // Teardown finds the long-named graph's objects too.
+    for name in [&long, &too_long] {
+        webservices.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    wait_for("the long-named instance's objects to be gone", WAIT, || async {
+        let gone = (
+            graphs.get_opt(&graph).await.map_err(|e| e.to_string())?.is_none(),
+            services.get_opt(&long).await.map_err(|e| e.to_string())?.is_none(),
+            deployments.get_opt(&long).await.map_err(|e| e.to_string())?.is_none(),
+        );
+        if gone == (true, true, true) {
+            Ok(())
+        } else {
+            Err(format!("{gone:?}"))
+        }
+    })
+    .await;
+    delete_transform(&transforms, "webservice").await;
+    env.cleanup().await;
+}
+
 /// A module whose objects are set by the instance: a ConfigMap in `targetNamespace` (if any),
 /// and a Namespace when `namespace` is set.
 const ESCAPE_MODULE: &str = r#"package escape

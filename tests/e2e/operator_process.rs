@@ -170,6 +170,45 @@ async fn secure_metrics_require_a_token_allowed_to_get_metrics() {
         .await
         .unwrap();
     assert_eq!(status, 401);
+    // A flood of made-up tokens from one client is held to that client's review budget
+    // (answered 429 beyond it, nothing asked of the apiserver), while the scraper's token,
+    // known already, keeps being answered without a review. On loopback every client has the
+    // same address: that another client keeps its own budget is the unit tests' to show.
+    let started = std::time::Instant::now();
+    let flood = futures::future::join_all((0..100).map(|i| {
+        let addr = op.metrics.clone();
+        async move { support::https_get(&addr, "/metrics", Some(&format!("made-up-{i}"))).await }
+    }));
+    let scrapes = async {
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            statuses.push(
+                support::https_get(&op.metrics, "/metrics", Some(&scraper))
+                    .await
+                    .map(|(s, _)| s),
+            );
+        }
+        statuses
+    };
+    let (flooded, scraped) = tokio::join!(flood, scrapes);
+    let seconds = started.elapsed().as_secs();
+    assert!(
+        scraped.iter().all(|s| *s == Ok(200)),
+        "the scraper during the flood: {scraped:?}"
+    );
+    let answered = |code: u16| flooded.iter().filter(|r| matches!(r, Ok((c, _)) if *c == code)).count();
+    let (reviewed, throttled) = (answered(401), answered(429));
+    assert_eq!(reviewed + throttled, 100, "{flooded:?}");
+    // At most 5 reviews a second for one client (counting the second the flood started in).
+    assert!(
+        (reviewed as u64) <= 5 * (seconds + 2),
+        "{reviewed} made-up tokens reviewed in {seconds}s"
+    );
+    // The budget refills: a new token of another account is reviewed, not throttled.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fresh = support::service_account_token(&env.client, &env.namespace, "nobody").await;
+    let (status, body) = support::https_get(&op.metrics, "/metrics", Some(&fresh)).await.unwrap();
+    assert_eq!(status, 403, "{body}");
     // Plain HTTP is not served on the secure port.
     assert!(!matches!(
         support::http_get(&op.metrics, "/metrics").await,

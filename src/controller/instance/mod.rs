@@ -356,7 +356,7 @@ async fn run_kind(
                 graphs,
                 watcher::Config::default().labels(&format!(
                     "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
-                    resource.kind,
+                    label_value(&resource.kind),
                     label_value(&resource.group)
                 )),
             )
