@@ -1118,7 +1118,7 @@ async fn expensive_expressions_time_out_without_stopping_health_other_graphs_or_
     unsafe {
         libc::kill(operator.pid() as libc::pid_t, libc::SIGTERM);
     }
-    support::wait_for("pequod to exit after SIGTERM", Duration::from_secs(15), || {
+    support::wait_for("pequod to exit after SIGTERM", Duration::from_secs(30), || {
         let status = operator.try_wait();
         async move {
             match status {
