@@ -382,6 +382,8 @@ pub async fn publish(module: &str, reference: &str, insecure: bool) -> Result<()
             Vec::new()
         },
         timeout: Duration::from_secs(60),
+        // The administrator's own push: no Transform chose the host.
+        proxy: None,
     };
     let digest = registries
         .publish(&parsed.to_client_reference(None), &files, &auth)

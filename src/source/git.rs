@@ -1,6 +1,7 @@
 //! Git sources through the `git` command: `ls-remote` to resolve a branch or tag, then a
 //! shallow fetch of one commit and `git archive` of the module's folder.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,6 +90,72 @@ pub struct Git {
     pub timeout: Duration,
 }
 
+/// How git reaches a repository's host: only at addresses the source policy checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The URL git is given: the repository's, or for `git://` one naming the checked address.
+    pub url: String,
+    /// `-c` settings before the command, such as the guard as HTTP proxy.
+    pub config: Vec<String>,
+    /// ssh options, such as the checked address to connect to.
+    pub ssh_options: Vec<String>,
+}
+
+impl Route {
+    /// Local repositories: nothing to check.
+    pub fn direct(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            config: Vec::new(),
+            ssh_options: Vec::new(),
+        }
+    }
+
+    /// `http://` and `https://` through the guard at `proxy_url`, which checks every host
+    /// git is sent to, redirects included.
+    pub fn through_proxy(url: &str, proxy_url: &str) -> Self {
+        Self {
+            config: vec![format!("http.proxy={proxy_url}")],
+            ..Self::direct(url)
+        }
+    }
+
+    /// ssh to the checked `address` of `host`. The host key is still looked up under the
+    /// host's name (as ssh names it in known_hosts: `host`, or `[host]:port` off port 22).
+    pub fn ssh_pinned(url: &str, host: &str, port: Option<u16>, address: IpAddr) -> Self {
+        let host = host.to_ascii_lowercase();
+        let alias = match port {
+            Some(port) if port != 22 => format!("[{host}]:{port}"),
+            _ => host,
+        };
+        Self {
+            ssh_options: vec![
+                format!("HostName={address}"),
+                format!("HostKeyAlias={alias}"),
+                // The key was checked under the alias; the address is not looked up.
+                "CheckHostIP=no".to_string(),
+            ],
+            ..Self::direct(url)
+        }
+    }
+
+    /// `git://` to the checked `address`: the protocol has no host verification to keep,
+    /// so the URL names the address. None for a URL that is not `git://host[:port]/path`.
+    pub fn daemon_pinned(url: &str, port: Option<u16>, address: IpAddr) -> Option<Self> {
+        let rest = url.strip_prefix("git://")?;
+        let path = &rest[rest.find('/')?..];
+        let host = match address {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        let url = match port {
+            Some(port) => format!("git://{host}:{port}{path}"),
+            None => format!("git://{host}{path}"),
+        };
+        Some(Self::direct(&url))
+    }
+}
+
 /// A folder removed when dropped.
 struct WorkDir(PathBuf);
 
@@ -100,7 +167,12 @@ impl Drop for WorkDir {
 
 impl Git {
     /// The commit a branch, tag or the default branch points at now.
-    pub async fn resolve(&self, reference: &GitReference, auth: &GitCredentials) -> Result<String, GitError> {
+    pub async fn resolve(
+        &self,
+        reference: &GitReference,
+        route: &Route,
+        auth: &GitCredentials,
+    ) -> Result<String, GitError> {
         let name = match &reference.revision {
             GitRevision::Commit(sha) => return Ok(sha.clone()),
             GitRevision::Head => "HEAD".to_string(),
@@ -110,10 +182,10 @@ impl Git {
         let out = self
             .run(
                 "ls-remote",
-                reference,
+                (reference, route),
                 auth,
                 &work,
-                &["ls-remote", "--", &reference.url, &name],
+                &["ls-remote", "--", &route.url, &name],
             )
             .await?;
         pick_ref(&String::from_utf8_lossy(&out), &name).ok_or_else(|| GitError::UnknownRevision {
@@ -127,10 +199,12 @@ impl Git {
     pub async fn fetch(
         &self,
         reference: &GitReference,
+        route: &Route,
         revision: &str,
         path: &ModulePath,
         auth: &GitCredentials,
     ) -> Result<(String, Vec<u8>), GitError> {
+        let reference = (reference, route);
         let work = self.work_dir()?;
         let repo = work.0.join("repo");
         let repo_arg = repo.to_string_lossy().into_owned();
@@ -155,7 +229,7 @@ impl Git {
                 "--depth=1",
                 "--no-tags",
                 "--",
-                &reference.url,
+                &route.url,
                 revision,
             ],
         )
@@ -209,12 +283,15 @@ impl Git {
     async fn run(
         &self,
         operation: &'static str,
-        reference: &GitReference,
+        (reference, route): (&GitReference, &Route),
         auth: &GitCredentials,
         work: &WorkDir,
         args: &[&str],
     ) -> Result<Vec<u8>, GitError> {
         let mut command = Command::new(&self.binary);
+        for setting in &route.config {
+            command.args(["-c", setting]);
+        }
         command
             .args(args)
             .current_dir(&work.0)
@@ -231,7 +308,7 @@ impl Git {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        configure_auth(&mut command, auth, &work.0).map_err(|e| GitError::Spawn {
+        configure_auth(&mut command, auth, &route.ssh_options, &work.0).map_err(|e| GitError::Spawn {
             binary: self.binary.display().to_string(),
             message: format!("writing credentials: {e}"),
         })?;
@@ -264,6 +341,7 @@ impl Git {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let mut message = stderr
             .replace(&reference.url, &reference.display_url())
+            .replace(&route.url, &reference.display_url())
             .trim()
             .to_string();
         if message.len() > MAX_MESSAGE {
@@ -285,8 +363,19 @@ impl Git {
     }
 }
 
-/// Passes credentials through the environment, never the command line (visible in `ps`).
-fn configure_auth(command: &mut Command, auth: &GitCredentials, work: &Path) -> std::io::Result<()> {
+/// Passes credentials through the environment, never the command line (visible in `ps`),
+/// and gives ssh the route's options. ssh reads no configuration file and never prompts.
+fn configure_auth(
+    command: &mut Command,
+    auth: &GitCredentials,
+    route_options: &[String],
+    work: &Path,
+) -> std::io::Result<()> {
+    let mut ssh = String::from("ssh -F /dev/null -o BatchMode=yes");
+    for option in route_options {
+        ssh.push_str(" -o ");
+        ssh.push_str(&shell_quote(option));
+    }
     match auth {
         GitCredentials::Anonymous => {}
         GitCredentials::Basic { username, password } => {
@@ -314,17 +403,21 @@ fn configure_auth(command: &mut Command, auth: &GitCredentials, work: &Path) -> 
                 .open(&key)?;
             std::io::Write::write_all(&mut file, private_key.as_bytes())?;
             std::fs::write(&hosts, known_hosts)?;
-            command.env(
-                "GIT_SSH_COMMAND",
-                format!(
-                    "ssh -F /dev/null -i '{}' -o IdentitiesOnly=yes -o UserKnownHostsFile='{}' -o StrictHostKeyChecking=yes -o BatchMode=yes",
-                    key.display(),
-                    hosts.display()
-                ),
-            );
+            ssh.push_str(&format!(
+                " -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes",
+                shell_quote(&key.display().to_string()),
+                shell_quote(&hosts.display().to_string())
+            ));
         }
     }
+    // git runs the command through the shell.
+    command.env("GIT_SSH_COMMAND", ssh);
     Ok(())
+}
+
+/// `value` as one shell word: host names come from a Transform's URL.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''"))
 }
 
 /// Whether git's message says the server was unreachable or failing (git has no error codes).
@@ -397,6 +490,130 @@ mod tests {
     const A: &str = "1111111111111111111111111111111111111111";
     const B: &str = "2222222222222222222222222222222222222222";
     const C: &str = "3333333333333333333333333333333333333333";
+
+    /// A listener standing in for a server, and the first bytes each connection sends.
+    async fn witness() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    // What arrives until the client waits for an answer.
+                    let mut seen = Vec::new();
+                    let mut chunk = vec![0; 1024];
+                    let mut wait = Duration::from_secs(10);
+                    while let Ok(Ok(read @ 1..)) = tokio::time::timeout(wait, stream.read(&mut chunk)).await {
+                        seen.extend_from_slice(&chunk[..read]);
+                        wait = Duration::from_millis(500);
+                    }
+                    let _ = tx.send(String::from_utf8_lossy(&seen).into_owned());
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    async fn first_connection(seen: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+        let first = tokio::time::timeout(Duration::from_secs(30), seen.recv()).await;
+        first.ok().flatten().expect("a connection to the witness")
+    }
+
+    fn git_in(dir: &tempfile::TempDir) -> Git {
+        Git {
+            binary: PathBuf::from("git"),
+            work_root: dir.path().to_path_buf(),
+            timeout: Duration::from_secs(20),
+        }
+    }
+
+    #[tokio::test]
+    async fn pinned_routes_connect_to_the_checked_address_without_resolving_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let git = git_in(&dir);
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+
+        // The name does not resolve: a connection can only come from the pinned address.
+        let (port, mut seen) = witness().await;
+        let url = format!("git://pinned.invalid:{port}/platforms");
+        let reference = GitReference::parse(&url).unwrap();
+        let route = Route::daemon_pinned(&url, Some(port), loopback).unwrap();
+        assert_eq!(route.url, format!("git://127.0.0.1:{port}/platforms"));
+        let error = git
+            .resolve(&reference, &route, &GitCredentials::Anonymous)
+            .await
+            .unwrap_err();
+        assert!(
+            !error.to_string().contains("127.0.0.1"),
+            "messages name the URL as written: {error}"
+        );
+        let request = first_connection(&mut seen).await;
+        assert!(request.contains("git-upload-pack /platforms"), "{request:?}");
+
+        let (port, mut seen) = witness().await;
+        let url = format!("ssh://git@pinned.invalid:{port}/platforms");
+        let reference = GitReference::parse(&url).unwrap();
+        let route = Route::ssh_pinned(&url, "pinned.invalid", Some(port), loopback);
+        assert!(
+            route
+                .ssh_options
+                .contains(&format!("HostKeyAlias=[pinned.invalid]:{port}"))
+        );
+        git.resolve(&reference, &route, &GitCredentials::Anonymous)
+            .await
+            .unwrap_err();
+        let banner = first_connection(&mut seen).await;
+        assert!(
+            banner.starts_with("SSH-2.0-"),
+            "ssh spoke to the pinned address: {banner:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_routes_go_through_the_guard_and_refusals_never_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let git = git_in(&dir);
+        let guard = crate::source::guard::Guard::start().await.unwrap();
+
+        let (port, mut seen) = witness().await;
+        let url = format!("http://127.0.0.1:{port}/platforms");
+        let reference = GitReference::parse(&url).unwrap();
+        let route = Route::through_proxy(&url, &guard.proxy_url());
+        git.resolve(&reference, &route, &GitCredentials::Anonymous)
+            .await
+            .unwrap_err();
+        let request = first_connection(&mut seen).await;
+        assert!(request.starts_with("GET /platforms/info/refs"), "{request:?}");
+        assert_eq!(guard.refusal(), None);
+
+        // As a redirect or a second answer would send git there.
+        let url = "https://[::ffff:169.254.169.254]/platforms";
+        let reference = GitReference::parse(url).unwrap();
+        let route = Route::through_proxy(url, &guard.proxy_url());
+        git.resolve(&reference, &route, &GitCredentials::Anonymous)
+            .await
+            .unwrap_err();
+        assert!(guard.refusal().unwrap().contains("169.254.169.254"));
+    }
+
+    #[test]
+    fn ssh_host_key_aliases_name_the_host_as_known_hosts_does() {
+        let address = IpAddr::from([192, 0, 2, 1]);
+        let default_port = Route::ssh_pinned("git@Git.Example.com:r", "Git.Example.com", None, address);
+        assert!(
+            default_port
+                .ssh_options
+                .contains(&"HostKeyAlias=git.example.com".to_string())
+        );
+        assert!(default_port.ssh_options.contains(&"HostName=192.0.2.1".to_string()));
+        let port_22 = Route::ssh_pinned("ssh://h:22/r", "h", Some(22), address);
+        assert!(port_22.ssh_options.contains(&"HostKeyAlias=h".to_string()));
+        let v6 = Route::daemon_pinned("git://h/r", None, "2001:db8::1".parse().unwrap()).unwrap();
+        assert_eq!(v6.url, "git://[2001:db8::1]/r");
+        assert_eq!(shell_quote("a'b"), "'a'\\''b'");
+    }
 
     #[test]
     fn unreachable_servers_are_told_from_refusals() {

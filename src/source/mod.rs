@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod cache;
 pub mod credentials;
 pub mod git;
+pub mod guard;
 pub mod oci;
 pub mod policy;
 pub mod reference;
@@ -72,6 +73,8 @@ pub enum SourceError {
     },
     #[error("{0}")]
     NotAllowed(String),
+    #[error("cannot start the connection guard: {0}")]
+    Guard(String),
     #[error("{host} is not asked for {retry_in}s after {failures} failures in a row; last error: {last_error}")]
     CircuitOpen {
         host: String,
@@ -236,6 +239,7 @@ impl Fetcher {
             registries: Registries {
                 insecure: config.insecure_registries,
                 timeout: config.timeout,
+                proxy: None,
             },
         }
     }
@@ -334,7 +338,9 @@ impl Fetcher {
         if let Some(why) = self.policy.refuse_git(&reference.url) {
             return Err(SourceError::NotAllowed(why));
         }
-        if let Some(why) = policy::refuse_resolved(&reference.host()).await {
+        let endpoint = policy::git_endpoint(&reference.url)
+            .ok_or_else(|| SourceError::Reference(ReferenceError::Git(reference.url.clone())))?;
+        if let Some(why) = guard::refuse_resolved(&endpoint.host).await {
             return Err(SourceError::NotAllowed(why));
         }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;
@@ -365,12 +371,21 @@ impl Fetcher {
             GitRevision::Head => "HEAD".to_string(),
             GitRevision::Named(name) => name.clone(),
         };
+        let guard = start_guard().await?;
+        let guard = &guard;
+        let (reference, endpoint, path, auth) = (&reference, &endpoint, &path, &auth);
         self.remote(
             &remote,
             platform,
-            || async { Ok(self.git.resolve(&reference, &auth).await?) },
-            |_| async {
-                let (sha, tar) = self.git.fetch(&reference, &fetch_revision, &path, &auth).await?;
+            || async move {
+                let route = git_route(reference, endpoint, guard).await?;
+                let resolved = self.git.resolve(reference, &route, auth).await;
+                resolved.map_err(|e| checked(e.into(), guard))
+            },
+            |_| async move {
+                let route = git_route(reference, endpoint, guard).await?;
+                let fetched = self.git.fetch(reference, &route, &fetch_revision, path, auth).await;
+                let (sha, tar) = fetched.map_err(|e| checked(e.into(), guard))?;
                 Ok((sha, ArchiveFormat::Tar, tar))
             },
         )
@@ -382,7 +397,7 @@ impl Fetcher {
         if let Some(why) = self.policy.refuse_registry(&reference.registry) {
             return Err(SourceError::NotAllowed(why));
         }
-        if let Some(why) = policy::refuse_resolved(&reference.registry).await {
+        if let Some(why) = guard::refuse_resolved(&reference.registry).await {
             return Err(SourceError::NotAllowed(why));
         }
         let path = ModulePath::parse(cue_ref.path.as_deref())?;
@@ -408,18 +423,25 @@ impl Fetcher {
             path: &path,
         };
         let platform = reference.repository.clone();
+        let guard = start_guard().await?;
+        let guard = &guard;
+        let registries = &Registries {
+            proxy: Some(guard.proxy_url()),
+            ..self.registries.clone()
+        };
         self.remote(
             &remote,
             platform,
             || async {
-                Ok(self
-                    .registries
-                    .resolve(&reference.to_client_reference(None), auth)
-                    .await?)
+                let resolved = registries.resolve(&reference.to_client_reference(None), auth).await;
+                resolved.map_err(|e| checked(e.into(), guard))
             },
             |digest: String| {
                 let pinned = reference.to_client_reference(Some(&digest));
-                async move { Ok(self.registries.pull(&pinned, auth).await?) }
+                async move {
+                    let pulled = registries.pull(&pinned, auth).await;
+                    pulled.map_err(|e| checked(e.into(), guard))
+                }
             },
         )
         .await
@@ -537,6 +559,87 @@ impl Fetcher {
             digest: resolution.digest,
             moves: true,
         })
+    }
+}
+
+async fn start_guard() -> Result<guard::Guard, SourceError> {
+    guard::Guard::start()
+        .await
+        .map_err(|e| SourceError::Guard(e.to_string()))
+}
+
+/// How git reaches `endpoint`: http(s) through the guard, ssh and `git://` at an address
+/// checked here, so that git never resolves the name itself.
+async fn git_route(
+    reference: &GitReference,
+    endpoint: &policy::GitEndpoint,
+    guard: &guard::Guard,
+) -> Result<git::Route, SourceError> {
+    let url = &reference.url;
+    let default_port = match endpoint.transport {
+        policy::GitTransport::Local => return Ok(git::Route::direct(url)),
+        policy::GitTransport::Https | policy::GitTransport::Http => {
+            return Ok(git::Route::through_proxy(url, &guard.proxy_url()));
+        }
+        policy::GitTransport::Ssh => 22,
+        policy::GitTransport::Daemon => 9418,
+    };
+    let addresses = guard::resolve_checked(&endpoint.host, endpoint.port.unwrap_or(default_port))
+        .await
+        .map_err(|unchecked| match unchecked {
+            guard::Unchecked::Refused(why) => SourceError::NotAllowed(why),
+            other => SourceError::Git(GitError::Failed {
+                operation: "connect",
+                url: reference.display_url(),
+                message: other.to_string(),
+                unavailable: true,
+            }),
+        })?;
+    // Checked and not empty; ssh and git take one address.
+    let address = addresses
+        .first()
+        .map(std::net::SocketAddr::ip)
+        .ok_or_else(|| SourceError::NotAllowed(format!("{} has no address to connect to", endpoint.host)))?;
+    let route = match endpoint.transport {
+        policy::GitTransport::Daemon => git::Route::daemon_pinned(url, endpoint.port, address),
+        _ => Some(git::Route::ssh_pinned(url, &endpoint.host, endpoint.port, address)),
+    };
+    route.ok_or_else(|| SourceError::Reference(ReferenceError::Git(url.clone())))
+}
+
+/// A fetch's error as the guard saw it: a refused connection is the reason the fetch failed,
+/// and a host the guard could not reach is named (clients only see the proxy's error).
+fn checked(error: SourceError, guard: &guard::Guard) -> SourceError {
+    if let Some(why) = guard.refusal() {
+        return SourceError::NotAllowed(why);
+    }
+    let Some(failure) = guard.failure() else {
+        return error;
+    };
+    match error {
+        SourceError::Git(GitError::Failed {
+            operation,
+            url,
+            message,
+            ..
+        }) => SourceError::Git(GitError::Failed {
+            operation,
+            url,
+            message: format!("{message} ({failure})"),
+            unavailable: true,
+        }),
+        SourceError::Oci(OciError::Registry {
+            operation,
+            reference,
+            message,
+            ..
+        }) => SourceError::Oci(OciError::Registry {
+            operation,
+            reference,
+            message: format!("{message} ({failure})"),
+            unavailable: true,
+        }),
+        other => other,
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Registries {
     /// Registries (host or host:port) reached over plain HTTP.
     pub insecure: Vec<String>,
     pub timeout: Duration,
+    /// The proxy every request goes through, such as a fetch's guard; None connects directly.
+    pub proxy: Option<String>,
 }
 
 impl Registries {
@@ -73,6 +75,10 @@ impl Registries {
             },
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(self.timeout),
+            // Both schemes: a registry may send the client on to another host (its token
+            // endpoint, a redirect to blob storage), and that host is checked too.
+            http_proxy: self.proxy.clone(),
+            https_proxy: self.proxy.clone(),
             ..ClientConfig::default()
         })
     }

@@ -203,6 +203,7 @@ fn registries(insecure: &str) -> Registries {
     Registries {
         insecure: vec![insecure.to_string()],
         timeout: Duration::from_secs(30),
+        proxy: None,
     }
 }
 

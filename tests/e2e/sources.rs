@@ -131,6 +131,11 @@ async fn local_plain_text_and_link_local_git_sources_are_refused_unless_allowed(
         "https://169.254.169.254/latest",
         // 169.254.169.254 in a form only the system resolver reads.
         "https://2852039166/latest",
+        // ... and in the IPv6 forms that carry it.
+        "https://[::ffff:169.254.169.254]/latest",
+        "https://[64:ff9b::a9fe:a9fe]/latest",
+        "git@[::ffff:a9fe:a9fe]:platforms",
+        "ssh://git@0xA9.0xFE.0xA9.0xFE/platforms",
     ] {
         let cue_ref = CueRef {
             type_: CueRefType::Git,
