@@ -598,37 +598,39 @@ async fn objects_stay_in_the_instance_namespace_unless_the_transform_allows_clus
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn an_instance_may_be_pinned_only_to_a_version_its_own_transform_served() {
-    let (env, transforms) = setup("pin-elsewhere").await;
-    let group = group(&env);
-    let api_version = format!("{group}/v1alpha1");
-    put_module(
-        &env.client,
-        &env.namespace,
-        "note-module",
-        &labelled_module("Note", "1"),
-    )
-    .await;
-    put_module(
-        &env.client,
-        &env.namespace,
-        "memo-module",
-        &labelled_module("Memo", "1"),
-    )
-    .await;
-    for (name, module) in [("note", "note-module"), ("memo", "memo-module")] {
+/// Two Transforms of the test's group, `note` and `memo`, each with a module of its own;
+/// returns `note` as served, and the module version `memo` served.
+async fn serve_note_and_memo(
+    env: &TestEnv,
+    transforms: &Api<pequod::api::Transform>,
+) -> (pequod::api::Transform, String) {
+    let group = group(env);
+    for (name, kind) in [("note", "Note"), ("memo", "Memo")] {
+        let module = format!("{name}-module");
+        put_module(&env.client, &env.namespace, &module, &labelled_module(kind, "1")).await;
         apply_transform(
-            &transforms,
+            transforms,
             name,
             json!({"cueRef": {"type": "configmap", "ref": module}, "group": group}),
         )
         .await;
     }
-    let note = support::wait_transform_ready(&transforms, "note").await;
-    let memo = support::wait_transform_ready(&transforms, "memo").await;
-    let served = |t: &pequod::api::Transform| t.status.as_ref().map(|s| s.served_digests.clone()).unwrap_or_default();
+    let note = support::wait_transform_ready(transforms, "note").await;
+    let memo = support::wait_transform_ready(transforms, "memo").await;
     let memo_digest = served(&memo).last().cloned().expect("memo served a version");
+    (note, memo_digest)
+}
+
+fn served(t: &pequod::api::Transform) -> Vec<String> {
+    t.status.as_ref().map(|s| s.served_digests.clone()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_instance_may_be_pinned_only_to_a_version_its_own_transform_served() {
+    let (env, transforms) = setup("pin-elsewhere").await;
+    let group = group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    let (note, memo_digest) = serve_note_and_memo(&env, &transforms).await;
     assert!(!served(&note).contains(&memo_digest), "{:?}", served(&note));
 
     let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
@@ -1754,32 +1756,7 @@ async fn a_version_written_into_served_digests_by_hand_is_not_served() {
     let (env, transforms) = setup("served-by-hand").await;
     let group = group(&env);
     let api_version = format!("{group}/v1alpha1");
-    put_module(
-        &env.client,
-        &env.namespace,
-        "note-module",
-        &labelled_module("Note", "1"),
-    )
-    .await;
-    put_module(
-        &env.client,
-        &env.namespace,
-        "memo-module",
-        &labelled_module("Memo", "1"),
-    )
-    .await;
-    for (name, module) in [("note", "note-module"), ("memo", "memo-module")] {
-        apply_transform(
-            &transforms,
-            name,
-            json!({"cueRef": {"type": "configmap", "ref": module}, "group": group}),
-        )
-        .await;
-    }
-    let note = support::wait_transform_ready(&transforms, "note").await;
-    let memo = support::wait_transform_ready(&transforms, "memo").await;
-    let served = |t: &pequod::api::Transform| t.status.as_ref().map(|s| s.served_digests.clone()).unwrap_or_default();
-    let memo_digest = served(&memo).last().cloned().expect("memo served a version");
+    let (note, memo_digest) = serve_note_and_memo(&env, &transforms).await;
 
     // The owner of `note` adds memo's version to note's served versions.
     let mut forged = served(&note);
