@@ -57,6 +57,7 @@ pub const VALID: &str = "Valid";
 pub const DEPRECATED_SHAPE: &str = "DeprecatedShape";
 pub const INVALID_GRAPH: &str = "InvalidGraph";
 pub const APPLY_FAILED: &str = "ApplyFailed";
+pub const ADOPTION_FAILED: &str = "AdoptionFailed";
 pub const READINESS_TIMEOUT: &str = "ReadinessTimeout";
 pub const READINESS_FAILED: &str = "ReadinessFailed";
 pub const EXPRESSION_TIMEOUT: &str = "ExpressionTimeout";

@@ -85,9 +85,9 @@ impl ErrorCategory for ApplyError {
     /// write.
     fn reason(&self) -> &'static str {
         match self {
-            Self::AdoptionFailed { .. } => "AdoptionFailed",
+            Self::AdoptionFailed { .. } => crate::api::reasons::ADOPTION_FAILED,
             Self::Forbidden { .. } => crate::api::reasons::FORBIDDEN,
-            _ => "ApplyFailed",
+            _ => crate::api::reasons::APPLY_FAILED,
         }
     }
 

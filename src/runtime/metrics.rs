@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use prometheus::core::Collector;
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -46,6 +48,36 @@ pub struct Metrics {
     /// How long the longest-waiting of them has waited, per controller (set at each scrape).
     pub reconcile_queue_oldest_wait_seconds: GaugeVec,
     waiting: Arc<Waiting>,
+    /// Every metric above, as registered, for [`Metrics::describe`].
+    registered: Arc<Vec<Box<dyn Collector>>>,
+}
+
+/// One of Pequod's metrics as registered: what the README's tables promise of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Description {
+    pub name: String,
+    /// `Counter`, `Gauge` or `Histogram`, as the README writes them.
+    pub kind: &'static str,
+    /// Label names in the order they were declared.
+    pub labels: Vec<String>,
+}
+
+/// The registry, and a handle on every metric registered with it, so that each can be
+/// described before it has a sample (a labelled family is exported only once it has one).
+struct Registrar {
+    registry: Registry,
+    registered: Mutex<Vec<Box<dyn Collector>>>,
+}
+
+impl Registrar {
+    fn register<C: Collector + Clone + 'static>(&self, metric: &C) -> Result<(), prometheus::Error> {
+        self.registry.register(Box::new(metric.clone()))?;
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(metric.clone()));
+        Ok(())
+    }
 }
 
 /// Bounds of reconcile, render, fetch and graph-execution histograms, 5 ms to 20 minutes. Every
@@ -99,8 +131,11 @@ impl Metrics {
     /// Builds and registers every metric. Fails only on a programming error (a duplicate or
     /// malformed metric), so it is called once at start-up.
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let r = &registry;
+        let registrar = Registrar {
+            registry: Registry::new(),
+            registered: Mutex::default(),
+        };
+        let r = &registrar;
         let metrics = Self {
             reconcile_total: counter_vec(
                 r,
@@ -155,7 +190,7 @@ impl Metrics {
                 let h = Histogram::with_opts(
                     HistogramOpts::new("pequod_adoption_duration_seconds", "Adoption duration").buckets(fast_buckets()),
                 )?;
-                r.register(Box::new(h.clone()))?;
+                r.register(&h)?;
                 h
             },
             cue_cache_hits_total: counter(r, "pequod_cue_cache_hits_total", "Cache hits")?,
@@ -233,11 +268,14 @@ impl Metrics {
                     ),
                     &["controller"],
                 )?;
-                r.register(Box::new(g.clone()))?;
+                r.register(&g)?;
                 g
             },
             waiting: Arc::default(),
-            registry,
+            registry: registrar.registry.clone(),
+            registered: Arc::new(std::mem::take(
+                &mut *registrar.registered.lock().unwrap_or_else(|p| p.into_inner()),
+            )),
         };
         #[cfg(target_os = "linux")]
         metrics
@@ -280,6 +318,29 @@ impl Metrics {
         }
     }
 
+    /// Every metric of Pequod's own (not the process metrics) with its type and label names,
+    /// whether or not it has a sample yet.
+    pub fn describe(&self) -> Vec<Description> {
+        let mut described = Vec::new();
+        for collector in self.registered.iter() {
+            for (desc, family) in collector.desc().into_iter().zip(collector.collect()) {
+                let kind = match family.get_field_type() {
+                    MetricType::COUNTER => "Counter",
+                    MetricType::GAUGE => "Gauge",
+                    MetricType::HISTOGRAM => "Histogram",
+                    MetricType::SUMMARY => "Summary",
+                    MetricType::UNTYPED => "Untyped",
+                };
+                described.push(Description {
+                    name: desc.fq_name.clone(),
+                    kind,
+                    labels: desc.variable_labels.clone(),
+                });
+            }
+        }
+        described
+    }
+
     /// The metrics in the Prometheus text exposition format.
     pub fn encode(&self) -> Result<String, prometheus::Error> {
         self.refresh_queue_ages();
@@ -289,39 +350,39 @@ impl Metrics {
     }
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+fn counter(r: &Registrar, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
     let m = IntCounter::new(name, help)?;
-    r.register(Box::new(m.clone()))?;
+    r.register(&m)?;
     Ok(m)
 }
 
-fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+fn gauge(r: &Registrar, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
     let m = IntGauge::new(name, help)?;
-    r.register(Box::new(m.clone()))?;
+    r.register(&m)?;
     Ok(m)
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+fn counter_vec(r: &Registrar, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
     let m = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(m.clone()))?;
+    r.register(&m)?;
     Ok(m)
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometheus::Error> {
+fn gauge_vec(r: &Registrar, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometheus::Error> {
     let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(m.clone()))?;
+    r.register(&m)?;
     Ok(m)
 }
 
 fn histogram_vec(
-    r: &Registry,
+    r: &Registrar,
     name: &str,
     help: &str,
     labels: &[&str],
     buckets: Vec<f64>,
 ) -> Result<HistogramVec, prometheus::Error> {
     let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
-    r.register(Box::new(m.clone()))?;
+    r.register(&m)?;
     Ok(m)
 }
 
@@ -351,6 +412,7 @@ mod tests {
         ("pequod_cue_fetch_total", &["source", "result"]),
         ("pequod_cue_render_duration_seconds", &["platform"]),
         ("pequod_cue_render_errors_total", &["platform", "error_type"]),
+        ("pequod_cue_invocations_total", &["command", "result"]),
         ("pequod_policy_violations_total", &["severity"]),
         ("pequod_rollout_instances", &["namespace", "transform", "state"]),
         ("pequod_rollout_phase", &["namespace", "transform", "phase"]),
@@ -381,6 +443,7 @@ mod tests {
         m.cue_fetch_total.with_label_values(&["a", "b"]).inc();
         m.cue_render_duration_seconds.with_label_values(&["a"]).observe(0.1);
         m.cue_render_errors_total.with_label_values(&["a", "b"]).inc();
+        m.cue_invocations_total.with_label_values(&["a", "b"]).inc();
         m.policy_violations_total.with_label_values(&["a"]).inc();
         m.rollout_instances.with_label_values(&["a", "b", "c"]).set(1);
         m.rollout_phase.with_label_values(&["a", "b", "c"]).set(1);
@@ -401,6 +464,28 @@ mod tests {
             let mut got_sorted = got.clone();
             got_sorted.sort_unstable();
             assert_eq!(got_sorted, want, "labels of {name}");
+        }
+        // What `describe` says, before any sample, is what the registry exports once there is one.
+        let described = Metrics::new().unwrap().describe();
+        let exported: Vec<_> = families.iter().filter(|f| f.name().starts_with("pequod_")).collect();
+        assert_eq!(described.len(), exported.len(), "describe() lists every metric once");
+        for family in exported {
+            let d = described
+                .iter()
+                .find(|d| d.name == family.name())
+                .unwrap_or_else(|| panic!("describe() misses {}", family.name()));
+            let kind = match family.get_field_type() {
+                MetricType::COUNTER => "Counter",
+                MetricType::GAUGE => "Gauge",
+                MetricType::HISTOGRAM => "Histogram",
+                _ => "other",
+            };
+            assert_eq!(d.kind, kind, "type of {}", d.name);
+            let mut labels: Vec<&str> = family.get_metric()[0].get_label().iter().map(|l| l.name()).collect();
+            labels.sort_unstable();
+            let mut want: Vec<&str> = d.labels.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            assert_eq!(labels, want, "labels of {}", d.name);
         }
         let text = m.encode().unwrap();
         assert!(text.contains("# TYPE pequod_reconcile_total counter"));
