@@ -200,11 +200,15 @@ impl Context {
             return Some("the graph names no instance it was rendered from".into());
         };
         let what = format!("{} {}", source.kind, source.name);
-        if !rg
-            .owner_references()
-            .iter()
-            .any(|o| o.uid == uid && o.controller == Some(true))
-        {
+        // The owner must be the instance itself, not only its uid under another kind: the
+        // garbage collector deletes the graph once that owner is gone only if it can find it.
+        if !rg.owner_references().iter().any(|o| {
+            o.uid == uid
+                && o.controller == Some(true)
+                && o.api_version == source.api_version
+                && o.kind == source.kind
+                && o.name == source.name
+        }) {
             return Some(format!(
                 "the graph is no longer owned by {what}, which it was rendered from"
             ));

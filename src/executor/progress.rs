@@ -23,6 +23,8 @@ pub const EXPRESSION_TIMEOUT: &str = "expression timed out";
 /// When a node whose expression timed out is evaluated again without any event: the pool may
 /// have been busy with other graphs' evaluations.
 pub const EXPRESSION_RETRY: Duration = Duration::from_secs(30);
+/// When a readiness check put off for want of an evaluation slot is tried again.
+pub const DEFERRED_RETRY: Duration = Duration::from_secs(5);
 
 /// A node's new state: the previous one when nothing changed, so timestamps stay put.
 pub fn transition(
@@ -110,6 +112,7 @@ pub fn judge_readiness(
     let Some((gate, state)) = unready else {
         return (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None);
     };
+    let reason_is_deferred = matches!(state, GateState::Deferred(_));
     match state {
         GateState::Ready => (NodePhase::Ready, Some(ready_message(&node.ready_when)), None, None),
         GateState::Failed(reason) => (
@@ -124,7 +127,7 @@ pub fn judge_readiness(
             Some(EXPRESSION_RETRY),
             Some(format!("{EXPRESSION_TIMEOUT}: {reason}")),
         ),
-        GateState::Waiting(reason) => {
+        GateState::Waiting(reason) | GateState::Deferred(reason) => {
             let timeout = gate
                 .and_then(|g| g.timeout)
                 .unwrap_or(DEFAULT_READY_TIMEOUT_SECONDS)
@@ -145,12 +148,15 @@ pub fn judge_readiness(
                 let error = format!("{READINESS_TIMEOUT} after {timeout}s: {reason}");
                 (NodePhase::Error, Some(reason), None, Some(error))
             } else {
-                (
-                    NodePhase::WaitingReady,
-                    Some(reason),
-                    Some(Duration::from_secs(timeout - elapsed + 1)),
-                    None,
-                )
+                let left = Duration::from_secs(timeout - elapsed + 1);
+                // A check put off for want of an evaluation slot is tried again soon; others
+                // wait for their object to change, or for their timeout.
+                let next = if reason_is_deferred {
+                    left.min(DEFERRED_RETRY)
+                } else {
+                    left
+                };
+                (NodePhase::WaitingReady, Some(reason), Some(next), None)
             }
         }
     }
@@ -310,6 +316,17 @@ pub fn next_check(retry: Duration, transient: bool, pruning: bool, deadline: Opt
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_check_put_off_for_want_of_a_slot_waits_and_is_tried_again_soon() {
+        let n = node(json!([{"type": "Expression", "expression": "true"}]));
+        let time = at(100);
+        let busy = Some((n.ready_when.first(), GateState::Deferred("slots are busy".into())));
+        let (phase, _, requeue, error) = judge_readiness(&n, busy, None, &time);
+        assert_eq!(phase, NodePhase::WaitingReady);
+        assert_eq!(requeue, Some(DEFERRED_RETRY));
+        assert_eq!(error, None, "not a failure of the node");
+    }
 
     #[test]
     fn gates_order_the_first_creation_only() {

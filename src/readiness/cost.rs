@@ -36,6 +36,67 @@ pub fn estimate(expression: &IdedExpr) -> u64 {
     walk(expression, &mut Vec::new()).cost
 }
 
+/// The estimated cost of evaluating `expression` over `object`, whose lists, maps and strings
+/// are as large as they really are: the assumptions of [`estimate`] scaled by how far the
+/// object's largest collection and string exceed them. Checked before an evaluation is
+/// started, so that an expression cheap on small objects never takes an evaluation slot on a
+/// huge one.
+pub fn estimate_over(expression: &IdedExpr, object: &serde_json::Value) -> u64 {
+    let (items, chars) = largest(object);
+    let base = estimate(expression);
+    let scale = |actual: u64, assumed: u64| actual.div_ceil(assumed).max(1);
+    // Nesting multiplies: an expression may go over the largest collection once per level of
+    // comprehension, so the factor is applied as often as it nests.
+    let depth = comprehension_depth(expression).max(1);
+    let factor = scale(items, ASSUMED_ITEMS)
+        .saturating_pow(depth)
+        .max(scale(chars, ASSUMED_CHARS));
+    base.saturating_mul(factor)
+}
+
+/// Items of the largest list or map, and characters of the longest string, in `value`.
+fn largest(value: &serde_json::Value) -> (u64, u64) {
+    use serde_json::Value;
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .map(largest)
+            .fold((items.len() as u64, 0), |(i, c), (ni, nc)| (i.max(ni), c.max(nc))),
+        Value::Object(fields) => fields.iter().fold((fields.len() as u64, 0), |(i, c), (k, v)| {
+            let (ni, nc) = largest(v);
+            (i.max(ni), c.max(nc).max(k.len() as u64))
+        }),
+        Value::String(text) => (0, text.len() as u64),
+        _ => (0, 0),
+    }
+}
+
+/// How deeply comprehensions nest in `expression`.
+fn comprehension_depth(expression: &IdedExpr) -> u32 {
+    fn depth(expr: &IdedExpr) -> u32 {
+        match &expr.expr {
+            Expr::Comprehension(c) => {
+                1 + [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result]
+                    .into_iter()
+                    .map(|e| depth(e))
+                    .max()
+                    .unwrap_or(0)
+            }
+            Expr::Call(call) => call
+                .target
+                .iter()
+                .map(|t| depth(t))
+                .chain(call.args.iter().map(depth))
+                .max()
+                .unwrap_or(0),
+            Expr::List(list) => list.elements.iter().map(depth).max().unwrap_or(0),
+            Expr::Select(select) => depth(&select.operand),
+            _ => 0,
+        }
+    }
+    depth(expression)
+}
+
 /// How large a value may be: items of a list or map, characters of a string or bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Size {
@@ -394,6 +455,26 @@ mod tests {
             let cost = cost(&expression);
             assert_eq!(cost <= MAX_COST, accepted, "{case}: cost {cost}");
         }
+    }
+
+    #[test]
+    fn an_expression_cheap_on_small_objects_is_dear_on_a_huge_one() {
+        let expression = "self.data.all(k, !self.data.exists(j, size(j) > 99))";
+        let program = cel::Program::compile(expression).unwrap();
+        assert!(estimate(program.expression()) <= MAX_COST, "accepted when compiled");
+        let object = |keys: usize| {
+            let data: serde_json::Map<String, serde_json::Value> =
+                (0..keys).map(|i| (format!("k{i}"), serde_json::json!("v"))).collect();
+            serde_json::json!({"data": data})
+        };
+        assert!(estimate_over(program.expression(), &object(10)) <= MAX_COST);
+        let huge = estimate_over(program.expression(), &object(4000));
+        assert!(huge > MAX_COST, "{huge}");
+        let long_string = serde_json::json!({"data": {"a": "x".repeat(100_000)}});
+        assert!(
+            estimate_over(program.expression(), &long_string) > estimate(program.expression()),
+            "long strings scale too"
+        );
     }
 
     #[test]

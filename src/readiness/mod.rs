@@ -28,6 +28,9 @@ pub enum GateState {
     /// The check ran out of time (an expression's evaluation past its deadline); the text says
     /// which node and how.
     TimedOut(String),
+    /// Not checked yet: every evaluation slot is held by other graphs' expressions. The node
+    /// waits, as for [`GateState::Waiting`], and is looked at again soon.
+    Deferred(String),
 }
 
 /// One kind of readiness gate.
@@ -39,6 +42,12 @@ pub trait Check: Send + Sync {
     /// pool rather than on a reconcile worker.
     fn is_user_code(&self) -> bool {
         false
+    }
+
+    /// Why the check may not run over `object` at all (user code too dear for its size), or
+    /// Ok: asked before an evaluation slot is taken.
+    fn admit(&self, _gate: &ReadyGate, _object: &Value) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -91,15 +100,18 @@ impl Registry {
         let mut shared: Option<Arc<Value>> = None;
         for (index, gate) in gates.iter().enumerate() {
             let state = match self.checks.get(&gate.type_) {
-                Some(check) if check.is_user_code() => {
-                    let object = shared.get_or_insert_with(|| Arc::new(object.clone())).clone();
-                    let key = evaluation_key(node, index, &object);
-                    let (check, owned_gate) = (check.clone(), gate.clone());
-                    self.pool
-                        .run(&key, move || check.check(&owned_gate, Some(&object)))
-                        .await
-                        .unwrap_or_else(|e| evaluation_failed(node, &e))
-                }
+                Some(check) if check.is_user_code() => match check.admit(gate, object) {
+                    Err(why) => GateState::Failed(format!("the readiness expression of node {node} {why}")),
+                    Ok(()) => {
+                        let object = shared.get_or_insert_with(|| Arc::new(object.clone())).clone();
+                        let key = evaluation_key(node, index, &object);
+                        let (check, owned_gate) = (check.clone(), gate.clone());
+                        self.pool
+                            .run(&key, move || check.check(&owned_gate, Some(&object)))
+                            .await
+                            .unwrap_or_else(|e| evaluation_failed(node, &e))
+                    }
+                },
                 Some(check) => check.check(gate, Some(object)),
                 None => unregistered(gate),
             };
@@ -162,7 +174,11 @@ fn evaluation_key(node: &str, gate: usize, object: &Value) -> String {
 /// A gate whose evaluation gave no result: timed out, or failed, naming the node.
 fn evaluation_failed(node: &str, error: &pool::EvaluationError) -> GateState {
     let message = format!("the readiness expression of node {node} {error}");
-    if error.is_timeout() {
+    // Other graphs' evaluations hold every slot: this gate's expression did nothing wrong,
+    // so the node waits rather than fails.
+    if matches!(error, pool::EvaluationError::Busy { .. }) {
+        GateState::Deferred(message)
+    } else if error.is_timeout() {
         GateState::TimedOut(message)
     } else {
         GateState::Failed(message)
@@ -405,6 +421,21 @@ impl Expression {
 impl Check for Expression {
     fn is_user_code(&self) -> bool {
         true
+    }
+
+    fn admit(&self, gate: &ReadyGate, object: &Value) -> Result<(), String> {
+        let Some(program) = gate.expression.as_deref().and_then(|e| self.program(e).ok()) else {
+            // Refused by the check itself, with the reason.
+            return Ok(());
+        };
+        let cost = cost::estimate_over(program.expression(), object);
+        if cost > cost::MAX_COST {
+            return Err(format!(
+                "is not evaluated: over this object it could cost {cost}, above the limit of {}",
+                cost::MAX_COST
+            ));
+        }
+        Ok(())
     }
 
     fn check(&self, gate: &ReadyGate, object: Option<&Value>) -> GateState {
@@ -704,15 +735,15 @@ mod tests {
     // expensive ones.
     #[tokio::test(flavor = "current_thread")]
     async fn expressions_too_slow_for_their_object_time_out_while_cheap_ones_pass() {
-        let deadline = std::time::Duration::from_millis(200);
+        let deadline = std::time::Duration::from_millis(50);
         let registry = Registry::with_pool(pool::EvaluationPool::new(3, deadline));
-        // Cheap for the objects the estimate assumes, slow for lists of 2000 numbers.
+        // Within the cost limit for lists of 400 numbers, but slower than the deadline here.
         let slow = [expression_gate("self.spec.a.all(x, self.spec.b.all(y, y >= 0u))")];
         check_expression(slow[0].expression.as_deref().unwrap()).unwrap();
         let cheap = [expression_gate("self.spec.a.exists(x, x == 3)")];
         let (big1, big2, small) = (
-            numbers_object("u1", 2000),
-            numbers_object("u2", 2000),
+            numbers_object("u1", 400),
+            numbers_object("u2", 400),
             numbers_object("u3", 10),
         );
         let started = std::time::Instant::now();
@@ -737,6 +768,33 @@ mod tests {
         assert!(
             matches!(&again, Some((_, GateState::TimedOut(m))) if m.contains("still running")),
             "{again:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_expression_too_dear_for_its_object_takes_no_evaluation_slot() {
+        // One slot, held by nothing: a refused expression must not even ask for it.
+        let registry = Registry::with_pool(pool::EvaluationPool::new(1, std::time::Duration::from_secs(5)));
+        let slow = [expression_gate("self.spec.a.all(x, self.spec.b.all(y, y >= 0u))")];
+        let started = std::time::Instant::now();
+        let outcome = registry
+            .first_unready_bounded("hog", &slow, &numbers_object("u", 4000))
+            .await;
+        assert!(
+            matches!(&outcome, Some((_, GateState::Failed(m))) if m.contains("node hog") && m.contains("above the limit")),
+            "{outcome:?}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let cheap = [expression_gate("self.spec.a.exists(x, x == 3)")];
+        assert_eq!(
+            registry
+                .first_unready_bounded("other", &cheap, &numbers_object("v", 10))
+                .await,
+            None
         );
     }
 

@@ -753,7 +753,10 @@ async fn find_graphs(
 ) -> Result<(Option<ResourceGraph>, Option<ResourceGraph>), Stop> {
     let graphs_api = graphs(obj, ctx);
     let live = graphs_api.get_opt(&pass.graph).await?;
-    if live.as_ref().is_some_and(|g| !owns(obj, g, &ctx.shared.key)) {
+    if live
+        .as_ref()
+        .is_some_and(|g| !owns(obj, &ctx.resource, g, &ctx.shared.key))
+    {
         let message = format!(
             "ResourceGraph {} exists and does not belong to this instance; it is left alone",
             pass.graph
@@ -766,7 +769,7 @@ async fn find_graphs(
         _ => graphs_api
             .get_opt(&legacy_graph_name(&ctx.resource.kind, &pass.name))
             .await?
-            .filter(|g| owns(obj, g, &ctx.shared.key)),
+            .filter(|g| owns(obj, &ctx.resource, g, &ctx.shared.key)),
     };
     Ok((live, predecessor))
 }
@@ -804,7 +807,14 @@ async fn publish_graph(
                 .is_some_and(|grant| grant == pass.grant())
     };
     // A graph someone cut loose from the instance (no owner reference) is written again.
-    let owned = |g: &ResourceGraph| g.owner_references().iter().any(|o| Some(&o.uid) == obj.uid().as_ref());
+    let owned = |g: &ResourceGraph| {
+        g.owner_references().iter().any(|o| {
+            Some(&o.uid) == obj.uid().as_ref()
+                && o.api_version == ctx.resource.api_version
+                && o.kind == ctx.resource.kind
+                && o.name == pass.name
+        })
+    };
     if let Some(live) = live.filter(|g| {
         request.is_none() && g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered(g) && owned(g)
     }) {
@@ -865,11 +875,15 @@ async fn publish_graph(
 /// owner reference someone removed is still the instance's when Pequod signed it for the
 /// instance (its signed `sourceRef` names the instance's uid): it is written again, owner
 /// reference included, and deleted with the instance.
-fn owns(obj: &DynamicObject, graph: &ResourceGraph, key: &GraphKey) -> bool {
+fn owns(obj: &DynamicObject, resource: &ApiResource, graph: &ResourceGraph, key: &GraphKey) -> bool {
     let Some(uid) = obj.uid() else {
         return false;
     };
-    if graph.owner_references().iter().any(|o| o.uid == uid) {
+    if graph
+        .owner_references()
+        .iter()
+        .any(|o| o.uid == uid && o.api_version == resource.api_version && o.kind == resource.kind)
+    {
         return true;
     }
     let annotation = |k: &str| graph.annotations().get(k).map(String::as_str);
@@ -908,7 +922,11 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
         graph_name(&ctx.resource.kind, &ctx.resource.group, &name),
         legacy_graph_name(&ctx.resource.kind, &name),
     ] {
-        let Some(rg) = graphs.get_opt(&graph).await?.filter(|g| owns(obj, g, &ctx.shared.key)) else {
+        let Some(rg) = graphs
+            .get_opt(&graph)
+            .await?
+            .filter(|g| owns(obj, &ctx.resource, g, &ctx.shared.key))
+        else {
             continue;
         };
         if rg.metadata.deletion_timestamp.is_none() {
