@@ -1550,7 +1550,7 @@ async fn a_database_waits_for_its_volume_runs_and_keeps_its_generated_password_t
 
 /// A module of kind `Grant` whose instances each keep one ClusterRole, `<namespace>-<name>`,
 /// with no rules: a cluster-scoped object only a Transform allowing it may give.
-const GRANT_MODULE: &str = r#"package grant
+pub(crate) const GRANT_MODULE: &str = r#"package grant
 
 #Metadata: kind: "Grant"
 
@@ -1574,7 +1574,7 @@ const GRANT_MODULE: &str = r#"package grant
 
 /// A Transform allowing cluster-scoped objects, its `Grant` instances, a Role for `user` that
 /// allows ResourceGraphs only, and the graphs API.
-async fn serve_grants(
+pub(crate) async fn serve_grants(
     env: &TestEnv,
     transforms: &Api<pequod::api::Transform>,
     user: &str,
@@ -1610,7 +1610,7 @@ async fn serve_grants(
 
 /// Whose rights the graph acts with, once it says: the reason of `Authorized`, or of a `Valid`
 /// refusal.
-async fn acting_reason(graphs: &Api<ResourceGraph>, name: &str) -> String {
+pub(crate) async fn acting_reason(graphs: &Api<ResourceGraph>, name: &str) -> String {
     wait_for("the graph says whose rights it acts with", WAIT, || async {
         let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
         let conditions = rg.status.map(|s| s.conditions).unwrap_or_default();

@@ -1,0 +1,143 @@
+//! Attacks of a hostile user with ordinary rights (edit their instances, write ResourceGraphs
+//! in their namespace, own a Transform in an untrusted namespace) on Pequod's defences. Each
+//! test fails when the attack works.
+
+use std::time::Duration;
+
+use kube::api::DeleteParams;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use crate::executor::kubectl_as;
+use crate::instances::{acting_reason, apply_instance, serve_grants, wait_instance};
+use crate::support::{self, wait_for};
+use crate::transforms::{WAIT, delete_transform, group, setup};
+
+fn ok(out: std::process::Output) {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Rights used: edit my own instances (with their metadata), write ResourceGraphs in my
+/// namespace. The executor checks that a signed graph is owned by the instance its signed
+/// `sourceRef` names by comparing the owner reference's uid only, and remembers per graph uid
+/// that the instance existed. An owner reference with the instance's uid under a kind the
+/// garbage collector cannot resolve keeps the graph alive after the instance is gone (the
+/// collector retries forever instead of deleting), and the remembered lookup keeps the graph
+/// acting with the Transform's authority: the instance's ClusterRole outlives it, and is written
+/// again when deleted.
+#[tokio::test]
+async fn a_signed_graph_owned_by_its_instance_uid_under_another_kind_does_not_outlive_it() {
+    let (env, transforms) = setup("fake-owner-kind").await;
+    let user = format!("dev-{}", env.namespace);
+    let (grants, graphs, api_version) = serve_grants(&env, &transforms, &user).await;
+    let group = group(&env);
+    // The user may also edit their instances.
+    support::apply_yaml(
+        &env.client,
+        &env.namespace,
+        &format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: instance-editor\nrules:\n\
+             - apiGroups: [{group}]\n  resources: [grants]\n  verbs: [\"*\"]\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: instance-editor\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: instance-editor}}\n\
+             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n"
+        ),
+    )
+    .await;
+    let _ = api_version;
+    let graph = format!("grant.{group}-kept");
+    let role = format!("{}-kept", env.namespace);
+    let instance_kind = format!("grants.{group}");
+    apply_instance(&grants, &format!("{group}/v1alpha1"), "Grant", "kept", json!({})).await;
+    let instance = wait_instance(&grants, "kept", "Ready", "True", "Ready").await;
+    let uid = instance.uid().unwrap();
+    assert_eq!(acting_reason(&graphs, &graph).await, "TransformAuthority");
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(env.client.clone());
+    assert!(roles.get_opt(&role).await.unwrap().is_some());
+
+    // 1. The instance is paused: Pequod leaves it (and its finalizer) alone.
+    ok(kubectl_as(
+        &env,
+        &user,
+        &["annotate", &instance_kind, "kept", "pequod.io/paused=true"],
+        "",
+    ));
+    // 2. The graph's owner reference keeps the instance's uid under a kind nobody serves: the
+    //    spec, and so the proof, is untouched.
+    let owner = json!([{"op": "replace", "path": "/metadata/ownerReferences", "value": [{
+        "apiVersion": "gone.example.com/v1", "kind": "Gone", "name": "kept", "uid": uid, "controller": true}]}]);
+    ok(kubectl_as(
+        &env,
+        &user,
+        &[
+            "patch",
+            "resourcegraph",
+            &graph,
+            "--type=json",
+            "-p",
+            &owner.to_string(),
+        ],
+        "",
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // 3. The instance is deleted without its finalizer.
+    ok(kubectl_as(
+        &env,
+        &user,
+        &[
+            "patch",
+            &instance_kind,
+            "kept",
+            "--type=json",
+            "-p",
+            r#"[{"op": "remove", "path": "/metadata/finalizers"}]"#,
+        ],
+        "",
+    ));
+    ok(kubectl_as(
+        &env,
+        &user,
+        &["delete", &instance_kind, "kept", "--wait=true"],
+        "",
+    ));
+    wait_for("the instance gone", WAIT, || async {
+        match grants.get_opt("kept").await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{:?}", other.map(|o| o.map(|o| o.metadata)))),
+        }
+    })
+    .await;
+
+    // The ClusterRole is deleted by an administrator cleaning up; a graph still acting with the
+    // Transform's authority writes it again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _ = roles.delete(&role, &DeleteParams::default()).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let left = graphs.get_opt(&graph).await.unwrap();
+    let authority = left
+        .as_ref()
+        .and_then(|g| g.status.as_ref())
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Authorized" && c.status == pequod::api::ConditionStatus::True)
+        })
+        .map(|c| c.reason.clone());
+    let valid = left
+        .as_ref()
+        .and_then(|g| g.status.as_ref())
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Valid"))
+        .map(|c| (c.status.clone(), c.reason.clone()));
+    let rewritten = roles.get_opt(&role).await.unwrap().is_some();
+
+    let _ = graphs.delete(&graph, &DeleteParams::default()).await;
+    let _ = roles.delete(&role, &DeleteParams::default()).await;
+    delete_transform(&transforms, "grant").await;
+    env.cleanup().await;
+    assert!(
+        !rewritten,
+        "the graph of deleted instance kept (graph left: {}, Authorized: {authority:?}, Valid: {valid:?}); \
+         ClusterRole {role} written again after the instance was gone: {rewritten}",
+        left.is_some()
+    );
+}
