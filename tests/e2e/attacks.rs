@@ -141,3 +141,85 @@ async fn a_signed_graph_owned_by_its_instance_uid_under_another_kind_does_not_ou
         left.is_some()
     );
 }
+
+fn expression_graph(name: &str, keys: usize, expression: &str) -> serde_json::Value {
+    let data: serde_json::Map<String, serde_json::Value> = (0..keys)
+        .map(|i| (format!("key-{i:05}"), json!("v")))
+        .chain(std::iter::once(("ready".to_string(), json!("yes"))))
+        .collect();
+    json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": name},
+           "spec": {"graph": {"nodes": [{"id": "gate", "resource": {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name}, "data": data},
+                "readyWhen": [{"type": "Expression", "expression": expression, "timeout": 600}]}]}}})
+}
+
+/// Rights used: write ResourceGraphs in my namespace. The expression pool is shared by every
+/// graph of every team: a few slots (one on a two-core machine), each held until an overrunning
+/// evaluation ends, and a caller waits at most the deadline for one. Expressions within the cost
+/// estimate (which assumes 100 items a collection) run far longer over a large object, so one
+/// team's graphs keep every slot busy and every other team's expression gates time out
+/// (`ExpressionTimeout`, "all evaluation slots are busy") without ever being evaluated.
+#[tokio::test]
+async fn expression_gates_of_one_team_do_not_starve_another_team_s() {
+    let (env, _transforms) = setup("cel-hog").await;
+    let victim = support::env("cel-victim").await;
+    let graphs: Api<pequod::api::ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let theirs: Api<pequod::api::ResourceGraph> = Api::namespaced(victim.client.clone(), &victim.namespace);
+    let hogs: Vec<String> = (0..6).map(|i| format!("hog-{i}")).collect();
+    let quadratic = "self.data.all(k, !self.data.exists(j, size(j) > 99))";
+    for name in &hogs {
+        graphs
+            .patch(
+                name,
+                &kube::api::PatchParams::apply(support::TEST_MANAGER),
+                &kube::api::Patch::Apply(expression_graph(name, 4000, quadratic)),
+            )
+            .await
+            .unwrap();
+    }
+    wait_for("a hog's expression to overrun", WAIT, || async {
+        for name in &hogs {
+            let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
+            let node = rg.status.and_then(|s| s.node_states.get("gate").cloned());
+            if node.and_then(|n| n.last_error).is_some_and(|e| e.starts_with("expression timed out")) {
+                return Ok(());
+            }
+        }
+        Err("no overrun yet".to_string())
+    })
+    .await;
+
+    // Another team's graph with a cheap expression over a small object.
+    theirs
+        .patch(
+            "cheap",
+            &kube::api::PatchParams::apply(support::TEST_MANAGER),
+            &kube::api::Patch::Apply(expression_graph("cheap", 1, "self.data.ready == 'yes'")),
+        )
+        .await
+        .unwrap();
+    let mut last = None;
+    let started = std::time::Instant::now();
+    let mut ready = false;
+    while started.elapsed() < Duration::from_secs(75) {
+        let rg = theirs.get("cheap").await.unwrap();
+        let node = rg.status.and_then(|s| s.node_states.get("gate").cloned());
+        if node.as_ref().is_some_and(|n| n.phase == pequod::api::NodePhase::Ready) {
+            ready = true;
+            break;
+        }
+        last = node.map(|n| (n.phase, n.last_error));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    for name in &hogs {
+        let _ = graphs.delete(name, &DeleteParams::default()).await;
+    }
+    let _ = theirs.delete("cheap", &DeleteParams::default()).await;
+    victim.cleanup().await;
+    env.cleanup().await;
+    assert!(
+        ready,
+        "another team's cheap expression gate was not evaluated within 75 s while one team's graphs held the \
+         evaluation slots: {last:?}"
+    );
+}
