@@ -181,7 +181,10 @@ async fn expression_gates_of_one_team_do_not_starve_another_team_s() {
         for name in &hogs {
             let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
             let node = rg.status.and_then(|s| s.node_states.get("gate").cloned());
-            if node.and_then(|n| n.last_error).is_some_and(|e| e.starts_with("expression timed out")) {
+            if node
+                .and_then(|n| n.last_error)
+                .is_some_and(|e| e.starts_with("expression timed out"))
+            {
                 return Ok(());
             }
         }
