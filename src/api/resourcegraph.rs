@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 use super::{Condition, any_value_schema, embedded_object_schema};
 
 /// Most nodes one ResourceGraph may hold. A graph and its status are one etcd object, which
-/// etcd refuses above 1.5 MiB (`--max-request-bytes`): with the spec bounded by
-/// [`MAX_GRAPH_BYTES`] and about 560 bytes of status per node (its state, its inventory entry
-/// and their managed fields, measured by `make bench-graph`), 1,000 nodes keep the object near
-/// 0.8 MiB at most in the common case (docs/resourcegraphs.md#how-large-a-graph-may-be).
+/// etcd refuses above 1.5 MiB (`--max-request-bytes`). Measured (`make bench-graph`), a node's
+/// status takes about 690 bytes (its state and inventory entry, 490, and their managed fields,
+/// 200): with the spec bounded by [`MAX_GRAPH_BYTES`], 1,000 nodes keep the object near 1.2 MB
+/// at most (docs/resourcegraphs.md#how-large-a-graph-may-be).
 pub const MAX_NODES: usize = 1000;
 /// Most bytes the nodes of one graph may take, as JSON: the renderer's limit on one input's
 /// output too, so that rendered and hand-written graphs are bound alike.
