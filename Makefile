@@ -63,6 +63,10 @@ bench-sources: tools ## Benchmark git and OCI module fetches: cold, cached, and 
 bench-executor: tools control-plane ## Benchmark the executor against direct applies; resync writes; memory.
 	$(CARGO) bench --locked --bench executor
 
+.PHONY: bench-graph
+bench-graph: tools control-plane ## Benchmark one graph of 1,000 nodes against one of 100: time, CPU, memory, requests, bytes.
+	$(CARGO) bench --locked --bench graph
+
 .PHONY: demo
 demo: tools control-plane ## Run the operator on a local control plane with the samples (Ctrl-C stops).
 	$(CARGO) build --locked --bin pequod

@@ -9,9 +9,17 @@ use serde::{Deserialize, Serialize};
 
 use super::{Condition, any_value_schema, embedded_object_schema};
 
-/// Most nodes one ResourceGraph may hold. Bounded so that a graph and its status stay far
-/// below the apiserver's object size limit.
-pub const MAX_NODES: usize = 100;
+/// Most nodes one ResourceGraph may hold. A graph and its status are one etcd object, which
+/// etcd refuses above 1.5 MiB (`--max-request-bytes`). Measured (`make bench-graph`), a node's
+/// status takes about 690 bytes (its state and inventory entry, 490, and their managed fields,
+/// 200): with the spec bounded by [`MAX_GRAPH_BYTES`], 1,000 nodes keep the object near 1.2 MB
+/// at most (docs/resourcegraphs.md#how-large-a-graph-may-be).
+pub const MAX_NODES: usize = 1000;
+/// Most bytes the nodes of one graph may take, as JSON: the renderer's limit on one input's
+/// output too, so that rendered and hand-written graphs are bound alike.
+pub const MAX_GRAPH_BYTES: usize = 512 * 1024;
+/// Most entries of `status.inventory`: the current nodes and as many objects still being pruned.
+pub const MAX_INVENTORY: usize = 2 * MAX_NODES;
 /// Default time a readiness gate may take before the node fails.
 pub const DEFAULT_READY_TIMEOUT_SECONDS: i64 = 300;
 
@@ -54,8 +62,8 @@ pub struct ResourceGraphSpec {
 /// The nodes of a graph.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct Graph {
-    /// The objects to apply.
-    #[schemars(length(min = 1, max = 100))]
+    /// The objects to apply (at most 1,000, and 512 KiB as JSON).
+    #[schemars(length(min = 1, max = MAX_NODES))]
     pub nodes: Vec<Node>,
 }
 
@@ -88,7 +96,7 @@ pub struct ResourceGraphFields {
     /// Deprecated: the nodes in the shape of earlier releases (`object`, `dependsOn`). Read
     /// until the API's next version; write `graph.nodes` instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 100))]
+    #[schemars(length(max = MAX_NODES))]
     pub nodes: Vec<LegacyNode>,
     /// Policy findings reported when the graph was rendered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -208,7 +216,7 @@ pub struct Node {
         alias = "dependsOn",
         skip_serializing_if = "Vec::is_empty"
     )]
-    #[schemars(length(max = 100))]
+    #[schemars(length(max = MAX_NODES))]
     pub depends_on: Vec<String>,
     /// Gates that must all pass before the node is Ready. Without gates a node is Ready once applied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -230,7 +238,7 @@ pub struct LegacyNode {
     #[serde(default)]
     pub apply_policy: ApplyPolicy,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 100))]
+    #[schemars(length(max = MAX_NODES))]
     pub depends_on: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
@@ -399,7 +407,7 @@ pub struct ResourceGraphStatus {
     /// Objects this graph has applied: what pruning and deletion work from, so that they
     /// survive operator restarts and spec changes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 200))]
+    #[schemars(length(max = MAX_INVENTORY))]
     pub inventory: Vec<InventoryEntry>,
     /// `spec.outputs` with their references resolved; an output whose field is not set yet is
     /// absent.

@@ -12,8 +12,8 @@ use crate::api::{GraphMetadata, Node, Violation};
 use crate::graph::{self, GraphError};
 
 /// Most bytes the rendered output of one input may take (the apiserver stores a
-/// ResourceGraph in one etcd object).
-pub const MAX_OUTPUT_BYTES: usize = 512 * 1024;
+/// ResourceGraph in one etcd object): the bound on a graph's nodes.
+pub const MAX_OUTPUT_BYTES: usize = crate::api::MAX_GRAPH_BYTES;
 /// Name of the generated batch file.
 pub const BATCH_FILE: &str = "batch.cue";
 

@@ -62,20 +62,57 @@ pub fn may_process(waiting_on: &[&str], applied_before: bool) -> bool {
     waiting_on.is_empty() || applied_before
 }
 
-/// What a node waits on: each dependency not ready yet, with its phase and message.
+/// Most dependencies a waiting message names; the rest are counted.
+const LISTED_DEPENDENCIES: usize = 5;
+/// Most entries (waiting or failed nodes) a condition's message names; the rest are counted.
+const LISTED_NODES: usize = 10;
+/// Most bytes of one dependency's or node's message quoted in another message.
+const QUOTED_BYTES: usize = 200;
+/// Bytes of `message`, and as many of `lastError`, that all node states of a graph share:
+/// each node's are cut to this divided by the node count, within [`NODE_TEXT_BYTES`].
+const NODE_TEXT_BUDGET: usize = 96 * 1024;
+/// Least and most bytes of one node's `message` or `lastError`.
+pub const NODE_TEXT_BYTES: (usize, usize) = (96, 1024);
+
+/// What a node waits on: each dependency not ready yet, with its phase and, unless it is
+/// waiting itself (its message would nest), its message; at most [`LISTED_DEPENDENCIES`].
 pub fn waiting_message(dependencies: &[&str], states: &BTreeMap<String, NodeState>) -> String {
-    let described: Vec<String> = dependencies
-        .iter()
-        .map(|dep| match states.get(*dep) {
-            Some(s) => format!(
-                "{dep} ({:?}{})",
-                s.phase,
-                s.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
-            ),
-            None => dep.to_string(),
-        })
-        .collect();
-    format!("waiting for {}", described.join(", "))
+    let described = dependencies.iter().map(|dep| match states.get(*dep) {
+        Some(s) => match s.message.as_deref() {
+            Some(m) if s.phase != NodePhase::Pending => format!("{dep} ({:?}: {})", s.phase, cut(m, QUOTED_BYTES)),
+            _ => format!("{dep} ({:?})", s.phase),
+        },
+        None => dep.to_string(),
+    });
+    format!("waiting for {}", listed(described, ", ", LISTED_DEPENDENCIES))
+}
+
+/// The first `most` items joined by `separator`, and how many more there are.
+fn listed(items: impl ExactSizeIterator<Item = String>, separator: &str, most: usize) -> String {
+    let more = items.len().saturating_sub(most);
+    let mut text = items.take(most).collect::<Vec<_>>().join(separator);
+    if more > 0 {
+        text.push_str(&format!("{separator}and {more} more"));
+    }
+    text
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), with `...` when cut.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// The most bytes of `message`, and of `lastError`, that each node of a graph of `total`
+/// nodes keeps: the status of a large graph stays compact (its events carry the full text).
+pub fn node_text_bytes(total: usize) -> usize {
+    (NODE_TEXT_BUDGET / total.max(1)).clamp(NODE_TEXT_BYTES.0, NODE_TEXT_BYTES.1)
 }
 
 /// Phase, message, requeue deadline and error of a node whose object is applied, from its
@@ -212,12 +249,25 @@ pub fn conclude(
     time: &Time,
     generation: Option<i64>,
 ) -> Conclusion {
+    let most = node_text_bytes(total);
+    for state in status.node_states.values_mut() {
+        for text in [&mut state.message, &mut state.last_error].into_iter().flatten() {
+            if text.len() > most {
+                *text = cut(text, most);
+            }
+        }
+    }
     let states = &status.node_states;
     let ready = states.values().filter(|s| is_ready(s)).count();
     let errors: Vec<String> = states
         .iter()
         .filter(|(_, s)| s.phase == NodePhase::Error)
-        .map(|(id, s)| format!("{id}: {}", s.last_error.as_deref().unwrap_or("error")))
+        .map(|(id, s)| {
+            format!(
+                "{id}: {}",
+                cut(s.last_error.as_deref().unwrap_or("error"), QUOTED_BYTES)
+            )
+        })
         .collect();
     let complete = ready == total && prune_waiting.is_empty();
     let phase = if !errors.is_empty() {
@@ -230,7 +280,7 @@ pub fn conclude(
     let waiting: Vec<String> = states
         .iter()
         .filter(|(_, s)| !is_ready(s))
-        .map(|(id, s)| format!("{id}: {}", s.message.as_deref().unwrap_or("pending")))
+        .map(|(id, s)| format!("{id}: {}", cut(s.message.as_deref().unwrap_or("pending"), QUOTED_BYTES)))
         .chain(prune_waiting.iter().map(|e| format!("pruning {} {}", e.kind, e.name)))
         .collect();
     let conditions = if complete {
@@ -245,7 +295,7 @@ pub fn conclude(
             Condition::new(DEGRADED, false, reasons::ALL_NODES_READY, "no node failed"),
         ]
     } else if !errors.is_empty() {
-        let summary = errors.join("; ");
+        let summary = listed(errors.into_iter(), "; ", LISTED_NODES);
         [
             Condition::new(
                 READY,
@@ -264,7 +314,12 @@ pub fn conclude(
                 reasons::PROGRESSING,
                 format!("{ready}/{total} nodes ready"),
             ),
-            Condition::new(PROGRESSING, true, reasons::APPLYING, waiting.join("; ")),
+            Condition::new(
+                PROGRESSING,
+                true,
+                reasons::APPLYING,
+                listed(waiting.into_iter(), "; ", LISTED_NODES),
+            ),
             Condition::new(DEGRADED, false, reasons::PROGRESSING, "no node failed"),
         ]
     };
@@ -436,6 +491,49 @@ mod tests {
 
     fn condition<'a>(status: &'a ResourceGraphStatus, type_: &str) -> &'a Condition {
         status.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn the_status_of_a_large_graph_stays_compact() {
+        // Waiting messages name a waiting dependency's phase only: they do not nest.
+        let mut states = BTreeMap::new();
+        states.insert("a".to_string(), state(NodePhase::WaitingReady, 100, None));
+        states.get_mut("a").unwrap().message = Some("waiting for Available".into());
+        let b = waiting_message(&["a"], &states);
+        assert_eq!(b, "waiting for a (WaitingReady: waiting for Available)");
+        let mut pending = state(NodePhase::Pending, 100, None);
+        pending.message = Some(b);
+        states.insert("b".to_string(), pending);
+        assert_eq!(waiting_message(&["b"], &states), "waiting for b (Pending)");
+        let many: Vec<String> = (0..8).map(|i| format!("d{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(
+            waiting_message(&many, &states),
+            "waiting for d0, d1, d2, d3, d4, and 3 more"
+        );
+
+        // 1,000 failed nodes with long errors: each keeps a short text, the conditions ten.
+        let long = "e".repeat(5000);
+        let failed: Vec<(String, NodePhase, Option<&str>)> = (0..1000)
+            .map(|i| (format!("n{i:04}"), NodePhase::Error, Some(long.as_str())))
+            .collect();
+        let failed: Vec<(&str, NodePhase, Option<&str>)> =
+            failed.iter().map(|(id, p, e)| (id.as_str(), *p, *e)).collect();
+        let mut status = pass(&failed);
+        conclude(&ResourceGraphStatus::default(), &mut status, 1000, &[], &at(160), None);
+        assert_eq!(node_text_bytes(1000), 98);
+        assert_eq!(node_text_bytes(3), 1024);
+        assert!(
+            status
+                .node_states
+                .values()
+                .all(|s| s.last_error.as_ref().unwrap().len() <= 98)
+        );
+        let degraded = &condition(&status, "Degraded").message;
+        assert!(degraded.ends_with("; and 990 more"), "{degraded}");
+        assert!(degraded.len() < 10 * 210 + 20, "{}", degraded.len());
+        let bytes = serde_json::to_vec(&status).unwrap().len();
+        assert!(bytes < 256 * 1024, "{bytes} bytes: 5 MB uncut");
     }
 
     #[test]

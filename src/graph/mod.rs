@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use crate::api::{MAX_NODES, Node};
+use crate::api::{MAX_GRAPH_BYTES, MAX_NODES, Node};
 
 /// Why a graph cannot be executed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,6 +19,8 @@ pub enum GraphError {
     Empty,
     #[error("the graph has {count} nodes; at most {max} are allowed")]
     TooManyNodes { count: usize, max: usize },
+    #[error("the graph's nodes take {bytes} bytes as JSON; at most {max} are allowed")]
+    TooLarge { bytes: usize, max: usize },
     #[error("node {index} has an empty id")]
     EmptyId { index: usize },
     #[error(
@@ -56,9 +58,9 @@ impl ErrorCategory for GraphError {
 
     fn reason(&self) -> &'static str {
         match self {
-            Self::Empty | Self::TooManyNodes { .. } | Self::EmptyId { .. } | Self::MalformedObject { .. } => {
-                "InvalidGraph"
-            }
+            Self::Empty | Self::EmptyId { .. } | Self::MalformedObject { .. } => "InvalidGraph",
+            Self::TooManyNodes { .. } => "TooManyNodes",
+            Self::TooLarge { .. } => "GraphTooLarge",
             Self::DuplicateId { .. } => "DuplicateNodeId",
             Self::InvalidId { .. } => "InvalidNodeId",
             Self::InvalidName { .. } => "InvalidName",
@@ -97,7 +99,25 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// Checks ids, dependencies, cycles and object identity, and computes the execution order.
+/// Bytes of the nodes as compact JSON, the way the apiserver stores them.
+fn json_bytes(nodes: &[Node]) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing to the counter cannot fail, nor can serializing JSON values.
+    let _ = serde_json::to_writer(&mut counter, nodes);
+    counter.0
+}
+
+/// Checks size, ids, dependencies, cycles and object identity, and computes the execution order.
 pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
     if nodes.is_empty() {
         return Err(GraphError::Empty);
@@ -106,6 +126,13 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
         return Err(GraphError::TooManyNodes {
             count: nodes.len(),
             max: MAX_NODES,
+        });
+    }
+    let bytes = json_bytes(nodes);
+    if bytes > MAX_GRAPH_BYTES {
+        return Err(GraphError::TooLarge {
+            bytes,
+            max: MAX_GRAPH_BYTES,
         });
     }
     let mut graph: DiGraph<&str, ()> = DiGraph::new();
@@ -477,7 +504,38 @@ mod tests {
             }
         );
         let many: Vec<Node> = (0..=MAX_NODES).map(|i| node(&format!("n{i}"), &[])).collect();
-        assert!(matches!(validate(&many).unwrap_err(), GraphError::TooManyNodes { .. }));
+        let refused = validate(&many).unwrap_err();
+        assert!(matches!(refused, GraphError::TooManyNodes { count: 1001, max: 1000 }));
+        assert_eq!(refused.reason(), "TooManyNodes");
+    }
+
+    #[test]
+    fn graphs_are_bounded_by_nodes_and_bytes() {
+        // The most nodes, each depending on the one before: valid, in as many waves.
+        let chain: Vec<Node> = (0..MAX_NODES)
+            .map(|i| match i {
+                0 => node("n0", &[]),
+                _ => node(&format!("n{i}"), &[&format!("n{}", i - 1)]),
+            })
+            .collect();
+        let dag = validate(&chain).unwrap();
+        assert_eq!(dag.waves.len(), MAX_NODES);
+        assert_eq!(json_bytes(&chain), serde_json::to_vec(&chain).unwrap().len());
+
+        // Fewer nodes whose objects are large: refused by their bytes.
+        let big: Vec<Node> = (0..300)
+            .map(|i| {
+                let mut n = node(&format!("n{i}"), &[]);
+                n.object["data"] = json!({"x": "y".repeat(2048)});
+                n
+            })
+            .collect();
+        let refused = validate(&big).unwrap_err();
+        assert!(
+            matches!(refused, GraphError::TooLarge { bytes, max: MAX_GRAPH_BYTES } if bytes > MAX_GRAPH_BYTES),
+            "{refused}"
+        );
+        assert_eq!(refused.reason(), "GraphTooLarge");
     }
 
     #[test]

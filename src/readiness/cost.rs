@@ -78,7 +78,7 @@ fn comprehension_depth(expression: &IdedExpr) -> u32 {
             Expr::Comprehension(c) => {
                 1 + [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result]
                     .into_iter()
-                    .map(|e| depth(e))
+                    .map(depth)
                     .max()
                     .unwrap_or(0)
             }

@@ -127,7 +127,7 @@ async fn a_signed_graph_owned_by_its_instance_uid_under_another_kind_does_not_ou
         .as_ref()
         .and_then(|g| g.status.as_ref())
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Valid"))
-        .map(|c| (c.status.clone(), c.reason.clone()));
+        .map(|c| (c.status, c.reason.clone()));
     let rewritten = roles.get_opt(&role).await.unwrap().is_some();
 
     let _ = graphs.delete(&graph, &DeleteParams::default()).await;

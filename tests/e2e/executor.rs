@@ -1176,3 +1176,85 @@ async fn expression_gates_follow_the_live_object_and_bad_ones_are_refused() {
     assert!(valid.message.contains("not valid CEL"), "{}", valid.message);
     env.cleanup().await;
 }
+
+/// A graph of `count` ConfigMap nodes in waves of `wave` nodes (each depends on the node one
+/// wave before it), in the documented shape, each object carrying `padding` bytes of data.
+fn wide_graph(name: &str, count: usize, wave: usize, padding: usize) -> Value {
+    let nodes: Vec<Value> = (0..count)
+        .map(|i| {
+            let deps: Vec<String> = (i >= wave).then(|| format!("n{}", i - wave)).into_iter().collect();
+            json!({"id": format!("n{i}"), "dependencies": deps, "resource": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("{name}-{i}")}, "data": {"pad": "x".repeat(padding)}}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "platform.platform.example.com/v1alpha1",
+        "kind": "ResourceGraph",
+        "metadata": {"name": name},
+        "spec": {"graph": {"nodes": nodes}},
+    })
+}
+
+#[tokio::test]
+async fn graphs_beyond_a_hundred_nodes_complete_and_beyond_the_limits_are_refused() {
+    let (env, graphs) = setup("large-graphs").await;
+    let apply = |name: &'static str, graph: Value| {
+        let graphs = graphs.clone();
+        async move {
+            graphs
+                .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(graph))
+                .await
+        }
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+
+    // 150 nodes in 3 waves: applied and Completed.
+    apply("wide", wide_graph("wide", 150, 50, 0)).await.unwrap();
+    let rg = support::wait_for("150 nodes Completed", Duration::from_secs(180), || async {
+        let rg = graphs.get("wide").await.map_err(|e| e.to_string())?;
+        let status = rg.status.clone().unwrap_or_default();
+        if status.phase == Some(GraphPhase::Completed) {
+            Ok(rg)
+        } else {
+            Err(format!("{:?} {:?}", status.phase, status.ready_nodes))
+        }
+    })
+    .await;
+    let status = rg.status.unwrap();
+    assert_eq!(status.ready_nodes.as_deref(), Some("150/150"));
+    assert_eq!((status.node_states.len(), status.inventory.len()), (150, 150));
+    assert_eq!(status.inventory.iter().map(|e| e.wave).max(), Some(2));
+    let made = cms.list(&Default::default()).await.unwrap();
+    assert_eq!(
+        made.items.iter().filter(|c| c.name_any().starts_with("wide-")).count(),
+        150
+    );
+
+    // 1,001 nodes: the apiserver's CRD validation refuses the graph; nothing is stored.
+    let refused = apply("too-many", wide_graph("too-many", 1001, 1001, 0))
+        .await
+        .unwrap_err();
+    let text = refused.to_string();
+    assert!(
+        text.contains("spec.graph.nodes") && text.contains("must have at most 1000 items"),
+        "{text}"
+    );
+    assert!(graphs.get_opt("too-many").await.unwrap().is_none());
+
+    // 300 nodes of 2 KiB each (about 640 KiB): within the apiserver's limits, so stored, and
+    // refused by Pequod for its bytes; nothing of it is applied.
+    apply("too-large", wide_graph("too-large", 300, 300, 2048))
+        .await
+        .unwrap();
+    let rg = wait_graph(&graphs, "too-large", "the graph refused", phase_is(GraphPhase::Failed)).await;
+    let valid = valid_condition(rg);
+    assert!(!valid.is_true());
+    assert_eq!(valid.reason, "GraphTooLarge");
+    assert!(
+        valid.message.contains("at most 524288 are allowed"),
+        "{}",
+        valid.message
+    );
+    assert!(cms.get_opt("too-large-0").await.unwrap().is_none());
+    support::wait_events(&env.client, &env.namespace, "too-large", &["InvalidGraph"]).await;
+    env.cleanup().await;
+}
