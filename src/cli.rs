@@ -252,6 +252,11 @@ pub struct RunArgs {
     #[arg(long, env = "PEQUOD_DEFAULT_SERVICE_ACCOUNT", default_value = "default", value_parser = service_account_name)]
     pub default_service_account: String,
 
+    /// Kinds (comma-separated) whose values, like a Secret's, never flow out of a graph: only
+    /// their identity fields may be referenced, output or gated on. Secrets always are.
+    #[arg(long, env = "PEQUOD_SENSITIVE_KINDS", value_delimiter = ',')]
+    pub sensitive_kinds: Vec<String>,
+
     /// Graphs may not name a service account other than `--default-service-account`.
     #[arg(long, env = "PEQUOD_LOCK_SERVICE_ACCOUNT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub lock_service_account: bool,

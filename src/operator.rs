@@ -41,6 +41,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     if args.leader_elect {
         timing.validate().map_err(StartupError::InvalidFlags)?;
     }
+    crate::graph::reference::mark_sensitive(args.sensitive_kinds.clone());
     let metrics = Arc::new(Metrics::new()?);
     crate::controller::init_metrics(&metrics);
     let health = Arc::new(Health::new());

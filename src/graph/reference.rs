@@ -38,10 +38,23 @@ pub const IDENTITY_FIELDS: [&str; 5] = [
     "metadata.uid",
 ];
 
+/// Kinds an administrator marks as sensitive besides Secrets (`--sensitive-kinds`), set once
+/// at start-up.
+static SENSITIVE_KINDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Marks `kinds` as sensitive for the life of the process; only the first call counts.
+pub fn mark_sensitive(kinds: Vec<String>) {
+    let _ = SENSITIVE_KINDS.set(kinds.into_iter().filter(|k| !k.is_empty()).collect());
+}
+
 /// Whether objects of `kind` hold values nobody may read through Pequod: only their identity
-/// fields may be referenced, gated on, output or projected.
+/// fields may be referenced, gated on, output or projected. Secrets always; any other kind an
+/// administrator marked.
 pub fn is_sensitive(kind: &str) -> bool {
     kind == "Secret"
+        || SENSITIVE_KINDS
+            .get()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == kind))
 }
 
 impl Reference {
@@ -253,6 +266,16 @@ mod tests {
             resolve(&json!("${service.spec.ports.9.port}"), &live).is_err(),
             "past the array"
         );
+    }
+
+    #[test]
+    fn kinds_an_administrator_marks_are_as_sensitive_as_secrets() {
+        assert!(!reference("creds", &["spec", "token"]).reads_beyond_identity("VaultToken"));
+        mark_sensitive(vec!["VaultToken".into(), String::new()]);
+        assert!(reference("creds", &["spec", "token"]).reads_beyond_identity("VaultToken"));
+        assert!(!reference("creds", &["metadata", "name"]).reads_beyond_identity("VaultToken"));
+        assert!(is_sensitive("Secret"), "Secrets stay sensitive");
+        assert!(!is_sensitive(""), "an empty name marks nothing");
     }
 
     #[test]

@@ -475,9 +475,13 @@ impl Check for Expression {
     }
 }
 
+/// Whether a gate's message may not quote the object's values (a Secret, or a kind marked
+/// sensitive).
 fn is_secret(object: &Value) -> bool {
-    object.get("kind").and_then(Value::as_str) == Some("Secret")
-        && object.get("apiVersion").and_then(Value::as_str) == Some("v1")
+    object
+        .get("kind")
+        .and_then(Value::as_str)
+        .is_some_and(crate::graph::reference::is_sensitive)
 }
 
 /// Most characters of a live value a gate's message quotes.
