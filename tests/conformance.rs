@@ -95,28 +95,6 @@ fn dedent(text: &str) -> String {
         .join("\n")
 }
 
-/// `pequod_*` metric names in `text`, histogram suffixes removed.
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("pequod_") {
-        let tail = &rest[start..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        let name = &tail[..end];
-        let base = ["_bucket", "_count", "_sum"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(name);
-        if base.len() > "pequod_".len() {
-            names.insert(base.to_string());
-        }
-        rest = &tail[end..];
-    }
-    names
-}
-
 /// One metric row of the spec: name, the labels its selector matches, type, and the
 /// labels column when the table has one.
 struct SpecMetric {
@@ -198,7 +176,7 @@ fn spec_metrics_are_registered_with_their_type_and_labels() {
         }
     }
     // Alerts, dashboards and runbook steps name metrics too.
-    for name in metric_names(&spec()) {
+    for name in pequod_testkit::metric_names(&spec()) {
         if !registered.contains_key(&name) {
             problems.push(format!("{name}: named in the spec, not registered"));
         }
@@ -644,7 +622,7 @@ fn conformance_table_covers_every_promise_the_spec_lists() {
     let doc = read(TABLE);
     let mut missing = Vec::new();
     let mut want: BTreeSet<String> = spec_metrics().into_iter().map(|m| m.name).collect();
-    want.extend(metric_names(&spec()));
+    want.extend(pequod_testkit::metric_names(&spec()));
     for (header, rows) in tables(&read(SPEC_OPERATIONS)) {
         if matches!(
             header.first().map(String::as_str),

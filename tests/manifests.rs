@@ -17,31 +17,11 @@ fn documented() -> BTreeSet<String> {
         .collect()
 }
 
-/// The `pequod_*` metrics an expression uses, histogram suffixes removed.
-fn metrics_in(expr: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = expr;
-    while let Some(start) = rest.find("pequod_") {
-        let tail = &rest[start..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        let name = &tail[..end];
-        let base = ["_bucket", "_count", "_sum"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(name);
-        names.insert(base.to_string());
-        rest = &tail[end..];
-    }
-    names
-}
-
 fn check(source: &str, expr: &str, known: &BTreeSet<String>) {
     if let Err(e) = promql_parser::parser::parse(expr) {
         panic!("{source}: invalid PromQL {expr:?}: {e}");
     }
-    for name in metrics_in(expr) {
+    for name in pequod_testkit::metric_names(expr) {
         assert!(known.contains(&name), "{source}: {name} is not an exported metric");
     }
 }
@@ -85,7 +65,9 @@ fn dashboard_queries_are_valid_promql_over_exported_metrics() {
 #[test]
 fn metric_names_are_found_in_expressions() {
     assert_eq!(
-        metrics_in("rate(pequod_reconcile_duration_seconds_bucket[5m]) / pequod_cue_cache_hits_total"),
+        pequod_testkit::metric_names(
+            "rate(pequod_reconcile_duration_seconds_bucket[5m]) / pequod_cue_cache_hits_total"
+        ),
         BTreeSet::from([
             "pequod_cue_cache_hits_total".to_string(),
             "pequod_reconcile_duration_seconds".to_string()

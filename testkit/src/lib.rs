@@ -913,3 +913,26 @@ pub async fn ready_count(api: &Api<DynamicObject>) -> usize {
         })
         .count()
 }
+
+/// The `pequod_*` metric names in `text` (an expression, a document), histogram suffixes
+/// removed.
+pub fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("pequod_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        if base.len() > "pequod_".len() {
+            names.insert(base.to_string());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
