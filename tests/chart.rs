@@ -11,6 +11,8 @@ use std::process::Command;
 use pequod_testkit as support;
 
 const NAMESPACE: &str = "pequod-system";
+/// The oldest Kubernetes release supported (the chart's kubeVersion).
+const KUBE_VERSION: &str = "1.34.0";
 
 fn root(path: &str) -> PathBuf {
     support::repo_root().join(path)
@@ -47,10 +49,12 @@ fn kustomize(dir: &str) -> BTreeMap<(String, String), Value> {
 /// The chart rendered into `pequod-system` with `--set` values.
 fn helm(set: &[&str]) -> BTreeMap<(String, String), Value> {
     let mut command = Command::new(support::tool("helm", "HELM"));
-    command
-        .args(["template", "pequod"])
-        .arg(root("charts/pequod"))
-        .args(["--namespace", NAMESPACE]);
+    command.args(["template", "pequod"]).arg(root("charts/pequod")).args([
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        KUBE_VERSION,
+    ]);
     for value in set {
         command.args(["--set", value]);
     }
@@ -269,6 +273,8 @@ fn chart_values_reach_the_manager() {
         .args([
             "template",
             "pequod",
+            "--kube-version",
+            KUBE_VERSION,
             "--set",
             "replicas=2",
             "--set",
