@@ -1,6 +1,7 @@
 //! End-to-end tests against a real control plane (see the test kit, `testkit/`).
 
 mod attacks;
+mod chart;
 mod executor;
 mod instances;
 mod metrics;
