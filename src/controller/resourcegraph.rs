@@ -162,15 +162,17 @@ impl Context {
                 .find(|t| t.metadata.uid.as_deref() == Some(grant.transform_uid.as_str()))
         };
         let cached = find(store.state());
-        self.check_grant(grant, cached.as_deref())?;
-        let listed = match Api::<Transform>::all(self.client.clone())
-            .list(&Default::default())
-            .await
-        {
-            Ok(list) => list.items.into_iter().map(Arc::new).collect(),
-            Err(e) => return Some(format!("the Transforms could not be read: {e}")),
+        let why = self.check_grant(grant, cached.as_deref())?;
+        // A Transform the synced cache does not hold is gone; one it holds may have served a
+        // version a moment ago that the cache has not seen: read that one Transform afresh.
+        let Some(t) = cached else {
+            return Some(why);
         };
-        self.check_grant(grant, find(listed).as_deref())
+        let api = Api::<Transform>::namespaced(self.client.clone(), &t.namespace().unwrap_or_default());
+        match api.get_opt(&t.name_any()).await {
+            Ok(fresh) => self.check_grant(grant, fresh.as_ref()),
+            Err(e) => Some(format!("Transform {} could not be read: {e}", t.name_any())),
+        }
     }
 
     /// [`authority::withdrawn`] with the Transform's list of served versions, believed only

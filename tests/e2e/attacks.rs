@@ -9,9 +9,9 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use crate::executor::kubectl_as;
-use crate::instances::{acting_reason, apply_instance, serve_grants, wait_instance};
+use crate::instances::{acting_reason, apply_instance, forget_grants, patch_graph_as, serve_grants, wait_instance};
 use crate::support::{self, wait_for};
-use crate::transforms::{WAIT, delete_transform, group, setup};
+use crate::transforms::{WAIT, group, setup};
 
 fn ok(out: std::process::Output) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -66,19 +66,7 @@ async fn a_signed_graph_owned_by_its_instance_uid_under_another_kind_does_not_ou
     //    spec, and so the proof, is untouched.
     let owner = json!([{"op": "replace", "path": "/metadata/ownerReferences", "value": [{
         "apiVersion": "gone.example.com/v1", "kind": "Gone", "name": "kept", "uid": uid, "controller": true}]}]);
-    ok(kubectl_as(
-        &env,
-        &user,
-        &[
-            "patch",
-            "resourcegraph",
-            &graph,
-            "--type=json",
-            "-p",
-            &owner.to_string(),
-        ],
-        "",
-    ));
+    patch_graph_as(&env, &user, &graph, &owner.to_string());
     tokio::time::sleep(Duration::from_secs(3)).await;
     // 3. The instance is deleted without its finalizer.
     ok(kubectl_as(
@@ -130,10 +118,7 @@ async fn a_signed_graph_owned_by_its_instance_uid_under_another_kind_does_not_ou
         .map(|c| (c.status, c.reason.clone()));
     let rewritten = roles.get_opt(&role).await.unwrap().is_some();
 
-    let _ = graphs.delete(&graph, &DeleteParams::default()).await;
-    let _ = roles.delete(&role, &DeleteParams::default()).await;
-    delete_transform(&transforms, "grant").await;
-    env.cleanup().await;
+    forget_grants(env, &transforms, &graphs, &graph, &role).await;
     assert!(
         !rewritten,
         "the graph of deleted instance kept (graph left: {}, Authorized: {authority:?}, Valid: {valid:?}); \

@@ -1574,6 +1574,33 @@ pub(crate) const GRANT_MODULE: &str = r#"package grant
 
 /// A Transform allowing cluster-scoped objects, its `Grant` instances, a Role for `user` that
 /// allows ResourceGraphs only, and the graphs API.
+/// Removes what a test of `serve_grants` left: the graph, the ClusterRole, the Transform, the
+/// namespace.
+pub(crate) async fn forget_grants(
+    env: TestEnv,
+    transforms: &Api<pequod::api::Transform>,
+    graphs: &Api<ResourceGraph>,
+    graph: &str,
+    role: &str,
+) {
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(env.client.clone());
+    let _ = graphs.delete(graph, &DeleteParams::default()).await;
+    let _ = roles.delete(role, &DeleteParams::default()).await;
+    delete_transform(transforms, "grant").await;
+    env.cleanup().await;
+}
+
+/// `kubectl --as user patch resourcegraph graph --type=json -p patch`, which must succeed.
+pub(crate) fn patch_graph_as(env: &TestEnv, user: &str, graph: &str, patch: &str) {
+    let out = crate::executor::kubectl_as(
+        env,
+        user,
+        &["patch", "resourcegraph", graph, "--type=json", "-p", patch],
+        "",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub(crate) async fn serve_grants(
     env: &TestEnv,
     transforms: &Api<pequod::api::Transform>,
@@ -1681,10 +1708,7 @@ async fn a_signed_graph_re_created_after_its_instance_was_deleted_acts_with_no_a
          {role} re-created: {recreated}"
     );
 
-    let _ = graphs.delete(&graph, &DeleteParams::default()).await;
-    let _ = roles.delete(&role, &DeleteParams::default()).await;
-    delete_transform(&transforms, "grant").await;
-    env.cleanup().await;
+    forget_grants(env, &transforms, &graphs, &graph, &role).await;
 }
 
 /// Rights used: write ResourceGraphs in one namespace. Taking the owner reference off an
@@ -1703,20 +1727,12 @@ async fn a_signed_graph_detached_from_its_instance_does_not_outlive_it() {
     let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(env.client.clone());
     assert!(roles.get_opt(&role).await.unwrap().is_some());
 
-    let out = crate::executor::kubectl_as(
+    patch_graph_as(
         &env,
         &user,
-        &[
-            "patch",
-            "resourcegraph",
-            &graph,
-            "--type=json",
-            "-p",
-            r#"[{"op": "remove", "path": "/metadata/ownerReferences"}]"#,
-        ],
-        "",
+        &graph,
+        r#"[{"op": "remove", "path": "/metadata/ownerReferences"}]"#,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     support::delete_and_wait_gone(&grants, "kept", WAIT).await;
 
     let outcome = wait_for(
@@ -1742,10 +1758,7 @@ async fn a_signed_graph_detached_from_its_instance_does_not_outlive_it() {
     );
     outcome.await;
 
-    let _ = graphs.delete(&graph, &DeleteParams::default()).await;
-    let _ = roles.delete(&role, &DeleteParams::default()).await;
-    delete_transform(&transforms, "grant").await;
-    env.cleanup().await;
+    forget_grants(env, &transforms, &graphs, &graph, &role).await;
 }
 
 /// Rights used: own a Transform, with its status (`transforms/status`), and edit its
