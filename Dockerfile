@@ -25,9 +25,13 @@ COPY hack/tools/cue/go.mod hack/tools/cue/go.sum ./
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /cue cuelang.org/go/cmd/cue
 
 FROM docker.io/library/debian:bookworm-slim
-RUN apt-get update \
+# hack/image.sh builds the same image without Docker: it reads the packages, the accounts, ENV,
+# USER and ENTRYPOINT from this stage, and runs the same hack/image/trim.sh (tests/image.rs
+# checks that both images agree).
+RUN --mount=type=bind,source=hack/image,target=/image \
+    apt-get update \
     && apt-get install -y --no-install-recommends git openssh-client ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
+    && /image/trim.sh / \
     # ssh refuses to run for a user id without a passwd entry.
     && groupadd --gid 65532 nonroot \
     && useradd --uid 65532 --gid 65532 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin nonroot

@@ -94,5 +94,13 @@ undeploy: tools ## Remove the operator and its CRDs.
 	$(KUBECTL) delete --ignore-not-found -k config/default
 
 .PHONY: docker-build
-docker-build: ## Build the container image IMG.
+docker-build: ## Build the container image IMG with Docker (the Dockerfile).
 	docker build -t $(IMG) .
+
+.PHONY: image
+image: tools ## Build the same image without Docker, from Debian's packages, and push it to IMG.
+	IMG=$(IMG) hack/image.sh
+
+.PHONY: release
+release: tools ## Push the image REGISTRY/pequod:VERSION and the chart oci://REGISTRY/charts/pequod:VERSION.
+	REGISTRY=$(REGISTRY) hack/release.sh all

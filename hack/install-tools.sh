@@ -5,6 +5,8 @@
 #   bin/helm     helm 3, from the same package (the chart's tests lint and render charts/pequod)
 # and, from Debian, what the remote-module tests serve modules with:
 #   docker-registry (distribution 2.8, an OCI registry), git and openssh-server (sshd)
+# and what builds and reads the image without a container engine (hack/image.sh, tests/e2e_image):
+#   mmdebstrap, buildah and skopeo
 set -euo pipefail
 
 KUBECTL_LAYER_VERSION=2.1.0
@@ -52,13 +54,15 @@ fi
 
 registry="${PEQUOD_TEST_REGISTRY:-/usr/bin/docker-registry}"
 sshd="${PEQUOD_TEST_SSHD:-/usr/sbin/sshd}"
-if [[ ! -x "${registry}" || ! -x "${sshd}" ]] || ! command -v git >/dev/null; then
-  command -v apt-get >/dev/null || { echo "install-tools: install docker-registry (distribution 2.8), git and openssh-server, or set PEQUOD_TEST_REGISTRY and PEQUOD_TEST_SSHD" >&2; exit 1; }
+missing_image_tool=false
+for tool in mmdebstrap buildah skopeo; do command -v "${tool}" >/dev/null || missing_image_tool=true; done
+if [[ ! -x "${registry}" || ! -x "${sshd}" ]] || ! command -v git >/dev/null || ${missing_image_tool}; then
+  command -v apt-get >/dev/null || { echo "install-tools: install docker-registry (distribution 2.8), git, openssh-server, mmdebstrap, buildah and skopeo, or set PEQUOD_TEST_REGISTRY and PEQUOD_TEST_SSHD" >&2; exit 1; }
   SUDO=""
   if [[ "$(id -u)" != 0 ]]; then SUDO="sudo"; fi
-  echo "install-tools: installing docker-registry, git and openssh-server from Debian" >&2
+  echo "install-tools: installing docker-registry, git, openssh-server, mmdebstrap, buildah and skopeo from Debian" >&2
   # The packages' own services are not used: tests start theirs on free loopback ports.
-  packages=(docker-registry git openssh-server)
+  packages=(docker-registry git openssh-server mmdebstrap buildah skopeo)
   DEBIAN_FRONTEND=noninteractive ${SUDO} apt-get install -y -qq "${packages[@]}" >&2 \
     || { ${SUDO} apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive ${SUDO} apt-get install -y -qq "${packages[@]}" >&2; }
 fi

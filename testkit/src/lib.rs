@@ -4,6 +4,7 @@
 
 pub mod control_plane;
 pub mod remote;
+pub mod restricted;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -18,7 +18,7 @@ use super::{control_plane, free_port};
 pub const REGISTRY_USER: &str = "robot";
 pub const REGISTRY_PASSWORD: &str = "s3cret-pull";
 
-fn registry_binary() -> PathBuf {
+pub fn registry_binary() -> PathBuf {
     std::env::var_os("PEQUOD_TEST_REGISTRY")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/docker-registry"))
@@ -59,7 +59,7 @@ fn registry_config(dir: &Path, port: u16, auth: Auth) -> PathBuf {
     path
 }
 
-fn wait_listening(addr: &str, what: &str) {
+pub fn wait_listening(addr: &str, what: &str) {
     let started = Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(
@@ -162,6 +162,11 @@ impl Registry {
         };
         registry.resume();
         registry
+    }
+
+    /// The folder the registry keeps its repositories in.
+    pub fn storage(&self) -> PathBuf {
+        self._dir.path().join("data")
     }
 
     pub fn stop(&mut self) {

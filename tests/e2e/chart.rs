@@ -46,9 +46,34 @@ async fn the_chart_installs_upgrades_and_uninstalls_leaving_crds_and_graphs() {
     let chart = chart.to_str().unwrap();
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.namespace);
 
+    // Installed as released: `hack/release.sh chart` pushes the chart as an OCI artifact whose
+    // default image is the release's, and helm installs it from the registry.
+    let registry = &support::remote::shared_registries().open;
+    let version = env!("CARGO_PKG_VERSION");
+    let release = std::process::Command::new(support::repo_root().join("hack/release.sh"))
+        .arg("chart")
+        .env("REGISTRY", registry)
+        .env("PEQUOD_RELEASE_PLAIN_HTTP", "true")
+        .env("HELM", support::tool("helm", "HELM"))
+        .output()
+        .unwrap();
+    assert!(
+        release.status.success(),
+        "hack/release.sh chart: {}",
+        String::from_utf8_lossy(&release.stderr)
+    );
+    let released = format!("oci://{registry}/charts/pequod");
     helm(
         &env,
-        &["install", "pequod", chart, "--set", "image.tag=e2e", "--wait=false"],
+        &[
+            "install",
+            "pequod",
+            &released,
+            "--version",
+            version,
+            "--plain-http",
+            "--wait=false",
+        ],
     );
     let installed = wait_for("the manager Deployment", WAIT, || async {
         deployments
@@ -64,7 +89,7 @@ async fn the_chart_installs_upgrades_and_uninstalls_leaving_crds_and_graphs() {
         .and_then(|s| s.template.spec.as_ref())
         .and_then(|p| p.containers.first())
         .and_then(|c| c.image.clone());
-    assert_eq!(image.as_deref(), Some("pequod:e2e"));
+    assert_eq!(image, Some(format!("{registry}/pequod:{version}")));
     let roles: Api<ClusterRole> = Api::all(env.client.clone());
     assert!(roles.get_opt("pequod-manager-role").await.unwrap().is_some());
 

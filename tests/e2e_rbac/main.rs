@@ -13,7 +13,7 @@ use kube::api::DynamicObject;
 use kube::{Api, Client};
 use pequod::api::Transform;
 use serde_json::{Value, json};
-use support::OperatorProcess;
+use support::{OperatorProcess, restricted};
 
 const WAIT: Duration = Duration::from_secs(120);
 const MANAGER_ROLE: &str = "pequod-manager-role";
@@ -62,42 +62,6 @@ const GRAB_MODULE: &str = r#"package m
 }
 "#;
 
-fn install_restricted(kubeconfig: &std::path::Path) {
-    let kubectl = support::tool("kubectl", "KUBECTL");
-    let out = std::process::Command::new(&kubectl)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["apply", "--server-side", "-k"])
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/restricted"))
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e} (run `make tools`)", kubectl.display()));
-    assert!(
-        out.status.success(),
-        "kubectl apply -k config/restricted failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A kubeconfig that authenticates as the manager's service account.
-async fn manager_kubeconfig(client: &Client, admin: &std::path::Path) -> std::path::PathBuf {
-    let token = support::service_account_token(client, "pequod-system", "pequod-controller-manager").await;
-    let text = std::fs::read_to_string(admin).unwrap();
-    let replaced: String = text
-        .lines()
-        .map(|l| {
-            if l.trim_start().starts_with("token:") {
-                format!("    token: {token}")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let path = admin.with_file_name("manager-kubeconfig");
-    std::fs::write(&path, replaced + "\n").unwrap();
-    path
-}
-
 fn aggregated_resources(role: &ClusterRole) -> Vec<String> {
     role.rules
         .iter()
@@ -126,24 +90,12 @@ fn ready_reason(obj: &DynamicObject) -> Option<(String, String, String)> {
         })
 }
 
-/// Runs kubectl with the admin kubeconfig and `stdin`, and returns its output; fails the test
-/// when kubectl fails.
-fn kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: &str) -> String {
-    let out = support::kubectl_with_input(kubeconfig, args, stdin);
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 const MANAGER: &str = "system:serviceaccount:pequod-system:pequod-controller-manager";
 
 /// What the manager may do in `namespace` and cluster-wide, as `kubectl auth can-i --list`
 /// tells it: one line per rule, sorted.
 fn manager_permissions(kubeconfig: &std::path::Path, namespace: &str) -> Vec<String> {
-    let out = kubectl(
+    let out = restricted::kubectl(
         kubeconfig,
         &["auth", "can-i", "--list", "--as", MANAGER, "-n", namespace],
         "",
@@ -156,23 +108,6 @@ fn manager_permissions(kubeconfig: &std::path::Path, namespace: &str) -> Vec<Str
         .collect();
     lines.sort();
     lines
-}
-
-/// `pequod rbac NAMESPACE/NAME`, run as the administrator, applied with kubectl.
-fn grant_transform_rbac(kubeconfig: &std::path::Path, namespace: &str, name: &str) -> String {
-    let out = std::process::Command::new(support::pequod_binary())
-        .env("KUBECONFIG", kubeconfig)
-        .args(["rbac", &format!("{namespace}/{name}")])
-        .output()
-        .expect("run pequod rbac");
-    assert!(
-        out.status.success(),
-        "pequod rbac failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
-    kubectl(kubeconfig, &["apply", "--server-side", "-f", "-"], &yaml);
-    yaml
 }
 
 fn condition(t: &Transform, type_: &str) -> Option<(String, String, String)> {
@@ -191,7 +126,7 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
         // Replacing the manager role of someone's cluster is not a test's business.
         return;
     }
-    install_restricted(&env.kubeconfig);
+    restricted::install(&env.kubeconfig);
     let roles: Api<ClusterRole> = Api::all(env.client.clone());
     support::wait_for("the base role aggregated into the manager role", WAIT, || async {
         let role = roles.get(MANAGER_ROLE).await.map_err(|e| e.to_string())?;
@@ -211,7 +146,7 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
         assert!(!resource.starts_with("secrets"), "Secrets readable: {line}");
     }
 
-    let kubeconfig = manager_kubeconfig(&env.client, &env.kubeconfig).await;
+    let kubeconfig = restricted::manager_kubeconfig(&env.client, &env.kubeconfig).await;
     let operator = OperatorProcess::start(
         &kubeconfig,
         &support::tool("cue", "PEQUOD_TEST_CUE"),
@@ -378,7 +313,7 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
 
     // An administrator grants what the two holders need; the manager then serves them.
     for name in ["configmap", "secret"] {
-        let yaml = grant_transform_rbac(&env.kubeconfig, &env.namespace, name);
+        let yaml = restricted::grant_transform(&env.kubeconfig, &env.namespace, name);
         assert!(
             yaml.contains("kind: ClusterRole") && !yaml.contains("escalate"),
             "{yaml}"
