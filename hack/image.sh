@@ -76,9 +76,15 @@ if [[ ! -f "${base}" ]]; then
 fi
 
 echo "image: building the release binary and cue" >&2
-# Tests that run this script pass cargo's CARGO_MANIFEST_DIR on, and ring's build script reads
-# it: set it the same way every time, or each switch would redo the release build.
-(cd "${root}" && CARGO_MANIFEST_DIR="${root}" cargo build --release --locked --quiet --bin pequod)
+# Tests that run this script pass on what cargo sets for them (CARGO_PKG_NAME, ...), and ring's
+# build script reruns when those change: without them, every caller builds the same.
+unset_cargo=()
+while IFS='=' read -r name _; do
+  case "${name}" in
+    CARGO_PKG_* | CARGO_MANIFEST_* | CARGO_BIN_EXE_* | CARGO_CRATE_NAME | CARGO_PRIMARY_PACKAGE | CARGO_TARGET_TMPDIR) unset_cargo+=(-u "${name}") ;;
+  esac
+done < <(env)
+(cd "${root}" && env "${unset_cargo[@]}" cargo build --release --locked --quiet --bin pequod)
 "${root}/hack/install-tools.sh" >/dev/null
 binary="${CARGO_TARGET_DIR:-${root}/target}/release/pequod"
 version="$("${binary}" --version | awk '{print $2}')"

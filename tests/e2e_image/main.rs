@@ -318,6 +318,7 @@ async fn the_image_runs_as_65532_from_its_own_root_and_serves_modules_over_ssh_a
         format!("--health-probe-bind-address={probes}"),
         "--generate-rbac=false".into(),
         format!("--trusted-transform-namespaces={}", env.namespace),
+        "--zap-log-level=debug".into(),
     ]);
     let log = support::control_plane::shared().spawn_process("pequod-image", Path::new("/usr/bin/env"), &args, &[]);
     support::wait_for("the image's pequod to be ready", WAIT, || async {
@@ -368,8 +369,9 @@ async fn the_image_runs_as_65532_from_its_own_root_and_serves_modules_over_ssh_a
                     .and_then(|c| c.iter().find(|c| c["type"] == type_).cloned());
                 match condition {
                     Some(c) if c["status"] == "True" => Ok(()),
-                    other => Err(format!(
-                        "{other:?}; log: {}",
+                    _ => Err(format!(
+                        "status {}; the operator's log: {}",
+                        t.data["status"],
                         std::fs::read_to_string(&log).unwrap_or_default()
                     )),
                 }
