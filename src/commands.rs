@@ -179,7 +179,7 @@ struct Plan {
     instances: Vec<InstancePlan>,
 }
 
-use crate::plan::InstancePlan;
+use crate::rollout::plan::InstancePlan;
 
 /// `pequod plan --transform NS/NAME --module M`: renders every instance of the Transform's kind
 /// with the candidate module and compares the result with the graph each has.
@@ -227,7 +227,7 @@ pub async fn plan(
     let schema = schema_plan(&client, &t, &crd.name, &renderer, &candidate).await?;
     let metrics = Arc::new(Metrics::new().map_err(CommandError::new)?);
     let applier = crate::apply::Applier::new(client.clone(), metrics);
-    let tools = crate::controller::rollout::Tools {
+    let tools = crate::controller::fleet_plan::Tools {
         client: &client,
         renderer: &renderer,
         applier: &applier,
@@ -235,7 +235,7 @@ pub async fn plan(
     };
     let instances: Vec<Arc<DynamicObject>> = listed.items.into_iter().map(Arc::new).collect();
     let scope = (t.spec.rbac_scope == RbacScope::Namespace).then_some(ns);
-    let plans = crate::controller::rollout::plan_instances(
+    let plans = crate::controller::fleet_plan::plan_instances(
         &tools,
         &resource,
         scope,
@@ -251,7 +251,7 @@ pub async fn plan(
     let plan = Plan {
         module: candidate.digest.clone(),
         schema,
-        summary: crate::plan::summarize(&candidate.digest, &plans, &protected),
+        summary: crate::rollout::plan::summarize(&candidate.digest, &plans, &protected),
         instances: plans,
     };
     match format {
@@ -308,7 +308,7 @@ async fn schema_plan(
 }
 
 fn print_plan(plan: &Plan) {
-    use crate::plan::Change;
+    use crate::rollout::plan::Change;
     let plans = &plan.instances;
     println!("module {}: {} instance(s)", plan.module, plans.len());
     match (plan.schema.changed, plan.schema.breaking.is_empty()) {

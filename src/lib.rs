@@ -16,7 +16,6 @@ pub mod instance_graph;
 pub mod lru;
 pub mod naming;
 pub mod operator;
-pub mod plan;
 pub mod rbac;
 pub mod readiness;
 pub mod rollout;

@@ -1,9 +1,10 @@
 //! Controllers: the kube-facing loops around the pure core.
 
 pub mod access;
+pub mod fleet_plan;
 pub mod instance;
 pub mod resourcegraph;
-pub mod rollout;
+pub mod rollout_driver;
 pub mod transform;
 pub mod watches;
 

@@ -29,7 +29,8 @@ use tracing::info_span;
 
 mod status;
 
-use super::rollout::{Driver, RolloutOrder, SelectionCell, instance_key};
+use super::fleet_plan::instance_key;
+use super::rollout_driver::{Driver, RolloutOrder, SelectionCell};
 use super::watches::ObjectWatches;
 use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};

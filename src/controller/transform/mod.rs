@@ -33,7 +33,7 @@ use tracing::info_span;
 mod status;
 
 use super::instance::{ServeSpec, Supervisor, TransformKey};
-use super::rollout::RolloutOrder;
+use super::rollout_driver::RolloutOrder;
 use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{
     CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus, with_served,
