@@ -133,7 +133,7 @@ pub struct CueArgs {
     /// Most memory one cue process may allocate, in MiB (its data segment, `RLIMIT_DATA`):
     /// an input whose evaluation needs more fails alone, with reason `CueMemoryLimit`. Keep
     /// `--cue-max-processes` times this, plus about 128 MiB, under the container's limit.
-    #[arg(long, env = "PEQUOD_CUE_MEMORY_LIMIT_MB", default_value_t = crate::cue::cli::DEFAULT_MEMORY_LIMIT_MIB, value_parser = clap::value_parser!(u64).range(64..=65_536))]
+    #[arg(long, env = "PEQUOD_CUE_MEMORY_LIMIT_MB", default_value_t = crate::cue::process::DEFAULT_MEMORY_LIMIT_MIB, value_parser = clap::value_parser!(u64).range(64..=65_536))]
     pub cue_memory_limit_mb: u64,
 
     /// Folder for loaded modules and cue's scratch files.

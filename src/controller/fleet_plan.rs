@@ -17,7 +17,7 @@ use crate::api::names::{INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL};
 use crate::apply::{Applier, GraphIdentity, desired_object};
 use crate::cue::{Module, Renderer, render_input};
 use crate::executor::ownership::refusal;
-use crate::executor::plan::field_manager;
+use crate::executor::write::field_manager;
 use crate::instance_graph::{graph_name, label_value};
 use crate::rollout::InstanceKey;
 use crate::rollout::plan::InstancePlan;

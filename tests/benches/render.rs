@@ -34,7 +34,7 @@ async fn main() {
     let metrics = Arc::new(Metrics::new().unwrap());
     // Under the operator's default memory limit, as in production.
     let cli = CueCli::new(&cue, Duration::from_secs(120), 2)
-        .with_memory_limit(pequod::cue::cli::DEFAULT_MEMORY_LIMIT_MIB * 1024 * 1024)
+        .with_memory_limit(pequod::cue::process::DEFAULT_MEMORY_LIMIT_MIB * 1024 * 1024)
         .with_metrics(metrics.clone());
     let renderer = Renderer::new(cli, RendererConfig::new(cache.path()), metrics.clone());
     let invocations = || -> u64 {

@@ -105,7 +105,7 @@ impl Write {
 
 /// The decision for one node, with the object to write.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NodePlan {
+pub struct NodeWrite {
     pub write: Write,
     /// The object to apply, with the adoption record when the node adopts.
     pub desired: Value,
@@ -116,16 +116,16 @@ pub struct NodePlan {
 /// Decides what to write for `node`. `live` is the object as JSON with its managed fields;
 /// `unchanged_since_apply` says the live object is the very one this process last applied
 /// with the same desired object (then no comparison is needed).
-pub fn plan_node(
+pub fn decide_write(
     node: &Node,
     mut desired: Value,
     live: Option<&Value>,
     graph: &GraphIdentity,
     unchanged_since_apply: bool,
-) -> NodePlan {
+) -> NodeWrite {
     let manager = field_manager(node, graph);
     let Some(live) = live else {
-        return NodePlan {
+        return NodeWrite {
             write: Write::apply(false),
             desired,
             adopted_from: None,
@@ -140,7 +140,7 @@ pub fn plan_node(
         .into_iter()
         .collect();
     if let Some(refused) = ownership::refusal(node.apply_policy.mode, live, graph, &others) {
-        return NodePlan {
+        return NodeWrite {
             write: Write::Refuse(refused),
             desired,
             adopted_from: None,
@@ -190,7 +190,7 @@ pub fn plan_node(
             }
         },
     };
-    NodePlan {
+    NodeWrite {
         write,
         desired,
         adopted_from,
@@ -319,9 +319,9 @@ mod tests {
         object["metadata"]["managedFields"] = json!([{"manager": "pequod-uid-web", "operation": "Apply",
             "fieldsV1": {"f:data": {"f:a": {}, "f:b": {}}, "f:metadata": {"f:annotations": {"f:pequod.io/resourcegraph-uid": {}}}}}]);
         let n = node(desired("1"), ApplyMode::Apply, json!([]));
-        let plan = plan_node(&n, desired("1"), Some(&object), &g, false);
+        let decision = decide_write(&n, desired("1"), Some(&object), &g, false);
         assert_eq!(
-            plan.write,
+            decision.write,
             Write::apply(true),
             "data.b was Pequod's and is no longer declared"
         );
@@ -331,8 +331,8 @@ mod tests {
             .as_array_mut()
             .unwrap()
             .push(json!({"manager": "someone", "operation": "Apply", "fieldsV1": {"f:data": {"f:b": {}}}}));
-        let plan = plan_node(&n, desired("1"), Some(&object), &g, false);
-        assert_eq!(plan.write, Write::Nothing);
+        let decision = decide_write(&n, desired("1"), Some(&object), &g, false);
+        assert_eq!(decision.write, Write::Nothing);
     }
 
     #[test]
@@ -367,10 +367,10 @@ mod tests {
         ];
         for (case, mode, live, value, unchanged, want) in cases {
             let n = node(object("v1", "ConfigMap", Some("team")), mode, json!([]));
-            let plan = plan_node(&n, desired(value), live.as_ref(), &g, unchanged);
-            match (&plan.write, &want) {
+            let decision = decide_write(&n, desired(value), live.as_ref(), &g, unchanged);
+            match (&decision.write, &want) {
                 (Write::Refuse(got), Write::Refuse(w)) => assert_eq!(got.reason, w.reason, "{case}"),
-                _ => assert_eq!(plan.write, want, "{case}"),
+                _ => assert_eq!(decision.write, want, "{case}"),
             }
         }
     }
@@ -380,18 +380,18 @@ mod tests {
         let g = graph();
         let n = node(object("v1", "ConfigMap", Some("team")), ApplyMode::Adopt, json!([]));
         let theirs = live(json!({}), &[("helm", "Update"), ("kubectl", "Apply")]);
-        let plan = plan_node(&n, desired("2"), Some(&theirs), &g, false);
-        assert_eq!(plan.adopted_from.as_deref(), Some("helm,kubectl"));
+        let decision = decide_write(&n, desired("2"), Some(&theirs), &g, false);
+        assert_eq!(decision.adopted_from.as_deref(), Some("helm,kubectl"));
         assert_eq!(
-            plan.desired["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION],
+            decision.desired["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION],
             "helm,kubectl"
         );
         let recorded = live(
             json!({"pequod.io/resourcegraph-uid": "uid-web", "pequod.io/adopted-from": "helm"}),
             &[("pequod-uid-web", "Apply"), ("helm", "Update")],
         );
-        let plan = plan_node(&n, desired("2"), Some(&recorded), &g, false);
-        assert_eq!(plan.adopted_from.as_deref(), Some("helm"), "the first record stays");
+        let decision = decide_write(&n, desired("2"), Some(&recorded), &g, false);
+        assert_eq!(decision.adopted_from.as_deref(), Some("helm"), "the first record stays");
     }
 
     #[test]
@@ -407,7 +407,7 @@ mod tests {
             &[("pequod", "Apply")],
         );
         assert_eq!(
-            plan_node(&n, desired("1"), Some(&legacy), &g, false).write,
+            decide_write(&n, desired("1"), Some(&legacy), &g, false).write,
             Write::Nothing,
             "a node naming its own manager has nothing to migrate"
         );
@@ -426,9 +426,9 @@ mod tests {
             json!({"pequod.io/resourcegraph-uid": "uid-web"}),
             &[("pequod", "Apply"), ("pequod-uid-web", "Apply"), ("kubectl", "Update")],
         );
-        let plan = plan_node(&n, desired("1"), Some(&theirs), &g, false);
+        let decision = decide_write(&n, desired("1"), Some(&theirs), &g, false);
         assert_eq!(
-            plan.write,
+            decision.write,
             Write::Apply {
                 reclaim: true,
                 take_over: true,
@@ -441,7 +441,7 @@ mod tests {
         );
         let mut same = desired("1");
         same["metadata"]["annotations"]["pequod.io/resourcegraph-uid"] = json!("uid-new");
-        assert_eq!(plan_node(&n, same, Some(&done), &g, false).write, Write::Nothing);
+        assert_eq!(decide_write(&n, same, Some(&done), &g, false).write, Write::Nothing);
     }
 
     #[test]
