@@ -1,10 +1,11 @@
 //! Command line: run mode (the operator) and the offline subcommands.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::runtime::server::BindAddress;
+use crate::runtime::telemetry::{LogEncoder, LogLevel};
 
 /// Pequod turns CUE modules into self-service Kubernetes APIs.
 ///
@@ -274,69 +275,6 @@ pub struct RunArgs {
     /// Most nodes of one ResourceGraph applied at the same time.
     #[arg(long, env = "PEQUOD_APPLY_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub apply_concurrency: u16,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warn,
-    Error,
-}
-
-impl LogLevel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Debug => "debug",
-            Self::Info => "info",
-            Self::Warn => "warn",
-            Self::Error => "error",
-        }
-    }
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogEncoder {
-    Json,
-    Console,
-}
-
-/// A listen address in the form Go operators use: `:8443` means every interface, IPv6 and
-/// IPv4; `0` disables the listener.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BindAddress {
-    Disabled,
-    /// `:PORT`: every interface of both address families (see [`crate::runtime::server::listen`]).
-    AllInterfaces(u16),
-    /// `host:port` as given.
-    Exact(SocketAddr),
-}
-
-impl FromStr for BindAddress {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        if s == "0" {
-            return Ok(Self::Disabled);
-        }
-        let invalid =
-            |e: &dyn std::fmt::Display| format!("invalid bind address {s:?} (want host:port, :port or 0): {e}");
-        match s.strip_prefix(':') {
-            Some(port) => port.parse::<u16>().map(Self::AllInterfaces).map_err(|e| invalid(&e)),
-            None => s.parse::<SocketAddr>().map(Self::Exact).map_err(|e| invalid(&e)),
-        }
-    }
-}
-
-impl std::fmt::Display for BindAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Disabled => f.write_str("0"),
-            Self::AllInterfaces(port) => write!(f, ":{port}"),
-            Self::Exact(addr) => write!(f, "{addr}"),
-        }
-    }
 }
 
 impl CueArgs {

@@ -13,7 +13,7 @@ use crate::cli::{CueArgs, OutputFormat};
 use crate::crd::{CrdParams, build_crd, kind_names};
 use crate::cue::{ModuleFiles, Renderer, RendererConfig, input_hash, render_input};
 use crate::instance_graph::{InstanceRef, render_hash, resource_graph};
-use crate::runtime::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// A command's failure: the message for stderr and the exit code.
 #[derive(Debug)]
@@ -294,7 +294,7 @@ async fn schema_plan(
     Ok(match live {
         Some(live) => SchemaPlan {
             // As the Transform decides whether to write it: the live CRD holds the desired one.
-            changed: !crate::apply::contains(
+            changed: !crate::executor::object::contains(
                 &serde_json::to_value(&live).map_err(CommandError::new)?,
                 &serde_json::to_value(&desired).map_err(CommandError::new)?,
             ),

@@ -14,6 +14,7 @@ pub mod executor;
 pub mod graph;
 pub mod instance_graph;
 pub mod lru;
+pub mod metrics;
 pub mod naming;
 pub mod operator;
 pub mod rbac;
@@ -21,3 +22,6 @@ pub mod readiness;
 pub mod rollout;
 pub mod runtime;
 pub mod source;
+
+#[cfg(test)]
+mod layers;

@@ -15,13 +15,13 @@ use crate::controller::instance::{self, Supervisor};
 use crate::controller::watches::ObjectWatches;
 use crate::controller::{resourcegraph, transform};
 use crate::cue::{CueCli, Renderer, RendererConfig};
-use crate::error::StartupError;
-use crate::executor::signing_key;
+use crate::metrics::Metrics;
 use crate::rbac::RbacMode;
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::leader::{Elector, Timing};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
+use crate::runtime::signing_key;
+use crate::runtime::startup::StartupError;
 use crate::runtime::{secure, server};
 use crate::source::{Fetcher, FetcherConfig};
 

@@ -14,8 +14,9 @@ use serde_json::json;
 use super::watches::{Lookup, ObjectWatches};
 use crate::api::ResourceGraph;
 use crate::api::names::{INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL};
-use crate::apply::{Applier, GraphIdentity, desired_object};
+use crate::apply::Applier;
 use crate::cue::{Module, Renderer, render_input};
+use crate::executor::object::{GraphIdentity, desired_object};
 use crate::executor::ownership::refusal;
 use crate::executor::write::field_manager;
 use crate::instance_graph::{graph_name, label_value};
@@ -188,7 +189,7 @@ async fn check_live(
         };
         if let Change::Create { .. } = change {
             // The name is taken: the graph writes the object only when it is its own to write.
-            let managers = crate::apply::other_managers(&live, "");
+            let managers = crate::executor::object::other_managers(&live, "");
             let refused = serde_json::to_value(&live)
                 .ok()
                 .and_then(|live| refusal(node.apply_policy.mode, &live, &identity, &managers));

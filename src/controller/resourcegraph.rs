@@ -35,18 +35,17 @@ use crate::api::{
     Condition, ConditionStatus, GraphPhase, InventoryEntry, Node, NodePhase, NodeState, ResourceGraph,
     ResourceGraphStatus, ResourceRef, has_condition, set_condition,
 };
-use crate::apply::{
-    Applied, Applier, ApplyError, GraphIdentity, Predecessor, Resolved, ServiceAccount, desired_object, gvk_label,
-};
+use crate::apply::{Applied, Applier, ApplyError, Resolved, ServiceAccount};
 use crate::authority::{self, Actor, GraphAccounts, TrustedNamespaces};
+use crate::executor::object::{GraphIdentity, Predecessor, desired_object, gvk_label};
 use crate::executor::ownership::{self, LetGo, Refusal};
 use crate::executor::progress;
 use crate::executor::proof::{Grant, GraphKey, Origin};
 use crate::executor::write::{self, Write};
 use crate::graph::{self, Dag, reference};
+use crate::metrics::Metrics;
 use crate::readiness::Registry;
 use crate::runtime::health::{Health, Probe};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use GRAPH_FINALIZER as FINALIZER;
 

@@ -26,8 +26,8 @@ use crate::api::{Condition, PlanSummary, RolloutPhase, RolloutStatus, Transform,
 use crate::apply::Applier;
 use crate::cue::{Module, Renderer};
 use crate::executor::proof::Allowance;
+use crate::metrics::Metrics;
 use crate::rollout::{self, Affected, Gate, InstanceKey, Member, Memory, Policy, Selection, Step};
-use crate::runtime::metrics::Metrics;
 
 /// How long the driver lets instance changes gather before it looks.
 const SETTLE: Duration = Duration::from_millis(300);

@@ -10,7 +10,7 @@ use tokio::process::Command;
 use tokio::sync::{Semaphore, watch};
 
 use super::CueError;
-use crate::runtime::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// The default of `--cue-memory-limit-mb`: with the default two processes, cue and the
 /// operator stay within the manager's 512 MiB container limit.

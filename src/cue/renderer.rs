@@ -15,7 +15,7 @@ use super::batch::{self, RenderError, RenderOutput};
 use super::module::{Module, ModuleFiles, ModuleStore};
 use super::{CueCli, CueError, crd_schema_from_openapi};
 use crate::lru::Lru;
-use crate::runtime::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Tuning of the renderer.
 #[derive(Debug, Clone)]

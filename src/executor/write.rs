@@ -5,10 +5,10 @@
 use crate::api::names::{ADOPTED_FROM_ANNOTATION, LEGACY_FIELD_MANAGER};
 use serde_json::{Value, json};
 
+use super::object::{GraphIdentity, set_annotation};
 use super::ownership::{self, Owner, Refusal};
 use super::proof::{Allowance, Origin};
 use crate::api::{ApplyMode, Node};
-use crate::apply::{GraphIdentity, set_annotation};
 
 /// API groups whose objects hand out or widen power over the cluster: RBAC, admission
 /// webhooks and policies, CRDs and aggregated APIs. A Transform outside the trusted namespaces
@@ -180,8 +180,8 @@ pub fn decide_write(
             release_managers: earlier_managers,
         },
         _ if unchanged_since_apply => Write::Nothing,
-        _ => match crate::apply::first_difference(live, &desired)
-            .or_else(|| crate::apply::stale_field(live, &desired, &manager))
+        _ => match super::object::first_difference(live, &desired)
+            .or_else(|| super::object::stale_field(live, &desired, &manager))
         {
             None => Write::Nothing,
             Some(path) => {
@@ -417,7 +417,7 @@ mod tests {
     fn a_graph_taking_over_writes_its_predecessor_s_objects_and_releases_its_managers() {
         let mut g = graph();
         g.uid = "uid-new".into();
-        g.predecessor = Some(crate::apply::Predecessor {
+        g.predecessor = Some(crate::executor::object::Predecessor {
             uid: "uid-web".into(),
             name: "web".into(),
         });

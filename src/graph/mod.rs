@@ -1,6 +1,7 @@
 //! The resource graph: validation and dependency order, shared by the renderer (which
 //! refuses to produce an invalid graph) and the executor (which refuses to run one).
 
+pub mod generated;
 pub mod reference;
 
 use crate::api::names::AGGREGATE_LABEL;
@@ -148,7 +149,7 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
             return Err(GraphError::DuplicateId { id: node.id.clone() });
         }
         check_object(node)?;
-        crate::apply::generated::check(
+        generated::check(
             node.api_version(),
             node.kind(),
             node.apply_policy.mode == crate::api::ApplyMode::Create,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pequod::cue::{CueCli, ModuleFiles, Renderer, RendererConfig, render_input};
-use pequod::runtime::metrics::Metrics;
+use pequod::metrics::Metrics;
 use serde_json::{Value, json};
 
 const ROUNDS: usize = 3;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pequod::cue::{CueCli, ModuleFiles, RenderError, Renderer, RendererConfig, render_input};
-use pequod::runtime::metrics::Metrics;
+use pequod::metrics::Metrics;
 use serde_json::{Value, json};
 
 fn cue_binary() -> PathBuf {

@@ -35,15 +35,15 @@ use super::watches::ObjectWatches;
 use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
-use crate::apply::Predecessor;
 use crate::cue::{Module, Renderer, input_hash, render_input};
+use crate::executor::object::Predecessor;
 use crate::executor::proof::{Allowance, Grant, GraphKey};
 use crate::instance_graph::{
     InstanceRef, graph_name, label_value, legacy_graph_name, node_summaries, render_hash, resource_graph,
     with_module_gates,
 };
+use crate::metrics::Metrics;
 use crate::rollout::{Selection, Wanted, choose};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use status::{Controls, Draft, InstanceStop};
 

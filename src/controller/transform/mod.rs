@@ -38,16 +38,16 @@ use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{
     CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus, with_served,
 };
-use crate::apply::contains;
 use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
+use crate::executor::object::contains;
 use crate::executor::proof::Allowance;
 use crate::executor::proof::GraphKey;
+use crate::metrics::Metrics;
 use crate::rbac::{self, Generated, ManagerIdentity, RbacMode, ServedKind, TransformIdentity};
 use crate::rollout::Policy;
 use crate::runtime::health::{Health, Probe};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use crate::source::{Fetcher, breaker};
 use status::{Draft, TransformStop};
