@@ -1,8 +1,12 @@
-//! Command line: run mode (the operator) and the offline subcommands.
+//! Command line: run mode (the operator) and the offline subcommands, and [`Cli::run`], the
+//! program `main` starts.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::commands::{self, CommandError};
 
 use crate::runtime::server::BindAddress;
 use crate::runtime::telemetry::{LogEncoder, LogLevel};
@@ -303,6 +307,90 @@ fn service_account_name(value: &str) -> Result<String, String> {
         Ok(value.to_string())
     } else {
         Err(format!("{value:?} is not a service account name (a DNS subdomain)"))
+    }
+}
+
+/// Stack of each runtime thread. Reconcile futures are large (unoptimized builds copy them
+/// through several frames); tokio's 2 MiB default left little headroom.
+const THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
+
+impl Cli {
+    /// The program: parses the command line and runs the subcommand, or the operator.
+    pub fn run() -> ExitCode {
+        let cli = Self::parse();
+        match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_stack_size(THREAD_STACK_BYTES)
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(cli.execute()),
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn execute(self) -> ExitCode {
+        let Some(command) = self.command else {
+            return run_operator(self.run).await;
+        };
+        match command.execute().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(CommandError { message, code }) => {
+                eprintln!("error: {message}");
+                ExitCode::from(code)
+            }
+        }
+    }
+}
+
+impl Command {
+    async fn execute(self) -> Result<(), CommandError> {
+        match self {
+            Self::Crd { output_dir } => commands::crd(output_dir.as_deref()),
+            Self::Render {
+                module,
+                input,
+                output,
+                cue,
+            } => commands::render(&module, &input, output, &cue).await,
+            Self::Schema {
+                module,
+                name,
+                group,
+                version,
+                output,
+                cue,
+            } => commands::schema(&module, name.as_deref(), &group, &version, output, &cue).await,
+            Self::Rbac {
+                transform,
+                service_account,
+                service_account_namespace,
+            } => commands::rbac(&transform, service_account, service_account_namespace).await,
+            Self::Plan {
+                transform,
+                module,
+                output,
+                cue,
+            } => commands::plan(&transform, &module, output, &cue).await,
+            Self::Publish {
+                module,
+                reference,
+                insecure,
+            } => commands::publish(&module, &reference, insecure).await,
+        }
+    }
+}
+
+async fn run_operator(args: RunArgs) -> ExitCode {
+    crate::runtime::telemetry::init(args.zap_log_level, args.zap_encoder);
+    match crate::operator::run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "pequod stopped");
+            ExitCode::FAILURE
+        }
     }
 }
 

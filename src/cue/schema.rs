@@ -81,44 +81,12 @@ fn convert(
     let obj = schema
         .as_object()
         .ok_or_else(|| SchemaError::new(path, "schema is not an object"))?;
-
     if let Some(reference) = obj.get("$ref").and_then(Value::as_str) {
-        let name = reference
-            .strip_prefix("#/components/schemas/")
-            .ok_or_else(|| SchemaError::new(path, format!("unsupported reference {reference}")))?;
-        if stack.iter().any(|s| s == name) {
-            return Err(SchemaError::new(
-                path,
-                format!("recursive definition #{name} cannot be expressed in a CRD schema"),
-            ));
-        }
-        let target = components
-            .get(name)
-            .ok_or_else(|| SchemaError::new(path, format!("reference to unknown definition #{name}")))?;
-        stack.push(name.to_string());
-        let mut inlined = convert(target, components, path, stack)?;
-        stack.pop();
-        // Keywords beside $ref (a description, say) apply on top of the definition.
-        if let Some(out) = inlined.as_object_mut() {
-            for (k, v) in obj {
-                if k != "$ref" && PASSTHROUGH.contains(&k.as_str()) {
-                    out.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        return Ok(inlined);
+        return inline_reference(obj, reference, components, path, stack);
     }
-
     for keyword in ["oneOf", "anyOf"] {
         if let Some(branches) = obj.get(keyword).and_then(Value::as_array) {
-            if let Some(merged) = struct_alternatives(obj, keyword, branches, path)? {
-                let mut out = convert(&merged.schema, components, path, stack)?;
-                if let Some(out) = out.as_object_mut() {
-                    out.insert("x-kubernetes-validations".into(), json!([merged.rule]));
-                }
-                return Ok(out);
-            }
-            return disjunction(obj, branches, path);
+            return alternatives(obj, keyword, branches, components, path, stack);
         }
     }
     if let Some(all) = obj.get("allOf").and_then(Value::as_array) {
@@ -131,6 +99,82 @@ fn convert(
         };
     }
 
+    let mut out = plain_keywords(obj, path)?;
+    match obj.get("type").and_then(Value::as_str) {
+        None => {
+            // `_`: any value.
+            out.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
+        }
+        Some("object") => object(obj, &mut out, components, path, stack)?,
+        Some("array") => {
+            let items = match obj.get("items") {
+                Some(items) => convert(items, components, &format!("{path}[]"), stack)?,
+                None => json!({"x-kubernetes-preserve-unknown-fields": true}),
+            };
+            out.insert("items".into(), items);
+        }
+        Some(_) => {}
+    }
+    Ok(Value::Object(out))
+}
+
+/// The definition `reference` names, converted in place: a CRD schema has no references.
+fn inline_reference(
+    obj: &Map<String, Value>,
+    reference: &str,
+    components: &Map<String, Value>,
+    path: &str,
+    stack: &mut Vec<String>,
+) -> Result<Value, SchemaError> {
+    let name = reference
+        .strip_prefix("#/components/schemas/")
+        .ok_or_else(|| SchemaError::new(path, format!("unsupported reference {reference}")))?;
+    if stack.iter().any(|s| s == name) {
+        return Err(SchemaError::new(
+            path,
+            format!("recursive definition #{name} cannot be expressed in a CRD schema"),
+        ));
+    }
+    let target = components
+        .get(name)
+        .ok_or_else(|| SchemaError::new(path, format!("reference to unknown definition #{name}")))?;
+    stack.push(name.to_string());
+    let mut inlined = convert(target, components, path, stack)?;
+    stack.pop();
+    // Keywords beside $ref (a description, say) apply on top of the definition.
+    if let Some(out) = inlined.as_object_mut() {
+        for (k, v) in obj {
+            if k != "$ref" && PASSTHROUGH.contains(&k.as_str()) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(inlined)
+}
+
+/// `oneOf`/`anyOf`: alternative structs become one struct with a validation rule, anything
+/// else a disjunction of values.
+fn alternatives(
+    obj: &Map<String, Value>,
+    keyword: &str,
+    branches: &[Value],
+    components: &Map<String, Value>,
+    path: &str,
+    stack: &mut Vec<String>,
+) -> Result<Value, SchemaError> {
+    let Some(merged) = struct_alternatives(obj, keyword, branches, path)? else {
+        return disjunction(obj, branches, path);
+    };
+    let mut out = convert(&merged.schema, components, path, stack)?;
+    if let Some(out) = out.as_object_mut() {
+        out.insert("x-kubernetes-validations".into(), json!([merged.rule]));
+    }
+    Ok(out)
+}
+
+/// The keywords of `obj` a CRD schema keeps as they are (or as Kubernetes spells them);
+/// properties and items are converted by the caller.
+fn plain_keywords(obj: &Map<String, Value>, path: &str) -> Result<Map<String, Value>, SchemaError> {
     let mut out = Map::new();
     for (key, value) in obj {
         match key.as_str() {
@@ -163,23 +207,7 @@ fn convert(
             }
         }
     }
-
-    match obj.get("type").and_then(Value::as_str) {
-        None => {
-            // `_`: any value.
-            out.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
-        }
-        Some("object") => object(obj, &mut out, components, path, stack)?,
-        Some("array") => {
-            let items = match obj.get("items") {
-                Some(items) => convert(items, components, &format!("{path}[]"), stack)?,
-                None => json!({"x-kubernetes-preserve-unknown-fields": true}),
-            };
-            out.insert("items".into(), items);
-        }
-        Some(_) => {}
-    }
-    Ok(Value::Object(out))
+    Ok(out)
 }
 
 fn object(
