@@ -85,7 +85,7 @@ async fn read_transform(transform: &str) -> Result<(kube::Client, crate::api::Tr
 /// Secret's Role) that a restricted manager needs for the Transform.
 pub async fn rbac(transform: &str, service_account: String, namespace: String) -> Result<(), CommandError> {
     use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
-    use kube::{Api, Resource, ResourceExt};
+    use kube::{Resource, ResourceExt};
 
     let (client, t) = read_transform(transform).await?;
     let (namespace_of_t, name_of_t) = (t.namespace().unwrap_or_default(), t.name_any());
@@ -106,25 +106,7 @@ pub async fn rbac(transform: &str, service_account: String, namespace: String) -
         documents.push(to_value(serde_json::to_value(role))?);
         documents.push(to_value(serde_json::to_value(binding))?);
     }
-    // The kind is the newest CRD the Transform generated (while a kind is renamed, the new one).
-    let crds =
-        Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(
-            client,
-        )
-        .list(&kube::api::ListParams::default().labels(&format!(
-            "{}={},{}={}",
-            crate::api::names::TRANSFORM_LABEL,
-            crate::naming::label_value(name),
-            crate::api::names::TRANSFORM_NAMESPACE_LABEL,
-            crate::naming::label_value(ns)
-        )))
-        .await
-        .map_err(|e| CommandError::new(format!("listing the CRDs of Transform {transform}: {e}")))?;
-    let newest = crds
-        .items
-        .into_iter()
-        .max_by(|a, b| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp));
-    match newest {
+    match newest_crd(client, (ns, name), transform).await? {
         Some(crd) => {
             let served = ServedKind {
                 group: &crd.spec.group,
@@ -156,6 +138,33 @@ pub async fn rbac(transform: &str, service_account: String, namespace: String) -
         print!("---\n{yaml}");
     }
     Ok(())
+}
+
+/// The kind a Transform serves: the newest CRD it generated (while a kind is renamed, the new
+/// one).
+async fn newest_crd(
+    client: kube::Client,
+    (ns, name): (&str, &str),
+    transform: &str,
+) -> Result<
+    Option<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
+    CommandError,
+> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds = kube::Api::<CustomResourceDefinition>::all(client)
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "{}={},{}={}",
+            crate::api::names::TRANSFORM_LABEL,
+            crate::naming::label_value(name),
+            crate::api::names::TRANSFORM_NAMESPACE_LABEL,
+            crate::naming::label_value(ns)
+        )))
+        .await
+        .map_err(|e| CommandError::new(format!("listing the CRDs of Transform {transform}: {e}")))?;
+    Ok(crds
+        .items
+        .into_iter()
+        .max_by(|a, b| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp)))
 }
 
 /// What a candidate module does to the kind itself.
@@ -190,36 +199,13 @@ pub async fn plan(
     cue: &CueArgs,
 ) -> Result<(), CommandError> {
     use crate::api::RbacScope;
-    use kube::api::{ApiResource, DynamicObject, ListParams};
-    use kube::{Api, ResourceExt};
+    use kube::ResourceExt;
 
     let (client, t) = read_transform(transform).await?;
     let ns = t.namespace().unwrap_or_default();
     let ns = ns.as_str();
-    let crd = t
-        .status
-        .as_ref()
-        .and_then(|s| s.generated_crd.clone())
-        .ok_or_else(|| CommandError::new(format!("Transform {transform} serves no kind yet")))?;
-    let (group, version) = crd
-        .api_version
-        .split_once('/')
-        .unwrap_or(("", crd.api_version.as_str()));
-    let resource = ApiResource {
-        group: group.to_string(),
-        version: version.to_string(),
-        api_version: crd.api_version.clone(),
-        kind: crd.kind.clone(),
-        plural: crd.plural.clone(),
-    };
-    let instances: Api<DynamicObject> = match t.spec.rbac_scope {
-        RbacScope::Namespace => Api::namespaced_with(client.clone(), ns, &resource),
-        RbacScope::Cluster => Api::all_with(client.clone(), &resource),
-    };
-    let listed = instances
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| CommandError::new(format!("listing {}: {e}", crd.kind)))?;
+    let (crd, resource) = served_kind(&t, transform)?;
+    let instances = list_instances(&client, &t, &resource).await?;
 
     let (files, platform) = load_module_files(module)?;
     let renderer = renderer(cue)?;
@@ -233,7 +219,6 @@ pub async fn plan(
         applier: &applier,
         watches: None,
     };
-    let instances: Vec<Arc<DynamicObject>> = listed.items.into_iter().map(Arc::new).collect();
     let scope = (t.spec.rbac_scope == RbacScope::Namespace).then_some(ns);
     let plans = crate::controller::fleet_plan::plan_instances(
         &tools,
@@ -261,6 +246,51 @@ pub async fn plan(
         crate::cli::PlanFormat::Table => print_plan(&plan),
     }
     Ok(())
+}
+
+/// The kind a Transform serves, as its status records it.
+fn served_kind(
+    t: &crate::api::Transform,
+    transform: &str,
+) -> Result<(crate::api::GeneratedCrd, kube::api::ApiResource), CommandError> {
+    let crd = t
+        .status
+        .as_ref()
+        .and_then(|s| s.generated_crd.clone())
+        .ok_or_else(|| CommandError::new(format!("Transform {transform} serves no kind yet")))?;
+    let (group, version) = crd
+        .api_version
+        .split_once('/')
+        .unwrap_or(("", crd.api_version.as_str()));
+    let resource = kube::api::ApiResource {
+        group: group.to_string(),
+        version: version.to_string(),
+        api_version: crd.api_version.clone(),
+        kind: crd.kind.clone(),
+        plural: crd.plural.clone(),
+    };
+    Ok((crd, resource))
+}
+
+/// Every instance of the Transform's kind, where its RBAC scope lets them be.
+async fn list_instances(
+    client: &kube::Client,
+    t: &crate::api::Transform,
+    resource: &kube::api::ApiResource,
+) -> Result<Vec<Arc<kube::api::DynamicObject>>, CommandError> {
+    use crate::api::RbacScope;
+    use kube::ResourceExt;
+    use kube::api::{Api, DynamicObject, ListParams};
+    let ns = t.namespace().unwrap_or_default();
+    let instances: Api<DynamicObject> = match t.spec.rbac_scope {
+        RbacScope::Namespace => Api::namespaced_with(client.clone(), &ns, resource),
+        RbacScope::Cluster => Api::all_with(client.clone(), resource),
+    };
+    let listed = instances
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| CommandError::new(format!("listing {}: {e}", resource.kind)))?;
+    Ok(listed.items.into_iter().map(Arc::new).collect())
 }
 
 /// The candidate module's CRD against the live one.
@@ -408,9 +438,8 @@ fn print(value: &impl serde::Serialize, format: OutputFormat) -> Result<(), Comm
     Ok(())
 }
 
-/// Prints the ResourceGraph `module` renders for the instance in `input`.
-pub async fn render(module: &str, input: &Path, format: OutputFormat, cue: &CueArgs) -> Result<(), CommandError> {
-    let (files, platform) = load_module_files(module)?;
+/// The instance in the YAML file `input`, and its metadata (a name is required).
+fn read_instance(input: &Path) -> Result<(Value, ObjectMeta), CommandError> {
     let text =
         std::fs::read_to_string(input).map_err(|e| CommandError::new(format!("reading {}: {e}", input.display())))?;
     let instance: Value =
@@ -423,6 +452,13 @@ pub async fn render(module: &str, input: &Path, format: OutputFormat, cue: &CueA
             input.display()
         )));
     }
+    Ok((instance, meta))
+}
+
+/// Prints the ResourceGraph `module` renders for the instance in `input`.
+pub async fn render(module: &str, input: &Path, format: OutputFormat, cue: &CueArgs) -> Result<(), CommandError> {
+    let (files, platform) = load_module_files(module)?;
+    let (instance, meta) = read_instance(input)?;
     let spec = instance
         .get("spec")
         .cloned()

@@ -87,6 +87,9 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
 }
 
 type Tasks = JoinSet<Result<(), StartupError>>;
+/// The graphs whose applied objects changed, from the shared watches.
+type GraphTriggers =
+    tokio::sync::mpsc::UnboundedReceiver<kube::runtime::reflector::ObjectRef<crate::api::ResourceGraph>>;
 
 /// The leader election's timing, checked when the operator elects a leader.
 fn leader_timing(args: &RunArgs) -> Result<Timing, StartupError> {
@@ -221,27 +224,16 @@ fn start_controllers(w: &Wiring<'_>, cue: CueCli, tasks: &mut Tasks) {
     let applier = Applier::new(w.client.clone(), w.metrics.clone()).with_impersonation(w.config.clone());
     let renderer = Renderer::new(cue, RendererConfig::new(&w.args.cue.cache_dir), w.metrics.clone());
 
-    let graphs = Arc::new(
-        resourcegraph::Context::new(
-            w.client.clone(),
-            applier.clone(),
-            w.key.clone(),
-            watches.clone(),
-            recorder.clone(),
-            w.metrics.clone(),
-            w.args.apply_concurrency.into(),
-        )
-        .acting_as(GraphAccounts {
-            default: w.args.default_service_account.clone(),
-            locked: w.args.lock_service_account,
-        })
-        .checking_grants(watch_transforms(&w.client), trusted_namespaces(w.args)),
+    let graphs = resourcegraph::Context::new(
+        w.client.clone(),
+        applier.clone(),
+        w.key.clone(),
+        watches.clone(),
+        recorder.clone(),
+        w.metrics.clone(),
+        w.args.apply_concurrency.into(),
     );
-    let (h, s, n) = (w.health.clone(), w.shutdown.clone(), w.args.max_concurrent_reconciles);
-    tasks.spawn(async move {
-        resourcegraph::run(graphs, triggers, n, h, s).await;
-        Ok(())
-    });
+    start_graph_controller(w, graphs, triggers, tasks);
 
     let supervisor = Supervisor::new(
         Arc::new(
@@ -277,6 +269,24 @@ fn start_controllers(w: &Wiring<'_>, cue: CueCli, tasks: &mut Tasks) {
     let (h, s, n) = (w.health.clone(), w.shutdown.clone(), w.args.max_concurrent_reconciles);
     tasks.spawn(async move {
         transform::run(transforms, n, h, s).await;
+        Ok(())
+    });
+}
+
+/// Starts the ResourceGraph controller, acting as the graphs' service accounts and checking
+/// the grants of their Transforms.
+fn start_graph_controller(w: &Wiring<'_>, graphs: resourcegraph::Context, triggers: GraphTriggers, tasks: &mut Tasks) {
+    let graphs = Arc::new(
+        graphs
+            .acting_as(GraphAccounts {
+                default: w.args.default_service_account.clone(),
+                locked: w.args.lock_service_account,
+            })
+            .checking_grants(watch_transforms(&w.client), trusted_namespaces(w.args)),
+    );
+    let (h, s, n) = (w.health.clone(), w.shutdown.clone(), w.args.max_concurrent_reconciles);
+    tasks.spawn(async move {
+        resourcegraph::run(graphs, triggers, n, h, s).await;
         Ok(())
     });
 }

@@ -318,52 +318,10 @@ fn struct_alternatives(
     let mut conditions = Vec::new();
     let mut names = Vec::new();
     for branch in branches {
-        for (name, schema) in branch
-            .get("properties")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-        {
-            match properties.get(name) {
-                Some(existing) if existing != schema => {
-                    return Err(SchemaError::new(
-                        &format!("{path}.{name}"),
-                        "the field has different schemas in the alternatives of a disjunction",
-                    ));
-                }
-                _ => {
-                    properties.insert(name.clone(), schema.clone());
-                }
-            }
-        }
-        let required: Vec<&str> = branch
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        for name in &required {
-            if !is_cel_identifier(name) {
-                return Err(SchemaError::new(
-                    &format!("{path}.{name}"),
-                    "a field that selects an alternative of a disjunction needs a name CEL can address",
-                ));
-            }
-        }
-        conditions.push(match required.as_slice() {
-            [] => "true".to_string(),
-            fields => fields
-                .iter()
-                .map(|f| format!("has(self.{f})"))
-                .collect::<Vec<_>>()
-                .join(" && "),
-        });
-        names.push(if required.is_empty() {
-            "{}".to_string()
-        } else {
-            required.join(" and ")
-        });
+        merge_branch_fields(&mut properties, branch, path)?;
+        let (condition, name) = branch_selector(branch, path)?;
+        conditions.push(condition);
+        names.push(name);
     }
     let (quantifier, wording) = if keyword == "oneOf" {
         ("exists_one", "exactly one")
@@ -386,6 +344,63 @@ fn is_cel_identifier(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Adds the fields of one alternative to the struct's; a field both have must have one schema.
+fn merge_branch_fields(properties: &mut Map<String, Value>, branch: &Value, path: &str) -> Result<(), SchemaError> {
+    for (name, schema) in branch
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        match properties.get(name) {
+            Some(existing) if existing != schema => {
+                return Err(SchemaError::new(
+                    &format!("{path}.{name}"),
+                    "the field has different schemas in the alternatives of a disjunction",
+                ));
+            }
+            _ => {
+                properties.insert(name.clone(), schema.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How CEL tells that one alternative is chosen (its required fields are present), and its
+/// name in the rule's message.
+fn branch_selector(branch: &Value, path: &str) -> Result<(String, String), SchemaError> {
+    let required: Vec<&str> = branch
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    for name in &required {
+        if !is_cel_identifier(name) {
+            return Err(SchemaError::new(
+                &format!("{path}.{name}"),
+                "a field that selects an alternative of a disjunction needs a name CEL can address",
+            ));
+        }
+    }
+    let condition = match required.as_slice() {
+        [] => "true".to_string(),
+        fields => fields
+            .iter()
+            .map(|f| format!("has(self.{f})"))
+            .collect::<Vec<_>>()
+            .join(" && "),
+    };
+    let name = if required.is_empty() {
+        "{}".to_string()
+    } else {
+        required.join(" and ")
+    };
+    Ok((condition, name))
 }
 
 fn disjunction(obj: &Map<String, Value>, branches: &[Value], path: &str) -> Result<Value, SchemaError> {

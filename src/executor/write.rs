@@ -148,27 +148,9 @@ pub fn decide_write(
     }
     let owner = ownership::owner(live, graph);
     let applies = |name: &str| managers.iter().any(|(m, op)| m == name && op == "Apply");
-    let earlier_managers: Vec<String> =
-        if node.apply_policy.field_manager.is_none() && matches!(owner, Owner::ThisGraph | Owner::Predecessor) {
-            std::iter::once(LEGACY_FIELD_MANAGER.to_string())
-                .chain(graph.predecessor.iter().map(|p| format!("pequod-{}", p.uid)))
-                .filter(|m| applies(m))
-                .collect()
-        } else {
-            Vec::new()
-        };
+    let earlier_managers = earlier_pequod_managers(node, &owner, graph, applies);
     let pequod_applied = applies(&manager) || !earlier_managers.is_empty();
-
-    // Adoption is recorded on the object itself, so that no stale read of the graph's status
-    // can lose it.
-    let adopted_from = (node.apply_policy.mode == ApplyMode::Adopt)
-        .then(|| {
-            live["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION]
-                .as_str()
-                .map(str::to_string)
-                .or_else(|| (!pequod_applied && !others.is_empty()).then(|| others.join(",")))
-        })
-        .flatten();
+    let adopted_from = adoption_record(node, live, pequod_applied, &others);
     if let Some(from) = &adopted_from {
         set_annotation(&mut desired, ADOPTED_FROM_ANNOTATION, from);
     }
@@ -195,6 +177,38 @@ pub fn decide_write(
         desired,
         adopted_from,
     }
+}
+
+/// The field managers an earlier Pequod (the legacy manager, the predecessor graph) applied
+/// the object with, to be released; none when the node names its own field manager or the
+/// object is not this graph's or its predecessor's.
+fn earlier_pequod_managers(
+    node: &Node,
+    owner: &Owner,
+    graph: &GraphIdentity,
+    applies: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    if node.apply_policy.field_manager.is_none() && matches!(owner, Owner::ThisGraph | Owner::Predecessor) {
+        std::iter::once(LEGACY_FIELD_MANAGER.to_string())
+            .chain(graph.predecessor.iter().map(|p| format!("pequod-{}", p.uid)))
+            .filter(|m| applies(m))
+            .collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Who managed an adopted object before Pequod: recorded on the object itself, so that no
+/// stale read of the graph's status can lose it.
+fn adoption_record(node: &Node, live: &Value, pequod_applied: bool, others: &[String]) -> Option<String> {
+    (node.apply_policy.mode == ApplyMode::Adopt)
+        .then(|| {
+            live["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| (!pequod_applied && !others.is_empty()).then(|| others.join(",")))
+        })
+        .flatten()
 }
 
 /// `desired` for the first apply of a graph taking an object over from its predecessor: the
