@@ -1,9 +1,10 @@
 //! Controllers: the kube-facing loops around the pure core.
 
 pub mod access;
+pub mod fleet_plan;
 pub mod instance;
 pub mod resourcegraph;
-pub mod rollout;
+pub mod rollout_driver;
 pub mod transform;
 pub mod watches;
 
@@ -14,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use crate::api::{Condition, ConditionStatus, has_condition, set_condition};
 
 use crate::error::ErrorCategory;
-use crate::runtime::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Errors that end a reconcile early; everything else becomes status.
 #[derive(Debug, thiserror::Error)]

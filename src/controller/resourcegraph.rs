@@ -35,18 +35,17 @@ use crate::api::{
     Condition, ConditionStatus, GraphPhase, InventoryEntry, Node, NodePhase, NodeState, ResourceGraph,
     ResourceGraphStatus, ResourceRef, has_condition, set_condition,
 };
-use crate::apply::{
-    Applied, Applier, ApplyError, GraphIdentity, Predecessor, Resolved, ServiceAccount, desired_object, gvk_label,
-};
+use crate::apply::{Applied, Applier, ApplyError, Resolved, ServiceAccount};
 use crate::authority::{self, Actor, GraphAccounts, TrustedNamespaces};
+use crate::executor::object::{GraphIdentity, Predecessor, desired_object, gvk_label};
 use crate::executor::ownership::{self, LetGo, Refusal};
-use crate::executor::plan::{self, Write};
 use crate::executor::progress;
 use crate::executor::proof::{Grant, GraphKey, Origin};
+use crate::executor::write::{self, Write};
 use crate::graph::{self, Dag, reference};
+use crate::metrics::Metrics;
 use crate::readiness::Registry;
 use crate::runtime::health::{Health, Probe};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use GRAPH_FINALIZER as FINALIZER;
 
@@ -636,7 +635,7 @@ async fn confinement(rg: &ResourceGraph, ctx: &Context, origin: Origin) -> Optio
     let namespace = rg.namespace().unwrap_or_default();
     for node in &rg.spec.graph.nodes {
         if let Ok(resolved) = ctx.applier.resolve(node.api_version(), node.kind()).await
-            && let Some(refused) = plan::confinement(node, resolved.namespaced, &namespace, origin)
+            && let Some(refused) = write::confinement(node, resolved.namespaced, &namespace, origin)
         {
             return Some(refused);
         }
@@ -765,7 +764,7 @@ async fn process_node(
         Ok(r) => r,
         Err(e) => return failed(node, previous, time, Failure::of(&e)),
     };
-    if let Some(refused) = plan::confinement(node, resolved.namespaced, &graph.namespace, origin) {
+    if let Some(refused) = write::confinement(node, resolved.namespaced, &graph.namespace, origin) {
         return failed(node, previous, time, Failure::refused(refused, false));
     }
     let (desired, inventory) = planned(node, wave, graph, &resolved);
@@ -780,7 +779,7 @@ async fn process_node(
             == Some(&(desired_hash.clone(), l.resource_version().unwrap_or_default()))
     });
     let live_value = live.as_ref().map(|l| typed(l, node));
-    let plan = plan::plan_node(node, desired, live_value.as_ref(), graph, unchanged_since_apply);
+    let plan = write::decide_write(node, desired, live_value.as_ref(), graph, unchanged_since_apply);
     let (object, applied_at) = match (plan.write, live) {
         // Retried: the object may go away, or be adopted by a changed node.
         (Write::Refuse(refused), _) => return failed(node, previous, time, Failure::refused(refused, true)),
@@ -865,9 +864,9 @@ async fn write_node(
             message: "nothing to write".into(),
         });
     };
-    let manager = plan::field_manager(node, graph);
+    let manager = write::field_manager(node, graph);
     let desired = if take_over {
-        &plan::taking_over(desired, &graph.uid)
+        &write::taking_over(desired, &graph.uid)
     } else {
         desired
     };
@@ -875,7 +874,7 @@ async fn write_node(
         .applier
         .apply(node, &manager, resolved, desired, live.as_ref(), reclaim)
         .await?;
-    let empty = plan::manager_release(desired);
+    let empty = write::manager_release(desired);
     for earlier in release_managers {
         if let Err(e) = acting.applier.release_manager(resolved, &empty, &earlier).await {
             // The next pass finds the manager again and retries.

@@ -22,7 +22,8 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 
 use crate::api::ResourceGraph;
-use crate::apply::{Resolved, labelled_graph};
+use crate::apply::Resolved;
+use crate::executor::object::labelled_graph;
 use crate::runtime::shutdown::Shutdown;
 
 struct KindWatch {

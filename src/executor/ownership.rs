@@ -9,8 +9,8 @@
 use crate::api::names::{ADOPTED_FROM_ANNOTATION, GRAPH_UID_ANNOTATION};
 use serde_json::Value;
 
+use super::object::{GraphIdentity, LabelledGraph, is_orphan, labelled_graph, labels_name_graph};
 use crate::api::{ApplyMode, InventoryEntry};
-use crate::apply::{GraphIdentity, LabelledGraph, is_orphan, labelled_graph, labels_name_graph};
 
 /// Whose an existing object is, as seen from one graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,7 +253,7 @@ pub(crate) mod tests {
         let mut g = graph();
         g.name = "note.example.com-web".into();
         g.uid = "uid-new".into();
-        g.predecessor = Some(crate::apply::Predecessor {
+        g.predecessor = Some(crate::executor::object::Predecessor {
             uid: "uid-web".into(),
             name: "web".into(),
         });
@@ -289,7 +289,7 @@ pub(crate) mod tests {
         let long = "w".repeat(100);
         let mut g = graph();
         g.name = format!("{long}-new");
-        g.predecessor = Some(crate::apply::Predecessor {
+        g.predecessor = Some(crate::executor::object::Predecessor {
             uid: "uid-old".into(),
             name: long.clone(),
         });

@@ -249,14 +249,7 @@ pub fn conclude(
     time: &Time,
     generation: Option<i64>,
 ) -> Conclusion {
-    let most = node_text_bytes(total);
-    for state in status.node_states.values_mut() {
-        for text in [&mut state.message, &mut state.last_error].into_iter().flatten() {
-            if text.len() > most {
-                *text = cut(text, most);
-            }
-        }
-    }
+    trim_node_texts(status, total);
     let states = &status.node_states;
     let ready = states.values().filter(|s| is_ready(s)).count();
     let errors: Vec<String> = states
@@ -283,7 +276,39 @@ pub fn conclude(
         .map(|(id, s)| format!("{id}: {}", cut(s.message.as_deref().unwrap_or("pending"), QUOTED_BYTES)))
         .chain(prune_waiting.iter().map(|e| format!("pruning {} {}", e.kind, e.name)))
         .collect();
-    let conditions = if complete {
+    let conditions = graph_conditions(complete, errors, waiting, (ready, total));
+    status.ready_nodes = Some(format!("{ready}/{total}"));
+    let finished = record_execution(old, status, phase, time);
+    status.phase = Some(phase);
+    for condition in conditions {
+        set_condition(&mut status.conditions, condition, time, generation);
+    }
+    Conclusion {
+        became_ready: complete && !has_condition(&old.conditions, READY, ConditionStatus::True, None),
+        finished,
+    }
+}
+
+/// Cuts each node's message and last error to its share of the status.
+fn trim_node_texts(status: &mut ResourceGraphStatus, total: usize) {
+    let most = node_text_bytes(total);
+    for state in status.node_states.values_mut() {
+        for text in [&mut state.message, &mut state.last_error].into_iter().flatten() {
+            if text.len() > most {
+                *text = cut(text, most);
+            }
+        }
+    }
+}
+
+/// Ready, Progressing and Degraded: complete, failed (`errors`), or still applying (`waiting`).
+fn graph_conditions(
+    complete: bool,
+    errors: Vec<String>,
+    waiting: Vec<String>,
+    (ready, total): (usize, usize),
+) -> [Condition; 3] {
+    if complete {
         [
             Condition::new(
                 READY,
@@ -322,37 +347,39 @@ pub fn conclude(
             ),
             Condition::new(DEGRADED, false, reasons::PROGRESSING, "no node failed"),
         ]
+    }
+}
+
+/// The execution's timestamps when the phase changes to `phase`; the result and duration when
+/// an execution ended.
+fn record_execution(
+    old: &ResourceGraphStatus,
+    status: &mut ResourceGraphStatus,
+    phase: GraphPhase,
+    time: &Time,
+) -> Option<(&'static str, f64)> {
+    if status.phase == Some(phase) {
+        return None;
+    }
+    // An execution starts whenever the graph leaves a settled state (or has none yet),
+    // including one that completes within this very pass.
+    if old.phase != Some(GraphPhase::Executing) {
+        status.started_at = Some(time.clone());
+        status.completed_at = None;
+    }
+    if !matches!(phase, GraphPhase::Completed | GraphPhase::Failed) {
+        return None;
+    }
+    status.completed_at = Some(time.clone());
+    let result = if phase == GraphPhase::Completed {
+        "success"
+    } else {
+        "failure"
     };
-    status.ready_nodes = Some(format!("{ready}/{total}"));
-    let mut finished = None;
-    if status.phase != Some(phase) {
-        // An execution starts whenever the graph leaves a settled state (or has none yet),
-        // including one that completes within this very pass.
-        if old.phase != Some(GraphPhase::Executing) {
-            status.started_at = Some(time.clone());
-            status.completed_at = None;
-        }
-        if matches!(phase, GraphPhase::Completed | GraphPhase::Failed) {
-            status.completed_at = Some(time.clone());
-            let result = if phase == GraphPhase::Completed {
-                "success"
-            } else {
-                "failure"
-            };
-            finished = status
-                .started_at
-                .as_ref()
-                .map(|started| (result, seconds_between(started, time) as f64));
-        }
-    }
-    status.phase = Some(phase);
-    for condition in conditions {
-        set_condition(&mut status.conditions, condition, time, generation);
-    }
-    Conclusion {
-        became_ready: complete && !has_condition(&old.conditions, READY, ConditionStatus::True, None),
-        finished,
-    }
+    status
+        .started_at
+        .as_ref()
+        .map(|started| (result, seconds_between(started, time) as f64))
 }
 
 /// Settled graphs are looked at again after this long; watch events of their objects bring

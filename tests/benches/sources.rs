@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pequod::api::{CueRef, CueRefType};
-use pequod::runtime::metrics::Metrics;
+use pequod::metrics::Metrics;
 use pequod::source::credentials::RegistryCredentials;
 use pequod::source::{Fetcher, FetcherConfig};
 use support::remote::{GitRepo, Registry};

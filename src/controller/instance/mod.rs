@@ -29,22 +29,23 @@ use tracing::info_span;
 
 mod status;
 
-use super::rollout::{Driver, RolloutOrder, SelectionCell, instance_key};
+use super::fleet_plan::instance_key;
+use super::rollout_driver::{Driver, RolloutOrder, SelectionCell};
 use super::watches::ObjectWatches;
 use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
-use crate::apply::Predecessor;
 use crate::cue::{Module, Renderer, input_hash, render_input};
+use crate::executor::object::Predecessor;
 use crate::executor::proof::{Allowance, Grant, GraphKey};
 use crate::instance_graph::{
     InstanceRef, graph_name, label_value, legacy_graph_name, node_summaries, render_hash, resource_graph,
     with_module_gates,
 };
+use crate::metrics::Metrics;
 use crate::rollout::{Selection, Wanted, choose};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
-use status::{Controls, Draft, Stop};
+use status::{Controls, Draft, InstanceStop};
 
 const CONTROLLER: &str = "instance";
 /// Reconciles of one kind in flight: enough for a full render batch to form, so that many
@@ -494,12 +495,12 @@ async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>)
     let result = serve_instance(obj, ctx, &mut update, request.as_deref()).await;
     let action = match result {
         Ok(action) => action,
-        Err(Stop::Settled(action)) => action,
-        Err(Stop::Retry(e)) => {
+        Err(InstanceStop::Settled(action)) => action,
+        Err(InstanceStop::Retry(e)) => {
             update.write().await?;
             return Err(e);
         }
-        Err(Stop::Error(e)) => return Err(e),
+        Err(InstanceStop::Error(e)) => return Err(e),
     };
     update.write().await?;
     Ok(action)
@@ -538,7 +539,7 @@ async fn serve_instance(
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     request: Option<&str>,
-) -> Result<Action, Stop> {
+) -> Result<Action, InstanceStop> {
     let (selection, state) = ctx.current();
     let module = choose_module(obj, ctx, update, &selection, &state).await?;
     let name = obj.name_any();
@@ -611,7 +612,7 @@ async fn choose_module(
     update: &mut StatusUpdate<'_>,
     selection: &Selection,
     state: &KindState,
-) -> Result<Module, Stop> {
+) -> Result<Module, InstanceStop> {
     let key = instance_key(obj);
     let pin = obj.annotations().get(PIN_ANNOTATION).map(String::as_str);
     update.new.pinned_module_digest = pin.filter(|p| crate::cue::is_digest(p)).map(String::from);
@@ -679,7 +680,7 @@ async fn render_instance(
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     pass: &Pass,
-) -> Result<(Arc<crate::cue::RenderOutput>, String), Stop> {
+) -> Result<(Arc<crate::cue::RenderOutput>, String), InstanceStop> {
     let spec = obj.data.get("spec").cloned().unwrap_or_else(|| json!({}));
     let input = render_input(&obj.metadata, &spec);
     let hash = render_hash(&pass.module.digest, &input_hash(&input));
@@ -711,7 +712,7 @@ async fn check_policies(
     update: &mut StatusUpdate<'_>,
     pass: &Pass,
     output: &crate::cue::RenderOutput,
-) -> Result<Vec<crate::api::Node>, Stop> {
+) -> Result<Vec<crate::api::Node>, InstanceStop> {
     let cluster_scoped = pass.allowance == Allowance::Cluster;
     let (nodes, violations) = ctx
         .shared
@@ -738,7 +739,7 @@ async fn check_policies(
         if let Some(rg) = graphs(obj, ctx).get_opt(&pass.graph).await? {
             update.new.nodes = node_summaries(&rg);
         }
-        return Err(Stop::Settled(Action::requeue(RESYNC)));
+        return Err(InstanceStop::Settled(Action::requeue(RESYNC)));
     }
     Ok(nodes)
 }
@@ -750,7 +751,7 @@ async fn find_graphs(
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     pass: &Pass,
-) -> Result<(Option<ResourceGraph>, Option<ResourceGraph>), Stop> {
+) -> Result<(Option<ResourceGraph>, Option<ResourceGraph>), InstanceStop> {
     let graphs_api = graphs(obj, ctx);
     let live = graphs_api.get_opt(&pass.graph).await?;
     if live
@@ -762,7 +763,7 @@ async fn find_graphs(
             pass.graph
         );
         update.fail(reasons::GRAPH_CONFLICT, message);
-        return Err(Stop::Settled(Action::requeue(RESYNC)));
+        return Err(InstanceStop::Settled(Action::requeue(RESYNC)));
     }
     let predecessor = match &live {
         Some(g) if !g.annotations().contains_key(PREDECESSOR_ANNOTATION) => None,
@@ -784,7 +785,7 @@ async fn publish_graph(
     (output, nodes, hash): (&crate::cue::RenderOutput, Vec<crate::api::Node>, &str),
     live: Option<ResourceGraph>,
     predecessor: Option<&ResourceGraph>,
-) -> Result<ResourceGraph, Stop> {
+) -> Result<ResourceGraph, InstanceStop> {
     let request = pass.request.as_deref();
     let predecessor = predecessor.and_then(|g| {
         Some(
@@ -857,14 +858,14 @@ async fn publish_graph(
         Err(kube::Error::Api(s)) if matches!(s.code, 400 | 413 | 422) => {
             let message = format!("the apiserver refused ResourceGraph {}: {}", pass.graph, s.message);
             update.fail(reasons::GRAPH_REJECTED, message);
-            Err(Stop::Settled(Action::requeue(RESYNC)))
+            Err(InstanceStop::Settled(Action::requeue(RESYNC)))
         }
         // An internal error for a malformed object (a reference in place of a whole map, say)
         // looks like any other: said on the instance, and retried with backoff.
         Err(kube::Error::Api(s)) if s.code == 500 => {
             let message = format!("the apiserver failed on ResourceGraph {}: {}", pass.graph, s.message);
             update.fail(reasons::GRAPH_REJECTED, message);
-            Err(Stop::Retry(kube::Error::Api(s).into()))
+            Err(InstanceStop::Retry(kube::Error::Api(s).into()))
         }
         Err(e) => Err(e.into()),
     }

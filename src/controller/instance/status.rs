@@ -43,8 +43,9 @@ fn declared_outputs(
         .collect()
 }
 
-/// Why an instance's pipeline stopped before its graph's progress was mirrored.
-pub(super) enum Stop {
+/// Why an instance's pipeline stopped before its graph's progress was mirrored (the
+/// Transform's pipeline has its own, `TransformStop`, whose failures name a stage).
+pub(super) enum InstanceStop {
     /// The status says why; it is written and the instance looked at per the action.
     Settled(Action),
     /// The status says why; it is written and the reconcile fails, to be retried with backoff.
@@ -53,7 +54,7 @@ pub(super) enum Stop {
     Error(Error),
 }
 
-impl<E: Into<Error>> From<E> for Stop {
+impl<E: Into<Error>> From<E> for InstanceStop {
     fn from(e: E) -> Self {
         Self::Error(e.into())
     }
@@ -130,7 +131,7 @@ impl StatusDraft<InstanceStatus> {
     /// Records a render whose graph the graph rules refused: cue rendered it, so `Rendered`
     /// is True, and `Ready` says what the check refused, naming the node (the last accepted
     /// graph stays). Waits for a change of the instance or the module.
-    pub(super) fn graph_refused(&mut self, digest: &str, reason: &str, message: String) -> Stop {
+    pub(super) fn graph_refused(&mut self, digest: &str, reason: &str, message: String) -> InstanceStop {
         let rendered = format!("rendered by module {digest}; the graph rules refused the result");
         self.condition(RENDERED, true, reasons::RENDERED, rendered);
         let ready = format!("the rendered graph was refused; the last accepted graph stays: {message}");
@@ -142,17 +143,23 @@ impl StatusDraft<InstanceStatus> {
             (EventType::Warning, reasons::GRAPH_REJECTED),
         );
         self.new.phase = Some(InstancePhase::Failed);
-        Stop::Settled(Action::requeue(super::RESYNC))
+        InstanceStop::Settled(Action::requeue(super::RESYNC))
     }
 
     /// Records a failed render and why the pipeline stops: a `transient` failure (cue could
     /// not run or timed out) is retried with backoff; any other waits for a change of the
     /// instance or the module (`resync`), and the last accepted graph stays.
-    pub(super) fn render_failed(&mut self, transient: bool, reason: &str, message: String, resync: Action) -> Stop {
+    pub(super) fn render_failed(
+        &mut self,
+        transient: bool,
+        reason: &str,
+        message: String,
+        resync: Action,
+    ) -> InstanceStop {
         if transient {
             self.new.phase = Some(InstancePhase::Rendering);
             self.condition(RENDERED, false, reason, message.clone());
-            return Stop::Retry(Error::CueUnavailable(message));
+            return InstanceStop::Retry(Error::CueUnavailable(message));
         }
         self.condition_with_event(
             RENDERED,
@@ -164,7 +171,7 @@ impl StatusDraft<InstanceStatus> {
         let ready = format!("rendering failed; the last accepted graph stays: {message}");
         self.condition(READY, false, reason, ready);
         self.new.phase = Some(InstancePhase::Failed);
-        Stop::Settled(resync)
+        InstanceStop::Settled(resync)
     }
 
     /// Records the policy findings (the first `kept` in the status); returns whether any of
@@ -325,7 +332,7 @@ mod tests {
             "spec.port: conflicting values".into(),
             Action::await_change(),
         );
-        assert!(matches!(stop, Stop::Settled(_)));
+        assert!(matches!(stop, InstanceStop::Settled(_)));
         assert_eq!(condition(&d.new, RENDERED), (false, "CueRenderFailed"));
         assert_eq!(condition(&d.new, READY), (false, "CueRenderFailed"));
         assert_eq!(d.new.phase, Some(InstancePhase::Failed));
@@ -357,7 +364,7 @@ mod tests {
             "cannot run cue".into(),
             Action::await_change(),
         );
-        assert!(matches!(stop, Stop::Retry(_)));
+        assert!(matches!(stop, InstanceStop::Retry(_)));
         assert_eq!(condition(&d.new, RENDERED), (false, "CueBinaryUnavailable"));
         assert_eq!(condition(&d.new, READY), (true, reasons::READY));
         assert_eq!(d.new.phase, Some(InstancePhase::Rendering));

@@ -33,24 +33,24 @@ use tracing::info_span;
 mod status;
 
 use super::instance::{ServeSpec, Supervisor, TransformKey};
-use super::rollout::RolloutOrder;
+use super::rollout_driver::RolloutOrder;
 use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{
     CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus, with_served,
 };
-use crate::apply::contains;
 use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
+use crate::executor::object::contains;
 use crate::executor::proof::Allowance;
 use crate::executor::proof::GraphKey;
+use crate::metrics::Metrics;
 use crate::rbac::{self, Generated, ManagerIdentity, RbacMode, ServedKind, TransformIdentity};
 use crate::rollout::Policy;
 use crate::runtime::health::{Health, Probe};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use crate::source::{Fetcher, breaker};
-use status::{Draft, Stop};
+use status::{Draft, TransformStop};
 
 const CONTROLLER: &str = "transform";
 /// How long a generated CRD may take to become Established.
@@ -373,7 +373,7 @@ async fn show_new_spec(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'
     Ok(())
 }
 
-async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'_>) -> Result<Action, Stop> {
+async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'_>) -> Result<Action, TransformStop> {
     let namespace = t.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let allowance = authorize(t, &namespace, &ctx.trusted, update)?;
     let policy = rollout_policy(t)?;
@@ -440,7 +440,7 @@ async fn record_served(
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     digest: &str,
-) -> Result<Vec<String>, Stop> {
+) -> Result<Vec<String>, TransformStop> {
     let old = &update.old;
     let uid = t.uid().unwrap_or_default();
     let proven = ctx
@@ -462,9 +462,9 @@ async fn record_served(
 }
 
 /// The Transform's rollout policy, or why it is invalid.
-fn rollout_policy(t: &Transform) -> Result<Policy, Stop> {
+fn rollout_policy(t: &Transform) -> Result<Policy, TransformStop> {
     Policy::from_spec(t.spec.rollout.as_ref()).map_err(|message| {
-        Stop::failed(
+        TransformStop::failed(
             crate::api::condition_types::READY,
             reasons::INVALID_ROLLOUT,
             format!("spec.rollout: {message}"),
@@ -481,9 +481,9 @@ fn authorize(
     namespace: &str,
     trusted: &TrustedNamespaces,
     update: &mut StatusUpdate<'_>,
-) -> Result<Allowance, Stop> {
+) -> Result<Allowance, TransformStop> {
     let allowance = authority::allowance(&t.spec, namespace, trusted).map_err(|message| {
-        Stop::failed(
+        TransformStop::failed(
             AUTHORIZED,
             reasons::NOT_ALLOWED,
             message,
@@ -501,7 +501,7 @@ async fn fetch_module(
     t: &Transform,
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
-) -> Result<(crate::source::Fetched, Option<Duration>), Stop> {
+) -> Result<(crate::source::Fetched, Option<Duration>), TransformStop> {
     let source_label = t.spec.cue_ref.type_.as_str();
     let started = std::time::Instant::now();
     let namespace = t.namespace().unwrap_or_default();
@@ -537,7 +537,7 @@ async fn fetch_module(
                 ));
             }
             let then = Action::requeue(breaker::retry_delay(failures));
-            return Err(Stop::failed(
+            return Err(TransformStop::failed(
                 CUE_FETCHED,
                 e.reason(),
                 message,
@@ -567,7 +567,7 @@ async fn load_module(
     ctx: &Context,
     fetched: crate::source::Fetched,
     settled: &Action,
-) -> Result<(crate::cue::Module, Arc<crate::cue::ModuleSchema>), Stop> {
+) -> Result<(crate::cue::Module, Arc<crate::cue::ModuleSchema>), TransformStop> {
     let loaded = async {
         let module = ctx.renderer.load(fetched.files, &fetched.platform).await?;
         let schema = ctx.renderer.schema(&module).await?;
@@ -575,8 +575,8 @@ async fn load_module(
     };
     match loaded.await {
         Ok(loaded) => Ok(loaded),
-        Err(e) if e.is_transient() => Err(Stop::Error(Error::CueUnavailable(e.to_string()))),
-        Err(e) => Err(Stop::failed(
+        Err(e) if e.is_transient() => Err(TransformStop::Error(Error::CueUnavailable(e.to_string()))),
+        Err(e) => Err(TransformStop::failed(
             SCHEMA_EXTRACTED,
             e.reason(),
             e.to_string(),
@@ -592,12 +592,12 @@ fn desired_crd(
     namespace: &str,
     schema: &crate::cue::ModuleSchema,
     settled: &Action,
-) -> Result<(KindNames, CustomResourceDefinition), Stop> {
+) -> Result<(KindNames, CustomResourceDefinition), TransformStop> {
     let names = crd::kind_names(&t.name_any(), schema, &t.spec.short_names)
         .and_then(|names| reserved::check(&t.spec.group, &names).map(|()| names))
         .map_err(|e| {
             let reason = e.reason();
-            Stop::failed(
+            TransformStop::failed(
                 CRD_GENERATED,
                 reason,
                 e.to_string(),
@@ -626,7 +626,7 @@ async fn renamed_from(
     ctx: &Context,
     update: &StatusUpdate<'_>,
     crd_name: &str,
-) -> Result<Option<GeneratedCrd>, Stop> {
+) -> Result<Option<GeneratedCrd>, TransformStop> {
     let previous = update
         .old
         .generated_crd
@@ -647,7 +647,7 @@ async fn renamed_from(
                 previous.name, previous.kind
             );
             let then = Action::requeue(RESYNC);
-            return Err(Stop::breaking(message, then));
+            return Err(TransformStop::breaking(message, then));
         }
     }
     Ok(Some(previous))
@@ -661,13 +661,13 @@ async fn apply_crd(
     update: &mut StatusUpdate<'_>,
     desired: &CustomResourceDefinition,
     settled: &Action,
-) -> Result<(CustomResourceDefinition, bool), Stop> {
+) -> Result<(CustomResourceDefinition, bool), TransformStop> {
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
     let crd_name = desired.metadata.name.clone().unwrap_or_default();
     let written = match crds.get_opt(&crd_name).await? {
         Some(live) => {
             if let Some(conflict) = ownership_conflict(&live, t) {
-                return Err(Stop::failed(
+                return Err(TransformStop::failed(
                     CRD_GENERATED,
                     reasons::KIND_CONFLICT,
                     conflict,
@@ -683,7 +683,7 @@ async fn apply_crd(
                     breaking.join("; ")
                 );
                 let then = settled.clone();
-                return Err(Stop::breaking(message, then));
+                return Err(TransformStop::breaking(message, then));
             }
             if contains(&serde_json::to_value(&live)?, &serde_json::to_value(desired)?) {
                 (live, false)
@@ -706,7 +706,7 @@ fn await_established(
     crd: &CustomResourceDefinition,
     crd_name: &str,
     settled: &Action,
-) -> Result<(), Stop> {
+) -> Result<(), TransformStop> {
     match crd_state(crd) {
         CrdState::Established => {
             update.established(crd_name);
@@ -715,7 +715,7 @@ fn await_established(
         CrdState::NamesRefused(message) => {
             let message = format!("the apiserver refused the names of CRD {crd_name}: {message}");
             let then = settled.clone();
-            Err(Stop::failed(
+            Err(TransformStop::failed(
                 CRD_GENERATED,
                 reasons::NAMES_NOT_ACCEPTED,
                 message,
@@ -736,7 +736,7 @@ fn await_established(
                     "CRD {crd_name} is not Established after {}s",
                     ESTABLISH_TIMEOUT.as_secs()
                 );
-                return Err(Stop::failed(
+                return Err(TransformStop::failed(
                     CRD_GENERATED,
                     reasons::CRD_NOT_ESTABLISHED,
                     message,
@@ -745,7 +745,7 @@ fn await_established(
                 ));
             }
             update.waiting_for_established(crd_name);
-            Err(Stop::Waiting(then))
+            Err(TransformStop::Waiting(then))
         }
     }
 }
@@ -757,7 +757,7 @@ async fn generate_rbac(
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     resource: &ApiResource,
-) -> Result<(), Stop> {
+) -> Result<(), TransformStop> {
     if ctx.rbac_mode == RbacMode::External {
         return check_rbac(t, ctx, update, resource).await;
     }
@@ -769,14 +769,14 @@ async fn generate_rbac(
             update.new.generated_rbac = Some(generated);
             Ok(())
         }
-        Err(e @ RbacError::NotOurs { .. }) => Err(Stop::failed(
+        Err(e @ RbacError::NotOurs { .. }) => Err(TransformStop::failed(
             RBAC_CONFIGURED,
             reasons::RBAC_CONFLICT,
             e.to_string(),
             reasons::RBAC_CONFLICT,
             then,
         )),
-        Err(e) => Err(Stop::failed(
+        Err(e) => Err(TransformStop::failed(
             RBAC_CONFIGURED,
             reasons::RBAC_FAILED,
             format!("generating RBAC: {e}"),
@@ -793,7 +793,7 @@ async fn check_rbac(
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     resource: &ApiResource,
-) -> Result<(), Stop> {
+) -> Result<(), TransformStop> {
     let namespace = t.namespace().unwrap_or_default();
     let rules = transform_rules(t, resource);
     let needed = rbac::required_access(&rules, t.spec.rbac_scope, &namespace);
@@ -812,7 +812,7 @@ async fn check_rbac(
         rbac::describe_missing(&missing)
     );
     update.rbac_missing(&message);
-    Err(Stop::Waiting(Action::requeue(RBAC_POLL)))
+    Err(TransformStop::Waiting(Action::requeue(RBAC_POLL)))
 }
 
 /// The rules a Transform's kind and managed resources need.
