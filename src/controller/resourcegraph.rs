@@ -26,10 +26,9 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tracing::info_span;
 
+use super::harness::{Error, StatusMemory, now, reconcile_event, truncate};
 use super::watches::{Lookup, ObjectWatches};
-use super::{Error, StatusMemory, now, reconcile_event, reconcile_id, truncate};
 use crate::api::Transform;
 use crate::api::{
     Condition, ConditionStatus, GraphPhase, InventoryEntry, Node, NodePhase, NodeState, ResourceGraph,
@@ -45,7 +44,7 @@ use crate::executor::progress;
 use crate::executor::proof::{Grant, GraphKey, Origin};
 use crate::graph::{self, Dag, reference};
 use crate::readiness::Registry;
-use crate::runtime::health::{Health, Probe};
+use crate::runtime::health::Health;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use GRAPH_FINALIZER as FINALIZER;
@@ -86,17 +85,25 @@ pub struct Context {
     counted: Mutex<HashMap<String, BTreeSet<InventoryEntry>>>,
     /// Statuses this process wrote, see [`StatusMemory`].
     written: StatusMemory<ResourceGraphStatus>,
-    backoff: super::Backoff,
-    workers: super::Workers,
+    backoff: super::harness::Backoff,
+    workers: super::harness::Workers,
 }
 
-impl super::Retries for Context {
-    fn backoff(&self) -> &super::Backoff {
+impl super::harness::Retries for Context {
+    fn backoff(&self) -> &super::harness::Backoff {
         &self.backoff
     }
-    fn workers(&self) -> &super::Workers {
+    fn workers(&self) -> &super::harness::Workers {
         &self.workers
     }
+}
+
+impl super::harness::backoff::Reported for Context {
+    type Object = ResourceGraph;
+    fn recorder(&self) -> &kube::runtime::events::Recorder {
+        &self.recorder
+    }
+    fn dyntype(&self) {}
 }
 
 impl Context {
@@ -126,8 +133,8 @@ impl Context {
             applied: Mutex::default(),
             counted: Mutex::default(),
             written: StatusMemory::default(),
-            backoff: super::Backoff::default(),
-            workers: super::Workers::default(),
+            backoff: super::harness::Backoff::default(),
+            workers: super::harness::Workers::default(),
         }
     }
 }
@@ -258,7 +265,7 @@ pub async fn run(
 ) {
     let api: Api<ResourceGraph> = Api::all(ctx.client.clone());
     let controller = Controller::new(api, watcher::Config::default().any_semantic())
-        .with_config(super::runner_config(&ctx.workers, concurrency, &shutdown))
+        .with_config(super::harness::runner_config(&ctx.workers, concurrency, &shutdown))
         .reconcile_on(futures::stream::unfold(triggers, |mut rx| async move {
             rx.recv().await.map(|r| (r, rx))
         }))
@@ -268,21 +275,8 @@ pub async fn run(
         let graphs = store.clone();
         move |t: Transform| graphs_of(&graphs, &t)
     });
-    ctx.watches.know_graphs(store.clone());
-    let store_for_stop = store.clone();
-    health.register(Probe::Readiness, "resourcegraph-controller", "cache not synced yet");
-    health.set(Probe::Liveness, "resourcegraph-controller", Ok(()));
-    tokio::spawn(super::report_when_synced(
-        store,
-        health.clone(),
-        "resourcegraph-controller",
-    ));
-    let run = controller
-        .run(reconcile, super::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()));
-    super::drive(run, store_for_stop, shutdown.clone().wait_owned()).await;
-    health.set(Probe::Readiness, "resourcegraph-controller", Err("stopped".into()));
-    super::report_stopped(&health, "resourcegraph-controller", &shutdown);
+    ctx.watches.know_graphs(store);
+    super::harness::run_controller(controller, reconcile, ctx, "resourcegraph-controller", health, shutdown).await;
 }
 
 /// Changes of Transforms' specs, which may change what their graphs are granted; status
@@ -309,18 +303,11 @@ fn graphs_of(graphs: &Store<ResourceGraph>, t: &Transform) -> Vec<ObjectRef<Reso
 }
 
 async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let span = info_span!(
-        "reconcile",
-        controller = CONTROLLER,
-        namespace = rg.namespace().unwrap_or_default(),
-        name = rg.name_any(),
-        reconcile_id = reconcile_id()
-    );
-    super::measured(&ctx.metrics, CONTROLLER, span, (&*ctx, &rg.metadata), async {
+    super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*rg), async {
         if rg.metadata.deletion_timestamp.is_some() {
             cleanup(&rg, &ctx).await
         } else {
-            let rg = super::finalized(&api(&rg, &ctx), &*rg, FINALIZER).await?;
+            let rg = super::harness::finalized(&api(&rg, &ctx), &*rg, FINALIZER).await?;
             apply_graph(&rg, &ctx).await
         }
     })
@@ -506,7 +493,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
 
     let transient = outcomes.values().any(|o| o.transient);
     let deadline = outcomes.values().filter_map(|o| o.requeue).min();
-    let next = progress::next_check(super::RETRY, transient, !prune_waiting.is_empty(), deadline);
+    let next = progress::next_check(super::harness::RETRY, transient, !prune_waiting.is_empty(), deadline);
     Ok(Action::requeue(next))
 }
 
@@ -675,7 +662,7 @@ async fn refuse(
     // A Transform may stand behind its graph again without the graph changing (its status
     // catches up, an allowance is restored); every other refusal waits for a new spec.
     Ok(if reason == reasons::GRANT_WITHDRAWN {
-        Action::requeue(super::RETRY)
+        Action::requeue(super::harness::RETRY)
     } else {
         Action::await_change()
     })
@@ -1029,7 +1016,7 @@ async fn publish(ctx: &Context, rg: &ResourceGraph, type_: EventType, reason: &s
 }
 
 async fn publish_event(ctx: &Context, rg: &ResourceGraph, event: Event) {
-    super::publish(&ctx.recorder, rg.object_ref(&()), event);
+    super::harness::publish(&ctx.recorder, rg.object_ref(&()), event);
 }
 
 /// The graph's status as last known: the one this process wrote, when the cached graph
@@ -1045,16 +1032,15 @@ async fn write_status(
     old: &ResourceGraphStatus,
     status: ResourceGraphStatus,
 ) -> Result<(), Error> {
-    ctx.written
-        .write(
-            &api(rg, ctx),
-            rg,
-            (crate::api::API_VERSION, "ResourceGraph"),
-            GRAPH_STATUS_MANAGER,
-            old,
-            status,
-        )
-        .await
+    let writer = super::harness::status::StatusWriter {
+        api: api(rg, ctx),
+        type_meta: (crate::api::API_VERSION, "ResourceGraph"),
+        manager: GRAPH_STATUS_MANAGER,
+        memory: &ctx.written,
+        recorder: &ctx.recorder,
+        owned: super::harness::status::whole,
+    };
+    writer.write(rg, old, &status).await
 }
 
 /// Updates `pequod_resources_managed` from the inventory's changes.
@@ -1256,7 +1242,7 @@ async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
         write_status(rg, ctx, &old, status).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    super::remove_finalizer(&api(rg, ctx), rg, FINALIZER).await?;
+    super::harness::remove_finalizer(&api(rg, ctx), rg, FINALIZER).await?;
     let name = metric_name(&graph);
     let _ = ctx.metrics.dag_nodes_total.remove_label_values(&[&name]);
     for result in ["success", "failure"] {
