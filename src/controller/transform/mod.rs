@@ -22,8 +22,8 @@ use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, Pat
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
@@ -142,9 +142,20 @@ impl Context {
 /// Runs the controller until shutdown.
 pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutdown: Shutdown) {
     let client = ctx.client.clone();
-    let controller = Controller::new(Api::<Transform>::all(client.clone()), watcher::Config::default())
-        .with_config(super::harness::runner_config(&ctx.workers, concurrency, &shutdown));
-    let transforms = controller.store();
+    // Every change reaches the cache; only changes a reconcile acts on trigger one. The
+    // rollout driver writes the status as instances move, and the pipeline (a CRD read, RBAC
+    // reads, access reviews) has nothing to do for a status write.
+    let (transforms, writer) = reflector::store();
+    let changes = watcher(Api::<Transform>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile_inputs, PredicateConfig::default());
+    let controller = Controller::for_stream(changes, transforms.clone()).with_config(super::harness::runner_config(
+        &ctx.workers,
+        concurrency,
+        &shutdown,
+    ));
     let controller = controller
         // A generated CRD changing (Established, edited, deleted) brings its Transform back.
         // These watches only map events to Transforms, so they carry metadata only: a large
@@ -192,6 +203,20 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
         )
         .graceful_shutdown_on(shutdown.clone().wait_owned());
     super::harness::run_controller(controller, reconcile, ctx, "transform-controller", health, shutdown).await;
+}
+
+/// What a reconcile of a Transform acts on besides its status: its spec (the generation), its
+/// labels, annotations (pause, approval) and finalizers, and its deletion.
+fn reconcile_inputs(t: &Transform) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    t.metadata.generation.hash(&mut hasher);
+    t.labels().hash(&mut hasher);
+    t.annotations().hash(&mut hasher);
+    t.finalizers().hash(&mut hasher);
+    let deleted = t.metadata.deletion_timestamp.as_ref().map(|d| d.0.as_second());
+    deleted.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// The Transform a generated object belongs to, from its labels.
