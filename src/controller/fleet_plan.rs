@@ -11,7 +11,7 @@ use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use super::watches::{Lookup, ObjectWatches};
+use super::watches::{ObjectWatches, live_object};
 use crate::api::ResourceGraph;
 use crate::api::names::{INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL};
 use crate::apply::Applier;
@@ -170,19 +170,13 @@ async fn check_live(
         // The caches hold only objects of existing graphs: one in the way of a new object may
         // be anyone's, so creations ask the apiserver.
         let creating = matches!(change, Change::Create { .. });
-        let cached = tools
-            .watches
-            .filter(|_| !creating)
-            .map(|w| w.lookup(&resolved, namespace, &object.name));
-        let live = match cached {
-            Some(Lookup::Known(found)) => found.map(|o| (*o).clone()),
-            _ => tools
-                .applier
-                .get(&resolved, namespace, &object.name)
-                .await
-                .ok()
-                .flatten(),
-        };
+        let cache = tools.watches.filter(|_| !creating);
+        let live = live_object(cache, tools.applier, &resolved, (namespace, &object.name), || async {
+            true
+        })
+        .await
+        .ok()
+        .flatten();
         let Some(live) = live else {
             checked.push(change);
             continue;

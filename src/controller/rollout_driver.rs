@@ -10,19 +10,20 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::Instrument;
 
 use super::fleet_plan::{Tools, instance_key, plan_instances};
+use super::harness::Error;
+use super::harness::status::{StatusMemory, StatusWriter};
 use super::watches::ObjectWatches;
 use crate::api::condition_types::ROLLED_OUT;
 use crate::api::names::{APPROVAL_ANNOTATION, PIN_ANNOTATION, ROLLOUT_STATUS_MANAGER};
-use crate::api::{Condition, PlanSummary, RolloutPhase, RolloutStatus, Transform, reasons};
+use crate::api::{PlanSummary, RolloutPhase, Transform, TransformStatus, reasons};
 use crate::apply::Applier;
 use crate::cue::{Module, Renderer};
 use crate::executor::proof::Allowance;
@@ -85,6 +86,8 @@ pub struct Driver {
     pub changed: Arc<Notify>,
     pub nudge: mpsc::UnboundedSender<ObjectRef<DynamicObject>>,
     pub nudge_all: mpsc::UnboundedSender<()>,
+    /// The rollout's part of the Transform's status as this driver last wrote it.
+    pub written: StatusMemory<TransformStatus>,
 }
 
 /// The rollout the driver is running.
@@ -95,7 +98,6 @@ struct Tracked {
     memory: Memory,
     summary: PlanSummary,
     pending: BTreeMap<InstanceKey, String>,
-    written: Option<(RolloutStatus, Condition)>,
 }
 
 impl Driver {
@@ -123,7 +125,7 @@ impl Driver {
     /// Looks at the instances once; returns how long to wait at most before the next look.
     async fn pass(&mut self, tracked: &mut Option<Tracked>) -> Duration {
         let order = self.orders.borrow_and_update().clone();
-        if !super::synced(&self.store).await {
+        if !super::harness::synced(&self.store).await {
             return RESYNC;
         }
         let instances = self.store.state();
@@ -266,7 +268,6 @@ impl Driver {
             memory,
             summary,
             pending,
-            written: previous.and_then(|p| p.written),
         })
     }
 
@@ -293,13 +294,17 @@ impl Driver {
 
     /// Writes the rollout's part of the Transform's status when it changed, with its events
     /// and metrics.
-    async fn report(&self, order: &RolloutOrder, t: &mut Tracked, step: &Step) -> Result<(), kube::Error> {
-        let transform = &order.transform;
-        let shown = t.written.clone().or_else(|| {
-            let s = transform.status.as_ref()?;
-            let condition = s.conditions.iter().find(|c| c.type_ == ROLLED_OUT)?.clone();
-            Some((s.rollout.clone()?, condition))
-        });
+    async fn report(&self, order: &RolloutOrder, t: &mut Tracked, step: &Step) -> Result<(), Error> {
+        let transform: &Transform = &order.transform;
+        let last = self.written.last(
+            &transform.uid().unwrap_or_default(),
+            transform.resource_version().as_ref(),
+            transform.status.as_ref(),
+        );
+        let shown = last
+            .rollout
+            .clone()
+            .zip(last.conditions.iter().find(|c| c.type_ == ROLLED_OUT).cloned());
         let versions = (t.target.digest.as_str(), t.current.as_ref().map(|m| m.digest.as_str()));
         let now = Time(jiff::Timestamp::now());
         let report = rollout::report(
@@ -314,18 +319,20 @@ impl Driver {
         if shown.as_ref() == Some(&(report.status.clone(), report.condition.clone())) {
             return Ok(());
         }
-        let body = json!({
-            "apiVersion": crate::api::API_VERSION,
-            "kind": "Transform",
-            "status": {"rollout": report.status, "conditions": [report.condition]},
-        });
-        let api: Api<Transform> = Api::namespaced(self.client.clone(), &transform.namespace().unwrap_or_default());
-        api.patch_status(
-            &transform.name_any(),
-            &PatchParams::apply(ROLLOUT_STATUS_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await?;
+        let writer = StatusWriter {
+            api: Api::namespaced(self.client.clone(), &transform.namespace().unwrap_or_default()),
+            type_meta: (crate::api::API_VERSION, "Transform"),
+            manager: ROLLOUT_STATUS_MANAGER,
+            memory: &self.written,
+            recorder: &self.recorder,
+            owned: rollout_part,
+        };
+        let new = TransformStatus {
+            rollout: Some(report.status),
+            conditions: vec![report.condition],
+            ..TransformStatus::default()
+        };
+        writer.write(transform, &last, &new).await?;
         for (warning, reason, note) in report.events {
             if reason == reasons::BATCH_STARTED {
                 let namespace = transform.namespace().unwrap_or_default();
@@ -337,7 +344,6 @@ impl Driver {
             let type_ = if warning { EventType::Warning } else { EventType::Normal };
             self.event(transform, type_, reason, note);
         }
-        t.written = Some((report.status, report.condition));
         Ok(())
     }
 
@@ -368,7 +374,7 @@ impl Driver {
     }
 
     fn event(&self, transform: &Transform, type_: EventType, reason: &str, note: String) {
-        super::publish(
+        super::harness::publish(
             &self.recorder,
             transform.object_ref(&()),
             Event {
@@ -379,6 +385,20 @@ impl Driver {
                 secondary: None,
             },
         );
+    }
+}
+
+/// The driver's part of a Transform's status: `status.rollout` and the `RolledOut` condition.
+fn rollout_part(status: &TransformStatus) -> TransformStatus {
+    TransformStatus {
+        rollout: status.rollout.clone(),
+        conditions: status
+            .conditions
+            .iter()
+            .filter(|c| c.type_ == ROLLED_OUT)
+            .cloned()
+            .collect(),
+        ..TransformStatus::default()
     }
 }
 

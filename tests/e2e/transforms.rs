@@ -645,3 +645,83 @@ async fn rbac_objects_a_transform_did_not_make_are_neither_overwritten_nor_delet
     roles.delete(&name, &DeleteParams::default()).await.unwrap();
     env.cleanup().await;
 }
+
+/// The reconciles of Transform `name` in `namespace` so far: the distinct reconcile ids on
+/// the shared operator's log lines.
+async fn transform_reconciles(client: &Client, namespace: &str, name: &str) -> usize {
+    let log = std::fs::read_to_string(&support::operator(client).await.log).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["controller"] == "transform" && l["name"] == name && l["namespace"] == namespace)
+        .filter_map(|l| l["reconcile_id"].as_str().map(String::from))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// Waits until Transform `name` has not been reconciled for `quiet`; returns its reconciles.
+async fn settled_reconciles(client: &Client, namespace: &str, name: &str, quiet: Duration) -> usize {
+    let mut last = transform_reconciles(client, namespace, name).await;
+    for _ in 0..40 {
+        tokio::time::sleep(quiet).await;
+        let now = transform_reconciles(client, namespace, name).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("Transform {name} kept being reconciled: {last} reconciles");
+}
+
+#[tokio::test]
+async fn a_status_only_change_does_not_run_the_transform_pipeline_again() {
+    let (env, transforms) = setup("transform-status-only").await;
+    apply_transform(
+        &transforms,
+        "web",
+        json!({"cueRef": {"type": "embedded", "ref": "webservice"}, "group": group(&env)}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "web").await;
+    let quiet = Duration::from_secs(3);
+    let before = settled_reconciles(&env.client, &env.namespace, "web", quiet).await;
+    assert!(before > 0, "the Transform's reconciles are on the log");
+
+    // Someone else writes the status, as the rollout driver does with a field manager of its
+    // own: the Transform's spec, labels and annotations are as they were.
+    let status = json!({
+        "apiVersion": "platform.platform.example.com/v1alpha1",
+        "kind": "Transform",
+        "status": {"conditions": [{"type": "Probed", "status": "True", "reason": "Probed", "message": "",
+                                   "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+    });
+    transforms
+        .patch_status(
+            "web",
+            &PatchParams::apply("status-writer").force(),
+            &Patch::Apply(status),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(2 * quiet).await;
+    assert_eq!(
+        transform_reconciles(&env.client, &env.namespace, "web").await,
+        before,
+        "a status-only change reconciled the Transform"
+    );
+
+    // A label is a change the Transform reacts to (and shows the count would have moved).
+    let label = json!({"metadata": {"labels": {"team": "web"}}});
+    transforms
+        .patch("web", &PatchParams::default(), &Patch::Merge(label))
+        .await
+        .unwrap();
+    wait_for("a reconcile of the labelled Transform", WAIT, || async {
+        match transform_reconciles(&env.client, &env.namespace, "web").await {
+            n if n > before => Ok(()),
+            n => Err(format!("{n} reconciles")),
+        }
+    })
+    .await;
+    delete_transform(&transforms, "web").await;
+    env.cleanup().await;
+}

@@ -29,21 +29,21 @@ use tracing::info_span;
 
 mod status;
 
+use super::harness::{Error, StatusDraft, StatusMemory, reconcile_id};
 use super::fleet_plan::instance_key;
 use super::rollout_driver::{Driver, RolloutOrder, SelectionCell};
 use super::watches::ObjectWatches;
-use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
-use crate::cue::{Module, Renderer, input_hash, render_input};
 use crate::executor::object::Predecessor;
+use crate::cue::{Module, Renderer, input_hash, render_input};
 use crate::executor::proof::{Allowance, Grant, GraphKey};
 use crate::instance_graph::{
     InstanceRef, graph_name, label_value, legacy_graph_name, node_summaries, render_hash, resource_graph,
     with_module_gates,
 };
-use crate::metrics::Metrics;
 use crate::rollout::{Selection, Wanted, choose};
+use crate::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use status::{Controls, Draft, InstanceStop};
 
@@ -207,8 +207,8 @@ impl Supervisor {
             selection,
             changed: Arc::default(),
             resource: spec.resource.clone(),
-            backoff: super::Backoff::default(),
-            workers: super::Workers::default(),
+            backoff: super::harness::Backoff::default(),
+            workers: super::harness::Workers::default(),
         });
         let task = tokio::spawn(run_kind(
             ctx,
@@ -276,16 +276,26 @@ struct KindContext {
     /// Tells the rollout driver that an instance was reconciled.
     changed: Arc<Notify>,
     resource: ApiResource,
-    backoff: super::Backoff,
-    workers: super::Workers,
+    backoff: super::harness::Backoff,
+    workers: super::harness::Workers,
 }
 
-impl super::Retries for KindContext {
-    fn backoff(&self) -> &super::Backoff {
+impl super::harness::Retries for KindContext {
+    fn backoff(&self) -> &super::harness::Backoff {
         &self.backoff
     }
-    fn workers(&self) -> &super::Workers {
+    fn workers(&self) -> &super::harness::Workers {
         &self.workers
+    }
+}
+
+impl super::harness::backoff::Reported for KindContext {
+    type Object = DynamicObject;
+    fn recorder(&self) -> &kube::runtime::events::Recorder {
+        &self.shared.recorder
+    }
+    fn dyntype(&self) -> ApiResource {
+        self.resource.clone()
     }
 }
 
@@ -341,6 +351,7 @@ async fn run_kind(
         changed: ctx.changed.clone(),
         nudge,
         nudge_all: rerender_tx,
+        written: Default::default(),
     };
     let driver = {
         let (stop, shutdown) = (stop.clone(), shutdown.clone());
@@ -364,7 +375,7 @@ async fn run_kind(
             .default_backoff()
             .touched_objects(),
         )
-        .with_config(super::runner_config(&ctx.workers, CONCURRENCY, &shutdown))
+        .with_config(super::harness::runner_config(&ctx.workers, CONCURRENCY, &shutdown))
         .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {
             rx.recv().await.map(|()| ((), rx))
         }))
@@ -372,7 +383,7 @@ async fn run_kind(
             rx.recv().await.map(|reference| (reference, rx))
         }))
         .graceful_shutdown_on(stopped)
-        .run(reconcile, super::error_policy, ctx)
+        .run(reconcile, super::harness::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
     let stopped = async move {
         tokio::select! {
@@ -380,7 +391,7 @@ async fn run_kind(
             _ = shutdown.wait() => {}
         }
     };
-    super::drive(run, store, stopped).await;
+    super::harness::drive(run, store, stopped).await;
     let _ = driver.await;
 }
 
@@ -393,8 +404,8 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
         name = obj.name_any(),
         reconcile_id = reconcile_id()
     );
-    super::measured(&ctx.shared.metrics, CONTROLLER, span, (&*ctx, &obj.metadata), async {
-        let controls = Controls::of(&obj.metadata, &StatusUpdate::cached(&obj).unwrap_or_default());
+    super::harness::measured(&ctx.shared.metrics, CONTROLLER, span, (&*ctx, &obj.metadata), async {
+        let controls = Controls::of(&obj.metadata, &cached_status(&obj).unwrap_or_default());
         if controls.paused {
             hold(&obj, &ctx, StatusDraft::pause).await
         } else if obj.metadata.deletion_timestamp.is_some() {
@@ -404,7 +415,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
                 cleanup(&obj, &ctx).await
             }
         } else {
-            let obj = super::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
+            let obj = super::harness::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
             let rendered = render(&obj, &ctx, controls.reconcile_request).await;
             ctx.changed.notify_one();
             rendered
@@ -425,64 +436,28 @@ fn graphs(obj: &DynamicObject, ctx: &KindContext) -> Api<ResourceGraph> {
     Api::namespaced(ctx.shared.client.clone(), &obj.namespace().unwrap_or_default())
 }
 
+/// The status the watch cache holds for the instance.
+fn cached_status(obj: &DynamicObject) -> Option<InstanceStatus> {
+    obj.data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+}
+
 /// An instance's status under construction, with its events and its write.
-struct StatusUpdate<'a> {
-    obj: &'a DynamicObject,
-    ctx: &'a KindContext,
-    draft: Draft,
-}
+type StatusUpdate<'a> = super::harness::status::StatusUpdate<'a, DynamicObject, InstanceStatus>;
 
-impl std::ops::Deref for StatusUpdate<'_> {
-    type Target = Draft;
-    fn deref(&self) -> &Self::Target {
-        &self.draft
-    }
-}
-
-impl std::ops::DerefMut for StatusUpdate<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.draft
-    }
-}
-
-impl<'a> StatusUpdate<'a> {
-    /// The status the watch cache holds for the instance.
-    fn cached(obj: &DynamicObject) -> Option<InstanceStatus> {
-        obj.data
-            .get("status")
-            .and_then(|s| serde_json::from_value(s.clone()).ok())
-    }
-
-    fn start(obj: &'a DynamicObject, ctx: &'a KindContext) -> Self {
-        let cached = Self::cached(obj);
-        Self {
-            obj,
-            ctx,
-            draft: StatusDraft::start(&ctx.shared.written, &obj.metadata, cached.as_ref()),
-        }
-    }
-
-    /// Writes the status, then publishes the events decided with it.
-    async fn write(self) -> Result<(), Error> {
-        let resource = &self.ctx.resource;
-        let Draft { old, new, events, .. } = self.draft;
-        self.ctx
-            .shared
-            .written
-            .write(
-                &api(self.obj, self.ctx),
-                self.obj,
-                (&resource.api_version, &resource.kind),
-                INSTANCE_MANAGER,
-                &old,
-                new,
-            )
-            .await?;
-        let reference = self.obj.object_ref(&self.ctx.resource);
-        for event in events {
-            publish(&self.ctx.shared.recorder, reference.clone(), event);
-        }
-        Ok(())
+impl KindContext {
+    fn status_update<'a>(&'a self, obj: &'a DynamicObject) -> StatusUpdate<'a> {
+        let cached = cached_status(obj);
+        let writer = super::harness::status::StatusWriter {
+            api: api(obj, self),
+            type_meta: (&self.resource.api_version, &self.resource.kind),
+            manager: INSTANCE_MANAGER,
+            memory: &self.shared.written,
+            recorder: &self.shared.recorder,
+            owned: super::harness::status::whole,
+        };
+        StatusUpdate::start(obj, obj.object_ref(&self.resource), writer, cached.as_ref())
     }
 }
 
@@ -490,7 +465,7 @@ impl<'a> StatusUpdate<'a> {
 /// its objects, publish its signed graph (taking over one of the earlier naming), mirror the
 /// graph's progress. The status is written once, at the end.
 async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>) -> Result<Action, Error> {
-    let mut update = StatusUpdate::start(obj, ctx);
+    let mut update = ctx.status_update(obj);
     update.resume();
     let result = serve_instance(obj, ctx, &mut update, request.as_deref()).await;
     let action = match result {
@@ -562,7 +537,7 @@ async fn serve_instance(
         .renderer
         .schema(&pass.module)
         .await
-        .map_err(|e| Error::CueUnavailable(e.to_string()))?;
+        .map_err(Error::CueUnavailable)?;
     let nodes = with_module_gates(nodes, &schema.metadata.ready_when);
     let (live, predecessor) = find_graphs(obj, ctx, update, &pass).await?;
     let rg = publish_graph(
@@ -631,7 +606,7 @@ async fn choose_module(
                 "the rollout's current module version was never served by Transform {}; the instance keeps its graph",
                 state.transform
             );
-            return Err(update.render_failed(false, reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
+            return Err(update.render_failed(reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
         }
         Wanted::Current => selection.current.clone().unwrap_or_else(|| selection.target.clone()),
         Wanted::Version(digest) if crate::cue::is_digest(&digest) && !state.served.contains(&digest) => {
@@ -646,7 +621,7 @@ async fn choose_module(
                  status.servedDigests may be used, and the instance keeps its graph",
                 state.transform
             );
-            return Err(update.render_failed(false, reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
+            return Err(update.render_failed(reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
         }
         Wanted::Version(digest) => match ctx.shared.renderer.find(&digest, &selection.target.platform).await {
             Some(module) => module,
@@ -664,7 +639,7 @@ async fn choose_module(
                          graph until the rollout reaches it"
                     )
                 };
-                return Err(update.render_failed(false, reasons::MODULE_UNAVAILABLE, message, Action::requeue(RESYNC)));
+                return Err(update.render_failed(reasons::MODULE_UNAVAILABLE, message, Action::requeue(RESYNC)));
             }
         },
     };
@@ -700,7 +675,8 @@ async fn render_instance(
         }
         // Rendering is deterministic: after a failure only a change of the instance or the
         // module helps, which the resync and the module watch bring.
-        Err(e) => Err(update.render_failed(e.is_transient(), e.reason(), e.to_string(), Action::requeue(RESYNC))),
+        Err(e) if e.is_transient() => Err(update.cue_unavailable(e)),
+        Err(e) => Err(update.render_failed(e.reason(), e.to_string(), Action::requeue(RESYNC))),
     }
 }
 
@@ -903,7 +879,7 @@ fn owns(obj: &DynamicObject, resource: &ApiResource, graph: &ResourceGraph, key:
 /// Writes a status that says why the instance is left as it is (paused, or protected from
 /// deletion), and waits for a change of the instance.
 async fn hold(obj: &DynamicObject, ctx: &KindContext, say: fn(&mut Draft)) -> Result<Action, Error> {
-    let mut update = StatusUpdate::start(obj, ctx);
+    let mut update = ctx.status_update(obj);
     say(&mut update);
     update.write().await?;
     Ok(Action::await_change())
@@ -941,7 +917,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
     }
     match live {
         Some((graph, rg)) => {
-            let mut update = StatusUpdate::start(obj, ctx);
+            let mut update = ctx.status_update(obj);
             let waiting = rg
                 .status
                 .as_ref()
@@ -957,7 +933,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
             Ok(Action::requeue(TEARDOWN_POLL))
         }
         None => {
-            super::remove_finalizer(&api(obj, ctx), obj, INSTANCE_FINALIZER).await?;
+            super::harness::remove_finalizer(&api(obj, ctx), obj, INSTANCE_FINALIZER).await?;
             ctx.shared.written.forget(&obj.uid().unwrap_or_default());
             Ok(Action::await_change())
         }

@@ -6,11 +6,11 @@
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
-use super::super::{Error, StatusDraft};
 use crate::api::condition_types::{
     AUTHORIZED, CRD_GENERATED, CUE_FETCHED, RBAC_CONFIGURED, READY, SCHEMA_COMPATIBLE, SCHEMA_EXTRACTED,
 };
 use crate::api::{GeneratedCrd, ResolvedCueRef, TransformPhase, TransformStatus, reasons};
+use crate::controller::harness::{Error, StatusDraft};
 use crate::executor::proof::Allowance;
 
 /// A Transform's status under construction.
@@ -31,7 +31,7 @@ pub(super) enum TransformStop {
     },
     /// The status says what is awaited; it is written and the Transform looked at per the action.
     Waiting(Action),
-    /// The reconcile itself failed (see [`super::super::error_policy`]).
+    /// The reconcile itself failed (see [`crate::controller::harness::error_policy`]).
     Error(Error),
 }
 
