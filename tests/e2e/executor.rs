@@ -9,7 +9,7 @@ use kube::{Api, ResourceExt};
 use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv, metric};
+use crate::support::{self, TEST_MANAGER, TestEnv, kubectl_as, metric};
 
 const WAIT: Duration = Duration::from_secs(45);
 
@@ -649,15 +649,6 @@ async fn readiness_timeout_fails_the_node_and_keeps_dependants_pending() {
     );
     support::wait_events(&env.client, &env.namespace, "g", &["ReadinessTimeout"]).await;
     env.cleanup().await;
-}
-
-/// Runs kubectl as `user` (impersonated by the test's admin) in `namespace`, with `stdin`.
-pub(crate) fn kubectl_as(env: &TestEnv, user: &str, args: &[&str], stdin: &str) -> std::process::Output {
-    let args: Vec<&str> = ["--as", user, "-n", env.namespace.as_str()]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect();
-    support::kubectl_with_input(&env.kubeconfig, &args, stdin)
 }
 
 #[tokio::test]
