@@ -3,8 +3,6 @@
 //!
 //! CRDs are cluster-scoped, so every test generates its kinds in an API group of its own.
 
-use std::time::Duration;
-
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -427,8 +425,16 @@ async fn a_paused_transform_is_not_reconciled_until_resumed() {
         json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group, "shortNames": ["nt"]}),
     )
     .await;
+    // The paused reconcile stamps the new generation on `Paused`: it has seen the change.
+    wait_for("the paused Transform to observe the change", WAIT, || async {
+        let t = transforms.get("note").await.map_err(|e| e.to_string())?;
+        match condition(&t, "Paused") {
+            Some(c) if c.is_true() && c.observed_generation == t.metadata.generation => Ok(()),
+            other => Err(format!("{other:?}; generation {:?}", t.metadata.generation)),
+        }
+    })
+    .await;
     let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let crd = crds.get(&format!("notes.{group}")).await.unwrap();
     assert_eq!(crd.spec.names.short_names, None);
 

@@ -600,7 +600,15 @@ async fn a_kind_that_cannot_be_looked_up_holds_deletion_and_keeps_the_objects() 
             .ok_or(ready.message)
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A held deletion is retried every 5 s: once the operator has been round again, it has had
+    // its chance to let the lower wave go, and must not have.
+    let reconciles = "pequod_reconcile_total{controller=\"resourcegraph\"";
+    let seen = support::metric_sum(&second.metrics, reconciles).await;
+    support::wait_for("the held deletion retried", WAIT, || async {
+        let now = support::metric_sum(&second.metrics, reconciles).await;
+        (now > seen).then_some(()).ok_or(format!("{now} reconciles"))
+    })
+    .await;
     let held = graphs.get("g").await.unwrap();
     assert!(
         held.finalizers()
@@ -984,8 +992,21 @@ async fn a_staged_rollout_interrupted_by_a_restart_resumes_its_batch() {
     first.kill();
 
     // The new operator resumes batch 1: the others keep waiting, and the batch's clock too.
-    let _second = start(&env.kubeconfig);
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    let second = start(&env.kubeconfig);
+    // The new operator exports the rollout's counts once it has taken its step over the
+    // instances: from then on it has decided whether batch 1 goes on.
+    let updated = format!(
+        "pequod_rollout_instances{{namespace=\"{}\",state=\"updated\",transform=\"note\"}} 1",
+        env.namespace
+    );
+    support::wait_for("the new operator's rollout step", WAIT, || async {
+        let (_, text) = support::http_get(&second.metrics, "/metrics").await?;
+        text.lines()
+            .any(|l| l == updated)
+            .then_some(())
+            .ok_or_else(|| format!("no `{updated}`"))
+    })
+    .await;
     let resumed = rollout().await.unwrap();
     assert_eq!(
         (resumed.batch, resumed.batch_started_at.clone(), resumed.updated),
