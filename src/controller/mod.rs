@@ -1,10 +1,10 @@
 //! Controllers: the kube-facing loops around the pure core.
 
 pub mod access;
+pub mod fleet_plan;
 pub mod harness;
 pub mod instance;
 pub mod resourcegraph;
-pub mod fleet_plan;
 pub mod rollout_driver;
 pub mod transform;
 pub mod watches;

@@ -18,12 +18,13 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use pequod::api::{RolloutPhase, Transform};
 use serde_json::{Value, json};
 use support::OperatorProcess;
+use support::modules::put_module_files;
+use support::transforms::apply_transform;
 
 const INSTANCES: usize = if option_env!("PEQUOD_BENCH_QUICK").is_some() {
     100
@@ -54,20 +55,6 @@ fn module(part_of: Option<&str>) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn put_module(client: &kube::Client, namespace: &str, files: BTreeMap<String, String>) {
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": "webservice-module", "labels": {"pequod.io/cue-module": "true"}},
-                    "data": files});
-    Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .patch(
-            "webservice-module",
-            &PatchParams::apply("bench").force(),
-            &Patch::Apply(cm),
-        )
-        .await
-        .unwrap();
-}
-
 /// Requests the apiserver served between two readings, largest first.
 fn requests_between(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> (f64, Vec<(String, f64)>) {
     let mut by_kind: Vec<(String, f64)> = after
@@ -90,15 +77,15 @@ async fn main() {
         &cue,
         &["--zap-log-level=warn", "--trusted-transform-namespaces=*"],
     );
-    put_module(&env.client, &env.namespace, module(None)).await;
+    put_module_files(&env.client, &env.namespace, "webservice-module", module(None)).await;
     let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
-    let t = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform", "metadata": {"name": "webservice"},
-                   "spec": {"cueRef": {"type": "configmap", "ref": "webservice-module"}, "group": group,
-                            "rollout": {"strategy": "Staged", "paused": true}}});
-    transforms
-        .patch("webservice", &PatchParams::apply("bench"), &Patch::Apply(t))
-        .await
-        .unwrap();
+    apply_transform(
+        &transforms,
+        "webservice",
+        json!({"cueRef": {"type": "configmap", "ref": "webservice-module"}, "group": group,
+               "rollout": {"strategy": "Staged", "paused": true}}),
+    )
+    .await;
     support::wait_transform_ready(&transforms, "webservice").await;
     let api_version = format!("{group}/v1alpha1");
     let webservices = support::dynamic_api(&env.client, &api_version, "WebService", &env.namespace).await;
@@ -169,7 +156,13 @@ async fn main() {
     let cue_before = support::metric_sum(&operator.metrics, cue_metric).await;
     let before = support::apiserver_requests(&env.client).await;
     let in_cluster_started = Instant::now();
-    put_module(&env.client, &env.namespace, module(Some("platform"))).await;
+    put_module_files(
+        &env.client,
+        &env.namespace,
+        "webservice-module",
+        module(Some("platform")),
+    )
+    .await;
     let summary = support::wait_for("the plan on the Transform", Duration::from_secs(600), || async {
         let t = transforms.get("webservice").await.map_err(|e| e.to_string())?;
         match t.status.and_then(|s| s.rollout).and_then(|r| r.plan) {

@@ -69,7 +69,7 @@ async fn main() {
         env!("CARGO_MANIFEST_DIR"),
         "/cue/platform/webservice/schema.cue"
     ))
-    .unwrap_or_else(|_| support::NOTE_MODULE.to_string());
+    .unwrap_or_else(|_| support::modules::NOTE_MODULE.to_string());
     let digest = support::remote::publish(
         &registry.addr,
         "platforms/web",

@@ -3,8 +3,8 @@
 use super::backoff::{Reported, Retries, error_policy};
 use super::error::Error;
 use super::metrics::measured;
-use crate::runtime::health::{Health, Probe};
 use crate::metrics::Metrics;
+use crate::runtime::health::{Health, Probe};
 use crate::runtime::shutdown::Shutdown;
 
 /// How many reconciles of a controller run at once. kube's runner starts every reconcile that

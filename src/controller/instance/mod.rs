@@ -29,21 +29,21 @@ use tracing::info_span;
 
 mod status;
 
-use super::harness::{Error, StatusDraft, StatusMemory, reconcile_id};
 use super::fleet_plan::instance_key;
+use super::harness::{Error, StatusDraft, StatusMemory, reconcile_id};
 use super::rollout_driver::{Driver, RolloutOrder, SelectionCell};
 use super::watches::ObjectWatches;
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
-use crate::executor::object::Predecessor;
 use crate::cue::{Module, Renderer, input_hash, render_input};
+use crate::executor::object::Predecessor;
 use crate::executor::proof::{Allowance, Grant, GraphKey};
 use crate::instance_graph::{
     InstanceRef, graph_name, label_value, legacy_graph_name, node_summaries, render_hash, resource_graph,
     with_module_gates,
 };
-use crate::rollout::{Selection, Wanted, choose};
 use crate::metrics::Metrics;
+use crate::rollout::{Selection, Wanted, choose};
 use crate::runtime::shutdown::Shutdown;
 use status::{Controls, Draft, InstanceStop};
 

@@ -43,16 +43,16 @@ use crate::api::{
     set_condition,
 };
 use crate::apply::{Applied, Applier, ApplyError, Resolved, ServiceAccount};
-use crate::executor::object::{GraphIdentity, Predecessor, desired_object, gvk_label};
 use crate::authority::{self, Actor, GraphAccounts, TrustedNamespaces};
+use crate::executor::object::{GraphIdentity, Predecessor, desired_object, gvk_label};
 use crate::executor::ownership::{self, LetGo, Refusal};
-use crate::executor::write::{self, Write};
 use crate::executor::progress;
 use crate::executor::proof::{Grant, GraphKey, Origin};
+use crate::executor::write::{self, Write};
 use crate::graph::{self, Dag, reference};
+use crate::metrics::Metrics;
 use crate::readiness::Registry;
 use crate::runtime::health::Health;
-use crate::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use GRAPH_FINALIZER as FINALIZER;
 

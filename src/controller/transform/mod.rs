@@ -36,16 +36,16 @@ use super::rollout_driver::RolloutOrder;
 use crate::api::{
     CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus, with_served,
 };
-use crate::executor::object::contains;
 use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
+use crate::executor::object::contains;
 use crate::executor::proof::Allowance;
 use crate::executor::proof::GraphKey;
+use crate::metrics::Metrics;
 use crate::rbac::{self, Generated, ManagerIdentity, RbacMode, ServedKind, TransformIdentity};
 use crate::rollout::Policy;
 use crate::runtime::health::Health;
-use crate::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
 use crate::source::{Fetcher, breaker};
 use status::{Draft, TransformStop};
