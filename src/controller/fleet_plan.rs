@@ -21,7 +21,7 @@ use crate::executor::ownership::refusal;
 use crate::executor::write::field_manager;
 use crate::instance_graph::{graph_name, label_value};
 use crate::rollout::InstanceKey;
-use crate::rollout::plan::InstancePlan;
+use crate::rollout::plan::{Change, InstancePlan};
 
 /// What planning needs from the operator.
 pub struct Tools<'a> {
@@ -134,9 +134,8 @@ async fn check_live(
     tools: &Tools<'_>,
     graph: &ResourceGraph,
     nodes: &[crate::api::Node],
-    changes: Vec<crate::rollout::plan::Change>,
-) -> Vec<crate::rollout::plan::Change> {
-    use crate::rollout::plan::Change;
+    changes: Vec<Change>,
+) -> Vec<Change> {
     let identity = GraphIdentity {
         name: graph.name_any(),
         namespace: graph.namespace().unwrap_or_default(),
@@ -145,91 +144,127 @@ async fn check_live(
     };
     let mut checked = Vec::with_capacity(changes.len());
     for change in changes {
-        let (object, paths) = match &change {
-            Change::Update { object, paths } => (object, paths.as_slice()),
-            Change::Create { object } => (object, [].as_slice()),
-            _ => {
-                checked.push(change);
-                continue;
-            }
-        };
-        let node = nodes
-            .iter()
-            .find(|n| n.kind() == object.kind && n.name() == object.name)
-            .filter(|n| !n.object.to_string().contains("${"));
-        let Some(node) = node else {
+        if let Some(change) = check_change(tools, nodes, &identity, change).await {
             checked.push(change);
-            continue;
-        };
-        let Ok(resolved) = tools.applier.resolve(node.api_version(), node.kind()).await else {
-            checked.push(change);
-            continue;
-        };
-        let desired = desired_object(node, &identity, resolved.namespaced);
-        let namespace = desired.pointer("/metadata/namespace").and_then(|v| v.as_str());
-        // The caches hold only objects of existing graphs: one in the way of a new object may
-        // be anyone's, so creations ask the apiserver.
-        let creating = matches!(change, Change::Create { .. });
-        let cache = tools.watches.filter(|_| !creating);
-        let live = live_object(cache, tools.applier, &resolved, (namespace, &object.name), || async {
-            true
-        })
-        .await
-        .ok()
-        .flatten();
-        let Some(live) = live else {
-            checked.push(change);
-            continue;
-        };
-        if let Change::Create { .. } = change {
-            // The name is taken: the graph writes the object only when it is its own to write.
-            let managers = crate::executor::object::other_managers(&live, "");
-            let refused = serde_json::to_value(&live)
-                .ok()
-                .and_then(|live| refusal(node.apply_policy.mode, &live, &identity, &managers));
-            checked.push(match refused {
-                Some(r) => Change::Refused {
-                    object: object.clone(),
-                    why: r.message,
-                },
-                None => change,
-            });
-            continue;
-        }
-        let manager = field_manager(node, &identity);
-        match tools
-            .applier
-            .dry_run(&resolved, namespace, &object.name, &desired, &manager)
-            .await
-        {
-            Ok(after) => {
-                let (live, after) = (serde_json::to_value(&live), serde_json::to_value(&after));
-                let live_paths = match (live, after) {
-                    (Ok(live), Ok(after)) => crate::rollout::plan::live_changes(&live, &after),
-                    _ => paths.to_vec(),
-                };
-                if !live_paths.is_empty() {
-                    checked.push(Change::Update {
-                        object: object.clone(),
-                        paths: live_paths,
-                    });
-                }
-            }
-            // The apiserver's message may quote live values: only the paths are told.
-            Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("immutable") => {
-                checked.push(Change::Replace {
-                    object: object.clone(),
-                    why: format!("the apiserver refuses to change {} in place", paths.join(", ")),
-                });
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, object = %object, "dry run failed; the plan keeps the graph's comparison");
-                checked.push(change);
-            }
         }
     }
     checked
 }
+
+/// One change checked against its live object; `None` when the live object already holds it.
+/// A change that cannot be checked (a delete, a node with `${…}`, an unknown kind, no live
+/// object) stays as it is.
+async fn check_change(
+    tools: &Tools<'_>,
+    nodes: &[crate::api::Node],
+    identity: &GraphIdentity,
+    change: Change,
+) -> Option<Change> {
+    let object = match &change {
+        Change::Update { object, .. } | Change::Create { object } => object,
+        _ => return Some(change),
+    };
+    let node = nodes
+        .iter()
+        .find(|n| n.kind() == object.kind && n.name() == object.name)
+        .filter(|n| !n.object.to_string().contains("${"));
+    let Some(node) = node else {
+        return Some(change);
+    };
+    let Ok(resolved) = tools.applier.resolve(node.api_version(), node.kind()).await else {
+        return Some(change);
+    };
+    let desired = desired_object(node, identity, resolved.namespaced);
+    let namespace = desired.pointer("/metadata/namespace").and_then(|v| v.as_str());
+    // The caches hold only objects of existing graphs: one in the way of a new object may
+    // be anyone's, so creations ask the apiserver.
+    let creating = matches!(change, Change::Create { .. });
+    let cache = tools.watches.filter(|_| !creating);
+    let live = live_object(cache, tools.applier, &resolved, (namespace, &object.name), || async {
+        true
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(live) = live else {
+        return Some(change);
+    };
+    if creating {
+        return Some(check_taken_name(node, identity, &live, change));
+    }
+    let dry_run = DryRun {
+        resolved: &resolved,
+        namespace,
+        desired: &desired,
+        manager: &field_manager(node, identity),
+    };
+    check_update(tools, dry_run, &live, change).await
+}
+
+/// A creation whose name is taken: the graph writes the object only when it is its own to
+/// write, else the change is refused.
+fn check_taken_name(node: &crate::api::Node, identity: &GraphIdentity, live: &DynamicObject, change: Change) -> Change {
+    let managers = crate::executor::object::other_managers(live, "");
+    let refused = serde_json::to_value(live)
+        .ok()
+        .and_then(|live| refusal(node.apply_policy.mode, &live, identity, &managers));
+    match (refused, &change) {
+        (Some(r), Change::Create { object }) => Change::Refused {
+            object: object.clone(),
+            why: r.message,
+        },
+        _ => change,
+    }
+}
+
+/// What a server-side apply dry run of one node sends.
+struct DryRun<'a> {
+    resolved: &'a crate::apply::Resolved,
+    namespace: Option<&'a str>,
+    desired: &'a serde_json::Value,
+    manager: &'a str,
+}
+
+/// An update checked by a dry run: its paths become those the apply would change (`None`
+/// when there are none), and an immutable field the apiserver refuses makes it a replacement.
+async fn check_update(tools: &Tools<'_>, dry_run: DryRun<'_>, live: &DynamicObject, change: Change) -> Option<Change> {
+    let Change::Update { object, paths } = &change else {
+        return Some(change);
+    };
+    let DryRun {
+        resolved,
+        namespace,
+        desired,
+        manager,
+    } = dry_run;
+    match tools
+        .applier
+        .dry_run(resolved, namespace, &object.name, desired, manager)
+        .await
+    {
+        Ok(after) => {
+            let (live, after) = (serde_json::to_value(live), serde_json::to_value(&after));
+            let live_paths = match (live, after) {
+                (Ok(live), Ok(after)) => crate::rollout::plan::live_changes(&live, &after),
+                _ => paths.to_vec(),
+            };
+            (!live_paths.is_empty()).then(|| Change::Update {
+                object: object.clone(),
+                paths: live_paths,
+            })
+        }
+        // The apiserver's message may quote live values: only the paths are told.
+        Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("immutable") => Some(Change::Replace {
+            object: object.clone(),
+            why: format!("the apiserver refuses to change {} in place", paths.join(", ")),
+        }),
+        Err(e) => {
+            tracing::debug!(error = %e, object = %object, "dry run failed; the plan keeps the graph's comparison");
+            Some(change)
+        }
+    }
+}
+
 /// An instance's key, the one the planner sorts by and the rollout admits.
 pub fn instance_key(obj: &DynamicObject) -> InstanceKey {
     InstanceKey {

@@ -184,9 +184,32 @@ impl Driver {
         instances: &[Arc<DynamicObject>],
         members: &[Member],
     ) -> Result<Tracked, kube::Error> {
+        let recorded = order.transform.status.as_ref().and_then(|s| s.rollout.as_ref());
+        let (current, memory) = self.starting_point(order, previous.as_ref(), recorded, members).await;
+        let (summary, pending) = self.plan(order, instances).await?;
+        if previous.is_some() || recorded.is_some_and(|r| r.target_digest != order.target.digest) {
+            self.announce(order, &summary);
+        }
+        Ok(Tracked {
+            target: order.target.clone(),
+            current,
+            memory,
+            summary,
+            pending,
+        })
+    }
+
+    /// The version instances come from (the previous rollout's, or the one the status records)
+    /// and the rollout's memory, resumed when the status records a rollout to this same target.
+    async fn starting_point(
+        &self,
+        order: &RolloutOrder,
+        previous: Option<&Tracked>,
+        recorded: Option<&crate::api::RolloutStatus>,
+        members: &[Member],
+    ) -> (Option<Module>, Memory) {
         let target = &order.target;
-        let recorded = order.transform.status.as_ref().and_then(|s| s.rollout.clone());
-        let (current, resumed) = match (&previous, &recorded) {
+        let (current, resumed) = match (previous, recorded) {
             (Some(p), _) => (p.current.as_ref().unwrap_or(&p.target).digest.clone().into(), None),
             (None, Some(r)) if r.target_digest == target.digest => (r.current_digest.clone(), Some(r)),
             (None, Some(r)) if r.phase == Some(RolloutPhase::Complete) => (Some(r.target_digest.clone()), None),
@@ -213,6 +236,17 @@ impl Driver {
             }
             None => Memory::new(&target.digest),
         };
+        (current, memory)
+    }
+
+    /// Plans every instance with the order's target: the summary, and each changing instance's
+    /// line while it waits.
+    async fn plan(
+        &self,
+        order: &RolloutOrder,
+        instances: &[Arc<DynamicObject>],
+    ) -> Result<(PlanSummary, BTreeMap<InstanceKey, String>), kube::Error> {
+        let target = &order.target;
         let tools = Tools {
             client: &self.client,
             renderer: &self.renderer,
@@ -249,26 +283,22 @@ impl Driver {
                 })
             })
             .collect();
-        if previous.is_some() || recorded.as_ref().is_some_and(|r| r.target_digest != target.digest) {
-            let message = format!(
-                "rolling out module {}: {} of {} instance(s) change, {} object(s) created, {} updated, {} replaced, {} deleted",
-                rollout::short_digest(&target.digest),
-                summary.affected,
-                summary.instances,
-                summary.created,
-                summary.updated,
-                summary.replaced,
-                summary.deleted
-            );
-            self.event(&order.transform, EventType::Normal, reasons::ROLLOUT_STARTED, message);
-        }
-        Ok(Tracked {
-            target: target.clone(),
-            current,
-            memory,
-            summary,
-            pending,
-        })
+        Ok((summary, pending))
+    }
+
+    /// The event that tells a rollout started, with what its plan changes.
+    fn announce(&self, order: &RolloutOrder, summary: &PlanSummary) {
+        let message = format!(
+            "rolling out module {}: {} of {} instance(s) change, {} object(s) created, {} updated, {} replaced, {} deleted",
+            rollout::short_digest(&order.target.digest),
+            summary.affected,
+            summary.instances,
+            summary.created,
+            summary.updated,
+            summary.replaced,
+            summary.deleted
+        );
+        self.event(&order.transform, EventType::Normal, reasons::ROLLOUT_STARTED, message);
     }
 
     /// Replaces the kind's selection and looks again at the instances it may move.
