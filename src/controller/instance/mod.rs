@@ -168,33 +168,19 @@ impl Supervisor {
             && r.resource == spec.resource
             && r.namespace == spec.namespace
         {
-            {
-                let changed = {
-                    let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
-                    let new = KindState::of(&spec);
-                    let changed = state.allowance != new.allowance || state.transform_uid != new.transform_uid;
-                    *state = new;
-                    changed
-                };
-                if changed {
-                    tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "allowance changed; rendering every instance again");
-                    let _ = r.rerender.send(());
-                }
-                // The rollout driver moves instances to a new module version.
-                r.orders.send_if_modified(|order| {
-                    let modified = order.target != spec.order.target
-                        || order.policy != spec.order.policy
-                        || order.transform.annotations() != spec.order.transform.annotations();
-                    *order = spec.order;
-                    modified
-                });
-                return;
-            }
+            update_running(r, spec);
+            return;
         }
         if let Some(old) = running.remove(&spec.transform) {
             stop_running(old).await;
         }
         tracing::info!(kind = %spec.resource.kind, api_version = %spec.resource.api_version, transform = %spec.transform, "serving kind");
+        let transform = spec.transform.clone();
+        running.insert(transform, self.start(spec));
+    }
+
+    /// Starts the kind's controller and its rollout driver.
+    fn start(&self, spec: ServeSpec) -> Running {
         let state = Arc::new(RwLock::new(KindState::of(&spec)));
         // Until the driver has looked, every instance keeps the version its graph has.
         let selection = Arc::new(RwLock::new(Arc::new(Selection::hold(spec.order.target.clone(), None))));
@@ -217,18 +203,15 @@ impl Supervisor {
             orders_rx,
             (stop.clone(), self.shutdown.clone()),
         ));
-        running.insert(
-            spec.transform,
-            Running {
-                resource: spec.resource,
-                namespace: spec.namespace,
-                state,
-                orders,
-                rerender,
-                stop,
-                task,
-            },
-        );
+        Running {
+            resource: spec.resource,
+            namespace: spec.namespace,
+            state,
+            orders,
+            rerender,
+            stop,
+            task,
+        }
     }
 
     /// Whether a Transform's kind is being served.
@@ -307,6 +290,30 @@ impl KindContext {
     }
 }
 
+/// Updates a running kind's controller in place: a changed allowance renders every instance
+/// again, and the rollout driver moves instances to a new module version.
+fn update_running(r: &Running, spec: ServeSpec) {
+    let changed = {
+        let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
+        let new = KindState::of(&spec);
+        let changed = state.allowance != new.allowance || state.transform_uid != new.transform_uid;
+        *state = new;
+        changed
+    };
+    if changed {
+        tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "allowance changed; rendering every instance again");
+        let _ = r.rerender.send(());
+    }
+    // The rollout driver moves instances to a new module version.
+    r.orders.send_if_modified(|order| {
+        let modified = order.target != spec.order.target
+            || order.policy != spec.order.policy
+            || order.transform.annotations() != spec.order.transform.annotations();
+        *order = spec.order;
+        modified
+    });
+}
+
 async fn run_kind(
     ctx: Arc<KindContext>,
     namespace: Option<String>,
@@ -323,15 +330,6 @@ async fn run_kind(
             Api::namespaced(client, ns),
         ),
         None => (Api::all_with(client.clone(), &resource), Api::all(client)),
-    };
-    let stopped = {
-        let (stop, shutdown) = (stop.clone(), shutdown.clone());
-        async move {
-            tokio::select! {
-                _ = stop.wait() => {}
-                _ = shutdown.wait() => {}
-            }
-        }
     };
     let controller = Controller::new_with(instances, watcher::Config::default(), resource.clone());
     let store = controller.store();
@@ -353,28 +351,9 @@ async fn run_kind(
         nudge_all: rerender_tx,
         written: Default::default(),
     };
-    let driver = {
-        let (stop, shutdown) = (stop.clone(), shutdown.clone());
-        tokio::spawn(driver.run(async move {
-            tokio::select! {
-                _ = stop.wait() => {}
-                _ = shutdown.wait() => {}
-            }
-        }))
-    };
+    let driver = tokio::spawn(driver.run(kind_stopped(&stop, &shutdown)));
     let run = controller
-        .owns_stream(
-            watcher(
-                graphs,
-                watcher::Config::default().labels(&format!(
-                    "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
-                    label_value(&resource.kind),
-                    label_value(&resource.group)
-                )),
-            )
-            .default_backoff()
-            .touched_objects(),
-        )
+        .owns_stream(graph_watch(graphs, &resource))
         .with_config(super::harness::runner_config(&ctx.workers, CONCURRENCY, &shutdown))
         .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {
             rx.recv().await.map(|()| ((), rx))
@@ -382,17 +361,37 @@ async fn run_kind(
         .reconcile_on(futures::stream::unfold(nudged, |mut rx| async move {
             rx.recv().await.map(|reference| (reference, rx))
         }))
-        .graceful_shutdown_on(stopped)
+        .graceful_shutdown_on(kind_stopped(&stop, &shutdown))
         .run(reconcile, super::harness::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
-    let stopped = async move {
+    super::harness::drive(run, store, kind_stopped(&stop, &shutdown)).await;
+    let _ = driver.await;
+}
+
+/// Resolves when the kind's controller is stopped or the operator shuts down.
+fn kind_stopped(stop: &Shutdown, shutdown: &Shutdown) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (stop, shutdown) = (stop.clone(), shutdown.clone());
+    async move {
         tokio::select! {
             _ = stop.wait() => {}
             _ = shutdown.wait() => {}
         }
-    };
-    super::harness::drive(run, store, stopped).await;
-    let _ = driver.await;
+    }
+}
+
+/// The graphs of this kind's instances, found by their kind and group labels.
+fn graph_watch(
+    graphs: Api<PartialObjectMeta<ResourceGraph>>,
+    resource: &ApiResource,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<ResourceGraph>, watcher::Error>> + Send + 'static {
+    let labels = format!(
+        "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
+        label_value(&resource.kind),
+        label_value(&resource.group)
+    );
+    watcher(graphs, watcher::Config::default().labels(&labels))
+        .default_backoff()
+        .touched_objects()
 }
 
 async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Action, Error> {
@@ -555,25 +554,38 @@ async fn serve_instance(
     }
     update.new.module_digest = Some(pass.module.digest.clone());
     let ready = update.mirror_progress(&rg, schema.status.as_ref());
-    // Once the graph holds every object, the earlier one has nothing left and goes.
-    let retire = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none());
-    if let Some(old) = &retire {
-        match graphs(obj, ctx)
-            .delete(&old.name_any(), &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        let note = format!(
-            "ResourceGraph {} took over every object of {}, which is deleted",
-            pass.graph,
-            old.name_any()
-        );
-        update.event(EventType::Normal, reasons::GRAPH_RENAMED, &note);
+    let retired = retire_predecessor(obj, ctx, update, &pass, predecessor, ready).await?;
+    Ok(Action::requeue(if retired { TEARDOWN_POLL } else { RESYNC }))
+}
+
+/// Once the graph holds every object, the earlier one has nothing left and goes; says whether
+/// one was deleted.
+async fn retire_predecessor(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    pass: &Pass,
+    predecessor: Option<ResourceGraph>,
+    ready: bool,
+) -> Result<bool, InstanceStop> {
+    let Some(old) = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none()) else {
+        return Ok(false);
+    };
+    match graphs(obj, ctx)
+        .delete(&old.name_any(), &DeleteParams::background())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
     }
-    Ok(Action::requeue(if retire.is_some() { TEARDOWN_POLL } else { RESYNC }))
+    let note = format!(
+        "ResourceGraph {} took over every object of {}, which is deleted",
+        pass.graph,
+        old.name_any()
+    );
+    update.event(EventType::Normal, reasons::GRAPH_RENAMED, &note);
+    Ok(true)
 }
 
 /// The module version the instance renders with (see [`crate::rollout::choose`]), and what
@@ -610,35 +622,13 @@ async fn choose_module(
         }
         Wanted::Current => selection.current.clone().unwrap_or_else(|| selection.target.clone()),
         Wanted::Version(digest) if crate::cue::is_digest(&digest) && !state.served.contains(&digest) => {
-            let shown: String = digest.chars().take(80).collect();
-            let whose = if pin.is_some() {
-                PIN_ANNOTATION
-            } else {
-                "status.moduleDigest"
-            };
-            let message = format!(
-                "{whose}: module version {shown} was never served by Transform {}; only the versions in its \
-                 status.servedDigests may be used, and the instance keeps its graph",
-                state.transform
-            );
+            let message = never_served(pin.is_some(), &digest, &state.transform);
             return Err(update.render_failed(reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
         }
         Wanted::Version(digest) => match ctx.shared.renderer.find(&digest, &selection.target.platform).await {
             Some(module) => module,
             None => {
-                let shown: String = digest.chars().take(80).collect();
-                let message = if pin.is_some() && !crate::cue::is_digest(&digest) {
-                    format!("{PIN_ANNOTATION}: {shown:?} is not a module digest (sha256: and 64 hex digits)")
-                } else if pin.is_some() {
-                    format!(
-                        "{PIN_ANNOTATION}: module version {shown} is not in the cache; the instance keeps its graph"
-                    )
-                } else {
-                    format!(
-                        "module version {shown} the instance was rendered with is not in the cache; it keeps its \
-                         graph until the rollout reaches it"
-                    )
-                };
+                let message = not_in_cache(pin.is_some(), &digest);
                 return Err(update.render_failed(reasons::MODULE_UNAVAILABLE, message, Action::requeue(RESYNC)));
             }
         },
@@ -762,7 +752,6 @@ async fn publish_graph(
     live: Option<ResourceGraph>,
     predecessor: Option<&ResourceGraph>,
 ) -> Result<ResourceGraph, InstanceStop> {
-    let request = pass.request.as_deref();
     let predecessor = predecessor.and_then(|g| {
         Some(
             Predecessor {
@@ -772,11 +761,31 @@ async fn publish_graph(
             .annotation(),
         )
     });
-    let signed_as_rendered = |g: &ResourceGraph| {
+    let predecessor = predecessor.as_deref();
+    if let Some(live) = live.filter(|g| serves_as_is(obj, ctx, pass, g, hash, predecessor)) {
+        return Ok(live);
+    }
+    let mut rendered = output.clone();
+    rendered.nodes = nodes;
+    let desired = signed_graph(obj, ctx, update, pass, (&rendered, hash), predecessor);
+    write_graph(obj, ctx, update, pass, &desired).await
+}
+
+/// Whether the live graph may be served as it is: no reconcile is requested, it holds this
+/// render, carries Pequod's valid proof for this predecessor and is still owned by the instance.
+fn serves_as_is(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    pass: &Pass,
+    g: &ResourceGraph,
+    hash: &str,
+    predecessor: Option<&str>,
+) -> bool {
+    let signed_as_rendered = || {
         let annotation = |key: &str| g.annotations().get(key).map(String::as_str);
         let claimed = annotation(PREDECESSOR_ANNOTATION);
         let proof = annotation(PROOF_ANNOTATION);
-        claimed == predecessor.as_deref()
+        claimed == predecessor
             && ctx
                 .shared
                 .key
@@ -784,7 +793,7 @@ async fn publish_graph(
                 .is_some_and(|grant| grant == pass.grant())
     };
     // A graph someone cut loose from the instance (no owner reference) is written again.
-    let owned = |g: &ResourceGraph| {
+    let owned = || {
         g.owner_references().iter().any(|o| {
             Some(&o.uid) == obj.uid().as_ref()
                 && o.api_version == ctx.resource.api_version
@@ -792,11 +801,18 @@ async fn publish_graph(
                 && o.name == pass.name
         })
     };
-    if let Some(live) = live.filter(|g| {
-        request.is_none() && g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered(g) && owned(g)
-    }) {
-        return Ok(live);
-    }
+    pass.request.is_none() && g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered() && owned()
+}
+
+/// The graph for this render, with its proof, its predecessor and any reconcile request.
+fn signed_graph(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &StatusUpdate<'_>,
+    pass: &Pass,
+    (rendered, hash): (&crate::cue::RenderOutput, &str),
+    predecessor: Option<&str>,
+) -> ResourceGraph {
     let instance = InstanceRef {
         api_version: ctx.resource.api_version.clone(),
         kind: ctx.resource.kind.clone(),
@@ -804,28 +820,34 @@ async fn publish_graph(
         namespace: pass.namespace.clone(),
         uid: obj.uid(),
     };
-    let mut rendered = output.clone();
-    rendered.nodes = nodes;
-    let mut desired = resource_graph(&instance, &pass.transform.name, hash, &rendered, update.time.clone());
-    let proof = ctx.shared.key.sign(
-        &pass.namespace,
-        &pass.graph,
-        &desired.spec,
-        &pass.grant(),
-        predecessor.as_deref(),
-    );
+    let mut desired = resource_graph(&instance, &pass.transform.name, hash, rendered, update.time.clone());
+    let proof = ctx
+        .shared
+        .key
+        .sign(&pass.namespace, &pass.graph, &desired.spec, &pass.grant(), predecessor);
     let annotations = desired.metadata.annotations.get_or_insert_default();
     annotations.insert(PROOF_ANNOTATION.to_string(), proof);
-    if let Some(p) = &predecessor {
-        annotations.insert(PREDECESSOR_ANNOTATION.to_string(), p.clone());
+    if let Some(p) = predecessor {
+        annotations.insert(PREDECESSOR_ANNOTATION.to_string(), p.to_string());
     }
     // A changed annotation starts a pass of the graph, which applies every node.
-    if let Some(request) = request {
+    if let Some(request) = pass.request.as_deref() {
         annotations.insert(RECONCILE_REQUEST_ANNOTATION.to_string(), request.to_string());
     }
+    desired
+}
+
+/// Applies the graph; a graph the apiserver refuses is said on the instance.
+async fn write_graph(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    pass: &Pass,
+    desired: &ResourceGraph,
+) -> Result<ResourceGraph, InstanceStop> {
     let params = PatchParams::apply(INSTANCE_MANAGER).force();
     match graphs(obj, ctx)
-        .patch(&pass.graph, &params, &Patch::Apply(&desired))
+        .patch(&pass.graph, &params, &Patch::Apply(desired))
         .await
     {
         Ok(rg) => Ok(rg),
@@ -844,6 +866,32 @@ async fn publish_graph(
             Err(InstanceStop::Retry(kube::Error::Api(s).into()))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Why a version the pin or the status names may not be used: its Transform never served it.
+fn never_served(pinned: bool, digest: &str, transform: &TransformKey) -> String {
+    let shown: String = digest.chars().take(80).collect();
+    let whose = if pinned { PIN_ANNOTATION } else { "status.moduleDigest" };
+    format!(
+        "{whose}: module version {shown} was never served by Transform {transform}; only the versions in its \
+         status.servedDigests may be used, and the instance keeps its graph"
+    )
+}
+
+/// Why the version the pin or the status names cannot be rendered: it is not in the cache, or
+/// the pin is no digest at all.
+fn not_in_cache(pinned: bool, digest: &str) -> String {
+    let shown: String = digest.chars().take(80).collect();
+    if pinned && !crate::cue::is_digest(digest) {
+        format!("{PIN_ANNOTATION}: {shown:?} is not a module digest (sha256: and 64 hex digits)")
+    } else if pinned {
+        format!("{PIN_ANNOTATION}: module version {shown} is not in the cache; the instance keeps its graph")
+    } else {
+        format!(
+            "module version {shown} the instance was rendered with is not in the cache; it keeps its \
+             graph until the rollout reaches it"
+        )
     }
 }
 
