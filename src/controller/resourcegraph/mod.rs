@@ -12,7 +12,7 @@ mod waves;
 
 use status::{count_managed, last_status, publish, refuse, write_status};
 use teardown::{cleanup, prune};
-use waves::{authorization, outputs, report_nodes, run_waves};
+use waves::{NodeOutcome, authorization, outputs, report_nodes, run_waves};
 
 use crate::api::condition_types::AUTHORIZED;
 use crate::api::names::{
@@ -411,32 +411,12 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
         .dag_nodes_total
         .with_label_values(&[&metric_name(&graph)])
         .set(rg.spec.graph.nodes.len() as i64);
-
-    let dag = match graph::validate(&rg.spec.graph.nodes).and_then(|dag| {
-        graph::validate_outputs(&rg.spec.outputs, &rg.spec.graph.nodes)?;
-        Ok(dag)
-    }) {
-        Ok(dag) => dag,
-        Err(e) => {
-            return refuse(
-                rg,
-                ctx,
-                &old,
-                status,
-                e.reason(),
-                &e.to_string(),
-                reasons::INVALID_GRAPH,
-            )
-            .await;
+    let (dag, acting) = match admit(rg, ctx, grant.as_ref(), origin).await {
+        Ok(admitted) => admitted,
+        Err((reason, message, event_reason)) => {
+            return refuse(rg, ctx, &old, status, reason, &message, event_reason).await;
         }
     };
-    let acting = match acting(rg, ctx, grant.as_ref()).await {
-        Ok(acting) => acting,
-        Err(refused) => return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await,
-    };
-    if let Some(refused) = confinement(rg, ctx, origin).await {
-        return refuse(rg, ctx, &old, status, refused.reason, &refused.message, refused.reason).await;
-    }
     progress::validated(&mut status, rg.spec.legacy_shape, &time, generation);
 
     let mut outcomes = run_waves(ctx, rg, &graph, (origin, &acting), &dag, &old, &time).await;
@@ -444,40 +424,87 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     set_condition(&mut status.conditions, authorized, &time, generation);
     report_nodes(ctx, rg, &old, &mut outcomes, &time).await;
 
-    // Inventory: what this spec applied (a node that failed this pass keeps the object it
-    // applied before: it is still this graph's), plus pruned objects not yet gone.
-    let current: BTreeSet<InventoryEntry> = outcomes
-        .values()
-        .filter_map(|o| {
-            o.inventory
-                .clone()
-                .or_else(|| old.inventory.iter().find(|e| e.node_id == o.id).cloned())
-        })
-        .collect();
+    let current = current_inventory(&outcomes, &old);
     let (pruning, prune_waiting) = prune(rg, ctx, &graph, &acting, &old.inventory, &current).await;
     status.inventory = current.iter().cloned().chain(pruning).collect();
     count_managed(ctx, &graph.uid, status.inventory.iter().cloned().collect());
     status.node_states = outcomes.iter().map(|(id, o)| (id.clone(), o.state.clone())).collect();
     status.outputs = outputs(&rg.spec.outputs, &outcomes, &old.outputs);
-
-    let total = rg.spec.graph.nodes.len();
-    let conclusion = progress::conclude(&old, &mut status, total, &prune_waiting, &time, generation);
-    if let Some((result, seconds)) = conclusion.finished {
-        ctx.metrics
-            .dag_execution_duration_seconds
-            .with_label_values(&[&metric_name(&graph), result])
-            .observe(seconds);
-    }
-    if conclusion.became_ready {
-        let note = format!("all {total} nodes are ready");
-        publish(ctx, rg, EventType::Normal, reasons::READY, &note).await;
-    }
+    conclude(
+        ctx,
+        rg,
+        &graph,
+        (&old, &mut status),
+        &prune_waiting,
+        (&time, generation),
+    )
+    .await;
     write_status(rg, ctx, &old, status).await?;
 
     let transient = outcomes.values().any(|o| o.transient);
     let deadline = outcomes.values().filter_map(|o| o.requeue).min();
     let next = progress::next_check(super::harness::RETRY, transient, !prune_waiting.is_empty(), deadline);
     Ok(Action::requeue(next))
+}
+
+/// The graph's order and who it acts as, or why it applies nothing: an invalid graph, a
+/// withdrawn grant, a node that reaches too far. The refusal is (reason, message, event reason).
+async fn admit(
+    rg: &ResourceGraph,
+    ctx: &Context,
+    grant: Option<&Grant>,
+    origin: Origin,
+) -> Result<(Dag, Acting), (&'static str, String, &'static str)> {
+    let dag = graph::validate(&rg.spec.graph.nodes)
+        .and_then(|dag| {
+            graph::validate_outputs(&rg.spec.outputs, &rg.spec.graph.nodes)?;
+            Ok(dag)
+        })
+        .map_err(|e| (e.reason(), e.to_string(), reasons::INVALID_GRAPH))?;
+    let acting = acting(rg, ctx, grant)
+        .await
+        .map_err(|refused| (refused.reason, refused.message, refused.reason))?;
+    if let Some(refused) = confinement(rg, ctx, origin).await {
+        return Err((refused.reason, refused.message, refused.reason));
+    }
+    Ok((dag, acting))
+}
+
+/// Inventory: what this spec applied (a node that failed this pass keeps the object it
+/// applied before: it is still this graph's).
+fn current_inventory(outcomes: &BTreeMap<String, NodeOutcome>, old: &ResourceGraphStatus) -> BTreeSet<InventoryEntry> {
+    outcomes
+        .values()
+        .filter_map(|o| {
+            o.inventory
+                .clone()
+                .or_else(|| old.inventory.iter().find(|e| e.node_id == o.id).cloned())
+        })
+        .collect()
+}
+
+/// Concludes the pass in the status; a finished execution is measured, and a graph that
+/// became ready says so.
+async fn conclude(
+    ctx: &Context,
+    rg: &ResourceGraph,
+    graph: &GraphIdentity,
+    (old, status): (&ResourceGraphStatus, &mut ResourceGraphStatus),
+    prune_waiting: &[InventoryEntry],
+    (time, generation): (&Time, Option<i64>),
+) {
+    let total = rg.spec.graph.nodes.len();
+    let conclusion = progress::conclude(old, status, total, prune_waiting, time, generation);
+    if let Some((result, seconds)) = conclusion.finished {
+        ctx.metrics
+            .dag_execution_duration_seconds
+            .with_label_values(&[&metric_name(graph), result])
+            .observe(seconds);
+    }
+    if conclusion.became_ready {
+        let note = format!("all {total} nodes are ready");
+        publish(ctx, rg, EventType::Normal, reasons::READY, &note).await;
+    }
 }
 
 /// The first node the graph may not apply, among those whose kind discovery knows (the others

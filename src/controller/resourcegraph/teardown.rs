@@ -30,28 +30,7 @@ pub(super) async fn teardown(
     (graph, acting): (&GraphIdentity, &Acting),
     entries: &[InventoryEntry],
 ) -> (Vec<InventoryEntry>, Vec<String>) {
-    let mut present: Vec<(InventoryEntry, Resolved, DynamicObject)> = Vec::new();
-    let mut unknown: Vec<InventoryEntry> = Vec::new();
-    let mut failures: Vec<String> = Vec::new();
-    // An entry outside the graph's namespace is neither read nor deleted (its existence would
-    // be told).
-    let (entries, foreign) = ownership::within(entries, &graph.namespace);
-    for entry in foreign {
-        tracing::warn!(kind = %entry.kind, name = %entry.name, "an inventory entry outside the graph's namespace is ignored");
-    }
-    for entry in entries {
-        match existing(ctx, acting, entry).await {
-            Ok(Some((resolved, object))) => present.push((entry.clone(), resolved, object)),
-            Ok(None) => {}
-            // A kind the apiserver says it no longer serves has no objects left.
-            Err(ApplyError::UnknownKind { .. }) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, kind = %entry.kind, name = %entry.name, "looking up object to delete failed");
-                failures.push(format!("{} {}: {e}", entry.kind, entry.name));
-                unknown.push(entry.clone());
-            }
-        }
-    }
+    let (present, unknown, failures) = look_up(ctx, graph, acting, entries).await;
     let mut to_delete = Vec::new();
     let mut remaining = unknown;
     for (entry, resolved, object) in present {
@@ -85,6 +64,41 @@ pub(super) async fn teardown(
         remaining.push(entry);
     }
     (remaining, failures)
+}
+
+/// An entry's object found, with its kind.
+type Present = (InventoryEntry, Resolved, DynamicObject);
+
+/// Looks up the entries' objects: those present, the entries whose lookup failed, and why.
+async fn look_up(
+    ctx: &Context,
+    graph: &GraphIdentity,
+    acting: &Acting,
+    entries: &[InventoryEntry],
+) -> (Vec<Present>, Vec<InventoryEntry>, Vec<String>) {
+    let mut present: Vec<Present> = Vec::new();
+    let mut unknown: Vec<InventoryEntry> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    // An entry outside the graph's namespace is neither read nor deleted (its existence would
+    // be told).
+    let (entries, foreign) = ownership::within(entries, &graph.namespace);
+    for entry in foreign {
+        tracing::warn!(kind = %entry.kind, name = %entry.name, "an inventory entry outside the graph's namespace is ignored");
+    }
+    for entry in entries {
+        match existing(ctx, acting, entry).await {
+            Ok(Some((resolved, object))) => present.push((entry.clone(), resolved, object)),
+            Ok(None) => {}
+            // A kind the apiserver says it no longer serves has no objects left.
+            Err(ApplyError::UnknownKind { .. }) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, kind = %entry.kind, name = %entry.name, "looking up object to delete failed");
+                failures.push(format!("{} {}: {e}", entry.kind, entry.name));
+                unknown.push(entry.clone());
+            }
+        }
+    }
+    (present, unknown, failures)
 }
 
 /// Removes objects of nodes no longer in the spec (or whose object changed identity).

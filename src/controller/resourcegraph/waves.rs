@@ -55,67 +55,98 @@ pub(super) async fn run_waves(
     let mut outcomes: BTreeMap<String, NodeOutcome> = BTreeMap::new();
     let mut states: BTreeMap<String, NodeState> = BTreeMap::new();
     for (wave, ids) in dag.waves.iter().enumerate() {
-        let mut eligible = Vec::new();
-        for id in ids {
-            let waiting: Vec<&str> = dag.dependencies[id]
-                .iter()
-                .filter(|d| !states.get(*d).is_some_and(progress::is_ready))
-                .map(String::as_str)
-                .collect();
-            let applied_before = old.inventory.iter().any(|e| &e.node_id == id);
-            if progress::may_process(&waiting, applied_before) {
-                eligible.push(id.clone());
-                continue;
-            }
-            let message = progress::waiting_message(&waiting, &states);
-            let state = progress::transition(old.node_states.get(id), NodePhase::Pending, Some(message), None, time);
-            states.insert(id.clone(), state.clone());
-            outcomes.insert(
-                id.clone(),
-                NodeOutcome {
-                    id: id.clone(),
-                    state,
-                    inventory: old.inventory.iter().find(|e| &e.node_id == id).cloned(),
-                    requeue: None,
-                    transient: false,
-                    failure: None,
-                    event: None,
-                    live: None,
-                },
-            );
-        }
+        let eligible = hold_waiting(ids, dag, (old, time), &mut states, &mut outcomes);
         let lives: BTreeMap<&str, &Value> = outcomes
             .iter()
             .filter_map(|(id, o)| o.live.as_ref().map(|l| (id.as_str(), l)))
             .collect();
-        let results: Vec<NodeOutcome> = futures::stream::iter(eligible)
-            .map(|id| {
-                let node = nodes[id.as_str()];
-                let previous = old.node_states.get(&id);
-                // References to earlier nodes' live fields are filled in now.
-                let resolved = reference::resolve(&node.object, &|n: &str| lives.get(n).copied());
-                async move {
-                    match resolved {
-                        Ok(object) if object == node.object => {
-                            process_node(ctx, graph, (origin, acting), node, wave as u32, previous, time).await
-                        }
-                        Ok(object) => {
-                            let node = Node { object, ..node.clone() };
-                            process_node(ctx, graph, (origin, acting), &node, wave as u32, previous, time).await
-                        }
-                        Err(missing) => waiting_for_field(node, previous, time, &missing),
-                    }
-                }
-            })
-            .buffer_unordered(ctx.apply_concurrency)
-            .collect()
-            .await;
+        let results = process_wave(
+            (ctx, graph, (origin, acting)),
+            (&nodes, &lives),
+            (wave as u32, eligible),
+            old,
+            time,
+        )
+        .await;
         for outcome in results {
             states.insert(outcome.id.clone(), outcome.state.clone());
             outcomes.insert(outcome.id.clone(), outcome);
         }
     }
     outcomes
+}
+
+/// The nodes of one wave that may be processed; each of the others waits, its outcome saying
+/// on what.
+fn hold_waiting(
+    ids: &[String],
+    dag: &Dag,
+    (old, time): (&ResourceGraphStatus, &Time),
+    states: &mut BTreeMap<String, NodeState>,
+    outcomes: &mut BTreeMap<String, NodeOutcome>,
+) -> Vec<String> {
+    let mut eligible = Vec::new();
+    for id in ids {
+        let waiting: Vec<&str> = dag.dependencies[id]
+            .iter()
+            .filter(|d| !states.get(*d).is_some_and(progress::is_ready))
+            .map(String::as_str)
+            .collect();
+        let applied_before = old.inventory.iter().any(|e| &e.node_id == id);
+        if progress::may_process(&waiting, applied_before) {
+            eligible.push(id.clone());
+            continue;
+        }
+        let message = progress::waiting_message(&waiting, states);
+        let state = progress::transition(old.node_states.get(id), NodePhase::Pending, Some(message), None, time);
+        states.insert(id.clone(), state.clone());
+        outcomes.insert(
+            id.clone(),
+            NodeOutcome {
+                id: id.clone(),
+                state,
+                inventory: old.inventory.iter().find(|e| &e.node_id == id).cloned(),
+                requeue: None,
+                transient: false,
+                failure: None,
+                event: None,
+                live: None,
+            },
+        );
+    }
+    eligible
+}
+
+/// Processes the eligible nodes of one wave at the same time, up to the concurrency limit.
+async fn process_wave(
+    (ctx, graph, (origin, acting)): (&Context, &GraphIdentity, (Origin, &Acting)),
+    (nodes, lives): (&BTreeMap<&str, &Node>, &BTreeMap<&str, &Value>),
+    (wave, eligible): (u32, Vec<String>),
+    old: &ResourceGraphStatus,
+    time: &Time,
+) -> Vec<NodeOutcome> {
+    futures::stream::iter(eligible)
+        .map(|id| {
+            let node = nodes[id.as_str()];
+            let previous = old.node_states.get(&id);
+            // References to earlier nodes' live fields are filled in now.
+            let resolved = reference::resolve(&node.object, &|n: &str| lives.get(n).copied());
+            async move {
+                match resolved {
+                    Ok(object) if object == node.object => {
+                        process_node(ctx, graph, (origin, acting), node, wave, previous, time).await
+                    }
+                    Ok(object) => {
+                        let node = Node { object, ..node.clone() };
+                        process_node(ctx, graph, (origin, acting), &node, wave, previous, time).await
+                    }
+                    Err(missing) => waiting_for_field(node, previous, time, &missing),
+                }
+            }
+        })
+        .buffer_unordered(ctx.apply_concurrency)
+        .collect()
+        .await
 }
 
 /// Publishes the pass's node events and times the nodes that finished.
@@ -203,6 +234,15 @@ impl Failure {
         }
     }
 
+    /// The object the planner saw is gone by the time of the write.
+    fn vanished() -> Self {
+        Self {
+            message: "the object vanished".into(),
+            transient: true,
+            reason: reasons::APPLY_FAILED,
+        }
+    }
+
     fn refused(refusal: Refusal, transient: bool) -> Self {
         Self {
             message: refusal.message,
@@ -210,6 +250,13 @@ impl Failure {
             reason: refusal.reason,
         }
     }
+}
+
+/// Whether `live` is the very object this process last applied for the node, from the same
+/// desired object.
+fn applied_unchanged(ctx: &Context, memory_key: &(String, String), desired_hash: &str, live: &DynamicObject) -> bool {
+    ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(memory_key)
+        == Some(&(desired_hash.to_string(), live.resource_version().unwrap_or_default()))
 }
 
 /// One node's pass: resolve its kind, check that the graph may reach it, look at the object,
@@ -237,24 +284,16 @@ pub(super) async fn process_node(
     };
     let desired_hash = hash(&desired);
     let memory_key = (graph.uid.clone(), node.id.clone());
-    let unchanged_since_apply = live.as_ref().is_some_and(|l| {
-        ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&memory_key)
-            == Some(&(desired_hash.clone(), l.resource_version().unwrap_or_default()))
-    });
+    let unchanged_since_apply = live
+        .as_ref()
+        .is_some_and(|l| applied_unchanged(ctx, &memory_key, &desired_hash, l));
     let live_value = live.as_ref().map(|l| typed(l, node));
     let plan = write::decide_write(node, desired, live_value.as_ref(), graph, unchanged_since_apply);
     let (object, applied_at) = match (plan.write, live) {
         // Retried: the object may go away, or be adopted by a changed node.
         (Write::Refuse(refused), _) => return failed(node, previous, time, Failure::refused(refused, true)),
         (Write::Nothing, Some(live)) => (live, previous.and_then(|p| p.applied_at.clone())),
-        (Write::Nothing, None) => {
-            let vanished = Failure {
-                message: "the object vanished".into(),
-                transient: true,
-                reason: reasons::APPLY_FAILED,
-            };
-            return failed(node, previous, time, vanished);
-        }
+        (Write::Nothing, None) => return failed(node, previous, time, Failure::vanished()),
         (write, live) => match write_node(acting, graph, node, &resolved, &plan.desired, write, live).await {
             Ok(Applied { object, wrote: true }) => {
                 let rv = object.resource_version().unwrap_or_default();
