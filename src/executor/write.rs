@@ -132,13 +132,7 @@ pub fn decide_write(
         };
     };
     let managers = managers(live);
-    let others: Vec<String> = managers
-        .iter()
-        .filter(|(m, _)| *m != manager)
-        .map(|(m, _)| m.clone())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let others = others_than(&managers, &manager);
     if let Some(refused) = ownership::refusal(node.apply_policy.mode, live, graph, &others) {
         return NodeWrite {
             write: Write::Refuse(refused),
@@ -223,6 +217,17 @@ pub fn taking_over(desired: &Value, graph_uid: &str) -> Value {
         }
     }
     first
+}
+
+/// The field managers other than `manager`, each once, sorted.
+fn others_than(managers: &[(String, String)], manager: &str) -> Vec<String> {
+    managers
+        .iter()
+        .filter(|(m, _)| m != manager)
+        .map(|(m, _)| m.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// (manager, operation) of every managed-fields entry of `live`.

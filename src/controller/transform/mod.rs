@@ -186,23 +186,29 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
             )
             .default_backoff()
             .touched_objects(),
-            move |cm| {
-                let namespace = cm.namespace().unwrap_or_default();
-                let name = cm.name_any();
-                transforms
-                    .state()
-                    .into_iter()
-                    .filter(|t| {
-                        t.spec.cue_ref.type_ == CueRefType::Configmap
-                            && t.spec.cue_ref.ref_ == name
-                            && t.namespace().as_deref() == Some(namespace.as_str())
-                    })
-                    .map(|t| ObjectRef::from_obj(&*t))
-                    .collect::<Vec<_>>()
-            },
+            move |cm| transforms_using(&transforms, &cm),
         )
         .graceful_shutdown_on(shutdown.clone().wait_owned());
     super::harness::run_controller(controller, reconcile, ctx, "transform-controller", health, shutdown).await;
+}
+
+/// The Transforms whose module is the ConfigMap `cm`.
+fn transforms_using(
+    transforms: &reflector::Store<Transform>,
+    cm: &PartialObjectMeta<ConfigMap>,
+) -> Vec<ObjectRef<Transform>> {
+    let namespace = cm.namespace().unwrap_or_default();
+    let name = cm.name_any();
+    transforms
+        .state()
+        .into_iter()
+        .filter(|t| {
+            t.spec.cue_ref.type_ == CueRefType::Configmap
+                && t.spec.cue_ref.ref_ == name
+                && t.namespace().as_deref() == Some(namespace.as_str())
+        })
+        .map(|t| ObjectRef::from_obj(&*t))
+        .collect()
 }
 
 /// What a reconcile of a Transform acts on besides its status: its spec (the generation), its
@@ -475,25 +481,7 @@ async fn fetch_module(
         .inc();
     let fetched = match fetched {
         Ok(f) => f,
-        Err(e) => {
-            let failures = ctx.backoff.fetch_failed(&t.metadata);
-            let mut message = e.to_string();
-            if ctx.supervisor.serves(&key(t)).await
-                && let Some(digest) = update.old.resolved_cue_ref.as_ref().map(|r| r.digest.clone())
-            {
-                message.push_str(&format!(
-                    "; existing instances keep being served with the last good module {digest}"
-                ));
-            }
-            let then = Action::requeue(breaker::retry_delay(failures));
-            return Err(TransformStop::failed(
-                CUE_FETCHED,
-                e.reason(),
-                message,
-                reasons::CUE_FETCH_FAILED,
-                then,
-            ));
-        }
+        Err(e) => return Err(fetch_failed(t, ctx, update, &e).await),
     };
     let retry = match &fetched.stale {
         Some(why) => {
@@ -509,6 +497,27 @@ async fn fetch_module(
         }
     };
     Ok((fetched, retry))
+}
+
+/// A failed fetch: retried with backoff; a Transform still served says its instances keep
+/// the last good module.
+async fn fetch_failed(
+    t: &Transform,
+    ctx: &Context,
+    update: &StatusUpdate<'_>,
+    e: &crate::source::SourceError,
+) -> TransformStop {
+    let failures = ctx.backoff.fetch_failed(&t.metadata);
+    let mut message = e.to_string();
+    if ctx.supervisor.serves(&key(t)).await
+        && let Some(digest) = update.old.resolved_cue_ref.as_ref().map(|r| r.digest.clone())
+    {
+        message.push_str(&format!(
+            "; existing instances keep being served with the last good module {digest}"
+        ));
+    }
+    let then = Action::requeue(breaker::retry_delay(failures));
+    TransformStop::failed(CUE_FETCHED, e.reason(), message, reasons::CUE_FETCH_FAILED, then)
 }
 
 /// Loads the module and converts its `#Input` into a schema.
