@@ -600,6 +600,9 @@ async fn a_status_only_change_does_not_run_the_transform_pipeline_again() {
         )
         .await
         .unwrap();
+    // A dropped event leaves nothing to observe, and a later change cannot stand in for one:
+    // the controller merges requests queued for the same object. A reconcile the patch
+    // triggered would start within milliseconds; twice the quiet period is the measure.
     tokio::time::sleep(2 * quiet).await;
     assert_eq!(
         transform_reconciles(&env.client, &env.namespace, "web").await,
