@@ -36,6 +36,10 @@ lint: ## rustfmt check and clippy with warnings as errors.
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
+.PHONY: test-unit
+test-unit: ## Pure tests, in seconds: the library's unit tests and the static checks (no cluster, no tools).
+	$(CARGO) test --locked --lib --test manifests --test versions --test conformance
+
 .PHONY: test
 test: tools control-plane ## Unit and end-to-end tests against a local control plane.
 	$(CARGO) test --locked --workspace

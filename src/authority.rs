@@ -8,8 +8,8 @@
 
 use crate::api::{RbacScope, Transform, TransformSpec};
 use crate::apply::ServiceAccount;
-use crate::executor::plan::GUARDED_GROUPS;
 use crate::executor::proof::{Allowance, Grant, Origin};
+use crate::executor::write::GUARDED_GROUPS;
 use kube::ResourceExt;
 
 /// The namespaces whose Transforms are trusted; `*` trusts every namespace.

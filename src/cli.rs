@@ -1,10 +1,15 @@
-//! Command line: run mode (the operator) and the offline subcommands.
+//! Command line: run mode (the operator) and the offline subcommands, and [`Cli::run`], the
+//! program `main` starts.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::commands::{self, CommandError};
+
+use crate::runtime::server::BindAddress;
+use crate::runtime::telemetry::{LogEncoder, LogLevel};
 
 /// Pequod turns CUE modules into self-service Kubernetes APIs.
 ///
@@ -133,7 +138,7 @@ pub struct CueArgs {
     /// Most memory one cue process may allocate, in MiB (its data segment, `RLIMIT_DATA`):
     /// an input whose evaluation needs more fails alone, with reason `CueMemoryLimit`. Keep
     /// `--cue-max-processes` times this, plus about 128 MiB, under the container's limit.
-    #[arg(long, env = "PEQUOD_CUE_MEMORY_LIMIT_MB", default_value_t = crate::cue::cli::DEFAULT_MEMORY_LIMIT_MIB, value_parser = clap::value_parser!(u64).range(64..=65_536))]
+    #[arg(long, env = "PEQUOD_CUE_MEMORY_LIMIT_MB", default_value_t = crate::cue::process::DEFAULT_MEMORY_LIMIT_MIB, value_parser = clap::value_parser!(u64).range(64..=65_536))]
     pub cue_memory_limit_mb: u64,
 
     /// Folder for loaded modules and cue's scratch files.
@@ -276,69 +281,6 @@ pub struct RunArgs {
     pub apply_concurrency: u16,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warn,
-    Error,
-}
-
-impl LogLevel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Debug => "debug",
-            Self::Info => "info",
-            Self::Warn => "warn",
-            Self::Error => "error",
-        }
-    }
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogEncoder {
-    Json,
-    Console,
-}
-
-/// A listen address in the form Go operators use: `:8443` means every interface, IPv6 and
-/// IPv4; `0` disables the listener.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BindAddress {
-    Disabled,
-    /// `:PORT`: every interface of both address families (see [`crate::runtime::server::listen`]).
-    AllInterfaces(u16),
-    /// `host:port` as given.
-    Exact(SocketAddr),
-}
-
-impl FromStr for BindAddress {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        if s == "0" {
-            return Ok(Self::Disabled);
-        }
-        let invalid =
-            |e: &dyn std::fmt::Display| format!("invalid bind address {s:?} (want host:port, :port or 0): {e}");
-        match s.strip_prefix(':') {
-            Some(port) => port.parse::<u16>().map(Self::AllInterfaces).map_err(|e| invalid(&e)),
-            None => s.parse::<SocketAddr>().map(Self::Exact).map_err(|e| invalid(&e)),
-        }
-    }
-}
-
-impl std::fmt::Display for BindAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Disabled => f.write_str("0"),
-            Self::AllInterfaces(port) => write!(f, ":{port}"),
-            Self::Exact(addr) => write!(f, "{addr}"),
-        }
-    }
-}
-
 impl CueArgs {
     /// The cue runner these flags describe.
     pub fn runner(&self) -> crate::cue::CueCli {
@@ -365,6 +307,90 @@ fn service_account_name(value: &str) -> Result<String, String> {
         Ok(value.to_string())
     } else {
         Err(format!("{value:?} is not a service account name (a DNS subdomain)"))
+    }
+}
+
+/// Stack of each runtime thread. Reconcile futures are large (unoptimized builds copy them
+/// through several frames); tokio's 2 MiB default left little headroom.
+const THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
+
+impl Cli {
+    /// The program: parses the command line and runs the subcommand, or the operator.
+    pub fn run() -> ExitCode {
+        let cli = Self::parse();
+        match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_stack_size(THREAD_STACK_BYTES)
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(cli.execute()),
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn execute(self) -> ExitCode {
+        let Some(command) = self.command else {
+            return run_operator(self.run).await;
+        };
+        match command.execute().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(CommandError { message, code }) => {
+                eprintln!("error: {message}");
+                ExitCode::from(code)
+            }
+        }
+    }
+}
+
+impl Command {
+    async fn execute(self) -> Result<(), CommandError> {
+        match self {
+            Self::Crd { output_dir } => commands::crd(output_dir.as_deref()),
+            Self::Render {
+                module,
+                input,
+                output,
+                cue,
+            } => commands::render(&module, &input, output, &cue).await,
+            Self::Schema {
+                module,
+                name,
+                group,
+                version,
+                output,
+                cue,
+            } => commands::schema(&module, name.as_deref(), &group, &version, output, &cue).await,
+            Self::Rbac {
+                transform,
+                service_account,
+                service_account_namespace,
+            } => commands::rbac(&transform, service_account, service_account_namespace).await,
+            Self::Plan {
+                transform,
+                module,
+                output,
+                cue,
+            } => commands::plan(&transform, &module, output, &cue).await,
+            Self::Publish {
+                module,
+                reference,
+                insecure,
+            } => commands::publish(&module, &reference, insecure).await,
+        }
+    }
+}
+
+async fn run_operator(args: RunArgs) -> ExitCode {
+    crate::runtime::telemetry::init(args.zap_log_level, args.zap_encoder);
+    match crate::operator::run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "pequod stopped");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use crate::cli::{CueArgs, OutputFormat};
 use crate::crd::{CrdParams, build_crd, kind_names};
 use crate::cue::{ModuleFiles, Renderer, RendererConfig, input_hash, render_input};
 use crate::instance_graph::{InstanceRef, render_hash, resource_graph};
-use crate::runtime::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// A command's failure: the message for stderr and the exit code.
 #[derive(Debug)]
@@ -85,7 +85,7 @@ async fn read_transform(transform: &str) -> Result<(kube::Client, crate::api::Tr
 /// Secret's Role) that a restricted manager needs for the Transform.
 pub async fn rbac(transform: &str, service_account: String, namespace: String) -> Result<(), CommandError> {
     use crate::rbac::{self, Generated, ManagerIdentity, ServedKind, TransformIdentity};
-    use kube::{Api, Resource, ResourceExt};
+    use kube::{Resource, ResourceExt};
 
     let (client, t) = read_transform(transform).await?;
     let (namespace_of_t, name_of_t) = (t.namespace().unwrap_or_default(), t.name_any());
@@ -106,25 +106,7 @@ pub async fn rbac(transform: &str, service_account: String, namespace: String) -
         documents.push(to_value(serde_json::to_value(role))?);
         documents.push(to_value(serde_json::to_value(binding))?);
     }
-    // The kind is the newest CRD the Transform generated (while a kind is renamed, the new one).
-    let crds =
-        Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(
-            client,
-        )
-        .list(&kube::api::ListParams::default().labels(&format!(
-            "{}={},{}={}",
-            crate::api::names::TRANSFORM_LABEL,
-            crate::naming::label_value(name),
-            crate::api::names::TRANSFORM_NAMESPACE_LABEL,
-            crate::naming::label_value(ns)
-        )))
-        .await
-        .map_err(|e| CommandError::new(format!("listing the CRDs of Transform {transform}: {e}")))?;
-    let newest = crds
-        .items
-        .into_iter()
-        .max_by(|a, b| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp));
-    match newest {
+    match newest_crd(client, (ns, name), transform).await? {
         Some(crd) => {
             let served = ServedKind {
                 group: &crd.spec.group,
@@ -158,6 +140,33 @@ pub async fn rbac(transform: &str, service_account: String, namespace: String) -
     Ok(())
 }
 
+/// The kind a Transform serves: the newest CRD it generated (while a kind is renamed, the new
+/// one).
+async fn newest_crd(
+    client: kube::Client,
+    (ns, name): (&str, &str),
+    transform: &str,
+) -> Result<
+    Option<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
+    CommandError,
+> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds = kube::Api::<CustomResourceDefinition>::all(client)
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "{}={},{}={}",
+            crate::api::names::TRANSFORM_LABEL,
+            crate::naming::label_value(name),
+            crate::api::names::TRANSFORM_NAMESPACE_LABEL,
+            crate::naming::label_value(ns)
+        )))
+        .await
+        .map_err(|e| CommandError::new(format!("listing the CRDs of Transform {transform}: {e}")))?;
+    Ok(crds
+        .items
+        .into_iter()
+        .max_by(|a, b| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp)))
+}
+
 /// What a candidate module does to the kind itself.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -179,7 +188,7 @@ struct Plan {
     instances: Vec<InstancePlan>,
 }
 
-use crate::plan::InstancePlan;
+use crate::rollout::plan::InstancePlan;
 
 /// `pequod plan --transform NS/NAME --module M`: renders every instance of the Transform's kind
 /// with the candidate module and compares the result with the graph each has.
@@ -190,36 +199,13 @@ pub async fn plan(
     cue: &CueArgs,
 ) -> Result<(), CommandError> {
     use crate::api::RbacScope;
-    use kube::api::{ApiResource, DynamicObject, ListParams};
-    use kube::{Api, ResourceExt};
+    use kube::ResourceExt;
 
     let (client, t) = read_transform(transform).await?;
     let ns = t.namespace().unwrap_or_default();
     let ns = ns.as_str();
-    let crd = t
-        .status
-        .as_ref()
-        .and_then(|s| s.generated_crd.clone())
-        .ok_or_else(|| CommandError::new(format!("Transform {transform} serves no kind yet")))?;
-    let (group, version) = crd
-        .api_version
-        .split_once('/')
-        .unwrap_or(("", crd.api_version.as_str()));
-    let resource = ApiResource {
-        group: group.to_string(),
-        version: version.to_string(),
-        api_version: crd.api_version.clone(),
-        kind: crd.kind.clone(),
-        plural: crd.plural.clone(),
-    };
-    let instances: Api<DynamicObject> = match t.spec.rbac_scope {
-        RbacScope::Namespace => Api::namespaced_with(client.clone(), ns, &resource),
-        RbacScope::Cluster => Api::all_with(client.clone(), &resource),
-    };
-    let listed = instances
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| CommandError::new(format!("listing {}: {e}", crd.kind)))?;
+    let (crd, resource) = served_kind(&t, transform)?;
+    let instances = list_instances(&client, &t, &resource).await?;
 
     let (files, platform) = load_module_files(module)?;
     let renderer = renderer(cue)?;
@@ -227,15 +213,14 @@ pub async fn plan(
     let schema = schema_plan(&client, &t, &crd.name, &renderer, &candidate).await?;
     let metrics = Arc::new(Metrics::new().map_err(CommandError::new)?);
     let applier = crate::apply::Applier::new(client.clone(), metrics);
-    let tools = crate::controller::rollout::Tools {
+    let tools = crate::controller::fleet_plan::Tools {
         client: &client,
         renderer: &renderer,
         applier: &applier,
         watches: None,
     };
-    let instances: Vec<Arc<DynamicObject>> = listed.items.into_iter().map(Arc::new).collect();
     let scope = (t.spec.rbac_scope == RbacScope::Namespace).then_some(ns);
-    let plans = crate::controller::rollout::plan_instances(
+    let plans = crate::controller::fleet_plan::plan_instances(
         &tools,
         &resource,
         scope,
@@ -251,7 +236,7 @@ pub async fn plan(
     let plan = Plan {
         module: candidate.digest.clone(),
         schema,
-        summary: crate::plan::summarize(&candidate.digest, &plans, &protected),
+        summary: crate::rollout::plan::summarize(&candidate.digest, &plans, &protected),
         instances: plans,
     };
     match format {
@@ -261,6 +246,51 @@ pub async fn plan(
         crate::cli::PlanFormat::Table => print_plan(&plan),
     }
     Ok(())
+}
+
+/// The kind a Transform serves, as its status records it.
+fn served_kind(
+    t: &crate::api::Transform,
+    transform: &str,
+) -> Result<(crate::api::GeneratedCrd, kube::api::ApiResource), CommandError> {
+    let crd = t
+        .status
+        .as_ref()
+        .and_then(|s| s.generated_crd.clone())
+        .ok_or_else(|| CommandError::new(format!("Transform {transform} serves no kind yet")))?;
+    let (group, version) = crd
+        .api_version
+        .split_once('/')
+        .unwrap_or(("", crd.api_version.as_str()));
+    let resource = kube::api::ApiResource {
+        group: group.to_string(),
+        version: version.to_string(),
+        api_version: crd.api_version.clone(),
+        kind: crd.kind.clone(),
+        plural: crd.plural.clone(),
+    };
+    Ok((crd, resource))
+}
+
+/// Every instance of the Transform's kind, where its RBAC scope lets them be.
+async fn list_instances(
+    client: &kube::Client,
+    t: &crate::api::Transform,
+    resource: &kube::api::ApiResource,
+) -> Result<Vec<Arc<kube::api::DynamicObject>>, CommandError> {
+    use crate::api::RbacScope;
+    use kube::ResourceExt;
+    use kube::api::{Api, DynamicObject, ListParams};
+    let ns = t.namespace().unwrap_or_default();
+    let instances: Api<DynamicObject> = match t.spec.rbac_scope {
+        RbacScope::Namespace => Api::namespaced_with(client.clone(), &ns, resource),
+        RbacScope::Cluster => Api::all_with(client.clone(), resource),
+    };
+    let listed = instances
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| CommandError::new(format!("listing {}: {e}", resource.kind)))?;
+    Ok(listed.items.into_iter().map(Arc::new).collect())
 }
 
 /// The candidate module's CRD against the live one.
@@ -294,7 +324,7 @@ async fn schema_plan(
     Ok(match live {
         Some(live) => SchemaPlan {
             // As the Transform decides whether to write it: the live CRD holds the desired one.
-            changed: !crate::apply::contains(
+            changed: !crate::executor::object::contains(
                 &serde_json::to_value(&live).map_err(CommandError::new)?,
                 &serde_json::to_value(&desired).map_err(CommandError::new)?,
             ),
@@ -308,7 +338,7 @@ async fn schema_plan(
 }
 
 fn print_plan(plan: &Plan) {
-    use crate::plan::Change;
+    use crate::rollout::plan::Change;
     let plans = &plan.instances;
     println!("module {}: {} instance(s)", plan.module, plans.len());
     match (plan.schema.changed, plan.schema.breaking.is_empty()) {
@@ -408,9 +438,8 @@ fn print(value: &impl serde::Serialize, format: OutputFormat) -> Result<(), Comm
     Ok(())
 }
 
-/// Prints the ResourceGraph `module` renders for the instance in `input`.
-pub async fn render(module: &str, input: &Path, format: OutputFormat, cue: &CueArgs) -> Result<(), CommandError> {
-    let (files, platform) = load_module_files(module)?;
+/// The instance in the YAML file `input`, and its metadata (a name is required).
+fn read_instance(input: &Path) -> Result<(Value, ObjectMeta), CommandError> {
     let text =
         std::fs::read_to_string(input).map_err(|e| CommandError::new(format!("reading {}: {e}", input.display())))?;
     let instance: Value =
@@ -423,6 +452,13 @@ pub async fn render(module: &str, input: &Path, format: OutputFormat, cue: &CueA
             input.display()
         )));
     }
+    Ok((instance, meta))
+}
+
+/// Prints the ResourceGraph `module` renders for the instance in `input`.
+pub async fn render(module: &str, input: &Path, format: OutputFormat, cue: &CueArgs) -> Result<(), CommandError> {
+    let (files, platform) = load_module_files(module)?;
+    let (instance, meta) = read_instance(input)?;
     let spec = instance
         .get("spec")
         .cloned()

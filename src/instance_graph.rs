@@ -60,15 +60,9 @@ pub fn render_hash(module_digest: &str, input_hash: &str) -> String {
     format!("sha256:{}", hex::encode(digest))
 }
 
-/// The ResourceGraph an instance renders to, owned by the instance when its uid is known.
-pub fn resource_graph(
-    instance: &InstanceRef,
-    transform: &str,
-    render_hash: &str,
-    output: &RenderOutput,
-    rendered_at: Time,
-) -> ResourceGraph {
-    let labels = BTreeMap::from([
+/// The labels that find an instance's graph: by Transform, and by the instance's name and kind.
+fn graph_labels(instance: &InstanceRef, transform: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
         (TRANSFORM_LABEL.to_string(), label_value(transform)),
         (INSTANCE_LABEL.to_string(), label_value(&instance.name)),
@@ -77,7 +71,18 @@ pub fn resource_graph(
             INSTANCE_GROUP_LABEL.to_string(),
             label_value(group_of(&instance.api_version)),
         ),
-    ]);
+    ])
+}
+
+/// The ResourceGraph an instance renders to, owned by the instance when its uid is known.
+pub fn resource_graph(
+    instance: &InstanceRef,
+    transform: &str,
+    render_hash: &str,
+    output: &RenderOutput,
+    rendered_at: Time,
+) -> ResourceGraph {
+    let labels = graph_labels(instance, transform);
     let owner = instance.uid.as_ref().map(|uid| OwnerReference {
         api_version: instance.api_version.clone(),
         kind: instance.kind.clone(),

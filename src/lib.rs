@@ -14,11 +14,14 @@ pub mod executor;
 pub mod graph;
 pub mod instance_graph;
 pub mod lru;
+pub mod metrics;
 pub mod naming;
 pub mod operator;
-pub mod plan;
 pub mod rbac;
 pub mod readiness;
 pub mod rollout;
 pub mod runtime;
 pub mod source;
+
+#[cfg(test)]
+mod layers;

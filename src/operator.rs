@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client};
 use tokio::task::JoinSet;
 
@@ -15,13 +16,14 @@ use crate::controller::instance::{self, Supervisor};
 use crate::controller::watches::ObjectWatches;
 use crate::controller::{resourcegraph, transform};
 use crate::cue::{CueCli, Renderer, RendererConfig};
-use crate::error::StartupError;
-use crate::executor::signing_key;
+use crate::executor::proof::GraphKey;
+use crate::metrics::Metrics;
 use crate::rbac::RbacMode;
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::leader::{Elector, Timing};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
+use crate::runtime::signing_key;
+use crate::runtime::startup::StartupError;
 use crate::runtime::{secure, server};
 use crate::source::{Fetcher, FetcherConfig};
 
@@ -32,15 +34,10 @@ const KEY_RETRY_MAX: Duration = Duration::from_secs(30);
 /// The readiness check that waits for the graph-signing key.
 const KEY_CHECK: &str = "graph-signing-key";
 
+/// Runs the operator until a shutdown signal: servers and health first, then, as the leader
+/// and once the graph-signing key is loaded, the controllers.
 pub async fn run(args: RunArgs) -> Result<(), StartupError> {
-    let timing = Timing {
-        lease_duration: Duration::from_secs(args.leader_elect_lease_duration),
-        renew_deadline: Duration::from_secs(args.leader_elect_renew_deadline),
-        retry_period: Duration::from_secs(args.leader_elect_retry_period),
-    };
-    if args.leader_elect {
-        timing.validate().map_err(StartupError::InvalidFlags)?;
-    }
+    let timing = leader_timing(&args)?;
     crate::graph::reference::mark_sensitive(args.sensitive_kinds.clone());
     let metrics = Arc::new(Metrics::new()?);
     crate::controller::init_metrics(&metrics);
@@ -50,161 +47,34 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
     let mut tasks: JoinSet<Result<(), StartupError>> = JoinSet::new();
-
-    let mut config = kube::Config::infer()
-        .await
-        .map_err(|e| StartupError::Kubeconfig(kube::Error::InferConfig(e)))?;
-    // kube retries a 503 up to 15 times with delays growing to minutes: one aggregated API that
-    // is down would hold a reconcile worker that long. Reconciles fail fast and retry on their
-    // own schedule, with the failure in status.
-    config.default_retry = false;
-    let client = Client::try_from(config.clone()).map_err(StartupError::Kubeconfig)?;
-
-    let addr = args.metrics_bind_address;
-    if let Some(listener) = server::listen(addr).map_err(|source| StartupError::Bind { addr, source })? {
-        let router = server::metrics_router(metrics.clone());
-        if args.metrics_secure {
-            let tls = secure::tls_config(args.metrics_cert_dir.as_deref())?;
-            let auth =
-                Arc::new(secure::Authorizer::new(client.clone()).for_audiences(args.metrics_token_audiences.clone()));
-            let router = router.layer(axum::middleware::from_fn_with_state(auth, secure::authorize));
-            tracing::info!(%addr, "serving /metrics over HTTPS to authorized clients");
-            let serve = secure::serve_tls(listener, router, tls, shutdown.clone());
-            tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
-        } else {
-            tracing::info!(%addr, "serving /metrics");
-            let serve = server::serve(listener, router, shutdown.clone());
-            tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
-        }
-    }
-    let addr = args.health_probe_bind_address;
-    if let Some(listener) = server::listen(addr).map_err(|source| StartupError::Bind { addr, source })? {
-        tracing::info!(%addr, "serving /healthz and /readyz");
-        let serve = server::serve(listener, server::probes_router(health.clone()), shutdown.clone());
-        tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
-    }
+    let (config, client) = connect().await?;
+    serve_metrics(&args, &metrics, &client, &shutdown, &mut tasks)?;
+    serve_probes(&args, &health, &shutdown, &mut tasks)?;
 
     let cue = args.cue.runner().with_metrics(metrics.clone());
     tasks.spawn(check_cue_binary(cue.clone(), health.clone(), shutdown.clone()));
 
-    // Standby replicas serve probes and metrics but do not reconcile; their readiness does not
-    // wait for the controllers, so that rolling updates can proceed.
-    let mut elector = None;
-    if args.leader_elect {
-        let namespace = args.leader_election_namespace.clone().unwrap_or_else(own_namespace);
-        let mut e = Elector::new(
-            Api::<Lease>::namespaced(client.clone(), &namespace),
-            &args.leader_election_id,
-            &leader_identity(),
-            timing,
-        );
-        tracing::info!(lease = %args.leader_election_id, %namespace, identity = %e.identity(), "waiting to become the leader");
-        if !e.acquire(&shutdown).await {
-            return join_all(tasks).await;
-        }
-        elector = Some(e);
-    }
     let controllers_done = Shutdown::new();
-    if let Some(mut e) = elector {
-        let done = controllers_done.clone();
-        tokio::spawn(async move {
-            // Renewal continues while the controllers drain after a shutdown signal, and the
-            // lease is released only once they have stopped.
-            if !e.hold(&done).await {
-                tracing::error!("leader election lost: exiting so that no two replicas reconcile at once");
-                std::process::exit(1);
-            }
-        });
+    match acquire_leadership(&args, &client, timing, &shutdown).await {
+        Leadership::Unelected => {}
+        Leadership::Leader(elector) => hold_leadership(*elector, controllers_done.clone()),
+        Leadership::ShutDown => return join_all(tasks).await,
     }
-
     let Some(key) = graph_key(&client, &own_namespace(), &health, &shutdown).await else {
         let result = join_all(tasks).await;
         controllers_done.trigger();
         return result;
     };
-    let (watches, triggers) = ObjectWatches::new(client.clone(), shutdown.clone());
-    let reporter = kube::runtime::events::Reporter {
-        controller: "pequod".into(),
-        instance: std::env::var("POD_NAME")
-            .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok()),
+    let wiring = Wiring {
+        args: &args,
+        client,
+        config,
+        key,
+        metrics,
+        health,
+        shutdown: shutdown.clone(),
     };
-    let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
-    let applier = Applier::new(client.clone(), metrics.clone()).with_impersonation(config);
-    let renderer = Renderer::new(cue, RendererConfig::new(&args.cue.cache_dir), metrics.clone());
-
-    let graphs = Arc::new(
-        resourcegraph::Context::new(
-            client.clone(),
-            applier.clone(),
-            key.clone(),
-            watches.clone(),
-            recorder.clone(),
-            metrics.clone(),
-            args.apply_concurrency.into(),
-        )
-        .acting_as(GraphAccounts {
-            default: args.default_service_account.clone(),
-            locked: args.lock_service_account,
-        })
-        .checking_grants(watch_transforms(&client), trusted_namespaces(&args)),
-    );
-    let (h, s, n) = (health.clone(), shutdown.clone(), args.max_concurrent_reconciles);
-    tasks.spawn(async move {
-        resourcegraph::run(graphs, triggers, n, h, s).await;
-        Ok(())
-    });
-
-    let supervisor = Supervisor::new(
-        Arc::new(
-            instance::Shared::new(
-                client.clone(),
-                renderer.clone(),
-                applier,
-                key.clone(),
-                recorder.clone(),
-                metrics.clone(),
-            )
-            .with_object_watches(watches),
-        ),
-        shutdown.clone(),
-    );
-    let fetcher = Fetcher::new(
-        client.clone(),
-        FetcherConfig {
-            cache_dir: args.cue.cache_dir.clone(),
-            max_cache_bytes: args.sources.cache_size_mb.saturating_mul(1024 * 1024),
-            resolution_ttl: Duration::from_secs(args.sources.cache_ttl_hours * 3600),
-            git_binary: args.sources.git_binary.clone(),
-            insecure_registries: args.sources.insecure_registries.clone(),
-            allow_local: args.sources.allow_local_sources,
-            timeout: Duration::from_secs(args.sources.fetch_timeout),
-            poll_interval: Duration::from_secs(args.sources.module_poll_interval),
-        },
-        metrics.clone(),
-    );
-    let transforms = Arc::new(
-        transform::Context::new(
-            client.clone(),
-            fetcher,
-            renderer,
-            recorder,
-            metrics.clone(),
-            supervisor,
-            key,
-        )
-        .trusting(trusted_namespaces(&args))
-        .with_rbac_mode(if args.generate_rbac {
-            RbacMode::Generate
-        } else {
-            RbacMode::External
-        }),
-    );
-    let (h, s, n) = (health.clone(), shutdown.clone(), args.max_concurrent_reconciles);
-    tasks.spawn(async move {
-        transform::run(transforms, n, h, s).await;
-        Ok(())
-    });
+    start_controllers(&wiring, cue, &mut tasks);
 
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "pequod started");
     shutdown.wait().await;
@@ -216,16 +86,246 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     result
 }
 
+type Tasks = JoinSet<Result<(), StartupError>>;
+/// The graphs whose applied objects changed, from the shared watches.
+type GraphTriggers =
+    tokio::sync::mpsc::UnboundedReceiver<kube::runtime::reflector::ObjectRef<crate::api::ResourceGraph>>;
+
+/// The leader election's timing, checked when the operator elects a leader.
+fn leader_timing(args: &RunArgs) -> Result<Timing, StartupError> {
+    let timing = Timing {
+        lease_duration: Duration::from_secs(args.leader_elect_lease_duration),
+        renew_deadline: Duration::from_secs(args.leader_elect_renew_deadline),
+        retry_period: Duration::from_secs(args.leader_elect_retry_period),
+    };
+    if args.leader_elect {
+        timing.validate().map_err(StartupError::InvalidFlags)?;
+    }
+    Ok(timing)
+}
+
+/// The cluster's configuration (kept for impersonation) and a client.
+async fn connect() -> Result<(kube::Config, Client), StartupError> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| StartupError::Kubeconfig(kube::Error::InferConfig(e)))?;
+    // kube retries a 503 up to 15 times with delays growing to minutes: one aggregated API that
+    // is down would hold a reconcile worker that long. Reconciles fail fast and retry on their
+    // own schedule, with the failure in status.
+    config.default_retry = false;
+    let client = Client::try_from(config.clone()).map_err(StartupError::Kubeconfig)?;
+    Ok((config, client))
+}
+
+/// Serves /metrics, over HTTPS to authorized clients with `--metrics-secure`.
+fn serve_metrics(
+    args: &RunArgs,
+    metrics: &Arc<Metrics>,
+    client: &Client,
+    shutdown: &Shutdown,
+    tasks: &mut Tasks,
+) -> Result<(), StartupError> {
+    let addr = args.metrics_bind_address;
+    let Some(listener) = server::listen(addr).map_err(|source| StartupError::Bind { addr, source })? else {
+        return Ok(());
+    };
+    let router = server::metrics_router(metrics.clone());
+    if args.metrics_secure {
+        let tls = secure::tls_config(args.metrics_cert_dir.as_deref())?;
+        let auth =
+            Arc::new(secure::Authorizer::new(client.clone()).for_audiences(args.metrics_token_audiences.clone()));
+        let router = router.layer(axum::middleware::from_fn_with_state(auth, secure::authorize));
+        tracing::info!(%addr, "serving /metrics over HTTPS to authorized clients");
+        let serve = secure::serve_tls(listener, router, tls, shutdown.clone());
+        tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
+    } else {
+        tracing::info!(%addr, "serving /metrics");
+        let serve = server::serve(listener, router, shutdown.clone());
+        tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
+    }
+    Ok(())
+}
+
+/// Serves /healthz and /readyz.
+fn serve_probes(
+    args: &RunArgs,
+    health: &Arc<Health>,
+    shutdown: &Shutdown,
+    tasks: &mut Tasks,
+) -> Result<(), StartupError> {
+    let addr = args.health_probe_bind_address;
+    if let Some(listener) = server::listen(addr).map_err(|source| StartupError::Bind { addr, source })? {
+        tracing::info!(%addr, "serving /healthz and /readyz");
+        let serve = server::serve(listener, server::probes_router(health.clone()), shutdown.clone());
+        tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
+    }
+    Ok(())
+}
+
+/// Whether this replica may reconcile.
+enum Leadership {
+    /// No leader election (`--leader-elect=false`): it reconciles.
+    Unelected,
+    Leader(Box<Elector>),
+    /// Shutdown came before the lease.
+    ShutDown,
+}
+
+/// Waits for the lease when the operator elects a leader. Standby replicas serve probes and
+/// metrics but do not reconcile; their readiness does not wait for the controllers, so that
+/// rolling updates can proceed.
+async fn acquire_leadership(args: &RunArgs, client: &Client, timing: Timing, shutdown: &Shutdown) -> Leadership {
+    if !args.leader_elect {
+        return Leadership::Unelected;
+    }
+    let namespace = args.leader_election_namespace.clone().unwrap_or_else(own_namespace);
+    let mut elector = Elector::new(
+        Api::<Lease>::namespaced(client.clone(), &namespace),
+        &args.leader_election_id,
+        &leader_identity(),
+        timing,
+    );
+    tracing::info!(lease = %args.leader_election_id, %namespace, identity = %elector.identity(), "waiting to become the leader");
+    if elector.acquire(shutdown).await {
+        Leadership::Leader(Box::new(elector))
+    } else {
+        Leadership::ShutDown
+    }
+}
+
+/// Renews the lease until the controllers are `done`; a lost lease ends the process.
+fn hold_leadership(mut elector: Elector, done: Shutdown) {
+    tokio::spawn(async move {
+        // Renewal continues while the controllers drain after a shutdown signal, and the
+        // lease is released only once they have stopped.
+        if !elector.hold(&done).await {
+            tracing::error!("leader election lost: exiting so that no two replicas reconcile at once");
+            std::process::exit(1);
+        }
+    });
+}
+
+/// What the controllers are built from.
+struct Wiring<'a> {
+    args: &'a RunArgs,
+    client: Client,
+    config: kube::Config,
+    key: GraphKey,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+}
+
+/// Starts the ResourceGraph and Transform controllers (the latter serves each kind's
+/// instances through the supervisor), sharing one applier, renderer and set of watches.
+fn start_controllers(w: &Wiring<'_>, cue: CueCli, tasks: &mut Tasks) {
+    let (watches, triggers) = ObjectWatches::new(w.client.clone(), w.shutdown.clone());
+    let recorder = event_recorder(&w.client);
+    let applier = Applier::new(w.client.clone(), w.metrics.clone()).with_impersonation(w.config.clone());
+    let renderer = Renderer::new(cue, RendererConfig::new(&w.args.cue.cache_dir), w.metrics.clone());
+
+    let graphs = resourcegraph::Context::new(
+        w.client.clone(),
+        applier.clone(),
+        w.key.clone(),
+        watches.clone(),
+        recorder.clone(),
+        w.metrics.clone(),
+        w.args.apply_concurrency.into(),
+    );
+    start_graph_controller(w, graphs, triggers, tasks);
+
+    let supervisor = Supervisor::new(
+        Arc::new(
+            instance::Shared::new(
+                w.client.clone(),
+                renderer.clone(),
+                applier,
+                w.key.clone(),
+                recorder.clone(),
+                w.metrics.clone(),
+            )
+            .with_object_watches(watches),
+        ),
+        w.shutdown.clone(),
+    );
+    let transforms = Arc::new(
+        transform::Context::new(
+            w.client.clone(),
+            fetcher(w),
+            renderer,
+            recorder,
+            w.metrics.clone(),
+            supervisor,
+            w.key.clone(),
+        )
+        .trusting(trusted_namespaces(w.args))
+        .with_rbac_mode(if w.args.generate_rbac {
+            RbacMode::Generate
+        } else {
+            RbacMode::External
+        }),
+    );
+    let (h, s, n) = (w.health.clone(), w.shutdown.clone(), w.args.max_concurrent_reconciles);
+    tasks.spawn(async move {
+        transform::run(transforms, n, h, s).await;
+        Ok(())
+    });
+}
+
+/// Starts the ResourceGraph controller, acting as the graphs' service accounts and checking
+/// the grants of their Transforms.
+fn start_graph_controller(w: &Wiring<'_>, graphs: resourcegraph::Context, triggers: GraphTriggers, tasks: &mut Tasks) {
+    let graphs = Arc::new(
+        graphs
+            .acting_as(GraphAccounts {
+                default: w.args.default_service_account.clone(),
+                locked: w.args.lock_service_account,
+            })
+            .checking_grants(watch_transforms(&w.client), trusted_namespaces(w.args)),
+    );
+    let (h, s, n) = (w.health.clone(), w.shutdown.clone(), w.args.max_concurrent_reconciles);
+    tasks.spawn(async move {
+        resourcegraph::run(graphs, triggers, n, h, s).await;
+        Ok(())
+    });
+}
+
+/// Events are reported as `pequod`, by the pod that wrote them.
+fn event_recorder(client: &Client) -> Recorder {
+    let reporter = Reporter {
+        controller: "pequod".into(),
+        instance: std::env::var("POD_NAME")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok()),
+    };
+    Recorder::new(client.clone(), reporter)
+}
+
+/// The module fetcher, as the source flags say.
+fn fetcher(w: &Wiring<'_>) -> Fetcher {
+    let sources = &w.args.sources;
+    Fetcher::new(
+        w.client.clone(),
+        FetcherConfig {
+            cache_dir: w.args.cue.cache_dir.clone(),
+            max_cache_bytes: sources.cache_size_mb.saturating_mul(1024 * 1024),
+            resolution_ttl: Duration::from_secs(sources.cache_ttl_hours * 3600),
+            git_binary: sources.git_binary.clone(),
+            insecure_registries: sources.insecure_registries.clone(),
+            allow_local: sources.allow_local_sources,
+            timeout: Duration::from_secs(sources.fetch_timeout),
+            poll_interval: Duration::from_secs(sources.module_poll_interval),
+        },
+        w.metrics.clone(),
+    )
+}
+
 /// The graph-signing key (a Secret in `namespace`), read or made before any controller
 /// starts. Until it can be, readiness says why and it is tried again: a namespace that does not
 /// exist (a cluster with only the CRDs installed, as by `make install`) is created; one the
 /// operator may not create is waited for. None when shutdown came first.
-async fn graph_key(
-    client: &Client,
-    namespace: &str,
-    health: &Health,
-    shutdown: &Shutdown,
-) -> Option<crate::executor::proof::GraphKey> {
+async fn graph_key(client: &Client, namespace: &str, health: &Health, shutdown: &Shutdown) -> Option<GraphKey> {
     health.register(Probe::Readiness, KEY_CHECK, "not loaded yet");
     let mut delay = Duration::from_secs(1);
     let mut tried_namespace = false;

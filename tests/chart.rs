@@ -1,6 +1,7 @@
 //! The Helm chart (charts/pequod) installs what the kustomize configuration does: the same
 //! objects, names, manager container and RBAC as `config/default`, `config/restricted` and
-//! `config/prometheus`, so the two never drift. Needs `bin/helm` and `bin/kubectl`
+//! `config/prometheus`, so the two never drift; and the manager of `config/default` runs
+//! unprivileged. Needs `bin/helm` and `bin/kubectl`
 //! (hack/install-tools.sh), or `HELM` and `KUBECTL`; no cluster.
 
 use serde_json::Value;
@@ -196,6 +197,23 @@ fn chart_lints() {
             .arg(root("charts/pequod"));
         run(command);
     }
+}
+
+/// The manager of `config/default` runs with a read-only root filesystem, no privilege
+/// escalation, no capabilities, and as a non-root user.
+#[test]
+fn kustomize_default_runs_the_manager_unprivileged() {
+    let objects = kustomize("config/default");
+    let deployment = &objects[&("Deployment".to_string(), "pequod-controller-manager".to_string())];
+    assert_eq!(deployment["metadata"]["namespace"], NAMESPACE);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["name"], "manager");
+    let security = &container["securityContext"];
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
 }
 
 #[test]

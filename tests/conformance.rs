@@ -144,14 +144,14 @@ fn spec_metrics() -> Vec<SpecMetric> {
 
 #[test]
 fn spec_metrics_are_registered_with_their_type_and_labels() {
-    let metrics = pequod::runtime::metrics::Metrics::new().unwrap();
+    let metrics = pequod::metrics::Metrics::new().unwrap();
     let registered: BTreeMap<String, _> = metrics.describe().into_iter().map(|d| (d.name.clone(), d)).collect();
     let rows = spec_metrics();
     assert!(rows.len() >= 30, "only {} metric rows found in the spec", rows.len());
     let mut problems = Vec::new();
     for row in &rows {
         let Some(d) = registered.get(&row.name) else {
-            problems.push(format!("{}: not registered in src/runtime/metrics.rs", row.name));
+            problems.push(format!("{}: not registered in src/metrics.rs", row.name));
             continue;
         };
         if d.kind != row.kind {

@@ -73,7 +73,7 @@ pub const INSTANCE_FINALIZER: &str = "pequod.io/instance-finalizer";
 pub const GRAPH_FINALIZER: &str = "pequod.io/resourcegraph-finalizer";
 
 // Field managers (a graph's objects are applied as `pequod-<graph uid>`, see
-// `executor::plan::field_manager`).
+// `executor::write::field_manager`).
 
 /// Generated CRDs and RBAC.
 pub const GENERATED_MANAGER: &str = "pequod";

@@ -1,8 +1,6 @@
 //! Writing graph objects to the cluster with server-side apply, and resolving their kinds.
 
-pub mod generated;
 mod impersonation;
-mod object;
 
 use crate::api::names::{
     ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, NODE_LABEL,
@@ -19,14 +17,10 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 pub use impersonation::{Impersonation, ServiceAccount};
-pub use object::{
-    GraphIdentity, Predecessor, contains, desired_object, first_difference, gvk_label, is_orphan, other_managers,
-    set_annotation, stale_field,
-};
-pub use object::{LabelledGraph, labelled_graph, labels_name_graph};
 
 use crate::api::{ApplyMode, ConflictPolicy, Node};
-use crate::runtime::metrics::Metrics;
+use crate::executor::object::{gvk_label, other_managers};
+use crate::metrics::Metrics;
 
 /// A kind resolved through discovery.
 #[derive(Debug, Clone)]
@@ -322,7 +316,7 @@ impl Applier {
             });
         }
         // Values the graph asks Pequod to generate exist from here on, in the Secret only.
-        let filled = generated::fill(desired).map_err(|message| ApplyError::Generate { message })?;
+        let filled = crate::graph::generated::fill(desired).map_err(|message| ApplyError::Generate { message })?;
         let desired = filled.as_ref().unwrap_or(desired);
         let (namespace, name) = identity(desired);
         let api = resolved.api(&self.client, namespace.as_deref());

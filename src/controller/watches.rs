@@ -7,7 +7,7 @@
 //! Anyone may put Pequod's labels on their objects, so the cache keeps only objects whose
 //! labels and graph-uid annotation name a ResourceGraph that exists: a labelled object of
 //! anyone else is never held. A miss costs one GET, which the executor makes anyway for
-//! objects it does not find (see `live_object`).
+//! objects it does not find (see [`live_object`]).
 
 use crate::api::names::{GRAPH_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use std::collections::HashMap;
@@ -22,7 +22,8 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 
 use crate::api::ResourceGraph;
-use crate::apply::{Resolved, labelled_graph};
+use crate::apply::{Applier, ApplyError, Resolved};
+use crate::executor::object::labelled_graph;
 use crate::runtime::shutdown::Shutdown;
 
 struct KindWatch {
@@ -38,6 +39,26 @@ pub struct ObjectWatches {
     shutdown: Shutdown,
     /// The ResourceGraphs that exist, once their controller's cache is there.
     graphs: Arc<OnceLock<Store<ResourceGraph>>>,
+}
+
+/// The object as it is: from its kind's cache when `watches` are given, the cache has it and
+/// `may_read_cached` says the reader may see it there; else from the apiserver with the rights
+/// of `applier`. The caches hold only objects that already carry Pequod's labels: a miss is
+/// absent or not a graph's, and the apiserver tells which.
+pub async fn live_object<F: std::future::Future<Output = bool>>(
+    watches: Option<&ObjectWatches>,
+    applier: &Applier,
+    resolved: &Resolved,
+    (namespace, name): (Option<&str>, &str),
+    may_read_cached: impl FnOnce() -> F,
+) -> Result<Option<DynamicObject>, ApplyError> {
+    if let Some(watches) = watches
+        && let Lookup::Known(Some(cached)) = watches.lookup(resolved, namespace, name)
+        && may_read_cached().await
+    {
+        return Ok(Some((*cached).clone()));
+    }
+    applier.get(resolved, namespace, name).await
 }
 
 /// What the cache knows of an object.

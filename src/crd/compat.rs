@@ -47,10 +47,18 @@ fn compare(path: &str, old: &Value, new: &Value, out: &mut Vec<BreakingChange>) 
         }
         return;
     }
-
     if preserves_unknown(old) && !preserves_unknown(new) {
         push("unknown fields are no longer preserved".into());
     }
+    compare_enums(old, new, &mut push);
+    compare_bounds(old, new, &mut push);
+    compare_rules(old, new, &mut push);
+    compare_fields(path, old, new, out);
+    compare_entries(path, old, new, out);
+}
+
+/// An enum may gain values, not lose them, and may not appear.
+fn compare_enums(old: &Value, new: &Value, push: &mut impl FnMut(String)) {
     match (
         old.get("enum").and_then(Value::as_array),
         new.get("enum").and_then(Value::as_array),
@@ -71,7 +79,10 @@ fn compare(path: &str, old: &Value, new: &Value, out: &mut Vec<BreakingChange>) 
         }
         _ => {}
     }
-    compare_bounds(old, new, &mut push);
+}
+
+/// A new or changed pattern, format or validation rule may refuse what was accepted.
+fn compare_rules(old: &Value, new: &Value, push: &mut impl FnMut(String)) {
     match (str_field(old, "pattern"), str_field(new, "pattern")) {
         (Some(o), Some(n)) if o != n => push(format!("pattern changed from {o:?} to {n:?}")),
         (None, Some(n)) => push(format!("pattern {n:?} added")),
@@ -94,10 +105,17 @@ fn compare(path: &str, old: &Value, new: &Value, out: &mut Vec<BreakingChange>) 
     for rule in rules(new).into_iter().filter(|r| !old_rules.contains(r)) {
         push(format!("validation rule {rule} added"));
     }
+}
 
+fn properties(schema: &Value) -> Option<&Map<String, Value>> {
+    schema.get("properties").and_then(Value::as_object)
+}
+
+/// Each field compared with its old self; removed fields and new required ones break.
+fn compare_fields(path: &str, old: &Value, new: &Value, out: &mut Vec<BreakingChange>) {
     let empty = Map::new();
-    let old_props = old.get("properties").and_then(Value::as_object).unwrap_or(&empty);
-    let new_props = new.get("properties").and_then(Value::as_object).unwrap_or(&empty);
+    let old_props = properties(old).unwrap_or(&empty);
+    let new_props = properties(new).unwrap_or(&empty);
     for (name, old_prop) in old_props {
         let child = format!("{path}.{name}");
         match new_props.get(name) {
@@ -123,14 +141,18 @@ fn compare(path: &str, old: &Value, new: &Value, out: &mut Vec<BreakingChange>) 
             });
         }
     }
+}
+
+/// List items and map values compared with their old selves; a map may not stop taking
+/// arbitrary keys.
+fn compare_entries(path: &str, old: &Value, new: &Value, out: &mut Vec<BreakingChange>) {
     if let (Some(o), Some(n)) = (old.get("items"), new.get("items")) {
         compare(&format!("{path}[*]"), o, n, out);
     }
+    let no_new_fields = properties(new).is_none_or(Map::is_empty);
     match (old.get("additionalProperties"), new.get("additionalProperties")) {
         (Some(o), Some(n)) if o.is_object() && n.is_object() => compare(&format!("{path}[*]"), o, n, out),
-        (Some(o), None)
-            if (o.is_object() || o == &Value::Bool(true)) && new_props.is_empty() && !preserves_unknown(new) =>
-        {
+        (Some(o), None) if (o.is_object() || o == &Value::Bool(true)) && no_new_fields && !preserves_unknown(new) => {
             out.push(BreakingChange {
                 path: path.to_string(),
                 change: "arbitrary keys no longer allowed".into(),

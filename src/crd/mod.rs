@@ -159,32 +159,6 @@ fn status_schema(module_status: Option<&serde_json::Value>) -> serde_json::Value
 
 /// The CRD of a platform kind: namespaced, one version, status subresource, printer columns.
 pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_>) -> CustomResourceDefinition {
-    let mut spec = schema.spec.clone();
-    if let (Some(description), Some(obj)) = (&schema.metadata.description, spec.as_object_mut()) {
-        obj.entry("description").or_insert_with(|| json!(description));
-    }
-    let mut root = json!({
-        "type": "object",
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
-            "spec": spec,
-            "status": status_schema(schema.status.as_ref()),
-        },
-    });
-    if let Some(description) = &schema.metadata.description {
-        root["description"] = json!(description);
-    }
-    let root: JSONSchemaProps = serde_json::from_value(root).unwrap_or_default();
-    let column = |name: &str, type_: &str, path: &str, priority: Option<i32>| CustomResourceColumnDefinition {
-        name: name.to_string(),
-        type_: type_.to_string(),
-        json_path: path.to_string(),
-        priority,
-        ..Default::default()
-    };
     let labels = crate::rbac::made_by_labels(params.transform_namespace, params.transform_name);
     CustomResourceDefinition {
         metadata: ObjectMeta {
@@ -209,45 +183,78 @@ pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_
                 served: true,
                 storage: true,
                 schema: Some(CustomResourceValidation {
-                    open_api_v3_schema: Some(root),
+                    open_api_v3_schema: Some(root_schema(schema)),
                 }),
                 subresources: Some(CustomResourceSubresources {
                     status: Some(CustomResourceSubresourceStatus(json!({}))),
                     scale: None,
                 }),
-                additional_printer_columns: Some(
-                    vec![
-                        column(
-                            "Ready",
-                            "string",
-                            ".status.conditions[?(@.type==\"Ready\")].status",
-                            None,
-                        ),
-                        column("Phase", "string", ".status.phase", None),
-                    ]
-                    .into_iter()
-                    .chain(
-                        schema
-                            .metadata
-                            .printer_columns
-                            .iter()
-                            .map(|c| CustomResourceColumnDefinition {
-                                description: c.description.clone(),
-                                ..column(&c.name, &c.type_, &c.json_path, c.priority)
-                            }),
-                    )
-                    .chain([
-                        column("Graph", "string", ".status.resourceGraph", Some(1)),
-                        column("Age", "date", ".metadata.creationTimestamp", None),
-                    ])
-                    .collect(),
-                ),
+                additional_printer_columns: Some(printer_columns(schema)),
                 ..Default::default()
             }],
             ..Default::default()
         },
         status: None,
     }
+}
+
+/// The instance's schema: the module's `#Input` as `spec`, and the status Pequod writes.
+fn root_schema(schema: &ModuleSchema) -> JSONSchemaProps {
+    let mut spec = schema.spec.clone();
+    if let (Some(description), Some(obj)) = (&schema.metadata.description, spec.as_object_mut()) {
+        obj.entry("description").or_insert_with(|| json!(description));
+    }
+    let mut root = json!({
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status_schema(schema.status.as_ref()),
+        },
+    });
+    if let Some(description) = &schema.metadata.description {
+        root["description"] = json!(description);
+    }
+    serde_json::from_value(root).unwrap_or_default()
+}
+
+/// Ready and Phase, the module's own columns, then the graph (wide output) and the age.
+fn printer_columns(schema: &ModuleSchema) -> Vec<CustomResourceColumnDefinition> {
+    let column = |name: &str, type_: &str, path: &str, priority: Option<i32>| CustomResourceColumnDefinition {
+        name: name.to_string(),
+        type_: type_.to_string(),
+        json_path: path.to_string(),
+        priority,
+        ..Default::default()
+    };
+    vec![
+        column(
+            "Ready",
+            "string",
+            ".status.conditions[?(@.type==\"Ready\")].status",
+            None,
+        ),
+        column("Phase", "string", ".status.phase", None),
+    ]
+    .into_iter()
+    .chain(
+        schema
+            .metadata
+            .printer_columns
+            .iter()
+            .map(|c| CustomResourceColumnDefinition {
+                description: c.description.clone(),
+                ..column(&c.name, &c.type_, &c.json_path, c.priority)
+            }),
+    )
+    .chain([
+        column("Graph", "string", ".status.resourceGraph", Some(1)),
+        column("Age", "date", ".metadata.creationTimestamp", None),
+    ])
+    .collect()
 }
 
 #[cfg(test)]

@@ -284,6 +284,28 @@ pub fn parse_output(output: &Value) -> Result<RenderOutput, RenderError> {
     let obj = output.as_object().ok_or_else(|| RenderError::InvalidOutput {
         message: "#Render.output is not a struct".into(),
     })?;
+    let nodes = parse_nodes(obj)?;
+    let violations = parse_violations(obj)?;
+    let metadata = match obj.get("metadata") {
+        None | Some(Value::Null) => None,
+        Some(m) => Some(
+            serde_json::from_value(m.clone()).map_err(|e| RenderError::InvalidOutput {
+                message: format!("metadata: {e}"),
+            })?,
+        ),
+    };
+    let status = parse_status(obj)?;
+    graph::validate(&nodes)?;
+    graph::validate_outputs(&status, &nodes)?;
+    Ok(RenderOutput {
+        metadata,
+        nodes,
+        violations,
+        status,
+    })
+}
+
+fn parse_nodes(obj: &serde_json::Map<String, Value>) -> Result<Vec<Node>, RenderError> {
     let nodes_value = obj.get("nodes").ok_or_else(|| RenderError::InvalidOutput {
         message: "#Render.output has no nodes".into(),
     })?;
@@ -298,8 +320,12 @@ pub fn parse_output(output: &Value) -> Result<RenderOutput, RenderError> {
         })?;
         nodes.push(parsed);
     }
-    let violations = match obj.get("violations") {
-        None | Some(Value::Null) => Vec::new(),
+    Ok(nodes)
+}
+
+fn parse_violations(obj: &serde_json::Map<String, Value>) -> Result<Vec<Violation>, RenderError> {
+    match obj.get("violations") {
+        None | Some(Value::Null) => Ok(Vec::new()),
         Some(v) => {
             let list = v.as_array().ok_or_else(|| RenderError::InvalidOutput {
                 message: "#Render.output.violations is not a list".into(),
@@ -311,17 +337,13 @@ pub fn parse_output(output: &Value) -> Result<RenderOutput, RenderError> {
                         message: format!("violation {i}: {e}"),
                     })
                 })
-                .collect::<Result<_, _>>()?
+                .collect()
         }
-    };
-    let metadata = match obj.get("metadata") {
-        None | Some(Value::Null) => None,
-        Some(m) => Some(
-            serde_json::from_value(m.clone()).map_err(|e| RenderError::InvalidOutput {
-                message: format!("metadata: {e}"),
-            })?,
-        ),
-    };
+    }
+}
+
+/// The module's own status fields, none of them one Pequod writes.
+fn parse_status(obj: &serde_json::Map<String, Value>) -> Result<BTreeMap<String, Value>, RenderError> {
     let status: BTreeMap<String, Value> = match obj.get("status") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(v) => serde_json::from_value(v.clone()).map_err(|e| RenderError::InvalidOutput {
@@ -336,14 +358,7 @@ pub fn parse_output(output: &Value) -> Result<RenderOutput, RenderError> {
             message: format!("#Render.output.status.{reserved} is a field Pequod writes; choose another name"),
         });
     }
-    graph::validate(&nodes)?;
-    graph::validate_outputs(&status, &nodes)?;
-    Ok(RenderOutput {
-        metadata,
-        nodes,
-        violations,
-        status,
-    })
+    Ok(status)
 }
 
 #[cfg(test)]

@@ -203,6 +203,43 @@ pub struct ModuleStore {
     root: PathBuf,
 }
 
+/// The folder cue evaluates: the module file, the platform's files (each with its package
+/// clause), and the `schema` and `meta` packages that re-export what cue's encoders read.
+fn write_module_tree(staging: &Path, files: &ModuleFiles, module: &Module) -> std::io::Result<()> {
+    std::fs::create_dir_all(staging.join("cue.mod"))?;
+    std::fs::create_dir_all(staging.join("platform"))?;
+    std::fs::create_dir_all(staging.join("schema"))?;
+    std::fs::write(
+        staging.join("cue.mod/module.cue"),
+        format!("module: \"{MODULE_PATH}\"\nlanguage: version: \"{CUE_LANGUAGE_VERSION}\"\n"),
+    )?;
+    for (name, content) in files.files() {
+        let content = match package_clause(content) {
+            Some(_) => content.clone(),
+            None => format!("package {}\n\n{content}", module.package),
+        };
+        std::fs::write(staging.join("platform").join(name), content)?;
+    }
+    // cue's OpenAPI encoder fails on packages holding #Render; a package that only
+    // re-exports #Input is encodable.
+    std::fs::write(
+        staging.join("schema/schema.cue"),
+        format!(
+            "package schema\n\n{}\n\n#Input: p.#Input\n{}",
+            module.import_line(),
+            if module.has_status { "#Status: p.#Status\n" } else { "" }
+        ),
+    )?;
+    if module.has_metadata {
+        std::fs::create_dir_all(staging.join("meta"))?;
+        std::fs::write(
+            staging.join("meta/meta.cue"),
+            format!("package meta\n\n{}\n\nmetadata: p.#Metadata\n", module.import_line()),
+        )?;
+    }
+    Ok(())
+}
+
 static SCRATCH: AtomicU64 = AtomicU64::new(0);
 
 impl ModuleStore {
@@ -237,40 +274,7 @@ impl ModuleStore {
             SCRATCH.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(staging.join("cue.mod")).map_err(io)?;
-        std::fs::create_dir_all(staging.join("platform")).map_err(io)?;
-        std::fs::create_dir_all(staging.join("schema")).map_err(io)?;
-        std::fs::write(
-            staging.join("cue.mod/module.cue"),
-            format!("module: \"{MODULE_PATH}\"\nlanguage: version: \"{CUE_LANGUAGE_VERSION}\"\n"),
-        )
-        .map_err(io)?;
-        for (name, content) in files.files() {
-            let content = match package_clause(content) {
-                Some(_) => content.clone(),
-                None => format!("package {}\n\n{content}", module.package),
-            };
-            std::fs::write(staging.join("platform").join(name), content).map_err(io)?;
-        }
-        // cue's OpenAPI encoder fails on packages holding #Render; a package that only
-        // re-exports #Input is encodable.
-        std::fs::write(
-            staging.join("schema/schema.cue"),
-            format!(
-                "package schema\n\n{}\n\n#Input: p.#Input\n{}",
-                module.import_line(),
-                if has_status { "#Status: p.#Status\n" } else { "" }
-            ),
-        )
-        .map_err(io)?;
-        if has_metadata {
-            std::fs::create_dir_all(staging.join("meta")).map_err(io)?;
-            std::fs::write(
-                staging.join("meta/meta.cue"),
-                format!("package meta\n\n{}\n\nmetadata: p.#Metadata\n", module.import_line()),
-            )
-            .map_err(io)?;
-        }
+        write_module_tree(&staging, files, &module).map_err(io)?;
         std::fs::write(staging.join(".complete"), &module.digest).map_err(io)?;
         match std::fs::rename(&staging, &dir) {
             Ok(()) => Ok(module),

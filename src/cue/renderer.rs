@@ -15,7 +15,7 @@ use super::batch::{self, RenderError, RenderOutput};
 use super::module::{Module, ModuleFiles, ModuleStore};
 use super::{CueCli, CueError, crd_schema_from_openapi};
 use crate::lru::Lru;
-use crate::runtime::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Tuning of the renderer.
 #[derive(Debug, Clone)]
@@ -245,34 +245,13 @@ impl Renderer {
         })?;
         let spec = crd_schema_from_openapi(&openapi, "Input")?;
         let status = if module.has_status {
-            let status = crd_schema_from_openapi(&openapi, "Status")?;
-            let fields = status.get("properties").and_then(Value::as_object);
-            if let Some(reserved) = fields
-                .into_iter()
-                .flat_map(|f| f.keys())
-                .find(|k| crate::api::RESERVED_STATUS_FIELDS.contains(&k.as_str()))
-            {
-                return Err(RenderError::Schema(super::SchemaError::new(
-                    "status",
-                    format!("#Status.{reserved} is a field Pequod writes; choose another name"),
-                )));
-            }
-            Some(status)
+            Some(status_schema(&openapi)?)
         } else {
             None
         };
         let metadata = match metadata.map_err(schema_error)? {
             None => ModuleMetadata::default(),
-            Some(text) => {
-                let value: Value = serde_json::from_str(&text).map_err(|e| RenderError::InvalidOutput {
-                    message: format!("cue printed invalid JSON: {e}"),
-                })?;
-                serde_json::from_value(value.get("metadata").cloned().unwrap_or(Value::Null)).map_err(|e| {
-                    RenderError::InvalidModule {
-                        message: format!("#Metadata: {e}"),
-                    }
-                })?
-            }
+            Some(text) => parse_metadata(&text)?,
         };
         metadata
             .check_columns()
@@ -432,6 +411,35 @@ fn record(inner: &Inner, module: &Module, result: Result<RenderOutput, RenderErr
     result.map(Arc::new)
 }
 
+/// The module's `#Status` as a CRD schema, none of its fields one Pequod writes.
+fn status_schema(openapi: &Value) -> Result<Value, RenderError> {
+    let status = crd_schema_from_openapi(openapi, "Status")?;
+    let fields = status.get("properties").and_then(Value::as_object);
+    if let Some(reserved) = fields
+        .into_iter()
+        .flat_map(|f| f.keys())
+        .find(|k| crate::api::RESERVED_STATUS_FIELDS.contains(&k.as_str()))
+    {
+        return Err(RenderError::Schema(super::SchemaError::new(
+            "status",
+            format!("#Status.{reserved} is a field Pequod writes; choose another name"),
+        )));
+    }
+    Ok(status)
+}
+
+/// The module's `#Metadata`, from what `cue export ./meta` printed.
+fn parse_metadata(text: &str) -> Result<ModuleMetadata, RenderError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| RenderError::InvalidOutput {
+        message: format!("cue printed invalid JSON: {e}"),
+    })?;
+    serde_json::from_value(value.get("metadata").cloned().unwrap_or(Value::Null)).map_err(|e| {
+        RenderError::InvalidModule {
+            message: format!("#Metadata: {e}"),
+        }
+    })
+}
+
 fn estimate_size(output: &RenderOutput) -> usize {
     serde_json::to_string(output).map(|s| s.len()).unwrap_or(0)
 }
@@ -444,33 +452,14 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
     let mut pending: Vec<usize> = (0..inputs.len()).collect();
     while !pending.is_empty() {
         let batch: Vec<&Value> = pending.iter().map(|i| inputs[*i]).collect();
-        let started = Instant::now();
-        let outcome = run_cue_batch(inner, module, &batch).await;
-        let took = started.elapsed();
-        inner
-            .metrics
-            .cue_render_duration_seconds
-            .with_label_values(&[&module.platform])
-            .observe(took.as_secs_f64());
-        tracing::debug!(
-            platform = %module.platform,
-            instances = batch.len(),
-            duration_ms = took.as_millis() as u64,
-            ok = matches!(outcome, Ok(Ok(_))),
-            "render finished"
-        );
-        match outcome {
+        match timed_cue_batch(inner, module, &batch).await {
             Ok(Ok(outputs)) => {
                 for (k, output) in outputs.into_iter().enumerate() {
                     results[pending[k]] = Some(output);
                 }
                 pending.clear();
             }
-            Ok(Err(e)) => {
-                for i in pending.drain(..) {
-                    results[i] = Some(Err(e.clone()));
-                }
-            }
+            Ok(Err(e)) => fail_all(&mut pending, &mut results, &e),
             Err(CueError::Failed { message, .. }) => {
                 let (per_input, _) = batch::attribute_errors(&message, pending.len());
                 if per_input.is_empty() && pending.len() > 1 {
@@ -481,9 +470,7 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
                     let error = RenderError::Evaluation {
                         message: batch::clean_message(&message),
                     };
-                    for i in pending.drain(..) {
-                        results[i] = Some(Err(error.clone()));
-                    }
+                    fail_all(&mut pending, &mut results, &error);
                 } else {
                     let failed: Vec<usize> = per_input.keys().map(|k| pending[*k]).collect();
                     for (k, messages) in per_input {
@@ -501,12 +488,7 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
             {
                 split(inner, module, inputs, &mut pending, &mut results).await;
             }
-            Err(other) => {
-                let error = RenderError::from(other);
-                for i in pending.drain(..) {
-                    results[i] = Some(Err(error.clone()));
-                }
-            }
+            Err(other) => fail_all(&mut pending, &mut results, &RenderError::from(other)),
         }
     }
     results
@@ -519,6 +501,37 @@ async fn render_batch(inner: &Inner, module: &Module, inputs: &[&Value]) -> Vec<
             })
         })
         .collect()
+}
+
+/// One cue call for `batch`, timed and logged.
+async fn timed_cue_batch(
+    inner: &Inner,
+    module: &Module,
+    batch: &[&Value],
+) -> Result<Result<Vec<Result<RenderOutput, RenderError>>, RenderError>, CueError> {
+    let started = Instant::now();
+    let outcome = run_cue_batch(inner, module, batch).await;
+    let took = started.elapsed();
+    inner
+        .metrics
+        .cue_render_duration_seconds
+        .with_label_values(&[&module.platform])
+        .observe(took.as_secs_f64());
+    tracing::debug!(
+        platform = %module.platform,
+        instances = batch.len(),
+        duration_ms = took.as_millis() as u64,
+        ok = matches!(outcome, Ok(Ok(_))),
+        "render finished"
+    );
+    outcome
+}
+
+/// Every input still pending gets `error`.
+fn fail_all(pending: &mut Vec<usize>, results: &mut [Option<Result<RenderOutput, RenderError>>], error: &RenderError) {
+    for i in pending.drain(..) {
+        results[i] = Some(Err(error.clone()));
+    }
 }
 
 /// Renders the two halves of `pending` on their own and records their results.

@@ -81,44 +81,12 @@ fn convert(
     let obj = schema
         .as_object()
         .ok_or_else(|| SchemaError::new(path, "schema is not an object"))?;
-
     if let Some(reference) = obj.get("$ref").and_then(Value::as_str) {
-        let name = reference
-            .strip_prefix("#/components/schemas/")
-            .ok_or_else(|| SchemaError::new(path, format!("unsupported reference {reference}")))?;
-        if stack.iter().any(|s| s == name) {
-            return Err(SchemaError::new(
-                path,
-                format!("recursive definition #{name} cannot be expressed in a CRD schema"),
-            ));
-        }
-        let target = components
-            .get(name)
-            .ok_or_else(|| SchemaError::new(path, format!("reference to unknown definition #{name}")))?;
-        stack.push(name.to_string());
-        let mut inlined = convert(target, components, path, stack)?;
-        stack.pop();
-        // Keywords beside $ref (a description, say) apply on top of the definition.
-        if let Some(out) = inlined.as_object_mut() {
-            for (k, v) in obj {
-                if k != "$ref" && PASSTHROUGH.contains(&k.as_str()) {
-                    out.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        return Ok(inlined);
+        return inline_reference(obj, reference, components, path, stack);
     }
-
     for keyword in ["oneOf", "anyOf"] {
         if let Some(branches) = obj.get(keyword).and_then(Value::as_array) {
-            if let Some(merged) = struct_alternatives(obj, keyword, branches, path)? {
-                let mut out = convert(&merged.schema, components, path, stack)?;
-                if let Some(out) = out.as_object_mut() {
-                    out.insert("x-kubernetes-validations".into(), json!([merged.rule]));
-                }
-                return Ok(out);
-            }
-            return disjunction(obj, branches, path);
+            return alternatives(obj, keyword, branches, components, path, stack);
         }
     }
     if let Some(all) = obj.get("allOf").and_then(Value::as_array) {
@@ -131,6 +99,82 @@ fn convert(
         };
     }
 
+    let mut out = plain_keywords(obj, path)?;
+    match obj.get("type").and_then(Value::as_str) {
+        None => {
+            // `_`: any value.
+            out.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
+        }
+        Some("object") => object(obj, &mut out, components, path, stack)?,
+        Some("array") => {
+            let items = match obj.get("items") {
+                Some(items) => convert(items, components, &format!("{path}[]"), stack)?,
+                None => json!({"x-kubernetes-preserve-unknown-fields": true}),
+            };
+            out.insert("items".into(), items);
+        }
+        Some(_) => {}
+    }
+    Ok(Value::Object(out))
+}
+
+/// The definition `reference` names, converted in place: a CRD schema has no references.
+fn inline_reference(
+    obj: &Map<String, Value>,
+    reference: &str,
+    components: &Map<String, Value>,
+    path: &str,
+    stack: &mut Vec<String>,
+) -> Result<Value, SchemaError> {
+    let name = reference
+        .strip_prefix("#/components/schemas/")
+        .ok_or_else(|| SchemaError::new(path, format!("unsupported reference {reference}")))?;
+    if stack.iter().any(|s| s == name) {
+        return Err(SchemaError::new(
+            path,
+            format!("recursive definition #{name} cannot be expressed in a CRD schema"),
+        ));
+    }
+    let target = components
+        .get(name)
+        .ok_or_else(|| SchemaError::new(path, format!("reference to unknown definition #{name}")))?;
+    stack.push(name.to_string());
+    let mut inlined = convert(target, components, path, stack)?;
+    stack.pop();
+    // Keywords beside $ref (a description, say) apply on top of the definition.
+    if let Some(out) = inlined.as_object_mut() {
+        for (k, v) in obj {
+            if k != "$ref" && PASSTHROUGH.contains(&k.as_str()) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(inlined)
+}
+
+/// `oneOf`/`anyOf`: alternative structs become one struct with a validation rule, anything
+/// else a disjunction of values.
+fn alternatives(
+    obj: &Map<String, Value>,
+    keyword: &str,
+    branches: &[Value],
+    components: &Map<String, Value>,
+    path: &str,
+    stack: &mut Vec<String>,
+) -> Result<Value, SchemaError> {
+    let Some(merged) = struct_alternatives(obj, keyword, branches, path)? else {
+        return disjunction(obj, branches, path);
+    };
+    let mut out = convert(&merged.schema, components, path, stack)?;
+    if let Some(out) = out.as_object_mut() {
+        out.insert("x-kubernetes-validations".into(), json!([merged.rule]));
+    }
+    Ok(out)
+}
+
+/// The keywords of `obj` a CRD schema keeps as they are (or as Kubernetes spells them);
+/// properties and items are converted by the caller.
+fn plain_keywords(obj: &Map<String, Value>, path: &str) -> Result<Map<String, Value>, SchemaError> {
     let mut out = Map::new();
     for (key, value) in obj {
         match key.as_str() {
@@ -163,23 +207,7 @@ fn convert(
             }
         }
     }
-
-    match obj.get("type").and_then(Value::as_str) {
-        None => {
-            // `_`: any value.
-            out.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
-        }
-        Some("object") => object(obj, &mut out, components, path, stack)?,
-        Some("array") => {
-            let items = match obj.get("items") {
-                Some(items) => convert(items, components, &format!("{path}[]"), stack)?,
-                None => json!({"x-kubernetes-preserve-unknown-fields": true}),
-            };
-            out.insert("items".into(), items);
-        }
-        Some(_) => {}
-    }
-    Ok(Value::Object(out))
+    Ok(out)
 }
 
 fn object(
@@ -290,52 +318,10 @@ fn struct_alternatives(
     let mut conditions = Vec::new();
     let mut names = Vec::new();
     for branch in branches {
-        for (name, schema) in branch
-            .get("properties")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-        {
-            match properties.get(name) {
-                Some(existing) if existing != schema => {
-                    return Err(SchemaError::new(
-                        &format!("{path}.{name}"),
-                        "the field has different schemas in the alternatives of a disjunction",
-                    ));
-                }
-                _ => {
-                    properties.insert(name.clone(), schema.clone());
-                }
-            }
-        }
-        let required: Vec<&str> = branch
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        for name in &required {
-            if !is_cel_identifier(name) {
-                return Err(SchemaError::new(
-                    &format!("{path}.{name}"),
-                    "a field that selects an alternative of a disjunction needs a name CEL can address",
-                ));
-            }
-        }
-        conditions.push(match required.as_slice() {
-            [] => "true".to_string(),
-            fields => fields
-                .iter()
-                .map(|f| format!("has(self.{f})"))
-                .collect::<Vec<_>>()
-                .join(" && "),
-        });
-        names.push(if required.is_empty() {
-            "{}".to_string()
-        } else {
-            required.join(" and ")
-        });
+        merge_branch_fields(&mut properties, branch, path)?;
+        let (condition, name) = branch_selector(branch, path)?;
+        conditions.push(condition);
+        names.push(name);
     }
     let (quantifier, wording) = if keyword == "oneOf" {
         ("exists_one", "exactly one")
@@ -358,6 +344,63 @@ fn is_cel_identifier(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Adds the fields of one alternative to the struct's; a field both have must have one schema.
+fn merge_branch_fields(properties: &mut Map<String, Value>, branch: &Value, path: &str) -> Result<(), SchemaError> {
+    for (name, schema) in branch
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        match properties.get(name) {
+            Some(existing) if existing != schema => {
+                return Err(SchemaError::new(
+                    &format!("{path}.{name}"),
+                    "the field has different schemas in the alternatives of a disjunction",
+                ));
+            }
+            _ => {
+                properties.insert(name.clone(), schema.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How CEL tells that one alternative is chosen (its required fields are present), and its
+/// name in the rule's message.
+fn branch_selector(branch: &Value, path: &str) -> Result<(String, String), SchemaError> {
+    let required: Vec<&str> = branch
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    for name in &required {
+        if !is_cel_identifier(name) {
+            return Err(SchemaError::new(
+                &format!("{path}.{name}"),
+                "a field that selects an alternative of a disjunction needs a name CEL can address",
+            ));
+        }
+    }
+    let condition = match required.as_slice() {
+        [] => "true".to_string(),
+        fields => fields
+            .iter()
+            .map(|f| format!("has(self.{f})"))
+            .collect::<Vec<_>>()
+            .join(" && "),
+    };
+    let name = if required.is_empty() {
+        "{}".to_string()
+    } else {
+        required.join(" and ")
+    };
+    Ok((condition, name))
 }
 
 fn disjunction(obj: &Map<String, Value>, branches: &[Value], path: &str) -> Result<Value, SchemaError> {

@@ -6,11 +6,13 @@
 //! inventory. Teardown and pruning delete only what carries this graph's uid and, where the
 //! inventory recorded one, is still the object Pequod wrote; anything else is left alone.
 
+use std::collections::{BTreeSet, HashSet};
+
 use crate::api::names::{ADOPTED_FROM_ANNOTATION, GRAPH_UID_ANNOTATION};
 use serde_json::Value;
 
+use super::object::{GraphIdentity, LabelledGraph, is_orphan, labelled_graph, labels_name_graph};
 use crate::api::{ApplyMode, InventoryEntry};
-use crate::apply::{GraphIdentity, LabelledGraph, is_orphan, labelled_graph, labels_name_graph};
 
 /// Whose an existing object is, as seen from one graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +158,61 @@ pub fn let_go(entry: &InventoryEntry, live: &Value, graph: &GraphIdentity) -> Le
     LetGo::Delete
 }
 
+/// Whether two entries name the same object (their nodes and waves aside).
+fn same_object(a: &InventoryEntry, b: &InventoryEntry) -> bool {
+    a.api_version == b.api_version && a.kind == b.kind && a.namespace == b.namespace && a.name == b.name
+}
+
+/// The entries of `inventory` a pass prunes: objects none of `current` (what this pass
+/// applied) names, of nodes gone from the spec (`in_spec`) or whose object changed identity.
+/// A node still in the spec that applied nothing this pass keeps its object.
+pub fn stale(
+    inventory: &[InventoryEntry],
+    current: &BTreeSet<InventoryEntry>,
+    in_spec: &HashSet<&str>,
+) -> Vec<InventoryEntry> {
+    inventory
+        .iter()
+        .filter(|e| !current.iter().any(|c| same_object(c, e)))
+        .filter(|e| !in_spec.contains(e.node_id.as_str()) || current.iter().any(|c| c.node_id == e.node_id))
+        .cloned()
+        .collect()
+}
+
+/// `entries` split into those in the graph's `namespace` (or cluster-scoped), which teardown
+/// looks at, and the others: a graph writes only in its own namespace, so an entry elsewhere
+/// was written into its status by someone else and is neither read nor deleted.
+pub fn within<'a>(
+    entries: &'a [InventoryEntry],
+    namespace: &str,
+) -> (Vec<&'a InventoryEntry>, Vec<&'a InventoryEntry>) {
+    entries
+        .iter()
+        .partition(|e| e.namespace.as_ref().is_none_or(|ns| ns == namespace))
+}
+
+/// The wave teardown deletes from now: the highest one that still has objects (`waves`, of
+/// every object still there, deletable or not). Lower waves wait until it is gone.
+pub fn top_wave(waves: impl IntoIterator<Item = u32>) -> Option<u32> {
+    waves.into_iter().max()
+}
+
+/// Whether an object to delete is deleted in this pass: it is of the `top` wave and not
+/// already being deleted.
+pub fn delete_now(wave: u32, top: Option<u32>, being_deleted: bool) -> bool {
+    Some(wave) == top && !being_deleted
+}
+
+/// What a graph being deleted waits for: the objects of the highest wave still there.
+pub fn waiting_for(remaining: &[InventoryEntry]) -> Vec<String> {
+    let top = top_wave(remaining.iter().map(|e| e.wave));
+    remaining
+        .iter()
+        .filter(|e| Some(e.wave) == top)
+        .map(|e| format!("{} {}", e.kind, e.name))
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -253,7 +310,7 @@ pub(crate) mod tests {
         let mut g = graph();
         g.name = "note.example.com-web".into();
         g.uid = "uid-new".into();
-        g.predecessor = Some(crate::apply::Predecessor {
+        g.predecessor = Some(crate::executor::object::Predecessor {
             uid: "uid-web".into(),
             name: "web".into(),
         });
@@ -289,7 +346,7 @@ pub(crate) mod tests {
         let long = "w".repeat(100);
         let mut g = graph();
         g.name = format!("{long}-new");
-        g.predecessor = Some(crate::apply::Predecessor {
+        g.predecessor = Some(crate::executor::object::Predecessor {
             uid: "uid-old".into(),
             name: long.clone(),
         });
@@ -404,5 +461,71 @@ pub(crate) mod tests {
         let mut adopted = ours("o1");
         adopted["metadata"]["annotations"]["pequod.io/adopted-from"] = json!("legacy-tool");
         assert!(matches!(let_go(&entry(Some("o1")), &adopted, &g), LetGo::Release(_)));
+    }
+
+    fn at(node: &str, kind: &str, name: &str, wave: u32) -> InventoryEntry {
+        InventoryEntry {
+            node_id: node.into(),
+            api_version: "v1".into(),
+            kind: kind.into(),
+            namespace: Some("team".into()),
+            name: name.into(),
+            wave,
+            uid: None,
+        }
+    }
+
+    #[test]
+    fn a_pass_prunes_the_objects_of_removed_nodes_and_renamed_objects_only() {
+        let config = at("config", "ConfigMap", "web", 0);
+        let renamed = at("config", "ConfigMap", "web-2", 0);
+        let service = at("service", "Service", "web", 1);
+        let failed = at("deployment", "Deployment", "web", 2);
+        let inventory = [config.clone(), service.clone(), failed.clone()];
+        let in_spec: HashSet<&str> = ["config", "deployment"].into();
+        // (applied this pass, pruned)
+        let cases = [
+            (vec![config.clone()], vec![service.clone()]),
+            (vec![renamed.clone()], vec![config.clone(), service.clone()]),
+            (vec![config.clone(), failed.clone()], vec![service.clone()]),
+            (vec![], vec![service.clone()]),
+        ];
+        for (applied, pruned) in cases {
+            let current: BTreeSet<InventoryEntry> = applied.iter().cloned().collect();
+            assert_eq!(stale(&inventory, &current, &in_spec), pruned, "applied {applied:?}");
+        }
+    }
+
+    #[test]
+    fn teardown_goes_from_the_highest_wave_down_inside_the_graph_s_namespace() {
+        let mut elsewhere = at("config", "ConfigMap", "theirs", 0);
+        elsewhere.namespace = Some("other".into());
+        let mut cluster = at("role", "ClusterRole", "web", 0);
+        cluster.namespace = None;
+        let entries = [at("config", "ConfigMap", "web", 0), elsewhere.clone(), cluster.clone()];
+        let (looked_at, foreign) = within(&entries, "team");
+        assert_eq!(looked_at, [&entries[0], &cluster]);
+        assert_eq!(foreign, [&elsewhere]);
+
+        assert_eq!(top_wave([0, 2, 1]), Some(2));
+        assert_eq!(top_wave([]), None);
+        // (wave, top wave, being deleted) -> deleted now
+        let cases = [
+            ((2, Some(2), false), true),
+            ((1, Some(2), false), false),
+            ((2, Some(2), true), false),
+            ((0, None, false), false),
+        ];
+        for ((wave, top, deleting), now) in cases {
+            assert_eq!(delete_now(wave, top, deleting), now, "wave {wave} of top {top:?}");
+        }
+
+        let remaining = [
+            at("config", "ConfigMap", "web", 0),
+            at("deployment", "Deployment", "web", 2),
+            at("job", "Job", "migrate", 2),
+        ];
+        assert_eq!(waiting_for(&remaining), ["Deployment web", "Job migrate"]);
+        assert!(waiting_for(&[]).is_empty());
     }
 }

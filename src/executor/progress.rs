@@ -2,7 +2,7 @@
 //! what happened to it, and the graph's phase and conditions from its nodes' states. The one
 //! status decision of a reconcile is [`conclude`].
 
-use crate::api::condition_types::{DEGRADED, PROGRESSING, READY};
+use crate::api::condition_types::{DEGRADED, PROGRESSING, READY, VALID};
 use crate::api::reasons;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -249,14 +249,7 @@ pub fn conclude(
     time: &Time,
     generation: Option<i64>,
 ) -> Conclusion {
-    let most = node_text_bytes(total);
-    for state in status.node_states.values_mut() {
-        for text in [&mut state.message, &mut state.last_error].into_iter().flatten() {
-            if text.len() > most {
-                *text = cut(text, most);
-            }
-        }
-    }
+    trim_node_texts(status, total);
     let states = &status.node_states;
     let ready = states.values().filter(|s| is_ready(s)).count();
     let errors: Vec<String> = states
@@ -283,7 +276,39 @@ pub fn conclude(
         .map(|(id, s)| format!("{id}: {}", cut(s.message.as_deref().unwrap_or("pending"), QUOTED_BYTES)))
         .chain(prune_waiting.iter().map(|e| format!("pruning {} {}", e.kind, e.name)))
         .collect();
-    let conditions = if complete {
+    let conditions = graph_conditions(complete, errors, waiting, (ready, total));
+    status.ready_nodes = Some(format!("{ready}/{total}"));
+    let finished = record_execution(old, status, phase, time);
+    status.phase = Some(phase);
+    for condition in conditions {
+        set_condition(&mut status.conditions, condition, time, generation);
+    }
+    Conclusion {
+        became_ready: complete && !has_condition(&old.conditions, READY, ConditionStatus::True, None),
+        finished,
+    }
+}
+
+/// Cuts each node's message and last error to its share of the status.
+fn trim_node_texts(status: &mut ResourceGraphStatus, total: usize) {
+    let most = node_text_bytes(total);
+    for state in status.node_states.values_mut() {
+        for text in [&mut state.message, &mut state.last_error].into_iter().flatten() {
+            if text.len() > most {
+                *text = cut(text, most);
+            }
+        }
+    }
+}
+
+/// Ready, Progressing and Degraded: complete, failed (`errors`), or still applying (`waiting`).
+fn graph_conditions(
+    complete: bool,
+    errors: Vec<String>,
+    waiting: Vec<String>,
+    (ready, total): (usize, usize),
+) -> [Condition; 3] {
+    if complete {
         [
             Condition::new(
                 READY,
@@ -322,37 +347,109 @@ pub fn conclude(
             ),
             Condition::new(DEGRADED, false, reasons::PROGRESSING, "no node failed"),
         ]
-    };
-    status.ready_nodes = Some(format!("{ready}/{total}"));
-    let mut finished = None;
-    if status.phase != Some(phase) {
-        // An execution starts whenever the graph leaves a settled state (or has none yet),
-        // including one that completes within this very pass.
-        if old.phase != Some(GraphPhase::Executing) {
-            status.started_at = Some(time.clone());
-            status.completed_at = None;
-        }
-        if matches!(phase, GraphPhase::Completed | GraphPhase::Failed) {
-            status.completed_at = Some(time.clone());
-            let result = if phase == GraphPhase::Completed {
-                "success"
-            } else {
-                "failure"
-            };
-            finished = status
-                .started_at
-                .as_ref()
-                .map(|started| (result, seconds_between(started, time) as f64));
-        }
     }
-    status.phase = Some(phase);
-    for condition in conditions {
+}
+
+/// The execution's timestamps when the phase changes to `phase`; the result and duration when
+/// an execution ended.
+fn record_execution(
+    old: &ResourceGraphStatus,
+    status: &mut ResourceGraphStatus,
+    phase: GraphPhase,
+    time: &Time,
+) -> Option<(&'static str, f64)> {
+    if status.phase == Some(phase) {
+        return None;
+    }
+    // An execution starts whenever the graph leaves a settled state (or has none yet),
+    // including one that completes within this very pass.
+    if old.phase != Some(GraphPhase::Executing) {
+        status.started_at = Some(time.clone());
+        status.completed_at = None;
+    }
+    if !matches!(phase, GraphPhase::Completed | GraphPhase::Failed) {
+        return None;
+    }
+    status.completed_at = Some(time.clone());
+    let result = if phase == GraphPhase::Completed {
+        "success"
+    } else {
+        "failure"
+    };
+    status
+        .started_at
+        .as_ref()
+        .map(|started| (result, seconds_between(started, time) as f64))
+}
+
+/// Records a graph that is not applied at all (invalid, or reaching too far): Valid, Ready and
+/// Progressing false and Degraded true with `reason`, phase Failed. Returns whether this is
+/// news to tell in an event: the graph was not refused before, or for another reason or
+/// message.
+pub fn refused(
+    old: &ResourceGraphStatus,
+    status: &mut ResourceGraphStatus,
+    (reason, message): (&str, &str),
+    time: &Time,
+    generation: Option<i64>,
+) -> bool {
+    for condition in [
+        Condition::new(VALID, false, reason, message),
+        Condition::new(READY, false, reason, "the graph is not applied; nothing was written"),
+        Condition::new(PROGRESSING, false, reason, "the graph is not applied"),
+        Condition::new(DEGRADED, true, reason, message),
+    ] {
         set_condition(&mut status.conditions, condition, time, generation);
     }
-    Conclusion {
-        became_ready: complete && !has_condition(&old.conditions, READY, ConditionStatus::True, None),
-        finished,
-    }
+    status.phase = Some(GraphPhase::Failed);
+    old.phase != Some(GraphPhase::Failed)
+        || !has_condition(&old.conditions, VALID, ConditionStatus::False, Some(reason))
+        || old.conditions.iter().any(|c| c.type_ == VALID && c.message != message)
+}
+
+/// Message of the Valid condition of a graph in the shape of earlier releases.
+pub const DEPRECATED_SHAPE_MESSAGE: &str = "the graph is valid; it is written in the shape of earlier releases \
+     (spec.nodes with object and dependsOn), which is read until the API's next version: write spec.graph.nodes \
+     with resource and dependencies";
+
+/// Records a graph that passed validation, in the current shape or in that of earlier
+/// releases (`legacy_shape`).
+pub fn validated(status: &mut ResourceGraphStatus, legacy_shape: bool, time: &Time, generation: Option<i64>) {
+    let valid = if legacy_shape {
+        Condition::new(VALID, true, reasons::DEPRECATED_SHAPE, DEPRECATED_SHAPE_MESSAGE)
+    } else {
+        Condition::new(VALID, true, reasons::VALID, "the graph is valid")
+    };
+    set_condition(&mut status.conditions, valid, time, generation);
+}
+
+/// Records a deleted graph whose objects are not all gone: its inventory is what `remaining`
+/// holds, and Ready says which objects it waits for (those of the highest wave) and which it
+/// could not look up (`failures`).
+pub fn deleting(
+    status: &mut ResourceGraphStatus,
+    remaining: Vec<InventoryEntry>,
+    failures: &[String],
+    time: &Time,
+    generation: Option<i64>,
+) {
+    let waiting = crate::executor::ownership::waiting_for(&remaining);
+    let unknown = if failures.is_empty() {
+        String::new()
+    } else {
+        format!("; cannot look up {}", failures.join("; "))
+    };
+    let message = format!(
+        "deleting in reverse dependency order; waiting for {}{unknown}",
+        waiting.join(", ")
+    );
+    set_condition(
+        &mut status.conditions,
+        Condition::new(READY, false, reasons::DELETING, message),
+        time,
+        generation,
+    );
+    status.inventory = remaining;
 }
 
 /// Settled graphs are looked at again after this long; watch events of their objects bring
@@ -628,5 +725,86 @@ mod tests {
         assert_eq!(next_check(retry, false, true, None), retry);
         assert_eq!(next_check(retry, false, false, deadline), Duration::from_secs(40));
         assert_eq!(next_check(retry, false, false, None), RESYNC);
+    }
+
+    #[test]
+    fn a_refused_graph_is_told_once_per_reason_and_message() {
+        let refuse = |old: &ResourceGraphStatus, reason: &str, message: &str| {
+            let mut status = old.clone();
+            let news = refused(old, &mut status, (reason, message), &at(100), Some(1));
+            (status, news)
+        };
+        let (first, news) = refuse(&ResourceGraphStatus::default(), "InvalidGraph", "a cycle");
+        assert!(news);
+        assert_eq!(first.phase, Some(GraphPhase::Failed));
+        for (type_, status) in [
+            (VALID, ConditionStatus::False),
+            (READY, ConditionStatus::False),
+            (PROGRESSING, ConditionStatus::False),
+            (DEGRADED, ConditionStatus::True),
+        ] {
+            let c = condition(&first, type_);
+            assert_eq!((c.status, c.reason.as_str()), (status, "InvalidGraph"), "{type_}");
+        }
+        // (refused again with reason, message) -> news
+        let cases = [
+            (("InvalidGraph", "a cycle"), false),
+            (("InvalidGraph", "another cycle"), true),
+            (("GrantWithdrawn", "a cycle"), true),
+        ];
+        for ((reason, message), news) in cases {
+            assert_eq!(refuse(&first, reason, message).1, news, "{reason}: {message}");
+        }
+        let mut recovered = first.clone();
+        recovered.phase = Some(GraphPhase::Completed);
+        assert!(
+            refuse(&recovered, "InvalidGraph", "a cycle").1,
+            "refused again after a success"
+        );
+    }
+
+    #[test]
+    fn a_valid_graph_says_which_shape_it_is_written_in() {
+        // (legacy shape) -> reason
+        for (legacy, reason) in [(false, reasons::VALID), (true, reasons::DEPRECATED_SHAPE)] {
+            let mut status = ResourceGraphStatus::default();
+            validated(&mut status, legacy, &at(100), Some(2));
+            let c = condition(&status, VALID);
+            assert_eq!((c.status, c.reason.as_str()), (ConditionStatus::True, reason));
+            assert_eq!(c.observed_generation, Some(2));
+        }
+    }
+
+    #[test]
+    fn a_deleted_graph_waits_for_its_highest_wave() {
+        let entry = |kind: &str, wave: u32| InventoryEntry {
+            node_id: kind.to_lowercase(),
+            api_version: "v1".into(),
+            kind: kind.into(),
+            namespace: Some("team".into()),
+            name: "web".into(),
+            wave,
+            uid: None,
+        };
+        let remaining = vec![entry("ConfigMap", 0), entry("Deployment", 1)];
+        // (lookup failures) -> Ready's message
+        let cases: [(&[String], &str); 2] = [
+            (&[], "deleting in reverse dependency order; waiting for Deployment web"),
+            (
+                &["Service web: timed out".to_string()],
+                "deleting in reverse dependency order; waiting for Deployment web; cannot look up Service web: timed out",
+            ),
+        ];
+        for (failures, message) in cases {
+            let mut status = ResourceGraphStatus::default();
+            deleting(&mut status, remaining.clone(), failures, &at(100), Some(1));
+            let ready = condition(&status, READY);
+            assert_eq!(
+                (ready.status, ready.reason.as_str()),
+                (ConditionStatus::False, reasons::DELETING)
+            );
+            assert_eq!(ready.message, message);
+            assert_eq!(status.inventory, remaining);
+        }
     }
 }

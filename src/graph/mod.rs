@@ -1,6 +1,7 @@
 //! The resource graph: validation and dependency order, shared by the renderer (which
 //! refuses to produce an invalid graph) and the executor (which refuses to run one).
 
+pub mod generated;
 pub mod reference;
 
 use crate::api::names::AGGREGATE_LABEL;
@@ -119,6 +120,42 @@ fn json_bytes(nodes: &[Node]) -> usize {
 
 /// Checks size, ids, dependencies, cycles and object identity, and computes the execution order.
 pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
+    check_size(nodes)?;
+    let mut edges = Edges::default();
+    for (position, node) in nodes.iter().enumerate() {
+        edges.add_node(position, node)?;
+        check_node(node)?;
+    }
+    for node in nodes {
+        for dep in &node.depends_on {
+            if !edges.index.contains_key(dep.as_str()) {
+                return Err(GraphError::UnknownDependency {
+                    node: node.id.clone(),
+                    dependency: dep.clone(),
+                });
+            }
+            edges.add(dep, &node.id);
+        }
+    }
+    // A reference to another node's live field makes that node a dependency.
+    let kinds: BTreeMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.kind())).collect();
+    for node in nodes {
+        let place = format!("node {:?}", node.id);
+        check_static_identity(node, &place)?;
+        for referenced in checked_references(&node.object, &kinds, &place)? {
+            if referenced == node.id {
+                return Err(GraphError::InvalidReference {
+                    place,
+                    why: "a node cannot use its own live fields".into(),
+                });
+            }
+            edges.add(&referenced, &node.id);
+        }
+    }
+    edges.into_dag(nodes)
+}
+
+fn check_size(nodes: &[Node]) -> Result<(), GraphError> {
     if nodes.is_empty() {
         return Err(GraphError::Empty);
     }
@@ -135,122 +172,124 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
             max: MAX_GRAPH_BYTES,
         });
     }
-    let mut graph: DiGraph<&str, ()> = DiGraph::new();
-    let mut index: BTreeMap<&str, NodeIndex> = BTreeMap::new();
-    for (i, node) in nodes.iter().enumerate() {
+    Ok(())
+}
+
+/// One node on its own: its object, the Secret values it asks Pequod to generate, its gates.
+fn check_node(node: &Node) -> Result<(), GraphError> {
+    check_object(node)?;
+    generated::check(
+        node.api_version(),
+        node.kind(),
+        node.apply_policy.mode == crate::api::ApplyMode::Create,
+        &node.object,
+    )
+    .map_err(|problem| GraphError::MalformedObject {
+        node: node.id.clone(),
+        problem,
+    })?;
+    check_sensitive_gates(node)?;
+    for gate in node
+        .ready_when
+        .iter()
+        .filter(|g| g.type_ == crate::api::ReadyGateType::Expression)
+    {
+        crate::readiness::check_expression(gate.expression.as_deref().unwrap_or_default()).map_err(|why| {
+            GraphError::InvalidExpression {
+                node: node.id.clone(),
+                why: why.to_string(),
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// An object's identity is known before anything is applied: what it is, where, and its name
+/// never come from live values.
+fn check_static_identity(node: &Node, place: &str) -> Result<(), GraphError> {
+    for pointer in ["/apiVersion", "/kind", "/metadata/name", "/metadata/namespace"] {
+        if node
+            .object
+            .pointer(pointer)
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| v.contains("${"))
+        {
+            return Err(GraphError::InvalidReference {
+                place: place.to_string(),
+                why: format!("{} cannot reference a live field", &pointer[1..].replace('/', ".")),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The dependencies between nodes, as validation finds them.
+#[derive(Default)]
+struct Edges<'a> {
+    graph: DiGraph<&'a str, ()>,
+    index: BTreeMap<&'a str, NodeIndex>,
+    dependencies: BTreeMap<String, BTreeSet<String>>,
+    dependants: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl<'a> Edges<'a> {
+    /// Adds the node at `position` in the graph, once its id is valid and its own.
+    fn add_node(&mut self, position: usize, node: &'a Node) -> Result<(), GraphError> {
         if node.id.is_empty() {
-            return Err(GraphError::EmptyId { index: i });
+            return Err(GraphError::EmptyId { index: position });
         }
         if !valid_id(&node.id) {
             return Err(GraphError::InvalidId { id: node.id.clone() });
         }
-        if index.insert(&node.id, graph.add_node(&node.id)).is_some() {
+        if self.index.insert(&node.id, self.graph.add_node(&node.id)).is_some() {
             return Err(GraphError::DuplicateId { id: node.id.clone() });
         }
-        check_object(node)?;
-        crate::apply::generated::check(
-            node.api_version(),
-            node.kind(),
-            node.apply_policy.mode == crate::api::ApplyMode::Create,
-            &node.object,
-        )
-        .map_err(|problem| GraphError::MalformedObject {
-            node: node.id.clone(),
-            problem,
-        })?;
-        check_sensitive_gates(node)?;
-        for gate in node
-            .ready_when
-            .iter()
-            .filter(|g| g.type_ == crate::api::ReadyGateType::Expression)
-        {
-            crate::readiness::check_expression(gate.expression.as_deref().unwrap_or_default()).map_err(|why| {
-                GraphError::InvalidExpression {
-                    node: node.id.clone(),
-                    why: why.to_string(),
-                }
-            })?;
-        }
+        self.dependencies.entry(node.id.clone()).or_default();
+        self.dependants.entry(node.id.clone()).or_default();
+        Ok(())
     }
-    let mut dependencies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut dependants: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for node in nodes {
-        dependencies.entry(node.id.clone()).or_default();
-        dependants.entry(node.id.clone()).or_default();
-    }
-    for node in nodes {
-        for dep in &node.depends_on {
-            let Some(&from) = index.get(dep.as_str()) else {
-                return Err(GraphError::UnknownDependency {
-                    node: node.id.clone(),
-                    dependency: dep.clone(),
-                });
-            };
-            graph.update_edge(from, index[node.id.as_str()], ());
-            dependencies.entry(node.id.clone()).or_default().insert(dep.clone());
-            dependants.entry(dep.clone()).or_default().insert(node.id.clone());
-        }
-    }
-    // A reference to another node's live field makes that node a dependency.
-    let kinds: BTreeMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.kind())).collect();
-    for node in nodes {
-        let place = format!("node {:?}", node.id);
-        // An object's identity is known before anything is applied: what it is, where, and
-        // its name never come from live values.
-        for pointer in ["/apiVersion", "/kind", "/metadata/name", "/metadata/namespace"] {
-            if node
-                .object
-                .pointer(pointer)
-                .and_then(|v| v.as_str())
-                .is_some_and(|v| v.contains("${"))
-            {
-                return Err(GraphError::InvalidReference {
-                    place,
-                    why: format!("{} cannot reference a live field", &pointer[1..].replace('/', ".")),
-                });
-            }
-        }
-        for referenced in checked_references(&node.object, &kinds, &place)? {
-            if referenced == node.id {
-                return Err(GraphError::InvalidReference {
-                    place,
-                    why: "a node cannot use its own live fields".into(),
-                });
-            }
-            graph.update_edge(index[referenced.as_str()], index[node.id.as_str()], ());
-            dependencies
-                .entry(node.id.clone())
-                .or_default()
-                .insert(referenced.clone());
-            dependants.entry(referenced).or_default().insert(node.id.clone());
-        }
-    }
-    let sorted = toposort(&graph, None).map_err(|_| GraphError::Cycle {
-        cycle: find_cycle(&graph),
-    })?;
 
-    // Waves by longest path from a root; within a wave, spec order.
-    let mut depth: BTreeMap<&str, usize> = BTreeMap::new();
-    for idx in &sorted {
-        let id = graph[*idx];
-        let d = dependencies[id]
-            .iter()
-            .map(|dep| depth[dep.as_str()] + 1)
-            .max()
-            .unwrap_or(0);
-        depth.insert(id, d);
+    /// `node` waits for `on`; both are known nodes.
+    fn add(&mut self, on: &str, node: &str) {
+        self.graph.update_edge(self.index[on], self.index[node], ());
+        self.dependencies
+            .entry(node.to_string())
+            .or_default()
+            .insert(on.to_string());
+        self.dependants
+            .entry(on.to_string())
+            .or_default()
+            .insert(node.to_string());
     }
-    let mut waves: Vec<Vec<String>> = vec![Vec::new(); depth.values().max().map_or(0, |m| m + 1)];
-    for node in nodes {
-        waves[depth[node.id.as_str()]].push(node.id.clone());
+
+    /// The execution order, unless the dependencies form a cycle: waves by longest path from a
+    /// root; within a wave, spec order.
+    fn into_dag(self, nodes: &[Node]) -> Result<Dag, GraphError> {
+        let sorted = toposort(&self.graph, None).map_err(|_| GraphError::Cycle {
+            cycle: find_cycle(&self.graph),
+        })?;
+        let mut depth: BTreeMap<&str, usize> = BTreeMap::new();
+        for idx in &sorted {
+            let id = self.graph[*idx];
+            let d = self.dependencies[id]
+                .iter()
+                .map(|dep| depth[dep.as_str()] + 1)
+                .max()
+                .unwrap_or(0);
+            depth.insert(id, d);
+        }
+        let mut waves: Vec<Vec<String>> = vec![Vec::new(); depth.values().max().map_or(0, |m| m + 1)];
+        for node in nodes {
+            waves[depth[node.id.as_str()]].push(node.id.clone());
+        }
+        let order = waves.iter().flatten().cloned().collect();
+        Ok(Dag {
+            order,
+            waves,
+            dependencies: self.dependencies,
+            dependants: self.dependants,
+        })
     }
-    let order = waves.iter().flatten().cloned().collect();
-    Ok(Dag {
-        order,
-        waves,
-        dependencies,
-        dependants,
-    })
 }
 
 /// The nodes `value` (held by `holder`, a node id or an output) references, each checked: it

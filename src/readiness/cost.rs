@@ -287,6 +287,7 @@ fn entries<'e>(entries: impl Iterator<Item = &'e EntryExpr>, scope: &mut Scope) 
 }
 
 /// An operator or function: its arguments (target first), then its own work.
+// Long, but one flat table with a row per operator or function: clearer whole.
 fn call(name: &str, args: &[Estimate]) -> Estimate {
     let arguments = total(args);
     let size = |i: usize| args.get(i).map_or(Size::SCALAR, Estimate::size);

@@ -1,6 +1,7 @@
 //! HTTP endpoints: /metrics on the metrics address, /healthz and /readyz on the probe address.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -10,11 +11,47 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::cli::BindAddress;
-
+use crate::metrics::Metrics;
 use crate::runtime::health::{Health, Probe};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
+
+/// A listen address in the form Go operators use: `:8443` means every interface, IPv6 and
+/// IPv4; `0` disables the listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindAddress {
+    Disabled,
+    /// `:PORT`: every interface of both address families (see [`listen`]).
+    AllInterfaces(u16),
+    /// `host:port` as given.
+    Exact(SocketAddr),
+}
+
+impl FromStr for BindAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Self::Disabled);
+        }
+        let invalid =
+            |e: &dyn std::fmt::Display| format!("invalid bind address {s:?} (want host:port, :port or 0): {e}");
+        match s.strip_prefix(':') {
+            Some(port) => port.parse::<u16>().map(Self::AllInterfaces).map_err(|e| invalid(&e)),
+            None => s.parse::<SocketAddr>().map(Self::Exact).map_err(|e| invalid(&e)),
+        }
+    }
+}
+
+impl std::fmt::Display for BindAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Disabled => f.write_str("0"),
+            Self::AllInterfaces(port) => write!(f, ":{port}"),
+            Self::Exact(addr) => write!(f, "{addr}"),
+        }
+    }
+}
 
 pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
     Router::new().route("/metrics", get(serve_metrics)).with_state(metrics)

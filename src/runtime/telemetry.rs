@@ -16,7 +16,34 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
 
-use crate::cli::{LogEncoder, LogLevel};
+use clap::ValueEnum;
+
+/// `--zap-log-level`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// `--zap-encoder`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogEncoder {
+    Json,
+    Console,
+}
 
 /// Installs the global tracing subscriber. `RUST_LOG`, when set, overrides the level for
 /// finer per-module filtering.

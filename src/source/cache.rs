@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cue::ModuleFiles;
 use crate::lru::Lru;
-use crate::runtime::metrics::Metrics;
+use crate::metrics::Metrics;
 
 const RESOLUTIONS_FILE: &str = "resolutions.json";
 const MODULES_DIR: &str = "modules";

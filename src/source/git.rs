@@ -196,6 +196,7 @@ impl Git {
 
     /// Fetches `revision` (a commit SHA, or a branch or tag name) with depth 1 and returns the
     /// commit it is and a tar of `path` at that commit.
+    // Long only as its git commands are laid out: one sequence, clearer whole.
     pub async fn fetch(
         &self,
         reference: &GitReference,
@@ -288,26 +289,7 @@ impl Git {
         work: &WorkDir,
         args: &[&str],
     ) -> Result<Vec<u8>, GitError> {
-        let mut command = Command::new(&self.binary);
-        for setting in &route.config {
-            command.args(["-c", setting]);
-        }
-        command
-            .args(args)
-            .current_dir(&work.0)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            // No user or system configuration, prompts or credential helpers.
-            .env("HOME", &work.0)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("GIT_ASKPASS", "/bin/false")
-            .env("SSH_ASKPASS", "/bin/false")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut command = self.isolated_command(route, work, args);
         configure_auth(&mut command, auth, &route.ssh_options, &work.0).map_err(|e| GitError::Spawn {
             binary: self.binary.display().to_string(),
             message: format!("writing credentials: {e}"),
@@ -338,22 +320,7 @@ impl Git {
         if output.status.success() {
             return Ok(output.stdout);
         }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let mut message = stderr
-            .replace(&reference.url, &reference.display_url())
-            .replace(&route.url, &reference.display_url())
-            .trim()
-            .to_string();
-        if message.len() > MAX_MESSAGE {
-            let cut = (0..=MAX_MESSAGE)
-                .rev()
-                .find(|i| message.is_char_boundary(*i))
-                .unwrap_or(0);
-            message.truncate(cut);
-        }
-        if message.is_empty() {
-            message = format!("exited with {}", output.status);
-        }
+        let message = failure_message(&output, reference, route);
         Err(GitError::Failed {
             operation,
             url: reference.display_url(),
@@ -361,6 +328,52 @@ impl Git {
             message,
         })
     }
+
+    /// git with `args` in `work`, with the route's settings and nothing of the user's or the
+    /// system's: no configuration, prompts or credential helpers.
+    fn isolated_command(&self, route: &Route, work: &WorkDir, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        for setting in &route.config {
+            command.args(["-c", setting]);
+        }
+        command
+            .args(args)
+            .current_dir(&work.0)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &work.0)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .env("SSH_ASKPASS", "/bin/false")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+}
+
+/// What git said on failure, with the URL as shown to users (no credentials) and bounded.
+fn failure_message(output: &std::process::Output, reference: &GitReference, route: &Route) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mut message = stderr
+        .replace(&reference.url, &reference.display_url())
+        .replace(&route.url, &reference.display_url())
+        .trim()
+        .to_string();
+    if message.len() > MAX_MESSAGE {
+        let cut = (0..=MAX_MESSAGE)
+            .rev()
+            .find(|i| message.is_char_boundary(*i))
+            .unwrap_or(0);
+        message.truncate(cut);
+    }
+    if message.is_empty() {
+        message = format!("exited with {}", output.status);
+    }
+    message
 }
 
 /// Passes credentials through the environment, never the command line (visible in `ps`),

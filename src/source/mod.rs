@@ -29,7 +29,7 @@ use self::oci::{OciError, Registries};
 use self::reference::{GitReference, GitRevision, ModulePath, OciReference, ReferenceError};
 use crate::api::{CueRef, CueRefType};
 use crate::cue::{ModuleError, ModuleFiles};
-use crate::runtime::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Why a module could not be fetched.
 #[derive(Debug, thiserror::Error)]

@@ -3,8 +3,12 @@
 //! read metrics. The test binaries, the benchmarks and the demo use it.
 
 pub mod control_plane;
+pub mod grants;
+pub mod instances;
+pub mod modules;
 pub mod remote;
 pub mod restricted;
+pub mod transforms;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -492,7 +496,6 @@ impl Drop for OperatorProcess {
     }
 }
 
-/// Path of a client tool installed by `make tools`, overridable through an environment variable.
 /// Runs kubectl with `kubeconfig` and `args`, feeding it `stdin`; returns its output.
 pub fn kubectl_with_input(kubeconfig: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     use std::io::Write as _;
@@ -514,6 +517,17 @@ pub fn kubectl_with_input(kubeconfig: &Path, args: &[&str], stdin: &str) -> std:
     child.wait_with_output().expect("kubectl output")
 }
 
+/// Runs kubectl as `user` (impersonated by the test's admin) in the test's namespace, with
+/// `stdin`.
+pub fn kubectl_as(env: &TestEnv, user: &str, args: &[&str], stdin: &str) -> std::process::Output {
+    let args: Vec<&str> = ["--as", user, "-n", env.namespace.as_str()]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    kubectl_with_input(&env.kubeconfig, &args, stdin)
+}
+
+/// Path of a client tool installed by `make tools`, overridable through an environment variable.
 pub fn tool(name: &str, env: &str) -> PathBuf {
     std::env::var_os(env)
         .map(PathBuf::from)
@@ -689,30 +703,6 @@ pub async fn apiserver_requests(client: &Client) -> std::collections::BTreeMap<S
     }
     out
 }
-
-/// A platform module: a Note is a ConfigMap, then a ServiceAccount that waits for it.
-pub const NOTE_MODULE: &str = r#"package note
-
-#Metadata: kind: "Note"
-
-#Input: {
-	text: string
-}
-
-#Render: {
-	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
-	output: nodes: [{
-		id: "config"
-		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: text: input.spec.text}
-		readyWhen: [{type: "Exists"}]
-	}, {
-		id: "account"
-		dependsOn: ["config"]
-		object: {apiVersion: "v1", kind: "ServiceAccount", metadata: name: input.metadata.name}
-		readyWhen: [{type: "Exists"}]
-	}]
-}
-"#;
 
 /// Accepts any server certificate: the tests talk to a self-signed operator on loopback.
 #[derive(Debug)]

@@ -26,6 +26,7 @@ use pequod::api::{ResourceGraph, Transform};
 use serde_json::json;
 use support::OperatorProcess;
 use support::control_plane::{audit_mark, writes_since};
+use support::transforms::apply_transform;
 
 const INSTANCES: usize = if option_env!("PEQUOD_BENCH_QUICK").is_some() {
     100
@@ -63,12 +64,12 @@ async fn main() {
     let operator = start(&env);
 
     let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
-    let t = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform", "metadata": {"name": "webservice"},
-                   "spec": {"cueRef": {"type": "embedded", "ref": "webservice"}, "group": group}});
-    transforms
-        .patch("webservice", &PatchParams::apply("bench"), &Patch::Apply(t))
-        .await
-        .unwrap();
+    apply_transform(
+        &transforms,
+        "webservice",
+        json!({"cueRef": {"type": "embedded", "ref": "webservice"}, "group": group}),
+    )
+    .await;
     let api_version = format!("{group}/v1alpha1");
     support::wait_transform_ready(&transforms, "webservice").await;
     let webservices = support::dynamic_api(&env.client, &api_version, "WebService", &env.namespace).await;

@@ -8,7 +8,9 @@
 //!   on the status, cue processes and apiserver requests.
 //!
 //! The candidate adds a label to every object, so each instance has two updates, each checked
-//! with a server-side apply dry run. `make bench-plan` runs it.
+//! with a server-side apply dry run. Then the rollout of that plan: unpaused in batches of 10%,
+//! until every instance has the candidate; its wall time, the Transform's reconciles, the
+//! apiserver requests and the operator's writes. `make bench-plan` runs it.
 
 use pequod_testkit as support;
 
@@ -16,12 +18,13 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use pequod::api::Transform;
+use pequod::api::{RolloutPhase, Transform};
 use serde_json::{Value, json};
 use support::OperatorProcess;
+use support::modules::put_module_files;
+use support::transforms::apply_transform;
 
 const INSTANCES: usize = if option_env!("PEQUOD_BENCH_QUICK").is_some() {
     100
@@ -52,20 +55,6 @@ fn module(part_of: Option<&str>) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn put_module(client: &kube::Client, namespace: &str, files: BTreeMap<String, String>) {
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": "webservice-module", "labels": {"pequod.io/cue-module": "true"}},
-                    "data": files});
-    Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .patch(
-            "webservice-module",
-            &PatchParams::apply("bench").force(),
-            &Patch::Apply(cm),
-        )
-        .await
-        .unwrap();
-}
-
 /// Requests the apiserver served between two readings, largest first.
 fn requests_between(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> (f64, Vec<(String, f64)>) {
     let mut by_kind: Vec<(String, f64)> = after
@@ -88,15 +77,15 @@ async fn main() {
         &cue,
         &["--zap-log-level=warn", "--trusted-transform-namespaces=*"],
     );
-    put_module(&env.client, &env.namespace, module(None)).await;
+    put_module_files(&env.client, &env.namespace, "webservice-module", module(None)).await;
     let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
-    let t = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform", "metadata": {"name": "webservice"},
-                   "spec": {"cueRef": {"type": "configmap", "ref": "webservice-module"}, "group": group,
-                            "rollout": {"strategy": "Staged", "paused": true}}});
-    transforms
-        .patch("webservice", &PatchParams::apply("bench"), &Patch::Apply(t))
-        .await
-        .unwrap();
+    apply_transform(
+        &transforms,
+        "webservice",
+        json!({"cueRef": {"type": "configmap", "ref": "webservice-module"}, "group": group,
+               "rollout": {"strategy": "Staged", "paused": true}}),
+    )
+    .await;
     support::wait_transform_ready(&transforms, "webservice").await;
     let api_version = format!("{group}/v1alpha1");
     let webservices = support::dynamic_api(&env.client, &api_version, "WebService", &env.namespace).await;
@@ -167,7 +156,13 @@ async fn main() {
     let cue_before = support::metric_sum(&operator.metrics, cue_metric).await;
     let before = support::apiserver_requests(&env.client).await;
     let in_cluster_started = Instant::now();
-    put_module(&env.client, &env.namespace, module(Some("platform"))).await;
+    put_module_files(
+        &env.client,
+        &env.namespace,
+        "webservice-module",
+        module(Some("platform")),
+    )
+    .await;
     let summary = support::wait_for("the plan on the Transform", Duration::from_secs(600), || async {
         let t = transforms.get("webservice").await.map_err(|e| e.to_string())?;
         match t.status.and_then(|s| s.rollout).and_then(|r| r.plan) {
@@ -208,5 +203,43 @@ async fn main() {
         "  planned: {} instances, {} updates ({} dry runs), {} affected",
         summary.instances, summary.updated, updates, summary.affected
     );
+
+    // The rollout of the candidate. Its driver writes the Transform's status as batches start
+    // and instances move; only the unpausing is a change of the Transform's spec.
+    let transform_reconciles = "pequod_reconcile_total{controller=\"transform\"";
+    let reconciles_before = support::metric_sum(&operator.metrics, transform_reconciles).await;
+    let before = support::apiserver_requests(&env.client).await;
+    let mark = support::control_plane::audit_mark();
+    let rollout_started = Instant::now();
+    let unpause = json!({"spec": {"rollout": {"paused": false, "batchSize": "10%"}}});
+    transforms
+        .patch("webservice", &PatchParams::default(), &Patch::Merge(unpause))
+        .await
+        .unwrap();
+    support::wait_for("the rollout to complete", Duration::from_secs(1800), || async {
+        let t = transforms.get("webservice").await.map_err(|e| e.to_string())?;
+        match t.status.and_then(|s| s.rollout) {
+            Some(r) if r.target_digest == digest && r.phase == Some(RolloutPhase::Complete) => Ok(()),
+            other => Err(format!("{:?}", other.map(|r| (r.phase, r.updated, r.progress)))),
+        }
+    })
+    .await;
+    let rollout_time = rollout_started.elapsed();
+    // Status writes that trail the last batch are part of the rollout.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rollout_reconciles = support::metric_sum(&operator.metrics, transform_reconciles).await - reconciles_before;
+    let (rollout_requests, rollout_by_kind) =
+        requests_between(&before, &support::apiserver_requests(&env.client).await);
+    let rollout_writes = support::control_plane::writes_since(mark);
+    println!(
+        "  rollout in batches of 10%: {:>9.2?}  {} Transform reconciles  {} apiserver requests ({:.1} per instance)  {} operator writes",
+        rollout_time,
+        rollout_reconciles,
+        rollout_requests,
+        rollout_requests / INSTANCES as f64,
+        rollout_writes.values().sum::<u64>()
+    );
+    println!("                      {rollout_by_kind:?}");
+    println!("                      {rollout_writes:?}");
     drop(operator);
 }

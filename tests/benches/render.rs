@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pequod::cue::{CueCli, ModuleFiles, Renderer, RendererConfig, render_input};
-use pequod::runtime::metrics::Metrics;
+use pequod::metrics::Metrics;
 use serde_json::{Value, json};
 
 const ROUNDS: usize = 3;
@@ -34,7 +34,7 @@ async fn main() {
     let metrics = Arc::new(Metrics::new().unwrap());
     // Under the operator's default memory limit, as in production.
     let cli = CueCli::new(&cue, Duration::from_secs(120), 2)
-        .with_memory_limit(pequod::cue::cli::DEFAULT_MEMORY_LIMIT_MIB * 1024 * 1024)
+        .with_memory_limit(pequod::cue::process::DEFAULT_MEMORY_LIMIT_MIB * 1024 * 1024)
         .with_metrics(metrics.clone());
     let renderer = Renderer::new(cli, RendererConfig::new(cache.path()), metrics.clone());
     let invocations = || -> u64 {

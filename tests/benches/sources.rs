@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pequod::api::{CueRef, CueRefType};
-use pequod::runtime::metrics::Metrics;
+use pequod::metrics::Metrics;
 use pequod::source::credentials::RegistryCredentials;
 use pequod::source::{Fetcher, FetcherConfig};
 use support::remote::{GitRepo, Registry};
@@ -69,7 +69,7 @@ async fn main() {
         env!("CARGO_MANIFEST_DIR"),
         "/cue/platform/webservice/schema.cue"
     ))
-    .unwrap_or_else(|_| support::NOTE_MODULE.to_string());
+    .unwrap_or_else(|_| support::modules::NOTE_MODULE.to_string());
     let digest = support::remote::publish(
         &registry.addr,
         "platforms/web",

@@ -8,10 +8,10 @@ use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::executor::kubectl_as;
-use crate::instances::{acting_reason, apply_instance, forget_grants, patch_graph_as, serve_grants, wait_instance};
-use crate::support::{self, wait_for};
-use crate::transforms::{WAIT, group, setup};
+use crate::support::grants::{acting_reason, forget_grants, patch_graph_as, serve_grants};
+use crate::support::instances::{apply_instance, wait_instance};
+use crate::support::transforms::{WAIT, group, setup};
+use crate::support::{self, kubectl_as, wait_for};
 
 fn ok(out: std::process::Output) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

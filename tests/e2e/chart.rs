@@ -9,8 +9,8 @@ use kube::api::{Patch, PatchParams};
 use pequod::api::ResourceGraph;
 use serde_json::json;
 
+use crate::support::transforms::WAIT;
 use crate::support::{self, TEST_MANAGER, wait_for};
-use crate::transforms::WAIT;
 
 fn helm(env: &support::TestEnv, args: &[&str]) {
     let out = std::process::Command::new(support::tool("helm", "HELM"))

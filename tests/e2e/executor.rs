@@ -9,7 +9,7 @@ use kube::{Api, ResourceExt};
 use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv, metric};
+use crate::support::{self, TEST_MANAGER, TestEnv, kubectl_as, metric};
 
 const WAIT: Duration = Duration::from_secs(45);
 
@@ -328,19 +328,29 @@ async fn create_mode_never_updates_adopt_records_previous_managers_and_deletion_
     assert_eq!(adopted.data.unwrap()["k"], "new");
 
     // Someone edits the Create-mode object: Pequod leaves it alone, even when reconciled again.
+    // The graph then changes its Adopt node: once that change is applied, the pass that applied
+    // it went over the Create node too.
     let edit = json!({"data": {"k": "edited"}});
     cms.patch("once", &PatchParams::default(), &Patch::Merge(edit))
         .await
         .unwrap();
-    graphs
-        .patch(
-            "g",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"touch": "1"}}})),
-        )
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    apply_graph(&graphs, "g", json!([
+        {"id": "once", "applyPolicy": {"mode": "Create"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "once"}, "data": {"k": "initial"}}},
+        {"id": "legacy", "applyPolicy": {"mode": "Adopt"}, "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "legacy"}, "data": {"k": "newer"}}},
+    ]))
+    .await;
+    support::wait_for("the graph's change applied", WAIT, || async {
+        let legacy = cms.get("legacy").await.map_err(|e| e.to_string())?;
+        let rg = graphs.get("g").await.map_err(|e| e.to_string())?;
+        let status = rg.status.unwrap_or_default();
+        let observed =
+            status.observed_generation == rg.metadata.generation && status.phase == Some(GraphPhase::Completed);
+        match legacy.data.unwrap_or_default().get("k") {
+            Some(k) if k == "newer" && observed => Ok(()),
+            other => Err(format!("{other:?}; observed {observed}")),
+        }
+    })
+    .await;
     assert_eq!(cms.get("once").await.unwrap().data.unwrap()["k"], "edited");
 
     // Deleting the graph deletes what it made, releases what it adopted, and leaves alone what
@@ -583,12 +593,18 @@ async fn deletion_goes_in_reverse_order_and_waits_for_each_wave() {
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The graph says it waits for the leaf: its deletion pass has seen the leaf's wave unfinished.
+    let rg = wait_graph(&graphs, "g", "the deletion waiting for the leaf", |rg| {
+        rg.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.message.contains("waiting for ConfigMap leaf"))
+    })
+    .await;
     assert!(
         cms.get_opt("root").await.unwrap().is_some(),
         "root must wait until the leaf is gone"
     );
-    let rg = graphs.get("g").await.unwrap();
     let ready = rg
         .status
         .unwrap()
@@ -649,15 +665,6 @@ async fn readiness_timeout_fails_the_node_and_keeps_dependants_pending() {
     );
     support::wait_events(&env.client, &env.namespace, "g", &["ReadinessTimeout"]).await;
     env.cleanup().await;
-}
-
-/// Runs kubectl as `user` (impersonated by the test's admin) in `namespace`, with `stdin`.
-pub(crate) fn kubectl_as(env: &TestEnv, user: &str, args: &[&str], stdin: &str) -> std::process::Output {
-    let args: Vec<&str> = ["--as", user, "-n", env.namespace.as_str()]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect();
-    support::kubectl_with_input(&env.kubeconfig, &args, stdin)
 }
 
 #[tokio::test]

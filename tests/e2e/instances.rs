@@ -4,54 +4,18 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use pequod::api::{GraphPhase, ResourceGraph};
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv, wait_for};
-use crate::transforms::{WAIT, apply_transform, delete_transform, group, put_module, setup};
-
-pub(crate) async fn apply_instance(api: &Api<DynamicObject>, api_version: &str, kind: &str, name: &str, spec: Value) {
-    let obj = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec});
-    api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(obj))
-        .await
-        .unwrap_or_else(|e| panic!("apply {kind} {name}: {e}"));
-}
+use crate::support::grants::{acting_reason, forget_grants, patch_graph_as, serve_grants};
+use crate::support::instances::{apply_instance, config_data, instance_condition, wait_instance};
+use crate::support::modules::{labelled_module, note_module, put_module};
+use crate::support::transforms::{WAIT, apply_transform, delete_transform, group, setup};
+use crate::support::{self, TEST_MANAGER, TestEnv, kubectl_as, wait_for};
 
 fn status_field<'a>(obj: &'a DynamicObject, pointer: &str) -> Option<&'a Value> {
     obj.data.pointer(&format!("/status{pointer}"))
-}
-
-pub(crate) fn instance_condition(obj: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
-    status_field(obj, "/conditions")?
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_string(),
-                c["reason"].as_str().unwrap_or_default().to_string(),
-                c["message"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-}
-
-/// Waits until the instance's condition `type_` is `status` with `reason`; returns the instance.
-pub(crate) async fn wait_instance(
-    api: &Api<DynamicObject>,
-    name: &str,
-    type_: &str,
-    status: &str,
-    reason: &str,
-) -> DynamicObject {
-    wait_for(&format!("{name} {type_}={status} ({reason})"), WAIT, || async {
-        let obj = api.get(name).await.map_err(|e| e.to_string())?;
-        match instance_condition(&obj, type_) {
-            Some((s, r, _)) if s == status && r == reason => Ok(obj),
-            other => Err(format!("{other:?}; status {:?}", obj.data.get("status"))),
-        }
-    })
-    .await
 }
 
 async fn serve_webservice(env: &TestEnv, transforms: &Api<pequod::api::Transform>) -> Api<DynamicObject> {
@@ -662,42 +626,6 @@ async fn an_instance_may_be_pinned_only_to_a_version_its_own_transform_served() 
     env.cleanup().await;
 }
 
-/// A module of kind `kind` keeping one ConfigMap `<kind>-<name>` with `data.version`.
-pub(crate) fn labelled_module(kind: &str, version: &str) -> String {
-    let lower = kind.to_ascii_lowercase();
-    format!(
-        r#"package {lower}
-
-#Metadata: kind: "{kind}"
-
-#Input: {{
-	text: string
-}}
-
-#Render: {{
-	input: {{metadata: {{name: string, namespace: string, ...}}, spec: #Input}}
-	output: nodes: [{{
-		id: "config"
-		object: {{apiVersion: "v1", kind: "ConfigMap", metadata: name: "{lower}-\(input.metadata.name)", data: {{text: input.spec.text, version: "{version}"}}}}
-	}}]
-}}
-"#
-    )
-}
-
-pub(crate) async fn config_data(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> Option<std::collections::BTreeMap<String, String>> {
-    Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .get_opt(name)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|cm| cm.data)
-}
-
 #[tokio::test]
 async fn module_edits_re_render_every_instance_and_kinds_do_not_share_graphs() {
     let (env, transforms) = setup("instance-rollout").await;
@@ -1073,13 +1001,7 @@ async fn an_instance_can_be_paused_reconciled_now_and_protected_from_deletion() 
     let (env, transforms) = setup("instance-controls").await;
     let group = group(&env);
     let api_version = format!("{group}/v1alpha1");
-    put_module(
-        &env.client,
-        &env.namespace,
-        "note-module",
-        &crate::transforms::note_module(""),
-    )
-    .await;
+    put_module(&env.client, &env.namespace, "note-module", &note_module("")).await;
     apply_transform(
         &transforms,
         "note",
@@ -1204,7 +1126,7 @@ async fn pequod_plan_tells_what_a_module_would_change_for_each_instance() {
     let (env, transforms) = setup("plan").await;
     let group = group(&env);
     let api_version = format!("{group}/v1alpha1");
-    let current = crate::transforms::note_module("");
+    let current = note_module("");
     put_module(&env.client, &env.namespace, "note-module", &current).await;
     apply_transform(
         &transforms,
@@ -1548,114 +1470,6 @@ async fn a_database_waits_for_its_volume_runs_and_keeps_its_generated_password_t
     env.cleanup().await;
 }
 
-/// A module of kind `Grant` whose instances each keep one ClusterRole, `<namespace>-<name>`,
-/// with no rules: a cluster-scoped object only a Transform allowing it may give.
-pub(crate) const GRANT_MODULE: &str = r#"package grant
-
-#Metadata: kind: "Grant"
-
-#Input: {
-	note?: string
-}
-
-#Render: {
-	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
-	output: nodes: [{
-		id: "role"
-		object: {
-			apiVersion: "rbac.authorization.k8s.io/v1"
-			kind: "ClusterRole"
-			metadata: name: "\(input.metadata.namespace)-\(input.metadata.name)"
-			rules: []
-		}
-	}]
-}
-"#;
-
-/// A Transform allowing cluster-scoped objects, its `Grant` instances, a Role for `user` that
-/// allows ResourceGraphs only, and the graphs API.
-/// Removes what a test of `serve_grants` left: the graph, the ClusterRole, the Transform, the
-/// namespace.
-pub(crate) async fn forget_grants(
-    env: TestEnv,
-    transforms: &Api<pequod::api::Transform>,
-    graphs: &Api<ResourceGraph>,
-    graph: &str,
-    role: &str,
-) {
-    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(env.client.clone());
-    let _ = graphs.delete(graph, &DeleteParams::default()).await;
-    let _ = roles.delete(role, &DeleteParams::default()).await;
-    delete_transform(transforms, "grant").await;
-    env.cleanup().await;
-}
-
-/// `kubectl --as user patch resourcegraph graph --type=json -p patch`, which must succeed.
-pub(crate) fn patch_graph_as(env: &TestEnv, user: &str, graph: &str, patch: &str) {
-    let out = crate::executor::kubectl_as(
-        env,
-        user,
-        &["patch", "resourcegraph", graph, "--type=json", "-p", patch],
-        "",
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-pub(crate) async fn serve_grants(
-    env: &TestEnv,
-    transforms: &Api<pequod::api::Transform>,
-    user: &str,
-) -> (Api<DynamicObject>, Api<ResourceGraph>, String) {
-    let group = group(env);
-    let api_version = format!("{group}/v1alpha1");
-    put_module(&env.client, &env.namespace, "grant-module", GRANT_MODULE).await;
-    apply_transform(
-        transforms,
-        "grant",
-        json!({"cueRef": {"type": "configmap", "ref": "grant-module"}, "group": group,
-               "allowClusterScopedResources": true,
-               "managedResources": [{"apiGroup": "rbac.authorization.k8s.io", "resources": ["clusterroles"]}]}),
-    )
-    .await;
-    support::wait_transform_ready(transforms, "grant").await;
-    support::apply_yaml(
-        &env.client,
-        &env.namespace,
-        &format!(
-            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: graph-writer\nrules:\n\
-             - apiGroups: [platform.platform.example.com]\n  resources: [resourcegraphs]\n  verbs: [\"*\"]\n---\n\
-             apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: graph-writer\n\
-             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: graph-writer}}\n\
-             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n"
-        ),
-    )
-    .await;
-    let grants = support::dynamic_api(&env.client, &api_version, "Grant", &env.namespace).await;
-    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
-    (grants, graphs, api_version)
-}
-
-/// Whose rights the graph acts with, once it says: the reason of `Authorized`, or of a `Valid`
-/// refusal.
-pub(crate) async fn acting_reason(graphs: &Api<ResourceGraph>, name: &str) -> String {
-    wait_for("the graph says whose rights it acts with", WAIT, || async {
-        let rg = graphs.get(name).await.map_err(|e| e.to_string())?;
-        let conditions = rg.status.map(|s| s.conditions).unwrap_or_default();
-        if let Some(c) = conditions
-            .iter()
-            .find(|c| c.type_ == "Valid" && c.status == pequod::api::ConditionStatus::False)
-        {
-            return Ok(c.reason.clone());
-        }
-        conditions
-            .iter()
-            .find(|c| c.type_ == "Authorized")
-            .map(|c| c.reason.clone())
-            .ok_or_else(|| format!("{conditions:?}"))
-    })
-    .await
-}
-
 /// Rights used: write ResourceGraphs in one namespace (and read them, as that right brings).
 /// A graph an instance had, copied while it existed and re-created verbatim (without its owner
 /// reference) after the instance was deleted, must not act with the Transform's authority: the
@@ -1697,7 +1511,7 @@ async fn a_signed_graph_re_created_after_its_instance_was_deleted_acts_with_no_a
     })
     .await;
 
-    let out = crate::executor::kubectl_as(&env, &user, &["apply", "-f", "-"], &copy.to_string());
+    let out = kubectl_as(&env, &user, &["apply", "-f", "-"], &copy.to_string());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let reason = acting_reason(&graphs, &graph).await;
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;

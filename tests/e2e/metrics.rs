@@ -8,8 +8,9 @@ use kube::api::{Patch, PatchParams};
 use pequod::api::ResourceGraph;
 use serde_json::json;
 
+use crate::support::modules::put_module;
+use crate::support::transforms::{WAIT, apply_transform, group, setup};
 use crate::support::{self, TEST_MANAGER, wait_for};
-use crate::transforms::{WAIT, apply_transform, group, put_module, setup};
 
 /// (name, type) of each row of the README's metric tables.
 fn documented() -> Vec<(String, String)> {

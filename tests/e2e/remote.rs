@@ -9,10 +9,11 @@ use pequod::api::{Transform, TransformPhase};
 use pequod::source::credentials::RegistryCredentials;
 use serde_json::{Value, json};
 
-use crate::instances::{apply_instance, config_data, labelled_module, wait_instance};
+use crate::support::instances::{apply_instance, config_data, wait_instance};
+use crate::support::modules::labelled_module;
 use crate::support::remote::{self, GitRepo, REGISTRY_PASSWORD, REGISTRY_USER};
+use crate::support::transforms::{WAIT, apply_transform, condition, failed, group, setup, wait_condition};
 use crate::support::{self, TEST_MANAGER, TestEnv, wait_events, wait_for};
-use crate::transforms::{WAIT, apply_transform, condition, failed, group, setup, wait_condition};
 
 /// A Transform spec serving the `type_` module at `reference`, in the test's own group.
 fn remote_spec(env: &TestEnv, type_: &str, reference: &str, path: Option<&str>, secret: Option<&str>) -> Value {

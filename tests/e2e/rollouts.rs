@@ -8,9 +8,10 @@ use kube::{Api, ResourceExt};
 use pequod::api::{RolloutPhase, RolloutStatus, Transform};
 use serde_json::{Value, json};
 
-use crate::instances::{apply_instance, wait_instance};
+use crate::support::instances::{apply_instance, instance_condition, wait_instance};
+use crate::support::modules::put_module;
+use crate::support::transforms::{WAIT, apply_transform, condition, delete_transform, failed, group, setup};
 use crate::support::{self, TEST_MANAGER, TestEnv, wait_for};
-use crate::transforms::{WAIT, apply_transform, delete_transform, group, put_module, setup};
 
 const NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
 
@@ -290,7 +291,7 @@ async fn a_staged_rollout_plans_then_moves_one_instance_at_a_time_once_the_previ
         (3, 0, Some(v2.as_str()))
     );
     let t = transforms.get("note").await.unwrap();
-    let rolled_out = crate::transforms::condition(&t, "RolledOut").unwrap();
+    let rolled_out = condition(&t, "RolledOut").unwrap();
     assert_eq!(
         (rolled_out.is_true(), rolled_out.reason.as_str()),
         (true, "RolloutComplete")
@@ -345,7 +346,7 @@ async fn a_batch_that_fails_its_health_gate_blocks_the_rollout_and_a_rollback_go
         "{blocked:?}"
     );
     let t = transforms.get("note").await.unwrap();
-    let rolled_out = crate::transforms::condition(&t, "RolledOut").unwrap();
+    let rolled_out = condition(&t, "RolledOut").unwrap();
     assert_eq!(rolled_out.reason, "HealthGateFailed");
     support::wait_events(&env.client, &env.namespace, "note", &["HealthGateFailed"]).await;
 
@@ -548,7 +549,7 @@ async fn a_pinned_instance_stays_and_a_rollback_comes_from_the_cache_while_the_r
     })
     .await;
     let t = support::wait_transform_ready(&transforms, "note").await;
-    let fetched = crate::transforms::condition(&t, "CueFetched").unwrap();
+    let fetched = condition(&t, "CueFetched").unwrap();
     assert!(fetched.is_true(), "{fetched:?}");
 
     // A pin that is no digest names nothing: the instance says so and keeps its graph.
@@ -558,7 +559,7 @@ async fn a_pinned_instance_stays_and_a_rollback_comes_from_the_cache_while_the_r
         .await
         .unwrap();
     let alpha = wait_instance(&notes, "alpha", "Rendered", "False", "ModuleUnavailable").await;
-    let (_, _, message) = crate::instances::instance_condition(&alpha, "Rendered").unwrap();
+    let (_, _, message) = instance_condition(&alpha, "Rendered").unwrap();
     assert!(message.contains("is not a module digest"), "{message}");
     assert_eq!(alpha.data.pointer("/status/pinnedModuleDigest"), None);
     assert_eq!(version_of(&configmaps, "alpha").await.as_deref(), Some("1"));
@@ -672,7 +673,7 @@ async fn an_invalid_rollout_policy_fails_the_transform_with_a_reason_until_fixed
                "rollout": {"strategy": "Staged", "batchSize": batch}})
     };
     apply_transform(&transforms, "note", spec(json!("0%"))).await;
-    let (_, message) = crate::transforms::failed(&transforms, "note", "Ready", "InvalidRollout").await;
+    let (_, message) = failed(&transforms, "note", "Ready", "InvalidRollout").await;
     assert!(message.contains("batchSize \"0%\""), "{message}");
     support::wait_events(&env.client, &env.namespace, "note", &["InvalidRollout"]).await;
     apply_transform(&transforms, "note", spec(json!("50%"))).await;

@@ -7,7 +7,7 @@ use pequod::api::{CueRef, CueRefType};
 use pequod::error::ErrorCategory;
 use std::sync::Arc;
 
-use pequod::runtime::metrics::Metrics;
+use pequod::metrics::Metrics;
 use pequod::source::{Fetcher, FetcherConfig, SourceError};
 use serde_json::json;
 

@@ -5,117 +5,18 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use pequod::api::{Transform, TransformPhase};
+use pequod::api::TransformPhase;
 use serde_json::{Value, json};
 
-use crate::support::{self, TEST_MANAGER, TestEnv, wait_for};
-
-/// Generous: on a loaded 2-core machine cue calls queue behind each other.
-pub(crate) const WAIT: Duration = Duration::from_secs(120);
-
-pub(crate) async fn setup(test: &str) -> (TestEnv, Api<Transform>) {
-    let env = support::env(test).await;
-    support::operator(&env.client).await;
-    let transforms = Api::namespaced(env.client.clone(), &env.namespace);
-    (env, transforms)
-}
-
-/// An API group of the test's own.
-pub(crate) fn group(env: &TestEnv) -> String {
-    format!("{}.test.example.com", env.namespace)
-}
-
-pub(crate) async fn apply_transform(transforms: &Api<Transform>, name: &str, spec: Value) {
-    let t = json!({
-        "apiVersion": "platform.platform.example.com/v1alpha1",
-        "kind": "Transform",
-        "metadata": {"name": name},
-        "spec": spec,
-    });
-    transforms
-        .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(t))
-        .await
-        .unwrap_or_else(|e| panic!("apply Transform {name}: {e}"));
-}
-
-pub(crate) fn condition<'a>(t: &'a Transform, type_: &str) -> Option<&'a pequod::api::Condition> {
-    t.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
-}
-
-/// Waits until the Transform's condition `type_` has `status` and `reason`; returns it.
-pub(crate) async fn wait_condition(
-    transforms: &Api<Transform>,
-    name: &str,
-    type_: &str,
-    status: bool,
-    reason: &str,
-) -> Transform {
-    let want = if status { "True" } else { "False" };
-    wait_for(&format!("Transform {name} {type_}={want} ({reason})"), WAIT, || async {
-        let t = transforms.get(name).await.map_err(|e| e.to_string())?;
-        match condition(&t, type_) {
-            Some(c) if c.is_true() == status && c.reason == reason => Ok(t),
-            other => Err(format!(
-                "{other:?}; phase {:?}",
-                t.status.as_ref().and_then(|s| s.phase)
-            )),
-        }
-    })
-    .await
-}
-
-/// Waits until the Transform's condition `type_` is False with `reason`; returns the
-/// Transform and the condition's message.
-pub(crate) async fn failed(transforms: &Api<Transform>, name: &str, type_: &str, reason: &str) -> (Transform, String) {
-    let t = wait_condition(transforms, name, type_, false, reason).await;
-    let message = condition(&t, type_).map(|c| c.message.clone()).unwrap_or_default();
-    (t, message)
-}
-
-/// A small module: a Note is a ConfigMap holding a text. `fields` is added to `#Input`.
-pub(crate) fn note_module(fields: &str) -> String {
-    format!(
-        r#"package note
-
-#Metadata: {{
-	kind: "Note"
-	description: "A note kept in a ConfigMap."
-}}
-
-#Input: {{
-	// The note's text.
-	text: string
-	{fields}
-}}
-
-#Render: {{
-	input: {{metadata: {{name: string, namespace: string, ...}}, spec: #Input}}
-	output: nodes: [{{
-		id: "note"
-		object: {{apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: text: input.spec.text}}
-		readyWhen: [{{type: "Exists"}}]
-	}}]
-}}
-"#
-    )
-}
-
-pub(crate) async fn put_module(client: &Client, namespace: &str, name: &str, source: &str) {
-    let cm = json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": name, "labels": {"pequod.io/cue-module": "true"}},
-        "data": {"note.cue": source},
-    });
-    Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(cm))
-        .await
-        .unwrap();
-}
+use crate::support::modules::{note_module, put_module};
+use crate::support::transforms::{
+    WAIT, apply_transform, condition, delete_transform, failed, group, setup, wait_condition,
+};
+use crate::support::{self, wait_for};
 
 fn crd_spec_schema(crd: &CustomResourceDefinition) -> Value {
     let schema = crd.spec.versions[0]
@@ -221,17 +122,6 @@ async fn embedded_transform_generates_an_established_crd_with_the_module_schema(
 
     delete_transform(&transforms, "webservice").await;
     env.cleanup().await;
-}
-
-pub(crate) async fn delete_transform(transforms: &Api<Transform>, name: &str) {
-    transforms.delete(name, &DeleteParams::default()).await.unwrap();
-    wait_for(&format!("Transform {name} to be gone"), WAIT, || async {
-        match transforms.get_opt(name).await {
-            Ok(None) => Ok(()),
-            other => Err(format!("{:?}", other.map(|t| t.map(|t| t.status)))),
-        }
-    })
-    .await;
 }
 
 #[tokio::test]
@@ -537,8 +427,16 @@ async fn a_paused_transform_is_not_reconciled_until_resumed() {
         json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group, "shortNames": ["nt"]}),
     )
     .await;
+    // The paused reconcile stamps the new generation on `Paused`: it has seen the change.
+    wait_for("the paused Transform to observe the change", WAIT, || async {
+        let t = transforms.get("note").await.map_err(|e| e.to_string())?;
+        match condition(&t, "Paused") {
+            Some(c) if c.is_true() && c.observed_generation == t.metadata.generation => Ok(()),
+            other => Err(format!("{other:?}; generation {:?}", t.metadata.generation)),
+        }
+    })
+    .await;
     let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let crd = crds.get(&format!("notes.{group}")).await.unwrap();
     assert_eq!(crd.spec.names.short_names, None);
 
@@ -643,5 +541,88 @@ async fn rbac_objects_a_transform_did_not_make_are_neither_overwritten_nor_delet
     let live = roles.get(&name).await.expect("not deleted with the Transform");
     assert_eq!(live.uid(), created.uid());
     roles.delete(&name, &DeleteParams::default()).await.unwrap();
+    env.cleanup().await;
+}
+
+/// The reconciles of Transform `name` in `namespace` so far: the distinct reconcile ids on
+/// the shared operator's log lines.
+async fn transform_reconciles(client: &Client, namespace: &str, name: &str) -> usize {
+    let log = std::fs::read_to_string(&support::operator(client).await.log).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["controller"] == "transform" && l["name"] == name && l["namespace"] == namespace)
+        .filter_map(|l| l["reconcile_id"].as_str().map(String::from))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// Waits until Transform `name` has not been reconciled for `quiet`; returns its reconciles.
+async fn settled_reconciles(client: &Client, namespace: &str, name: &str, quiet: Duration) -> usize {
+    let mut last = transform_reconciles(client, namespace, name).await;
+    for _ in 0..40 {
+        tokio::time::sleep(quiet).await;
+        let now = transform_reconciles(client, namespace, name).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("Transform {name} kept being reconciled: {last} reconciles");
+}
+
+#[tokio::test]
+async fn a_status_only_change_does_not_run_the_transform_pipeline_again() {
+    let (env, transforms) = setup("transform-status-only").await;
+    apply_transform(
+        &transforms,
+        "web",
+        json!({"cueRef": {"type": "embedded", "ref": "webservice"}, "group": group(&env)}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "web").await;
+    let quiet = Duration::from_secs(3);
+    let before = settled_reconciles(&env.client, &env.namespace, "web", quiet).await;
+    assert!(before > 0, "the Transform's reconciles are on the log");
+
+    // Someone else writes the status, as the rollout driver does with a field manager of its
+    // own: the Transform's spec, labels and annotations are as they were.
+    let status = json!({
+        "apiVersion": "platform.platform.example.com/v1alpha1",
+        "kind": "Transform",
+        "status": {"conditions": [{"type": "Probed", "status": "True", "reason": "Probed", "message": "",
+                                   "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+    });
+    transforms
+        .patch_status(
+            "web",
+            &PatchParams::apply("status-writer").force(),
+            &Patch::Apply(status),
+        )
+        .await
+        .unwrap();
+    // A dropped event leaves nothing to observe, and a later change cannot stand in for one:
+    // the controller merges requests queued for the same object. A reconcile the patch
+    // triggered would start within milliseconds; twice the quiet period is the measure.
+    tokio::time::sleep(2 * quiet).await;
+    assert_eq!(
+        transform_reconciles(&env.client, &env.namespace, "web").await,
+        before,
+        "a status-only change reconciled the Transform"
+    );
+
+    // A label is a change the Transform reacts to (and shows the count would have moved).
+    let label = json!({"metadata": {"labels": {"team": "web"}}});
+    transforms
+        .patch("web", &PatchParams::default(), &Patch::Merge(label))
+        .await
+        .unwrap();
+    wait_for("a reconcile of the labelled Transform", WAIT, || async {
+        match transform_reconciles(&env.client, &env.namespace, "web").await {
+            n if n > before => Ok(()),
+            n => Err(format!("{n} reconciles")),
+        }
+    })
+    .await;
+    delete_transform(&transforms, "web").await;
     env.cleanup().await;
 }

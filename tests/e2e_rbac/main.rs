@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::rbac::v1::ClusterRole;
-use kube::api::DynamicObject;
 use kube::{Api, Client};
 use pequod::api::Transform;
 use serde_json::{Value, json};
+use support::instances::{apply_instance, instance_condition};
+use support::modules::put_module;
+use support::transforms::{apply_transform, failed, group};
 use support::{OperatorProcess, restricted};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -76,20 +78,6 @@ async fn apply(client: &Client, namespace: &str, value: Value) {
     support::apply_yaml(client, namespace, &yaml).await;
 }
 
-fn ready_reason(obj: &DynamicObject) -> Option<(String, String, String)> {
-    obj.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_string(),
-                c["reason"].as_str().unwrap_or_default().to_string(),
-                c["message"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-}
-
 const MANAGER: &str = "system:serviceaccount:pequod-system:pequod-controller-manager";
 
 /// What the manager may do in `namespace` and cluster-wide, as `kubectl auth can-i --list`
@@ -108,15 +96,6 @@ fn manager_permissions(kubeconfig: &std::path::Path, namespace: &str) -> Vec<Str
         .collect();
     lines.sort();
     lines
-}
-
-fn condition(t: &Transform, type_: &str) -> Option<(String, String, String)> {
-    t.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (format!("{:?}", c.status), c.reason.clone(), c.message.clone()))
 }
 
 #[tokio::test]
@@ -164,26 +143,24 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
     )
     .await;
 
-    let group = format!("{}.test.example.com", env.namespace);
+    let group = group(&env);
+    let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
     for (kind, field) in [("ConfigMap", "data"), ("Secret", "stringData")] {
         let lower = kind.to_ascii_lowercase();
-        apply(
+        put_module(
             &env.client,
             &env.namespace,
-            json!({"apiVersion": "v1", "kind": "ConfigMap",
-                   "metadata": {"name": format!("{lower}-module"), "labels": {"pequod.io/cue-module": "true"}},
-                   "data": {"m.cue": module(kind, field)}}),
+            &format!("{lower}-module"),
+            &module(kind, field),
         )
         .await;
         // Both declare only ConfigMaps: the Secret module renders a kind nobody declared.
-        apply(
-            &env.client,
-            &env.namespace,
-            json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
-                   "metadata": {"name": lower},
-                   "spec": {"cueRef": {"type": "configmap", "ref": format!("{lower}-module")}, "group": group,
-                            "managedResources": [{"resources": ["configmaps"]}]}}),
+        apply_transform(
+            &transforms,
+            &lower,
+            json!({"cueRef": {"type": "configmap", "ref": format!("{lower}-module")}, "group": group,
+                   "managedResources": [{"resources": ["configmaps"]}]}),
         )
         .await;
     }
@@ -191,23 +168,14 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
     // Attempts to gain permissions: a trusted Transform declaring RBAC kinds whose module binds
     // cluster-admin to the manager, and hand-written graphs with an aggregated ClusterRole and
     // a RoleBinding to admin.
-    apply(
-        &env.client,
-        &env.namespace,
-        json!({"apiVersion": "v1", "kind": "ConfigMap",
-               "metadata": {"name": "grab-module", "labels": {"pequod.io/cue-module": "true"}},
-               "data": {"m.cue": GRAB_MODULE}}),
-    )
-    .await;
-    apply(
-        &env.client,
-        &env.namespace,
-        json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
-               "metadata": {"name": "grab"},
-               "spec": {"cueRef": {"type": "configmap", "ref": "grab-module"}, "group": group,
-                        "allowClusterScopedResources": true,
-                        "managedResources": [{"apiGroup": "rbac.authorization.k8s.io",
-                                              "resources": ["clusterroles", "clusterrolebindings"]}]}}),
+    put_module(&env.client, &env.namespace, "grab-module", GRAB_MODULE).await;
+    apply_transform(
+        &transforms,
+        "grab",
+        json!({"cueRef": {"type": "configmap", "ref": "grab-module"}, "group": group,
+               "allowClusterScopedResources": true,
+               "managedResources": [{"apiGroup": "rbac.authorization.k8s.io",
+                                     "resources": ["clusterroles", "clusterrolebindings"]}]}),
     )
     .await;
     let escalations = [
@@ -266,16 +234,8 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
         .await;
     }
 
-    let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
     for name in ["configmap", "secret", "grab"] {
-        let (_, _, message) = support::wait_for("the Transform waiting for its RBAC", WAIT, || async {
-            let t = transforms.get(name).await.map_err(|e| e.to_string())?;
-            match condition(&t, "RBACConfigured") {
-                Some((s, r, m)) if s == "False" && r == "RBACMissing" => Ok((s, r, m)),
-                other => Err(format!("{other:?}")),
-            }
-        })
-        .await;
+        let (_, message) = failed(&transforms, name, "RBACConfigured", "RBACMissing").await;
         assert!(
             message.contains(&format!("pequod rbac {}/{name}", env.namespace)),
             "{message}"
@@ -329,26 +289,31 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
     assert!(gained.iter().all(|l| !l.contains("rbac")), "{gained:?}");
 
     let api_version = format!("{group}/v1alpha1");
-    apply(
-        &env.client,
-        &env.namespace,
-        json!({"apiVersion": api_version, "kind": "ConfigMapHolder", "metadata": {"name": "allowed"}, "spec": {"value": "a"}}),
-    )
-    .await;
-    apply(
-        &env.client,
-        &env.namespace,
-        json!({"apiVersion": api_version, "kind": "SecretHolder", "metadata": {"name": "refused"}, "spec": {"value": "b"}}),
-    )
-    .await;
     let holders = support::dynamic_api(&env.client, &api_version, "ConfigMapHolder", &env.namespace).await;
+    let secret_holders = support::dynamic_api(&env.client, &api_version, "SecretHolder", &env.namespace).await;
+    apply_instance(
+        &holders,
+        &api_version,
+        "ConfigMapHolder",
+        "allowed",
+        json!({"value": "a"}),
+    )
+    .await;
+    apply_instance(
+        &secret_holders,
+        &api_version,
+        "SecretHolder",
+        "refused",
+        json!({"value": "b"}),
+    )
+    .await;
     support::wait_for(
         "the declared ConfigMap applied and its instance Ready",
         WAIT,
         || async {
             let obj = holders.get("allowed").await.map_err(|e| e.to_string())?;
             let cm = cms.get_opt("allowed").await.map_err(|e| e.to_string())?;
-            match (ready_reason(&obj), cm) {
+            match (instance_condition(&obj, "Ready"), cm) {
                 (Some((s, _, _)), Some(_)) if s == "True" => Ok(()),
                 other => Err(format!("{:?}", other.0)),
             }
@@ -356,10 +321,9 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
     )
     .await;
 
-    let secret_holders = support::dynamic_api(&env.client, &api_version, "SecretHolder", &env.namespace).await;
     let (_, reason, message) = support::wait_for("the undeclared Secret refused", WAIT, || async {
         let obj = secret_holders.get("refused").await.map_err(|e| e.to_string())?;
-        match ready_reason(&obj) {
+        match instance_condition(&obj, "Ready") {
             Some((s, r, m)) if s == "False" && r == "NodeFailed" => Ok((s, r, m)),
             other => Err(format!("{other:?}")),
         }

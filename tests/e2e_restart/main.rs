@@ -13,6 +13,8 @@ use kube::{Api, ResourceExt};
 use pequod::api::{GraphPhase, NodePhase, ResourceGraph};
 use serde_json::json;
 use support::OperatorProcess;
+use support::modules::{NOTE_MODULE, put_module};
+use support::transforms::{apply_transform, group};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -124,13 +126,14 @@ const NOTES: usize = 20;
 /// The `Note` module as a ConfigMap and Transform `note` serving it in group `group`, both in
 /// the test's namespace.
 async fn put_note_transform(env: &support::TestEnv, group: &str) {
-    let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": support::NOTE_MODULE}});
-    let transform = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
-        "metadata": {"name": "note"}, "spec": {"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}});
-    for doc in [module, transform] {
-        support::apply_yaml(&env.client, &env.namespace, &serde_yaml::to_string(&doc).unwrap()).await;
-    }
+    put_module(&env.client, &env.namespace, "note-module", NOTE_MODULE).await;
+    let transforms = Api::namespaced(env.client.clone(), &env.namespace);
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group}),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -138,7 +141,7 @@ async fn killed_operator_converges_on_instances_after_restart() {
     let _serial = SERIAL.lock().await;
     let env = support::env("restart-instances").await;
     support::install_crds(&env.client).await;
-    let group = format!("{}.test.example.com", env.namespace);
+    let group = group(&env);
     let api_version = format!("{group}/v1alpha1");
     put_note_transform(&env, &group).await;
 
@@ -374,7 +377,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
 
 /// A Note module whose ConfigMap carries `version`.
 fn versioned_note(version: &str) -> String {
-    support::NOTE_MODULE.replace(
+    NOTE_MODULE.replace(
         "data: text: input.spec.text",
         &format!("data: {{text: input.spec.text, version: \"{version}\"}}"),
     )
@@ -403,7 +406,7 @@ async fn a_registry_outage_keeps_instances_served_across_a_restart_and_is_report
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
-    let group = format!("{}.test.example.com", env.namespace);
+    let group = group(&env);
     let api_version = format!("{group}/v1alpha1");
     let reference = format!("{}/platforms/note:stable", registry.addr);
     let transform = |nudge: u32| {
@@ -597,7 +600,15 @@ async fn a_kind_that_cannot_be_looked_up_holds_deletion_and_keeps_the_objects() 
             .ok_or(ready.message)
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A held deletion is retried every 5 s: once the operator has been round again, it has had
+    // its chance to let the lower wave go, and must not have.
+    let reconciles = "pequod_reconcile_total{controller=\"resourcegraph\"";
+    let seen = support::metric_sum(&second.metrics, reconciles).await;
+    support::wait_for("the held deletion retried", WAIT, || async {
+        let now = support::metric_sum(&second.metrics, reconciles).await;
+        (now > seen).then_some(()).ok_or(format!("{now} reconciles"))
+    })
+    .await;
     let held = graphs.get("g").await.unwrap();
     assert!(
         held.finalizers()
@@ -636,7 +647,7 @@ async fn an_instance_s_graph_of_the_earlier_naming_is_taken_over_without_touchin
     let env = support::env("upgrade").await;
     support::install_crds(&env.client).await;
     let ns = env.namespace.clone();
-    let group = format!("{ns}.test.example.com");
+    let group = group(&env);
     let api_version = format!("{group}/v1alpha1");
     put_note_transform(&env, &group).await;
     let first = start(&env.kubeconfig);
@@ -766,7 +777,7 @@ async fn a_transform_outside_the_trusted_namespaces_gets_only_its_own_namespace(
     let env = support::env("untrusted-transform").await;
     support::install_crds(&env.client).await;
     let ns = env.namespace.clone();
-    let group = format!("{ns}.test.example.com");
+    let group = group(&env);
     let api_version = format!("{group}/v1alpha1");
     // A module that renders what its instance asks for: a ConfigMap, or a RoleBinding
     // granting `admin` in the namespace to whoever the instance names.
@@ -793,25 +804,9 @@ async fn a_transform_outside_the_trusted_namespaces_gets_only_its_own_namespace(
 	]
 }
 "#;
-    let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "grant-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"grant.cue": module}});
-    support::apply_yaml(&env.client, &ns, &serde_yaml::to_string(&module).unwrap()).await;
+    put_module(&env.client, &ns, "grant-module", module).await;
     let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &ns);
-    let apply_transform = |spec: serde_json::Value| {
-        let transforms = transforms.clone();
-        async move {
-            let t = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
-                "metadata": {"name": "grant"}, "spec": spec});
-            transforms
-                .patch(
-                    "grant",
-                    &PatchParams::apply(support::TEST_MANAGER).force(),
-                    &Patch::Apply(t),
-                )
-                .await
-                .unwrap();
-        }
-    };
+    let apply_grant = |spec: serde_json::Value| apply_transform(&transforms, "grant", spec);
     let refused = |fragment: &'static str| {
         let transforms = transforms.clone();
         async move {
@@ -837,7 +832,7 @@ async fn a_transform_outside_the_trusted_namespaces_gets_only_its_own_namespace(
     // The default trusts only the operator's own namespace.
     let _operator = OperatorProcess::start(&env.kubeconfig, &support::tool("cue", "PEQUOD_TEST_CUE"), &[]);
 
-    apply_transform(json!({"cueRef": cue_ref, "group": group})).await;
+    apply_grant(json!({"cueRef": cue_ref, "group": group})).await;
     refused("set rbacScope: Namespace").await;
     support::wait_events(&env.client, &ns, "grant", &["NotAllowed"]).await;
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
@@ -846,16 +841,16 @@ async fn a_transform_outside_the_trusted_namespaces_gets_only_its_own_namespace(
         crds.get_opt(&format!("grants.{group}")).await.unwrap().is_none(),
         "nothing generated"
     );
-    apply_transform(
+    apply_grant(
         json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace", "allowClusterScopedResources": true}),
     )
     .await;
     refused("allowClusterScopedResources").await;
-    apply_transform(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
+    apply_grant(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
         "managedResources": [{"apiGroup": "rbac.authorization.k8s.io", "resources": ["rolebindings"]}]}))
     .await;
     refused("rbac.authorization.k8s.io").await;
-    apply_transform(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
+    apply_grant(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
         "managedResources": [{"resources": ["*"]}]}))
     .await;
     refused("wildcards").await;
@@ -878,7 +873,7 @@ async fn a_transform_outside_the_trusted_namespaces_gets_only_its_own_namespace(
         ),
     )
     .await;
-    apply_transform(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
+    apply_grant(json!({"cueRef": cue_ref, "group": group, "rbacScope": "Namespace",
         "managedResources": [{"resources": ["configmaps"]}]}))
     .await;
     support::wait_transform_ready(&transforms, "grant").await;
@@ -933,23 +928,19 @@ async fn a_staged_rollout_interrupted_by_a_restart_resumes_its_batch() {
     let _serial = SERIAL.lock().await;
     let env = support::env("restart-rollout").await;
     support::install_crds(&env.client).await;
-    let group = format!("{}.test.example.com", env.namespace);
+    let group = group(&env);
     let api_version = format!("{group}/v1alpha1");
-    let put_module = |source: String| {
-        let module = json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "note-module", "labels": {"pequod.io/cue-module": "true"}}, "data": {"note.cue": source}});
-        let client = env.client.clone();
-        let namespace = env.namespace.clone();
-        async move { support::apply_yaml(&client, &namespace, &serde_yaml::to_string(&module).unwrap()).await }
-    };
-    put_module(support::NOTE_MODULE.to_string()).await;
-    let transform = json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
-        "metadata": {"name": "note"}, "spec": {"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group,
-            "rollout": {"strategy": "Staged", "batchSize": 1, "healthTimeoutSeconds": 600}}});
-    support::apply_yaml(&env.client, &env.namespace, &serde_yaml::to_string(&transform).unwrap()).await;
+    put_module(&env.client, &env.namespace, "note-module", NOTE_MODULE).await;
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    apply_transform(
+        &transforms,
+        "note",
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group,
+               "rollout": {"strategy": "Staged", "batchSize": 1, "healthTimeoutSeconds": 600}}),
+    )
+    .await;
 
     let first = start(&env.kubeconfig);
-    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
     support::wait_transform_ready(&transforms, "note").await;
     let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
     let names = ["n0", "n1", "n2"];
@@ -984,11 +975,11 @@ async fn a_staged_rollout_interrupted_by_a_restart_resumes_its_batch() {
     .await;
 
     // v2 makes each note wait for a field only the test sets: batch 1 (n0) stays waiting.
-    let gated = support::NOTE_MODULE
+    let gated = NOTE_MODULE
         .replace("data: text: input.spec.text}\n\t\treadyWhen: [{type: \"Exists\"}]",
                  "data: {text: input.spec.text, version: \"2\"}}\n\t\treadyWhen: [{type: \"FieldMatch\", path: \"data.ok\", value: \"yes\"}]");
-    assert_ne!(gated, support::NOTE_MODULE);
-    put_module(gated).await;
+    assert_ne!(gated, NOTE_MODULE);
+    put_module(&env.client, &env.namespace, "note-module", &gated).await;
     let waiting = support::wait_for("batch 1 on v2", WAIT, || async {
         match rollout().await {
             Some(r) if r.batch == Some(1) && r.updated == 1 => Ok(r),
@@ -1001,8 +992,21 @@ async fn a_staged_rollout_interrupted_by_a_restart_resumes_its_batch() {
     first.kill();
 
     // The new operator resumes batch 1: the others keep waiting, and the batch's clock too.
-    let _second = start(&env.kubeconfig);
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    let second = start(&env.kubeconfig);
+    // The new operator exports the rollout's counts once it has taken its step over the
+    // instances: from then on it has decided whether batch 1 goes on.
+    let updated = format!(
+        "pequod_rollout_instances{{namespace=\"{}\",state=\"updated\",transform=\"note\"}} 1",
+        env.namespace
+    );
+    support::wait_for("the new operator's rollout step", WAIT, || async {
+        let (_, text) = support::http_get(&second.metrics, "/metrics").await?;
+        text.lines()
+            .any(|l| l == updated)
+            .then_some(())
+            .ok_or_else(|| format!("no `{updated}`"))
+    })
+    .await;
     let resumed = rollout().await.unwrap();
     assert_eq!(
         (resumed.batch, resumed.batch_started_at.clone(), resumed.updated),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pequod::cue::{CueCli, ModuleFiles, RenderError, Renderer, RendererConfig, render_input};
-use pequod::runtime::metrics::Metrics;
+use pequod::metrics::Metrics;
 use serde_json::{Value, json};
 
 fn cue_binary() -> PathBuf {
@@ -27,7 +27,7 @@ struct Harness {
 /// under it, or without a limit (`memory_limit_mib` 0) for tests of slow evaluations, which
 /// also allocate without end.
 fn harness_with(timeout: Duration, binary: PathBuf) -> Harness {
-    harness_limited(timeout, binary, pequod::cue::cli::DEFAULT_MEMORY_LIMIT_MIB)
+    harness_limited(timeout, binary, pequod::cue::process::DEFAULT_MEMORY_LIMIT_MIB)
 }
 
 fn harness_limited(timeout: Duration, binary: PathBuf, memory_limit_mib: u64) -> Harness {

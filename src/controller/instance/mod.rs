@@ -29,22 +29,23 @@ use tracing::info_span;
 
 mod status;
 
-use super::rollout::{Driver, RolloutOrder, SelectionCell, instance_key};
+use super::fleet_plan::instance_key;
+use super::harness::{Error, StatusDraft, StatusMemory, reconcile_id};
+use super::rollout_driver::{Driver, RolloutOrder, SelectionCell};
 use super::watches::ObjectWatches;
-use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
-use crate::apply::Predecessor;
 use crate::cue::{Module, Renderer, input_hash, render_input};
+use crate::executor::object::Predecessor;
 use crate::executor::proof::{Allowance, Grant, GraphKey};
 use crate::instance_graph::{
     InstanceRef, graph_name, label_value, legacy_graph_name, node_summaries, render_hash, resource_graph,
     with_module_gates,
 };
+use crate::metrics::Metrics;
 use crate::rollout::{Selection, Wanted, choose};
-use crate::runtime::metrics::Metrics;
 use crate::runtime::shutdown::Shutdown;
-use status::{Controls, Draft, Stop};
+use status::{Controls, Draft, InstanceStop};
 
 const CONTROLLER: &str = "instance";
 /// Reconciles of one kind in flight: enough for a full render batch to form, so that many
@@ -167,33 +168,19 @@ impl Supervisor {
             && r.resource == spec.resource
             && r.namespace == spec.namespace
         {
-            {
-                let changed = {
-                    let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
-                    let new = KindState::of(&spec);
-                    let changed = state.allowance != new.allowance || state.transform_uid != new.transform_uid;
-                    *state = new;
-                    changed
-                };
-                if changed {
-                    tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "allowance changed; rendering every instance again");
-                    let _ = r.rerender.send(());
-                }
-                // The rollout driver moves instances to a new module version.
-                r.orders.send_if_modified(|order| {
-                    let modified = order.target != spec.order.target
-                        || order.policy != spec.order.policy
-                        || order.transform.annotations() != spec.order.transform.annotations();
-                    *order = spec.order;
-                    modified
-                });
-                return;
-            }
+            update_running(r, spec);
+            return;
         }
         if let Some(old) = running.remove(&spec.transform) {
             stop_running(old).await;
         }
         tracing::info!(kind = %spec.resource.kind, api_version = %spec.resource.api_version, transform = %spec.transform, "serving kind");
+        let transform = spec.transform.clone();
+        running.insert(transform, self.start(spec));
+    }
+
+    /// Starts the kind's controller and its rollout driver.
+    fn start(&self, spec: ServeSpec) -> Running {
         let state = Arc::new(RwLock::new(KindState::of(&spec)));
         // Until the driver has looked, every instance keeps the version its graph has.
         let selection = Arc::new(RwLock::new(Arc::new(Selection::hold(spec.order.target.clone(), None))));
@@ -206,8 +193,8 @@ impl Supervisor {
             selection,
             changed: Arc::default(),
             resource: spec.resource.clone(),
-            backoff: super::Backoff::default(),
-            workers: super::Workers::default(),
+            backoff: super::harness::Backoff::default(),
+            workers: super::harness::Workers::default(),
         });
         let task = tokio::spawn(run_kind(
             ctx,
@@ -216,18 +203,15 @@ impl Supervisor {
             orders_rx,
             (stop.clone(), self.shutdown.clone()),
         ));
-        running.insert(
-            spec.transform,
-            Running {
-                resource: spec.resource,
-                namespace: spec.namespace,
-                state,
-                orders,
-                rerender,
-                stop,
-                task,
-            },
-        );
+        Running {
+            resource: spec.resource,
+            namespace: spec.namespace,
+            state,
+            orders,
+            rerender,
+            stop,
+            task,
+        }
     }
 
     /// Whether a Transform's kind is being served.
@@ -275,16 +259,26 @@ struct KindContext {
     /// Tells the rollout driver that an instance was reconciled.
     changed: Arc<Notify>,
     resource: ApiResource,
-    backoff: super::Backoff,
-    workers: super::Workers,
+    backoff: super::harness::Backoff,
+    workers: super::harness::Workers,
 }
 
-impl super::Retries for KindContext {
-    fn backoff(&self) -> &super::Backoff {
+impl super::harness::Retries for KindContext {
+    fn backoff(&self) -> &super::harness::Backoff {
         &self.backoff
     }
-    fn workers(&self) -> &super::Workers {
+    fn workers(&self) -> &super::harness::Workers {
         &self.workers
+    }
+}
+
+impl super::harness::backoff::Reported for KindContext {
+    type Object = DynamicObject;
+    fn recorder(&self) -> &kube::runtime::events::Recorder {
+        &self.shared.recorder
+    }
+    fn dyntype(&self) -> ApiResource {
+        self.resource.clone()
     }
 }
 
@@ -294,6 +288,30 @@ impl KindContext {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner()).clone();
         (selection, state)
     }
+}
+
+/// Updates a running kind's controller in place: a changed allowance renders every instance
+/// again, and the rollout driver moves instances to a new module version.
+fn update_running(r: &Running, spec: ServeSpec) {
+    let changed = {
+        let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
+        let new = KindState::of(&spec);
+        let changed = state.allowance != new.allowance || state.transform_uid != new.transform_uid;
+        *state = new;
+        changed
+    };
+    if changed {
+        tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "allowance changed; rendering every instance again");
+        let _ = r.rerender.send(());
+    }
+    // The rollout driver moves instances to a new module version.
+    r.orders.send_if_modified(|order| {
+        let modified = order.target != spec.order.target
+            || order.policy != spec.order.policy
+            || order.transform.annotations() != spec.order.transform.annotations();
+        *order = spec.order;
+        modified
+    });
 }
 
 async fn run_kind(
@@ -313,15 +331,6 @@ async fn run_kind(
         ),
         None => (Api::all_with(client.clone(), &resource), Api::all(client)),
     };
-    let stopped = {
-        let (stop, shutdown) = (stop.clone(), shutdown.clone());
-        async move {
-            tokio::select! {
-                _ = stop.wait() => {}
-                _ = shutdown.wait() => {}
-            }
-        }
-    };
     let controller = Controller::new_with(instances, watcher::Config::default(), resource.clone());
     let store = controller.store();
     let (nudge, nudged) = mpsc::unbounded_channel();
@@ -340,47 +349,49 @@ async fn run_kind(
         changed: ctx.changed.clone(),
         nudge,
         nudge_all: rerender_tx,
+        written: Default::default(),
     };
-    let driver = {
-        let (stop, shutdown) = (stop.clone(), shutdown.clone());
-        tokio::spawn(driver.run(async move {
-            tokio::select! {
-                _ = stop.wait() => {}
-                _ = shutdown.wait() => {}
-            }
-        }))
-    };
+    let driver = tokio::spawn(driver.run(kind_stopped(&stop, &shutdown)));
     let run = controller
-        .owns_stream(
-            watcher(
-                graphs,
-                watcher::Config::default().labels(&format!(
-                    "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
-                    label_value(&resource.kind),
-                    label_value(&resource.group)
-                )),
-            )
-            .default_backoff()
-            .touched_objects(),
-        )
-        .with_config(super::runner_config(&ctx.workers, CONCURRENCY, &shutdown))
+        .owns_stream(graph_watch(graphs, &resource))
+        .with_config(super::harness::runner_config(&ctx.workers, CONCURRENCY, &shutdown))
         .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {
             rx.recv().await.map(|()| ((), rx))
         }))
         .reconcile_on(futures::stream::unfold(nudged, |mut rx| async move {
             rx.recv().await.map(|reference| (reference, rx))
         }))
-        .graceful_shutdown_on(stopped)
-        .run(reconcile, super::error_policy, ctx)
+        .graceful_shutdown_on(kind_stopped(&stop, &shutdown))
+        .run(reconcile, super::harness::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
-    let stopped = async move {
+    super::harness::drive(run, store, kind_stopped(&stop, &shutdown)).await;
+    let _ = driver.await;
+}
+
+/// Resolves when the kind's controller is stopped or the operator shuts down.
+fn kind_stopped(stop: &Shutdown, shutdown: &Shutdown) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (stop, shutdown) = (stop.clone(), shutdown.clone());
+    async move {
         tokio::select! {
             _ = stop.wait() => {}
             _ = shutdown.wait() => {}
         }
-    };
-    super::drive(run, store, stopped).await;
-    let _ = driver.await;
+    }
+}
+
+/// The graphs of this kind's instances, found by their kind and group labels.
+fn graph_watch(
+    graphs: Api<PartialObjectMeta<ResourceGraph>>,
+    resource: &ApiResource,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<ResourceGraph>, watcher::Error>> + Send + 'static {
+    let labels = format!(
+        "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
+        label_value(&resource.kind),
+        label_value(&resource.group)
+    );
+    watcher(graphs, watcher::Config::default().labels(&labels))
+        .default_backoff()
+        .touched_objects()
 }
 
 async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Action, Error> {
@@ -392,8 +403,8 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
         name = obj.name_any(),
         reconcile_id = reconcile_id()
     );
-    super::measured(&ctx.shared.metrics, CONTROLLER, span, (&*ctx, &obj.metadata), async {
-        let controls = Controls::of(&obj.metadata, &StatusUpdate::cached(&obj).unwrap_or_default());
+    super::harness::measured(&ctx.shared.metrics, CONTROLLER, span, (&*ctx, &obj.metadata), async {
+        let controls = Controls::of(&obj.metadata, &cached_status(&obj).unwrap_or_default());
         if controls.paused {
             hold(&obj, &ctx, StatusDraft::pause).await
         } else if obj.metadata.deletion_timestamp.is_some() {
@@ -403,7 +414,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
                 cleanup(&obj, &ctx).await
             }
         } else {
-            let obj = super::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
+            let obj = super::harness::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
             let rendered = render(&obj, &ctx, controls.reconcile_request).await;
             ctx.changed.notify_one();
             rendered
@@ -424,64 +435,28 @@ fn graphs(obj: &DynamicObject, ctx: &KindContext) -> Api<ResourceGraph> {
     Api::namespaced(ctx.shared.client.clone(), &obj.namespace().unwrap_or_default())
 }
 
+/// The status the watch cache holds for the instance.
+fn cached_status(obj: &DynamicObject) -> Option<InstanceStatus> {
+    obj.data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+}
+
 /// An instance's status under construction, with its events and its write.
-struct StatusUpdate<'a> {
-    obj: &'a DynamicObject,
-    ctx: &'a KindContext,
-    draft: Draft,
-}
+type StatusUpdate<'a> = super::harness::status::StatusUpdate<'a, DynamicObject, InstanceStatus>;
 
-impl std::ops::Deref for StatusUpdate<'_> {
-    type Target = Draft;
-    fn deref(&self) -> &Self::Target {
-        &self.draft
-    }
-}
-
-impl std::ops::DerefMut for StatusUpdate<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.draft
-    }
-}
-
-impl<'a> StatusUpdate<'a> {
-    /// The status the watch cache holds for the instance.
-    fn cached(obj: &DynamicObject) -> Option<InstanceStatus> {
-        obj.data
-            .get("status")
-            .and_then(|s| serde_json::from_value(s.clone()).ok())
-    }
-
-    fn start(obj: &'a DynamicObject, ctx: &'a KindContext) -> Self {
-        let cached = Self::cached(obj);
-        Self {
-            obj,
-            ctx,
-            draft: StatusDraft::start(&ctx.shared.written, &obj.metadata, cached.as_ref()),
-        }
-    }
-
-    /// Writes the status, then publishes the events decided with it.
-    async fn write(self) -> Result<(), Error> {
-        let resource = &self.ctx.resource;
-        let Draft { old, new, events, .. } = self.draft;
-        self.ctx
-            .shared
-            .written
-            .write(
-                &api(self.obj, self.ctx),
-                self.obj,
-                (&resource.api_version, &resource.kind),
-                INSTANCE_MANAGER,
-                &old,
-                new,
-            )
-            .await?;
-        let reference = self.obj.object_ref(&self.ctx.resource);
-        for event in events {
-            publish(&self.ctx.shared.recorder, reference.clone(), event);
-        }
-        Ok(())
+impl KindContext {
+    fn status_update<'a>(&'a self, obj: &'a DynamicObject) -> StatusUpdate<'a> {
+        let cached = cached_status(obj);
+        let writer = super::harness::status::StatusWriter {
+            api: api(obj, self),
+            type_meta: (&self.resource.api_version, &self.resource.kind),
+            manager: INSTANCE_MANAGER,
+            memory: &self.shared.written,
+            recorder: &self.shared.recorder,
+            owned: super::harness::status::whole,
+        };
+        StatusUpdate::start(obj, obj.object_ref(&self.resource), writer, cached.as_ref())
     }
 }
 
@@ -489,17 +464,17 @@ impl<'a> StatusUpdate<'a> {
 /// its objects, publish its signed graph (taking over one of the earlier naming), mirror the
 /// graph's progress. The status is written once, at the end.
 async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>) -> Result<Action, Error> {
-    let mut update = StatusUpdate::start(obj, ctx);
+    let mut update = ctx.status_update(obj);
     update.resume();
     let result = serve_instance(obj, ctx, &mut update, request.as_deref()).await;
     let action = match result {
         Ok(action) => action,
-        Err(Stop::Settled(action)) => action,
-        Err(Stop::Retry(e)) => {
+        Err(InstanceStop::Settled(action)) => action,
+        Err(InstanceStop::Retry(e)) => {
             update.write().await?;
             return Err(e);
         }
-        Err(Stop::Error(e)) => return Err(e),
+        Err(InstanceStop::Error(e)) => return Err(e),
     };
     update.write().await?;
     Ok(action)
@@ -538,7 +513,7 @@ async fn serve_instance(
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     request: Option<&str>,
-) -> Result<Action, Stop> {
+) -> Result<Action, InstanceStop> {
     let (selection, state) = ctx.current();
     let module = choose_module(obj, ctx, update, &selection, &state).await?;
     let name = obj.name_any();
@@ -561,7 +536,7 @@ async fn serve_instance(
         .renderer
         .schema(&pass.module)
         .await
-        .map_err(|e| Error::CueUnavailable(e.to_string()))?;
+        .map_err(Error::CueUnavailable)?;
     let nodes = with_module_gates(nodes, &schema.metadata.ready_when);
     let (live, predecessor) = find_graphs(obj, ctx, update, &pass).await?;
     let rg = publish_graph(
@@ -579,25 +554,38 @@ async fn serve_instance(
     }
     update.new.module_digest = Some(pass.module.digest.clone());
     let ready = update.mirror_progress(&rg, schema.status.as_ref());
-    // Once the graph holds every object, the earlier one has nothing left and goes.
-    let retire = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none());
-    if let Some(old) = &retire {
-        match graphs(obj, ctx)
-            .delete(&old.name_any(), &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        let note = format!(
-            "ResourceGraph {} took over every object of {}, which is deleted",
-            pass.graph,
-            old.name_any()
-        );
-        update.event(EventType::Normal, reasons::GRAPH_RENAMED, &note);
+    let retired = retire_predecessor(obj, ctx, update, &pass, predecessor, ready).await?;
+    Ok(Action::requeue(if retired { TEARDOWN_POLL } else { RESYNC }))
+}
+
+/// Once the graph holds every object, the earlier one has nothing left and goes; says whether
+/// one was deleted.
+async fn retire_predecessor(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    pass: &Pass,
+    predecessor: Option<ResourceGraph>,
+    ready: bool,
+) -> Result<bool, InstanceStop> {
+    let Some(old) = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none()) else {
+        return Ok(false);
+    };
+    match graphs(obj, ctx)
+        .delete(&old.name_any(), &DeleteParams::background())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
     }
-    Ok(Action::requeue(if retire.is_some() { TEARDOWN_POLL } else { RESYNC }))
+    let note = format!(
+        "ResourceGraph {} took over every object of {}, which is deleted",
+        pass.graph,
+        old.name_any()
+    );
+    update.event(EventType::Normal, reasons::GRAPH_RENAMED, &note);
+    Ok(true)
 }
 
 /// The module version the instance renders with (see [`crate::rollout::choose`]), and what
@@ -611,7 +599,7 @@ async fn choose_module(
     update: &mut StatusUpdate<'_>,
     selection: &Selection,
     state: &KindState,
-) -> Result<Module, Stop> {
+) -> Result<Module, InstanceStop> {
     let key = instance_key(obj);
     let pin = obj.annotations().get(PIN_ANNOTATION).map(String::as_str);
     update.new.pinned_module_digest = pin.filter(|p| crate::cue::is_digest(p)).map(String::from);
@@ -630,40 +618,18 @@ async fn choose_module(
                 "the rollout's current module version was never served by Transform {}; the instance keeps its graph",
                 state.transform
             );
-            return Err(update.render_failed(false, reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
+            return Err(update.render_failed(reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
         }
         Wanted::Current => selection.current.clone().unwrap_or_else(|| selection.target.clone()),
         Wanted::Version(digest) if crate::cue::is_digest(&digest) && !state.served.contains(&digest) => {
-            let shown: String = digest.chars().take(80).collect();
-            let whose = if pin.is_some() {
-                PIN_ANNOTATION
-            } else {
-                "status.moduleDigest"
-            };
-            let message = format!(
-                "{whose}: module version {shown} was never served by Transform {}; only the versions in its \
-                 status.servedDigests may be used, and the instance keeps its graph",
-                state.transform
-            );
-            return Err(update.render_failed(false, reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
+            let message = never_served(pin.is_some(), &digest, &state.transform);
+            return Err(update.render_failed(reasons::VERSION_NOT_SERVED, message, Action::requeue(RESYNC)));
         }
         Wanted::Version(digest) => match ctx.shared.renderer.find(&digest, &selection.target.platform).await {
             Some(module) => module,
             None => {
-                let shown: String = digest.chars().take(80).collect();
-                let message = if pin.is_some() && !crate::cue::is_digest(&digest) {
-                    format!("{PIN_ANNOTATION}: {shown:?} is not a module digest (sha256: and 64 hex digits)")
-                } else if pin.is_some() {
-                    format!(
-                        "{PIN_ANNOTATION}: module version {shown} is not in the cache; the instance keeps its graph"
-                    )
-                } else {
-                    format!(
-                        "module version {shown} the instance was rendered with is not in the cache; it keeps its \
-                         graph until the rollout reaches it"
-                    )
-                };
-                return Err(update.render_failed(false, reasons::MODULE_UNAVAILABLE, message, Action::requeue(RESYNC)));
+                let message = not_in_cache(pin.is_some(), &digest);
+                return Err(update.render_failed(reasons::MODULE_UNAVAILABLE, message, Action::requeue(RESYNC)));
             }
         },
     };
@@ -679,7 +645,7 @@ async fn render_instance(
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     pass: &Pass,
-) -> Result<(Arc<crate::cue::RenderOutput>, String), Stop> {
+) -> Result<(Arc<crate::cue::RenderOutput>, String), InstanceStop> {
     let spec = obj.data.get("spec").cloned().unwrap_or_else(|| json!({}));
     let input = render_input(&obj.metadata, &spec);
     let hash = render_hash(&pass.module.digest, &input_hash(&input));
@@ -699,7 +665,8 @@ async fn render_instance(
         }
         // Rendering is deterministic: after a failure only a change of the instance or the
         // module helps, which the resync and the module watch bring.
-        Err(e) => Err(update.render_failed(e.is_transient(), e.reason(), e.to_string(), Action::requeue(RESYNC))),
+        Err(e) if e.is_transient() => Err(update.cue_unavailable(e)),
+        Err(e) => Err(update.render_failed(e.reason(), e.to_string(), Action::requeue(RESYNC))),
     }
 }
 
@@ -711,7 +678,7 @@ async fn check_policies(
     update: &mut StatusUpdate<'_>,
     pass: &Pass,
     output: &crate::cue::RenderOutput,
-) -> Result<Vec<crate::api::Node>, Stop> {
+) -> Result<Vec<crate::api::Node>, InstanceStop> {
     let cluster_scoped = pass.allowance == Allowance::Cluster;
     let (nodes, violations) = ctx
         .shared
@@ -738,7 +705,7 @@ async fn check_policies(
         if let Some(rg) = graphs(obj, ctx).get_opt(&pass.graph).await? {
             update.new.nodes = node_summaries(&rg);
         }
-        return Err(Stop::Settled(Action::requeue(RESYNC)));
+        return Err(InstanceStop::Settled(Action::requeue(RESYNC)));
     }
     Ok(nodes)
 }
@@ -750,7 +717,7 @@ async fn find_graphs(
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     pass: &Pass,
-) -> Result<(Option<ResourceGraph>, Option<ResourceGraph>), Stop> {
+) -> Result<(Option<ResourceGraph>, Option<ResourceGraph>), InstanceStop> {
     let graphs_api = graphs(obj, ctx);
     let live = graphs_api.get_opt(&pass.graph).await?;
     if live
@@ -762,7 +729,7 @@ async fn find_graphs(
             pass.graph
         );
         update.fail(reasons::GRAPH_CONFLICT, message);
-        return Err(Stop::Settled(Action::requeue(RESYNC)));
+        return Err(InstanceStop::Settled(Action::requeue(RESYNC)));
     }
     let predecessor = match &live {
         Some(g) if !g.annotations().contains_key(PREDECESSOR_ANNOTATION) => None,
@@ -784,8 +751,7 @@ async fn publish_graph(
     (output, nodes, hash): (&crate::cue::RenderOutput, Vec<crate::api::Node>, &str),
     live: Option<ResourceGraph>,
     predecessor: Option<&ResourceGraph>,
-) -> Result<ResourceGraph, Stop> {
-    let request = pass.request.as_deref();
+) -> Result<ResourceGraph, InstanceStop> {
     let predecessor = predecessor.and_then(|g| {
         Some(
             Predecessor {
@@ -795,11 +761,31 @@ async fn publish_graph(
             .annotation(),
         )
     });
-    let signed_as_rendered = |g: &ResourceGraph| {
+    let predecessor = predecessor.as_deref();
+    if let Some(live) = live.filter(|g| serves_as_is(obj, ctx, pass, g, hash, predecessor)) {
+        return Ok(live);
+    }
+    let mut rendered = output.clone();
+    rendered.nodes = nodes;
+    let desired = signed_graph(obj, ctx, update, pass, (&rendered, hash), predecessor);
+    write_graph(obj, ctx, update, pass, &desired).await
+}
+
+/// Whether the live graph may be served as it is: no reconcile is requested, it holds this
+/// render, carries Pequod's valid proof for this predecessor and is still owned by the instance.
+fn serves_as_is(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    pass: &Pass,
+    g: &ResourceGraph,
+    hash: &str,
+    predecessor: Option<&str>,
+) -> bool {
+    let signed_as_rendered = || {
         let annotation = |key: &str| g.annotations().get(key).map(String::as_str);
         let claimed = annotation(PREDECESSOR_ANNOTATION);
         let proof = annotation(PROOF_ANNOTATION);
-        claimed == predecessor.as_deref()
+        claimed == predecessor
             && ctx
                 .shared
                 .key
@@ -807,7 +793,7 @@ async fn publish_graph(
                 .is_some_and(|grant| grant == pass.grant())
     };
     // A graph someone cut loose from the instance (no owner reference) is written again.
-    let owned = |g: &ResourceGraph| {
+    let owned = || {
         g.owner_references().iter().any(|o| {
             Some(&o.uid) == obj.uid().as_ref()
                 && o.api_version == ctx.resource.api_version
@@ -815,11 +801,18 @@ async fn publish_graph(
                 && o.name == pass.name
         })
     };
-    if let Some(live) = live.filter(|g| {
-        request.is_none() && g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered(g) && owned(g)
-    }) {
-        return Ok(live);
-    }
+    pass.request.is_none() && g.spec.render_hash.as_deref() == Some(hash) && signed_as_rendered() && owned()
+}
+
+/// The graph for this render, with its proof, its predecessor and any reconcile request.
+fn signed_graph(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &StatusUpdate<'_>,
+    pass: &Pass,
+    (rendered, hash): (&crate::cue::RenderOutput, &str),
+    predecessor: Option<&str>,
+) -> ResourceGraph {
     let instance = InstanceRef {
         api_version: ctx.resource.api_version.clone(),
         kind: ctx.resource.kind.clone(),
@@ -827,28 +820,34 @@ async fn publish_graph(
         namespace: pass.namespace.clone(),
         uid: obj.uid(),
     };
-    let mut rendered = output.clone();
-    rendered.nodes = nodes;
-    let mut desired = resource_graph(&instance, &pass.transform.name, hash, &rendered, update.time.clone());
-    let proof = ctx.shared.key.sign(
-        &pass.namespace,
-        &pass.graph,
-        &desired.spec,
-        &pass.grant(),
-        predecessor.as_deref(),
-    );
+    let mut desired = resource_graph(&instance, &pass.transform.name, hash, rendered, update.time.clone());
+    let proof = ctx
+        .shared
+        .key
+        .sign(&pass.namespace, &pass.graph, &desired.spec, &pass.grant(), predecessor);
     let annotations = desired.metadata.annotations.get_or_insert_default();
     annotations.insert(PROOF_ANNOTATION.to_string(), proof);
-    if let Some(p) = &predecessor {
-        annotations.insert(PREDECESSOR_ANNOTATION.to_string(), p.clone());
+    if let Some(p) = predecessor {
+        annotations.insert(PREDECESSOR_ANNOTATION.to_string(), p.to_string());
     }
     // A changed annotation starts a pass of the graph, which applies every node.
-    if let Some(request) = request {
+    if let Some(request) = pass.request.as_deref() {
         annotations.insert(RECONCILE_REQUEST_ANNOTATION.to_string(), request.to_string());
     }
+    desired
+}
+
+/// Applies the graph; a graph the apiserver refuses is said on the instance.
+async fn write_graph(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    pass: &Pass,
+    desired: &ResourceGraph,
+) -> Result<ResourceGraph, InstanceStop> {
     let params = PatchParams::apply(INSTANCE_MANAGER).force();
     match graphs(obj, ctx)
-        .patch(&pass.graph, &params, &Patch::Apply(&desired))
+        .patch(&pass.graph, &params, &Patch::Apply(desired))
         .await
     {
         Ok(rg) => Ok(rg),
@@ -857,16 +856,42 @@ async fn publish_graph(
         Err(kube::Error::Api(s)) if matches!(s.code, 400 | 413 | 422) => {
             let message = format!("the apiserver refused ResourceGraph {}: {}", pass.graph, s.message);
             update.fail(reasons::GRAPH_REJECTED, message);
-            Err(Stop::Settled(Action::requeue(RESYNC)))
+            Err(InstanceStop::Settled(Action::requeue(RESYNC)))
         }
         // An internal error for a malformed object (a reference in place of a whole map, say)
         // looks like any other: said on the instance, and retried with backoff.
         Err(kube::Error::Api(s)) if s.code == 500 => {
             let message = format!("the apiserver failed on ResourceGraph {}: {}", pass.graph, s.message);
             update.fail(reasons::GRAPH_REJECTED, message);
-            Err(Stop::Retry(kube::Error::Api(s).into()))
+            Err(InstanceStop::Retry(kube::Error::Api(s).into()))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Why a version the pin or the status names may not be used: its Transform never served it.
+fn never_served(pinned: bool, digest: &str, transform: &TransformKey) -> String {
+    let shown: String = digest.chars().take(80).collect();
+    let whose = if pinned { PIN_ANNOTATION } else { "status.moduleDigest" };
+    format!(
+        "{whose}: module version {shown} was never served by Transform {transform}; only the versions in its \
+         status.servedDigests may be used, and the instance keeps its graph"
+    )
+}
+
+/// Why the version the pin or the status names cannot be rendered: it is not in the cache, or
+/// the pin is no digest at all.
+fn not_in_cache(pinned: bool, digest: &str) -> String {
+    let shown: String = digest.chars().take(80).collect();
+    if pinned && !crate::cue::is_digest(digest) {
+        format!("{PIN_ANNOTATION}: {shown:?} is not a module digest (sha256: and 64 hex digits)")
+    } else if pinned {
+        format!("{PIN_ANNOTATION}: module version {shown} is not in the cache; the instance keeps its graph")
+    } else {
+        format!(
+            "module version {shown} the instance was rendered with is not in the cache; it keeps its \
+             graph until the rollout reaches it"
+        )
     }
 }
 
@@ -902,7 +927,7 @@ fn owns(obj: &DynamicObject, resource: &ApiResource, graph: &ResourceGraph, key:
 /// Writes a status that says why the instance is left as it is (paused, or protected from
 /// deletion), and waits for a change of the instance.
 async fn hold(obj: &DynamicObject, ctx: &KindContext, say: fn(&mut Draft)) -> Result<Action, Error> {
-    let mut update = StatusUpdate::start(obj, ctx);
+    let mut update = ctx.status_update(obj);
     say(&mut update);
     update.write().await?;
     Ok(Action::await_change())
@@ -940,7 +965,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
     }
     match live {
         Some((graph, rg)) => {
-            let mut update = StatusUpdate::start(obj, ctx);
+            let mut update = ctx.status_update(obj);
             let waiting = rg
                 .status
                 .as_ref()
@@ -956,7 +981,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
             Ok(Action::requeue(TEARDOWN_POLL))
         }
         None => {
-            super::remove_finalizer(&api(obj, ctx), obj, INSTANCE_FINALIZER).await?;
+            super::harness::remove_finalizer(&api(obj, ctx), obj, INSTANCE_FINALIZER).await?;
             ctx.shared.written.forget(&obj.uid().unwrap_or_default());
             Ok(Action::await_change())
         }

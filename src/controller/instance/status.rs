@@ -4,10 +4,10 @@
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
-use super::super::{Error, StatusDraft};
 use crate::api::condition_types::{POLICY_COMPLIANT, READY, RENDERED};
 use crate::api::names::{DELETION_PROTECTION_ANNOTATION, PAUSED_ANNOTATION, RECONCILE_REQUEST_ANNOTATION};
 use crate::api::{ConditionStatus, InstancePhase, InstanceStatus, ResourceGraph, Violation, reasons};
+use crate::controller::harness::{Error, StatusDraft};
 use crate::instance_graph::{graph_progress, node_summaries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -44,7 +44,7 @@ fn declared_outputs(
 }
 
 /// Why an instance's pipeline stopped before its graph's progress was mirrored.
-pub(super) enum Stop {
+pub(super) enum InstanceStop {
     /// The status says why; it is written and the instance looked at per the action.
     Settled(Action),
     /// The status says why; it is written and the reconcile fails, to be retried with backoff.
@@ -53,7 +53,7 @@ pub(super) enum Stop {
     Error(Error),
 }
 
-impl<E: Into<Error>> From<E> for Stop {
+impl<E: Into<Error>> From<E> for InstanceStop {
     fn from(e: E) -> Self {
         Self::Error(e.into())
     }
@@ -130,7 +130,7 @@ impl StatusDraft<InstanceStatus> {
     /// Records a render whose graph the graph rules refused: cue rendered it, so `Rendered`
     /// is True, and `Ready` says what the check refused, naming the node (the last accepted
     /// graph stays). Waits for a change of the instance or the module.
-    pub(super) fn graph_refused(&mut self, digest: &str, reason: &str, message: String) -> Stop {
+    pub(super) fn graph_refused(&mut self, digest: &str, reason: &str, message: String) -> InstanceStop {
         let rendered = format!("rendered by module {digest}; the graph rules refused the result");
         self.condition(RENDERED, true, reasons::RENDERED, rendered);
         let ready = format!("the rendered graph was refused; the last accepted graph stays: {message}");
@@ -142,18 +142,21 @@ impl StatusDraft<InstanceStatus> {
             (EventType::Warning, reasons::GRAPH_REJECTED),
         );
         self.new.phase = Some(InstancePhase::Failed);
-        Stop::Settled(Action::requeue(super::RESYNC))
+        InstanceStop::Settled(Action::requeue(super::RESYNC))
     }
 
-    /// Records a failed render and why the pipeline stops: a `transient` failure (cue could
-    /// not run or timed out) is retried with backoff; any other waits for a change of the
+    /// Records a render that could not run (cue missing or timed out): retried with backoff,
+    /// Ready left as it was.
+    pub(super) fn cue_unavailable(&mut self, error: crate::cue::RenderError) -> InstanceStop {
+        use crate::error::ErrorCategory;
+        self.new.phase = Some(InstancePhase::Rendering);
+        self.condition(RENDERED, false, error.reason(), error.to_string());
+        InstanceStop::Retry(Error::CueUnavailable(error))
+    }
+
+    /// Records a failed render and why the pipeline stops: it waits for a change of the
     /// instance or the module (`resync`), and the last accepted graph stays.
-    pub(super) fn render_failed(&mut self, transient: bool, reason: &str, message: String, resync: Action) -> Stop {
-        if transient {
-            self.new.phase = Some(InstancePhase::Rendering);
-            self.condition(RENDERED, false, reason, message.clone());
-            return Stop::Retry(Error::CueUnavailable(message));
-        }
+    pub(super) fn render_failed(&mut self, reason: &str, message: String, resync: Action) -> InstanceStop {
         self.condition_with_event(
             RENDERED,
             false,
@@ -164,7 +167,7 @@ impl StatusDraft<InstanceStatus> {
         let ready = format!("rendering failed; the last accepted graph stays: {message}");
         self.condition(READY, false, reason, ready);
         self.new.phase = Some(InstancePhase::Failed);
-        Stop::Settled(resync)
+        InstanceStop::Settled(resync)
     }
 
     /// Records the policy findings (the first `kept` in the status); returns whether any of
@@ -320,19 +323,17 @@ mod tests {
     fn render_failures_keep_the_last_graph_and_are_told_once() {
         let mut d = draft(&ready());
         let stop = d.render_failed(
-            false,
             "CueRenderFailed",
             "spec.port: conflicting values".into(),
             Action::await_change(),
         );
-        assert!(matches!(stop, Stop::Settled(_)));
+        assert!(matches!(stop, InstanceStop::Settled(_)));
         assert_eq!(condition(&d.new, RENDERED), (false, "CueRenderFailed"));
         assert_eq!(condition(&d.new, READY), (false, "CueRenderFailed"));
         assert_eq!(d.new.phase, Some(InstancePhase::Failed));
         assert_eq!(events(&d), [reasons::CUE_RENDER_FAILED]);
         let mut again = draft(&d.new);
         let _ = again.render_failed(
-            false,
             "CueRenderFailed",
             "spec.port: conflicting values".into(),
             Action::await_change(),
@@ -342,7 +343,6 @@ mod tests {
         // A memory limit or a timeout: the same shape, with its own reason.
         let mut d = draft(&ready());
         let _ = d.render_failed(
-            false,
             "CueMemoryLimit",
             "needs more than 160 MiB".into(),
             Action::await_change(),
@@ -351,13 +351,10 @@ mod tests {
 
         // cue unavailable: retried, Ready left as it was, no event.
         let mut d = draft(&ready());
-        let stop = d.render_failed(
-            true,
-            "CueBinaryUnavailable",
-            "cannot run cue".into(),
-            Action::await_change(),
-        );
-        assert!(matches!(stop, Stop::Retry(_)));
+        let stop = d.cue_unavailable(crate::cue::RenderError::CueUnavailable {
+            message: "cannot run cue".into(),
+        });
+        assert!(matches!(stop, InstanceStop::Retry(_)));
         assert_eq!(condition(&d.new, RENDERED), (false, "CueBinaryUnavailable"));
         assert_eq!(condition(&d.new, READY), (true, reasons::READY));
         assert_eq!(d.new.phase, Some(InstancePhase::Rendering));
@@ -365,7 +362,7 @@ mod tests {
 
         // Rendering again after a failure.
         let mut d = draft(&ready());
-        let _ = d.render_failed(false, "CueRenderFailed", "x".into(), Action::await_change());
+        let _ = d.render_failed("CueRenderFailed", "x".into(), Action::await_change());
         let mut fixed = draft(&d.new);
         fixed.rendered(2, "sha256:2");
         assert_eq!(condition(&fixed.new, RENDERED), (true, reasons::RENDERED));

@@ -11,11 +11,10 @@ use crate::api::names::{
 };
 use crate::api::reasons;
 use crate::error::ErrorCategory;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -23,34 +22,33 @@ use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, Pat
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
-use tracing::info_span;
 
 mod status;
 
+use super::harness::{Error, StatusMemory};
 use super::instance::{ServeSpec, Supervisor, TransformKey};
-use super::rollout::RolloutOrder;
-use super::{Error, StatusDraft, StatusMemory, publish, reconcile_id};
+use super::rollout_driver::RolloutOrder;
 use crate::api::{
     CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus, with_served,
 };
-use crate::apply::contains;
 use crate::authority::{self, TrustedNamespaces};
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
+use crate::executor::object::contains;
 use crate::executor::proof::Allowance;
 use crate::executor::proof::GraphKey;
+use crate::metrics::Metrics;
 use crate::rbac::{self, Generated, ManagerIdentity, RbacMode, ServedKind, TransformIdentity};
 use crate::rollout::Policy;
-use crate::runtime::health::{Health, Probe};
-use crate::runtime::metrics::Metrics;
+use crate::runtime::health::Health;
 use crate::runtime::shutdown::Shutdown;
 use crate::source::{Fetcher, breaker};
-use status::{Draft, Stop};
+use status::{Draft, TransformStop};
 
 const CONTROLLER: &str = "transform";
 /// How long a generated CRD may take to become Established.
@@ -74,24 +72,29 @@ pub struct Context {
     /// Signs and checks the list of module versions each Transform served.
     key: GraphKey,
     written: StatusMemory<TransformStatus>,
-    /// Consecutive failed fetches per Transform (by uid) and the generation they were of,
-    /// for the retry delay; a new spec starts over.
-    fetch_failures: std::sync::Mutex<HashMap<String, (Option<i64>, u32)>>,
-    backoff: super::Backoff,
-    workers: super::Workers,
+    backoff: super::harness::Backoff,
+    workers: super::harness::Workers,
     /// Namespaces whose Transforms may give their instances more than their own namespace.
     trusted: TrustedNamespaces,
     /// Whether the manager writes Transforms' RBAC or an administrator does.
     rbac_mode: RbacMode,
 }
 
-impl super::Retries for Context {
-    fn backoff(&self) -> &super::Backoff {
+impl super::harness::Retries for Context {
+    fn backoff(&self) -> &super::harness::Backoff {
         &self.backoff
     }
-    fn workers(&self) -> &super::Workers {
+    fn workers(&self) -> &super::harness::Workers {
         &self.workers
     }
+}
+
+impl super::harness::backoff::Reported for Context {
+    type Object = Transform;
+    fn recorder(&self) -> &kube::runtime::events::Recorder {
+        &self.recorder
+    }
+    fn dyntype(&self) {}
 }
 
 impl Context {
@@ -114,9 +117,8 @@ impl Context {
             supervisor,
             key,
             written: StatusMemory::default(),
-            fetch_failures: Default::default(),
-            backoff: super::Backoff::default(),
-            workers: super::Workers::default(),
+            backoff: super::harness::Backoff::default(),
+            workers: super::harness::Workers::default(),
             trusted: TrustedNamespaces::new(Vec::new()),
             rbac_mode: RbacMode::Generate,
         }
@@ -124,8 +126,6 @@ impl Context {
 }
 
 impl Context {
-    /// Counts a failed fetch of a Transform and returns how many failed in a row for its
-    /// current generation.
     /// Trusts the Transforms of `trusted` (by default none).
     pub fn trusting(mut self, trusted: TrustedNamespaces) -> Self {
         self.trusted = trusted;
@@ -137,31 +137,25 @@ impl Context {
         self.rbac_mode = mode;
         self
     }
-
-    fn fetch_failed(&self, uid: &str, generation: Option<i64>) -> u32 {
-        let mut failures = self.fetch_failures.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = failures.entry(uid.to_string()).or_insert((generation, 0));
-        if entry.0 != generation {
-            *entry = (generation, 0);
-        }
-        entry.1 += 1;
-        entry.1
-    }
-
-    fn fetch_succeeded(&self, uid: &str) {
-        let mut failures = self.fetch_failures.lock().unwrap_or_else(|e| e.into_inner());
-        failures.remove(uid);
-    }
 }
 
 /// Runs the controller until shutdown.
 pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutdown: Shutdown) {
     let client = ctx.client.clone();
-    let controller = Controller::new(Api::<Transform>::all(client.clone()), watcher::Config::default())
-        .with_config(super::runner_config(&ctx.workers, concurrency, &shutdown));
-    let store = controller.store();
-    let transforms = store.clone();
-    let store_for_stop = store.clone();
+    // Every change reaches the cache; only changes a reconcile acts on trigger one. The
+    // rollout driver writes the status as instances move, and the pipeline (a CRD read, RBAC
+    // reads, access reviews) has nothing to do for a status write.
+    let (transforms, writer) = reflector::store();
+    let changes = watcher(Api::<Transform>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile_inputs, PredicateConfig::default());
+    let controller = Controller::for_stream(changes, transforms.clone()).with_config(super::harness::runner_config(
+        &ctx.workers,
+        concurrency,
+        &shutdown,
+    ));
     let controller = controller
         // A generated CRD changing (Established, edited, deleted) brings its Transform back.
         // These watches only map events to Transforms, so they carry metadata only: a large
@@ -192,31 +186,43 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
             )
             .default_backoff()
             .touched_objects(),
-            move |cm| {
-                let namespace = cm.namespace().unwrap_or_default();
-                let name = cm.name_any();
-                transforms
-                    .state()
-                    .into_iter()
-                    .filter(|t| {
-                        t.spec.cue_ref.type_ == CueRefType::Configmap
-                            && t.spec.cue_ref.ref_ == name
-                            && t.namespace().as_deref() == Some(namespace.as_str())
-                    })
-                    .map(|t| ObjectRef::from_obj(&*t))
-                    .collect::<Vec<_>>()
-            },
+            move |cm| transforms_using(&transforms, &cm),
         )
         .graceful_shutdown_on(shutdown.clone().wait_owned());
-    health.register(Probe::Readiness, "transform-controller", "cache not synced yet");
-    health.set(Probe::Liveness, "transform-controller", Ok(()));
-    tokio::spawn(super::report_when_synced(store, health.clone(), "transform-controller"));
-    let run = controller
-        .run(reconcile, super::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()));
-    super::drive(run, store_for_stop, shutdown.clone().wait_owned()).await;
-    health.set(Probe::Readiness, "transform-controller", Err("stopped".into()));
-    super::report_stopped(&health, "transform-controller", &shutdown);
+    super::harness::run_controller(controller, reconcile, ctx, "transform-controller", health, shutdown).await;
+}
+
+/// The Transforms whose module is the ConfigMap `cm`.
+fn transforms_using(
+    transforms: &reflector::Store<Transform>,
+    cm: &PartialObjectMeta<ConfigMap>,
+) -> Vec<ObjectRef<Transform>> {
+    let namespace = cm.namespace().unwrap_or_default();
+    let name = cm.name_any();
+    transforms
+        .state()
+        .into_iter()
+        .filter(|t| {
+            t.spec.cue_ref.type_ == CueRefType::Configmap
+                && t.spec.cue_ref.ref_ == name
+                && t.namespace().as_deref() == Some(namespace.as_str())
+        })
+        .map(|t| ObjectRef::from_obj(&*t))
+        .collect()
+}
+
+/// What a reconcile of a Transform acts on besides its status: its spec (the generation), its
+/// labels, annotations (pause, approval) and finalizers, and its deletion.
+fn reconcile_inputs(t: &Transform) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    t.metadata.generation.hash(&mut hasher);
+    t.labels().hash(&mut hasher);
+    t.annotations().hash(&mut hasher);
+    t.finalizers().hash(&mut hasher);
+    let deleted = t.metadata.deletion_timestamp.as_ref().map(|d| d.0.as_second());
+    deleted.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// The Transform a generated object belongs to, from its labels.
@@ -226,20 +232,13 @@ fn owner_of(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, St
 }
 
 async fn reconcile(t: Arc<Transform>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let span = info_span!(
-        "reconcile",
-        controller = CONTROLLER,
-        namespace = t.namespace().unwrap_or_default(),
-        name = t.name_any(),
-        reconcile_id = reconcile_id()
-    );
-    super::measured(&ctx.metrics, CONTROLLER, span, (&*ctx, &t.metadata), async {
+    super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*t), async {
         if is_paused(&t) {
             pause(&t, &ctx).await
         } else if t.metadata.deletion_timestamp.is_some() {
             cleanup(&t, &ctx).await
         } else {
-            let t = super::finalized(&api(&t, &ctx), &*t, TRANSFORM_FINALIZER).await?;
+            let t = super::harness::finalized(&api(&t, &ctx), &*t, TRANSFORM_FINALIZER).await?;
             generate(&t, &ctx).await
         }
     })
@@ -262,73 +261,32 @@ fn key(t: &Transform) -> TransformKey {
 }
 
 /// A Transform's status under construction, with its events and its write.
-struct StatusUpdate<'a> {
-    t: &'a Transform,
-    ctx: &'a Context,
-    draft: Draft,
-}
+type StatusUpdate<'a> = super::harness::status::StatusUpdate<'a, Transform, TransformStatus>;
 
-impl std::ops::Deref for StatusUpdate<'_> {
-    type Target = Draft;
-    fn deref(&self) -> &Self::Target {
-        &self.draft
+impl Context {
+    fn status_update<'a>(&'a self, t: &'a Transform) -> StatusUpdate<'a> {
+        let writer = super::harness::status::StatusWriter {
+            api: api(t, self),
+            type_meta: (crate::api::API_VERSION, "Transform"),
+            manager: TRANSFORM_STATUS_MANAGER,
+            memory: &self.written,
+            recorder: &self.recorder,
+            owned: without_rollout,
+        };
+        StatusUpdate::start(t, t.object_ref(&()), writer, t.status.as_ref())
     }
 }
 
-impl std::ops::DerefMut for StatusUpdate<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.draft
-    }
-}
-
-impl<'a> StatusUpdate<'a> {
-    fn start(t: &'a Transform, ctx: &'a Context) -> Self {
-        Self {
-            t,
-            ctx,
-            draft: StatusDraft::start(&ctx.written, &t.metadata, t.status.as_ref()),
-        }
-    }
-
-    /// Writes the status, then publishes the events decided with it.
-    async fn write(self) -> Result<(), Error> {
-        let Draft { old, new, events, .. } = self.draft;
-        write_status(self.t, self.ctx, &old, new).await?;
-        for event in events {
-            publish(&self.ctx.recorder, self.t.object_ref(&()), event);
-        }
-        Ok(())
-    }
-}
-
-async fn write_status(
-    t: &Transform,
-    ctx: &Context,
-    old: &TransformStatus,
-    status: TransformStatus,
-) -> Result<(), Error> {
-    // The rollout driver writes its part of the status with a field manager of its own.
-    let without_rollout = |s: &TransformStatus| {
-        let mut s = s.clone();
-        s.rollout = None;
-        s.conditions.retain(|c| c.type_ != ROLLED_OUT);
-        s
-    };
-    let (old, status) = (&without_rollout(old), without_rollout(&status));
-    ctx.written
-        .write(
-            &api(t, ctx),
-            t,
-            (crate::api::API_VERSION, "Transform"),
-            TRANSFORM_STATUS_MANAGER,
-            old,
-            status,
-        )
-        .await
+/// The rollout driver writes its part of the status with a field manager of its own.
+fn without_rollout(s: &TransformStatus) -> TransformStatus {
+    let mut s = s.clone();
+    s.rollout = None;
+    s.conditions.retain(|c| c.type_ != ROLLED_OUT);
+    s
 }
 
 async fn pause(t: &Transform, ctx: &Context) -> Result<Action, Error> {
-    let mut update = StatusUpdate::start(t, ctx);
+    let mut update = ctx.status_update(t);
     let message = format!("{PAUSED_ANNOTATION} is \"true\": the Transform is not reconciled, deletion included");
     update.pause(&message);
     update.write().await?;
@@ -350,9 +308,9 @@ fn api_resource(group: &str, version: &str, names: &KindNames) -> ApiResource {
 /// wait until it is Established, generate RBAC, serve the kind. Each step returns what the
 /// next needs or why it stopped; the status is decided here once and written once.
 async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
-    let mut update = StatusUpdate::start(t, ctx);
+    let mut update = ctx.status_update(t);
     update.resume();
-    show_new_spec(t, ctx, &mut update).await?;
+    show_new_spec(t, &mut update).await?;
     let result = serve_transform(t, ctx, &mut update).await;
     let action = update.conclude(result)?;
     update.write().await?;
@@ -361,19 +319,18 @@ async fn generate(t: &Transform, ctx: &Context) -> Result<Action, Error> {
 
 /// Shows a new spec being worked on at once (phase `Fetching`); content changes of the same
 /// spec go straight to the result, so that resyncs write nothing.
-async fn show_new_spec(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'_>) -> Result<(), Error> {
+async fn show_new_spec(t: &Transform, update: &mut StatusUpdate<'_>) -> Result<(), Error> {
     if update.old.observed_generation == t.metadata.generation {
         return Ok(());
     }
     let mut progress = update.old.clone();
     progress.phase = Some(TransformPhase::Fetching);
     progress.observed_generation = t.metadata.generation;
-    write_status(t, ctx, &update.old, progress.clone()).await?;
-    update.old = progress;
+    update.checkpoint(progress).await?;
     Ok(())
 }
 
-async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'_>) -> Result<Action, Stop> {
+async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate<'_>) -> Result<Action, TransformStop> {
     let namespace = t.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let allowance = authorize(t, &namespace, &ctx.trusted, update)?;
     let policy = rollout_policy(t)?;
@@ -440,7 +397,7 @@ async fn record_served(
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     digest: &str,
-) -> Result<Vec<String>, Stop> {
+) -> Result<Vec<String>, TransformStop> {
     let old = &update.old;
     let uid = t.uid().unwrap_or_default();
     let proven = ctx
@@ -453,8 +410,7 @@ async fn record_served(
         let mut recorded = old.clone();
         recorded.served_digests = served.clone();
         recorded.served_digests_proof = Some(proof.clone());
-        write_status(t, ctx, old, recorded.clone()).await?;
-        update.old = recorded;
+        update.checkpoint(recorded).await?;
     }
     update.new.served_digests = served.clone();
     update.new.served_digests_proof = Some(proof);
@@ -462,9 +418,9 @@ async fn record_served(
 }
 
 /// The Transform's rollout policy, or why it is invalid.
-fn rollout_policy(t: &Transform) -> Result<Policy, Stop> {
+fn rollout_policy(t: &Transform) -> Result<Policy, TransformStop> {
     Policy::from_spec(t.spec.rollout.as_ref()).map_err(|message| {
-        Stop::failed(
+        TransformStop::failed(
             crate::api::condition_types::READY,
             reasons::INVALID_ROLLOUT,
             format!("spec.rollout: {message}"),
@@ -481,9 +437,9 @@ fn authorize(
     namespace: &str,
     trusted: &TrustedNamespaces,
     update: &mut StatusUpdate<'_>,
-) -> Result<Allowance, Stop> {
+) -> Result<Allowance, TransformStop> {
     let allowance = authority::allowance(&t.spec, namespace, trusted).map_err(|message| {
-        Stop::failed(
+        TransformStop::failed(
             AUTHORIZED,
             reasons::NOT_ALLOWED,
             message,
@@ -501,7 +457,7 @@ async fn fetch_module(
     t: &Transform,
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
-) -> Result<(crate::source::Fetched, Option<Duration>), Stop> {
+) -> Result<(crate::source::Fetched, Option<Duration>), TransformStop> {
     let source_label = t.spec.cue_ref.type_.as_str();
     let started = std::time::Instant::now();
     let namespace = t.namespace().unwrap_or_default();
@@ -523,37 +479,18 @@ async fn fetch_module(
         .cue_fetch_total
         .with_label_values(&[source_label, if fresh { "success" } else { "failure" }])
         .inc();
-    let uid = t.uid().unwrap_or_default();
     let fetched = match fetched {
         Ok(f) => f,
-        Err(e) => {
-            let failures = ctx.fetch_failed(&uid, t.metadata.generation);
-            let mut message = e.to_string();
-            if ctx.supervisor.serves(&key(t)).await
-                && let Some(digest) = update.old.resolved_cue_ref.as_ref().map(|r| r.digest.clone())
-            {
-                message.push_str(&format!(
-                    "; existing instances keep being served with the last good module {digest}"
-                ));
-            }
-            let then = Action::requeue(breaker::retry_delay(failures));
-            return Err(Stop::failed(
-                CUE_FETCHED,
-                e.reason(),
-                message,
-                reasons::CUE_FETCH_FAILED,
-                then,
-            ));
-        }
+        Err(e) => return Err(fetch_failed(t, ctx, update, &e).await),
     };
     let retry = match &fetched.stale {
         Some(why) => {
-            let failures = ctx.fetch_failed(&uid, t.metadata.generation);
+            let failures = ctx.backoff.fetch_failed(&t.metadata);
             update.fetched_stale(why);
             Some(breaker::retry_delay(failures))
         }
         None => {
-            ctx.fetch_succeeded(&uid);
+            ctx.backoff.fetch_succeeded(&t.metadata);
             let what = format!("{source_label} module {} ({})", fetched.platform, fetched.digest);
             update.fetched(what);
             None
@@ -562,12 +499,33 @@ async fn fetch_module(
     Ok((fetched, retry))
 }
 
+/// A failed fetch: retried with backoff; a Transform still served says its instances keep
+/// the last good module.
+async fn fetch_failed(
+    t: &Transform,
+    ctx: &Context,
+    update: &StatusUpdate<'_>,
+    e: &crate::source::SourceError,
+) -> TransformStop {
+    let failures = ctx.backoff.fetch_failed(&t.metadata);
+    let mut message = e.to_string();
+    if ctx.supervisor.serves(&key(t)).await
+        && let Some(digest) = update.old.resolved_cue_ref.as_ref().map(|r| r.digest.clone())
+    {
+        message.push_str(&format!(
+            "; existing instances keep being served with the last good module {digest}"
+        ));
+    }
+    let then = Action::requeue(breaker::retry_delay(failures));
+    TransformStop::failed(CUE_FETCHED, e.reason(), message, reasons::CUE_FETCH_FAILED, then)
+}
+
 /// Loads the module and converts its `#Input` into a schema.
 async fn load_module(
     ctx: &Context,
     fetched: crate::source::Fetched,
     settled: &Action,
-) -> Result<(crate::cue::Module, Arc<crate::cue::ModuleSchema>), Stop> {
+) -> Result<(crate::cue::Module, Arc<crate::cue::ModuleSchema>), TransformStop> {
     let loaded = async {
         let module = ctx.renderer.load(fetched.files, &fetched.platform).await?;
         let schema = ctx.renderer.schema(&module).await?;
@@ -575,8 +533,8 @@ async fn load_module(
     };
     match loaded.await {
         Ok(loaded) => Ok(loaded),
-        Err(e) if e.is_transient() => Err(Stop::Error(Error::CueUnavailable(e.to_string()))),
-        Err(e) => Err(Stop::failed(
+        Err(e) if e.is_transient() => Err(TransformStop::Error(Error::CueUnavailable(e))),
+        Err(e) => Err(TransformStop::failed(
             SCHEMA_EXTRACTED,
             e.reason(),
             e.to_string(),
@@ -592,12 +550,12 @@ fn desired_crd(
     namespace: &str,
     schema: &crate::cue::ModuleSchema,
     settled: &Action,
-) -> Result<(KindNames, CustomResourceDefinition), Stop> {
+) -> Result<(KindNames, CustomResourceDefinition), TransformStop> {
     let names = crd::kind_names(&t.name_any(), schema, &t.spec.short_names)
         .and_then(|names| reserved::check(&t.spec.group, &names).map(|()| names))
         .map_err(|e| {
             let reason = e.reason();
-            Stop::failed(
+            TransformStop::failed(
                 CRD_GENERATED,
                 reason,
                 e.to_string(),
@@ -626,7 +584,7 @@ async fn renamed_from(
     ctx: &Context,
     update: &StatusUpdate<'_>,
     crd_name: &str,
-) -> Result<Option<GeneratedCrd>, Stop> {
+) -> Result<Option<GeneratedCrd>, TransformStop> {
     let previous = update
         .old
         .generated_crd
@@ -647,7 +605,7 @@ async fn renamed_from(
                 previous.name, previous.kind
             );
             let then = Action::requeue(RESYNC);
-            return Err(Stop::breaking(message, then));
+            return Err(TransformStop::breaking(message, then));
         }
     }
     Ok(Some(previous))
@@ -661,13 +619,13 @@ async fn apply_crd(
     update: &mut StatusUpdate<'_>,
     desired: &CustomResourceDefinition,
     settled: &Action,
-) -> Result<(CustomResourceDefinition, bool), Stop> {
+) -> Result<(CustomResourceDefinition, bool), TransformStop> {
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
     let crd_name = desired.metadata.name.clone().unwrap_or_default();
     let written = match crds.get_opt(&crd_name).await? {
         Some(live) => {
             if let Some(conflict) = ownership_conflict(&live, t) {
-                return Err(Stop::failed(
+                return Err(TransformStop::failed(
                     CRD_GENERATED,
                     reasons::KIND_CONFLICT,
                     conflict,
@@ -683,7 +641,7 @@ async fn apply_crd(
                     breaking.join("; ")
                 );
                 let then = settled.clone();
-                return Err(Stop::breaking(message, then));
+                return Err(TransformStop::breaking(message, then));
             }
             if contains(&serde_json::to_value(&live)?, &serde_json::to_value(desired)?) {
                 (live, false)
@@ -706,7 +664,7 @@ fn await_established(
     crd: &CustomResourceDefinition,
     crd_name: &str,
     settled: &Action,
-) -> Result<(), Stop> {
+) -> Result<(), TransformStop> {
     match crd_state(crd) {
         CrdState::Established => {
             update.established(crd_name);
@@ -715,7 +673,7 @@ fn await_established(
         CrdState::NamesRefused(message) => {
             let message = format!("the apiserver refused the names of CRD {crd_name}: {message}");
             let then = settled.clone();
-            Err(Stop::failed(
+            Err(TransformStop::failed(
                 CRD_GENERATED,
                 reasons::NAMES_NOT_ACCEPTED,
                 message,
@@ -736,7 +694,7 @@ fn await_established(
                     "CRD {crd_name} is not Established after {}s",
                     ESTABLISH_TIMEOUT.as_secs()
                 );
-                return Err(Stop::failed(
+                return Err(TransformStop::failed(
                     CRD_GENERATED,
                     reasons::CRD_NOT_ESTABLISHED,
                     message,
@@ -745,7 +703,7 @@ fn await_established(
                 ));
             }
             update.waiting_for_established(crd_name);
-            Err(Stop::Waiting(then))
+            Err(TransformStop::Waiting(then))
         }
     }
 }
@@ -757,11 +715,11 @@ async fn generate_rbac(
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     resource: &ApiResource,
-) -> Result<(), Stop> {
+) -> Result<(), TransformStop> {
     if ctx.rbac_mode == RbacMode::External {
         return check_rbac(t, ctx, update, resource).await;
     }
-    let then = Action::requeue(super::RETRY);
+    let then = Action::requeue(super::harness::RETRY);
     match configure_rbac(t, ctx, resource).await {
         Ok(generated) => {
             let message = format!("{} rule(s) for the manager", generated.rule_count);
@@ -769,14 +727,14 @@ async fn generate_rbac(
             update.new.generated_rbac = Some(generated);
             Ok(())
         }
-        Err(e @ RbacError::NotOurs { .. }) => Err(Stop::failed(
+        Err(e @ RbacError::NotOurs { .. }) => Err(TransformStop::failed(
             RBAC_CONFIGURED,
             reasons::RBAC_CONFLICT,
             e.to_string(),
             reasons::RBAC_CONFLICT,
             then,
         )),
-        Err(e) => Err(Stop::failed(
+        Err(e) => Err(TransformStop::failed(
             RBAC_CONFIGURED,
             reasons::RBAC_FAILED,
             format!("generating RBAC: {e}"),
@@ -793,7 +751,7 @@ async fn check_rbac(
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     resource: &ApiResource,
-) -> Result<(), Stop> {
+) -> Result<(), TransformStop> {
     let namespace = t.namespace().unwrap_or_default();
     let rules = transform_rules(t, resource);
     let needed = rbac::required_access(&rules, t.spec.rbac_scope, &namespace);
@@ -812,7 +770,7 @@ async fn check_rbac(
         rbac::describe_missing(&missing)
     );
     update.rbac_missing(&message);
-    Err(Stop::Waiting(Action::requeue(RBAC_POLL)))
+    Err(TransformStop::Waiting(Action::requeue(RBAC_POLL)))
 }
 
 /// The rules a Transform's kind and managed resources need.
@@ -1033,7 +991,7 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     if let Some(crd) = &owned_crd {
         let instances = count_instances(ctx, crd, t).await?;
         if instances > 0 {
-            let mut update = StatusUpdate::start(t, ctx);
+            let mut update = ctx.status_update(t);
             let message = format!(
                 "deletion waits until the {instances} instance(s) of {} are deleted; the CRD is kept until then",
                 crd.spec.names.kind
@@ -1051,9 +1009,9 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     if ctx.rbac_mode == RbacMode::Generate {
         delete_rbac(t, ctx).await?;
     }
-    super::remove_finalizer(&api(t, ctx), t, TRANSFORM_FINALIZER).await?;
+    super::harness::remove_finalizer(&api(t, ctx), t, TRANSFORM_FINALIZER).await?;
     ctx.written.forget(&t.uid().unwrap_or_default());
-    ctx.fetch_succeeded(&t.uid().unwrap_or_default());
+    ctx.backoff.forget(&t.metadata);
     Ok(Action::await_change())
 }
 

@@ -6,18 +6,20 @@
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
-use super::super::{Error, StatusDraft};
 use crate::api::condition_types::{
     AUTHORIZED, CRD_GENERATED, CUE_FETCHED, RBAC_CONFIGURED, READY, SCHEMA_COMPATIBLE, SCHEMA_EXTRACTED,
 };
 use crate::api::{GeneratedCrd, ResolvedCueRef, TransformPhase, TransformStatus, reasons};
+use crate::controller::harness::{Error, StatusDraft};
 use crate::executor::proof::Allowance;
 
 /// A Transform's status under construction.
 pub(super) type Draft = StatusDraft<TransformStatus>;
 
-/// Why a Transform's pipeline stopped before serving its kind.
-pub(super) enum Stop {
+/// Why a Transform's pipeline stopped before serving its kind. Not one type with
+/// `InstanceStop`: a Transform fails at a named stage with its own condition and event, an
+/// instance only settles or retries, so a shared enum would give each variants it never uses.
+pub(super) enum TransformStop {
     /// A stage failed: the Transform is Failed with condition `stage` False and `reason`, one
     /// `event` Warning on the transition, and is looked at again per `then`.
     Failed {
@@ -29,17 +31,17 @@ pub(super) enum Stop {
     },
     /// The status says what is awaited; it is written and the Transform looked at per the action.
     Waiting(Action),
-    /// The reconcile itself failed (see [`super::super::error_policy`]).
+    /// The reconcile itself failed (see [`crate::controller::harness::error_policy`]).
     Error(Error),
 }
 
-impl<E: Into<Error>> From<E> for Stop {
+impl<E: Into<Error>> From<E> for TransformStop {
     fn from(e: E) -> Self {
         Self::Error(e.into())
     }
 }
 
-impl Stop {
+impl TransformStop {
     /// A schema change refused because it would break stored instances.
     pub(super) fn breaking(message: String, then: Action) -> Self {
         Self::failed(
@@ -70,10 +72,10 @@ impl Stop {
 
 impl StatusDraft<TransformStatus> {
     /// The status a pipeline's result leaves, and what happens next.
-    pub(super) fn conclude(&mut self, result: Result<Action, Stop>) -> Result<Action, Error> {
+    pub(super) fn conclude(&mut self, result: Result<Action, TransformStop>) -> Result<Action, Error> {
         match result {
             Ok(action) => Ok(action),
-            Err(Stop::Failed {
+            Err(TransformStop::Failed {
                 stage,
                 reason,
                 message,
@@ -83,8 +85,8 @@ impl StatusDraft<TransformStatus> {
                 self.fail(stage, reason, &message, event);
                 Ok(then)
             }
-            Err(Stop::Waiting(then)) => Ok(then),
-            Err(Stop::Error(e)) => Err(e),
+            Err(TransformStop::Waiting(then)) => Ok(then),
+            Err(TransformStop::Error(e)) => Err(e),
         }
     }
 
@@ -344,7 +346,7 @@ mod tests {
         ];
         for (stage, reason, event) in cases {
             let mut d = draft(&ready());
-            let stop = Stop::failed(stage, reason, "why".into(), event, Action::await_change());
+            let stop = TransformStop::failed(stage, reason, "why".into(), event, Action::await_change());
             assert!(d.conclude(Err(stop)).is_ok());
             assert_eq!(condition(&d.new, stage), ("False", reason), "{stage}/{reason}");
             assert_eq!(condition(&d.new, READY), ("False", reason), "{stage}/{reason}");
@@ -353,7 +355,7 @@ mod tests {
 
             // The same failure again: nothing new to tell.
             let mut again = draft(&d.new);
-            let stop = Stop::failed(stage, reason, "why".into(), event, Action::await_change());
+            let stop = TransformStop::failed(stage, reason, "why".into(), event, Action::await_change());
             assert!(again.conclude(Err(stop)).is_ok());
             assert!(again.events.is_empty(), "{stage}/{reason}: {:?}", events(&again));
         }
@@ -389,7 +391,7 @@ mod tests {
     fn waiting_states_are_pending_or_generating_without_failing() {
         let mut d = draft(&TransformStatus::default());
         d.waiting_for_established("webservices.apps.example.com");
-        assert!(d.conclude(Err(Stop::Waiting(Action::await_change()))).is_ok());
+        assert!(d.conclude(Err(TransformStop::Waiting(Action::await_change()))).is_ok());
         assert_eq!(
             condition(&d.new, CRD_GENERATED),
             ("False", reasons::WAITING_FOR_ESTABLISHED)
@@ -447,7 +449,7 @@ mod tests {
         let before = ready();
         let mut d = draft(&before);
         let error = Error::MissingField("metadata.namespace");
-        assert!(d.conclude(Err(Stop::Error(error))).is_err());
+        assert!(d.conclude(Err(TransformStop::Error(error))).is_err());
         assert_eq!(d.new.conditions, before.conditions);
         assert!(d.events.is_empty());
     }

@@ -11,7 +11,7 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use super::proof::GraphKey;
+use crate::executor::proof::GraphKey;
 
 /// Data key of the Secret.
 const DATA_KEY: &str = "key";

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::InstanceKey;
 use crate::api::{MAX_PLAN_LINES, Node, PlanSummary, Severity, Violation};
-use crate::rollout::InstanceKey;
 
 /// Most changed field paths reported for one object.
 pub const MAX_PATHS: usize = 20;

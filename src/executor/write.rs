@@ -5,10 +5,10 @@
 use crate::api::names::{ADOPTED_FROM_ANNOTATION, LEGACY_FIELD_MANAGER};
 use serde_json::{Value, json};
 
+use super::object::{GraphIdentity, set_annotation};
 use super::ownership::{self, Owner, Refusal};
 use super::proof::{Allowance, Origin};
 use crate::api::{ApplyMode, Node};
-use crate::apply::{GraphIdentity, set_annotation};
 
 /// API groups whose objects hand out or widen power over the cluster: RBAC, admission
 /// webhooks and policies, CRDs and aggregated APIs. A Transform outside the trusted namespaces
@@ -105,7 +105,7 @@ impl Write {
 
 /// The decision for one node, with the object to write.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NodePlan {
+pub struct NodeWrite {
     pub write: Write,
     /// The object to apply, with the adoption record when the node adopts.
     pub desired: Value,
@@ -116,31 +116,25 @@ pub struct NodePlan {
 /// Decides what to write for `node`. `live` is the object as JSON with its managed fields;
 /// `unchanged_since_apply` says the live object is the very one this process last applied
 /// with the same desired object (then no comparison is needed).
-pub fn plan_node(
+pub fn decide_write(
     node: &Node,
     mut desired: Value,
     live: Option<&Value>,
     graph: &GraphIdentity,
     unchanged_since_apply: bool,
-) -> NodePlan {
+) -> NodeWrite {
     let manager = field_manager(node, graph);
     let Some(live) = live else {
-        return NodePlan {
+        return NodeWrite {
             write: Write::apply(false),
             desired,
             adopted_from: None,
         };
     };
     let managers = managers(live);
-    let others: Vec<String> = managers
-        .iter()
-        .filter(|(m, _)| *m != manager)
-        .map(|(m, _)| m.clone())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let others = others_than(&managers, &manager);
     if let Some(refused) = ownership::refusal(node.apply_policy.mode, live, graph, &others) {
-        return NodePlan {
+        return NodeWrite {
             write: Write::Refuse(refused),
             desired,
             adopted_from: None,
@@ -148,27 +142,9 @@ pub fn plan_node(
     }
     let owner = ownership::owner(live, graph);
     let applies = |name: &str| managers.iter().any(|(m, op)| m == name && op == "Apply");
-    let earlier_managers: Vec<String> =
-        if node.apply_policy.field_manager.is_none() && matches!(owner, Owner::ThisGraph | Owner::Predecessor) {
-            std::iter::once(LEGACY_FIELD_MANAGER.to_string())
-                .chain(graph.predecessor.iter().map(|p| format!("pequod-{}", p.uid)))
-                .filter(|m| applies(m))
-                .collect()
-        } else {
-            Vec::new()
-        };
+    let earlier_managers = earlier_pequod_managers(node, &owner, graph, applies);
     let pequod_applied = applies(&manager) || !earlier_managers.is_empty();
-
-    // Adoption is recorded on the object itself, so that no stale read of the graph's status
-    // can lose it.
-    let adopted_from = (node.apply_policy.mode == ApplyMode::Adopt)
-        .then(|| {
-            live["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION]
-                .as_str()
-                .map(str::to_string)
-                .or_else(|| (!pequod_applied && !others.is_empty()).then(|| others.join(",")))
-        })
-        .flatten();
+    let adopted_from = adoption_record(node, live, pequod_applied, &others);
     if let Some(from) = &adopted_from {
         set_annotation(&mut desired, ADOPTED_FROM_ANNOTATION, from);
     }
@@ -180,8 +156,8 @@ pub fn plan_node(
             release_managers: earlier_managers,
         },
         _ if unchanged_since_apply => Write::Nothing,
-        _ => match crate::apply::first_difference(live, &desired)
-            .or_else(|| crate::apply::stale_field(live, &desired, &manager))
+        _ => match super::object::first_difference(live, &desired)
+            .or_else(|| super::object::stale_field(live, &desired, &manager))
         {
             None => Write::Nothing,
             Some(path) => {
@@ -190,11 +166,43 @@ pub fn plan_node(
             }
         },
     };
-    NodePlan {
+    NodeWrite {
         write,
         desired,
         adopted_from,
     }
+}
+
+/// The field managers an earlier Pequod (the legacy manager, the predecessor graph) applied
+/// the object with, to be released; none when the node names its own field manager or the
+/// object is not this graph's or its predecessor's.
+fn earlier_pequod_managers(
+    node: &Node,
+    owner: &Owner,
+    graph: &GraphIdentity,
+    applies: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    if node.apply_policy.field_manager.is_none() && matches!(owner, Owner::ThisGraph | Owner::Predecessor) {
+        std::iter::once(LEGACY_FIELD_MANAGER.to_string())
+            .chain(graph.predecessor.iter().map(|p| format!("pequod-{}", p.uid)))
+            .filter(|m| applies(m))
+            .collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Who managed an adopted object before Pequod: recorded on the object itself, so that no
+/// stale read of the graph's status can lose it.
+fn adoption_record(node: &Node, live: &Value, pequod_applied: bool, others: &[String]) -> Option<String> {
+    (node.apply_policy.mode == ApplyMode::Adopt)
+        .then(|| {
+            live["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| (!pequod_applied && !others.is_empty()).then(|| others.join(",")))
+        })
+        .flatten()
 }
 
 /// `desired` for the first apply of a graph taking an object over from its predecessor: the
@@ -209,6 +217,17 @@ pub fn taking_over(desired: &Value, graph_uid: &str) -> Value {
         }
     }
     first
+}
+
+/// The field managers other than `manager`, each once, sorted.
+fn others_than(managers: &[(String, String)], manager: &str) -> Vec<String> {
+    managers
+        .iter()
+        .filter(|(m, _)| m != manager)
+        .map(|(m, _)| m.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// (manager, operation) of every managed-fields entry of `live`.
@@ -319,9 +338,9 @@ mod tests {
         object["metadata"]["managedFields"] = json!([{"manager": "pequod-uid-web", "operation": "Apply",
             "fieldsV1": {"f:data": {"f:a": {}, "f:b": {}}, "f:metadata": {"f:annotations": {"f:pequod.io/resourcegraph-uid": {}}}}}]);
         let n = node(desired("1"), ApplyMode::Apply, json!([]));
-        let plan = plan_node(&n, desired("1"), Some(&object), &g, false);
+        let decision = decide_write(&n, desired("1"), Some(&object), &g, false);
         assert_eq!(
-            plan.write,
+            decision.write,
             Write::apply(true),
             "data.b was Pequod's and is no longer declared"
         );
@@ -331,8 +350,8 @@ mod tests {
             .as_array_mut()
             .unwrap()
             .push(json!({"manager": "someone", "operation": "Apply", "fieldsV1": {"f:data": {"f:b": {}}}}));
-        let plan = plan_node(&n, desired("1"), Some(&object), &g, false);
-        assert_eq!(plan.write, Write::Nothing);
+        let decision = decide_write(&n, desired("1"), Some(&object), &g, false);
+        assert_eq!(decision.write, Write::Nothing);
     }
 
     #[test]
@@ -367,10 +386,10 @@ mod tests {
         ];
         for (case, mode, live, value, unchanged, want) in cases {
             let n = node(object("v1", "ConfigMap", Some("team")), mode, json!([]));
-            let plan = plan_node(&n, desired(value), live.as_ref(), &g, unchanged);
-            match (&plan.write, &want) {
+            let decision = decide_write(&n, desired(value), live.as_ref(), &g, unchanged);
+            match (&decision.write, &want) {
                 (Write::Refuse(got), Write::Refuse(w)) => assert_eq!(got.reason, w.reason, "{case}"),
-                _ => assert_eq!(plan.write, want, "{case}"),
+                _ => assert_eq!(decision.write, want, "{case}"),
             }
         }
     }
@@ -380,18 +399,18 @@ mod tests {
         let g = graph();
         let n = node(object("v1", "ConfigMap", Some("team")), ApplyMode::Adopt, json!([]));
         let theirs = live(json!({}), &[("helm", "Update"), ("kubectl", "Apply")]);
-        let plan = plan_node(&n, desired("2"), Some(&theirs), &g, false);
-        assert_eq!(plan.adopted_from.as_deref(), Some("helm,kubectl"));
+        let decision = decide_write(&n, desired("2"), Some(&theirs), &g, false);
+        assert_eq!(decision.adopted_from.as_deref(), Some("helm,kubectl"));
         assert_eq!(
-            plan.desired["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION],
+            decision.desired["metadata"]["annotations"][ADOPTED_FROM_ANNOTATION],
             "helm,kubectl"
         );
         let recorded = live(
             json!({"pequod.io/resourcegraph-uid": "uid-web", "pequod.io/adopted-from": "helm"}),
             &[("pequod-uid-web", "Apply"), ("helm", "Update")],
         );
-        let plan = plan_node(&n, desired("2"), Some(&recorded), &g, false);
-        assert_eq!(plan.adopted_from.as_deref(), Some("helm"), "the first record stays");
+        let decision = decide_write(&n, desired("2"), Some(&recorded), &g, false);
+        assert_eq!(decision.adopted_from.as_deref(), Some("helm"), "the first record stays");
     }
 
     #[test]
@@ -407,7 +426,7 @@ mod tests {
             &[("pequod", "Apply")],
         );
         assert_eq!(
-            plan_node(&n, desired("1"), Some(&legacy), &g, false).write,
+            decide_write(&n, desired("1"), Some(&legacy), &g, false).write,
             Write::Nothing,
             "a node naming its own manager has nothing to migrate"
         );
@@ -417,7 +436,7 @@ mod tests {
     fn a_graph_taking_over_writes_its_predecessor_s_objects_and_releases_its_managers() {
         let mut g = graph();
         g.uid = "uid-new".into();
-        g.predecessor = Some(crate::apply::Predecessor {
+        g.predecessor = Some(crate::executor::object::Predecessor {
             uid: "uid-web".into(),
             name: "web".into(),
         });
@@ -426,9 +445,9 @@ mod tests {
             json!({"pequod.io/resourcegraph-uid": "uid-web"}),
             &[("pequod", "Apply"), ("pequod-uid-web", "Apply"), ("kubectl", "Update")],
         );
-        let plan = plan_node(&n, desired("1"), Some(&theirs), &g, false);
+        let decision = decide_write(&n, desired("1"), Some(&theirs), &g, false);
         assert_eq!(
-            plan.write,
+            decision.write,
             Write::Apply {
                 reclaim: true,
                 take_over: true,
@@ -441,7 +460,7 @@ mod tests {
         );
         let mut same = desired("1");
         same["metadata"]["annotations"]["pequod.io/resourcegraph-uid"] = json!("uid-new");
-        assert_eq!(plan_node(&n, same, Some(&done), &g, false).write, Write::Nothing);
+        assert_eq!(decide_write(&n, same, Some(&done), &g, false).write, Write::Nothing);
     }
 
     #[test]

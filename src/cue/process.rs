@@ -10,7 +10,7 @@ use tokio::process::Command;
 use tokio::sync::{Semaphore, watch};
 
 use super::CueError;
-use crate::runtime::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// The default of `--cue-memory-limit-mb`: with the default two processes, cue and the
 /// operator stay within the manager's 512 MiB container limit.
@@ -156,27 +156,32 @@ impl CueCli {
             });
         }
         if !status.success() {
-            let message = String::from_utf8_lossy(&err).trim().to_string();
-            if let Some(limit) = self.memory_limit
-                && ran_out_of_memory(&message)
-            {
-                return Err(CueError::MemoryLimit {
-                    limit_mib: limit / (1024 * 1024),
-                });
-            }
-            return Err(CueError::Failed {
-                code: status.code(),
-                message: if message.is_empty() {
-                    "cue exited without a message".to_string()
-                } else {
-                    without_stacks(message)
-                },
-            });
+            return Err(self.failure(status, &err));
         }
         String::from_utf8(out).map_err(|_| CueError::Failed {
             code: None,
             message: "cue wrote invalid UTF-8".into(),
         })
+    }
+
+    /// Why cue failed, from its exit status and what it wrote to stderr.
+    fn failure(&self, status: std::process::ExitStatus, stderr: &[u8]) -> CueError {
+        let message = String::from_utf8_lossy(stderr).trim().to_string();
+        if let Some(limit) = self.memory_limit
+            && ran_out_of_memory(&message)
+        {
+            return CueError::MemoryLimit {
+                limit_mib: limit / (1024 * 1024),
+            };
+        }
+        CueError::Failed {
+            code: status.code(),
+            message: if message.is_empty() {
+                "cue exited without a message".to_string()
+            } else {
+                without_stacks(message)
+            },
+        }
     }
 }
 

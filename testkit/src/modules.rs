@@ -1,0 +1,109 @@
+//! CUE modules for tests: small modules as text, and ConfigMaps that hold them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::TEST_MANAGER;
+
+/// Server-side applies ConfigMap `name`, a module of the one file `note.cue` holding `source`.
+pub async fn put_module(client: &Client, namespace: &str, name: &str, source: &str) {
+    put_module_files(
+        client,
+        namespace,
+        name,
+        BTreeMap::from([("note.cue".to_string(), source.to_string())]),
+    )
+    .await;
+}
+
+/// Server-side applies ConfigMap `name`, a module of `files` (file name to source).
+pub async fn put_module_files(client: &Client, namespace: &str, name: &str, files: BTreeMap<String, String>) {
+    let cm = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": {"pequod.io/cue-module": "true"}},
+        "data": files,
+    });
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(cm))
+        .await
+        .unwrap_or_else(|e| panic!("apply module ConfigMap {name}: {e}"));
+}
+
+/// A platform module: a Note is a ConfigMap, then a ServiceAccount that waits for it.
+pub const NOTE_MODULE: &str = r#"package note
+
+#Metadata: kind: "Note"
+
+#Input: {
+	text: string
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: "config"
+		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: text: input.spec.text}
+		readyWhen: [{type: "Exists"}]
+	}, {
+		id: "account"
+		dependsOn: ["config"]
+		object: {apiVersion: "v1", kind: "ServiceAccount", metadata: name: input.metadata.name}
+		readyWhen: [{type: "Exists"}]
+	}]
+}
+"#;
+
+/// A small module: a Note is a ConfigMap holding a text. `fields` is added to `#Input`.
+pub fn note_module(fields: &str) -> String {
+    format!(
+        r#"package note
+
+#Metadata: {{
+	kind: "Note"
+	description: "A note kept in a ConfigMap."
+}}
+
+#Input: {{
+	// The note's text.
+	text: string
+	{fields}
+}}
+
+#Render: {{
+	input: {{metadata: {{name: string, namespace: string, ...}}, spec: #Input}}
+	output: nodes: [{{
+		id: "note"
+		object: {{apiVersion: "v1", kind: "ConfigMap", metadata: name: input.metadata.name, data: text: input.spec.text}}
+		readyWhen: [{{type: "Exists"}}]
+	}}]
+}}
+"#
+    )
+}
+
+/// A module of kind `kind` keeping one ConfigMap `<kind>-<name>` with `data.version`.
+pub fn labelled_module(kind: &str, version: &str) -> String {
+    let lower = kind.to_ascii_lowercase();
+    format!(
+        r#"package {lower}
+
+#Metadata: kind: "{kind}"
+
+#Input: {{
+	text: string
+}}
+
+#Render: {{
+	input: {{metadata: {{name: string, namespace: string, ...}}, spec: #Input}}
+	output: nodes: [{{
+		id: "config"
+		object: {{apiVersion: "v1", kind: "ConfigMap", metadata: name: "{lower}-\(input.metadata.name)", data: {{text: input.spec.text, version: "{version}"}}}}
+	}}]
+}}
+"#
+    )
+}
