@@ -37,7 +37,10 @@ RUN --mount=type=bind,source=hack/image,target=/image \
     && useradd --uid 65532 --gid 65532 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin nonroot
 COPY --from=build /pequod /usr/local/bin/pequod
 COPY --from=cue /cue /usr/local/bin/cue
-ENV PEQUOD_CUE_BINARY=/usr/local/bin/cue \
+# PATH as Debian's images set it, written here so that hack/image.sh, whose image has no base
+# image to inherit it from, sets the same (git runs ssh by name).
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PEQUOD_CUE_BINARY=/usr/local/bin/cue \
     PEQUOD_GIT_BINARY=/usr/bin/git \
     PEQUOD_CACHE_DIR=/tmp/pequod-cache
 USER 65532:65532
