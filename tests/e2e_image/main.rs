@@ -385,7 +385,12 @@ async fn the_image_runs_as_65532_from_its_own_root_and_serves_modules_over_ssh_a
             "spec": {"cueRef": cue_ref, "group": group, "managedResources": [{"resources": ["configmaps"]}]}});
         support::apply_yaml(&env.client, &env.namespace, &serde_yaml::to_string(&transform).unwrap()).await;
     }
-    for name in sources.keys() {
+    for (name, cue_ref) in &sources {
+        if cue_ref.get("pullSecretRef").is_some() {
+            // The restricted manager reads no Secret it was not granted: the pull Secret's
+            // Role comes first (`pequod rbac` prints it before the CRD exists, docs/rbac.md).
+            restricted::grant_transform(&env.kubeconfig, &env.namespace, name);
+        }
         condition_true(name, "CRDGenerated").await;
         restricted::grant_transform(&env.kubeconfig, &env.namespace, name);
         condition_true(name, "Ready").await;
