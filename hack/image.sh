@@ -108,5 +108,4 @@ buildah config "${env_flags[@]}" --user "${IMAGE_USER}" --entrypoint "${IMAGE_EN
 buildah commit --quiet --format oci --timestamp "${epoch}" "${container}" "${IMG}" >/dev/null
 buildah push --quiet --tls-verify="${PEQUOD_IMAGE_TLS_VERIFY:-true}" --digestfile "${out}/digest" \
   "${IMG}" "docker://${IMG}"
-size="$(buildah inspect --type image --format '{{.Size}}' "${IMG}" 2>/dev/null || true)"
-echo "image: pushed ${IMG}@$(cat "${out}/digest") (pequod ${version}${size:+, ${size} bytes uncompressed})" >&2
+echo "image: pushed ${IMG}@$(cat "${out}/digest") (pequod ${version})" >&2
