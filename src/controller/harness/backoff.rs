@@ -101,6 +101,33 @@ pub trait Reported: Retries {
     fn dyntype(&self) -> <Self::Object as kube::Resource>::DynamicType;
 }
 
+/// Implements [`Retries`] for a controller context with fields `backoff` and `workers`, and with
+/// `reports OBJECT`, [`Reported`] too for one with a `recorder` whose objects need no type
+/// information (the Transform and graph controllers).
+macro_rules! controller_context {
+    ($context:ty) => {
+        impl $crate::controller::harness::Retries for $context {
+            fn backoff(&self) -> &$crate::controller::harness::Backoff {
+                &self.backoff
+            }
+            fn workers(&self) -> &$crate::controller::harness::Workers {
+                &self.workers
+            }
+        }
+    };
+    ($context:ty, reports $object:ty) => {
+        $crate::controller::harness::backoff::controller_context!($context);
+        impl $crate::controller::harness::backoff::Reported for $context {
+            type Object = $object;
+            fn recorder(&self) -> &kube::runtime::events::Recorder {
+                &self.recorder
+            }
+            fn dyntype(&self) {}
+        }
+    };
+}
+pub(crate) use controller_context;
+
 /// Identifies an object in a [`Backoff`].
 fn backoff_key(meta: &ObjectMeta) -> String {
     meta.uid.clone().unwrap_or_else(|| {

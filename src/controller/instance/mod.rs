@@ -263,14 +263,7 @@ struct KindContext {
     workers: super::harness::Workers,
 }
 
-impl super::harness::Retries for KindContext {
-    fn backoff(&self) -> &super::harness::Backoff {
-        &self.backoff
-    }
-    fn workers(&self) -> &super::harness::Workers {
-        &self.workers
-    }
-}
+super::harness::backoff::controller_context!(KindContext);
 
 impl super::harness::backoff::Reported for KindContext {
     type Object = DynamicObject;

@@ -93,22 +93,7 @@ pub struct Context {
     workers: super::harness::Workers,
 }
 
-impl super::harness::Retries for Context {
-    fn backoff(&self) -> &super::harness::Backoff {
-        &self.backoff
-    }
-    fn workers(&self) -> &super::harness::Workers {
-        &self.workers
-    }
-}
-
-impl super::harness::backoff::Reported for Context {
-    type Object = ResourceGraph;
-    fn recorder(&self) -> &kube::runtime::events::Recorder {
-        &self.recorder
-    }
-    fn dyntype(&self) {}
-}
+super::harness::backoff::controller_context!(Context, reports ResourceGraph);
 
 impl Context {
     pub fn new(

@@ -80,22 +80,7 @@ pub struct Context {
     rbac_mode: RbacMode,
 }
 
-impl super::harness::Retries for Context {
-    fn backoff(&self) -> &super::harness::Backoff {
-        &self.backoff
-    }
-    fn workers(&self) -> &super::harness::Workers {
-        &self.workers
-    }
-}
-
-impl super::harness::backoff::Reported for Context {
-    type Object = Transform;
-    fn recorder(&self) -> &kube::runtime::events::Recorder {
-        &self.recorder
-    }
-    fn dyntype(&self) {}
-}
+super::harness::backoff::controller_context!(Context, reports Transform);
 
 impl Context {
     pub fn new(
