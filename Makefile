@@ -56,6 +56,10 @@ bench-render: tools ## Benchmark rendering: 1 against 100 instances, and a cache
 bench-instances: tools control-plane ## Benchmark instances: 500 created at once, a resync and a restart.
 	$(CARGO) bench --locked --bench instances
 
+.PHONY: bench-versions
+bench-versions: tools control-plane ## Benchmark versions: a storage migration of 500 instances and a list of them converted by the webhook.
+	$(CARGO) bench --locked --bench versions
+
 .PHONY: bench-plan
 bench-plan: tools control-plane ## Benchmark planning a module change for 500 instances: the CLI and the operator.
 	$(CARGO) bench --locked --bench plan

@@ -306,6 +306,17 @@ async fn schema_plan(
     let schema = renderer.schema(candidate).await.map_err(CommandError::new)?;
     let names = crate::crd::kind_names(&t.name_any(), &schema, &t.spec.short_names).map_err(CommandError::new)?;
     let namespace = t.namespace().unwrap_or_default();
+    let live = Api::<CustomResourceDefinition>::all(client.clone())
+        .get_opt(crd_name)
+        .await
+        .map_err(|e| CommandError::new(format!("reading CRD {crd_name}: {e}")))?;
+    // The plan writes nothing: the webhook the live CRD names stands in for the one the
+    // operator would name (its path changes with the module, which the plan shows as a change).
+    let conversion = live
+        .as_ref()
+        .and_then(|l| l.spec.conversion.as_ref())
+        .and_then(|c| c.webhook.as_ref())
+        .and_then(|w| w.client_config.clone());
     let desired = build_crd(
         &names,
         &schema,
@@ -315,12 +326,9 @@ async fn schema_plan(
             categories: &t.spec.categories,
             transform_name: &t.name_any(),
             transform_namespace: &namespace,
+            conversion,
         },
     );
-    let live = Api::<CustomResourceDefinition>::all(client.clone())
-        .get_opt(crd_name)
-        .await
-        .map_err(|e| CommandError::new(format!("reading CRD {crd_name}: {e}")))?;
     Ok(match live {
         Some(live) => SchemaPlan {
             // As the Transform decides whether to write it: the live CRD holds the desired one.
@@ -328,7 +336,14 @@ async fn schema_plan(
                 &serde_json::to_value(&live).map_err(CommandError::new)?,
                 &serde_json::to_value(&desired).map_err(CommandError::new)?,
             ),
-            breaking: crate::crd::compat::crd_breaking_changes(&live, &desired),
+            breaking: crate::crd::compat::crd_breaking_changes(&live, &desired)
+                .into_iter()
+                .chain(
+                    crate::crd::compat::removed_stored_versions(&live, &desired)
+                        .into_iter()
+                        .map(|v| format!("version {v} removed while objects may be stored in it")),
+                )
+                .collect(),
         },
         None => SchemaPlan {
             changed: true,
@@ -523,6 +538,12 @@ pub async fn schema(
     let schema = renderer.schema(&module).await.map_err(CommandError::new)?;
     let transform_name = name.unwrap_or(&platform);
     let names = kind_names(transform_name, &schema, &[]).map_err(CommandError::new)?;
+    // The operator names its webhook Service and adds its CA; offline there is neither.
+    let endpoint = crate::conversion::WebhookEndpoint::Service {
+        namespace: "pequod-system".into(),
+        name: "pequod-webhook-service".into(),
+    };
+    let path = crate::controller::transform::conversion_path("default", transform_name, &module.digest);
     let crd = build_crd(
         &names,
         &schema,
@@ -532,6 +553,7 @@ pub async fn schema(
             categories: &[],
             transform_name,
             transform_namespace: "default",
+            conversion: Some(endpoint.client_config(&path, "")),
         },
     );
     print(&crd, format)

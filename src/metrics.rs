@@ -43,6 +43,10 @@ pub struct Metrics {
     /// 1 for the phase each Transform's rollout is in, 0 for the others.
     pub rollout_phase: IntGaugeVec,
     pub rollout_batches_total: IntCounterVec,
+    /// Instances a storage migration rewrote into their kind's storage version.
+    pub storage_migration_objects_total: IntCounterVec,
+    /// Instances a storage migration has still to rewrite.
+    pub storage_migration_remaining: IntGaugeVec,
     /// Reconciles due that wait for a free worker, per controller.
     pub reconcile_queue_depth: IntGaugeVec,
     /// How long the longest-waiting of them has waited, per controller (set at each scrape).
@@ -255,6 +259,18 @@ impl Metrics {
                 "Batches of instances a staged rollout started",
                 &["namespace", "transform"],
             )?,
+            storage_migration_objects_total: counter_vec(
+                r,
+                "pequod_storage_migration_objects_total",
+                "Instances a storage migration rewrote into their kind's storage version",
+                &["namespace", "transform"],
+            )?,
+            storage_migration_remaining: gauge_vec(
+                r,
+                "pequod_storage_migration_remaining",
+                "Instances a storage migration has still to rewrite",
+                &["namespace", "transform"],
+            )?,
             reconcile_queue_depth: gauge_vec(
                 r,
                 "pequod_reconcile_queue_depth",
@@ -418,6 +434,8 @@ mod tests {
         ("pequod_rollout_instances", &["namespace", "transform", "state"]),
         ("pequod_rollout_phase", &["namespace", "transform", "phase"]),
         ("pequod_rollout_batches_total", &["namespace", "transform"]),
+        ("pequod_storage_migration_objects_total", &["namespace", "transform"]),
+        ("pequod_storage_migration_remaining", &["namespace", "transform"]),
         ("pequod_reconcile_queue_depth", &["controller"]),
         ("pequod_reconcile_queue_oldest_wait_seconds", &["controller"]),
     ];
@@ -449,6 +467,8 @@ mod tests {
         m.rollout_instances.with_label_values(&["a", "b", "c"]).set(1);
         m.rollout_phase.with_label_values(&["a", "b", "c"]).set(1);
         m.rollout_batches_total.with_label_values(&["a", "b"]).inc();
+        m.storage_migration_objects_total.with_label_values(&["a", "b"]).inc();
+        m.storage_migration_remaining.with_label_values(&["a", "b"]).set(1);
         let queued = m.queued("a");
         m.refresh_queue_ages();
 

@@ -26,6 +26,13 @@ pub const RBAC_CONFLICT: &str = "RBACConflict";
 pub const RBAC_FAILED: &str = "RBACFailed";
 pub const RBAC_MISSING: &str = "RBACMissing";
 pub const WAITING_FOR_INSTANCES: &str = "WaitingForInstances";
+// Versions of a generated kind.
+/// The module's conversions do not give back an existing instance unchanged.
+pub const LOSSY_CONVERSION: &str = "LossyConversion";
+/// A version objects may still be stored in would be removed.
+pub const VERSION_STILL_STORED: &str = "VersionStillStored";
+/// Every instance is stored in the storage version.
+pub const STORAGE_MIGRATED: &str = "StorageMigrated";
 // Rollouts of a module version (condition RolledOut, and events).
 pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
 pub const ROLLOUT_PROGRESSING: &str = "RolloutProgressing";

@@ -237,11 +237,63 @@ pub struct TransformStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 128))]
     pub served_digests_proof: Option<String>,
+    /// The versions the generated kind serves, when the module declares `#Versions`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub versions: Vec<VersionStatus>,
+    /// The rewrite of stored instances into the storage version after it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_migration: Option<StorageMigration>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// One version of the generated kind.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionStatus {
+    pub name: String,
+    pub served: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub storage: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deprecated: bool,
+    /// Instances whose spec was last written (created, updated or applied) in this version.
+    pub instances_last_written: i64,
+}
+
+/// Where the rewrite of stored instances into the storage version stands. It continues after
+/// `last` when the operator restarts.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageMigration {
+    /// The storage version instances are rewritten into.
+    pub to: String,
+    pub phase: StorageMigrationPhase,
+    /// Instances rewritten so far.
+    pub migrated: i64,
+    /// Instances left to rewrite when last counted.
+    pub remaining: i64,
+    /// `namespace/name` of the last instance rewritten, in the order the apiserver lists them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<String>,
+    /// When the storage version was first seen changed; rewriting starts a few seconds later,
+    /// once every apiserver writes the new version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<Time>,
+}
+
+/// Phase of a storage migration.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum StorageMigrationPhase {
+    #[default]
+    Migrating,
+    /// Every instance is stored in the storage version and the CRD's `status.storedVersions`
+    /// says so: other versions may be removed.
+    Complete,
 }
 
 /// Lifecycle phase of a Transform.

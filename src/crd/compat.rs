@@ -223,11 +223,12 @@ fn flag(schema: &Value, key: &str) -> bool {
     schema.get(key).and_then(Value::as_bool).unwrap_or(false)
 }
 
-/// Breaking changes between a live generated CRD and the desired one, as messages: its
-/// version, and the spec schema's changes that stored instances would not survive.
-pub fn crd_breaking_changes(live: &CustomResourceDefinition, desired: &CustomResourceDefinition) -> Vec<String> {
-    let version_schema = |crd: &CustomResourceDefinition| {
-        crd.spec.versions.first().map(|v| {
+/// The `spec` schema of each version of a CRD.
+fn version_specs(crd: &CustomResourceDefinition) -> Vec<(String, Value)> {
+    crd.spec
+        .versions
+        .iter()
+        .map(|v| {
             let schema = v.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
             let spec = serde_json::to_value(schema)
                 .ok()
@@ -235,24 +236,48 @@ pub fn crd_breaking_changes(live: &CustomResourceDefinition, desired: &CustomRes
                 .unwrap_or(Value::Null);
             (v.name.clone(), spec)
         })
-    };
-    let (Some((old_version, old_spec)), Some((new_version, new_spec))) =
-        (version_schema(live), version_schema(desired))
-    else {
-        return Vec::new();
-    };
+        .collect()
+}
+
+/// Breaking changes from the live CRD to the desired one, version by version: a version's
+/// schema must keep accepting what it accepted (instances are written and read in it). A
+/// version that disappears is [`removed_stored_versions`]' concern.
+pub fn crd_breaking_changes(live: &CustomResourceDefinition, desired: &CustomResourceDefinition) -> Vec<String> {
+    let desired_specs = version_specs(desired);
+    let several = desired_specs.len() > 1;
     let mut changes: Vec<String> = Vec::new();
-    if old_version != new_version {
-        changes.push(format!(
-            "version changed from {old_version} to {new_version}; stored instances would no longer be served"
-        ));
+    for (version, old_spec) in version_specs(live) {
+        let Some((_, new_spec)) = desired_specs.iter().find(|(name, _)| *name == version) else {
+            continue;
+        };
+        changes.extend(breaking_changes(&old_spec, new_spec, "spec").iter().map(|c| {
+            if several {
+                format!("{version}: {c}")
+            } else {
+                c.to_string()
+            }
+        }));
     }
-    changes.extend(
-        breaking_changes(&old_spec, &new_spec, "spec")
-            .iter()
-            .map(ToString::to_string),
-    );
     changes
+}
+
+/// Versions the desired CRD drops while the apiserver may still hold objects stored in them
+/// (the live CRD's `status.storedVersions`): removing them would make those objects unreadable.
+pub fn removed_stored_versions(live: &CustomResourceDefinition, desired: &CustomResourceDefinition) -> Vec<String> {
+    let stored = live.status.as_ref().and_then(|s| s.stored_versions.clone()).unwrap_or_default();
+    let kept = |name: &str| desired.spec.versions.iter().any(|v| v.name == name);
+    let mut removed: Vec<String> = stored.into_iter().filter(|v| !kept(v)).collect();
+    // A CRD without a status yet stores in its storage version.
+    if removed.is_empty() && live.status.as_ref().and_then(|s| s.stored_versions.as_ref()).is_none() {
+        removed = live
+            .spec
+            .versions
+            .iter()
+            .filter(|v| v.storage && !kept(&v.name))
+            .map(|v| v.name.clone())
+            .collect();
+    }
+    removed
 }
 
 #[cfg(test)]

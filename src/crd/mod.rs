@@ -6,15 +6,16 @@ pub mod reserved;
 use crate::error::ErrorCategory;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceColumnDefinition, CustomResourceDefinition, CustomResourceDefinitionNames,
-    CustomResourceDefinitionSpec, CustomResourceDefinitionVersion, CustomResourceSubresourceStatus,
-    CustomResourceSubresources, CustomResourceValidation, JSONSchemaProps,
+    CustomResourceColumnDefinition, CustomResourceConversion, CustomResourceDefinition,
+    CustomResourceDefinitionNames, CustomResourceDefinitionSpec, CustomResourceDefinitionVersion,
+    CustomResourceSubresourceStatus, CustomResourceSubresources, CustomResourceValidation, JSONSchemaProps,
+    WebhookClientConfig, WebhookConversion,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::json;
 
 use crate::api::instance_status_schema;
-use crate::cue::ModuleSchema;
+use crate::cue::{ApiVersion, ModuleSchema};
 
 /// Names of a generated kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,13 @@ pub enum CrdError {
     BuiltinKind(String, String),
     #[error("short name {0:?} is already used by the built-in kind {1}")]
     ShortNameTaken(String, String),
+    #[error("spec.version {version:?} is not one of the versions the module declares in #Versions ({declared})")]
+    VersionNotDeclared { version: String, declared: String },
+    #[error(
+        "the module declares {0} versions, which the apiserver converts through Pequod's conversion webhook, \
+         but the webhook is disabled (--webhook-bind-address=0)"
+    )]
+    NoConversionWebhook(usize),
 }
 
 impl ErrorCategory for CrdError {
@@ -52,6 +60,7 @@ impl ErrorCategory for CrdError {
         match self {
             Self::InvalidKind(_) | Self::InvalidPlural(_) | Self::InvalidShortName(_) => "InvalidKindNames",
             Self::ReservedGroup(_) | Self::BuiltinKind(..) | Self::ShortNameTaken(..) => "ReservedName",
+            Self::VersionNotDeclared { .. } | Self::NoConversionWebhook(_) => "InvalidVersions",
         }
     }
 }
@@ -136,10 +145,62 @@ pub fn kind_names(
 #[derive(Debug, Clone)]
 pub struct CrdParams<'a> {
     pub group: &'a str,
+    /// The Transform's `spec.version`: the one version of a module without `#Versions`.
     pub version: &'a str,
     pub categories: &'a [String],
     pub transform_name: &'a str,
     pub transform_namespace: &'a str,
+    /// Where the apiserver sends conversion reviews; a kind of several versions needs it.
+    pub conversion: Option<WebhookClientConfig>,
+}
+
+/// The versions of a kind: those the module declares, or the Transform's one version.
+pub fn kind_versions(schema: &ModuleSchema, default_version: &str) -> Vec<ApiVersion> {
+    if !schema.versions.is_empty() {
+        return schema.versions.clone();
+    }
+    vec![ApiVersion {
+        name: default_version.to_string(),
+        served: true,
+        storage: true,
+        deprecated: false,
+        deprecation_warning: None,
+        lossy: Vec::new(),
+        spec: schema.spec.clone(),
+    }]
+}
+
+/// The version instances are stored and rendered in.
+pub fn storage_version(schema: &ModuleSchema, default_version: &str) -> String {
+    schema
+        .versions
+        .iter()
+        .find(|v| v.storage)
+        .map_or_else(|| default_version.to_string(), |v| v.name.clone())
+}
+
+/// Refuses versions a Transform cannot serve: its `spec.version` must be one the module
+/// declares (it names the kind in the Transform's status and tools), and several versions need
+/// the conversion webhook.
+pub fn check_versions(schema: &ModuleSchema, transform_version: &str, webhook: bool) -> Result<(), CrdError> {
+    if schema.versions.is_empty() {
+        return Ok(());
+    }
+    if !schema.versions.iter().any(|v| v.name == transform_version) {
+        return Err(CrdError::VersionNotDeclared {
+            version: transform_version.to_string(),
+            declared: schema
+                .versions
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    if schema.versions.len() > 1 && !webhook {
+        return Err(CrdError::NoConversionWebhook(schema.versions.len()));
+    }
+    Ok(())
 }
 
 /// Pequod's status fields, and the module's own (`#Status`, whose names were checked not to
@@ -157,9 +218,26 @@ fn status_schema(module_status: Option<&serde_json::Value>) -> serde_json::Value
     status
 }
 
-/// The CRD of a platform kind: namespaced, one version, status subresource, printer columns.
+/// The CRD of a platform kind: namespaced, a version per module version (each with its own
+/// `spec` schema and the same status, columns and status subresource), converted by Pequod's
+/// webhook when there are several.
 pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_>) -> CustomResourceDefinition {
     let labels = crate::rbac::made_by_labels(params.transform_namespace, params.transform_name);
+    let versions = kind_versions(schema, params.version);
+    let conversion = match (versions.len() > 1, &params.conversion) {
+        (true, Some(client_config)) => CustomResourceConversion {
+            strategy: "Webhook".to_string(),
+            webhook: Some(WebhookConversion {
+                client_config: Some(client_config.clone()),
+                conversion_review_versions: vec!["v1".to_string()],
+            }),
+        },
+        // One version converts nothing (several without a webhook are refused before).
+        _ => CustomResourceConversion {
+            strategy: "None".to_string(),
+            webhook: None,
+        },
+    };
     CustomResourceDefinition {
         metadata: ObjectMeta {
             name: Some(format!("{}.{}", names.plural, params.group)),
@@ -178,29 +256,39 @@ pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_
                 categories: (!params.categories.is_empty()).then(|| params.categories.to_vec()),
             },
             scope: "Namespaced".to_string(),
-            versions: vec![CustomResourceDefinitionVersion {
-                name: params.version.to_string(),
-                served: true,
-                storage: true,
-                schema: Some(CustomResourceValidation {
-                    open_api_v3_schema: Some(root_schema(schema)),
-                }),
-                subresources: Some(CustomResourceSubresources {
-                    status: Some(CustomResourceSubresourceStatus(json!({}))),
-                    scale: None,
-                }),
-                additional_printer_columns: Some(printer_columns(schema)),
-                ..Default::default()
-            }],
+            versions: versions
+                .iter()
+                .map(|version| CustomResourceDefinitionVersion {
+                    name: version.name.clone(),
+                    served: version.served,
+                    storage: version.storage,
+                    deprecated: version.deprecated.then_some(true),
+                    deprecation_warning: version
+                        .deprecation_warning
+                        .clone()
+                        .filter(|_| version.deprecated),
+                    schema: Some(CustomResourceValidation {
+                        open_api_v3_schema: Some(root_schema(schema, &version.spec)),
+                    }),
+                    subresources: Some(CustomResourceSubresources {
+                        status: Some(CustomResourceSubresourceStatus(json!({}))),
+                        scale: None,
+                    }),
+                    additional_printer_columns: Some(printer_columns(schema)),
+                    ..Default::default()
+                })
+                .collect(),
+            conversion: Some(conversion),
             ..Default::default()
         },
         status: None,
     }
 }
 
-/// The instance's schema: the module's `#Input` as `spec`, and the status Pequod writes.
-fn root_schema(schema: &ModuleSchema) -> JSONSchemaProps {
-    let mut spec = schema.spec.clone();
+/// An instance's schema in one version: that version's input as `spec`, and the status Pequod
+/// writes (the same in every version).
+fn root_schema(schema: &ModuleSchema, spec: &serde_json::Value) -> JSONSchemaProps {
+    let mut spec = spec.clone();
     if let (Some(description), Some(obj)) = (&schema.metadata.description, spec.as_object_mut()) {
         obj.entry("description").or_insert_with(|| json!(description));
     }
@@ -267,6 +355,7 @@ mod tests {
             metadata,
             spec: json!({"type": "object", "required": ["image"], "properties": {"image": {"type": "string"}}}),
             status: None,
+            versions: Vec::new(),
         }
     }
 
@@ -294,6 +383,7 @@ mod tests {
             categories: &[],
             transform_name: "webservice",
             transform_namespace: "platform",
+            conversion: None,
         };
         let crd = build_crd(&names, &with_status, &params);
         let version = &crd.spec.versions[0];
@@ -393,6 +483,7 @@ mod tests {
                 categories: &categories,
                 transform_name: "webservice",
                 transform_namespace: "default",
+                conversion: None,
             },
         );
         assert_eq!(crd.metadata.name.as_deref(), Some("webservices.apps.example.com"));
@@ -419,5 +510,111 @@ mod tests {
         assert_eq!(columns, ["Ready", "Phase", "Graph", "Age"]);
         assert!(version.subresources.as_ref().unwrap().status.is_some());
         assert_eq!(crd.spec.names.categories, Some(categories));
+    }
+
+    fn two_versions() -> ModuleSchema {
+        let mut s = schema(ModuleMetadata {
+            kind: Some("WebService".into()),
+            ..Default::default()
+        });
+        let version = |name: &str, storage: bool, spec: serde_json::Value| ApiVersion {
+            name: name.into(),
+            served: true,
+            storage,
+            deprecated: !storage,
+            deprecation_warning: (!storage).then(|| format!("{name} is deprecated; use v1beta1")),
+            lossy: Vec::new(),
+            spec,
+        };
+        s.versions = vec![
+            version("v1beta1", true, s.spec.clone()),
+            version(
+                "v1alpha1",
+                false,
+                json!({"type": "object", "properties": {"port": {"type": "string"}}}),
+            ),
+        ];
+        s
+    }
+
+    #[test]
+    fn each_module_version_is_a_crd_version_converted_by_the_webhook() {
+        let s = two_versions();
+        let names = kind_names("webservice", &s, &[]).unwrap();
+        let hook = WebhookClientConfig {
+            url: Some("https://127.0.0.1:9443/convert/platform/webservice/abc".into()),
+            ..Default::default()
+        };
+        let crd = build_crd(
+            &names,
+            &s,
+            &CrdParams {
+                group: "apps.example.com",
+                version: "v1beta1",
+                categories: &[],
+                transform_name: "webservice",
+                transform_namespace: "platform",
+                conversion: Some(hook.clone()),
+            },
+        );
+        let versions: Vec<(&str, bool, bool, Option<bool>)> = crd
+            .spec
+            .versions
+            .iter()
+            .map(|v| (v.name.as_str(), v.served, v.storage, v.deprecated))
+            .collect();
+        assert_eq!(
+            versions,
+            [("v1beta1", true, true, None), ("v1alpha1", true, false, Some(true))]
+        );
+        assert_eq!(
+            crd.spec.versions[1].deprecation_warning.as_deref(),
+            Some("v1alpha1 is deprecated; use v1beta1")
+        );
+        let spec_of = |i: usize| {
+            serde_json::to_value(crd.spec.versions[i].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap())
+                .unwrap()["properties"]["spec"]
+                .clone()
+        };
+        assert_eq!(spec_of(0)["required"], json!(["image"]));
+        assert_eq!(spec_of(1)["properties"]["port"]["type"], "string");
+        let conversion = crd.spec.conversion.as_ref().unwrap();
+        assert_eq!(conversion.strategy, "Webhook");
+        let webhook = conversion.webhook.as_ref().unwrap();
+        assert_eq!(webhook.client_config.as_ref(), Some(&hook));
+        assert_eq!(webhook.conversion_review_versions, ["v1"]);
+        assert_eq!(storage_version(&s, "v1alpha1"), "v1beta1");
+    }
+
+    #[test]
+    fn one_version_converts_nothing_and_the_transform_names_a_declared_version() {
+        let single = schema(ModuleMetadata::default());
+        assert_eq!(kind_versions(&single, "v1").len(), 1);
+        assert_eq!(storage_version(&single, "v1"), "v1");
+        assert_eq!(check_versions(&single, "v9", false), Ok(()));
+        let s = two_versions();
+        assert_eq!(check_versions(&s, "v1alpha1", true), Ok(()));
+        assert!(matches!(
+            check_versions(&s, "v1", true),
+            Err(CrdError::VersionNotDeclared { .. })
+        ));
+        assert_eq!(
+            check_versions(&s, "v1beta1", false),
+            Err(CrdError::NoConversionWebhook(2))
+        );
+        let names = kind_names("x", &single, &[]).unwrap();
+        let crd = build_crd(
+            &names,
+            &single,
+            &CrdParams {
+                group: "apps.example.com",
+                version: "v1",
+                categories: &[],
+                transform_name: "x",
+                transform_namespace: "platform",
+                conversion: None,
+            },
+        );
+        assert_eq!(crd.spec.conversion.as_ref().map(|c| c.strategy.as_str()), Some("None"));
     }
 }

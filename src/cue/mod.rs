@@ -1,17 +1,20 @@
 //! CUE: running the cue CLI, loading platform modules, extracting schemas and rendering.
 
 pub mod batch;
+pub mod conversion;
 mod embedded;
 pub mod module;
 pub mod process;
 mod renderer;
 pub mod schema;
+pub mod versions;
 
 pub use batch::{RenderError, RenderOutput, input_hash, render_input};
 pub use module::{Module, ModuleError, ModuleFiles, ModuleStore, is_digest};
 pub use process::{CueCli, MAX_STDERR_BYTES, MAX_STDOUT_BYTES};
 pub use renderer::{ModuleMetadata, ModuleSchema, PrinterColumn, RenderResult, Renderer, RendererConfig};
 pub use schema::{SchemaError, crd_schema_from_openapi};
+pub use versions::ApiVersion;
 
 /// Names of the modules compiled into the binary.
 pub fn embedded_modules() -> impl Iterator<Item = &'static str> {

@@ -130,6 +130,8 @@ pub struct ModuleSchema {
     pub spec: Value,
     /// The schema of `#Status`, the module's own status fields, if it has one.
     pub status: Option<Value>,
+    /// The versions `#Versions` declares; empty when the module declares none.
+    pub versions: Vec<super::ApiVersion>,
 }
 
 pub type RenderResult = Result<Arc<RenderOutput>, RenderError>;
@@ -259,7 +261,12 @@ impl Renderer {
             .map_err(|message| RenderError::InvalidModule {
                 message: format!("#Metadata: {message}"),
             })?;
-        Ok(ModuleSchema { metadata, spec, status })
+        Ok(ModuleSchema {
+            metadata,
+            spec,
+            status,
+            versions: Vec::new(),
+        })
     }
 
     /// Renders `input` (see [`batch::render_input`]) through `module`. Results, failures

@@ -44,6 +44,7 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
             let cp = control_plane::shared();
             let metrics = format!("127.0.0.1:{}", free_port());
             let probes = format!("127.0.0.1:{}", free_port());
+            let webhook = format!("127.0.0.1:{}", free_port());
             let cue = tool("cue", "PEQUOD_TEST_CUE");
             let cache = std::env::temp_dir().join(format!("pequod-test-cache-{}", std::process::id()));
             let registries = remote::shared_registries();
@@ -62,6 +63,9 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
                 "--module-poll-interval=3".to_string(),
                 format!("--metrics-bind-address={metrics}"),
                 format!("--health-probe-bind-address={probes}"),
+                // The apiserver runs on this machine: CRDs name the webhook by its address.
+                format!("--webhook-bind-address={webhook}"),
+                format!("--webhook-url=https://{webhook}"),
                 "--zap-log-level=debug".to_string(),
                 // Test namespaces are made per test: trust them all (the default trusts only
                 // the operator's own namespace; tests/e2e_restart covers it).
@@ -363,6 +367,9 @@ pub struct OperatorProcess {
     child: std::process::Child,
     pub metrics: String,
     pub probes: String,
+    /// The conversion webhook's address (`127.0.0.1:PORT`), which it names in CRDs unless the
+    /// test gave `--webhook-url` itself.
+    pub webhook: String,
     /// Where its output goes.
     pub log: PathBuf,
 }
@@ -391,6 +398,16 @@ impl OperatorProcess {
         let (metrics_port, probes_port) = (free_port(), free_port());
         let metrics = format!("127.0.0.1:{metrics_port}");
         let probes = format!("127.0.0.1:{probes_port}");
+        // A test may choose the webhook's address, or where CRDs send conversions.
+        let given = extra.iter().find_map(|f| f.strip_prefix("--webhook-bind-address="));
+        let webhook = given.map_or_else(|| format!("127.0.0.1:{}", free_port()), str::to_string);
+        let mut webhook_flags = Vec::new();
+        if given.is_none() {
+            webhook_flags.push(format!("--webhook-bind-address={webhook}"));
+        }
+        if !extra.iter().any(|f| f.starts_with("--webhook-url")) {
+            webhook_flags.push(format!("--webhook-url=https://{webhook}"));
+        }
         let (metrics_flag, probes_flag) = if launch.all_interfaces {
             (format!(":{metrics_port}"), format!(":{probes_port}"))
         } else {
@@ -409,6 +426,7 @@ impl OperatorProcess {
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .arg(format!("--metrics-bind-address={metrics_flag}"))
             .arg(format!("--health-probe-bind-address={probes_flag}"))
+            .args(&webhook_flags)
             .arg("--cue-binary")
             .arg(cue)
             .args(extra)
@@ -420,6 +438,7 @@ impl OperatorProcess {
             child,
             metrics,
             probes,
+            webhook,
             log,
         }
     }

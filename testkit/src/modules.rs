@@ -107,3 +107,78 @@ pub fn labelled_module(kind: &str, version: &str) -> String {
 "#
     )
 }
+
+/// `Web` v1alpha1: a port as a string. Rendered into ConfigMap `web-<name>`.
+pub const V1ALPHA1_WEB: &str = r#"package web
+
+#Metadata: kind: "Web"
+
+#Input: {
+	image: string
+	port:  string
+	debug?: bool
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: "config"
+		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: "web-\(input.metadata.name)", data: {image: input.spec.image, port: input.spec.port}}
+	}]
+}
+"#;
+
+/// `Web` v1beta1 (stored) renames `port` to `listenPort` and makes it a number; v1alpha1 is
+/// still served, deprecated, and converted in CUE. `debug` has no place in v1beta1: `lossy`
+/// (for example `lossy: ["debug"]`, or nothing) says whether its loss is intended.
+pub fn two_version_web(lossy: &str) -> String {
+    r#"package web
+
+import "strconv"
+
+#Metadata: kind: "Web"
+
+#Input: {
+	image:      string
+	listenPort: int & >0 & <65536
+}
+
+#Versions: {
+	v1beta1: storage: true
+	v1alpha1: {
+		deprecated:         true
+		deprecationWarning: "Web v1alpha1 is deprecated; use v1beta1"
+		LOSSY
+		#Input: {
+			image:  string
+			port:   string
+			debug?: bool
+		}
+		#ToStorage: {
+			in: #Input
+			out: {image: in.image, listenPort: strconv.Atoi(in.port)}
+		}
+		#FromStorage: {
+			in: _
+			out: {image: in.image, port: strconv.FormatInt(in.listenPort, 10)}
+		}
+	}
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: "config"
+		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: "web-\(input.metadata.name)", data: {image: input.spec.image, port: "\(input.spec.listenPort)"}}
+	}]
+}
+"#
+    .replace("LOSSY", lossy)
+}
+
+/// Only v1beta1 is left.
+pub fn v1beta1_web() -> String {
+    let two = two_version_web("");
+    let (start, end) = (two.find("#Versions: {").unwrap_or(0), two.find("#Render: {").unwrap_or(0));
+    format!("{}#Versions: v1beta1: storage: true\n\n{}", &two[..start], &two[end..])
+}

@@ -1,5 +1,6 @@
 //! End-to-end tests against a real control plane (see the test kit, `testkit/`).
 
+mod api_versions;
 mod attacks;
 mod chart;
 mod executor;

@@ -312,10 +312,13 @@ async fn the_image_runs_as_65532_from_its_own_root_and_serves_modules_over_ssh_a
         rootfs.display().to_string(),
     ]);
     args.extend(definition.entrypoint.iter().cloned());
+    let webhook = format!("127.0.0.1:{}", support::free_port());
     args.extend([
         format!("--metrics-bind-address={metrics}"),
         "--metrics-secure".into(),
         format!("--health-probe-bind-address={probes}"),
+        format!("--webhook-bind-address={webhook}"),
+        format!("--webhook-url=https://{webhook}"),
         "--generate-rbac=false".into(),
         format!("--trusted-transform-namespaces={}", env.namespace),
         "--zap-log-level=debug".into(),

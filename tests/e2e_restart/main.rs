@@ -4,6 +4,8 @@
 
 use pequod_testkit as support;
 
+mod api_versions;
+
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;

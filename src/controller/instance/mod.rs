@@ -888,6 +888,11 @@ fn not_in_cache(pinned: bool, digest: &str) -> String {
     }
 }
 
+/// The group of an `apiVersion` (empty for the core group).
+fn api_group(api_version: &str) -> &str {
+    api_version.rsplit_once('/').map_or("", |(group, _)| group)
+}
+
 /// Whether `graph` is this instance's. Names and labels are shared by same-named kinds of two
 /// API groups; the uid in the graph's owner reference is this instance's alone. A graph whose
 /// owner reference someone removed is still the instance's when Pequod signed it for the
@@ -900,7 +905,9 @@ fn owns(obj: &DynamicObject, resource: &ApiResource, graph: &ResourceGraph, key:
     if graph
         .owner_references()
         .iter()
-        .any(|o| o.uid == uid && o.api_version == resource.api_version && o.kind == resource.kind)
+        // The group, not the version: a graph rendered before the kind's storage version
+        // changed names the instance in the version it had then.
+        .any(|o| o.uid == uid && api_group(&o.api_version) == resource.group && o.kind == resource.kind)
     {
         return true;
     }

@@ -29,6 +29,9 @@ use serde::Serialize;
 use serde_json::json;
 
 mod status;
+mod versions;
+
+pub use versions::{ConversionWebhook, conversion_path};
 
 use super::harness::{Error, StatusMemory};
 use super::instance::{ServeSpec, Supervisor, TransformKey};
@@ -78,6 +81,8 @@ pub struct Context {
     trusted: TrustedNamespaces,
     /// Whether the manager writes Transforms' RBAC or an administrator does.
     rbac_mode: RbacMode,
+    /// The webhook the apiserver converts a kind's versions through; none when disabled.
+    conversion: Option<ConversionWebhook>,
 }
 
 super::harness::backoff::controller_context!(Context, reports Transform);
@@ -106,6 +111,7 @@ impl Context {
             workers: super::harness::Workers::default(),
             trusted: TrustedNamespaces::new(Vec::new()),
             rbac_mode: RbacMode::Generate,
+            conversion: None,
         }
     }
 }
@@ -120,6 +126,12 @@ impl Context {
     /// Who writes Transforms' RBAC (by default the manager).
     pub fn with_rbac_mode(mut self, mode: RbacMode) -> Self {
         self.rbac_mode = mode;
+        self
+    }
+
+    /// Serves modules of several versions through `webhook` (by default they are refused).
+    pub fn with_conversion_webhook(mut self, webhook: Option<ConversionWebhook>) -> Self {
+        self.conversion = webhook;
         self
     }
 }
@@ -326,15 +338,18 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     let next_look = fetched.moves.then_some(ctx.fetcher.poll_interval());
     let settled = next_look.map_or_else(Action::await_change, Action::requeue);
 
-    let (module, schema) = load_module(ctx, fetched, &settled).await?;
+    let (module, schema, files) = load_module(ctx, fetched, &settled).await?;
     update.extracted();
-    let (names, desired) = desired_crd(t, &namespace, &schema, &settled)?;
+    let conversion = versions::conversion_config(ctx, t, update, (&module, &schema, &files), &settled).await?;
+    let (names, desired) = desired_crd(t, &namespace, &schema, conversion, &settled)?;
     let crd_name = desired.metadata.name.clone().unwrap_or_default();
-    let resource = api_resource(&t.spec.group, &t.spec.version, &names);
+    let storage = crd::storage_version(&schema, &t.spec.version);
+    let resource = api_resource(&t.spec.group, &storage, &names);
     let previous = renamed_from(t, ctx, update, &crd_name).await?;
-    let (established, schema_changed) = apply_crd(t, ctx, update, &desired, &settled).await?;
+    let (established, schema_changed) = apply_crd(t, ctx, update, &desired, (&module, &schema), &settled).await?;
     await_established(update, &established, &crd_name, &settled)?;
     generate_rbac(t, ctx, update, &resource).await?;
+    let migrating = versions::migrate_storage(ctx, t, update, &established, &schema, &storage).await?;
 
     if let Some(previous) = &previous {
         let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
@@ -369,7 +384,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
         plural: names.plural.clone(),
     };
     update.serving(generated, source_digest);
-    Ok(Action::requeue(retry.or(next_look).unwrap_or(RESYNC)))
+    Ok(Action::requeue(migrating.or(retry).or(next_look).unwrap_or(RESYNC)))
 }
 
 /// Records `digest` among the module versions the Transform has served before any instance
@@ -505,16 +520,17 @@ async fn fetch_failed(
     TransformStop::failed(CUE_FETCHED, e.reason(), message, reasons::CUE_FETCH_FAILED, then)
 }
 
-/// Loads the module and converts its `#Input` into a schema.
+/// Loads the module and converts its `#Input` into a schema; the files are kept for the
+/// conversion webhook.
 async fn load_module(
     ctx: &Context,
     fetched: crate::source::Fetched,
     settled: &Action,
-) -> Result<(crate::cue::Module, Arc<crate::cue::ModuleSchema>), TransformStop> {
+) -> Result<(crate::cue::Module, Arc<crate::cue::ModuleSchema>, crate::cue::ModuleFiles), TransformStop> {
     let loaded = async {
-        let module = ctx.renderer.load(fetched.files, &fetched.platform).await?;
+        let module = ctx.renderer.load(fetched.files.clone(), &fetched.platform).await?;
         let schema = ctx.renderer.schema(&module).await?;
-        Ok::<_, crate::cue::RenderError>((module, schema))
+        Ok::<_, crate::cue::RenderError>((module, schema, fetched.files))
     };
     match loaded.await {
         Ok(loaded) => Ok(loaded),
@@ -534,6 +550,7 @@ fn desired_crd(
     t: &Transform,
     namespace: &str,
     schema: &crate::cue::ModuleSchema,
+    conversion: Option<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::WebhookClientConfig>,
     settled: &Action,
 ) -> Result<(KindNames, CustomResourceDefinition), TransformStop> {
     let names = crd::kind_names(&t.name_any(), schema, &t.spec.short_names)
@@ -557,6 +574,7 @@ fn desired_crd(
             categories: &t.spec.categories,
             transform_name: &t.name_any(),
             transform_namespace: namespace,
+            conversion,
         },
     );
     Ok((names, desired))
@@ -596,13 +614,16 @@ async fn renamed_from(
     Ok(Some(previous))
 }
 
-/// Creates or updates the CRD: refused when another owner has it or the change would break
-/// stored instances; written only when it differs (the second value says whether it was).
+/// Creates or updates the CRD: refused when another owner has it, when the change would break
+/// stored instances (a version's schema narrowed, a version still holding objects removed, a
+/// conversion that does not round-trip them); written only when it differs (the second value
+/// says whether it was).
 async fn apply_crd(
     t: &Transform,
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     desired: &CustomResourceDefinition,
+    (module, schema): (&crate::cue::Module, &crate::cue::ModuleSchema),
     settled: &Action,
 ) -> Result<(CustomResourceDefinition, bool), TransformStop> {
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
@@ -621,16 +642,20 @@ async fn apply_crd(
             let breaking = compat::crd_breaking_changes(&live, desired);
             if !breaking.is_empty() {
                 let message = format!(
-                    "{} breaking change(s) refused; the CRD and the served module stay as they were: {}",
+                    "{} breaking change(s) refused; the CRD and the served module stay as they were: {}. \
+                     To change a field incompatibly, add a version with a conversion to the module's #Versions \
+                     (docs/versions.md)",
                     breaking.len(),
                     breaking.join("; ")
                 );
                 let then = settled.clone();
                 return Err(TransformStop::breaking(message, then));
             }
+            versions::refuse_removing_stored(ctx, t, &update.old, &live, desired, settled).await?;
             if contains(&serde_json::to_value(&live)?, &serde_json::to_value(desired)?) {
                 (live, false)
             } else {
+                versions::check_round_trips(ctx, t, &live, module, schema, settled).await?;
                 let params = PatchParams::apply(GENERATED_MANAGER).force();
                 (crds.patch(&crd_name, &params, &Patch::Apply(desired)).await?, true)
             }
@@ -991,6 +1016,8 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
     if let Some(crd) = owned_crd {
         delete_if_present(&crds, &crd.name_any()).await?;
     }
+    crate::conversion::published::unpublish(&ctx.client, &ctx.manager.namespace, (&key.namespace, &key.name), &[])
+        .await?;
     if ctx.rbac_mode == RbacMode::Generate {
         delete_rbac(t, ctx).await?;
     }
