@@ -267,6 +267,7 @@ mod tests {
             metadata,
             spec: json!({"type": "object", "required": ["image"], "properties": {"image": {"type": "string"}}}),
             status: None,
+            versions: Vec::new(),
         }
     }
 

@@ -374,6 +374,7 @@ mod tests {
             dir: "/tmp/x".into(),
             has_metadata: false,
             has_status: false,
+            has_versions: false,
         }
     }
 

@@ -6,12 +6,14 @@ pub mod module;
 pub mod process;
 mod renderer;
 pub mod schema;
+pub mod versions;
 
 pub use batch::{RenderError, RenderOutput, input_hash, render_input};
 pub use module::{Module, ModuleError, ModuleFiles, ModuleStore, is_digest};
 pub use process::{CueCli, MAX_STDERR_BYTES, MAX_STDOUT_BYTES};
 pub use renderer::{ModuleMetadata, ModuleSchema, PrinterColumn, RenderResult, Renderer, RendererConfig};
 pub use schema::{SchemaError, crd_schema_from_openapi};
+pub use versions::{ApiVersion, version_priority_order};
 
 /// Names of the modules compiled into the binary.
 pub fn embedded_modules() -> impl Iterator<Item = &'static str> {

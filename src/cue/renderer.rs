@@ -13,6 +13,7 @@ use tokio::sync::{OnceCell, mpsc, oneshot};
 
 use super::batch::{self, RenderError, RenderOutput};
 use super::module::{Module, ModuleFiles, ModuleStore};
+use super::versions::{self, ApiVersion};
 use super::{CueCli, CueError, crd_schema_from_openapi};
 use crate::lru::Lru;
 use crate::metrics::Metrics;
@@ -130,6 +131,8 @@ pub struct ModuleSchema {
     pub spec: Value,
     /// The schema of `#Status`, the module's own status fields, if it has one.
     pub status: Option<Value>,
+    /// The versions `#Versions` declares, in priority order; empty without `#Versions`.
+    pub versions: Vec<ApiVersion>,
 }
 
 pub type RenderResult = Result<Arc<RenderOutput>, RenderError>;
@@ -204,7 +207,8 @@ impl Renderer {
         };
         let result = cell
             .get_or_try_init(|| async {
-                match self.extract_schema(module).await {
+                // Boxed: the extraction's future is large, and callers' stacks need not hold it.
+                match Box::pin(self.extract_schema(module)).await {
                     Ok(schema) => Ok(Ok(Arc::new(schema))),
                     // Transient failures leave the cell empty so the next call tries again.
                     Err(e) if e.is_transient() => Err(e),
@@ -218,15 +222,23 @@ impl Renderer {
     async fn extract_schema(&self, module: &Module) -> Result<ModuleSchema, RenderError> {
         let cli = &self.inner.cli;
         let openapi = cli.run(&["def", "./schema", "--out", "openapi"], Some(&module.dir));
-        let metadata = async {
-            if !module.has_metadata {
+        // The meta package: #Metadata, and the flags of #Versions (whose names the schemas of
+        // the versions need).
+        let meta = async {
+            if module.has_versions {
+                versions::write_generated(&module.dir, versions::FLAGS_FILE, &versions::flags_source(module)).await?;
+            } else if !module.has_metadata {
                 return Ok(None);
             }
-            cli.run(&["export", "./meta", "--out", "json"], Some(&module.dir))
-                .await
-                .map(Some)
+            match cli.run(&["export", "./meta", "--out", "json"], Some(&module.dir)).await {
+                Ok(text) => Ok(Some(text)),
+                Err(CueError::Failed { message, .. }) => Err(RenderError::InvalidModule {
+                    message: versions::readable(&batch::clean_message(&message)),
+                }),
+                Err(e) => Err(e.into()),
+            }
         };
-        let (openapi, metadata) = tokio::join!(openapi, metadata);
+        let (openapi, meta) = tokio::join!(openapi, Box::pin(meta));
         let openapi = match openapi {
             Ok(text) => text,
             // The OpenAPI encoder reports some evaluation errors without a field or position
@@ -249,9 +261,10 @@ impl Renderer {
         } else {
             None
         };
-        let metadata = match metadata.map_err(schema_error)? {
-            None => ModuleMetadata::default(),
-            Some(text) => parse_metadata(&text)?,
+        let meta = meta?.map(|text| parse_json(&text)).transpose()?;
+        let metadata = match &meta {
+            Some(meta) if module.has_metadata => parse_metadata(meta)?,
+            _ => ModuleMetadata::default(),
         };
         metadata
             .check_columns()
@@ -259,7 +272,20 @@ impl Renderer {
             .map_err(|message| RenderError::InvalidModule {
                 message: format!("#Metadata: {message}"),
             })?;
-        Ok(ModuleSchema { metadata, spec, status })
+        let versions = match &meta {
+            Some(meta) if module.has_versions => {
+                let declared = versions::declared_versions(meta)?;
+                let openapi = Box::pin(versions::versions_openapi(cli, module, &declared)).await?;
+                versions::api_versions(declared, &openapi, &spec)?
+            }
+            _ => Vec::new(),
+        };
+        Ok(ModuleSchema {
+            metadata,
+            spec,
+            status,
+            versions,
+        })
     }
 
     /// Renders `input` (see [`batch::render_input`]) through `module`. Results, failures
@@ -428,11 +454,14 @@ fn status_schema(openapi: &Value) -> Result<Value, RenderError> {
     Ok(status)
 }
 
-/// The module's `#Metadata`, from what `cue export ./meta` printed.
-fn parse_metadata(text: &str) -> Result<ModuleMetadata, RenderError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| RenderError::InvalidOutput {
+fn parse_json(text: &str) -> Result<Value, RenderError> {
+    serde_json::from_str(text).map_err(|e| RenderError::InvalidOutput {
         message: format!("cue printed invalid JSON: {e}"),
-    })?;
+    })
+}
+
+/// The module's `#Metadata`, from what `cue export ./meta` printed.
+fn parse_metadata(value: &Value) -> Result<ModuleMetadata, RenderError> {
     serde_json::from_value(value.get("metadata").cloned().unwrap_or(Value::Null)).map_err(|e| {
         RenderError::InvalidModule {
             message: format!("#Metadata: {e}"),
