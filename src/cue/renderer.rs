@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::sync::{OnceCell, mpsc, oneshot};
 
 use super::batch::{self, RenderError, RenderOutput};
+use super::conversion::ConversionCache;
 use super::module::{Module, ModuleFiles, ModuleStore};
 use super::versions::{self, ApiVersion};
 use super::{CueCli, CueError, crd_schema_from_openapi};
@@ -31,6 +32,10 @@ pub struct RendererConfig {
     pub batch_window: Duration,
     /// Most inputs evaluated in one cue call.
     pub max_batch: usize,
+    /// Most conversion results kept in memory.
+    pub max_cached_conversions: usize,
+    /// Most bytes of conversion results kept in memory (as JSON).
+    pub max_cached_conversion_bytes: u64,
 }
 
 impl RendererConfig {
@@ -41,6 +46,8 @@ impl RendererConfig {
             max_cached_bytes: 64 * 1024 * 1024,
             batch_window: Duration::from_millis(25),
             max_batch: 200,
+            max_cached_conversions: 10_000,
+            max_cached_conversion_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -147,23 +154,25 @@ struct Job {
 /// Renders platform modules through the cue CLI. Cheap to clone.
 #[derive(Clone)]
 pub struct Renderer {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
-    cli: CueCli,
-    store: ModuleStore,
-    metrics: Arc<Metrics>,
+pub(super) struct Inner {
+    pub(super) cli: CueCli,
+    pub(super) store: ModuleStore,
+    pub(super) metrics: Arc<Metrics>,
     config: RendererConfig,
     schemas: Mutex<HashMap<String, SchemaCell>>,
     renders: Mutex<RenderCache>,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+    pub(super) conversions: Mutex<ConversionCache>,
 }
 
 impl Renderer {
     pub fn new(cli: CueCli, config: RendererConfig, metrics: Arc<Metrics>) -> Self {
         let store = ModuleStore::new(&config.cache_dir);
         let renders = RenderCache::new(config.max_cached_renders, config.max_cached_bytes);
+        let conversions = ConversionCache::new(config.max_cached_conversions, config.max_cached_conversion_bytes);
         Self {
             inner: Arc::new(Inner {
                 cli,
@@ -173,6 +182,7 @@ impl Renderer {
                 schemas: Mutex::default(),
                 renders: Mutex::new(renders),
                 queues: Mutex::default(),
+                conversions: Mutex::new(conversions),
             }),
         }
     }
@@ -364,7 +374,7 @@ fn cache_key(digest: &str, input: &Value) -> String {
     format!("{digest}/{}", batch::input_hash(input))
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
