@@ -37,6 +37,8 @@ pub struct Metrics {
     pub cue_render_duration_seconds: HistogramVec,
     pub cue_render_errors_total: IntCounterVec,
     pub cue_invocations_total: IntCounterVec,
+    /// One cue call converting instances' specs between versions of a module's API.
+    pub conversion_duration_seconds: HistogramVec,
     pub policy_violations_total: IntCounterVec,
     /// Instances of each Transform's rollout by state: updated, pending, failed, pinned.
     pub rollout_instances: IntGaugeVec,
@@ -235,6 +237,13 @@ impl Metrics {
                 "Invocations of the cue binary",
                 &["command", "result"],
             )?,
+            conversion_duration_seconds: histogram_vec(
+                r,
+                "pequod_conversion_duration_seconds",
+                "CUE conversion duration",
+                &["platform"],
+                slow_buckets(),
+            )?,
             policy_violations_total: counter_vec(
                 r,
                 "pequod_policy_violations_total",
@@ -430,6 +439,7 @@ mod tests {
         ("pequod_cue_render_duration_seconds", &["platform"]),
         ("pequod_cue_render_errors_total", &["platform", "error_type"]),
         ("pequod_cue_invocations_total", &["command", "result"]),
+        ("pequod_conversion_duration_seconds", &["platform"]),
         ("pequod_policy_violations_total", &["severity"]),
         ("pequod_rollout_instances", &["namespace", "transform", "state"]),
         ("pequod_rollout_phase", &["namespace", "transform", "phase"]),
@@ -463,6 +473,7 @@ mod tests {
         m.cue_render_duration_seconds.with_label_values(&["a"]).observe(0.1);
         m.cue_render_errors_total.with_label_values(&["a", "b"]).inc();
         m.cue_invocations_total.with_label_values(&["a", "b"]).inc();
+        m.conversion_duration_seconds.with_label_values(&["a"]).observe(0.1);
         m.policy_violations_total.with_label_values(&["a"]).inc();
         m.rollout_instances.with_label_values(&["a", "b", "c"]).set(1);
         m.rollout_phase.with_label_values(&["a", "b", "c"]).set(1);

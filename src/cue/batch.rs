@@ -132,7 +132,7 @@ pub fn input_hash(value: &Value) -> String {
 }
 
 /// Line of the batch file holding the first input; input `i` is on line `FIRST_INPUT_LINE + i`.
-const FIRST_INPUT_LINE: usize = 6;
+pub(super) const FIRST_INPUT_LINE: usize = 6;
 
 /// The CUE source that renders `inputs` in one evaluation, one input per line, so that a
 /// cue error's position names the input it came from.
@@ -374,6 +374,7 @@ mod tests {
             dir: "/tmp/x".into(),
             has_metadata: false,
             has_status: false,
+            has_versions: false,
         }
     }
 

@@ -10,11 +10,12 @@ pub mod schema;
 pub mod versions;
 
 pub use batch::{RenderError, RenderOutput, input_hash, render_input};
+pub use conversion::{Conversion, ConversionError, round_trip_differences};
 pub use module::{Module, ModuleError, ModuleFiles, ModuleStore, is_digest};
 pub use process::{CueCli, MAX_STDERR_BYTES, MAX_STDOUT_BYTES};
 pub use renderer::{ModuleMetadata, ModuleSchema, PrinterColumn, RenderResult, Renderer, RendererConfig};
 pub use schema::{SchemaError, crd_schema_from_openapi};
-pub use versions::ApiVersion;
+pub use versions::{ApiVersion, version_priority_order};
 
 /// Names of the modules compiled into the binary.
 pub fn embedded_modules() -> impl Iterator<Item = &'static str> {

@@ -134,19 +134,31 @@ impl ModuleFiles {
 
     /// Whether any file defines `name` (for example `#Metadata`) at the top level.
     pub fn defines(&self, name: &str) -> bool {
-        self.files.values().any(|c| {
-            c.lines().any(|l| {
-                let l = l.trim_start();
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
-                    && !l.starts_with("//")
-            })
-        })
+        self.files.values().any(|c| source_defines(c, name))
     }
 
     pub fn files(&self) -> &BTreeMap<String, String> {
         &self.files
     }
+}
+
+/// Whether a file's source defines `name` at the top level.
+fn source_defines(source: &str, name: &str) -> bool {
+    source.lines().any(|l| {
+        let l = l.trim_start();
+        l.strip_prefix(name)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'))
+            && !l.starts_with("//")
+    })
+}
+
+/// Whether a `.cue` file of `dir` defines `name` (as [`ModuleFiles::defines`] tells).
+fn dir_defines(dir: &Path, name: &str) -> bool {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().any(|entry| {
+        let path = entry.path();
+        path.extension().is_some_and(|e| e == "cue")
+            && std::fs::read_to_string(&path).is_ok_and(|source| source_defines(&source, name))
+    })
 }
 
 /// The name in a file's `package` clause, if it has one.
@@ -188,6 +200,8 @@ pub struct Module {
     pub has_metadata: bool,
     /// Whether the module defines `#Status`, the schema of its instances' own status fields.
     pub has_status: bool,
+    /// Whether the module defines `#Versions`, the versions of its API.
+    pub has_versions: bool,
 }
 
 impl Module {
@@ -253,6 +267,7 @@ impl ModuleStore {
         let package = files.package()?;
         let has_metadata = files.defines("#Metadata");
         let has_status = files.defines("#Status");
+        let has_versions = files.defines("#Versions");
         let dir = self.dir_of(&digest);
         let module = Module {
             digest,
@@ -261,6 +276,7 @@ impl ModuleStore {
             dir: dir.clone(),
             has_metadata,
             has_status,
+            has_versions,
         };
         if dir.join(".complete").exists() {
             return Ok(module);
@@ -313,12 +329,17 @@ impl ModuleStore {
         let import = format!("\"{MODULE_PATH}/platform:");
         let start = schema.find(&import)? + import.len();
         let package = schema[start..].split('"').next()?.to_string();
+        // The platform's own files tell: the generated packages for versions are written
+        // when the schema is extracted, which may not have happened yet.
+        let has_versions = dir_defines(&dir.join("platform"), "#Versions");
         Some(Module {
             digest: digest.to_string(),
             package,
             platform: platform.to_string(),
-            has_metadata: dir.join("meta").is_dir(),
+            // The meta package also holds the versions' flags, with or without #Metadata.
+            has_metadata: dir.join("meta/meta.cue").is_file(),
             has_status: schema.contains("#Status:"),
+            has_versions,
             dir,
         })
     }
@@ -347,10 +368,12 @@ mod tests {
         let store = ModuleStore::new(&root);
         let files = ModuleFiles::new(BTreeMap::from([(
             "m.cue".to_string(),
-            "package web\n#Input: {}\n#Status: {url?: string}\n#Metadata: {}\n#Render: {}\n".to_string(),
+            "package web\n#Input: {}\n#Status: {url?: string}\n#Metadata: {}\n#Render: {}\n#Versions: {v1: storage: true}\n"
+                .to_string(),
         )]))
         .unwrap();
         let written = store.materialize(&files, "web").unwrap();
+        assert!(written.has_versions);
         let found = ModuleStore::new(&root).find(&written.digest, "web").unwrap();
         assert_eq!(found, written);
         assert_eq!(store.find("sha256:0000", "web"), None);

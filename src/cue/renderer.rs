@@ -12,7 +12,9 @@ use serde_json::Value;
 use tokio::sync::{OnceCell, mpsc, oneshot};
 
 use super::batch::{self, RenderError, RenderOutput};
+use super::conversion::ConversionCache;
 use super::module::{Module, ModuleFiles, ModuleStore};
+use super::versions::{self, ApiVersion};
 use super::{CueCli, CueError, crd_schema_from_openapi};
 use crate::lru::Lru;
 use crate::metrics::Metrics;
@@ -30,6 +32,10 @@ pub struct RendererConfig {
     pub batch_window: Duration,
     /// Most inputs evaluated in one cue call.
     pub max_batch: usize,
+    /// Most conversion results kept in memory.
+    pub max_cached_conversions: usize,
+    /// Most bytes of conversion results kept in memory (as JSON).
+    pub max_cached_conversion_bytes: u64,
 }
 
 impl RendererConfig {
@@ -40,6 +46,8 @@ impl RendererConfig {
             max_cached_bytes: 64 * 1024 * 1024,
             batch_window: Duration::from_millis(25),
             max_batch: 200,
+            max_cached_conversions: 10_000,
+            max_cached_conversion_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -130,8 +138,8 @@ pub struct ModuleSchema {
     pub spec: Value,
     /// The schema of `#Status`, the module's own status fields, if it has one.
     pub status: Option<Value>,
-    /// The versions `#Versions` declares; empty when the module declares none.
-    pub versions: Vec<super::ApiVersion>,
+    /// The versions `#Versions` declares, in priority order; empty without `#Versions`.
+    pub versions: Vec<ApiVersion>,
 }
 
 pub type RenderResult = Result<Arc<RenderOutput>, RenderError>;
@@ -146,23 +154,25 @@ struct Job {
 /// Renders platform modules through the cue CLI. Cheap to clone.
 #[derive(Clone)]
 pub struct Renderer {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
-    cli: CueCli,
-    store: ModuleStore,
-    metrics: Arc<Metrics>,
+pub(super) struct Inner {
+    pub(super) cli: CueCli,
+    pub(super) store: ModuleStore,
+    pub(super) metrics: Arc<Metrics>,
     config: RendererConfig,
     schemas: Mutex<HashMap<String, SchemaCell>>,
     renders: Mutex<RenderCache>,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+    pub(super) conversions: Mutex<ConversionCache>,
 }
 
 impl Renderer {
     pub fn new(cli: CueCli, config: RendererConfig, metrics: Arc<Metrics>) -> Self {
         let store = ModuleStore::new(&config.cache_dir);
         let renders = RenderCache::new(config.max_cached_renders, config.max_cached_bytes);
+        let conversions = ConversionCache::new(config.max_cached_conversions, config.max_cached_conversion_bytes);
         Self {
             inner: Arc::new(Inner {
                 cli,
@@ -172,6 +182,7 @@ impl Renderer {
                 schemas: Mutex::default(),
                 renders: Mutex::new(renders),
                 queues: Mutex::default(),
+                conversions: Mutex::new(conversions),
             }),
         }
     }
@@ -206,7 +217,8 @@ impl Renderer {
         };
         let result = cell
             .get_or_try_init(|| async {
-                match self.extract_schema(module).await {
+                // Boxed: the extraction's future is large, and callers' stacks need not hold it.
+                match Box::pin(self.extract_schema(module)).await {
                     Ok(schema) => Ok(Ok(Arc::new(schema))),
                     // Transient failures leave the cell empty so the next call tries again.
                     Err(e) if e.is_transient() => Err(e),
@@ -220,15 +232,23 @@ impl Renderer {
     async fn extract_schema(&self, module: &Module) -> Result<ModuleSchema, RenderError> {
         let cli = &self.inner.cli;
         let openapi = cli.run(&["def", "./schema", "--out", "openapi"], Some(&module.dir));
-        let metadata = async {
-            if !module.has_metadata {
+        // The meta package: #Metadata, and the flags of #Versions (whose names the schemas of
+        // the versions need).
+        let meta = async {
+            if module.has_versions {
+                versions::write_generated(&module.dir, versions::FLAGS_FILE, &versions::flags_source(module)).await?;
+            } else if !module.has_metadata {
                 return Ok(None);
             }
-            cli.run(&["export", "./meta", "--out", "json"], Some(&module.dir))
-                .await
-                .map(Some)
+            match cli.run(&["export", "./meta", "--out", "json"], Some(&module.dir)).await {
+                Ok(text) => Ok(Some(text)),
+                Err(CueError::Failed { message, .. }) => Err(RenderError::InvalidModule {
+                    message: versions::readable(&batch::clean_message(&message)),
+                }),
+                Err(e) => Err(e.into()),
+            }
         };
-        let (openapi, metadata) = tokio::join!(openapi, metadata);
+        let (openapi, meta) = tokio::join!(openapi, Box::pin(meta));
         let openapi = match openapi {
             Ok(text) => text,
             // The OpenAPI encoder reports some evaluation errors without a field or position
@@ -251,9 +271,10 @@ impl Renderer {
         } else {
             None
         };
-        let metadata = match metadata.map_err(schema_error)? {
-            None => ModuleMetadata::default(),
-            Some(text) => parse_metadata(&text)?,
+        let meta = meta?.map(|text| parse_json(&text)).transpose()?;
+        let metadata = match &meta {
+            Some(meta) if module.has_metadata => parse_metadata(meta)?,
+            _ => ModuleMetadata::default(),
         };
         metadata
             .check_columns()
@@ -261,11 +282,19 @@ impl Renderer {
             .map_err(|message| RenderError::InvalidModule {
                 message: format!("#Metadata: {message}"),
             })?;
+        let versions = match &meta {
+            Some(meta) if module.has_versions => {
+                let declared = versions::declared_versions(meta)?;
+                let openapi = Box::pin(versions::versions_openapi(cli, module, &declared)).await?;
+                versions::api_versions(declared, &openapi, &spec)?
+            }
+            _ => Vec::new(),
+        };
         Ok(ModuleSchema {
             metadata,
             spec,
             status,
-            versions: Vec::new(),
+            versions,
         })
     }
 
@@ -345,7 +374,7 @@ fn cache_key(digest: &str, input: &Value) -> String {
     format!("{digest}/{}", batch::input_hash(input))
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -435,11 +464,14 @@ fn status_schema(openapi: &Value) -> Result<Value, RenderError> {
     Ok(status)
 }
 
-/// The module's `#Metadata`, from what `cue export ./meta` printed.
-fn parse_metadata(text: &str) -> Result<ModuleMetadata, RenderError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| RenderError::InvalidOutput {
+fn parse_json(text: &str) -> Result<Value, RenderError> {
+    serde_json::from_str(text).map_err(|e| RenderError::InvalidOutput {
         message: format!("cue printed invalid JSON: {e}"),
-    })?;
+    })
+}
+
+/// The module's `#Metadata`, from what `cue export ./meta` printed.
+fn parse_metadata(value: &Value) -> Result<ModuleMetadata, RenderError> {
     serde_json::from_value(value.get("metadata").cloned().unwrap_or(Value::Null)).map_err(|e| {
         RenderError::InvalidModule {
             message: format!("#Metadata: {e}"),

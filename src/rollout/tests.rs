@@ -240,6 +240,7 @@ fn module(digest: &str) -> Module {
         dir: "/".into(),
         has_metadata: false,
         has_status: false,
+        has_versions: false,
     }
 }
 

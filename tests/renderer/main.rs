@@ -11,6 +11,8 @@ use pequod::cue::{CueCli, ModuleFiles, RenderError, Renderer, RendererConfig, re
 use pequod::metrics::Metrics;
 use serde_json::{Value, json};
 
+mod versions;
+
 fn cue_binary() -> PathBuf {
     std::env::var_os("PEQUOD_TEST_CUE")
         .map(PathBuf::from)
