@@ -1,6 +1,7 @@
 //! The subcommands. `crd`, `render` and `schema` need no cluster; `rbac` reads a Transform
 //! and `publish` pushes to a registry.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,6 +187,18 @@ struct Plan {
     /// wait for approval: what the Transform's status would show.
     summary: crate::api::PlanSummary,
     instances: Vec<InstancePlan>,
+    /// A candidate of several versions: each instance's spec in each served version
+    /// (`namespace/name` → version → spec, or the conversion's error).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    versions: BTreeMap<String, BTreeMap<String, SpecInVersion>>,
+}
+
+/// An instance's spec as it reads in one version, or why it cannot be converted.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+enum SpecInVersion {
+    Spec(serde_json::Value),
+    Error(String),
 }
 
 use crate::rollout::plan::InstancePlan;
@@ -211,6 +224,12 @@ pub async fn plan(
     let renderer = renderer(cue)?;
     let candidate = renderer.load(files, &platform).await.map_err(CommandError::new)?;
     let schema = schema_plan(&client, &t, &crd.name, &renderer, &candidate).await?;
+    let candidate_schema = renderer.schema(&candidate).await.map_err(CommandError::new)?;
+    // The candidate renders from its storage version: instances served in another are
+    // converted with the candidate's conversions first, as the apiserver would.
+    let storage = crate::crd::storage_version(&candidate_schema, &t.spec.version);
+    let instances = in_version(&renderer, &candidate, &instances, &resource.version, &storage).await?;
+    let versions = instance_versions(&renderer, &candidate, &candidate_schema, &instances, &storage).await;
     let metrics = Arc::new(Metrics::new().map_err(CommandError::new)?);
     let applier = crate::apply::Applier::new(client.clone(), metrics);
     let tools = crate::controller::fleet_plan::Tools {
@@ -238,6 +257,7 @@ pub async fn plan(
         schema,
         summary: crate::rollout::plan::summarize(&candidate.digest, &plans, &protected),
         instances: plans,
+        versions,
     };
     match format {
         crate::cli::PlanFormat::Json => {
@@ -246,6 +266,91 @@ pub async fn plan(
         crate::cli::PlanFormat::Table => print_plan(&plan),
     }
     Ok(())
+}
+
+/// `instances` (served in `from`) as they read in `to`, converted by `module`.
+async fn in_version(
+    renderer: &Renderer,
+    module: &crate::cue::Module,
+    instances: &[Arc<kube::api::DynamicObject>],
+    from: &str,
+    to: &str,
+) -> Result<Vec<Arc<kube::api::DynamicObject>>, CommandError> {
+    use kube::ResourceExt;
+    if from == to {
+        return Ok(instances.to_vec());
+    }
+    let items: Vec<crate::cue::Conversion> = instances
+        .iter()
+        .map(|i| crate::cue::Conversion {
+            from: from.to_string(),
+            to: to.to_string(),
+            spec: i.data.get("spec").cloned().unwrap_or_default(),
+        })
+        .collect();
+    let converted = renderer.convert(module, &items).await;
+    instances
+        .iter()
+        .zip(converted)
+        .map(|(instance, spec)| {
+            let spec = spec.map_err(|e| {
+                CommandError::new(format!(
+                    "{}/{}: converting from {from} to {to}: {e}",
+                    instance.namespace().unwrap_or_default(),
+                    instance.name_any()
+                ))
+            })?;
+            let mut moved = (**instance).clone();
+            moved.data["spec"] = spec;
+            Ok(Arc::new(moved))
+        })
+        .collect()
+}
+
+/// Each instance (in `storage`) in every other version the candidate serves.
+async fn instance_versions(
+    renderer: &Renderer,
+    module: &crate::cue::Module,
+    schema: &crate::cue::ModuleSchema,
+    instances: &[Arc<kube::api::DynamicObject>],
+    storage: &str,
+) -> BTreeMap<String, BTreeMap<String, SpecInVersion>> {
+    use kube::ResourceExt;
+    let served: Vec<&str> = schema
+        .versions
+        .iter()
+        .filter(|v| v.served && !v.storage)
+        .map(|v| v.name.as_str())
+        .collect();
+    let mut items = Vec::new();
+    for instance in instances {
+        for version in &served {
+            items.push(crate::cue::Conversion {
+                from: storage.to_string(),
+                to: version.to_string(),
+                spec: instance.data.get("spec").cloned().unwrap_or_default(),
+            });
+        }
+    }
+    let mut converted = renderer.convert(module, &items).await.into_iter();
+    let mut out = BTreeMap::new();
+    for instance in instances {
+        let key = format!("{}/{}", instance.namespace().unwrap_or_default(), instance.name_any());
+        let mut by_version = BTreeMap::from([(
+            storage.to_string(),
+            SpecInVersion::Spec(instance.data.get("spec").cloned().unwrap_or_default()),
+        )]);
+        for version in &served {
+            if let Some(result) = converted.next() {
+                let view = result.map_or_else(|e| SpecInVersion::Error(e.to_string()), SpecInVersion::Spec);
+                by_version.insert(version.to_string(), view);
+            }
+        }
+        if !served.is_empty() {
+            out.insert(key, by_version);
+        }
+    }
+    out
 }
 
 /// The kind a Transform serves, as its status records it.
@@ -398,6 +503,19 @@ fn print_plan(plan: &Plan) {
         }
         if p.error.is_none() && p.changes.is_empty() && p.violations.is_empty() {
             println!("{instance:<40} {:<8} {:<40}", "none", "-");
+        }
+    }
+    if !plan.versions.is_empty() {
+        println!();
+        println!("{:<40} {:<10} SPEC", "INSTANCE", "VERSION");
+        for (instance, versions) in &plan.versions {
+            for (version, spec) in versions {
+                let spec = match spec {
+                    SpecInVersion::Spec(spec) => spec.to_string(),
+                    SpecInVersion::Error(e) => format!("fails: {}", e.lines().next().unwrap_or_default()),
+                };
+                println!("{instance:<40} {version:<10} {spec}");
+            }
         }
     }
 }

@@ -80,6 +80,28 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
     apply_instance(&alpha, &format!("{}/v1alpha1", group(&env)), "Web", "old", json!({"image": "nginx", "port": "8080"})).await;
     wait_instance(&alpha, "old", "Ready", "True", "Ready").await;
 
+    // The plan of the new module shows the instance in each version, and changes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.cue"), two_version_web("")).unwrap();
+    let out = std::process::Command::new(support::pequod_binary())
+        .env("KUBECONFIG", &env.kubeconfig)
+        .args(["plan", "--transform", &format!("{}/web", env.namespace), "--module"])
+        .arg(dir.path())
+        .args(["-o", "json", "--cue-binary"])
+        .arg(support::tool("cue", "PEQUOD_TEST_CUE"))
+        .env("PEQUOD_CACHE_DIR", dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let old_key = format!("{}/old", env.namespace);
+    assert_eq!(
+        plan["versions"][&old_key],
+        json!({"v1alpha1": {"spec": {"image": "nginx", "port": "8080"}}, "v1beta1": {"spec": {"image": "nginx", "listenPort": 8080}}}),
+        "{plan}"
+    );
+    assert_eq!(plan["instances"][0]["changes"], json!([]), "the rendered objects stay the same: {plan}");
+
     // v1beta1 added with a renamed field of another type; v1alpha1 deprecated.
     put_module(&env.client, &env.namespace, "web-module", &two_version_web("")).await;
     let t = wait_serving_new_module(&transforms, Some(&digest_of(&first))).await;
