@@ -1,6 +1,7 @@
 //! CUE: running the cue CLI, loading platform modules, extracting schemas and rendering.
 
 pub mod batch;
+pub mod conversion;
 mod embedded;
 pub mod module;
 pub mod process;
