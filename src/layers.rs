@@ -19,7 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["crd", "rollout", "instance_graph", "executor", "source"],
     ),
     ("kube adapters", &["apply", "authority"]),
-    ("process run-time", &["runtime"]),
+    ("process run-time", &["runtime", "conversion"]),
     ("controllers", &["controller"]),
     ("entry points", &["cli", "commands", "operator"]),
 ];

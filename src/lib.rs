@@ -7,6 +7,7 @@ pub mod canonical;
 pub mod cli;
 pub mod commands;
 pub mod controller;
+pub mod conversion;
 pub mod crd;
 pub mod cue;
 pub mod error;

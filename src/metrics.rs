@@ -47,6 +47,10 @@ pub struct Metrics {
     pub reconcile_queue_depth: IntGaugeVec,
     /// How long the longest-waiting of them has waited, per controller (set at each scrape).
     pub reconcile_queue_oldest_wait_seconds: GaugeVec,
+    /// Conversion reviews answered, by result: success, failure or invalid.
+    pub conversion_requests_total: IntCounterVec,
+    /// Objects converted in reviews answered Success.
+    pub conversion_objects_total: IntCounter,
     waiting: Arc<Waiting>,
     /// Every metric above, as registered, for [`Metrics::describe`].
     registered: Arc<Vec<Box<dyn Collector>>>,
@@ -255,6 +259,17 @@ impl Metrics {
                 "Batches of instances a staged rollout started",
                 &["namespace", "transform"],
             )?,
+            conversion_requests_total: counter_vec(
+                r,
+                "pequod_conversion_requests_total",
+                "Conversion reviews answered by the conversion webhook",
+                &["result"],
+            )?,
+            conversion_objects_total: counter(
+                r,
+                "pequod_conversion_objects_total",
+                "Objects converted by the conversion webhook",
+            )?,
             reconcile_queue_depth: gauge_vec(
                 r,
                 "pequod_reconcile_queue_depth",
@@ -420,6 +435,8 @@ mod tests {
         ("pequod_rollout_batches_total", &["namespace", "transform"]),
         ("pequod_reconcile_queue_depth", &["controller"]),
         ("pequod_reconcile_queue_oldest_wait_seconds", &["controller"]),
+        ("pequod_conversion_requests_total", &["result"]),
+        ("pequod_conversion_objects_total", &[]),
     ];
 
     #[test]
@@ -449,6 +466,7 @@ mod tests {
         m.rollout_instances.with_label_values(&["a", "b", "c"]).set(1);
         m.rollout_phase.with_label_values(&["a", "b", "c"]).set(1);
         m.rollout_batches_total.with_label_values(&["a", "b"]).inc();
+        m.conversion_requests_total.with_label_values(&["a"]).inc();
         let queued = m.queued("a");
         m.refresh_queue_ages();
 
