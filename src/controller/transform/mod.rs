@@ -37,6 +37,7 @@ use crate::api::{
     CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus, with_served,
 };
 use crate::authority::{self, TrustedNamespaces};
+use crate::conversion::ConversionWebhook;
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
 use crate::executor::object::contains;
@@ -78,6 +79,9 @@ pub struct Context {
     trusted: TrustedNamespaces,
     /// Whether the manager writes Transforms' RBAC or an administrator does.
     rbac_mode: RbacMode,
+    /// Where generated CRDs send conversions, with the CA bundle that trusts it; None when
+    /// the webhook is disabled (`--webhook-bind-address=0`).
+    pub conversion_webhook: Option<ConversionWebhook>,
 }
 
 super::harness::backoff::controller_context!(Context, reports Transform);
@@ -106,6 +110,7 @@ impl Context {
             workers: super::harness::Workers::default(),
             trusted: TrustedNamespaces::new(Vec::new()),
             rbac_mode: RbacMode::Generate,
+            conversion_webhook: None,
         }
     }
 }
@@ -120,6 +125,12 @@ impl Context {
     /// Who writes Transforms' RBAC (by default the manager).
     pub fn with_rbac_mode(mut self, mode: RbacMode) -> Self {
         self.rbac_mode = mode;
+        self
+    }
+
+    /// The conversion webhook generated CRDs name (by default none).
+    pub fn with_conversion_webhook(mut self, webhook: Option<ConversionWebhook>) -> Self {
+        self.conversion_webhook = webhook;
         self
     }
 }
