@@ -44,6 +44,7 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
             let cp = control_plane::shared();
             let metrics = format!("127.0.0.1:{}", free_port());
             let probes = format!("127.0.0.1:{}", free_port());
+            let webhook = format!("127.0.0.1:{}", free_port());
             let cue = tool("cue", "PEQUOD_TEST_CUE");
             let cache = std::env::temp_dir().join(format!("pequod-test-cache-{}", std::process::id()));
             let registries = remote::shared_registries();
@@ -62,6 +63,9 @@ pub async fn operator(client: &Client) -> &'static OperatorEndpoints {
                 "--module-poll-interval=3".to_string(),
                 format!("--metrics-bind-address={metrics}"),
                 format!("--health-probe-bind-address={probes}"),
+                // The apiserver of the test control plane runs on this host.
+                format!("--webhook-bind-address={webhook}"),
+                format!("--webhook-url=https://{webhook}"),
                 "--zap-log-level=debug".to_string(),
                 // Test namespaces are made per test: trust them all (the default trusts only
                 // the operator's own namespace; tests/e2e_restart covers it).
@@ -388,7 +392,7 @@ impl OperatorProcess {
     }
 
     fn spawn(kubeconfig: &Path, cue: &Path, extra: &[&str], launch: &Launch) -> Self {
-        let (metrics_port, probes_port) = (free_port(), free_port());
+        let (metrics_port, probes_port, webhook_port) = (free_port(), free_port(), free_port());
         let metrics = format!("127.0.0.1:{metrics_port}");
         let probes = format!("127.0.0.1:{probes_port}");
         let (metrics_flag, probes_flag) = if launch.all_interfaces {
@@ -409,6 +413,8 @@ impl OperatorProcess {
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .arg(format!("--metrics-bind-address={metrics_flag}"))
             .arg(format!("--health-probe-bind-address={probes_flag}"))
+            .arg(format!("--webhook-bind-address=127.0.0.1:{webhook_port}"))
+            .arg(format!("--webhook-url=https://127.0.0.1:{webhook_port}"))
             .arg("--cue-binary")
             .arg(cue)
             .args(extra)

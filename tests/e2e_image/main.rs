@@ -297,7 +297,8 @@ async fn the_image_runs_as_65532_from_its_own_root_and_serves_modules_over_ssh_a
     run(Command::new("chown")
         .args(["65532:65532"])
         .arg(rootfs.join("tmp/kubeconfig")));
-    let (metrics, probes) = (
+    let (metrics, probes, webhook) = (
+        format!("127.0.0.1:{}", support::free_port()),
         format!("127.0.0.1:{}", support::free_port()),
         format!("127.0.0.1:{}", support::free_port()),
     );
@@ -316,6 +317,8 @@ async fn the_image_runs_as_65532_from_its_own_root_and_serves_modules_over_ssh_a
         format!("--metrics-bind-address={metrics}"),
         "--metrics-secure".into(),
         format!("--health-probe-bind-address={probes}"),
+        format!("--webhook-bind-address={webhook}"),
+        format!("--webhook-url=https://{webhook}"),
         "--generate-rbac=false".into(),
         format!("--trusted-transform-namespaces={}", env.namespace),
         "--zap-log-level=debug".into(),

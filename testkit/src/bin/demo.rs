@@ -34,6 +34,7 @@ async fn main() {
 
     let metrics = format!("127.0.0.1:{}", support::free_port());
     let probes = format!("127.0.0.1:{}", support::free_port());
+    let webhook = format!("127.0.0.1:{}", support::free_port());
     let mut operator = Command::new(support::pequod_binary())
         .env("KUBECONFIG", &env.kubeconfig)
         .args([
@@ -41,6 +42,10 @@ async fn main() {
             &metrics,
             "--health-probe-bind-address",
             &probes,
+            "--webhook-bind-address",
+            &webhook,
+            "--webhook-url",
+            &format!("https://{webhook}"),
             "--zap-encoder=console",
         ])
         .arg("--cue-binary")
