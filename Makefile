@@ -91,7 +91,8 @@ uninstall: tools ## Remove the CRDs (and with them every Transform and ResourceG
 
 .PHONY: run
 run: tools ## Run the operator locally against the current kubeconfig.
-	$(CARGO) run --locked -- --zap-encoder=console --cue-binary=$(CUE) --metrics-bind-address=127.0.0.1:8443 --health-probe-bind-address=127.0.0.1:8081
+	$(CARGO) run --locked -- --zap-encoder=console --cue-binary=$(CUE) --metrics-bind-address=127.0.0.1:8443 --health-probe-bind-address=127.0.0.1:8081 \
+		--webhook-bind-address=127.0.0.1:9443 --webhook-url=https://127.0.0.1:9443
 
 .PHONY: deploy
 deploy: tools ## Deploy the operator with image IMG (default pequod:latest).

@@ -206,6 +206,27 @@ pub struct RunArgs {
     #[arg(long, env = "PEQUOD_HEALTH_PROBE_BIND_ADDRESS", default_value = ":8081")]
     pub health_probe_bind_address: BindAddress,
 
+    /// Address of the conversion webhook (HTTPS), which converts instances between the
+    /// versions of modules that declare several (`:9443`, `127.0.0.1:9443`, or `0` to disable
+    /// it: Transforms whose module declares several versions are then refused).
+    #[arg(long, env = "PEQUOD_WEBHOOK_BIND_ADDRESS", default_value = ":9443")]
+    pub webhook_bind_address: BindAddress,
+
+    /// The Service, in the operator's namespace, through which the apiserver reaches the
+    /// conversion webhook (on port 443).
+    #[arg(long, env = "PEQUOD_WEBHOOK_SERVICE", default_value = crate::api::names::WEBHOOK_SERVICE, value_parser = dns_label)]
+    pub webhook_service: String,
+
+    /// `https://HOST[:PORT]` at which the apiserver reaches the conversion webhook instead of
+    /// the Service: for an operator running outside the cluster (`make run`).
+    #[arg(long, env = "PEQUOD_WEBHOOK_URL")]
+    pub webhook_url: Option<crate::conversion::WebhookUrl>,
+
+    /// Seconds the conversion webhook's serving certificate is valid; it is re-issued when a
+    /// third of that is left.
+    #[arg(long, env = "PEQUOD_WEBHOOK_CERT_VALIDITY", default_value_t = DEFAULT_WEBHOOK_CERT_VALIDITY, value_parser = clap::value_parser!(u64).range(60..=MAX_WEBHOOK_CERT_VALIDITY))]
+    pub webhook_cert_validity: u64,
+
     /// Elect a leader through a Lease so that only one replica reconciles.
     #[arg(long, env = "PEQUOD_LEADER_ELECT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub leader_elect: bool,
@@ -290,6 +311,27 @@ impl CueArgs {
             self.cue_max_processes.into(),
         )
         .with_memory_limit(self.cue_memory_limit_mb * 1024 * 1024)
+    }
+}
+
+/// Default `--webhook-cert-validity`: 90 days.
+const DEFAULT_WEBHOOK_CERT_VALIDITY: u64 = crate::conversion::certificate::DEFAULT_SERVING_VALIDITY.as_secs();
+/// Longest `--webhook-cert-validity`: 5 years, half the CA's life.
+const MAX_WEBHOOK_CERT_VALIDITY: u64 = 5 * 365 * 24 * 3600;
+
+/// A Service name: a DNS label (RFC 1035), as the apiserver requires.
+fn dns_label(value: &str) -> Result<String, String> {
+    let valid = !value.is_empty()
+        && value.len() <= 63
+        && value.starts_with(|c: char| c.is_ascii_lowercase())
+        && !value.ends_with('-')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(value.to_string())
+    } else {
+        Err(format!("{value:?} is not a Service name (a DNS label)"))
     }
 }
 
@@ -421,6 +463,10 @@ mod tests {
         assert_eq!(cli.run.metrics_bind_address, BindAddress::AllInterfaces(8443));
         assert_eq!(cli.run.health_probe_bind_address, BindAddress::AllInterfaces(8081));
         assert_eq!(cli.run.metrics_bind_address.to_string(), ":8443");
+        assert_eq!(cli.run.webhook_bind_address, BindAddress::AllInterfaces(9443));
+        assert_eq!(cli.run.webhook_service, "pequod-webhook-service");
+        assert_eq!(cli.run.webhook_url, None);
+        assert_eq!(cli.run.webhook_cert_validity, 90 * 24 * 3600);
         assert!(!cli.run.leader_elect);
         assert_eq!(cli.run.zap_log_level, LogLevel::Info);
         assert_eq!(cli.run.zap_encoder, LogEncoder::Json);
@@ -464,6 +510,30 @@ mod tests {
         assert_eq!(parse("[::]:8081").unwrap().to_string(), "[::]:8081");
         for bad in ["nonsense", ":", ":http", ":65536", "localhost:80", "::1:80", "8443"] {
             assert!(parse(bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn webhook_flags_parse_and_bad_ones_are_refused() {
+        let cli = Cli::try_parse_from([
+            "pequod",
+            "--webhook-bind-address=0",
+            "--webhook-service=my-hook",
+            "--webhook-url=https://127.0.0.1:9443",
+            "--webhook-cert-validity=60",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.webhook_bind_address, BindAddress::Disabled);
+        assert_eq!(cli.run.webhook_service, "my-hook");
+        assert_eq!(cli.run.webhook_url.unwrap().base, "https://127.0.0.1:9443");
+        assert_eq!(cli.run.webhook_cert_validity, 60);
+        for bad in [
+            "--webhook-cert-validity=59",
+            "--webhook-url=http://127.0.0.1:9443",
+            "--webhook-service=My_Hook",
+            "--webhook-service=hook.example",
+        ] {
+            assert!(Cli::try_parse_from(["pequod", bad]).is_err(), "{bad} must be refused");
         }
     }
 

@@ -661,7 +661,7 @@ pub async fn schema(
         namespace: "pequod-system".into(),
         name: "pequod-webhook-service".into(),
     };
-    let path = crate::controller::transform::conversion_path("default", transform_name, &module.digest);
+    let path = crate::conversion::conversion_path("default", transform_name, &module.digest);
     let crd = build_crd(
         &names,
         &schema,

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub reconcile_queue_depth: IntGaugeVec,
     /// How long the longest-waiting of them has waited, per controller (set at each scrape).
     pub reconcile_queue_oldest_wait_seconds: GaugeVec,
+    /// Conversion reviews answered, by result: success, failure or invalid.
+    pub conversion_requests_total: IntCounterVec,
+    /// Objects converted in reviews answered Success.
+    pub conversion_objects_total: IntCounter,
     waiting: Arc<Waiting>,
     /// Every metric above, as registered, for [`Metrics::describe`].
     registered: Arc<Vec<Box<dyn Collector>>>,
@@ -280,6 +284,17 @@ impl Metrics {
                 "Instances a storage migration has still to rewrite",
                 &["namespace", "transform"],
             )?,
+            conversion_requests_total: counter_vec(
+                r,
+                "pequod_conversion_requests_total",
+                "Conversion reviews answered by the conversion webhook",
+                &["result"],
+            )?,
+            conversion_objects_total: counter(
+                r,
+                "pequod_conversion_objects_total",
+                "Objects converted by the conversion webhook",
+            )?,
             reconcile_queue_depth: gauge_vec(
                 r,
                 "pequod_reconcile_queue_depth",
@@ -448,6 +463,8 @@ mod tests {
         ("pequod_storage_migration_remaining", &["namespace", "transform"]),
         ("pequod_reconcile_queue_depth", &["controller"]),
         ("pequod_reconcile_queue_oldest_wait_seconds", &["controller"]),
+        ("pequod_conversion_requests_total", &["result"]),
+        ("pequod_conversion_objects_total", &[]),
     ];
 
     #[test]
@@ -480,6 +497,7 @@ mod tests {
         m.rollout_batches_total.with_label_values(&["a", "b"]).inc();
         m.storage_migration_objects_total.with_label_values(&["a", "b"]).inc();
         m.storage_migration_remaining.with_label_values(&["a", "b"]).set(1);
+        m.conversion_requests_total.with_label_values(&["a"]).inc();
         let queued = m.queued("a");
         m.refresh_queue_ages();
 

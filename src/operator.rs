@@ -1,4 +1,5 @@
-//! Run mode: wires the servers, health checks and controllers together until shutdown.
+//! Run mode: wires the servers, health checks, conversion webhook and controllers together
+//! until shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,9 @@ use crate::cli::RunArgs;
 use crate::controller::instance::{self, Supervisor};
 use crate::controller::watches::ObjectWatches;
 use crate::controller::{resourcegraph, transform};
+use crate::conversion::certificate::{self, CertResolver, CertificateStore};
+use crate::conversion::webhook::{self, ModuleConverter, Webhook};
+use crate::conversion::{ConversionWebhook, WebhookEndpoint};
 use crate::cue::{CueCli, Renderer, RendererConfig};
 use crate::executor::proof::GraphKey;
 use crate::metrics::Metrics;
@@ -34,8 +38,9 @@ const KEY_RETRY_MAX: Duration = Duration::from_secs(30);
 /// The readiness check that waits for the graph-signing key.
 const KEY_CHECK: &str = "graph-signing-key";
 
-/// Runs the operator until a shutdown signal: servers and health first, then, as the leader
-/// and once the graph-signing key is loaded, the controllers.
+/// Runs the operator until a shutdown signal: servers, health and the conversion webhook
+/// first (on every replica), then, as the leader and once the graph-signing key is loaded,
+/// the controllers.
 pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let timing = leader_timing(&args)?;
     crate::graph::reference::mark_sensitive(args.sensitive_kinds.clone());
@@ -53,6 +58,11 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
 
     let cue = args.cue.runner().with_metrics(metrics.clone());
     tasks.spawn(check_cue_binary(cue.clone(), health.clone(), shutdown.clone()));
+    // One renderer and one fetcher, shared by the webhook and the controllers.
+    let renderer = Renderer::new(cue, RendererConfig::new(&args.cue.cache_dir), metrics.clone());
+    let fetcher = fetcher(&args, &client, &metrics);
+    let converter = ModuleConverter::new(client.clone(), renderer.clone(), own_namespace());
+    let webhook = serve_webhook(&args, converter, &client, &metrics, &health, &shutdown, &mut tasks)?;
 
     let controllers_done = Shutdown::new();
     match acquire_leadership(&args, &client, timing, &shutdown).await {
@@ -73,8 +83,11 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         metrics,
         health,
         shutdown: shutdown.clone(),
+        renderer,
+        fetcher,
+        webhook,
     };
-    start_controllers(&wiring, cue, &mut tasks);
+    start_controllers(&wiring, &mut tasks);
 
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "pequod started");
     shutdown.wait().await;
@@ -162,6 +175,51 @@ fn serve_probes(
     Ok(())
 }
 
+/// Serves the conversion webhook, on every replica, with its certificate kept current from its
+/// Secret. Returns what generated CRDs need to name it; None when it is disabled.
+fn serve_webhook(
+    args: &RunArgs,
+    converter: ModuleConverter,
+    client: &Client,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    shutdown: &Shutdown,
+    tasks: &mut Tasks,
+) -> Result<Option<ConversionWebhook>, StartupError> {
+    let addr = args.webhook_bind_address;
+    let Some(listener) = server::listen(addr).map_err(|source| StartupError::Bind { addr, source })? else {
+        tracing::info!("conversion webhook disabled: Transforms whose module declares several versions are refused");
+        return Ok(None);
+    };
+    let namespace = own_namespace();
+    let names = certificate::wanted_names(&args.webhook_service, &namespace, args.webhook_url.as_ref());
+    let validity = Duration::from_secs(args.webhook_cert_validity);
+    let store = CertificateStore::new(client.clone(), &namespace, names, validity);
+    let resolver = Arc::new(CertResolver::default());
+    let (ca_sender, ca_bundle) = tokio::sync::watch::channel(None);
+    health.register(Probe::Readiness, certificate::READINESS_CHECK, "not loaded yet");
+    let (h, s, r) = (health.clone(), shutdown.clone(), resolver.clone());
+    tasks.spawn(async move {
+        certificate::keep_current(store, r, ca_sender, h, s).await;
+        Ok(())
+    });
+
+    let tls = webhook::tls_config(resolver).map_err(StartupError::Webhook)?;
+    let router = webhook::router(Arc::new(Webhook::new(converter, metrics.clone())));
+    tracing::info!(%addr, "serving the conversion webhook over HTTPS");
+    let serve = secure::serve_tls(listener, router, tls, shutdown.clone());
+    tasks.spawn(async move { serve.await.map_err(StartupError::Server) });
+
+    let endpoint = match &args.webhook_url {
+        Some(url) => WebhookEndpoint::Url(url.base.clone()),
+        None => WebhookEndpoint::Service {
+            namespace,
+            name: args.webhook_service.clone(),
+        },
+    };
+    Ok(Some(ConversionWebhook { endpoint, ca_bundle }))
+}
+
 /// Whether this replica may reconcile.
 enum Leadership {
     /// No leader election (`--leader-elect=false`): it reconciles.
@@ -214,15 +272,19 @@ struct Wiring<'a> {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: Shutdown,
+    renderer: Renderer,
+    fetcher: Fetcher,
+    /// None when the conversion webhook is disabled.
+    webhook: Option<ConversionWebhook>,
 }
 
 /// Starts the ResourceGraph and Transform controllers (the latter serves each kind's
 /// instances through the supervisor), sharing one applier, renderer and set of watches.
-fn start_controllers(w: &Wiring<'_>, cue: CueCli, tasks: &mut Tasks) {
+fn start_controllers(w: &Wiring<'_>, tasks: &mut Tasks) {
     let (watches, triggers) = ObjectWatches::new(w.client.clone(), w.shutdown.clone());
     let recorder = event_recorder(&w.client);
     let applier = Applier::new(w.client.clone(), w.metrics.clone()).with_impersonation(w.config.clone());
-    let renderer = Renderer::new(cue, RendererConfig::new(&w.args.cue.cache_dir), w.metrics.clone());
+    let renderer = w.renderer.clone();
 
     let graphs = resourcegraph::Context::new(
         w.client.clone(),
@@ -252,7 +314,7 @@ fn start_controllers(w: &Wiring<'_>, cue: CueCli, tasks: &mut Tasks) {
     let transforms = Arc::new(
         transform::Context::new(
             w.client.clone(),
-            fetcher(w),
+            w.fetcher.clone(),
             renderer,
             recorder,
             w.metrics.clone(),
@@ -264,7 +326,8 @@ fn start_controllers(w: &Wiring<'_>, cue: CueCli, tasks: &mut Tasks) {
             RbacMode::Generate
         } else {
             RbacMode::External
-        }),
+        })
+        .with_conversion_webhook(w.webhook.clone()),
     );
     let (h, s, n) = (w.health.clone(), w.shutdown.clone(), w.args.max_concurrent_reconciles);
     tasks.spawn(async move {
@@ -303,12 +366,12 @@ fn event_recorder(client: &Client) -> Recorder {
 }
 
 /// The module fetcher, as the source flags say.
-fn fetcher(w: &Wiring<'_>) -> Fetcher {
-    let sources = &w.args.sources;
+fn fetcher(args: &RunArgs, client: &Client, metrics: &Arc<Metrics>) -> Fetcher {
+    let sources = &args.sources;
     Fetcher::new(
-        w.client.clone(),
+        client.clone(),
         FetcherConfig {
-            cache_dir: w.args.cue.cache_dir.clone(),
+            cache_dir: args.cue.cache_dir.clone(),
             max_cache_bytes: sources.cache_size_mb.saturating_mul(1024 * 1024),
             resolution_ttl: Duration::from_secs(sources.cache_ttl_hours * 3600),
             git_binary: sources.git_binary.clone(),
@@ -317,7 +380,7 @@ fn fetcher(w: &Wiring<'_>) -> Fetcher {
             timeout: Duration::from_secs(sources.fetch_timeout),
             poll_interval: Duration::from_secs(sources.module_poll_interval),
         },
-        w.metrics.clone(),
+        metrics.clone(),
     )
 }
 

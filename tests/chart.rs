@@ -252,6 +252,38 @@ fn chart_monitoring_renders_config_prometheus() {
     assert_same(&kustomized, &rendered);
 }
 
+/// The conversion webhook's Service sends port 443 to the manager's port `webhook` (9443, the
+/// default `--webhook-bind-address`), under the name the operator's `--webhook-service`
+/// defaults to, in both installations.
+fn assert_webhook_service(objects: &BTreeMap<(String, String), Value>, what: &str) {
+    let service = &objects[&("Service".to_string(), "pequod-webhook-service".to_string())];
+    assert_eq!(service["metadata"]["namespace"], NAMESPACE, "{what}");
+    let port = &service["spec"]["ports"][0];
+    assert_eq!(port["port"], 443, "{what}: the port CRDs name");
+    assert_eq!(port["targetPort"], "webhook", "{what}");
+    let deployment = &objects[&("Deployment".to_string(), "pequod-controller-manager".to_string())];
+    let pod = &deployment["spec"]["template"];
+    for (label, value) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(
+            &pod["metadata"]["labels"][label], value,
+            "{what}: the Service selects the manager"
+        );
+    }
+    let ports = pod["spec"]["containers"][0]["ports"].as_array().unwrap();
+    let webhook = ports
+        .iter()
+        .find(|p| p["name"] == "webhook")
+        .expect("a port named webhook");
+    assert_eq!(webhook["containerPort"], 9443, "{what}");
+}
+
+#[test]
+fn both_installations_serve_the_conversion_webhook() {
+    assert_webhook_service(&kustomize("config/default"), "config/default");
+    assert_webhook_service(&helm(&[]), "the chart");
+    assert_webhook_service(&helm(&["rbac.restricted=true"]), "the restricted chart");
+}
+
 #[test]
 fn chart_values_reach_the_manager() {
     let objects = helm(&[

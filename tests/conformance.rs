@@ -423,8 +423,8 @@ fn spec_installation_names_ports_and_probes_are_the_manifests() {
         .collect();
     assert_eq!(
         ports,
-        BTreeSet::from([8081, 8443]),
-        "ports :8443 (metrics) and :8081 (probes)"
+        BTreeSet::from([8081, 8443, 9443]),
+        "ports :8443 (metrics), :8081 (probes) and :9443 (the conversion webhook, beyond the spec)"
     );
     let args: Vec<&str> = container["args"]
         .as_array()

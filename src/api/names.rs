@@ -1,5 +1,5 @@
 //! Every well-known name Pequod writes into the cluster: labels, annotations, finalizers, field
-//! managers and Secrets. They are part of Pequod's public surface (docs/operations.md lists
+//! managers, Secrets and Services. They are part of Pequod's public surface (docs/operations.md lists
 //! them); changing one is a breaking change.
 
 // Labels.
@@ -93,3 +93,10 @@ pub const STORAGE_MIGRATION_MANAGER: &str = "pequod-storage-migration";
 
 /// The graph-signing key, in the operator's namespace.
 pub const SIGNING_KEY_SECRET: &str = "pequod-graph-signing-key";
+/// The conversion webhook's CA and serving certificate, in the operator's namespace.
+pub const WEBHOOK_TLS_SECRET: &str = "pequod-webhook-tls";
+
+// Services.
+
+/// The conversion webhook's Service in the operator's namespace (`--webhook-service`).
+pub const WEBHOOK_SERVICE: &str = "pequod-webhook-service";

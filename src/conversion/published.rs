@@ -177,10 +177,19 @@ pub async fn unpublish(
     Ok(())
 }
 
-/// The published module of `digest`, if there is one.
-pub async fn read(client: &Client, namespace: &str, digest: &str) -> Result<Option<ModuleFiles>, PublishError> {
+/// The module of `digest` published for `transform` (namespace, name), if there is one.
+pub async fn read(
+    client: &Client,
+    namespace: &str,
+    digest: &str,
+    transform: (&str, &str),
+) -> Result<Option<ModuleFiles>, PublishError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    match api.get_opt(&config_map_name(digest)).await? {
+    let published = api
+        .get_opt(&config_map_name(digest))
+        .await?
+        .filter(|cm| cm.labels().get(TRANSFORM_LABEL) == Some(&transform_label(transform.0, transform.1)));
+    match published {
         Some(cm) => from_config_map(&cm, digest).map(Some),
         None => Ok(None),
     }

@@ -99,7 +99,8 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "pequod".to_string())
 }
 
-/// Serves `router` over TLS on `listener` until shutdown.
+/// Serves `router` over TLS on `listener` until shutdown (secure metrics, and the conversion
+/// webhook).
 pub async fn serve_tls(
     listener: TcpListener,
     router: Router,
@@ -113,7 +114,7 @@ pub async fn serve_tls(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accepting a metrics connection failed");
+                    tracing::warn!(error = %e, "accepting a connection failed");
                     continue;
                 }
             },
@@ -140,7 +141,7 @@ pub async fn serve_tls(
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await
             {
-                tracing::debug!(error = %e, "metrics connection ended with an error");
+                tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }

@@ -16,6 +16,8 @@ pub enum StartupError {
     InvalidFlags(&'static str),
     #[error("secure metrics: {0}")]
     Tls(#[from] super::secure::TlsError),
+    #[error("conversion webhook: {0}")]
+    Webhook(String),
     #[error("HTTP server failed: {0}")]
     Server(#[source] std::io::Error),
 }

@@ -167,12 +167,14 @@ impl FetcherConfig {
     }
 }
 
-/// Fetches modules for the Transform controller. Shared by all reconciles.
+/// Fetches modules for the Transform controller and the conversion webhook. Cheap to clone:
+/// clones share the cache and the circuit breakers.
+#[derive(Clone)]
 pub struct Fetcher {
     client: Client,
     poll_interval: Duration,
-    cache: ModuleCache,
-    breakers: Breakers,
+    cache: Arc<ModuleCache>,
+    breakers: Arc<Breakers>,
     git: Git,
     registries: Registries,
     policy: policy::SourcePolicy,
@@ -229,8 +231,13 @@ impl Fetcher {
             client,
             policy,
             poll_interval: config.poll_interval,
-            cache: ModuleCache::open(&root, config.max_cache_bytes, config.resolution_ttl, metrics),
-            breakers: Breakers::default(),
+            cache: Arc::new(ModuleCache::open(
+                &root,
+                config.max_cache_bytes,
+                config.resolution_ttl,
+                metrics,
+            )),
+            breakers: Arc::default(),
             git: Git {
                 binary: config.git_binary,
                 work_root: root.join("work"),

@@ -297,7 +297,8 @@ async fn the_image_runs_as_65532_from_its_own_root_and_serves_modules_over_ssh_a
     run(Command::new("chown")
         .args(["65532:65532"])
         .arg(rootfs.join("tmp/kubeconfig")));
-    let (metrics, probes) = (
+    let (metrics, probes, webhook) = (
+        format!("127.0.0.1:{}", support::free_port()),
         format!("127.0.0.1:{}", support::free_port()),
         format!("127.0.0.1:{}", support::free_port()),
     );
@@ -312,7 +313,6 @@ async fn the_image_runs_as_65532_from_its_own_root_and_serves_modules_over_ssh_a
         rootfs.display().to_string(),
     ]);
     args.extend(definition.entrypoint.iter().cloned());
-    let webhook = format!("127.0.0.1:{}", support::free_port());
     args.extend([
         format!("--metrics-bind-address={metrics}"),
         "--metrics-secure".into(),

@@ -31,8 +31,6 @@ use serde_json::json;
 mod status;
 mod versions;
 
-pub use versions::{ConversionWebhook, conversion_path};
-
 use super::harness::{Error, StatusMemory};
 use super::instance::{ServeSpec, Supervisor, TransformKey};
 use super::rollout_driver::RolloutOrder;
@@ -40,6 +38,7 @@ use crate::api::{
     CueRefType, GeneratedCrd, GeneratedRbac, RbacScope, Transform, TransformPhase, TransformStatus, with_served,
 };
 use crate::authority::{self, TrustedNamespaces};
+use crate::conversion::ConversionWebhook;
 use crate::crd::{self, CrdParams, KindNames, compat, reserved};
 use crate::cue::Renderer;
 use crate::executor::object::contains;
@@ -81,8 +80,9 @@ pub struct Context {
     trusted: TrustedNamespaces,
     /// Whether the manager writes Transforms' RBAC or an administrator does.
     rbac_mode: RbacMode,
-    /// The webhook the apiserver converts a kind's versions through; none when disabled.
-    conversion: Option<ConversionWebhook>,
+    /// Where generated CRDs send conversions, with the CA bundle that trusts it; None when
+    /// the webhook is disabled (`--webhook-bind-address=0`).
+    pub conversion_webhook: Option<ConversionWebhook>,
 }
 
 super::harness::backoff::controller_context!(Context, reports Transform);
@@ -111,7 +111,7 @@ impl Context {
             workers: super::harness::Workers::default(),
             trusted: TrustedNamespaces::new(Vec::new()),
             rbac_mode: RbacMode::Generate,
-            conversion: None,
+            conversion_webhook: None,
         }
     }
 }
@@ -129,9 +129,9 @@ impl Context {
         self
     }
 
-    /// Serves modules of several versions through `webhook` (by default they are refused).
+    /// The conversion webhook generated CRDs name (by default none).
     pub fn with_conversion_webhook(mut self, webhook: Option<ConversionWebhook>) -> Self {
-        self.conversion = webhook;
+        self.conversion_webhook = webhook;
         self
     }
 }

@@ -15,7 +15,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::json;
-use tokio::sync::watch;
 
 use super::status::TransformStop;
 use super::{Context, StatusUpdate};
@@ -24,7 +23,7 @@ use crate::api::names::STORAGE_MIGRATION_MANAGER;
 use crate::api::{
     RbacScope, StorageMigration, StorageMigrationPhase, Transform, TransformStatus, VersionStatus, reasons,
 };
-use crate::conversion::{WebhookEndpoint, published};
+use crate::conversion::published;
 use crate::crd::CrdError;
 use crate::cue::{Module, ModuleFiles, ModuleSchema};
 use crate::error::ErrorCategory;
@@ -41,21 +40,6 @@ const MIGRATION_NEXT_CHUNK: Duration = Duration::from_millis(100);
 /// Failing instances a refused round trip names.
 const MAX_NAMED: usize = 10;
 
-/// Where the apiserver sends conversion reviews, and the CA that signs the webhook's
-/// certificate (known once the certificate Secret is loaded).
-#[derive(Clone)]
-pub struct ConversionWebhook {
-    pub endpoint: WebhookEndpoint,
-    pub ca_bundle: watch::Receiver<Option<String>>,
-}
-
-/// The path of a Transform's conversions: the module digest in it tells every replica which
-/// module converts, and changes the CRD when the module does.
-pub fn conversion_path(namespace: &str, transform: &str, digest: &str) -> String {
-    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    format!("/convert/{namespace}/{transform}/{hex}")
-}
-
 /// The webhook client config of `t`'s CRD: none for a kind of one version; refused when the
 /// module's versions cannot be served; waiting while the webhook's CA is not known yet. The
 /// module is published for every replica's webhook before any CRD names it.
@@ -66,7 +50,7 @@ pub(super) async fn conversion_config(
     (module, schema, files): (&Module, &ModuleSchema, &ModuleFiles),
     settled: &Action,
 ) -> Result<Option<WebhookClientConfig>, TransformStop> {
-    let webhook = ctx.conversion.as_ref();
+    let webhook = ctx.conversion_webhook.as_ref();
     crate::crd::check_versions(schema, &t.spec.version, webhook.is_some()).map_err(|e: CrdError| {
         TransformStop::failed(
             CRD_GENERATED,
@@ -79,10 +63,11 @@ pub(super) async fn conversion_config(
     let Some(webhook) = webhook.filter(|_| schema.versions.len() > 1) else {
         return Ok(None);
     };
-    let Some(ca) = webhook.ca_bundle.borrow().clone() else {
+    let namespace = t.namespace().unwrap_or_default();
+    let Some(client_config) = webhook.client_config(&namespace, &t.name_any(), &module.digest) else {
+        // The webhook's certificate Secret is not read yet.
         return Err(TransformStop::Waiting(Action::requeue(Duration::from_secs(2))));
     };
-    let namespace = t.namespace().unwrap_or_default();
     // The module the CRD names until the new one is written keeps being published.
     let previous: Vec<String> = update.old.resolved_cue_ref.iter().map(|r| r.digest.clone()).collect();
     match published::publish(&ctx.client, &ctx.manager.namespace, files, (&namespace, &t.name_any()), &previous).await {
@@ -98,8 +83,7 @@ pub(super) async fn conversion_config(
             ));
         }
     }
-    let path = conversion_path(&namespace, &t.name_any(), &module.digest);
-    Ok(Some(webhook.endpoint.client_config(&path, &ca)))
+    Ok(Some(client_config))
 }
 
 /// The kind `crd` serves, in `version`.
@@ -502,13 +486,5 @@ mod tests {
         assert_eq!(last_written_version(&fields[..1], "apps.example.com").as_deref(), Some("v1alpha1"));
         assert_eq!(last_written_version(&fields[2..], "apps.example.com"), None);
         assert_eq!(last_written_version(&fields[..1], "other.example.com"), None);
-    }
-
-    #[test]
-    fn the_conversion_path_names_the_transform_and_module() {
-        assert_eq!(
-            conversion_path("platform", "web", "sha256:abc"),
-            "/convert/platform/web/abc"
-        );
     }
 }
