@@ -86,6 +86,8 @@ pub const INSTANCE_MANAGER: &str = "pequod-instance";
 pub const GRAPH_STATUS_MANAGER: &str = "pequod-resourcegraph";
 /// The rollout's part of a Transform's status (`status.rollout`, `RolledOut`).
 pub const ROLLOUT_STATUS_MANAGER: &str = "pequod-rollout";
+/// Field manager of the finalizers Pequod adds and removes.
+pub const FINALIZER_MANAGER: &str = "pequod-finalizer";
 /// Field manager of the rewrites that move stored instances into a new storage version.
 pub const STORAGE_MIGRATION_MANAGER: &str = "pequod-storage-migration";
 

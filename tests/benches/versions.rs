@@ -59,7 +59,7 @@ async fn main() {
         &transforms,
         "web",
         json!({"cueRef": {"type": "configmap", "ref": "web-module"}, "group": group, "version": "v1alpha1",
-               "managedResources": [{"apiVersion": "v1", "kind": "ConfigMap"}]}),
+               "managedResources": [{"resources": ["configmaps"]}]}),
     )
     .await;
     support::wait_transform_ready(&transforms, "web").await;

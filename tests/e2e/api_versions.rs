@@ -27,7 +27,7 @@ async fn web_transform(env: &support::TestEnv, transforms: &Api<pequod::api::Tra
             "cueRef": {"type": "configmap", "ref": "web-module"},
             "group": group(env),
             "version": version,
-            "managedResources": [{"apiVersion": "v1", "kind": "ConfigMap"}],
+            "managedResources": [{"resources": ["configmaps"]}],
         }),
     )
     .await;

@@ -25,7 +25,7 @@ async fn web_transform(env: &support::TestEnv) -> Api<Transform> {
             "cueRef": {"type": "configmap", "ref": "web-module"},
             "group": group(env),
             "version": "v1alpha1",
-            "managedResources": [{"apiVersion": "v1", "kind": "ConfigMap"}],
+            "managedResources": [{"resources": ["configmaps"]}],
         }),
     )
     .await;

@@ -15,6 +15,14 @@ where
     }
 }
 
+/// Finalizer patches are Pequod's, named so in the object's `managedFields`.
+fn finalizer_params() -> kube::api::PatchParams {
+    kube::api::PatchParams {
+        field_manager: Some(crate::api::names::FINALIZER_MANAGER.to_string()),
+        ..Default::default()
+    }
+}
+
 /// Adds `finalizer` to `obj`. The resourceVersion makes the patch fail rather than race
 /// another writer of the list.
 pub async fn add_finalizer<K>(api: &kube::Api<K>, obj: &K, finalizer: &str) -> Result<K, Error>
@@ -32,7 +40,7 @@ where
     Ok(api
         .patch(
             &obj.name_any(),
-            &kube::api::PatchParams::default(),
+            &finalizer_params(),
             &kube::api::Patch::Merge(patch),
         )
         .await?)
@@ -49,7 +57,7 @@ where
     match api
         .patch(
             &obj.name_any(),
-            &kube::api::PatchParams::default(),
+            &finalizer_params(),
             &kube::api::Patch::Merge(patch),
         )
         .await

@@ -19,7 +19,7 @@ use serde_json::json;
 use super::status::TransformStop;
 use super::{Context, StatusUpdate};
 use crate::api::condition_types::{CRD_GENERATED, SCHEMA_COMPATIBLE};
-use crate::api::names::STORAGE_MIGRATION_MANAGER;
+use crate::api::names::{FINALIZER_MANAGER, INSTANCE_MANAGER, STORAGE_MIGRATION_MANAGER};
 use crate::api::{
     RbacScope, StorageMigration, StorageMigrationPhase, Transform, TransformStatus, VersionStatus, reasons,
 };
@@ -391,13 +391,17 @@ fn version_statuses(
         .collect()
 }
 
+/// The field managers Pequod writes instances with.
+const PEQUOD_INSTANCE_WRITERS: &[&str] = &[INSTANCE_MANAGER, FINALIZER_MANAGER, STORAGE_MIGRATION_MANAGER];
+
 /// The version an instance's spec was last written in by its authors: the apiVersion of the
-/// newest write to the object itself (not its status) by anyone but Pequod.
+/// newest write that owns spec fields, by anyone but Pequod.
 pub(super) fn last_written_version(fields: &[ManagedFieldsEntry], group: &str) -> Option<String> {
     fields
         .iter()
         .filter(|f| f.subresource.as_deref().unwrap_or_default().is_empty())
-        .filter(|f| !f.manager.as_deref().unwrap_or_default().starts_with("pequod"))
+        .filter(|f| f.fields_v1.as_ref().is_some_and(|owned| owned.0.get("f:spec").is_some()))
+        .filter(|f| !PEQUOD_INSTANCE_WRITERS.contains(&f.manager.as_deref().unwrap_or_default()))
         .max_by_key(|f| f.time.as_ref().map(|t| t.0))
         .and_then(|f| f.api_version.as_deref())
         .and_then(|v| v.strip_prefix(group)?.strip_prefix('/'))
@@ -461,12 +465,18 @@ mod tests {
     }
 
     fn entry(manager: &str, api_version: &str, time: &str, subresource: Option<&str>) -> ManagedFieldsEntry {
+        let owned = if subresource.is_some() {
+            serde_json::json!({"f:status": {}})
+        } else {
+            serde_json::json!({"f:spec": {"f:port": {}}})
+        };
         ManagedFieldsEntry {
             manager: Some(manager.into()),
             api_version: Some(api_version.into()),
             time: Some(Time(ts(time))),
             subresource: subresource.map(str::to_string),
             operation: Some("Update".into()),
+            fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(owned)),
             ..Default::default()
         }
     }
@@ -476,9 +486,15 @@ mod tests {
         let fields = vec![
             entry("kubectl-client-side-apply", "apps.example.com/v1alpha1", "2026-12-01T00:00:00Z", None),
             entry("kubectl-edit", "apps.example.com/v1beta1", "2026-12-02T00:00:00Z", None),
-            entry("pequod-instance-status", "apps.example.com/v1beta1", "2026-12-05T00:00:00Z", Some("status")),
+            entry(INSTANCE_MANAGER, "apps.example.com/v1beta1", "2026-12-05T00:00:00Z", Some("status")),
             entry(STORAGE_MIGRATION_MANAGER, "apps.example.com/v1", "2026-12-06T00:00:00Z", None),
         ];
+        // A write that owns no spec field (a finalizer or label added) names no version.
+        let mut metadata_only = entry("kubectl-label", "apps.example.com/v1", "2026-12-07T00:00:00Z", None);
+        metadata_only.fields_v1 = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+            serde_json::json!({"f:metadata": {"f:labels": {}}}),
+        ));
+        let fields: Vec<ManagedFieldsEntry> = fields.into_iter().chain([metadata_only]).collect();
         assert_eq!(
             last_written_version(&fields, "apps.example.com").as_deref(),
             Some("v1beta1")
