@@ -51,6 +51,17 @@ async fn v1alpha1_instances(env: &support::TestEnv, count: usize) -> Api<Transfo
     transforms
 }
 
+/// Waits until the Transform serves its kind in v1beta1 (the module of two versions).
+async fn serving_v1beta1(env: &support::TestEnv, transforms: &Api<Transform>) {
+    let want = format!("{}/v1beta1", group(env));
+    support::wait_for("the kind served in v1beta1", WAIT, || async {
+        let t = transforms.get("web").await.map_err(|e| e.to_string())?;
+        let served = t.status.as_ref().and_then(|s| s.generated_crd.as_ref()).map(|c| c.api_version.clone());
+        if served.as_deref() == Some(want.as_str()) { Ok(()) } else { Err(format!("{served:?}")) }
+    })
+    .await;
+}
+
 fn migration(t: &Transform) -> Option<pequod::api::StorageMigration> {
     t.status.as_ref()?.storage_migration.clone()
 }
@@ -132,6 +143,7 @@ async fn a_replica_that_does_not_lead_serves_conversions() {
     assert_eq!(follower.webhook, standby_webhook);
     let transforms = v1alpha1_instances(&env, 3).await;
     put_module(&env.client, &env.namespace, "web-module", &two_version_web("")).await;
+    serving_v1beta1(&env, &transforms).await;
     support::wait_for("the CRD to convert through the standby", WAIT, || async {
         let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
         let crd = crds.get(&format!("webs.{}", group(&env))).await.map_err(|e| e.to_string())?;
@@ -181,8 +193,9 @@ async fn the_webhook_certificate_rotates_while_instances_are_read() {
         &[TRUST_ALL, "--webhook-cert-validity=90"],
         &launch,
     );
-    v1alpha1_instances(&env, 20).await;
+    let transforms = v1alpha1_instances(&env, 20).await;
     put_module(&env.client, &env.namespace, "web-module", &two_version_web("")).await;
+    serving_v1beta1(&env, &transforms).await;
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
     let serving_cert = || async {
         let secret = secrets.get("pequod-webhook-tls").await.map_err(|e| e.to_string())?;
@@ -220,6 +233,28 @@ async fn the_webhook_certificate_rotates_while_instances_are_read() {
     let rotated_at = rotated_at.expect("the serving certificate was not re-issued");
     assert!(rotated_at.elapsed() > Duration::from_secs(40), "read for too short a time after rotation");
     assert!(reads > 50, "{reads} reads");
+    // A new connection, as the apiserver makes one, gets the re-issued certificate, trusted
+    // through the CRD's caBundle, which did not change.
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let crd = crds.get(&format!("webs.{}", group(&env))).await.unwrap();
+    let ca = crd
+        .spec
+        .conversion
+        .and_then(|c| c.webhook)
+        .and_then(|w| w.client_config)
+        .and_then(|c| c.ca_bundle)
+        .expect("the CRD names the webhook's CA")
+        .0;
+    let served = support::verified_server_certificate(&operator.webhook, "127.0.0.1", &ca)
+        .await
+        .unwrap_or_else(|e| panic!("a new handshake failed: {e}"));
+    let current = serving_cert().await.unwrap();
+    let current_der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(&current).unwrap().to_vec()
+    };
+    assert_eq!(served, current_der, "the webhook serves the certificate in the Secret");
+    assert_ne!(current, first_cert);
     drop(operator);
     env.cleanup().await;
 }
