@@ -221,7 +221,10 @@ mod tests {
     fn a_damaged_or_oversized_publication_is_refused() {
         let files = files();
         let mut cm = to_config_map(&files, ("platform", "web")).unwrap();
-        cm.binary_data = Some(BTreeMap::from([(DATA_KEY.to_string(), ByteString(b"not gzip".to_vec()))]));
+        cm.binary_data = Some(BTreeMap::from([(
+            DATA_KEY.to_string(),
+            ByteString(b"not gzip".to_vec()),
+        )]));
         assert!(matches!(
             from_config_map(&cm, &files.digest()),
             Err(PublishError::Damaged { .. })
@@ -229,7 +232,10 @@ mod tests {
         // A gzip bomb stops at the limit.
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         gzip.write_all(&vec![b' '; (MAX_EXPANDED_BYTES + 10) as usize]).unwrap();
-        cm.binary_data = Some(BTreeMap::from([(DATA_KEY.to_string(), ByteString(gzip.finish().unwrap()))]));
+        cm.binary_data = Some(BTreeMap::from([(
+            DATA_KEY.to_string(),
+            ByteString(gzip.finish().unwrap()),
+        )]));
         assert!(matches!(
             from_config_map(&cm, &files.digest()),
             Err(PublishError::Damaged { message, .. }) if message.contains("limit")
@@ -239,6 +245,9 @@ mod tests {
     #[test]
     fn names_come_from_the_digest() {
         let digest = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(config_map_name(&digest), format!("pequod-conversion-{}", "ab".repeat(20)));
+        assert_eq!(
+            config_map_name(&digest),
+            format!("pequod-conversion-{}", "ab".repeat(20))
+        );
     }
 }

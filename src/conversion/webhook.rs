@@ -24,6 +24,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::certificate::CertResolver;
+use super::published::{self, PublishError};
 use super::review::{self, Answer, Outcome, ServedKind};
 use crate::api::Transform;
 use crate::cue::conversion::{Conversion, ConversionError};
@@ -31,7 +32,6 @@ use crate::cue::{Module, RenderError, Renderer, is_digest};
 use crate::error::ErrorCategory;
 use crate::lru::Lru;
 use crate::metrics::Metrics;
-use super::published::{self, PublishError};
 
 /// Longest a review may take, from its arrival to its answer: the apiserver gives up after 10 s.
 pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(8);

@@ -264,7 +264,11 @@ pub fn crd_breaking_changes(live: &CustomResourceDefinition, desired: &CustomRes
 /// Versions the desired CRD drops while the apiserver may still hold objects stored in them
 /// (the live CRD's `status.storedVersions`): removing them would make those objects unreadable.
 pub fn removed_stored_versions(live: &CustomResourceDefinition, desired: &CustomResourceDefinition) -> Vec<String> {
-    let stored = live.status.as_ref().and_then(|s| s.stored_versions.clone()).unwrap_or_default();
+    let stored = live
+        .status
+        .as_ref()
+        .and_then(|s| s.stored_versions.clone())
+        .unwrap_or_default();
     let kept = |name: &str| desired.spec.versions.iter().any(|v| v.name == name);
     let mut removed: Vec<String> = stored.into_iter().filter(|v| !kept(v)).collect();
     // A CRD without a status yet stores in its storage version.

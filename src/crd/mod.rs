@@ -6,10 +6,9 @@ pub mod reserved;
 use crate::error::ErrorCategory;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceColumnDefinition, CustomResourceConversion, CustomResourceDefinition,
-    CustomResourceDefinitionNames, CustomResourceDefinitionSpec, CustomResourceDefinitionVersion,
-    CustomResourceSubresourceStatus, CustomResourceSubresources, CustomResourceValidation, JSONSchemaProps,
-    WebhookClientConfig, WebhookConversion,
+    CustomResourceColumnDefinition, CustomResourceConversion, CustomResourceDefinition, CustomResourceDefinitionNames,
+    CustomResourceDefinitionSpec, CustomResourceDefinitionVersion, CustomResourceSubresourceStatus,
+    CustomResourceSubresources, CustomResourceValidation, JSONSchemaProps, WebhookClientConfig, WebhookConversion,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::json;
@@ -263,10 +262,7 @@ pub fn build_crd(names: &KindNames, schema: &ModuleSchema, params: &CrdParams<'_
                     served: version.served,
                     storage: version.storage,
                     deprecated: version.deprecated.then_some(true),
-                    deprecation_warning: version
-                        .deprecation_warning
-                        .clone()
-                        .filter(|_| version.deprecated),
+                    deprecation_warning: version.deprecation_warning.clone().filter(|_| version.deprecated),
                     schema: Some(CustomResourceValidation {
                         open_api_v3_schema: Some(root_schema(schema, &version.spec)),
                     }),
@@ -572,8 +568,16 @@ mod tests {
             Some("v1alpha1 is deprecated; use v1beta1")
         );
         let spec_of = |i: usize| {
-            serde_json::to_value(crd.spec.versions[i].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap())
-                .unwrap()["properties"]["spec"]
+            serde_json::to_value(
+                crd.spec.versions[i]
+                    .schema
+                    .as_ref()
+                    .unwrap()
+                    .open_api_v3_schema
+                    .as_ref()
+                    .unwrap(),
+            )
+            .unwrap()["properties"]["spec"]
                 .clone()
         };
         assert_eq!(spec_of(0)["required"], json!(["image"]));

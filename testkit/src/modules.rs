@@ -179,7 +179,10 @@ import "strconv"
 /// Only v1beta1 is left.
 pub fn v1beta1_web() -> String {
     let two = two_version_web("");
-    let (start, end) = (two.find("#Versions: {").unwrap_or(0), two.find("#Render: {").unwrap_or(0));
+    let (start, end) = (
+        two.find("#Versions: {").unwrap_or(0),
+        two.find("#Render: {").unwrap_or(0),
+    );
     // Nothing converts any more: cue refuses an import nobody uses.
     let head = two[..start].replace("import \"strconv\"\n\n", "");
     format!("{head}#Versions: v1beta1: storage: true\n\n{}", &two[end..])

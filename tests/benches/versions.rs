@@ -51,7 +51,11 @@ async fn main() {
     let operator = OperatorProcess::start(
         &env.operator_kubeconfig,
         &support::tool("cue", "PEQUOD_TEST_CUE"),
-        &["--max-concurrent-reconciles=16", "--zap-log-level=warn", "--trusted-transform-namespaces=*"],
+        &[
+            "--max-concurrent-reconciles=16",
+            "--zap-log-level=warn",
+            "--trusted-transform-namespaces=*",
+        ],
     );
     put_module(&env.client, &env.namespace, "web-module", V1ALPHA1_WEB).await;
     let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -77,7 +81,11 @@ async fn main() {
         .await;
     support::wait_for("every instance rendered", Duration::from_secs(900), || async {
         let ready = support::ready_count(&alpha).await;
-        if ready == INSTANCES { Ok(()) } else { Err(format!("{ready} ready")) }
+        if ready == INSTANCES {
+            Ok(())
+        } else {
+            Err(format!("{ready} ready"))
+        }
     })
     .await;
 

@@ -77,7 +77,14 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
     web_transform(&env, &transforms, "v1alpha1").await;
     let first = wait_serving_new_module(&transforms, None).await;
     let alpha = web_api(&env, "v1alpha1").await;
-    apply_instance(&alpha, &format!("{}/v1alpha1", group(&env)), "Web", "old", json!({"image": "nginx", "port": "8080"})).await;
+    apply_instance(
+        &alpha,
+        &format!("{}/v1alpha1", group(&env)),
+        "Web",
+        "old",
+        json!({"image": "nginx", "port": "8080"}),
+    )
+    .await;
     wait_instance(&alpha, "old", "Ready", "True", "Ready").await;
 
     // The plan of the new module shows the instance in each version, and changes nothing.
@@ -100,7 +107,11 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
         json!({"v1alpha1": {"spec": {"image": "nginx", "port": "8080"}}, "v1beta1": {"spec": {"image": "nginx", "listenPort": 8080}}}),
         "{plan}"
     );
-    assert_eq!(plan["instances"][0]["changes"], json!([]), "the rendered objects stay the same: {plan}");
+    assert_eq!(
+        plan["instances"][0]["changes"],
+        json!([]),
+        "the rendered objects stay the same: {plan}"
+    );
 
     // v1beta1 added with a renamed field of another type; v1alpha1 deprecated.
     put_module(&env.client, &env.namespace, "web-module", &two_version_web("")).await;
@@ -113,12 +124,29 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
     let beta = web_api(&env, "v1beta1").await;
     let old_in_beta = beta.get("old").await.unwrap();
     assert_eq!(old_in_beta.data["spec"], json!({"image": "nginx", "listenPort": 8080}));
-    assert_eq!(alpha.get("old").await.unwrap().data["spec"], json!({"image": "nginx", "port": "8080"}));
+    assert_eq!(
+        alpha.get("old").await.unwrap().data["spec"],
+        json!({"image": "nginx", "port": "8080"})
+    );
 
     // Written in either version, read in the other; rendered from the storage version.
-    apply_instance(&beta, &format!("{}/v1beta1", group(&env)), "Web", "new", json!({"image": "httpd", "listenPort": 9090})).await;
+    apply_instance(
+        &beta,
+        &format!("{}/v1beta1", group(&env)),
+        "Web",
+        "new",
+        json!({"image": "httpd", "listenPort": 9090}),
+    )
+    .await;
     assert_eq!(alpha.get("new").await.unwrap().data["spec"]["port"], "9090");
-    apply_instance(&alpha, &format!("{}/v1alpha1", group(&env)), "Web", "legacy", json!({"image": "caddy", "port": "7070"})).await;
+    apply_instance(
+        &alpha,
+        &format!("{}/v1alpha1", group(&env)),
+        "Web",
+        "legacy",
+        json!({"image": "caddy", "port": "7070"}),
+    )
+    .await;
     assert_eq!(beta.get("legacy").await.unwrap().data["spec"]["listenPort"], 7070);
     for (name, port) in [("old", "8080"), ("new", "9090"), ("legacy", "7070")] {
         wait_for(&format!("ConfigMap web-{name}"), WAIT, || async {
@@ -134,7 +162,14 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
     let kubeconfig = support::control_plane::shared().kubeconfig.clone();
     let out = support::kubectl_with_input(
         &kubeconfig,
-        &["get", &format!("webs.v1alpha1.{}", group(&env)), "-n", &env.namespace, "-o", "name"],
+        &[
+            "get",
+            &format!("webs.v1alpha1.{}", group(&env)),
+            "-n",
+            &env.namespace,
+            "-o",
+            "name",
+        ],
         "",
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -163,9 +198,16 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
     web_transform(&env, &transforms, "v1beta1").await;
     wait_for("v1alpha1 to be gone from the CRD", WAIT, || async {
         let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-        let crd = crds.get(&format!("webs.{}", group(&env))).await.map_err(|e| e.to_string())?;
+        let crd = crds
+            .get(&format!("webs.{}", group(&env)))
+            .await
+            .map_err(|e| e.to_string())?;
         let names: Vec<String> = crd.spec.versions.iter().map(|v| v.name.clone()).collect();
-        if names == ["v1beta1"] { Ok(()) } else { Err(format!("{names:?}")) }
+        if names == ["v1beta1"] {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
     })
     .await;
     for (name, port) in [("old", 8080), ("new", 9090), ("legacy", 7070)] {
@@ -186,20 +228,43 @@ async fn a_conversion_that_loses_a_field_is_refused_naming_instance_and_field_un
     let first = wait_serving_new_module(&transforms, None).await;
     let alpha = web_api(&env, "v1alpha1").await;
     let api_version = format!("{}/v1alpha1", group(&env));
-    apply_instance(&alpha, &api_version, "Web", "plain", json!({"image": "nginx", "port": "80"})).await;
-    apply_instance(&alpha, &api_version, "Web", "debugged", json!({"image": "nginx", "port": "81", "debug": true})).await;
+    apply_instance(
+        &alpha,
+        &api_version,
+        "Web",
+        "plain",
+        json!({"image": "nginx", "port": "80"}),
+    )
+    .await;
+    apply_instance(
+        &alpha,
+        &api_version,
+        "Web",
+        "debugged",
+        json!({"image": "nginx", "port": "81", "debug": true}),
+    )
+    .await;
 
     put_module(&env.client, &env.namespace, "web-module", &two_version_web("")).await;
     let (_, message) = failed(&transforms, "web", "SchemaCompatible", "LossyConversion").await;
     assert!(message.contains(&format!("{}/debugged", env.namespace)), "{message}");
     assert!(message.contains("spec.debug"), "{message}");
-    assert!(!message.contains("/plain"), "only failing instances are named: {message}");
+    assert!(
+        !message.contains("/plain"),
+        "only failing instances are named: {message}"
+    );
     let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
     let crd = crds.get(&format!("webs.{}", group(&env))).await.unwrap();
     assert_eq!(crd.spec.versions.len(), 1, "the CRD stays as it was");
     support::wait_events(&env.client, &env.namespace, "web", &["LossyConversion"]).await;
 
-    put_module(&env.client, &env.namespace, "web-module", &two_version_web("lossy: [\"debug\"]")).await;
+    put_module(
+        &env.client,
+        &env.namespace,
+        "web-module",
+        &two_version_web("lossy: [\"debug\"]"),
+    )
+    .await;
     wait_serving_new_module(&transforms, Some(&digest_of(&first))).await;
     let beta = web_api(&env, "v1beta1").await;
     assert_eq!(beta.get("debugged").await.unwrap().data["spec"]["listenPort"], 81);
@@ -219,7 +284,14 @@ async fn a_version_objects_are_stored_in_cannot_be_removed() {
     let alpha = web_api(&env, "v1alpha1").await;
     let api_version = format!("{}/v1alpha1", group(&env));
     for i in 0..3 {
-        apply_instance(&alpha, &api_version, "Web", &format!("w{i}"), json!({"image": "nginx", "port": "80"})).await;
+        apply_instance(
+            &alpha,
+            &api_version,
+            "Web",
+            &format!("w{i}"),
+            json!({"image": "nginx", "port": "80"}),
+        )
+        .await;
     }
     // Straight to v1beta1 alone: v1alpha1 still holds the three instances.
     put_module(&env.client, &env.namespace, "web-module", &v1beta1_web()).await;
@@ -228,7 +300,11 @@ async fn a_version_objects_are_stored_in_cannot_be_removed() {
     assert!(message.contains("v1alpha1"), "{message}");
     assert!(message.contains("3 instance(s)"), "{message}");
     assert_eq!(stored_versions(&env).await, ["v1alpha1"]);
-    assert_eq!(digest_of(&transforms.get("web").await.unwrap()), digest_of(&first), "still served as before");
+    assert_eq!(
+        digest_of(&transforms.get("web").await.unwrap()),
+        digest_of(&first),
+        "still served as before"
+    );
     for i in 0..3 {
         assert_eq!(alpha.get(&format!("w{i}")).await.unwrap().data["spec"]["port"], "80");
     }

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::{DynamicObject, ListParams};
 use pequod::api::{StorageMigrationPhase, Transform};
@@ -56,8 +56,16 @@ async fn serving_v1beta1(env: &support::TestEnv, transforms: &Api<Transform>) {
     let want = format!("{}/v1beta1", group(env));
     support::wait_for("the kind served in v1beta1", WAIT, || async {
         let t = transforms.get("web").await.map_err(|e| e.to_string())?;
-        let served = t.status.as_ref().and_then(|s| s.generated_crd.as_ref()).map(|c| c.api_version.clone());
-        if served.as_deref() == Some(want.as_str()) { Ok(()) } else { Err(format!("{served:?}")) }
+        let served = t
+            .status
+            .as_ref()
+            .and_then(|s| s.generated_crd.as_ref())
+            .map(|c| c.api_version.clone());
+        if served.as_deref() == Some(want.as_str()) {
+            Ok(())
+        } else {
+            Err(format!("{served:?}"))
+        }
     })
     .await;
 }
@@ -134,11 +142,19 @@ async fn a_replica_that_does_not_lead_serves_conversions() {
     flags.push(TRUST_ALL.to_string());
     let with = |extra: String| -> Vec<String> { flags.iter().cloned().chain([extra]).collect() };
     let leader_args = with(format!("--webhook-url=https://{standby_webhook}"));
-    let leader = OperatorProcess::start(&env.kubeconfig, &cue, &leader_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let leader = OperatorProcess::start(
+        &env.kubeconfig,
+        &cue,
+        &leader_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.namespace);
     support::wait_for("the first operator to lead", WAIT, || super::lease_holder(&leases)).await;
     let standby_args = with(format!("--webhook-bind-address={standby_webhook}"));
-    let follower = OperatorProcess::start(&env.kubeconfig, &cue, &standby_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let follower = OperatorProcess::start(
+        &env.kubeconfig,
+        &cue,
+        &standby_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     wait_ready(&follower).await;
     assert_eq!(follower.webhook, standby_webhook);
     let transforms = v1alpha1_instances(&env, 3).await;
@@ -146,7 +162,10 @@ async fn a_replica_that_does_not_lead_serves_conversions() {
     serving_v1beta1(&env, &transforms).await;
     support::wait_for("the CRD to convert through the standby", WAIT, || async {
         let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-        let crd = crds.get(&format!("webs.{}", group(&env))).await.map_err(|e| e.to_string())?;
+        let crd = crds
+            .get(&format!("webs.{}", group(&env)))
+            .await
+            .map_err(|e| e.to_string())?;
         let url = crd
             .spec
             .conversion
@@ -154,7 +173,11 @@ async fn a_replica_that_does_not_lead_serves_conversions() {
             .and_then(|w| w.client_config)
             .and_then(|c| c.url)
             .unwrap_or_default();
-        if url.contains(&follower.webhook) { Ok(()) } else { Err(url) }
+        if url.contains(&follower.webhook) {
+            Ok(())
+        } else {
+            Err(url)
+        }
     })
     .await;
     let beta = web_api(&env, "v1beta1").await;
@@ -219,7 +242,10 @@ async fn the_webhook_certificate_rotates_while_instances_are_read() {
     let mut rotated_at = None;
     while started.elapsed() < Duration::from_secs(150) {
         // Reading the version instances are not stored in converts every one of them.
-        let listed = alpha.list(&ListParams::default()).await.unwrap_or_else(|e| panic!("read {reads} failed: {e}"));
+        let listed = alpha
+            .list(&ListParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("read {reads} failed: {e}"));
         assert_eq!(listed.items.len(), 20);
         reads += 1;
         if rotated_at.is_none() && serving_cert().await.unwrap() != first_cert {
@@ -231,7 +257,10 @@ async fn the_webhook_certificate_rotates_while_instances_are_read() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let rotated_at = rotated_at.expect("the serving certificate was not re-issued");
-    assert!(rotated_at.elapsed() > Duration::from_secs(40), "read for too short a time after rotation");
+    assert!(
+        rotated_at.elapsed() > Duration::from_secs(40),
+        "read for too short a time after rotation"
+    );
     assert!(reads > 50, "{reads} reads");
     // A new connection, as the apiserver makes one, gets the re-issued certificate, trusted
     // through the CRD's caBundle, which did not change.
@@ -251,7 +280,9 @@ async fn the_webhook_certificate_rotates_while_instances_are_read() {
     let current = serving_cert().await.unwrap();
     let current_der = {
         use rustls::pki_types::pem::PemObject;
-        rustls::pki_types::CertificateDer::from_pem_slice(&current).unwrap().to_vec()
+        rustls::pki_types::CertificateDer::from_pem_slice(&current)
+            .unwrap()
+            .to_vec()
     };
     assert_eq!(served, current_der, "the webhook serves the certificate in the Secret");
     assert_ne!(current, first_cert);

@@ -38,11 +38,7 @@ where
         .collect();
     let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
     Ok(api
-        .patch(
-            &obj.name_any(),
-            &finalizer_params(),
-            &kube::api::Patch::Merge(patch),
-        )
+        .patch(&obj.name_any(), &finalizer_params(), &kube::api::Patch::Merge(patch))
         .await?)
 }
 
@@ -55,11 +51,7 @@ where
     let finalizers: Vec<String> = obj.finalizers().iter().filter(|f| *f != finalizer).cloned().collect();
     let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
     match api
-        .patch(
-            &obj.name_any(),
-            &finalizer_params(),
-            &kube::api::Patch::Merge(patch),
-        )
+        .patch(&obj.name_any(), &finalizer_params(), &kube::api::Patch::Merge(patch))
         .await
     {
         Ok(_) => Ok(()),

@@ -526,7 +526,14 @@ async fn load_module(
     ctx: &Context,
     fetched: crate::source::Fetched,
     settled: &Action,
-) -> Result<(crate::cue::Module, Arc<crate::cue::ModuleSchema>, crate::cue::ModuleFiles), TransformStop> {
+) -> Result<
+    (
+        crate::cue::Module,
+        Arc<crate::cue::ModuleSchema>,
+        crate::cue::ModuleFiles,
+    ),
+    TransformStop,
+> {
     let loaded = async {
         let module = ctx.renderer.load(fetched.files.clone(), &fetched.platform).await?;
         let schema = ctx.renderer.schema(&module).await?;

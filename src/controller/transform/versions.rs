@@ -70,7 +70,15 @@ pub(super) async fn conversion_config(
     };
     // The module the CRD names until the new one is written keeps being published.
     let previous: Vec<String> = update.old.resolved_cue_ref.iter().map(|r| r.digest.clone()).collect();
-    match published::publish(&ctx.client, &ctx.manager.namespace, files, (&namespace, &t.name_any()), &previous).await {
+    match published::publish(
+        &ctx.client,
+        &ctx.manager.namespace,
+        files,
+        (&namespace, &t.name_any()),
+        &previous,
+    )
+    .await
+    {
         Ok(()) => {}
         Err(published::PublishError::Api(e)) => return Err(e.into()),
         Err(e) => {
@@ -185,12 +193,22 @@ pub(super) async fn check_round_trips(
         .iter()
         .map(|i| i.data.get("spec").cloned().unwrap_or(serde_json::Value::Null))
         .collect();
-    let failures = ctx.renderer.round_trips(module, &schema.versions, &stored, &specs).await;
+    let failures = ctx
+        .renderer
+        .round_trips(module, &schema.versions, &stored, &specs)
+        .await;
     let failing: Vec<String> = instances
         .iter()
         .zip(&failures)
         .filter(|(_, f)| !f.is_empty())
-        .map(|(i, f)| format!("{}/{}: {}", i.namespace().unwrap_or_default(), i.name_any(), f.join("; ")))
+        .map(|(i, f)| {
+            format!(
+                "{}/{}: {}",
+                i.namespace().unwrap_or_default(),
+                i.name_any(),
+                f.join("; ")
+            )
+        })
         .collect();
     if failing.is_empty() {
         return Ok(());
@@ -249,10 +267,9 @@ pub(super) fn next_migration_step(
         };
         return MigrationStep::Settle(started, MIGRATION_SETTLE);
     };
-    let since = current
-        .started
-        .as_ref()
-        .map_or(MIGRATION_SETTLE, |s| Duration::try_from(now.duration_since(s.0)).unwrap_or_default());
+    let since = current.started.as_ref().map_or(MIGRATION_SETTLE, |s| {
+        Duration::try_from(now.duration_since(s.0)).unwrap_or_default()
+    });
     match MIGRATION_SETTLE.checked_sub(since) {
         Some(left) if !left.is_zero() => MigrationStep::Settle(current.clone(), left),
         _ => MigrationStep::Rewrite(current.clone()),
@@ -284,7 +301,11 @@ pub(super) async fn migrate_storage(
     instances.sort_by_key(instance_key);
     update.new.versions = version_statuses(schema, &instances, &crd.spec.group);
 
-    let stored_versions = crd.status.as_ref().and_then(|s| s.stored_versions.clone()).unwrap_or_default();
+    let stored_versions = crd
+        .status
+        .as_ref()
+        .and_then(|s| s.stored_versions.clone())
+        .unwrap_or_default();
     let previous = update.old.storage_migration.clone();
     let mut progress = match next_migration_step(&stored_versions, storage, previous.as_ref(), jiff::Timestamp::now()) {
         MigrationStep::Done(kept) => {
@@ -400,7 +421,11 @@ pub(super) fn last_written_version(fields: &[ManagedFieldsEntry], group: &str) -
     fields
         .iter()
         .filter(|f| f.subresource.as_deref().unwrap_or_default().is_empty())
-        .filter(|f| f.fields_v1.as_ref().is_some_and(|owned| owned.0.get("f:spec").is_some()))
+        .filter(|f| {
+            f.fields_v1
+                .as_ref()
+                .is_some_and(|owned| owned.0.get("f:spec").is_some())
+        })
         .filter(|f| !PEQUOD_INSTANCE_WRITERS.contains(&f.manager.as_deref().unwrap_or_default()))
         .max_by_key(|f| f.time.as_ref().map(|t| t.0))
         .and_then(|f| f.api_version.as_deref())
@@ -445,7 +470,10 @@ mod tests {
             panic!("storedVersions naming only the storage version is done");
         };
         assert_eq!((done.phase, done.migrated), (StorageMigrationPhase::Complete, 40));
-        assert_eq!(next_migration_step(&["v1".to_string()], "v1", None, now), MigrationStep::Done(None));
+        assert_eq!(
+            next_migration_step(&["v1".to_string()], "v1", None, now),
+            MigrationStep::Done(None)
+        );
     }
 
     #[test]
@@ -484,10 +512,25 @@ mod tests {
     #[test]
     fn the_last_write_by_an_author_names_the_version() {
         let fields = vec![
-            entry("kubectl-client-side-apply", "apps.example.com/v1alpha1", "2026-12-01T00:00:00Z", None),
+            entry(
+                "kubectl-client-side-apply",
+                "apps.example.com/v1alpha1",
+                "2026-12-01T00:00:00Z",
+                None,
+            ),
             entry("kubectl-edit", "apps.example.com/v1beta1", "2026-12-02T00:00:00Z", None),
-            entry(INSTANCE_MANAGER, "apps.example.com/v1beta1", "2026-12-05T00:00:00Z", Some("status")),
-            entry(STORAGE_MIGRATION_MANAGER, "apps.example.com/v1", "2026-12-06T00:00:00Z", None),
+            entry(
+                INSTANCE_MANAGER,
+                "apps.example.com/v1beta1",
+                "2026-12-05T00:00:00Z",
+                Some("status"),
+            ),
+            entry(
+                STORAGE_MIGRATION_MANAGER,
+                "apps.example.com/v1",
+                "2026-12-06T00:00:00Z",
+                None,
+            ),
         ];
         // A write that owns no spec field (a finalizer or label added) names no version.
         let mut metadata_only = entry("kubectl-label", "apps.example.com/v1", "2026-12-07T00:00:00Z", None);
@@ -499,7 +542,10 @@ mod tests {
             last_written_version(&fields, "apps.example.com").as_deref(),
             Some("v1beta1")
         );
-        assert_eq!(last_written_version(&fields[..1], "apps.example.com").as_deref(), Some("v1alpha1"));
+        assert_eq!(
+            last_written_version(&fields[..1], "apps.example.com").as_deref(),
+            Some("v1alpha1")
+        );
         assert_eq!(last_written_version(&fields[2..], "apps.example.com"), None);
         assert_eq!(last_written_version(&fields[..1], "other.example.com"), None);
     }
