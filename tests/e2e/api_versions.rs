@@ -192,6 +192,26 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
     assert!(alpha_status.deprecated);
     assert_eq!(alpha_status.instances_last_written, 2, "old and legacy: {versions:?}");
     support::wait_events(&env.client, &env.namespace, "web", &["StorageMigrated"]).await;
+    // The metrics of conversions and of the migration moved (tests/e2e/metrics.rs leaves them
+    // to this test).
+    let metrics = &support::operator(&env.client).await.metrics;
+    for series in [
+        "pequod_conversion_requests_total{result=\"success\"}",
+        "pequod_conversion_objects_total",
+        "pequod_conversion_duration_seconds_count",
+    ] {
+        assert!(support::metric_sum(metrics, series).await > 0.0, "{series} did not move");
+    }
+    let migrated = format!(
+        "pequod_storage_migration_objects_total{{namespace=\"{}\",transform=\"web\"}}",
+        env.namespace
+    );
+    assert!(support::metric_sum(metrics, &migrated).await >= 2.0, "{migrated}");
+    let remaining = format!(
+        "pequod_storage_migration_remaining{{namespace=\"{}\",transform=\"web\"}}",
+        env.namespace
+    );
+    assert_eq!(support::metric_sum(metrics, &remaining).await, 0.0, "{remaining}");
 
     // v1alpha1 removed: the Transform names v1beta1, and every instance keeps its fields.
     put_module(&env.client, &env.namespace, "web-module", &v1beta1_web()).await;
