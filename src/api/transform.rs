@@ -284,6 +284,14 @@ pub struct StorageMigration {
     /// once every apiserver writes the new version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started: Option<Time>,
+    /// Instances the last pass could not rewrite (`namespace/name: why`, the first 10); the
+    /// migration passes over every instance again until none is left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub failed: Vec<String>,
+    /// What keeps the migration from completing, when something does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Phase of a storage migration.

@@ -51,10 +51,14 @@ impl crate::error::ErrorCategory for PublishError {
     }
 }
 
-/// The ConfigMap of a module digest.
-pub fn config_map_name(digest: &str) -> String {
+/// The ConfigMap of a module digest published for Transform `transform` (namespace, name):
+/// one per Transform, so that two Transforms with the same module never share (or delete)
+/// each other's.
+pub fn config_map_name(transform: (&str, &str), digest: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let owner = hex::encode(Sha256::digest(format!("{}/{}", transform.0, transform.1)));
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    format!("pequod-conversion-{}", &hex[..hex.len().min(40)])
+    format!("pequod-conversion-{}-{}", &owner[..12], &hex[..hex.len().min(40)])
 }
 
 /// The label value naming a Transform.
@@ -64,18 +68,14 @@ fn transform_label(namespace: &str, name: &str) -> String {
 
 /// The ConfigMap publishing `files`.
 pub fn to_config_map(files: &ModuleFiles, transform: (&str, &str)) -> Result<ConfigMap, PublishError> {
-    let json = serde_json::to_vec(files.files()).map_err(|e| PublishError::Damaged {
-        name: config_map_name(&files.digest()),
+    let name = config_map_name(transform, &files.digest());
+    let damaged = |e: &dyn std::fmt::Display| PublishError::Damaged {
+        name: name.clone(),
         message: e.to_string(),
-    })?;
+    };
+    let json = serde_json::to_vec(files.files()).map_err(|e| damaged(&e))?;
     let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    let compressed = gzip
-        .write_all(&json)
-        .and_then(|()| gzip.finish())
-        .map_err(|e| PublishError::Damaged {
-            name: config_map_name(&files.digest()),
-            message: e.to_string(),
-        })?;
+    let compressed = gzip.write_all(&json).and_then(|()| gzip.finish()).map_err(|e| damaged(&e))?;
     if compressed.len() > MAX_PUBLISHED_BYTES {
         return Err(PublishError::TooLarge {
             bytes: compressed.len(),
@@ -83,7 +83,7 @@ pub fn to_config_map(files: &ModuleFiles, transform: (&str, &str)) -> Result<Con
     }
     Ok(ConfigMap {
         metadata: ObjectMeta {
-            name: Some(config_map_name(&files.digest())),
+            name: Some(name.clone()),
             labels: Some(BTreeMap::from([
                 (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
                 (TRANSFORM_LABEL.to_string(), transform_label(transform.0, transform.1)),
@@ -148,7 +148,7 @@ pub async fn publish(
             Err(e) => return Err(e.into()),
         }
     }
-    let kept: Vec<String> = keep.iter().map(|d| config_map_name(d)).chain([name]).collect();
+    let kept: Vec<String> = keep.iter().map(|d| config_map_name(transform, d)).chain([name]).collect();
     Ok(unpublish(client, namespace, transform, &kept).await?)
 }
 
@@ -186,7 +186,7 @@ pub async fn read(
 ) -> Result<Option<ModuleFiles>, PublishError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let published = api
-        .get_opt(&config_map_name(digest))
+        .get_opt(&config_map_name(transform, digest))
         .await?
         .filter(|cm| cm.labels().get(TRANSFORM_LABEL) == Some(&transform_label(transform.0, transform.1)));
     match published {
@@ -208,7 +208,7 @@ mod tests {
         let files = files();
         let cm = to_config_map(&files, ("platform", "web")).unwrap();
         assert_eq!(cm.immutable, Some(true));
-        assert_eq!(cm.name_any(), config_map_name(&files.digest()));
+        assert_eq!(cm.name_any(), config_map_name(("platform", "web"), &files.digest()));
         assert_eq!(from_config_map(&cm, &files.digest()).unwrap(), files);
         let other = ModuleFiles::inline("package web\n#Input: {port: int}\n").unwrap();
         assert!(matches!(
@@ -243,11 +243,12 @@ mod tests {
     }
 
     #[test]
-    fn names_come_from_the_digest() {
+    fn names_come_from_the_transform_and_the_digest() {
         let digest = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(
-            config_map_name(&digest),
-            format!("pequod-conversion-{}", "ab".repeat(20))
-        );
+        let web = config_map_name(("platform", "web"), &digest);
+        assert!(web.starts_with("pequod-conversion-") && web.ends_with(&"ab".repeat(20)), "{web}");
+        assert!(web.len() <= 253);
+        assert_ne!(web, config_map_name(("team-b", "web"), &digest), "one per Transform");
+        assert_ne!(web, config_map_name(("platform", "web2"), &digest));
     }
 }

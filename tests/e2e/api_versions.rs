@@ -339,3 +339,61 @@ async fn a_version_objects_are_stored_in_cannot_be_removed() {
     delete_transform(&transforms, "web").await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_transform_serving_one_namespace_keeps_stored_versions_while_instances_elsewhere_may_use_them() {
+    let (env, transforms) = setup("migration-scope").await;
+    let other = support::env("migration-scope-other").await;
+    put_module(&env.client, &env.namespace, "web-module", V1ALPHA1_WEB).await;
+    apply_transform(
+        &transforms,
+        "web",
+        json!({
+            "cueRef": {"type": "configmap", "ref": "web-module"},
+            "group": group(&env),
+            "version": "v1alpha1",
+            "rbacScope": "Namespace",
+            "managedResources": [{"resources": ["configmaps"]}],
+        }),
+    )
+    .await;
+    let first = wait_serving_new_module(&transforms, None).await;
+    let api_version = format!("{}/v1alpha1", group(&env));
+    let here = web_api(&env, "v1alpha1").await;
+    apply_instance(&here, &api_version, "Web", "here", json!({"image": "nginx", "port": "80"})).await;
+    // Someone with rights in another namespace made an instance the Transform does not serve.
+    let elsewhere = support::dynamic_api(&env.client, &api_version, "Web", &other.namespace).await;
+    apply_instance(&elsewhere, &api_version, "Web", "elsewhere", json!({"image": "nginx", "port": "81"})).await;
+
+    put_module(&env.client, &env.namespace, "web-module", &two_version_web("")).await;
+    wait_serving_new_module(&transforms, Some(&digest_of(&first))).await;
+    let migration = wait_for("the migration to stop short of completing", WAIT, || async {
+        let t = transforms.get("web").await.map_err(|e| e.to_string())?;
+        match t.status.and_then(|s| s.storage_migration) {
+            Some(m) if m.message.is_some() => Ok(m),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(migration.phase, StorageMigrationPhase::Migrating);
+    let message = migration.message.unwrap();
+    assert!(message.contains("1 instance(s) outside namespace"), "{message}");
+    assert_eq!(stored_versions(&env).await, ["v1alpha1", "v1beta1"], "the old version is kept");
+
+    // Once the other namespace's instance is gone, the migration completes.
+    support::delete_and_wait_gone(&elsewhere, "elsewhere", WAIT).await;
+    wait_for("the migration to complete", Duration::from_secs(150), || async {
+        let t = transforms.get("web").await.map_err(|e| e.to_string())?;
+        match t.status.and_then(|s| s.storage_migration) {
+            Some(m) if m.phase == StorageMigrationPhase::Complete => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(stored_versions(&env).await, ["v1beta1"]);
+    let beta = web_api(&env, "v1beta1").await;
+    support::delete_and_wait_gone(&beta, "here", WAIT).await;
+    delete_transform(&transforms, "web").await;
+    other.cleanup().await;
+    env.cleanup().await;
+}

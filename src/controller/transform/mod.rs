@@ -340,16 +340,15 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
 
     let (module, schema, files) = load_module(ctx, fetched, &settled).await?;
     update.extracted();
-    let conversion = versions::conversion_config(ctx, t, update, (&module, &schema, &files), &settled).await?;
+    let conversion = versions::conversion_config(ctx, t, (&module, &schema), &settled)?;
     let (names, desired) = desired_crd(t, &namespace, &schema, conversion, &settled)?;
     let crd_name = desired.metadata.name.clone().unwrap_or_default();
     let storage = crd::storage_version(&schema, &t.spec.version);
     let resource = api_resource(&t.spec.group, &storage, &names);
     let previous = renamed_from(t, ctx, update, &crd_name).await?;
-    let (established, schema_changed) = apply_crd(t, ctx, update, &desired, (&module, &schema), &settled).await?;
+    let (established, schema_changed) = apply_crd(t, ctx, update, &desired, (&module, &schema, &files), &settled).await?;
     await_established(update, &established, &crd_name, &settled)?;
     generate_rbac(t, ctx, update, &resource).await?;
-    let migrating = versions::migrate_storage(ctx, t, update, &established, &schema, &storage).await?;
 
     if let Some(previous) = &previous {
         let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
@@ -376,6 +375,8 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
             namespace: (t.spec.rbac_scope == RbacScope::Namespace).then(|| namespace.clone()),
         })
         .await;
+    // After serving: instances that cannot be moved never stop the kind from being served.
+    let migrating = versions::migrate_storage(ctx, t, update, &established, &schema, &storage).await?;
 
     let generated = GeneratedCrd {
         api_version: resource.api_version.clone(),
@@ -630,7 +631,7 @@ async fn apply_crd(
     ctx: &Context,
     update: &mut StatusUpdate<'_>,
     desired: &CustomResourceDefinition,
-    (module, schema): (&crate::cue::Module, &crate::cue::ModuleSchema),
+    (module, schema, files): (&crate::cue::Module, &crate::cue::ModuleSchema, &crate::cue::ModuleFiles),
     settled: &Action,
 ) -> Result<(CustomResourceDefinition, bool), TransformStop> {
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
@@ -659,15 +660,22 @@ async fn apply_crd(
                 return Err(TransformStop::breaking(message, then));
             }
             versions::refuse_removing_stored(ctx, t, &update.old, &live, desired, settled).await?;
-            if contains(&serde_json::to_value(&live)?, &serde_json::to_value(desired)?) {
+            let unchanged = contains(&serde_json::to_value(&live)?, &serde_json::to_value(desired)?);
+            if !unchanged {
+                versions::check_round_trips(ctx, t, &live, module, schema, settled).await?;
+            }
+            versions::publish_for_conversion(ctx, t, &update.old, (schema, files), settled).await?;
+            if unchanged {
                 (live, false)
             } else {
-                versions::check_round_trips(ctx, t, &live, module, schema, settled).await?;
                 let params = PatchParams::apply(GENERATED_MANAGER).force();
                 (crds.patch(&crd_name, &params, &Patch::Apply(desired)).await?, true)
             }
         }
-        None => (crds.create(&PostParams::default(), desired).await?, true),
+        None => {
+            versions::publish_for_conversion(ctx, t, &update.old, (schema, files), settled).await?;
+            (crds.create(&PostParams::default(), desired).await?, true)
+        }
     };
     let (crd, changed) = written;
     update.crd_written(&crd_name, changed);

@@ -37,17 +37,17 @@ const MIGRATION_CHUNK: usize = 100;
 const MIGRATION_PACE: Duration = Duration::from_millis(20);
 /// When the next chunk starts.
 const MIGRATION_NEXT_CHUNK: Duration = Duration::from_millis(100);
+/// When a migration that could not complete passes over the instances again.
+const MIGRATION_RETRY: Duration = Duration::from_secs(60);
 /// Failing instances a refused round trip names.
 const MAX_NAMED: usize = 10;
 
 /// The webhook client config of `t`'s CRD: none for a kind of one version; refused when the
-/// module's versions cannot be served; waiting while the webhook's CA is not known yet. The
-/// module is published for every replica's webhook before any CRD names it.
-pub(super) async fn conversion_config(
+/// module's versions cannot be served; waiting while the webhook's CA is not known yet.
+pub(super) fn conversion_config(
     ctx: &Context,
     t: &Transform,
-    update: &StatusUpdate<'_>,
-    (module, schema, files): (&Module, &ModuleSchema, &ModuleFiles),
+    (module, schema): (&Module, &ModuleSchema),
     settled: &Action,
 ) -> Result<Option<WebhookClientConfig>, TransformStop> {
     let webhook = ctx.conversion_webhook.as_ref();
@@ -63,35 +63,39 @@ pub(super) async fn conversion_config(
     let Some(webhook) = webhook.filter(|_| schema.versions.len() > 1) else {
         return Ok(None);
     };
-    let namespace = t.namespace().unwrap_or_default();
-    let Some(client_config) = webhook.client_config(&namespace, &t.name_any(), &module.digest) else {
+    match webhook.client_config(&t.namespace().unwrap_or_default(), &t.name_any(), &module.digest) {
+        Some(client_config) => Ok(Some(client_config)),
         // The webhook's certificate Secret is not read yet.
-        return Err(TransformStop::Waiting(Action::requeue(Duration::from_secs(2))));
-    };
-    // The module the CRD names until the new one is written keeps being published.
-    let previous: Vec<String> = update.old.resolved_cue_ref.iter().map(|r| r.digest.clone()).collect();
-    match published::publish(
-        &ctx.client,
-        &ctx.manager.namespace,
-        files,
-        (&namespace, &t.name_any()),
-        &previous,
-    )
-    .await
-    {
-        Ok(()) => {}
-        Err(published::PublishError::Api(e)) => return Err(e.into()),
-        Err(e) => {
-            return Err(TransformStop::failed(
-                CRD_GENERATED,
-                e.reason(),
-                format!("publishing the module for conversion: {e}"),
-                reasons::CRD_GENERATION_FAILED,
-                settled.clone(),
-            ));
-        }
+        None => Err(TransformStop::Waiting(Action::requeue(Duration::from_secs(2)))),
     }
-    Ok(Some(client_config))
+}
+
+/// Publishes the module for every replica's webhook, once the CRD that names it passed its
+/// checks and before it is written. The module the CRD named until now stays published until
+/// the next one serves.
+pub(super) async fn publish_for_conversion(
+    ctx: &Context,
+    t: &Transform,
+    old: &TransformStatus,
+    (schema, files): (&ModuleSchema, &ModuleFiles),
+    settled: &Action,
+) -> Result<(), TransformStop> {
+    if schema.versions.len() < 2 || ctx.conversion_webhook.is_none() {
+        return Ok(());
+    }
+    let namespace = t.namespace().unwrap_or_default();
+    let previous: Vec<String> = old.resolved_cue_ref.iter().map(|r| r.digest.clone()).collect();
+    match published::publish(&ctx.client, &ctx.manager.namespace, files, (&namespace, &t.name_any()), &previous).await {
+        Ok(()) => Ok(()),
+        Err(published::PublishError::Api(e)) => Err(e.into()),
+        Err(e) => Err(TransformStop::failed(
+            CRD_GENERATED,
+            e.reason(),
+            format!("publishing the module for conversion: {e}"),
+            reasons::CRD_GENERATION_FAILED,
+            settled.clone(),
+        )),
+    }
 }
 
 /// The kind `crd` serves, in `version`.
@@ -318,19 +322,35 @@ pub(super) async fn migrate_storage(
         }
         MigrationStep::Rewrite(progress) => progress,
     };
+    if progress.last.is_none() {
+        // A pass over every instance starts: what failed before is tried again.
+        progress.failed.clear();
+        progress.message = None;
+    }
     let pending: Vec<&PartialObjectMeta<DynamicObject>> = instances
         .iter()
         .filter(|i| progress.last.as_ref().is_none_or(|last| instance_key(i) > *last))
         .collect();
     let labels = [t.namespace().unwrap_or_default(), t.name_any()];
     for instance in pending.iter().take(MIGRATION_CHUNK) {
-        rewrite(ctx, crd, storage, instance).await?;
-        progress.migrated += 1;
+        match rewrite(ctx, crd, storage, instance).await {
+            Ok(()) => {
+                progress.migrated += 1;
+                ctx.metrics
+                    .storage_migration_objects_total
+                    .with_label_values(&labels)
+                    .inc();
+            }
+            // One instance the apiserver cannot convert or store does not hold up the others;
+            // only the code is kept (its message may quote the instance's values).
+            Err(kube::Error::Api(e)) => {
+                if progress.failed.len() < MAX_NAMED {
+                    progress.failed.push(format!("{}: {} {}", instance_key(instance), e.code, e.reason));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
         progress.last = Some(instance_key(instance));
-        ctx.metrics
-            .storage_migration_objects_total
-            .with_label_values(&labels)
-            .inc();
         tokio::time::sleep(MIGRATION_PACE).await;
     }
     progress.remaining = pending.len().saturating_sub(MIGRATION_CHUNK) as i64;
@@ -343,6 +363,21 @@ pub(super) async fn migrate_storage(
         update.new.storage_migration = Some(progress);
         return Ok(Some(MIGRATION_NEXT_CHUNK));
     }
+    let blocker = if progress.failed.is_empty() {
+        instances_elsewhere(ctx, t, crd, storage).await?
+    } else {
+        Some(format!(
+            "{} instance(s) could not be rewritten (the first named in `failed`); every instance is tried again",
+            progress.failed.len()
+        ))
+    };
+    if let Some(message) = blocker {
+        // The next pass starts over; storedVersions keeps the old versions meanwhile.
+        progress.last = None;
+        progress.message = Some(message);
+        update.new.storage_migration = Some(progress);
+        return Ok(Some(MIGRATION_RETRY));
+    }
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
     crds.patch_status(
         &crd.name_any(),
@@ -351,6 +386,7 @@ pub(super) async fn migrate_storage(
     )
     .await?;
     progress.phase = StorageMigrationPhase::Complete;
+    progress.message = None;
     let message = format!(
         "{} instance(s) rewritten into {storage}; the CRD stores only {storage}",
         progress.migrated
@@ -358,6 +394,42 @@ pub(super) async fn migrate_storage(
     update.event(EventType::Normal, reasons::STORAGE_MIGRATED, &message);
     update.new.storage_migration = Some(progress);
     Ok(None)
+}
+
+/// Why the CRD may still hold objects the migration did not see: a Transform serving one
+/// namespace rewrites only that namespace's instances, so the kind's instances elsewhere (its
+/// CRD is cluster-wide) must be none, and the manager must be able to tell.
+async fn instances_elsewhere(
+    ctx: &Context,
+    t: &Transform,
+    crd: &CustomResourceDefinition,
+    storage: &str,
+) -> Result<Option<String>, kube::Error> {
+    if t.spec.rbac_scope == RbacScope::Cluster {
+        return Ok(None);
+    }
+    let namespace = t.namespace().unwrap_or_default();
+    let everywhere: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &instance_resource(crd, storage));
+    match everywhere.list_metadata(&ListParams::default()).await {
+        Ok(list) => {
+            let elsewhere = list
+                .items
+                .iter()
+                .filter(|i| i.namespace().as_deref() != Some(namespace.as_str()))
+                .count();
+            Ok((elsewhere > 0).then(|| {
+                format!(
+                    "{elsewhere} instance(s) outside namespace {namespace}, which this Transform serves, may be stored \
+                     in an earlier version; storedVersions keeps it until they are gone or rewritten"
+                )
+            }))
+        }
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(Some(format!(
+            "the manager may not list the kind outside namespace {namespace}, so it cannot tell that no instance \
+             elsewhere is stored in an earlier version; storedVersions keeps them (an administrator may set it)"
+        ))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads `instance` in the storage version and writes it back unchanged, which stores it in
