@@ -337,15 +337,7 @@ fn dns_label(value: &str) -> Result<String, String> {
 
 /// A service account name: a DNS subdomain, as the apiserver requires.
 fn service_account_name(value: &str) -> Result<String, String> {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if value.len() <= 253 && value.split('.').all(label_ok) {
+    if crate::naming::is_dns_name(value) {
         Ok(value.to_string())
     } else {
         Err(format!("{value:?} is not a service account name (a DNS subdomain)"))

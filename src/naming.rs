@@ -112,6 +112,12 @@ pub fn is_dns1123_subdomain(value: &str) -> bool {
     value.len() <= MAX_SUBDOMAIN && value.split('.').all(is_dns_part)
 }
 
+/// A DNS name as hosts and service accounts use it: a DNS-1123 subdomain whose parts are
+/// DNS-1123 labels (at most 63 characters each).
+pub fn is_dns_name(value: &str) -> bool {
+    value.len() <= MAX_SUBDOMAIN && value.split('.').all(is_dns1123_label)
+}
+
 fn is_dns_part(value: &str) -> bool {
     let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     edge(value.chars().next())

@@ -128,15 +128,7 @@ fn subject_name(host: &str) -> Result<SubjectName, String> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(SubjectName::Ip(ip));
     }
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if !host.is_empty() && host.len() <= 253 && host.split('.').all(label_ok) {
+    if crate::naming::is_dns_name(host) {
         Ok(SubjectName::Dns(host.to_string()))
     } else {
         Err(format!("{host:?} is neither an IP address nor a lower-case DNS name"))

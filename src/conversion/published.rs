@@ -75,7 +75,10 @@ pub fn to_config_map(files: &ModuleFiles, transform: (&str, &str)) -> Result<Con
     };
     let json = serde_json::to_vec(files.files()).map_err(|e| damaged(&e))?;
     let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    let compressed = gzip.write_all(&json).and_then(|()| gzip.finish()).map_err(|e| damaged(&e))?;
+    let compressed = gzip
+        .write_all(&json)
+        .and_then(|()| gzip.finish())
+        .map_err(|e| damaged(&e))?;
     if compressed.len() > MAX_PUBLISHED_BYTES {
         return Err(PublishError::TooLarge {
             bytes: compressed.len(),
@@ -148,7 +151,11 @@ pub async fn publish(
             Err(e) => return Err(e.into()),
         }
     }
-    let kept: Vec<String> = keep.iter().map(|d| config_map_name(transform, d)).chain([name]).collect();
+    let kept: Vec<String> = keep
+        .iter()
+        .map(|d| config_map_name(transform, d))
+        .chain([name])
+        .collect();
     Ok(unpublish(client, namespace, transform, &kept).await?)
 }
 
@@ -246,7 +253,10 @@ mod tests {
     fn names_come_from_the_transform_and_the_digest() {
         let digest = format!("sha256:{}", "ab".repeat(32));
         let web = config_map_name(("platform", "web"), &digest);
-        assert!(web.starts_with("pequod-conversion-") && web.ends_with(&"ab".repeat(20)), "{web}");
+        assert!(
+            web.starts_with("pequod-conversion-") && web.ends_with(&"ab".repeat(20)),
+            "{web}"
+        );
         assert!(web.len() <= 253);
         assert_ne!(web, config_map_name(("team-b", "web"), &digest), "one per Transform");
         assert_ne!(web, config_map_name(("platform", "web2"), &digest));

@@ -973,3 +973,26 @@ pub async fn verified_server_certificate(addr: &str, server_name: &str, ca: &[u8
         .map(|cert| cert.to_vec())
         .ok_or_else(|| "no certificate".to_string())
 }
+
+/// `pequod plan -o json` of a module of one file, `source`, for Transform `transform` of the
+/// test's namespace, with the test's cue and a cache of its own: the plan it prints.
+pub fn plan_json(env: &TestEnv, transform: &str, file: &str, source: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    std::fs::write(dir.path().join(file), source).expect("write the module");
+    let out = std::process::Command::new(pequod_binary())
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("PEQUOD_CACHE_DIR", dir.path().join("cache"))
+        .args([
+            "plan",
+            "--transform",
+            &format!("{}/{transform}", env.namespace),
+            "--module",
+        ])
+        .arg(dir.path())
+        .args(["-o", "json", "--cue-binary"])
+        .arg(tool("cue", "PEQUOD_TEST_CUE"))
+        .output()
+        .expect("run pequod plan");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("the plan is JSON")
+}

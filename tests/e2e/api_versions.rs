@@ -88,19 +88,7 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
     wait_instance(&alpha, "old", "Ready", "True", "Ready").await;
 
     // The plan of the new module shows the instance in each version, and changes nothing.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("web.cue"), two_version_web("")).unwrap();
-    let out = std::process::Command::new(support::pequod_binary())
-        .env("KUBECONFIG", &env.kubeconfig)
-        .args(["plan", "--transform", &format!("{}/web", env.namespace), "--module"])
-        .arg(dir.path())
-        .args(["-o", "json", "--cue-binary"])
-        .arg(support::tool("cue", "PEQUOD_TEST_CUE"))
-        .env("PEQUOD_CACHE_DIR", dir.path().join("cache"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plan = support::plan_json(&env, "web", "web.cue", &two_version_web(""));
     let old_key = format!("{}/old", env.namespace);
     assert_eq!(
         plan["versions"][&old_key],
@@ -200,7 +188,10 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
         "pequod_conversion_objects_total",
         "pequod_conversion_duration_seconds_count",
     ] {
-        assert!(support::metric_sum(metrics, series).await > 0.0, "{series} did not move");
+        assert!(
+            support::metric_sum(metrics, series).await > 0.0,
+            "{series} did not move"
+        );
     }
     let migrated = format!(
         "pequod_storage_migration_objects_total{{namespace=\"{}\",transform=\"web\"}}",
@@ -360,10 +351,24 @@ async fn a_transform_serving_one_namespace_keeps_stored_versions_while_instances
     let first = wait_serving_new_module(&transforms, None).await;
     let api_version = format!("{}/v1alpha1", group(&env));
     let here = web_api(&env, "v1alpha1").await;
-    apply_instance(&here, &api_version, "Web", "here", json!({"image": "nginx", "port": "80"})).await;
+    apply_instance(
+        &here,
+        &api_version,
+        "Web",
+        "here",
+        json!({"image": "nginx", "port": "80"}),
+    )
+    .await;
     // Someone with rights in another namespace made an instance the Transform does not serve.
     let elsewhere = support::dynamic_api(&env.client, &api_version, "Web", &other.namespace).await;
-    apply_instance(&elsewhere, &api_version, "Web", "elsewhere", json!({"image": "nginx", "port": "81"})).await;
+    apply_instance(
+        &elsewhere,
+        &api_version,
+        "Web",
+        "elsewhere",
+        json!({"image": "nginx", "port": "81"}),
+    )
+    .await;
 
     put_module(&env.client, &env.namespace, "web-module", &two_version_web("")).await;
     wait_serving_new_module(&transforms, Some(&digest_of(&first))).await;
@@ -378,7 +383,11 @@ async fn a_transform_serving_one_namespace_keeps_stored_versions_while_instances
     assert_eq!(migration.phase, StorageMigrationPhase::Migrating);
     let message = migration.message.unwrap();
     assert!(message.contains("1 instance(s) outside namespace"), "{message}");
-    assert_eq!(stored_versions(&env).await, ["v1alpha1", "v1beta1"], "the old version is kept");
+    assert_eq!(
+        stored_versions(&env).await,
+        ["v1alpha1", "v1beta1"],
+        "the old version is kept"
+    );
 
     // Once the other namespace's instance is gone, the migration completes.
     support::delete_and_wait_gone(&elsewhere, "elsewhere", WAIT).await;

@@ -1173,19 +1173,7 @@ async fn pequod_plan_tells_what_a_module_would_change_for_each_instance() {
     )
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("note.cue"), &candidate).unwrap();
-    let out = std::process::Command::new(support::pequod_binary())
-        .env("KUBECONFIG", &env.kubeconfig)
-        .args(["plan", "--transform", &format!("{}/note", env.namespace), "--module"])
-        .arg(dir.path())
-        .args(["-o", "json", "--cue-binary"])
-        .arg(support::tool("cue", "PEQUOD_TEST_CUE"))
-        .env("PEQUOD_CACHE_DIR", dir.path().join("cache"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plan = support::plan_json(&env, "note", "note.cue", &candidate);
     assert_eq!(
         plan["schema"],
         json!({"changed": false, "breaking": []}),

@@ -602,19 +602,7 @@ async fn pequod_plan_reports_what_the_apiserver_or_the_graph_would_refuse() {
         "\t}, {\n\t\tid: \"taken\"\n\t\tobject: {apiVersion: \"v1\", kind: \"ConfigMap\", metadata: name: \"\\(input.metadata.name)-taken\"}\n\t}]\n}",
     );
     assert!(candidate.contains("-taken"), "{candidate}");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("note.cue"), &candidate).unwrap();
-    let out = std::process::Command::new(support::pequod_binary())
-        .env("KUBECONFIG", &env.kubeconfig)
-        .env("PEQUOD_CACHE_DIR", dir.path().join("cache"))
-        .args(["plan", "--transform", &format!("{}/note", env.namespace), "--module"])
-        .arg(dir.path())
-        .args(["-o", "json", "--cue-binary"])
-        .arg(support::tool("cue", "PEQUOD_TEST_CUE"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plan = support::plan_json(&env, "note", "note.cue", &candidate);
     let changes = &plan["instances"][0]["changes"];
     assert_eq!(
         changes[0],

@@ -346,7 +346,8 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     let storage = crd::storage_version(&schema, &t.spec.version);
     let resource = api_resource(&t.spec.group, &storage, &names);
     let previous = renamed_from(t, ctx, update, &crd_name).await?;
-    let (established, schema_changed) = apply_crd(t, ctx, update, &desired, (&module, &schema, &files), &settled).await?;
+    let (established, schema_changed) =
+        apply_crd(t, ctx, update, &desired, (&module, &schema, &files), &settled).await?;
     await_established(update, &established, &crd_name, &settled)?;
     generate_rbac(t, ctx, update, &resource).await?;
 

@@ -85,7 +85,15 @@ pub(super) async fn publish_for_conversion(
     }
     let namespace = t.namespace().unwrap_or_default();
     let previous: Vec<String> = old.resolved_cue_ref.iter().map(|r| r.digest.clone()).collect();
-    match published::publish(&ctx.client, &ctx.manager.namespace, files, (&namespace, &t.name_any()), &previous).await {
+    match published::publish(
+        &ctx.client,
+        &ctx.manager.namespace,
+        files,
+        (&namespace, &t.name_any()),
+        &previous,
+    )
+    .await
+    {
         Ok(()) => Ok(()),
         Err(published::PublishError::Api(e)) => Err(e.into()),
         Err(e) => Err(TransformStop::failed(
@@ -345,7 +353,9 @@ pub(super) async fn migrate_storage(
             // only the code is kept (its message may quote the instance's values).
             Err(kube::Error::Api(e)) => {
                 if progress.failed.len() < MAX_NAMED {
-                    progress.failed.push(format!("{}: {} {}", instance_key(instance), e.code, e.reason));
+                    progress
+                        .failed
+                        .push(format!("{}: {} {}", instance_key(instance), e.code, e.reason));
                 }
             }
             Err(e) => return Err(e.into()),
