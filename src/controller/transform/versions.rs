@@ -159,8 +159,12 @@ pub(super) async fn refuse_removing_stored(
             kube::Error::Api(s) if s.code == 404 => Ok(0),
             e => Err(e),
         })?;
+    // Mid-pass, the instances not reached yet (and those that failed) may be stored in an
+    // earlier version; otherwise any of them may be.
     let remaining = match &old.storage_migration {
-        Some(m) if m.phase == StorageMigrationPhase::Migrating => m.remaining.min(total),
+        Some(m) if m.phase == StorageMigrationPhase::Migrating && m.last.is_some() => {
+            (m.remaining + m.failed.len() as i64).min(total)
+        }
         _ => total,
     };
     let message = format!(
