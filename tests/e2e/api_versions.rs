@@ -200,7 +200,10 @@ async fn a_kind_moves_from_v1alpha1_to_v1beta1_without_instance_authors_doing_an
         "pequod_conversion_objects_total",
         "pequod_conversion_duration_seconds_count",
     ] {
-        assert!(support::metric_sum(metrics, series).await > 0.0, "{series} did not move");
+        assert!(
+            support::metric_sum(metrics, series).await > 0.0,
+            "{series} did not move"
+        );
     }
     let migrated = format!(
         "pequod_storage_migration_objects_total{{namespace=\"{}\",transform=\"web\"}}",
