@@ -13,6 +13,7 @@ use super::module::Module;
 use super::renderer::{Inner, Renderer, lock};
 use super::versions::{ApiVersion, PathSegment, parse_path};
 use super::{CueError, RenderError};
+use crate::canonical::canonical_json;
 use crate::lru::Lru;
 
 /// Most differences one round trip reports.
@@ -103,6 +104,9 @@ impl Route {
         self.versions.len() < 2
     }
 
+    /// The key of the result of converting `spec` along the route: its hash is of the very
+    /// text cue is given (see [`Route::source`]), so no two inputs cue may read differently
+    /// (`80.0` and `80`) share a key.
     fn cache_key(&self, digest: &str, spec: &Value) -> String {
         format!("{digest}/{}/{}", self.versions.join(">"), input_hash(spec))
     }
@@ -129,12 +133,15 @@ impl Route {
         }
     }
 
-    /// The CUE fields converting `spec` along the route; one line.
+    /// The CUE fields converting `spec` along the route; one line. The spec is written in its
+    /// canonical text, the one [`input_hash`] hashes: the cache key is then exactly what cue
+    /// read.
     fn source(&self, spec: &Value) -> String {
         let mut fields = vec![format!(
-            "{}: {} & {spec}",
+            "{}: {} & {}",
             self.stage(0),
-            self.schema_of(&self.versions[0])
+            self.schema_of(&self.versions[0]),
+            canonical_json(spec)
         )];
         for k in 1..self.versions.len() {
             let (previous, next) = (&self.versions[k - 1], &self.versions[k]);
@@ -165,7 +172,7 @@ pub(super) fn conversion_source(module: &Module, lines: &[(&Route, &Value)]) -> 
     let mut source = format!("package batch\n\n{}\n\nresults: {{\n", module.import_line());
     debug_assert_eq!(source.lines().count() + 1, FIRST_INPUT_LINE);
     for (i, (route, spec)) in lines.iter().enumerate() {
-        // JSON is CUE; serde_json never emits a newline in compact form.
+        // JSON is CUE; the canonical text, like serde_json's compact form, holds no newline.
         source.push_str(&format!("\t\"{i}\": {{{}}}\n", route.source(spec)));
     }
     source.push_str("}\n");
@@ -792,6 +799,26 @@ mod tests {
             "\t\"1\": {given: p.#Versions.v1alpha1.#Input & {\"port\":\"81\"}, _via1: p.#Input & (p.#Versions.v1alpha1.#ToStorage & {in: given}).out, converted: p.#Versions.v1alpha2.#Input & (p.#Versions.v1alpha2.#FromStorage & {in: _via1}).out}"
         );
         assert_eq!(lines.len(), FIRST_INPUT_LINE + 2);
+    }
+
+    #[test]
+    fn cue_is_given_the_text_the_cache_key_hashes() {
+        // 80.0 and 80 share a key, so cue must read the same text for both: otherwise one
+        // spec's result (an int field refusing 80.0) would be cached under the other's key.
+        let route = Route::conversion("v1beta1", "v1alpha1", "v1beta1");
+        let (float, int) = (json!({"p": 80.0, "b": [1.0, 0.5]}), json!({"b": [1, 0.5], "p": 80}));
+        assert_eq!(route.cache_key("d", &float), route.cache_key("d", &int));
+        assert_eq!(route.source(&float), route.source(&int));
+        assert_eq!(
+            conversion_source(&module(), &[(&route, &float)]),
+            conversion_source(&module(), &[(&route, &int)])
+        );
+        assert!(
+            route.source(&float).contains(r#"& {"b":[1,0.5],"p":80}"#),
+            "{}",
+            route.source(&float)
+        );
+        assert_ne!(route.cache_key("d", &json!({"p": 80.5})), route.cache_key("d", &int));
     }
 
     #[test]

@@ -255,6 +255,26 @@ async fn specs_convert_both_ways_with_a_renamed_field_of_another_type() {
 }
 
 #[tokio::test]
+async fn an_integral_float_converts_like_the_int_it_is_cached_as() {
+    // 8080.0 and 8080 share a cache key (the spec's canonical text), so cue must read the same
+    // text for both: given as serde prints it, cue would refuse 8080.0 for an int field and
+    // that failure would answer for 8080 too.
+    let h = harness();
+    let m = load(&h, &web_module("")).await;
+    let float = conversion("v1beta1", "v1alpha1", json!({"image": "nginx", "listenPort": 8080.0}));
+    let int = conversion("v1beta1", "v1alpha1", json!({"image": "nginx", "listenPort": 8080}));
+    let want = Ok(json!({"image": "nginx", "port": "8080"}));
+    let first = h.renderer.convert(&m, std::slice::from_ref(&float)).await;
+    assert_eq!(first[0], want);
+    assert_eq!(h.renderer.convert(&m, &[int]).await[0], want);
+    assert_eq!(conversions_timed(&h), 1, "the int is the float's cached result");
+    let back = conversion("v1alpha1", "v1beta1", json!({"image": "nginx", "port": "8080"}));
+    let round = h.renderer.convert(&m, &[float, back]).await;
+    assert_eq!(round[0], want);
+    assert_eq!(round[1], Ok(json!({"image": "nginx", "listenPort": 8080})));
+}
+
+#[tokio::test]
 async fn a_failing_object_gets_an_error_naming_its_field_and_the_others_convert() {
     let h = harness();
     let m = load(&h, &web_module("")).await;
