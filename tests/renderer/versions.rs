@@ -210,6 +210,13 @@ async fn every_rule_of_the_contract_is_refused_with_the_version_named() {
             format!("v1: {{storage: true}}\nv1beta1: {{lossy: [\"spec.a\"], {CONVERTS}}}"),
             "#Versions.v1beta1: lossy path \"spec.a\" names no field",
         ),
+        (
+            format!(
+                "v1: {{storage: true}}\nv1beta1: {{lossy: [{}], {CONVERTS}}}",
+                vec!["\"a\""; 65].join(", ")
+            ),
+            "#Versions.v1beta1: lossy lists 65 paths; at most 64 are allowed",
+        ),
     ];
     for (versions, want) in cases {
         let m = load(&h, &versions_module(&versions)).await;
