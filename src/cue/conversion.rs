@@ -469,7 +469,8 @@ type Converted = Result<Value, ConversionError>;
 
 impl Renderer {
     /// Converts each item's spec; one result per item, in order. The same version is the
-    /// spec itself; everything else not cached goes through one cue call.
+    /// spec itself; everything else not cached goes through one cue call per `max_batch`
+    /// (the renderer's) distinct conversions.
     pub async fn convert(&self, module: &Module, items: &[Conversion]) -> Vec<Converted> {
         if items.iter().all(|item| item.from == item.to) {
             return items.iter().map(|item| Ok(item.spec.clone())).collect();
@@ -518,8 +519,8 @@ impl Renderer {
     /// version, from there to every served version and back (differences outside that
     /// version's lossy paths fail), and back to `stored_version` (outside its lossy paths).
     /// Per spec, its failures as messages (`through v1alpha1: spec.debug differs`). Two cue
-    /// calls at most for the whole set: every first step, then every second; the comparisons
-    /// run on a blocking thread.
+    /// calls for the whole set when each step has at most `max_batch` distinct conversions:
+    /// every first step, then every second; the comparisons run on a blocking thread.
     pub async fn round_trips(
         &self,
         module: &Module,
@@ -594,7 +595,7 @@ impl Renderer {
     }
 
     /// Converts each spec along its route: identities at once, cached results from the
-    /// cache, every other distinct one in one cue call.
+    /// cache, every other distinct one in one cue call per `max_batch` of them.
     async fn run_routes(&self, module: &Module, items: &[(Route, &Value)]) -> Vec<Converted> {
         let mut results: Vec<Option<Converted>> = vec![None; items.len()];
         // Distinct conversions by cache key, with the items waiting for each.
@@ -616,7 +617,12 @@ impl Renderer {
                 .values()
                 .map(|(first, _)| (&items[*first].0, items[*first].1))
                 .collect();
-            let converted = convert_batch(&self.inner, module, &lines).await;
+            // At most max_batch objects a cue call, as for renders: one review of thousands of
+            // objects makes several calls of bounded size, one after the other.
+            let mut converted = Vec::with_capacity(lines.len());
+            for chunk in lines.chunks(self.inner.config.max_batch.max(1)) {
+                converted.extend(convert_batch(&self.inner, module, chunk).await);
+            }
             for ((key, (_, indexes)), result) in waiting.into_iter().zip(converted) {
                 if result.as_ref().err().is_none_or(|e| !e.is_transient()) {
                     let size = match &result {

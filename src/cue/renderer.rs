@@ -161,7 +161,7 @@ pub(super) struct Inner {
     pub(super) cli: CueCli,
     pub(super) store: ModuleStore,
     pub(super) metrics: Arc<Metrics>,
-    config: RendererConfig,
+    pub(super) config: RendererConfig,
     schemas: Mutex<HashMap<String, SchemaCell>>,
     renders: Mutex<RenderCache>,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,

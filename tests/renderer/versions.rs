@@ -335,6 +335,8 @@ async fn a_failing_object_gets_an_error_naming_its_field_and_the_others_convert(
 
 #[tokio::test]
 async fn a_hundred_objects_take_one_cue_call_and_none_once_cached() {
+    // Within the default max_batch, which splits larger sets (below).
+    assert!(pequod::cue::RendererConfig::new("/tmp").max_batch >= 100);
     let h = harness();
     let m = load(&h, &web_module("")).await;
     h.renderer.schema(&m).await.unwrap();
@@ -365,6 +367,52 @@ async fn a_hundred_objects_take_one_cue_call_and_none_once_cached() {
     let first = h.renderer.convert(&m, &bad).await;
     assert!(first[0].is_err());
     assert_eq!(h.renderer.convert(&m, &bad).await, first);
+    assert_eq!(h.invocations("export") - exports, 2);
+}
+
+#[tokio::test]
+async fn conversions_of_more_than_max_batch_objects_take_several_cue_calls() {
+    let cache = tempfile::tempdir().unwrap();
+    let metrics = std::sync::Arc::new(pequod::metrics::Metrics::new().unwrap());
+    let cli = pequod::cue::CueCli::new(super::cue_binary(), std::time::Duration::from_secs(60), 2)
+        .with_metrics(metrics.clone());
+    let mut config = pequod::cue::RendererConfig::new(cache.path());
+    config.max_batch = 2;
+    let h = Harness {
+        renderer: pequod::cue::Renderer::new(cli, config, metrics.clone()),
+        metrics,
+        _cache: cache,
+    };
+    let m = load(&h, &web_module("")).await;
+    let versions = h.renderer.schema(&m).await.unwrap().versions.clone();
+    let exports = h.invocations("export");
+    let items: Vec<Conversion> = (0..5)
+        .map(|i| {
+            conversion(
+                "v1beta1",
+                "v1alpha1",
+                json!({"image": format!("app-{i}"), "listenPort": 80 + i}),
+            )
+        })
+        .collect();
+    let results = h.renderer.convert(&m, &items).await;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(
+            r,
+            &Ok(json!({"image": format!("app-{i}"), "port": format!("{}", 80 + i)}))
+        );
+    }
+    assert_eq!(h.invocations("export") - exports, 3, "2 + 2 + 1 objects");
+    assert_eq!(conversions_timed(&h), 3);
+
+    // Round trips of three specs stored in the storage version: three trips through
+    // v1alpha1 (the only other served version), in two calls; none failing.
+    let specs: Vec<Value> = (0..3)
+        .map(|i| json!({"image": format!("trip-{i}"), "listenPort": 90 + i}))
+        .collect();
+    let exports = h.invocations("export");
+    let failures = h.renderer.round_trips(&m, &versions, "v1beta1", &specs).await;
+    assert_eq!(failures, vec![Vec::<String>::new(); 3]);
     assert_eq!(h.invocations("export") - exports, 2);
 }
 
