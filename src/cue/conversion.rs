@@ -42,6 +42,18 @@ pub enum ConversionError {
     Unavailable { message: String },
 }
 
+impl ConversionError {
+    /// The failure without cue's text or any value of the spec (`spec.port: conversion
+    /// failed`): for messages others than the object's owner read.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Field { path, .. } => format!("{path}: conversion failed"),
+            Self::Module { .. } => "the module cannot convert".into(),
+            Self::Unavailable { .. } => "conversion is unavailable".into(),
+        }
+    }
+}
+
 impl ErrorCategory for ConversionError {
     fn reason(&self) -> &'static str {
         match self {
@@ -518,9 +530,13 @@ impl Renderer {
     /// Whether each spec, stored in `stored_version`, survives conversion: to the storage
     /// version, from there to every served version and back (differences outside that
     /// version's lossy paths fail), and back to `stored_version` (outside its lossy paths).
-    /// Per spec, its failures as messages (`through v1alpha1: spec.debug differs`). Two cue
-    /// calls for the whole set when each step has at most `max_batch` distinct conversions:
-    /// every first step, then every second; the comparisons run on a blocking thread.
+    /// Per spec, its failures as messages naming the step, the field and the kind of failure
+    /// only (`through v1alpha1: spec.debug differs`, `to v1beta1: spec.port: conversion
+    /// failed`), never cue's text or a value: they reach a Transform's status and events,
+    /// read by others than the instances' owners. At most 10 per spec, each at most 256
+    /// bytes. Two cue calls for the whole set when each step has at most `max_batch` distinct
+    /// conversions: every first step, then every second; the comparisons run on a blocking
+    /// thread.
     pub async fn round_trips(
         &self,
         module: &Module,
@@ -537,7 +553,7 @@ impl Renderer {
                 "stored as {stored_version}, which is not one of the module's versions ({})",
                 known.join(", ")
             );
-            return vec![vec![message]; specs.len()];
+            return vec![vec![truncated(message, MAX_ROUND_TRIP_MESSAGE_BYTES)]; specs.len()];
         };
         let to_storage = Route::conversion(storage, stored_version, storage);
         let first: Vec<(Route, &Value)> = specs.iter().map(|spec| (to_storage.clone(), spec)).collect();
@@ -687,14 +703,15 @@ struct RoundTripSet {
 }
 
 impl RoundTripSet {
-    /// Per spec, its failures as messages (`through v1alpha1: spec.debug differs`).
+    /// Per spec, its failures as messages (`through v1alpha1: spec.debug differs`): see
+    /// [`bounded_messages`].
     fn failures(&self) -> Vec<Vec<String>> {
         let storage = &self.storage;
         let mut failures: Vec<Vec<String>> = self
             .in_storage
             .iter()
             .map(|converted| match converted {
-                Err(e) => vec![format!("to {storage}: {e}")],
+                Err(e) => vec![format!("to {storage}: {}", e.summary())],
                 Ok(_) => Vec::new(),
             })
             .collect();
@@ -713,13 +730,49 @@ impl RoundTripSet {
                 .as_ref()
                 .map(|back| round_trip_differences(expected, back, lossy))
             {
-                Err(e) => failed.push(format!("{step}: {e}")),
+                Err(e) => failed.push(format!("{step}: {}", e.summary())),
                 Ok(Err(too_large)) => failed.push(format!("{step}: spec {too_large}")),
                 Ok(Ok(paths)) => failed.extend(paths.into_iter().map(|path| format!("{step}: {path} differs"))),
             }
         }
-        failures
+        failures.into_iter().map(bounded_messages).collect()
     }
+}
+
+/// Most round-trip failure messages of one spec, before `and N more`.
+pub const MAX_ROUND_TRIP_MESSAGES: usize = 10;
+/// Most bytes of one round-trip failure message.
+pub const MAX_ROUND_TRIP_MESSAGE_BYTES: usize = 256;
+
+/// One spec's round-trip messages, bounded: they go into a Transform's status condition and
+/// events, with those of many instances, so each is cut to [`MAX_ROUND_TRIP_MESSAGE_BYTES`]
+/// and the first [`MAX_ROUND_TRIP_MESSAGES`] are followed by `and N more`.
+fn bounded_messages(messages: Vec<String>) -> Vec<String> {
+    let more = messages.len().saturating_sub(MAX_ROUND_TRIP_MESSAGES);
+    let mut bounded: Vec<String> = messages
+        .into_iter()
+        .take(MAX_ROUND_TRIP_MESSAGES)
+        .map(|m| truncated(m, MAX_ROUND_TRIP_MESSAGE_BYTES))
+        .collect();
+    if more > 0 {
+        bounded.push(format!("and {more} more"));
+    }
+    bounded
+}
+
+/// `text` in at most `max` bytes, cut on a character boundary and ending in `…` when cut.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = max.saturating_sub(ELLIPSIS.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(ELLIPSIS);
+    text
 }
 
 /// The route of one conversion, or why the module cannot take it.
@@ -1156,6 +1209,119 @@ mod tests {
         let differences = round_trip_differences(&Value::Object(original), &json!({}), &LossyPaths::default()).unwrap();
         assert_eq!(differences.len(), MAX_DIFFERENCES);
         assert_eq!(differences[0], "spec.f00");
+    }
+
+    fn round_trip_set(
+        stored: Vec<Value>,
+        in_storage: Vec<Converted>,
+        checks: Vec<(usize, &str, Against)>,
+        back: Vec<Converted>,
+    ) -> RoundTripSet {
+        RoundTripSet {
+            storage: "v1beta1".into(),
+            stored,
+            in_storage,
+            checks: checks
+                .into_iter()
+                .map(|(spec, step, against)| Check {
+                    spec,
+                    step: step.into(),
+                    against,
+                    lossy: 0,
+                })
+                .collect(),
+            back,
+            lossy: vec![LossyPaths::parse(&["debug".into()])],
+        }
+    }
+
+    #[test]
+    fn round_trip_messages_name_the_step_and_field_never_cue_s_text_or_values() {
+        let cue_text = |path: &str| ConversionError::Field {
+            path: path.into(),
+            message: "error in call to strconv.Atoi: parsing \"secret-abc\": invalid syntax".into(),
+        };
+        let set = round_trip_set(
+            vec![
+                json!({"port": "secret-abc"}),
+                json!({"port": "81"}),
+                json!({"port": "82", "x": 1}),
+            ],
+            vec![
+                Err(cue_text("spec.port")),
+                Ok(json!({"listenPort": 81, "debug": true})),
+                Ok(json!({"listenPort": 82})),
+            ],
+            vec![
+                (1, "through v1alpha1", Against::InStorage),
+                (1, "back to v1alpha1", Against::Stored),
+                (2, "through v1alpha1", Against::InStorage),
+                (2, "back to v1alpha1", Against::Stored),
+            ],
+            vec![
+                Ok(json!({"listenPort": 81})),
+                Err(cue_text("spec.listenPort")),
+                Err(ConversionError::Module {
+                    message: "cue printed invalid JSON: secret-abc".into(),
+                }),
+                Ok(json!({"port": "82"})),
+            ],
+        );
+        assert_eq!(
+            set.failures(),
+            [
+                vec!["to v1beta1: spec.port: conversion failed".to_string()],
+                vec!["back to v1alpha1: spec.listenPort: conversion failed".to_string()],
+                vec![
+                    "through v1alpha1: the module cannot convert".to_string(),
+                    "back to v1alpha1: spec.x differs".to_string()
+                ],
+            ]
+        );
+        let unavailable = ConversionError::Unavailable {
+            message: "cue: secret-abc".into(),
+        };
+        assert_eq!(unavailable.summary(), "conversion is unavailable");
+    }
+
+    #[test]
+    fn round_trip_messages_are_bounded_in_number_and_size() {
+        let many: serde_json::Map<String, Value> = (0..15).map(|i| (format!("f{i:02}"), json!(i))).collect();
+        let long_key = "k".repeat(400);
+        let set = round_trip_set(
+            Vec::new(),
+            vec![Ok(Value::Object(many)), Ok(json!({long_key.clone(): "é".repeat(10)}))],
+            vec![
+                (0, "through v1alpha1", Against::InStorage),
+                (1, "through v1alpha1", Against::InStorage),
+            ],
+            vec![Ok(json!({})), Ok(json!({}))],
+        );
+        let failures = set.failures();
+        assert_eq!(failures[0].len(), MAX_ROUND_TRIP_MESSAGES + 1);
+        assert_eq!(failures[0][0], "through v1alpha1: spec.f00 differs");
+        assert_eq!(failures[0][MAX_ROUND_TRIP_MESSAGES], "and 5 more");
+        let [long] = &failures[1][..] else {
+            panic!("{:?}", failures[1])
+        };
+        assert_eq!(long.len(), MAX_ROUND_TRIP_MESSAGE_BYTES);
+        assert!(
+            long.starts_with("through v1alpha1: spec.kkk") && long.ends_with("k…"),
+            "{long}"
+        );
+        // Cut on a character boundary.
+        assert_eq!(truncated("aé".repeat(200), 10), "aéaéa…");
+        assert_eq!(truncated("aé".repeat(200), 8), "aéa…");
+        assert_eq!(truncated("short".into(), 10), "short");
+        // A comparison that would take too long is a failure of its own.
+        let big = json!({"l": vec![json!(0); MAX_COMPARED_VALUES]});
+        let set = round_trip_set(
+            Vec::new(),
+            vec![Ok(big.clone())],
+            vec![(0, "through v1alpha1", Against::InStorage)],
+            vec![Ok(big)],
+        );
+        assert_eq!(set.failures(), [["through v1alpha1: spec too large to compare"]]);
     }
 
     #[test]
