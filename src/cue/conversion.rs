@@ -117,8 +117,8 @@ impl Route {
     }
 
     /// The key of the result of converting `spec` along the route: its hash is of the very
-    /// text cue is given (see [`Route::source`]), so no two inputs cue may read differently
-    /// (`80.0` and `80`) share a key.
+    /// text cue is given (see [`Route::source`]), so specs sharing a key (`80.0` and `80`)
+    /// are one input to cue.
     fn cache_key(&self, digest: &str, spec: &Value) -> String {
         format!("{digest}/{}/{}", self.versions.join(">"), input_hash(spec))
     }
