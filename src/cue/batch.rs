@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::module::Module;
 use crate::api::{GraphMetadata, Node, Violation};
+use crate::canonical::canonical_json;
 use crate::graph::{self, GraphError};
 
 /// Most bytes the rendered output of one input may take (the apiserver stores a
@@ -127,7 +128,7 @@ pub fn render_input(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Objec
 /// `sha256:<hex>` of a JSON value in its canonical text, so equal inputs hash equally.
 pub fn input_hash(value: &Value) -> String {
     use sha2::{Digest, Sha256};
-    let text = crate::canonical::canonical_json(value);
+    let text = canonical_json(value);
     format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes())))
 }
 
@@ -148,7 +149,9 @@ pub fn batch_source(module: &Module, inputs: &[&Value]) -> String {
         if let Some(obj) = rest.as_object_mut() {
             obj.remove("spec");
         }
-        // JSON is CUE; serde_json never emits a newline in compact form.
+        // JSON is CUE, and the canonical text holds no newline. Canonical, as the render's
+        // cache key hashes it: inputs of one key (`80.0`, `80`) are the same text to cue.
+        let (spec, rest) = (canonical_json(&spec), canonical_json(&rest));
         src.push_str(&format!(
             "\t\"{i}\": {{_spec: p.#Input & {spec}, (p.#Render & {{input: {rest} & {{spec: _spec}}}}).output}}\n"
         ));
@@ -414,6 +417,15 @@ mod tests {
                 .starts_with("\t\"1\": {_spec: p.#Input & {}, (p.#Render & {input: {\"metadata\":{\"name\":\"b\"}}")
         );
         assert!(lines[2].contains("import p \"pequod.local/module/platform:webservice\""));
+    }
+
+    #[test]
+    fn inputs_of_one_hash_are_one_text_to_cue() {
+        let float = json!({"metadata": {"name": "a", "uid": "u"}, "spec": {"port": 80.0}});
+        let int = json!({"spec": {"port": 80}, "metadata": {"uid": "u", "name": "a"}});
+        assert_eq!(input_hash(&float), input_hash(&int));
+        assert_eq!(batch_source(&module(), &[&float]), batch_source(&module(), &[&int]));
+        assert!(batch_source(&module(), &[&float]).contains("p.#Input & {\"port\":80}"));
     }
 
     #[test]

@@ -11,8 +11,9 @@ use serde_json::Value;
 use super::batch::{self, BATCH_FILE, FIRST_INPUT_LINE, input_hash};
 use super::module::Module;
 use super::renderer::{Inner, Renderer, lock};
-use super::versions::{ApiVersion, PathSegment, parse_path};
+use super::versions::{ApiVersion, MAX_LOSSY_PATH_CHARS, MAX_LOSSY_PATHS, PathSegment, parse_path};
 use super::{CueError, RenderError};
+use crate::canonical::canonical_json;
 use crate::lru::Lru;
 
 /// Most differences one round trip reports.
@@ -39,6 +40,18 @@ pub enum ConversionError {
     /// cue could not run or finish; the same conversion may succeed later.
     #[error("conversion is unavailable: {message}")]
     Unavailable { message: String },
+}
+
+impl ConversionError {
+    /// The failure without cue's text or any value of the spec (`spec.port: conversion
+    /// failed`): for messages others than the object's owner read.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Field { path, .. } => format!("{path}: conversion failed"),
+            Self::Module { .. } => "the module cannot convert".into(),
+            Self::Unavailable { .. } => "conversion is unavailable".into(),
+        }
+    }
 }
 
 impl ErrorCategory for ConversionError {
@@ -103,6 +116,9 @@ impl Route {
         self.versions.len() < 2
     }
 
+    /// The key of the result of converting `spec` along the route: its hash is of the very
+    /// text cue is given (see [`Route::source`]), so specs sharing a key (`80.0` and `80`)
+    /// are one input to cue.
     fn cache_key(&self, digest: &str, spec: &Value) -> String {
         format!("{digest}/{}/{}", self.versions.join(">"), input_hash(spec))
     }
@@ -129,12 +145,15 @@ impl Route {
         }
     }
 
-    /// The CUE fields converting `spec` along the route; one line.
+    /// The CUE fields converting `spec` along the route; one line. The spec is written in its
+    /// canonical text, the one [`input_hash`] hashes: the cache key is then exactly what cue
+    /// read.
     fn source(&self, spec: &Value) -> String {
         let mut fields = vec![format!(
-            "{}: {} & {spec}",
+            "{}: {} & {}",
             self.stage(0),
-            self.schema_of(&self.versions[0])
+            self.schema_of(&self.versions[0]),
+            canonical_json(spec)
         )];
         for k in 1..self.versions.len() {
             let (previous, next) = (&self.versions[k - 1], &self.versions[k]);
@@ -165,7 +184,7 @@ pub(super) fn conversion_source(module: &Module, lines: &[(&Route, &Value)]) -> 
     let mut source = format!("package batch\n\n{}\n\nresults: {{\n", module.import_line());
     debug_assert_eq!(source.lines().count() + 1, FIRST_INPUT_LINE);
     for (i, (route, spec)) in lines.iter().enumerate() {
-        // JSON is CUE; serde_json never emits a newline in compact form.
+        // JSON is CUE; the canonical text, like serde_json's compact form, holds no newline.
         source.push_str(&format!("\t\"{i}\": {{{}}}\n", route.source(spec)));
     }
     source.push_str("}\n");
@@ -282,46 +301,155 @@ fn spec_path(segments: &[String]) -> String {
     path
 }
 
-/// Dotted paths (`spec.port`, `spec.ports[2].name`) where `back`, a spec after a round trip,
-/// differs from `original`; nothing at or under a `lossy` path (paths inside spec, where
-/// `ports.name` covers every item's name) counts. The first [`MAX_DIFFERENCES`], in order.
-pub fn round_trip_differences(original: &Value, back: &Value, lossy: &[String]) -> Vec<String> {
-    let lossy: Vec<Vec<PathSegment>> = lossy.iter().filter_map(|p| parse_path(p)).collect();
-    let mut differences = Vec::new();
-    compare(Some(original), Some(back), &mut Vec::new(), &lossy, &mut differences);
-    differences
+/// A version's `lossy` paths, parsed once for every comparison of a round trip.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LossyPaths(Vec<Vec<PathSegment>>);
+
+impl LossyPaths {
+    /// The paths that parse, within the bounds extraction enforces (a module breaking them
+    /// was refused; one built otherwise has the excess ignored, so fewer losses are allowed).
+    pub fn parse(paths: &[String]) -> Self {
+        Self(
+            paths
+                .iter()
+                .take(MAX_LOSSY_PATHS)
+                .filter(|p| p.chars().count() <= MAX_LOSSY_PATH_CHARS)
+                .filter_map(|p| parse_path(p))
+                .collect(),
+        )
+    }
 }
 
-fn compare(
-    original: Option<&Value>,
-    back: Option<&Value>,
-    path: &mut Vec<PathSegment>,
-    lossy: &[Vec<PathSegment>],
-    differences: &mut Vec<String>,
-) {
-    if differences.len() >= MAX_DIFFERENCES || lossy.iter().any(|pattern| covers(pattern, path)) {
-        return;
-    }
-    match (original, back) {
-        (Some(Value::Object(a)), Some(Value::Object(b))) => {
-            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-            for key in keys {
-                path.push(PathSegment::Field(key.clone()));
-                compare(a.get(key), b.get(key), path, lossy, differences);
-                path.pop();
-            }
+/// A comparison that would visit more than [`MAX_COMPARED_VALUES`] values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too large to compare")]
+pub struct TooLargeToCompare;
+
+/// Most values one comparison visits (an object, list or scalar at a path of either side
+/// counts once): bounds the time of a round-trip check whatever the specs hold.
+pub const MAX_COMPARED_VALUES: usize = 100_000;
+
+/// Dotted paths (`spec.port`, `spec.ports[2].name`) where `back`, a spec after a round trip,
+/// differs from `original`; nothing at or under a `lossy` path (paths inside spec, where
+/// `ports.name` covers every item's name) counts. The first [`MAX_DIFFERENCES`], in order;
+/// an error when the specs are too large to compare.
+pub fn round_trip_differences(
+    original: &Value,
+    back: &Value,
+    lossy: &LossyPaths,
+) -> Result<Vec<String>, TooLargeToCompare> {
+    // Every pattern starts unmatched; one covering the whole spec cannot be written.
+    let active: Vec<Progress> = (0..lossy.0.len()).map(|p| (p, 0)).collect();
+    let mut comparer = Comparer {
+        lossy: &lossy.0,
+        path: Vec::new(),
+        differences: Vec::new(),
+        visited: 0,
+    };
+    comparer.compare(Some(original), Some(back), &active)?;
+    Ok(comparer.differences)
+}
+
+/// How far one lossy pattern (by index) matches the current path: its segments matched.
+type Progress = (usize, usize);
+
+struct Comparer<'a> {
+    lossy: &'a [Vec<PathSegment>],
+    path: Vec<PathSegment>,
+    differences: Vec<String>,
+    visited: usize,
+}
+
+impl Comparer<'_> {
+    /// Compares the values at the current path, which the patterns of `active` partly match
+    /// (and none covers).
+    fn compare(
+        &mut self,
+        original: Option<&Value>,
+        back: Option<&Value>,
+        active: &[Progress],
+    ) -> Result<(), TooLargeToCompare> {
+        if self.differences.len() >= MAX_DIFFERENCES {
+            return Ok(());
         }
-        (Some(Value::Array(a)), Some(Value::Array(b))) => {
-            for i in 0..a.len().max(b.len()) {
-                path.push(PathSegment::Index(i));
-                compare(a.get(i), b.get(i), path, lossy, differences);
-                path.pop();
+        self.visit(1)?;
+        match (original, back) {
+            (Some(Value::Object(a)), Some(Value::Object(b))) => {
+                // Refused before the keys are gathered: there are at least as many to visit.
+                self.fits(a.len().max(b.len()))?;
+                let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for key in keys {
+                    self.child(PathSegment::Field(key.clone()), a.get(key), b.get(key), active)?;
+                }
             }
+            (Some(Value::Array(a)), Some(Value::Array(b))) => {
+                self.fits(a.len().max(b.len()))?;
+                for i in 0..a.len().max(b.len()) {
+                    self.child(PathSegment::Index(i), a.get(i), b.get(i), active)?;
+                }
+            }
+            (Some(Value::Number(a)), Some(Value::Number(b))) if numbers_equal(a, b) => {}
+            (Some(a), Some(b)) if a == b => {}
+            _ => self.differences.push(display_path(&self.path)),
         }
-        (Some(Value::Number(a)), Some(Value::Number(b))) if numbers_equal(a, b) => {}
-        (Some(a), Some(b)) if a == b => {}
-        _ => differences.push(display_path(path)),
+        Ok(())
     }
+
+    /// Compares a child of the current path unless a lossy path covers it.
+    fn child(
+        &mut self,
+        segment: PathSegment,
+        original: Option<&Value>,
+        back: Option<&Value>,
+        active: &[Progress],
+    ) -> Result<(), TooLargeToCompare> {
+        let Some(next) = advance(self.lossy, active, &segment) else {
+            // Covered: counted, as its parent promised, but not compared.
+            return self.visit(1);
+        };
+        self.path.push(segment);
+        let compared = self.compare(original, back, &next);
+        self.path.pop();
+        compared
+    }
+
+    fn visit(&mut self, values: usize) -> Result<(), TooLargeToCompare> {
+        self.visited += values;
+        if self.visited > MAX_COMPARED_VALUES {
+            return Err(TooLargeToCompare);
+        }
+        Ok(())
+    }
+
+    fn fits(&self, values: usize) -> Result<(), TooLargeToCompare> {
+        if self.visited.saturating_add(values) > MAX_COMPARED_VALUES {
+            return Err(TooLargeToCompare);
+        }
+        Ok(())
+    }
+}
+
+/// The patterns of `active` still matching after the path goes on by `segment`, or `None`
+/// when one of them now covers the path (names it or a parent). A field after a list skips
+/// the list's index: `ports.name` covers `ports[2].name`.
+fn advance(lossy: &[Vec<PathSegment>], active: &[Progress], segment: &PathSegment) -> Option<Vec<Progress>> {
+    let mut next = Vec::with_capacity(active.len());
+    for &(p, at) in active {
+        let Some(pattern) = lossy.get(p) else { continue };
+        let moved = match (pattern.get(at), segment) {
+            (Some(PathSegment::Field(a)), PathSegment::Field(b)) => (a == b).then_some(at + 1),
+            (Some(PathSegment::Field(_)), PathSegment::Index(_)) => Some(at),
+            (Some(PathSegment::Index(a)), PathSegment::Index(b)) => (a == b).then_some(at + 1),
+            (Some(PathSegment::AnyIndex), PathSegment::Index(_)) => Some(at + 1),
+            _ => None,
+        };
+        match moved {
+            Some(at) if at >= pattern.len() => return None,
+            Some(at) => next.push((p, at)),
+            None => {}
+        }
+    }
+    Some(next)
 }
 
 /// 1 and 1.0 are the same number after a trip through cue.
@@ -331,30 +459,6 @@ fn numbers_equal(a: &serde_json::Number, b: &serde_json::Number) -> bool {
         (_, _, Some(x), Some(y)) => x == y,
         _ => a.as_f64() == b.as_f64(),
     }
-}
-
-/// Whether `pattern` names `path` or one of its parents. A field after a list skips the
-/// list's index: `ports.name` covers `ports[2].name`.
-fn covers(pattern: &[PathSegment], path: &[PathSegment]) -> bool {
-    let mut at = 0;
-    for segment in pattern {
-        if matches!(segment, PathSegment::Field(_)) {
-            while matches!(path.get(at), Some(PathSegment::Index(_))) {
-                at += 1;
-            }
-        }
-        let matched = match (segment, path.get(at)) {
-            (PathSegment::Field(a), Some(PathSegment::Field(b))) => a == b,
-            (PathSegment::Index(a), Some(PathSegment::Index(b))) => a == b,
-            (PathSegment::AnyIndex, Some(PathSegment::Index(_))) => true,
-            _ => false,
-        };
-        if !matched {
-            return false;
-        }
-        at += 1;
-    }
-    true
 }
 
 fn display_path(path: &[PathSegment]) -> String {
@@ -377,7 +481,8 @@ type Converted = Result<Value, ConversionError>;
 
 impl Renderer {
     /// Converts each item's spec; one result per item, in order. The same version is the
-    /// spec itself; everything else not cached goes through one cue call.
+    /// spec itself; everything else not cached goes through one cue call per `max_conversion_batch`
+    /// (the renderer's) distinct conversions.
     pub async fn convert(&self, module: &Module, items: &[Conversion]) -> Vec<Converted> {
         if items.iter().all(|item| item.from == item.to) {
             return items.iter().map(|item| Ok(item.spec.clone())).collect();
@@ -425,8 +530,13 @@ impl Renderer {
     /// Whether each spec, stored in `stored_version`, survives conversion: to the storage
     /// version, from there to every served version and back (differences outside that
     /// version's lossy paths fail), and back to `stored_version` (outside its lossy paths).
-    /// Per spec, its failures as messages (`through v1alpha1: spec.debug differs`). Two cue
-    /// calls at most for the whole set: every first step, then every second.
+    /// Per spec, its failures as messages naming the step, the field and the kind of failure
+    /// only (`through v1alpha1: spec.debug differs`, `to v1beta1: spec.port: conversion
+    /// failed`), never cue's text or a value: they reach a Transform's status and events,
+    /// read by others than the instances' owners. At most 10 per spec, each at most 256
+    /// bytes. Two cue calls for the whole set when each step has at most `max_conversion_batch` distinct
+    /// conversions: every first step, then every second; the comparisons run on a blocking
+    /// thread.
     pub async fn round_trips(
         &self,
         module: &Module,
@@ -437,60 +547,71 @@ impl Renderer {
         let Some(storage) = versions.iter().find(|v| v.storage).map(|v| v.name.as_str()) else {
             return vec![Vec::new(); specs.len()];
         };
-        let Some(stored) = versions.iter().find(|v| v.name == stored_version) else {
+        let Some(stored_at) = versions.iter().position(|v| v.name == stored_version) else {
             let known: Vec<&str> = versions.iter().map(|v| v.name.as_str()).collect();
             let message = format!(
                 "stored as {stored_version}, which is not one of the module's versions ({})",
                 known.join(", ")
             );
-            return vec![vec![message]; specs.len()];
+            return vec![vec![truncated(message, MAX_ROUND_TRIP_MESSAGE_BYTES)]; specs.len()];
         };
         let to_storage = Route::conversion(storage, stored_version, storage);
         let first: Vec<(Route, &Value)> = specs.iter().map(|spec| (to_storage.clone(), spec)).collect();
         let in_storage = self.run_routes(module, &first).await;
 
+        // Each version's lossy paths, parsed once for every comparison against them.
+        let lossy: Vec<LossyPaths> = versions.iter().map(|v| LossyPaths::parse(&v.lossy)).collect();
         // The second steps, each with the spec it must give back and the paths it may lose.
         let mut second: Vec<(Route, &Value)> = Vec::new();
-        let mut checks: Vec<(usize, String, &Value, &[String])> = Vec::new();
+        let mut checks: Vec<Check> = Vec::new();
         for (i, converted) in in_storage.iter().enumerate() {
             let Ok(spec) = converted else { continue };
-            for version in versions.iter().filter(|v| v.served && !v.storage) {
+            for (v, version) in versions.iter().enumerate().filter(|(_, v)| v.served && !v.storage) {
                 second.push((Route::round_trip(storage, &version.name), spec));
-                checks.push((i, format!("through {}", version.name), spec, version.lossy.as_slice()));
+                checks.push(Check {
+                    spec: i,
+                    step: format!("through {}", version.name),
+                    against: Against::InStorage,
+                    lossy: v,
+                });
             }
             if stored_version != storage {
                 second.push((Route::conversion(storage, storage, stored_version), spec));
-                checks.push((
-                    i,
-                    format!("back to {stored_version}"),
-                    &specs[i],
-                    stored.lossy.as_slice(),
-                ));
+                checks.push(Check {
+                    spec: i,
+                    step: format!("back to {stored_version}"),
+                    against: Against::Stored,
+                    lossy: stored_at,
+                });
             }
         }
         let back = self.run_routes(module, &second).await;
 
-        let mut failures = vec![Vec::new(); specs.len()];
-        for (i, converted) in in_storage.iter().enumerate() {
-            if let Err(e) = converted {
-                failures[i].push(format!("to {storage}: {e}"));
+        let set = RoundTripSet {
+            storage: storage.to_string(),
+            // Only the checks back to another version compare with the spec as stored.
+            stored: if stored_version == storage {
+                Vec::new()
+            } else {
+                specs.to_vec()
+            },
+            in_storage,
+            checks,
+            back,
+            lossy,
+        };
+        // Comparing may take a while on large specs: off the async runtime.
+        match tokio::task::spawn_blocking(move || set.failures()).await {
+            Ok(failures) => failures,
+            Err(e) => {
+                tracing::warn!(error = %e, "round-trip comparison did not finish");
+                vec![vec!["the round trip could not be compared".to_string()]; specs.len()]
             }
         }
-        for ((i, step, expected, lossy), result) in checks.into_iter().zip(back) {
-            match result {
-                Err(e) => failures[i].push(format!("{step}: {e}")),
-                Ok(back) => failures[i].extend(
-                    round_trip_differences(expected, &back, lossy)
-                        .into_iter()
-                        .map(|path| format!("{step}: {path} differs")),
-                ),
-            }
-        }
-        failures
     }
 
     /// Converts each spec along its route: identities at once, cached results from the
-    /// cache, every other distinct one in one cue call.
+    /// cache, every other distinct one in one cue call per `max_conversion_batch` of them.
     async fn run_routes(&self, module: &Module, items: &[(Route, &Value)]) -> Vec<Converted> {
         let mut results: Vec<Option<Converted>> = vec![None; items.len()];
         // Distinct conversions by cache key, with the items waiting for each.
@@ -512,7 +633,12 @@ impl Renderer {
                 .values()
                 .map(|(first, _)| (&items[*first].0, items[*first].1))
                 .collect();
-            let converted = convert_batch(&self.inner, module, &lines).await;
+            // At most max_conversion_batch objects a cue call: one review of thousands of
+            // objects makes several calls of bounded size, one after the other.
+            let mut converted = Vec::with_capacity(lines.len());
+            for chunk in lines.chunks(self.inner.config.max_conversion_batch.max(1)) {
+                converted.extend(convert_batch(&self.inner, module, chunk).await);
+            }
             for ((key, (_, indexes)), result) in waiting.into_iter().zip(converted) {
                 if result.as_ref().err().is_none_or(|e| !e.is_transient()) {
                     let size = match &result {
@@ -537,6 +663,116 @@ impl Renderer {
             })
             .collect()
     }
+}
+
+/// What a round trip's result is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Against {
+    /// The spec converted to the storage version (a trip through another version and back).
+    InStorage,
+    /// The spec as stored (after the trip back to the version it is stored in).
+    Stored,
+}
+
+/// One second step of a round trip and what its result must equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Check {
+    /// The spec's index.
+    spec: usize,
+    /// `through v1alpha1`, `back to v1alpha1`.
+    step: String,
+    against: Against,
+    /// The index of the version whose lossy paths apply.
+    lossy: usize,
+}
+
+/// Everything a round-trip check found in cue, owned so it can be compared on a blocking
+/// thread.
+#[derive(Debug, Clone, PartialEq)]
+struct RoundTripSet {
+    storage: String,
+    /// The specs as stored; empty when they are stored in the storage version.
+    stored: Vec<Value>,
+    /// Each spec converted to the storage version.
+    in_storage: Vec<Converted>,
+    checks: Vec<Check>,
+    /// Each check's result.
+    back: Vec<Converted>,
+    /// The lossy paths of each version, by index.
+    lossy: Vec<LossyPaths>,
+}
+
+impl RoundTripSet {
+    /// Per spec, its failures as messages (`through v1alpha1: spec.debug differs`): see
+    /// [`bounded_messages`].
+    fn failures(&self) -> Vec<Vec<String>> {
+        let storage = &self.storage;
+        let mut failures: Vec<Vec<String>> = self
+            .in_storage
+            .iter()
+            .map(|converted| match converted {
+                Err(e) => vec![format!("to {storage}: {}", e.summary())],
+                Ok(_) => Vec::new(),
+            })
+            .collect();
+        let none = LossyPaths::default();
+        for (check, result) in self.checks.iter().zip(&self.back) {
+            let expected = match check.against {
+                Against::InStorage => self.in_storage.get(check.spec).and_then(|r| r.as_ref().ok()),
+                Against::Stored => self.stored.get(check.spec),
+            };
+            let (Some(expected), Some(failed)) = (expected, failures.get_mut(check.spec)) else {
+                continue;
+            };
+            let step = &check.step;
+            let lossy = self.lossy.get(check.lossy).unwrap_or(&none);
+            match result
+                .as_ref()
+                .map(|back| round_trip_differences(expected, back, lossy))
+            {
+                Err(e) => failed.push(format!("{step}: {}", e.summary())),
+                Ok(Err(too_large)) => failed.push(format!("{step}: spec {too_large}")),
+                Ok(Ok(paths)) => failed.extend(paths.into_iter().map(|path| format!("{step}: {path} differs"))),
+            }
+        }
+        failures.into_iter().map(bounded_messages).collect()
+    }
+}
+
+/// Most round-trip failure messages of one spec, before `and N more`.
+pub const MAX_ROUND_TRIP_MESSAGES: usize = 10;
+/// Most bytes of one round-trip failure message.
+pub const MAX_ROUND_TRIP_MESSAGE_BYTES: usize = 256;
+
+/// One spec's round-trip messages, bounded: they go into a Transform's status condition and
+/// events, with those of many instances, so each is cut to [`MAX_ROUND_TRIP_MESSAGE_BYTES`]
+/// and the first [`MAX_ROUND_TRIP_MESSAGES`] are followed by `and N more`.
+fn bounded_messages(messages: Vec<String>) -> Vec<String> {
+    let more = messages.len().saturating_sub(MAX_ROUND_TRIP_MESSAGES);
+    let mut bounded: Vec<String> = messages
+        .into_iter()
+        .take(MAX_ROUND_TRIP_MESSAGES)
+        .map(|m| truncated(m, MAX_ROUND_TRIP_MESSAGE_BYTES))
+        .collect();
+    if more > 0 {
+        bounded.push(format!("and {more} more"));
+    }
+    bounded
+}
+
+/// `text` in at most `max` bytes, cut on a character boundary and ending in `…` when cut.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = max.saturating_sub(ELLIPSIS.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(ELLIPSIS);
+    text
 }
 
 /// The route of one conversion, or why the module cannot take it.
@@ -795,6 +1031,26 @@ mod tests {
     }
 
     #[test]
+    fn cue_is_given_the_text_the_cache_key_hashes() {
+        // 80.0 and 80 share a key, so cue must read the same text for both: otherwise one
+        // spec's result (an int field refusing 80.0) would be cached under the other's key.
+        let route = Route::conversion("v1beta1", "v1alpha1", "v1beta1");
+        let (float, int) = (json!({"p": 80.0, "b": [1.0, 0.5]}), json!({"b": [1, 0.5], "p": 80}));
+        assert_eq!(route.cache_key("d", &float), route.cache_key("d", &int));
+        assert_eq!(route.source(&float), route.source(&int));
+        assert_eq!(
+            conversion_source(&module(), &[(&route, &float)]),
+            conversion_source(&module(), &[(&route, &int)])
+        );
+        assert!(
+            route.source(&float).contains(r#"& {"b":[1,0.5],"p":80}"#),
+            "{}",
+            route.source(&float)
+        );
+        assert_ne!(route.cache_key("d", &json!({"p": 80.5})), route.cache_key("d", &int));
+    }
+
+    #[test]
     fn errors_name_the_field_of_the_earliest_step() {
         let route = Route::conversion("v1beta1", "v1alpha1", "v1");
         let error = field_error(
@@ -850,8 +1106,10 @@ mod tests {
     fn differences_are_dotted_paths_outside_lossy_ones() {
         let original = json!({"image": "nginx", "port": 80, "debug": true, "ports": [{"name": "a", "n": 1}, {"name": "b", "n": 2}], "weird.key": 1});
         let back = json!({"image": "nginx", "port": 80.0, "ports": [{"name": "x", "n": 1}, {"name": "y", "n": 3}, {"name": "z"}], "weird.key": 2});
+        let none = LossyPaths::default();
+        let lossy = |paths: &[&str]| LossyPaths::parse(&paths.iter().map(|p| p.to_string()).collect::<Vec<_>>());
         assert_eq!(
-            round_trip_differences(&original, &back, &[]),
+            round_trip_differences(&original, &back, &none).unwrap(),
             [
                 "spec.debug",
                 "spec.ports[0].name",
@@ -861,25 +1119,209 @@ mod tests {
                 "spec.\"weird.key\""
             ]
         );
-        let lossy = ["debug", "ports.name", "ports[2]", "weird.key"].map(String::from);
         assert_eq!(
-            round_trip_differences(&original, &back, &lossy),
+            round_trip_differences(
+                &original,
+                &back,
+                &lossy(&["debug", "ports.name", "ports[2]", "weird.key"])
+            )
+            .unwrap(),
             ["spec.ports[1].n", "spec.\"weird.key\""]
         );
         assert_eq!(
-            round_trip_differences(&original, &back, &["ports".into(), "debug".into(), "weird".into()]),
+            round_trip_differences(&original, &back, &lossy(&["ports", "debug", "weird"])).unwrap(),
             ["spec.\"weird.key\""]
         );
-        assert_eq!(round_trip_differences(&json!(1), &json!("1"), &[]), ["spec"]);
-        assert!(round_trip_differences(&original, &original, &[]).is_empty());
+        assert_eq!(round_trip_differences(&json!(1), &json!("1"), &none).unwrap(), ["spec"]);
+        assert!(round_trip_differences(&original, &original, &none).unwrap().is_empty());
+        // Indexes: a field skips any number of them, an index matches one.
+        let (a, b) = (
+            json!({"m": [[{"x": 1, "y": 1}], [{"x": 1}]]}),
+            json!({"m": [[{"x": 2, "y": 2}], [{"x": 2}]]}),
+        );
+        assert_eq!(
+            round_trip_differences(&a, &b, &lossy(&["m.x"])).unwrap(),
+            ["spec.m[0][0].y"]
+        );
+        assert_eq!(
+            round_trip_differences(&a, &b, &lossy(&["m[1][*]", "m[][0].y"])).unwrap(),
+            ["spec.m[0][0].x"]
+        );
+        assert_eq!(
+            round_trip_differences(&a, &b, &lossy(&["m[0].x", "m.y", "x"])).unwrap(),
+            ["spec.m[1][0].x"]
+        );
+    }
+
+    #[test]
+    fn comparisons_stop_at_a_bound_on_the_values_they_visit() {
+        // The root, the list and its n items: 2 + n values.
+        let list = |n: usize| json!({"l": vec![json!(1); n]});
+        let fits = list(MAX_COMPARED_VALUES - 2);
+        let none = LossyPaths::default();
+        assert_eq!(round_trip_differences(&fits, &fits, &none), Ok(Vec::new()));
+        let over = list(MAX_COMPARED_VALUES - 1);
+        assert_eq!(round_trip_differences(&over, &over, &none), Err(TooLargeToCompare));
+        // The bound is known before a large list or object is walked, on either side; a value
+        // missing on one side is one difference, not walked.
+        assert_eq!(round_trip_differences(&list(0), &over, &none), Err(TooLargeToCompare));
+        assert_eq!(
+            round_trip_differences(&json!({}), &over, &none),
+            Ok(vec!["spec.l".into()])
+        );
+        let wide: serde_json::Map<String, Value> =
+            (0..MAX_COMPARED_VALUES).map(|i| (i.to_string(), json!(i))).collect();
+        assert_eq!(
+            round_trip_differences(&Value::Object(wide), &json!({}), &none),
+            Err(TooLargeToCompare)
+        );
+        // A lossy value is not walked.
+        let lossy = LossyPaths::parse(&["l".into()]);
+        assert_eq!(round_trip_differences(&over, &list(3), &lossy), Ok(Vec::new()));
+        assert_eq!(TooLargeToCompare.to_string(), "too large to compare");
+    }
+
+    #[test]
+    fn lossy_paths_are_bounded_when_parsed() {
+        let many: Vec<String> = (0..MAX_LOSSY_PATHS + 10).map(|i| format!("f{i}")).collect();
+        assert_eq!(LossyPaths::parse(&many).0.len(), MAX_LOSSY_PATHS);
+        let long = [
+            "a".repeat(MAX_LOSSY_PATH_CHARS + 1),
+            "a".repeat(MAX_LOSSY_PATH_CHARS),
+            "a..b".into(),
+        ];
+        assert_eq!(LossyPaths::parse(&long).0.len(), 1);
+    }
+
+    #[test]
+    fn the_most_lossy_paths_over_a_large_list_are_compared_once_per_value() {
+        // Every item is visited once, with each path followed along, not re-parsed and matched
+        // from the root at every value.
+        let paths: Vec<String> = (0..MAX_LOSSY_PATHS).map(|i| format!("items.f{i}")).collect();
+        let lossy = LossyPaths::parse(&paths);
+        let items = |v: i64| json!({"items": (0..10_000).map(|i| json!({"f0": v, "n": i})).collect::<Vec<_>>()});
+        assert_eq!(round_trip_differences(&items(1), &items(2), &lossy), Ok(Vec::new()));
     }
 
     #[test]
     fn differences_are_bounded() {
         let original: serde_json::Map<String, Value> = (0..50).map(|i| (format!("f{i:02}"), json!(i))).collect();
-        let differences = round_trip_differences(&Value::Object(original), &json!({}), &[]);
+        let differences = round_trip_differences(&Value::Object(original), &json!({}), &LossyPaths::default()).unwrap();
         assert_eq!(differences.len(), MAX_DIFFERENCES);
         assert_eq!(differences[0], "spec.f00");
+    }
+
+    fn round_trip_set(
+        stored: Vec<Value>,
+        in_storage: Vec<Converted>,
+        checks: Vec<(usize, &str, Against)>,
+        back: Vec<Converted>,
+    ) -> RoundTripSet {
+        RoundTripSet {
+            storage: "v1beta1".into(),
+            stored,
+            in_storage,
+            checks: checks
+                .into_iter()
+                .map(|(spec, step, against)| Check {
+                    spec,
+                    step: step.into(),
+                    against,
+                    lossy: 0,
+                })
+                .collect(),
+            back,
+            lossy: vec![LossyPaths::parse(&["debug".into()])],
+        }
+    }
+
+    #[test]
+    fn round_trip_messages_name_the_step_and_field_never_cue_s_text_or_values() {
+        let cue_text = |path: &str| ConversionError::Field {
+            path: path.into(),
+            message: "error in call to strconv.Atoi: parsing \"secret-abc\": invalid syntax".into(),
+        };
+        let set = round_trip_set(
+            vec![
+                json!({"port": "secret-abc"}),
+                json!({"port": "81"}),
+                json!({"port": "82", "x": 1}),
+            ],
+            vec![
+                Err(cue_text("spec.port")),
+                Ok(json!({"listenPort": 81, "debug": true})),
+                Ok(json!({"listenPort": 82})),
+            ],
+            vec![
+                (1, "through v1alpha1", Against::InStorage),
+                (1, "back to v1alpha1", Against::Stored),
+                (2, "through v1alpha1", Against::InStorage),
+                (2, "back to v1alpha1", Against::Stored),
+            ],
+            vec![
+                Ok(json!({"listenPort": 81})),
+                Err(cue_text("spec.listenPort")),
+                Err(ConversionError::Module {
+                    message: "cue printed invalid JSON: secret-abc".into(),
+                }),
+                Ok(json!({"port": "82"})),
+            ],
+        );
+        assert_eq!(
+            set.failures(),
+            [
+                vec!["to v1beta1: spec.port: conversion failed".to_string()],
+                vec!["back to v1alpha1: spec.listenPort: conversion failed".to_string()],
+                vec![
+                    "through v1alpha1: the module cannot convert".to_string(),
+                    "back to v1alpha1: spec.x differs".to_string()
+                ],
+            ]
+        );
+        let unavailable = ConversionError::Unavailable {
+            message: "cue: secret-abc".into(),
+        };
+        assert_eq!(unavailable.summary(), "conversion is unavailable");
+    }
+
+    #[test]
+    fn round_trip_messages_are_bounded_in_number_and_size() {
+        let many: serde_json::Map<String, Value> = (0..15).map(|i| (format!("f{i:02}"), json!(i))).collect();
+        let long_key = "k".repeat(400);
+        let set = round_trip_set(
+            Vec::new(),
+            vec![Ok(Value::Object(many)), Ok(json!({long_key.clone(): "é".repeat(10)}))],
+            vec![
+                (0, "through v1alpha1", Against::InStorage),
+                (1, "through v1alpha1", Against::InStorage),
+            ],
+            vec![Ok(json!({})), Ok(json!({}))],
+        );
+        let failures = set.failures();
+        assert_eq!(failures[0].len(), MAX_ROUND_TRIP_MESSAGES + 1);
+        assert_eq!(failures[0][0], "through v1alpha1: spec.f00 differs");
+        assert_eq!(failures[0][MAX_ROUND_TRIP_MESSAGES], "and 5 more");
+        let [long] = &failures[1][..] else {
+            panic!("{:?}", failures[1])
+        };
+        assert_eq!(long.len(), MAX_ROUND_TRIP_MESSAGE_BYTES);
+        assert!(
+            long.starts_with("through v1alpha1: spec.kkk") && long.ends_with("k…"),
+            "{long}"
+        );
+        // Cut on a character boundary.
+        assert_eq!(truncated("aé".repeat(200), 10), "aéaéa…");
+        assert_eq!(truncated("aé".repeat(200), 8), "aéa…");
+        assert_eq!(truncated("short".into(), 10), "short");
+        // A comparison that would take too long is a failure of its own.
+        let big = json!({"l": vec![json!(0); MAX_COMPARED_VALUES]});
+        let set = round_trip_set(
+            Vec::new(),
+            vec![Ok(big.clone())],
+            vec![(0, "through v1alpha1", Against::InStorage)],
+            vec![Ok(big)],
+        );
+        assert_eq!(set.failures(), [["through v1alpha1: spec too large to compare"]]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod schema;
 pub mod versions;
 
 pub use batch::{RenderError, RenderOutput, input_hash, render_input};
-pub use conversion::{Conversion, ConversionError, round_trip_differences};
+pub use conversion::{Conversion, ConversionError, LossyPaths, TooLargeToCompare, round_trip_differences};
 pub use module::{Module, ModuleError, ModuleFiles, ModuleStore, is_digest};
 pub use process::{CueCli, MAX_STDERR_BYTES, MAX_STDOUT_BYTES};
 pub use renderer::{ModuleMetadata, ModuleSchema, PrinterColumn, RenderResult, Renderer, RendererConfig};

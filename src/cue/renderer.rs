@@ -32,6 +32,9 @@ pub struct RendererConfig {
     pub batch_window: Duration,
     /// Most inputs evaluated in one cue call.
     pub max_batch: usize,
+    /// Most objects converted in one cue call: a conversion is far cheaper than a render, and
+    /// a `kubectl get` of 500 instances should take one.
+    pub max_conversion_batch: usize,
     /// Most conversion results kept in memory.
     pub max_cached_conversions: usize,
     /// Most bytes of conversion results kept in memory (as JSON).
@@ -46,6 +49,7 @@ impl RendererConfig {
             max_cached_bytes: 64 * 1024 * 1024,
             batch_window: Duration::from_millis(25),
             max_batch: 200,
+            max_conversion_batch: 1_000,
             max_cached_conversions: 10_000,
             max_cached_conversion_bytes: 32 * 1024 * 1024,
         }
@@ -161,7 +165,7 @@ pub(super) struct Inner {
     pub(super) cli: CueCli,
     pub(super) store: ModuleStore,
     pub(super) metrics: Arc<Metrics>,
-    config: RendererConfig,
+    pub(super) config: RendererConfig,
     schemas: Mutex<HashMap<String, SchemaCell>>,
     renders: Mutex<RenderCache>,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,

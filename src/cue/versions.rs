@@ -16,6 +16,11 @@ use super::{CueCli, CueError, SchemaError, crd_schema_from_openapi};
 pub const MAX_VERSIONS: usize = 8;
 /// Most characters of a deprecation warning (the apiserver's own bound).
 pub const MAX_DEPRECATION_WARNING: usize = 256;
+/// Most `lossy` paths one version may list: each is followed through every value a round
+/// trip compares.
+pub const MAX_LOSSY_PATHS: usize = 64;
+/// Most characters of one `lossy` path.
+pub const MAX_LOSSY_PATH_CHARS: usize = 256;
 /// The generated file of the `meta` package that exports each version's flags.
 pub(super) const FLAGS_FILE: &str = "meta/versions.cue";
 /// The generated package that re-exports each non-storage version's `#Input` for cue's
@@ -254,17 +259,36 @@ fn declared_version(name: &str, declaration: &Value) -> Result<Declared, RenderE
         )));
     }
     check_deprecation(&at, &flags)?;
-    for path in &flags.lossy {
+    check_lossy(&at, &flags.lossy)?;
+    Ok(Declared {
+        name: name.to_string(),
+        flags,
+    })
+}
+
+/// A version's `lossy` paths: few and short, since a round trip's comparison follows each of
+/// them (the paths themselves are not quoted back when too long).
+fn check_lossy(at: &str, lossy: &[String]) -> Result<(), RenderError> {
+    if lossy.len() > MAX_LOSSY_PATHS {
+        return Err(invalid(format!(
+            "{at}: lossy lists {} paths; at most {MAX_LOSSY_PATHS} are allowed",
+            lossy.len()
+        )));
+    }
+    for (i, path) in lossy.iter().enumerate() {
+        let chars = path.chars().count();
+        if chars > MAX_LOSSY_PATH_CHARS {
+            return Err(invalid(format!(
+                "{at}: lossy path {i} is {chars} characters; at most {MAX_LOSSY_PATH_CHARS} are allowed"
+            )));
+        }
         if parse_path(path).is_none() {
             return Err(invalid(format!(
                 "{at}: lossy path {path:?} is not a dotted path inside spec (debug, ports[].name)"
             )));
         }
     }
-    Ok(Declared {
-        name: name.to_string(),
-        flags,
-    })
+    Ok(())
 }
 
 fn check_deprecation(at: &str, flags: &Flags) -> Result<(), RenderError> {
@@ -612,6 +636,14 @@ mod tests {
                 "#Versions.v1beta1: lossy path \"a..b\" is not a dotted path",
             ),
             (json!({"versions": 3}), "#Versions must be a struct of versions"),
+            (
+                json!({"versions": {"v1": storage(), "v1beta1": other(json!({"lossy": vec!["a"; 65]}))}}),
+                "#Versions.v1beta1: lossy lists 65 paths; at most 64 are allowed",
+            ),
+            (
+                json!({"versions": {"v1": storage(), "v1beta1": other(json!({"lossy": ["a", "b".repeat(257)]}))}}),
+                "#Versions.v1beta1: lossy path 1 is 257 characters; at most 256 are allowed",
+            ),
         ];
         for (meta, want) in cases {
             let message = refusal(meta);
@@ -624,6 +656,21 @@ mod tests {
             refusal(json!({"versions": nine})),
             "#Versions declares 9 versions; at most 8 are allowed"
         );
+    }
+
+    #[test]
+    fn lossy_paths_up_to_the_limits_are_allowed() {
+        let longest = format!("a{}", ".b".repeat((MAX_LOSSY_PATH_CHARS - 1) / 2));
+        assert_eq!(longest.chars().count(), MAX_LOSSY_PATH_CHARS - 1);
+        let mut lossy = vec![format!("{longest}c")];
+        lossy.resize(MAX_LOSSY_PATHS, "debug".to_string());
+        assert_eq!(lossy[0].chars().count(), MAX_LOSSY_PATH_CHARS);
+        let meta = json!({"versions": {
+            "v1": declaration(json!({"storage": true}), [false; 3]),
+            "v1beta1": declaration(json!({"lossy": lossy}), [true; 3]),
+        }});
+        let declared = declared_versions(&meta).unwrap();
+        assert_eq!(declared[1].flags.lossy.len(), MAX_LOSSY_PATHS);
     }
 
     fn openapi() -> Value {
