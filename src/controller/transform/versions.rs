@@ -293,8 +293,8 @@ pub(super) fn next_migration_step(
 }
 
 /// `namespace/name`, the order instances are migrated in.
-fn instance_key(meta: &PartialObjectMeta<DynamicObject>) -> String {
-    format!("{}/{}", meta.namespace().unwrap_or_default(), meta.name_any())
+fn instance_key(object: &impl ResourceExt) -> String {
+    format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any())
 }
 
 /// Moves stored instances into the storage version a chunk at a time, then tells the apiserver
@@ -339,9 +339,13 @@ pub(super) async fn migrate_storage(
         progress.failed.clear();
         progress.message = None;
     }
-    let pending: Vec<&PartialObjectMeta<DynamicObject>> = instances
+    // One list in the storage version (one conversion review for what is stored in another)
+    // rather than a read per instance; each is written back as listed.
+    let mut listed = api.list(&ListParams::default()).await?.items;
+    listed.sort_by_key(instance_key);
+    let pending: Vec<&DynamicObject> = listed
         .iter()
-        .filter(|i| progress.last.as_ref().is_none_or(|last| instance_key(i) > *last))
+        .filter(|i| progress.last.as_ref().is_none_or(|last| instance_key(*i) > *last))
         .collect();
     let labels = [t.namespace().unwrap_or_default(), t.name_any()];
     for instance in pending.iter().take(MIGRATION_CHUNK) {
@@ -357,14 +361,12 @@ pub(super) async fn migrate_storage(
             // only the code is kept (its message may quote the instance's values).
             Err(kube::Error::Api(e)) => {
                 if progress.failed.len() < MAX_NAMED {
-                    progress
-                        .failed
-                        .push(format!("{}: {} {}", instance_key(instance), e.code, e.reason));
+                    progress.failed.push(format!("{}: {} {}", instance_key(*instance), e.code, e.reason));
                 }
             }
             Err(e) => return Err(e.into()),
         }
-        progress.last = Some(instance_key(instance));
+        progress.last = Some(instance_key(*instance));
         tokio::time::sleep(MIGRATION_PACE).await;
     }
     progress.remaining = pending.len().saturating_sub(MIGRATION_CHUNK) as i64;
@@ -446,26 +448,22 @@ async fn instances_elsewhere(
     }
 }
 
-/// Reads `instance` in the storage version and writes it back unchanged, which stores it in
-/// that version. Someone else writing or deleting it meanwhile did the same.
+/// Writes `instance` (as listed in the storage version) back unchanged, which stores it in
+/// that version. Someone else writing or deleting it meanwhile did the same (409, 404).
 async fn rewrite(
     ctx: &Context,
     crd: &CustomResourceDefinition,
     storage: &str,
-    instance: &PartialObjectMeta<DynamicObject>,
+    instance: &DynamicObject,
 ) -> Result<(), kube::Error> {
     let namespace = instance.namespace().unwrap_or_default();
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &namespace, &instance_resource(crd, storage));
-    let name = instance.name_any();
-    let Some(current) = api.get_opt(&name).await? else {
-        return Ok(());
-    };
     let params = PostParams {
         field_manager: Some(STORAGE_MIGRATION_MANAGER.to_string()),
         ..Default::default()
     };
-    match api.replace(&name, &params, &current).await {
+    match api.replace(&instance.name_any(), &params, instance).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(()),
         Err(e) => Err(e),
