@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures::FutureExt;
@@ -274,7 +274,19 @@ async fn convert<C: Converter>(
             tracing::info!(%target, %uid, %desired, objects, failed = %failed.join(","), took_ms, "conversion review answered Failure");
         }
     }
-    axum::Json(answer.review).into_response()
+    encoded(&answer)
+}
+
+/// The review of `answer` as the HTTP response, its buffer allocated once at about its size.
+fn encoded(answer: &Answer) -> Response {
+    let mut body = Vec::with_capacity(answer.encoded_bytes);
+    match serde_json::to_writer(&mut body, &answer.review) {
+        Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "encoding a conversion review failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }
 
 impl<C: Converter> Webhook<C> {
