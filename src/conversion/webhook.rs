@@ -11,17 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use serde_json::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::certificate::CertResolver;
 use super::published::{self, PublishError};
@@ -35,9 +35,22 @@ use crate::metrics::Metrics;
 
 /// Longest a review may take, from its arrival to its answer: the apiserver gives up after 10 s.
 pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(8);
-/// Most reviews read and converted at once; more wait (within their deadline). Each may hold
-/// a body of up to 32 MiB.
-const MAX_CONCURRENT_REVIEWS: usize = 4;
+/// Longest a review's body may take to arrive, from the request's arrival: the apiserver sends
+/// it at once, and a body that trickles holds its share of memory meanwhile.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most conversions at once (each a cue call), taken only once a review is read and parsed.
+const MAX_CONCURRENT_CONVERSIONS: usize = 4;
+/// Bytes of memory the reviews in flight may hold together; a review waits, within its
+/// deadline, for its share. A body counts twice its bytes (the body, then its objects' text, or
+/// the answer), from the moment each piece arrives; specs count twice the bound of their parsed
+/// size (parsed, and converted). 128 MiB is two of the largest bodies.
+pub const REVIEW_MEMORY_BYTES: usize = 128 * 1024 * 1024;
+/// A body's bytes count this many times against [`REVIEW_MEMORY_BYTES`].
+const BODY_MEMORY_FACTOR: usize = 2;
+/// A spec's parsed size bound counts this many times against [`REVIEW_MEMORY_BYTES`].
+const SPEC_MEMORY_FACTOR: usize = 2;
+/// Size of the pieces an answer is sent in: the memory it holds is given back after the last.
+const ANSWER_CHUNK_BYTES: usize = 1024 * 1024;
 /// How long a kind read from a CRD is reused.
 const KIND_TTL: Duration = Duration::from_secs(60);
 /// Most kinds remembered.
@@ -164,8 +177,10 @@ pub trait Converter: Send + Sync + 'static {
 pub struct Webhook<C> {
     converter: C,
     metrics: Arc<Metrics>,
-    reviews: Semaphore,
+    conversions: Semaphore,
+    memory: MemoryBudget,
     timeout: Duration,
+    body_timeout: Duration,
     max_body: usize,
 }
 
@@ -174,15 +189,18 @@ impl<C: Converter> Webhook<C> {
         Self {
             converter,
             metrics,
-            reviews: Semaphore::new(MAX_CONCURRENT_REVIEWS),
+            conversions: Semaphore::new(MAX_CONCURRENT_CONVERSIONS),
+            memory: MemoryBudget::new(REVIEW_MEMORY_BYTES),
             timeout: REVIEW_TIMEOUT,
+            body_timeout: BODY_TIMEOUT,
             max_body: review::MAX_REVIEW_BYTES,
         }
     }
 
-    /// With another deadline than [`REVIEW_TIMEOUT`] (tests).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+    /// With other deadlines than [`REVIEW_TIMEOUT`] and [`BODY_TIMEOUT`] (tests).
+    pub fn with_timeouts(mut self, review: Duration, body: Duration) -> Self {
+        self.timeout = review;
+        self.body_timeout = body;
         self
     }
 
@@ -192,8 +210,15 @@ impl<C: Converter> Webhook<C> {
         self
     }
 
-    /// Converts `request` for `target`.
-    async fn answer(&self, target: &Target, request: review::Request) -> Answer {
+    /// With less memory for reviews than [`REVIEW_MEMORY_BYTES`] (tests).
+    pub fn with_memory(mut self, bytes: usize) -> Self {
+        self.memory = MemoryBudget::new(bytes.min(REVIEW_MEMORY_BYTES));
+        self
+    }
+
+    /// Converts `request` for `target`, within `reserved`'s share of memory, which grows to
+    /// hold the specs parsed.
+    async fn answer(&self, target: &Target, request: review::Request, reserved: &mut Reservation) -> Answer {
         let failed = |message: String| review::failure(&request.uid, &message, Vec::new());
         let kind = match self.converter.served_kind(target).await {
             Ok(kind) => kind,
@@ -202,6 +227,12 @@ impl<C: Converter> Webhook<C> {
                 return failed(e.to_string());
             }
         };
+        // Specs are parsed only once the memory they take is set aside.
+        let specs_bytes = request.parsed_specs_bound().saturating_mul(SPEC_MEMORY_FACTOR);
+        if let Err(e) = reserved.grow(specs_bytes).await {
+            tracing::info!(%target, error = %e, reason = e.reason(), "conversion refused: not enough memory");
+            return failed(e.to_string());
+        }
         let plan = match review::plan(&request, &kind) {
             Ok(plan) => plan,
             Err(message) => return failed(message),
@@ -209,12 +240,141 @@ impl<C: Converter> Webhook<C> {
         if plan.conversions.is_empty() {
             return review::answer(request, &plan, Vec::new());
         }
+        let Ok(_converting) = self.conversions.acquire().await else {
+            return failed("the conversion webhook is stopping".into());
+        };
         match self.converter.convert(target, &plan.conversions).await {
             Ok(converted) => review::answer(request, &plan, converted),
             Err(e) => {
                 tracing::warn!(%target, error = %e, reason = e.reason(), "conversion failed: the module is unavailable");
                 failed(e.to_string())
             }
+        }
+    }
+}
+
+/// Memory the reviews in flight may hold together, in bytes.
+struct MemoryBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl MemoryBudget {
+    fn new(total: usize) -> Self {
+        // Permits are taken up to u32::MAX at once.
+        let total = total.min(u32::MAX as usize);
+        Self {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// An empty share, to grow as a review needs.
+    fn reserve(&self) -> Reservation {
+        Reservation {
+            bytes: self.bytes.clone(),
+            total: self.total,
+            held: None,
+        }
+    }
+}
+
+/// The share of the memory budget one review holds; given back when dropped, which is once its
+/// answer is sent (the answer's body holds it).
+struct Reservation {
+    bytes: Arc<Semaphore>,
+    total: usize,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+/// Why a review cannot have the memory it needs.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "the review needs about {bytes} bytes of memory; the conversion webhook has {total} for all reviews at once: convert fewer objects at once"
+    )]
+    OverBudget { bytes: usize, total: usize },
+    #[error("the conversion webhook is stopping")]
+    Closed,
+}
+
+impl MemoryError {
+    /// Stable reason, for logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::OverBudget { .. } => "OverMemoryBudget",
+            Self::Closed => "Stopping",
+        }
+    }
+}
+
+impl Reservation {
+    fn held(&self) -> usize {
+        self.held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits)
+    }
+
+    /// `bytes` more, once the budget has them (callers bound the wait). A review that could
+    /// never fit is refused at once.
+    async fn grow(&mut self, bytes: usize) -> Result<(), MemoryError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let wanted = self.held().saturating_add(bytes);
+        let over = || MemoryError::OverBudget {
+            bytes: wanted,
+            total: self.total,
+        };
+        if wanted > self.total {
+            return Err(over());
+        }
+        let count = u32::try_from(bytes).map_err(|_| over())?;
+        let permit = self
+            .bytes
+            .clone()
+            .acquire_many_owned(count)
+            .await
+            .map_err(|_| MemoryError::Closed)?;
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
+        }
+        Ok(())
+    }
+}
+
+/// Why a request's body was not read (answered without a review).
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("a review body has at most {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the review body did not arrive within {seconds}s")]
+    TooSlow { seconds: f64 },
+    #[error("the review body could not be read: {message}")]
+    Broken { message: String },
+    #[error(transparent)]
+    Memory(MemoryError),
+    #[error("the conversion webhook is holding as many reviews as its memory allows; try again")]
+    Busy,
+}
+
+impl BodyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::TooLarge { .. } | Self::Memory(MemoryError::OverBudget { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::Broken { .. } => StatusCode::BAD_REQUEST,
+            Self::Memory(MemoryError::Closed) | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Stable reason, for logs.
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "BodyTooLarge",
+            Self::TooSlow { .. } => "BodyTooSlow",
+            Self::Broken { .. } => "BodyBroken",
+            Self::Memory(e) => e.reason(),
+            Self::Busy => "MemoryBusy",
         }
     }
 }
@@ -231,29 +391,37 @@ async fn convert<C: Converter>(
     Path((namespace, transform, digest)): Path<(String, String, String)>,
     body: Body,
 ) -> Response {
-    let deadline = tokio::time::Instant::now() + hook.timeout;
+    let arrived = tokio::time::Instant::now();
     let target = match Target::from_path(&namespace, &transform, &digest) {
         Ok(target) => target,
         Err(why) => return hook.refuse(StatusCode::NOT_FOUND, why),
     };
-    // Bodies are read only with a permit: at most that many are held at once.
-    let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, hook.reviews.acquire()).await else {
-        return hook.refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many conversion reviews at once".into(),
-        );
+    // The body is read first, under its own deadline and holding only memory: a body that
+    // trickles holds no conversion and is cut off soon.
+    let mut reserved = hook.memory.reserve();
+    let bytes = match hook.read_body(body, &mut reserved, arrived + hook.body_timeout).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::debug!(%target, error = %e, reason = e.reason(), "refused a review body");
+            return hook.refuse(e.status(), e.to_string());
+        }
     };
-    let request = match hook.read(&target, body, deadline).await {
+    let request = match review::parse(&bytes) {
         Ok(request) => request,
-        Err(refused) => return refused,
+        Err(e) => {
+            tracing::debug!(%target, reason = e.reason(), "refused a request that is not a conversion review");
+            return hook.refuse(StatusCode::BAD_REQUEST, e.to_string());
+        }
     };
+    drop(bytes);
     let (uid, objects, desired) = (
         request.uid.clone(),
         request.objects.len(),
         request.desired_api_version.clone(),
     );
     let started = Instant::now();
-    let answer = match tokio::time::timeout_at(deadline, hook.answer(&target, request)).await {
+    let deadline = arrived + hook.timeout;
+    let answer = match tokio::time::timeout_at(deadline, hook.answer(&target, request, &mut reserved)).await {
         Ok(answer) => answer,
         Err(_) => review::failure(
             &uid,
@@ -274,19 +442,36 @@ async fn convert<C: Converter>(
             tracing::info!(%target, %uid, %desired, objects, failed = %failed.join(","), took_ms, "conversion review answered Failure");
         }
     }
-    encoded(&answer)
+    encoded(&answer, reserved)
 }
 
 /// The review of `answer` as the HTTP response, its buffer allocated once at about its size.
-fn encoded(answer: &Answer) -> Response {
+/// The response's body holds `reserved` until it is sent or dropped.
+fn encoded(answer: &Answer, reserved: Reservation) -> Response {
     let mut body = Vec::with_capacity(answer.encoded_bytes);
-    match serde_json::to_writer(&mut body, &answer.review) {
-        Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "encoding a conversion review failed");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
+    if let Err(e) = serde_json::to_writer(&mut body, &answer.review) {
+        tracing::warn!(error = %e, "encoding a conversion review failed");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
+    let body = Bytes::from(body);
+    let length = body.len();
+    let chunks: Vec<Bytes> = (0..body.len())
+        .step_by(ANSWER_CHUNK_BYTES)
+        .map(|start| body.slice(start..body.len().min(start + ANSWER_CHUNK_BYTES)))
+        .collect();
+    let held_until_sent = futures::stream::iter(chunks).map(move |chunk| {
+        let _held = &reserved;
+        Ok::<Bytes, std::convert::Infallible>(chunk)
+    });
+    // The length is told, so the pieces go unframed as the one body they are.
+    (
+        [
+            (header::CONTENT_TYPE, "application/json".to_string()),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        Body::from_stream(held_until_sent),
+    )
+        .into_response()
 }
 
 impl<C: Converter> Webhook<C> {
@@ -303,25 +488,47 @@ impl<C: Converter> Webhook<C> {
         (status, message + "\n").into_response()
     }
 
-    /// The review of `body`, read by `deadline` and within the body limit.
-    async fn read(
+    /// The body, read by `deadline` and within the body limit; `reserved` grows by its bytes
+    /// (twice) as they arrive, waiting for the memory within the same deadline.
+    async fn read_body(
         &self,
-        target: &Target,
         body: Body,
+        reserved: &mut Reservation,
         deadline: tokio::time::Instant,
-    ) -> Result<review::Request, Response> {
-        let bytes = match tokio::time::timeout_at(deadline, axum::body::to_bytes(body, self.max_body)).await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(_)) => {
-                let message = format!("a review body has at most {} bytes", self.max_body);
-                return Err(self.refuse(StatusCode::PAYLOAD_TOO_LARGE, message));
-            }
-            Err(_) => return Err(self.refuse(StatusCode::REQUEST_TIMEOUT, "the review body came too slowly".into())),
+    ) -> Result<Bytes, BodyError> {
+        let too_large = BodyError::TooLarge { limit: self.max_body };
+        if usize::try_from(body.size_hint().lower()).map_or(true, |declared| declared > self.max_body) {
+            return Err(too_large);
+        }
+        let too_slow = || BodyError::TooSlow {
+            seconds: self.body_timeout.as_secs_f64(),
         };
-        review::parse(&bytes).map_err(|e| {
-            tracing::debug!(%target, reason = e.reason(), "refused a request that is not a conversion review");
-            self.refuse(StatusCode::BAD_REQUEST, e.to_string())
-        })
+        let mut pieces: Vec<Bytes> = Vec::new();
+        let mut received = 0usize;
+        let mut stream = body.into_data_stream();
+        while let Some(piece) = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| too_slow())?
+        {
+            let piece = piece.map_err(|e| BodyError::Broken { message: e.to_string() })?;
+            received += piece.len();
+            if received > self.max_body {
+                return Err(too_large);
+            }
+            match tokio::time::timeout_at(deadline, reserved.grow(piece.len() * BODY_MEMORY_FACTOR)).await {
+                Ok(Ok(())) => pieces.push(piece),
+                Ok(Err(e)) => return Err(BodyError::Memory(e)),
+                Err(_) => return Err(BodyError::Busy),
+            }
+        }
+        if pieces.len() == 1 {
+            return Ok(pieces.swap_remove(0));
+        }
+        let mut whole = Vec::with_capacity(received);
+        for piece in pieces {
+            whole.extend_from_slice(&piece);
+        }
+        Ok(Bytes::from(whole))
     }
 }
 
@@ -602,22 +809,26 @@ mod tests {
     }
 
     async fn serve(delay: Duration, timeout: Duration) -> Served {
+        serve_with(delay, |hook| hook.with_timeouts(timeout, BODY_TIMEOUT)).await
+    }
+
+    /// A webhook whose fake converter takes `delay`, as `configure` sets it up.
+    async fn serve_with(
+        delay: Duration,
+        configure: impl FnOnce(Webhook<FakeConverter>) -> Webhook<FakeConverter>,
+    ) -> Served {
         let (cert, served) = self_signed();
         let resolver = Arc::new(CertResolver::default());
         resolver.set(served);
 
         let metrics = Arc::new(Metrics::new().unwrap());
-        let hook = Arc::new(
-            Webhook::new(
-                FakeConverter {
-                    calls: AtomicUsize::new(0),
-                    delay,
-                },
-                metrics.clone(),
-            )
-            .with_timeout(timeout)
-            .with_body_limit(1024),
-        );
+        let converter = FakeConverter {
+            calls: AtomicUsize::new(0),
+            delay,
+        };
+        let hook = Arc::new(configure(
+            Webhook::new(converter, metrics.clone()).with_body_limit(1024),
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = Shutdown::new();
@@ -670,24 +881,41 @@ mod tests {
 
             /// Status and body of `POST path` with `body`.
             pub async fn post(&self, addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+                response(self.post_partly(addr, path, body.len(), body).await).await
+            }
+
+            /// Sends `POST path` declaring a body of `declared` bytes but sending only `sent`;
+            /// the connection stays open for [`response`].
+            pub async fn post_partly(
+                &self,
+                addr: std::net::SocketAddr,
+                path: &str,
+                declared: usize,
+                sent: &str,
+            ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
                 let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
                 let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
                 let mut tls = self.connector.connect(name, tcp).await.unwrap();
                 let request = format!(
-                    "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
+                    "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n{sent}"
                 );
                 tls.write_all(request.as_bytes()).await.unwrap();
-                let mut response = Vec::new();
-                let _ = tls.read_to_end(&mut response).await;
-                let response = String::from_utf8_lossy(&response).into_owned();
-                let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-                let body = response
-                    .split_once("\r\n\r\n")
-                    .map(|(_, b)| b.to_string())
-                    .unwrap_or_default();
-                (status, body)
+                tls.flush().await.unwrap();
+                tls
             }
+        }
+
+        /// Status and body of the response on `tls`.
+        pub async fn response(mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> (u16, String) {
+            let mut response = Vec::new();
+            let _ = tls.read_to_end(&mut response).await;
+            let response = String::from_utf8_lossy(&response).into_owned();
+            let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            (status, body)
         }
     }
 
@@ -811,6 +1039,108 @@ mod tests {
         assert_eq!(review["response"]["result"]["status"], "Success");
         assert_eq!(served.hook.converter.calls.load(Ordering::SeqCst), 0);
         served.shutdown.trigger();
+    }
+
+    #[tokio::test]
+    async fn slow_bodies_hold_no_conversion_and_are_cut_off() {
+        let body_timeout = Duration::from_millis(1500);
+        let served = serve_with(Duration::ZERO, |hook| hook.with_timeouts(REVIEW_TIMEOUT, body_timeout)).await;
+        let path = format!("/convert/team/web/{HEX}");
+        // More stalled bodies than conversions run at once.
+        let mut stalled = Vec::new();
+        for _ in 0..MAX_CONCURRENT_CONVERSIONS + 1 {
+            stalled.push(
+                served
+                    .client
+                    .post_partly(served.addr, &path, 500, "{\"apiVersion\"")
+                    .await,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let started = Instant::now();
+        let (status, text) = served
+            .client
+            .post(served.addr, &path, &review_body(vec![instance("a", "80")]))
+            .await;
+        assert_eq!(status, 200, "{text}");
+        let review: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(review["response"]["result"]["status"], "Success");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "answered at once, not after the stalled bodies: {:?}",
+            started.elapsed()
+        );
+
+        for tls in stalled {
+            let (status, text) = reqwest_like::response(tls).await;
+            assert_eq!(status, 408, "{text}");
+            assert_eq!(text, "the review body did not arrive within 1.5s\n");
+        }
+        assert_eq!(
+            requests(&served.metrics, "invalid"),
+            MAX_CONCURRENT_CONVERSIONS as u64 + 1
+        );
+        served.shutdown.trigger();
+    }
+
+    #[tokio::test]
+    async fn bodies_in_flight_share_the_memory_budget() {
+        let body = review_body(vec![instance("a", "80")]);
+        let spec_bound = review::parsed_size_bound(r#"{"port":"80"}"#).unwrap();
+        let needed = body.len() * BODY_MEMORY_FACTOR + spec_bound * SPEC_MEMORY_FACTOR;
+        let body_timeout = Duration::from_millis(1000);
+        let served = serve_with(Duration::ZERO, |hook| {
+            hook.with_timeouts(REVIEW_TIMEOUT, body_timeout)
+                .with_memory(needed + 1000)
+        })
+        .await;
+        let path = format!("/convert/team/web/{HEX}");
+        // 600 bytes received hold 1,200 of the budget: too much for the review to fit beside.
+        let stalled = served
+            .client
+            .post_partly(served.addr, &path, 1000, &" ".repeat(600))
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let started = Instant::now();
+        let (status, text) = served.client.post(served.addr, &path, &body).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "the review waited for the stalled body's memory: {:?}",
+            started.elapsed()
+        );
+        let review: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(review["response"]["result"]["status"], "Success");
+        assert_eq!(reqwest_like::response(stalled).await.0, 408);
+        // Both answered and sent: all the memory is back.
+        assert_eq!(served.hook.memory.bytes.available_permits(), needed + 1000);
+        served.shutdown.trigger();
+    }
+
+    #[tokio::test]
+    async fn a_review_needing_more_memory_than_the_webhook_has_is_refused_before_conversion() {
+        let body = review_body(vec![instance("a", "80"), instance("b", "81")]);
+        let served = serve_with(Duration::ZERO, |hook| {
+            hook.with_memory(body.len() * BODY_MEMORY_FACTOR + 100)
+        })
+        .await;
+        let path = format!("/convert/team/web/{HEX}");
+        let (status, text) = served.client.post(served.addr, &path, &body).await;
+        assert_eq!(status, 200, "{text}");
+        let review: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(review["response"]["result"]["status"], "Failure");
+        let message = review["response"]["result"]["message"].as_str().unwrap();
+        assert!(message.contains("bytes of memory"), "{message}");
+        assert_eq!(served.hook.converter.calls.load(Ordering::SeqCst), 0);
+        served.shutdown.trigger();
+
+        // A body that could never fit is refused as it arrives.
+        let small = serve_with(Duration::ZERO, |hook| hook.with_memory(100)).await;
+        let (status, _) = small.client.post(small.addr, &path, &body).await;
+        assert_eq!(status, 413);
+        small.shutdown.trigger();
     }
 
     #[test]
