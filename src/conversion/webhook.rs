@@ -1,9 +1,33 @@
 //! The conversion webhook's HTTP side: `POST /convert/{namespace}/{transform}/{digest}` over
 //! HTTPS, answering the apiserver's ConversionReviews for the kind of a Transform with the
-//! module of that digest. Every replica serves it, leader or not: a module this replica has
-//! not loaded is fetched from the Transform's source, when the Transform's status records that
-//! digest. Reviews are bounded (body size, objects, reviews at once) and answered within the
-//! apiserver's 10 s deadline.
+//! module of that digest. Every replica serves it, leader or not.
+//!
+//! The apiserver presents no credentials to conversion webhooks, so the webhook cannot tell it
+//! from any other caller that reaches the port; what a caller can make it do is bounded instead:
+//!
+//! - The body is read first, before any lookup or conversion, within [`BODY_TIMEOUT`] (3 s) of the
+//!   request's arrival (408 after) and [`review::MAX_REVIEW_BYTES`] (32 MiB; 413), holding no
+//!   conversion permit: a body that trickles holds only memory, and not for long.
+//! - Memory: the reviews in flight share [`REVIEW_MEMORY_BYTES`] (128 MiB). A body counts twice
+//!   its bytes as they arrive; its objects stay JSON text, at most 10,000 of at most 1.5 MiB
+//!   each (past either the review is answered Failure, nothing parsed); only the specs to
+//!   convert are parsed, each on its own, once twice the bound of their parsed size is set
+//!   aside. A review waits for its share within its deadline; one that could never fit is
+//!   refused at once. The answer's body holds the share until it is sent.
+//! - The path must be exactly the one the CRD generated for its Transform names as its
+//!   conversion webhook's ([`super::served`]); only then is a module used. Every other path is
+//!   answered "no conversion is served at this path", API errors "the conversion webhook could
+//!   not read its configuration": callers learn nothing of which Transforms, CRDs or digests
+//!   exist, and the detail is logged. What was read is remembered by Transform (60 s when it
+//!   serves, 10 s when not), one read is shared by the reviews that wait for it, and reads are
+//!   budgeted per client (20 a second) and over all (50), so made-up paths cost the apiserver
+//!   little.
+//! - Modules come only from this replica's module store or from the ConfigMap
+//!   `pequod-conversion-<digest>` the leader published in the operator's namespace (checked
+//!   against the digest): the webhook never fetches a module and holds no source credentials.
+//! - At most [`MAX_CONCURRENT_CONVERSIONS`] (4) conversions at once, a permit taken only once the
+//!   review is read and parsed; every review is answered within [`REVIEW_TIMEOUT`] (8 s; the
+//!   apiserver waits 10 s).
 
 use std::collections::HashMap;
 use std::future::Future;
