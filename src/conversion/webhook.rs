@@ -25,7 +25,7 @@
 //! - Modules come only from this replica's module store or from the ConfigMap
 //!   `pequod-conversion-<digest>` the leader published in the operator's namespace (checked
 //!   against the digest): the webhook never fetches a module and holds no source credentials.
-//! - At most [`MAX_CONCURRENT_CONVERSIONS`] (4) conversions at once, a permit taken only once the
+//! - At most `MAX_CONCURRENT_CONVERSIONS` (4) conversions at once, a permit taken only once the
 //!   review is read and parsed; every review is answered within [`REVIEW_TIMEOUT`] (8 s; the
 //!   apiserver waits 10 s).
 
@@ -298,8 +298,8 @@ impl<C: Converter> Webhook<C> {
     }
 
     /// Converts `request` for `target`, sent by `client`, within `reserved`'s share of memory,
-    /// which grows to hold the specs parsed. Nothing is looked at before the path is known to
-    /// be served.
+    /// which grows to hold the specs parsed. No object is looked at before the path is known
+    /// to be served.
     async fn answer(
         &self,
         target: &Target,
@@ -329,7 +329,11 @@ impl<C: Converter> Webhook<C> {
         }
         let plan = match review::plan(&request, &kind) {
             Ok(plan) => plan,
-            Err(message) => return failed(&message),
+            Err(message) => {
+                // Kinds, versions and object names only: no field values.
+                tracing::info!(%target, %message, "conversion review refused: objects not of the kind or over the limits");
+                return failed(&message);
+            }
         };
         if plan.conversions.is_empty() {
             return review::answer(request, &plan, Vec::new());
@@ -524,11 +528,14 @@ async fn convert<C: Converter>(
     let deadline = arrived + hook.timeout;
     let answer = match tokio::time::timeout_at(deadline, hook.answer(&target, client, request, &mut reserved)).await {
         Ok(answer) => answer,
-        Err(_) => review::failure(
-            &uid,
-            &format!("the conversion did not finish within {}s", hook.timeout.as_secs_f64()),
-            Vec::new(),
-        ),
+        Err(_) => {
+            tracing::warn!(%target, %uid, %desired, objects, "conversion review timed out");
+            review::failure(
+                &uid,
+                &format!("the conversion did not finish within {}s", hook.timeout.as_secs_f64()),
+                Vec::new(),
+            )
+        }
     };
     let took_ms = started.elapsed().as_millis() as u64;
     match &answer.outcome {
@@ -536,6 +543,12 @@ async fn convert<C: Converter>(
             hook.count("success");
             hook.metrics.conversion_objects_total.inc_by(*objects as u64);
             tracing::debug!(%target, %uid, %desired, objects, took_ms, "converted");
+        }
+        Outcome::Failure { objects: failed } if failed.is_empty() => {
+            hook.count("failure");
+            // Its cause was logged where it arose, at its level: a path that serves nothing,
+            // which anyone can send, only at debug.
+            tracing::debug!(%target, %uid, %desired, objects, took_ms, "conversion review answered Failure");
         }
         Outcome::Failure { objects: failed } => {
             hook.count("failure");
