@@ -198,19 +198,8 @@ impl Object {
 /// 1 MiB list of `{"":0}` takes about 100 MiB, of `0` 16 MiB; Kubernetes specs 10 to 20 times
 /// their text.
 pub fn parsed_size_bound(json: &str) -> Option<usize> {
-    const VALUE: usize = std::mem::size_of::<Value>();
-    const ALLOCATION: usize = 16;
-    const MAP_NODE: usize = 728 + ALLOCATION;
-    const MAP_NODE_ENTRIES: usize = 11;
-    const SPLIT_NODE_ENTRIES: usize = 5;
-    /// An open array or map: its bracket, and the commas (array) or colons (map) seen in it.
-    struct Open {
-        bracket: u8,
-        separators: usize,
-        empty: bool,
-    }
-    let mut bound = VALUE + json.len();
-    let mut open: Vec<Open> = Vec::new();
+    let mut bound = PARSED_VALUE + json.len();
+    let mut open: Vec<OpenContainer> = Vec::new();
     let (mut in_string, mut escaped) = (false, false);
     for &byte in json.as_bytes() {
         if in_string {
@@ -230,13 +219,13 @@ pub fn parsed_size_bound(json: &str) -> Option<usize> {
         match byte {
             b'"' => {
                 in_string = true;
-                bound += ALLOCATION;
+                bound += ALLOCATION_OVERHEAD;
             }
             b'[' | b'{' => {
                 if open.len() >= MAX_DEPTH {
                     return None;
                 }
-                open.push(Open {
+                open.push(OpenContainer {
                     bracket: byte,
                     separators: 0,
                     empty: true,
@@ -249,19 +238,41 @@ pub fn parsed_size_bound(json: &str) -> Option<usize> {
                     current.separators += 1;
                 }
             }
-            b']' | b'}' => {
-                let Some(closed) = open.pop() else { continue };
-                bound += match (closed.bracket, closed.empty) {
-                    (_, true) => 0,
-                    (b'[', false) => (closed.separators + 1).max(4).next_power_of_two() * VALUE + ALLOCATION,
-                    (_, false) if closed.separators <= MAP_NODE_ENTRIES => MAP_NODE,
-                    (_, false) => (1 + closed.separators.div_ceil(SPLIT_NODE_ENTRIES)) * MAP_NODE,
-                };
-            }
+            b']' | b'}' => bound += open.pop().map_or(0, |closed| closed.parsed_bytes()),
             _ => {}
         }
     }
     Some(bound)
+}
+
+/// Bytes of a parsed value, held in its parent's slot.
+const PARSED_VALUE: usize = std::mem::size_of::<Value>();
+/// The allocator's share of each allocation.
+const ALLOCATION_OVERHEAD: usize = 16;
+/// Bytes of a map's B-tree node (an internal one, the larger), with the allocator's share.
+const MAP_NODE: usize = 728 + ALLOCATION_OVERHEAD;
+/// Entries a B-tree node holds, and the fewest a node keeps once split.
+const MAP_NODE_ENTRIES: usize = 11;
+const SPLIT_NODE_ENTRIES: usize = 5;
+
+/// An array or map being scanned: its bracket, and the commas (array) or colons (map) seen in
+/// it.
+struct OpenContainer {
+    bracket: u8,
+    separators: usize,
+    empty: bool,
+}
+
+impl OpenContainer {
+    /// What it allocates parsed, besides what its elements do: an array's slots, a map's nodes.
+    fn parsed_bytes(&self) -> usize {
+        match (self.bracket, self.empty) {
+            (_, true) => 0,
+            (b'[', false) => (self.separators + 1).max(4).next_power_of_two() * PARSED_VALUE + ALLOCATION_OVERHEAD,
+            (_, false) if self.separators <= MAP_NODE_ENTRIES => MAP_NODE,
+            (_, false) => (1 + self.separators.div_ceil(SPLIT_NODE_ENTRIES)) * MAP_NODE,
+        }
+    }
 }
 
 /// A review's objects as sent, each kept as its JSON text until a limit is passed; after that

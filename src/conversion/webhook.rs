@@ -537,25 +537,7 @@ async fn convert<C: Converter>(
             )
         }
     };
-    let took_ms = started.elapsed().as_millis() as u64;
-    match &answer.outcome {
-        Outcome::Success { objects } => {
-            hook.count("success");
-            hook.metrics.conversion_objects_total.inc_by(*objects as u64);
-            tracing::debug!(%target, %uid, %desired, objects, took_ms, "converted");
-        }
-        Outcome::Failure { objects: failed } if failed.is_empty() => {
-            hook.count("failure");
-            // Its cause was logged where it arose, at its level: a path that serves nothing,
-            // which anyone can send, only at debug.
-            tracing::debug!(%target, %uid, %desired, objects, took_ms, "conversion review answered Failure");
-        }
-        Outcome::Failure { objects: failed } => {
-            hook.count("failure");
-            // Names only: messages may quote field values.
-            tracing::info!(%target, %uid, %desired, objects, failed = %failed.join(","), took_ms, "conversion review answered Failure");
-        }
-    }
+    hook.record(&target, &uid, &desired, objects, started, &answer.outcome);
     encoded(&answer, reserved)
 }
 
@@ -589,6 +571,29 @@ fn encoded(answer: &Answer, reserved: Reservation) -> Response {
 }
 
 impl<C: Converter> Webhook<C> {
+    /// Counts and logs how the review `uid` of `objects` objects to `desired` ended.
+    fn record(&self, target: &Target, uid: &str, desired: &str, objects: usize, started: Instant, outcome: &Outcome) {
+        let took_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Outcome::Success { objects } => {
+                self.count("success");
+                self.metrics.conversion_objects_total.inc_by(*objects as u64);
+                tracing::debug!(%target, %uid, %desired, objects, took_ms, "converted");
+            }
+            Outcome::Failure { objects: failed } if failed.is_empty() => {
+                self.count("failure");
+                // Its cause was logged where it arose, at its level: a path that serves
+                // nothing, which anyone can send, only at debug.
+                tracing::debug!(%target, %uid, %desired, objects, took_ms, "conversion review answered Failure");
+            }
+            Outcome::Failure { objects: failed } => {
+                self.count("failure");
+                // Names only: messages may quote field values.
+                tracing::info!(%target, %uid, %desired, objects, failed = %failed.join(","), took_ms, "conversion review answered Failure");
+            }
+        }
+    }
+
     fn count(&self, result: &str) {
         self.metrics
             .conversion_requests_total
