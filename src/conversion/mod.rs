@@ -2,6 +2,7 @@
 //! ConversionReviews, and it converts each object's spec with the Transform's module.
 //!
 //! - [`review`]: the review itself (pure);
+//! - [`served`]: which paths serve a conversion: exactly the one a Transform's CRD names (pure);
 //! - [`webhook`]: the HTTPS server and the module lookup, on every replica;
 //! - [`certificate`]: its serving certificate, in a Secret, renewed without restarts;
 //! - [`endpoint`]: where the apiserver reaches it, for generated CRDs' `clientConfig`.
@@ -10,6 +11,7 @@ pub mod certificate;
 pub mod endpoint;
 pub mod published;
 pub mod review;
+pub mod served;
 pub mod webhook;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::WebhookClientConfig;

@@ -163,20 +163,20 @@ pub enum Decision {
 pub struct Authorizer {
     client: kube::Client,
     decisions: Mutex<Decisions>,
-    reviews: Mutex<ReviewBudgets>,
+    reviews: Mutex<ClientBudgets>,
     /// Audiences a token must be meant for; empty: the apiserver's own.
     audiences: Vec<String>,
 }
 
-/// Reviews allowed in the current second, of a budget of `limit` a second.
+/// Requests allowed in the current second, of a budget of `limit` a second.
 #[derive(Debug)]
-struct ReviewBudget {
+struct SecondBudget {
     second: Instant,
     spent: u32,
     limit: u32,
 }
 
-impl ReviewBudget {
+impl SecondBudget {
     fn new(limit: u32, now: Instant) -> Self {
         Self {
             second: now,
@@ -185,7 +185,7 @@ impl ReviewBudget {
         }
     }
 
-    /// Whether one more review fits in the second that `now` falls in.
+    /// Whether one more request fits in the second that `now` falls in.
     fn spend(&mut self, now: Instant) -> bool {
         if now.duration_since(self.second) >= Duration::from_secs(1) {
             self.second = now;
@@ -199,28 +199,38 @@ impl ReviewBudget {
     }
 }
 
-/// The TokenReview budgets: one per client, and one over all.
+/// Per-second budgets of requests passed on to the apiserver for clients it does not know
+/// (the metrics' TokenReviews, the conversion webhook's lookups of paths): one per client,
+/// and one over all.
 #[derive(Debug)]
-struct ReviewBudgets {
-    clients: Lru<ReviewBudget>,
-    overall: ReviewBudget,
+pub(crate) struct ClientBudgets {
+    clients: Lru<SecondBudget>,
+    per_client: u32,
+    overall: SecondBudget,
 }
 
-impl ReviewBudgets {
+impl ClientBudgets {
+    /// The TokenReview budgets.
     fn new(now: Instant) -> Self {
+        Self::with_limits(MAX_REVIEWS_PER_CLIENT, MAX_REVIEWS_PER_SECOND, now)
+    }
+
+    /// `per_client` requests a second for each client, `overall` for all together.
+    pub(crate) fn with_limits(per_client: u32, overall: u32, now: Instant) -> Self {
         Self {
             clients: Lru::default(),
-            overall: ReviewBudget::new(MAX_REVIEWS_PER_SECOND, now),
+            per_client,
+            overall: SecondBudget::new(overall, now),
         }
     }
 
-    /// Whether `client` may have one more token reviewed at `now`. A client over its own
+    /// Whether `client` may have one more request passed on at `now`. A client over its own
     /// budget is refused without touching the overall one, so that it cannot use up others'.
-    fn spend(&mut self, client: &str, now: Instant) -> bool {
+    pub(crate) fn spend(&mut self, client: &str, now: Instant) -> bool {
         if self.clients.get(client).is_none() {
             while self.clients.len() >= MAX_CLIENTS && self.clients.pop_oldest().is_some() {}
             self.clients
-                .insert(client.to_string(), ReviewBudget::new(MAX_REVIEWS_PER_CLIENT, now), 1);
+                .insert(client.to_string(), SecondBudget::new(self.per_client, now), 1);
         }
         let admitted = self.clients.get_mut(client).is_some_and(|b| b.spend(now));
         admitted && self.overall.spend(now)
@@ -229,7 +239,7 @@ impl ReviewBudgets {
 
 /// The client a budget belongs to: its IPv4 address, or the /64 of its IPv6 address (one
 /// host holds a whole /64 and could otherwise take a new budget per address).
-fn client_key(addr: IpAddr) -> String {
+pub(crate) fn client_key(addr: IpAddr) -> String {
     match addr {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -340,7 +350,7 @@ impl Authorizer {
         Self {
             client,
             decisions: Mutex::default(),
-            reviews: Mutex::new(ReviewBudgets::new(Instant::now())),
+            reviews: Mutex::new(ClientBudgets::new(Instant::now())),
             audiences: Vec::new(),
         }
     }
@@ -488,7 +498,7 @@ mod tests {
     #[test]
     fn reviews_of_unknown_tokens_are_limited_per_second() {
         let start = Instant::now();
-        let mut budget = ReviewBudget::new(MAX_REVIEWS_PER_CLIENT, start);
+        let mut budget = SecondBudget::new(MAX_REVIEWS_PER_CLIENT, start);
         let admitted = (0..MAX_REVIEWS_PER_CLIENT + 5).filter(|_| budget.spend(start)).count();
         assert_eq!(admitted, MAX_REVIEWS_PER_CLIENT as usize);
         assert!(budget.spend(start + Duration::from_millis(1001)), "a new second");
@@ -497,7 +507,7 @@ mod tests {
     #[test]
     fn a_flooding_client_is_limited_and_another_still_gets_reviews() {
         let start = Instant::now();
-        let mut budgets = ReviewBudgets::new(start);
+        let mut budgets = ClientBudgets::new(start);
         let flooder = (0..1000).filter(|_| budgets.spend("10.0.0.66", start)).count();
         assert_eq!(flooder, MAX_REVIEWS_PER_CLIENT as usize);
         assert!(
@@ -516,7 +526,7 @@ mod tests {
     #[test]
     fn tracked_clients_are_bounded() {
         let start = Instant::now();
-        let mut budgets = ReviewBudgets::new(start);
+        let mut budgets = ClientBudgets::new(start);
         for i in 0..MAX_CLIENTS + 10 {
             budgets.spend(&format!("client-{i}"), start + Duration::from_secs(i as u64));
         }
