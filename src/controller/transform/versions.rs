@@ -361,7 +361,9 @@ pub(super) async fn migrate_storage(
             // only the code is kept (its message may quote the instance's values).
             Err(kube::Error::Api(e)) => {
                 if progress.failed.len() < MAX_NAMED {
-                    progress.failed.push(format!("{}: {} {}", instance_key(*instance), e.code, e.reason));
+                    progress
+                        .failed
+                        .push(format!("{}: {} {}", instance_key(*instance), e.code, e.reason));
                 }
             }
             Err(e) => return Err(e.into()),
