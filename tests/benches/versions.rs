@@ -110,6 +110,16 @@ async fn main() {
     // v1alpha1 is cold. The lists wait until the operator has rendered the changes.
     let beta = support::dynamic_api(&env.client, &format!("{group}/v1beta1"), "Web", &env.namespace).await;
     let beta_version = format!("{group}/v1beta1");
+    let conversion_metrics = || async {
+        let sum = |series: &'static str| support::metric_sum(&operator.metrics, series);
+        (
+            sum("pequod_conversion_requests_total").await,
+            sum("pequod_conversion_objects_total").await,
+            sum("pequod_conversion_duration_seconds_count").await,
+        )
+    };
+    let before_writes = conversion_metrics().await;
+    let writes_started = Instant::now();
     futures::stream::iter(0..INSTANCES)
         .for_each_concurrent(16, |i| {
             let beta = beta.clone();
@@ -120,6 +130,7 @@ async fn main() {
             }
         })
         .await;
+    let writes_took = writes_started.elapsed();
     let mut settled = cue_processes(&operator).await;
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -129,6 +140,7 @@ async fn main() {
         }
         settled = now;
     }
+    let after_writes = conversion_metrics().await;
     let conversion_calls = || support::metric_sum(&operator.metrics, "pequod_conversion_duration_seconds_count");
     let stored = timed_list(&beta).await;
     let calls_before = conversion_calls().await;
@@ -146,6 +158,13 @@ async fn main() {
         migration.migrated
     );
     println!("operator writes meanwhile: {migration_writes:?}");
+    println!(
+        "{INSTANCES} instances changed in v1beta1 in {:.1} s: the apiserver sent {} conversion review(s) of {} object(s), converted in {} cue call(s)",
+        writes_took.as_secs_f64(),
+        after_writes.0 - before_writes.0,
+        after_writes.1 - before_writes.1,
+        after_writes.2 - before_writes.2
+    );
     println!(
         "list in v1beta1 (stored, no conversion): {:.0} ms, again {:.0} ms",
         stored.as_secs_f64() * 1000.0,
