@@ -18,7 +18,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
@@ -609,7 +609,7 @@ async fn renamed_from(
     if let Some(old_crd) = crds.get_opt(&previous.name).await?
         && owned_by(&old_crd, t)
     {
-        let instances = count_instances(ctx, &old_crd, t).await?;
+        let instances = versions::count_instances(ctx, t, &old_crd).await?;
         if instances > 0 {
             let message = format!(
                 "the generated CRD would change from {} to {crd_name}, but {instances} instance(s) of {} exist; \
@@ -857,32 +857,6 @@ fn crd_state(crd: &CustomResourceDefinition) -> CrdState {
     }
 }
 
-/// Number of instances of the kind a CRD serves, in every namespace.
-/// Instances of the Transform's kind where it serves them (a Namespace-scoped Transform's
-/// manager may list only its namespace).
-async fn count_instances(ctx: &Context, crd: &CustomResourceDefinition, t: &Transform) -> Result<usize, Error> {
-    let Some(version) = crd.spec.versions.iter().find(|v| v.storage) else {
-        return Ok(0);
-    };
-    let resource = ApiResource {
-        group: crd.spec.group.clone(),
-        version: version.name.clone(),
-        api_version: format!("{}/{}", crd.spec.group, version.name),
-        kind: crd.spec.names.kind.clone(),
-        plural: crd.spec.names.plural.clone(),
-    };
-    let api: Api<DynamicObject> = match t.spec.rbac_scope {
-        RbacScope::Namespace => Api::namespaced_with(ctx.client.clone(), &t.namespace().unwrap_or_default(), &resource),
-        RbacScope::Cluster => Api::all_with(ctx.client.clone(), &resource),
-    };
-    match api.list_metadata(&ListParams::default()).await {
-        Ok(list) => Ok(list.items.len()),
-        // The kind is not served (any more): nothing can exist.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(0),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Applies the Transform's RBAC and removes the objects of the other scope.
 /// Why a Transform's RBAC could not be configured.
 #[derive(Debug, thiserror::Error)]
@@ -1015,7 +989,7 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
         None => None,
     };
     if let Some(crd) = &owned_crd {
-        let instances = count_instances(ctx, crd, t).await?;
+        let instances = versions::count_instances(ctx, t, crd).await?;
         if instances > 0 {
             let mut update = ctx.status_update(t);
             let message = format!(

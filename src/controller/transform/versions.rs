@@ -131,6 +131,26 @@ pub(super) fn instances_api(
     }
 }
 
+/// Instances of the kind `crd` serves, in its storage version, where the manager may list
+/// them; none when the kind is not served (any more).
+pub(super) async fn count_instances(
+    ctx: &Context,
+    t: &Transform,
+    crd: &CustomResourceDefinition,
+) -> Result<usize, kube::Error> {
+    let Some(storage) = live_storage_version(crd) else {
+        return Ok(0);
+    };
+    match instances_api(ctx, t, crd, &storage)
+        .list_metadata(&ListParams::default())
+        .await
+    {
+        Ok(list) => Ok(list.items.len()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
 /// The version the live CRD stores new objects in.
 fn live_storage_version(crd: &CustomResourceDefinition) -> Option<String> {
     crd.spec.versions.iter().find(|v| v.storage).map(|v| v.name.clone())
@@ -150,15 +170,7 @@ pub(super) async fn refuse_removing_stored(
     if removed.is_empty() {
         return Ok(());
     }
-    let storage = live_storage_version(live).unwrap_or_default();
-    let total = instances_api(ctx, t, live, &storage)
-        .list_metadata(&ListParams::default())
-        .await
-        .map(|l| l.items.len() as i64)
-        .or_else(|e| match e {
-            kube::Error::Api(s) if s.code == 404 => Ok(0),
-            e => Err(e),
-        })?;
+    let total = count_instances(ctx, t, live).await? as i64;
     // Mid-pass, the instances not reached yet (and those that failed) may be stored in an
     // earlier version; otherwise any of them may be.
     let remaining = match &old.storage_migration {
