@@ -60,6 +60,10 @@ bench-instances: tools control-plane ## Benchmark instances: 500 created at once
 bench-versions: tools control-plane ## Benchmark versions: a storage migration of 500 instances and a list of them converted by the webhook.
 	$(CARGO) bench --locked --bench versions
 
+.PHONY: bench-scale
+bench-scale: tools control-plane ## Benchmark 1,000, 5,000 and 10,000 instances (PEQUOD_SCALE_SIZES): time, memory, writes, rest, restart.
+	$(CARGO) bench --locked --bench scale
+
 .PHONY: bench-plan
 bench-plan: tools control-plane ## Benchmark planning a module change for 500 instances: the CLI and the operator.
 	$(CARGO) bench --locked --bench plan

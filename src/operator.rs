@@ -14,7 +14,7 @@ use crate::apply::Applier;
 use crate::authority::{GraphAccounts, TrustedNamespaces};
 use crate::cli::RunArgs;
 use crate::controller::instance::{self, Supervisor};
-use crate::controller::watches::ObjectWatches;
+use crate::controller::watches::{GraphCache, ObjectWatches};
 use crate::controller::{resourcegraph, transform};
 use crate::conversion::certificate::{self, CertResolver, CertificateStore};
 use crate::conversion::webhook::{self, ModuleConverter, Webhook};
@@ -103,6 +103,9 @@ type Tasks = JoinSet<Result<(), StartupError>>;
 /// The graphs whose applied objects changed, from the shared watches.
 type GraphTriggers =
     tokio::sync::mpsc::UnboundedReceiver<kube::runtime::reflector::ObjectRef<crate::api::ResourceGraph>>;
+
+/// The graphs the graph cache lists or sees change.
+type GraphEvents = tokio::sync::mpsc::UnboundedReceiver<Arc<crate::api::ResourceGraph>>;
 
 /// The leader election's timing, checked when the operator elects a leader.
 fn leader_timing(args: &RunArgs) -> Result<Timing, StartupError> {
@@ -282,6 +285,7 @@ struct Wiring<'a> {
 /// instances through the supervisor), sharing one applier, renderer and set of watches.
 fn start_controllers(w: &Wiring<'_>, tasks: &mut Tasks) {
     let (watches, triggers) = ObjectWatches::new(w.client.clone(), w.shutdown.clone());
+    let (graph_cache, graph_events) = GraphCache::start(w.client.clone(), w.shutdown.clone());
     let recorder = event_recorder(&w.client);
     let applier = Applier::new(w.client.clone(), w.metrics.clone()).with_impersonation(w.config.clone());
     let renderer = w.renderer.clone();
@@ -295,7 +299,7 @@ fn start_controllers(w: &Wiring<'_>, tasks: &mut Tasks) {
         w.metrics.clone(),
         w.args.apply_concurrency.into(),
     );
-    start_graph_controller(w, graphs, triggers, tasks);
+    start_graph_controller(w, graphs, (graph_cache.clone(), graph_events), triggers, tasks);
 
     let supervisor = Supervisor::new(
         Arc::new(
@@ -307,7 +311,8 @@ fn start_controllers(w: &Wiring<'_>, tasks: &mut Tasks) {
                 recorder.clone(),
                 w.metrics.clone(),
             )
-            .with_object_watches(watches),
+            .with_object_watches(watches)
+            .with_graph_cache(graph_cache),
         ),
         w.shutdown.clone(),
     );
@@ -338,7 +343,13 @@ fn start_controllers(w: &Wiring<'_>, tasks: &mut Tasks) {
 
 /// Starts the ResourceGraph controller, acting as the graphs' service accounts and checking
 /// the grants of their Transforms.
-fn start_graph_controller(w: &Wiring<'_>, graphs: resourcegraph::Context, triggers: GraphTriggers, tasks: &mut Tasks) {
+fn start_graph_controller(
+    w: &Wiring<'_>,
+    graphs: resourcegraph::Context,
+    cache: (Arc<GraphCache>, GraphEvents),
+    triggers: GraphTriggers,
+    tasks: &mut Tasks,
+) {
     let graphs = Arc::new(
         graphs
             .acting_as(GraphAccounts {
@@ -349,7 +360,7 @@ fn start_graph_controller(w: &Wiring<'_>, graphs: resourcegraph::Context, trigge
     );
     let (h, s, n) = (w.health.clone(), w.shutdown.clone(), w.args.max_concurrent_reconciles);
     tasks.spawn(async move {
-        resourcegraph::run(graphs, triggers, n, h, s).await;
+        resourcegraph::run(graphs, cache, triggers, n, h, s).await;
         Ok(())
     });
 }

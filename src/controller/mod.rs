@@ -1,6 +1,7 @@
 //! Controllers: the kube-facing loops around the pure core.
 
 pub mod access;
+pub mod cache;
 pub mod fleet_plan;
 pub mod harness;
 pub mod instance;

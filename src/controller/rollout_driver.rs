@@ -186,7 +186,16 @@ impl Driver {
     ) -> Result<Tracked, kube::Error> {
         let recorded = order.transform.status.as_ref().and_then(|s| s.rollout.as_ref());
         let (current, memory) = self.starting_point(order, previous.as_ref(), recorded, members).await;
-        let (summary, pending) = self.plan(order, instances).await?;
+        let finished = recorded
+            .filter(|r| previous.is_none() && r.target_digest == order.target.digest)
+            .filter(|r| r.phase == Some(RolloutPhase::Complete))
+            .and_then(|r| r.plan.clone());
+        let (summary, pending) = match finished {
+            // A restart finds this rollout complete: its recorded plan stands and nothing waits,
+            // so no instance is planned (rendered and dry-run) again.
+            Some(summary) => (summary, BTreeMap::new()),
+            None => self.plan(order, instances).await?,
+        };
         if previous.is_some() || recorded.is_some_and(|r| r.target_digest != order.target.digest) {
             self.announce(order, &summary);
         }

@@ -1,4 +1,5 @@
-//! One shared watch per kind of applied object, with a cache of the objects Pequod made.
+//! One shared watch per kind of applied object, with a cache of the objects Pequod made; and
+//! the one watch and cache of ResourceGraphs ([`GraphCache`]).
 //!
 //! Every ResourceGraph that applies a Deployment shares the one Deployment watch. An event on
 //! an object triggers a reconcile of the graph its labels name, which is how drift is noticed
@@ -14,8 +15,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use futures::{StreamExt, TryStreamExt};
-use kube::api::DynamicObject;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use kube::ResourceExt;
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -61,10 +63,10 @@ pub async fn live_object<F: std::future::Future<Output = bool>>(
     applier.get(resolved, namespace, name).await
 }
 
-/// What the cache knows of an object.
-pub enum Lookup {
+/// What a cache knows of an object.
+pub enum Lookup<K = DynamicObject> {
     /// The cache has listed the kind: the object, or None when absent.
-    Known(Option<Arc<DynamicObject>>),
+    Known(Option<Arc<K>>),
     /// The watch has not finished its first list; ask the apiserver.
     Unknown,
 }
@@ -92,7 +94,7 @@ impl ObjectWatches {
 
     /// Looks an object up in its kind's cache, starting the kind's watch if needed.
     pub fn lookup(&self, resolved: &Resolved, namespace: Option<&str>, name: &str) -> Lookup {
-        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kinds = lock(&self.kinds);
         let watch = kinds.entry(resolved.key()).or_insert_with(|| self.start(resolved));
         if !watch.synced.load(Ordering::Acquire) {
             return Lookup::Unknown;
@@ -124,6 +126,7 @@ impl ObjectWatches {
         let shutdown = self.shutdown.clone();
         let events = watcher(api, config)
             .default_backoff()
+            .modify(super::cache::trim_applied)
             .try_filter_map(move |event| {
                 futures::future::ready(Ok(match event {
                     // An object that stops being ours leaves the cache; one never ours never enters.
@@ -153,6 +156,116 @@ impl ObjectWatches {
             }
         });
         KindWatch { store, synced }
+    }
+}
+
+/// A generated kind's controller, woken when one of its instances' graphs changes.
+struct KindSubscriber {
+    resource: ApiResource,
+    wake: mpsc::UnboundedSender<ObjectRef<DynamicObject>>,
+}
+
+type Subscribers = Arc<Mutex<HashMap<(String, String), KindSubscriber>>>;
+
+/// The one watch and cache of ResourceGraphs. The graph controller reconciles from it; each
+/// generated kind's controller reads its instances' graphs from it and is woken by their
+/// changes only once the cache holds them, so a graph read after a wake-up is never older than
+/// the change that woke it.
+pub struct GraphCache {
+    store: Store<ResourceGraph>,
+    subscribers: Subscribers,
+}
+
+impl GraphCache {
+    /// Starts the watch of every ResourceGraph; returns the cache and the graphs to reconcile
+    /// (each one listed or changed).
+    pub fn start(client: Client, shutdown: Shutdown) -> (Arc<Self>, mpsc::UnboundedReceiver<Arc<ResourceGraph>>) {
+        let writer = reflector::store::Writer::default();
+        let store = writer.as_reader();
+        let subscribers: Subscribers = Arc::default();
+        let (changed, graphs) = mpsc::unbounded_channel();
+        let wake = subscribers.clone();
+        let events = watcher(
+            Api::<ResourceGraph>::all(client),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .modify(super::cache::without_managed_fields)
+        .reflect(writer)
+        .for_each(move |event| {
+            match event {
+                Ok(watcher::Event::Apply(graph) | watcher::Event::InitApply(graph)) => {
+                    wake_owner(&wake, &graph);
+                    let _ = changed.send(Arc::new(graph));
+                }
+                Ok(watcher::Event::Delete(graph)) => wake_owner(&wake, &graph),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "watch of ResourceGraphs failed; retrying"),
+            }
+            futures::future::ready(())
+        });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = events => {}
+                _ = shutdown.wait() => {}
+            }
+        });
+        (Arc::new(Self { store, subscribers }), graphs)
+    }
+
+    /// The cache, as the graph controller reads it.
+    pub fn store(&self) -> Store<ResourceGraph> {
+        self.store.clone()
+    }
+
+    /// Graph `name` in `namespace` as the cache holds it; Unknown before the first list.
+    pub fn lookup(&self, namespace: &str, name: &str) -> Lookup<ResourceGraph> {
+        if !self.synced() {
+            return Lookup::Unknown;
+        }
+        Lookup::Known(self.store.get(&ObjectRef::new(name).within(namespace)))
+    }
+
+    fn synced(&self) -> bool {
+        self.store
+            .wait_until_ready()
+            .now_or_never()
+            .is_some_and(|ready| ready.is_ok())
+    }
+
+    /// The instances of `resource` whose graphs change, from now on; replaces an earlier
+    /// subscriber of the same kind.
+    pub fn subscribe(&self, resource: &ApiResource) -> mpsc::UnboundedReceiver<ObjectRef<DynamicObject>> {
+        let (wake, woken) = mpsc::unbounded_channel();
+        let subscriber = KindSubscriber {
+            resource: resource.clone(),
+            wake,
+        };
+        lock(&self.subscribers).insert((resource.group.clone(), resource.kind.clone()), subscriber);
+        woken
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Wakes the controller of the instance that owns `graph` (its controlling owner reference).
+fn wake_owner(subscribers: &Subscribers, graph: &ResourceGraph) {
+    let Some(owner) = graph.owner_references().iter().find(|o| o.controller == Some(true)) else {
+        return;
+    };
+    let group = owner.api_version.rsplit_once('/').map_or("", |(group, _)| group);
+    let key = (group.to_string(), owner.kind.clone());
+    let mut subscribers = lock(subscribers);
+    let Some(subscriber) = subscribers.get(&key) else {
+        return;
+    };
+    let instance =
+        ObjectRef::new_with(&owner.name, subscriber.resource.clone()).within(&graph.namespace().unwrap_or_default());
+    if subscriber.wake.send(instance).is_err() {
+        // The kind's controller stopped.
+        subscribers.remove(&key);
     }
 }
 

@@ -28,8 +28,11 @@ pub struct RendererConfig {
     pub max_cached_renders: usize,
     /// Most bytes of render results kept in memory (as JSON).
     pub max_cached_bytes: u64,
-    /// How long a batch waits for more renders of the same module before cue runs.
+    /// How long a batch waits for more renders of the same module before cue runs; while
+    /// renders keep arriving within it, the batch keeps waiting, up to `max_batch_wait`.
     pub batch_window: Duration,
+    /// Longest a batch waits for renders that keep arriving.
+    pub max_batch_wait: Duration,
     /// Most inputs evaluated in one cue call.
     pub max_batch: usize,
     /// Most objects converted in one cue call: a conversion is far cheaper than a render, and
@@ -46,8 +49,12 @@ impl RendererConfig {
         Self {
             cache_dir: cache_dir.into(),
             max_cached_renders: 10_000,
-            max_cached_bytes: 64 * 1024 * 1024,
+            // Counted as JSON; held in memory as several times that. Steady state needs no
+            // render (an instance whose graph holds its render is not rendered again), so the
+            // cache serves bursts: a batch's duplicates and retries.
+            max_cached_bytes: 16 * 1024 * 1024,
             batch_window: Duration::from_millis(25),
+            max_batch_wait: Duration::from_millis(500),
             max_batch: 200,
             max_conversion_batch: 1_000,
             max_cached_conversions: 10_000,
@@ -399,14 +406,7 @@ async fn run_worker(inner: Arc<Inner>, module: Module, mut jobs: mpsc::Unbounded
                 continue;
             }
         };
-        tokio::time::sleep(inner.config.batch_window).await;
-        let mut batch = vec![first];
-        while batch.len() < inner.config.max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        let batch = gather(first, &mut jobs, &inner.config).await;
         // One evaluation per distinct input; a result already cached answers at once.
         let mut waiting: BTreeMap<String, (Value, Vec<oneshot::Sender<RenderResult>>)> = BTreeMap::new();
         for job in batch {
@@ -434,6 +434,27 @@ async fn run_worker(inner: Arc<Inner>, module: Module, mut jobs: mpsc::Unbounded
             for reply in replies {
                 let _ = reply.send(result.clone());
             }
+        }
+    }
+}
+
+/// The batch that starts with `first`: what arrives while renders keep coming (a window
+/// without a new one ends it), up to the batch's size and longest wait. A burst of new
+/// instances shares a few cue calls; a lone render waits one window.
+async fn gather(first: Job, jobs: &mut mpsc::UnboundedReceiver<Job>, config: &RendererConfig) -> Vec<Job> {
+    let started = tokio::time::Instant::now();
+    let mut batch = vec![first];
+    loop {
+        tokio::time::sleep(config.batch_window).await;
+        let before = batch.len();
+        while batch.len() < config.max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if batch.len() == before || batch.len() >= config.max_batch || started.elapsed() >= config.max_batch_wait {
+            return batch;
         }
     }
 }
@@ -671,6 +692,40 @@ impl RenderCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(n: usize) -> Job {
+        Job {
+            key: n.to_string(),
+            input: Value::from(n),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_gathers_renders_while_they_keep_arriving_and_a_lone_one_waits_one_window() {
+        let config = RendererConfig::new("/tmp");
+        let (send, mut jobs) = mpsc::unbounded_channel();
+        // A burst: 60 renders, one every 5 ms (a window is 25 ms).
+        let producer = tokio::spawn(async move {
+            for n in 1..60 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let _ = send.send(job(n));
+            }
+        });
+        let started = std::time::Instant::now();
+        let batch = gather(job(0), &mut jobs, &config).await;
+        producer.await.unwrap();
+        assert!(batch.len() >= 50, "one batch for the burst, got {}", batch.len());
+        assert!(started.elapsed() < config.max_batch_wait + Duration::from_millis(200));
+
+        let (_send, mut jobs) = mpsc::unbounded_channel();
+        let started = std::time::Instant::now();
+        assert_eq!(gather(job(0), &mut jobs, &config).await.len(), 1);
+        assert!(
+            started.elapsed() < Duration::from_millis(200),
+            "a lone render is not held"
+        );
+    }
 
     fn output(id: &str) -> RenderResult {
         Ok(Arc::new(RenderOutput {

@@ -42,16 +42,19 @@ pub struct ControlPlane {
 /// The user the operators under test authenticate as.
 pub const OPERATOR_USER: &str = "pequod-operator";
 
-/// Writes by [`OPERATOR_USER`] are audited; nothing else is.
+/// Requests by [`OPERATOR_USER`] are audited (writes, reads and watches); nothing else is.
 const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
 - level: Metadata
   users: ["pequod-operator"]
-  verbs: ["create", "update", "patch", "delete", "deletecollection"]
+  verbs: ["create", "update", "patch", "delete", "deletecollection", "get", "list", "watch"]
 - level: None
 "#;
+
+/// The verbs that change something.
+const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
 
 static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
 static START: Mutex<()> = Mutex::new(());
@@ -233,6 +236,8 @@ fn start() -> ControlPlane {
             format!("--audit-policy-file={}", d("audit-policy.yaml")),
             format!("--audit-log-path={}", d("audit.log")),
             "--audit-log-format=json".into(),
+            // Never rotated: benchmarks count from a mark in this one file.
+            "--audit-log-maxsize=1000000".into(),
             "--authorization-mode=RBAC".into(),
             format!("--service-account-key-file={}", d("sa.pub")),
             format!("--service-account-signing-key-file={}", d("sa.key")),
@@ -555,6 +560,27 @@ pub fn audit_mark() -> u64 {
 /// The writes the operators under test made since `mark`, counted by the apiserver's audit
 /// log, by `verb resource[/subresource]` (for example `patch resourcegraphs/status`).
 pub fn writes_since(mark: u64) -> std::collections::BTreeMap<String, u64> {
+    only_writes(requests_since(mark))
+}
+
+/// [`writes_since`], of objects in `namespace` only: what one test's objects cost while other
+/// tests share the operator.
+pub fn writes_in(mark: u64, namespace: &str) -> std::collections::BTreeMap<String, u64> {
+    only_writes(requests_matching(mark, Some(namespace)))
+}
+
+fn only_writes(mut counts: std::collections::BTreeMap<String, u64>) -> std::collections::BTreeMap<String, u64> {
+    counts.retain(|key, _| WRITE_VERBS.iter().any(|verb| key.split(' ').next() == Some(*verb)));
+    counts
+}
+
+/// Every request the operators under test made since `mark` (writes, gets, lists and
+/// watches started), counted by the apiserver's audit log, by `verb resource[/subresource]`.
+pub fn requests_since(mark: u64) -> std::collections::BTreeMap<String, u64> {
+    requests_matching(mark, None)
+}
+
+fn requests_matching(mark: u64, namespace: Option<&str>) -> std::collections::BTreeMap<String, u64> {
     let mut counts = std::collections::BTreeMap::new();
     let Some(log) = shared().audit_log.as_ref() else {
         return counts;
@@ -569,10 +595,19 @@ pub fn writes_since(mark: u64) -> std::collections::BTreeMap<String, u64> {
         let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if event["stage"] != "ResponseComplete" {
+        // A watch is counted when it starts; everything else once, when answered.
+        let counted_stage = if event["verb"] == "watch" {
+            "ResponseStarted"
+        } else {
+            "ResponseComplete"
+        };
+        if event["stage"] != counted_stage {
             continue;
         }
         let object = &event["objectRef"];
+        if namespace.is_some_and(|ns| object["namespace"].as_str() != Some(ns)) {
+            continue;
+        }
         let resource = match object["subresource"].as_str() {
             Some(sub) => format!("{}/{sub}", object["resource"].as_str().unwrap_or("")),
             None => object["resource"].as_str().unwrap_or("").to_string(),

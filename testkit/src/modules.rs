@@ -57,6 +57,36 @@ pub const NOTE_MODULE: &str = r#"package note
 }
 "#;
 
+/// A Chain is three ConfigMaps `<name>-a`, `-b`, `-c`, each waiting for the one before
+/// (`Exists` gates), holding `spec.value`: the scale benchmark's module.
+pub const CHAIN_MODULE: &str = r#"package chain
+
+#Metadata: kind: "Chain"
+
+#Input: {
+	value: string
+}
+
+#Render: {
+	input: {metadata: {name: string, namespace: string, ...}, spec: #Input}
+	output: nodes: [{
+		id: "a"
+		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: "\(input.metadata.name)-a", data: value: input.spec.value}
+		readyWhen: [{type: "Exists"}]
+	}, {
+		id: "b"
+		dependsOn: ["a"]
+		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: "\(input.metadata.name)-b", data: value: input.spec.value}
+		readyWhen: [{type: "Exists"}]
+	}, {
+		id: "c"
+		dependsOn: ["b"]
+		object: {apiVersion: "v1", kind: "ConfigMap", metadata: name: "\(input.metadata.name)-c", data: value: input.spec.value}
+		readyWhen: [{type: "Exists"}]
+	}]
+}
+"#;
+
 /// A small module: a Note is a ConfigMap holding a text. `fields` is added to `#Input`.
 pub fn note_module(fields: &str) -> String {
     format!(

@@ -207,6 +207,22 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
         d.spec.unwrap().template.spec.unwrap().containers[0].image.as_deref(),
         Some("nginx:latest")
     );
+    support::wait_events(&env.client, &env.namespace, "my-app", &["PolicyViolation"]).await;
+    // A first Ready was said by the condition alone; Ready again after the failure is news.
+    assert!(
+        !support::event_reasons(&env.client, &env.namespace, "my-app")
+            .await
+            .contains(&"Ready".to_string())
+    );
+    apply_instance(
+        &webservices,
+        &api_version,
+        "WebService",
+        "my-app",
+        json!({"image": "nginx:latest", "port": 80, "replicas": 5}),
+    )
+    .await;
+    wait_instance(&webservices, "my-app", "Ready", "True", "Ready").await;
     support::wait_events(&env.client, &env.namespace, "my-app", &["PolicyViolation", "Ready"]).await;
 
     // Deleting the instance tears everything down, the Service before the Deployment.
@@ -1620,5 +1636,75 @@ async fn a_version_written_into_served_digests_by_hand_is_not_served() {
     for name in ["note", "memo"] {
         delete_transform(&transforms, name).await;
     }
+    env.cleanup().await;
+}
+
+/// A new instance costs seven writes: its three objects, its graph and the graph's status, its
+/// finalizer and its status (written once, when the graph first reports); no event repeats
+/// what the conditions say. Its graph is read from the operator's cache, not the apiserver,
+/// once it holds the render.
+#[tokio::test]
+async fn a_new_instance_converges_in_seven_writes_and_without_events() {
+    let (env, transforms) = setup("instance-writes").await;
+    put_module(
+        &env.client,
+        &env.namespace,
+        "chain-module",
+        crate::support::modules::CHAIN_MODULE,
+    )
+    .await;
+    apply_transform(
+        &transforms,
+        "chain",
+        json!({"cueRef": {"type": "configmap", "ref": "chain-module"}, "group": group(&env),
+               "managedResources": [{"resources": ["configmaps"]}]}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "chain").await;
+    let api_version = format!("{}/v1alpha1", group(&env));
+    let chains = support::dynamic_api(&env.client, &api_version, "Chain", &env.namespace).await;
+
+    const INSTANCES: u64 = 5;
+    let mark = support::control_plane::audit_mark();
+    for i in 0..INSTANCES {
+        apply_instance(
+            &chains,
+            &api_version,
+            "Chain",
+            &format!("c{i}"),
+            json!({"value": format!("v{i}")}),
+        )
+        .await;
+    }
+    for i in 0..INSTANCES {
+        wait_instance(&chains, &format!("c{i}"), "Ready", "True", "Ready").await;
+    }
+    // Writes that trail Ready belong to converging.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let writes = support::control_plane::writes_in(mark, &env.namespace);
+    let count = |key: &str| writes.get(key).copied().unwrap_or(0);
+    assert_eq!(count("patch configmaps"), 3 * INSTANCES, "{writes:?}");
+    assert_eq!(
+        count("patch resourcegraphs"),
+        INSTANCES,
+        "the graph, with its finalizer: {writes:?}"
+    );
+    assert_eq!(count("patch chains"), INSTANCES, "the finalizer: {writes:?}");
+    assert_eq!(count("patch chains/status"), INSTANCES, "one status each: {writes:?}");
+    assert_eq!(count("patch resourcegraphs/status"), INSTANCES, "{writes:?}");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let about_instances: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| matches!(e.involved_object.kind.as_deref(), Some("Chain" | "ResourceGraph")))
+        .map(|e| format!("{:?} {:?}", e.involved_object.name, e.reason))
+        .collect();
+    assert!(
+        about_instances.is_empty(),
+        "no event repeats a condition: {about_instances:?}"
+    );
     env.cleanup().await;
 }

@@ -171,7 +171,7 @@ pub async fn reconciled<K, C, F>(
     metrics: &Metrics,
     controller: &'static str,
     (ctx, obj): (&C, &K),
-    reconcile: F,
+    reconcile: impl FnOnce() -> F,
 ) -> Result<kube::runtime::controller::Action, Error>
 where
     K: kube::Resource,

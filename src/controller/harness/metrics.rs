@@ -59,20 +59,18 @@ pub const FAILURE_REASONS: [&str; 3] = [
 
 /// Runs one reconcile of the object of `meta` inside `span` (which names it), counted and
 /// timed in the reconcile metrics under `controller`; a success clears the object's backoff.
+/// `reconcile` makes the reconcile's future once a worker is free.
 pub async fn measured<F, C: Retries>(
     metrics: &Metrics,
     controller: &'static str,
     span: tracing::Span,
     (ctx, meta): (&C, &ObjectMeta),
-    reconcile: F,
+    reconcile: impl FnOnce() -> F,
 ) -> Result<kube::runtime::controller::Action, Error>
 where
     F: Future<Output = Result<kube::runtime::controller::Action, Error>>,
 {
     use tracing::Instrument;
-    // Boxed: a reconcile's future is large, and moving it by value through this frame (as
-    // unoptimized builds do, more than once) overflowed worker stacks.
-    let reconcile = Box::pin(reconcile);
     async move {
         let queued = metrics.queued(controller);
         let waited = Instant::now();
@@ -81,6 +79,10 @@ where
             return Ok(kube::runtime::controller::Action::await_change());
         };
         drop(queued);
+        // Made and boxed only now: a reconcile's future is large (tens of KiB), and thousands
+        // wait for a worker after a restart or a burst of changes. Boxed also because moving it
+        // by value through this frame (as unoptimized builds do) overflowed worker stacks.
+        let reconcile = Box::pin(reconcile());
         let waited = waited.elapsed();
         let measure = ReconcileMeasure::start(metrics, controller);
         let (result, failure) = ENDED_IN
@@ -208,7 +210,7 @@ mod tests {
     async fn reconcile_ending_in(metrics: &Metrics, ctx: &Counting, conditions: Vec<Condition>) {
         let meta = ObjectMeta::default();
         let span = tracing::Span::none();
-        let result = measured(metrics, "instance", span, (ctx, &meta), async move {
+        let result = measured(metrics, "instance", span, (ctx, &meta), || async move {
             note_status(&conditions);
             Ok(kube::runtime::controller::Action::await_change())
         })
@@ -255,7 +257,7 @@ mod tests {
                     "transform",
                     tracing::Span::none(),
                     (&*ctx, &meta),
-                    async move {
+                    || async move {
                         let _ = released.wait_for(|r| *r).await;
                         let _ = n;
                         Ok(kube::runtime::controller::Action::await_change())

@@ -31,11 +31,20 @@ impl<S> Default for StatusMemory<S> {
 
 impl<S: Clone + Default> StatusMemory<S> {
     /// The status as last known for an object seen at `resource_version` with `cached` status.
+    /// A status written from an older resourceVersion is forgotten once the object is seen at a
+    /// newer one: the cache has seen the write (or a later change), so the memory holds only
+    /// writes the cache has not caught up with.
     pub fn last(&self, uid: &str, resource_version: Option<&String>, cached: Option<&S>) -> S {
-        let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         match written.get(uid) {
             Some((version, status)) if Some(version) == resource_version => status.clone(),
-            _ => cached.cloned().unwrap_or_default(),
+            Some((version, _)) => {
+                if newer(resource_version, version) {
+                    written.remove(uid);
+                }
+                cached.cloned().unwrap_or_default()
+            }
+            None => cached.cloned().unwrap_or_default(),
         }
     }
 
@@ -48,6 +57,16 @@ impl<S: Clone + Default> StatusMemory<S> {
 
     pub fn forget(&self, uid: &str) {
         self.written.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+    }
+}
+
+/// Whether resourceVersion `seen` is newer than `remembered`. resourceVersions are opaque to
+/// clients; the apiserver's are etcd revisions, which grow. Anything else counts as not newer,
+/// so that the memory is kept rather than lost on a stale read.
+fn newer(seen: Option<&String>, remembered: &str) -> bool {
+    match (seen.and_then(|v| v.parse::<u64>().ok()), remembered.parse::<u64>().ok()) {
+        (Some(seen), Some(remembered)) => seen > remembered,
+        _ => false,
     }
 }
 
@@ -327,5 +346,33 @@ where
             super::events::publish(self.writer.recorder, self.reference.clone(), event);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_answers_at_the_version_it_was_written_from_and_forgets_once_a_newer_one_is_seen() {
+        let memory: StatusMemory<String> = StatusMemory::default();
+        memory.remember("uid".into(), "10".into(), "written".into());
+        let cached = "cached".to_string();
+        let at = |v: &str| memory.last("uid", Some(&v.to_string()), Some(&cached));
+        assert_eq!(at("10"), "written");
+        assert_eq!(at("9"), "cached", "a stale read uses the cache");
+        assert_eq!(at("10"), "written", "and does not forget");
+        assert_eq!(at("11"), "cached");
+        assert!(
+            memory.written.lock().unwrap().is_empty(),
+            "seen at a newer version: forgotten"
+        );
+        memory.remember("uid".into(), "opaque".into(), "written".into());
+        assert_eq!(at("12"), "cached");
+        assert_eq!(
+            memory.last("uid", Some(&"opaque".to_string()), None),
+            "written",
+            "kept when versions do not compare"
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! module when the Transform's content changes (re-rendering every instance), and stops the
 //! controller when the Transform is deleted, so that nothing outlives its Transform.
 
-use crate::api::condition_types::READY;
+use crate::api::condition_types::{READY, RENDERED};
 use crate::api::names::{
     INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PIN_ANNOTATION,
     PREDECESSOR_ANNOTATION, PROOF_ANNOTATION, RECONCILE_REQUEST_ANNOTATION,
@@ -32,7 +32,7 @@ mod status;
 use super::fleet_plan::instance_key;
 use super::harness::{Error, StatusDraft, StatusMemory, reconcile_id};
 use super::rollout_driver::{Driver, RolloutOrder, SelectionCell};
-use super::watches::ObjectWatches;
+use super::watches::{GraphCache, Lookup, ObjectWatches};
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
 use crate::cue::{Module, Renderer, input_hash, render_input};
@@ -53,6 +53,10 @@ const CONTROLLER: &str = "instance";
 const CONCURRENCY: u16 = 200;
 /// Safety resync; graph progress arrives through the ResourceGraph watch.
 const RESYNC: Duration = Duration::from_secs(600);
+/// How long a new instance's first status waits for its graph's first report, counted from the
+/// graph's creation; and how often it looks again meanwhile.
+const FIRST_REPORT_BOUND: Duration = Duration::from_secs(300);
+const FIRST_REPORT_WAIT: Duration = Duration::from_secs(5);
 /// Bound on waiting for a deleted instance's graph to be torn down without any event.
 const TEARDOWN_POLL: Duration = Duration::from_secs(30);
 
@@ -102,6 +106,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The executor's object caches: rollout plans read live objects from them.
     pub watches: Option<Arc<ObjectWatches>>,
+    /// The graph cache: instances read their graphs from it and are woken by its changes.
+    pub graphs: Option<Arc<GraphCache>>,
     written: StatusMemory<InstanceStatus>,
 }
 
@@ -122,6 +128,7 @@ impl Shared {
             recorder,
             metrics,
             watches: None,
+            graphs: None,
             written: StatusMemory::default(),
         }
     }
@@ -129,6 +136,13 @@ impl Shared {
     /// Lets rollout plans read live objects from the executor's caches.
     pub fn with_object_watches(mut self, watches: Arc<ObjectWatches>) -> Self {
         self.watches = Some(watches);
+        self
+    }
+
+    /// Reads instances' graphs from the graph cache, and wakes instances on their changes
+    /// (else each kind watches its graphs itself and reads them from the apiserver).
+    pub fn with_graph_cache(mut self, graphs: Arc<GraphCache>) -> Self {
+        self.graphs = Some(graphs);
         self
     }
 }
@@ -324,8 +338,14 @@ async fn run_kind(
         ),
         None => (Api::all_with(client.clone(), &resource), Api::all(client)),
     };
-    let controller = Controller::new_with(instances, watcher::Config::default(), resource.clone());
-    let store = controller.store();
+    let writer = kube::runtime::reflector::store::Writer::new(resource.clone());
+    let store = writer.as_reader();
+    let listed = watcher(instances, watcher::Config::default())
+        .default_backoff()
+        .modify(super::cache::without_managed_fields)
+        .reflect(writer)
+        .applied_objects();
+    let controller = Controller::for_stream_with(listed, store.clone(), resource.clone());
     let (nudge, nudged) = mpsc::unbounded_channel();
     let driver = Driver {
         client: ctx.shared.client.clone(),
@@ -345,8 +365,16 @@ async fn run_kind(
         written: Default::default(),
     };
     let driver = tokio::spawn(driver.run(kind_stopped(&stop, &shutdown)));
+    let controller = match &ctx.shared.graphs {
+        Some(cache) => {
+            let woken = cache.subscribe(&resource);
+            controller.reconcile_on(futures::stream::unfold(woken, |mut rx| async move {
+                rx.recv().await.map(|instance| (instance, rx))
+            }))
+        }
+        None => controller.owns_stream(graph_watch(graphs, &resource)),
+    };
     let run = controller
-        .owns_stream(graph_watch(graphs, &resource))
         .with_config(super::harness::runner_config(&ctx.workers, CONCURRENCY, &shutdown))
         .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {
             rx.recv().await.map(|()| ((), rx))
@@ -396,23 +424,29 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
         name = obj.name_any(),
         reconcile_id = reconcile_id()
     );
-    super::harness::measured(&ctx.shared.metrics, CONTROLLER, span, (&*ctx, &obj.metadata), async {
-        let controls = Controls::of(&obj.metadata, &cached_status(&obj).unwrap_or_default());
-        if controls.paused {
-            hold(&obj, &ctx, StatusDraft::pause).await
-        } else if obj.metadata.deletion_timestamp.is_some() {
-            if controls.protected {
-                hold(&obj, &ctx, StatusDraft::deletion_protected).await
+    super::harness::measured(
+        &ctx.shared.metrics,
+        CONTROLLER,
+        span,
+        (&*ctx, &obj.metadata),
+        || async {
+            let controls = Controls::of(&obj.metadata, &cached_status(&obj).unwrap_or_default());
+            if controls.paused {
+                hold(&obj, &ctx, StatusDraft::pause).await
+            } else if obj.metadata.deletion_timestamp.is_some() {
+                if controls.protected {
+                    hold(&obj, &ctx, StatusDraft::deletion_protected).await
+                } else {
+                    cleanup(&obj, &ctx).await
+                }
             } else {
-                cleanup(&obj, &ctx).await
+                let obj = super::harness::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
+                let rendered = render(&obj, &ctx, controls.reconcile_request).await;
+                ctx.changed.notify_one();
+                rendered
             }
-        } else {
-            let obj = super::harness::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
-            let rendered = render(&obj, &ctx, controls.reconcile_request).await;
-            ctx.changed.notify_one();
-            rendered
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -461,7 +495,9 @@ async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>)
     update.resume();
     let result = serve_instance(obj, ctx, &mut update, request.as_deref()).await;
     let action = match result {
-        Ok(action) => action,
+        Ok(Served::Reported(action)) => action,
+        // Written once the graph reports, which wakes the instance: no status in between.
+        Ok(Served::AwaitingFirstReport) => return Ok(Action::requeue(FIRST_REPORT_WAIT)),
         Err(InstanceStop::Settled(action)) => action,
         Err(InstanceStop::Retry(e)) => {
             update.write().await?;
@@ -471,6 +507,15 @@ async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>)
     };
     update.write().await?;
     Ok(action)
+}
+
+/// How a pass that got through ends.
+enum Served {
+    /// The status says how the graph is doing.
+    Reported(Action),
+    /// A new instance's graph has not reported yet: its report wakes the instance, whose first
+    /// status then says how it went (one write instead of two).
+    AwaitingFirstReport,
 }
 
 /// What one pass works on: the kind's current module and what its Transform grants, and the
@@ -506,7 +551,7 @@ async fn serve_instance(
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     request: Option<&str>,
-) -> Result<Action, InstanceStop> {
+) -> Result<Served, InstanceStop> {
     let (selection, state) = ctx.current();
     let module = choose_module(obj, ctx, update, &selection, &state).await?;
     let name = obj.name_any();
@@ -521,8 +566,9 @@ async fn serve_instance(
         request: request.map(String::from),
     };
     update.new.resource_graph = Some(pass.graph.clone());
-    let (output, hash) = render_instance(obj, ctx, update, &pass).await?;
-    let nodes = check_policies(obj, ctx, update, &pass, &output).await?;
+    let spec = obj.data.get("spec").cloned().unwrap_or_else(|| json!({}));
+    let input = render_input(&obj.metadata, &spec);
+    let hash = render_hash(&pass.module.digest, &input_hash(&input));
     // The module's readiness expressions, checked when its Transform was applied.
     let schema = ctx
         .shared
@@ -530,25 +576,74 @@ async fn serve_instance(
         .schema(&pass.module)
         .await
         .map_err(Error::CueUnavailable)?;
-    let nodes = with_module_gates(nodes, &schema.metadata.ready_when);
-    let (live, predecessor) = find_graphs(obj, ctx, update, &pass).await?;
-    let rg = publish_graph(
-        obj,
-        ctx,
-        update,
-        &pass,
-        (&output, nodes, &hash),
-        live,
-        predecessor.as_ref(),
-    )
-    .await?;
+    let (rg, predecessor) = match unchanged_graph(obj, ctx, update, &pass, &hash) {
+        // The status shows this render and the cache holds its graph: nothing to render or write.
+        Some(rg) => (rg, None),
+        None => render_and_publish(obj, ctx, update, &pass, (input, &hash), &schema).await?,
+    };
+    // The time now, not the pass's start: the graph may have been created since.
+    if request.is_none() && update.events.is_empty() && awaits_first_report(&update.old, &rg, &super::harness::now()) {
+        return Ok(Served::AwaitingFirstReport);
+    }
     if let Some(request) = request {
         update.reconcile_handled(request);
     }
     update.new.module_digest = Some(pass.module.digest.clone());
     let ready = update.mirror_progress(&rg, schema.status.as_ref());
     let retired = retire_predecessor(obj, ctx, update, &pass, predecessor, ready).await?;
-    Ok(Action::requeue(if retired { TEARDOWN_POLL } else { RESYNC }))
+    Ok(Served::Reported(Action::requeue(if retired {
+        TEARDOWN_POLL
+    } else {
+        RESYNC
+    })))
+}
+
+/// The instance's graph from the cache when nothing is left to do but mirror it: no reconcile
+/// is requested, the status shows this module's render, and the cached graph holds this render
+/// as Pequod signed it (see [`serves_as_is`]). A restart or resync then costs no render.
+fn unchanged_graph(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &StatusUpdate<'_>,
+    pass: &Pass,
+    hash: &str,
+) -> Option<ResourceGraph> {
+    let shown = update.old.module_digest.as_deref() == Some(pass.module.digest.as_str())
+        && update.was(RENDERED, crate::api::ConditionStatus::True, reasons::RENDERED);
+    if pass.request.is_some() || !shown {
+        return None;
+    }
+    match cached_graph(ctx, &pass.namespace, &pass.graph) {
+        Lookup::Known(Some(cached)) if serves_as_is(obj, ctx, pass, &cached, hash, None) => Some((*cached).clone()),
+        _ => None,
+    }
+}
+
+/// Renders the instance (in a batch of its module), checks policies and confinement, and
+/// publishes the signed graph: the graph, and the one of the earlier naming it takes over from.
+async fn render_and_publish(
+    obj: &DynamicObject,
+    ctx: &KindContext,
+    update: &mut StatusUpdate<'_>,
+    pass: &Pass,
+    (input, hash): (serde_json::Value, &str),
+    schema: &crate::cue::ModuleSchema,
+) -> Result<(ResourceGraph, Option<ResourceGraph>), InstanceStop> {
+    let output = render_instance(ctx, update, pass, input).await?;
+    let nodes = check_policies(obj, ctx, update, pass, &output).await?;
+    let nodes = with_module_gates(nodes, &schema.metadata.ready_when);
+    let (live, predecessor) = find_graphs(obj, ctx, update, pass, hash).await?;
+    let rg = publish_graph(
+        obj,
+        ctx,
+        update,
+        pass,
+        (&output, nodes, hash),
+        live,
+        predecessor.as_ref(),
+    )
+    .await?;
+    Ok((rg, predecessor))
 }
 
 /// Once the graph holds every object, the earlier one has nothing left and goes; says whether
@@ -632,16 +727,13 @@ async fn choose_module(
     Ok(module)
 }
 
-/// Renders the instance with its module; the second value is the render hash.
+/// Renders the instance's `input` with its module.
 async fn render_instance(
-    obj: &DynamicObject,
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     pass: &Pass,
-) -> Result<(Arc<crate::cue::RenderOutput>, String), InstanceStop> {
-    let spec = obj.data.get("spec").cloned().unwrap_or_else(|| json!({}));
-    let input = render_input(&obj.metadata, &spec);
-    let hash = render_hash(&pass.module.digest, &input_hash(&input));
+    input: serde_json::Value,
+) -> Result<Arc<crate::cue::RenderOutput>, InstanceStop> {
     let rendered = if pass.request.is_some() {
         ctx.shared.renderer.render_afresh(&pass.module, input).await
     } else {
@@ -650,7 +742,7 @@ async fn render_instance(
     match rendered {
         Ok(output) => {
             update.rendered(output.nodes.len(), &pass.module.digest);
-            Ok((output, hash))
+            Ok(output)
         }
         // The render worked; the graph rules refused what it rendered.
         Err(crate::cue::RenderError::InvalidGraph(refused)) => {
@@ -704,15 +796,22 @@ async fn check_policies(
 }
 
 /// The instance's graph as it is (refused when another owns the name), and the graph of the
-/// earlier naming it still takes over from, if any.
+/// earlier naming it still takes over from, if any. The cache answers when it holds the graph
+/// of this render (`hash`); the apiserver answers otherwise, so that nothing is written on a
+/// stale read.
 async fn find_graphs(
     obj: &DynamicObject,
     ctx: &KindContext,
     update: &mut StatusUpdate<'_>,
     pass: &Pass,
+    hash: &str,
 ) -> Result<(Option<ResourceGraph>, Option<ResourceGraph>), InstanceStop> {
     let graphs_api = graphs(obj, ctx);
-    let live = graphs_api.get_opt(&pass.graph).await?;
+    let live = match cached_graph(ctx, &pass.namespace, &pass.graph) {
+        // Served as it is only when the cache shows it current; anything else is read afresh.
+        Lookup::Known(Some(cached)) if serves_as_is(obj, ctx, pass, &cached, hash, None) => Some((*cached).clone()),
+        _ => graphs_api.get_opt(&pass.graph).await?,
+    };
     if live
         .as_ref()
         .is_some_and(|g| !owns(obj, &ctx.resource, g, &ctx.shared.key))
@@ -724,14 +823,44 @@ async fn find_graphs(
         update.fail(reasons::GRAPH_CONFLICT, message);
         return Err(InstanceStop::Settled(Action::requeue(RESYNC)));
     }
+    let legacy = legacy_graph_name(&ctx.resource.kind, &pass.name);
     let predecessor = match &live {
         Some(g) if !g.annotations().contains_key(PREDECESSOR_ANNOTATION) => None,
-        _ => graphs_api
-            .get_opt(&legacy_graph_name(&ctx.resource.kind, &pass.name))
-            .await?
-            .filter(|g| owns(obj, &ctx.resource, g, &ctx.shared.key)),
+        // No release creates graphs of the earlier naming: one the cache does not hold is gone.
+        _ => match cached_graph(ctx, &pass.namespace, &legacy) {
+            Lookup::Known(None) => None,
+            _ => graphs_api.get_opt(&legacy).await?,
+        }
+        .filter(|g| owns(obj, &ctx.resource, g, &ctx.shared.key)),
     };
     Ok((live, predecessor))
+}
+
+/// Graph `name` as the graph cache holds it (Unknown without one).
+fn cached_graph(ctx: &KindContext, namespace: &str, name: &str) -> Lookup<ResourceGraph> {
+    match &ctx.shared.graphs {
+        Some(cache) => cache.lookup(namespace, name),
+        None => Lookup::Unknown,
+    }
+}
+
+/// Whether a new instance's first status waits for its graph's first report: the instance has
+/// no status yet, and its graph has not reported on its current spec and was created less than
+/// [`FIRST_REPORT_BOUND`] ago (a graph that takes longer is shown waiting).
+fn awaits_first_report(
+    old: &InstanceStatus,
+    rg: &ResourceGraph,
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> bool {
+    let reported = rg
+        .status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation.is_some() && s.observed_generation == rg.metadata.generation);
+    let young = rg.metadata.creation_timestamp.as_ref().is_some_and(|created| {
+        let age = now.0.as_second() - created.0.as_second();
+        (0..FIRST_REPORT_BOUND.as_secs() as i64).contains(&age)
+    });
+    *old == InstanceStatus::default() && !reported && young
 }
 
 /// The graph to serve: the live one when it holds this render and Pequod's valid proof (a
@@ -985,5 +1114,57 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
             ctx.shared.written.forget(&obj.uid().unwrap_or_default());
             Ok(Action::await_change())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn graph(age_seconds: i64, generation: i64, observed: Option<i64>) -> ResourceGraph {
+        let created = jiff::Timestamp::from_second(1_000_000 - age_seconds).unwrap();
+        let mut rg: ResourceGraph = serde_json::from_value(json!({
+            "apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+            "metadata": {"name": "g", "namespace": "team", "generation": generation},
+            "spec": {"nodes": []}
+        }))
+        .unwrap();
+        rg.metadata.creation_timestamp = Some(Time(created));
+        if let Some(observed) = observed {
+            rg.status = Some(crate::api::ResourceGraphStatus {
+                observed_generation: Some(observed),
+                ..Default::default()
+            });
+        }
+        rg
+    }
+
+    #[test]
+    fn a_new_instance_waits_for_its_graph_s_first_report_within_a_bound() {
+        let now = Time(jiff::Timestamp::from_second(1_000_000).unwrap());
+        let new = InstanceStatus::default();
+        assert!(awaits_first_report(&new, &graph(1, 1, None), &now), "not reported yet");
+        assert!(
+            awaits_first_report(&new, &graph(1, 2, Some(1)), &now),
+            "reported on an earlier spec"
+        );
+        assert!(!awaits_first_report(&new, &graph(1, 1, Some(1)), &now), "reported");
+        assert!(
+            !awaits_first_report(&new, &graph(301, 1, None), &now),
+            "a graph slower than the bound is shown waiting"
+        );
+        assert!(
+            !awaits_first_report(&new, &graph(-5, 1, None), &now),
+            "a creation time in the future bounds nothing"
+        );
+        let shown = InstanceStatus {
+            resource_graph: Some("g".into()),
+            ..Default::default()
+        };
+        assert!(
+            !awaits_first_report(&shown, &graph(1, 1, None), &now),
+            "an instance with a status shows every change"
+        );
     }
 }

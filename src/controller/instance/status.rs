@@ -218,7 +218,8 @@ impl StatusDraft<InstanceStatus> {
             .map(|s| declared_outputs(&s.outputs, declared))
             .unwrap_or_default();
         let (phase, ready, reason, message) = graph_progress(rg);
-        if ready && !self.was(READY, ConditionStatus::True, reasons::READY) {
+        // Becoming Ready is news after a failure; a first Ready is said by the condition alone.
+        if ready && self.old.phase == Some(InstancePhase::Failed) {
             self.event(EventType::Normal, reasons::READY, &message);
         }
         if phase == InstancePhase::Failed && !self.was(READY, ConditionStatus::False, &reason) {
@@ -301,7 +302,8 @@ mod tests {
         let cases = [
             ("no status for this spec yet", graph(None, ("", "")), InstancePhase::Applying, false, reasons::APPLYING, vec![]),
             ("applying", graph(Some("Executing"), ("False", "Progressing")), InstancePhase::Applying, false, "Progressing", vec![]),
-            ("ready", graph(Some("Completed"), ("True", "AllNodesReady")), InstancePhase::Ready, true, reasons::READY, vec![reasons::READY]),
+            // A first Ready is said by the condition alone.
+            ("ready", graph(Some("Completed"), ("True", "AllNodesReady")), InstancePhase::Ready, true, reasons::READY, vec![]),
             ("failed", graph(Some("Failed"), ("False", "NodeFailed")), InstancePhase::Failed, false, "NodeFailed", vec!["NodeFailed"]),
             ("failed without a reason", graph(Some("Failed"), ("False", "")), InstancePhase::Failed, false, "", vec![""]),
         ];
@@ -317,6 +319,13 @@ mod tests {
             again.mirror_progress(&rg, None);
             assert!(again.events.is_empty(), "{case}: {:?}", events(&again));
         }
+        // Ready again after a failure is news.
+        let failed = graph(Some("Failed"), ("False", "NodeFailed"));
+        let mut d = draft(&InstanceStatus::default());
+        d.mirror_progress(&failed, None);
+        let mut recovered = draft(&d.new);
+        assert!(recovered.mirror_progress(&graph(Some("Completed"), ("True", "AllNodesReady")), None));
+        assert_eq!(events(&recovered), [reasons::READY]);
     }
 
     #[test]

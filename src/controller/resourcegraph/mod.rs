@@ -36,7 +36,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::harness::{Error, StatusMemory, now, reconcile_event, truncate};
-use super::watches::ObjectWatches;
+use super::watches::{GraphCache, ObjectWatches};
 use crate::api::Transform;
 use crate::api::{
     Condition, InventoryEntry, Node, NodePhase, NodeState, ResourceGraph, ResourceGraphStatus, ResourceRef,
@@ -244,22 +244,27 @@ struct Acting {
     account: Option<ServiceAccount>,
 }
 
-/// Runs the controller until shutdown. `triggers` names graphs whose objects changed.
+/// Runs the controller until shutdown over the graph cache and the graphs it reports
+/// (`graphs`); `triggers` names graphs whose objects changed.
 pub async fn run(
     ctx: Arc<Context>,
+    (cache, graphs): (
+        Arc<GraphCache>,
+        tokio::sync::mpsc::UnboundedReceiver<Arc<ResourceGraph>>,
+    ),
     triggers: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<ResourceGraph>>,
     concurrency: u16,
     health: Arc<Health>,
     shutdown: Shutdown,
 ) {
-    let api: Api<ResourceGraph> = Api::all(ctx.client.clone());
-    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+    let store = cache.store();
+    let listed = futures::stream::unfold(graphs, |mut rx| async move { rx.recv().await.map(|g| (g, rx)) });
+    let controller = Controller::for_shared_stream(listed, store.clone())
         .with_config(super::harness::runner_config(&ctx.workers, concurrency, &shutdown))
         .reconcile_on(futures::stream::unfold(triggers, |mut rx| async move {
             rx.recv().await.map(|r| (r, rx))
         }))
         .graceful_shutdown_on(shutdown.clone().wait_owned());
-    let store = controller.store();
     let controller = controller.watches_stream(transform_changes(&ctx.client), {
         let graphs = store.clone();
         move |t: Transform| graphs_of(&graphs, &t)
@@ -292,7 +297,7 @@ fn graphs_of(graphs: &Store<ResourceGraph>, t: &Transform) -> Vec<ObjectRef<Reso
 }
 
 async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, Error> {
-    super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*rg), async {
+    super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*rg), || async {
         if rg.metadata.deletion_timestamp.is_some() {
             cleanup(&rg, &ctx).await
         } else {
@@ -417,7 +422,7 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     status.outputs = outputs(&rg.spec.outputs, &outcomes, &old.outputs);
     conclude(
         ctx,
-        rg,
+        (rg, grant.is_some()),
         &graph,
         (&old, &mut status),
         &prune_waiting,
@@ -469,10 +474,10 @@ fn current_inventory(outcomes: &BTreeMap<String, NodeOutcome>, old: &ResourceGra
 }
 
 /// Concludes the pass in the status; a finished execution is measured, and a graph that
-/// became ready says so.
+/// became ready says so, unless it was `rendered` for an instance, which says it instead.
 async fn conclude(
     ctx: &Context,
-    rg: &ResourceGraph,
+    (rg, rendered): (&ResourceGraph, bool),
     graph: &GraphIdentity,
     (old, status): (&ResourceGraphStatus, &mut ResourceGraphStatus),
     prune_waiting: &[InventoryEntry],
@@ -486,7 +491,7 @@ async fn conclude(
             .with_label_values(&[&metric_name(graph), result])
             .observe(seconds);
     }
-    if conclusion.became_ready {
+    if conclusion.became_ready && !rendered {
         let note = format!("all {total} nodes are ready");
         publish(ctx, rg, EventType::Normal, reasons::READY, &note).await;
     }

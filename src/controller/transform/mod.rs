@@ -229,7 +229,7 @@ fn owner_of(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, St
 }
 
 async fn reconcile(t: Arc<Transform>, ctx: Arc<Context>) -> Result<Action, Error> {
-    super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*t), async {
+    super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*t), || async {
         if is_paused(&t) {
             pause(&t, &ctx).await
         } else if t.metadata.deletion_timestamp.is_some() {

@@ -1,0 +1,87 @@
+//! What the controllers' caches hold: what their decisions read, and no more. Every object is
+//! trimmed as it arrives from its watch, before it is stored.
+//!
+//! | Cache | Holds |
+//! |---|---|
+//! | Transforms | whole, without `managedFields` |
+//! | a generated kind's instances | whole, without `managedFields` |
+//! | ResourceGraphs (the graph controller's, also read by the instance controllers) | whole, without `managedFields` |
+//! | objects graphs applied, one per kind (see [`super::watches`]) | objects labelled by Pequod whose graph exists; of `managedFields` only each entry's manager and operation, and the field set of `Apply` entries |
+//!
+//! No decision reads the field sets of instances, graphs or Transforms (the counts of
+//! `status.versions` come from a list of their own). The executor reads applied objects'
+//! managers (who else writes the object) and the field set its own manager applied (fields a
+//! node no longer declares); `Update` entries' field sets and every entry's time are never read.
+
+use kube::Resource;
+use kube::api::DynamicObject;
+
+/// Drops `metadata.managedFields`: for objects whose field ownership no decision reads.
+pub fn without_managed_fields<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
+/// Keeps of an applied object's `managedFields` what the executor reads: each entry's manager
+/// and operation, and the field sets of `Apply` entries.
+pub fn trim_applied(obj: &mut DynamicObject) {
+    for entry in obj.metadata.managed_fields.iter_mut().flatten() {
+        entry.time = None;
+        entry.fields_type = None;
+        if entry.operation.as_deref() != Some("Apply") {
+            entry.fields_v1 = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object() -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "x", "namespace": "team", "managedFields": [
+                {"manager": "pequod-uid", "operation": "Apply", "time": "2026-01-01T00:00:00Z",
+                 "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {"f:a": {}}}},
+                {"manager": "kubectl-edit", "operation": "Update", "time": "2026-01-01T00:00:00Z",
+                 "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {"f:b": {}}}}
+            ]},
+            "data": {"a": "1", "b": "2"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn applied_objects_keep_managers_operations_and_applied_field_sets() {
+        let mut obj = object();
+        trim_applied(&mut obj);
+        let trimmed = serde_json::to_value(&obj).unwrap();
+        assert_eq!(
+            trimmed["metadata"]["managedFields"],
+            json!([
+                {"manager": "pequod-uid", "operation": "Apply", "fieldsV1": {"f:data": {"f:a": {}}}},
+                {"manager": "kubectl-edit", "operation": "Update"}
+            ])
+        );
+        assert_eq!(trimmed["data"], json!({"a": "1", "b": "2"}), "the body is kept whole");
+        // What the executor decides from is unchanged by the trimming.
+        let (before, after) = (serde_json::to_value(object()).unwrap(), trimmed);
+        assert_eq!(
+            crate::executor::object::stale_field(&before, &json!({"data": {}}), "pequod-uid"),
+            crate::executor::object::stale_field(&after, &json!({"data": {}}), "pequod-uid")
+        );
+        assert_eq!(
+            crate::executor::object::other_managers(&object(), "pequod-uid"),
+            crate::executor::object::other_managers(&obj, "pequod-uid")
+        );
+    }
+
+    #[test]
+    fn owned_objects_lose_their_field_ownership() {
+        let mut obj = object();
+        without_managed_fields(&mut obj);
+        assert!(obj.metadata.managed_fields.is_none());
+        assert_eq!(obj.data["data"]["a"], "1");
+    }
+}

@@ -1,0 +1,500 @@
+//! Scale benchmark against the local control plane: N instances of a module of three
+//! ConfigMaps in a chain (a, then b, then c, each with an `Exists` gate), for each N in
+//! `PEQUOD_SCALE_SIZES` (default 1000,5000,10000), side by side with the same 3N server-side
+//! applies sent directly (4 in flight). Each size gets a fresh operator with default flags, and
+//! for each it reports:
+//! - time until every instance is Ready, and its ratio to the direct applies;
+//! - the operator's writes and other requests, from the apiserver's audit log, per instance;
+//! - operator CPU, resident memory after converging and its peak, the apiserver's CPU;
+//! - cue processes started;
+//! - a minute at rest, a resync (every graph touched) and a cold restart: writes and cue;
+//! - teardown: every instance deleted until its ConfigMaps are gone.
+//!
+//! `make bench-scale` runs it; `PEQUOD_SCALE_SIZES=1000 make bench-scale` runs one size,
+//! `PEQUOD_SCALE_FLAGS="--max-concurrent-reconciles=16"` adds operator flags, and
+//! `PEQUOD_SCALE_QUICK=1` skips the minute at rest, the resync and the restart.
+
+use pequod_testkit as support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use pequod::api::Transform;
+use serde_json::json;
+use support::OperatorProcess;
+use support::control_plane::{audit_mark, requests_since, writes_since};
+use support::modules::{CHAIN_MODULE, put_module};
+use support::transforms::{apply_transform, delete_transform};
+
+const AT_REST: Duration = Duration::from_secs(60);
+const DIRECT_IN_FLIGHT: usize = 4;
+const CREATE_IN_FLIGHT: usize = 32;
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn sizes() -> Vec<usize> {
+    std::env::var("PEQUOD_SCALE_SIZES")
+        .unwrap_or_else(|_| "1000,5000,10000".into())
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .expect("PEQUOD_SCALE_SIZES: numbers separated by commas")
+        })
+        .collect()
+}
+
+/// The operator with default flags, and those of `PEQUOD_SCALE_FLAGS` (separated by spaces).
+fn start(env: &support::TestEnv) -> OperatorProcess {
+    let extra = std::env::var("PEQUOD_SCALE_FLAGS").unwrap_or_default();
+    let mut flags = vec!["--zap-log-level=warn", "--trusted-transform-namespaces=*"];
+    flags.extend(extra.split_whitespace());
+    OperatorProcess::start(
+        &env.operator_kubeconfig,
+        &support::tool("cue", "PEQUOD_TEST_CUE"),
+        &flags,
+    )
+}
+
+fn total(counts: &BTreeMap<String, u64>) -> u64 {
+    counts.values().sum()
+}
+
+/// Peak resident memory of a process, in MiB (`VmHWM`).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// CPU seconds (user and system) every process named `name` has used so far.
+fn cpu_seconds_of(name: &str) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut seconds = 0.0;
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if head.split_once('(').map(|(_, c)| c) != Some(name) {
+            continue;
+        }
+        let fields: Vec<&str> = tail.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        seconds += (ticks(11) + ticks(12)) / 100.0;
+    }
+    seconds
+}
+
+/// Which instances are Ready, kept by a watch: polling lists of 10,000 objects would load the
+/// apiserver the benchmark measures.
+#[derive(Clone, Default)]
+struct Readiness(Arc<Mutex<HashMap<String, bool>>>);
+
+impl Readiness {
+    fn watch(api: Api<DynamicObject>) -> Self {
+        let readiness = Self::default();
+        let seen = readiness.0.clone();
+        tokio::spawn(
+            watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .for_each(move |obj| {
+                    if let Ok(obj) = obj {
+                        let ready = obj.data["status"]["conditions"]
+                            .as_array()
+                            .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+                        let name = obj.metadata.name.unwrap_or_default();
+                        seen.lock().unwrap().insert(name, ready);
+                    }
+                    futures::future::ready(())
+                }),
+        );
+        readiness
+    }
+
+    fn ready(&self) -> usize {
+        self.0.lock().unwrap().values().filter(|r| **r).count()
+    }
+
+    async fn wait_all(&self, count: usize, started: Instant) {
+        loop {
+            let ready = self.ready();
+            if ready >= count {
+                return;
+            }
+            assert!(
+                started.elapsed() < CONVERGE_TIMEOUT,
+                "only {ready} of {count} instances Ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// 3N ConfigMaps server-side applied directly, [`DIRECT_IN_FLIGHT`] at a time.
+async fn direct_applies(n: usize) -> Duration {
+    let env = support::env(&format!("scale-direct-{n}")).await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let started = Instant::now();
+    futures::stream::iter(0..n * 3)
+        .for_each_concurrent(DIRECT_IN_FLIGHT, |i| {
+            let cms = cms.clone();
+            async move {
+                let name = format!("d{}-{}", i / 3, ["a", "b", "c"][i % 3]);
+                let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"value": "x"}});
+                cms.patch(&name, &PatchParams::apply("bench").force(), &Patch::Apply(cm))
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    let took = started.elapsed();
+    env.cleanup().await;
+    took
+}
+
+struct Run {
+    n: usize,
+    direct: Duration,
+    converged: Duration,
+    writes: BTreeMap<String, u64>,
+    requests: BTreeMap<String, u64>,
+    operator_cpu: f64,
+    apiserver_cpu: f64,
+    rss: f64,
+    peak_rss: f64,
+    cue: f64,
+    rest_writes: u64,
+    rest_cue: f64,
+    resync_writes: BTreeMap<String, u64>,
+    resync_cue: f64,
+    restart: Duration,
+    restart_writes: BTreeMap<String, u64>,
+    restart_cue: f64,
+    restart_rss: f64,
+    /// None for the last size, whose teardown is not waited for.
+    teardown: Option<Duration>,
+}
+
+async fn cue_processes(operator: &OperatorProcess) -> f64 {
+    support::metric_sum(&operator.metrics, "pequod_cue_invocations_total").await
+}
+
+async fn reconciles(operator: &OperatorProcess, controller: &str) -> f64 {
+    support::metric_sum(
+        &operator.metrics,
+        &format!("pequod_reconcile_total{{controller=\"{controller}\""),
+    )
+    .await
+}
+
+/// Measures `n` instances; the teardown is measured (and waited for) unless `last`: the
+/// control plane goes with the benchmark.
+async fn run(n: usize, last: bool) -> Run {
+    let direct = direct_applies(n).await;
+
+    let env = support::env(&format!("scale-{n}")).await;
+    let group = format!("{}.bench.example.com", env.namespace);
+    put_module(&env.client, &env.namespace, "chain-module", CHAIN_MODULE).await;
+    let mut operator = start(&env);
+    let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    apply_transform(
+        &transforms,
+        "chain",
+        json!({"cueRef": {"type": "configmap", "ref": "chain-module"}, "group": group,
+               "managedResources": [{"resources": ["configmaps"]}]}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "chain").await;
+    let api_version = format!("{group}/v1alpha1");
+    let instances = support::dynamic_api(&env.client, &api_version, "Chain", &env.namespace).await;
+    let readiness = Readiness::watch(instances.clone());
+
+    let mark = audit_mark();
+    let (cue_before, cpu_before, apiserver_before) = (
+        cue_processes(&operator).await,
+        operator.cpu_seconds(),
+        cpu_seconds_of("kube-apiserver"),
+    );
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(CREATE_IN_FLIGHT, |i| {
+            let (instances, api_version) = (instances.clone(), api_version.clone());
+            async move {
+                let spec = json!({"value": format!("v{i}")});
+                support::instances::apply_instance(&instances, &api_version, "Chain", &format!("c{i}"), spec).await;
+            }
+        })
+        .await;
+    readiness.wait_all(n, started).await;
+    let converged = started.elapsed();
+    // Status writes that trail the last Ready are part of converging.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (writes, requests) = (writes_since(mark), requests_since(mark));
+    let operator_cpu = operator.cpu_seconds() - cpu_before;
+    let apiserver_cpu = cpu_seconds_of("kube-apiserver") - apiserver_before;
+    let cue = cue_processes(&operator).await - cue_before;
+    let (rss, peak_rss) = (operator.rss_mib(), peak_rss_mib(operator.pid()));
+
+    let quick = std::env::var_os("PEQUOD_SCALE_QUICK").is_some();
+    let mark = audit_mark();
+    let cue_before = cue_processes(&operator).await;
+    tokio::time::sleep(if quick { Duration::ZERO } else { AT_REST }).await;
+    let rest_writes = total(&writes_since(mark));
+    let rest_cue = cue_processes(&operator).await - cue_before;
+
+    // Resync: touching each graph brings it and its instance through a reconcile. The touches
+    // are the benchmark's writes, not the operator's.
+    let graphs = support::dynamic_api(
+        &env.client,
+        "platform.platform.example.com/v1alpha1",
+        "ResourceGraph",
+        &env.namespace,
+    )
+    .await;
+    let graph_names: Vec<String> = graphs
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|g| g.metadata.name)
+        .collect();
+    let (reconciled_before, cue_before) = (reconciles(&operator, "instance").await, cue_processes(&operator).await);
+    let mark = audit_mark();
+    futures::stream::iter(if quick { Vec::new() } else { graph_names })
+        .for_each_concurrent(CREATE_IN_FLIGHT, |name| {
+            let graphs = graphs.clone();
+            async move {
+                let patch = json!({"metadata": {"labels": {"bench.pequod.io/touched": "yes"}}});
+                graphs
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    support::wait_for("every instance reconciled again", CONVERGE_TIMEOUT, || async {
+        let done = reconciles(&operator, "instance").await - reconciled_before;
+        if quick || done >= n as f64 {
+            Ok(())
+        } else {
+            Err(format!("{done}"))
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let resync_writes = writes_since(mark);
+    let resync_cue = cue_processes(&operator).await - cue_before;
+
+    // Cold restart: nothing changed, so nothing is written.
+    let mark = audit_mark();
+    let started = Instant::now();
+    if !quick {
+        operator.kill();
+        operator = start(&env);
+    }
+    support::wait_for(
+        "every instance reconciled after the restart",
+        CONVERGE_TIMEOUT,
+        || async {
+            let (i, g) = (
+                reconciles(&operator, "instance").await,
+                reconciles(&operator, "resourcegraph").await,
+            );
+            if i >= n as f64 && g >= n as f64 {
+                Ok(())
+            } else {
+                Err(format!("{i} instances, {g} graphs"))
+            }
+        },
+    )
+    .await;
+    let restart = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let restart_writes = writes_since(mark);
+    let restart_cue = cue_processes(&operator).await;
+    let restart_rss = operator.rss_mib();
+
+    let mut measured = Run {
+        n,
+        direct,
+        converged,
+        writes,
+        requests,
+        operator_cpu,
+        apiserver_cpu,
+        rss,
+        peak_rss,
+        cue,
+        rest_writes,
+        rest_cue,
+        resync_writes,
+        resync_cue,
+        restart,
+        restart_writes,
+        restart_cue,
+        restart_rss,
+        teardown: None,
+    };
+    if last {
+        return measured;
+    }
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(CREATE_IN_FLIGHT, |i| {
+            let instances = instances.clone();
+            async move {
+                match instances.delete(&format!("c{i}"), &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => panic!("delete instance c{i}: {e}"),
+                }
+            }
+        })
+        .await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    support::wait_for("every instance and its ConfigMaps gone", CONVERGE_TIMEOUT, || async {
+        let left = instances
+            .list_metadata(&ListParams::default().limit(1))
+            .await
+            .unwrap()
+            .items
+            .len()
+            + cms
+                .list_metadata(
+                    &ListParams::default()
+                        .labels("app.kubernetes.io/managed-by=pequod")
+                        .limit(1),
+                )
+                .await
+                .unwrap()
+                .items
+                .len();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err("objects left".to_string())
+        }
+    })
+    .await;
+    let teardown = started.elapsed();
+    delete_transform(&transforms, "chain").await;
+    drop(operator);
+    env.cleanup().await;
+
+    measured.teardown = Some(teardown);
+    measured
+}
+
+fn report(r: &Run) {
+    let n = r.n as f64;
+    let reads = total(&r.requests) - total(&r.writes);
+    println!("{} instances ({} ConfigMaps):", r.n, r.n * 3);
+    println!(
+        "  direct applies ({DIRECT_IN_FLIGHT} in flight)       {:>8.1} s",
+        r.direct.as_secs_f64()
+    );
+    println!(
+        "  all Ready                           {:>8.1} s   ({:.1}x the direct applies)",
+        r.converged.as_secs_f64(),
+        r.converged.as_secs_f64() / r.direct.as_secs_f64()
+    );
+    println!(
+        "  operator writes                     {:>8}     ({:.2} per instance) {:?}",
+        total(&r.writes),
+        total(&r.writes) as f64 / n,
+        r.writes
+    );
+    println!(
+        "  operator reads and watches          {:>8}     ({:.2} per instance) {:?}",
+        reads,
+        reads as f64 / n,
+        r.requests
+            .iter()
+            .filter(|(k, _)| !r.writes.contains_key(*k))
+            .collect::<BTreeMap<_, _>>()
+    );
+    println!(
+        "  operator CPU                        {:>8.1} s   ({:.2} ms per instance)",
+        r.operator_cpu,
+        r.operator_cpu * 1000.0 / n
+    );
+    println!("  kube-apiserver CPU                  {:>8.1} s", r.apiserver_cpu);
+    println!(
+        "  operator RSS after / peak           {:>8.1} / {:.1} MiB",
+        r.rss, r.peak_rss
+    );
+    println!("  cue processes                       {:>8}", r.cue);
+    println!(
+        "  {} s at rest: writes, cue           {:>8} , {}",
+        AT_REST.as_secs(),
+        r.rest_writes,
+        r.rest_cue
+    );
+    println!(
+        "  resync: writes, cue                 {:>8} , {}   {:?}",
+        total(&r.resync_writes),
+        r.resync_cue,
+        r.resync_writes
+    );
+    println!(
+        "  cold restart: every object reconciled {:>6.1} s, writes {}, cue {}, RSS {:.1} MiB {:?}",
+        r.restart.as_secs_f64(),
+        total(&r.restart_writes),
+        r.restart_cue,
+        r.restart_rss,
+        r.restart_writes
+    );
+    if let Some(teardown) = r.teardown {
+        println!(
+            "  teardown: all deleted               {:>8.1} s",
+            teardown.as_secs_f64()
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let admin = support::env("scale-crds").await;
+    support::install_crds(&admin.client).await;
+    println!(
+        "operator flags: defaults {}",
+        std::env::var("PEQUOD_SCALE_FLAGS").unwrap_or_default()
+    );
+    let mut runs = Vec::new();
+    let sizes = sizes();
+    for (i, n) in sizes.iter().enumerate() {
+        let r = run(*n, i + 1 == sizes.len()).await;
+        report(&r);
+        runs.push(r);
+    }
+    if let Some(first) = runs.first() {
+        println!("growth against {} instances:", first.n);
+        for r in &runs[1..] {
+            let per = |v: f64, base: f64| v / base;
+            println!(
+                "  {:>6}: {:.1}x the instances, {:.2}x the time, {:.2}x the operator CPU, RSS +{:.1} MiB ({:.1} KiB per added instance)",
+                r.n,
+                r.n as f64 / first.n as f64,
+                per(r.converged.as_secs_f64(), first.converged.as_secs_f64()),
+                per(r.operator_cpu, first.operator_cpu),
+                r.rss - first.rss,
+                (r.rss - first.rss) * 1024.0 / (r.n - first.n) as f64
+            );
+        }
+    }
+}
