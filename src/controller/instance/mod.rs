@@ -54,9 +54,8 @@ const CONCURRENCY: u16 = 200;
 /// Safety resync; graph progress arrives through the ResourceGraph watch.
 const RESYNC: Duration = Duration::from_secs(600);
 /// How long a new instance's first status waits for its graph's first report, counted from the
-/// graph's creation; and how often it looks again meanwhile.
+/// graph's creation.
 const FIRST_REPORT_BOUND: Duration = Duration::from_secs(300);
-const FIRST_REPORT_WAIT: Duration = Duration::from_secs(5);
 /// Bound on waiting for a deleted instance's graph to be torn down without any event.
 const TEARDOWN_POLL: Duration = Duration::from_secs(30);
 
@@ -497,7 +496,9 @@ async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>)
     let action = match result {
         Ok(Served::Reported(action)) => action,
         // Written once the graph reports, which wakes the instance: no status in between.
-        Ok(Served::AwaitingFirstReport) => return Ok(Action::requeue(FIRST_REPORT_WAIT)),
+        // The report wakes the instance; the bound's end wakes it if no report comes. Looking
+        // again meanwhile would cost a pass per instance per look while graphs queue.
+        Ok(Served::AwaitingFirstReport(left)) => return Ok(Action::requeue(left)),
         Err(InstanceStop::Settled(action)) => action,
         Err(InstanceStop::Retry(e)) => {
             update.write().await?;
@@ -514,8 +515,8 @@ enum Served {
     /// The status says how the graph is doing.
     Reported(Action),
     /// A new instance's graph has not reported yet: its report wakes the instance, whose first
-    /// status then says how it went (one write instead of two).
-    AwaitingFirstReport,
+    /// status then says how it went (one write instead of two). Holds what is left of the wait.
+    AwaitingFirstReport(Duration),
 }
 
 /// What one pass works on: the kind's current module and what its Transform grants, and the
@@ -582,8 +583,11 @@ async fn serve_instance(
         None => render_and_publish(obj, ctx, update, &pass, (input, &hash), &schema).await?,
     };
     // The time now, not the pass's start: the graph may have been created since.
-    if request.is_none() && update.events.is_empty() && awaits_first_report(&update.old, &rg, &super::harness::now()) {
-        return Ok(Served::AwaitingFirstReport);
+    if request.is_none()
+        && update.events.is_empty()
+        && let Some(left) = awaits_first_report(&update.old, &rg, &super::harness::now())
+    {
+        return Ok(Served::AwaitingFirstReport(left));
     }
     if let Some(request) = request {
         update.reconcile_handled(request);
@@ -844,23 +848,27 @@ fn cached_graph(ctx: &KindContext, namespace: &str, name: &str) -> Lookup<Resour
     }
 }
 
-/// Whether a new instance's first status waits for its graph's first report: the instance has
-/// no status yet, and its graph has not reported on its current spec and was created less than
-/// [`FIRST_REPORT_BOUND`] ago (a graph that takes longer is shown waiting).
+/// How much longer a new instance's first status waits for its graph's first report, if it
+/// does: the instance has no status yet, and its graph has not reported on its current spec and
+/// was created less than [`FIRST_REPORT_BOUND`] ago (a graph that takes longer is shown waiting).
 fn awaits_first_report(
     old: &InstanceStatus,
     rg: &ResourceGraph,
     now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
-) -> bool {
+) -> Option<Duration> {
     let reported = rg
         .status
         .as_ref()
         .is_some_and(|s| s.observed_generation.is_some() && s.observed_generation == rg.metadata.generation);
-    let young = rg.metadata.creation_timestamp.as_ref().is_some_and(|created| {
-        let age = now.0.as_second() - created.0.as_second();
-        (0..FIRST_REPORT_BOUND.as_secs() as i64).contains(&age)
-    });
-    *old == InstanceStatus::default() && !reported && young
+    if *old != InstanceStatus::default() || reported {
+        return None;
+    }
+    let created = rg.metadata.creation_timestamp.as_ref()?;
+    let age = now.0.as_second() - created.0.as_second();
+    let bound = FIRST_REPORT_BOUND.as_secs() as i64;
+    (0..bound)
+        .contains(&age)
+        .then(|| Duration::from_secs((bound - age) as u64))
 }
 
 /// The graph to serve: the live one when it holds this render and Pequod's valid proof (a
@@ -1144,26 +1152,33 @@ mod tests {
     fn a_new_instance_waits_for_its_graph_s_first_report_within_a_bound() {
         let now = Time(jiff::Timestamp::from_second(1_000_000).unwrap());
         let new = InstanceStatus::default();
-        assert!(awaits_first_report(&new, &graph(1, 1, None), &now), "not reported yet");
+        assert_eq!(
+            awaits_first_report(&new, &graph(1, 1, None), &now),
+            Some(Duration::from_secs(299)),
+            "not reported yet: woken by the report, or at the bound"
+        );
         assert!(
-            awaits_first_report(&new, &graph(1, 2, Some(1)), &now),
+            awaits_first_report(&new, &graph(1, 2, Some(1)), &now).is_some(),
             "reported on an earlier spec"
         );
-        assert!(!awaits_first_report(&new, &graph(1, 1, Some(1)), &now), "reported");
-        assert!(
-            !awaits_first_report(&new, &graph(301, 1, None), &now),
+        assert_eq!(awaits_first_report(&new, &graph(1, 1, Some(1)), &now), None, "reported");
+        assert_eq!(
+            awaits_first_report(&new, &graph(301, 1, None), &now),
+            None,
             "a graph slower than the bound is shown waiting"
         );
-        assert!(
-            !awaits_first_report(&new, &graph(-5, 1, None), &now),
+        assert_eq!(
+            awaits_first_report(&new, &graph(-5, 1, None), &now),
+            None,
             "a creation time in the future bounds nothing"
         );
         let shown = InstanceStatus {
             resource_graph: Some("g".into()),
             ..Default::default()
         };
-        assert!(
-            !awaits_first_report(&shown, &graph(1, 1, None), &now),
+        assert_eq!(
+            awaits_first_report(&shown, &graph(1, 1, None), &now),
+            None,
             "an instance with a status shows every change"
         );
     }
