@@ -169,12 +169,13 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
     );
 
     // An update reaches the Deployment.
+    let five_replicas = json!({"image": "nginx:latest", "port": 80, "replicas": 5});
     apply_instance(
         &webservices,
         &api_version,
         "WebService",
         "my-app",
-        json!({"image": "nginx:latest", "port": 80, "replicas": 5}),
+        five_replicas.clone(),
     )
     .await;
     wait_for("5 replicas on the Deployment", WAIT, || async {
@@ -214,14 +215,7 @@ async fn a_webservice_goes_from_transform_to_ready_updates_and_is_deleted_in_ord
             .await
             .contains(&"Ready".to_string())
     );
-    apply_instance(
-        &webservices,
-        &api_version,
-        "WebService",
-        "my-app",
-        json!({"image": "nginx:latest", "port": 80, "replicas": 5}),
-    )
-    .await;
+    apply_instance(&webservices, &api_version, "WebService", "my-app", five_replicas).await;
     wait_instance(&webservices, "my-app", "Ready", "True", "Ready").await;
     support::wait_events(&env.client, &env.namespace, "my-app", &["PolicyViolation", "Ready"]).await;
 
