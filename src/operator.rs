@@ -310,9 +310,9 @@ fn start_controllers(w: &Wiring<'_>, tasks: &mut Tasks) {
                 w.key.clone(),
                 recorder.clone(),
                 w.metrics.clone(),
+                graph_cache,
             )
-            .with_object_watches(watches)
-            .with_graph_cache(graph_cache),
+            .with_object_watches(watches),
         ),
         w.shutdown.clone(),
     );

@@ -7,8 +7,8 @@
 
 use crate::api::condition_types::{READY, RENDERED};
 use crate::api::names::{
-    INSTANCE_FINALIZER, INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL, INSTANCE_MANAGER, PIN_ANNOTATION,
-    PREDECESSOR_ANNOTATION, PROOF_ANNOTATION, RECONCILE_REQUEST_ANNOTATION,
+    INSTANCE_FINALIZER, INSTANCE_MANAGER, PIN_ANNOTATION, PREDECESSOR_ANNOTATION, PROOF_ANNOTATION,
+    RECONCILE_REQUEST_ANNOTATION,
 };
 use crate::api::reasons;
 use crate::error::ErrorCategory;
@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -39,8 +38,7 @@ use crate::cue::{Module, Renderer, input_hash, render_input};
 use crate::executor::object::Predecessor;
 use crate::executor::proof::{Allowance, Grant, GraphKey};
 use crate::instance_graph::{
-    InstanceRef, graph_name, label_value, legacy_graph_name, node_summaries, render_hash, resource_graph,
-    with_module_gates,
+    InstanceRef, graph_name, legacy_graph_name, node_summaries, render_hash, resource_graph, with_module_gates,
 };
 use crate::metrics::Metrics;
 use crate::rollout::{Selection, Wanted, choose};
@@ -106,7 +104,7 @@ pub struct Shared {
     /// The executor's object caches: rollout plans read live objects from them.
     pub watches: Option<Arc<ObjectWatches>>,
     /// The graph cache: instances read their graphs from it and are woken by its changes.
-    pub graphs: Option<Arc<GraphCache>>,
+    pub graphs: Arc<GraphCache>,
     written: StatusMemory<InstanceStatus>,
 }
 
@@ -118,6 +116,7 @@ impl Shared {
         key: GraphKey,
         recorder: Recorder,
         metrics: Arc<Metrics>,
+        graphs: Arc<GraphCache>,
     ) -> Self {
         Self {
             client,
@@ -127,7 +126,7 @@ impl Shared {
             recorder,
             metrics,
             watches: None,
-            graphs: None,
+            graphs,
             written: StatusMemory::default(),
         }
     }
@@ -135,13 +134,6 @@ impl Shared {
     /// Lets rollout plans read live objects from the executor's caches.
     pub fn with_object_watches(mut self, watches: Arc<ObjectWatches>) -> Self {
         self.watches = Some(watches);
-        self
-    }
-
-    /// Reads instances' graphs from the graph cache, and wakes instances on their changes
-    /// (else each kind watches its graphs itself and reads them from the apiserver).
-    pub fn with_graph_cache(mut self, graphs: Arc<GraphCache>) -> Self {
-        self.graphs = Some(graphs);
         self
     }
 }
@@ -329,13 +321,9 @@ async fn run_kind(
 ) {
     let client = ctx.shared.client.clone();
     let resource = ctx.resource.clone();
-    // Graphs only wake their instance: metadata is all their watch needs.
-    let (instances, graphs): (Api<DynamicObject>, Api<PartialObjectMeta<ResourceGraph>>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced_with(client.clone(), ns, &resource),
-            Api::namespaced(client, ns),
-        ),
-        None => (Api::all_with(client.clone(), &resource), Api::all(client)),
+    let instances: Api<DynamicObject> = match &namespace {
+        Some(ns) => Api::namespaced_with(client, ns, &resource),
+        None => Api::all_with(client, &resource),
     };
     let writer = kube::runtime::reflector::store::Writer::new(resource.clone());
     let store = writer.as_reader();
@@ -364,16 +352,12 @@ async fn run_kind(
         written: Default::default(),
     };
     let driver = tokio::spawn(driver.run(kind_stopped(&stop, &shutdown)));
-    let controller = match &ctx.shared.graphs {
-        Some(cache) => {
-            let woken = cache.subscribe(&resource);
-            controller.reconcile_on(futures::stream::unfold(woken, |mut rx| async move {
-                rx.recv().await.map(|instance| (instance, rx))
-            }))
-        }
-        None => controller.owns_stream(graph_watch(graphs, &resource)),
-    };
+    // Graph changes wake their instance through the graph cache, once it holds them.
+    let woken = ctx.shared.graphs.subscribe(&resource);
     let run = controller
+        .reconcile_on(futures::stream::unfold(woken, |mut rx| async move {
+            rx.recv().await.map(|instance| (instance, rx))
+        }))
         .with_config(super::harness::runner_config(&ctx.workers, CONCURRENCY, &shutdown))
         .reconcile_all_on(futures::stream::unfold(rerender, |mut rx| async move {
             rx.recv().await.map(|()| ((), rx))
@@ -397,21 +381,6 @@ fn kind_stopped(stop: &Shutdown, shutdown: &Shutdown) -> impl std::future::Futur
             _ = shutdown.wait() => {}
         }
     }
-}
-
-/// The graphs of this kind's instances, found by their kind and group labels.
-fn graph_watch(
-    graphs: Api<PartialObjectMeta<ResourceGraph>>,
-    resource: &ApiResource,
-) -> impl futures::Stream<Item = Result<PartialObjectMeta<ResourceGraph>, watcher::Error>> + Send + 'static {
-    let labels = format!(
-        "{INSTANCE_KIND_LABEL}={},{INSTANCE_GROUP_LABEL}={}",
-        label_value(&resource.kind),
-        label_value(&resource.group)
-    );
-    watcher(graphs, watcher::Config::default().labels(&labels))
-        .default_backoff()
-        .touched_objects()
 }
 
 async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Action, Error> {
@@ -495,9 +464,8 @@ async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>)
     let result = serve_instance(obj, ctx, &mut update, request.as_deref()).await;
     let action = match result {
         Ok(Served::Reported(action)) => action,
-        // Written once the graph reports, which wakes the instance: no status in between.
-        // The report wakes the instance; the bound's end wakes it if no report comes. Looking
-        // again meanwhile would cost a pass per instance per look while graphs queue.
+        // No status until the graph reports, which wakes the instance; the bound's end wakes it
+        // if no report comes. Looking again meanwhile would cost a pass per waiting instance.
         Ok(Served::AwaitingFirstReport(left)) => return Ok(Action::requeue(left)),
         Err(InstanceStop::Settled(action)) => action,
         Err(InstanceStop::Retry(e)) => {
@@ -617,10 +585,7 @@ fn unchanged_graph(
     if pass.request.is_some() || !shown {
         return None;
     }
-    match cached_graph(ctx, &pass.namespace, &pass.graph) {
-        Lookup::Known(Some(cached)) if serves_as_is(obj, ctx, pass, &cached, hash, None) => Some((*cached).clone()),
-        _ => None,
-    }
+    current_in_cache(obj, ctx, pass, hash)
 }
 
 /// Renders the instance (in a batch of its module), checks policies and confinement, and
@@ -811,10 +776,10 @@ async fn find_graphs(
     hash: &str,
 ) -> Result<(Option<ResourceGraph>, Option<ResourceGraph>), InstanceStop> {
     let graphs_api = graphs(obj, ctx);
-    let live = match cached_graph(ctx, &pass.namespace, &pass.graph) {
-        // Served as it is only when the cache shows it current; anything else is read afresh.
-        Lookup::Known(Some(cached)) if serves_as_is(obj, ctx, pass, &cached, hash, None) => Some((*cached).clone()),
-        _ => graphs_api.get_opt(&pass.graph).await?,
+    // The cache answers only when it shows the graph current; anything else is read afresh.
+    let live = match current_in_cache(obj, ctx, pass, hash) {
+        Some(cached) => Some(cached),
+        None => graphs_api.get_opt(&pass.graph).await?,
     };
     if live
         .as_ref()
@@ -831,7 +796,7 @@ async fn find_graphs(
     let predecessor = match &live {
         Some(g) if !g.annotations().contains_key(PREDECESSOR_ANNOTATION) => None,
         // No release creates graphs of the earlier naming: one the cache does not hold is gone.
-        _ => match cached_graph(ctx, &pass.namespace, &legacy) {
+        _ => match ctx.shared.graphs.lookup(&pass.namespace, &legacy) {
             Lookup::Known(None) => None,
             _ => graphs_api.get_opt(&legacy).await?,
         }
@@ -840,11 +805,12 @@ async fn find_graphs(
     Ok((live, predecessor))
 }
 
-/// Graph `name` as the graph cache holds it (Unknown without one).
-fn cached_graph(ctx: &KindContext, namespace: &str, name: &str) -> Lookup<ResourceGraph> {
-    match &ctx.shared.graphs {
-        Some(cache) => cache.lookup(namespace, name),
-        None => Lookup::Unknown,
+/// The instance's graph from the cache when it holds this render as Pequod signed it (see
+/// [`serves_as_is`]), with no predecessor to take over from.
+fn current_in_cache(obj: &DynamicObject, ctx: &KindContext, pass: &Pass, hash: &str) -> Option<ResourceGraph> {
+    match ctx.shared.graphs.lookup(&pass.namespace, &pass.graph) {
+        Lookup::Known(Some(cached)) if serves_as_is(obj, ctx, pass, &cached, hash, None) => Some((*cached).clone()),
+        _ => None,
     }
 }
 
