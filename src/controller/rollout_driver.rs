@@ -30,8 +30,12 @@ use crate::executor::proof::Allowance;
 use crate::metrics::Metrics;
 use crate::rollout::{self, Affected, Gate, InstanceKey, Member, Memory, Policy, Selection, Step};
 
-/// How long the driver lets instance changes gather before it looks.
+/// How long the driver lets instance changes gather before it looks, while a rollout moves.
 const SETTLE: Duration = Duration::from_millis(300);
+/// How long it lets them gather when every instance may render with the target (the rollout
+/// is complete, or moves every instance at once): a look then only counts instances for the
+/// Transform's status, and it costs a pass over every instance.
+const SETTLE_COUNTING: Duration = Duration::from_secs(5);
 /// How long a driver whose plan failed waits before planning again.
 const PLAN_RETRY: Duration = Duration::from_secs(5);
 /// Safety resync of a driver without anything to wait for.
@@ -98,6 +102,8 @@ struct Tracked {
     memory: Memory,
     summary: PlanSummary,
     pending: BTreeMap<InstanceKey, String>,
+    /// Whether the last pass admitted every instance to the target: later passes only count.
+    counting_only: bool,
 }
 
 impl Driver {
@@ -111,10 +117,21 @@ impl Driver {
                 wait = self.pass(&mut tracked).instrument(span) => wait,
                 () = &mut stopped => break,
             };
+            let settle = if tracked.as_ref().is_some_and(|t| t.counting_only) {
+                SETTLE_COUNTING
+            } else {
+                SETTLE
+            };
             tokio::select! {
                 () = &mut stopped => break,
                 changed = self.orders.changed() => if changed.is_err() { break },
-                () = self.changed.notified() => tokio::time::sleep(SETTLE).await,
+                () = self.changed.notified() => {
+                    // A new order cuts the wait short.
+                    tokio::select! {
+                        () = tokio::time::sleep(settle) => {}
+                        _ = self.orders.changed() => {}
+                    }
+                }
                 () = tokio::time::sleep(wait) => {}
             }
         }
@@ -156,6 +173,7 @@ impl Driver {
             &mut t.memory,
             jiff::Timestamp::now(),
         );
+        t.counting_only = step.admission == rollout::Admission::All;
         if step.phase == RolloutPhase::Complete {
             t.current = None;
         }
@@ -205,6 +223,7 @@ impl Driver {
             memory,
             summary,
             pending,
+            counting_only: false,
         })
     }
 

@@ -171,10 +171,18 @@ type Subscribers = Arc<Mutex<HashMap<(String, String), KindSubscriber>>>;
 /// generated kind's controller reads its instances' graphs from it and is woken by their
 /// changes only once the cache holds them, so a graph read after a wake-up is never older than
 /// the change that woke it.
+///
+/// A graph this process wrote is answered as written until the watch brings that version or a
+/// later one: the instance's next pass, which the instance's own change starts at once, would
+/// otherwise find the cache behind and read the graph from the apiserver.
 pub struct GraphCache {
     store: Store<ResourceGraph>,
     subscribers: Subscribers,
+    written: Written,
 }
+
+/// Graphs as this process last wrote them, until the watch has seen that version.
+type Written = Arc<Mutex<HashMap<ObjectRef<ResourceGraph>, Arc<ResourceGraph>>>>;
 
 impl GraphCache {
     /// Starts the watch of every ResourceGraph; returns the cache and the graphs to reconcile
@@ -185,6 +193,8 @@ impl GraphCache {
         let subscribers: Subscribers = Arc::default();
         let (changed, graphs) = mpsc::unbounded_channel();
         let wake = subscribers.clone();
+        let written: Written = Arc::default();
+        let seen = written.clone();
         let events = watcher(
             Api::<ResourceGraph>::all(client),
             watcher::Config::default().any_semantic(),
@@ -195,10 +205,15 @@ impl GraphCache {
         .for_each(move |event| {
             match event {
                 Ok(watcher::Event::Apply(graph) | watcher::Event::InitApply(graph)) => {
+                    caught_up(&seen, &graph);
                     wake_owner(&wake, &graph);
                     let _ = changed.send(Arc::new(graph));
                 }
-                Ok(watcher::Event::Delete(graph)) => wake_owner(&wake, &graph),
+                Ok(watcher::Event::Delete(graph)) => {
+                    // A graph deleted since it was written is never answered as written.
+                    lock(&seen).remove(&ObjectRef::from_obj(&graph));
+                    wake_owner(&wake, &graph);
+                }
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "watch of ResourceGraphs failed; retrying"),
             }
@@ -210,7 +225,14 @@ impl GraphCache {
                 _ = shutdown.wait() => {}
             }
         });
-        (Arc::new(Self { store, subscribers }), graphs)
+        (
+            Arc::new(Self {
+                store,
+                subscribers,
+                written,
+            }),
+            graphs,
+        )
     }
 
     /// The cache, as the graph controller reads it.
@@ -218,12 +240,29 @@ impl GraphCache {
         self.store.clone()
     }
 
-    /// Graph `name` in `namespace` as the cache holds it; Unknown before the first list.
+    /// Graph `name` in `namespace` as the cache holds it, or as this process wrote it when the
+    /// cache has not seen that write yet; Unknown before the first list.
     pub fn lookup(&self, namespace: &str, name: &str) -> Lookup<ResourceGraph> {
         if !self.synced() {
             return Lookup::Unknown;
         }
-        Lookup::Known(self.store.get(&ObjectRef::new(name).within(namespace)))
+        let key = ObjectRef::new(name).within(namespace);
+        let cached = self.store.get(&key);
+        let mut written = lock(&self.written);
+        match (written.get(&key), &cached) {
+            (Some(mine), Some(seen)) if !is_older(seen, mine) => {
+                written.remove(&key);
+            }
+            (Some(mine), _) => return Lookup::Known(Some(mine.clone())),
+            (None, _) => {}
+        }
+        Lookup::Known(cached)
+    }
+
+    /// Remembers `graph` as this process just wrote it (the apiserver's answer to the write).
+    pub fn wrote(&self, mut graph: ResourceGraph) {
+        super::cache::without_managed_fields(&mut graph);
+        lock(&self.written).insert(ObjectRef::from_obj(&graph), Arc::new(graph));
     }
 
     fn synced(&self) -> bool {
@@ -244,6 +283,25 @@ impl GraphCache {
         lock(&self.subscribers).insert((resource.group.clone(), resource.kind.clone()), subscriber);
         woken
     }
+}
+
+/// Forgets a written graph once the watch brings its version or a later one.
+fn caught_up(written: &Written, graph: &ResourceGraph) {
+    let key = ObjectRef::from_obj(graph);
+    let mut written = lock(written);
+    if written.get(&key).is_some_and(|mine| !is_older(graph, mine)) {
+        written.remove(&key);
+    }
+}
+
+/// Whether `seen` is an older version of the graph than `mine`; a different graph of the same
+/// name (another uid) is never older: it replaced the one written.
+fn is_older(seen: &ResourceGraph, mine: &ResourceGraph) -> bool {
+    seen.metadata.uid == mine.metadata.uid
+        && super::harness::status::newer(
+            mine.metadata.resource_version.as_ref(),
+            seen.metadata.resource_version.as_deref().unwrap_or_default(),
+        )
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -332,6 +390,41 @@ mod tests {
             &object(json!({}), json!({GRAPH_UID_ANNOTATION: "uid-1"})),
             uid_of
         ));
+    }
+
+    fn graph(uid: &str, version: &str) -> ResourceGraph {
+        serde_json::from_value(json!({
+            "apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+            "metadata": {"name": "g", "namespace": "team-a", "uid": uid, "resourceVersion": version},
+            "spec": {"nodes": []}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_written_graph_is_forgotten_once_the_watch_brings_that_version_or_a_later_one() {
+        let written: Written = Arc::default();
+        let mine = graph("uid-1", "20");
+        let remember = || {
+            lock(&written).insert(ObjectRef::from_obj(&mine), Arc::new(mine.clone()));
+        };
+        remember();
+        caught_up(&written, &graph("uid-1", "19"));
+        assert_eq!(lock(&written).len(), 1, "an older version keeps the written one");
+        caught_up(&written, &graph("uid-1", "20"));
+        assert!(lock(&written).is_empty(), "the version written");
+        remember();
+        caught_up(&written, &graph("uid-1", "31"));
+        assert!(lock(&written).is_empty(), "a later version");
+        remember();
+        caught_up(&written, &graph("uid-2", "5"));
+        assert!(lock(&written).is_empty(), "a graph that replaced the one written");
+        assert!(is_older(&graph("uid-1", "9"), &mine));
+        assert!(!is_older(&graph("uid-1", "20"), &mine));
+        assert!(
+            !is_older(&graph("uid-2", "9"), &mine),
+            "another graph of the name is not older"
+        );
     }
 
     #[test]

@@ -189,13 +189,18 @@ pub fn first_difference(live: &Value, desired: &Value) -> Option<String> {
 /// path), or None. Applying then removes it: skipping the apply because `live` holds every
 /// desired field would leave it behind. Fields are followed through maps only; list items
 /// (`k:`, `v:`, `i:` entries) count as present when their list is declared.
+/// The field set may be the JSON text the object caches keep (see
+/// [`crate::controller::cache::trim_applied`]).
 pub fn stale_field(live: &Value, desired: &Value, manager: &str) -> Option<String> {
     let owned = live["metadata"]["managedFields"]
         .as_array()?
         .iter()
         .find(|m| m["manager"] == manager && m["operation"] == "Apply")?
         .get("fieldsV1")?;
-    missing_field(owned, desired, "")
+    match owned {
+        Value::String(text) => missing_field(&serde_json::from_str(text).ok()?, desired, ""),
+        tree => missing_field(tree, desired, ""),
+    }
 }
 
 fn missing_field(owned: &Value, desired: &Value, prefix: &str) -> Option<String> {

@@ -349,7 +349,12 @@ fn immediate(policy: &Policy, target: &str, eligible: &[&Member], counts: Counts
             recheck: None,
         };
     }
-    memory.reached.extend(eligible.iter().map(|m| m.key.clone()));
+    // Only new keys are cloned: this runs on every pass, over every instance.
+    for member in eligible {
+        if !memory.reached.contains(&member.key) {
+            memory.reached.insert(member.key.clone());
+        }
+    }
     if counts.pending == 0 {
         return complete(target, counts);
     }

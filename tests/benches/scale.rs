@@ -8,6 +8,10 @@
 //! - operator CPU, resident memory after converging and its peak, the apiserver's CPU;
 //! - cue processes started;
 //! - a minute at rest, a resync (every graph touched) and a cold restart: writes and cue;
+//! - the floor: the writes Pequod made for each instance, copied from a converged one and sent
+//!   directly with the operator stopped (the instance's creation, its finalizer and status, the
+//!   graph and its status, the three ConfigMaps), 4 instances in flight: what converging costs
+//!   the apiserver at the least, whatever the operator does;
 //! - teardown: every instance deleted until its ConfigMaps are gone.
 //!
 //! `make bench-scale` runs it; `PEQUOD_SCALE_SIZES=1000 make bench-scale` runs one size,
@@ -185,6 +189,8 @@ struct Run {
     restart_writes: BTreeMap<String, u64>,
     restart_cue: f64,
     restart_rss: f64,
+    /// The writes Pequod made, sent directly (see [`floor_writes`]).
+    floor: Duration,
     /// None for the last size, whose teardown is not waited for.
     teardown: Option<Duration>,
 }
@@ -199,6 +205,122 @@ async fn reconciles(operator: &OperatorProcess, controller: &str) -> f64 {
         &format!("pequod_reconcile_total{{controller=\"{controller}\""),
     )
     .await
+}
+
+/// The writes Pequod made for instance `c0`, copied: its ConfigMaps, its graph and the status
+/// of both (metadata the apiserver sets and owner references left out).
+struct Converged {
+    instance_status: serde_json::Value,
+    graph: serde_json::Value,
+    configmaps: Vec<serde_json::Value>,
+}
+
+impl Converged {
+    async fn read(env: &support::TestEnv, instances: &Api<DynamicObject>) -> Self {
+        let instance = instances.get("c0").await.unwrap();
+        let graph_name = instance.data["status"]["resourceGraph"].as_str().unwrap().to_string();
+        let graphs = support::dynamic_api(
+            &env.client,
+            "platform.platform.example.com/v1alpha1",
+            "ResourceGraph",
+            &env.namespace,
+        )
+        .await;
+        let cms: Api<DynamicObject> =
+            support::dynamic_api(&env.client, "v1", "ConfigMap", &env.namespace).await;
+        let mut configmaps = Vec::new();
+        for suffix in ["a", "b", "c"] {
+            configmaps.push(portable(&cms.get(&format!("c0-{suffix}")).await.unwrap()));
+        }
+        Self {
+            instance_status: instance.data["status"].clone(),
+            graph: portable(&graphs.get(&graph_name).await.unwrap()),
+            configmaps,
+        }
+    }
+}
+
+/// The object as it could be applied elsewhere: name, labels, annotations and body.
+fn portable(obj: &DynamicObject) -> serde_json::Value {
+    let mut value = serde_json::to_value(obj).unwrap();
+    let meta = &obj.metadata;
+    value["metadata"] = json!({"labels": meta.labels, "annotations": meta.annotations});
+    value
+}
+
+/// Sends the writes of `n` converged instances directly (see [`Converged`]), with no operator
+/// running, [`DIRECT_IN_FLIGHT`] instances at a time; each instance's writes in Pequod's order.
+async fn floor_writes(n: usize, api_version: &str, converged: &Converged) -> Duration {
+    let env = support::env(&format!("scale-floor-{n}")).await;
+    let instances = support::dynamic_api(&env.client, api_version, "Chain", &env.namespace).await;
+    let graphs = support::dynamic_api(
+        &env.client,
+        "platform.platform.example.com/v1alpha1",
+        "ResourceGraph",
+        &env.namespace,
+    )
+    .await;
+    let cms: Api<DynamicObject> = support::dynamic_api(&env.client, "v1", "ConfigMap", &env.namespace).await;
+    let apply = PatchParams::apply("bench-floor").force();
+    let named = |template: &serde_json::Value, name: &str| {
+        let mut object = template.clone();
+        object["metadata"]["name"] = json!(name);
+        object
+    };
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(DIRECT_IN_FLIGHT, |i| {
+            let (instances, graphs, cms, apply) = (instances.clone(), graphs.clone(), cms.clone(), apply.clone());
+            async move {
+                let name = format!("f{i}");
+                let instance = json!({"apiVersion": api_version, "kind": "Chain", "metadata": {"name": name},
+                                      "spec": {"value": format!("v{i}")}});
+                instances.patch(&name, &apply, &Patch::Apply(instance)).await.unwrap();
+                // The finalizer's write; a label, so that the namespace goes without an operator.
+                let label = json!({"metadata": {"labels": {"bench.pequod.io/floor": "yes"}}});
+                instances.patch(&name, &PatchParams::default(), &Patch::Merge(label)).await.unwrap();
+                let graph = named(&converged.graph, &name);
+                graphs.patch(&name, &apply, &Patch::Apply(&graph)).await.unwrap();
+                let status = json!({"apiVersion": graph["apiVersion"], "kind": graph["kind"], "status": graph["status"]});
+                graphs.patch_status(&name, &apply, &Patch::Apply(status)).await.unwrap();
+                for (cm, suffix) in converged.configmaps.iter().zip(["a", "b", "c"]) {
+                    let cm_name = format!("{name}-{suffix}");
+                    cms.patch(&cm_name, &apply, &Patch::Apply(named(cm, &cm_name))).await.unwrap();
+                }
+                let status = json!({"apiVersion": api_version, "kind": "Chain", "status": converged.instance_status});
+                instances.patch_status(&name, &apply, &Patch::Apply(status)).await.unwrap();
+            }
+        })
+        .await;
+    let took = started.elapsed();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.client.clone());
+    let namespace = env.namespace.clone();
+    env.cleanup().await;
+    // Gone before an operator starts again, so that none reconciles what is left of it.
+    support::wait_for("the floor's namespace gone", CONVERGE_TIMEOUT, || async {
+        match namespaces.get_opt(&namespace).await.unwrap() {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        }
+    })
+    .await;
+    took
+}
+
+/// Waits until `operator` has reconciled every one of `n` instances and graphs.
+async fn wait_reconciled(operator: &OperatorProcess, n: usize, what: &str) {
+    support::wait_for(what, CONVERGE_TIMEOUT, || async {
+        let (i, g) = (
+            reconciles(operator, "instance").await,
+            reconciles(operator, "resourcegraph").await,
+        );
+        if i >= n as f64 && g >= n as f64 {
+            Ok(())
+        } else {
+            Err(format!("{i} instances, {g} graphs"))
+        }
+    })
+    .await;
 }
 
 /// Measures `n` instances; the teardown is measured (and waited for) unless `last`: the
@@ -307,27 +429,18 @@ async fn run(n: usize, last: bool) -> Run {
         operator.kill();
         operator = start(&env);
     }
-    support::wait_for(
-        "every instance reconciled after the restart",
-        CONVERGE_TIMEOUT,
-        || async {
-            let (i, g) = (
-                reconciles(&operator, "instance").await,
-                reconciles(&operator, "resourcegraph").await,
-            );
-            if i >= n as f64 && g >= n as f64 {
-                Ok(())
-            } else {
-                Err(format!("{i} instances, {g} graphs"))
-            }
-        },
-    )
-    .await;
+    wait_reconciled(&operator, n, "every instance reconciled after the restart").await;
     let restart = started.elapsed();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let restart_writes = writes_since(mark);
     let restart_cue = cue_processes(&operator).await;
     let restart_rss = operator.rss_mib();
+
+    let converged_writes = Converged::read(&env, &instances).await;
+    operator.kill();
+    let floor = floor_writes(n, &api_version, &converged_writes).await;
+    operator = start(&env);
+    wait_reconciled(&operator, n, "every instance reconciled after the floor").await;
 
     let mut measured = Run {
         n,
@@ -348,6 +461,7 @@ async fn run(n: usize, last: bool) -> Run {
         restart_writes,
         restart_cue,
         restart_rss,
+        floor,
         teardown: None,
     };
     if last {
@@ -412,6 +526,12 @@ fn report(r: &Run) {
         "  all Ready                           {:>8.1} s   ({:.1}x the direct applies)",
         r.converged.as_secs_f64(),
         r.converged.as_secs_f64() / r.direct.as_secs_f64()
+    );
+    println!(
+        "  floor: its writes sent directly     {:>8.1} s   (all Ready is {:.1}x the floor; the floor is {:.1}x the direct applies)",
+        r.floor.as_secs_f64(),
+        r.converged.as_secs_f64() / r.floor.as_secs_f64(),
+        r.floor.as_secs_f64() / r.direct.as_secs_f64()
     );
     println!(
         "  operator writes                     {:>8}     ({:.2} per instance) {:?}",

@@ -7,11 +7,14 @@ use crate::metrics::Metrics;
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::shutdown::Shutdown;
 
-/// How many reconciles of a controller run at once. kube's runner starts every reconcile that
-/// is due (its concurrency is left unlimited); the surplus waits here, so that the wait can be
-/// measured (`pequod_reconcile_queue_depth`, `pequod_reconcile_queue_oldest_wait_seconds`).
-/// kube still runs one reconcile per object at a time and merges triggers of an object that
-/// waits or runs.
+/// How many reconciles of a controller run at once. kube's runner hands over up to
+/// [`WAITING_WINDOW`] more reconciles than there are workers; they wait here, so that the wait
+/// can be measured (`pequod_reconcile_queue_depth`, `pequod_reconcile_queue_oldest_wait_seconds`).
+/// Reconciles beyond the window stay in kube's scheduler, which holds any number of them
+/// cheaply: its runner looks at every reconcile it has handed over each time one makes
+/// progress, so handing over all of them (thousands after a burst) made each step cost as many
+/// polls as there were waiting reconciles. kube still runs one reconcile per object at a time
+/// and merges triggers of an object that waits or runs.
 #[derive(Default)]
 pub struct Workers {
     gate: std::sync::OnceLock<(
@@ -43,6 +46,10 @@ impl Workers {
     }
 }
 
+/// How many due reconciles wait for a worker in the controller, at most; the queue metrics
+/// count them.
+pub const WAITING_WINDOW: u16 = 64;
+
 /// kube's runner configuration for a controller that runs `concurrency` reconciles at once
 /// through `workers`.
 pub fn runner_config(
@@ -51,7 +58,7 @@ pub fn runner_config(
     shutdown: &crate::runtime::shutdown::Shutdown,
 ) -> kube::runtime::controller::Config {
     workers.limit(concurrency.into(), shutdown.clone());
-    kube::runtime::controller::Config::default().concurrency(0)
+    kube::runtime::controller::Config::default().concurrency(concurrency.saturating_add(WAITING_WINDOW))
 }
 
 /// A short random id for the reconcile span, so that all lines of one reconcile can be found.

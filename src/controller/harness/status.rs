@@ -63,7 +63,7 @@ impl<S: Clone + Default> StatusMemory<S> {
 /// Whether resourceVersion `seen` is newer than `remembered`. resourceVersions are opaque to
 /// clients; the apiserver's are etcd revisions, which grow. Anything else counts as not newer,
 /// so that the memory is kept rather than lost on a stale read.
-fn newer(seen: Option<&String>, remembered: &str) -> bool {
+pub fn newer(seen: Option<&String>, remembered: &str) -> bool {
     match (seen.and_then(|v| v.parse::<u64>().ok()), remembered.parse::<u64>().ok()) {
         (Some(seen), Some(remembered)) => seen > remembered,
         _ => false,

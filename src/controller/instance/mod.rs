@@ -946,7 +946,10 @@ async fn write_graph(
         .patch(&pass.graph, &params, &Patch::Apply(desired))
         .await
     {
-        Ok(rg) => Ok(rg),
+        Ok(rg) => {
+            ctx.shared.graphs.wrote(rg.clone());
+            Ok(rg)
+        }
         // The apiserver refuses the graph itself (too large, say): retrying cannot help, so
         // say why on the instance.
         Err(kube::Error::Api(s)) if matches!(s.code, 400 | 413 | 422) => {
