@@ -226,8 +226,7 @@ impl Converged {
             &env.namespace,
         )
         .await;
-        let cms: Api<DynamicObject> =
-            support::dynamic_api(&env.client, "v1", "ConfigMap", &env.namespace).await;
+        let cms: Api<DynamicObject> = support::dynamic_api(&env.client, "v1", "ConfigMap", &env.namespace).await;
         let mut configmaps = Vec::new();
         for suffix in ["a", "b", "c"] {
             configmaps.push(portable(&cms.get(&format!("c0-{suffix}")).await.unwrap()));
@@ -278,17 +277,26 @@ async fn floor_writes(n: usize, api_version: &str, converged: &Converged) -> Dur
                 instances.patch(&name, &apply, &Patch::Apply(instance)).await.unwrap();
                 // The finalizer's write; a label, so that the namespace goes without an operator.
                 let label = json!({"metadata": {"labels": {"bench.pequod.io/floor": "yes"}}});
-                instances.patch(&name, &PatchParams::default(), &Patch::Merge(label)).await.unwrap();
+                instances
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(label))
+                    .await
+                    .unwrap();
                 let graph = named(&converged.graph, &name);
                 graphs.patch(&name, &apply, &Patch::Apply(&graph)).await.unwrap();
-                let status = json!({"apiVersion": graph["apiVersion"], "kind": graph["kind"], "status": graph["status"]});
+                let status =
+                    json!({"apiVersion": graph["apiVersion"], "kind": graph["kind"], "status": graph["status"]});
                 graphs.patch_status(&name, &apply, &Patch::Apply(status)).await.unwrap();
                 for (cm, suffix) in converged.configmaps.iter().zip(["a", "b", "c"]) {
                     let cm_name = format!("{name}-{suffix}");
-                    cms.patch(&cm_name, &apply, &Patch::Apply(named(cm, &cm_name))).await.unwrap();
+                    cms.patch(&cm_name, &apply, &Patch::Apply(named(cm, &cm_name)))
+                        .await
+                        .unwrap();
                 }
                 let status = json!({"apiVersion": api_version, "kind": "Chain", "status": converged.instance_status});
-                instances.patch_status(&name, &apply, &Patch::Apply(status)).await.unwrap();
+                instances
+                    .patch_status(&name, &apply, &Patch::Apply(status))
+                    .await
+                    .unwrap();
             }
         })
         .await;
