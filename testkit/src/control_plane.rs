@@ -574,6 +574,11 @@ fn only_writes(mut counts: std::collections::BTreeMap<String, u64>) -> std::coll
     counts
 }
 
+/// [`requests_since`], of objects in `namespace` only.
+pub fn requests_in(mark: u64, namespace: &str) -> std::collections::BTreeMap<String, u64> {
+    requests_matching(mark, Some(namespace))
+}
+
 /// Every request the operators under test made since `mark` (writes, gets, lists and
 /// watches started), counted by the apiserver's audit log, by `verb resource[/subresource]`.
 pub fn requests_since(mark: u64) -> std::collections::BTreeMap<String, u64> {

@@ -1686,6 +1686,11 @@ async fn a_new_instance_converges_in_seven_writes_and_without_events() {
     assert_eq!(count("patch chains"), INSTANCES, "the finalizer: {writes:?}");
     assert_eq!(count("patch chains/status"), INSTANCES, "one status each: {writes:?}");
     assert_eq!(count("patch resourcegraphs/status"), INSTANCES, "{writes:?}");
+    // Each graph is read from the apiserver once, before it is first written: the next passes
+    // find it in the graph cache, as written when the watch has not brought it yet.
+    let requests = support::control_plane::requests_in(mark, &env.namespace);
+    let graph_reads = requests.get("get resourcegraphs").copied().unwrap_or(0);
+    assert!(graph_reads <= INSTANCES, "{requests:?}");
     let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
     let about_instances: Vec<String> = events
         .list(&Default::default())
