@@ -253,6 +253,17 @@ pub async fn dynamic_api(client: &Client, api_version: &str, kind: &str, namespa
     }
 }
 
+/// The ResourceGraphs of `namespace`, as dynamic objects.
+pub async fn graph_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    dynamic_api(
+        client,
+        "platform.platform.example.com/v1alpha1",
+        "ResourceGraph",
+        namespace,
+    )
+    .await
+}
+
 /// Server-side applies every document of `yaml`; namespaced objects without a namespace land
 /// in `namespace`.
 pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) -> Vec<DynamicObject> {

@@ -219,13 +219,7 @@ impl Converged {
     async fn read(env: &support::TestEnv, instances: &Api<DynamicObject>) -> Self {
         let instance = instances.get("c0").await.unwrap();
         let graph_name = instance.data["status"]["resourceGraph"].as_str().unwrap().to_string();
-        let graphs = support::dynamic_api(
-            &env.client,
-            "platform.platform.example.com/v1alpha1",
-            "ResourceGraph",
-            &env.namespace,
-        )
-        .await;
+        let graphs = support::graph_api(&env.client, &env.namespace).await;
         let cms: Api<DynamicObject> = support::dynamic_api(&env.client, "v1", "ConfigMap", &env.namespace).await;
         let mut configmaps = Vec::new();
         for suffix in ["a", "b", "c"] {
@@ -249,16 +243,11 @@ fn portable(obj: &DynamicObject) -> serde_json::Value {
 
 /// Sends the writes of `n` converged instances directly (see [`Converged`]), with no operator
 /// running, [`DIRECT_IN_FLIGHT`] instances at a time; each instance's writes in Pequod's order.
-async fn floor_writes(n: usize, api_version: &str, converged: &Converged) -> Duration {
+/// The namespace is deleted after, and waited for when `wait_gone`.
+async fn floor_writes(n: usize, api_version: &str, converged: &Converged, wait_gone: bool) -> Duration {
     let env = support::env(&format!("scale-floor-{n}")).await;
     let instances = support::dynamic_api(&env.client, api_version, "Chain", &env.namespace).await;
-    let graphs = support::dynamic_api(
-        &env.client,
-        "platform.platform.example.com/v1alpha1",
-        "ResourceGraph",
-        &env.namespace,
-    )
-    .await;
+    let graphs = support::graph_api(&env.client, &env.namespace).await;
     let cms: Api<DynamicObject> = support::dynamic_api(&env.client, "v1", "ConfigMap", &env.namespace).await;
     let apply = PatchParams::apply("bench-floor").force();
     let named = |template: &serde_json::Value, name: &str| {
@@ -304,6 +293,9 @@ async fn floor_writes(n: usize, api_version: &str, converged: &Converged) -> Dur
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.client.clone());
     let namespace = env.namespace.clone();
     env.cleanup().await;
+    if !wait_gone {
+        return took;
+    }
     // Gone before an operator starts again, so that none reconciles what is left of it.
     support::wait_for("the floor's namespace gone", CONVERGE_TIMEOUT, || async {
         match namespaces.get_opt(&namespace).await.unwrap() {
@@ -388,13 +380,7 @@ async fn run(n: usize, last: bool) -> Run {
 
     // Resync: touching each graph brings it and its instance through a reconcile. The touches
     // are the benchmark's writes, not the operator's.
-    let graphs = support::dynamic_api(
-        &env.client,
-        "platform.platform.example.com/v1alpha1",
-        "ResourceGraph",
-        &env.namespace,
-    )
-    .await;
+    let graphs = support::graph_api(&env.client, &env.namespace).await;
     let graph_names: Vec<String> = graphs
         .list(&ListParams::default())
         .await
@@ -446,9 +432,8 @@ async fn run(n: usize, last: bool) -> Run {
 
     let converged_writes = Converged::read(&env, &instances).await;
     operator.kill();
-    let floor = floor_writes(n, &api_version, &converged_writes).await;
-    operator = start(&env);
-    wait_reconciled(&operator, n, "every instance reconciled after the floor").await;
+    // The last size's operator is not started again, so its floor's namespace need not be gone.
+    let floor = floor_writes(n, &api_version, &converged_writes, !last).await;
 
     let mut measured = Run {
         n,
@@ -475,6 +460,8 @@ async fn run(n: usize, last: bool) -> Run {
     if last {
         return measured;
     }
+    let operator = start(&env);
+    wait_reconciled(&operator, n, "every instance reconciled after the floor").await;
     let started = Instant::now();
     futures::stream::iter(0..n)
         .for_each_concurrent(CREATE_IN_FLIGHT, |i| {

@@ -10,13 +10,7 @@ use crate::support::{self, TEST_MANAGER};
 async fn the_graph_schema_refuses_a_node_without_an_object() {
     let env = support::env("crds").await;
     support::install_crds(&env.client).await;
-    let graphs = support::dynamic_api(
-        &env.client,
-        "platform.platform.example.com/v1alpha1",
-        "ResourceGraph",
-        &env.namespace,
-    )
-    .await;
+    let graphs = support::graph_api(&env.client, &env.namespace).await;
     let bad = serde_json::json!({
         "apiVersion": "platform.platform.example.com/v1alpha1",
         "kind": "ResourceGraph",

@@ -211,13 +211,7 @@ async fn the_restricted_manager_gains_no_permission_and_writes_only_what_an_admi
         )
         .await;
     }
-    let graphs = support::dynamic_api(
-        &env.client,
-        "platform.platform.example.com/v1alpha1",
-        "ResourceGraph",
-        &env.namespace,
-    )
-    .await;
+    let graphs = support::graph_api(&env.client, &env.namespace).await;
     for i in 0..escalations.len() {
         support::wait_for("the escalating graph refused", WAIT, || async {
             let graph = graphs
