@@ -125,13 +125,8 @@ impl Driver {
             tokio::select! {
                 () = &mut stopped => break,
                 changed = self.orders.changed() => if changed.is_err() { break },
-                () = self.changed.notified() => {
-                    // A new order cuts the wait short.
-                    tokio::select! {
-                        () = tokio::time::sleep(settle) => {}
-                        _ = self.orders.changed() => {}
-                    }
-                }
+                // A new order cuts the settling short.
+                () = self.changed.notified() => { let _ = tokio::time::timeout(settle, self.orders.changed()).await; }
                 () = tokio::time::sleep(wait) => {}
             }
         }

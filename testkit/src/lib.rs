@@ -509,14 +509,47 @@ impl OperatorProcess {
 
     /// Resident memory from /proc, in MiB.
     pub fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map(|kib| kib / 1024.0)
-            .unwrap_or(0.0)
+        status_mib(self.child.id(), "VmRSS")
     }
+
+    /// Peak resident memory from /proc (`VmHWM`), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        status_mib(self.child.id(), "VmHWM")
+    }
+}
+
+/// A memory field of `/proc/PID/status`, in MiB (0 when unreadable).
+fn status_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds (user and system) used so far by every process, by command name (from
+/// `/proc/PID/stat`, 100 clock ticks a second).
+pub fn cpu_seconds_by_process() -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ... utime stime: fields 14 and 15, counted after the comm's ')'.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default().to_string();
+        let fields: Vec<&str> = tail.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(comm).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+    }
+    out
 }
 
 impl Drop for OperatorProcess {

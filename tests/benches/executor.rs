@@ -76,32 +76,10 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let before = cpu_seconds_by_process();
+    let before = support::cpu_seconds_by_process();
     work().await;
-    let after = cpu_seconds_by_process();
+    let after = support::cpu_seconds_by_process();
     after.get("kube-apiserver").copied().unwrap_or(0.0) - before.get("kube-apiserver").copied().unwrap_or(0.0)
-}
-
-/// CPU seconds (user + system) used so far by processes, by command name.
-fn cpu_seconds_by_process() -> std::collections::BTreeMap<String, f64> {
-    let mut out = std::collections::BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ... utime stime: fields 14 and 15, counted after the comm's ')'.
-        let Some((head, tail)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default().to_string();
-        let fields: Vec<&str> = tail.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        *out.entry(comm).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
-    }
-    out
 }
 
 #[tokio::main]
@@ -111,7 +89,7 @@ async fn main() {
 
     // Direct: 600 server-side applies, the concurrency the operator gets below.
     let cms: Api<ConfigMap> = Api::namespaced(baseline_env.client.clone(), &baseline_env.namespace);
-    let direct_cpu_before = cpu_seconds_by_process();
+    let direct_cpu_before = support::cpu_seconds_by_process();
     let started = Instant::now();
     futures::stream::iter(0..GRAPHS * 3)
         .for_each_concurrent(usize::from(RECONCILES * APPLY_CONCURRENCY), |i| {
@@ -123,7 +101,7 @@ async fn main() {
         })
         .await;
     let direct = started.elapsed();
-    let direct_cpu_after = cpu_seconds_by_process();
+    let direct_cpu_after = support::cpu_seconds_by_process();
 
     // Executor: the graphs exist before the operator starts; the clock runs from its start.
     let env = support::env("bench-executor").await;
@@ -131,12 +109,12 @@ async fn main() {
     create_graphs(&graphs, 0..GRAPHS).await;
     let requests_before = support::apiserver_requests(&env.client).await;
     let mark = audit_mark();
-    let cpu_before = cpu_seconds_by_process();
+    let cpu_before = support::cpu_seconds_by_process();
     let started = Instant::now();
     let operator = start(&env.operator_kubeconfig);
     wait_completed(&graphs, GRAPHS, Duration::from_secs(300)).await;
     let executor = started.elapsed();
-    let cpu_after = cpu_seconds_by_process();
+    let cpu_after = support::cpu_seconds_by_process();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let converge_writes = writes_since(mark);
     let reconciles = support::metric_sum(&operator.metrics, "pequod_reconcile_duration_seconds_count").await;

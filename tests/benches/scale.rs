@@ -69,37 +69,12 @@ fn total(counts: &BTreeMap<String, u64>) -> u64 {
     counts.values().sum()
 }
 
-/// Peak resident memory of a process, in MiB (`VmHWM`).
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// CPU seconds (user and system) every process named `name` has used so far.
-fn cpu_seconds_of(name: &str) -> f64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    let mut seconds = 0.0;
-    for entry in entries.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((head, tail)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        if head.split_once('(').map(|(_, c)| c) != Some(name) {
-            continue;
-        }
-        let fields: Vec<&str> = tail.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        seconds += (ticks(11) + ticks(12)) / 100.0;
-    }
-    seconds
+/// CPU seconds kube-apiserver has used so far.
+fn apiserver_cpu_seconds() -> f64 {
+    support::cpu_seconds_by_process()
+        .get("kube-apiserver")
+        .copied()
+        .unwrap_or(0.0)
 }
 
 /// Which instances are Ready, kept by a watch: polling lists of 10,000 objects would load the
@@ -349,7 +324,7 @@ async fn run(n: usize, last: bool) -> Run {
     let (cue_before, cpu_before, apiserver_before) = (
         cue_processes(&operator).await,
         operator.cpu_seconds(),
-        cpu_seconds_of("kube-apiserver"),
+        apiserver_cpu_seconds(),
     );
     let started = Instant::now();
     futures::stream::iter(0..n)
@@ -367,9 +342,9 @@ async fn run(n: usize, last: bool) -> Run {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (writes, requests) = (writes_since(mark), requests_since(mark));
     let operator_cpu = operator.cpu_seconds() - cpu_before;
-    let apiserver_cpu = cpu_seconds_of("kube-apiserver") - apiserver_before;
+    let apiserver_cpu = apiserver_cpu_seconds() - apiserver_before;
     let cue = cue_processes(&operator).await - cue_before;
-    let (rss, peak_rss) = (operator.rss_mib(), peak_rss_mib(operator.pid()));
+    let (rss, peak_rss) = (operator.rss_mib(), operator.peak_rss_mib());
 
     let quick = std::env::var_os("PEQUOD_SCALE_QUICK").is_some();
     let mark = audit_mark();
