@@ -251,6 +251,11 @@ pub struct RunArgs {
     #[arg(long, env = "PEQUOD_LEADER_ELECT_RETRY_PERIOD", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub leader_elect_retry_period: u64,
 
+    /// Split ResourceGraphs among the replicas in this many shards, each held through a Lease
+    /// (1: the leader reconciles every graph). Needs `--leader-elect`.
+    #[arg(long, env = "PEQUOD_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=crate::runtime::shards::MAX_SHARDS as i64))]
+    pub shards: u32,
+
     /// Log level.
     #[arg(long, env = "PEQUOD_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     pub zap_log_level: LogLevel,

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub cue_cache_misses_total: IntCounter,
     pub cue_cache_evictions_total: IntCounter,
     pub cue_cache_entries: IntGauge,
+    /// Shards of ResourceGraphs this replica holds (with `--shards` above 1).
+    pub shards_held: IntGauge,
     pub cue_cache_size_bytes: IntGauge,
     pub cue_fetch_duration_seconds: HistogramVec,
     pub cue_fetch_total: IntCounterVec,
@@ -208,6 +210,7 @@ impl Metrics {
             cue_cache_misses_total: counter(r, "pequod_cue_cache_misses_total", "Cache misses")?,
             cue_cache_evictions_total: counter(r, "pequod_cue_cache_evictions_total", "Cache evictions")?,
             cue_cache_entries: gauge(r, "pequod_cue_cache_entries", "Current cache entries")?,
+            shards_held: gauge(r, "pequod_shards_held", "Shards of ResourceGraphs this replica holds")?,
             cue_cache_size_bytes: gauge(r, "pequod_cue_cache_size_bytes", "Cache size in bytes")?,
             cue_fetch_duration_seconds: histogram_vec(
                 r,
@@ -465,6 +468,7 @@ mod tests {
         ("pequod_reconcile_queue_oldest_wait_seconds", &["controller"]),
         ("pequod_conversion_requests_total", &["result"]),
         ("pequod_conversion_objects_total", &[]),
+        ("pequod_shards_held", &[]),
     ];
 
     #[test]

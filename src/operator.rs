@@ -14,7 +14,7 @@ use crate::apply::Applier;
 use crate::authority::{GraphAccounts, TrustedNamespaces};
 use crate::cli::RunArgs;
 use crate::controller::instance::{self, Supervisor};
-use crate::controller::watches::{GraphCache, ObjectWatches};
+use crate::controller::watches::{GraphCache, GraphScope, ObjectWatches};
 use crate::controller::{resourcegraph, transform};
 use crate::conversion::certificate::{self, CertResolver, CertificateStore};
 use crate::conversion::webhook::{self, ModuleConverter, Webhook};
@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::rbac::RbacMode;
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::leader::{Elector, Timing};
+use crate::runtime::shards::{Keeper, LeaseConfig, Shards, Stopped};
 use crate::runtime::shutdown::Shutdown;
 use crate::runtime::signing_key;
 use crate::runtime::startup::StartupError;
@@ -37,6 +38,8 @@ const CUE_RETRY_INTERVAL: Duration = Duration::from_secs(30);
 const KEY_RETRY_MAX: Duration = Duration::from_secs(30);
 /// The readiness check that waits for the graph-signing key.
 const KEY_CHECK: &str = "graph-signing-key";
+/// Longest wait at shutdown for the shard leases to be handed over.
+const SHARD_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs the operator until a shutdown signal: servers, health and the conversion webhook
 /// first (on every replica), then, as the leader and once the graph-signing key is loaded,
@@ -52,7 +55,8 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
     let mut tasks: JoinSet<Result<(), StartupError>> = JoinSet::new();
-    let (config, client) = connect().await?;
+    let identity = leader_identity();
+    let (config, client) = connect(&identity).await?;
     serve_metrics(&args, &metrics, &client, &shutdown, &mut tasks)?;
     serve_probes(&args, &health, &shutdown, &mut tasks)?;
 
@@ -65,37 +69,67 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     let webhook = serve_webhook(&args, converter, &client, &metrics, &health, &shutdown, &mut tasks)?;
 
     let controllers_done = Shutdown::new();
-    match acquire_leadership(&args, &client, timing, &shutdown).await {
-        Leadership::Unelected => {}
-        Leadership::Leader(elector) => hold_leadership(*elector, controllers_done.clone()),
-        Leadership::ShutDown => return join_all(tasks).await,
-    }
-    let Some(key) = graph_key(&client, &own_namespace(), &health, &shutdown).await else {
-        let result = join_all(tasks).await;
-        controllers_done.trigger();
-        return result;
-    };
-    let wiring = Wiring {
+    let wiring = |key| Wiring {
         args: &args,
-        client,
-        config,
+        client: client.clone(),
+        config: config.clone(),
         key,
-        metrics,
-        health,
+        metrics: metrics.clone(),
+        health: health.clone(),
         shutdown: shutdown.clone(),
-        renderer,
-        fetcher,
-        webhook,
+        renderer: renderer.clone(),
+        fetcher: fetcher.clone(),
+        webhook: webhook.clone(),
     };
-    start_controllers(&wiring, &mut tasks);
+    let mut keeper = None;
+    // Kept until the controllers stop: the graph cache lists again when it changes.
+    let mut leading_flag = None;
+    if args.shards > 1 {
+        // Every replica works on the graphs of its shards; the leader also serves the kinds.
+        let Some(key) = graph_key(&client, &own_namespace(), &health, &shutdown).await else {
+            return join_all(tasks).await;
+        };
+        let w = wiring(key);
+        let (shards, kept) = keep_shards(&args, &client, &identity, timing, controllers_done.clone());
+        keeper = Some(kept);
+        let (leading, scope) = tokio::sync::watch::channel(false);
+        let graph_side = start_graph_side(&w, Some((shards, scope)), &mut tasks);
+        match acquire_leadership(&args, &client, &identity, timing, &shutdown).await {
+            Leadership::Leader(elector) => hold_leadership(*elector, controllers_done.clone()),
+            Leadership::Unelected | Leadership::ShutDown => {}
+        }
+        if !shutdown.is_triggered() {
+            leading.send_replace(true);
+            start_transform_side(&w, graph_side, &mut tasks);
+        }
+        leading_flag = Some(leading);
+    } else {
+        match acquire_leadership(&args, &client, &identity, timing, &shutdown).await {
+            Leadership::Unelected => {}
+            Leadership::Leader(elector) => hold_leadership(*elector, controllers_done.clone()),
+            Leadership::ShutDown => return join_all(tasks).await,
+        }
+        let Some(key) = graph_key(&client, &own_namespace(), &health, &shutdown).await else {
+            let result = join_all(tasks).await;
+            controllers_done.trigger();
+            return result;
+        };
+        let w = wiring(key);
+        let graph_side = start_graph_side(&w, None, &mut tasks);
+        start_transform_side(&w, graph_side, &mut tasks);
+    }
 
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "pequod started");
     shutdown.wait().await;
     tracing::info!("shutting down");
     let result = join_all(tasks).await;
     controllers_done.trigger();
-    // Gives the elector a moment to release the lease.
+    // Gives the elector a moment to release the lease, and the keeper its shards.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(keeper) = keeper {
+        let _ = tokio::time::timeout(SHARD_RELEASE_WAIT, keeper).await;
+    }
+    drop(leading_flag);
     result
 }
 
@@ -103,6 +137,9 @@ type Tasks = JoinSet<Result<(), StartupError>>;
 /// The graphs whose applied objects changed, from the shared watches.
 type GraphTriggers =
     tokio::sync::mpsc::UnboundedReceiver<kube::runtime::reflector::ObjectRef<crate::api::ResourceGraph>>;
+
+/// Whether this replica leads, for the graph cache of a replica that shares graphs.
+type LeadingFlag = tokio::sync::watch::Receiver<bool>;
 
 /// The graphs the graph cache lists or sees change.
 type GraphEvents = tokio::sync::mpsc::UnboundedReceiver<Arc<crate::api::ResourceGraph>>;
@@ -116,15 +153,22 @@ fn leader_timing(args: &RunArgs) -> Result<Timing, StartupError> {
     };
     if args.leader_elect {
         timing.validate().map_err(StartupError::InvalidFlags)?;
+    } else if args.shards > 1 {
+        // Without an elected leader every replica would serve the kinds.
+        return Err(StartupError::InvalidFlags("--shards above 1 needs --leader-elect"));
     }
     Ok(timing)
 }
 
 /// The cluster's configuration (kept for impersonation) and a client.
-async fn connect() -> Result<(kube::Config, Client), StartupError> {
+async fn connect(identity: &str) -> Result<(kube::Config, Client), StartupError> {
     let mut config = kube::Config::infer()
         .await
         .map_err(|e| StartupError::Kubeconfig(kube::Error::InferConfig(e)))?;
+    // Names the replica in the apiserver's audit log, so that its writes can be told apart.
+    if let Ok(agent) = axum::http::HeaderValue::from_str(&format!("pequod/{} {identity}", env!("CARGO_PKG_VERSION"))) {
+        config.headers.push((axum::http::header::USER_AGENT, agent));
+    }
     // kube retries a 503 up to 15 times with delays growing to minutes: one aggregated API that
     // is down would hold a reconcile worker that long. Reconciles fail fast and retry on their
     // own schedule, with the failure in status.
@@ -235,15 +279,21 @@ enum Leadership {
 /// Waits for the lease when the operator elects a leader. Standby replicas serve probes and
 /// metrics but do not reconcile; their readiness does not wait for the controllers, so that
 /// rolling updates can proceed.
-async fn acquire_leadership(args: &RunArgs, client: &Client, timing: Timing, shutdown: &Shutdown) -> Leadership {
+async fn acquire_leadership(
+    args: &RunArgs,
+    client: &Client,
+    identity: &str,
+    timing: Timing,
+    shutdown: &Shutdown,
+) -> Leadership {
     if !args.leader_elect {
         return Leadership::Unelected;
     }
-    let namespace = args.leader_election_namespace.clone().unwrap_or_else(own_namespace);
+    let namespace = lease_namespace(args);
     let mut elector = Elector::new(
         Api::<Lease>::namespaced(client.clone(), &namespace),
         &args.leader_election_id,
-        &leader_identity(),
+        identity,
         timing,
     );
     tracing::info!(lease = %args.leader_election_id, %namespace, identity = %elector.identity(), "waiting to become the leader");
@@ -266,6 +316,39 @@ fn hold_leadership(mut elector: Elector, done: Shutdown) {
     });
 }
 
+fn lease_namespace(args: &RunArgs) -> String {
+    args.leader_election_namespace.clone().unwrap_or_else(own_namespace)
+}
+
+/// Keeps this replica's shard leases until the controllers are `done` (then hands them over);
+/// a shard lost ends the process, as a lost leader lease does.
+fn keep_shards(
+    args: &RunArgs,
+    client: &Client,
+    identity: &str,
+    timing: Timing,
+    done: Shutdown,
+) -> (Arc<Shards>, tokio::task::JoinHandle<()>) {
+    let config = LeaseConfig {
+        api: Api::<Lease>::namespaced(client.clone(), &lease_namespace(args)),
+        prefix: args.leader_election_id.clone(),
+        identity: identity.to_string(),
+        timing,
+    };
+    tracing::info!(shards = args.shards, identity, "sharing ResourceGraphs among replicas");
+    let (keeper, shards) = Keeper::new(config, args.shards);
+    let task = tokio::spawn(async move {
+        if let Stopped::Lost(shard) = keeper.run(done).await {
+            tracing::error!(
+                shard,
+                "shard lease lost: exiting so that no two replicas reconcile a graph at once"
+            );
+            std::process::exit(1);
+        }
+    });
+    (shards, task)
+}
+
 /// What the controllers are built from.
 struct Wiring<'a> {
     args: &'a RunArgs,
@@ -281,16 +364,23 @@ struct Wiring<'a> {
     webhook: Option<ConversionWebhook>,
 }
 
-/// Starts the ResourceGraph and Transform controllers (the latter serves each kind's
-/// instances through the supervisor), sharing one applier, renderer and set of watches.
-fn start_controllers(w: &Wiring<'_>, tasks: &mut Tasks) {
+/// What the graph controller shares with the instances' controllers.
+struct GraphSide {
+    watches: Arc<ObjectWatches>,
+    graph_cache: Arc<GraphCache>,
+    applier: Applier,
+    recorder: Recorder,
+}
+
+/// Starts the ResourceGraph controller: of every graph, or of the graphs in the shards this
+/// replica holds.
+fn start_graph_side(w: &Wiring<'_>, sharing: Option<(Arc<Shards>, LeadingFlag)>, tasks: &mut Tasks) -> GraphSide {
     let (watches, triggers) = ObjectWatches::new(w.client.clone(), w.shutdown.clone());
-    let (graph_cache, graph_events) = GraphCache::start(w.client.clone(), w.shutdown.clone());
+    let scope = sharing.map(|(shards, leading)| GraphScope { shards, leading });
+    let (graph_cache, graph_events) = GraphCache::start(w.client.clone(), w.shutdown.clone(), scope.clone());
     let recorder = event_recorder(&w.client);
     let applier = Applier::new(w.client.clone(), w.metrics.clone()).with_impersonation(w.config.clone());
-    let renderer = w.renderer.clone();
-
-    let graphs = resourcegraph::Context::new(
+    let mut graphs = resourcegraph::Context::new(
         w.client.clone(),
         applier.clone(),
         w.key.clone(),
@@ -299,8 +389,38 @@ fn start_controllers(w: &Wiring<'_>, tasks: &mut Tasks) {
         w.metrics.clone(),
         w.args.apply_concurrency.into(),
     );
+    if let Some(scope) = scope {
+        watches.know_shards(scope.shards.clone());
+        let (gauge, mut held) = (w.metrics.shards_held.clone(), scope.shards.subscribe());
+        tokio::spawn(async move {
+            loop {
+                gauge.set(held.borrow_and_update().len() as i64);
+                if held.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        graphs = graphs.sharing(scope.shards);
+    }
     start_graph_controller(w, graphs, (graph_cache.clone(), graph_events), triggers, tasks);
+    GraphSide {
+        watches,
+        graph_cache,
+        applier,
+        recorder,
+    }
+}
 
+/// Starts the Transform controller, which serves each kind's instances through the
+/// supervisor, sharing the graph side's applier, caches and watches.
+fn start_transform_side(w: &Wiring<'_>, graph_side: GraphSide, tasks: &mut Tasks) {
+    let GraphSide {
+        watches,
+        graph_cache,
+        applier,
+        recorder,
+    } = graph_side;
+    let renderer = w.renderer.clone();
     let supervisor = Supervisor::new(
         Arc::new(
             instance::Shared::new(

@@ -72,6 +72,10 @@ pub enum ApplyError {
     },
     #[error("Kubernetes API: {0}")]
     Api(#[source] kube::Error),
+    /// The write gate closed: the replica's shard Leases went unrenewed for a renew
+    /// deadline, and another replica may hold the graph now.
+    #[error("this replica no longer holds the graph's shard")]
+    Fenced,
 }
 
 impl ErrorCategory for ApplyError {
@@ -132,7 +136,12 @@ pub struct Applier {
     metrics: Arc<Metrics>,
     kinds: Arc<Mutex<HashMap<(String, String), Resolved>>>,
     impersonation: Option<Arc<Impersonation>>,
+    /// Set on replicas that share graphs in shards: no write once it says no.
+    write_gate: Option<WriteGate>,
 }
+
+/// Whether writes may still be sent.
+pub type WriteGate = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl Applier {
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
@@ -141,6 +150,20 @@ impl Applier {
             metrics,
             kinds: Arc::default(),
             impersonation: None,
+            write_gate: None,
+        }
+    }
+
+    /// Writes only while `gate` says they may be sent (a replica's shard Leases are current).
+    pub fn fenced_by(mut self, gate: WriteGate) -> Self {
+        self.write_gate = Some(gate);
+        self
+    }
+
+    fn fenced(&self) -> Result<(), ApplyError> {
+        match &self.write_gate {
+            Some(gate) if !gate() => Err(ApplyError::Fenced),
+            _ => Ok(()),
         }
     }
 
@@ -250,6 +273,7 @@ impl Applier {
             ApplyMode::Create => "Create",
             ApplyMode::Adopt => "Adopt",
         };
+        self.fenced()?;
         let gvk = resolved.key();
         let started = Instant::now();
         let result = match policy.mode {
@@ -388,6 +412,7 @@ impl Applier {
     /// Applies `empty` (an object naming only itself) as `manager`, which then owns no field:
     /// the apiserver drops its managed-fields entry.
     pub async fn release_manager(&self, resolved: &Resolved, empty: &Value, manager: &str) -> Result<(), ApplyError> {
+        self.fenced()?;
         self.server_side_apply(resolved, empty, manager, false)
             .await
             .map(|_| ())
@@ -429,6 +454,7 @@ impl Applier {
 
     /// Deletes an object (background propagation); absent objects are fine.
     pub async fn delete(&self, resolved: &Resolved, namespace: Option<&str>, name: &str) -> Result<(), ApplyError> {
+        self.fenced()?;
         match resolved
             .api(&self.client, namespace)
             .delete(name, &DeleteParams::background())
@@ -443,6 +469,7 @@ impl Applier {
     /// Lets go of an object: removes Pequod's labels, annotations and owner reference, leaving
     /// the object running.
     pub async fn release(&self, resolved: &Resolved, live: &DynamicObject, graph_uid: &str) -> Result<(), ApplyError> {
+        self.fenced()?;
         let namespace = live.metadata.namespace.clone();
         let name = live.metadata.name.clone().unwrap_or_default();
         let owners: Vec<_> = live

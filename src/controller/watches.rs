@@ -11,7 +11,7 @@
 //! objects it does not find (see [`live_object`]).
 
 use crate::api::names::{GRAPH_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -21,16 +21,24 @@ use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::api::ResourceGraph;
 use crate::apply::{Applier, ApplyError, Resolved};
 use crate::executor::object::labelled_graph;
+use crate::runtime::shards::Shards;
 use crate::runtime::shutdown::Shutdown;
 
 struct KindWatch {
     store: Store<DynamicObject>,
     synced: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KindWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// The object caches, one per kind, started on first use.
@@ -41,6 +49,8 @@ pub struct ObjectWatches {
     shutdown: Shutdown,
     /// The ResourceGraphs that exist, once their controller's cache is there.
     graphs: Arc<OnceLock<Store<ResourceGraph>>>,
+    /// The shards this replica holds, when graphs are shared among replicas.
+    shards: Arc<OnceLock<Arc<Shards>>>,
 }
 
 /// The object as it is: from its kind's cache when `watches` are given, the cache has it and
@@ -82,9 +92,27 @@ impl ObjectWatches {
                 kinds: Mutex::default(),
                 shutdown,
                 graphs: Arc::default(),
+                shards: Arc::default(),
             }),
             triggers,
         )
+    }
+
+    /// Caches only the objects of graphs in the shards held, and lists every kind again when
+    /// they change.
+    pub fn know_shards(self: &Arc<Self>, shards: Arc<Shards>) {
+        let mut held = shards.subscribe();
+        if self.shards.set(shards).is_err() {
+            return;
+        }
+        let watches = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while held.changed().await.is_ok() {
+                let Some(watches) = watches.upgrade() else { return };
+                // Dropping a kind's watch stops it; the next lookup starts it with a new list.
+                lock(&watches.kinds).clear();
+            }
+        });
     }
 
     /// Hands over the ResourceGraph controller's cache, against which objects are checked.
@@ -115,8 +143,15 @@ impl ObjectWatches {
         // below keeps what others labelled out of the cache.
         let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{GRAPH_LABEL}"));
         let graphs = self.graphs.clone();
+        let shards = self.shards.clone();
         let ours = move |obj: &DynamicObject| match graphs.get() {
-            Some(store) => made_by_existing_graph(obj, |key| store.get(key).and_then(|g| g.metadata.uid.clone())),
+            Some(store) => made_by_existing_graph(obj, |key| {
+                let held = shards
+                    .get()
+                    .is_none_or(|s| s.holds(key.namespace.as_deref().unwrap_or_default(), &key.name));
+                held.then(|| store.get(key).and_then(|g| g.metadata.uid.clone()))
+                    .flatten()
+            }),
             // Before the graph cache exists nothing reconciles, so nothing looks objects up.
             None => true,
         };
@@ -149,13 +184,13 @@ impl ObjectWatches {
                 }
                 futures::future::ready(())
             });
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             tokio::select! {
                 _ = events => {}
                 _ = shutdown.wait() => {}
             }
         });
-        KindWatch { store, synced }
+        KindWatch { store, synced, task }
     }
 }
 
@@ -184,57 +219,54 @@ pub struct GraphCache {
 /// Graphs as this process last wrote them, until the watch has seen that version.
 type Written = Arc<Mutex<HashMap<ObjectRef<ResourceGraph>, Arc<ResourceGraph>>>>;
 
+/// Which graphs a replica caches and reconciles when graphs are shared in shards.
+#[derive(Clone)]
+pub struct GraphScope {
+    pub shards: Arc<Shards>,
+    /// Whether this replica leads: its instances read every graph, so it caches them all.
+    pub leading: watch::Receiver<bool>,
+}
+
+impl GraphScope {
+    /// Whether `graph` is cached here, and whether it is reconciled here.
+    fn keeps(&self, graph: &ResourceGraph, held: &BTreeSet<u32>) -> (bool, bool) {
+        let shard = self
+            .shards
+            .shard_of(&graph.namespace().unwrap_or_default(), &graph.name_any());
+        let reconciled = held.contains(&shard);
+        (reconciled || *self.leading.borrow(), reconciled)
+    }
+}
+
 impl GraphCache {
-    /// Starts the watch of every ResourceGraph; returns the cache and the graphs to reconcile
-    /// (each one listed or changed).
-    pub fn start(client: Client, shutdown: Shutdown) -> (Arc<Self>, mpsc::UnboundedReceiver<Arc<ResourceGraph>>) {
+    /// Starts the watch of every ResourceGraph (of the shards held, with a `scope`); returns
+    /// the cache and the graphs to reconcile (each one listed or changed). A change of the
+    /// shards held lists the graphs again, so that those of a shard taken over are reconciled.
+    pub fn start(
+        client: Client,
+        shutdown: Shutdown,
+        scope: Option<GraphScope>,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Arc<ResourceGraph>>) {
         let writer = reflector::store::Writer::default();
         let store = writer.as_reader();
         let subscribers: Subscribers = Arc::default();
         let (changed, graphs) = mpsc::unbounded_channel();
-        let wake = subscribers.clone();
         let written: Written = Arc::default();
-        let seen = written.clone();
-        let events = watcher(
-            Api::<ResourceGraph>::all(client),
-            watcher::Config::default().any_semantic(),
-        )
-        .default_backoff()
-        .modify(super::cache::without_managed_fields)
-        .reflect(writer)
-        .for_each(move |event| {
-            match event {
-                Ok(watcher::Event::Apply(graph) | watcher::Event::InitApply(graph)) => {
-                    caught_up(&seen, &graph);
-                    wake_owner(&wake, &graph);
-                    let _ = changed.send(Arc::new(graph));
-                }
-                Ok(watcher::Event::Delete(graph)) => {
-                    // A graph deleted since it was written is never answered as written.
-                    lock(&seen).remove(&ObjectRef::from_obj(&graph));
-                    wake_owner(&wake, &graph);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "watch of ResourceGraphs failed; retrying"),
-            }
-            futures::future::ready(())
+        let cache = Arc::new(Self {
+            store,
+            subscribers: subscribers.clone(),
+            written: written.clone(),
         });
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = events => {}
-                _ = shutdown.wait() => {}
-            }
-        });
-        (
-            Arc::new(Self {
-                store,
-                subscribers,
-                written,
-            }),
-            graphs,
-        )
+        let watch = GraphWatch {
+            api: Api::<ResourceGraph>::all(client),
+            writer,
+            subscribers,
+            written,
+            changed,
+        };
+        tokio::spawn(watch.run(scope, shutdown));
+        (cache, graphs)
     }
-
     /// The cache, as the graph controller reads it.
     pub fn store(&self) -> Store<ResourceGraph> {
         self.store.clone()
@@ -282,6 +314,87 @@ impl GraphCache {
         };
         lock(&self.subscribers).insert((resource.group.clone(), resource.kind.clone()), subscriber);
         woken
+    }
+}
+
+/// The watch behind a [`GraphCache`].
+struct GraphWatch {
+    api: Api<ResourceGraph>,
+    writer: reflector::store::Writer<ResourceGraph>,
+    subscribers: Subscribers,
+    written: Written,
+    changed: mpsc::UnboundedSender<Arc<ResourceGraph>>,
+}
+
+impl GraphWatch {
+    async fn run(mut self, scope: Option<GraphScope>, shutdown: Shutdown) {
+        let mut held = scope.as_ref().map(|s| s.shards.subscribe());
+        let mut leading = scope.as_ref().map(|s| s.leading.clone());
+        loop {
+            let now_held = held.as_mut().map(|h| h.borrow_and_update().clone()).unwrap_or_default();
+            if let Some(leading) = leading.as_mut() {
+                leading.mark_unchanged();
+            }
+            let mut events = watcher(self.api.clone(), watcher::Config::default().any_semantic())
+                .default_backoff()
+                .modify(super::cache::without_managed_fields)
+                .boxed();
+            let scope_changed = async {
+                match (held.as_mut(), leading.as_mut()) {
+                    (Some(held), Some(leading)) => tokio::select! {
+                        Ok(()) = held.changed() => {}
+                        Ok(()) = leading.changed() => {}
+                    },
+                    _ => futures::future::pending::<()>().await,
+                }
+            };
+            tokio::pin!(scope_changed);
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    // Lists again with the new scope; the store keeps its graphs until then.
+                    () = &mut scope_changed => break,
+                    event = events.next() => match event {
+                        Some(event) => self.handle(event, scope.as_ref(), &now_held),
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        event: Result<watcher::Event<ResourceGraph>, watcher::Error>,
+        scope: Option<&GraphScope>,
+        held: &BTreeSet<u32>,
+    ) {
+        let keeps = |g: &ResourceGraph| scope.map_or((true, true), |s| s.keeps(g, held));
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => return tracing::debug!(error = %e, "watch of ResourceGraphs failed; retrying"),
+        };
+        match &event {
+            watcher::Event::Apply(graph) | watcher::Event::InitApply(graph) => {
+                let (cached, reconciled) = keeps(graph);
+                if !cached {
+                    return;
+                }
+                self.writer.apply_watcher_event(&event);
+                caught_up(&self.written, graph);
+                wake_owner(&self.subscribers, graph);
+                if reconciled {
+                    let _ = self.changed.send(Arc::new(graph.clone()));
+                }
+            }
+            watcher::Event::Delete(graph) => {
+                self.writer.apply_watcher_event(&event);
+                // A graph deleted since it was written is never answered as written.
+                lock(&self.written).remove(&ObjectRef::from_obj(graph));
+                wake_owner(&self.subscribers, graph);
+            }
+            watcher::Event::Init | watcher::Event::InitDone => self.writer.apply_watcher_event(&event),
+        }
     }
 }
 

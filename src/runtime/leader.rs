@@ -56,23 +56,27 @@ pub struct Observed {
     changed_at: Option<Instant>,
 }
 
-/// Decides from the lease's spec (None: no lease). Updates `observed`.
-pub fn decide(spec: Option<&LeaseSpec>, me: &str, observed: &mut Observed, now: Instant, timing: &Timing) -> Decision {
-    let Some(spec) = spec else {
-        return Decision::Create;
+/// Who holds a lease, as this process judges it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// Nobody: the lease names no holder.
+    Nobody,
+    /// Its holder, whose record changed within the lease's duration.
+    Live(String),
+    /// Its holder has not renewed it for a whole lease duration, as this process observed.
+    Expired,
+}
+
+/// Judges a lease's holder from its spec. Updates `observed`.
+pub fn judge(spec: &LeaseSpec, observed: &mut Observed, now: Instant, timing: &Timing) -> Holder {
+    let Some(holder) = spec.holder_identity.clone().filter(|h| !h.is_empty()) else {
+        return Holder::Nobody;
     };
-    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-    if holder.as_deref() == Some(me) {
-        return Decision::Renew;
-    }
-    if holder.is_none() {
-        return Decision::Take;
-    }
-    let record = Some((holder, spec.renew_time.as_ref().map(|t| t.0.to_string())));
+    let record = Some((Some(holder.clone()), spec.renew_time.as_ref().map(|t| t.0.to_string())));
     if observed.record != record {
         observed.record = record;
         observed.changed_at = Some(now);
-        return Decision::Wait;
+        return Holder::Live(holder);
     }
     let duration = spec
         .lease_duration_seconds
@@ -80,8 +84,22 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, observed: &mut Observed, now: 
         .map(Duration::from_secs)
         .unwrap_or(timing.lease_duration);
     match observed.changed_at {
-        Some(at) if now.duration_since(at) >= duration => Decision::Take,
-        _ => Decision::Wait,
+        Some(at) if now.duration_since(at) >= duration => Holder::Expired,
+        _ => Holder::Live(holder),
+    }
+}
+
+/// Decides from the lease's spec (None: no lease). Updates `observed`.
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, observed: &mut Observed, now: Instant, timing: &Timing) -> Decision {
+    let Some(spec) = spec else {
+        return Decision::Create;
+    };
+    if spec.holder_identity.as_deref() == Some(me) {
+        return Decision::Renew;
+    }
+    match judge(spec, observed, now, timing) {
+        Holder::Nobody | Holder::Expired => Decision::Take,
+        Holder::Live(_) => Decision::Wait,
     }
 }
 

@@ -7,6 +7,7 @@ pub mod health;
 pub mod leader;
 pub mod secure;
 pub mod server;
+pub mod shards;
 pub mod shutdown;
 pub mod signing_key;
 pub mod startup;

@@ -585,6 +585,56 @@ pub fn requests_since(mark: u64) -> std::collections::BTreeMap<String, u64> {
     requests_matching(mark, None)
 }
 
+/// One write, as the apiserver's audit log records it.
+#[derive(Debug, Clone)]
+pub struct AuditedWrite {
+    /// When the apiserver received it (RFC 3339, so that the text sorts by time).
+    pub received: String,
+    /// `resource[/subresource] name`.
+    pub object: String,
+    /// The writer's `User-Agent`: Pequod names the replica in it.
+    pub agent: String,
+}
+
+/// The writes the operators under test made to objects in `namespace` since `mark`, in the
+/// order the apiserver received them.
+pub fn write_log_in(mark: u64, namespace: &str) -> Vec<AuditedWrite> {
+    let mut writes = Vec::new();
+    let Some(log) = shared().audit_log.as_ref() else {
+        return writes;
+    };
+    let Ok(mut file) = fs::File::open(log) else {
+        return writes;
+    };
+    let _ = file.seek(SeekFrom::Start(mark));
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    for line in text.lines() {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let verb = event["verb"].as_str().unwrap_or("");
+        let object = &event["objectRef"];
+        if event["stage"] != "ResponseComplete"
+            || !WRITE_VERBS.contains(&verb)
+            || object["namespace"].as_str() != Some(namespace)
+        {
+            continue;
+        }
+        let resource = match object["subresource"].as_str() {
+            Some(sub) => format!("{}/{sub}", object["resource"].as_str().unwrap_or("")),
+            None => object["resource"].as_str().unwrap_or("").to_string(),
+        };
+        writes.push(AuditedWrite {
+            received: event["requestReceivedTimestamp"].as_str().unwrap_or("").to_string(),
+            object: format!("{resource} {}", object["name"].as_str().unwrap_or("")),
+            agent: event["userAgent"].as_str().unwrap_or("").to_string(),
+        });
+    }
+    writes.sort_by(|a, b| a.received.cmp(&b.received));
+    writes
+}
+
 fn requests_matching(mark: u64, namespace: Option<&str>) -> std::collections::BTreeMap<String, u64> {
     let mut counts = std::collections::BTreeMap::new();
     let Some(log) = shared().audit_log.as_ref() else {

@@ -17,6 +17,9 @@
 //! `make bench-scale` runs it; `PEQUOD_SCALE_SIZES=1000 make bench-scale` runs one size,
 //! `PEQUOD_SCALE_FLAGS="--max-concurrent-reconciles=16"` adds operator flags, and
 //! `PEQUOD_SCALE_QUICK=1` skips the minute at rest, the resync and the restart.
+//! `PEQUOD_SCALE_REPLICAS=2,3` instead runs each size on that many replicas sharing the graphs
+//! (`--shards`, two per replica): time to all Ready, writes, each replica's CPU and RSS, and
+//! how long the others take to hold the shards of one killed.
 
 use pequod_testkit as support;
 
@@ -557,10 +560,170 @@ fn report(r: &Run) {
     }
 }
 
+/// Replicas sharing the graphs in `SHARDS_PER_REPLICA` shards each (`PEQUOD_SCALE_REPLICAS`).
+const SHARDS_PER_REPLICA: usize = 2;
+
+/// What `replicas` operators sharing graphs did for `n` instances.
+struct Shared {
+    replicas: usize,
+    converged: Duration,
+    writes: BTreeMap<String, u64>,
+    /// CPU seconds and RSS (MiB) of each replica, the leader first.
+    per_replica: Vec<(f64, f64)>,
+    /// From killing one replica that does not lead until its shards are held by the others.
+    failover: Duration,
+}
+
+/// `n` instances on `replicas` operators, the first one leading.
+async fn run_shared(n: usize, replicas: usize) -> Shared {
+    let env = support::env(&format!("scale-shared-{n}")).await;
+    let group = format!("{}.bench.example.com", env.namespace);
+    put_module(&env.client, &env.namespace, "chain-module", CHAIN_MODULE).await;
+    let shards = replicas * SHARDS_PER_REPLICA;
+    let flags = [
+        "--zap-log-level=warn".to_string(),
+        "--trusted-transform-namespaces=*".to_string(),
+        "--leader-elect".to_string(),
+        format!("--leader-election-namespace={}", env.namespace),
+        format!("--shards={shards}"),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.namespace);
+    let holders = || async {
+        let mut holders = BTreeMap::new();
+        for shard in 0..shards {
+            let lease = leases
+                .get_opt(&format!("pequod-leader-shard-{shard}"))
+                .await
+                .ok()
+                .flatten();
+            if let Some(h) = lease.and_then(|l| l.spec?.holder_identity).filter(|h| !h.is_empty()) {
+                *holders.entry(h).or_insert(0usize) += 1;
+            }
+        }
+        holders
+    };
+    let mut operators = vec![OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags)];
+    support::wait_for("the first replica to lead", CONVERGE_TIMEOUT, || async {
+        match leases.get_opt("pequod-leader").await {
+            Ok(Some(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    for _ in 1..replicas {
+        operators.push(OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags));
+    }
+    support::wait_for("every replica to hold its shards", CONVERGE_TIMEOUT, || async {
+        let h = holders().await;
+        if h.len() == replicas && h.values().all(|c| *c == SHARDS_PER_REPLICA) {
+            Ok(())
+        } else {
+            Err(format!("{h:?}"))
+        }
+    })
+    .await;
+    let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    apply_transform(
+        &transforms,
+        "chain",
+        json!({"cueRef": {"type": "configmap", "ref": "chain-module"}, "group": group,
+               "managedResources": [{"resources": ["configmaps"]}]}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "chain").await;
+    let api_version = format!("{group}/v1alpha1");
+    let instances = support::dynamic_api(&env.client, &api_version, "Chain", &env.namespace).await;
+    let readiness = Readiness::watch(instances.clone());
+
+    let mark = audit_mark();
+    let cpu_before: Vec<f64> = operators.iter().map(OperatorProcess::cpu_seconds).collect();
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(CREATE_IN_FLIGHT, |i| {
+            let (instances, api_version) = (instances.clone(), api_version.clone());
+            async move {
+                let spec = json!({"value": format!("v{i}")});
+                support::instances::apply_instance(&instances, &api_version, "Chain", &format!("c{i}"), spec).await;
+            }
+        })
+        .await;
+    readiness.wait_all(n, started).await;
+    let converged = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let writes = writes_since(mark);
+    let per_replica = operators
+        .iter()
+        .zip(cpu_before)
+        .map(|(o, before)| (o.cpu_seconds() - before, o.rss_mib()))
+        .collect();
+
+    let killed = Instant::now();
+    if let Some(last) = operators.pop() {
+        last.kill();
+    }
+    support::wait_for("the others to hold every shard", CONVERGE_TIMEOUT, || async {
+        let h = holders().await;
+        if h.len() == replicas - 1 && h.values().sum::<usize>() == shards {
+            Ok(())
+        } else {
+            Err(format!("{h:?}"))
+        }
+    })
+    .await;
+    let failover = killed.elapsed();
+    drop(operators);
+    env.cleanup().await;
+    Shared {
+        replicas,
+        converged,
+        writes,
+        per_replica,
+        failover,
+    }
+}
+
+fn report_shared(n: usize, r: &Shared) {
+    println!(
+        "{n} instances on {} replicas ({} shards):",
+        r.replicas,
+        r.replicas * SHARDS_PER_REPLICA
+    );
+    println!(
+        "  all Ready                           {:>8.1} s",
+        r.converged.as_secs_f64()
+    );
+    println!(
+        "  operator writes                     {:>8}     ({:.2} per instance)",
+        total(&r.writes),
+        total(&r.writes) as f64 / n as f64
+    );
+    for (i, (cpu, rss)) in r.per_replica.iter().enumerate() {
+        let role = if i == 0 { "leader" } else { "replica" };
+        println!("  {role} {i}: CPU {cpu:>6.1} s, RSS {rss:>6.1} MiB");
+    }
+    println!(
+        "  a replica killed: its shards held by the others after {:.1} s",
+        r.failover.as_secs_f64()
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let admin = support::env("scale-crds").await;
     support::install_crds(&admin.client).await;
+    if let Ok(replicas) = std::env::var("PEQUOD_SCALE_REPLICAS") {
+        for replicas in replicas
+            .split(',')
+            .map(|r| r.trim().parse::<usize>().expect("PEQUOD_SCALE_REPLICAS: counts"))
+        {
+            for n in sizes() {
+                report_shared(n, &run_shared(n, replicas.max(2)).await);
+            }
+        }
+        return;
+    }
     println!(
         "operator flags: defaults {}",
         std::env::var("PEQUOD_SCALE_FLAGS").unwrap_or_default()

@@ -5,6 +5,7 @@
 use pequod_testkit as support;
 
 mod api_versions;
+mod shards;
 
 use std::time::Duration;
 

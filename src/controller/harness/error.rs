@@ -13,16 +13,21 @@ pub enum Error {
     MissingField(&'static str),
     #[error("{0}")]
     CueUnavailable(#[source] crate::cue::RenderError),
+    /// The replica's shard Leases went unrenewed for a renew deadline (see
+    /// [`crate::runtime::shards::Fence`]): it writes nothing more and exits.
+    #[error("this replica no longer holds the graph's shard")]
+    ShardLost,
 }
 
 impl Error {
     /// Every value [`ErrorCategory::reason`] returns.
-    pub const REASONS: [&'static str; 5] = [
+    pub const REASONS: [&'static str; 6] = [
         "Conflict",
         "ApiError",
         "SerializationError",
         "InvalidObject",
         "CueUnavailable",
+        "ShardLost",
     ];
 }
 
@@ -34,13 +39,14 @@ impl ErrorCategory for Error {
             Self::Serialization(_) => "SerializationError",
             Self::MissingField(_) => "InvalidObject",
             Self::CueUnavailable(_) => "CueUnavailable",
+            Self::ShardLost => "ShardLost",
         }
     }
 
     /// An object missing a field the apiserver always sets, or a status that cannot be
     /// encoded, does not mend by retrying; the API and cue may.
     fn is_transient(&self) -> bool {
-        matches!(self, Self::Kube(_) | Self::CueUnavailable(_))
+        matches!(self, Self::Kube(_) | Self::CueUnavailable(_) | Self::ShardLost)
     }
 }
 
@@ -62,6 +68,7 @@ mod tests {
             Error::CueUnavailable(crate::cue::RenderError::CueUnavailable {
                 message: "no cue".into(),
             }),
+            Error::ShardLost,
         ];
         let reasons: Vec<&str> = errors.iter().map(Error::reason).collect();
         assert_eq!(reasons, Error::REASONS);

@@ -53,6 +53,7 @@ use crate::graph::{self, Dag, reference};
 use crate::metrics::Metrics;
 use crate::readiness::Registry;
 use crate::runtime::health::Health;
+use crate::runtime::shards::Shards;
 use crate::runtime::shutdown::Shutdown;
 use GRAPH_FINALIZER as FINALIZER;
 
@@ -91,6 +92,8 @@ pub struct Context {
     written: StatusMemory<ResourceGraphStatus>,
     backoff: super::harness::Backoff,
     workers: super::harness::Workers,
+    /// The shards this replica holds, when graphs are shared among replicas.
+    shards: Option<Arc<Shards>>,
 }
 
 super::harness::backoff::controller_context!(Context, reports ResourceGraph);
@@ -124,6 +127,7 @@ impl Context {
             written: StatusMemory::default(),
             backoff: super::harness::Backoff::default(),
             workers: super::harness::Workers::default(),
+            shards: None,
         }
     }
 }
@@ -136,6 +140,15 @@ impl Context {
     }
 
     /// Rendered graphs are checked against these Transforms, trusted as `trusted` says.
+    /// Reconciles only the graphs of the shards this replica holds, and writes only while it
+    /// holds them.
+    pub fn sharing(mut self, shards: Arc<Shards>) -> Self {
+        let fence = shards.clone();
+        self.applier = self.applier.fenced_by(Arc::new(move || fence.fence().open()));
+        self.shards = Some(shards);
+        self
+    }
+
     pub fn checking_grants(mut self, transforms: Store<Transform>, trusted: TrustedNamespaces) -> Self {
         self.transforms = Some(transforms);
         self.trusted = trusted;
@@ -297,6 +310,15 @@ fn graphs_of(graphs: &Store<ResourceGraph>, t: &Transform) -> Vec<ObjectRef<Reso
 }
 
 async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // A graph of a shard held elsewhere is that replica's; its shard is not handed over while
+    // this pass runs.
+    let _held = match &ctx.shards {
+        Some(shards) => match shards.enter(&rg.namespace().unwrap_or_default(), &rg.name_any()).await {
+            Some(held) => Some(held),
+            None => return Ok(Action::await_change()),
+        },
+        None => None,
+    };
     super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*rg), || async {
         if rg.metadata.deletion_timestamp.is_some() {
             cleanup(&rg, &ctx).await

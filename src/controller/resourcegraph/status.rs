@@ -58,6 +58,9 @@ pub(super) async fn write_status(
     old: &ResourceGraphStatus,
     status: ResourceGraphStatus,
 ) -> Result<(), Error> {
+    if ctx.shards.as_ref().is_some_and(|s| !s.fence().open()) {
+        return Err(Error::ShardLost);
+    }
     let writer = crate::controller::harness::status::StatusWriter {
         api: api(rg, ctx),
         type_meta: (crate::api::API_VERSION, "ResourceGraph"),
