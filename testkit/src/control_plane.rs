@@ -585,6 +585,22 @@ pub fn requests_since(mark: u64) -> std::collections::BTreeMap<String, u64> {
     requests_matching(mark, None)
 }
 
+/// The audit log's events after `mark` (none without an audit log).
+fn audit_events(mark: u64) -> Vec<serde_json::Value> {
+    let Some(log) = shared().audit_log.as_ref() else {
+        return Vec::new();
+    };
+    let Ok(mut file) = fs::File::open(log) else {
+        return Vec::new();
+    };
+    let _ = file.seek(SeekFrom::Start(mark));
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    text.lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
 /// One write, as the apiserver's audit log records it.
 #[derive(Debug, Clone)]
 pub struct AuditedWrite {
@@ -600,19 +616,7 @@ pub struct AuditedWrite {
 /// order the apiserver received them.
 pub fn write_log_in(mark: u64, namespace: &str) -> Vec<AuditedWrite> {
     let mut writes = Vec::new();
-    let Some(log) = shared().audit_log.as_ref() else {
-        return writes;
-    };
-    let Ok(mut file) = fs::File::open(log) else {
-        return writes;
-    };
-    let _ = file.seek(SeekFrom::Start(mark));
-    let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    for line in text.lines() {
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
+    for event in audit_events(mark) {
         let verb = event["verb"].as_str().unwrap_or("");
         let object = &event["objectRef"];
         if event["stage"] != "ResponseComplete"
@@ -637,19 +641,7 @@ pub fn write_log_in(mark: u64, namespace: &str) -> Vec<AuditedWrite> {
 
 fn requests_matching(mark: u64, namespace: Option<&str>) -> std::collections::BTreeMap<String, u64> {
     let mut counts = std::collections::BTreeMap::new();
-    let Some(log) = shared().audit_log.as_ref() else {
-        return counts;
-    };
-    let Ok(mut file) = fs::File::open(log) else {
-        return counts;
-    };
-    let _ = file.seek(SeekFrom::Start(mark));
-    let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    for line in text.lines() {
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
+    for event in audit_events(mark) {
         // A watch is counted when it starts; everything else once, when answered.
         let counted_stage = if event["verb"] == "watch" {
             "ResponseStarted"

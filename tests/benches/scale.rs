@@ -17,9 +17,10 @@
 //! `make bench-scale` runs it; `PEQUOD_SCALE_SIZES=1000 make bench-scale` runs one size,
 //! `PEQUOD_SCALE_FLAGS="--max-concurrent-reconciles=16"` adds operator flags, and
 //! `PEQUOD_SCALE_QUICK=1` skips the minute at rest, the resync and the restart.
-//! `PEQUOD_SCALE_REPLICAS=2,3` instead runs each size on that many replicas sharing the graphs
-//! (`--shards`, two per replica): time to all Ready, writes, each replica's CPU and RSS, and
-//! how long the others take to hold the shards of one killed.
+//! `PEQUOD_SCALE_REPLICAS=3` instead runs the first size on that many replicas sharing the
+//! graphs (`--shards`, two per replica; 1: one replica electing itself leader): time to all
+//! Ready, writes, each replica's CPU and RSS, and how long the others take to hold the shards
+//! of one killed. Run each replica count in a process of its own.
 
 use pequod_testkit as support;
 
@@ -301,6 +302,16 @@ async fn wait_reconciled(operator: &OperatorProcess, n: usize, what: &str) {
     .await;
 }
 
+/// Creates instances `c0` to `c<n-1>`, `CREATE_IN_FLIGHT` at a time.
+async fn create_instances(instances: &Api<DynamicObject>, api_version: &str, n: usize) {
+    futures::stream::iter(0..n)
+        .for_each_concurrent(CREATE_IN_FLIGHT, |i| async move {
+            let spec = json!({"value": format!("v{i}")});
+            support::instances::apply_instance(instances, api_version, "Chain", &format!("c{i}"), spec).await;
+        })
+        .await;
+}
+
 /// Measures `n` instances; the teardown is measured (and waited for) unless `last`: the
 /// control plane goes with the benchmark.
 async fn run(n: usize, last: bool) -> Run {
@@ -330,15 +341,7 @@ async fn run(n: usize, last: bool) -> Run {
         apiserver_cpu_seconds(),
     );
     let started = Instant::now();
-    futures::stream::iter(0..n)
-        .for_each_concurrent(CREATE_IN_FLIGHT, |i| {
-            let (instances, api_version) = (instances.clone(), api_version.clone());
-            async move {
-                let spec = json!({"value": format!("v{i}")});
-                support::instances::apply_instance(&instances, &api_version, "Chain", &format!("c{i}"), spec).await;
-            }
-        })
-        .await;
+    create_instances(&instances, &api_version, n).await;
     readiness.wait_all(n, started).await;
     let converged = started.elapsed();
     // Status writes that trail the last Ready are part of converging.
@@ -579,7 +582,11 @@ async fn run_shared(n: usize, replicas: usize) -> Shared {
     let env = support::env(&format!("scale-shared-{n}")).await;
     let group = format!("{}.bench.example.com", env.namespace);
     put_module(&env.client, &env.namespace, "chain-module", CHAIN_MODULE).await;
-    let shards = replicas * SHARDS_PER_REPLICA;
+    let shards = if replicas == 1 {
+        1
+    } else {
+        replicas * SHARDS_PER_REPLICA
+    };
     let flags = [
         "--zap-log-level=warn".to_string(),
         "--trusted-transform-namespaces=*".to_string(),
@@ -617,7 +624,7 @@ async fn run_shared(n: usize, replicas: usize) -> Shared {
     }
     support::wait_for("every replica to hold its shards", CONVERGE_TIMEOUT, || async {
         let h = holders().await;
-        if h.len() == replicas && h.values().all(|c| *c == SHARDS_PER_REPLICA) {
+        if replicas == 1 || (h.len() == replicas && h.values().all(|c| *c == SHARDS_PER_REPLICA)) {
             Ok(())
         } else {
             Err(format!("{h:?}"))
@@ -640,19 +647,11 @@ async fn run_shared(n: usize, replicas: usize) -> Shared {
     let mark = audit_mark();
     let cpu_before: Vec<f64> = operators.iter().map(OperatorProcess::cpu_seconds).collect();
     let started = Instant::now();
-    futures::stream::iter(0..n)
-        .for_each_concurrent(CREATE_IN_FLIGHT, |i| {
-            let (instances, api_version) = (instances.clone(), api_version.clone());
-            async move {
-                let spec = json!({"value": format!("v{i}")});
-                support::instances::apply_instance(&instances, &api_version, "Chain", &format!("c{i}"), spec).await;
-            }
-        })
-        .await;
+    create_instances(&instances, &api_version, n).await;
     readiness.wait_all(n, started).await;
     let converged = started.elapsed();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let writes = writes_since(mark);
+    let writes = support::control_plane::writes_in(mark, &env.namespace);
     let per_replica = operators
         .iter()
         .zip(cpu_before)
@@ -660,10 +659,15 @@ async fn run_shared(n: usize, replicas: usize) -> Shared {
         .collect();
 
     let killed = Instant::now();
-    if let Some(last) = operators.pop() {
+    if replicas > 1
+        && let Some(last) = operators.pop()
+    {
         last.kill();
     }
     support::wait_for("the others to hold every shard", CONVERGE_TIMEOUT, || async {
+        if replicas == 1 {
+            return Ok(());
+        }
         let h = holders().await;
         if h.len() == replicas - 1 && h.values().sum::<usize>() == shards {
             Ok(())
@@ -685,11 +689,12 @@ async fn run_shared(n: usize, replicas: usize) -> Shared {
 }
 
 fn report_shared(n: usize, r: &Shared) {
-    println!(
-        "{n} instances on {} replicas ({} shards):",
-        r.replicas,
+    let shards = if r.replicas == 1 {
+        1
+    } else {
         r.replicas * SHARDS_PER_REPLICA
-    );
+    };
+    println!("{n} instances on {} replica(s), {shards} shard(s):", r.replicas);
     println!(
         "  all Ready                           {:>8.1} s",
         r.converged.as_secs_f64()
@@ -703,10 +708,12 @@ fn report_shared(n: usize, r: &Shared) {
         let role = if i == 0 { "leader" } else { "replica" };
         println!("  {role} {i}: CPU {cpu:>6.1} s, RSS {rss:>6.1} MiB");
     }
-    println!(
-        "  a replica killed: its shards held by the others after {:.1} s",
-        r.failover.as_secs_f64()
-    );
+    if r.replicas > 1 {
+        println!(
+            "  a replica killed: its shards held by the others after {:.1} s",
+            r.failover.as_secs_f64()
+        );
+    }
 }
 
 #[tokio::main]
@@ -714,14 +721,13 @@ async fn main() {
     let admin = support::env("scale-crds").await;
     support::install_crds(&admin.client).await;
     if let Ok(replicas) = std::env::var("PEQUOD_SCALE_REPLICAS") {
-        for replicas in replicas
-            .split(',')
-            .map(|r| r.trim().parse::<usize>().expect("PEQUOD_SCALE_REPLICAS: counts"))
-        {
-            for n in sizes() {
-                report_shared(n, &run_shared(n, replicas.max(2)).await);
-            }
-        }
+        // One size: a run's instances outlive it, and would be torn down during the next.
+        let replicas = replicas
+            .trim()
+            .parse::<usize>()
+            .expect("PEQUOD_SCALE_REPLICAS: a count");
+        let n = sizes()[0];
+        report_shared(n, &run_shared(n, replicas.max(1)).await);
         return;
     }
     println!(
