@@ -302,6 +302,23 @@ async fn wait_reconciled(operator: &OperatorProcess, n: usize, what: &str) {
     .await;
 }
 
+/// Serves the kind `Chain` of `group` from the chain module (put beforehand): the Transforms'
+/// API, the kind's apiVersion and its instances' API.
+async fn serve_chain(env: &support::TestEnv, group: &str) -> (Api<Transform>, String, Api<DynamicObject>) {
+    let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    apply_transform(
+        &transforms,
+        "chain",
+        json!({"cueRef": {"type": "configmap", "ref": "chain-module"}, "group": group,
+               "managedResources": [{"resources": ["configmaps"]}]}),
+    )
+    .await;
+    support::wait_transform_ready(&transforms, "chain").await;
+    let api_version = format!("{group}/v1alpha1");
+    let instances = support::dynamic_api(&env.client, &api_version, "Chain", &env.namespace).await;
+    (transforms, api_version, instances)
+}
+
 /// Creates instances `c0` to `c<n-1>`, `CREATE_IN_FLIGHT` at a time.
 async fn create_instances(instances: &Api<DynamicObject>, api_version: &str, n: usize) {
     futures::stream::iter(0..n)
@@ -321,17 +338,7 @@ async fn run(n: usize, last: bool) -> Run {
     let group = format!("{}.bench.example.com", env.namespace);
     put_module(&env.client, &env.namespace, "chain-module", CHAIN_MODULE).await;
     let mut operator = start(&env);
-    let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
-    apply_transform(
-        &transforms,
-        "chain",
-        json!({"cueRef": {"type": "configmap", "ref": "chain-module"}, "group": group,
-               "managedResources": [{"resources": ["configmaps"]}]}),
-    )
-    .await;
-    support::wait_transform_ready(&transforms, "chain").await;
-    let api_version = format!("{group}/v1alpha1");
-    let instances = support::dynamic_api(&env.client, &api_version, "Chain", &env.namespace).await;
+    let (transforms, api_version, instances) = serve_chain(&env, &group).await;
     let readiness = Readiness::watch(instances.clone());
 
     let mark = audit_mark();
@@ -631,17 +638,7 @@ async fn run_shared(n: usize, replicas: usize) -> Shared {
         }
     })
     .await;
-    let transforms: Api<Transform> = Api::namespaced(env.client.clone(), &env.namespace);
-    apply_transform(
-        &transforms,
-        "chain",
-        json!({"cueRef": {"type": "configmap", "ref": "chain-module"}, "group": group,
-               "managedResources": [{"resources": ["configmaps"]}]}),
-    )
-    .await;
-    support::wait_transform_ready(&transforms, "chain").await;
-    let api_version = format!("{group}/v1alpha1");
-    let instances = support::dynamic_api(&env.client, &api_version, "Chain", &env.namespace).await;
+    let (_, api_version, instances) = serve_chain(&env, &group).await;
     let readiness = Readiness::watch(instances.clone());
 
     let mark = audit_mark();
