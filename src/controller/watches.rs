@@ -259,6 +259,8 @@ impl GraphCache {
         });
         let watch = GraphWatch {
             api: Api::<ResourceGraph>::all(client),
+            store: writer.as_reader(),
+            listed_with: BTreeSet::new(),
             writer,
             subscribers,
             written,
@@ -321,6 +323,10 @@ impl GraphCache {
 struct GraphWatch {
     api: Api<ResourceGraph>,
     writer: reflector::store::Writer<ResourceGraph>,
+    /// What the writer last published: during a list it still holds the graphs listed before.
+    store: Store<ResourceGraph>,
+    /// The shards held when a list last completed: their graphs were queued then.
+    listed_with: BTreeSet<u32>,
     subscribers: Subscribers,
     written: Written,
     changed: mpsc::UnboundedSender<Arc<ResourceGraph>>,
@@ -369,21 +375,32 @@ impl GraphWatch {
         scope: Option<&GraphScope>,
         held: &BTreeSet<u32>,
     ) {
-        let keeps = |g: &ResourceGraph| scope.map_or((true, true), |s| s.keeps(g, held));
+        let keeps = |g: &ResourceGraph, held| scope.map_or((true, true), |s| s.keeps(g, held));
         let event = match event {
             Ok(event) => event,
             Err(e) => return tracing::debug!(error = %e, "watch of ResourceGraphs failed; retrying"),
         };
         match &event {
             watcher::Event::Apply(graph) | watcher::Event::InitApply(graph) => {
-                let (cached, reconciled) = keeps(graph);
+                let (cached, reconciled) = keeps(graph, held);
                 if !cached {
                     return;
                 }
+                // A list again (the shards held changed, or the watch fell behind) brings every
+                // graph: one this process already had, unchanged, wakes nobody, and is queued only
+                // if its shard was not held when the last list completed (a list cut short by
+                // another change of the shards queued only part of them).
+                let relisted = matches!(event, watcher::Event::InitApply(_))
+                    && self
+                        .store
+                        .get(&ObjectRef::from_obj(graph))
+                        .is_some_and(|had| had.metadata.resource_version == graph.metadata.resource_version);
                 self.writer.apply_watcher_event(&event);
                 caught_up(&self.written, graph);
-                wake_owner(&self.subscribers, graph);
-                if reconciled {
+                if !relisted {
+                    wake_owner(&self.subscribers, graph);
+                }
+                if reconciled && !(relisted && keeps(graph, &self.listed_with).1) {
                     let _ = self.changed.send(Arc::new(graph.clone()));
                 }
             }
@@ -393,7 +410,11 @@ impl GraphWatch {
                 lock(&self.written).remove(&ObjectRef::from_obj(graph));
                 wake_owner(&self.subscribers, graph);
             }
-            watcher::Event::Init | watcher::Event::InitDone => self.writer.apply_watcher_event(&event),
+            watcher::Event::InitDone => {
+                self.writer.apply_watcher_event(&event);
+                self.listed_with = held.clone();
+            }
+            watcher::Event::Init => self.writer.apply_watcher_event(&event),
         }
     }
 }

@@ -221,3 +221,123 @@ async fn replicas_share_the_graphs_and_take_over_the_shards_of_one_that_dies_or_
     drop(second);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn instances_render_on_the_leader_and_their_graphs_apply_and_go_on_every_replica() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("shards-instances").await;
+    support::install_crds(&env.client).await;
+    let group = support::transforms::group(&env);
+    let api_version = format!("{group}/v1alpha1");
+    super::put_note_transform(&env, &group).await;
+    let mut flags = leader_flags(&env.namespace);
+    flags.extend([super::TRUST_ALL.to_string(), "--shards=4".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
+    let first = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
+    support::wait_for("the first replica to lead", WAIT, || super::lease_holder(&leases)).await;
+    let second = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
+    support::wait_for("two replicas to hold two shards each", WAIT, || async {
+        let holders = shard_holders(&leases).await;
+        let distinct: BTreeSet<&String> = holders.values().collect();
+        if holders.len() == 4 && distinct.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{holders:?}"))
+        }
+    })
+    .await;
+
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    support::wait_transform_ready(&transforms, "note").await;
+    let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    const NOTES: usize = 12;
+    for i in 0..NOTES {
+        let obj = json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": format!("n{i}")}, "spec": {"text": format!("{i}")}});
+        notes
+            .patch(
+                &format!("n{i}"),
+                &PatchParams::apply(support::TEST_MANAGER),
+                &Patch::Apply(obj),
+            )
+            .await
+            .unwrap();
+    }
+    support::wait_for("every note Ready", WAIT, || async {
+        let list = notes.list(&Default::default()).await.map_err(|e| e.to_string())?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|o| {
+                o.data["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            })
+            .count();
+        if ready == NOTES {
+            Ok(())
+        } else {
+            Err(format!("{ready} of {NOTES} Ready"))
+        }
+    })
+    .await;
+    // Instances render on the leader only; graphs apply where their shard is held.
+    let reconciles = |controller: &'static str| {
+        move |operator: &OperatorProcess| {
+            let metrics = operator.metrics.clone();
+            async move {
+                support::metric_sum(
+                    &metrics,
+                    &format!("pequod_reconcile_total{{controller=\"{controller}\""),
+                )
+                .await
+            }
+        }
+    };
+    assert!(reconciles("instance")(&first).await > 0.0);
+    assert_eq!(
+        reconciles("instance")(&second).await,
+        0.0,
+        "a replica that does not lead rendered"
+    );
+    for operator in [&first, &second] {
+        assert!(
+            reconciles("resourcegraph")(operator).await > 0.0,
+            "a replica applied no graph"
+        );
+    }
+
+    // Deleting the instances tears their graphs down on the replicas holding them.
+    for i in 0..NOTES {
+        notes.delete(&format!("n{i}"), &Default::default()).await.unwrap();
+    }
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    support::wait_for("every note, graph and ConfigMap gone", WAIT, || async {
+        let managed = kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=pequod");
+        let left = (
+            notes
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len(),
+            graphs
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len(),
+            cms.list(&managed).await.map_err(|e| e.to_string())?.items.len(),
+        );
+        if left == (0, 0, 0) {
+            Ok(())
+        } else {
+            Err(format!("left: {left:?}"))
+        }
+    })
+    .await;
+    drop((first, second));
+    env.cleanup().await;
+}
