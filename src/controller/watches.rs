@@ -33,6 +33,7 @@ struct KindWatch {
     store: Store<DynamicObject>,
     synced: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
+    resolved: Resolved,
 }
 
 impl Drop for KindWatch {
@@ -99,7 +100,7 @@ impl ObjectWatches {
     }
 
     /// Caches only the objects of graphs in the shards held, and lists every kind again when
-    /// they change.
+    /// they change (lookups ask the apiserver until the new list is in).
     pub fn know_shards(self: &Arc<Self>, shards: Arc<Shards>) {
         let mut held = shards.subscribe();
         if self.shards.set(shards).is_err() {
@@ -109,8 +110,13 @@ impl ObjectWatches {
         tokio::spawn(async move {
             while held.changed().await.is_ok() {
                 let Some(watches) = watches.upgrade() else { return };
-                // Dropping a kind's watch stops it; the next lookup starts it with a new list.
-                lock(&watches.kinds).clear();
+                // Every kind watched lists again at once (dropping a watch stops it), so that
+                // changes to objects of the graphs held keep waking them.
+                let mut kinds = lock(&watches.kinds);
+                let resolved: Vec<Resolved> = kinds.values().map(|w| w.resolved.clone()).collect();
+                for resolved in resolved {
+                    kinds.insert(resolved.key(), watches.start(&resolved));
+                }
             }
         });
     }
@@ -190,7 +196,12 @@ impl ObjectWatches {
                 _ = shutdown.wait() => {}
             }
         });
-        KindWatch { store, synced, task }
+        KindWatch {
+            store,
+            synced,
+            task,
+            resolved: resolved.clone(),
+        }
     }
 }
 
@@ -261,6 +272,7 @@ impl GraphCache {
             api: Api::<ResourceGraph>::all(client),
             store: writer.as_reader(),
             listed_with: BTreeSet::new(),
+            listed: Vec::new(),
             writer,
             subscribers,
             written,
@@ -327,6 +339,9 @@ struct GraphWatch {
     store: Store<ResourceGraph>,
     /// The shards held when a list last completed: their graphs were queued then.
     listed_with: BTreeSet<u32>,
+    /// Graphs a list in progress brought that are to be queued, and whose instances are to be
+    /// woken, once the list completes: readers find them in the store only then.
+    listed: Vec<(ObjectRef<ResourceGraph>, bool)>,
     subscribers: Subscribers,
     written: Written,
     changed: mpsc::UnboundedSender<Arc<ResourceGraph>>,
@@ -390,17 +405,23 @@ impl GraphWatch {
                 // graph: one this process already had, unchanged, wakes nobody, and is queued only
                 // if its shard was not held when the last list completed (a list cut short by
                 // another change of the shards queued only part of them).
-                let relisted = matches!(event, watcher::Event::InitApply(_))
+                let listing = matches!(event, watcher::Event::InitApply(_));
+                let relisted = listing
                     && self
                         .store
                         .get(&ObjectRef::from_obj(graph))
                         .is_some_and(|had| had.metadata.resource_version == graph.metadata.resource_version);
                 self.writer.apply_watcher_event(&event);
                 caught_up(&self.written, graph);
-                if !relisted {
-                    wake_owner(&self.subscribers, graph);
+                let queue = reconciled && !(relisted && keeps(graph, &self.listed_with).1);
+                if listing {
+                    if queue || !relisted {
+                        self.listed.push((ObjectRef::from_obj(graph), queue));
+                    }
+                    return;
                 }
-                if reconciled && !(relisted && keeps(graph, &self.listed_with).1) {
+                wake_owner(&self.subscribers, graph);
+                if queue {
                     let _ = self.changed.send(Arc::new(graph.clone()));
                 }
             }
@@ -413,8 +434,18 @@ impl GraphWatch {
             watcher::Event::InitDone => {
                 self.writer.apply_watcher_event(&event);
                 self.listed_with = held.clone();
+                for (key, queue) in std::mem::take(&mut self.listed) {
+                    let Some(graph) = self.store.get(&key) else { continue };
+                    wake_owner(&self.subscribers, &graph);
+                    if queue {
+                        let _ = self.changed.send(graph);
+                    }
+                }
             }
-            watcher::Event::Init => self.writer.apply_watcher_event(&event),
+            watcher::Event::Init => {
+                self.listed.clear();
+                self.writer.apply_watcher_event(&event);
+            }
         }
     }
 }

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -24,6 +24,9 @@ use tokio::sync::{RwLock, RwLockReadGuard, watch};
 
 use super::leader::{self, Holder, Observed, Timing};
 use crate::runtime::shutdown::Shutdown;
+
+/// On a replica's own Lease: the number of shards it splits graphs in.
+const SHARDS_ANNOTATION: &str = "pequod.io/shards";
 
 /// Most shards: each costs a Lease renewed every retry period.
 pub const MAX_SHARDS: u32 = 64;
@@ -124,6 +127,8 @@ impl Fence {
 pub struct Shards {
     count: u32,
     held: Vec<RwLock<bool>>,
+    /// Shards being handed over: no reconcile enters them while those inside finish.
+    closing: Vec<AtomicBool>,
     changed: watch::Sender<BTreeSet<u32>>,
     fence: Fence,
 }
@@ -133,6 +138,7 @@ impl Shards {
         Self {
             count,
             held: (0..count).map(|_| RwLock::new(false)).collect(),
+            closing: (0..count).map(|_| AtomicBool::new(false)).collect(),
             changed: watch::Sender::new(BTreeSet::new()),
             fence: Fence::new(renew_deadline),
         }
@@ -149,8 +155,16 @@ impl Shards {
     /// Enters the shard of `namespace/name`; None when this replica does not hold it. The
     /// shard is not handed over while the guard lives.
     pub async fn enter(&self, namespace: &str, name: &str) -> Option<RwLockReadGuard<'_, bool>> {
-        let guard = self.held.get(self.shard_of(namespace, name) as usize)?.read().await;
-        (*guard && self.fence.open()).then_some(guard)
+        let shard = self.shard_of(namespace, name) as usize;
+        let guard = self.held.get(shard)?.read().await;
+        let closing = self.closing.get(shard).is_some_and(|c| c.load(Ordering::Acquire));
+        (*guard && !closing && self.fence.open()).then_some(guard)
+    }
+
+    /// Whether this replica holds the shard of `namespace/name` but may not write for it: its
+    /// Leases went unrenewed for a renew deadline.
+    pub fn fenced(&self, namespace: &str, name: &str) -> bool {
+        self.holds(namespace, name) && !self.fence.open()
     }
 
     /// Whether this replica holds the shard of `namespace/name` now.
@@ -172,6 +186,35 @@ impl Shards {
             // Waits for the reconciles inside the shard to leave.
             *lock.write().await = held;
         }
+        self.reopen(shard);
+        self.publish(shard, held);
+    }
+
+    /// Starts handing `shard` over: true once no reconcile is inside it (it is no longer held
+    /// then); until then no new one enters.
+    fn try_release(&self, shard: u32) -> bool {
+        let (Some(lock), Some(closing)) = (self.held.get(shard as usize), self.closing.get(shard as usize)) else {
+            return true;
+        };
+        closing.store(true, Ordering::Release);
+        let Ok(mut held) = lock.try_write() else {
+            return false;
+        };
+        *held = false;
+        drop(held);
+        closing.store(false, Ordering::Release);
+        self.publish(shard, false);
+        true
+    }
+
+    /// Keeps a shard whose hand-over started (it falls to this replica again).
+    fn reopen(&self, shard: u32) {
+        if let Some(closing) = self.closing.get(shard as usize) {
+            closing.store(false, Ordering::Release);
+        }
+    }
+
+    fn publish(&self, shard: u32, held: bool) {
         self.changed.send_modify(|set| {
             if held {
                 set.insert(shard);
@@ -262,21 +305,26 @@ impl Keeper {
                 _ = tokio::time::sleep(self.config.timing.retry_period) => {}
             }
         }
-        for shard in self.renewed.keys().copied().collect::<Vec<_>>() {
-            self.release(shard).await;
-        }
+        // The others stop counting this replica first, so that none hands it a shard.
         let _ = self
             .config
             .api
             .delete(&self.replica_lease(), &DeleteParams::default())
             .await;
+        for shard in self.renewed.keys().copied().collect::<Vec<_>>() {
+            self.release(shard).await;
+        }
         Stopped::ShutDown
     }
 
     /// One look at the Leases: renews this replica's own, then moves each shard as [`plan`]
     /// says.
     async fn round(&mut self) -> Result<(), kube::Error> {
-        self.renew_replica().await?;
+        // Failing to renew its own Lease only makes this replica look gone to the others for a
+        // while; its shards are renewed all the same.
+        if let Err(e) = self.renew_replica().await {
+            tracing::warn!(error = %e, "shards: renewing this replica's lease failed");
+        }
         let leases = self.config.api.list(&ListParams::default()).await?;
         let now = Instant::now();
         let timing = self.config.timing;
@@ -286,6 +334,8 @@ impl Keeper {
         let mut by_shard = HashMap::new();
         let own = self.replica_lease();
         let mut gone = Vec::new();
+        // A live replica that splits graphs in another number of shards hashes them otherwise.
+        let mut counted_otherwise = None;
         for lease in leases.items {
             let name = lease.metadata.name.clone().unwrap_or_default();
             let shard = self.shard_named(&name);
@@ -305,6 +355,14 @@ impl Keeper {
                     by_shard.insert(shard, lease);
                 }
                 (None, Holder::Live(identity)) => {
+                    let theirs = lease
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(SHARDS_ANNOTATION));
+                    if theirs != Some(&self.shards.count.to_string()) {
+                        counted_otherwise = Some(identity.clone());
+                    }
                     live.insert(identity);
                 }
                 // A replica gone for good leaves its Lease behind.
@@ -312,7 +370,11 @@ impl Keeper {
             }
         }
         for lease in &gone {
-            self.forget_replica(lease).await;
+            if self.forget_replica(lease).await
+                && let Some(name) = &lease.metadata.name
+            {
+                self.observed.remove(name);
+            }
         }
         // A shard held whose Lease now names another replica (or none) was taken.
         let me = Holder::Live(self.config.identity.clone());
@@ -322,23 +384,39 @@ impl Keeper {
         }
         let moves = plan(self.shards.count, &holders, &live, &self.config.identity);
         let of = |wanted: Move| moves.iter().filter(move |(_, m)| **m == wanted).map(|(s, _)| *s);
-        // Renewals first: a hand-over below may wait long for reconciles to finish.
-        let mut renewed_all = true;
-        for shard in of(Move::Renew).chain(of(Move::Take)).collect::<Vec<_>>() {
-            let known = self.renewed.contains_key(&shard);
-            let wrote = self.write(shard, by_shard.remove(&shard), !known).await?;
-            renewed_all &= wrote || !known;
-            // A Lease this replica wrote in a round cut short is marked held now.
-            if wrote && !known {
-                tracing::info!(shard, "shards: took the shard");
-                self.shards.set(shard, true).await;
+        // A shard whose reconciles have not finished yet is renewed until they have: the
+        // hand-over never waits inside a round, which must renew in time.
+        let mut renew: Vec<u32> = of(Move::Renew).collect();
+        for shard in of(Move::Release).collect::<Vec<_>>() {
+            if self.shards.try_release(shard) {
+                self.free(shard).await;
+            } else {
+                renew.push(shard);
             }
+        }
+        let mut renewed_all = true;
+        for shard in renew {
+            if of(Move::Renew).any(|s| s == shard) {
+                self.shards.reopen(shard);
+            }
+            renewed_all &= self.write(shard, by_shard.remove(&shard), false).await?;
         }
         if renewed_all {
             self.shards.fence.renewed(now);
         }
-        for shard in of(Move::Release).collect::<Vec<_>>() {
-            self.release(shard).await;
+        if let Some(other) = counted_otherwise {
+            tracing::warn!(replica = %other, shards = self.shards.count, "shards: a live replica runs with another --shards; taking no shard until it is gone");
+            return Ok(());
+        }
+        for shard in of(Move::Take).collect::<Vec<_>>() {
+            match self.write(shard, by_shard.remove(&shard), true).await {
+                Ok(true) => {
+                    tracing::info!(shard, "shards: took the shard");
+                    self.shards.set(shard, true).await;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, shard, "shards: taking the shard failed"),
+            }
         }
         Ok(())
     }
@@ -355,7 +433,12 @@ impl Keeper {
         let name = self.replica_lease();
         let lease = self.config.api.get_opt(&name).await?;
         let exists = lease.is_some();
-        let lease = self.stamped(&name, lease, true);
+        let mut lease = self.stamped(&name, lease, true);
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(SHARDS_ANNOTATION.to_string(), self.shards.count.to_string());
         if exists {
             self.config.api.replace(&name, &PostParams::default(), &lease).await?;
         } else {
@@ -364,8 +447,9 @@ impl Keeper {
         Ok(())
     }
 
-    /// Deletes another replica's expired Lease, unless it changed since it was read.
-    async fn forget_replica(&self, lease: &Lease) {
+    /// Deletes another replica's expired Lease, unless it changed since it was read; true when
+    /// deleted.
+    async fn forget_replica(&self, lease: &Lease) -> bool {
         let name = lease.metadata.name.clone().unwrap_or_default();
         let params = DeleteParams {
             preconditions: Some(Preconditions {
@@ -374,9 +458,11 @@ impl Keeper {
             }),
             ..Default::default()
         };
-        if self.config.api.delete(&name, &params).await.is_ok() {
+        let deleted = self.config.api.delete(&name, &params).await.is_ok();
+        if deleted {
             tracing::info!(lease = %name, "shards: removed the lease of a replica gone");
         }
+        deleted
     }
 
     /// `lease` (or a new one) held by this replica and renewed now.
@@ -422,8 +508,18 @@ impl Keeper {
                 Ok(true)
             }
             Err(kube::Error::Api(s)) if s.code == 409 => {
+                // A write of this replica's that outlived a round cut short also conflicts:
+                // the shard is lost only if the Lease names another holder.
                 if self.renewed.contains_key(&shard) {
-                    self.lost = Some(shard);
+                    let holder = self
+                        .config
+                        .api
+                        .get_opt(&name)
+                        .await?
+                        .and_then(|l| l.spec?.holder_identity);
+                    if holder.as_deref() != Some(self.config.identity.as_str()) {
+                        self.lost = Some(shard);
+                    }
                 }
                 Ok(false)
             }
@@ -431,9 +527,14 @@ impl Keeper {
         }
     }
 
-    /// Hands a shard over: waits for its reconciles to leave, then frees its Lease.
+    /// Hands a shard over at shutdown: waits for its reconciles to leave, then frees its Lease.
     async fn release(&mut self, shard: u32) {
         self.shards.set(shard, false).await;
+        self.free(shard).await;
+    }
+
+    /// Frees the Lease of a shard no longer held.
+    async fn free(&mut self, shard: u32) {
         self.renewed.remove(&shard);
         let name = self.shard_lease(shard);
         let Ok(Some(mut lease)) = self.config.api.get_opt(&name).await else {
@@ -605,6 +706,38 @@ mod tests {
             counts[shard_of("team-a", &format!("web-{i}"), 4) as usize] += 1;
         }
         assert!(counts.iter().all(|c| (900..1100).contains(c)), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn a_shard_is_handed_over_only_once_the_reconciles_inside_it_have_left() {
+        let shards = Shards::new(1, Duration::from_secs(10));
+        shards.fence.renewed(Instant::now());
+        shards.set(0, true).await;
+        let inside = shards.enter("team-a", "web").await.expect("held");
+        assert!(!shards.try_release(0), "a reconcile is inside");
+        assert!(
+            shards.enter("team-a", "other").await.is_none(),
+            "no new one enters a closing shard"
+        );
+        assert!(shards.holds("team-a", "web"));
+        drop(inside);
+        assert!(shards.try_release(0));
+        assert!(!shards.holds("team-a", "web"));
+        assert!(shards.enter("team-a", "web").await.is_none());
+        // Taken again: open to reconciles.
+        shards.set(0, true).await;
+        assert!(shards.enter("team-a", "web").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_held_shard_behind_a_closed_fence_is_fenced_not_elsewhere() {
+        let shards = Shards::new(1, Duration::from_millis(20));
+        shards.fence.renewed(Instant::now());
+        shards.set(0, true).await;
+        assert!(!shards.fenced("team-a", "web"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(shards.enter("team-a", "web").await.is_none());
+        assert!(shards.fenced("team-a", "web"));
     }
 
     #[test]

@@ -139,6 +139,43 @@ async fn put_note_transform(env: &support::TestEnv, group: &str) {
     .await;
 }
 
+/// Applies Notes `n0` to `n<count-1>`.
+async fn apply_notes(notes: &Api<kube::api::DynamicObject>, api_version: &str, count: usize) {
+    for i in 0..count {
+        let obj = json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": format!("n{i}")}, "spec": {"text": format!("{i}")}});
+        notes
+            .patch(
+                &format!("n{i}"),
+                &PatchParams::apply(support::TEST_MANAGER),
+                &Patch::Apply(obj),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until `count` Notes report `Ready=True`.
+async fn wait_notes_ready(notes: &Api<kube::api::DynamicObject>, count: usize, what: &str) {
+    support::wait_for(what, WAIT, || async {
+        let list = notes.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|o| {
+                o.data["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            })
+            .count();
+        if ready == count {
+            Ok(())
+        } else {
+            Err(format!("{ready} of {count} Ready"))
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn killed_operator_converges_on_instances_after_restart() {
     let _serial = SERIAL.lock().await;
@@ -152,17 +189,7 @@ async fn killed_operator_converges_on_instances_after_restart() {
     let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
     support::wait_transform_ready(&transforms, "note").await;
     let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
-    for i in 0..NOTES {
-        let obj = json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": format!("n{i}")}, "spec": {"text": format!("{i}")}});
-        notes
-            .patch(
-                &format!("n{i}"),
-                &PatchParams::apply(support::TEST_MANAGER),
-                &Patch::Apply(obj),
-            )
-            .await
-            .unwrap();
-    }
+    apply_notes(&notes, &api_version, NOTES).await;
     // Killed once some graphs exist, before all instances are done.
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
     support::wait_for("the first graphs", WAIT, || async {
@@ -178,24 +205,7 @@ async fn killed_operator_converges_on_instances_after_restart() {
     first.kill();
 
     let _second = start(&env.kubeconfig);
-    support::wait_for("every instance Ready after the restart", WAIT, || async {
-        let list = notes.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|o| {
-                o.data["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-            })
-            .count();
-        if ready == NOTES {
-            Ok(())
-        } else {
-            Err(format!("{ready} of {NOTES} Ready"))
-        }
-    })
-    .await;
+    wait_notes_ready(&notes, NOTES, "every instance Ready after the restart").await;
     let labelled = ListParams::default().labels("pequod.io/instance-kind=Note");
     assert_eq!(graphs.list(&labelled).await.unwrap().items.len(), NOTES);
     let objects = ListParams::default().labels("app.kubernetes.io/managed-by=pequod");

@@ -253,35 +253,8 @@ async fn instances_render_on_the_leader_and_their_graphs_apply_and_go_on_every_r
     support::wait_transform_ready(&transforms, "note").await;
     let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
     const NOTES: usize = 12;
-    for i in 0..NOTES {
-        let obj = json!({"apiVersion": api_version, "kind": "Note", "metadata": {"name": format!("n{i}")}, "spec": {"text": format!("{i}")}});
-        notes
-            .patch(
-                &format!("n{i}"),
-                &PatchParams::apply(support::TEST_MANAGER),
-                &Patch::Apply(obj),
-            )
-            .await
-            .unwrap();
-    }
-    support::wait_for("every note Ready", WAIT, || async {
-        let list = notes.list(&Default::default()).await.map_err(|e| e.to_string())?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|o| {
-                o.data["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-            })
-            .count();
-        if ready == NOTES {
-            Ok(())
-        } else {
-            Err(format!("{ready} of {NOTES} Ready"))
-        }
-    })
-    .await;
+    super::apply_notes(&notes, &api_version, NOTES).await;
+    super::wait_notes_ready(&notes, NOTES, "every note Ready").await;
     // Instances render on the leader only; graphs apply where their shard is held.
     let reconciles = |controller: &'static str| {
         move |operator: &OperatorProcess| {

@@ -313,10 +313,15 @@ async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, 
     // A graph of a shard held elsewhere is that replica's; its shard is not handed over while
     // this pass runs.
     let _held = match &ctx.shards {
-        Some(shards) => match shards.enter(&rg.namespace().unwrap_or_default(), &rg.name_any()).await {
-            Some(held) => Some(held),
-            None => return Ok(Action::await_change()),
-        },
+        Some(shards) => {
+            let (namespace, name) = (rg.namespace().unwrap_or_default(), rg.name_any());
+            match shards.enter(&namespace, &name).await {
+                Some(held) => Some(held),
+                // Held but fenced: retried, so that its requeues survive a late renewal.
+                None if shards.fenced(&namespace, &name) => return Err(Error::ShardLost),
+                None => return Ok(Action::await_change()),
+            }
+        }
         None => None,
     };
     super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*rg), || async {
