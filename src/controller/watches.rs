@@ -11,7 +11,7 @@
 //! objects it does not find (see [`live_object`]).
 
 use crate::api::names::{GRAPH_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -239,12 +239,20 @@ pub struct GraphScope {
 }
 
 impl GraphScope {
+    fn shard(&self, graph: &ResourceGraph) -> u32 {
+        self.shards
+            .shard_of(&graph.namespace().unwrap_or_default(), &graph.name_any())
+    }
+
+    /// Whether `graph` was queued by the last completed list, under the same take of its shard.
+    fn queued_by(&self, graph: &ResourceGraph, listed: &BTreeMap<u32, u64>, held: &BTreeMap<u32, u64>) -> bool {
+        let shard = self.shard(graph);
+        listed.get(&shard).is_some() && listed.get(&shard) == held.get(&shard)
+    }
+
     /// Whether `graph` is cached here, and whether it is reconciled here.
-    fn keeps(&self, graph: &ResourceGraph, held: &BTreeSet<u32>) -> (bool, bool) {
-        let shard = self
-            .shards
-            .shard_of(&graph.namespace().unwrap_or_default(), &graph.name_any());
-        let reconciled = held.contains(&shard);
+    fn keeps(&self, graph: &ResourceGraph, held: &BTreeMap<u32, u64>) -> (bool, bool) {
+        let reconciled = held.contains_key(&self.shard(graph));
         (reconciled || *self.leading.borrow(), reconciled)
     }
 }
@@ -271,7 +279,7 @@ impl GraphCache {
         let watch = GraphWatch {
             api: Api::<ResourceGraph>::all(client),
             store: writer.as_reader(),
-            listed_with: BTreeSet::new(),
+            listed_with: BTreeMap::new(),
             listed: Vec::new(),
             writer,
             subscribers,
@@ -338,7 +346,7 @@ struct GraphWatch {
     /// What the writer last published: during a list it still holds the graphs listed before.
     store: Store<ResourceGraph>,
     /// The shards held when a list last completed: their graphs were queued then.
-    listed_with: BTreeSet<u32>,
+    listed_with: BTreeMap<u32, u64>,
     /// Graphs a list in progress brought that are to be queued, and whose instances are to be
     /// woken, once the list completes: readers find them in the store only then.
     listed: Vec<(ObjectRef<ResourceGraph>, bool)>,
@@ -352,7 +360,11 @@ impl GraphWatch {
         let mut held = scope.as_ref().map(|s| s.shards.subscribe());
         let mut leading = scope.as_ref().map(|s| s.leading.clone());
         loop {
-            let now_held = held.as_mut().map(|h| h.borrow_and_update().clone()).unwrap_or_default();
+            if let Some(held) = held.as_mut() {
+                held.mark_unchanged();
+            }
+            // With how many times each was taken, read as the list starts.
+            let now_held = scope.as_ref().map(|s| s.shards.held_takes()).unwrap_or_default();
             if let Some(leading) = leading.as_mut() {
                 leading.mark_unchanged();
             }
@@ -388,7 +400,7 @@ impl GraphWatch {
         &mut self,
         event: Result<watcher::Event<ResourceGraph>, watcher::Error>,
         scope: Option<&GraphScope>,
-        held: &BTreeSet<u32>,
+        held: &BTreeMap<u32, u64>,
     ) {
         let keeps = |g: &ResourceGraph, held| scope.map_or((true, true), |s| s.keeps(g, held));
         let event = match event {
@@ -403,8 +415,9 @@ impl GraphWatch {
                 }
                 // A list again (the shards held changed, or the watch fell behind) brings every
                 // graph: one this process already had, unchanged, wakes nobody, and is queued only
-                // if its shard was not held when the last list completed (a list cut short by
-                // another change of the shards queued only part of them).
+                // if the last completed list did not queue it under the same take of its shard (a
+                // list cut short queued only part of them; a shard taken again may have had its
+                // graphs' retries with another replica since).
                 let listing = matches!(event, watcher::Event::InitApply(_));
                 let relisted = listing
                     && self
@@ -413,7 +426,8 @@ impl GraphWatch {
                         .is_some_and(|had| had.metadata.resource_version == graph.metadata.resource_version);
                 self.writer.apply_watcher_event(&event);
                 caught_up(&self.written, graph);
-                let queue = reconciled && !(relisted && keeps(graph, &self.listed_with).1);
+                let queued_before = scope.is_none_or(|s| s.queued_by(graph, &self.listed_with, held));
+                let queue = reconciled && !(relisted && queued_before);
                 if listing {
                     if queue || !relisted {
                         self.listed.push((ObjectRef::from_obj(graph), queue));

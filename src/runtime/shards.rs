@@ -129,6 +129,9 @@ pub struct Shards {
     held: Vec<RwLock<bool>>,
     /// Shards being handed over: no reconcile enters them while those inside finish.
     closing: Vec<AtomicBool>,
+    /// How many times each shard was taken: a graph queued under an earlier take may have
+    /// had its retries with another replica since.
+    takes: Vec<AtomicU64>,
     changed: watch::Sender<BTreeSet<u32>>,
     fence: Fence,
 }
@@ -139,6 +142,7 @@ impl Shards {
             count,
             held: (0..count).map(|_| RwLock::new(false)).collect(),
             closing: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            takes: (0..count).map(|_| AtomicU64::new(0)).collect(),
             changed: watch::Sender::new(BTreeSet::new()),
             fence: Fence::new(renew_deadline),
         }
@@ -187,7 +191,18 @@ impl Shards {
             *lock.write().await = held;
         }
         self.reopen(shard);
+        if held && let Some(takes) = self.takes.get(shard as usize) {
+            takes.fetch_add(1, Ordering::AcqRel);
+        }
         self.publish(shard, held);
+    }
+
+    /// The shards held now, each with how many times it was taken.
+    pub fn held_takes(&self) -> BTreeMap<u32, u64> {
+        let held = self.changed.borrow().clone();
+        held.into_iter()
+            .map(|s| (s, self.takes.get(s as usize).map_or(0, |t| t.load(Ordering::Acquire))))
+            .collect()
     }
 
     /// Starts handing `shard` over: true once no reconcile is inside it (it is no longer held
