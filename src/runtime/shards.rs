@@ -335,19 +335,23 @@ impl Keeper {
     /// One look at the Leases: renews this replica's own, then moves each shard as [`plan`]
     /// says.
     async fn round(&mut self) -> Result<(), kube::Error> {
+        let leases = self.config.api.list(&ListParams::default()).await?;
+        let own = self.replica_lease();
         // Failing to renew its own Lease only makes this replica look gone to the others for a
         // while; its shards are renewed all the same.
-        if let Err(e) = self.renew_replica().await {
+        let listed_own = leases
+            .items
+            .iter()
+            .find(|l| l.metadata.name.as_deref() == Some(own.as_str()));
+        if let Err(e) = self.renew_replica(listed_own.cloned()).await {
             tracing::warn!(error = %e, "shards: renewing this replica's lease failed");
         }
-        let leases = self.config.api.list(&ListParams::default()).await?;
         let now = Instant::now();
         let timing = self.config.timing;
         let replica_prefix = format!("{}-replica-", self.config.prefix);
         let mut live = BTreeSet::from([self.config.identity.clone()]);
         let mut holders = BTreeMap::new();
         let mut by_shard = HashMap::new();
-        let own = self.replica_lease();
         let mut gone = Vec::new();
         // A live replica that splits graphs in another number of shards hashes them otherwise.
         let mut counted_otherwise = None;
@@ -404,7 +408,7 @@ impl Keeper {
         let mut renew: Vec<u32> = of(Move::Renew).collect();
         for shard in of(Move::Release).collect::<Vec<_>>() {
             if self.shards.try_release(shard) {
-                self.free(shard).await;
+                self.free(shard, by_shard.remove(&shard)).await;
             } else {
                 renew.push(shard);
             }
@@ -444,9 +448,9 @@ impl Keeper {
         (shard < self.shards.count).then_some(shard)
     }
 
-    async fn renew_replica(&mut self) -> Result<(), kube::Error> {
+    /// Renews this replica's own Lease, as listed (None: absent).
+    async fn renew_replica(&mut self, lease: Option<Lease>) -> Result<(), kube::Error> {
         let name = self.replica_lease();
-        let lease = self.config.api.get_opt(&name).await?;
         let exists = lease.is_some();
         let mut lease = self.stamped(&name, lease, true);
         lease
@@ -545,14 +549,19 @@ impl Keeper {
     /// Hands a shard over at shutdown: waits for its reconciles to leave, then frees its Lease.
     async fn release(&mut self, shard: u32) {
         self.shards.set(shard, false).await;
-        self.free(shard).await;
+        self.free(shard, None).await;
     }
 
     /// Frees the Lease of a shard no longer held.
-    async fn free(&mut self, shard: u32) {
+    /// `listed`: the Lease as this round read it; None reads it.
+    async fn free(&mut self, shard: u32, listed: Option<Lease>) {
         self.renewed.remove(&shard);
         let name = self.shard_lease(shard);
-        let Ok(Some(mut lease)) = self.config.api.get_opt(&name).await else {
+        let lease = match listed {
+            Some(lease) => Some(lease),
+            None => self.config.api.get_opt(&name).await.ok().flatten(),
+        };
+        let Some(mut lease) = lease else {
             return;
         };
         let Some(spec) = lease.spec.as_mut() else {

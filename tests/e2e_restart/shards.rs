@@ -51,6 +51,19 @@ async fn shares_of(leases: &Api<Lease>, replicas: usize) -> Result<BTreeMap<Stri
     }
 }
 
+/// Waits until `replicas` replicas hold every shard, as many each.
+async fn even_shares(leases: &Api<Lease>, replicas: usize, what: &str) -> BTreeMap<String, usize> {
+    support::wait_for(what, WAIT, || async {
+        let shares = shares_of(leases, replicas).await?;
+        if shares.values().all(|n| *n == SHARDS as usize / replicas) {
+            Ok(shares)
+        } else {
+            Err(format!("{shares:?}"))
+        }
+    })
+    .await
+}
+
 /// The identity of `operator` among lease holders: `<host>_<pid in hex><8 hex digits>`.
 fn identity_of<'a>(operator: &OperatorProcess, holders: impl IntoIterator<Item = &'a String>) -> String {
     let pid = format!("_{:x}", operator.pid());
@@ -116,15 +129,7 @@ async fn replicas_share_the_graphs_and_take_over_the_shards_of_one_that_dies_or_
     let first = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
     let second = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
     let mut third = OperatorProcess::start(&via_proxy, &cue, &flags);
-    let shares = support::wait_for("three replicas to hold two shards each", WAIT, || async {
-        let shares = shares_of(&leases, 3).await?;
-        if shares.values().all(|n| *n == 2) {
-            Ok(shares)
-        } else {
-            Err(format!("{shares:?}"))
-        }
-    })
-    .await;
+    let shares = even_shares(&leases, 3, "three replicas to hold two shards each").await;
     let (first_id, third_id) = (identity_of(&first, shares.keys()), identity_of(&third, shares.keys()));
 
     let mark = support::control_plane::audit_mark();
@@ -143,15 +148,7 @@ async fn replicas_share_the_graphs_and_take_over_the_shards_of_one_that_dies_or_
     let killed = Instant::now();
     first.kill();
     apply_all(&graphs, 2).await;
-    let shares = support::wait_for("the two left to take the dead replica's shards", WAIT, || async {
-        let shares = shares_of(&leases, 2).await?;
-        if shares.values().all(|n| *n == 3) {
-            Ok(shares)
-        } else {
-            Err(format!("{shares:?}"))
-        }
-    })
-    .await;
+    let shares = even_shares(&leases, 2, "the two left to take the dead replica's shards").await;
     let takeover = killed.elapsed();
     assert!(!shares.contains_key(&first_id));
     assert!(
