@@ -210,6 +210,21 @@ fn shown(value: &str) -> String {
     }
 }
 
+/// `text` in at most `max` bytes, cut on a character boundary and ending in `…` when cut.
+pub fn truncated(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = max.saturating_sub(ELLIPSIS.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(ELLIPSIS);
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@ use crate::apply::Applier;
 use crate::authority::{GraphAccounts, TrustedNamespaces};
 use crate::cli::RunArgs;
 use crate::controller::instance::{self, Supervisor};
+use crate::controller::serving::{Followers, Publisher};
 use crate::controller::watches::{GraphCache, GraphScope, ObjectWatches};
 use crate::controller::{resourcegraph, transform};
 use crate::conversion::certificate::{self, CertResolver, CertificateStore};
@@ -82,27 +83,31 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         webhook: webhook.clone(),
     };
     let mut keeper = None;
-    // Kept until the controllers stop: the graph cache lists again when it changes.
-    let mut leading_flag = None;
     if args.shards > 1 {
-        // Every replica works on the graphs of its shards; the leader also serves the kinds.
+        // Every replica serves the instances and graphs of its shards; the leader also runs
+        // the Transforms and the rollouts, and publishes how each kind is served.
         let Some(key) = graph_key(&client, &own_namespace(), &health, &shutdown).await else {
             return join_all(tasks).await;
         };
         let w = wiring(key);
         let (shards, kept) = keep_shards(&args, &client, &identity, timing, controllers_done.clone());
         keeper = Some(kept);
-        let (leading, scope) = tokio::sync::watch::channel(false);
-        let graph_side = start_graph_side(&w, Some((shards, scope)), &mut tasks);
+        let graph_side = start_graph_side(&w, Some(shards.clone()), &mut tasks);
+        let instances = instance_side(&w, graph_side, Some(shards.clone()));
+        follow_published(&w, &instances, shards, &mut tasks);
         match acquire_leadership(&args, &client, &identity, timing, &shutdown).await {
             Leadership::Leader(elector) => hold_leadership(*elector, controllers_done.clone()),
             Leadership::Unelected | Leadership::ShutDown => {}
         }
         if !shutdown.is_triggered() {
-            leading.send_replace(true);
-            start_transform_side(&w, graph_side, &mut tasks);
+            let publisher = Arc::new(Publisher::new(client.clone(), own_namespace(), w.key.clone()));
+            let guarded = publisher.clone().guard(shutdown.clone());
+            tasks.spawn(async move {
+                guarded.await;
+                Ok(())
+            });
+            start_transform_side(&w, instances, Some(publisher), &mut tasks);
         }
-        leading_flag = Some(leading);
     } else {
         match acquire_leadership(&args, &client, &identity, timing, &shutdown).await {
             Leadership::Unelected => {}
@@ -116,7 +121,8 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
         };
         let w = wiring(key);
         let graph_side = start_graph_side(&w, None, &mut tasks);
-        start_transform_side(&w, graph_side, &mut tasks);
+        let instances = instance_side(&w, graph_side, None);
+        start_transform_side(&w, instances, None, &mut tasks);
     }
 
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "pequod started");
@@ -129,7 +135,6 @@ pub async fn run(args: RunArgs) -> Result<(), StartupError> {
     if let Some(keeper) = keeper {
         let _ = tokio::time::timeout(SHARD_RELEASE_WAIT, keeper).await;
     }
-    drop(leading_flag);
     result
 }
 
@@ -137,9 +142,6 @@ type Tasks = JoinSet<Result<(), StartupError>>;
 /// The graphs whose applied objects changed, from the shared watches.
 type GraphTriggers =
     tokio::sync::mpsc::UnboundedReceiver<kube::runtime::reflector::ObjectRef<crate::api::ResourceGraph>>;
-
-/// Whether this replica leads, for the graph cache of a replica that shares graphs.
-type LeadingFlag = tokio::sync::watch::Receiver<bool>;
 
 /// The graphs the graph cache lists or sees change.
 type GraphEvents = tokio::sync::mpsc::UnboundedReceiver<Arc<crate::api::ResourceGraph>>;
@@ -374,9 +376,9 @@ struct GraphSide {
 
 /// Starts the ResourceGraph controller: of every graph, or of the graphs in the shards this
 /// replica holds.
-fn start_graph_side(w: &Wiring<'_>, sharing: Option<(Arc<Shards>, LeadingFlag)>, tasks: &mut Tasks) -> GraphSide {
+fn start_graph_side(w: &Wiring<'_>, sharing: Option<Arc<Shards>>, tasks: &mut Tasks) -> GraphSide {
     let (watches, triggers) = ObjectWatches::new(w.client.clone(), w.shutdown.clone());
-    let scope = sharing.map(|(shards, leading)| GraphScope { shards, leading });
+    let scope = sharing.map(|shards| GraphScope { shards });
     let (graph_cache, graph_events) = GraphCache::start(w.client.clone(), w.shutdown.clone(), scope.clone());
     let recorder = event_recorder(&w.client);
     let applier = Applier::new(w.client.clone(), w.metrics.clone()).with_impersonation(w.config.clone());
@@ -411,49 +413,85 @@ fn start_graph_side(w: &Wiring<'_>, sharing: Option<(Arc<Shards>, LeadingFlag)>,
     }
 }
 
-/// Starts the Transform controller, which serves each kind's instances through the
-/// supervisor, sharing the graph side's applier, caches and watches.
-fn start_transform_side(w: &Wiring<'_>, graph_side: GraphSide, tasks: &mut Tasks) {
+/// What the instances' controllers share, with the graph side's applier, caches and watches;
+/// with `shards`, of the instances of the shards held.
+fn instance_side(w: &Wiring<'_>, graph_side: GraphSide, shards: Option<Arc<Shards>>) -> Arc<instance::Shared> {
     let GraphSide {
         watches,
         graph_cache,
         applier,
         recorder,
     } = graph_side;
+    let shared = instance::Shared::new(
+        w.client.clone(),
+        w.renderer.clone(),
+        applier,
+        w.key.clone(),
+        recorder,
+        w.metrics.clone(),
+        graph_cache,
+    )
+    .with_object_watches(watches);
+    Arc::new(match shards {
+        Some(shards) => shared.sharing(shards),
+        None => shared,
+    })
+}
+
+/// Serves, on every replica sharing the instances, the kinds the leader publishes.
+fn follow_published(w: &Wiring<'_>, instances: &Arc<instance::Shared>, shards: Arc<Shards>, tasks: &mut Tasks) {
+    let followers = Followers {
+        client: w.client.clone(),
+        namespace: own_namespace(),
+        key: w.key.clone(),
+        renderer: w.renderer.clone(),
+        supervisor: Supervisor::new(instances.clone(), w.shutdown.clone()),
+        shards,
+    };
+    let shutdown = w.shutdown.clone();
+    tasks.spawn(async move {
+        followers.run(shutdown).await;
+        Ok(())
+    });
+}
+
+/// Starts the Transform controller, which serves each kind through the supervisor: its
+/// instances and rollout, or (with a `publisher`, when replicas share the instances) its
+/// rollout alone, published for the replicas.
+fn start_transform_side(
+    w: &Wiring<'_>,
+    instances: Arc<instance::Shared>,
+    publisher: Option<Arc<Publisher>>,
+    tasks: &mut Tasks,
+) {
+    let recorder = instances.recorder.clone();
+    let supervisor = Supervisor::new(instances, w.shutdown.clone());
+    let (supervisor, publishing) = match publisher {
+        Some(publisher) => (supervisor.publishing(publisher), true),
+        None => (supervisor, false),
+    };
     let renderer = w.renderer.clone();
-    let supervisor = Supervisor::new(
-        Arc::new(
-            instance::Shared::new(
-                w.client.clone(),
-                renderer.clone(),
-                applier,
-                w.key.clone(),
-                recorder.clone(),
-                w.metrics.clone(),
-                graph_cache,
-            )
-            .with_object_watches(watches),
-        ),
-        w.shutdown.clone(),
-    );
-    let transforms = Arc::new(
-        transform::Context::new(
-            w.client.clone(),
-            w.fetcher.clone(),
-            renderer,
-            recorder,
-            w.metrics.clone(),
-            supervisor,
-            w.key.clone(),
-        )
-        .trusting(trusted_namespaces(w.args))
-        .with_rbac_mode(if w.args.generate_rbac {
-            RbacMode::Generate
-        } else {
-            RbacMode::External
-        })
-        .with_conversion_webhook(w.webhook.clone()),
-    );
+    let transforms = transform::Context::new(
+        w.client.clone(),
+        w.fetcher.clone(),
+        renderer,
+        recorder,
+        w.metrics.clone(),
+        supervisor,
+        w.key.clone(),
+    )
+    .trusting(trusted_namespaces(w.args))
+    .with_rbac_mode(if w.args.generate_rbac {
+        RbacMode::Generate
+    } else {
+        RbacMode::External
+    })
+    .with_conversion_webhook(w.webhook.clone());
+    let transforms = Arc::new(if publishing {
+        transforms.publishing_modules()
+    } else {
+        transforms
+    });
     let (h, s, n) = (w.health.clone(), w.shutdown.clone(), w.args.max_concurrent_reconciles);
     tasks.spawn(async move {
         transform::run(transforms, n, h, s).await;

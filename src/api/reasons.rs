@@ -42,6 +42,8 @@ pub const HEALTH_GATE_FAILED: &str = "HealthGateFailed";
 pub const INVALID_ROLLOUT: &str = "InvalidRollout";
 pub const ROLLOUT_STARTED: &str = "RolloutStarted";
 pub const BATCH_STARTED: &str = "BatchStarted";
+/// The leader could not publish how a kind is served for the replicas (`--shards`).
+pub const SERVING_NOT_PUBLISHED: &str = "ServingNotPublished";
 
 // Instances.
 pub const RENDERED: &str = "Rendered";

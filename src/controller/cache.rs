@@ -4,7 +4,8 @@
 //! | Cache | Holds |
 //! |---|---|
 //! | Transforms | whole, without `managedFields` |
-//! | a generated kind's instances | whole, without `managedFields` |
+//! | a generated kind's instances | whole, without `managedFields` (with `--shards`, those of the shards held) |
+//! | a generated kind's instances, for its rollout on a sharded leader | name, labels, the pin annotation, `status.moduleDigest` and `status.phase` |
 //! | ResourceGraphs (the graph controller's, also read by the instance controllers) | whole, without `managedFields` |
 //! | objects graphs applied, one per kind (see [`super::watches`]) | objects labelled by Pequod whose graph exists; of `managedFields` only each entry's manager and operation, and the field set of `Apply` entries as one JSON text |
 //!
@@ -22,6 +23,31 @@ use kube::api::DynamicObject;
 /// Drops `metadata.managedFields`: for objects whose field ownership no decision reads.
 pub fn without_managed_fields<K: Resource>(obj: &mut K) {
     obj.meta_mut().managed_fields = None;
+}
+
+/// Keeps of an instance what a rollout reads of every instance of its kind ([`super::rollout_driver::member`]):
+/// the leader of replicas sharing the instances holds all of them, and nothing else of them.
+pub fn rollout_projection(obj: &mut DynamicObject) {
+    let meta = &mut obj.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.annotations = meta.annotations.take().and_then(|annotations| {
+        let kept: std::collections::BTreeMap<String, String> = annotations
+            .into_iter()
+            .filter(|(k, _)| k == crate::api::names::PIN_ANNOTATION)
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    });
+    let status = obj.data.get("status");
+    let field = |name: &str| status.and_then(|s| s.get(name)).cloned();
+    let mut kept = serde_json::Map::new();
+    for name in ["moduleDigest", "phase"] {
+        if let Some(value) = field(name) {
+            kept.insert(name.to_string(), value);
+        }
+    }
+    obj.data = serde_json::json!({ "status": kept });
 }
 
 /// Keeps of an applied object's `managedFields` what the executor reads: each entry's manager
@@ -43,6 +69,7 @@ pub fn trim_applied(obj: &mut DynamicObject) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::ResourceExt;
     use serde_json::json;
 
     fn object() -> DynamicObject {
@@ -94,5 +121,26 @@ mod tests {
         without_managed_fields(&mut obj);
         assert!(obj.metadata.managed_fields.is_none());
         assert_eq!(obj.data["data"]["a"], "1");
+    }
+
+    #[test]
+    fn a_rollout_keeps_of_an_instance_what_it_reads() {
+        let mut obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps.example.com/v1", "kind": "WebService",
+            "metadata": {"name": "a", "namespace": "team", "labels": {"tier": "gold"},
+                "annotations": {"pequod.io/pinned-module-digest": "sha256:aa", "big": "x"}},
+            "spec": {"image": "nginx"},
+            "status": {"moduleDigest": "sha256:bb", "phase": "Ready", "conditions": []}
+        }))
+        .unwrap();
+        let before = crate::controller::rollout_driver::member(&obj);
+        rollout_projection(&mut obj);
+        let after = crate::controller::rollout_driver::member(&obj);
+        assert_eq!(format!("{before:?}"), format!("{after:?}"));
+        assert_eq!(
+            obj.data,
+            serde_json::json!({"status": {"moduleDigest": "sha256:bb", "phase": "Ready"}})
+        );
+        assert_eq!(obj.annotations().len(), 1);
     }
 }

@@ -7,6 +7,7 @@ pub mod harness;
 pub mod instance;
 pub mod resourcegraph;
 pub mod rollout_driver;
+pub mod serving;
 pub mod transform;
 pub mod watches;
 

@@ -20,6 +20,7 @@ use tracing::Instrument;
 use super::fleet_plan::{Tools, instance_key, plan_instances};
 use super::harness::Error;
 use super::harness::status::{StatusMemory, StatusWriter};
+use super::serving::{Publisher, Serving};
 use super::watches::ObjectWatches;
 use crate::api::condition_types::ROLLED_OUT;
 use crate::api::names::{APPROVAL_ANNOTATION, PIN_ANNOTATION, ROLLOUT_STATUS_MANAGER};
@@ -28,7 +29,7 @@ use crate::apply::Applier;
 use crate::cue::{Module, Renderer};
 use crate::executor::proof::Allowance;
 use crate::metrics::Metrics;
-use crate::rollout::{self, Affected, Gate, InstanceKey, Member, Memory, Policy, Selection, Step};
+use crate::rollout::{self, Gate, InstanceKey, Member, Memory, Policy, Selection, Step};
 
 /// How long the driver lets instance changes gather before it looks, while a rollout moves.
 const SETTLE: Duration = Duration::from_millis(300);
@@ -92,6 +93,9 @@ pub struct Driver {
     pub nudge_all: mpsc::UnboundedSender<()>,
     /// The rollout's part of the Transform's status as this driver last wrote it.
     pub written: StatusMemory<TransformStatus>,
+    /// Publishes the selection for the replicas that serve the instances (`--shards`); the
+    /// store then holds only what [`member`] reads, and plans list the instances.
+    pub publisher: Option<Arc<Publisher>>,
 }
 
 /// The rollout the driver is running.
@@ -182,11 +186,26 @@ impl Driver {
                 t.pending.clone()
             },
         });
+        // The replicas serving the instances keep the last selection published until this one is.
+        let published = self.publish(&order).await;
+        if let Err(e) = &published {
+            tracing::warn!(error = %e, kind = %self.resource.kind, "publishing the selection failed");
+            let note = format!("the replicas serving the instances keep the selection published before: {e}");
+            self.event(
+                &order.transform,
+                EventType::Warning,
+                reasons::SERVING_NOT_PUBLISHED,
+                note,
+            );
+        }
         if let Err(e) = self.report(&order, t, &step).await {
             tracing::warn!(error = %e, kind = %self.resource.kind, "writing the rollout status failed");
             return PLAN_RETRY;
         }
-        step.recheck.unwrap_or(RESYNC)
+        match published {
+            Ok(()) => step.recheck.unwrap_or(RESYNC),
+            Err(_) => PLAN_RETRY,
+        }
     }
 
     /// Starts the rollout to the order's target: where the instances come from, and the plan.
@@ -277,11 +296,16 @@ impl Driver {
             watches: self.watches.as_deref(),
         };
         let cluster_scoped = order.allowance == Allowance::Cluster;
+        // The store holds only the rollout's fields: the plan reads the instances whole.
+        let listed = match &self.publisher {
+            Some(_) => Some(self.list_instances().await?),
+            None => None,
+        };
         let plans = plan_instances(
             &tools,
             &self.resource,
             self.namespace.as_deref(),
-            instances,
+            listed.as_deref().unwrap_or(instances),
             target,
             cluster_scoped,
         )
@@ -309,6 +333,24 @@ impl Driver {
         Ok((summary, pending))
     }
 
+    /// Every instance of the kind, whole, a page at a time.
+    async fn list_instances(&self) -> Result<Vec<Arc<DynamicObject>>, kube::Error> {
+        let api: Api<DynamicObject> = match &self.namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &self.resource),
+            None => Api::all_with(self.client.clone(), &self.resource),
+        };
+        let mut params = kube::api::ListParams::default().limit(500);
+        let mut all = Vec::new();
+        loop {
+            let page = api.list(&params).await?;
+            all.extend(page.items.into_iter().map(Arc::new));
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(all),
+            }
+        }
+    }
+
     /// The event that tells a rollout started, with what its plan changes.
     fn announce(&self, order: &RolloutOrder, summary: &PlanSummary) {
         let message = format!(
@@ -331,18 +373,27 @@ impl Driver {
             std::mem::replace(&mut *cell, Arc::new(selection))
         };
         let new = self.selection.read().unwrap_or_else(|p| p.into_inner()).clone();
-        match rollout::affected(&old, &new) {
-            Affected::None => {}
-            Affected::All => {
-                let _ = self.nudge_all.send(());
-            }
-            Affected::Some(keys) => {
-                for key in keys {
-                    let reference = ObjectRef::new_with(&key.name, self.resource.clone()).within(&key.namespace);
-                    let _ = self.nudge.send(reference);
-                }
-            }
-        }
+        super::instance::nudge_affected(&old, &new, &self.resource, (&self.nudge, &self.nudge_all));
+    }
+
+    /// Publishes the kind's selection and grants for the replicas serving its instances.
+    async fn publish(&self, order: &RolloutOrder) -> Result<(), super::serving::ServingError> {
+        let Some(publisher) = &self.publisher else {
+            return Ok(());
+        };
+        let selection = self.selection.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let transform = crate::api::NamespacedName {
+            namespace: order.transform.namespace().unwrap_or_default(),
+            name: order.transform.name_any(),
+        };
+        let serving = Serving::of(
+            (&transform, &order.transform.uid().unwrap_or_default()),
+            &self.resource,
+            self.namespace.as_deref(),
+            (order.allowance, &order.served),
+            &selection,
+        );
+        publisher.publish(&serving).await
     }
 
     /// Writes the rollout's part of the Transform's status when it changed, with its events

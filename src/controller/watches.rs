@@ -21,7 +21,7 @@ use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::api::ResourceGraph;
 use crate::apply::{Applier, ApplyError, Resolved};
@@ -230,12 +230,11 @@ pub struct GraphCache {
 /// Graphs as this process last wrote them, until the watch has seen that version.
 type Written = Arc<Mutex<HashMap<ObjectRef<ResourceGraph>, Arc<ResourceGraph>>>>;
 
-/// Which graphs a replica caches and reconciles when graphs are shared in shards.
+/// Which graphs a replica caches and reconciles when graphs are shared in shards: those of
+/// the shards it holds (an instance is in the shard of its graph, so its replica has it).
 #[derive(Clone)]
 pub struct GraphScope {
     pub shards: Arc<Shards>,
-    /// Whether this replica leads: its instances read every graph, so it caches them all.
-    pub leading: watch::Receiver<bool>,
 }
 
 impl GraphScope {
@@ -250,10 +249,9 @@ impl GraphScope {
         listed.get(&shard).is_some() && listed.get(&shard) == held.get(&shard)
     }
 
-    /// Whether `graph` is cached here, and whether it is reconciled here.
-    fn keeps(&self, graph: &ResourceGraph, held: &BTreeMap<u32, u64>) -> (bool, bool) {
-        let reconciled = held.contains_key(&self.shard(graph));
-        (reconciled || *self.leading.borrow(), reconciled)
+    /// Whether `graph` is cached and reconciled here.
+    fn keeps(&self, graph: &ResourceGraph, held: &BTreeMap<u32, u64>) -> bool {
+        held.contains_key(&self.shard(graph))
     }
 }
 
@@ -358,27 +356,22 @@ struct GraphWatch {
 impl GraphWatch {
     async fn run(mut self, scope: Option<GraphScope>, shutdown: Shutdown) {
         let mut held = scope.as_ref().map(|s| s.shards.subscribe());
-        let mut leading = scope.as_ref().map(|s| s.leading.clone());
         loop {
             if let Some(held) = held.as_mut() {
                 held.mark_unchanged();
             }
             // With how many times each was taken, read as the list starts.
             let now_held = scope.as_ref().map(|s| s.shards.held_takes()).unwrap_or_default();
-            if let Some(leading) = leading.as_mut() {
-                leading.mark_unchanged();
-            }
             let mut events = watcher(self.api.clone(), watcher::Config::default().any_semantic())
                 .default_backoff()
                 .modify(super::cache::without_managed_fields)
                 .boxed();
             let scope_changed = async {
-                match (held.as_mut(), leading.as_mut()) {
-                    (Some(held), Some(leading)) => tokio::select! {
-                        Ok(()) = held.changed() => {}
-                        Ok(()) = leading.changed() => {}
-                    },
-                    _ => futures::future::pending::<()>().await,
+                match held.as_mut() {
+                    Some(held) => {
+                        let _ = held.changed().await;
+                    }
+                    None => futures::future::pending::<()>().await,
                 }
             };
             tokio::pin!(scope_changed);
@@ -402,15 +395,14 @@ impl GraphWatch {
         scope: Option<&GraphScope>,
         held: &BTreeMap<u32, u64>,
     ) {
-        let keeps = |g: &ResourceGraph, held| scope.map_or((true, true), |s| s.keeps(g, held));
+        let keeps = |g: &ResourceGraph, held| scope.is_none_or(|s| s.keeps(g, held));
         let event = match event {
             Ok(event) => event,
             Err(e) => return tracing::debug!(error = %e, "watch of ResourceGraphs failed; retrying"),
         };
         match &event {
             watcher::Event::Apply(graph) | watcher::Event::InitApply(graph) => {
-                let (cached, reconciled) = keeps(graph, held);
-                if !cached {
+                if !keeps(graph, held) {
                     return;
                 }
                 // A list again (the shards held changed, or the watch fell behind) brings every
@@ -427,7 +419,7 @@ impl GraphWatch {
                 self.writer.apply_watcher_event(&event);
                 caught_up(&self.written, graph);
                 let queued_before = scope.is_none_or(|s| s.queued_by(graph, &self.listed_with, held));
-                let queue = reconciled && !(relisted && queued_before);
+                let queue = !(relisted && queued_before);
                 if listing {
                     if queue || !relisted {
                         self.listed.push((ObjectRef::from_obj(graph), queue));

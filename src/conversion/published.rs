@@ -143,7 +143,21 @@ pub async fn publish(
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let cm = to_config_map(files, transform)?;
     let name = cm.name_any();
-    if api.get_metadata_opt(&name).await?.is_none() {
+    let existing = api.get_opt(&name).await?;
+    let label = transform_label(transform.0, transform.1);
+    let holds = |cm: &ConfigMap| {
+        cm.labels().get(TRANSFORM_LABEL) == Some(&label) && from_config_map(cm, &files.digest()).is_ok()
+    };
+    // One that does not hold this module for this Transform (made by someone else) is
+    // replaced: the name is Pequod's, in its own namespace.
+    if existing.as_ref().is_some_and(|e| !holds(e)) {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !existing.as_ref().is_some_and(holds) {
         match api.create(&PostParams::default(), &cm).await {
             Ok(_) => {}
             // Content-addressed: whoever made it first made the same.

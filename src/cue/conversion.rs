@@ -553,7 +553,7 @@ impl Renderer {
                 "stored as {stored_version}, which is not one of the module's versions ({})",
                 known.join(", ")
             );
-            return vec![vec![truncated(message, MAX_ROUND_TRIP_MESSAGE_BYTES)]; specs.len()];
+            return vec![vec![crate::naming::truncated(message, MAX_ROUND_TRIP_MESSAGE_BYTES)]; specs.len()];
         };
         let to_storage = Route::conversion(storage, stored_version, storage);
         let first: Vec<(Route, &Value)> = specs.iter().map(|spec| (to_storage.clone(), spec)).collect();
@@ -752,27 +752,12 @@ fn bounded_messages(messages: Vec<String>) -> Vec<String> {
     let mut bounded: Vec<String> = messages
         .into_iter()
         .take(MAX_ROUND_TRIP_MESSAGES)
-        .map(|m| truncated(m, MAX_ROUND_TRIP_MESSAGE_BYTES))
+        .map(|m| crate::naming::truncated(m, MAX_ROUND_TRIP_MESSAGE_BYTES))
         .collect();
     if more > 0 {
         bounded.push(format!("and {more} more"));
     }
     bounded
-}
-
-/// `text` in at most `max` bytes, cut on a character boundary and ending in `…` when cut.
-fn truncated(mut text: String, max: usize) -> String {
-    if text.len() <= max {
-        return text;
-    }
-    const ELLIPSIS: &str = "…";
-    let mut end = max.saturating_sub(ELLIPSIS.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
-    text.push_str(ELLIPSIS);
-    text
 }
 
 /// The route of one conversion, or why the module cannot take it.
@@ -1310,9 +1295,9 @@ mod tests {
             "{long}"
         );
         // Cut on a character boundary.
-        assert_eq!(truncated("aé".repeat(200), 10), "aéaéa…");
-        assert_eq!(truncated("aé".repeat(200), 8), "aéa…");
-        assert_eq!(truncated("short".into(), 10), "short");
+        assert_eq!(crate::naming::truncated("aé".repeat(200), 10), "aéaéa…");
+        assert_eq!(crate::naming::truncated("aé".repeat(200), 8), "aéa…");
+        assert_eq!(crate::naming::truncated("short".into(), 10), "short");
         // A comparison that would take too long is a failure of its own.
         let big = json!({"l": vec![json!(0); MAX_COMPARED_VALUES]});
         let set = round_trip_set(

@@ -34,7 +34,7 @@ impl Allowance {
         }
     }
 
-    fn parse(value: &str) -> Option<Self> {
+    pub fn parse(value: &str) -> Option<Self> {
         [Self::Restricted, Self::Namespace, Self::Cluster]
             .into_iter()
             .find(|a| a.as_str() == value)
@@ -141,6 +141,29 @@ impl GraphKey {
         };
         hmac::verify(&self.0, &served_message(transform_uid, digests), &tag).is_ok()
     }
+}
+
+impl GraphKey {
+    /// The proof of a published description of how a kind is served (see
+    /// `controller::serving`), bound to the ConfigMap's name: every replica renders with what it
+    /// says, so nobody without the key may write one.
+    pub fn sign_serving(&self, name: &str, payload: &[u8]) -> String {
+        hex::encode(hmac::sign(&self.0, &serving_message(name, payload)).as_ref())
+    }
+
+    /// Whether `proof` is this key's proof of `payload` published as `name`.
+    pub fn verify_serving(&self, name: &str, payload: &[u8], proof: Option<&str>) -> bool {
+        let Some(tag) = proof.and_then(|p| hex::decode(p).ok()) else {
+            return false;
+        };
+        hmac::verify(&self.0, &serving_message(name, payload), &tag).is_ok()
+    }
+}
+
+fn serving_message(name: &str, payload: &[u8]) -> Vec<u8> {
+    let mut message = format!("pequod-serving\n{name}\n").into_bytes();
+    message.extend_from_slice(payload);
+    message
 }
 
 fn served_message(transform_uid: &str, digests: &[String]) -> Vec<u8> {

@@ -219,67 +219,122 @@ async fn replicas_share_the_graphs_and_take_over_the_shards_of_one_that_dies_or_
     env.cleanup().await;
 }
 
+/// Every Note's ConfigMap carries `version`.
+async fn notes_at(configmaps: &Api<ConfigMap>, count: usize, version: &str, what: &str) {
+    support::wait_for(what, WAIT, || async {
+        let mut behind = Vec::new();
+        for i in 0..count {
+            let cm = configmaps.get_opt(&format!("n{i}")).await.map_err(|e| e.to_string())?;
+            let at = cm.and_then(|c| c.data?.get("version").cloned());
+            if at.as_deref() != Some(version) {
+                behind.push(format!("n{i}: {at:?}"));
+            }
+        }
+        if behind.is_empty() {
+            Ok(())
+        } else {
+            Err(behind.join(", "))
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
-async fn instances_render_on_the_leader_and_their_graphs_apply_and_go_on_every_replica() {
+async fn instances_are_shared_among_replicas_and_follow_the_leader_s_rollout() {
     let _serial = SERIAL.lock().await;
     let env = support::env("shards-instances").await;
     support::install_crds(&env.client).await;
     let group = support::transforms::group(&env);
     let api_version = format!("{group}/v1alpha1");
-    super::put_note_transform(&env, &group).await;
+    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    let note = |paused: bool| {
+        json!({"cueRef": {"type": "configmap", "ref": "note-module"}, "group": group,
+               "rollout": {"strategy": "Staged", "batchSize": 100, "healthTimeoutSeconds": 600, "paused": paused}})
+    };
+    support::modules::put_module(&env.client, &env.namespace, "note-module", &super::versioned_note("1")).await;
+    support::transforms::apply_transform(&transforms, "note", note(false)).await;
     let mut flags = leader_flags(&env.namespace);
-    flags.extend([super::TRUST_ALL.to_string(), "--shards=4".to_string()]);
+    flags.extend([super::TRUST_ALL.to_string(), format!("--shards={SHARDS}")]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
     let first = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
     support::wait_for("the first replica to lead", WAIT, || super::lease_holder(&leases)).await;
     let second = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
-    support::wait_for("two replicas to hold two shards each", WAIT, || async {
-        let holders = shard_holders(&leases).await;
-        let distinct: BTreeSet<&String> = holders.values().collect();
-        if holders.len() == 4 && distinct.len() == 2 {
-            Ok(())
-        } else {
-            Err(format!("{holders:?}"))
-        }
-    })
-    .await;
+    let shares = even_shares(&leases, 2, "two replicas to hold two shards each").await;
+    let first_id = identity_of(&first, shares.keys());
 
-    let transforms: Api<pequod::api::Transform> = Api::namespaced(env.client.clone(), &env.namespace);
+    let mark = support::control_plane::audit_mark();
     support::wait_transform_ready(&transforms, "note").await;
     let notes = support::dynamic_api(&env.client, &api_version, "Note", &env.namespace).await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
     const NOTES: usize = 12;
     super::apply_notes(&notes, &api_version, NOTES).await;
     super::wait_notes_ready(&notes, NOTES, "every note Ready").await;
-    // Instances render on the leader only; graphs apply where their shard is held.
-    let reconciles = |controller: &'static str| {
-        move |operator: &OperatorProcess| {
-            let metrics = operator.metrics.clone();
-            async move {
-                support::metric_sum(
-                    &metrics,
-                    &format!("pequod_reconcile_total{{controller=\"{controller}\""),
-                )
-                .await
-            }
-        }
-    };
-    assert!(reconciles("instance")(&first).await > 0.0);
-    assert_eq!(
-        reconciles("instance")(&second).await,
-        0.0,
-        "a replica that does not lead rendered"
-    );
+    notes_at(&configmaps, NOTES, "1", "every note at version 1").await;
+    // Both replicas render the instances of their shards and apply their graphs.
     for operator in [&first, &second] {
-        assert!(
-            reconciles("resourcegraph")(operator).await > 0.0,
-            "a replica applied no graph"
-        );
+        for controller in ["instance", "resourcegraph"] {
+            let reconciles = support::metric_sum(
+                &operator.metrics,
+                &format!("pequod_reconcile_total{{controller=\"{controller}\""),
+            )
+            .await;
+            assert!(reconciles > 0.0, "a replica ran no {controller} reconcile");
+        }
     }
 
-    // Deleting the instances tears their graphs down on the replicas holding them.
-    for i in 0..NOTES {
+    // A paused rollout admits no instance: neither replica moves one to version 2.
+    support::transforms::apply_transform(&transforms, "note", note(true)).await;
+    support::modules::put_module(&env.client, &env.namespace, "note-module", &super::versioned_note("2")).await;
+    support::wait_for("the rollout to version 2 to pause", WAIT, || async {
+        let t = transforms.get("note").await.map_err(|e| e.to_string())?;
+        let rollout = t.status.and_then(|s| s.rollout).ok_or("no rollout")?;
+        match (rollout.phase, rollout.current_digest) {
+            (Some(pequod::api::RolloutPhase::Paused), Some(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    notes_at(&configmaps, NOTES, "1", "every note still at version 1").await;
+    // Resumed, it admits them all, on both replicas.
+    support::transforms::apply_transform(&transforms, "note", note(false)).await;
+    notes_at(&configmaps, NOTES, "2", "every note at version 2").await;
+
+    // Each instance and its objects were written by the replica holding its shard alone.
+    let writes = support::control_plane::write_log_in(mark, &env.namespace);
+    let mut writers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for write in writes.iter().filter(|w| w.object.starts_with("notes")) {
+        let order = writers.entry(&write.object).or_default();
+        if order.last() != Some(&write.agent.as_str()) {
+            order.push(&write.agent);
+        }
+    }
+    assert!(writers.len() >= NOTES, "{} instances written", writers.len());
+    for (object, order) in &writers {
+        assert_eq!(order.len(), 1, "{object} written by {order:?}");
+    }
+    let agents: BTreeSet<&str> = writers.values().flatten().copied().collect();
+    assert_eq!(agents.len(), 2, "instance writers: {agents:?}");
+
+    // The leader dies: the other replica leads, takes its shards and serves every instance.
+    first.kill();
+    support::wait_for("the second replica to lead", WAIT, || async {
+        match super::lease_holder(&leases).await {
+            Ok(holder) if holder != first_id => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    even_shares(&leases, 1, "the second replica to hold every shard").await;
+    support::modules::put_module(&env.client, &env.namespace, "note-module", &super::versioned_note("3")).await;
+    notes_at(&configmaps, NOTES, "3", "every note at version 3 after the leader died").await;
+    super::apply_notes(&notes, &api_version, NOTES + 1).await;
+    super::wait_notes_ready(&notes, NOTES + 1, "a new note Ready after the leader died").await;
+
+    // Deleting the instances tears their graphs down.
+    for i in 0..=NOTES {
         notes.delete(&format!("n{i}"), &Default::default()).await.unwrap();
     }
     let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -308,6 +363,6 @@ async fn instances_render_on_the_leader_and_their_graphs_apply_and_go_on_every_r
         }
     })
     .await;
-    drop((first, second));
+    drop(second);
     env.cleanup().await;
 }

@@ -20,6 +20,7 @@ use futures::StreamExt;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -31,6 +32,7 @@ mod status;
 use super::fleet_plan::instance_key;
 use super::harness::{Error, StatusDraft, StatusMemory, reconcile_id};
 use super::rollout_driver::{Driver, RolloutOrder, SelectionCell};
+use super::serving::Publisher;
 use super::watches::{GraphCache, Lookup, ObjectWatches};
 use crate::api::{InstanceStatus, MAX_STATUS_VIOLATIONS, ResourceGraph, Severity};
 use crate::apply::Applier;
@@ -42,6 +44,7 @@ use crate::instance_graph::{
 };
 use crate::metrics::Metrics;
 use crate::rollout::{Selection, Wanted, choose};
+use crate::runtime::shards::Shards;
 use crate::runtime::shutdown::Shutdown;
 use status::{Controls, Draft, InstanceStop};
 
@@ -81,7 +84,29 @@ struct KindState {
     served: Vec<String>,
 }
 
+/// A kind as the leader published it for every replica (with `--shards`): served here for
+/// the instances of the shards this replica holds.
+#[derive(Debug, Clone)]
+pub struct Followed {
+    pub transform: TransformKey,
+    pub transform_uid: String,
+    pub resource: ApiResource,
+    pub namespace: Option<String>,
+    pub allowance: Allowance,
+    pub served: Vec<String>,
+    pub selection: Selection,
+}
+
 impl KindState {
+    fn followed(f: &Followed) -> Self {
+        Self {
+            allowance: f.allowance,
+            transform: f.transform.clone(),
+            transform_uid: f.transform_uid.clone(),
+            served: f.served.clone(),
+        }
+    }
+
     fn of(spec: &ServeSpec) -> Self {
         Self {
             allowance: spec.order.allowance,
@@ -105,6 +130,9 @@ pub struct Shared {
     pub watches: Option<Arc<ObjectWatches>>,
     /// The graph cache: instances read their graphs from it and are woken by its changes.
     pub graphs: Arc<GraphCache>,
+    /// The shards this replica holds, when instances are shared among replicas: an instance
+    /// belongs to the shard of its graph.
+    pub shards: Option<Arc<Shards>>,
     written: StatusMemory<InstanceStatus>,
 }
 
@@ -127,6 +155,7 @@ impl Shared {
             metrics,
             watches: None,
             graphs,
+            shards: None,
             written: StatusMemory::default(),
         }
     }
@@ -136,24 +165,39 @@ impl Shared {
         self.watches = Some(watches);
         self
     }
+
+    /// Serves only the instances of the shards this replica holds.
+    pub fn sharing(mut self, shards: Arc<Shards>) -> Self {
+        self.shards = Some(shards);
+        self
+    }
 }
 
 struct Running {
     resource: ApiResource,
     namespace: Option<String>,
     state: Arc<RwLock<KindState>>,
-    orders: watch::Sender<RolloutOrder>,
+    selection: SelectionCell,
+    /// None for a kind served as the leader published it.
+    orders: Option<watch::Sender<RolloutOrder>>,
     rerender: mpsc::UnboundedSender<()>,
+    nudge: mpsc::UnboundedSender<ObjectRef<DynamicObject>>,
     stop: Shutdown,
     task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts and stops the controllers of generated kinds. Cheap to clone.
+///
+/// Alone, a replica runs for each kind its instance controller and its rollout driver. When
+/// replicas share the instances (`--shards`), the leader's supervisor runs only the rollout
+/// drivers and publishes what they decide ([`Publisher`]); every replica's supervisor serves
+/// the kinds as published ([`Supervisor::follow`]) for the instances of its shards.
 #[derive(Clone)]
 pub struct Supervisor {
     shared: Arc<Shared>,
     shutdown: Shutdown,
     running: Arc<tokio::sync::Mutex<HashMap<TransformKey, Running>>>,
+    publisher: Option<Arc<Publisher>>,
 }
 
 impl Supervisor {
@@ -162,7 +206,14 @@ impl Supervisor {
             shared,
             shutdown,
             running: Arc::default(),
+            publisher: None,
         }
+    }
+
+    /// Runs only the kinds' rollouts, publishing what they decide for every replica.
+    pub fn publishing(mut self, publisher: Arc<Publisher>) -> Self {
+        self.publisher = Some(publisher);
+        self
     }
 
     /// Serves `spec.resource` for its Transform: starts its controller, or updates the module
@@ -177,43 +228,104 @@ impl Supervisor {
             return;
         }
         if let Some(old) = running.remove(&spec.transform) {
-            stop_running(old).await;
+            self.stop_running(old).await;
         }
         tracing::info!(kind = %spec.resource.kind, api_version = %spec.resource.api_version, transform = %spec.transform, "serving kind");
         let transform = spec.transform.clone();
-        running.insert(transform, self.start(spec));
+        let state = KindState::of(&spec);
+        // Until the driver has looked, every instance keeps the version its graph has.
+        let selection = Selection::hold(spec.order.target.clone(), None);
+        let (orders, orders_rx) = watch::channel(spec.order);
+        let started = self.start(
+            (spec.resource, spec.namespace),
+            state,
+            selection,
+            Some((orders, orders_rx)),
+        );
+        running.insert(transform, started);
     }
 
-    /// Starts the kind's controller and its rollout driver.
-    fn start(&self, spec: ServeSpec) -> Running {
-        let state = Arc::new(RwLock::new(KindState::of(&spec)));
-        // Until the driver has looked, every instance keeps the version its graph has.
-        let selection = Arc::new(RwLock::new(Arc::new(Selection::hold(spec.order.target.clone(), None))));
-        let (orders, orders_rx) = watch::channel(spec.order);
+    /// Serves a kind as the leader published it, or updates it: a changed allowance renders
+    /// every instance again, a changed selection the instances it moves.
+    pub async fn follow(&self, f: Followed) {
+        let mut running = self.running.lock().await;
+        if let Some(r) = running.get(&f.transform)
+            && r.resource == f.resource
+            && r.namespace == f.namespace
+        {
+            follow_running(r, &f);
+            return;
+        }
+        if let Some(old) = running.remove(&f.transform) {
+            self.stop_running(old).await;
+        }
+        tracing::info!(kind = %f.resource.kind, api_version = %f.resource.api_version, transform = %f.transform, "serving kind as published");
+        let state = KindState::followed(&f);
+        let started = self.start((f.resource, f.namespace), state, f.selection, None);
+        running.insert(f.transform, started);
+    }
+
+    /// Starts every kind's controller again, after the shards held changed: the instances of
+    /// the shards taken are listed, those of the shards given up forgotten.
+    pub async fn restart_all(&self) {
+        let mut running = self.running.lock().await;
+        let keys: Vec<TransformKey> = running.keys().cloned().collect();
+        for key in keys {
+            let Some(old) = running.remove(&key) else { continue };
+            let state = old.state.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let selection = (*old.selection.read().unwrap_or_else(|p| p.into_inner()).clone()).clone();
+            let place = (old.resource.clone(), old.namespace.clone());
+            self.stop_running(old).await;
+            running.insert(key, self.start(place, state, selection, None));
+        }
+    }
+
+    /// Starts a kind's instance controller and, given orders, its rollout driver; with a
+    /// publisher, only the rollout driver.
+    fn start(
+        &self,
+        (resource, namespace): (ApiResource, Option<String>),
+        state: KindState,
+        selection: Selection,
+        orders: Option<(watch::Sender<RolloutOrder>, watch::Receiver<RolloutOrder>)>,
+    ) -> Running {
+        let state = Arc::new(RwLock::new(state));
+        let selection: SelectionCell = Arc::new(RwLock::new(Arc::new(selection)));
         let (rerender, rerender_rx) = mpsc::unbounded_channel();
+        let (nudge, nudged) = mpsc::unbounded_channel();
         let stop = Shutdown::new();
         let ctx = Arc::new(KindContext {
             shared: self.shared.clone(),
             state: state.clone(),
-            selection,
+            selection: selection.clone(),
             changed: Arc::default(),
-            resource: spec.resource.clone(),
+            resource: resource.clone(),
             backoff: super::harness::Backoff::default(),
             workers: super::harness::Workers::default(),
         });
-        let task = tokio::spawn(run_kind(
-            ctx,
-            spec.namespace.clone(),
-            (rerender.clone(), rerender_rx),
-            orders_rx,
-            (stop.clone(), self.shutdown.clone()),
-        ));
+        let (orders, orders_rx) = orders.unzip();
+        let stops = (stop.clone(), self.shutdown.clone());
+        let task = match (orders_rx, &self.publisher) {
+            (Some(orders), Some(publisher)) => {
+                tokio::spawn(run_rollout(ctx, namespace.clone(), orders, publisher.clone(), stops))
+            }
+            (orders, _) => tokio::spawn(run_kind(
+                ctx,
+                namespace.clone(),
+                (rerender.clone(), rerender_rx),
+                (nudge.clone(), nudged),
+                orders,
+                stops,
+            )),
+        };
         Running {
-            resource: spec.resource,
-            namespace: spec.namespace,
+            resource,
+            namespace,
             state,
+            selection,
             orders,
             rerender,
+            nudge,
             stop,
             task,
         }
@@ -224,17 +336,19 @@ impl Supervisor {
         self.running.lock().await.contains_key(transform)
     }
 
-    /// Stops serving a Transform's kind; returns when its controller has finished.
-    pub async fn stop(&self, transform: &TransformKey) {
+    /// Stops serving a Transform's kind; returns when its controller has finished (and every
+    /// replica was told, with a publisher).
+    pub async fn stop(&self, transform: &TransformKey) -> Result<(), kube::Error> {
         let removed = self.running.lock().await.remove(transform);
         if let Some(r) = removed {
             tracing::info!(kind = %r.resource.kind, %transform, "no longer serving kind");
-            stop_running(r).await;
+            self.stop_running(r).await;
         }
+        self.withdraw(transform).await
     }
 
     /// Stops serving a kind whatever Transform served it (after the kind was renamed).
-    pub async fn stop_kind(&self, api_version: &str, kind: &str) {
+    pub async fn stop_kind(&self, api_version: &str, kind: &str) -> Result<(), kube::Error> {
         let mut running = self.running.lock().await;
         let keys: Vec<TransformKey> = running
             .iter()
@@ -243,16 +357,26 @@ impl Supervisor {
             .collect();
         for key in keys {
             if let Some(r) = running.remove(&key) {
-                stop_running(r).await;
+                self.stop_running(r).await;
+                self.withdraw(&key).await?;
             }
         }
+        Ok(())
     }
-}
 
-async fn stop_running(r: Running) {
-    r.stop.trigger();
-    if let Err(e) = r.task.await {
-        tracing::warn!(error = %e, kind = %r.resource.kind, "kind controller ended abnormally");
+    async fn stop_running(&self, r: Running) {
+        r.stop.trigger();
+        if let Err(e) = r.task.await {
+            tracing::warn!(error = %e, kind = %r.resource.kind, "kind controller ended abnormally");
+        }
+    }
+
+    /// Tells every replica to stop serving the Transform's kind (with a publisher).
+    async fn withdraw(&self, transform: &TransformKey) -> Result<(), kube::Error> {
+        match &self.publisher {
+            Some(publisher) => publisher.withdraw(transform).await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -281,6 +405,20 @@ impl super::harness::backoff::Reported for KindContext {
 }
 
 impl KindContext {
+    /// Sharing the instances: writes stop once this replica's shard Leases went unrenewed
+    /// for a renew deadline (another replica may take them over).
+    fn may_write(&self) -> Result<(), Error> {
+        match &self.shared.shards {
+            Some(shards) if !shards.fence().open() => Err(Error::ShardLost),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the graph cache holds graph `name` of `namespace` when it exists.
+    fn caches_graph(&self, namespace: &str, name: &str) -> bool {
+        self.shared.shards.as_ref().is_none_or(|s| s.holds(namespace, name))
+    }
+
     fn current(&self) -> (Arc<Selection>, KindState) {
         let selection = self.selection.read().unwrap_or_else(|p| p.into_inner()).clone();
         let state = self.state.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -302,56 +440,105 @@ fn update_running(r: &Running, spec: ServeSpec) {
         tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "allowance changed; rendering every instance again");
         let _ = r.rerender.send(());
     }
-    // The rollout driver moves instances to a new module version.
-    r.orders.send_if_modified(|order| {
-        let modified = order.target != spec.order.target
-            || order.policy != spec.order.policy
-            || order.transform.annotations() != spec.order.transform.annotations();
-        *order = spec.order;
-        modified
-    });
+    // The rollout driver moves instances to a new module version (and, with a publisher,
+    // publishes what changed).
+    if let Some(orders) = &r.orders {
+        orders.send_if_modified(|order| {
+            let modified = order.target != spec.order.target
+                || order.policy != spec.order.policy
+                || order.transform.annotations() != spec.order.transform.annotations()
+                || order.allowance != spec.order.allowance
+                || order.served != spec.order.served
+                || order.transform.uid() != spec.order.transform.uid();
+            *order = spec.order;
+            modified
+        });
+    }
 }
 
+/// Updates a kind served as published: a changed allowance renders every instance again, a
+/// changed selection the instances whose version it changes.
+fn follow_running(r: &Running, f: &Followed) {
+    let changed = {
+        let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
+        let new = KindState::followed(f);
+        let changed = state.allowance != new.allowance || state.transform_uid != new.transform_uid;
+        *state = new;
+        changed
+    };
+    if changed {
+        tracing::info!(kind = %f.resource.kind, transform = %f.transform, "allowance changed; rendering every instance again");
+        let _ = r.rerender.send(());
+    }
+    let old = {
+        let mut cell = r.selection.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *cell, Arc::new(f.selection.clone()))
+    };
+    nudge_affected(&old, &f.selection, &r.resource, (&r.nudge, &r.rerender));
+}
+
+/// Looks again at the instances whose version or pending line differs between two selections.
+pub(super) fn nudge_affected(
+    old: &Selection,
+    new: &Selection,
+    resource: &ApiResource,
+    (nudge, nudge_all): (
+        &mpsc::UnboundedSender<ObjectRef<DynamicObject>>,
+        &mpsc::UnboundedSender<()>,
+    ),
+) {
+    match crate::rollout::affected(old, new) {
+        crate::rollout::Affected::None => {}
+        crate::rollout::Affected::All => {
+            let _ = nudge_all.send(());
+        }
+        crate::rollout::Affected::Some(keys) => {
+            for key in keys {
+                let reference = ObjectRef::new_with(&key.name, resource.clone()).within(&key.namespace);
+                let _ = nudge.send(reference);
+            }
+        }
+    }
+}
+
+type Nudges = (
+    mpsc::UnboundedSender<ObjectRef<DynamicObject>>,
+    mpsc::UnboundedReceiver<ObjectRef<DynamicObject>>,
+);
+
+/// A kind's instance controller, with its rollout driver when given orders.
 async fn run_kind(
     ctx: Arc<KindContext>,
     namespace: Option<String>,
     (rerender_tx, rerender): (mpsc::UnboundedSender<()>, mpsc::UnboundedReceiver<()>),
-    orders: watch::Receiver<RolloutOrder>,
+    (nudge, nudged): Nudges,
+    orders: Option<watch::Receiver<RolloutOrder>>,
     (stop, shutdown): (Shutdown, Shutdown),
 ) {
-    let client = ctx.shared.client.clone();
     let resource = ctx.resource.clone();
-    let instances: Api<DynamicObject> = match &namespace {
-        Some(ns) => Api::namespaced_with(client, ns, &resource),
-        None => Api::all_with(client, &resource),
-    };
     let writer = kube::runtime::reflector::store::Writer::new(resource.clone());
     let store = writer.as_reader();
-    let listed = watcher(instances, watcher::Config::default())
+    let shards = ctx.shared.shards.clone();
+    let listed = watcher(instances_api(&ctx, namespace.as_deref()), watcher::Config::default())
         .default_backoff()
         .modify(super::cache::without_managed_fields)
+        // Sharing the instances: only those of the shards held are cached and reconciled here.
+        .filter(move |event| futures::future::ready(in_held_shards(event, shards.as_deref(), &resource)))
         .reflect(writer)
         .applied_objects();
+    let resource = ctx.resource.clone();
     let controller = Controller::for_stream_with(listed, store.clone(), resource.clone());
-    let (nudge, nudged) = mpsc::unbounded_channel();
-    let driver = Driver {
-        client: ctx.shared.client.clone(),
-        renderer: ctx.shared.renderer.clone(),
-        applier: ctx.shared.applier.clone(),
-        recorder: ctx.shared.recorder.clone(),
-        metrics: ctx.shared.metrics.clone(),
-        watches: ctx.shared.watches.clone(),
-        resource: resource.clone(),
-        namespace: namespace.clone(),
-        store: store.clone(),
-        selection: ctx.selection.clone(),
-        orders,
-        changed: ctx.changed.clone(),
-        nudge,
-        nudge_all: rerender_tx,
-        written: Default::default(),
-    };
-    let driver = tokio::spawn(driver.run(kind_stopped(&stop, &shutdown)));
+    let driver = orders.map(|orders| {
+        let driver = Driver::of(
+            &ctx,
+            namespace.clone(),
+            store.clone(),
+            orders,
+            (nudge, rerender_tx),
+            None,
+        );
+        tokio::spawn(driver.run(kind_stopped(&stop, &shutdown)))
+    });
     // Graph changes wake their instance through the graph cache, once it holds them.
     let woken = ctx.shared.graphs.subscribe(&resource);
     let run = controller
@@ -369,7 +556,97 @@ async fn run_kind(
         .run(reconcile, super::harness::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
     super::harness::drive(run, store, kind_stopped(&stop, &shutdown)).await;
-    let _ = driver.await;
+    if let Some(driver) = driver {
+        let _ = driver.await;
+    }
+}
+
+/// A kind's rollout driver alone, on the leader of replicas sharing the instances: it reads
+/// every instance's rollout fields from a watch of its own and publishes what it decides.
+async fn run_rollout(
+    ctx: Arc<KindContext>,
+    namespace: Option<String>,
+    orders: watch::Receiver<RolloutOrder>,
+    publisher: Arc<Publisher>,
+    (stop, shutdown): (Shutdown, Shutdown),
+) {
+    let writer = kube::runtime::reflector::store::Writer::new(ctx.resource.clone());
+    let store = writer.as_reader();
+    let changed = ctx.changed.clone();
+    let listed = watcher(instances_api(&ctx, namespace.as_deref()), watcher::Config::default())
+        .default_backoff()
+        .modify(super::cache::rollout_projection)
+        .reflect(writer)
+        .applied_objects()
+        .for_each(move |_| {
+            changed.notify_one();
+            futures::future::ready(())
+        });
+    // Nobody here reconciles instances: the replicas learn the selection from what is published.
+    let (nudge, _) = mpsc::unbounded_channel();
+    let (nudge_all, _) = mpsc::unbounded_channel();
+    let driver = Driver::of(&ctx, namespace, store, orders, (nudge, nudge_all), Some(publisher));
+    tokio::select! {
+        () = listed => {}
+        () = driver.run(kind_stopped(&stop, &shutdown)) => {}
+    }
+}
+
+fn instances_api(ctx: &KindContext, namespace: Option<&str>) -> Api<DynamicObject> {
+    let client = ctx.shared.client.clone();
+    match namespace {
+        Some(ns) => Api::namespaced_with(client, ns, &ctx.resource),
+        None => Api::all_with(client, &ctx.resource),
+    }
+}
+
+/// Whether a watch event concerns this replica: every event when instances are not shared,
+/// else those of instances whose graph is in a shard it holds (and the list's markers).
+fn in_held_shards(
+    event: &Result<watcher::Event<DynamicObject>, watcher::Error>,
+    shards: Option<&Shards>,
+    resource: &ApiResource,
+) -> bool {
+    let (Some(shards), Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) | watcher::Event::Delete(obj))) =
+        (shards, event)
+    else {
+        return true;
+    };
+    let graph = graph_name(&resource.kind, &resource.group, &obj.name_any());
+    shards.holds(&obj.namespace().unwrap_or_default(), &graph)
+}
+
+impl Driver {
+    fn of(
+        ctx: &KindContext,
+        namespace: Option<String>,
+        store: kube::runtime::reflector::Store<DynamicObject>,
+        orders: watch::Receiver<RolloutOrder>,
+        (nudge, nudge_all): (
+            mpsc::UnboundedSender<ObjectRef<DynamicObject>>,
+            mpsc::UnboundedSender<()>,
+        ),
+        publisher: Option<Arc<Publisher>>,
+    ) -> Self {
+        Driver {
+            client: ctx.shared.client.clone(),
+            renderer: ctx.shared.renderer.clone(),
+            applier: ctx.shared.applier.clone(),
+            recorder: ctx.shared.recorder.clone(),
+            metrics: ctx.shared.metrics.clone(),
+            watches: ctx.shared.watches.clone(),
+            resource: ctx.resource.clone(),
+            namespace,
+            store,
+            selection: ctx.selection.clone(),
+            orders,
+            changed: ctx.changed.clone(),
+            nudge,
+            nudge_all,
+            written: Default::default(),
+            publisher,
+        }
+    }
 }
 
 /// Resolves when the kind's controller is stopped or the operator shuts down.
@@ -384,6 +661,20 @@ fn kind_stopped(stop: &Shutdown, shutdown: &Shutdown) -> impl std::future::Futur
 }
 
 async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Action, Error> {
+    // Sharing the instances: an instance of a shard held elsewhere is that replica's; its
+    // shard is not handed over while this pass runs.
+    let _held = match &ctx.shared.shards {
+        Some(shards) => {
+            let namespace = obj.namespace().unwrap_or_default();
+            let graph = graph_name(&ctx.resource.kind, &ctx.resource.group, &obj.name_any());
+            match shards.enter(&namespace, &graph).await {
+                Some(held) => Some(held),
+                None if shards.fenced(&namespace, &graph) => return Err(Error::ShardLost),
+                None => return Ok(Action::await_change()),
+            }
+        }
+        None => None,
+    };
     let span = info_span!(
         "reconcile",
         controller = CONTROLLER,
@@ -408,6 +699,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
                     cleanup(&obj, &ctx).await
                 }
             } else {
+                ctx.may_write()?;
                 let obj = super::harness::finalized(&api(&obj, &ctx), &*obj, INSTANCE_FINALIZER).await?;
                 let rendered = render(&obj, &ctx, controls.reconcile_request).await;
                 ctx.changed.notify_one();
@@ -469,11 +761,13 @@ async fn render(obj: &DynamicObject, ctx: &KindContext, request: Option<String>)
         Ok(Served::AwaitingFirstReport(left)) => return Ok(Action::requeue(left)),
         Err(InstanceStop::Settled(action)) => action,
         Err(InstanceStop::Retry(e)) => {
+            ctx.may_write()?;
             update.write().await?;
             return Err(e);
         }
         Err(InstanceStop::Error(e)) => return Err(e),
     };
+    ctx.may_write()?;
     update.write().await?;
     Ok(action)
 }
@@ -628,6 +922,7 @@ async fn retire_predecessor(
     let Some(old) = predecessor.filter(|p| ready && p.metadata.deletion_timestamp.is_none()) else {
         return Ok(false);
     };
+    ctx.may_write()?;
     match graphs(obj, ctx)
         .delete(&old.name_any(), &DeleteParams::background())
         .await
@@ -795,9 +1090,10 @@ async fn find_graphs(
     let legacy = legacy_graph_name(&ctx.resource.kind, &pass.name);
     let predecessor = match &live {
         Some(g) if !g.annotations().contains_key(PREDECESSOR_ANNOTATION) => None,
-        // No release creates graphs of the earlier naming: one the cache does not hold is gone.
+        // No release creates graphs of the earlier naming: one the cache does not hold is gone
+        // (sharing the graphs, the cache holds only those of the shards held here).
         _ => match ctx.shared.graphs.lookup(&pass.namespace, &legacy) {
-            Lookup::Known(None) => None,
+            Lookup::Known(None) if ctx.caches_graph(&pass.namespace, &legacy) => None,
             _ => graphs_api.get_opt(&legacy).await?,
         }
         .filter(|g| owns(obj, &ctx.resource, g, &ctx.shared.key)),
@@ -942,6 +1238,7 @@ async fn write_graph(
     desired: &ResourceGraph,
 ) -> Result<ResourceGraph, InstanceStop> {
     let params = PatchParams::apply(INSTANCE_MANAGER).force();
+    ctx.may_write()?;
     match graphs(obj, ctx)
         .patch(&pass.graph, &params, &Patch::Apply(desired))
         .await
@@ -1035,6 +1332,7 @@ fn owns(obj: &DynamicObject, resource: &ApiResource, graph: &ResourceGraph, key:
 async fn hold(obj: &DynamicObject, ctx: &KindContext, say: fn(&mut Draft)) -> Result<Action, Error> {
     let mut update = ctx.status_update(obj);
     say(&mut update);
+    ctx.may_write()?;
     update.write().await?;
     Ok(Action::await_change())
 }
@@ -1045,6 +1343,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, Error
     if !obj.finalizers().iter().any(|f| f == INSTANCE_FINALIZER) {
         return Ok(Action::await_change());
     }
+    ctx.may_write()?;
     let graphs = graphs(obj, ctx);
     let name = obj.name_any();
     let mut live = None;

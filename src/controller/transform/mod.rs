@@ -83,6 +83,9 @@ pub struct Context {
     /// Where generated CRDs send conversions, with the CA bundle that trusts it; None when
     /// the webhook is disabled (`--webhook-bind-address=0`).
     pub conversion_webhook: Option<ConversionWebhook>,
+    /// Whether every module version served is published for the other replicas, which serve
+    /// the instances of their shards (`--shards`).
+    publish_modules: bool,
 }
 
 super::harness::backoff::controller_context!(Context, reports Transform);
@@ -112,6 +115,7 @@ impl Context {
             trusted: TrustedNamespaces::new(Vec::new()),
             rbac_mode: RbacMode::Generate,
             conversion_webhook: None,
+            publish_modules: false,
         }
     }
 }
@@ -132,6 +136,12 @@ impl Context {
     /// The conversion webhook generated CRDs name (by default none).
     pub fn with_conversion_webhook(mut self, webhook: Option<ConversionWebhook>) -> Self {
         self.conversion_webhook = webhook;
+        self
+    }
+
+    /// Publishes every module version served, for the replicas sharing the instances.
+    pub fn publishing_modules(mut self) -> Self {
+        self.publish_modules = true;
         self
     }
 }
@@ -357,10 +367,11 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
             && owned_by(&old_crd, t)
         {
             crds.delete(&previous.name, &DeleteParams::default()).await?;
-            ctx.supervisor.stop_kind(&previous.api_version, &previous.kind).await;
+            ctx.supervisor.stop_kind(&previous.api_version, &previous.kind).await?;
         }
     }
     let served = record_served(t, ctx, update, &module.digest).await?;
+    versions::publish_for_replicas(ctx, t, &files, &served, &settled).await?;
     ctx.supervisor
         .serve(ServeSpec {
             transform: key(t),
@@ -1002,7 +1013,7 @@ async fn cleanup(t: &Transform, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let key = key(t);
-    ctx.supervisor.stop(&key).await;
+    ctx.supervisor.stop(&key).await?;
     if let Some(crd) = owned_crd {
         delete_if_present(&crds, &crd.name_any()).await?;
     }

@@ -83,14 +83,52 @@ pub(super) async fn publish_for_conversion(
     if schema.versions.len() < 2 || ctx.conversion_webhook.is_none() {
         return Ok(());
     }
+    let mut previous: Vec<String> = old.resolved_cue_ref.iter().map(|r| r.digest.clone()).collect();
+    if ctx.publish_modules {
+        // The replicas serving instances render the versions served with them.
+        previous.extend(old.served_digests.iter().cloned());
+    }
+    publish(
+        ctx,
+        t,
+        files,
+        &previous,
+        settled,
+        "publishing the module for conversion",
+    )
+    .await
+}
+
+/// Publishes the module a Transform serves for the replicas that serve its instances
+/// (`--shards`), keeping every version it has served: instances stay on them or are pinned.
+pub(super) async fn publish_for_replicas(
+    ctx: &Context,
+    t: &Transform,
+    files: &ModuleFiles,
+    served: &[String],
+    settled: &Action,
+) -> Result<(), TransformStop> {
+    if !ctx.publish_modules {
+        return Ok(());
+    }
+    publish(ctx, t, files, served, settled, "publishing the module for the replicas").await
+}
+
+async fn publish(
+    ctx: &Context,
+    t: &Transform,
+    files: &ModuleFiles,
+    keep: &[String],
+    settled: &Action,
+    what: &str,
+) -> Result<(), TransformStop> {
     let namespace = t.namespace().unwrap_or_default();
-    let previous: Vec<String> = old.resolved_cue_ref.iter().map(|r| r.digest.clone()).collect();
     match published::publish(
         &ctx.client,
         &ctx.manager.namespace,
         files,
         (&namespace, &t.name_any()),
-        &previous,
+        keep,
     )
     .await
     {
@@ -99,7 +137,7 @@ pub(super) async fn publish_for_conversion(
         Err(e) => Err(TransformStop::failed(
             CRD_GENERATED,
             e.reason(),
-            format!("publishing the module for conversion: {e}"),
+            format!("{what}: {e}"),
             reasons::CRD_GENERATION_FAILED,
             settled.clone(),
         )),
