@@ -18,7 +18,7 @@
 //! `PEQUOD_SCALE_FLAGS="--max-concurrent-reconciles=16"` adds operator flags, and
 //! `PEQUOD_SCALE_QUICK=1` skips the minute at rest, the resync and the restart.
 //! `PEQUOD_SCALE_REPLICAS=3` instead runs the first size on that many replicas sharing the
-//! graphs (`--shards`, two per replica; 1: one replica electing itself leader): time to all
+//! instances and graphs (`--shards`, two per replica; 1: one replica electing itself leader): time to all
 //! Ready, writes, each replica's CPU and RSS, and how long the others take to hold the shards
 //! of one killed. Run each replica count in a process of its own.
 
@@ -570,10 +570,10 @@ fn report(r: &Run) {
     }
 }
 
-/// Replicas sharing the graphs in `SHARDS_PER_REPLICA` shards each (`PEQUOD_SCALE_REPLICAS`).
+/// Replicas sharing the instances and graphs in `SHARDS_PER_REPLICA` shards each (`PEQUOD_SCALE_REPLICAS`).
 const SHARDS_PER_REPLICA: usize = 2;
 
-/// What `replicas` operators sharing graphs did for `n` instances.
+/// What `replicas` operators sharing instances and graphs did for `n` instances.
 struct Shared {
     replicas: usize,
     converged: Duration,

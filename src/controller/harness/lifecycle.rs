@@ -6,6 +6,8 @@ use super::metrics::measured;
 use crate::metrics::Metrics;
 use crate::runtime::health::{Health, Probe};
 use crate::runtime::shutdown::Shutdown;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 
 /// How many reconciles of a controller run at once. kube's runner hands over up to
 /// [`WAITING_WINDOW`] more reconciles than there are workers; they wait here, so that the wait
@@ -222,6 +224,94 @@ mod tests {
             report
                 .body
                 .contains("transform-controller failed: the controller stopped unexpectedly")
+        );
+    }
+}
+
+/// The objects a watch brings, as a controller's triggers: those of a list (the first, or one
+/// again after the watch fell behind) only once the list is complete. The store a controller
+/// reads takes a list's objects only then, and kube drops a reconcile of an object its store
+/// does not hold: triggered earlier, an object this list brings for the first time would never
+/// be reconciled.
+pub fn applied_once_listed<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    store: Store<K>,
+    dyntype: K::DynamicType,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures::StreamExt;
+    events
+        .scan(Vec::<ObjectRef<K>>::new(), move |listed, event| {
+            let now: Vec<Result<K, watcher::Error>> = match event {
+                Ok(watcher::Event::Apply(obj)) => vec![Ok(obj)],
+                Ok(watcher::Event::InitApply(obj)) => {
+                    listed.push(ObjectRef::from_obj_with(&obj, dyntype.clone()));
+                    Vec::new()
+                }
+                Ok(watcher::Event::Init) => {
+                    listed.clear();
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let (refs, store) = (std::mem::take(listed), store.clone());
+                    return futures::future::ready(Some(
+                        futures::stream::iter(
+                            refs.into_iter()
+                                .filter_map(move |r| store.get(&r).map(|o| Ok((*o).clone()))),
+                        )
+                        .left_stream(),
+                    ));
+                }
+                Ok(watcher::Event::Delete(_)) => Vec::new(),
+                Err(e) => vec![Err(e)],
+            };
+            futures::future::ready(Some(futures::stream::iter(now).right_stream()))
+        })
+        .flatten()
+}
+
+#[cfg(test)]
+mod listed_tests {
+    use super::*;
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::WatchStreamExt;
+
+    fn cm(name: &str) -> ConfigMap {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(name.into());
+        cm.metadata.namespace = Some("ns".into());
+        cm
+    }
+
+    #[tokio::test]
+    async fn a_list_s_objects_trigger_once_the_store_holds_them() {
+        let writer = kube::runtime::reflector::store::Writer::<ConfigMap>::default();
+        let store = writer.as_reader();
+        let events = futures::stream::iter([
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(cm("a"))),
+            Ok(watcher::Event::InitApply(cm("b"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(cm("c"))),
+            Ok(watcher::Event::Delete(cm("a"))),
+        ]);
+        let seen = store.clone();
+        let triggered: Vec<(String, usize)> = applied_once_listed(events.reflect(writer), store, ())
+            .map(|o| {
+                let name = o.unwrap().metadata.name.unwrap();
+                // Each object is in the store when it triggers.
+                let held = seen.get(&ObjectRef::new(&name).within("ns")).map_or(0, |_| 1);
+                (name, held)
+            })
+            .collect()
+            .await;
+        assert_eq!(
+            triggered,
+            vec![("a".to_string(), 1), ("b".to_string(), 1), ("c".to_string(), 1)]
         );
     }
 }

@@ -524,9 +524,9 @@ async fn run_kind(
         .modify(super::cache::without_managed_fields)
         // Sharing the instances: only those of the shards held are cached and reconciled here.
         .filter(move |event| futures::future::ready(in_held_shards(event, shards.as_deref(), &resource)))
-        .reflect(writer)
-        .applied_objects();
+        .reflect(writer);
     let resource = ctx.resource.clone();
+    let listed = super::harness::applied_once_listed(listed, store.clone(), resource.clone());
     let controller = Controller::for_stream_with(listed, store.clone(), resource.clone());
     let driver = orders.map(|orders| {
         let driver = Driver::of(

@@ -153,10 +153,10 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, health: Arc<Health>, shutd
     // rollout driver writes the status as instances move, and the pipeline (a CRD read, RBAC
     // reads, access reviews) has nothing to do for a status write.
     let (transforms, writer) = reflector::store();
-    let changes = watcher(Api::<Transform>::all(client.clone()), watcher::Config::default())
+    let events = watcher(Api::<Transform>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .reflect(writer)
-        .applied_objects()
+        .reflect(writer);
+    let changes = super::harness::applied_once_listed(events, transforms.clone(), ())
         .predicate_filter(reconcile_inputs, PredicateConfig::default());
     let controller = Controller::for_stream(changes, transforms.clone()).with_config(super::harness::runner_config(
         &ctx.workers,
