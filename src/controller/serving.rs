@@ -10,7 +10,6 @@
 //! published beside it, content-addressed ([`crate::conversion::published`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -234,11 +233,7 @@ fn encode(serving: &Serving, key: &GraphKey) -> Result<ConfigMap, ServingError> 
         message: e.to_string(),
     };
     let json = serde_json::to_vec(serving).map_err(|e| damaged(&e))?;
-    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let compressed = gzip
-        .write_all(&json)
-        .and_then(|()| gzip.finish())
-        .map_err(|e| damaged(&e))?;
+    let compressed = published::gzip(&json, flate2::Compression::default()).map_err(|e| damaged(&e))?;
     if compressed.len() > MAX_COMPRESSED_BYTES {
         return Err(ServingError::TooLarge {
             transform: transform.to_string(),
@@ -272,23 +267,12 @@ pub fn from_config_map(cm: &ConfigMap, key: &GraphKey) -> Result<Serving, Servin
         name: name.clone(),
         message,
     };
-    let compressed = cm
-        .binary_data
-        .as_ref()
-        .and_then(|d| d.get(DATA_KEY))
-        .ok_or_else(|| damaged(format!("no {DATA_KEY}")))?;
+    let compressed = published::binary_data(cm, DATA_KEY).map_err(&damaged)?;
     let proof = cm.annotations().get(PROOF_ANNOTATION).map(String::as_str);
-    if !key.verify_serving(&name, &compressed.0, proof) {
+    if !key.verify_serving(&name, compressed, proof) {
         return Err(ServingError::Unsigned { name });
     }
-    let mut json = Vec::new();
-    flate2::read::GzDecoder::new(compressed.0.as_slice())
-        .take(MAX_EXPANDED_BYTES + 1)
-        .read_to_end(&mut json)
-        .map_err(|e| damaged(e.to_string()))?;
-    if json.len() as u64 > MAX_EXPANDED_BYTES {
-        return Err(damaged("it expands beyond its limit".into()));
-    }
+    let json = published::gunzip(compressed, MAX_EXPANDED_BYTES).map_err(damaged)?;
     let serving: Serving = serde_json::from_slice(&json).map_err(|e| damaged(e.to_string()))?;
     if config_map_name(&serving.transform()) != name {
         return Err(damaged(format!("it describes Transform {}", serving.transform())));

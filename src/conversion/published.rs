@@ -74,11 +74,7 @@ pub fn to_config_map(files: &ModuleFiles, transform: (&str, &str)) -> Result<Con
         message: e.to_string(),
     };
     let json = serde_json::to_vec(files.files()).map_err(|e| damaged(&e))?;
-    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    let compressed = gzip
-        .write_all(&json)
-        .and_then(|()| gzip.finish())
-        .map_err(|e| damaged(&e))?;
+    let compressed = gzip(&json, flate2::Compression::best()).map_err(|e| damaged(&e))?;
     if compressed.len() > MAX_PUBLISHED_BYTES {
         return Err(PublishError::TooLarge {
             bytes: compressed.len(),
@@ -99,6 +95,35 @@ pub fn to_config_map(files: &ModuleFiles, transform: (&str, &str)) -> Result<Con
     })
 }
 
+/// `data` gzip-compressed.
+pub fn gzip(data: &[u8], level: flate2::Compression) -> std::io::Result<Vec<u8>> {
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), level);
+    gzip.write_all(data)?;
+    gzip.finish()
+}
+
+/// `compressed` expanded, refused when it expands beyond `max` bytes (a gzip bomb stops there).
+pub fn gunzip(compressed: &[u8], max: u64) -> Result<Vec<u8>, String> {
+    let mut data = Vec::new();
+    flate2::read::GzDecoder::new(compressed)
+        .take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| e.to_string())?;
+    if data.len() as u64 > max {
+        return Err(format!("it expands beyond {max} bytes"));
+    }
+    Ok(data)
+}
+
+/// The bytes a ConfigMap holds under `key` of its `binaryData`.
+pub fn binary_data<'a>(cm: &'a ConfigMap, key: &str) -> Result<&'a [u8], String> {
+    cm.binary_data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.as_slice())
+        .ok_or_else(|| format!("no {key}"))
+}
+
 /// The module a ConfigMap publishes, if its content has `digest`.
 pub fn from_config_map(cm: &ConfigMap, digest: &str) -> Result<ModuleFiles, PublishError> {
     let name = cm.name_any();
@@ -106,19 +131,8 @@ pub fn from_config_map(cm: &ConfigMap, digest: &str) -> Result<ModuleFiles, Publ
         name: name.clone(),
         message,
     };
-    let compressed = cm
-        .binary_data
-        .as_ref()
-        .and_then(|d| d.get(DATA_KEY))
-        .ok_or_else(|| damaged(format!("no {DATA_KEY}")))?;
-    let mut json = Vec::new();
-    flate2::read::GzDecoder::new(compressed.0.as_slice())
-        .take(MAX_EXPANDED_BYTES + 1)
-        .read_to_end(&mut json)
-        .map_err(|e| damaged(e.to_string()))?;
-    if json.len() as u64 > MAX_EXPANDED_BYTES {
-        return Err(damaged("it expands beyond the module size limit".into()));
-    }
+    let compressed = binary_data(cm, DATA_KEY).map_err(&damaged)?;
+    let json = gunzip(compressed, MAX_EXPANDED_BYTES).map_err(damaged)?;
     let files: BTreeMap<String, String> = serde_json::from_slice(&json).map_err(|e| damaged(e.to_string()))?;
     let files = ModuleFiles::new(files).map_err(|e| damaged(e.to_string()))?;
     if files.digest() != digest {
@@ -259,7 +273,7 @@ mod tests {
         )]));
         assert!(matches!(
             from_config_map(&cm, &files.digest()),
-            Err(PublishError::Damaged { message, .. }) if message.contains("limit")
+            Err(PublishError::Damaged { message, .. }) if message.contains("expands beyond")
         ));
     }
 
