@@ -364,7 +364,12 @@ impl Keeper {
             let spec = lease.spec.clone().unwrap_or_default();
             let observed = self.observed.entry(name).or_default();
             let holder = if spec.holder_identity.as_deref() == Some(self.config.identity.as_str()) {
-                Holder::Live(self.config.identity.clone())
+                match shard {
+                    // A shard Lease naming this replica that it did not take was written by
+                    // someone else: the shard is nobody's until a replica takes it.
+                    Some(s) if !self.renewed.contains_key(&s) => Holder::Expired,
+                    _ => Holder::Live(self.config.identity.clone()),
+                }
             } else {
                 leader::judge(&spec, observed, now, &timing)
             };

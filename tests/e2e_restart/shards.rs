@@ -366,3 +366,44 @@ async fn instances_are_shared_among_replicas_and_follow_the_leader_s_rollout() {
     drop(second);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_shard_lease_rewritten_to_name_a_replica_that_did_not_take_it_is_taken_and_served() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("shards-tampered").await;
+    support::install_crds(&env.client).await;
+    let mut flags = leader_flags(&env.namespace);
+    flags.push(format!("--shards={SHARDS}"));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let first = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
+    let second = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
+    let shares = even_shares(&leases, 2, "two replicas to hold three shards each").await;
+    let second_id = identity_of(&second, shares.keys());
+    apply_all(&graphs, 1).await;
+    converged(&env, 1, "every graph applied").await;
+
+    // Someone with write access to Leases names the second replica as holder of a shard the
+    // first holds. The first loses it (and stops); the second must serve it, not only renew it.
+    let holders = shard_holders(&leases).await;
+    let in_shard = |shard: u32| {
+        (0..GRAPHS)
+            .filter(|i| pequod::runtime::shards::shard_of(&env.namespace, &format!("g{i}"), SHARDS) == shard)
+            .count()
+    };
+    let (&shard, _) = holders
+        .iter()
+        .find(|(s, h)| **h != second_id && in_shard(**s) > 0)
+        .expect("a shard of the first replica with graphs");
+    let name = format!("pequod-leader-shard-{shard}");
+    let mut lease = leases.get(&name).await.unwrap();
+    lease.spec.as_mut().unwrap().holder_identity = Some(second_id.clone());
+    leases.replace(&name, &Default::default(), &lease).await.unwrap();
+    even_shares(&leases, 1, "the second replica to hold every shard").await;
+    apply_all(&graphs, 2).await;
+    converged(&env, 2, "every graph updated, those of the rewritten shard included").await;
+    drop((first, second));
+    env.cleanup().await;
+}
