@@ -335,10 +335,7 @@ impl Driver {
 
     /// Every instance of the kind, whole, a page at a time.
     async fn list_instances(&self) -> Result<Vec<Arc<DynamicObject>>, kube::Error> {
-        let api: Api<DynamicObject> = match &self.namespace {
-            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &self.resource),
-            None => Api::all_with(self.client.clone(), &self.resource),
-        };
+        let api = super::instance::kind_api(&self.client, &self.resource, self.namespace.as_deref());
         let mut params = kube::api::ListParams::default().limit(500);
         let mut all = Vec::new();
         loop {

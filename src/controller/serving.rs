@@ -446,7 +446,7 @@ fn serving_selector() -> String {
 
 /// The servings a replica follows.
 #[derive(Default)]
-struct Followed {
+struct Following {
     /// The Transform of each serving followed, by ConfigMap name.
     kinds: BTreeMap<String, TransformKey>,
     /// The Transform uid and stamp of the newest serving followed, by ConfigMap name.
@@ -473,7 +473,7 @@ impl Followers {
         let mut held = self.shards.subscribe();
         held.mark_unchanged();
         // Servings followed, by ConfigMap name; those that failed wait for a retry.
-        let mut followed = Followed::default();
+        let mut followed = Following::default();
         let mut failed: BTreeMap<String, ConfigMap> = BTreeMap::new();
         let mut listed: Option<BTreeSet<String>> = None;
         let mut retry = tokio::time::interval(RETRY);
@@ -516,7 +516,7 @@ impl Followers {
         }
     }
 
-    async fn follow(&self, cm: ConfigMap, followed: &mut Followed, failed: &mut BTreeMap<String, ConfigMap>) {
+    async fn follow(&self, cm: ConfigMap, followed: &mut Following, failed: &mut BTreeMap<String, ConfigMap>) {
         let name = cm.name_any();
         failed.remove(&name);
         match self.followed(&cm, followed).await {
@@ -532,7 +532,7 @@ impl Followers {
         }
     }
 
-    async fn unfollow(&self, name: &str, followed: &mut Followed, failed: &mut BTreeMap<String, ConfigMap>) {
+    async fn unfollow(&self, name: &str, followed: &mut Following, failed: &mut BTreeMap<String, ConfigMap>) {
         failed.remove(name);
         if let Some(transform) = followed.kinds.remove(name)
             && let Err(e) = self.supervisor.stop(&transform).await
@@ -546,7 +546,7 @@ impl Followers {
     async fn followed(
         &self,
         cm: &ConfigMap,
-        followed: &mut Followed,
+        followed: &mut Following,
     ) -> Result<super::instance::Followed, ServingError> {
         let serving = from_config_map(cm, &self.key)?;
         let name = cm.name_any();

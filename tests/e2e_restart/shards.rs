@@ -24,6 +24,31 @@ fn graph(name: &str, version: u32) -> serde_json::Value {
                "metadata": {"name": name}, "data": {"version": version.to_string()}}}]}})
 }
 
+/// The flags of a replica electing a leader and sharing in `SHARDS` shards, with `extra`.
+fn sharded_flags(env: &support::TestEnv, extra: &[&str]) -> Vec<String> {
+    let mut flags = leader_flags(&env.namespace);
+    flags.push(format!("--shards={SHARDS}"));
+    flags.extend(extra.iter().map(|f| f.to_string()));
+    flags
+}
+
+/// For each object written whose name `keep` accepts (`resource[/subresource] name`), its
+/// writers in the order the apiserver received their writes, a writer named again only after
+/// another wrote.
+fn writers_in_turn(
+    writes: &[support::control_plane::AuditedWrite],
+    keep: impl Fn(&str) -> bool,
+) -> BTreeMap<&str, Vec<&str>> {
+    let mut writers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for write in writes.iter().filter(|w| keep(&w.object)) {
+        let order = writers.entry(&write.object).or_default();
+        if order.last() != Some(&write.agent.as_str()) {
+            order.push(&write.agent);
+        }
+    }
+    writers
+}
+
 /// Who holds each shard's Lease (unheld shards are left out).
 async fn shard_holders(leases: &Api<Lease>) -> BTreeMap<u32, String> {
     let mut holders = BTreeMap::new();
@@ -116,8 +141,7 @@ async fn replicas_share_the_graphs_and_take_over_the_shards_of_one_that_dies_or_
     let _serial = SERIAL.lock().await;
     let env = support::env("shards").await;
     support::install_crds(&env.client).await;
-    let mut flags = leader_flags(&env.namespace);
-    flags.push(format!("--shards={SHARDS}"));
+    let flags = sharded_flags(&env, &[]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -197,16 +221,9 @@ async fn replicas_share_the_graphs_and_take_over_the_shards_of_one_that_dies_or_
     // never return to one that wrote before another (a handover is one way), and the work was
     // shared.
     let writes = support::control_plane::write_log_in(mark, &env.namespace);
-    let mut writers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for write in writes
-        .iter()
-        .filter(|w| !w.object.starts_with("leases") && !w.object.starts_with("events"))
-    {
-        let order = writers.entry(&write.object).or_default();
-        if order.last() != Some(&write.agent.as_str()) {
-            order.push(&write.agent);
-        }
-    }
+    let writers = writers_in_turn(&writes, |object| {
+        !object.starts_with("leases") && !object.starts_with("events")
+    });
     assert!(writers.len() >= 2 * GRAPHS, "{} objects written", writers.len());
     for (object, order) in &writers {
         let distinct: BTreeSet<&&str> = order.iter().collect();
@@ -253,8 +270,7 @@ async fn instances_are_shared_among_replicas_and_follow_the_leader_s_rollout() {
     };
     support::modules::put_module(&env.client, &env.namespace, "note-module", &super::versioned_note("1")).await;
     support::transforms::apply_transform(&transforms, "note", note(false)).await;
-    let mut flags = leader_flags(&env.namespace);
-    flags.extend([super::TRUST_ALL.to_string(), format!("--shards={SHARDS}")]);
+    let flags = sharded_flags(&env, &[super::TRUST_ALL]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -304,13 +320,7 @@ async fn instances_are_shared_among_replicas_and_follow_the_leader_s_rollout() {
 
     // Each instance and its objects were written by the replica holding its shard alone.
     let writes = support::control_plane::write_log_in(mark, &env.namespace);
-    let mut writers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for write in writes.iter().filter(|w| w.object.starts_with("notes")) {
-        let order = writers.entry(&write.object).or_default();
-        if order.last() != Some(&write.agent.as_str()) {
-            order.push(&write.agent);
-        }
-    }
+    let writers = writers_in_turn(&writes, |object| object.starts_with("notes"));
     assert!(writers.len() >= NOTES, "{} instances written", writers.len());
     for (object, order) in &writers {
         assert_eq!(order.len(), 1, "{object} written by {order:?}");
@@ -372,8 +382,7 @@ async fn a_shard_lease_rewritten_to_name_a_replica_that_did_not_take_it_is_taken
     let _serial = SERIAL.lock().await;
     let env = support::env("shards-tampered").await;
     support::install_crds(&env.client).await;
-    let mut flags = leader_flags(&env.namespace);
-    flags.push(format!("--shards={SHARDS}"));
+    let flags = sharded_flags(&env, &[]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cue = support::tool("cue", "PEQUOD_TEST_CUE");
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);

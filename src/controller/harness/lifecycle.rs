@@ -198,33 +198,29 @@ where
     measured(metrics, controller, span, (ctx, obj.meta()), reconcile).await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Where a reconcile stands with the shard of its object when objects are shared among
+/// replicas (`--shards`).
+pub enum ShardEntry<'a> {
+    /// Go on; the shard is not handed over while the guard lives (None: not sharing).
+    Entered(Option<tokio::sync::RwLockReadGuard<'a, bool>>),
+    /// Another replica holds the shard: the object is its.
+    Elsewhere,
+}
 
-    #[test]
-    fn a_controller_stopping_outside_shutdown_fails_liveness() {
-        use crate::runtime::health::{Health, Probe};
-        let health = Health::new();
-        let shutdown = crate::runtime::shutdown::Shutdown::new();
-        health.set(Probe::Liveness, "transform-controller", Ok(()));
-
-        shutdown.trigger();
-        report_stopped(&health, "transform-controller", &shutdown);
-        assert!(
-            health.report(Probe::Liveness).ok,
-            "stopping during shutdown is expected"
-        );
-
-        let running = crate::runtime::shutdown::Shutdown::new();
-        report_stopped(&health, "transform-controller", &running);
-        let report = health.report(Probe::Liveness);
-        assert!(!report.ok);
-        assert!(
-            report
-                .body
-                .contains("transform-controller failed: the controller stopped unexpectedly")
-        );
+/// Enters the shard of `namespace/name`; a shard held here but fenced fails with `ShardLost`,
+/// so that the object's retries survive a late renewal.
+pub async fn enter_shard<'a>(
+    shards: Option<&'a crate::runtime::shards::Shards>,
+    namespace: &str,
+    name: &str,
+) -> Result<ShardEntry<'a>, Error> {
+    let Some(shards) = shards else {
+        return Ok(ShardEntry::Entered(None));
+    };
+    match shards.enter(namespace, name).await {
+        Some(held) => Ok(ShardEntry::Entered(Some(held))),
+        None if shards.fenced(namespace, name) => Err(Error::ShardLost),
+        None => Ok(ShardEntry::Elsewhere),
     }
 }
 
@@ -274,11 +270,36 @@ where
 }
 
 #[cfg(test)]
-mod listed_tests {
+mod tests {
     use super::*;
     use futures::StreamExt;
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::runtime::WatchStreamExt;
+
+    #[test]
+    fn a_controller_stopping_outside_shutdown_fails_liveness() {
+        use crate::runtime::health::{Health, Probe};
+        let health = Health::new();
+        let shutdown = crate::runtime::shutdown::Shutdown::new();
+        health.set(Probe::Liveness, "transform-controller", Ok(()));
+
+        shutdown.trigger();
+        report_stopped(&health, "transform-controller", &shutdown);
+        assert!(
+            health.report(Probe::Liveness).ok,
+            "stopping during shutdown is expected"
+        );
+
+        let running = crate::runtime::shutdown::Shutdown::new();
+        report_stopped(&health, "transform-controller", &running);
+        let report = health.report(Probe::Liveness);
+        assert!(!report.ok);
+        assert!(
+            report
+                .body
+                .contains("transform-controller failed: the controller stopped unexpectedly")
+        );
+    }
 
     fn cm(name: &str) -> ConfigMap {
         let mut cm = ConfigMap::default();

@@ -15,8 +15,8 @@ pub use error::Error;
 pub use events::{publish, reconcile_event, truncate};
 pub use finalizer::{finalized, remove_finalizer};
 pub use lifecycle::{
-    Workers, applied_once_listed, drive, reconcile_id, reconciled, report_stopped, report_when_synced, run_controller,
-    runner_config, synced,
+    ShardEntry, Workers, applied_once_listed, drive, enter_shard, reconcile_id, reconciled, report_stopped,
+    report_when_synced, run_controller, runner_config, synced,
 };
 pub use metrics::{init_metrics, measured};
 pub use status::{ConditionedStatus, StatusConditions, StatusDraft, StatusMemory, now};

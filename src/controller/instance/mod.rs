@@ -426,20 +426,27 @@ impl KindContext {
     }
 }
 
+impl Running {
+    /// Replaces what the kind's Transform grants; a changed allowance (or a Transform made
+    /// again) renders every instance again.
+    fn grant(&self, new: KindState) {
+        let changed = {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            let changed = state.allowance != new.allowance || state.transform_uid != new.transform_uid;
+            *state = new;
+            changed
+        };
+        if changed {
+            tracing::info!(kind = %self.resource.kind, "allowance changed; rendering every instance again");
+            let _ = self.rerender.send(());
+        }
+    }
+}
+
 /// Updates a running kind's controller in place: a changed allowance renders every instance
 /// again, and the rollout driver moves instances to a new module version.
 fn update_running(r: &Running, spec: ServeSpec) {
-    let changed = {
-        let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
-        let new = KindState::of(&spec);
-        let changed = state.allowance != new.allowance || state.transform_uid != new.transform_uid;
-        *state = new;
-        changed
-    };
-    if changed {
-        tracing::info!(kind = %spec.resource.kind, transform = %spec.transform, "allowance changed; rendering every instance again");
-        let _ = r.rerender.send(());
-    }
+    r.grant(KindState::of(&spec));
     // The rollout driver moves instances to a new module version (and, with a publisher,
     // publishes what changed).
     if let Some(orders) = &r.orders {
@@ -459,17 +466,7 @@ fn update_running(r: &Running, spec: ServeSpec) {
 /// Updates a kind served as published: a changed allowance renders every instance again, a
 /// changed selection the instances whose version it changes.
 fn follow_running(r: &Running, f: &Followed) {
-    let changed = {
-        let mut state = r.state.write().unwrap_or_else(|p| p.into_inner());
-        let new = KindState::followed(f);
-        let changed = state.allowance != new.allowance || state.transform_uid != new.transform_uid;
-        *state = new;
-        changed
-    };
-    if changed {
-        tracing::info!(kind = %f.resource.kind, transform = %f.transform, "allowance changed; rendering every instance again");
-        let _ = r.rerender.send(());
-    }
+    r.grant(KindState::followed(f));
     let old = {
         let mut cell = r.selection.write().unwrap_or_else(|p| p.into_inner());
         std::mem::replace(&mut *cell, Arc::new(f.selection.clone()))
@@ -593,10 +590,14 @@ async fn run_rollout(
 }
 
 fn instances_api(ctx: &KindContext, namespace: Option<&str>) -> Api<DynamicObject> {
-    let client = ctx.shared.client.clone();
+    kind_api(&ctx.shared.client, &ctx.resource, namespace)
+}
+
+/// The instances of `resource`, of `namespace` only when given.
+pub(super) fn kind_api(client: &Client, resource: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
     match namespace {
-        Some(ns) => Api::namespaced_with(client, ns, &ctx.resource),
-        None => Api::all_with(client, &ctx.resource),
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
     }
 }
 
@@ -663,17 +664,12 @@ fn kind_stopped(stop: &Shutdown, shutdown: &Shutdown) -> impl std::future::Futur
 async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Action, Error> {
     // Sharing the instances: an instance of a shard held elsewhere is that replica's; its
     // shard is not handed over while this pass runs.
-    let _held = match &ctx.shared.shards {
-        Some(shards) => {
-            let namespace = obj.namespace().unwrap_or_default();
-            let graph = graph_name(&ctx.resource.kind, &ctx.resource.group, &obj.name_any());
-            match shards.enter(&namespace, &graph).await {
-                Some(held) => Some(held),
-                None if shards.fenced(&namespace, &graph) => return Err(Error::ShardLost),
-                None => return Ok(Action::await_change()),
-            }
-        }
-        None => None,
+    let graph = graph_name(&ctx.resource.kind, &ctx.resource.group, &obj.name_any());
+    let namespace = obj.namespace().unwrap_or_default();
+    let super::harness::ShardEntry::Entered(_held) =
+        super::harness::enter_shard(ctx.shared.shards.as_deref(), &namespace, &graph).await?
+    else {
+        return Ok(Action::await_change());
     };
     let span = info_span!(
         "reconcile",

@@ -312,17 +312,11 @@ fn graphs_of(graphs: &Store<ResourceGraph>, t: &Transform) -> Vec<ObjectRef<Reso
 async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, Error> {
     // A graph of a shard held elsewhere is that replica's; its shard is not handed over while
     // this pass runs.
-    let _held = match &ctx.shards {
-        Some(shards) => {
-            let (namespace, name) = (rg.namespace().unwrap_or_default(), rg.name_any());
-            match shards.enter(&namespace, &name).await {
-                Some(held) => Some(held),
-                // Held but fenced: retried, so that its requeues survive a late renewal.
-                None if shards.fenced(&namespace, &name) => return Err(Error::ShardLost),
-                None => return Ok(Action::await_change()),
-            }
-        }
-        None => None,
+    let (namespace, name) = (rg.namespace().unwrap_or_default(), rg.name_any());
+    let super::harness::ShardEntry::Entered(_held) =
+        super::harness::enter_shard(ctx.shards.as_deref(), &namespace, &name).await?
+    else {
+        return Ok(Action::await_change());
     };
     super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*rg), || async {
         if rg.metadata.deletion_timestamp.is_some() {

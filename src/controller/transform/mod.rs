@@ -371,7 +371,6 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
         }
     }
     let served = record_served(t, ctx, update, &module.digest).await?;
-    versions::publish_for_replicas(ctx, t, &files, &served, &settled).await?;
     ctx.supervisor
         .serve(ServeSpec {
             transform: key(t),
@@ -676,7 +675,7 @@ async fn apply_crd(
             if !unchanged {
                 versions::check_round_trips(ctx, t, &live, module, schema, settled).await?;
             }
-            versions::publish_for_conversion(ctx, t, &update.old, (schema, files), settled).await?;
+            versions::publish_module(ctx, t, &update.old, (schema, files), settled).await?;
             if unchanged {
                 (live, false)
             } else {
@@ -685,7 +684,7 @@ async fn apply_crd(
             }
         }
         None => {
-            versions::publish_for_conversion(ctx, t, &update.old, (schema, files), settled).await?;
+            versions::publish_module(ctx, t, &update.old, (schema, files), settled).await?;
             (crds.create(&PostParams::default(), desired).await?, true)
         }
     };

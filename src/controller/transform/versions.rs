@@ -70,65 +70,33 @@ pub(super) fn conversion_config(
     }
 }
 
-/// Publishes the module for every replica's webhook, once the CRD that names it passed its
-/// checks and before it is written. The module the CRD named until now stays published until
-/// the next one serves.
-pub(super) async fn publish_for_conversion(
+/// Publishes the module, once the CRD that names it passed its checks and before it is
+/// written: for every replica's conversion webhook when the module declares several versions,
+/// and (`--shards`) for the replicas that render its instances. The module the CRD named until
+/// now stays published until the next one serves; with `--shards`, every version served stays
+/// (instances stay on them or are pinned to them).
+pub(super) async fn publish_module(
     ctx: &Context,
     t: &Transform,
     old: &TransformStatus,
     (schema, files): (&ModuleSchema, &ModuleFiles),
     settled: &Action,
 ) -> Result<(), TransformStop> {
-    if schema.versions.len() < 2 || ctx.conversion_webhook.is_none() {
+    let converts = schema.versions.len() > 1 && ctx.conversion_webhook.is_some();
+    if !converts && !ctx.publish_modules {
         return Ok(());
     }
-    let mut previous: Vec<String> = old.resolved_cue_ref.iter().map(|r| r.digest.clone()).collect();
+    let mut keep: Vec<String> = old.resolved_cue_ref.iter().map(|r| r.digest.clone()).collect();
     if ctx.publish_modules {
-        // The replicas serving instances render the versions served with them.
-        previous.extend(old.served_digests.iter().cloned());
+        keep.extend(old.served_digests.iter().cloned());
     }
-    publish(
-        ctx,
-        t,
-        files,
-        &previous,
-        settled,
-        "publishing the module for conversion",
-    )
-    .await
-}
-
-/// Publishes the module a Transform serves for the replicas that serve its instances
-/// (`--shards`), keeping every version it has served: instances stay on them or are pinned.
-pub(super) async fn publish_for_replicas(
-    ctx: &Context,
-    t: &Transform,
-    files: &ModuleFiles,
-    served: &[String],
-    settled: &Action,
-) -> Result<(), TransformStop> {
-    if !ctx.publish_modules {
-        return Ok(());
-    }
-    publish(ctx, t, files, served, settled, "publishing the module for the replicas").await
-}
-
-async fn publish(
-    ctx: &Context,
-    t: &Transform,
-    files: &ModuleFiles,
-    keep: &[String],
-    settled: &Action,
-    what: &str,
-) -> Result<(), TransformStop> {
     let namespace = t.namespace().unwrap_or_default();
     match published::publish(
         &ctx.client,
         &ctx.manager.namespace,
         files,
         (&namespace, &t.name_any()),
-        keep,
+        &keep,
     )
     .await
     {
@@ -137,7 +105,7 @@ async fn publish(
         Err(e) => Err(TransformStop::failed(
             CRD_GENERATED,
             e.reason(),
-            format!("{what}: {e}"),
+            format!("publishing the module: {e}"),
             reasons::CRD_GENERATION_FAILED,
             settled.clone(),
         )),
