@@ -64,14 +64,30 @@ pub type SelectionCell = Arc<RwLock<Arc<Selection>>>;
 /// An instance as a rollout sees it. Only the two status fields it needs are read: the
 /// driver looks at every instance on each pass.
 pub fn member(obj: &DynamicObject) -> Member {
-    let field = |pointer: &str| obj.data.pointer(pointer).cloned();
+    let RolloutFields { status } = super::cache::body_fields(obj);
     Member {
         key: instance_key(obj),
         labels: obj.labels().clone(),
-        digest: field("/status/moduleDigest").and_then(|d| d.as_str().map(String::from)),
-        phase: field("/status/phase").and_then(|p| serde_json::from_value(p).ok()),
+        digest: status.module_digest.as_ref().and_then(|d| d.as_str().map(String::from)),
+        phase: status.phase.and_then(|p| serde_json::from_value(p).ok()),
         pinned: obj.annotations().contains_key(PIN_ANNOTATION),
     }
+}
+
+/// The status fields a rollout reads of every instance, without the rest of its body.
+#[derive(serde::Deserialize, Default)]
+struct RolloutFields {
+    #[serde(default)]
+    status: RolloutStatusFields,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RolloutStatusFields {
+    #[serde(default)]
+    module_digest: Option<serde_json::Value>,
+    #[serde(default)]
+    phase: Option<serde_json::Value>,
 }
 
 /// Runs one kind's rollouts until `stopped`.
@@ -296,16 +312,20 @@ impl Driver {
             watches: self.watches.as_deref(),
         };
         let cluster_scoped = order.allowance == Allowance::Cluster;
-        // The store holds only the rollout's fields: the plan reads the instances whole.
-        let listed = match &self.publisher {
-            Some(_) => Some(self.list_instances().await?),
-            None => None,
+        // The plan reads the instances whole: the store holds their bodies as text, or on a
+        // sharded leader only the rollout's fields.
+        let whole = match &self.publisher {
+            Some(_) => self.list_instances().await?,
+            None => instances
+                .iter()
+                .map(|o| Arc::new(super::cache::unpacked_object(o)))
+                .collect(),
         };
         let plans = plan_instances(
             &tools,
             &self.resource,
             self.namespace.as_deref(),
-            listed.as_deref().unwrap_or(instances),
+            &whole,
             target,
             cluster_scoped,
         )

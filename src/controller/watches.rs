@@ -69,7 +69,7 @@ pub async fn live_object<F: std::future::Future<Output = bool>>(
         && let Lookup::Known(Some(cached)) = watches.lookup(resolved, namespace, name)
         && may_read_cached().await
     {
-        return Ok(Some((*cached).clone()));
+        return Ok(Some(super::cache::unpacked_object(&cached)));
     }
     applier.get(resolved, namespace, name).await
 }
@@ -126,7 +126,8 @@ impl ObjectWatches {
         let _ = self.graphs.set(graphs);
     }
 
-    /// Looks an object up in its kind's cache, starting the kind's watch if needed.
+    /// Looks an object up in its kind's cache, starting the kind's watch if needed; its body
+    /// is packed ([`super::cache::packed_applied`]): [`live_object`] reads it whole.
     pub fn lookup(&self, resolved: &Resolved, namespace: Option<&str>, name: &str) -> Lookup {
         let mut kinds = lock(&self.kinds);
         let watch = kinds.entry(resolved.key()).or_insert_with(|| self.start(resolved));
@@ -167,7 +168,7 @@ impl ObjectWatches {
         let shutdown = self.shutdown.clone();
         let events = watcher(api, config)
             .default_backoff()
-            .modify(super::cache::trim_applied)
+            .modify(super::cache::packed_applied)
             .try_filter_map(move |event| {
                 futures::future::ready(Ok(match event {
                     // An object that stops being ours leaves the cache; one never ours never enters.
@@ -308,7 +309,7 @@ impl GraphCache {
             (Some(mine), _) => return Lookup::Known(Some(mine.clone())),
             (None, _) => {}
         }
-        Lookup::Known(cached)
+        Lookup::Known(cached.map(|graph| Arc::new(super::cache::unpacked_graph(&graph))))
     }
 
     /// Remembers `graph` as this process just wrote it (the apiserver's answer to the write).
@@ -364,7 +365,7 @@ impl GraphWatch {
             let now_held = scope.as_ref().map(|s| s.shards.held_takes()).unwrap_or_default();
             let mut events = watcher(self.api.clone(), watcher::Config::default().any_semantic())
                 .default_backoff()
-                .modify(super::cache::without_managed_fields)
+                .modify(super::cache::packed_graph)
                 .boxed();
             let scope_changed = async {
                 match held.as_mut() {

@@ -4,7 +4,7 @@
 use crate::error::ErrorCategory;
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::module::Module;
@@ -83,16 +83,17 @@ impl From<super::ModuleError> for RenderError {
     }
 }
 
-/// What a module rendered for one input.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What a module rendered for one input. It is read back from its JSON text where renders
+/// are cached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RenderOutput {
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<GraphMetadata>,
     pub nodes: Vec<Node>,
     pub violations: Vec<Violation>,
     /// `#Render.output.status`: what the instance's status shows, whose strings may reference
     /// live fields of the nodes (see [`crate::graph::reference`]).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub status: BTreeMap<String, Value>,
 }
 

@@ -49,9 +49,9 @@ impl RendererConfig {
         Self {
             cache_dir: cache_dir.into(),
             max_cached_renders: 10_000,
-            // Counted as JSON; held in memory as several times that. Steady state needs no
-            // render (an instance whose graph holds its render is not rendered again), so the
-            // cache serves bursts: a batch's duplicates and retries.
+            // Held as JSON text. Steady state needs no render (an instance whose graph holds
+            // its render is not rendered again), so the cache serves bursts (a batch's
+            // duplicates and retries) and a rollout's moves after its plan.
             max_cached_bytes: 16 * 1024 * 1024,
             batch_window: Duration::from_millis(25),
             max_batch_wait: Duration::from_millis(500),
@@ -428,8 +428,7 @@ async fn run_worker(inner: Arc<Inner>, module: Module, mut jobs: mpsc::Unbounded
         for ((key, (_, replies)), result) in waiting.into_iter().zip(results) {
             let result = record(&inner, &module, result);
             if result.as_ref().err().is_none_or(|e| !e.is_transient()) {
-                let size = result.as_ref().map(|o| estimate_size(o)).unwrap_or(256);
-                lock(&inner.renders).insert(key, result.clone(), size, &inner.metrics);
+                lock(&inner.renders).insert(key, &result, &inner.metrics);
             }
             for reply in replies {
                 let _ = reply.send(result.clone());
@@ -502,10 +501,6 @@ fn parse_metadata(value: &Value) -> Result<ModuleMetadata, RenderError> {
             message: format!("#Metadata: {e}"),
         }
     })
-}
-
-fn estimate_size(output: &RenderOutput) -> usize {
-    serde_json::to_string(output).map(|s| s.len()).unwrap_or(0)
 }
 
 /// Renders `inputs` in as few cue calls as possible: one for the whole batch; when cue
@@ -648,12 +643,14 @@ async fn run_cue_batch(
 }
 
 /// Least-recently-used cache of render results, bounded by entries and by bytes (the most
-/// recent result always stays). Its gauges move by differences because the module cache
-/// reports into the same ones.
+/// recent result always stays). A result is held as its JSON text, which is what the bytes
+/// count: as `serde_json` trees its node objects took several times that, for every instance
+/// of a fleet (a rollout's plan renders them all, and their moves read the results again).
+/// Its gauges move by differences because the module cache reports into the same ones.
 struct RenderCache {
     capacity: usize,
     max_bytes: u64,
-    lru: Lru<RenderResult>,
+    lru: Lru<Result<String, RenderError>>,
 }
 
 impl RenderCache {
@@ -666,7 +663,10 @@ impl RenderCache {
     }
 
     fn get(&mut self, key: &str) -> Option<RenderResult> {
-        self.lru.get(key).cloned()
+        match self.lru.get(key)? {
+            Ok(text) => serde_json::from_str(text).ok().map(|output| Ok(Arc::new(output))),
+            Err(e) => Some(Err(e.clone())),
+        }
     }
 
     fn remove(&mut self, key: &str, metrics: &Metrics) {
@@ -676,9 +676,17 @@ impl RenderCache {
         metrics.cue_cache_size_bytes.add(self.lru.bytes() as i64 - bytes);
     }
 
-    fn insert(&mut self, key: String, result: RenderResult, size: usize, metrics: &Metrics) {
+    fn insert(&mut self, key: String, result: &RenderResult, metrics: &Metrics) {
+        let held = match result {
+            Ok(output) => match serde_json::to_string(&**output) {
+                Ok(text) => Ok(text),
+                Err(_) => return,
+            },
+            Err(e) => Err(e.clone()),
+        };
+        let size = held.as_ref().map_or(256, String::len);
         let (entries, bytes) = (self.lru.len() as i64, self.lru.bytes() as i64);
-        self.lru.insert(key, result, size as u64);
+        self.lru.insert(key, held, size as u64);
         while (self.lru.len() > self.capacity || (self.lru.bytes() > self.max_bytes && self.lru.len() > 1))
             && self.lru.pop_oldest().is_some()
         {
@@ -692,6 +700,7 @@ impl RenderCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Node;
 
     fn job(n: usize) -> Job {
         Job {
@@ -740,35 +749,85 @@ mod tests {
         }))
     }
 
+    fn text_len(result: &RenderResult) -> i64 {
+        serde_json::to_string(&**result.as_ref().unwrap()).unwrap().len() as i64
+    }
+
     #[test]
-    fn cache_evicts_the_least_recently_used_and_reports_it() {
+    fn cache_evicts_the_least_recently_used_and_reports_its_text() {
         let metrics = Metrics::new().unwrap();
         let mut cache = RenderCache::new(2, u64::MAX);
-        cache.insert("a".into(), output("a"), 10, &metrics);
-        cache.insert("b".into(), output("b"), 20, &metrics);
+        cache.insert("a".into(), &output("a"), &metrics);
+        cache.insert("b".into(), &output("b"), &metrics);
         assert!(cache.get("a").is_some()); // a is now newer than b
-        cache.insert("c".into(), output("c"), 30, &metrics);
+        cache.insert("c".into(), &output("c"), &metrics);
         assert!(cache.get("b").is_none());
-        assert!(cache.get("a").is_some() && cache.get("c").is_some());
+        assert_eq!(
+            cache.get("a").unwrap().unwrap(),
+            output("a").unwrap(),
+            "read back as rendered"
+        );
+        assert!(cache.get("c").is_some());
         assert_eq!(metrics.cue_cache_evictions_total.get(), 1);
         assert_eq!(metrics.cue_cache_entries.get(), 2);
-        assert_eq!(metrics.cue_cache_size_bytes.get(), 40);
-        cache.insert("c".into(), output("c2"), 5, &metrics);
-        assert_eq!(metrics.cue_cache_size_bytes.get(), 15);
+        assert_eq!(
+            metrics.cue_cache_size_bytes.get(),
+            text_len(&output("a")) + text_len(&output("c"))
+        );
+        cache.insert("c".into(), &output("c-longer"), &metrics);
+        assert_eq!(
+            metrics.cue_cache_size_bytes.get(),
+            text_len(&output("a")) + text_len(&output("c-longer"))
+        );
+    }
+
+    #[test]
+    fn cached_failures_are_answered_as_they_were() {
+        let metrics = Metrics::new().unwrap();
+        let mut cache = RenderCache::new(2, u64::MAX);
+        let failure = RenderError::InvalidModule {
+            message: "no #Render".into(),
+        };
+        cache.insert("bad".into(), &Err(failure.clone()), &metrics);
+        assert_eq!(cache.get("bad").unwrap().unwrap_err(), failure);
+    }
+
+    #[test]
+    fn a_node_object_is_read_back_from_the_cached_text() {
+        let metrics = Metrics::new().unwrap();
+        let mut cache = RenderCache::new(2, u64::MAX);
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "id": "cm", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": "1"}},
+            "dependsOn": ["other"], "readyWhen": [{"type": "Exists"}]
+        }))
+        .unwrap();
+        let rendered = Arc::new(RenderOutput {
+            metadata: None,
+            nodes: vec![node],
+            violations: Vec::new(),
+            status: [("url".to_string(), serde_json::json!("${svc.spec.clusterIP}"))].into(),
+        });
+        cache.insert("k".into(), &Ok(rendered.clone()), &metrics);
+        assert_eq!(cache.get("k").unwrap().unwrap(), rendered);
     }
 
     #[test]
     fn cache_stays_within_its_bytes_and_keeps_the_newest() {
         let metrics = Metrics::new().unwrap();
-        let mut cache = RenderCache::new(100, 50);
-        for (key, size) in [("a", 20), ("b", 20), ("c", 20)] {
-            cache.insert(key.into(), output(key), size, &metrics);
+        let each = text_len(&output("a")) as u64;
+        let mut cache = RenderCache::new(100, each * 5 / 2);
+        for key in ["a", "b", "c"] {
+            cache.insert(key.into(), &output(key), &metrics);
         }
-        assert!(cache.get("a").is_none(), "the oldest goes once 60 bytes exceed 50");
-        assert!(cache.get("b").is_some() && cache.get("c").is_some());
-        cache.insert("huge".into(), output("huge"), 500, &metrics);
         assert!(
-            cache.get("huge").is_some(),
+            cache.get("a").is_none(),
+            "the oldest goes once three exceed two and a half"
+        );
+        assert!(cache.get("b").is_some() && cache.get("c").is_some());
+        let huge = "h".repeat(500);
+        cache.insert(huge.clone(), &output(&huge), &metrics);
+        assert!(
+            cache.get(&huge).is_some(),
             "the newest stays even alone over the budget"
         );
         assert_eq!(metrics.cue_cache_entries.get(), 1);

@@ -518,7 +518,7 @@ async fn run_kind(
     let shards = ctx.shared.shards.clone();
     let listed = watcher(instances_api(&ctx, namespace.as_deref()), watcher::Config::default())
         .default_backoff()
-        .modify(super::cache::without_managed_fields)
+        .modify(super::cache::packed_instance)
         // Sharing the instances: only those of the shards held are cached and reconciled here.
         .filter(move |event| futures::future::ready(in_held_shards(event, shards.as_deref(), &resource)))
         .reflect(writer);
@@ -671,6 +671,8 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<KindContext>) -> Result<Act
     else {
         return Ok(Action::await_change());
     };
+    // The cache holds the body as text; the pass reads it whole.
+    let obj = Arc::new(super::cache::unpacked_object(&obj));
     let span = info_span!(
         "reconcile",
         controller = CONTROLLER,

@@ -318,11 +318,13 @@ async fn reconcile(rg: Arc<ResourceGraph>, ctx: Arc<Context>) -> Result<Action, 
     else {
         return Ok(Action::await_change());
     };
-    super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &*rg), || async {
+    // The cache holds node objects as text; the pass reads them whole.
+    let rg = super::cache::unpacked_graph(&rg);
+    super::harness::reconciled(&ctx.metrics, CONTROLLER, (&*ctx, &rg), || async {
         if rg.metadata.deletion_timestamp.is_some() {
             cleanup(&rg, &ctx).await
         } else {
-            let rg = super::harness::finalized(&api(&rg, &ctx), &*rg, FINALIZER).await?;
+            let rg = super::harness::finalized(&api(&rg, &ctx), &rg, FINALIZER).await?;
             apply_graph(&rg, &ctx).await
         }
     })
