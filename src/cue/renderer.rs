@@ -346,7 +346,9 @@ impl Renderer {
     }
 
     fn cached(&self, key: &str) -> Option<RenderResult> {
-        let hit = lock(&self.inner.renders).get(key);
+        // Parsed outside the lock: other renders' hits wait on it.
+        let held = lock(&self.inner.renders).get(key);
+        let hit = held.and_then(read_held);
         let metrics = &self.inner.metrics;
         match hit {
             Some(result) => {
@@ -410,7 +412,8 @@ async fn run_worker(inner: Arc<Inner>, module: Module, mut jobs: mpsc::Unbounded
         // One evaluation per distinct input; a result already cached answers at once.
         let mut waiting: BTreeMap<String, (Value, Vec<oneshot::Sender<RenderResult>>)> = BTreeMap::new();
         for job in batch {
-            if let Some(hit) = lock(&inner.renders).get(&job.key) {
+            let hit = lock(&inner.renders).get(&job.key);
+            if let Some(hit) = hit.and_then(read_held) {
                 let _ = job.reply.send(hit);
                 continue;
             }
@@ -427,8 +430,10 @@ async fn run_worker(inner: Arc<Inner>, module: Module, mut jobs: mpsc::Unbounded
         let results = render_batch(&inner, &module, &inputs).await;
         for ((key, (_, replies)), result) in waiting.into_iter().zip(results) {
             let result = record(&inner, &module, result);
-            if result.as_ref().err().is_none_or(|e| !e.is_transient()) {
-                lock(&inner.renders).insert(key, &result, &inner.metrics);
+            if result.as_ref().err().is_none_or(|e| !e.is_transient())
+                && let Some(held) = held(&result)
+            {
+                lock(&inner.renders).insert(key, held, &inner.metrics);
             }
             for reply in replies {
                 let _ = reply.send(result.clone());
@@ -650,7 +655,26 @@ async fn run_cue_batch(
 struct RenderCache {
     capacity: usize,
     max_bytes: u64,
-    lru: Lru<Result<String, RenderError>>,
+    lru: Lru<Held>,
+}
+
+/// A render result as the cache holds it: the output's JSON text, or the failure.
+type Held = Result<String, RenderError>;
+
+/// `result` as the cache holds it; made before taking the cache's lock.
+fn held(result: &RenderResult) -> Option<Held> {
+    match result {
+        Ok(output) => serde_json::to_string(&**output).ok().map(Ok),
+        Err(e) => Some(Err(e.clone())),
+    }
+}
+
+/// A held result read back; after the cache's lock is released.
+fn read_held(held: Held) -> Option<RenderResult> {
+    match held {
+        Ok(text) => serde_json::from_str(&text).ok().map(|output| Ok(Arc::new(output))),
+        Err(e) => Some(Err(e)),
+    }
 }
 
 impl RenderCache {
@@ -662,11 +686,8 @@ impl RenderCache {
         }
     }
 
-    fn get(&mut self, key: &str) -> Option<RenderResult> {
-        match self.lru.get(key)? {
-            Ok(text) => serde_json::from_str(text).ok().map(|output| Ok(Arc::new(output))),
-            Err(e) => Some(Err(e.clone())),
-        }
+    fn get(&mut self, key: &str) -> Option<Held> {
+        self.lru.get(key).cloned()
     }
 
     fn remove(&mut self, key: &str, metrics: &Metrics) {
@@ -676,14 +697,7 @@ impl RenderCache {
         metrics.cue_cache_size_bytes.add(self.lru.bytes() as i64 - bytes);
     }
 
-    fn insert(&mut self, key: String, result: &RenderResult, metrics: &Metrics) {
-        let held = match result {
-            Ok(output) => match serde_json::to_string(&**output) {
-                Ok(text) => Ok(text),
-                Err(_) => return,
-            },
-            Err(e) => Err(e.clone()),
-        };
+    fn insert(&mut self, key: String, held: Held, metrics: &Metrics) {
         let size = held.as_ref().map_or(256, String::len);
         let (entries, bytes) = (self.lru.len() as i64, self.lru.bytes() as i64);
         self.lru.insert(key, held, size as u64);
@@ -749,6 +763,10 @@ mod tests {
         }))
     }
 
+    fn get(cache: &mut RenderCache, key: &str) -> Option<RenderResult> {
+        cache.get(key).and_then(read_held)
+    }
+
     fn text_len(result: &RenderResult) -> i64 {
         serde_json::to_string(&**result.as_ref().unwrap()).unwrap().len() as i64
     }
@@ -757,24 +775,24 @@ mod tests {
     fn cache_evicts_the_least_recently_used_and_reports_its_text() {
         let metrics = Metrics::new().unwrap();
         let mut cache = RenderCache::new(2, u64::MAX);
-        cache.insert("a".into(), &output("a"), &metrics);
-        cache.insert("b".into(), &output("b"), &metrics);
-        assert!(cache.get("a").is_some()); // a is now newer than b
-        cache.insert("c".into(), &output("c"), &metrics);
-        assert!(cache.get("b").is_none());
+        cache.insert("a".into(), held(&output("a")).unwrap(), &metrics);
+        cache.insert("b".into(), held(&output("b")).unwrap(), &metrics);
+        assert!(get(&mut cache, "a").is_some()); // a is now newer than b
+        cache.insert("c".into(), held(&output("c")).unwrap(), &metrics);
+        assert!(get(&mut cache, "b").is_none());
         assert_eq!(
-            cache.get("a").unwrap().unwrap(),
+            get(&mut cache, "a").unwrap().unwrap(),
             output("a").unwrap(),
             "read back as rendered"
         );
-        assert!(cache.get("c").is_some());
+        assert!(get(&mut cache, "c").is_some());
         assert_eq!(metrics.cue_cache_evictions_total.get(), 1);
         assert_eq!(metrics.cue_cache_entries.get(), 2);
         assert_eq!(
             metrics.cue_cache_size_bytes.get(),
             text_len(&output("a")) + text_len(&output("c"))
         );
-        cache.insert("c".into(), &output("c-longer"), &metrics);
+        cache.insert("c".into(), held(&output("c-longer")).unwrap(), &metrics);
         assert_eq!(
             metrics.cue_cache_size_bytes.get(),
             text_len(&output("a")) + text_len(&output("c-longer"))
@@ -788,8 +806,8 @@ mod tests {
         let failure = RenderError::InvalidModule {
             message: "no #Render".into(),
         };
-        cache.insert("bad".into(), &Err(failure.clone()), &metrics);
-        assert_eq!(cache.get("bad").unwrap().unwrap_err(), failure);
+        cache.insert("bad".into(), held(&Err(failure.clone())).unwrap(), &metrics);
+        assert_eq!(get(&mut cache, "bad").unwrap().unwrap_err(), failure);
     }
 
     #[test]
@@ -807,8 +825,8 @@ mod tests {
             violations: Vec::new(),
             status: [("url".to_string(), serde_json::json!("${svc.spec.clusterIP}"))].into(),
         });
-        cache.insert("k".into(), &Ok(rendered.clone()), &metrics);
-        assert_eq!(cache.get("k").unwrap().unwrap(), rendered);
+        cache.insert("k".into(), held(&Ok(rendered.clone())).unwrap(), &metrics);
+        assert_eq!(get(&mut cache, "k").unwrap().unwrap(), rendered);
     }
 
     #[test]
@@ -817,17 +835,17 @@ mod tests {
         let each = text_len(&output("a")) as u64;
         let mut cache = RenderCache::new(100, each * 5 / 2);
         for key in ["a", "b", "c"] {
-            cache.insert(key.into(), &output(key), &metrics);
+            cache.insert(key.into(), held(&output(key)).unwrap(), &metrics);
         }
         assert!(
-            cache.get("a").is_none(),
+            get(&mut cache, "a").is_none(),
             "the oldest goes once three exceed two and a half"
         );
-        assert!(cache.get("b").is_some() && cache.get("c").is_some());
+        assert!(get(&mut cache, "b").is_some() && get(&mut cache, "c").is_some());
         let huge = "h".repeat(500);
-        cache.insert(huge.clone(), &output(&huge), &metrics);
+        cache.insert(huge.clone(), held(&output(&huge)).unwrap(), &metrics);
         assert!(
-            cache.get(&huge).is_some(),
+            get(&mut cache, &huge).is_some(),
             "the newest stays even alone over the budget"
         );
         assert_eq!(metrics.cue_cache_entries.get(), 1);
