@@ -136,16 +136,39 @@ async fn converged(env: &support::TestEnv, version: u32, what: &str) {
     .await;
 }
 
+/// A namespace with Pequod's CRDs for replicas sharing graphs: their flags, cue, and the
+/// shard Leases and graphs the tests read.
+struct GraphShards {
+    env: support::TestEnv,
+    flags: Vec<String>,
+    cue: std::path::PathBuf,
+    leases: Api<Lease>,
+    graphs: Api<ResourceGraph>,
+}
+
+async fn graph_shards(name: &str) -> GraphShards {
+    let env = support::env(name).await;
+    support::install_crds(&env.client).await;
+    GraphShards {
+        flags: sharded_flags(&env, &[]),
+        cue: support::tool("cue", "PEQUOD_TEST_CUE"),
+        leases: Api::namespaced(env.client.clone(), &env.namespace),
+        graphs: Api::namespaced(env.client.clone(), &env.namespace),
+        env,
+    }
+}
+
 #[tokio::test]
 async fn replicas_share_the_graphs_and_take_over_the_shards_of_one_that_dies_or_is_cut_off() {
     let _serial = SERIAL.lock().await;
-    let env = support::env("shards").await;
-    support::install_crds(&env.client).await;
-    let flags = sharded_flags(&env, &[]);
+    let GraphShards {
+        env,
+        flags,
+        cue,
+        leases,
+        graphs,
+    } = graph_shards("shards").await;
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
-    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
-    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
 
     // The third replica reaches the apiserver through a proxy that will stop forwarding.
     let proxy = support::StallingProxy::start(support::apiserver_address(&env.operator_kubeconfig)).await;
@@ -380,13 +403,14 @@ async fn instances_are_shared_among_replicas_and_follow_the_leader_s_rollout() {
 #[tokio::test]
 async fn a_shard_lease_rewritten_to_name_a_replica_that_did_not_take_it_is_taken_and_served() {
     let _serial = SERIAL.lock().await;
-    let env = support::env("shards-tampered").await;
-    support::install_crds(&env.client).await;
-    let flags = sharded_flags(&env, &[]);
+    let GraphShards {
+        env,
+        flags,
+        cue,
+        leases,
+        graphs,
+    } = graph_shards("shards-tampered").await;
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let cue = support::tool("cue", "PEQUOD_TEST_CUE");
-    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
-    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
     let first = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
     let second = OperatorProcess::start(&env.operator_kubeconfig, &cue, &flags);
     let shares = even_shares(&leases, 2, "two replicas to hold three shards each").await;
