@@ -1103,7 +1103,9 @@ async fn find_graphs(
 /// [`serves_as_is`]), with no predecessor to take over from.
 fn current_in_cache(obj: &DynamicObject, ctx: &KindContext, pass: &Pass, hash: &str) -> Option<ResourceGraph> {
     match ctx.shared.graphs.lookup(&pass.namespace, &pass.graph) {
-        Lookup::Known(Some(cached)) if serves_as_is(obj, ctx, pass, &cached, hash, None) => Some((*cached).clone()),
+        Lookup::Known(Some(cached)) if serves_as_is(obj, ctx, pass, &cached, hash, None) => {
+            Some(Arc::unwrap_or_clone(cached))
+        }
         _ => None,
     }
 }
