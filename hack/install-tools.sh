@@ -7,6 +7,8 @@
 #   docker-registry (distribution 2.8, an OCI registry), git and openssh-server (sshd)
 # and what builds and reads the image without a container engine (hack/image.sh, tests/e2e_image):
 #   mmdebstrap, buildah and skopeo
+# and the CRDs of ACK's S3 Bucket and Config Connector's StorageBucket, from their Go modules,
+# into bin/crds (the cloud-resource tests install them)
 set -euo pipefail
 
 KUBECTL_LAYER_VERSION=2.1.0
@@ -67,3 +69,25 @@ if [[ ! -x "${registry}" || ! -x "${sshd}" ]] || ! command -v git >/dev/null || 
     || { ${SUDO} apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive ${SUDO} apt-get install -y -qq "${packages[@]}" >&2; }
 fi
 "${registry}" --version >/dev/null 2>&1 || { echo "install-tools: ${registry} does not run" >&2; exit 1; }
+
+# The cloud controllers' own CRDs, from their Go modules, into bin/crds: the end-to-end tests
+# of cloud resources install them and play the controllers' part (no cloud is reachable).
+# Each module is pinned by version and by its checksum.
+cloud_crds=(
+  "github.com/aws-controllers-k8s/s3-controller v1.14.0 h1:WizMVsMw+cyGh6Jot2hyY3R0N6vZfTBirHb/iLvM+8s= config/crd/bases/s3.services.k8s.aws_buckets.yaml"
+  "github.com/GoogleCloudPlatform/k8s-config-connector v1.155.1 h1:RsdGgk6dZHvE1IzYmo96KXMl20OHqudBP2xqncsH5Zc= config/crds/resources/apiextensions.k8s.io_v1_customresourcedefinition_storagebuckets.storage.cnrm.cloud.google.com.yaml"
+)
+crds_want="$(printf '%s\n' "${cloud_crds[@]}" | sha256sum | cut -c1-16)"
+if [[ "$(cat "${tools}/.crds" 2>/dev/null)" != "${crds_want}" ]]; then
+  mkdir -p "${bin}/crds"
+  for entry in "${cloud_crds[@]}"; do
+    read -r module version sum file <<< "${entry}"
+    echo "install-tools: fetching the CRD ${file##*/} from ${module}@${version}" >&2
+    info="$(cd "${tools}" && GOFLAGS=-mod=mod go mod download -json "${module}@${version}")"
+    got="$(python3 -c 'import json, sys; print(json.load(sys.stdin)["Sum"])' <<< "${info}")"
+    [[ "${got}" == "${sum}" ]] || { echo "install-tools: ${module}@${version} has checksum ${got}, want ${sum}" >&2; exit 1; }
+    dir="$(python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])' <<< "${info}")"
+    install -m 0644 "${dir}/${file}" "${bin}/crds/${file##*/}"
+  done
+  echo "${crds_want}" > "${tools}/.crds"
+fi

@@ -35,12 +35,16 @@ pub enum Command {
     /// Render an instance through a module and print the ResourceGraph (no cluster needed).
     /// Exits 3 when a policy violation of severity Error blocks the graph.
     Render {
-        /// A folder of .cue files, or the name of an embedded module (database, webservice, worker).
+        /// A folder of .cue files, or the name of an embedded module (database, webapp, webservice, worker).
         #[arg(long)]
         module: String,
         /// YAML file with the instance (apiVersion, kind, metadata, spec).
         #[arg(long)]
         input: PathBuf,
+        /// YAML or JSON file with the platform's settings, as a Transform's `spec.settings`
+        /// (for example `provider: gcp`); the module reads them as `#Settings`.
+        #[arg(long)]
+        settings: Option<PathBuf>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Yaml)]
         output: OutputFormat,
         #[command(flatten)]
@@ -48,7 +52,7 @@ pub enum Command {
     },
     /// Print the CRD a Transform would generate from a module (no cluster needed).
     Schema {
-        /// A folder of .cue files, or the name of an embedded module (database, webservice, worker).
+        /// A folder of .cue files, or the name of an embedded module (database, webapp, webservice, worker).
         #[arg(long)]
         module: String,
         /// Name of the Transform; the kind comes from it when the module has no #Metadata.kind.
@@ -97,7 +101,7 @@ pub enum Command {
     /// Push a module to an OCI registry (one tar+gzip layer) and print its digest.
     /// Credentials come from PEQUOD_REGISTRY_USERNAME and PEQUOD_REGISTRY_PASSWORD.
     Publish {
-        /// A folder of .cue files, or the name of an embedded module (database, webservice, worker).
+        /// A folder of .cue files, or the name of an embedded module (database, webapp, webservice, worker).
         #[arg(long)]
         module: String,
         /// Where to push: registry/repository:tag.
@@ -391,9 +395,10 @@ impl Command {
             Self::Render {
                 module,
                 input,
+                settings,
                 output,
                 cue,
-            } => commands::render(&module, &input, output, &cue).await,
+            } => commands::render(&module, &input, settings.as_deref(), output, &cue).await,
             Self::Schema {
                 module,
                 name,

@@ -221,6 +221,8 @@ pub async fn plan(
     let instances = list_instances(&client, &t, &resource).await?;
 
     let (files, platform) = load_module_files(module)?;
+    // The candidate is planned as the Transform would load it: with its settings.
+    let files = files.with_settings(&t.spec.settings).map_err(CommandError::new)?;
     let renderer = renderer(cue)?;
     let candidate = renderer.load(files, &platform).await.map_err(CommandError::new)?;
     let schema = schema_plan(&client, &t, &crd.name, &renderer, &candidate).await?;
@@ -588,9 +590,33 @@ fn read_instance(input: &Path) -> Result<(Value, ObjectMeta), CommandError> {
     Ok((instance, meta))
 }
 
+/// `--settings`: a YAML or JSON object, as a Transform's `spec.settings`; none is empty.
+fn read_settings(path: Option<&Path>) -> Result<serde_json::Map<String, Value>, CommandError> {
+    let Some(path) = path else {
+        return Ok(serde_json::Map::new());
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| CommandError::new(format!("reading {}: {e}", path.display())))?;
+    match serde_yaml::from_str::<Value>(&text) {
+        Ok(Value::Object(settings)) => Ok(settings),
+        Ok(Value::Null) => Ok(serde_json::Map::new()),
+        Ok(_) => Err(CommandError::new(format!("{}: settings are a map", path.display()))),
+        Err(e) => Err(CommandError::new(format!("{} is not YAML: {e}", path.display()))),
+    }
+}
+
 /// Prints the ResourceGraph `module` renders for the instance in `input`.
-pub async fn render(module: &str, input: &Path, format: OutputFormat, cue: &CueArgs) -> Result<(), CommandError> {
+pub async fn render(
+    module: &str,
+    input: &Path,
+    settings: Option<&Path>,
+    format: OutputFormat,
+    cue: &CueArgs,
+) -> Result<(), CommandError> {
     let (files, platform) = load_module_files(module)?;
+    let files = files
+        .with_settings(&read_settings(settings)?)
+        .map_err(CommandError::new)?;
     let (instance, meta) = read_instance(input)?;
     let spec = instance
         .get("spec")

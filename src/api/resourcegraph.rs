@@ -355,6 +355,10 @@ pub enum ReadyGateType {
     JobComplete,
     FieldMatch,
     Expression,
+    /// Ready when the resource's cloud controller says it is in sync (ACK's
+    /// `ACK.ResourceSynced`, Config Connector's and ASO's `Ready`); failed at once when the
+    /// controller reports an error it will not retry.
+    CloudResourceReady,
 }
 
 /// A policy finding.

@@ -69,6 +69,20 @@ pub struct TransformSpec {
     /// How a new module version reaches the instances (by default all at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutPolicy>,
+    /// The platform's settings for this cluster, which the module reads as `#Settings` (for
+    /// example `provider: gcp`): the platform team's choices, never the developers'. A change
+    /// is a new module version and reaches instances through a rollout. At most 16 KiB.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[schemars(schema_with = "settings_schema")]
+    pub settings: serde_json::Map<String, serde_json::Value>,
+}
+
+fn settings_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 64,
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 /// How a new module version reaches the instances. Under every strategy a change that

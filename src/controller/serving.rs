@@ -699,6 +699,7 @@ mod tests {
             has_metadata: false,
             has_status: false,
             has_versions: false,
+            has_settings: false,
         };
         let selection = s.selection(module("sha256:bb"), Some(module("sha256:aa")));
         let one = key_of("team-a/one");

@@ -31,6 +31,9 @@ pub enum RenderError {
     Evaluation { message: String },
     #[error("invalid module: {message}")]
     InvalidModule { message: String },
+    /// The Transform's settings do not fit the module's `#Settings`, or leave it incomplete.
+    #[error("invalid settings: {message}")]
+    InvalidSettings { message: String },
     #[error("invalid render output: {message}")]
     InvalidOutput { message: String },
     #[error("invalid graph: {0}")]
@@ -49,6 +52,7 @@ impl ErrorCategory for RenderError {
             Self::MemoryLimit { .. } => "CueMemoryLimit",
             Self::Evaluation { .. } => "CueRenderFailed",
             Self::InvalidModule { .. } => "InvalidModule",
+            Self::InvalidSettings { .. } => "InvalidSettings",
             Self::InvalidOutput { .. } => "InvalidRenderOutput",
             Self::InvalidGraph(e) => e.reason(),
             Self::OutputTooLarge { .. } => "RenderOutputTooLarge",
@@ -79,7 +83,10 @@ impl From<super::CueError> for RenderError {
 
 impl From<super::ModuleError> for RenderError {
     fn from(e: super::ModuleError) -> Self {
-        Self::InvalidModule { message: e.to_string() }
+        match e {
+            super::ModuleError::InvalidSettings { .. } => Self::InvalidSettings { message: e.to_string() },
+            e => Self::InvalidModule { message: e.to_string() },
+        }
     }
 }
 
@@ -379,6 +386,7 @@ mod tests {
             has_metadata: false,
             has_status: false,
             has_versions: false,
+            has_settings: false,
         }
     }
 

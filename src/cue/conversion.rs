@@ -980,6 +980,7 @@ mod tests {
             has_metadata: false,
             has_status: false,
             has_versions: true,
+            has_settings: false,
         }
     }
 

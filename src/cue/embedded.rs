@@ -19,6 +19,14 @@ const MODULES: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     (
+        "webapp",
+        &[
+            ("policy.cue", include_str!("../../cue/platform/webapp/policy.cue")),
+            ("render.cue", include_str!("../../cue/platform/webapp/render.cue")),
+            ("schema.cue", include_str!("../../cue/platform/webapp/schema.cue")),
+        ],
+    ),
+    (
         "worker",
         &[
             ("policy.cue", include_str!("../../cue/platform/worker/policy.cue")),

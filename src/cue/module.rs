@@ -15,6 +15,12 @@ pub const MODULE_PATH: &str = "pequod.local/module";
 pub const CUE_LANGUAGE_VERSION: &str = "v0.17.1";
 /// Most bytes all files of one module may hold together.
 pub const MAX_MODULE_BYTES: usize = 1024 * 1024;
+/// The file Pequod adds to a module with its Transform's `spec.settings`, as `#Settings`.
+pub const SETTINGS_FILE: &str = "pequod_settings.cue";
+/// Most bytes of a Transform's settings, as JSON.
+pub const MAX_SETTINGS_BYTES: usize = 16 * 1024;
+/// Deepest nesting of a Transform's settings.
+pub const MAX_SETTINGS_DEPTH: usize = 16;
 
 /// A module that cannot be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +37,8 @@ pub enum ModuleError {
     MixedPackages { packages: String },
     #[error("reading module: {message}")]
     Io { message: String },
+    #[error("spec.settings: {why}")]
+    InvalidSettings { why: String },
 }
 
 /// The `.cue` files of a module, by file name.
@@ -105,6 +113,43 @@ impl ModuleFiles {
         )
     }
 
+    /// The module with a platform's settings (a Transform's `spec.settings`) as one more file,
+    /// [`SETTINGS_FILE`], which gives the module's `#Settings` those values. Being a file of
+    /// the module, settings are part of its digest: a change of settings is a new module
+    /// version, and reaches instances through a rollout like any other. No settings: the
+    /// module as it is.
+    pub fn with_settings(mut self, settings: &serde_json::Map<String, serde_json::Value>) -> Result<Self, ModuleError> {
+        if settings.is_empty() {
+            return Ok(self);
+        }
+        let invalid = |why: String| ModuleError::InvalidSettings { why };
+        if !self.defines("#Settings") {
+            return Err(invalid("the module declares no #Settings to receive them".into()));
+        }
+        if self.files.contains_key(SETTINGS_FILE) {
+            return Err(invalid(format!(
+                "the module has its own {SETTINGS_FILE}, the file Pequod writes the settings to"
+            )));
+        }
+        let value = serde_json::Value::Object(settings.clone());
+        if depth(&value) > MAX_SETTINGS_DEPTH {
+            return Err(invalid(format!("nested deeper than {MAX_SETTINGS_DEPTH} levels")));
+        }
+        // JSON is CUE: its strings' escapes leave `\(` a backslash, never an interpolation.
+        let json = serde_json::to_string_pretty(&value).map_err(|e| invalid(e.to_string()))?;
+        if json.len() > MAX_SETTINGS_BYTES {
+            return Err(invalid(format!(
+                "{} bytes as JSON; at most {MAX_SETTINGS_BYTES} are allowed",
+                json.len()
+            )));
+        }
+        let package = self.package()?;
+        let source =
+            format!("package {package}\n\n// The Transform's spec.settings, written by Pequod.\n#Settings: {json}\n");
+        self.files.insert(SETTINGS_FILE.to_string(), source);
+        Self::new(self.files)
+    }
+
     /// `sha256:<hex>` over file names and contents; changes exactly when the content does.
     pub fn digest(&self) -> String {
         let mut hasher = Sha256::new();
@@ -139,6 +184,15 @@ impl ModuleFiles {
 
     pub fn files(&self) -> &BTreeMap<String, String> {
         &self.files
+    }
+}
+
+/// Levels of nesting of a JSON value: 0 for a scalar.
+fn depth(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -202,6 +256,9 @@ pub struct Module {
     pub has_status: bool,
     /// Whether the module defines `#Versions`, the versions of its API.
     pub has_versions: bool,
+    /// Whether the module defines `#Settings`, the platform's settings (see
+    /// [`ModuleFiles::with_settings`]).
+    pub has_settings: bool,
 }
 
 impl Module {
@@ -227,11 +284,19 @@ fn write_module_tree(staging: &Path, files: &ModuleFiles, module: &Module) -> st
         staging.join("cue.mod/module.cue"),
         format!("module: \"{MODULE_PATH}\"\nlanguage: version: \"{CUE_LANGUAGE_VERSION}\"\n"),
     )?;
+    if module.has_settings {
+        std::fs::create_dir_all(staging.join("settings/declared"))?;
+    }
     for (name, content) in files.files() {
         let content = match package_clause(content) {
             Some(_) => content.clone(),
             None => format!("package {}\n\n{content}", module.package),
         };
+        // The module as its author wrote it, without the Transform's settings: its
+        // #Settings alone is closed to fields the module does not declare.
+        if module.has_settings && name != SETTINGS_FILE {
+            std::fs::write(staging.join("settings/declared").join(name), &content)?;
+        }
         std::fs::write(staging.join("platform").join(name), content)?;
     }
     // cue's OpenAPI encoder fails on packages holding #Render; a package that only
@@ -244,6 +309,18 @@ fn write_module_tree(staging: &Path, files: &ModuleFiles, module: &Module) -> st
             if module.has_status { "#Status: p.#Status\n" } else { "" }
         ),
     )?;
+    // Exported when the schema is extracted: settings that do not fit #Settings, or that
+    // leave it incomplete, stop the module there, before any instance renders with it.
+    if module.has_settings {
+        let declared = format!("import d \"{MODULE_PATH}/settings/declared:{}\"", module.package);
+        std::fs::write(
+            staging.join("settings/settings.cue"),
+            format!(
+                "package settings\n\n{}\n{declared}\n\nsettings: d.#Settings & p.#Settings\n",
+                module.import_line()
+            ),
+        )?;
+    }
     if module.has_metadata {
         std::fs::create_dir_all(staging.join("meta"))?;
         std::fs::write(
@@ -268,6 +345,7 @@ impl ModuleStore {
         let has_metadata = files.defines("#Metadata");
         let has_status = files.defines("#Status");
         let has_versions = files.defines("#Versions");
+        let has_settings = files.defines("#Settings");
         let dir = self.dir_of(&digest);
         let module = Module {
             digest,
@@ -277,6 +355,7 @@ impl ModuleStore {
             has_metadata,
             has_status,
             has_versions,
+            has_settings,
         };
         if dir.join(".complete").exists() {
             return Ok(module);
@@ -340,6 +419,7 @@ impl ModuleStore {
             has_metadata: dir.join("meta/meta.cue").is_file(),
             has_status: schema.contains("#Status:"),
             has_versions,
+            has_settings: dir.join("settings/settings.cue").is_file(),
             dir,
         })
     }
@@ -384,6 +464,62 @@ mod tests {
 
     fn files(pairs: &[(&str, &str)]) -> ModuleFiles {
         ModuleFiles::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap()
+    }
+
+    #[test]
+    fn settings_are_a_file_of_the_module_and_so_of_its_digest() {
+        let module =
+            ModuleFiles::inline("package web\n#Settings: {provider: *\"aws\" | \"gcp\"}\n#Input: {}\n").unwrap();
+        let settings = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let none = module.clone().with_settings(&settings(serde_json::json!({}))).unwrap();
+        assert_eq!(none.digest(), module.digest(), "no settings leave the module as it is");
+        let gcp = module
+            .clone()
+            .with_settings(&settings(serde_json::json!({"provider": "gcp"})))
+            .unwrap();
+        let azure = module
+            .clone()
+            .with_settings(&settings(serde_json::json!({"provider": "azure"})))
+            .unwrap();
+        assert_ne!(gcp.digest(), module.digest());
+        assert_ne!(gcp.digest(), azure.digest());
+        let file = &gcp.files()[SETTINGS_FILE];
+        assert!(file.starts_with("package web\n"), "{file}");
+        assert!(file.contains("#Settings: {\n  \"provider\": \"gcp\"\n}"), "{file}");
+
+        // A string is a string: an interpolation in a value stays text.
+        let sneaky = module
+            .clone()
+            .with_settings(&settings(serde_json::json!({"provider": "\\(#Input)"})))
+            .unwrap();
+        assert!(sneaky.files()[SETTINGS_FILE].contains(r#""\\(#Input)""#));
+
+        let invalid = |v| module.clone().with_settings(&settings(v)).unwrap_err().to_string();
+        let mut deep = serde_json::json!("x");
+        for _ in 0..=MAX_SETTINGS_DEPTH {
+            deep = serde_json::json!({"a": deep});
+        }
+        assert!(invalid(deep).contains("nested deeper"));
+        assert!(invalid(serde_json::json!({"big": "x".repeat(MAX_SETTINGS_BYTES)})).contains("at most"));
+        let undeclared = ModuleFiles::inline("package web\n#Input: {}\n").unwrap();
+        assert!(
+            undeclared
+                .with_settings(&settings(serde_json::json!({"provider": "gcp"})))
+                .unwrap_err()
+                .to_string()
+                .contains("declares no #Settings")
+        );
+        let own = ModuleFiles::new(BTreeMap::from([
+            ("a.cue".to_string(), "package web\n#Settings: {}\n".to_string()),
+            (SETTINGS_FILE.to_string(), "package web\n".to_string()),
+        ]))
+        .unwrap();
+        assert!(
+            own.with_settings(&settings(serde_json::json!({"x": 1})))
+                .unwrap_err()
+                .to_string()
+                .contains("its own")
+        );
     }
 
     #[test]

@@ -259,7 +259,23 @@ impl Renderer {
                 Err(e) => Err(e.into()),
             }
         };
-        let (openapi, meta) = tokio::join!(openapi, Box::pin(meta));
+        let settings = async {
+            if !module.has_settings {
+                return Ok(());
+            }
+            match cli
+                .run(&["export", "./settings", "--out", "json"], Some(&module.dir))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(CueError::Failed { message, .. }) => Err(RenderError::InvalidSettings {
+                    message: format!("#Settings: {}", batch::clean_message(&message)),
+                }),
+                Err(e) => Err(e.into()),
+            }
+        };
+        let (openapi, meta, settings) = tokio::join!(openapi, Box::pin(meta), settings);
+        settings?;
         let openapi = match openapi {
             Ok(text) => text,
             // The OpenAPI encoder reports some evaluation errors without a field or position

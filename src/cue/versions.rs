@@ -713,6 +713,7 @@ mod tests {
             has_metadata: false,
             has_status: false,
             has_versions: true,
+            has_settings: false,
         };
         let declared = declared_versions(&two_versions()).unwrap();
         assert_eq!(

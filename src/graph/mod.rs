@@ -49,6 +49,8 @@ pub enum GraphError {
     SensitiveReference { place: String, why: String },
     #[error("node {node:?}: readiness expression {why}")]
     InvalidExpression { node: String, why: String },
+    #[error("node {node:?}: {why}")]
+    InvalidGate { node: String, why: String },
 }
 
 impl ErrorCategory for GraphError {
@@ -59,7 +61,9 @@ impl ErrorCategory for GraphError {
 
     fn reason(&self) -> &'static str {
         match self {
-            Self::Empty | Self::EmptyId { .. } | Self::MalformedObject { .. } => "InvalidGraph",
+            Self::Empty | Self::EmptyId { .. } | Self::MalformedObject { .. } | Self::InvalidGate { .. } => {
+                "InvalidGraph"
+            }
             Self::TooManyNodes { .. } => "TooManyNodes",
             Self::TooLarge { .. } => "GraphTooLarge",
             Self::DuplicateId { .. } => "DuplicateNodeId",
@@ -199,6 +203,16 @@ fn check_node(node: &Node) -> Result<(), GraphError> {
                 node: node.id.clone(),
                 why: why.to_string(),
             }
+        })?;
+    }
+    if node
+        .ready_when
+        .iter()
+        .any(|g| g.type_ == crate::api::ReadyGateType::CloudResourceReady)
+    {
+        crate::readiness::cloud::check_gate_target(node.api_version()).map_err(|why| GraphError::InvalidGate {
+            node: node.id.clone(),
+            why,
         })?;
     }
     Ok(())
@@ -790,5 +804,24 @@ mod tests {
         assert_eq!(err.reason(), "InvalidExpression");
         assert!(err.to_string().contains("not valid CEL"), "{err}");
         assert_eq!(validate(&[with_gate("")]).unwrap_err().reason(), "InvalidExpression");
+    }
+
+    #[test]
+    fn cloud_resource_gates_only_gate_cloud_controllers_resources() {
+        let with_gate = |api_version: &str| -> Node {
+            serde_json::from_value(json!({"id": "bucket", "object": {"apiVersion": api_version, "kind": "Bucket", "metadata": {"name": "b"}},
+                "readyWhen": [{"type": "CloudResourceReady"}]}))
+            .unwrap()
+        };
+        for cloud in [
+            "s3.services.k8s.aws/v1alpha1",
+            "storage.cnrm.cloud.google.com/v1beta1",
+            "storage.azure.com/v1api20230101",
+        ] {
+            assert!(validate(&[with_gate(cloud)]).is_ok(), "{cloud}");
+        }
+        let err = validate(&[with_gate("apps/v1")]).unwrap_err();
+        assert_eq!(err.reason(), "InvalidGraph");
+        assert!(err.to_string().contains("not apps/v1"), "{err}");
     }
 }

@@ -7,6 +7,7 @@
 //! cost ([`cost`]), and the executor evaluates them on a bounded pool with a deadline
 //! ([`pool`]), never on the reconcile workers.
 
+pub mod cloud;
 pub mod cost;
 pub mod pool;
 
@@ -77,6 +78,7 @@ impl Registry {
         registry.register(ReadyGateType::JobComplete, JobComplete);
         registry.register(ReadyGateType::FieldMatch, FieldMatch);
         registry.register(ReadyGateType::Expression, Expression::default());
+        registry.register(ReadyGateType::CloudResourceReady, CloudResourceReady);
         registry
     }
 
@@ -235,6 +237,17 @@ impl Check for ConditionMatch {
             Some(status) if status == want => GateState::Ready,
             Some(status) => GateState::Waiting(format!("condition {type_} is {status}, want {want}")),
             None => GateState::Waiting(format!("condition {type_} is not reported yet")),
+        }
+    }
+}
+
+/// What the resource's cloud controller (ACK, Config Connector, ASO) reports: see [`cloud`].
+struct CloudResourceReady;
+impl Check for CloudResourceReady {
+    fn check(&self, _: &ReadyGate, object: Option<&Value>) -> GateState {
+        match exists(object) {
+            Ok(o) => cloud::cloud_resource_state(o),
+            Err(w) => w,
         }
     }
 }

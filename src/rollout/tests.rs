@@ -241,6 +241,7 @@ fn module(digest: &str) -> Module {
         has_metadata: false,
         has_status: false,
         has_versions: false,
+        has_settings: false,
     }
 }
 

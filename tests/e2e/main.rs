@@ -3,6 +3,7 @@
 mod api_versions;
 mod attacks;
 mod chart;
+mod clouds;
 mod executor;
 mod instances;
 mod metrics;

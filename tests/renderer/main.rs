@@ -772,3 +772,197 @@ fn pequod_render_shows_the_database_example() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("password:"), "no password in the graph:\n{text}");
 }
+
+/// The embedded webapp module with a platform's settings, as a Transform would load it.
+async fn webapp(h: &Harness, settings: Value) -> Result<pequod::cue::Module, pequod::cue::RenderError> {
+    let Value::Object(settings) = settings else {
+        panic!("settings are a map");
+    };
+    let files = ModuleFiles::embedded("webapp").unwrap().with_settings(&settings)?;
+    let module = h.renderer.load(files, "webapp").await?;
+    h.renderer.schema(&module).await?;
+    Ok(module)
+}
+
+#[tokio::test]
+async fn the_same_webapp_renders_each_clouds_bucket_by_the_platforms_setting() {
+    let h = harness();
+    let instance = input("photos", json!({"image": "nginx:1.27", "bucket": {}}));
+    let mut schemas = Vec::new();
+    let mut rendered = BTreeMap::new();
+    for (provider, settings) in [
+        ("aws", json!({"aws": {"region": "eu-west-1"}})),
+        ("gcp", json!({"provider": "gcp", "gcp": {"location": "EU"}})),
+        (
+            "azure",
+            json!({"provider": "azure", "azure": {"blobService": "team-blob"}}),
+        ),
+    ] {
+        let module = webapp(&h, settings).await.unwrap();
+        schemas.push(h.renderer.schema(&module).await.unwrap().spec.clone());
+        let out = h.renderer.render(&module, instance.clone()).await.unwrap();
+        assert!(out.violations.is_empty(), "{provider}: {:?}", out.violations);
+        let ids: Vec<&str> = out.nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["bucket", "deployment", "service"], "{provider}");
+        assert_eq!(
+            out.nodes[1].depends_on,
+            ["bucket"],
+            "{provider}: the Deployment waits for its bucket"
+        );
+        let gates: Vec<_> = out.nodes[0].ready_when.iter().map(|g| g.type_).collect();
+        assert_eq!(gates, [pequod::api::ReadyGateType::CloudResourceReady], "{provider}");
+        let env = &out.nodes[1].object["spec"]["template"]["spec"]["containers"][0]["env"];
+        assert_eq!(env[0]["name"], "BUCKET_NAME");
+        rendered.insert(
+            provider,
+            (
+                out.nodes[0].object.clone(),
+                env[0]["value"].clone(),
+                env[1]["value"].clone(),
+            ),
+        );
+    }
+    assert!(
+        schemas.windows(2).all(|w| w[0] == w[1]),
+        "the WebApp's schema is the same on every cloud"
+    );
+
+    let (aws, name, id) = &rendered["aws"];
+    assert_eq!(aws["apiVersion"], "s3.services.k8s.aws/v1alpha1");
+    assert_eq!(aws["kind"], "Bucket");
+    assert_eq!(aws["spec"]["name"], "team-photos");
+    assert_eq!(
+        aws["metadata"]["annotations"]["services.k8s.aws/deletion-policy"],
+        "retain"
+    );
+    assert_eq!(aws["metadata"]["annotations"]["services.k8s.aws/region"], "eu-west-1");
+    assert_eq!(
+        (name.as_str(), id.as_str()),
+        (
+            Some("${bucket.spec.name}"),
+            Some("${bucket.status.ackResourceMetadata.arn}")
+        )
+    );
+
+    let (gcp, name, id) = &rendered["gcp"];
+    assert_eq!(gcp["apiVersion"], "storage.cnrm.cloud.google.com/v1beta1");
+    assert_eq!(gcp["kind"], "StorageBucket");
+    assert_eq!(gcp["spec"], json!({"resourceID": "team-photos", "location": "EU"}));
+    assert_eq!(
+        gcp["metadata"]["annotations"]["cnrm.cloud.google.com/deletion-policy"],
+        "abandon"
+    );
+    assert_eq!(
+        (name.as_str(), id.as_str()),
+        (Some("${bucket.spec.resourceID}"), Some("${bucket.status.selfLink}"))
+    );
+
+    let (azure, name, id) = &rendered["azure"];
+    assert_eq!(azure["apiVersion"], "storage.azure.com/v1api20230101");
+    assert_eq!(azure["kind"], "StorageAccountsBlobServicesContainer");
+    assert_eq!(
+        azure["spec"],
+        json!({"azureName": "team-photos", "owner": {"name": "team-blob"}})
+    );
+    assert_eq!(
+        azure["metadata"]["annotations"]["serviceoperator.azure.com/reconcile-policy"],
+        "detach-on-delete"
+    );
+    assert_eq!(
+        (name.as_str(), id.as_str()),
+        (Some("${bucket.spec.azureName}"), Some("${bucket.status.id}"))
+    );
+}
+
+#[tokio::test]
+async fn webapp_deletion_policy_and_adoption_use_each_controllers_annotations() {
+    let h = harness();
+    let delete = input(
+        "photos",
+        json!({"image": "nginx:1.27", "bucket": {"deletionPolicy": "Delete", "name": "old-photos", "adopt": true}}),
+    );
+    let annotations = |out: &pequod::cue::RenderOutput| out.nodes[0].object["metadata"]["annotations"].clone();
+    let aws = webapp(&h, json!({})).await.unwrap();
+    let out = h.renderer.render(&aws, delete.clone()).await.unwrap();
+    assert_eq!(
+        annotations(&out),
+        json!({
+            "services.k8s.aws/deletion-policy": "delete",
+            "services.k8s.aws/adoption-policy": "adopt",
+            "services.k8s.aws/adoption-fields": "{\"name\":\"old-photos\"}",
+        })
+    );
+    let gcp = webapp(&h, json!({"provider": "gcp"})).await.unwrap();
+    let out = h.renderer.render(&gcp, delete.clone()).await.unwrap();
+    assert_eq!(
+        annotations(&out),
+        json!({"cnrm.cloud.google.com/deletion-policy": "delete"})
+    );
+    let azure = webapp(&h, json!({"provider": "azure", "azure": {"blobService": "b"}}))
+        .await
+        .unwrap();
+    let out = h.renderer.render(&azure, delete).await.unwrap();
+    assert_eq!(
+        annotations(&out),
+        json!({"serviceoperator.azure.com/reconcile-policy": "manage"})
+    );
+
+    // Adopting takes the bucket's name; a default name too long for the clouds is refused.
+    let nameless = input("photos", json!({"image": "nginx:1.27", "bucket": {"adopt": true}}));
+    let long = input(&"a".repeat(60), json!({"image": "nginx:1.27", "bucket": {}}));
+    for (instance, path) in [(nameless, "spec.bucket.adopt"), (long, "spec.bucket.name")] {
+        let out = h.renderer.render(&aws, instance).await.unwrap();
+        let errors: Vec<&str> = out
+            .violations
+            .iter()
+            .filter(|v| v.severity == pequod::api::Severity::Error)
+            .map(|v| v.path.as_str())
+            .collect();
+        assert_eq!(errors, [path]);
+    }
+}
+
+#[tokio::test]
+async fn settings_outside_the_modules_settings_are_refused_before_any_render() {
+    let h = harness();
+    let refused = |settings: Value| {
+        let h = &h;
+        async move { webapp(h, settings).await.unwrap_err() }
+    };
+    let unknown = refused(json!({"provider": "gcp", "zone": "x"})).await;
+    assert_eq!(unknown.reason(), "InvalidSettings");
+    assert!(unknown.to_string().contains("zone: field not allowed"), "{unknown}");
+    let wrong = refused(json!({"provider": "ibm"})).await;
+    assert_eq!(wrong.reason(), "InvalidSettings");
+    assert!(wrong.to_string().contains("\"ibm\""), "{wrong}");
+    let incomplete = refused(json!({"provider": "azure"})).await;
+    assert!(incomplete.to_string().contains("blobService"), "{incomplete}");
+
+    // A module that declares no #Settings takes none.
+    let err = ModuleFiles::embedded("webservice")
+        .unwrap()
+        .with_settings(json!({"provider": "gcp"}).as_object().unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("declares no #Settings"), "{err}");
+}
+
+#[test]
+fn pequod_render_takes_the_platforms_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("settings.yaml");
+    std::fs::write(&settings, "provider: gcp\nbucketPrefix: acme-\n").unwrap();
+    let out = pequod(&[
+        "render",
+        "--module",
+        "webapp",
+        "--input",
+        &example("webapp/examples/photos.yaml"),
+        "--settings",
+        &settings.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let graph: Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let bucket = &graph["spec"]["graph"]["nodes"][0]["resource"];
+    assert_eq!(bucket["kind"], "StorageBucket");
+    assert_eq!(bucket["spec"]["resourceID"], "acme-default-photos");
+}

@@ -348,7 +348,7 @@ async fn serve_transform(t: &Transform, ctx: &Context, update: &mut StatusUpdate
     let next_look = fetched.moves.then_some(ctx.fetcher.poll_interval());
     let settled = next_look.map_or_else(Action::await_change, Action::requeue);
 
-    let (module, schema, files) = load_module(ctx, fetched, &settled).await?;
+    let (module, schema, files) = load_module(ctx, fetched, &t.spec.settings, &settled).await?;
     update.extracted();
     let conversion = versions::conversion_config(ctx, t, (&module, &schema), &settled)?;
     let (names, desired) = desired_crd(t, &namespace, &schema, conversion, &settled)?;
@@ -532,11 +532,12 @@ async fn fetch_failed(
     TransformStop::failed(CUE_FETCHED, e.reason(), message, reasons::CUE_FETCH_FAILED, then)
 }
 
-/// Loads the module and converts its `#Input` into a schema; the files are kept for the
-/// conversion webhook.
+/// Loads the module with the Transform's settings and converts its `#Input` into a schema;
+/// the files are kept for the conversion webhook.
 async fn load_module(
     ctx: &Context,
     fetched: crate::source::Fetched,
+    settings: &serde_json::Map<String, serde_json::Value>,
     settled: &Action,
 ) -> Result<
     (
@@ -547,9 +548,10 @@ async fn load_module(
     TransformStop,
 > {
     let loaded = async {
-        let module = ctx.renderer.load(fetched.files.clone(), &fetched.platform).await?;
+        let files = fetched.files.with_settings(settings)?;
+        let module = ctx.renderer.load(files.clone(), &fetched.platform).await?;
         let schema = ctx.renderer.schema(&module).await?;
-        Ok::<_, crate::cue::RenderError>((module, schema, fetched.files))
+        Ok::<_, crate::cue::RenderError>((module, schema, files))
     };
     match loaded.await {
         Ok(loaded) => Ok(loaded),
