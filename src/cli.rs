@@ -42,7 +42,7 @@ pub enum Command {
         #[arg(long)]
         input: PathBuf,
         /// YAML or JSON file with the platform's settings, as a Transform's `spec.settings`
-        /// (for example `provider: gcp`); the module reads them as `#Settings`.
+        /// (for example `provider: gcp`, `gcp.location: EU`); the module reads them as `#Settings`.
         #[arg(long)]
         settings: Option<PathBuf>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Yaml)]
@@ -64,6 +64,9 @@ pub enum Command {
         /// API version of the generated CRD.
         #[arg(long, default_value = "v1alpha1")]
         version: String,
+        /// YAML or JSON file with the platform's settings, as a Transform's `spec.settings`.
+        #[arg(long)]
+        settings: Option<PathBuf>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Yaml)]
         output: OutputFormat,
         #[command(flatten)]
@@ -404,9 +407,17 @@ impl Command {
                 name,
                 group,
                 version,
+                settings,
                 output,
                 cue,
-            } => commands::schema(&module, name.as_deref(), &group, &version, output, &cue).await,
+            } => {
+                let kind = commands::KindParams {
+                    name: name.as_deref(),
+                    group: &group,
+                    version: &version,
+                };
+                commands::schema(&module, kind, settings.as_deref(), output, &cue).await
+            }
             Self::Rbac {
                 transform,
                 service_account,

@@ -590,19 +590,21 @@ fn read_instance(input: &Path) -> Result<(Value, ObjectMeta), CommandError> {
     Ok((instance, meta))
 }
 
-/// `--settings`: a YAML or JSON object, as a Transform's `spec.settings`; none is empty.
-fn read_settings(path: Option<&Path>) -> Result<serde_json::Map<String, Value>, CommandError> {
+/// `--settings`: a YAML or JSON map as a Transform's `spec.settings` (dotted paths to strings
+/// or integers); none is empty.
+fn read_settings(path: Option<&Path>) -> Result<crate::api::Settings, CommandError> {
     let Some(path) = path else {
-        return Ok(serde_json::Map::new());
+        return Ok(Default::default());
     };
     let text =
         std::fs::read_to_string(path).map_err(|e| CommandError::new(format!("reading {}: {e}", path.display())))?;
-    match serde_yaml::from_str::<Value>(&text) {
-        Ok(Value::Object(settings)) => Ok(settings),
-        Ok(Value::Null) => Ok(serde_json::Map::new()),
-        Ok(_) => Err(CommandError::new(format!("{}: settings are a map", path.display()))),
-        Err(e) => Err(CommandError::new(format!("{} is not YAML: {e}", path.display()))),
-    }
+    let settings: Option<crate::api::Settings> = serde_yaml::from_str(&text).map_err(|e| {
+        CommandError::new(format!(
+            "{}: settings are a map of dotted paths to strings or integers: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(settings.unwrap_or_default())
 }
 
 /// Prints the ResourceGraph `module` renders for the instance in `input`.
@@ -667,16 +669,26 @@ pub async fn render(
     Ok(())
 }
 
+/// The generated kind `pequod schema` prints: the Transform's name (else the module's), group
+/// and version.
+pub struct KindParams<'a> {
+    pub name: Option<&'a str>,
+    pub group: &'a str,
+    pub version: &'a str,
+}
+
 /// Prints the CRD a Transform named `name` would generate from `module`.
 pub async fn schema(
     module: &str,
-    name: Option<&str>,
-    group: &str,
-    version: &str,
+    KindParams { name, group, version }: KindParams<'_>,
+    settings: Option<&Path>,
     format: OutputFormat,
     cue: &CueArgs,
 ) -> Result<(), CommandError> {
     let (files, platform) = load_module_files(module)?;
+    let files = files
+        .with_settings(&read_settings(settings)?)
+        .map_err(CommandError::new)?;
     let renderer = renderer(cue)?;
     let module = renderer.load(files, &platform).await.map_err(CommandError::new)?;
     let schema = renderer.schema(&module).await.map_err(CommandError::new)?;

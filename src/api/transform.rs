@@ -1,5 +1,7 @@
 //! `Transform`: a platform engineer's definition of a platform API backed by a CUE module.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
@@ -69,19 +71,33 @@ pub struct TransformSpec {
     /// How a new module version reaches the instances (by default all at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutPolicy>,
-    /// The platform's settings for this cluster, which the module reads as `#Settings` (for
-    /// example `provider: gcp`): the platform team's choices, never the developers'. A change
-    /// is a new module version and reaches instances through a rollout. At most 16 KiB.
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    /// The platform's settings for this cluster, which the module reads as `#Settings`: the
+    /// platform team's choices, never the developers'. Keys are dotted paths into `#Settings`
+    /// (`provider`, `gcp.location`), values strings or integers. A change is a new module
+    /// version and reaches instances through a rollout.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "settings_schema")]
-    pub settings: serde_json::Map<String, serde_json::Value>,
+    pub settings: Settings,
 }
 
+/// A Transform's settings: dotted paths into the module's `#Settings`, and their values.
+pub type Settings = BTreeMap<String, IntOrString>;
+
+/// Most settings of one Transform.
+pub const MAX_SETTINGS: usize = 64;
+
+/// Flat and typed, so that no setting nests: what the apiserver stores, every client can
+/// decode (a JSON value nested past a client's recursion limit would stop its lists of
+/// Transforms).
 fn settings_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
-        "maxProperties": 64,
-        "x-kubernetes-preserve-unknown-fields": true,
+        "maxProperties": MAX_SETTINGS,
+        "additionalProperties": {"x-kubernetes-int-or-string": true, "maxLength": 512},
+        "x-kubernetes-validations": [{
+            "rule": "self.all(k, size(k) <= 128 && k.matches('^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*){0,7}$'))",
+            "message": "settings are dotted paths of at most 8 identifiers (provider, gcp.location), each key at most 128 characters",
+        }],
     })
 }
 

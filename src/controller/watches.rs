@@ -32,6 +32,9 @@ use crate::runtime::shutdown::Shutdown;
 struct KindWatch {
     store: Store<DynamicObject>,
     synced: Arc<AtomicBool>,
+    /// Objects looked up before the first list was in (and so read from the apiserver): a
+    /// change between that read and the list reaches the cache only as part of the list.
+    unlisted_reads: Arc<Mutex<UnlistedReads>>,
     task: tokio::task::JoinHandle<()>,
     resolved: Resolved,
 }
@@ -132,6 +135,7 @@ impl ObjectWatches {
         let mut kinds = lock(&self.kinds);
         let watch = kinds.entry(resolved.key()).or_insert_with(|| self.start(resolved));
         if !watch.synced.load(Ordering::Acquire) {
+            lock(&watch.unlisted_reads).remember(namespace, name);
             return Lookup::Unknown;
         }
         let mut key = ObjectRef::<DynamicObject>::new_with(name, resolved.resource.clone());
@@ -163,9 +167,34 @@ impl ObjectWatches {
             None => true,
         };
         let trigger = self.trigger.clone();
-        let synced_flag = synced.clone();
         let kind = resolved.key();
         let shutdown = self.shutdown.clone();
+        let unlisted_reads: Arc<Mutex<UnlistedReads>> = Arc::default();
+        let (listed, before, resource) = (unlisted_reads.clone(), store.clone(), resolved.resource.clone());
+        let (missed_trigger, listing_synced) = (trigger.clone(), synced.clone());
+        let namespaced = resolved.namespaced;
+        // A change made while the watch was not running (before its first list, or between a
+        // failed watch and its relist) arrives only in a list, not as a change: the graph of an
+        // object that changed meanwhile is woken, as for any change.
+        let changed_unseen = move |obj: &DynamicObject| {
+            let namespace = obj.metadata.namespace.as_deref();
+            let changed = if listing_synced.load(Ordering::Acquire) {
+                let mut key = ObjectRef::<DynamicObject>::new_with(&obj.name_any(), resource.clone());
+                if namespaced {
+                    key = key.within(namespace.unwrap_or_default());
+                }
+                before
+                    .get(&key)
+                    .is_none_or(|old| old.metadata.resource_version != obj.metadata.resource_version)
+            } else {
+                lock(&listed).contains(namespace, &obj.name_any())
+            };
+            if changed && let Some(graph) = owning_graph(obj) {
+                let _ = missed_trigger.send(graph);
+            }
+        };
+        let unlisted_reads_done = unlisted_reads.clone();
+        let done_synced = synced.clone();
         let events = watcher(api, config)
             .default_backoff()
             .modify(super::cache::packed_applied)
@@ -174,13 +203,20 @@ impl ObjectWatches {
                     // An object that stops being ours leaves the cache; one never ours never enters.
                     watcher::Event::Apply(obj) if !ours(&obj) => Some(watcher::Event::Delete(obj)),
                     watcher::Event::InitApply(obj) if !ours(&obj) => None,
+                    watcher::Event::InitApply(obj) => {
+                        changed_unseen(&obj);
+                        Some(watcher::Event::InitApply(obj))
+                    }
                     other => Some(other),
                 }))
             })
             .reflect(writer)
             .for_each(move |event| {
                 match event {
-                    Ok(watcher::Event::InitDone) => synced_flag.store(true, Ordering::Release),
+                    Ok(watcher::Event::InitDone) => {
+                        done_synced.store(true, Ordering::Release);
+                        lock(&unlisted_reads_done).clear();
+                    }
                     Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
                         if let Some(graph) = owning_graph(&obj) {
                             let _ = trigger.send(graph);
@@ -200,9 +236,35 @@ impl ObjectWatches {
         KindWatch {
             store,
             synced,
+            unlisted_reads,
             task,
             resolved: resolved.clone(),
         }
+    }
+}
+
+/// The objects of a kind looked up before its first list was in, by namespace and name;
+/// bounded, since only the first list of a kind reads it.
+#[derive(Default)]
+struct UnlistedReads(std::collections::HashSet<(Option<String>, String)>);
+
+/// Most lookups remembered before a kind's first list; past it the rest wait for their
+/// graphs' next pass.
+const MAX_UNLISTED_READS: usize = 10_000;
+
+impl UnlistedReads {
+    fn remember(&mut self, namespace: Option<&str>, name: &str) {
+        if self.0.len() < MAX_UNLISTED_READS {
+            self.0.insert((namespace.map(str::to_string), name.to_string()));
+        }
+    }
+
+    fn contains(&self, namespace: Option<&str>, name: &str) -> bool {
+        self.0.contains(&(namespace.map(str::to_string), name.to_string()))
+    }
+
+    fn clear(&mut self) {
+        self.0 = Default::default();
     }
 }
 

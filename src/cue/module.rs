@@ -17,10 +17,8 @@ pub const CUE_LANGUAGE_VERSION: &str = "v0.17.1";
 pub const MAX_MODULE_BYTES: usize = 1024 * 1024;
 /// The file Pequod adds to a module with its Transform's `spec.settings`, as `#Settings`.
 pub const SETTINGS_FILE: &str = "pequod_settings.cue";
-/// Most bytes of a Transform's settings, as JSON.
-pub const MAX_SETTINGS_BYTES: usize = 16 * 1024;
-/// Deepest nesting of a Transform's settings.
-pub const MAX_SETTINGS_DEPTH: usize = 16;
+/// Most identifiers in one setting's dotted path.
+pub const MAX_SETTING_DEPTH: usize = 8;
 
 /// A module that cannot be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,31 +116,22 @@ impl ModuleFiles {
     /// the module, settings are part of its digest: a change of settings is a new module
     /// version, and reaches instances through a rollout like any other. No settings: the
     /// module as it is.
-    pub fn with_settings(mut self, settings: &serde_json::Map<String, serde_json::Value>) -> Result<Self, ModuleError> {
+    pub fn with_settings(mut self, settings: &crate::api::Settings) -> Result<Self, ModuleError> {
+        let invalid = |why: String| ModuleError::InvalidSettings { why };
+        if self.files.contains_key(SETTINGS_FILE) {
+            return Err(invalid(format!(
+                "the module has its own {SETTINGS_FILE}, the name of the file Pequod writes settings to"
+            )));
+        }
         if settings.is_empty() {
             return Ok(self);
         }
-        let invalid = |why: String| ModuleError::InvalidSettings { why };
         if !self.defines("#Settings") {
             return Err(invalid("the module declares no #Settings to receive them".into()));
         }
-        if self.files.contains_key(SETTINGS_FILE) {
-            return Err(invalid(format!(
-                "the module has its own {SETTINGS_FILE}, the file Pequod writes the settings to"
-            )));
-        }
-        let value = serde_json::Value::Object(settings.clone());
-        if depth(&value) > MAX_SETTINGS_DEPTH {
-            return Err(invalid(format!("nested deeper than {MAX_SETTINGS_DEPTH} levels")));
-        }
-        // JSON is CUE: its strings' escapes leave `\(` a backslash, never an interpolation.
+        let value = settings_tree(settings).map_err(invalid)?;
+        // JSON is CUE: its strings' escapes leave `\\(` a backslash, never an interpolation.
         let json = serde_json::to_string_pretty(&value).map_err(|e| invalid(e.to_string()))?;
-        if json.len() > MAX_SETTINGS_BYTES {
-            return Err(invalid(format!(
-                "{} bytes as JSON; at most {MAX_SETTINGS_BYTES} are allowed",
-                json.len()
-            )));
-        }
         let package = self.package()?;
         let source =
             format!("package {package}\n\n// The Transform's spec.settings, written by Pequod.\n#Settings: {json}\n");
@@ -187,13 +176,49 @@ impl ModuleFiles {
     }
 }
 
-/// Levels of nesting of a JSON value: 0 for a scalar.
-fn depth(value: &serde_json::Value) -> usize {
-    match value {
-        serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
-        serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
-        _ => 0,
+/// Settings as the value of `#Settings`: each dotted path a nested field (`gcp.location: EU`
+/// is `{gcp: {location: "EU"}}`), or why they cannot be.
+pub fn settings_tree(settings: &crate::api::Settings) -> Result<serde_json::Value, String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    if settings.len() > crate::api::MAX_SETTINGS {
+        return Err(format!(
+            "{} settings; at most {} are allowed",
+            settings.len(),
+            crate::api::MAX_SETTINGS
+        ));
     }
+    let mut tree = serde_json::Map::new();
+    for (path, value) in settings {
+        let names: Vec<&str> = path.split('.').collect();
+        let identifier = |n: &&str| {
+            n.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        if names.len() > MAX_SETTING_DEPTH || path.len() > 128 || !names.iter().all(identifier) {
+            return Err(format!(
+                "{path:?} is not a dotted path of at most {MAX_SETTING_DEPTH} identifiers and 128 characters"
+            ));
+        }
+        let value = match value {
+            IntOrString::Int(i) => serde_json::Value::from(*i),
+            IntOrString::String(s) => serde_json::Value::from(s.clone()),
+        };
+        let (last, parents) = names.split_last().ok_or_else(|| "an empty setting".to_string())?;
+        let mut level = &mut tree;
+        for (depth, name) in parents.iter().enumerate() {
+            let entry = level
+                .entry(name.to_string())
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            level = entry
+                .as_object_mut()
+                .ok_or_else(|| format!("{path:?}: {} is set to a value itself", names[..=depth].join(".")))?;
+        }
+        if level.contains_key(*last) {
+            return Err(format!("{path:?} is also the beginning of other settings"));
+        }
+        level.insert(last.to_string(), value);
+    }
+    Ok(serde_json::Value::Object(tree))
 }
 
 /// Whether a file's source defines `name` at the top level.
@@ -285,7 +310,8 @@ fn write_module_tree(staging: &Path, files: &ModuleFiles, module: &Module) -> st
         format!("module: \"{MODULE_PATH}\"\nlanguage: version: \"{CUE_LANGUAGE_VERSION}\"\n"),
     )?;
     if module.has_settings {
-        std::fs::create_dir_all(staging.join("settings/declared"))?;
+        std::fs::create_dir_all(staging.join("declared"))?;
+        std::fs::create_dir_all(staging.join("settingscheck"))?;
     }
     for (name, content) in files.files() {
         let content = match package_clause(content) {
@@ -295,7 +321,7 @@ fn write_module_tree(staging: &Path, files: &ModuleFiles, module: &Module) -> st
         // The module as its author wrote it, without the Transform's settings: its
         // #Settings alone is closed to fields the module does not declare.
         if module.has_settings && name != SETTINGS_FILE {
-            std::fs::write(staging.join("settings/declared").join(name), &content)?;
+            std::fs::write(staging.join("declared").join(name), &content)?;
         }
         std::fs::write(staging.join("platform").join(name), content)?;
     }
@@ -312,11 +338,13 @@ fn write_module_tree(staging: &Path, files: &ModuleFiles, module: &Module) -> st
     // Exported when the schema is extracted: settings that do not fit #Settings, or that
     // leave it incomplete, stop the module there, before any instance renders with it.
     if module.has_settings {
-        let declared = format!("import d \"{MODULE_PATH}/settings/declared:{}\"", module.package);
+        // Folders side by side: cue joins a package's files from parent folders of the same
+        // package, which a module of any package name must not meet.
+        let declared = format!("import d \"{MODULE_PATH}/declared:{}\"", module.package);
         std::fs::write(
-            staging.join("settings/settings.cue"),
+            staging.join("settingscheck/settingscheck.cue"),
             format!(
-                "package settings\n\n{}\n{declared}\n\nsettings: d.#Settings & p.#Settings\n",
+                "package settingscheck\n\n{}\n{declared}\n\nsettings: d.#Settings & p.#Settings\n",
                 module.import_line()
             ),
         )?;
@@ -419,7 +447,7 @@ impl ModuleStore {
             has_metadata: dir.join("meta/meta.cue").is_file(),
             has_status: schema.contains("#Status:"),
             has_versions,
-            has_settings: dir.join("settings/settings.cue").is_file(),
+            has_settings: dir.join("settingscheck/settingscheck.cue").is_file(),
             dir,
         })
     }
@@ -441,6 +469,7 @@ impl ModuleStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_materialized_module_is_found_again_by_its_digest() {
@@ -466,20 +495,26 @@ mod tests {
         ModuleFiles::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap()
     }
 
+    fn settings(pairs: &[(&str, serde_json::Value)]) -> crate::api::Settings {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::from_value(v.clone()).unwrap()))
+            .collect()
+    }
+
     #[test]
     fn settings_are_a_file_of_the_module_and_so_of_its_digest() {
         let module =
             ModuleFiles::inline("package web\n#Settings: {provider: *\"aws\" | \"gcp\"}\n#Input: {}\n").unwrap();
-        let settings = |v: serde_json::Value| v.as_object().unwrap().clone();
-        let none = module.clone().with_settings(&settings(serde_json::json!({}))).unwrap();
+        let none = module.clone().with_settings(&settings(&[])).unwrap();
         assert_eq!(none.digest(), module.digest(), "no settings leave the module as it is");
         let gcp = module
             .clone()
-            .with_settings(&settings(serde_json::json!({"provider": "gcp"})))
+            .with_settings(&settings(&[("provider", json!("gcp"))]))
             .unwrap();
         let azure = module
             .clone()
-            .with_settings(&settings(serde_json::json!({"provider": "azure"})))
+            .with_settings(&settings(&[("provider", json!("azure"))]))
             .unwrap();
         assert_ne!(gcp.digest(), module.digest());
         assert_ne!(gcp.digest(), azure.digest());
@@ -490,36 +525,58 @@ mod tests {
         // A string is a string: an interpolation in a value stays text.
         let sneaky = module
             .clone()
-            .with_settings(&settings(serde_json::json!({"provider": "\\(#Input)"})))
+            .with_settings(&settings(&[("provider", json!("\\(#Input)"))]))
             .unwrap();
         assert!(sneaky.files()[SETTINGS_FILE].contains(r#""\\(#Input)""#));
 
-        let invalid = |v| module.clone().with_settings(&settings(v)).unwrap_err().to_string();
-        let mut deep = serde_json::json!("x");
-        for _ in 0..=MAX_SETTINGS_DEPTH {
-            deep = serde_json::json!({"a": deep});
-        }
-        assert!(invalid(deep).contains("nested deeper"));
-        assert!(invalid(serde_json::json!({"big": "x".repeat(MAX_SETTINGS_BYTES)})).contains("at most"));
         let undeclared = ModuleFiles::inline("package web\n#Input: {}\n").unwrap();
-        assert!(
-            undeclared
-                .with_settings(&settings(serde_json::json!({"provider": "gcp"})))
-                .unwrap_err()
-                .to_string()
-                .contains("declares no #Settings")
-        );
+        let err = undeclared
+            .with_settings(&settings(&[("provider", json!("gcp"))]))
+            .unwrap_err();
+        assert!(err.to_string().contains("declares no #Settings"), "{err}");
         let own = ModuleFiles::new(BTreeMap::from([
             ("a.cue".to_string(), "package web\n#Settings: {}\n".to_string()),
             (SETTINGS_FILE.to_string(), "package web\n".to_string()),
         ]))
         .unwrap();
         assert!(
-            own.with_settings(&settings(serde_json::json!({"x": 1})))
+            own.with_settings(&settings(&[]))
                 .unwrap_err()
                 .to_string()
                 .contains("its own")
         );
+    }
+
+    #[test]
+    fn dotted_settings_become_nested_fields_and_clashes_are_refused() {
+        let tree = settings_tree(&settings(&[
+            ("provider", json!("gcp")),
+            ("gcp.location", json!("EU")),
+            ("gcp.replicas", json!(3)),
+        ]))
+        .unwrap();
+        assert_eq!(
+            tree,
+            json!({"provider": "gcp", "gcp": {"location": "EU", "replicas": 3}})
+        );
+        for (pairs, why) in [
+            (
+                vec![("gcp", json!("x")), ("gcp.location", json!("EU"))],
+                "set to a value itself",
+            ),
+            (vec![("a..b", json!("x"))], "dotted path"),
+            (vec![("9lives", json!("x"))], "dotted path"),
+            (vec![("a\"}\n#Render: {", json!("x"))], "dotted path"),
+            (vec![("a.b.c.d.e.f.g.h.i", json!("x"))], "dotted path"),
+        ] {
+            let err = settings_tree(&settings(&pairs)).unwrap_err();
+            assert!(err.contains(why), "{pairs:?}: {err}");
+        }
+        let many: Vec<(String, serde_json::Value)> = (0..=crate::api::MAX_SETTINGS)
+            .map(|i| (format!("s{i}"), json!(i)))
+            .collect();
+        let many: Vec<(&str, serde_json::Value)> = many.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        assert!(settings_tree(&settings(&many)).unwrap_err().contains("at most"));
     }
 
     #[test]

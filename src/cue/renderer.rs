@@ -264,7 +264,7 @@ impl Renderer {
                 return Ok(());
             }
             match cli
-                .run(&["export", "./settings", "--out", "json"], Some(&module.dir))
+                .run(&["export", "./settingscheck", "--out", "json"], Some(&module.dir))
                 .await
             {
                 Ok(_) => Ok(()),

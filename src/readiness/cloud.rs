@@ -27,6 +27,8 @@ pub const CONFIG_CONNECTOR_TERMINAL_REASONS: &[&str] = &["UpdateFailed", "Depend
 
 /// Most characters of a controller's message a node's status repeats.
 const MAX_MESSAGE_CHARS: usize = 512;
+/// Most characters of a condition's reason (a CamelCase word by convention).
+const MAX_REASON_CHARS: usize = 64;
 
 impl CloudController {
     /// The controller serving `api_version`'s group, if Pequod knows it.
@@ -75,7 +77,8 @@ pub fn cloud_resource_state(object: &Value) -> GateState {
 }
 
 /// ACK: `ACK.Terminal=True` fails; `ACK.ResourceSynced=True` is ready; `ACK.Recoverable=True`
-/// is an error the controller retries.
+/// is an error the controller retries. ACK's conditions carry no generation: after a spec
+/// change the gate goes by ACK's latest report, which may still be about the previous spec.
 fn ack(object: &Value) -> GateState {
     let name = CloudController::Ack.name();
     if let Some(terminal) = true_condition(object, "ACK.Terminal") {
@@ -107,18 +110,23 @@ fn config_connector(object: &Value) -> GateState {
             "{name} has not reported Ready yet (is it installed and watching this namespace?)"
         ));
     };
-    let status = field(ready, "status");
-    let reason = field(ready, "reason");
-    if status == "False" && CONFIG_CONNECTOR_TERMINAL_REASONS.contains(&reason) {
-        return GateState::Failed(format!("{name} reports {reason}{}", told(ready)));
-    }
+    // A verdict on an earlier spec says nothing of the latest: an old error does not fail it.
     if int(object, "/status/observedGeneration") < int(object, "/metadata/generation") {
         return GateState::Waiting(format!("{name} has not observed the latest spec"));
+    }
+    let status = field(ready, "status");
+    let reason = cut(field(ready, "reason"), MAX_REASON_CHARS);
+    if status == "False" && CONFIG_CONNECTOR_TERMINAL_REASONS.contains(&reason.as_str()) {
+        return GateState::Failed(format!("{name} reports {reason}{}", told(ready)));
     }
     if status == "True" {
         return GateState::Ready;
     }
-    let reason = if reason.is_empty() { "not ready" } else { reason };
+    let reason = if reason.is_empty() {
+        "not ready".to_string()
+    } else {
+        reason
+    };
     GateState::Waiting(format!("{name} reports {reason}{}", told(ready)))
 }
 
@@ -131,14 +139,14 @@ fn azure_service_operator(object: &Value) -> GateState {
             "{name} has not reported Ready yet (is it installed and watching this namespace?)"
         ));
     };
+    let observed = ready.get("observedGeneration").and_then(Value::as_i64).unwrap_or(0);
+    if observed < int(object, "/metadata/generation") {
+        return GateState::Waiting(format!("{name} has not observed the latest spec"));
+    }
     let status = field(ready, "status");
     let severity = field(ready, "severity");
     if status == "False" && severity == "Error" {
         return GateState::Failed(format!("{name} reports an error{}", said(ready)));
-    }
-    let observed = ready.get("observedGeneration").and_then(Value::as_i64).unwrap_or(0);
-    if observed < int(object, "/metadata/generation") {
-        return GateState::Waiting(format!("{name} has not observed the latest spec"));
     }
     match (status, severity) {
         ("True", _) => GateState::Ready,
@@ -170,10 +178,14 @@ fn bounded(parts: [&str; 2]) -> String {
     if parts.is_empty() {
         return String::new();
     }
-    let text = parts.join(": ");
-    match text.char_indices().nth(MAX_MESSAGE_CHARS) {
-        Some((end, _)) => format!(": {}...", &text[..end]),
-        None => format!(": {text}"),
+    format!(": {}", cut(&parts.join(": "), MAX_MESSAGE_CHARS))
+}
+
+/// `text`, of at most `chars` characters and `...`.
+fn cut(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
     }
 }
 
@@ -285,11 +297,20 @@ mod tests {
         for reason in CONFIG_CONNECTOR_TERMINAL_REASONS {
             let failed = json!({"type": "Ready", "status": "False", "reason": reason, "message": "bucket name taken"});
             assert_eq!(
-                cloud_resource_state(&kcc(3, 2, failed)),
-                GateState::Failed(format!("Config Connector reports {reason}: bucket name taken")),
-                "a terminal reason fails even before the generation is observed"
+                cloud_resource_state(&kcc(3, 3, failed.clone())),
+                GateState::Failed(format!("Config Connector reports {reason}: bucket name taken"))
+            );
+            assert_eq!(
+                cloud_resource_state(&kcc(4, 3, failed)),
+                GateState::Waiting("Config Connector has not observed the latest spec".into()),
+                "an error about an earlier spec does not fail the latest"
             );
         }
+        let long = json!({"type": "Ready", "status": "False", "reason": "R".repeat(1000)});
+        let GateState::Waiting(message) = cloud_resource_state(&kcc(1, 1, long)) else {
+            panic!("an unknown reason waits");
+        };
+        assert!(message.len() < 100, "{message}");
         let dependency = json!({"type": "Ready", "status": "False", "reason": "DependencyNotReady", "message": "waiting for project"});
         assert_eq!(
             cloud_resource_state(&kcc(1, 1, dependency)),
@@ -314,8 +335,13 @@ mod tests {
         );
         let error = json!({"type": "Ready", "status": "False", "severity": "Error", "reason": "BadRequest", "message": "name invalid", "observedGeneration": 1});
         assert_eq!(
-            cloud_resource_state(&aso(1, error)),
+            cloud_resource_state(&aso(1, error.clone())),
             GateState::Failed("Azure Service Operator reports an error: BadRequest: name invalid".into())
+        );
+        assert_eq!(
+            cloud_resource_state(&aso(2, error)),
+            GateState::Waiting("Azure Service Operator has not observed the latest spec".into()),
+            "an error about an earlier spec does not fail the latest"
         );
         let warning = json!({"type": "Ready", "status": "False", "severity": "Warning", "reason": "ResourceGroupNotFound", "observedGeneration": 1});
         assert_eq!(

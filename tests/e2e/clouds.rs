@@ -324,12 +324,25 @@ async fn the_same_webapp_moves_to_gke_by_the_platforms_setting() {
     let (env, transforms) = setup("cloud-gke").await;
     install_cloud_crd(&env.client, KCC_BUCKET_CRD).await;
 
+    // Settings are flat: a nested value is refused by the apiserver, so no Transform holds one
+    // deeper than a client can decode.
+    let nested = json!({
+        "apiVersion": "platform.platform.example.com/v1alpha1", "kind": "Transform",
+        "metadata": {"name": "webapp"},
+        "spec": {"cueRef": {"type": "embedded", "ref": "webapp"}, "settings": {"gcp": {"location": "EU"}}},
+    });
+    let refused = transforms
+        .patch("webapp", &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(nested))
+        .await
+        .unwrap_err();
+    assert!(matches!(&refused, kube::Error::Api(s) if s.code == 422), "{refused}");
+
     // Settings the module does not declare are refused, with the module's words.
     apply_transform(
         &transforms,
         "webapp",
         json!({"cueRef": {"type": "embedded", "ref": "webapp"}, "group": group(&env),
-               "settings": {"provider": "gcp", "zone": "europe-west1-b"}}),
+               "settings": {"provider": "gcp", "gcp.zone": "europe-west1-b"}}),
     )
     .await;
     let (_, message) = failed(&transforms, "webapp", "SchemaExtracted", "InvalidSettings").await;
@@ -338,7 +351,7 @@ async fn the_same_webapp_moves_to_gke_by_the_platforms_setting() {
     let webapps = serve_webapp(
         &env,
         &transforms,
-        json!({"provider": "gcp", "bucketPrefix": "acme-", "gcp": {"location": "EU"}}),
+        json!({"provider": "gcp", "bucketPrefix": "acme-", "gcp.location": "EU"}),
         ("storage.cnrm.cloud.google.com", "storagebuckets"),
     )
     .await;

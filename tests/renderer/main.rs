@@ -775,9 +775,7 @@ fn pequod_render_shows_the_database_example() {
 
 /// The embedded webapp module with a platform's settings, as a Transform would load it.
 async fn webapp(h: &Harness, settings: Value) -> Result<pequod::cue::Module, pequod::cue::RenderError> {
-    let Value::Object(settings) = settings else {
-        panic!("settings are a map");
-    };
+    let settings: pequod::api::Settings = serde_json::from_value(settings).unwrap();
     let files = ModuleFiles::embedded("webapp").unwrap().with_settings(&settings)?;
     let module = h.renderer.load(files, "webapp").await?;
     h.renderer.schema(&module).await?;
@@ -791,12 +789,9 @@ async fn the_same_webapp_renders_each_clouds_bucket_by_the_platforms_setting() {
     let mut schemas = Vec::new();
     let mut rendered = BTreeMap::new();
     for (provider, settings) in [
-        ("aws", json!({"aws": {"region": "eu-west-1"}})),
-        ("gcp", json!({"provider": "gcp", "gcp": {"location": "EU"}})),
-        (
-            "azure",
-            json!({"provider": "azure", "azure": {"blobService": "team-blob"}}),
-        ),
+        ("aws", json!({"aws.region": "eu-west-1"})),
+        ("gcp", json!({"provider": "gcp", "gcp.location": "EU"})),
+        ("azure", json!({"provider": "azure", "azure.blobService": "team-blob"})),
     ] {
         let module = webapp(&h, settings).await.unwrap();
         schemas.push(h.renderer.schema(&module).await.unwrap().spec.clone());
@@ -889,7 +884,7 @@ async fn webapp_deletion_policy_and_adoption_use_each_controllers_annotations() 
         json!({
             "services.k8s.aws/deletion-policy": "delete",
             "services.k8s.aws/adoption-policy": "adopt",
-            "services.k8s.aws/adoption-fields": "{\"name\":\"old-photos\"}",
+            "services.k8s.aws/adoption-fields": "{\"name\":\"team-old-photos\"}",
         })
     );
     let gcp = webapp(&h, json!({"provider": "gcp"})).await.unwrap();
@@ -898,7 +893,7 @@ async fn webapp_deletion_policy_and_adoption_use_each_controllers_annotations() 
         annotations(&out),
         json!({"cnrm.cloud.google.com/deletion-policy": "delete"})
     );
-    let azure = webapp(&h, json!({"provider": "azure", "azure": {"blobService": "b"}}))
+    let azure = webapp(&h, json!({"provider": "azure", "azure.blobService": "b"}))
         .await
         .unwrap();
     let out = h.renderer.render(&azure, delete).await.unwrap();
@@ -907,19 +902,36 @@ async fn webapp_deletion_policy_and_adoption_use_each_controllers_annotations() 
         json!({"serviceoperator.azure.com/reconcile-policy": "manage"})
     );
 
-    // Adopting takes the bucket's name; a default name too long for the clouds is refused.
-    let nameless = input("photos", json!({"image": "nginx:1.27", "bucket": {"adopt": true}}));
-    let long = input(&"a".repeat(60), json!({"image": "nginx:1.27", "bucket": {}}));
-    for (instance, path) in [(nameless, "spec.bucket.adopt"), (long, "spec.bucket.name")] {
-        let out = h.renderer.render(&aws, instance).await.unwrap();
-        let errors: Vec<&str> = out
-            .violations
-            .iter()
-            .filter(|v| v.severity == pequod::api::Severity::Error)
-            .map(|v| v.path.as_str())
-            .collect();
-        assert_eq!(errors, [path]);
-    }
+    // A bucket's name is always its namespace's: no team names, adopts or deletes another's.
+    let other = input(
+        "photos",
+        json!({"image": "nginx:1.27", "bucket": {"name": "acme-prod-team-b-photos", "adopt": true}}),
+    );
+    let out = h.renderer.render(&aws, other).await.unwrap();
+    assert_eq!(out.nodes[0].object["spec"]["name"], "team-acme-prod-team-b-photos");
+    let prefixed = webapp(&h, json!({"bucketPrefix": "acme-prod-"})).await.unwrap();
+    let out = h
+        .renderer
+        .render(
+            &prefixed,
+            input("photos", json!({"image": "nginx:1.27", "bucket": {"name": "x1"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.nodes[0].object["spec"]["name"], "acme-prod-team-x1");
+    let uncut = "a".repeat(60);
+    let long = input(&uncut, json!({"image": "nginx:1.27", "bucket": {}}));
+    let out = h.renderer.render(&aws, long).await.unwrap();
+    let errors: Vec<&str> = out
+        .violations
+        .iter()
+        .filter(|v| v.severity == pequod::api::Severity::Error)
+        .map(|v| v.path.as_str())
+        .collect();
+    assert_eq!(errors, ["spec.bucket.name"]);
+    // Nor can a name leave the namespace's by its pattern.
+    let escape = input("photos", json!({"image": "nginx:1.27", "bucket": {"name": "../other"}}));
+    assert!(h.renderer.render(&aws, escape).await.is_err());
 }
 
 #[tokio::test]
@@ -930,6 +942,11 @@ async fn settings_outside_the_modules_settings_are_refused_before_any_render() {
         async move { webapp(h, settings).await.unwrap_err() }
     };
     let unknown = refused(json!({"provider": "gcp", "zone": "x"})).await;
+    let nested_unknown = refused(json!({"provider": "gcp", "gcp.zone": "x"})).await;
+    assert!(
+        nested_unknown.to_string().contains("zone: field not allowed"),
+        "{nested_unknown}"
+    );
     assert_eq!(unknown.reason(), "InvalidSettings");
     assert!(unknown.to_string().contains("zone: field not allowed"), "{unknown}");
     let wrong = refused(json!({"provider": "ibm"})).await;
@@ -941,7 +958,7 @@ async fn settings_outside_the_modules_settings_are_refused_before_any_render() {
     // A module that declares no #Settings takes none.
     let err = ModuleFiles::embedded("webservice")
         .unwrap()
-        .with_settings(json!({"provider": "gcp"}).as_object().unwrap())
+        .with_settings(&serde_json::from_value(json!({"provider": "gcp"})).unwrap())
         .unwrap_err();
     assert!(err.to_string().contains("declares no #Settings"), "{err}");
 }

@@ -537,7 +537,7 @@ async fn fetch_failed(
 async fn load_module(
     ctx: &Context,
     fetched: crate::source::Fetched,
-    settings: &serde_json::Map<String, serde_json::Value>,
+    settings: &crate::api::Settings,
     settled: &Action,
 ) -> Result<
     (
