@@ -503,7 +503,15 @@ fn print_plan(plan: &Plan) {
             };
             println!("{instance:<40} {what:<8} {:<40} {detail}", object.to_string());
         }
-        if p.error.is_none() && p.changes.is_empty() && p.violations.is_empty() {
+        for r in &p.reads {
+            println!(
+                "{instance:<40} {:<8} {:<40} {}",
+                "read",
+                r.object.to_string(),
+                r.observed
+            );
+        }
+        if p.error.is_none() && p.changes.is_empty() && p.violations.is_empty() && p.reads.is_empty() {
             println!("{instance:<40} {:<8} {:<40}", "none", "-");
         }
     }

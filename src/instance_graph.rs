@@ -139,8 +139,10 @@ pub enum Scope {
 }
 
 /// Keeps every rendered object inside the instance's namespace: a missing namespace is filled
-/// in, another namespace is a violation, and cluster-scoped objects are violations unless the
-/// Transform allows them. A developer must not reach outside their namespace through a module.
+/// in, another namespace is a violation (except for a `Read` node, which the executor checks
+/// against the Transform's readNamespaces), and cluster-scoped objects are violations unless
+/// the Transform allows them. A developer must not reach outside their namespace through a
+/// module.
 pub fn confine(
     nodes: &mut [Node],
     namespace: &str,
@@ -151,6 +153,9 @@ pub fn confine(
     for node in nodes.iter_mut() {
         let scope = scope_of(node);
         let kind = node.kind().to_string();
+        // What a Read node may read elsewhere is the executor's to decide, with its
+        // Transform's readNamespaces and the rights of whoever reads.
+        let read = node.is_read();
         let Some(meta) = node.object.get_mut("metadata").and_then(Value::as_object_mut) else {
             continue;
         };
@@ -171,7 +176,7 @@ pub fn confine(
             }),
             Scope::Cluster => {}
             Scope::Namespaced | Scope::Unknown => match declared {
-                Some(other) if other != namespace => violations.push(Violation {
+                Some(other) if other != namespace && !read => violations.push(Violation {
                     path: format!("nodes.{}.metadata.namespace", node.id),
                     message: format!(
                         "{kind} {name} targets namespace {other}; objects of an instance must stay in its namespace {namespace}"

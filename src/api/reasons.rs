@@ -66,6 +66,8 @@ pub const VALID: &str = "Valid";
 pub const DEPRECATED_SHAPE: &str = "DeprecatedShape";
 pub const INVALID_GRAPH: &str = "InvalidGraph";
 pub const APPLY_FAILED: &str = "ApplyFailed";
+/// A `Read` node's selector matches more than one object.
+pub const READ_FAILED: &str = "ReadFailed";
 pub const ADOPTION_FAILED: &str = "AdoptionFailed";
 pub const READINESS_TIMEOUT: &str = "ReadinessTimeout";
 pub const READINESS_FAILED: &str = "ReadinessFailed";

@@ -222,6 +222,10 @@ pub struct Node {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub ready_when: Vec<ReadyGate>,
+    /// `Read` nodes only: the labels of the one object to read, instead of its name in
+    /// `resource.metadata.name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
 
 /// A node in the shape of earlier releases (`object`, `dependsOn`), still read.
@@ -253,6 +257,7 @@ impl From<LegacyNode> for Node {
             apply_policy: n.apply_policy,
             depends_on: n.depends_on,
             ready_when: n.ready_when,
+            selector: None,
         }
     }
 }
@@ -272,6 +277,12 @@ impl Node {
             .get("kind")
             .and_then(serde_json::Value::as_str)
             .unwrap_or_default()
+    }
+
+    /// Whether Pequod only reads the node's object: never creates, updates, adopts, prunes or
+    /// deletes it.
+    pub fn is_read(&self) -> bool {
+        self.apply_policy.mode == ApplyMode::Read
     }
 
     /// The object's `metadata.name` (empty when missing; validation refuses such graphs).
@@ -298,13 +309,16 @@ pub struct ApplyPolicy {
 }
 
 /// Apply: server-side apply on every reconcile. Create: create when absent, never update.
-/// Adopt: take ownership of an existing object with a forced apply.
+/// Adopt: take ownership of an existing object with a forced apply. Read: an object someone
+/// else manages, named by `resource` (or found by `selector`): read and watched for its
+/// fields, never written, adopted, pruned or deleted.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum ApplyMode {
     #[default]
     Apply,
     Create,
     Adopt,
+    Read,
 }
 
 /// What to do when another field manager owns a field: Error stops, Force takes it over.
@@ -469,6 +483,9 @@ pub struct NodeState {
     pub previous_managers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_ref: Option<ResourceRef>,
+    /// `Read` nodes: the resourceVersion of the object as last read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_resource_version: Option<String>,
 }
 
 impl NodeState {
@@ -484,6 +501,7 @@ impl NodeState {
             adopted: None,
             previous_managers: Vec::new(),
             resource_ref: None,
+            observed_resource_version: None,
         }
     }
 }

@@ -68,6 +68,15 @@ pub struct TransformSpec {
     /// through a module.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_cluster_scoped_resources: bool,
+    /// Namespaces besides each instance's own whose objects the module's `Read` nodes may
+    /// read (a platform ConfigMap, say). Reads of a Transform outside the trusted namespaces
+    /// are made as its graphs' service account, whatever this says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))
+    )]
+    pub read_namespaces: Vec<String>,
     /// How a new module version reaches the instances (by default all at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutPolicy>,

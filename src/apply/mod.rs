@@ -272,13 +272,19 @@ impl Applier {
             ApplyMode::Apply => "Apply",
             ApplyMode::Create => "Create",
             ApplyMode::Adopt => "Adopt",
+            ApplyMode::Read => {
+                return Err(ApplyError::Invalid {
+                    message: format!("node {} is read, never written", node.id),
+                });
+            }
         };
         self.fenced()?;
         let gvk = resolved.key();
         let started = Instant::now();
         let result = match policy.mode {
             ApplyMode::Create => self.create(resolved, desired, live).await,
-            ApplyMode::Apply => {
+            // Read returned above.
+            ApplyMode::Apply | ApplyMode::Read => {
                 let force = policy.conflict_policy == ConflictPolicy::Force || reclaim;
                 self.server_side_apply(resolved, desired, manager, force)
                     .await
@@ -416,6 +422,28 @@ impl Applier {
         self.server_side_apply(resolved, empty, manager, false)
             .await
             .map(|_| ())
+    }
+
+    /// The kind's API as this applier's identity: what a watch of objects it reads is made with.
+    pub fn api(&self, resolved: &Resolved, namespace: Option<&str>) -> Api<DynamicObject> {
+        resolved.api(&self.client, namespace)
+    }
+
+    /// The objects `selector` matches, at most `limit` of them, from the apiserver.
+    pub async fn list_selected(
+        &self,
+        resolved: &Resolved,
+        namespace: Option<&str>,
+        selector: &str,
+        limit: u32,
+    ) -> Result<Vec<DynamicObject>, ApplyError> {
+        let params = kube::api::ListParams::default().labels(selector).limit(limit);
+        resolved
+            .api(&self.client, namespace)
+            .list(&params)
+            .await
+            .map(|list| list.items)
+            .map_err(|e| self.classify(resolved, e))
     }
 
     /// Reads an object directly from the apiserver.

@@ -21,7 +21,7 @@ use crate::executor::ownership::refusal;
 use crate::executor::write::field_manager;
 use crate::instance_graph::{graph_name, label_value};
 use crate::rollout::InstanceKey;
-use crate::rollout::plan::{Change, InstancePlan};
+use crate::rollout::plan::{Change, InstancePlan, ReadPlan, UNKNOWN_UNTIL_APPLIED};
 
 /// What planning needs from the operator.
 pub struct Tools<'a> {
@@ -105,6 +105,7 @@ async fn plan_instance(
         changes: Vec::new(),
         violations: Vec::new(),
         error: None,
+        reads: Vec::new(),
     };
     let output = match rendered {
         Ok(output) => output,
@@ -117,11 +118,46 @@ async fn plan_instance(
     plan.violations = violations;
     let current = graph.map(|g| g.spec.graph.nodes.as_slice()).unwrap_or_default();
     let changes = crate::rollout::plan::diff(current, &nodes);
+    plan.reads = observe_reads(tools, &nodes, &namespace).await;
     plan.changes = match graph {
         Some(graph) => check_live(tools, graph, &nodes, changes).await,
         None => changes,
     };
     plan
+}
+
+/// What the `Read` nodes would read now, with the planner's rights: each object's
+/// resourceVersion, `absent`, or [`UNKNOWN_UNTIL_APPLIED`] when it cannot be read.
+async fn observe_reads(tools: &Tools<'_>, nodes: &[crate::api::Node], namespace: &str) -> Vec<ReadPlan> {
+    let mut reads = crate::rollout::plan::reads(nodes);
+    for (plan, node) in reads.iter_mut().zip(nodes.iter().filter(|n| n.is_read())) {
+        let Ok(resolved) = tools.applier.resolve(node.api_version(), node.kind()).await else {
+            continue;
+        };
+        let namespace = resolved.namespaced.then(|| {
+            node.object
+                .pointer("/metadata/namespace")
+                .and_then(|v| v.as_str())
+                .unwrap_or(namespace)
+        });
+        let found = match &node.selector {
+            None => tools.applier.get(&resolved, namespace, node.name()).await,
+            Some(selector) => match kube::core::Selector::try_from(selector.clone()) {
+                Ok(selector) => tools
+                    .applier
+                    .list_selected(&resolved, namespace, &selector.to_string(), 2)
+                    .await
+                    .map(|items| (items.len() == 1).then(|| items.into_iter().next()).flatten()),
+                Err(_) => continue,
+            },
+        };
+        plan.observed = match found {
+            Ok(Some(object)) => format!("resourceVersion {}", object.resource_version().unwrap_or_default()),
+            Ok(None) => "absent (or not exactly one match): its dependants would wait".to_string(),
+            Err(_) => UNKNOWN_UNTIL_APPLIED.to_string(),
+        };
+    }
+    reads
 }
 
 /// Checks each update against the live object with a server-side apply dry run, as the graph's

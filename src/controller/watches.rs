@@ -55,6 +55,8 @@ pub struct ObjectWatches {
     graphs: Arc<OnceLock<Store<ResourceGraph>>>,
     /// The shards this replica holds, when graphs are shared among replicas.
     shards: Arc<OnceLock<Arc<Shards>>>,
+    /// Watches of the objects graphs read but do not manage.
+    reads: ExternalWatches,
 }
 
 /// The object as it is: from its kind's cache when `watches` are given, the cache has it and
@@ -92,6 +94,7 @@ impl ObjectWatches {
         (
             Arc::new(Self {
                 client,
+                reads: ExternalWatches::new(trigger.clone(), shutdown.clone()),
                 trigger,
                 kinds: Mutex::default(),
                 shutdown,
@@ -122,6 +125,11 @@ impl ObjectWatches {
                 }
             }
         });
+    }
+
+    /// The watches of objects graphs read but do not manage (`Read` nodes).
+    pub fn reads(&self) -> &ExternalWatches {
+        &self.reads
     }
 
     /// Hands over the ResourceGraph controller's cache, against which objects are checked.
@@ -585,6 +593,131 @@ fn owning_graph(obj: &DynamicObject) -> Option<ObjectRef<ResourceGraph>> {
     )?;
     let namespace = graph.namespace.or(obj.metadata.namespace.as_deref())?;
     Some(ObjectRef::new(graph.name).within(namespace))
+}
+
+/// What a `Read` node reads: its kind, namespace, name or label selector, and whose rights it
+/// is read with (None: the operator's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReadTarget {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub selector: Option<String>,
+    pub reader: Option<String>,
+}
+
+/// Most objects watched for `Read` nodes at once, over all graphs; past it a graph's reads are
+/// looked at again on a timer (see [`ExternalWatches::keep`]).
+pub const MAX_READ_WATCHES: usize = 1000;
+
+type Readers = Arc<Mutex<std::collections::HashSet<ObjectRef<ResourceGraph>>>>;
+
+struct ReadWatch {
+    /// The graphs that read the object, woken by its changes.
+    graphs: Readers,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ReadWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Watches of objects graphs read but do not manage (`Read` nodes): one per object (or
+/// selector) and reader, shared by the graphs that read it, each made with the reader's own
+/// rights, so that a watch the reader may not make fails as its read does. A change wakes every
+/// graph that reads the object.
+pub struct ExternalWatches {
+    trigger: mpsc::UnboundedSender<ObjectRef<ResourceGraph>>,
+    watches: Mutex<HashMap<ReadTarget, ReadWatch>>,
+    shutdown: Shutdown,
+}
+
+impl ExternalWatches {
+    fn new(trigger: mpsc::UnboundedSender<ObjectRef<ResourceGraph>>, shutdown: Shutdown) -> Self {
+        Self {
+            trigger,
+            watches: Mutex::default(),
+            shutdown,
+        }
+    }
+
+    /// Makes `graph` watch exactly `targets` (each with the API it is read through), and no
+    /// longer any other object; watches no graph needs stop. Returns whether every target is
+    /// watched (false past [`MAX_READ_WATCHES`]: the caller looks again on a timer).
+    pub fn keep(&self, graph: &ObjectRef<ResourceGraph>, targets: Vec<(ReadTarget, Api<DynamicObject>)>) -> bool {
+        let mut watches = lock(&self.watches);
+        let wanted: std::collections::HashSet<&ReadTarget> = targets.iter().map(|(t, _)| t).collect();
+        watches.retain(|target, watch| {
+            let mut graphs = lock(&watch.graphs);
+            if !wanted.contains(target) {
+                graphs.remove(graph);
+            }
+            !graphs.is_empty()
+        });
+        let mut all = true;
+        for (target, api) in targets {
+            if let Some(watch) = watches.get(&target) {
+                lock(&watch.graphs).insert(graph.clone());
+                continue;
+            }
+            if watches.len() >= MAX_READ_WATCHES {
+                all = false;
+                continue;
+            }
+            let graphs: Readers = Arc::new(Mutex::new(std::collections::HashSet::from([graph.clone()])));
+            let task = self.start(&target, api, graphs.clone());
+            watches.insert(target, ReadWatch { graphs, task });
+        }
+        all
+    }
+
+    /// How many objects are watched for `Read` nodes.
+    pub fn len(&self) -> usize {
+        lock(&self.watches).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn start(&self, target: &ReadTarget, api: Api<DynamicObject>, graphs: Readers) -> tokio::task::JoinHandle<()> {
+        let mut config = watcher::Config::default();
+        if let Some(name) = &target.name {
+            config = config.fields(&format!("metadata.name={name}"));
+        }
+        if let Some(selector) = &target.selector {
+            config = config.labels(selector);
+        }
+        let (trigger, shutdown, kind) = (self.trigger.clone(), self.shutdown.clone(), target.kind.clone());
+        tokio::spawn(async move {
+            // The first list is what the graph has just read; every later event is news,
+            // including a relist after a gap (it may hold a change made meanwhile).
+            let mut listed = false;
+            let events = watcher(api, config).default_backoff().for_each(|event| {
+                let news = match event {
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => true,
+                    Ok(watcher::Event::InitDone) => std::mem::replace(&mut listed, true),
+                    Ok(_) => false,
+                    Err(e) => {
+                        tracing::debug!(%kind, error = %e, "watch of a read object failed; retrying");
+                        false
+                    }
+                };
+                if news {
+                    for graph in lock(&graphs).iter() {
+                        let _ = trigger.send(graph.clone());
+                    }
+                }
+                futures::future::ready(())
+            });
+            tokio::select! {
+                _ = events => {}
+                _ = shutdown.wait() => {}
+            }
+        })
+    }
 }
 
 #[cfg(test)]

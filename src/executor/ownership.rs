@@ -92,6 +92,10 @@ pub fn refusal(mode: ApplyMode, live: &Value, graph: &GraphIdentity, managers: &
         meta["name"].as_str().unwrap_or_default()
     );
     match (owner(live, graph), mode) {
+        (_, ApplyMode::Read) => Some(Refusal {
+            reason: "NotAllowed",
+            message: format!("{what} is read by this graph, never written"),
+        }),
         (Owner::ThisGraph | Owner::Predecessor, _) | (_, ApplyMode::Create) | (Owner::Nobody, ApplyMode::Adopt) => None,
         (Owner::AnotherGraph(other), _) => Some(Refusal {
             reason: "OwnedByAnotherGraph",

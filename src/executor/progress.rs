@@ -393,9 +393,11 @@ pub fn refused(
     time: &Time,
     generation: Option<i64>,
 ) -> bool {
+    // Ready says why too: it is what an instance shows of its graph.
+    let not_applied = format!("the graph is not applied, nothing was written: {message}");
     for condition in [
         Condition::new(VALID, false, reason, message),
-        Condition::new(READY, false, reason, "the graph is not applied; nothing was written"),
+        Condition::new(READY, false, reason, not_applied),
         Condition::new(PROGRESSING, false, reason, "the graph is not applied"),
         Condition::new(DEGRADED, true, reason, message),
     ] {
@@ -511,6 +513,7 @@ mod tests {
             adopted: None,
             previous_managers: Vec::new(),
             resource_ref: None,
+            observed_resource_version: None,
         }
     }
 

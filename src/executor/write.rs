@@ -62,6 +62,50 @@ pub fn confinement(node: &Node, namespaced: bool, graph_namespace: &str, origin:
     None
 }
 
+/// Where a graph's `Read` nodes may read besides its own namespace, when it reads with the
+/// operator's rights: its Transform's `readNamespaces`. A graph that acts as a service account
+/// reads wherever the apiserver lets that account read.
+pub fn read_confinement(
+    node: &Node,
+    namespaced: bool,
+    graph_namespace: &str,
+    origin: Origin,
+    readable: &[String],
+) -> Option<Refusal> {
+    let what = format!("{} {}", node.kind(), node.name());
+    let refuse = |why: String| {
+        Some(Refusal {
+            reason: "NotAllowed",
+            message: format!("node {}: reading {what} {why}; nothing was read", node.id),
+        })
+    };
+    let operator = matches!(origin, Origin::Rendered(Allowance::Namespace | Allowance::Cluster));
+    if !namespaced {
+        return match origin {
+            Origin::Rendered(Allowance::Cluster) | Origin::HandWritten | Origin::Rendered(Allowance::Restricted) => {
+                None
+            }
+            Origin::Rendered(_) => {
+                refuse("is cluster-scoped and the graph's Transform does not allow cluster-scoped objects".into())
+            }
+        };
+    }
+    match node.object["metadata"]["namespace"]
+        .as_str()
+        .filter(|ns| !ns.is_empty())
+    {
+        Some(other) if other != graph_namespace && operator && !readable.iter().any(|r| r == other) => refuse(format!(
+            "in namespace {other} is not allowed: its Transform's readNamespaces are {}",
+            if readable.is_empty() {
+                "none".to_string()
+            } else {
+                readable.join(", ")
+            }
+        )),
+        _ => None,
+    }
+}
+
 /// The field manager a node's object is applied with: the node's own, else one per graph, so
 /// that the apiserver itself reports two graphs setting the same field. Bounded: `pequod-`
 /// and a uid are 43 characters.
@@ -149,7 +193,7 @@ pub fn decide_write(
         set_annotation(&mut desired, ADOPTED_FROM_ANNOTATION, from);
     }
     let write = match node.apply_policy.mode {
-        ApplyMode::Create => Write::Nothing,
+        ApplyMode::Create | ApplyMode::Read => Write::Nothing,
         _ if owner == Owner::Predecessor || !earlier_managers.is_empty() => Write::Apply {
             reclaim: true,
             take_over: owner == Owner::Predecessor,
@@ -277,6 +321,79 @@ mod tests {
             o["metadata"]["namespace"] = json!(ns);
         }
         o
+    }
+
+    #[test]
+    fn read_nodes_read_elsewhere_only_where_their_transform_or_the_apiserver_allows() {
+        let read = |namespace: Option<&str>| node(object("v1", "ConfigMap", namespace), ApplyMode::Read, json!([]));
+        let platform = vec!["platform".to_string()];
+        let rendered = Origin::Rendered(Allowance::Namespace);
+        #[rustfmt::skip]
+        type Case<'a> = (&'a str, Option<&'a str>, bool, Origin, &'a [String], bool);
+        let cases: Vec<Case> = vec![
+            ("own namespace, rendered", Some("team"), true, rendered, &[], true),
+            ("no namespace, rendered", None, true, rendered, &[], true),
+            (
+                "a readNamespace, rendered",
+                Some("platform"),
+                true,
+                rendered,
+                &platform,
+                true,
+            ),
+            (
+                "another namespace, rendered",
+                Some("kube-system"),
+                true,
+                rendered,
+                &platform,
+                false,
+            ),
+            // As a service account: the apiserver decides.
+            (
+                "another namespace, hand-written",
+                Some("kube-system"),
+                true,
+                Origin::HandWritten,
+                &[],
+                true,
+            ),
+            (
+                "another namespace, untrusted Transform",
+                Some("kube-system"),
+                true,
+                Origin::Rendered(Allowance::Restricted),
+                &[],
+                true,
+            ),
+            (
+                "cluster-scoped, rendered without allowance",
+                None,
+                false,
+                rendered,
+                &[],
+                false,
+            ),
+            (
+                "cluster-scoped, rendered with allowance",
+                None,
+                false,
+                Origin::Rendered(Allowance::Cluster),
+                &[],
+                true,
+            ),
+        ];
+        for (case, namespace, namespaced, origin, readable, allowed) in cases {
+            let refusal = read_confinement(&read(namespace), namespaced, "team", origin, readable);
+            assert_eq!(refusal.is_none(), allowed, "{case}: {refusal:?}");
+            if let Some(r) = refusal {
+                assert!(r.message.ends_with("nothing was read"), "{case}: {}", r.message);
+            }
+        }
+        let message = read_confinement(&read(Some("kube-system")), true, "team", rendered, &platform)
+            .unwrap()
+            .message;
+        assert!(message.contains("readNamespaces are platform"), "{message}");
     }
 
     #[test]

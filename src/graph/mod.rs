@@ -130,6 +130,7 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
         edges.add_node(position, node)?;
         check_node(node)?;
     }
+    check_read_and_written(nodes)?;
     for node in nodes {
         for dep in &node.depends_on {
             if !edges.index.contains_key(dep.as_str()) {
@@ -179,8 +180,129 @@ fn check_size(nodes: &[Node]) -> Result<(), GraphError> {
     Ok(())
 }
 
+/// A graph does not both read and write one object: the write would make it the graph's, and
+/// the read would leave it out of the inventory.
+fn check_read_and_written(nodes: &[Node]) -> Result<(), GraphError> {
+    let identity = |n: &Node| {
+        (
+            n.kind().to_string(),
+            n.object
+                .pointer("/metadata/namespace")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            n.name().to_string(),
+        )
+    };
+    let written: BTreeMap<_, &str> = nodes
+        .iter()
+        .filter(|n| !n.is_read())
+        .map(|n| (identity(n), n.id.as_str()))
+        .collect();
+    for read in nodes.iter().filter(|n| n.is_read() && !n.name().is_empty()) {
+        if let Some(writer) = written.get(&identity(read)) {
+            return Err(GraphError::NotAllowed {
+                node: read.id.clone(),
+                why: format!("reads {} {}, which node {writer} writes", read.kind(), read.name()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Most label requirements of a `Read` node's selector.
+pub const MAX_SELECTOR_TERMS: usize = 16;
+
+/// A `Read` node names an object (by `metadata.name`, or by `selector`), it does not describe
+/// one: anything else in `resource` would be ignored, so it is refused.
+fn check_read_node(node: &Node) -> Result<(), GraphError> {
+    let bad = |problem: String| GraphError::MalformedObject {
+        node: node.id.clone(),
+        problem,
+    };
+    let obj = node
+        .object
+        .as_object()
+        .ok_or_else(|| bad("is not a JSON object".into()))?;
+    if node.api_version().is_empty() || node.kind().is_empty() {
+        return Err(bad("has no apiVersion or kind".into()));
+    }
+    if let Some(extra) = obj
+        .keys()
+        .find(|k| !["apiVersion", "kind", "metadata"].contains(&k.as_str()))
+    {
+        return Err(bad(format!(
+            "has {extra}: a Read node names an object (apiVersion, kind, metadata.name or selector, metadata.namespace), it does not describe one"
+        )));
+    }
+    let metadata = obj.get("metadata").and_then(|m| m.as_object());
+    if let Some(extra) = metadata
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .find(|k| !["name", "namespace"].contains(&k.as_str()))
+    {
+        return Err(bad(format!(
+            "has metadata.{extra}: a Read node names an object, it does not describe one"
+        )));
+    }
+    if node.object.to_string().contains("${") {
+        return Err(bad(
+            "references a live field: what a Read node reads is known before anything is applied".into(),
+        ));
+    }
+    match (node.name().is_empty(), &node.selector) {
+        (false, None) => {
+            crate::naming::name_problem(node.api_version(), node.kind(), node.name()).map_or(Ok(()), |problem| {
+                Err(GraphError::InvalidName {
+                    node: node.id.clone(),
+                    problem,
+                })
+            })
+        }
+        (true, Some(selector)) => check_selector(selector).map_err(bad),
+        (false, Some(_)) => Err(bad(
+            "has both metadata.name and a selector; a Read node reads by one".into()
+        )),
+        (true, None) => Err(bad("has neither metadata.name nor a selector".into())),
+    }?;
+    if node.apply_policy.field_manager.is_some() {
+        return Err(bad("sets applyPolicy.fieldManager; a Read node is never written".into()));
+    }
+    Ok(())
+}
+
+/// Why a `Read` node's selector cannot be used, if it cannot: it must select something (an
+/// empty selector matches every object), within [`MAX_SELECTOR_TERMS`].
+fn check_selector(selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> Result<(), String> {
+    let terms = selector.match_labels.as_ref().map_or(0, |m| m.len())
+        + selector.match_expressions.as_ref().map_or(0, |e| e.len());
+    if terms == 0 {
+        return Err("has an empty selector, which would match every object".into());
+    }
+    if terms > MAX_SELECTOR_TERMS {
+        return Err(format!(
+            "has a selector of {terms} terms; at most {MAX_SELECTOR_TERMS} are allowed"
+        ));
+    }
+    kube::core::Selector::try_from(selector.clone())
+        .map(|_| ())
+        .map_err(|e| format!("has an invalid selector: {e}"))
+}
+
 /// One node on its own: its object, the Secret values it asks Pequod to generate, its gates.
 fn check_node(node: &Node) -> Result<(), GraphError> {
+    if node.is_read() {
+        check_read_node(node)?;
+        check_sensitive_gates(node)?;
+        return check_gates(node);
+    }
+    if node.selector.is_some() {
+        return Err(GraphError::MalformedObject {
+            node: node.id.clone(),
+            problem: "has a selector, which only a Read node may have".into(),
+        });
+    }
     check_object(node)?;
     generated::check(
         node.api_version(),
@@ -193,6 +315,11 @@ fn check_node(node: &Node) -> Result<(), GraphError> {
         problem,
     })?;
     check_sensitive_gates(node)?;
+    check_gates(node)
+}
+
+/// Its readiness expressions compile, and its cloud gates name a cloud controller's kind.
+fn check_gates(node: &Node) -> Result<(), GraphError> {
     for gate in node
         .ready_when
         .iter()
@@ -823,5 +950,65 @@ mod tests {
         let err = validate(&[with_gate("apps/v1")]).unwrap_err();
         assert_eq!(err.reason(), "InvalidGraph");
         assert!(err.to_string().contains("not apps/v1"), "{err}");
+    }
+
+    #[test]
+    fn read_nodes_name_one_object_and_describe_nothing() {
+        let read = |resource: serde_json::Value, extra: serde_json::Value| -> Node {
+            let mut node = json!({"id": "endpoint", "resource": resource, "applyPolicy": {"mode": "Read"}});
+            node.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            serde_json::from_value(node).unwrap()
+        };
+        let cm = |metadata: serde_json::Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata});
+        let by_name = read(cm(json!({"name": "db", "namespace": "platform"})), json!({}));
+        assert!(validate(std::slice::from_ref(&by_name)).is_ok());
+        let by_labels = read(
+            cm(json!({"namespace": "platform"})),
+            json!({"selector": {"matchLabels": {"app": "db"}}}),
+        );
+        assert!(validate(&[by_labels]).is_ok());
+        for (node, why) in [
+            (
+                read(
+                    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "db"}, "data": {"a": "b"}}),
+                    json!({}),
+                ),
+                "does not describe one",
+            ),
+            (
+                read(cm(json!({"name": "db", "labels": {"a": "b"}})), json!({})),
+                "metadata.labels",
+            ),
+            (read(cm(json!({})), json!({})), "neither metadata.name nor a selector"),
+            (
+                read(
+                    cm(json!({"name": "db"})),
+                    json!({"selector": {"matchLabels": {"a": "b"}}}),
+                ),
+                "both",
+            ),
+            (read(cm(json!({})), json!({"selector": {}})), "empty selector"),
+            (
+                read(cm(json!({"name": "${other.metadata.name}"})), json!({})),
+                "live field",
+            ),
+        ] {
+            let err = validate(&[node]).unwrap_err();
+            assert!(err.to_string().contains(why), "{why}: {err}");
+        }
+        // A graph does not both write and read one object, and only Read nodes select.
+        let written: Node =
+            serde_json::from_value(json!({"id": "db", "resource": cm(json!({"name": "db", "namespace": "platform"}))}))
+                .unwrap();
+        let err = validate(&[written.clone(), by_name]).unwrap_err();
+        assert!(err.to_string().contains("which node db writes"), "{err}");
+        let mut selecting = written;
+        selecting.selector = Some(serde_json::from_value(json!({"matchLabels": {"a": "b"}})).unwrap());
+        assert!(
+            validate(&[selecting])
+                .unwrap_err()
+                .to_string()
+                .contains("only a Read node")
+        );
     }
 }

@@ -75,6 +75,41 @@ pub struct InstancePlan {
     /// Why it would fail to render.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The objects its `Read` nodes read: never changed, shown with what the plan found.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reads: Vec<ReadPlan>,
+}
+
+/// An object a `Read` node reads, and what the plan found of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadPlan {
+    pub object: ObjectKey,
+    /// `resourceVersion <n>` as the plan read it, `absent`, or `unknown until applied` when
+    /// the plan could not read it.
+    pub observed: String,
+}
+
+/// What a plan says of a `Read` node's object it could not read.
+pub const UNKNOWN_UNTIL_APPLIED: &str = "unknown until applied";
+
+/// The objects `nodes` read, each to be looked at (see [`ReadPlan::observed`]).
+pub fn reads(nodes: &[Node]) -> Vec<ReadPlan> {
+    nodes
+        .iter()
+        .filter(|n| n.is_read())
+        .map(|n| ReadPlan {
+            object: ObjectKey {
+                kind: n.kind().to_string(),
+                name: if n.name().is_empty() {
+                    "(by selector)".to_string()
+                } else {
+                    n.name().to_string()
+                },
+            },
+            observed: UNKNOWN_UNTIL_APPLIED.to_string(),
+        })
+        .collect()
 }
 
 /// Longest line told about one instance.
@@ -211,6 +246,9 @@ const IMMUTABLE: &[(&str, &str)] = &[
 /// The changes from the `current` nodes (the graph the instance has; none for a new one) to
 /// the `candidate` nodes, in candidate order, then the deletions.
 pub fn diff(current: &[Node], candidate: &[Node]) -> Vec<Change> {
+    // What Read nodes name is never created, changed or deleted.
+    let written = |nodes: &[Node]| nodes.iter().filter(|n| !n.is_read()).cloned().collect::<Vec<_>>();
+    let (current, candidate) = (&written(current), &written(candidate));
     let by_id: BTreeMap<&str, &Node> = current.iter().map(|n| (n.id.as_str(), n)).collect();
     let by_key: BTreeMap<ObjectKey, &Node> = current.iter().map(|n| (key(n), n)).collect();
     let mut kept: Vec<ObjectKey> = Vec::new();
@@ -337,6 +375,30 @@ mod tests {
     }
 
     #[test]
+    fn read_objects_are_never_created_changed_or_deleted_and_are_listed_as_read() {
+        let mut read = node(
+            "endpoint",
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "db"}}),
+        );
+        read.apply_policy.mode = crate::api::ApplyMode::Read;
+        let app = deployment("app", 1, "web");
+        assert_eq!(
+            diff(&[], &[read.clone(), app.clone()]),
+            vec![Change::Create {
+                object: object("Deployment", "app")
+            }]
+        );
+        assert!(
+            diff(&[read.clone(), app.clone()], std::slice::from_ref(&app)).is_empty(),
+            "a read object dropped is not deleted"
+        );
+        let reads = reads(&[read, app]);
+        assert_eq!(reads.len(), 1);
+        assert_eq!(reads[0].object, object("ConfigMap", "db"));
+        assert_eq!(reads[0].observed, UNKNOWN_UNTIL_APPLIED);
+    }
+
+    #[test]
     fn each_kind_of_change_is_told_apart() {
         let service = node(
             "service",
@@ -394,6 +456,7 @@ mod tests {
             changes,
             violations: Vec::new(),
             error: error.map(String::from),
+            reads: Vec::new(),
         };
         let plans = [
             plan(

@@ -332,7 +332,11 @@ async fn the_same_webapp_moves_to_gke_by_the_platforms_setting() {
         "spec": {"cueRef": {"type": "embedded", "ref": "webapp"}, "settings": {"gcp": {"location": "EU"}}},
     });
     let refused = transforms
-        .patch("webapp", &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(nested))
+        .patch(
+            "webapp",
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(nested),
+        )
         .await
         .unwrap_err();
     assert!(matches!(&refused, kube::Error::Api(s) if s.code == 422), "{refused}");

@@ -8,6 +8,7 @@ mod executor;
 mod instances;
 mod metrics;
 mod operator_process;
+mod reads;
 mod remote;
 mod rollouts;
 mod smoke;

@@ -36,7 +36,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::harness::{Error, StatusMemory, now, reconcile_event, truncate};
-use super::watches::{GraphCache, ObjectWatches};
+use super::watches::{GraphCache, ObjectWatches, ReadTarget};
 use crate::api::Transform;
 use crate::api::{
     Condition, InventoryEntry, Node, NodePhase, NodeState, ResourceGraph, ResourceGraphStatus, ResourceRef,
@@ -184,6 +184,21 @@ impl Context {
         }
     }
 
+    /// The `readNamespaces` of the Transform a graph was signed for, as the cache holds it (its
+    /// grant was just checked).
+    fn read_namespaces(&self, grant: &Grant) -> Vec<String> {
+        self.transforms
+            .as_ref()
+            .and_then(|store| {
+                store
+                    .state()
+                    .into_iter()
+                    .find(|t| t.metadata.uid.as_deref() == Some(grant.transform_uid.as_str()))
+            })
+            .map(|t| t.spec.read_namespaces.clone())
+            .unwrap_or_default()
+    }
+
     /// [`authority::withdrawn`] with the Transform's list of served versions, believed only
     /// with Pequod's proof.
     fn check_grant(&self, grant: &Grant, transform: Option<&Transform>) -> Option<String> {
@@ -255,6 +270,9 @@ impl Context {
 struct Acting {
     applier: Applier,
     account: Option<ServiceAccount>,
+    /// Namespaces besides its own where the graph's `Read` nodes may read with the
+    /// operator's rights: its Transform's `readNamespaces`.
+    readable: Vec<String>,
 }
 
 /// Runs the controller until shutdown over the graph cache and the graphs it reports
@@ -380,10 +398,12 @@ fn acting_with(ctx: &Context, actor: Actor) -> Result<Acting, kube::Error> {
         Actor::Operator => Acting {
             applier: ctx.applier.clone(),
             account: None,
+            readable: Vec::new(),
         },
         Actor::ServiceAccount(account) => Acting {
             applier: ctx.applier.acting_as(&account)?,
             account: Some(account),
+            readable: Vec::new(),
         },
     })
 }
@@ -404,7 +424,9 @@ async fn acting(rg: &ResourceGraph, ctx: &Context, grant: Option<&Grant>) -> Res
             message: format!("{why}; nothing is applied until it is rendered again"),
         });
     }
-    actor(rg, ctx, Grant::origin(grant))
+    let mut acting = actor(rg, ctx, Grant::origin(grant))?;
+    acting.readable = grant.map(|g| ctx.read_namespaces(g)).unwrap_or_default();
+    Ok(acting)
 }
 
 fn metric_name(g: &GraphIdentity) -> String {
@@ -433,11 +455,20 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     progress::validated(&mut status, rg.spec.legacy_shape, &time, generation);
 
     let mut outcomes = run_waves(ctx, rg, &graph, (origin, &acting), &dag, &old, &time).await;
+    let reads_watched = watch_reads(rg, ctx, &graph, &acting).await;
     let authorized = authorization(&acting, grant.as_ref(), &outcomes);
     set_condition(&mut status.conditions, authorized, &time, generation);
     report_nodes(ctx, rg, &old, &mut outcomes, &time).await;
 
-    let current = current_inventory(&outcomes, &old);
+    let read: HashSet<&str> = rg
+        .spec
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.is_read())
+        .map(|n| n.id.as_str())
+        .collect();
+    let current = current_inventory(&outcomes, &old, &read);
     let (pruning, prune_waiting) = prune(rg, ctx, &graph, &acting, &old.inventory, &current).await;
     status.inventory = current.iter().cloned().chain(pruning).collect();
     count_managed(ctx, &graph.uid, status.inventory.iter().cloned().collect());
@@ -455,7 +486,9 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     write_status(rg, ctx, &old, status).await?;
 
     let transient = outcomes.values().any(|o| o.transient);
-    let deadline = outcomes.values().filter_map(|o| o.requeue).min();
+    // Objects beyond the watches' bound are looked at again on a timer.
+    let unwatched = (!reads_watched).then_some(READ_POLL);
+    let deadline = outcomes.values().filter_map(|o| o.requeue).chain(unwatched).min();
     let next = progress::next_check(super::harness::RETRY, transient, !prune_waiting.is_empty(), deadline);
     Ok(Action::requeue(next))
 }
@@ -477,17 +510,39 @@ async fn admit(
     let acting = acting(rg, ctx, grant)
         .await
         .map_err(|refused| (refused.reason, refused.message, refused.reason))?;
-    if let Some(refused) = confinement(rg, ctx, origin).await {
+    if let Some(refused) = confinement(rg, ctx, origin, &acting.readable).await {
         return Err((refused.reason, refused.message, refused.reason));
     }
     Ok((dag, acting))
 }
 
+/// How often the objects of `Read` nodes are read again when no watch can be spared for them.
+const READ_POLL: Duration = Duration::from_secs(60);
+
+/// Watches what the graph's `Read` nodes read, with the graph's rights, and nothing else it
+/// watched before. Whether every one is watched.
+async fn watch_reads(rg: &ResourceGraph, ctx: &Context, graph: &GraphIdentity, acting: &Acting) -> bool {
+    let mut targets = Vec::new();
+    for node in rg.spec.graph.nodes.iter().filter(|n| n.is_read()) {
+        if let Ok(resolved) = ctx.applier.resolve(node.api_version(), node.kind()).await {
+            let target = waves::read_target(node, &resolved, &graph.namespace, acting);
+            let api = acting.applier.api(&resolved, target.namespace.as_deref());
+            targets.push((target, api));
+        }
+    }
+    ctx.watches.reads().keep(&ObjectRef::from_obj(rg), targets)
+}
+
 /// Inventory: what this spec applied (a node that failed this pass keeps the object it
-/// applied before: it is still this graph's).
-fn current_inventory(outcomes: &BTreeMap<String, NodeOutcome>, old: &ResourceGraphStatus) -> BTreeSet<InventoryEntry> {
+/// applied before: it is still this graph's). A `Read` node's object is never the graph's.
+fn current_inventory(
+    outcomes: &BTreeMap<String, NodeOutcome>,
+    old: &ResourceGraphStatus,
+    read: &HashSet<&str>,
+) -> BTreeSet<InventoryEntry> {
     outcomes
         .values()
+        .filter(|o| !read.contains(o.id.as_str()))
         .filter_map(|o| {
             o.inventory
                 .clone()
@@ -522,14 +577,29 @@ async fn conclude(
 
 /// The first node the graph may not apply, among those whose kind discovery knows (the others
 /// are checked when they resolve): a graph that reaches too far applies nothing.
-async fn confinement(rg: &ResourceGraph, ctx: &Context, origin: Origin) -> Option<Refusal> {
+async fn confinement(rg: &ResourceGraph, ctx: &Context, origin: Origin, readable: &[String]) -> Option<Refusal> {
     let namespace = rg.namespace().unwrap_or_default();
     for node in &rg.spec.graph.nodes {
         if let Ok(resolved) = ctx.applier.resolve(node.api_version(), node.kind()).await
-            && let Some(refused) = write::confinement(node, resolved.namespaced, &namespace, origin)
+            && let Some(refused) = node_confinement(node, &resolved, &namespace, origin, readable)
         {
             return Some(refused);
         }
     }
     None
+}
+
+/// Why the node may not be applied, or read, at all.
+fn node_confinement(
+    node: &Node,
+    resolved: &Resolved,
+    namespace: &str,
+    origin: Origin,
+    readable: &[String],
+) -> Option<Refusal> {
+    if node.is_read() {
+        write::read_confinement(node, resolved.namespaced, namespace, origin, readable)
+    } else {
+        write::confinement(node, resolved.namespaced, namespace, origin)
+    }
 }

@@ -112,7 +112,21 @@ pub(super) async fn prune(
     current: &BTreeSet<InventoryEntry>,
 ) -> (Vec<InventoryEntry>, Vec<InventoryEntry>) {
     let in_spec: HashSet<&str> = rg.spec.graph.nodes.iter().map(|n| n.id.as_str()).collect();
-    let stale = ownership::stale(inventory, current, &in_spec);
+    // An object the graph made and now only reads is let go, not deleted.
+    let read = |e: &InventoryEntry| {
+        rg.spec.graph.nodes.iter().any(|n| {
+            n.is_read()
+                && n.kind() == e.kind
+                && n.name() == e.name
+                && n.object
+                    .pointer("/metadata/namespace")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(&graph.namespace)
+                    == e.namespace.as_deref().unwrap_or(&graph.namespace)
+        })
+    };
+    let mut stale = ownership::stale(inventory, current, &in_spec);
+    stale.retain(|e| !read(e));
     if stale.is_empty() {
         return (Vec::new(), Vec::new());
     }
@@ -161,6 +175,7 @@ pub(super) async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action,
         write_status(rg, ctx, &old, status).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
+    ctx.watches.reads().keep(&ObjectRef::from_obj(rg), Vec::new());
     crate::controller::harness::remove_finalizer(&api(rg, ctx), rg, FINALIZER).await?;
     let name = metric_name(&graph);
     let _ = ctx.metrics.dag_nodes_total.remove_label_values(&[&name]);
@@ -188,7 +203,8 @@ pub(super) async fn spec_entries(
     let mut entries = Vec::new();
     for (wave, ids) in dag.waves.iter().enumerate() {
         for id in ids {
-            let Some(node) = rg.spec.graph.nodes.iter().find(|n| &n.id == id) else {
+            // What a Read node names is never the graph's to delete.
+            let Some(node) = rg.spec.graph.nodes.iter().find(|n| &n.id == id && !n.is_read()) else {
                 continue;
             };
             if let Ok(resolved) = ctx.applier.resolve(node.api_version(), node.kind()).await {

@@ -274,8 +274,11 @@ pub(super) async fn process_node(
         Ok(r) => r,
         Err(e) => return failed(node, previous, time, Failure::of(&e)),
     };
-    if let Some(refused) = write::confinement(node, resolved.namespaced, &graph.namespace, origin) {
+    if let Some(refused) = node_confinement(node, &resolved, &graph.namespace, origin, &acting.readable) {
         return failed(node, previous, time, Failure::refused(refused, false));
+    }
+    if node.is_read() {
+        return read_node(ctx, graph, acting, node, &resolved, previous, time).await;
     }
     let (desired, inventory) = planned(node, wave, graph, &resolved);
     let live = match live_object(ctx, acting, &resolved, &inventory).await {
@@ -315,6 +318,124 @@ pub(super) async fn process_node(
         adopted_from: plan.adopted_from,
     };
     observed_node(ctx, graph, node, written, previous, time).await
+}
+
+/// The namespace a `Read` node reads in: the one it names, else the graph's (none for a
+/// cluster-scoped kind).
+pub(super) fn read_namespace<'a>(node: &'a Node, resolved: &Resolved, graph_namespace: &'a str) -> Option<&'a str> {
+    resolved.namespaced.then(|| {
+        node.object
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or(graph_namespace)
+    })
+}
+
+/// What a `Read` node reads, as its watch is keyed.
+pub(super) fn read_target(node: &Node, resolved: &Resolved, graph_namespace: &str, acting: &Acting) -> ReadTarget {
+    ReadTarget {
+        kind: resolved.key(),
+        namespace: read_namespace(node, resolved, graph_namespace).map(str::to_string),
+        name: (!node.name().is_empty()).then(|| node.name().to_string()),
+        selector: node.selector.as_ref().and_then(selector_text),
+        reader: acting.account.as_ref().map(|a| a.username()),
+    }
+}
+
+/// A label selector as the apiserver takes it (validation refused any other).
+fn selector_text(selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> Option<String> {
+    kube::core::Selector::try_from(selector.clone())
+        .ok()
+        .map(|s| s.to_string())
+}
+
+/// A `Read` node's pass: the object it names (or the one its selector matches), read from the
+/// apiserver with the graph's rights (the caches hold only Pequod's objects), its gates
+/// judged. Nothing is written, and nothing enters the inventory; the object's watch brings the
+/// graph back when it appears or changes.
+async fn read_node(
+    ctx: &Context,
+    graph: &GraphIdentity,
+    acting: &Acting,
+    node: &Node,
+    resolved: &Resolved,
+    previous: Option<&NodeState>,
+    time: &Time,
+) -> NodeOutcome {
+    let namespace = read_namespace(node, resolved, &graph.namespace);
+    let what = match (namespace, node.name()) {
+        (Some(ns), "") => format!("the {} in {ns} its selector matches", node.kind()),
+        (None, "") => format!("the {} its selector matches", node.kind()),
+        (Some(ns), name) => format!("{} {ns}/{name}", node.kind()),
+        (None, name) => format!("{} {name}", node.kind()),
+    };
+    let found = match node.selector.as_ref().and_then(selector_text) {
+        None => acting.applier.get(resolved, namespace, node.name()).await,
+        Some(selector) => match acting.applier.list_selected(resolved, namespace, &selector, 2).await {
+            Ok(mut items) if items.len() <= 1 => Ok(items.pop()),
+            Ok(_) => {
+                let failure = Failure {
+                    message: format!(
+                        "more than one {} matches the selector of node {}; a Read node reads exactly one",
+                        node.kind(),
+                        node.id
+                    ),
+                    transient: false,
+                    reason: reasons::READ_FAILED,
+                };
+                return failed(node, previous, time, failure);
+            }
+            Err(e) => Err(e),
+        },
+    };
+    let object = match found {
+        Ok(Some(object)) => object,
+        Ok(None) => {
+            let message = format!("waiting for {what} to exist; Pequod reads it and never writes it");
+            return NodeOutcome {
+                id: node.id.clone(),
+                state: progress::transition(previous, NodePhase::Pending, Some(message), None, time),
+                inventory: None,
+                requeue: None,
+                transient: false,
+                failure: None,
+                event: None,
+                live: None,
+            };
+        }
+        Err(e) => return failed(node, previous, time, Failure::of(&e)),
+    };
+    let value = typed(&object, node);
+    let version = object.resource_version().unwrap_or_default();
+    let (phase, message, requeue, error) = progress::readiness(&ctx.readiness, node, &value, previous, time).await;
+    let message = match phase {
+        NodePhase::Ready => Some(format!("read {what} at resourceVersion {version}")),
+        _ => message,
+    };
+    let event = error
+        .as_ref()
+        .filter(|_| previous.is_none_or(|p| p.phase != NodePhase::Error))
+        .map(|e| warning(progress::readiness_event_reason(e), format!("node {}: {e}", node.id)));
+    let mut state = progress::transition(previous, phase, message, error, time);
+    state.resource_ref = Some(ResourceRef {
+        api_version: node.api_version().into(),
+        kind: node.kind().into(),
+        namespace: object.namespace(),
+        name: object.name_any(),
+        uid: object.uid(),
+    });
+    state.observed_resource_version = Some(version);
+    NodeOutcome {
+        id: node.id.clone(),
+        state,
+        inventory: None,
+        requeue,
+        transient: false,
+        failure: None,
+        event,
+        live: Some(value),
+    }
 }
 
 /// The object as it is ([`crate::controller::watches::live_object`]). An object this graph did not make
