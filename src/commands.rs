@@ -239,6 +239,7 @@ pub async fn plan(
         renderer: &renderer,
         applier: &applier,
         watches: None,
+        read_namespaces: &t.spec.read_namespaces,
     };
     let scope = (t.spec.rbac_scope == RbacScope::Namespace).then_some(ns);
     let plans = crate::controller::fleet_plan::plan_instances(

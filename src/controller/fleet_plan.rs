@@ -31,6 +31,9 @@ pub struct Tools<'a> {
     /// The executor's object caches, where live objects are read first (the operator has
     /// them; `pequod plan` asks the apiserver).
     pub watches: Option<&'a ObjectWatches>,
+    /// The Transform's `readNamespaces`: where its `Read` nodes may read besides an
+    /// instance's own namespace, as the executor allows.
+    pub read_namespaces: &'a [String],
 }
 
 /// What `module` would do to each of `instances`: each is rendered with it (the renders form
@@ -129,6 +132,7 @@ async fn plan_instance(
 /// What the `Read` nodes would read now, with the planner's rights: each object's
 /// resourceVersion, `absent`, or [`UNKNOWN_UNTIL_APPLIED`] when it cannot be read.
 async fn observe_reads(tools: &Tools<'_>, nodes: &[crate::api::Node], namespace: &str) -> Vec<ReadPlan> {
+    let instance_namespace = namespace;
     let mut reads = crate::rollout::plan::reads(nodes);
     for (plan, node) in reads.iter_mut().zip(nodes.iter().filter(|n| n.is_read())) {
         let Ok(resolved) = tools.applier.resolve(node.api_version(), node.kind()).await else {
@@ -140,6 +144,13 @@ async fn observe_reads(tools: &Tools<'_>, nodes: &[crate::api::Node], namespace:
                 .and_then(|v| v.as_str())
                 .unwrap_or(namespace)
         });
+        // Only what the executor would read: the instance's namespace and the Transform's.
+        if let Some(elsewhere) = namespace.filter(|ns| *ns != instance_namespace)
+            && !tools.read_namespaces.iter().any(|r| r == elsewhere)
+        {
+            plan.observed = format!("not allowed: namespace {elsewhere} is not among the Transform's readNamespaces");
+            continue;
+        }
         let found = match &node.selector {
             None => tools.applier.get(&resolved, namespace, node.name()).await,
             Some(selector) => match kube::core::Selector::try_from(selector.clone()) {
@@ -153,7 +164,7 @@ async fn observe_reads(tools: &Tools<'_>, nodes: &[crate::api::Node], namespace:
         };
         plan.observed = match found {
             Ok(Some(object)) => format!("resourceVersion {}", object.resource_version().unwrap_or_default()),
-            Ok(None) => "absent (or not exactly one match): its dependants would wait".to_string(),
+            Ok(None) => "absent (or more than one match): its dependants would wait".to_string(),
             Err(_) => UNKNOWN_UNTIL_APPLIED.to_string(),
         };
     }

@@ -310,6 +310,7 @@ impl Driver {
             renderer: &self.renderer,
             applier: &self.applier,
             watches: self.watches.as_deref(),
+            read_namespaces: &order.transform.spec.read_namespaces,
         };
         let cluster_scoped = order.allowance == Allowance::Cluster;
         // The plan reads the instances whole: the store holds their bodies as text, or on a

@@ -127,9 +127,17 @@ impl ObjectWatches {
         });
     }
 
-    /// The watches of objects graphs read but do not manage (`Read` nodes).
-    pub fn reads(&self) -> &ExternalWatches {
-        &self.reads
+    /// Makes `graph` watch the objects its `Read` nodes read, exactly (see
+    /// [`ExternalWatches::keep`]), forgetting graphs that no longer exist or are of shards no
+    /// longer held. Whether every one is watched.
+    pub fn keep_reads(&self, graph: &ObjectRef<ResourceGraph>, targets: Vec<(ReadTarget, Api<DynamicObject>)>) -> bool {
+        let graphs = self.graphs.get();
+        let shards = self.shards.get();
+        let gone = |g: &ObjectRef<ResourceGraph>| {
+            let namespace = g.namespace.as_deref().unwrap_or_default();
+            graphs.is_some_and(|store| store.get(g).is_none()) || shards.is_some_and(|s| !s.holds(namespace, &g.name))
+        };
+        self.reads.keep(graph, targets, gone)
     }
 
     /// Hands over the ResourceGraph controller's cache, against which objects are checked.
@@ -609,6 +617,8 @@ pub struct ReadTarget {
 /// Most objects watched for `Read` nodes at once, over all graphs; past it a graph's reads are
 /// looked at again on a timer (see [`ExternalWatches::keep`]).
 pub const MAX_READ_WATCHES: usize = 1000;
+/// Most of those the graphs of one namespace may hold, so that no namespace takes them all.
+pub const MAX_READ_WATCHES_PER_NAMESPACE: usize = 100;
 
 type Readers = Arc<Mutex<std::collections::HashSet<ObjectRef<ResourceGraph>>>>;
 
@@ -626,8 +636,8 @@ impl Drop for ReadWatch {
 
 /// Watches of objects graphs read but do not manage (`Read` nodes): one per object (or
 /// selector) and reader, shared by the graphs that read it, each made with the reader's own
-/// rights, so that a watch the reader may not make fails as its read does. A change wakes every
-/// graph that reads the object.
+/// rights, so that a watch the reader may not make fails as its read does (and stops, to be
+/// tried again at the graph's next pass). A change wakes every graph that reads the object.
 pub struct ExternalWatches {
     trigger: mpsc::UnboundedSender<ObjectRef<ResourceGraph>>,
     watches: Mutex<HashMap<ReadTarget, ReadWatch>>,
@@ -644,9 +654,18 @@ impl ExternalWatches {
     }
 
     /// Makes `graph` watch exactly `targets` (each with the API it is read through), and no
-    /// longer any other object; watches no graph needs stop. Returns whether every target is
-    /// watched (false past [`MAX_READ_WATCHES`]: the caller looks again on a timer).
-    pub fn keep(&self, graph: &ObjectRef<ResourceGraph>, targets: Vec<(ReadTarget, Api<DynamicObject>)>) -> bool {
+    /// longer any other object; graphs `gone` says are gone (deleted, or of a shard no longer
+    /// held) are forgotten, and watches no graph needs stop. A graph that joins a watch is
+    /// woken once, as is every reader when a watch's first list is in: a change made between
+    /// its read and the watch is not missed. Returns whether every target is watched (false
+    /// past [`MAX_READ_WATCHES`] or [`MAX_READ_WATCHES_PER_NAMESPACE`]: the caller looks again
+    /// on a timer).
+    pub fn keep(
+        &self,
+        graph: &ObjectRef<ResourceGraph>,
+        targets: Vec<(ReadTarget, Api<DynamicObject>)>,
+        gone: impl Fn(&ObjectRef<ResourceGraph>) -> bool,
+    ) -> bool {
         let mut watches = lock(&self.watches);
         let wanted: std::collections::HashSet<&ReadTarget> = targets.iter().map(|(t, _)| t).collect();
         watches.retain(|target, watch| {
@@ -654,32 +673,35 @@ impl ExternalWatches {
             if !wanted.contains(target) {
                 graphs.remove(graph);
             }
+            graphs.retain(|g| !gone(g));
             !graphs.is_empty()
         });
+        let namespace = graph.namespace.clone();
+        let mut of_namespace = watches
+            .values()
+            .filter(|w| lock(&w.graphs).iter().any(|g| g.namespace == namespace))
+            .count();
         let mut all = true;
         for (target, api) in targets {
-            if let Some(watch) = watches.get(&target) {
-                lock(&watch.graphs).insert(graph.clone());
+            if let Some(watch) = watches.get_mut(&target) {
+                if lock(&watch.graphs).insert(graph.clone()) {
+                    let _ = self.trigger.send(graph.clone());
+                }
+                if watch.task.is_finished() {
+                    watch.task = self.start(&target, api, watch.graphs.clone());
+                }
                 continue;
             }
-            if watches.len() >= MAX_READ_WATCHES {
+            if watches.len() >= MAX_READ_WATCHES || of_namespace >= MAX_READ_WATCHES_PER_NAMESPACE {
                 all = false;
                 continue;
             }
+            of_namespace += 1;
             let graphs: Readers = Arc::new(Mutex::new(std::collections::HashSet::from([graph.clone()])));
             let task = self.start(&target, api, graphs.clone());
             watches.insert(target, ReadWatch { graphs, task });
         }
         all
-    }
-
-    /// How many objects are watched for `Read` nodes.
-    pub fn len(&self) -> usize {
-        lock(&self.watches).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn start(&self, target: &ReadTarget, api: Api<DynamicObject>, graphs: Readers) -> tokio::task::JoinHandle<()> {
@@ -692,31 +714,41 @@ impl ExternalWatches {
         }
         let (trigger, shutdown, kind) = (self.trigger.clone(), self.shutdown.clone(), target.kind.clone());
         tokio::spawn(async move {
-            // The first list is what the graph has just read; every later event is news,
-            // including a relist after a gap (it may hold a change made meanwhile).
-            let mut listed = false;
-            let events = watcher(api, config).default_backoff().for_each(|event| {
-                let news = match event {
-                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => true,
-                    Ok(watcher::Event::InitDone) => std::mem::replace(&mut listed, true),
-                    Ok(_) => false,
-                    Err(e) => {
-                        tracing::debug!(%kind, error = %e, "watch of a read object failed; retrying");
-                        false
+            let events = watcher(api, config)
+                .default_backoff()
+                .take_while(|event| futures::future::ready(!matches!(event, Err(e) if forbidden(e))))
+                .for_each(|event| {
+                    let news = match event {
+                        Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => true,
+                        Ok(_) => false,
+                        Err(e) => {
+                            tracing::debug!(%kind, error = %e, "watch of a read object failed; retrying");
+                            false
+                        }
+                    };
+                    if news {
+                        for graph in lock(&graphs).iter() {
+                            let _ = trigger.send(graph.clone());
+                        }
                     }
-                };
-                if news {
-                    for graph in lock(&graphs).iter() {
-                        let _ = trigger.send(graph.clone());
-                    }
-                }
-                futures::future::ready(())
-            });
+                    futures::future::ready(())
+                });
             tokio::select! {
                 _ = events => {}
                 _ = shutdown.wait() => {}
             }
         })
+    }
+}
+
+/// Whether the apiserver refused a watch to its reader: retrying would only be refused again.
+fn forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 403,
+        watcher::Error::WatchError(s) => s.code == 403,
+        _ => false,
     }
 }
 

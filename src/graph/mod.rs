@@ -122,9 +122,19 @@ fn json_bytes(nodes: &[Node]) -> usize {
     counter.0
 }
 
+/// Most `Read` nodes of one graph: each is a watch of its own.
+pub const MAX_READ_NODES: usize = 32;
+
 /// Checks size, ids, dependencies, cycles and object identity, and computes the execution order.
 pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
     check_size(nodes)?;
+    let reads = nodes.iter().filter(|n| n.is_read()).count();
+    if reads > MAX_READ_NODES {
+        return Err(GraphError::MalformedObject {
+            node: "(graph)".into(),
+            problem: format!("the graph has {reads} Read nodes; at most {MAX_READ_NODES} are allowed"),
+        });
+    }
     let mut edges = Edges::default();
     for (position, node) in nodes.iter().enumerate() {
         edges.add_node(position, node)?;
@@ -144,10 +154,11 @@ pub fn validate(nodes: &[Node]) -> Result<Dag, GraphError> {
     }
     // A reference to another node's live field makes that node a dependency.
     let kinds: BTreeMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.kind())).collect();
+    let read = read_ids(nodes);
     for node in nodes {
         let place = format!("node {:?}", node.id);
         check_static_identity(node, &place)?;
-        for referenced in checked_references(&node.object, &kinds, &place)? {
+        for referenced in checked_references(&node.object, (&kinds, &read), &place)? {
             if referenced == node.id {
                 return Err(GraphError::InvalidReference {
                     place,
@@ -183,24 +194,27 @@ fn check_size(nodes: &[Node]) -> Result<(), GraphError> {
 /// A graph does not both read and write one object: the write would make it the graph's, and
 /// the read would leave it out of the inventory.
 fn check_read_and_written(nodes: &[Node]) -> Result<(), GraphError> {
-    let identity = |n: &Node| {
-        (
-            n.kind().to_string(),
-            n.object
-                .pointer("/metadata/namespace")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string(),
-            n.name().to_string(),
-        )
+    // A namespace left out is the graph's, which validation does not know: it matches any.
+    let group = |n: &Node| n.api_version().rsplit_once('/').map_or("", |(g, _)| g).to_string();
+    fn namespace(n: &Node) -> Option<&str> {
+        n.object
+            .pointer("/metadata/namespace")
+            .and_then(|v| v.as_str())
+            .filter(|ns| !ns.is_empty())
+    }
+    let same = |a: &Node, b: &Node| {
+        group(a) == group(b)
+            && a.kind() == b.kind()
+            && a.name() == b.name()
+            && (namespace(a).is_none() || namespace(b).is_none() || namespace(a) == namespace(b))
     };
-    let written: BTreeMap<_, &str> = nodes
-        .iter()
-        .filter(|n| !n.is_read())
-        .map(|n| (identity(n), n.id.as_str()))
-        .collect();
     for read in nodes.iter().filter(|n| n.is_read() && !n.name().is_empty()) {
-        if let Some(writer) = written.get(&identity(read)) {
+        if let Some(writer) = nodes
+            .iter()
+            .filter(|n| !n.is_read())
+            .find(|w| same(w, read))
+            .map(|w| w.id.as_str())
+        {
             return Err(GraphError::NotAllowed {
                 node: read.id.clone(),
                 why: format!("reads {} {}, which node {writer} writes", read.kind(), read.name()),
@@ -277,8 +291,13 @@ fn check_read_node(node: &Node) -> Result<(), GraphError> {
 fn check_selector(selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> Result<(), String> {
     let terms = selector.match_labels.as_ref().map_or(0, |m| m.len())
         + selector.match_expressions.as_ref().map_or(0, |e| e.len());
-    if terms == 0 {
-        return Err("has an empty selector, which would match every object".into());
+    let positive = selector.match_labels.as_ref().is_some_and(|m| !m.is_empty())
+        || selector.match_expressions.iter().flatten().any(|e| e.operator == "In");
+    if terms == 0 || !positive {
+        return Err(
+            "has a selector without a label it requires (matchLabels, or an In expression), which would match nearly every object"
+                .into(),
+        );
     }
     if terms > MAX_SELECTOR_TERMS {
         return Err(format!(
@@ -435,9 +454,23 @@ impl<'a> Edges<'a> {
 
 /// The nodes `value` (held by `holder`, a node id or an output) references, each checked: it
 /// exists, and the reference reads no more of a sensitive node than its identity.
+/// Ids of the graph's `Read` nodes.
+fn read_ids(nodes: &[Node]) -> BTreeSet<&str> {
+    nodes.iter().filter(|n| n.is_read()).map(|n| n.id.as_str()).collect()
+}
+
+/// Fields of a read object that change with every write of it: a value taken from one would
+/// make each write of the object wake the graphs that read it, and two graphs reading each
+/// other's objects would write each other forever.
+const CHANGING_WITH_EVERY_WRITE: &[&str] = &[
+    "metadata.resourceVersion",
+    "metadata.generation",
+    "metadata.managedFields",
+];
+
 fn checked_references(
     value: &serde_json::Value,
-    kinds: &BTreeMap<&str, &str>,
+    (kinds, read): (&BTreeMap<&str, &str>, &BTreeSet<&str>),
     place: &str,
 ) -> Result<BTreeSet<String>, GraphError> {
     let invalid = |why: String| GraphError::InvalidReference {
@@ -449,6 +482,16 @@ fn checked_references(
         let Some(kind) = kinds.get(r.node.as_str()) else {
             return Err(invalid(format!("{r} names no node of the graph")));
         };
+        let path = r.path.join(".");
+        if read.contains(r.node.as_str())
+            && CHANGING_WITH_EVERY_WRITE
+                .iter()
+                .any(|f| path == *f || path.starts_with(&format!("{f}.")))
+        {
+            return Err(invalid(format!(
+                "{r} reads a field of a Read node that changes with every write of its object (resourceVersion, generation, managedFields)"
+            )));
+        }
         if r.reads_beyond_identity(kind) {
             return Err(GraphError::SensitiveReference {
                 place: place.to_string(),
@@ -502,8 +545,9 @@ pub fn validate_outputs(outputs: &BTreeMap<String, serde_json::Value>, nodes: &[
         });
     }
     let kinds: BTreeMap<&str, &str> = nodes.iter().map(|n| (n.id.as_str(), n.kind())).collect();
+    let read = read_ids(nodes);
     for (name, value) in outputs {
-        checked_references(value, &kinds, &format!("output {name:?}"))?;
+        checked_references(value, (&kinds, &read), &format!("output {name:?}"))?;
     }
     Ok(())
 }
@@ -987,7 +1031,17 @@ mod tests {
                 ),
                 "both",
             ),
-            (read(cm(json!({})), json!({"selector": {}})), "empty selector"),
+            (
+                read(cm(json!({})), json!({"selector": {}})),
+                "without a label it requires",
+            ),
+            (
+                read(
+                    cm(json!({})),
+                    json!({"selector": {"matchExpressions": [{"key": "x", "operator": "DoesNotExist"}]}}),
+                ),
+                "without a label it requires",
+            ),
             (
                 read(cm(json!({"name": "${other.metadata.name}"})), json!({})),
                 "live field",
@@ -1000,8 +1054,22 @@ mod tests {
         let written: Node =
             serde_json::from_value(json!({"id": "db", "resource": cm(json!({"name": "db", "namespace": "platform"}))}))
                 .unwrap();
-        let err = validate(&[written.clone(), by_name]).unwrap_err();
+        let err = validate(&[written.clone(), by_name.clone()]).unwrap_err();
         assert!(err.to_string().contains("which node db writes"), "{err}");
+        let unnamespaced: Node =
+            serde_json::from_value(json!({"id": "db", "resource": cm(json!({"name": "db"}))})).unwrap();
+        assert!(
+            validate(&[unnamespaced, by_name.clone()]).is_err(),
+            "a namespace left out is the graph's, which may be the read one's"
+        );
+        // A value that changes with every write of the read object is refused.
+        let echo: Node = serde_json::from_value(
+            json!({"id": "echo", "resource": {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "echo"}, "data": {"v": "${endpoint.metadata.resourceVersion}"}}}),
+        )
+        .unwrap();
+        let err = validate(&[by_name, echo]).unwrap_err();
+        assert!(err.to_string().contains("changes with every write"), "{err}");
         let mut selecting = written;
         selecting.selector = Some(serde_json::from_value(json!({"matchLabels": {"a": "b"}})).unwrap());
         assert!(

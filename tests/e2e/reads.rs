@@ -240,3 +240,70 @@ async fn a_hand_written_graph_reads_only_what_its_service_account_may_read() {
         .await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_object_a_graph_wrote_and_now_only_reads_is_released_not_deleted() {
+    let env = support::env("reads-handoff").await;
+    support::operator(&env.client).await;
+    let graphs: Api<DynamicObject> = support::graph_api(&env.client, &env.namespace).await;
+    let apply = |node: Value| {
+        let graphs = graphs.clone();
+        async move {
+            let graph = json!({
+                "apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph",
+                "metadata": {"name": "handoff"},
+                "spec": {"graph": {"nodes": [node]}},
+            });
+            graphs
+                .patch(
+                    "handoff",
+                    &PatchParams::apply(TEST_MANAGER).force(),
+                    &Patch::Apply(graph),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    apply(json!({"id": "shared", "resource": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"a": "1"}}})).await;
+    let configs: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_for("the graph to make the ConfigMap", WAIT, || async {
+        match configs.get_opt("shared").await {
+            Ok(Some(c)) if !c.owner_references().is_empty() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // The platform team takes it over: the node now only reads it.
+    apply(
+        json!({"id": "shared", "resource": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}},
+                 "applyPolicy": {"mode": "Read"}}),
+    )
+    .await;
+    wait_for("the ConfigMap to be released", WAIT, || async {
+        match configs.get_opt("shared").await {
+            Ok(Some(c))
+                if c.owner_references().is_empty() && c.labels().keys().all(|k| !k.starts_with("pequod.io")) =>
+            {
+                Ok(())
+            }
+            other => Err(format!(
+                "{:?}",
+                other.map(|c| c.map(|c| (c.metadata.owner_references, c.metadata.labels)))
+            )),
+        }
+    })
+    .await;
+    wait_shared(&env, "handoff", NodePhase::Ready, "resourceVersion").await;
+    support::wait_events(&env.client, &env.namespace, "handoff", &["ObjectReleased"]).await;
+
+    // Deleting the graph leaves it: nothing holds it for the garbage collector either.
+    support::delete_and_wait_gone(&graphs, "handoff", WAIT).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let kept = configs.get_opt("shared").await.unwrap();
+    assert_eq!(
+        kept.and_then(|c| c.data).and_then(|d| d.get("a").cloned()).as_deref(),
+        Some("1")
+    );
+    env.cleanup().await;
+}

@@ -449,6 +449,8 @@ async fn apply_graph(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error>
     let (dag, acting) = match admit(rg, ctx, grant.as_ref(), origin).await {
         Ok(admitted) => admitted,
         Err((reason, message, event_reason)) => {
+            // A refused graph reads nothing, so it watches nothing.
+            ctx.watches.keep_reads(&ObjectRef::from_obj(rg), Vec::new());
             return refuse(rg, ctx, &old, status, reason, &message, event_reason).await;
         }
     };
@@ -530,7 +532,7 @@ async fn watch_reads(rg: &ResourceGraph, ctx: &Context, graph: &GraphIdentity, a
             targets.push((target, api));
         }
     }
-    ctx.watches.reads().keep(&ObjectRef::from_obj(rg), targets)
+    ctx.watches.keep_reads(&ObjectRef::from_obj(rg), targets)
 }
 
 /// Inventory: what this spec applied (a node that failed this pass keeps the object it

@@ -111,27 +111,84 @@ pub(super) async fn prune(
     inventory: &[InventoryEntry],
     current: &BTreeSet<InventoryEntry>,
 ) -> (Vec<InventoryEntry>, Vec<InventoryEntry>) {
-    let in_spec: HashSet<&str> = rg.spec.graph.nodes.iter().map(|n| n.id.as_str()).collect();
-    // An object the graph made and now only reads is let go, not deleted.
-    let read = |e: &InventoryEntry| {
-        rg.spec.graph.nodes.iter().any(|n| {
-            n.is_read()
-                && n.kind() == e.kind
-                && n.name() == e.name
-                && n.object
-                    .pointer("/metadata/namespace")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(&graph.namespace)
-                    == e.namespace.as_deref().unwrap_or(&graph.namespace)
-        })
-    };
-    let mut stale = ownership::stale(inventory, current, &in_spec);
-    stale.retain(|e| !read(e));
+    // A node that now reads keeps nothing it wrote before: its old object is stale.
+    let in_spec: HashSet<&str> = rg
+        .spec
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| !n.is_read())
+        .map(|n| n.id.as_str())
+        .collect();
+    let stale = ownership::stale(inventory, current, &in_spec);
     if stale.is_empty() {
         return (Vec::new(), Vec::new());
     }
+    // An object the graph made and now only reads is let go (its marks and owner reference
+    // removed), never deleted.
+    let (now_read, stale): (Vec<InventoryEntry>, Vec<InventoryEntry>) = stale
+        .into_iter()
+        .partition(|e| rg.spec.graph.nodes.iter().any(|n| reads(n, e, &graph.namespace)));
+    let mut kept = let_go_of_read(ctx, rg, (graph, acting), &now_read).await;
+    if stale.is_empty() {
+        return (kept.clone(), kept);
+    }
     let (remaining, _) = teardown(ctx, rg, (graph, acting), &stale).await;
-    (remaining.clone(), remaining)
+    kept.extend(remaining);
+    (kept.clone(), kept)
+}
+
+/// Whether `node` reads the object of inventory entry `e`.
+fn reads(node: &Node, e: &InventoryEntry, graph_namespace: &str) -> bool {
+    let namespace = node
+        .object
+        .pointer("/metadata/namespace")
+        .and_then(|v| v.as_str())
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or(graph_namespace);
+    node.is_read()
+        && node.api_version() == e.api_version
+        && node.kind() == e.kind
+        && node.name() == e.name
+        && e.namespace.as_deref().is_none_or(|ns| ns == namespace)
+}
+
+/// Releases the objects of `entries`, which the graph wrote and its nodes now only read;
+/// returns the entries whose release failed, to try again.
+async fn let_go_of_read(
+    ctx: &Context,
+    rg: &ResourceGraph,
+    (graph, acting): (&GraphIdentity, &Acting),
+    entries: &[InventoryEntry],
+) -> Vec<InventoryEntry> {
+    let mut failed = Vec::new();
+    for entry in entries {
+        match existing(ctx, acting, entry).await {
+            Ok(Some((resolved, object))) => {
+                let ours = ownership::owner(&serde_json::to_value(&object).unwrap_or_default(), graph)
+                    == ownership::Owner::ThisGraph;
+                if !ours {
+                    continue;
+                }
+                match acting.applier.release(&resolved, &object, &graph.uid).await {
+                    Ok(()) => {
+                        let why = format!(
+                            "{} {} is now only read by node {}: released, not deleted",
+                            entry.kind, entry.name, entry.node_id
+                        );
+                        publish(ctx, rg, EventType::Normal, reasons::OBJECT_RELEASED, &why).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, name = %entry.name, "releasing a now-read object failed");
+                        failed.push(entry.clone());
+                    }
+                }
+            }
+            Ok(None) | Err(ApplyError::UnknownKind { .. }) => {}
+            Err(_) => failed.push(entry.clone()),
+        }
+    }
+    failed
 }
 
 pub(super) async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action, Error> {
@@ -175,7 +232,7 @@ pub(super) async fn cleanup(rg: &ResourceGraph, ctx: &Context) -> Result<Action,
         write_status(rg, ctx, &old, status).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    ctx.watches.reads().keep(&ObjectRef::from_obj(rg), Vec::new());
+    ctx.watches.keep_reads(&ObjectRef::from_obj(rg), Vec::new());
     crate::controller::harness::remove_finalizer(&api(rg, ctx), rg, FINALIZER).await?;
     let name = metric_name(&graph);
     let _ = ctx.metrics.dag_nodes_total.remove_label_values(&[&name]);
