@@ -317,21 +317,26 @@ pub async fn install_crds(client: &Client) {
         String::from_utf8_lossy(&out.stderr)
     );
     let yaml = String::from_utf8(out.stdout).expect("utf-8");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for doc in serde_yaml::Deserializer::from_str(&yaml) {
         let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc).expect("a CRD");
-        let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&crd))
-            .await
-            .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("CRD {name} not Established within 30s"))
-        .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
+        apply_crd(client, &crd).await;
     }
+}
+
+/// Applies `crd` and waits until it is Established.
+pub async fn apply_crd(client: &Client, crd: &CustomResourceDefinition) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.name_any();
+    crds.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(crd))
+        .await
+        .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds, &name, conditions::is_crd_established()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("CRD {name} not Established within 30s"))
+    .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
 }
 
 pub fn free_port() -> u16 {

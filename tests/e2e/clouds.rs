@@ -10,7 +10,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
-use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, ResourceExt};
 use pequod::api::{NodePhase, ResourceGraph};
 use serde_json::{Value, json};
@@ -33,18 +32,7 @@ async fn install_cloud_crd(client: &Client, file: &str) {
     let yaml =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; `make tools` fetches it", path.display()));
     let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = crd.name_any();
-    crds.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&crd))
-        .await
-        .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("CRD {name} not Established"))
-    .unwrap();
+    support::apply_crd(client, &crd).await;
 }
 
 /// A Transform serving the embedded webapp module with the platform's `settings`, allowed the
@@ -74,6 +62,20 @@ async fn serve_webapp(
         &env.namespace,
     )
     .await
+}
+
+/// The developer's WebApp `photos`, the same on every cloud; returns its graph's name.
+async fn apply_photos(env: &TestEnv, webapps: &Api<DynamicObject>) -> String {
+    let api_version = format!("{}/v1alpha1", group(env));
+    apply_instance(
+        webapps,
+        &api_version,
+        "WebApp",
+        "photos",
+        json!({"image": "nginx:1.27", "bucket": {}}),
+    )
+    .await;
+    format!("webapp.{}-photos", group(env))
 }
 
 async fn node_state(env: &TestEnv, graph: &str, node: &str) -> Option<(NodePhase, String)> {
@@ -201,16 +203,7 @@ async fn a_webapp_on_eks_waits_for_its_ack_bucket_takes_its_name_and_keeps_it_on
     assert_eq!(s3[0].api_groups, Some(vec!["s3.services.k8s.aws".to_string()]));
     assert_eq!(s3[0].resources, Some(vec!["buckets".to_string()]));
 
-    let api_version = format!("{}/v1alpha1", group(&env));
-    apply_instance(
-        &webapps,
-        &api_version,
-        "WebApp",
-        "photos",
-        json!({"image": "nginx:1.27", "bucket": {}}),
-    )
-    .await;
-    let graph = format!("webapp.{}-photos", group(&env));
+    let graph = apply_photos(&env, &webapps).await;
     let buckets = support::dynamic_api(&env.client, "s3.services.k8s.aws/v1alpha1", "Bucket", &env.namespace).await;
     wait_node(
         &env,
@@ -359,17 +352,8 @@ async fn the_same_webapp_moves_to_gke_by_the_platforms_setting() {
         ("storage.cnrm.cloud.google.com", "storagebuckets"),
     )
     .await;
-    let api_version = format!("{}/v1alpha1", group(&env));
     // The very instance the EKS cluster runs: developers change nothing.
-    apply_instance(
-        &webapps,
-        &api_version,
-        "WebApp",
-        "photos",
-        json!({"image": "nginx:1.27", "bucket": {}}),
-    )
-    .await;
-    let graph = format!("webapp.{}-photos", group(&env));
+    let graph = apply_photos(&env, &webapps).await;
     let buckets = support::dynamic_api(
         &env.client,
         "storage.cnrm.cloud.google.com/v1beta1",

@@ -393,16 +393,7 @@ async fn read_node(
         Ok(Some(object)) => object,
         Ok(None) => {
             let message = format!("waiting for {what} to exist; Pequod reads it and never writes it");
-            return NodeOutcome {
-                id: node.id.clone(),
-                state: progress::transition(previous, NodePhase::Pending, Some(message), None, time),
-                inventory: None,
-                requeue: None,
-                transient: false,
-                failure: None,
-                event: None,
-                live: None,
-            };
+            return pending(node, previous, time, message);
         }
         Err(e) => return failed(node, previous, time, Failure::of(&e)),
     };
@@ -519,9 +510,14 @@ pub(super) fn waiting_for_field(
     time: &Time,
     missing: &reference::Missing,
 ) -> NodeOutcome {
+    pending(node, previous, time, missing.to_string())
+}
+
+/// A node that waits, saying on what; nothing applied, nothing observed.
+fn pending(node: &Node, previous: Option<&NodeState>, time: &Time, message: String) -> NodeOutcome {
     NodeOutcome {
         id: node.id.clone(),
-        state: progress::transition(previous, NodePhase::Pending, Some(missing.to_string()), None, time),
+        state: progress::transition(previous, NodePhase::Pending, Some(message), None, time),
         inventory: None,
         requeue: None,
         transient: false,
