@@ -5,6 +5,7 @@
 
 pub mod health;
 pub mod leader;
+pub mod nesting;
 pub mod secure;
 pub mod server;
 pub mod shards;

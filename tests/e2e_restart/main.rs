@@ -1148,3 +1148,78 @@ async fn expensive_expressions_time_out_without_stopping_health_other_graphs_or_
     .await;
     env.cleanup().await;
 }
+
+/// A ResourceGraph whose one node nests `levels` deep: the apiserver stores it, the JSON
+/// decoder of any kube-rs client refuses it past 128.
+fn nested_graph(name: &str, levels: usize) -> serde_json::Value {
+    let mut deep = json!(1);
+    for _ in 0..levels {
+        deep = json!({"a": deep});
+    }
+    json!({"apiVersion": "platform.platform.example.com/v1alpha1", "kind": "ResourceGraph", "metadata": {"name": name},
+           "spec": {"graph": {"nodes": [{"id": "config", "resource": {"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": name}, "data": {"k": "v"}, "extra": deep}}]}}})
+}
+
+/// Writes a graph nested `levels` deep with kubectl (this test's own client could not decode
+/// the apiserver's answer either).
+fn put_nested(env: &support::TestEnv, name: &str, levels: usize) {
+    let out = support::kubectl_with_input(
+        &env.kubeconfig,
+        &["apply", "-n", &env.namespace, "-f", "-"],
+        &nested_graph(name, levels).to_string(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_graph_nested_too_deep_to_decode_does_not_stop_the_others_after_a_restart() {
+    let _serial = SERIAL.lock().await;
+    let env = support::env("restart-deep").await;
+    support::install_crds(&env.client).await;
+    let graphs: Api<ResourceGraph> = Api::namespaced(env.client.clone(), &env.namespace);
+    let dynamic = support::graph_api(&env.client, &env.namespace).await;
+    // Written by someone who may write graphs in one namespace; the apiserver accepts it.
+    put_nested(&env, "deep", 200);
+    // The operator starts with it in the list of every graph.
+    let operator = start(&env.kubeconfig);
+    dynamic
+        .patch(
+            "after",
+            &PatchParams::apply(support::TEST_MANAGER),
+            &Patch::Apply(configmap_graph("after")),
+        )
+        .await
+        .unwrap();
+    support::wait_for("the other graph to complete", WAIT, || async {
+        match graphs.get("after").await.map(|g| g.status.and_then(|s| s.phase)) {
+            Ok(Some(GraphPhase::Completed)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // Its watch events are left out too: a second one written now stops nothing.
+    put_nested(&env, "deeper", 300);
+    dynamic
+        .patch(
+            "later",
+            &PatchParams::apply(support::TEST_MANAGER),
+            &Patch::Apply(configmap_graph("later")),
+        )
+        .await
+        .unwrap();
+    support::wait_for("a graph written later to complete", WAIT, || async {
+        match graphs.get("later").await.map(|g| g.status.and_then(|s| s.phase)) {
+            Ok(Some(GraphPhase::Completed)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
+    assert!(
+        log.contains("nested too deep to decode"),
+        "the operator says what it left out"
+    );
+    operator.kill();
+    env.cleanup().await;
+}
