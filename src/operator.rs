@@ -175,7 +175,7 @@ async fn connect(identity: &str) -> Result<(kube::Config, Client), StartupError>
     // is down would hold a reconcile worker that long. Reconciles fail fast and retry on their
     // own schedule, with the failure in status.
     config.default_retry = false;
-    let client = crate::runtime::nesting::client(config.clone()).map_err(StartupError::Kubeconfig)?;
+    let client = crate::apply::nesting::client(config.clone()).map_err(StartupError::Kubeconfig)?;
     Ok((config, client))
 }
 

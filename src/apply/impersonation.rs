@@ -59,7 +59,7 @@ impl Impersonation {
         let mut config = self.base.clone();
         config.auth_info.impersonate = Some(key.clone());
         config.auth_info.impersonate_groups = None;
-        let client = crate::runtime::nesting::client(config)?;
+        let client = crate::apply::nesting::client(config)?;
         clients.insert(key, client.clone(), 1);
         while clients.len() > MAX_CLIENTS {
             clients.pop_oldest();

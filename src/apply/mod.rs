@@ -1,6 +1,7 @@
 //! Writing graph objects to the cluster with server-side apply, and resolving their kinds.
 
 mod impersonation;
+pub mod nesting;
 
 use crate::api::names::{
     ADOPTED_FROM_ANNOTATION, GRAPH_LABEL, GRAPH_NAMESPACE_LABEL, GRAPH_UID_ANNOTATION, MANAGED_BY_LABEL, NODE_LABEL,

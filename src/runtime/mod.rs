@@ -5,7 +5,6 @@
 
 pub mod health;
 pub mod leader;
-pub mod nesting;
 pub mod secure;
 pub mod server;
 pub mod shards;
