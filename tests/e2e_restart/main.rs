@@ -1161,6 +1161,25 @@ fn nested_graph(name: &str, levels: usize) -> serde_json::Value {
                "metadata": {"name": name}, "data": {"k": "v"}, "extra": deep}}]}}})
 }
 
+/// Writes an ordinary graph `name` and waits until it completes beside the deep ones.
+async fn complete_beside(dynamic: &Api<kube::api::DynamicObject>, graphs: &Api<ResourceGraph>, name: &str) {
+    dynamic
+        .patch(
+            name,
+            &PatchParams::apply(support::TEST_MANAGER),
+            &Patch::Apply(configmap_graph(name)),
+        )
+        .await
+        .unwrap();
+    support::wait_for(&format!("graph {name} to complete"), WAIT, || async {
+        match graphs.get(name).await.map(|g| g.status.and_then(|s| s.phase)) {
+            Ok(Some(GraphPhase::Completed)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
 /// Writes a graph nested `levels` deep with kubectl (this test's own client could not decode
 /// the apiserver's answer either).
 fn put_nested(env: &support::TestEnv, name: &str, levels: usize) {
@@ -1183,38 +1202,10 @@ async fn a_graph_nested_too_deep_to_decode_does_not_stop_the_others_after_a_rest
     put_nested(&env, "deep", 200);
     // The operator starts with it in the list of every graph.
     let operator = start(&env.kubeconfig);
-    dynamic
-        .patch(
-            "after",
-            &PatchParams::apply(support::TEST_MANAGER),
-            &Patch::Apply(configmap_graph("after")),
-        )
-        .await
-        .unwrap();
-    support::wait_for("the other graph to complete", WAIT, || async {
-        match graphs.get("after").await.map(|g| g.status.and_then(|s| s.phase)) {
-            Ok(Some(GraphPhase::Completed)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    complete_beside(&dynamic, &graphs, "after").await;
     // Its watch events are left out too: a second one written now stops nothing.
     put_nested(&env, "deeper", 300);
-    dynamic
-        .patch(
-            "later",
-            &PatchParams::apply(support::TEST_MANAGER),
-            &Patch::Apply(configmap_graph("later")),
-        )
-        .await
-        .unwrap();
-    support::wait_for("a graph written later to complete", WAIT, || async {
-        match graphs.get("later").await.map(|g| g.status.and_then(|s| s.phase)) {
-            Ok(Some(GraphPhase::Completed)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    complete_beside(&dynamic, &graphs, "later").await;
     let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
     assert!(
         log.contains("nested too deep to decode"),
