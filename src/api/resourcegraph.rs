@@ -285,6 +285,20 @@ impl Node {
         self.apply_policy.mode == ApplyMode::Read
     }
 
+    /// The object's `metadata.namespace`, when it names one (else it is the graph's).
+    pub fn namespace(&self) -> Option<&str> {
+        self.object
+            .pointer("/metadata/namespace")
+            .and_then(serde_json::Value::as_str)
+            .filter(|ns| !ns.is_empty())
+    }
+
+    /// A `Read` node's selector as the apiserver takes it (validation refuses any other).
+    pub fn read_selector(&self) -> Option<String> {
+        let selector = kube::core::Selector::try_from(self.selector.clone()?).ok()?;
+        Some(selector.to_string())
+    }
+
     /// The object's `metadata.name` (empty when missing; validation refuses such graphs).
     pub fn name(&self) -> &str {
         self.object

@@ -23,6 +23,15 @@ use crate::api::{ApplyMode, ConflictPolicy, Node};
 use crate::executor::object::{gvk_label, other_managers};
 use crate::metrics::Metrics;
 
+/// What a `Read` node found.
+#[derive(Debug)]
+pub enum Read {
+    One(Box<DynamicObject>),
+    Absent,
+    /// More than one object matches its selector.
+    Several,
+}
+
 /// A kind resolved through discovery.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -430,21 +439,26 @@ impl Applier {
         resolved.api(&self.client, namespace)
     }
 
-    /// The objects `selector` matches, at most `limit` of them, from the apiserver.
-    pub async fn list_selected(
-        &self,
-        resolved: &Resolved,
-        namespace: Option<&str>,
-        selector: &str,
-        limit: u32,
-    ) -> Result<Vec<DynamicObject>, ApplyError> {
-        let params = kube::api::ListParams::default().labels(selector).limit(limit);
-        resolved
+    /// What a `Read` node reads in `namespace`, with this applier's rights: the object it
+    /// names, or the one object its selector matches.
+    pub async fn read(&self, resolved: &Resolved, namespace: Option<&str>, node: &Node) -> Result<Read, ApplyError> {
+        let Some(selector) = node.read_selector() else {
+            let found = self.get(resolved, namespace, node.name()).await?;
+            return Ok(found.map_or(Read::Absent, |o| Read::One(Box::new(o))));
+        };
+        // Two are enough to tell that the selector is ambiguous.
+        let params = kube::api::ListParams::default().labels(&selector).limit(2);
+        let mut items = resolved
             .api(&self.client, namespace)
             .list(&params)
             .await
-            .map(|list| list.items)
-            .map_err(|e| self.classify(resolved, e))
+            .map_err(|e| self.classify(resolved, e))?
+            .items;
+        Ok(match (items.pop(), items.is_empty()) {
+            (None, _) => Read::Absent,
+            (Some(one), true) => Read::One(Box::new(one)),
+            (Some(_), false) => Read::Several,
+        })
     }
 
     /// Reads an object directly from the apiserver.

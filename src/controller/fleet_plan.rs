@@ -14,7 +14,7 @@ use serde_json::json;
 use super::watches::{ObjectWatches, live_object};
 use crate::api::ResourceGraph;
 use crate::api::names::{INSTANCE_GROUP_LABEL, INSTANCE_KIND_LABEL};
-use crate::apply::Applier;
+use crate::apply::{Applier, Read};
 use crate::cue::{Module, Renderer, render_input};
 use crate::executor::object::{GraphIdentity, desired_object};
 use crate::executor::ownership::refusal;
@@ -131,19 +131,15 @@ async fn plan_instance(
 
 /// What the `Read` nodes would read now, with the planner's rights: each object's
 /// resourceVersion, `absent`, or [`UNKNOWN_UNTIL_APPLIED`] when it cannot be read.
-async fn observe_reads(tools: &Tools<'_>, nodes: &[crate::api::Node], namespace: &str) -> Vec<ReadPlan> {
-    let instance_namespace = namespace;
+async fn observe_reads(tools: &Tools<'_>, nodes: &[crate::api::Node], instance_namespace: &str) -> Vec<ReadPlan> {
     let mut reads = crate::rollout::plan::reads(nodes);
     for (plan, node) in reads.iter_mut().zip(nodes.iter().filter(|n| n.is_read())) {
         let Ok(resolved) = tools.applier.resolve(node.api_version(), node.kind()).await else {
             continue;
         };
-        let namespace = resolved.namespaced.then(|| {
-            node.object
-                .pointer("/metadata/namespace")
-                .and_then(|v| v.as_str())
-                .unwrap_or(namespace)
-        });
+        let namespace = resolved
+            .namespaced
+            .then(|| node.namespace().unwrap_or(instance_namespace));
         // Only what the executor would read: the instance's namespace and the Transform's.
         if let Some(elsewhere) = namespace.filter(|ns| *ns != instance_namespace)
             && !tools.read_namespaces.iter().any(|r| r == elsewhere)
@@ -151,20 +147,11 @@ async fn observe_reads(tools: &Tools<'_>, nodes: &[crate::api::Node], namespace:
             plan.observed = format!("not allowed: namespace {elsewhere} is not among the Transform's readNamespaces");
             continue;
         }
-        let found = match &node.selector {
-            None => tools.applier.get(&resolved, namespace, node.name()).await,
-            Some(selector) => match kube::core::Selector::try_from(selector.clone()) {
-                Ok(selector) => tools
-                    .applier
-                    .list_selected(&resolved, namespace, &selector.to_string(), 2)
-                    .await
-                    .map(|items| (items.len() == 1).then(|| items.into_iter().next()).flatten()),
-                Err(_) => continue,
-            },
-        };
-        plan.observed = match found {
-            Ok(Some(object)) => format!("resourceVersion {}", object.resource_version().unwrap_or_default()),
-            Ok(None) => "absent (or more than one match): its dependants would wait".to_string(),
+        plan.observed = match tools.applier.read(&resolved, namespace, node).await {
+            Ok(Read::One(object)) => format!("resourceVersion {}", object.resource_version().unwrap_or_default()),
+            Ok(Read::Absent | Read::Several) => {
+                "absent (or more than one match): its dependants would wait".to_string()
+            }
             Err(_) => UNKNOWN_UNTIL_APPLIED.to_string(),
         };
     }

@@ -640,8 +640,16 @@ impl Drop for ReadWatch {
 /// tried again at the graph's next pass). A change wakes every graph that reads the object.
 pub struct ExternalWatches {
     trigger: mpsc::UnboundedSender<ObjectRef<ResourceGraph>>,
-    watches: Mutex<HashMap<ReadTarget, ReadWatch>>,
+    watches: Mutex<ReadWatches>,
     shutdown: Shutdown,
+}
+
+/// The watches, and the graphs that hold any: a pass of a graph that reads nothing and held
+/// nothing costs a lookup, not a walk over every watch.
+#[derive(Default)]
+struct ReadWatches {
+    by_target: HashMap<ReadTarget, ReadWatch>,
+    readers: std::collections::HashSet<ObjectRef<ResourceGraph>>,
 }
 
 impl ExternalWatches {
@@ -666,7 +674,17 @@ impl ExternalWatches {
         targets: Vec<(ReadTarget, Api<DynamicObject>)>,
         gone: impl Fn(&ObjectRef<ResourceGraph>) -> bool,
     ) -> bool {
-        let mut watches = lock(&self.watches);
+        let mut all_watches = lock(&self.watches);
+        if targets.is_empty() && !all_watches.readers.contains(graph) {
+            return true;
+        }
+        if targets.is_empty() {
+            all_watches.readers.remove(graph);
+        } else {
+            all_watches.readers.insert(graph.clone());
+        }
+        all_watches.readers.retain(|g| !gone(g));
+        let watches = &mut all_watches.by_target;
         let wanted: std::collections::HashSet<&ReadTarget> = targets.iter().map(|(t, _)| t).collect();
         watches.retain(|target, watch| {
             let mut graphs = lock(&watch.graphs);

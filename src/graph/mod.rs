@@ -196,17 +196,11 @@ fn check_size(nodes: &[Node]) -> Result<(), GraphError> {
 fn check_read_and_written(nodes: &[Node]) -> Result<(), GraphError> {
     // A namespace left out is the graph's, which validation does not know: it matches any.
     let group = |n: &Node| n.api_version().rsplit_once('/').map_or("", |(g, _)| g).to_string();
-    fn namespace(n: &Node) -> Option<&str> {
-        n.object
-            .pointer("/metadata/namespace")
-            .and_then(|v| v.as_str())
-            .filter(|ns| !ns.is_empty())
-    }
     let same = |a: &Node, b: &Node| {
         group(a) == group(b)
             && a.kind() == b.kind()
             && a.name() == b.name()
-            && (namespace(a).is_none() || namespace(b).is_none() || namespace(a) == namespace(b))
+            && (a.namespace().is_none() || b.namespace().is_none() || a.namespace() == b.namespace())
     };
     for read in nodes.iter().filter(|n| n.is_read() && !n.name().is_empty()) {
         if let Some(writer) = nodes

@@ -9,7 +9,7 @@
 
 use serde_json::Value;
 
-use super::{GateState, condition, int};
+use super::{GateState, condition, cut, int};
 
 /// The cloud controllers Pequod reads, known by the API groups they serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,14 +179,6 @@ fn bounded(parts: [&str; 2]) -> String {
         return String::new();
     }
     format!(": {}", cut(&parts.join(": "), MAX_MESSAGE_CHARS))
-}
-
-/// `text`, of at most `chars` characters and `...`.
-fn cut(text: &str, chars: usize) -> String {
-    match text.char_indices().nth(chars) {
-        Some((end, _)) => format!("{}...", &text[..end]),
-        None => text.to_string(),
-    }
 }
 
 #[cfg(test)]

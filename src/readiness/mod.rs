@@ -501,10 +501,14 @@ fn is_secret(object: &Value) -> bool {
 const MAX_QUOTED_CHARS: usize = 64;
 
 fn shortened(value: &Value) -> String {
-    let text = value.to_string();
-    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+    cut(&value.to_string(), MAX_QUOTED_CHARS)
+}
+
+/// `text`, of at most `chars` characters and `...` when longer.
+fn cut(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
         Some((end, _)) => format!("{}...", &text[..end]),
-        None => text,
+        None => text.to_string(),
     }
 }
 

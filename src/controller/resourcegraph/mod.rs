@@ -42,7 +42,7 @@ use crate::api::{
     Condition, InventoryEntry, Node, NodePhase, NodeState, ResourceGraph, ResourceGraphStatus, ResourceRef,
     set_condition,
 };
-use crate::apply::{Applied, Applier, ApplyError, Resolved, ServiceAccount};
+use crate::apply::{Applied, Applier, ApplyError, Read, Resolved, ServiceAccount};
 use crate::authority::{self, Actor, GraphAccounts, TrustedNamespaces};
 use crate::executor::object::{GraphIdentity, Predecessor, desired_object, gvk_label};
 use crate::executor::ownership::{self, LetGo, Refusal};
@@ -155,48 +155,41 @@ impl Context {
         self
     }
 
-    /// Why the Transform a rendered graph was signed for no longer stands behind it (see
-    /// [`authority::withdrawn`]), or None. A refusal from the cache is confirmed with the
-    /// apiserver first: the cache may not have seen a module version served a moment ago.
-    async fn withdrawn(&self, grant: &Grant) -> Option<String> {
-        let store = self.transforms.as_ref()?;
+    /// The `readNamespaces` of the Transform a rendered graph was signed for while it still
+    /// stands behind the graph, or why it no longer does (see [`authority::withdrawn`]). A
+    /// refusal from the cache is confirmed with the apiserver first: the cache may not have seen
+    /// a module version served a moment ago. Without Transforms to check, none.
+    async fn standing(&self, grant: &Grant) -> Result<Vec<String>, String> {
+        let Some(store) = self.transforms.as_ref() else {
+            return Ok(Vec::new());
+        };
         if tokio::time::timeout(Duration::from_secs(30), store.wait_until_ready())
             .await
             .is_err()
         {
-            return Some("the Transforms are not listed yet".into());
+            return Err("the Transforms are not listed yet".into());
         }
-        let find = |all: Vec<Arc<Transform>>| {
-            all.into_iter()
-                .find(|t| t.metadata.uid.as_deref() == Some(grant.transform_uid.as_str()))
+        let cached = store
+            .state()
+            .into_iter()
+            .find(|t| t.metadata.uid.as_deref() == Some(grant.transform_uid.as_str()));
+        let reads = |t: &Transform| t.spec.read_namespaces.clone();
+        let Some(why) = self.check_grant(grant, cached.as_deref()) else {
+            return Ok(cached.as_deref().map(reads).unwrap_or_default());
         };
-        let cached = find(store.state());
-        let why = self.check_grant(grant, cached.as_deref())?;
         // A Transform the synced cache does not hold is gone; one it holds may have served a
         // version a moment ago that the cache has not seen: read that one Transform afresh.
         let Some(t) = cached else {
-            return Some(why);
+            return Err(why);
         };
         let api = Api::<Transform>::namespaced(self.client.clone(), &t.namespace().unwrap_or_default());
         match api.get_opt(&t.name_any()).await {
-            Ok(fresh) => self.check_grant(grant, fresh.as_ref()),
-            Err(e) => Some(format!("Transform {} could not be read: {e}", t.name_any())),
+            Ok(fresh) => match self.check_grant(grant, fresh.as_ref()) {
+                Some(why) => Err(why),
+                None => Ok(fresh.as_ref().map(reads).unwrap_or_default()),
+            },
+            Err(e) => Err(format!("Transform {} could not be read: {e}", t.name_any())),
         }
-    }
-
-    /// The `readNamespaces` of the Transform a graph was signed for, as the cache holds it (its
-    /// grant was just checked).
-    fn read_namespaces(&self, grant: &Grant) -> Vec<String> {
-        self.transforms
-            .as_ref()
-            .and_then(|store| {
-                store
-                    .state()
-                    .into_iter()
-                    .find(|t| t.metadata.uid.as_deref() == Some(grant.transform_uid.as_str()))
-            })
-            .map(|t| t.spec.read_namespaces.clone())
-            .unwrap_or_default()
     }
 
     /// [`authority::withdrawn`] with the Transform's list of served versions, believed only
@@ -411,21 +404,19 @@ fn acting_with(ctx: &Context, actor: Actor) -> Result<Acting, kube::Error> {
 /// The graph's actor once its grant is checked: a rendered graph whose Transform no longer
 /// stands behind it applies nothing.
 async fn acting(rg: &ResourceGraph, ctx: &Context, grant: Option<&Grant>) -> Result<Acting, Refusal> {
-    let withdrawn = match grant {
-        Some(grant) => match ctx.withdrawn(grant).await {
-            Some(why) => Some(why),
-            None => ctx.source_gone(rg).await,
+    let standing = match grant {
+        Some(grant) => match ctx.standing(grant).await {
+            Ok(readable) => ctx.source_gone(rg).await.map_or(Ok(readable), Err),
+            Err(why) => Err(why),
         },
-        None => None,
+        None => Ok(Vec::new()),
     };
-    if let Some(why) = withdrawn {
-        return Err(Refusal {
-            reason: reasons::GRANT_WITHDRAWN,
-            message: format!("{why}; nothing is applied until it is rendered again"),
-        });
-    }
+    let readable = standing.map_err(|why| Refusal {
+        reason: reasons::GRANT_WITHDRAWN,
+        message: format!("{why}; nothing is applied until it is rendered again"),
+    })?;
     let mut acting = actor(rg, ctx, Grant::origin(grant))?;
-    acting.readable = grant.map(|g| ctx.read_namespaces(g)).unwrap_or_default();
+    acting.readable = readable;
     Ok(acting)
 }
 

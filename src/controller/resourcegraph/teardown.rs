@@ -36,13 +36,11 @@ pub(super) async fn teardown(
     for (entry, resolved, object) in present {
         match ownership::let_go(&entry, &serde_json::to_value(&object).unwrap_or_default(), graph) {
             LetGo::Delete => to_delete.push((entry, resolved, object)),
-            LetGo::Release(why) => match acting.applier.release(&resolved, &object, &graph.uid).await {
-                Ok(()) => publish(ctx, rg, EventType::Normal, reasons::OBJECT_RELEASED, &why).await,
-                Err(e) => {
-                    tracing::warn!(error = %e, name = %entry.name, "releasing object failed");
+            LetGo::Release(why) => {
+                if !release(ctx, rg, (graph, acting), (&resolved, &object), &why).await {
                     remaining.push(entry);
                 }
-            },
+            }
             LetGo::Leave(why) => publish(ctx, rg, EventType::Warning, reasons::OBJECT_NOT_OWNED, &why).await,
         }
     }
@@ -138,14 +136,30 @@ pub(super) async fn prune(
     (kept.clone(), kept)
 }
 
+/// Lets go of `object` (see [`crate::apply::Applier::release`]) and says `why` in an event;
+/// whether it was released.
+async fn release(
+    ctx: &Context,
+    rg: &ResourceGraph,
+    (graph, acting): (&GraphIdentity, &Acting),
+    (resolved, object): (&Resolved, &DynamicObject),
+    why: &str,
+) -> bool {
+    match acting.applier.release(resolved, object, &graph.uid).await {
+        Ok(()) => {
+            publish(ctx, rg, EventType::Normal, reasons::OBJECT_RELEASED, why).await;
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, name = %object.name_any(), "releasing object failed");
+            false
+        }
+    }
+}
+
 /// Whether `node` reads the object of inventory entry `e`.
 fn reads(node: &Node, e: &InventoryEntry, graph_namespace: &str) -> bool {
-    let namespace = node
-        .object
-        .pointer("/metadata/namespace")
-        .and_then(|v| v.as_str())
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or(graph_namespace);
+    let namespace = node.namespace().unwrap_or(graph_namespace);
     node.is_read()
         && node.api_version() == e.api_version
         && node.kind() == e.kind
@@ -170,18 +184,12 @@ async fn let_go_of_read(
                 if !ours {
                     continue;
                 }
-                match acting.applier.release(&resolved, &object, &graph.uid).await {
-                    Ok(()) => {
-                        let why = format!(
-                            "{} {} is now only read by node {}: released, not deleted",
-                            entry.kind, entry.name, entry.node_id
-                        );
-                        publish(ctx, rg, EventType::Normal, reasons::OBJECT_RELEASED, &why).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, name = %entry.name, "releasing a now-read object failed");
-                        failed.push(entry.clone());
-                    }
+                let why = format!(
+                    "{} {} is now only read by node {}: released, not deleted",
+                    entry.kind, entry.name, entry.node_id
+                );
+                if !release(ctx, rg, (graph, acting), (&resolved, &object), &why).await {
+                    failed.push(entry.clone());
                 }
             }
             Ok(None) | Err(ApplyError::UnknownKind { .. }) => {}

@@ -323,13 +323,7 @@ pub(super) async fn process_node(
 /// The namespace a `Read` node reads in: the one it names, else the graph's (none for a
 /// cluster-scoped kind).
 pub(super) fn read_namespace<'a>(node: &'a Node, resolved: &Resolved, graph_namespace: &'a str) -> Option<&'a str> {
-    resolved.namespaced.then(|| {
-        node.object
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .filter(|ns| !ns.is_empty())
-            .unwrap_or(graph_namespace)
-    })
+    resolved.namespaced.then(|| node.namespace().unwrap_or(graph_namespace))
 }
 
 /// What a `Read` node reads, as its watch is keyed.
@@ -338,16 +332,9 @@ pub(super) fn read_target(node: &Node, resolved: &Resolved, graph_namespace: &st
         kind: resolved.key(),
         namespace: read_namespace(node, resolved, graph_namespace).map(str::to_string),
         name: (!node.name().is_empty()).then(|| node.name().to_string()),
-        selector: node.selector.as_ref().and_then(selector_text),
+        selector: node.read_selector(),
         reader: acting.account.as_ref().map(|a| a.username()),
     }
-}
-
-/// A label selector as the apiserver takes it (validation refused any other).
-fn selector_text(selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> Option<String> {
-    kube::core::Selector::try_from(selector.clone())
-        .ok()
-        .map(|s| s.to_string())
 }
 
 /// A `Read` node's pass: the object it names (or the one its selector matches), read from the
@@ -370,30 +357,23 @@ async fn read_node(
         (Some(ns), name) => format!("{} {ns}/{name}", node.kind()),
         (None, name) => format!("{} {name}", node.kind()),
     };
-    let found = match node.selector.as_ref().and_then(selector_text) {
-        None => acting.applier.get(resolved, namespace, node.name()).await,
-        Some(selector) => match acting.applier.list_selected(resolved, namespace, &selector, 2).await {
-            Ok(mut items) if items.len() <= 1 => Ok(items.pop()),
-            Ok(_) => {
-                let failure = Failure {
-                    message: format!(
-                        "more than one {} matches the selector of node {}; a Read node reads exactly one",
-                        node.kind(),
-                        node.id
-                    ),
-                    transient: false,
-                    reason: reasons::READ_FAILED,
-                };
-                return failed(node, previous, time, failure);
-            }
-            Err(e) => Err(e),
-        },
-    };
-    let object = match found {
-        Ok(Some(object)) => object,
-        Ok(None) => {
+    let object = match acting.applier.read(resolved, namespace, node).await {
+        Ok(Read::One(object)) => *object,
+        Ok(Read::Absent) => {
             let message = format!("waiting for {what} to exist; Pequod reads it and never writes it");
             return pending(node, previous, time, message);
+        }
+        Ok(Read::Several) => {
+            let failure = Failure {
+                message: format!(
+                    "more than one {} matches the selector of node {}; a Read node reads exactly one",
+                    node.kind(),
+                    node.id
+                ),
+                transient: false,
+                reason: reasons::READ_FAILED,
+            };
+            return failed(node, previous, time, failure);
         }
         Err(e) => return failed(node, previous, time, Failure::of(&e)),
     };
